@@ -1,0 +1,10 @@
+"""Collectives between the ranks of one tensor-parallel group.
+
+Backends: `hoststaged` (partial sums meet in shared host memory, no GPU peer-to-peer), `gloo` and `nccl`
+(torch.distributed), and `inprocess` (N ranks as threads of one process, for tests).
+"""
+
+from raytp.comm.base import CommError, Communicator
+from raytp.comm.inprocess import InProcessGroup
+
+__all__ = ["CommError", "Communicator", "InProcessGroup"]

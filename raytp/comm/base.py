@@ -1,0 +1,92 @@
+"""The small interface every backend implements, and the uneven all-gather built on it."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import torch
+
+
+class CommError(RuntimeError):
+    """A collective could not complete: a peer died, timed out or aborted the group."""
+
+
+class Communicator:
+    """Sum all-reduce, all-gather and broadcast among `world_size` ranks.
+
+    Every rank calls every collective in the same order. Results are bit-identical on all ranks: a
+    backend must reduce in one fixed order (or broadcast one rank's result), never in per-rank order.
+    """
+
+    rank: int
+    world_size: int
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum `t` over ranks, in place; returns `t`."""
+        raise NotImplementedError
+
+    def all_gather_equal(self, t: torch.Tensor) -> torch.Tensor:
+        """Stack every rank's `t` (same shape on all ranks) into (world_size, *t.shape)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release resources; idempotent."""
+
+    # Built on the two primitives above, shared by every backend.
+
+    def all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:
+        """Gather tensors whose first dimension may differ per rank (e.g. uneven vocab shards)."""
+        n = torch.tensor([t.shape[0]], dtype=torch.int64, device=t.device)
+        sizes = self.all_gather_equal(n).view(-1).tolist()
+        padded = t.new_zeros((max(sizes), *t.shape[1:]))
+        padded[: t.shape[0]] = t
+        stacked = self.all_gather_equal(padded)
+        return [stacked[r, : sizes[r]] for r in range(self.world_size)]
+
+    def broadcast(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """Copy rank `src`'s `t` into every rank's `t` (same shape and dtype on all ranks)."""
+        t.copy_(self.all_gather_equal(t)[src])
+        return t
+
+    def barrier(self) -> None:
+        self.all_gather_equal(torch.zeros(1))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class IdentityCheckingCommunicator(Communicator):
+    """Debug wrapper: after every all-reduce, checks that all ranks hold bit-identical results.
+
+    Enabled with RAYTP_CHECK_IDENTICAL=1. Each rank hashes its result and the hashes are gathered; one
+    differing byte anywhere raises. Costs an extra collective per all-reduce, so it is for tests only.
+    """
+
+    def __init__(self, inner: Communicator):
+        self.inner = inner
+        self.rank, self.world_size = inner.rank, inner.world_size
+        self.checked = 0
+
+    def all_reduce(self, t):
+        self.inner.all_reduce(t)
+        digest = hashlib.sha256(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).digest()
+        mine = torch.frombuffer(bytearray(digest[:8]), dtype=torch.int64)
+        hashes = self.inner.all_gather_equal(mine.to(t.device)).view(-1).tolist()
+        if len(set(hashes)) != 1:
+            raise CommError(f"all-reduce #{self.checked}: ranks hold different results (hashes {hashes})")
+        self.checked += 1
+        return t
+
+    def all_gather_equal(self, t):
+        return self.inner.all_gather_equal(t)
+
+    def close(self):
+        self.inner.close()
+
+
+def maybe_check_identical(comm: Communicator) -> Communicator:
+    return IdentityCheckingCommunicator(comm) if os.environ.get("RAYTP_CHECK_IDENTICAL") == "1" else comm
