@@ -56,14 +56,17 @@ class ModelConfig:
             raise UnsupportedModelError(
                 f"num_attention_heads={num_heads} is not a multiple of num_key_value_heads={num_kv_heads}"
             )
-        rope_scaling = d.get("rope_scaling")
+        # transformers >= 5 writes "rope_parameters" (rope_theta inside); older configs "rope_scaling"
+        rope = d.get("rope_parameters") or d.get("rope_scaling")
+        rope_theta = (rope or {}).get("rope_theta", d.get("rope_theta", 10000.0))
+        rope_scaling = rope
         if rope_scaling is not None:
             kind = rope_scaling.get("rope_type", rope_scaling.get("type"))
-            if kind not in ("llama3", "default"):
+            if kind not in ("llama3", "default", None):
                 raise UnsupportedModelError(
                     f"unsupported rope_scaling type {kind!r}; raytp supports 'llama3' scaling or none"
                 )
-            rope_scaling = None if kind == "default" else dict(rope_scaling)
+            rope_scaling = None if kind in ("default", None) else dict(rope_scaling)
         eos = d.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
         return cls(
@@ -76,7 +79,7 @@ class ModelConfig:
             num_kv_heads=num_kv_heads,
             head_dim=d.get("head_dim") or d["hidden_size"] // num_heads,
             rms_norm_eps=d.get("rms_norm_eps", 1e-5),
-            rope_theta=d.get("rope_theta", 10000.0),
+            rope_theta=rope_theta,
             rope_scaling=rope_scaling,
             max_position_embeddings=d.get("max_position_embeddings", 4096),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),

@@ -1,0 +1,172 @@
+"""The per-rank token loop: every rank runs it in lock-step, no Ray call inside.
+
+Rank 0 (the leader) owns the inbox of commands from the driver and the outbox of sampled tokens. At the
+top of every step it broadcasts the commands that arrived (usually none: one tiny collective) so that
+every rank admits, cancels and finishes the same requests at the same step. Then all ranks prefill the
+new requests, run one batched decode step over every active request and sample identically. Requests
+join and leave between steps; a finished or cancelled request frees its cache slot at once.
+
+When no request is active the leader waits on its inbox for at most `heartbeat_s` and then broadcasts an
+empty step anyway, so a rank that has died is noticed within the collective timeout even when idle.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+
+from raytp.comm import Communicator
+from raytp.model import ShardedLlama
+from raytp.sampling import SamplingParams, ShardedSampler
+
+
+@dataclass
+class Request:
+    id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    stop_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class TokenEvent:
+    """One sampled token of a request; `finish` is set on its last event ("stop", "length", "cancelled")."""
+
+    request_id: str
+    token_id: int | None
+    finish: str | None = None
+    error: str | None = None
+
+
+@dataclass
+class _Sequence:
+    request: Request
+    slot: int
+    tokens: list[int]  # prompt + generated, the repetition penalty's history
+    generated: int = 0
+
+
+class RankEngine:
+    def __init__(self, model: ShardedLlama, comm: Communicator, heartbeat_s: float = 0.05):
+        self.model, self.comm = model, comm
+        self.sampler = ShardedSampler(comm, model.vocab_start)
+        self.device = model.device
+        self.heartbeat_s = heartbeat_s
+        self.active: dict[str, _Sequence] = {}
+        self.free_slots = list(range(model.max_batch))
+        self.pending: deque[Request] = deque()  # leader only: waiting for a free slot
+        self.inbox: queue.Queue = queue.Queue()  # leader only: ("add", Request) | ("cancel", id) | ("stop",)
+
+    # ---- leader side -------------------------------------------------------------------------------------
+
+    def _collect_commands(self) -> list:
+        """Leader: what the whole group does this step, as JSON-able commands."""
+        commands = []
+        wait = not self.active and not self.pending
+        while True:
+            try:
+                cmd = self.inbox.get(timeout=self.heartbeat_s) if wait else self.inbox.get_nowait()
+            except queue.Empty:
+                break
+            wait = False
+            if cmd[0] == "add":
+                self.pending.append(cmd[1])
+            elif cmd[0] == "cancel":
+                if any(r.id == cmd[1] for r in self.pending):
+                    self.pending = deque(r for r in self.pending if r.id != cmd[1])
+                    commands.append(["cancelled", cmd[1]])
+                else:
+                    commands.append(["cancel", cmd[1]])
+            else:
+                commands.append(["stop"])
+        free = len(self.free_slots) - sum(1 for c in commands if c[0] == "cancel" and c[1] in self.active)
+        while self.pending and free > 0:
+            r = self.pending.popleft()
+            commands.append(["add", r.id, r.prompt_ids, asdict(r.params), r.stop_ids])
+            free -= 1
+        return commands
+
+    def _broadcast_commands(self, commands: list) -> list:
+        """One int64 collective when idle-ish; a second one carrying the JSON when there is news."""
+        payload = json.dumps(commands).encode() if self.comm.rank == 0 and commands else b""
+        n = self.comm.broadcast(torch.tensor([len(payload)], dtype=torch.int64))
+        if int(n) == 0:
+            return []
+        buf = torch.zeros(int(n), dtype=torch.uint8)
+        if self.comm.rank == 0:
+            buf.copy_(torch.frombuffer(bytearray(payload), dtype=torch.uint8))
+        return json.loads(bytes(self.comm.broadcast(buf).tolist()).decode())
+
+    # ---- every rank ----------------------------------------------------------------------------------------
+
+    def run(self, emit: Callable[[list[TokenEvent]], None]) -> None:
+        """Step until a "stop" command. `emit` receives the events of each step (used on the leader)."""
+        while True:
+            commands = self._broadcast_commands(self._collect_commands() if self.comm.rank == 0 else [])
+            events: list[TokenEvent] = []
+            new: list[_Sequence] = []
+            for cmd in commands:
+                if cmd[0] == "stop":
+                    return
+                if cmd[0] == "cancelled":
+                    events.append(TokenEvent(cmd[1], None, "cancelled"))
+                elif cmd[0] == "cancel" and cmd[1] in self.active:
+                    self._finish(self.active[cmd[1]], "cancelled", events)
+                elif cmd[0] == "add":
+                    _, rid, prompt, params, stop_ids = cmd
+                    if not 0 < len(prompt) < self.model.max_context:
+                        events.append(TokenEvent(rid, None, "error", error=(
+                            f"prompt has {len(prompt)} tokens; it must have 1 to {self.model.max_context - 1} "
+                            f"(--max-context {self.model.max_context})")))
+                        continue
+                    seq = _Sequence(Request(rid, prompt, SamplingParams(**params), stop_ids),
+                                    self.free_slots.pop(0), list(prompt))
+                    self.active[rid] = seq
+                    new.append(seq)
+            decoding = [s for s in self.active.values() if s not in new]
+            for seq in new:  # prefill one request at a time: its whole prompt in one forward
+                self._prefill(seq, events)
+            if decoding:
+                self._decode(decoding, events)
+            if events:
+                emit(events)
+
+    def _prefill(self, seq: _Sequence, events: list[TokenEvent]) -> None:
+        prompt = seq.request.prompt_ids
+        tokens = torch.tensor([prompt], device=self.device)
+        positions = torch.arange(len(prompt), device=self.device).view(1, -1)
+        slots = torch.tensor([seq.slot], device=self.device)
+        logits = self.model.forward(tokens, positions, slots)
+        self._sample([seq], logits, events)
+
+    def _decode(self, seqs: list[_Sequence], events: list[TokenEvent]) -> None:
+        tokens = torch.tensor([[s.tokens[-1]] for s in seqs], device=self.device)
+        positions = torch.tensor([[len(s.tokens) - 1] for s in seqs], device=self.device)
+        slots = torch.tensor([s.slot for s in seqs], device=self.device)
+        logits = self.model.forward(tokens, positions, slots)
+        self._sample(seqs, logits, events)
+
+    def _sample(self, seqs: list[_Sequence], logits: torch.Tensor, events: list[TokenEvent]) -> None:
+        params = [s.request.params for s in seqs]
+        positions = [s.generated for s in seqs]
+        histories = [torch.tensor(s.tokens) for s in seqs] if any(p.repetition_penalty != 1 for p in params) \
+            else [torch.empty(0, dtype=torch.int64)] * len(seqs)
+        for seq, token in zip(seqs, self.sampler.sample(logits, params, positions, histories)):
+            seq.tokens.append(token)
+            seq.generated += 1
+            if token in seq.request.stop_ids:
+                self._finish(seq, "stop", events, token)
+            elif seq.generated >= seq.request.params.max_tokens or len(seq.tokens) >= self.model.max_context:
+                self._finish(seq, "length", events, token)
+            else:
+                events.append(TokenEvent(seq.request.id, token))
+
+    def _finish(self, seq: _Sequence, reason: str, events: list[TokenEvent], token: int | None = None) -> None:
+        del self.active[seq.request.id]
+        self.free_slots.append(seq.slot)
+        events.append(TokenEvent(seq.request.id, token, reason))

@@ -1,0 +1,152 @@
+"""One rank's shard of a Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM).
+
+Parallel layout (Megatron-style, widths from the ShardPlan, never `size // world_size`):
+
+    embedding   vocab-parallel: rank r holds rows vocab_rows[r]; a token outside them looks up zeros,
+                and the all-reduce puts the one real row in place (adding zeros is exact)
+    q/k/v       column-parallel by KV group: rank r computes its q_heads and kv_heads only
+    o_proj      row-parallel: partial (batch, seq, hidden) sums          -> all-reduce #1 of the layer
+    gate/up     column-parallel: rank r computes mlp_cols[r]
+    down_proj   row-parallel: partial sums                               -> all-reduce #2 of the layer
+    lm_head     vocab-parallel: rank r returns logits of vocab_rows[r] only (the sampler gathers
+                candidates, never full logits)
+
+A rank with zero heads or zero columns still joins every all-reduce, contributing zeros.
+The math follows Hugging Face's LlamaForCausalLM step for step (float32 RMSNorm, rotate-half RoPE) so
+that float32 logits match it closely.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from raytp.comm import Communicator
+from raytp.config import ModelConfig
+from raytp.plan import RankShard
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    """Inverse RoPE frequencies (head_dim/2,), with llama3 long-context scaling when configured."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    s = config.rope_scaling
+    if s is None:
+        return inv_freq
+    # llama3: keep high frequencies, divide low ones by `factor`, interpolate smoothly in between
+    factor, low, high = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
+    old_ctx = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_ctx / high) & ~(wavelen > old_ctx / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class ShardedLlama:
+    """Holds one rank's weights and KV cache; `forward` runs the layers with the group's collectives.
+
+    Local weight names (what `raytp.loader` and the synthetic initializer produce):
+      embed (vocab_local, hidden), lm_head (vocab_local, hidden; the same tensor when tied), final_norm,
+      layers.{i}.attn_norm / mlp_norm (hidden,), layers.{i}.wqkv ((q+2kv)*head_dim, hidden),
+      layers.{i}.bqkv (optional), layers.{i}.wo (hidden, q*head_dim),
+      layers.{i}.w_gate_up (2*cols, hidden), layers.{i}.w_down (hidden, cols).
+    """
+
+    def __init__(self, config: ModelConfig, shard: RankShard, comm: Communicator, weights: dict[str, torch.Tensor],
+                 *, max_batch: int, max_context: int):
+        self.config, self.shard, self.comm = config, shard, comm
+        self.w = weights
+        self.n_q, self.n_kv = len(shard.q_heads), len(shard.kv_heads)
+        self.n_cols = len(shard.mlp_cols)
+        self.vocab_start, self.n_vocab = shard.vocab_rows.start, len(shard.vocab_rows)
+        ref = weights["final_norm"]
+        self.dtype, self.device = ref.dtype, ref.device
+        self.max_batch, self.max_context = max_batch, max_context
+        # KV cache: (layers, batch slots, local kv heads, positions, head_dim), filled per slot
+        shape = (config.num_layers, max_batch, self.n_kv, max_context, config.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        inv_freq = rope_inv_freq(config).to(self.device)
+        angles = torch.outer(torch.arange(max_context, dtype=torch.float32, device=self.device), inv_freq)
+        angles = torch.cat((angles, angles), dim=-1)  # (positions, head_dim), rotate-half layout
+        self.cos, self.sin = angles.cos(), angles.sin()
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        local = tokens - self.vocab_start
+        mine = (local >= 0) & (local < self.n_vocab)
+        if self.n_vocab:
+            x = F.embedding(local.clamp(0, self.n_vocab - 1), self.w["embed"]) * mine.unsqueeze(-1).to(self.dtype)
+        else:
+            x = torch.zeros((*tokens.shape, self.config.hidden_size), dtype=self.dtype, device=self.device)
+        return self.comm.all_reduce(x)
+
+    def attention(self, i: int, x: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """Partial o_proj output (batch, seq, hidden) of this rank's heads; zeros when it has none."""
+        B, T, _ = x.shape
+        if self.n_q == 0:
+            return torch.zeros_like(x)
+        D = self.config.head_dim
+        qkv = F.linear(x, self.w[f"layers.{i}.wqkv"], self.w.get(f"layers.{i}.bqkv"))
+        q, k, v = qkv.split([self.n_q * D, self.n_kv * D, self.n_kv * D], dim=-1)
+        q = q.view(B, T, self.n_q, D).transpose(1, 2)  # (batch, q_heads, seq, head_dim)
+        k = k.view(B, T, self.n_kv, D).transpose(1, 2)  # (batch, kv_heads, seq, head_dim)
+        v = v.view(B, T, self.n_kv, D).transpose(1, 2)
+        cos = self.cos[positions].unsqueeze(1).to(x.dtype)  # (batch, 1, seq, head_dim)
+        sin = self.sin[positions].unsqueeze(1).to(x.dtype)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        # write this step's keys/values at each sequence's own positions
+        slot_idx = slots.view(B, 1)
+        self.k_cache[i][slot_idx, :, positions] = k.transpose(1, 2)
+        self.v_cache[i][slot_idx, :, positions] = v.transpose(1, 2)
+        S = int(positions.max()) + 1  # keys beyond the furthest position are never visible
+        keys = self.k_cache[i][slots, :, :S]  # (batch, kv_heads, S, head_dim)
+        values = self.v_cache[i][slots, :, :S]
+        visible = torch.arange(S, device=x.device).view(1, 1, S) <= positions.unsqueeze(-1)  # (batch, seq, S)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible.unsqueeze(1),
+                                             enable_gqa=self.n_q != self.n_kv)
+        out = out.transpose(1, 2).reshape(B, T, self.n_q * D)
+        return F.linear(out, self.w[f"layers.{i}.wo"])
+
+    def mlp(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        if self.n_cols == 0:
+            return torch.zeros_like(x)
+        gate, up = F.linear(x, self.w[f"layers.{i}.w_gate_up"]).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.w[f"layers.{i}.w_down"])
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                last: torch.Tensor | None = None) -> torch.Tensor:
+        """Run tokens (batch, seq) at positions (batch, seq) of cache slots (batch,).
+
+        Returns this rank's logits slice (batch, vocab_local) at index `last` (batch,) of each row
+        (default: the last column), in float32.
+        """
+        eps = self.config.rms_norm_eps
+        x = self.embed(tokens)
+        for i in range(self.config.num_layers):
+            h = rms_norm(x, self.w[f"layers.{i}.attn_norm"], eps)
+            x = x + self.comm.all_reduce(self.attention(i, h, positions, slots))
+            h = rms_norm(x, self.w[f"layers.{i}.mlp_norm"], eps)
+            x = x + self.comm.all_reduce(self.mlp(i, h))
+        rows = torch.arange(x.shape[0], device=x.device)
+        x = x[rows, last if last is not None else -1]  # (batch, hidden)
+        x = rms_norm(x, self.w["final_norm"], eps)
+        if self.n_vocab == 0:
+            return torch.zeros((x.shape[0], 0), dtype=torch.float32, device=self.device)
+        return F.linear(x, self.w["lm_head"]).float()

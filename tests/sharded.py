@@ -1,0 +1,84 @@
+"""Test helper: run one sharded model on N in-process ranks (threads), the way the workers run it."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import torch
+
+from raytp.comm import InProcessGroup
+from raytp.comm.base import IdentityCheckingCommunicator
+from raytp.config import ModelConfig
+from raytp.engine import RankEngine, Request
+from raytp.loader import load_shard
+from raytp.model import ShardedLlama
+from raytp.plan import plan_shards
+from raytp.sampling import SamplingParams
+
+GiB = 1 << 30
+
+
+class LocalGroup:
+    """N ranks of `model_dir` split by `weights` (relative budgets), each in its own thread."""
+
+    def __init__(self, model_dir: Path, weights: list[float], *, max_context=256, max_batch=4,
+                 dtype=torch.float32):
+        self.config = ModelConfig.from_file(model_dir)
+        budgets = [(f"cpu{r}", int(w * GiB)) for r, w in enumerate(weights)]
+        self.plan = plan_shards(self.config, budgets, max_context=max_context, max_batch=max_batch,
+                                dtype=str(dtype).removeprefix("torch."))
+        group = InProcessGroup(len(weights))
+        self.models = []
+        for shard in self.plan.ranks:
+            comm = IdentityCheckingCommunicator(group.communicator(shard.rank))
+            w = load_shard(model_dir, self.config, shard, dtype=dtype, progress=False)
+            self.models.append(ShardedLlama(self.config, shard, comm, w, max_batch=max_batch,
+                                            max_context=max_context))
+
+    def on_all_ranks(self, fn):
+        """fn(rank, model) on every rank concurrently; returns the per-rank results."""
+        results, errors = [None] * len(self.models), []
+
+        def target(r):
+            try:
+                results[r] = fn(r, self.models[r])
+            except Exception as e:  # noqa: BLE001
+                errors.append(e)
+
+        threads = [threading.Thread(target=target, args=(r,)) for r in range(len(self.models))]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        if errors:
+            raise errors[0]
+        return results
+
+    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Full-vocab logits of the last position, assembled from every rank's slice."""
+        B, T = tokens.shape
+        positions = torch.arange(T).repeat(B, 1)
+        slots = torch.arange(B)
+        pieces = self.on_all_ranks(lambda r, m: m.forward(tokens, positions, slots))
+        return torch.cat(pieces, dim=-1)
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams, stop_ids=()) -> dict[str, list[int]]:
+        """Run the real engine loop on every rank; returns generated ids per request id."""
+        engines = [RankEngine(m, m.comm) for m in self.models]
+        for i, p in enumerate(prompts):
+            engines[0].inbox.put(("add", Request(f"r{i}", p, params, list(stop_ids))))
+        out = {f"r{i}": [] for i in range(len(prompts))}
+        remaining = set(out)
+
+        def emit(events):
+            for e in events:
+                if e.token_id is not None:
+                    out[e.request_id].append(e.token_id)
+                if e.finish:
+                    remaining.discard(e.request_id)
+            if not remaining:
+                engines[0].inbox.put(("stop",))
+
+        self.on_all_ranks(lambda r, m: engines[r].run(emit if r == 0 else lambda ev: None))
+        for m in self.models:
+            assert m.comm.checked > 0  # every all-reduce was checked for identical bits
+        return out
