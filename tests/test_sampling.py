@@ -1,0 +1,113 @@
+"""Sampling over vocab shards: same draw at every split, Hugging Face filter semantics, right distribution."""
+
+import pytest
+import torch
+from transformers.generation.logits_process import (
+    RepetitionPenaltyLogitsProcessor,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from raytp.comm import InProcessGroup
+from raytp.sampling import SamplingParams, ShardedSampler, apply_repetition_penalty
+from tests.test_comm import run_ranks
+
+V = 500
+
+
+def split_bounds(world_size, seed):
+    """Random uneven contiguous vocab ranges; some ranks may hold nothing."""
+    g = torch.Generator().manual_seed(seed)
+    cuts = sorted(torch.randint(0, V + 1, (world_size - 1,), generator=g).tolist())
+    edges = [0, *cuts, V]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def sharded_sample(logits, params, positions, world_size, seed=0, histories=None):
+    bounds = split_bounds(world_size, seed)
+    group = InProcessGroup(world_size)
+    histories = histories or [torch.empty(0, dtype=torch.int64)] * logits.shape[0]
+
+    def body(comm):
+        lo, hi = bounds[comm.rank]
+        return ShardedSampler(comm, lo).sample(logits[:, lo:hi].clone(), params, positions, histories)
+
+    results = run_ranks(world_size, group.communicator, body)
+    assert all(r == results[0] for r in results)  # every rank draws the same tokens
+    return results[0]
+
+
+CASES = [
+    SamplingParams(),
+    SamplingParams(temperature=0.8, seed=3),
+    SamplingParams(temperature=1.3, top_k=5, seed=4),
+    SamplingParams(temperature=1.0, top_p=0.9, seed=5),
+    SamplingParams(temperature=0.7, top_k=50, top_p=0.5, seed=6),
+    SamplingParams(temperature=1.0, repetition_penalty=1.3, seed=7),
+]
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 7])
+def test_every_split_draws_what_one_rank_draws(world_size):
+    g = torch.Generator().manual_seed(world_size)
+    logits = torch.randn(len(CASES), V, generator=g) * 3
+    positions = list(range(len(CASES)))
+    histories = [torch.randint(0, V, (20,), generator=g) for _ in CASES]
+    for seed in range(4):
+        one = sharded_sample(logits, CASES, positions, 1, histories=histories)
+        assert sharded_sample(logits, CASES, positions, world_size, seed, histories) == one
+
+
+def test_greedy_is_argmax_with_ties_to_the_lower_id():
+    logits = torch.zeros(1, V)
+    logits[0, [123, 321, 400]] = 5.0
+    assert sharded_sample(logits, [SamplingParams()], [0], 4, seed=1) == [123]
+
+
+def test_flat_distribution_top_p_needs_more_candidates_and_stays_exact():
+    # nearly uniform: the 0.95 nucleus holds ~475 tokens, far more than the first 64 candidates per rank
+    logits = torch.randn(1, V, generator=torch.Generator().manual_seed(0)) * 0.01
+    p = 0.95
+    reference = TopPLogitsWarper(top_p=p)(None, logits.clone())
+    allowed = set(torch.isfinite(reference[0]).nonzero().view(-1).tolist())
+    drawn = {sharded_sample(logits, [SamplingParams(temperature=1.0, top_p=p, seed=s)], [0], 3)[0]
+             for s in range(200)}
+    assert drawn <= allowed
+    assert len(drawn) > 100  # really sampling from the wide nucleus
+
+
+def test_top_k_top_p_draws_only_what_transformers_keeps():
+    logits = torch.randn(1, V, generator=torch.Generator().manual_seed(2)) * 4
+    reference = TopPLogitsWarper(top_p=0.6)(None, TopKLogitsWarper(top_k=8)(None, logits.clone()))
+    allowed = set(torch.isfinite(reference[0]).nonzero().view(-1).tolist())
+    params = [SamplingParams(temperature=1.0, top_k=8, top_p=0.6, seed=s) for s in range(300)]
+    drawn = set(sharded_sample(logits.repeat(len(params), 1), params, [0] * len(params), 4))
+    assert drawn == allowed
+
+
+def test_temperature_sampling_follows_the_softmax():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0] + [-30.0] * (V - 4)])
+    n = 4000
+    params = [SamplingParams(temperature=1.0, seed=s) for s in range(n)]
+    drawn = torch.tensor(sharded_sample(logits.repeat(n, 1), params, [0] * n, 3))
+    freq = torch.bincount(drawn, minlength=V)[:4].float() / n
+    expected = torch.softmax(logits[0, :4], 0)
+    assert torch.allclose(freq, expected, atol=0.03)
+
+
+def test_repetition_penalty_matches_transformers():
+    logits = torch.randn(1, V)
+    history = torch.tensor([[3, 7, 7, 450, 499]])
+    expected = RepetitionPenaltyLogitsProcessor(1.5)(history, logits.clone())
+    ours = logits.clone()
+    for lo, hi in [(0, 200), (200, 460), (460, V)]:
+        part = ours[0, lo:hi]
+        apply_repetition_penalty(part, history[0], lo, 1.5)
+    torch.testing.assert_close(ours, expected)
+
+
+def test_bad_parameters_name_the_value():
+    for kwargs, text in [({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"),
+                         ({"top_k": -2}, "top_k"), ({"max_tokens": 0}, "max_tokens")]:
+        with pytest.raises(ValueError, match=text):
+            SamplingParams(**kwargs)
