@@ -19,6 +19,7 @@ turns into a CommError after `timeout_s`; a rank that fails raises the abort wor
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -55,10 +56,14 @@ class HostStagedCommunicator(Communicator):
             if self._abort[0]:
                 raise CommError("a peer aborted the host-staged group")
             spins += 1
-            if spins < 2000:
+            if spins < 64:
                 continue
-            # Ranks may outnumber cores (12 ranks on a 2-core machine): stop burning the peers' CPU.
-            time.sleep(0 if spins < 4000 else 1e-4)
+            # Ranks may outnumber cores (12 ranks on a 2-core machine): hand the core to a peer that
+            # still computes, and after a while sleep, so an idle wait costs nobody anything.
+            if spins < 20000:
+                os.sched_yield()
+            else:
+                time.sleep(1e-4)
             if deadline is None:
                 deadline = time.monotonic() + self.timeout_s
             elif time.monotonic() > deadline:

@@ -1,0 +1,1 @@
+"""raytp: tensor-parallel LLM inference over mismatched devices, one Ray actor per device."""

@@ -1,0 +1,5 @@
+import sys
+
+from raytp.cli import main
+
+sys.exit(main())

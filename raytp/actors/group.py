@@ -1,0 +1,157 @@
+"""Builds and tears down the ranks: placement group, one actor per device, plan, communicator, shards.
+
+Everything here is control plane (a handful of Ray calls per build); tokens never pass through it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from raytp.actors.worker import WorkerActor
+from raytp.comm.hoststaged import segment_bytes
+from raytp.comm.shm import new_segment_name
+from raytp.config import ModelConfig
+from raytp.devices import DeviceSpec
+from raytp.plan import ShardPlan, plan_shards
+
+log = logging.getLogger("raytp")
+
+COMM_BACKENDS = ("auto", "hoststaged", "gloo", "nccl")
+GPU_RESERVE = 0.92  # of a GPU's free memory: the rest is CUDA context, allocator slack, other tenants
+# Keep NVLink multicast off in every rank: on shared hosts it can take GPUs out of service.
+RANK_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+class ClusterError(RuntimeError):
+    """The cluster cannot host the requested devices."""
+
+
+@dataclass(frozen=True)
+class GroupSettings:
+    model: str
+    devices: tuple[DeviceSpec, ...]
+    dtype: str = "bfloat16"
+    comm: str = "auto"
+    max_context: int = 2048
+    max_batch: int = 8
+    timeout_s: float = 30.0  # a collective waiting longer than this for a peer fails
+    progress: bool = True
+
+
+def choose_backend(requested: str, devices: tuple[DeviceSpec, ...], nodes: int) -> tuple[str, str]:
+    """(backend, why). Pure, so the choice is testable; `auto` is logged once by the caller."""
+    if requested not in COMM_BACKENDS:
+        raise ValueError(f"unknown --comm {requested!r}; choose one of {', '.join(COMM_BACKENDS)}")
+    if requested == "hoststaged" and nodes > 1:
+        raise ClusterError(f"--comm hoststaged needs all ranks on one node, these span {nodes} nodes; "
+                           "use --comm gloo (or nccl) across nodes")
+    if requested == "nccl" and any(d.kind != "cuda" for d in devices):
+        raise ClusterError("--comm nccl needs every rank on a cuda device; use hoststaged or gloo for cpu ranks")
+    if requested != "auto":
+        return requested, "requested"
+    if nodes > 1:
+        return "gloo", f"ranks span {nodes} nodes; host-staged shared memory works within one node"
+    return "hoststaged", "all ranks on one node: partial sums meet in shared host memory, no peer-to-peer needed"
+
+
+class WorkerGroup:
+    def __init__(self, settings: GroupSettings, config: ModelConfig):
+        self.settings, self.config = settings, config
+        self.workers: list = []
+        self.pg = None
+        self.plan: ShardPlan | None = None
+        self.ranks: list[dict] = []  # describe() of each rank
+        self.backend = ""
+        self.run_refs: list = []
+
+    @property
+    def leader(self):
+        return self.workers[0]
+
+    def build(self) -> None:
+        s = self.settings
+        self._check_resources()
+        bundles = [{"GPU": 1} if d.kind == "cuda" else {"CPU": 1} for d in s.devices]
+        self.pg = placement_group(bundles, strategy="PACK")
+        try:
+            ray.get(self.pg.ready(), timeout=60)
+        except ray.exceptions.GetTimeoutError:
+            raise ClusterError(f"Ray could not place {len(bundles)} ranks ({bundles}) within 60 s") from None
+        n_cpu = sum(d.kind == "cpu" for d in s.devices)
+        env = {**RANK_ENV, **{k: v for k, v in os.environ.items() if k.startswith("RAYTP_")}}
+        self.workers = [
+            WorkerActor.options(
+                num_gpus=1 if d.kind == "cuda" else 0, num_cpus=0 if d.kind == "cuda" else 1,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
+                runtime_env={"env_vars": env},
+            ).remote(i, d, n_cpu)
+            for i, d in enumerate(s.devices)
+        ]
+        self.ranks = ray.get([w.describe.remote() for w in self.workers])
+        self.plan = plan_shards(self.config, self._budgets(), max_context=s.max_context, max_batch=s.max_batch,
+                                dtype=s.dtype)
+        self._open_comm()
+        ray.get([w.load.remote(s.model, self.config, self.plan, s.progress) for w in self.workers])
+        self.run_refs = [w.run.remote() for w in self.workers]
+
+    def _check_resources(self) -> None:
+        want = Counter("GPU" if d.kind == "cuda" else "CPU" for d in self.settings.devices)
+        have = ray.cluster_resources()
+        for kind, n in want.items():
+            if n > have.get(kind, 0):
+                raise ClusterError(f"--devices asks for {n} {'cuda' if kind == 'GPU' else 'cpu'} ranks, the Ray "
+                                   f"cluster has {int(have.get(kind, 0))} {kind}s; use fewer devices or add nodes")
+
+    def _budgets(self) -> list[tuple[str, int]]:
+        cpu_ranks_per_node = Counter(r["node_id"] for r, d in zip(self.ranks, self.settings.devices) if d.kind == "cpu")
+        budgets = []
+        for r, d in zip(self.ranks, self.settings.devices):
+            if d.mem_bytes is not None:
+                budget = d.mem_bytes
+            elif d.kind == "cuda":
+                budget = int(r["free_bytes"] * GPU_RESERVE)
+            else:  # CPU ranks of one node share its free memory
+                budget = r["free_bytes"] // cpu_ranks_per_node[r["node_id"]]
+            budgets.append((str(d), budget))
+        return budgets
+
+    def _open_comm(self) -> None:
+        s = self.settings
+        n = len(self.workers)
+        nodes = len({r["node_id"] for r in self.ranks})
+        self.backend, why = choose_backend(s.comm, s.devices, nodes)
+        log.info("all-reduce backend: %s (%s)", self.backend, why)
+        if self.backend == "hoststaged":
+            name, size = new_segment_name(), segment_bytes(n)
+            ray.get(self.leader.open_hoststaged.remote(name, size, n, True, s.timeout_s))
+            try:
+                ray.get([w.open_hoststaged.remote(name, size, n, False, s.timeout_s) for w in self.workers[1:]])
+            finally:  # mapped everywhere (or failed): either way the name must not outlive this call
+                ray.get(self.leader.unlink_segment.remote())
+        else:
+            port = ray.get(self.leader.free_port.remote())
+            init = f"tcp://{self.ranks[0]['ip']}:{port}"
+            ray.get([w.open_torchdist.remote(self.backend, init, n, s.timeout_s) for w in self.workers])
+
+    def shutdown(self, graceful: bool = True) -> None:
+        """Stop the loop (if `graceful`), then end every actor and free the placement group. Idempotent.
+
+        After a rank died the others are stuck in a collective: pass graceful=False to kill them at once."""
+        if self.run_refs and graceful:
+            try:
+                self.leader.submit.remote(("stop",))
+                ray.wait(self.run_refs, num_returns=len(self.run_refs), timeout=5)
+            except Exception:  # noqa: BLE001 - the group may be half dead; killing below is what matters
+                pass
+        for w in self.workers:
+            ray.kill(w)
+        if self.pg is not None:
+            remove_placement_group(self.pg)
+        self.workers, self.run_refs, self.pg = [], [], None

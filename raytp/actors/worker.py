@@ -1,0 +1,156 @@
+"""One rank: a plain `Worker` class (testable without Ray) and `WorkerActor`, its thin Ray wrapper.
+
+The device is touched only inside the worker's own process, after Ray has set CUDA_VISIBLE_DEVICES, so
+`cuda` here always means the one GPU Ray gave this actor. The driver calls, in order: `describe` (what
+this device really has), `open_comm`, `load` (the shard of the plan), `run` (the token loop; blocks until
+stopped) and, on the leader only, `submit` and `poll_events` while `run` is going.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import queue
+import socket
+from dataclasses import asdict
+
+import psutil
+import ray
+import torch
+
+from raytp.comm import CommError, Communicator
+from raytp.comm.base import maybe_check_identical
+from raytp.config import ModelConfig
+from raytp.devices import DeviceSpec, format_bytes
+from raytp.engine import RankEngine, Request, TokenEvent
+from raytp.model import ShardedLlama
+from raytp.plan import ShardPlan
+from raytp.sampling import SamplingParams
+from raytp.source import load_weights
+
+
+class MemoryBudgetError(RuntimeError):
+    """A rank's shard does not fit the memory it was given."""
+
+
+class Worker:
+    def __init__(self, rank: int, device: DeviceSpec, local_ranks: int = 1):
+        self.rank, self.spec = rank, device
+        self.device = torch.device("cuda", 0) if device.kind == "cuda" else torch.device("cpu")
+        if device.kind == "cpu":
+            # Several CPU ranks share one host: split its cores instead of oversubscribing them.
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
+        self.comm: Communicator | None = None
+        self.engine: RankEngine | None = None
+        self.events: queue.Queue[TokenEvent] = queue.Queue()
+
+    def describe(self) -> dict:
+        """The node, the real device behind this rank, and its memory (free now, and total)."""
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+            free, total = torch.cuda.mem_get_info()
+            name = torch.cuda.get_device_name()
+        else:
+            vm = psutil.virtual_memory()
+            free, total, name = vm.available, vm.total, platform.processor() or platform.machine() or "CPU"
+        return {"rank": self.rank, "node_id": ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local",
+                "ip": _node_ip(), "device_name": name, "free_bytes": free, "total_bytes": total,
+                "pid": os.getpid()}
+
+    # ---- communication -------------------------------------------------------------------------------------
+
+    def free_port(self) -> int:
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return s.getsockname()[1]
+
+    def open_hoststaged(self, name: str, size: int, world_size: int, create: bool, timeout_s: float) -> None:
+        from raytp.comm.hoststaged import HostStagedCommunicator
+        from raytp.comm.shm import SharedSegment
+
+        segment = (SharedSegment.create if create else SharedSegment.attach)(name, size)
+        self.comm = HostStagedCommunicator(segment, self.rank, world_size, timeout_s=timeout_s)
+
+    def unlink_segment(self) -> None:
+        """Called once every rank of the node has mapped the segment: from now on no name can leak."""
+        self.comm.segment.unlink()
+
+    def open_torchdist(self, backend: str, init_method: str, world_size: int, timeout_s: float) -> None:
+        from raytp.comm.torchdist import TorchDistCommunicator
+
+        self.comm = TorchDistCommunicator(backend, init_method, self.rank, world_size, timeout_s)
+
+    # ---- model -----------------------------------------------------------------------------------------
+
+    def load(self, model: str, config: ModelConfig, plan: ShardPlan, progress: bool = True) -> dict:
+        """Load this rank's shard, allocate its KV cache, enforce its budget; returns the bytes used."""
+        shard = plan.ranks[self.rank]
+        dtype = getattr(torch, plan.dtype)
+        if self.device.type == "cuda" and self.spec.mem_bytes is not None:
+            # make an @MEM cap real, so mismatched cards can be emulated on identical ones
+            total = torch.cuda.mem_get_info()[1]
+            torch.cuda.set_per_process_memory_fraction(min(1.0, self.spec.mem_bytes / total))
+        weights = load_weights(model, config, shard, dtype=dtype, device=self.device, progress=progress)
+        lm = ShardedLlama(config, shard, maybe_check_identical(self.comm), weights,
+                          max_batch=plan.max_batch, max_context=plan.max_context)
+        used = _tensor_bytes(weights.values()) + _tensor_bytes([lm.k_cache, lm.v_cache])
+        if used > shard.budget_bytes:
+            raise MemoryBudgetError(f"rank {self.rank} ({self.spec}) needs {format_bytes(used)} for weights and "
+                                    f"KV cache, its budget is {format_bytes(shard.budget_bytes)}")
+        self.engine = RankEngine(lm, lm.comm)
+        return {"rank": self.rank, "used_bytes": used}
+
+    # ---- token loop -------------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        try:
+            self.engine.run(lambda evs: [self.events.put(e) for e in evs])
+        except CommError:
+            self._abort()
+            raise
+        finally:
+            self.close()
+
+    def _abort(self) -> None:
+        abort = getattr(self.comm, "abort", None)
+        if abort:
+            abort()
+
+    def submit(self, command: tuple) -> None:
+        """Leader only: ("add", Request-as-dict) | ("cancel", id) | ("stop",), taken at the next step."""
+        if command[0] == "add":
+            fields = command[1]
+            command = ("add", Request(**{**fields, "params": SamplingParams(**fields["params"])}))
+        self.engine.inbox.put(command)
+
+    def poll_events(self, timeout_s: float = 0.2, max_events: int = 4096) -> list[dict]:
+        """Leader only: block until at least one event (or timeout), then return all that are waiting."""
+        out = []
+        try:
+            out.append(self.events.get(timeout=timeout_s))
+            while len(out) < max_events:
+                out.append(self.events.get_nowait())
+        except queue.Empty:
+            pass
+        return [asdict(e) for e in out]
+
+    def close(self) -> None:
+        if self.comm is not None:
+            self.comm.close()
+
+
+def _tensor_bytes(tensors) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        if t.data_ptr() not in seen:  # tied embedding and lm_head are one tensor
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _node_ip() -> str:
+    return ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
+
+
+# max_concurrency: `run` occupies one thread for the actor's life; submit/poll need others.
+WorkerActor = ray.remote(max_concurrency=4)(Worker)

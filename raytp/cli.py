@@ -1,0 +1,263 @@
+"""The `raytp` command: pull, plan, generate, chat (and serve, bench).
+
+Every command that runs a model joins a running Ray cluster (`--address` or RAY_ADDRESS) or starts a local
+one and shuts it down on exit. Errors caused by the input (a bad device spec, a model that does not fit, a
+prompt longer than the context...) print one line naming the value and the fix, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from contextlib import contextmanager
+
+from raytp.devices import DeviceSpecError, format_bytes, is_auto, parse_devices
+
+DTYPES = ("float32", "bfloat16", "float16")
+EPILOG = """device SPEC: comma-separated KIND[:INDEX][@MEM] or KIND*N[@MEM], KIND cpu or cuda, e.g.
+  cpu@3GiB,cpu@2GiB,cpu@1GiB   three CPU ranks with uneven budgets
+  cuda*4                       four GPUs at their free memory
+  cuda:0@24GiB,cuda:1@80GiB    two GPUs capped (emulates mismatched cards)
+  auto                         every GPU the Ray cluster has (one CPU rank if none)
+model: smollm2 (the embedded SmolLM2-135M-Instruct, pulled on first use) or a Hugging Face directory"""
+
+
+class UserError(Exception):
+    """Printed as one line; exit status 2."""
+
+
+def _model_args(p: argparse.ArgumentParser, max_batch: int) -> None:
+    p.add_argument("--model", default="smollm2", help="smollm2 or a Hugging Face model directory (default: smollm2)")
+    p.add_argument("--devices", default="auto", help="device SPEC, see below (default: auto)")
+    p.add_argument("--dtype", default="bfloat16", choices=DTYPES, help="weights and activations (default: bfloat16)")
+    p.add_argument("--max-context", type=int, default=2048, help="tokens per sequence, prompt included (default: 2048)")
+    p.add_argument("--max-batch", type=int, default=max_batch, help=f"concurrent sequences (default: {max_batch})")
+
+
+def _runtime_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--comm", default="auto", choices=("auto", "hoststaged", "gloo", "nccl"),
+                   help="all-reduce backend; auto logs what it chose and why (default: auto)")
+    p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
+                   help="Ray cluster to join (default: $RAY_ADDRESS, else start a local one)")
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=256, help="tokens to generate at most (default: 256)")
+    p.add_argument("--temperature", type=float, default=0.7, help="0 is greedy (default: 0.7)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1, off)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (default: 0, off)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="(default: 1, off)")
+    p.add_argument("--seed", type=int, default=0, help="fixes the random draws (default: 0)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="raytp", description="Tensor-parallel LLM inference over mismatched "
+                                     "devices, one Ray actor per device.", epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    kw = dict(epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    p = sub.add_parser("pull", help="download and convert the embedded default model", **kw)
+    p.add_argument("name", choices=("smollm2",))
+
+    p = sub.add_parser("plan", help="show how a model would be split over devices (no Ray, no weights read)", **kw)
+    _model_args(p, max_batch=8)
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+    p = sub.add_parser("generate", help="generate a completion, streamed", **kw)
+    _model_args(p, max_batch=1)
+    _runtime_args(p)
+    _sampling_args(p)
+    p.add_argument("--prompt", required=True, help="the prompt text")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+
+    p = sub.add_parser("chat", help="chat in the terminal (/reset clears the history, /exit quits)", **kw)
+    _model_args(p, max_batch=1)
+    _runtime_args(p)
+    _sampling_args(p)
+    p.add_argument("--system", default=None, help="system prompt")
+    return parser
+
+
+def _devices(spec: str):
+    """Parse SPEC; `auto` becomes every GPU of the cluster, or one CPU rank without GPUs."""
+    if is_auto(spec):
+        import ray
+
+        n = int(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0
+        spec = f"cuda*{n}" if n else "cpu"
+    return tuple(parse_devices(spec))
+
+
+def cmd_pull(args) -> None:
+    from raytp.models import pull_smollm2
+
+    print(pull_smollm2())
+
+
+def cmd_plan(args) -> None:
+    from raytp.plan import plan_shards
+    from raytp.source import model_config
+
+    devices = _devices(args.devices)
+    missing = [str(d) for d in devices if d.mem_bytes is None]
+    if missing:
+        raise UserError(f"`raytp plan` reads no hardware: give every device a budget (@MEM), e.g. cpu@2GiB; "
+                        f"these have none: {', '.join(missing)}")
+    plan = plan_shards(model_config(args.model), [(str(d), d.mem_bytes) for d in devices],
+                       max_context=args.max_context, max_batch=args.max_batch, dtype=args.dtype)
+    print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.format_table())
+
+
+@contextmanager
+def ray_session(address: str | None, devices_spec: str):
+    """Join `address`, or start a local Ray with enough CPU slots for every cpu rank."""
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if address:
+        try:
+            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise UserError(f"cannot reach the Ray cluster at --address {address!r}: {e}") from None
+    else:
+        cpu_ranks = sum(d.kind == "cpu" for d in parse_devices(devices_spec)) if not is_auto(devices_spec) else 1
+        ray.init(num_cpus=max(os.cpu_count() or 1, cpu_ranks), include_dashboard=False,
+                 logging_level=logging.WARNING, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@contextmanager
+def running_driver(args):
+    """A started driver actor for the args' model and devices; shut down on exit."""
+    import ray
+
+    from raytp.actors.driver import DriverActor
+    from raytp.actors.group import GroupSettings
+    from raytp.models import resolve_model
+
+    if not args.model.startswith("synthetic:"):
+        resolve_model(args.model)  # pull here, with a progress bar the user sees, before any actor needs it
+    settings = GroupSettings(model=args.model, devices=_devices(args.devices), dtype=args.dtype, comm=args.comm,
+                             max_context=args.max_context, max_batch=args.max_batch, progress=False)
+    driver = DriverActor.remote(settings)
+    try:
+        info = ray.get(driver.start.remote())
+        print(f"raytp: {len(info['ranks'])} ranks, all-reduce {info['backend']}", file=sys.stderr)
+        yield driver, info
+    finally:
+        try:
+            ray.get(driver.shutdown.remote(), timeout=30)
+        except Exception:  # noqa: BLE001 - the driver may be what failed; ray.shutdown cleans up after it
+            pass
+
+
+def _sampling(args) -> dict:
+    return dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_tokens=args.max_tokens,
+                repetition_penalty=args.repetition_penalty, seed=args.seed)
+
+
+def stream_answer(driver, echo: bool, **request) -> tuple[str, dict]:
+    """Run one request; print its text as it streams when `echo`. Returns (text, final stats)."""
+    import ray
+
+    text = []
+    for ref in driver.stream.remote(**request):
+        item = ray.get(ref)
+        if "finish" in item:
+            return "".join(text), item
+        text.append(item["text"])
+        if echo:
+            print(item["text"], end="", flush=True)
+    raise RuntimeError("the stream ended without a final item")
+
+
+def cmd_generate(args) -> None:
+    with ray_session(args.address, args.devices), running_driver(args) as (driver, info):
+        request = {"messages": [{"role": "user", "content": args.prompt}]} if args.chat else {"prompt": args.prompt}
+        text, stats = stream_answer(driver, not args.json, params=_sampling(args), **request)
+        if args.json:
+            print(json.dumps({"text": text, "token_ids": stats["token_ids"], "prompt_tokens": stats["prompt_tokens"],
+                              "generated_tokens": stats["generated_tokens"], "tokens_per_s": stats["tokens_per_s"],
+                              "ttft_s": stats["ttft_s"], "finish": stats["finish"], "backend": info["backend"],
+                              "plan": info["plan"]}))
+        else:
+            print(f"\n[{stats['generated_tokens']} tokens, {stats['tokens_per_s']:.1f} tokens/s, "
+                  f"first token {stats['ttft_s'] * 1000:.0f} ms]", file=sys.stderr)
+
+
+def cmd_chat(args) -> None:
+    with ray_session(args.address, args.devices), running_driver(args) as (driver, info):
+        print(info["plan_table"], file=sys.stderr)
+        print("Type a message; /reset clears the history, /exit quits.", file=sys.stderr)
+        system = [{"role": "system", "content": args.system}] if args.system else []
+        history = list(system)
+        while True:
+            try:
+                line = input("\n> ").strip()
+            except (EOFError, KeyboardInterrupt):
+                print()
+                return
+            if line in ("/exit", "/quit"):
+                return
+            if line == "/reset":
+                history = list(system)
+                print("(history cleared)")
+                continue
+            if not line:
+                continue
+            history.append({"role": "user", "content": line})
+            try:
+                answer, stats = stream_answer(driver, True, messages=history, params=_sampling(args))
+            except Exception as e:  # noqa: BLE001 - a failed turn (too long, rank died) keeps the session
+                history.pop()
+                print(f"\nraytp: {_user_message(e) or e}", file=sys.stderr)
+                continue
+            history.append({"role": "assistant", "content": answer})
+            print(f"\n[{stats['generated_tokens']} tokens, {stats['tokens_per_s']:.1f} tokens/s]", file=sys.stderr)
+
+
+COMMANDS = {"pull": cmd_pull, "plan": cmd_plan, "generate": cmd_generate, "chat": cmd_chat}
+
+
+def _user_message(e: BaseException) -> str | None:
+    """The one-line message of an error caused by the input, unwrapping Ray's task errors; else None."""
+    from raytp.actors.group import ClusterError
+    from raytp.comm import CommError
+    from raytp.config import UnsupportedModelError
+    from raytp.loader import CheckpointError
+
+    cause = getattr(e, "cause", None)
+    if cause is not None and cause is not e:
+        return _user_message(cause)
+    if isinstance(e, (UserError, DeviceSpecError, ValueError, ClusterError, CommError, UnsupportedModelError,
+                      CheckpointError, FileNotFoundError, RuntimeError)) and not isinstance(e, NotImplementedError):
+        return str(e).strip()
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="raytp: %(message)s", stream=sys.stderr)
+    try:
+        COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # noqa: BLE001 - input errors become one line; anything else keeps its traceback
+        message = _user_message(e)
+        if message is None:
+            raise
+        print(f"raytp: error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
