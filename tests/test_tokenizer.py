@@ -1,0 +1,118 @@
+"""raytp's tokenizer against transformers' tokenizer for the same GGUF, plus streaming detokenization."""
+
+import json
+import shutil
+
+import pytest
+
+from raytp.tokenizer import StreamDecoder, Tokenizer
+
+TEXTS = [
+    "12345 apples in 2026",
+    "café naïve Ærø",
+    "🤖👍🏽",
+    "def add(a, b):\n    return a + b\n\n\nprint(add(1, 2))\n",
+    "tabs\t\tand   spaces    and\n\n\nnewlines  ",
+    "<|im_start|>user\nhi<|im_end|>",
+    "日本語のテキスト, and Ελληνικά",
+    "",
+]
+
+CONVERSATION = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "What is 2+2?"},
+    {"role": "assistant", "content": "4."},
+    {"role": "user", "content": "And 3+3? 🤔"},
+]
+
+
+@pytest.fixture(scope="module")
+def tok(smollm2_dir) -> Tokenizer:
+    return Tokenizer.from_dir(smollm2_dir)
+
+
+@pytest.fixture(scope="module")
+def hf_tok(smollm2_gguf):
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_ids_match_transformers(tok, hf_tok, text):
+    assert tok.encode(text) == hf_tok.encode(text, add_special_tokens=False)
+
+
+def test_every_digit_is_its_own_pre_token(tok):
+    """llama.cpp's "smollm" pre-tokenizer splits \\p{N} before the GPT-2 regex, so a whitespace run before a
+    digit stays whole ("\\n\\n" is one token). transformers' GGUF loader has no "smollm" entry and uses the
+    plain GPT-2 regex, which gives "\\n", "\\n" here; the model was trained with the former."""
+    vocab_ids = [tok.encode(piece)[0] for piece in ("1", ".", "\n\n", "2", ".")]
+    assert tok.encode("1.\n\n2.") == vocab_ids
+    assert len(tok.encode("  42")) == 3  # "  ", "4", "2"
+
+
+def test_special_tokens(tok):
+    assert tok.encode("<|im_start|><|im_end|>") == [1, 2]
+    assert tok.eos_token_ids == {2}
+    assert (tok.bos_token, tok.eos_token) == ("<|im_start|>", "<|im_end|>")
+    assert tok.vocab_size == 49152
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_decode_round_trip(tok, hf_tok, text):
+    ids = tok.encode(text)
+    assert tok.decode(ids, skip_special_tokens=False) == text
+    assert tok.decode(ids) == hf_tok.decode(ids, skip_special_tokens=True)
+
+
+def test_decode_skips_special_tokens(tok):
+    assert tok.decode(tok.encode("<|im_start|>user\nhi<|im_end|>")) == "user\nhi"
+
+
+@pytest.mark.parametrize("conversation", [CONVERSATION, CONVERSATION[1:2]], ids=["with-system", "default-system"])
+def test_chat_template_matches_transformers(tok, hf_tok, conversation):
+    ours = tok.apply_chat_template(conversation)
+    assert ours == hf_tok.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    assert ours.endswith("<|im_start|>assistant\n")
+    assert not tok.apply_chat_template(conversation, add_generation_prompt=False).endswith("assistant\n")
+
+
+def test_missing_chat_template_is_a_clear_error(smollm2_dir, tmp_path):
+    shutil.copy(smollm2_dir / "tokenizer.json", tmp_path)
+    config = json.loads((smollm2_dir / "tokenizer_config.json").read_text())
+    del config["chat_template"]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="no chat template"):
+        Tokenizer.from_dir(tmp_path).apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+def test_missing_files_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="tokenizer.json, tokenizer_config.json"):
+        Tokenizer.from_dir(tmp_path)
+
+
+def _stream(tok: Tokenizer, ids: list[int], **kwargs) -> list[str]:
+    decoder = StreamDecoder(tok, **kwargs)
+    return [decoder.feed(i) for i in ids] + [decoder.flush()]
+
+
+@pytest.mark.parametrize("text", TEXTS + ["Sure! 🎉 Here: naïve → ok 👍🏽.<|im_end|>"])
+def test_stream_decoder_concatenates_to_decode(tok, text):
+    ids = tok.encode(text)
+    pieces = _stream(tok, ids)
+    assert "".join(pieces) == tok.decode(ids)
+    assert not any("\ufffd" in piece for piece in pieces)
+    assert "".join(_stream(tok, ids, skip_special_tokens=False)) == tok.decode(ids, skip_special_tokens=False)
+
+
+def test_stream_decoder_holds_back_split_emoji(tok):
+    ids = tok.encode("🤖 ok")
+    assert len(tok.encode("🤖")) == 3  # the emoji's 4 UTF-8 bytes span 3 tokens
+    assert _stream(tok, ids) == ["", "", "🤖", " ok", ""]
+
+
+def test_stream_decoder_flushes_an_unfinished_character(tok):
+    ids = tok.encode("ok 🤖")[:-1]  # generation stopped mid-emoji
+    pieces = _stream(tok, ids)
+    assert "".join(pieces) == tok.decode(ids)
+    assert pieces[-1].endswith("\ufffd")  # only flush() gives up on it, as decode() does
