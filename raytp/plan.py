@@ -1,0 +1,274 @@
+"""The uneven tensor-parallel split: which slice of every layer each rank holds, proportional to its memory.
+
+`plan_shards` is a pure function of the model config and one memory budget per rank; its `ShardPlan` is computed
+once and only read afterwards. What rank r holds, in every layer:
+
+    attention  q/k/v columns of its KV heads `kv_heads` and of their query heads `q_heads` (column-parallel),
+               o_proj input columns of those query heads (row-parallel, partial sums all-reduced)
+    MLP        gate/up output columns `mlp_cols` (column-parallel), down_proj input columns `mlp_cols`
+               (row-parallel, partial sums all-reduced)
+    vocab      embedding rows and lm_head rows `vocab_rows` (masked lookup all-reduced; local logits gathered)
+    replicated RMSNorm weights and working buffers (`overhead_bytes`)
+
+Each slice is contiguous, in rank order, and the slices of all ranks cover their dimension exactly once. Any slice
+may be empty: with more ranks than KV heads (12 ranks, 3 KV heads) most ranks are zero-width for attention and add
+nothing to the o_proj all-reduce. That beats replicating KV heads, which would store their weights and cache twice
+and need the replicas excluded from the sum.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import accumulate
+
+from raytp.config import ModelConfig
+from raytp.devices import format_bytes
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# Prefill runs at most this many tokens per sequence per step; it sizes the working buffers in the overhead.
+PREFILL_CHUNK = 512
+
+
+class PlanError(ValueError):
+    """The model does not fit on the devices; the message gives each device's need and budget."""
+
+
+@dataclass(frozen=True)
+class RankShard:
+    rank: int
+    device: str  # the DeviceSpec string, e.g. "cuda:1@24GiB"
+    budget_bytes: int  # memory this rank may use
+    kv_heads: range  # global KV head indices
+    q_heads: range  # the query heads served by those KV heads
+    mlp_cols: range  # slice of intermediate_size
+    vocab_rows: range  # slice of vocab_size
+    weight_bytes: int  # sharded weights only; the replicated norms count in overhead_bytes
+    kv_cache_bytes: int  # K and V of its KV heads for max_batch x max_context tokens
+    overhead_bytes: int  # replicated on every rank: norms and working buffers
+
+    @property
+    def headroom_bytes(self) -> int:
+        return self.budget_bytes - self.weight_bytes - self.kv_cache_bytes - self.overhead_bytes
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    ranks: tuple[RankShard, ...]
+    dtype: str  # weights and KV cache
+    max_context: int  # tokens per sequence the KV cache holds
+    max_batch: int  # sequences the KV cache holds
+    mlp_block: int  # MLP columns move between ranks in blocks of this many (the last may be partial)
+    vocab_block: int  # vocab rows likewise
+
+    def to_dict(self) -> dict:
+        """JSON-ready summary: counts as integers, with the [start, stop) of each range alongside."""
+        ranks = []
+        for r in self.ranks:
+            spans = {"q_head": r.q_heads, "kv_head": r.kv_heads, "mlp_col": r.mlp_cols, "vocab_row": r.vocab_rows}
+            ranks.append(
+                {"rank": r.rank, "device": r.device, "budget_bytes": r.budget_bytes}
+                | {f"{key}s": len(span) for key, span in spans.items()}
+                | {f"{key}_range": [span.start, span.stop] for key, span in spans.items()}
+                | {"weight_bytes": r.weight_bytes, "kv_cache_bytes": r.kv_cache_bytes,
+                   "overhead_bytes": r.overhead_bytes, "headroom_bytes": r.headroom_bytes}
+            )
+        return {"dtype": self.dtype, "max_context": self.max_context, "max_batch": self.max_batch,
+                "mlp_block": self.mlp_block, "vocab_block": self.vocab_block, "ranks": ranks}
+
+    def format_table(self) -> str:
+        def span(s: range) -> str:
+            return f"{len(s)} [{s.start}:{s.stop}]" if s else "0"
+
+        header = ("rank", "device", "budget", "query heads", "KV heads", "MLP columns", "vocab rows", "weights",
+                  "KV cache", "headroom")
+        rows = [header] + [
+            (str(r.rank), r.device, format_bytes(r.budget_bytes), span(r.q_heads), span(r.kv_heads),
+             span(r.mlp_cols), span(r.vocab_rows), format_bytes(r.weight_bytes), format_bytes(r.kv_cache_bytes),
+             format_bytes(r.headroom_bytes))
+            for r in self.ranks
+        ]
+        widths = [max(len(row[c]) for row in rows) for c in range(len(header))]
+        return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """One dimension dealt out to ranks: `size` items (KV heads, MLP columns, vocab rows) in blocks of `block`."""
+
+    size: int
+    block: int
+    weight_bytes: int  # per item, all layers
+    cache_bytes: int = 0  # per item, all layers (KV heads only)
+
+    @property
+    def item_bytes(self) -> int:
+        return self.weight_bytes + self.cache_bytes
+
+    @property
+    def block_bytes(self) -> int:
+        return self.block * self.item_bytes
+
+    def ranges(self, blocks: Sequence[int]) -> list[range]:
+        """Block counts per rank -> contiguous item ranges; the last block of the dimension may be partial."""
+        bounds = [min(self.size, self.block * b) for b in accumulate(blocks, initial=0)]
+        return [range(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+def _pieces(config: ModelConfig, max_context: int, max_batch: int, nbytes: int, mlp_block: int, vocab_block: int):
+    h, d, q, layers = config.hidden_size, config.head_dim, config.q_per_kv, config.num_layers
+    # One KV group: q and o_proj slices of its q query heads, its k and v rows (+ q/k/v biases), and its cache.
+    group = layers * (2 * (q + 1) * d * h + (q + 2) * d * config.attention_bias)
+    cache = 2 * layers * max_batch * max_context * d
+    return (
+        _Piece(config.num_kv_heads, 1, group * nbytes, cache * nbytes),
+        _Piece(config.intermediate_size, mlp_block, 3 * h * layers * nbytes),  # gate, up and down per column
+        _Piece(config.vocab_size, vocab_block, (1 if config.tie_word_embeddings else 2) * h * nbytes),
+    )
+
+
+def replicated_overhead_bytes(config: ModelConfig, *, max_context: int, max_batch: int, dtype: str) -> int:
+    """What every rank holds whatever its share: norm weights plus working buffers.
+
+    The buffers are one layer's activations for a prefill chunk of max_batch * min(max_context, PREFILL_CHUNK)
+    tokens at full width (residual, normed input, attention and MLP outputs, q/k/v, gate and up), an upper bound of
+    the local slices so that the overhead does not depend on the split it feeds, plus the gathered float32 logits of
+    one step. Attention scores are not counted: torch's fused SDPA kernels never materialise them.
+    """
+    nbytes = DTYPE_BYTES[dtype]
+    tokens = max_batch * min(max_context, PREFILL_CHUNK)
+    width = 4 * config.hidden_size + (config.num_heads + 2 * config.num_kv_heads) * config.head_dim
+    norms = (2 * config.num_layers + 1) * config.hidden_size * nbytes
+    return norms + tokens * (width + 2 * config.intermediate_size) * nbytes + max_batch * config.vocab_size * 4
+
+
+def _split(piece: _Piece, weights: Sequence[int]) -> list[int]:
+    """Blocks per rank in proportion to `weights`, summing exactly to the piece's block count.
+
+    Like exllamav2's integer_split the parts are exact integers that add up to the whole, but instead of handing
+    out remainders we put each split point at the block boundary nearest its ideal position: every rank then gets
+    within one block of its ideal share even when the dimension's last block is partial.
+    """
+    total, nblocks = sum(weights), -(-piece.size // piece.block)
+    # nearest boundary to size * W_k / total, in exact integer arithmetic (round half up)
+    inner = [(2 * piece.size * w + total * piece.block) // (2 * total * piece.block) for w in accumulate(weights)]
+    points = [0] + inner[:-1] + [nblocks]
+    return [b - a for a, b in zip(points, points[1:])]
+
+
+def _usage(pieces, blocks, base: Sequence[int]) -> list[int]:
+    """Bytes per rank: `base` plus each piece's share (exact, partial last block included)."""
+    per_piece = [[len(r) * p.item_bytes for r in p.ranges(b)] for p, b in zip(pieces, blocks)]
+    return [b + sum(rank) for b, rank in zip(base, zip(*per_piece))]
+
+
+def _relieve(pieces, blocks, base: Sequence[int], budgets: Sequence[int]):
+    """Move blocks off over-budget ranks onto ranks with room, until all fit or no move helps.
+
+    Smallest blocks move first, to the rank with the most headroom. A move is kept only if it shrinks the
+    over-budget rank and pushes no other rank over its budget (nor further over it), so the total excess strictly
+    falls and the loop ends.
+    """
+    while True:
+        use = _usage(pieces, blocks, base)
+        moved = next((trial for r, trial in _moves(pieces, blocks, use, budgets)
+                      if _improves(_usage(pieces, trial, base), use, budgets, r)), None)
+        if moved is None:
+            return blocks
+        blocks = moved
+
+
+def _moves(pieces, blocks, use: Sequence[int], budgets: Sequence[int]):
+    """Candidate (over-budget rank, new blocks): just enough blocks of one piece to one rank that has room."""
+    n = len(budgets)
+    for r in (r for r in range(n) if use[r] > budgets[r]):
+        for i in sorted(range(len(pieces)), key=lambda i: pieces[i].block_bytes):
+            step = pieces[i].block_bytes
+            for s in sorted(range(n), key=lambda s: use[s] - budgets[s]):
+                k = min(blocks[i][r], -(-(use[r] - budgets[r]) // step), (budgets[s] - use[s]) // step)
+                if s != r and k > 0:
+                    counts = list(blocks[i])
+                    counts[r], counts[s] = counts[r] - k, counts[s] + k
+                    yield r, blocks[:i] + (tuple(counts),) + blocks[i + 1:]
+
+
+def _improves(new: Sequence[int], use: Sequence[int], budgets: Sequence[int], r: int) -> bool:
+    # A move shifts the ranges of the ranks in between, which can swap one's partial last block for a full one; so
+    # every other rank must stay within its budget, or at least get no worse.
+    return new[r] < use[r] and all(v <= max(u, b) for v, u, b in zip(new, use, budgets))
+
+
+def plan_shards(
+    config: ModelConfig,
+    budgets: Sequence[tuple[str, int]],
+    *,
+    max_context: int,
+    max_batch: int,
+    dtype: str = "bfloat16",
+    mlp_block: int = 64,
+    vocab_block: int = 64,
+) -> ShardPlan:
+    """Split `config` over ranks with `budgets` = (device, bytes) per rank; raise PlanError if it cannot fit.
+
+    Every rank first pays the replicated overhead; what is left of each budget weighs the split. KV heads are split
+    first (a unit is one KV group: its query heads' q/o weights, its k/v weights and its cache share), then MLP
+    columns in blocks of `mlp_block`, then vocab rows in blocks of `vocab_block`, each in proportion to the left-over
+    memory. Rounding can leave a rank one block of each piece over its ideal share, which for KV groups may be more
+    than it has; such ranks hand blocks to ranks with headroom (see `_relieve`), KV groups first, so that the finer
+    MLP and vocab blocks can then fill the space the KV groups leave.
+    """
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"unsupported dtype {dtype!r}; choose one of {', '.join(DTYPE_BYTES)}")
+    for what, value in (("max_context", max_context), ("max_batch", max_batch), ("mlp_block", mlp_block),
+                        ("vocab_block", vocab_block), ("number of devices", len(budgets))):
+        if value < 1:
+            raise ValueError(f"{what} must be at least 1, got {value}")
+    names, caps = [name for name, _ in budgets], [cap for _, cap in budgets]
+    pieces = _pieces(config, max_context, max_batch, DTYPE_BYTES[dtype], mlp_block, vocab_block)
+    overhead = replicated_overhead_bytes(config, max_context=max_context, max_batch=max_batch, dtype=dtype)
+    room = [cap - overhead for cap in caps]
+    sharded = sum(p.size * p.item_bytes for p in pieces)
+    cache = pieces[0].size * pieces[0].cache_bytes
+    summary = (f"the model needs {format_bytes(sharded - cache)} of weights and {format_bytes(cache)} of KV cache "
+               f"(max_context={max_context}, max_batch={max_batch}, {dtype}), plus {format_bytes(overhead)} of norms "
+               f"and working buffers on every device")
+    if min(room) < 0 or sharded > sum(room):
+        # Each device's proportional share of what would be needed, so the message blames every short device.
+        usable = [max(x, 0) for x in room]
+        needs = [overhead + (-(-sharded * u // sum(usable)) if sum(usable) else -(-sharded // len(caps)))
+                 for u in usable]
+        raise _plan_error(f"does not fit: {summary}", names, caps, needs, pieces)
+    kv_piece, fine = pieces[0], pieces[1:]
+    kv_blocks = _relieve((kv_piece,), (tuple(_split(kv_piece, room)),), [overhead] * len(caps), caps)
+    with_kv = _usage((kv_piece,), kv_blocks, [overhead] * len(caps))
+    blocks = kv_blocks + _relieve(fine, tuple(tuple(_split(p, room)) for p in fine), with_kv, caps)
+    needs = _usage(pieces, blocks, [overhead] * len(caps))
+    if any(need > cap for need, cap in zip(needs, caps)):
+        raise _plan_error(f"does not fit in indivisible pieces, although the total would: {summary}",
+                          names, caps, needs, pieces)
+    kv, mlp, vocab = (p.ranges(b) for p, b in zip(pieces, blocks))
+    q = config.q_per_kv
+    return ShardPlan(
+        ranks=tuple(
+            RankShard(
+                rank=i, device=names[i], budget_bytes=caps[i], kv_heads=kv[i],
+                q_heads=range(kv[i].start * q, kv[i].stop * q), mlp_cols=mlp[i], vocab_rows=vocab[i],
+                weight_bytes=sum(len(r[i]) * p.weight_bytes for p, r in zip(pieces, (kv, mlp, vocab))),
+                kv_cache_bytes=len(kv[i]) * pieces[0].cache_bytes, overhead_bytes=overhead,
+            )
+            for i in range(len(caps))
+        ),
+        dtype=dtype, max_context=max_context, max_batch=max_batch, mlp_block=mlp_block, vocab_block=vocab_block,
+    )
+
+
+def _plan_error(reason: str, names: Sequence[str], caps: Sequence[int], needs: Sequence[int], pieces) -> PlanError:
+    lines = [f"{reason}:"]
+    for i, (name, cap, need) in enumerate(zip(names, caps, needs)):
+        short = f" (short {format_bytes(need - cap)})" if need > cap else ""
+        lines.append(f"  rank {i} {name}: needs {format_bytes(need)}, has {format_bytes(cap)}{short}")
+    kv, mlp, vocab = (format_bytes(p.block_bytes) for p in pieces)
+    lines.append(f"Indivisible pieces: one KV group {kv} (weights and cache), one MLP block {mlp}, one vocab block "
+                 f"{vocab}. Try more devices, more memory per device, a smaller --max-context or --max-batch, "
+                 f"or a lower --dtype.")
+    return PlanError("\n".join(lines))
