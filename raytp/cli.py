@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import os
+import socket
 import sys
 from contextlib import contextmanager
 
@@ -80,6 +81,30 @@ def build_parser() -> argparse.ArgumentParser:
     _runtime_args(p)
     _sampling_args(p)
     p.add_argument("--system", default=None, help="system prompt")
+
+    p = sub.add_parser("serve", help="serve an OpenAI-compatible API and a web chat on one port", **kw)
+    _model_args(p, max_batch=8)
+    _runtime_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for every interface "
+                   "(default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=7860, help="the API (/v1) and the web chat (/) (default: 7860)")
+    p.add_argument("--api-key", default=os.environ.get("RAYTP_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on the API and this password in the web chat "
+                        "(default: $RAYTP_API_KEY, else none)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a free batch slot; "
+                   "beyond them the API answers 429 (default: 64)")
+
+    p = sub.add_parser("bench", help="decode tokens/s, all-reduce latency and roofline fraction (table + JSON)", **kw)
+    _model_args(p, max_batch=0)
+    _runtime_args(p)
+    p.add_argument("--batch", default="1,8", help="comma-separated batch sizes (default: 1,8)")
+    p.add_argument("--prompt-len", type=int, default=128, help="random prompt tokens per request (default: 128)")
+    p.add_argument("--decode-tokens", type=int, default=64, help="tokens generated per request (default: 64)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per batch size; the median is kept (default: 3)")
+    p.add_argument("--allreduce-sizes", default="4096,8192,131072,2097152",
+                   help="all-reduce message sizes in elements (default: 4096,8192,131072,2097152)")
+    p.add_argument("--allreduce-iters", type=int, default=200, help="calls timed per size (default: 200)")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
     return parser
 
 
@@ -113,6 +138,18 @@ def cmd_plan(args) -> None:
     print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.format_table())
 
 
+def _check_reachable(address: str) -> None:
+    """Fail in seconds, not after Ray's minute of retries, when nothing listens at HOST:PORT."""
+    host, _, port = address.rpartition(":")
+    if "://" in address or not port.isdigit():
+        return  # ray://, "auto" and the like: let Ray resolve them
+    try:
+        socket.create_connection((host, int(port)), timeout=3).close()
+    except OSError as e:
+        raise UserError(f"cannot reach the Ray cluster at --address {address!r} ({e.strerror or e}); "
+                        "start one with `ray start --head` or omit --address to run locally") from None
+
+
 @contextmanager
 def ray_session(address: str | None, devices_spec: str):
     """Join `address`, or start a local Ray with enough CPU slots for every cpu rank."""
@@ -120,13 +157,15 @@ def ray_session(address: str | None, devices_spec: str):
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if address:
+        _check_reachable(address)
         try:
             ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise UserError(f"cannot reach the Ray cluster at --address {address!r}: {e}") from None
     else:
         cpu_ranks = sum(d.kind == "cpu" for d in parse_devices(devices_spec)) if not is_auto(devices_spec) else 1
-        ray.init(num_cpus=max(os.cpu_count() or 1, cpu_ranks), include_dashboard=False,
+        # address="local": always a fresh cluster of our own, never one another process left running
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, cpu_ranks), include_dashboard=False,
                  logging_level=logging.WARNING, log_to_driver=False)
     try:
         yield
@@ -224,7 +263,80 @@ def cmd_chat(args) -> None:
             print(f"\n[{stats['generated_tokens']} tokens, {stats['tokens_per_s']:.1f} tokens/s]", file=sys.stderr)
 
 
-COMMANDS = {"pull": cmd_pull, "plan": cmd_plan, "generate": cmd_generate, "chat": cmd_chat}
+def _int_list(text: str, what: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise UserError(f"{what} must be comma-separated positive integers, got {text!r}")
+    return values
+
+
+def cmd_bench(args) -> None:
+    from raytp.actors.group import GroupSettings
+    from raytp.bench import format_results, run_bench, write_results
+    from raytp.models import resolve_model
+    from raytp.source import model_config
+
+    batches = _int_list(args.batch, "--batch")
+    sizes = _int_list(args.allreduce_sizes, "--allreduce-sizes")
+    if not args.model.startswith("synthetic:"):
+        resolve_model(args.model)
+    with ray_session(args.address, args.devices):
+        settings = GroupSettings(model=args.model, devices=_devices(args.devices), dtype=args.dtype, comm=args.comm,
+                                 max_context=max(args.max_context, args.prompt_len + args.decode_tokens + 1),
+                                 max_batch=max(args.max_batch, *batches), progress=False)
+        res = run_bench(settings, model_config(args.model), batches=batches, prompt_len=args.prompt_len,
+                        decode_tokens=args.decode_tokens, repeats=args.repeats, allreduce_sizes=sizes,
+                        allreduce_iters=args.allreduce_iters)
+    if args.out:
+        write_results(res, args.out)
+    print(format_results(res))
+
+
+def _check_port(host: str, port: int) -> None:
+    """Fail in seconds, not after loading the model, when the port is taken."""
+    from raytp.server import listen_socket
+
+    if not 0 < port < 65536:
+        raise UserError(f"--port must be in 1..65535, got {port}")
+    try:
+        listen_socket(host, port).close()
+    except OSError as e:
+        raise UserError(f"cannot listen on {host}:{port} ({e.strerror}); is another server using port {port}? "
+                        f"Choose another with --port") from None
+
+
+def cmd_serve(args) -> None:
+    import signal
+    import threading
+
+    import ray
+
+    if args.max_queue < 0:
+        raise UserError(f"--max-queue must be >= 0, got {args.max_queue}")
+    _check_port(args.host, args.port)
+    stop = threading.Event()
+
+    def on_signal(*_):
+        if stop.is_set():  # a second Ctrl-C: stop waiting for the clean shutdown
+            raise KeyboardInterrupt
+        stop.set()
+
+    with ray_session(args.address, args.devices), running_driver(args) as (driver, info):
+        url = ray.get(driver.serve.remote(args.host, args.port, args.api_key, args.max_queue))
+        print(info["plan_table"], file=sys.stderr)
+        print(f"raytp: serving {args.model}: web chat {url} , OpenAI API {url}v1 ; Ctrl-C stops", file=sys.stderr)
+        print(url, flush=True)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, on_signal)
+        while not stop.wait(1.0):
+            pass
+        print("raytp: shutting down", file=sys.stderr)
+
+
+COMMANDS = {"pull": cmd_pull, "plan": cmd_plan, "generate": cmd_generate, "chat": cmd_chat, "bench": cmd_bench, "serve": cmd_serve}
 
 
 def _user_message(e: BaseException) -> str | None:

@@ -1,0 +1,164 @@
+"""The Ray runtime end to end on CPU: real actors, real shared memory, the real CLI.
+
+One Ray head (started here, 16 CPU slots so 12 ranks fit on a 2-core machine) serves every test.
+"""
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import ray
+import torch
+import transformers
+
+from raytp.actors.driver import DriverActor
+from raytp.actors.group import GroupSettings
+from raytp.devices import parse_devices
+from raytp.tokenizer import Tokenizer
+
+pytestmark = pytest.mark.slow
+PROMPT = "The capital of France is"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def raytp_segments() -> set[str]:
+    return {n for n in os.listdir("/dev/shm") if n.startswith("raytp-")}
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    port, dash = free_port(), free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    subprocess.run(["ray", "start", "--head", f"--port={port}", "--num-cpus=16", "--dashboard-host=127.0.0.1",
+                    f"--dashboard-port={dash}", "--disable-usage-stats"], check=True, env=env,
+                   capture_output=True)
+    address = f"127.0.0.1:{port}"
+    ray.init(address=address, logging_level="WARNING", log_to_driver=False)
+    yield {"address": address, "dashboard": f"http://127.0.0.1:{dash}"}
+    ray.shutdown()
+    subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def expected_greedy(smollm2_dir):
+    """transformers' greedy continuation of PROMPT: 32 tokens, or fewer if it stops at end-of-sequence."""
+    tokenizer = Tokenizer.from_dir(smollm2_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    ids = tokenizer.encode(PROMPT)
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False,
+                             eos_token_id=sorted(tokenizer.eos_token_ids))
+    return out[0, len(ids):].tolist()
+
+
+def raytp_cli(*args, env_extra=None, timeout=300):
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "raytp", *args], capture_output=True, text=True, env=env,
+                          timeout=timeout)
+
+
+@pytest.mark.parametrize("comm", ["hoststaged", "gloo"])
+@pytest.mark.parametrize("devices", ["cpu*1", "cpu@3GiB,cpu@2GiB,cpu@1GiB", "cpu*5", "cpu*12"])
+def test_generate_matches_transformers(ray_head, expected_greedy, devices, comm):
+    before = raytp_segments()
+    # RAYTP_CHECK_IDENTICAL makes every rank compare its bits after every all-reduce; a mismatch fails the run
+    r = raytp_cli("generate", "--model", "smollm2", "--devices", devices, "--comm", comm, "--prompt", PROMPT,
+                  "--temperature", "0", "--dtype", "float32", "--max-tokens", "32", "--json",
+                  "--address", ray_head["address"], env_extra={"RAYTP_CHECK_IDENTICAL": "1"})
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    assert result["token_ids"] == expected_greedy
+    assert result["generated_tokens"] == len(expected_greedy)
+    assert len(result["plan"]["ranks"]) == len(parse_devices(devices))
+    assert raytp_segments() <= before
+
+
+@pytest.fixture(scope="module")
+def driver(ray_head, smollm2_dir):
+    settings = GroupSettings(model="smollm2", devices=tuple(parse_devices("cpu@3GiB,cpu@2GiB,cpu@1GiB")),
+                             dtype="float32", max_batch=4, max_context=512, timeout_s=10, progress=False)
+    d = DriverActor.remote(settings)
+    ray.get(d.start.remote())
+    yield d
+    ray.get(d.shutdown.remote())
+
+
+def collect(driver, prompt, max_tokens):
+    *_, final = [ray.get(ref) for ref in driver.stream.remote(prompt=prompt, params={"max_tokens": max_tokens})]
+    return final
+
+
+def test_four_concurrent_requests_return_what_each_returns_alone(driver):
+    prompts = [PROMPT, "1, 2, 3, 4,", "Water boils at", "My favourite book is"]
+    alone = [collect(driver, p, 20 + 5 * i)["token_ids"] for i, p in enumerate(prompts)]
+
+    async def together():
+        async def one(p, n):
+            items = [await ref async for ref in driver.stream.remote(prompt=p, params={"max_tokens": n})]
+            return items[-1]["token_ids"]
+        return await asyncio.gather(*(one(p, 20 + 5 * i) for i, p in enumerate(prompts)))
+
+    assert asyncio.run(together()) == alone
+
+
+def test_killed_worker_fails_the_request_fast_then_the_group_recovers(driver):
+    before = raytp_segments()
+    victim = ray.get(driver.info.remote())["ranks"][1]["pid"]
+    stream = driver.stream.remote(prompt=PROMPT, params={"max_tokens": 400})
+    first = ray.get(next(stream))  # generation is under way
+    assert "text" in first
+    os.kill(victim, signal.SIGKILL)
+    t0 = time.monotonic()
+    with pytest.raises(Exception, match=r"rank 1 \(cpu@2GiB\) failed"):
+        for ref in stream:
+            ray.get(ref)
+    assert time.monotonic() - t0 < 10
+    # the driver rebuilds the group; the next request succeeds
+    assert collect(driver, PROMPT, 8)["generated_tokens"] == 8
+    assert raytp_segments() <= before
+
+
+def test_prompt_longer_than_the_context_is_refused(driver):
+    with pytest.raises(Exception, match=r"prompt has \d+ tokens but the context holds 512"):
+        collect(driver, "word " * 600, 4)
+
+
+def test_ray_job_submit_runs_generate(ray_head, expected_greedy, smollm2_dir):
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run(
+        ["ray", "job", "submit", "--address", ray_head["dashboard"], "--working-dir", repo, "--",
+         "python", "-m", "raytp", "generate", "--model", "smollm2", "--devices", "cpu*2", "--prompt", PROMPT,
+         "--temperature", "0", "--dtype", "float32", "--max-tokens", "32", "--json"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "RAY_AUTH_MODE": "disabled"}, cwd=repo)
+    assert r.returncode == 0, r.stdout + r.stderr
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith('{"text"'))
+    assert json.loads(line)["token_ids"] == expected_greedy
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--address", "127.0.0.1:1"], "cannot reach the Ray cluster"),
+    (["--devices", "cpu*64"], "asks for 64 cpu ranks, the Ray cluster has 16"),
+    (["--devices", "cpu@64MiB,cpu@32MiB"], r"needs .* has .*short"),
+    (["--devices", "gpu*2"], "unknown kind 'gpu'"),
+    (["--model", "/nonexistent/model"], "/nonexistent/model"),
+])
+def test_bad_input_is_one_clear_line(ray_head, args, message):
+    base = {"--devices": "cpu", "--address": ray_head["address"], "--model": "smollm2"}
+    for flag, value in zip(args[::2], args[1::2]):
+        base[flag] = value
+    flat = [x for kv in base.items() for x in kv]
+    r = raytp_cli("generate", "--prompt", "hi", "--dtype", "float32", *flat, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    assert __import__("re").search(message, r.stderr), r.stderr

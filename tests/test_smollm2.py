@@ -1,0 +1,60 @@
+"""The embedded SmolLM2 sharded unevenly vs transformers, on our converted weights and on the original GGUF."""
+
+import pytest
+import torch
+import transformers
+
+from raytp.sampling import SamplingParams
+from raytp.tokenizer import Tokenizer
+from tests.sharded import LocalGroup
+
+SPLITS = {1: [1.0], 2: [2.0, 1.0], 3: [3.0, 2.0, 1.0], 5: [5.0, 1.0, 3.0, 1.0, 2.0]}
+PROMPT = "The capital of France is"
+
+
+@pytest.fixture(scope="module")
+def reference(smollm2_dir):
+    return transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def gguf_reference(smollm2_gguf):
+    """transformers' own GGUF loader; weights rounded to bfloat16 as raytp stores them, nothing else shared."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name,
+                                                              dtype=torch.float32).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.to(torch.bfloat16).to(torch.float32))
+    return model
+
+
+@pytest.mark.parametrize("ranks", list(SPLITS))
+def test_logits_match_transformers_at_uneven_splits(smollm2_dir, reference, ranks):
+    ids = Tokenizer.from_dir(smollm2_dir).encode("Gravity bends light; 42 photons, café, naïve 🤖.")
+    tokens = torch.tensor([ids])
+    with torch.no_grad():
+        expected = reference(tokens).logits[:, -1]
+    got = LocalGroup(smollm2_dir, SPLITS[ranks]).logits(tokens)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=2e-4)
+
+
+@pytest.mark.parametrize("ranks", [1, 3])
+def test_greedy_32_tokens_match_transformers_gguf_loader(smollm2_dir, gguf_reference, ranks):
+    tokenizer = Tokenizer.from_dir(smollm2_dir)
+    prompt = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": "Name three colors."}]))
+    with torch.no_grad():
+        expected = gguf_reference.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False,
+                                           eos_token_id=sorted(tokenizer.eos_token_ids))[0, len(prompt):].tolist()
+    out = LocalGroup(smollm2_dir, SPLITS[ranks]).generate([prompt], SamplingParams(max_tokens=32),
+                                                          stop_ids=sorted(tokenizer.eos_token_ids))
+    assert out["r0"] == expected
+
+
+def test_batched_requests_each_match_alone(smollm2_dir):
+    """Requests of different lengths decoding in one batch give what each gives alone."""
+    tokenizer = Tokenizer.from_dir(smollm2_dir)
+    prompts = [tokenizer.encode(t) for t in (PROMPT, "1, 2, 3,", "Once upon a time, in a small village")]
+    group = LocalGroup(smollm2_dir, SPLITS[3])
+    together = group.generate(prompts, SamplingParams(max_tokens=12))
+    for i, p in enumerate(prompts):
+        assert group.generate([p], SamplingParams(max_tokens=12))["r0"] == together[f"r{i}"]
