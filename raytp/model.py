@@ -95,8 +95,11 @@ class ShardedLlama:
             x = torch.zeros((*tokens.shape, self.config.hidden_size), dtype=self.dtype, device=self.device)
         return self.comm.all_reduce(x)
 
-    def attention(self, i: int, x: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        """Partial o_proj output (batch, seq, hidden) of this rank's heads; zeros when it has none."""
+    def attention(self, i: int, x: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                  span: int | None = None) -> torch.Tensor:
+        """Partial o_proj output (batch, seq, hidden) of this rank's heads; zeros when it has none.
+
+        `span` = positions.max() + 1, passed in by `forward` so that a GPU syncs once per step, not per layer."""
         B, T, _ = x.shape
         if self.n_q == 0:
             return torch.zeros_like(x)
@@ -114,7 +117,7 @@ class ShardedLlama:
         slot_idx = slots.view(B, 1)
         self.k_cache[i][slot_idx, :, positions] = k.transpose(1, 2)
         self.v_cache[i][slot_idx, :, positions] = v.transpose(1, 2)
-        S = int(positions.max()) + 1  # keys beyond the furthest position are never visible
+        S = span or int(positions.max()) + 1  # keys beyond the furthest position are never visible
         keys = self.k_cache[i][slots, :, :S]  # (batch, kv_heads, S, head_dim)
         values = self.v_cache[i][slots, :, :S]
         visible = torch.arange(S, device=x.device).view(1, 1, S) <= positions.unsqueeze(-1)  # (batch, seq, S)
@@ -139,9 +142,10 @@ class ShardedLlama:
         """
         eps = self.config.rms_norm_eps
         x = self.embed(tokens)
+        span = int(positions.max()) + 1
         for i in range(self.config.num_layers):
             h = rms_norm(x, self.w[f"layers.{i}.attn_norm"], eps)
-            x = x + self.comm.all_reduce(self.attention(i, h, positions, slots))
+            x = x + self.comm.all_reduce(self.attention(i, h, positions, slots, span))
             h = rms_norm(x, self.w[f"layers.{i}.mlp_norm"], eps)
             x = x + self.comm.all_reduce(self.mlp(i, h))
         rows = torch.arange(x.shape[0], device=x.device)

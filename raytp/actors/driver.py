@@ -23,6 +23,7 @@ from raytp.engine import Request
 from raytp.models import resolve_model
 from raytp.sampling import SamplingParams
 from raytp.source import model_config
+from raytp.synthetic import is_synthetic
 from raytp.tokenizer import StreamDecoder, Tokenizer
 
 log = logging.getLogger("raytp")
@@ -32,17 +33,27 @@ class RequestError(ValueError):
     """Bad input in a request: the message names the value and the limit."""
 
 
+class BusyError(RuntimeError):
+    """Every cache slot is taken and the waiting line is full: the caller should retry later (HTTP 429)."""
+
+
+MAX_QUEUE = 64  # streams that may wait for a cache slot beyond the max_batch running ones; `serve` sets it
+
+
 class Driver:
     def __init__(self, settings: GroupSettings):
         self.settings = settings
         self.config = model_config(settings.model)
-        self.tokenizer = Tokenizer.from_dir(resolve_model(settings.model))
+        # synthetic models have no tokenizer: their requests pass token ids (`prompt_ids`) and stream no text
+        self.tokenizer = None if is_synthetic(settings.model) else Tokenizer.from_dir(resolve_model(settings.model))
         self.group: WorkerGroup | None = None
         self.streams: dict[str, asyncio.Queue] = {}
         self.ready = asyncio.Event()
         self.failure: str | None = None
         self._tasks: list[asyncio.Task] = []
         self._closing = False
+        self.max_queue = MAX_QUEUE
+        self._http = None  # the HTTP server `serve` runs in this actor's event loop
 
     # ---- group lifecycle ---------------------------------------------------------------------------------
 
@@ -96,6 +107,9 @@ class Driver:
 
     async def shutdown(self) -> None:
         self._closing = True
+        if self._http is not None:
+            await self._http.stop()
+            self._http = None
         for t in self._tasks:
             t.cancel()
         if self.group is not None:
@@ -112,11 +126,19 @@ class Driver:
 
     # ---- requests ------------------------------------------------------------------------------------------
 
-    def prompt_ids(self, prompt: str | None = None, messages: list[dict] | None = None) -> list[int]:
-        if (prompt is None) == (messages is None):
-            raise RequestError("give exactly one of prompt or messages")
-        text = self.tokenizer.apply_chat_template(messages) if messages is not None else prompt
-        ids = self.tokenizer.encode(text)
+    def prompt_ids(self, prompt: str | None = None, messages: list[dict] | None = None,
+                   token_ids: list[int] | None = None) -> list[int]:
+        if sum(x is not None for x in (prompt, messages, token_ids)) != 1:
+            raise RequestError("give exactly one of prompt, messages or prompt_ids")
+        if token_ids is not None:
+            ids = [int(t) for t in token_ids]
+            if any(not 0 <= t < self.config.vocab_size for t in ids):
+                raise RequestError(f"prompt_ids must lie in [0, {self.config.vocab_size}) (the vocabulary)")
+        elif self.tokenizer is None:
+            raise RequestError(f"{self.settings.model} has no tokenizer: pass prompt_ids instead of text")
+        else:
+            text = self.tokenizer.apply_chat_template(messages) if messages is not None else prompt
+            ids = self.tokenizer.encode(text)
         if not ids:
             raise RequestError("the prompt is empty")
         if len(ids) >= self.settings.max_context:
@@ -124,27 +146,34 @@ class Driver:
                                f"(--max-context); shorten the prompt or raise --max-context")
         return ids
 
-    async def stream(self, prompt: str | None = None, messages: list[dict] | None = None, params: dict | None = None):
-        """Yield {"text", "token_ids"} pieces as tokens arrive, then one final {"finish", stats...} item."""
+    async def stream(self, prompt: str | None = None, messages: list[dict] | None = None, params: dict | None = None,
+                     prompt_ids: list[int] | None = None, ignore_eos: bool = False):
+        """Yield {"text", "token_ids"} pieces as tokens arrive, then one final {"finish", stats...} item.
+
+        Without a tokenizer (synthetic models) the text pieces are empty and only token ids stream."""
         try:
             sampling = SamplingParams(**(params or {}))
         except (TypeError, ValueError) as e:
             raise RequestError(str(e)) from None
-        ids = self.prompt_ids(prompt, messages)
+        ids = self.prompt_ids(prompt, messages, prompt_ids)
         room = self.settings.max_context - len(ids)
         if sampling.max_tokens > room:
             sampling = SamplingParams(**{**asdict(sampling), "max_tokens": room})
-        await self.ready.wait()
+        if len(self.streams) >= self.settings.max_batch + self.max_queue:  # admitted: running or waiting for a slot
+            raise BusyError(f"the server is busy: {len(self.streams)} requests are running or waiting "
+                            f"(--max-batch {self.settings.max_batch} + --max-queue {self.max_queue}); retry shortly")
         rid = uuid.uuid4().hex
         queue: asyncio.Queue = asyncio.Queue()
         self.streams[rid] = queue
-        decoder = StreamDecoder(self.tokenizer)
+        decoder = StreamDecoder(self.tokenizer) if self.tokenizer is not None else None
+        eos = self.tokenizer.eos_token_ids if self.tokenizer is not None else self.config.eos_token_ids
         start = time.perf_counter()
         first = None
         generated: list[int] = []
         finish = None
         try:
-            request = Request(rid, ids, sampling, sorted(self.tokenizer.eos_token_ids))
+            await self.ready.wait()  # inside the bound, so requests waiting out a rebuild count as admitted too
+            request = Request(rid, ids, sampling, [] if ignore_eos else sorted(eos))
             await self.group.leader.submit.remote(("add", asdict(request)))
             while finish is None:
                 e = await queue.get()
@@ -155,9 +184,9 @@ class Driver:
                 if e["token_id"] is not None:
                     first = first or time.perf_counter()
                     generated.append(e["token_id"])
-                    if finish != "stop":  # the stop token itself is not part of the answer
+                    if finish != "stop" and decoder:  # the stop token itself is not part of the answer
                         text = decoder.feed(e["token_id"])
-                if finish is not None:
+                if finish is not None and decoder:
                     text += decoder.flush()
                 if text or finish is None:
                     yield {"text": text, "token_id": e["token_id"]}
@@ -172,6 +201,23 @@ class Driver:
             "ttft_s": (first or start) - start, "elapsed_s": elapsed,
             "tokens_per_s": (len(generated) - 1) / decode_s if len(generated) > 1 and decode_s > 0 else 0.0,
         }
+
+
+    # ---- HTTP ----------------------------------------------------------------------------------------------
+
+    async def serve(self, host: str = "127.0.0.1", port: int = 7860, api_key: str | None = None,
+                    max_queue: int = MAX_QUEUE) -> str:
+        """Serve the OpenAI-compatible API (/v1) and the web chat (/) on one port; returns the URL once listening.
+
+        The HTTP server runs in this actor's own event loop, so its handlers call `stream` directly: tokens go
+        from the leader's event batches to the HTTP responses without a Ray call per token."""
+        from raytp.server import HTTPServer
+
+        if self._http is not None:
+            raise RuntimeError(f"already serving at {self._http.url}")
+        self.max_queue = max_queue
+        self._http = await HTTPServer.start(self, host, port, api_key)
+        return self._http.url
 
 
 def _first_line(e: BaseException) -> str:

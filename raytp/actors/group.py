@@ -78,7 +78,8 @@ class WorkerGroup:
     def build(self) -> None:
         s = self.settings
         self._check_resources()
-        bundles = [{"GPU": 1} if d.kind == "cuda" else {"CPU": 1} for d in s.devices]
+        gpu = self._gpu_share()
+        bundles = [{"GPU": gpu} if d.kind == "cuda" else {"CPU": 1} for d in s.devices]
         self.pg = placement_group(bundles, strategy="PACK")
         try:
             ray.get(self.pg.ready(), timeout=60)
@@ -88,7 +89,7 @@ class WorkerGroup:
         env = {**RANK_ENV, **{k: v for k, v in os.environ.items() if k.startswith("RAYTP_")}}
         self.workers = [
             WorkerActor.options(
-                num_gpus=1 if d.kind == "cuda" else 0, num_cpus=0 if d.kind == "cuda" else 1,
+                num_gpus=gpu if d.kind == "cuda" else 0, num_cpus=0 if d.kind == "cuda" else 1,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
                 runtime_env={"env_vars": env},
             ).remote(i, d, n_cpu)
@@ -101,9 +102,24 @@ class WorkerGroup:
         ray.get([w.load.remote(s.model, self.config, self.plan, s.progress) for w in self.workers])
         self.run_refs = [w.run.remote() for w in self.workers]
 
+    def _gpu_share(self) -> float:
+        """1 GPU per cuda rank; with more cuda ranks than GPUs, 1/k of one so that k ranks pack on each GPU.
+
+        Packed ranks are time-sliced on their GPU: for correctness tests at many ranks, never for speed (and NCCL
+        refuses two ranks on one GPU: use --comm hoststaged)."""
+        n = sum(d.kind == "cuda" for d in self.settings.devices)
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        if n <= gpus or gpus == 0:
+            return 1
+        k = -(-n // gpus)
+        log.warning("%d cuda ranks on %d GPUs: packing %d ranks per GPU (correct but slow)", n, gpus, k)
+        return 1 / k
+
     def _check_resources(self) -> None:
         want = Counter("GPU" if d.kind == "cuda" else "CPU" for d in self.settings.devices)
         have = ray.cluster_resources()
+        if have.get("GPU", 0) >= 1:  # extra cuda ranks share GPUs (see _gpu_share)
+            want["GPU"] = min(want["GPU"], int(have["GPU"]))
         for kind, n in want.items():
             if n > have.get(kind, 0):
                 raise ClusterError(f"--devices asks for {n} {'cuda' if kind == 'GPU' else 'cpu'} ranks, the Ray "

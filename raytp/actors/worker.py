@@ -12,6 +12,7 @@ import os
 import platform
 import queue
 import socket
+import time
 from dataclasses import asdict
 
 import psutil
@@ -104,12 +105,17 @@ class Worker:
 
     def run(self) -> None:
         try:
-            self.engine.run(lambda evs: [self.events.put(e) for e in evs])
+            self.engine.run(self._emit)
         except CommError:
             self._abort()
             raise
         finally:
             self.close()
+
+    def _emit(self, events: list[TokenEvent]) -> None:
+        now = time.perf_counter()  # one stamp per step, so benchmarks time steps without Ray's latency
+        for e in events:
+            self.events.put((now, e))
 
     def _abort(self) -> None:
         abort = getattr(self.comm, "abort", None)
@@ -132,7 +138,46 @@ class Worker:
                 out.append(self.events.get_nowait())
         except queue.Empty:
             pass
-        return [asdict(e) for e in out]
+        return [asdict(e) | {"t": t} for t, e in out]
+
+    # ---- benchmarks (call between open_comm and run: the token loop owns the communicator) -------------------
+
+    def bench_allreduce(self, sizes: list[int], iters: int, dtype: str = "bfloat16") -> dict[int, float]:
+        """Mean microseconds of one `comm.all_reduce` of each size (elements) on this rank's device.
+
+        Every rank runs the same calls in lock-step; a barrier-like warm-up precedes each size."""
+        out = {}
+        for n in sizes:
+            t = torch.ones(n, dtype=getattr(torch, dtype), device=self.device)
+            for _ in range(max(3, iters // 10)):
+                self.comm.all_reduce(t.fill_(1))
+            self._sync()
+            start = time.perf_counter()
+            for _ in range(iters):
+                self.comm.all_reduce(t)
+            self._sync()
+            out[n] = (time.perf_counter() - start) / iters * 1e6
+        return out
+
+    def bench_bandwidth(self, nbytes: int = 1 << 31, iters: int = 10) -> float:
+        """Device memory bandwidth in bytes/s from a large copy, counting bytes read and written."""
+        src = torch.empty(nbytes // 2, dtype=torch.uint8, device=self.device).fill_(1)
+        dst = torch.empty_like(src)
+        dst.copy_(src)
+        self._sync()
+        start = time.perf_counter()
+        for _ in range(iters):
+            dst.copy_(src)
+        self._sync()
+        elapsed = time.perf_counter() - start
+        del src, dst
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return 2 * (nbytes // 2) * iters / elapsed
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def close(self) -> None:
         if self.comm is not None:

@@ -1,0 +1,106 @@
+"""Synthetic models: every split draws the same weights, and the real Llama 3.1 shapes plan sensibly."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from raytp.comm import InProcessGroup
+from raytp.devices import parse_devices
+from raytp.model import ShardedLlama
+from raytp.plan import PlanError, plan_shards
+from raytp.source import load_weights, model_config
+from raytp.synthetic import CONFIGS, synthetic_config, synthetic_weights
+
+GiB = 1 << 30
+MIXED = "cuda:0@24GiB,cuda:1@24GiB,cuda:2@48GiB,cuda:3@80GiB"
+
+
+def _plan(config, weights, **kw):
+    return plan_shards(config, [(f"cpu{r}", int(w * GiB)) for r, w in enumerate(weights)],
+                       max_context=64, max_batch=2, dtype="float32", **kw)
+
+
+def _logits(model: str, weights: list[float], tokens: torch.Tensor) -> torch.Tensor:
+    config = model_config(model)
+    plan = _plan(config, weights)
+    group = InProcessGroup(len(weights))
+    out: list = [None] * len(weights)
+
+    def rank(r):
+        w = load_weights(model, config, plan.ranks[r], dtype=torch.float32, device=torch.device("cpu"))
+        lm = ShardedLlama(config, plan.ranks[r], group.communicator(r), w, max_batch=2, max_context=64)
+        B, T = tokens.shape
+        out[r] = lm.forward(tokens, torch.arange(T).repeat(B, 1), torch.arange(B))
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(len(weights))]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    return torch.cat(out, dim=-1)
+
+
+def test_named_configs_have_the_published_shapes():
+    c = synthetic_config("synthetic:llama-3.1-70b")
+    assert (c.hidden_size, c.intermediate_size, c.num_layers, c.num_heads, c.num_kv_heads, c.vocab_size) == \
+        (8192, 28672, 80, 64, 8, 128256)
+    assert c.rope_scaling["rope_type"] == "llama3" and c.rope_theta == 500000.0
+    assert 7.9e9 < synthetic_config("synthetic:llama-3.1-8b").param_count() < 8.1e9
+    assert 70e9 < c.param_count() < 71e9
+    assert 405e9 < synthetic_config("synthetic:llama-3.1-405b").param_count() < 406.5e9
+
+
+def test_config_from_a_path(tmp_path):
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps(CONFIGS["tiny"] | {"num_hidden_layers": 2}))
+    assert synthetic_config(f"synthetic:{tmp_path / 'config.json'}").num_layers == 2
+    with pytest.raises(ValueError, match="unknown synthetic model"):
+        synthetic_config("synthetic:nope")
+
+
+@pytest.mark.parametrize("weights", [[1.0, 1.0], [1.0, 2.0, 3.0], [3.0, 1.0, 1.0, 1.0, 2.0]])
+def test_shards_concatenate_to_the_one_rank_weights(weights):
+    config = synthetic_config("synthetic:tiny")
+    full = synthetic_weights(config, _plan(config, [1.0]).ranks[0], dtype=torch.float32)
+    shards = [synthetic_weights(config, s, dtype=torch.float32) for s in _plan(config, weights, mlp_block=32).ranks]
+    for name, dim in [("embed", 0), ("lm_head", 0), ("layers.1.wo", 1), ("layers.1.w_down", 1)]:
+        assert torch.equal(torch.cat([s[name] for s in shards], dim=dim), full[name]), name
+    I = config.intermediate_size
+    gate_up = [s["layers.2.w_gate_up"].chunk(2) for s in shards]
+    assert torch.equal(torch.cat([g for g, _ in gate_up]), full["layers.2.w_gate_up"][:I])
+    assert torch.equal(torch.cat([u for _, u in gate_up]), full["layers.2.w_gate_up"][I:])
+    assert torch.equal(shards[-1]["layers.0.attn_norm"], full["layers.0.attn_norm"])
+
+
+@pytest.mark.parametrize("weights", [[1.0, 1.0], [1.0, 2.0, 3.0]])
+def test_tiny_logits_match_one_rank(weights):
+    tokens = torch.tensor([[1, 17, 999, 512, 3], [42, 0, 7, 640, 64]])
+    reference = _logits("synthetic:tiny", [1.0], tokens)
+    assert reference.shape == (2, 1000) and reference.std() > 0.1  # not degenerate
+    torch.testing.assert_close(_logits("synthetic:tiny", weights, tokens), reference, rtol=1e-4, atol=1e-4)
+
+
+def _mixed_plan(name: str, dtype: str):
+    devices = parse_devices(MIXED)
+    return plan_shards(synthetic_config(f"synthetic:{name}"), [(str(d), d.mem_bytes) for d in devices],
+                       max_context=4096, max_batch=8, dtype=dtype)
+
+
+def test_8b_and_70b_fit_mixed_gpus_in_proportion():
+    for name in ("llama-3.1-8b", "llama-3.1-70b"):
+        plan = _mixed_plan(name, "bfloat16")
+        assert all(r.headroom_bytes >= 0 for r in plan.ranks)
+        # the 80 GiB card carries the most, the 24 GiB cards the least
+        assert plan.ranks[3].weight_bytes > plan.ranks[2].weight_bytes > plan.ranks[0].weight_bytes
+        assert sum(len(r.kv_heads) for r in plan.ranks) == 8
+
+
+def test_405b_does_not_fit_and_names_every_device():
+    with pytest.raises(PlanError) as e:
+        _mixed_plan("llama-3.1-405b", "bfloat16")
+    message = str(e.value)
+    for i, dev in enumerate(MIXED.split(",")):
+        assert f"rank {i} {dev}: needs" in message
+    assert "short" in message and "KV group" in message
