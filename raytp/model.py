@@ -95,11 +95,18 @@ class ShardedLlama:
             x = torch.zeros((*tokens.shape, self.config.hidden_size), dtype=self.dtype, device=self.device)
         return self.comm.all_reduce(x)
 
-    def attention(self, i: int, x: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-                  span: int | None = None) -> torch.Tensor:
-        """Partial o_proj output (batch, seq, hidden) of this rank's heads; zeros when it has none.
+    def step_inputs(self, positions: torch.Tensor, dtype: torch.dtype) -> dict:
+        """What every layer's attention shares in one step, computed once (not once per layer): RoPE
+        cos/sin at each position, the span of keys to read and which of them each query may see."""
+        span = int(positions.max()) + 1  # keys beyond the furthest position are never visible (one GPU sync)
+        visible = torch.arange(span, device=positions.device).view(1, 1, span) <= positions.unsqueeze(-1)
+        return {"cos": self.cos[positions].unsqueeze(1).to(dtype),  # (batch, 1, seq, head_dim)
+                "sin": self.sin[positions].unsqueeze(1).to(dtype),
+                "span": span, "visible": visible.unsqueeze(1)}  # (batch, 1, seq, span)
 
-        `span` = positions.max() + 1, passed in by `forward` so that a GPU syncs once per step, not per layer."""
+    def attention(self, i: int, x: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                  step: dict) -> torch.Tensor:
+        """Partial o_proj output (batch, seq, hidden) of this rank's heads; zeros when it has none."""
         B, T, _ = x.shape
         if self.n_q == 0:
             return torch.zeros_like(x)
@@ -109,19 +116,16 @@ class ShardedLlama:
         q = q.view(B, T, self.n_q, D).transpose(1, 2)  # (batch, q_heads, seq, head_dim)
         k = k.view(B, T, self.n_kv, D).transpose(1, 2)  # (batch, kv_heads, seq, head_dim)
         v = v.view(B, T, self.n_kv, D).transpose(1, 2)
-        cos = self.cos[positions].unsqueeze(1).to(x.dtype)  # (batch, 1, seq, head_dim)
-        sin = self.sin[positions].unsqueeze(1).to(x.dtype)
+        cos, sin = step["cos"], step["sin"]
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         # write this step's keys/values at each sequence's own positions
         slot_idx = slots.view(B, 1)
         self.k_cache[i][slot_idx, :, positions] = k.transpose(1, 2)
         self.v_cache[i][slot_idx, :, positions] = v.transpose(1, 2)
-        S = span or int(positions.max()) + 1  # keys beyond the furthest position are never visible
-        keys = self.k_cache[i][slots, :, :S]  # (batch, kv_heads, S, head_dim)
-        values = self.v_cache[i][slots, :, :S]
-        visible = torch.arange(S, device=x.device).view(1, 1, S) <= positions.unsqueeze(-1)  # (batch, seq, S)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible.unsqueeze(1),
+        keys = self.k_cache[i][slots, :, : step["span"]]  # (batch, kv_heads, span, head_dim)
+        values = self.v_cache[i][slots, :, : step["span"]]
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=step["visible"],
                                              enable_gqa=self.n_q != self.n_kv)
         out = out.transpose(1, 2).reshape(B, T, self.n_q * D)
         return F.linear(out, self.w[f"layers.{i}.wo"])
@@ -142,10 +146,10 @@ class ShardedLlama:
         """
         eps = self.config.rms_norm_eps
         x = self.embed(tokens)
-        span = int(positions.max()) + 1
+        step = self.step_inputs(positions, x.dtype)
         for i in range(self.config.num_layers):
             h = rms_norm(x, self.w[f"layers.{i}.attn_norm"], eps)
-            x = x + self.comm.all_reduce(self.attention(i, h, positions, slots, span))
+            x = x + self.comm.all_reduce(self.attention(i, h, positions, slots, step))
             h = rms_norm(x, self.w[f"layers.{i}.mlp_norm"], eps)
             x = x + self.comm.all_reduce(self.mlp(i, h))
         rows = torch.arange(x.shape[0], device=x.device)
