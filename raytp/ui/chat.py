@@ -1,0 +1,185 @@
+"""The web chat: streamed answers with a stats line, sampling controls, and a Cluster panel showing the split.
+
+`build_ui(driver)` takes the plain `Driver` object and runs in the driver actor's event loop (mounted next to the
+OpenAI API by raytp.server), so a chat turn iterates `driver.stream` directly, like an API request does, and
+joins the same continuous batch. Stopping a turn cancels the Gradio task, which closes the stream and frees the
+request's cache slot.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+import gradio as gr
+import pandas as pd
+
+from raytp.actors.driver import BusyError, RequestError
+from raytp.devices import format_bytes
+
+TABLE_HEADERS = ["rank", "device", "device name (node)", "memory budget", "used (weights + KV cache)",
+                 "query heads", "KV heads", "MLP columns", "vocab rows", "backend"]
+# the sharded dimensions, as ShardPlan.to_dict names them, and how the panel labels them
+DIMENSIONS = {"q_head": "query heads", "kv_head": "KV heads", "mlp_col": "MLP columns", "vocab_row": "vocab rows"}
+
+
+# ---- the Cluster panel -------------------------------------------------------------------------------------
+
+def _span(rank: dict, key: str) -> str:
+    start, stop = rank[f"{key}_range"]
+    return f"{stop - start} [{start}:{stop}]" if stop > start else "0"
+
+
+def _label(rank: dict) -> str:
+    return f"rank {rank['rank']} · {rank['device']}"
+
+
+def cluster_table(info: dict) -> pd.DataFrame:
+    """One row per rank: the device behind it, its memory, and the slice of every sharded dimension it holds."""
+    rows = []
+    for shard, described in zip(info["plan"]["ranks"], info["ranks"]):
+        rows.append([
+            shard["rank"], shard["device"], f"{described.get('device_name', '')} ({described.get('ip', '?')})",
+            format_bytes(shard["budget_bytes"]),
+            f"{format_bytes(shard['weight_bytes'] + shard['kv_cache_bytes'])} ({format_bytes(shard['weight_bytes'])}"
+            f" + {format_bytes(shard['kv_cache_bytes'])})",
+            *(_span(shard, key) for key in DIMENSIONS), info["backend"],
+        ])
+    return pd.DataFrame(rows, columns=TABLE_HEADERS)
+
+
+def shard_widths(info: dict) -> pd.DataFrame:
+    """Each rank's share (%) of every sharded dimension: the bars show at a glance how the model was split."""
+    ranks = info["plan"]["ranks"]
+    rows = []
+    for key, name in DIMENSIONS.items():
+        total = sum(r[f"{key}s"] for r in ranks) or 1
+        rows += [{"dimension": name, "share (%)": round(100 * r[f"{key}s"] / total, 1), "rank": _label(r)}
+                 for r in ranks]
+    return pd.DataFrame(rows)
+
+
+def memory_use(info: dict) -> pd.DataFrame:
+    """Each rank's budget (GiB) as weights, KV cache, replicated buffers and headroom (listed top of the stack first:
+    the chart stacks the first part on top)."""
+    parts = {"headroom": "headroom_bytes", "buffers": "overhead_bytes", "KV cache": "kv_cache_bytes",
+             "weights": "weight_bytes"}
+    return pd.DataFrame([{"rank": _label(r), "GiB": round(max(r[key], 0) / 2**30, 3), "part": part}
+                         for r in info["plan"]["ranks"] for part, key in parts.items()])
+
+
+def cluster_summary(info: dict) -> str:
+    return (f"**{info['model']}** on {len(info['ranks'])} ranks · all-reduce **{info['backend']}** · "
+            f"{info['dtype']} · context {info['max_context']} tokens · batch of {info['max_batch']} sequences, "
+            f"which requests join and leave between decode steps")
+
+
+# ---- chat --------------------------------------------------------------------------------------------------
+
+def stats_line(final: dict) -> str:
+    line = (f"{final['tokens_per_s']:.1f} tokens/s · first token {final['ttft_s'] * 1000:.0f} ms · "
+            f"{final['generated_tokens']} tokens")
+    return line + (" · hit max tokens" if final["finish"] == "length" else "")
+
+
+def _display(turns: list[dict]) -> list[dict]:
+    """The chatbot's messages: each answer with its stats line below it."""
+    shown = []
+    for t in turns:
+        content = t["content"]
+        if t.get("stats"):
+            if content.count("```") % 2:  # an answer cut inside a code block: close it so the stats show
+                content += "\n```"
+            content += f"\n\n*{t['stats']}*"
+        shown.append({"role": t["role"], "content": content})
+    return shown
+
+
+def build_ui(driver) -> gr.Blocks:
+    """The chat and Cluster panel over `driver`, a plain Driver running in the same event loop."""
+    max_new = max(1, driver.settings.max_context - 1)
+
+    def add_user(text: str, turns: list[dict]):
+        if not text.strip():
+            return text, turns, _display(turns)
+        turns = turns + [{"role": "user", "content": text}]
+        return "", turns, _display(turns)
+
+    def drop_answer(turns: list[dict]):
+        if turns and turns[-1]["role"] == "assistant":
+            turns = turns[:-1]
+        return turns, _display(turns)
+
+    async def respond(turns: list[dict], system: str, temperature: float, top_p: float, max_tokens: float, seed):
+        if not turns or turns[-1]["role"] != "user":
+            return
+        messages = ([{"role": "system", "content": system}] if system.strip() else []) + \
+            [{"role": t["role"], "content": t["content"]} for t in turns]
+        params = {"temperature": float(temperature), "top_p": float(top_p), "max_tokens": int(max_tokens),
+                  "seed": int(seed) if seed is not None and seed >= 0 else secrets.randbits(31)}
+        answer = {"role": "assistant", "content": "", "stats": ""}
+        try:
+            async for item in driver.stream(messages=messages, params=params):
+                if "finish" in item:
+                    answer["stats"] = stats_line(item)
+                else:
+                    answer["content"] += item["text"]
+                done = turns + [dict(answer)]
+                yield _display(done), done, ""
+        except BusyError as e:
+            gr.Warning(str(e))
+            yield _display(turns), turns, f"**busy**: {e}"
+        except (RequestError, RuntimeError) as e:
+            gr.Warning(str(e))
+            yield _display(turns), turns, f"**error**: {e}"
+
+    def cluster_view():
+        info = driver.info()
+        return cluster_summary(info), cluster_table(info), shard_widths(info), memory_use(info)
+
+    model = driver.settings.model
+    with gr.Blocks(title=f"raytp · {model}", analytics_enabled=False, fill_width=True) as demo:
+        turns = gr.State([])
+        gr.Markdown(f"## raytp · {model}\nTensor-parallel inference, one Ray actor per device. The same server "
+                    f"answers the OpenAI API at `/v1`.")
+        with gr.Row():
+            with gr.Column(scale=3):
+                chatbot = gr.Chatbot(label="Chat", height=420, elem_id="raytp-chat", buttons=["copy"])
+                with gr.Row():
+                    box = gr.Textbox(placeholder="Ask something and press Enter", show_label=False, scale=6,
+                                     elem_id="raytp-input", autofocus=True)
+                    send = gr.Button("Send", variant="primary", scale=1, min_width=80, elem_id="raytp-send")
+                    stop = gr.Button("Stop", variant="stop", scale=1, min_width=80, elem_id="raytp-stop")
+                with gr.Row():
+                    regenerate = gr.Button("Regenerate", size="sm", elem_id="raytp-regenerate")
+                    clear = gr.Button("Clear", size="sm", elem_id="raytp-clear")
+                status = gr.Markdown(elem_id="raytp-status")
+            with gr.Column(scale=2):
+                system = gr.Textbox(label="System prompt", lines=3, placeholder="You are a helpful assistant.",
+                                    elem_id="raytp-system")
+                temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="Temperature (0 = greedy)",
+                                        elem_id="raytp-temperature")
+                top_p = gr.Slider(0.05, 1, value=1.0, step=0.05, label="Top-p", elem_id="raytp-top-p")
+                max_tokens = gr.Slider(1, max_new, value=min(256, max_new), step=1, label="Max tokens",
+                                       elem_id="raytp-max-tokens")
+                seed = gr.Number(value=-1, precision=0, label="Seed (-1: a new one each turn)", elem_id="raytp-seed")
+        with gr.Accordion("Cluster", open=True, elem_id="raytp-cluster"):
+            summary = gr.Markdown()
+            table = gr.Dataframe(headers=TABLE_HEADERS, interactive=False, wrap=True, elem_id="raytp-cluster-table",
+                                 column_widths=["5%", "9%", "13%", "8%", "20%", "7%", "7%", "10%", "12%", "9%"])
+            with gr.Row():
+                widths = gr.BarPlot(x="dimension", y="share (%)", color="rank", height=300, sort=None,
+                                    title="Shard widths: each rank's share of every dimension",
+                                    elem_id="raytp-widths")
+                memory = gr.BarPlot(x="rank", y="GiB", color="part", height=300, sort=None,
+                                    title="Memory budget per rank", elem_id="raytp-memory")
+        sampling = [system, temperature, top_p, max_tokens, seed]
+        running = []
+        for trigger in (box.submit, send.click):
+            running.append(trigger(add_user, [box, turns], [box, turns, chatbot], queue=False).then(
+                respond, [turns, *sampling], [chatbot, turns, status], concurrency_limit=None))
+        running.append(regenerate.click(drop_answer, [turns], [turns, chatbot], queue=False).then(
+            respond, [turns, *sampling], [chatbot, turns, status], concurrency_limit=None))
+        stop.click(None, cancels=running)
+        clear.click(lambda: ([], [], ""), outputs=[turns, chatbot, status], cancels=running, queue=False)
+        demo.load(cluster_view, outputs=[summary, table, widths, memory])
+    return demo

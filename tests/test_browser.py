@@ -1,0 +1,185 @@
+"""The web chat. In a real browser (Debian's chromium driven by Playwright, against one real `raytp serve`): send a
+question, watch the answer stream in and its stats line appear, stop a second answer, check that the Cluster panel
+lists every rank, and save docs/screenshot.png. Without a browser: the busy and error paths, and the panel's data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import types
+import time
+from pathlib import Path
+
+import pytest
+
+from raytp.actors.driver import BusyError, RequestError
+from raytp.plan import plan_shards
+from raytp.source import model_config
+from raytp.ui.chat import TABLE_HEADERS, build_ui, cluster_table, memory_use, shard_widths
+from tests.test_serve import DEVICES, running_server
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "screenshot.png"
+STATS = re.compile(r"[\d.]+ tokens/s · first token \d+ ms · \d+ tokens")
+BOT = "#raytp-chat [data-testid='bot']"
+
+
+# ---- no browser --------------------------------------------------------------------------------------------
+
+class RefusingDriver:
+    """Stands in for the Driver: every request fails the way `error` says."""
+
+    settings = types.SimpleNamespace(model="smollm2", max_context=64)
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+    async def stream(self, **request):
+        raise self.error
+        yield
+
+
+async def _outputs(gen) -> list:
+    return [out async for out in gen]
+
+
+@pytest.mark.parametrize("error, shown", [(BusyError("the server is busy: 8 requests are running"), "**busy**"),
+                                          (RequestError("the prompt has 99 tokens"), "**error**")])
+def test_chat_says_busy_or_why_it_failed(error, shown):
+    demo = build_ui(RefusingDriver(error))
+    respond = next(f.fn for f in demo.fns.values() if f.name == "respond")
+    turns = [{"role": "user", "content": "hi"}]
+    with pytest.warns(UserWarning, match=str(error)):  # outside a page, gr.Warning is a Python warning
+        outputs = asyncio.run(_outputs(respond(turns, "", 0.0, 1.0, 8, -1)))
+    chatbot, kept, status = outputs[-1]
+    assert status.startswith(shown) and str(error) in status
+    assert kept == turns and chatbot == turns  # no empty answer left behind
+
+
+def test_cluster_panel_data(smollm2_dir):
+    config = model_config("smollm2")
+    plan = plan_shards(config, [("cpu@2GiB", 2 << 30), ("cpu@1GiB", 1 << 30)], max_context=256, max_batch=4,
+                       dtype="float32")
+    info = {"backend": "hoststaged", "plan": plan.to_dict(),
+            "ranks": [{"device_name": "x86_64", "ip": "10.0.0.1"}, {"device_name": "x86_64", "ip": "10.0.0.1"}]}
+    table = cluster_table(info)
+    assert list(table.columns) == TABLE_HEADERS and list(table["device"]) == ["cpu@2GiB", "cpu@1GiB"]
+    assert list(table["KV heads"]) == [f"{len(r.kv_heads)} [{r.kv_heads.start}:{r.kv_heads.stop}]"
+                                       for r in plan.ranks]
+    widths = shard_widths(info)
+    for dimension, shares in widths.groupby("dimension")["share (%)"]:
+        assert abs(shares.sum() - 100) < 0.2, dimension  # each dimension is dealt out exactly once
+    memory = memory_use(info).groupby("rank")["GiB"].sum()
+    assert list(memory.round(2)) == [2.0, 1.0]  # the parts of each bar add up to the budget
+
+
+# ---- one real server and a browser ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def server(smollm2_dir, tmp_path_factory):
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install -y chromium)")
+    pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    with running_server(log, stop_signal=signal.SIGINT) as url:  # Ctrl-C, as a person stops it
+        yield url
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(60_000)
+        page.goto(server + "/", wait_until="domcontentloaded")
+        page.wait_for_selector("#raytp-input textarea, #raytp-input input")
+        yield page
+        browser.close()
+
+
+def set_number(page, elem_id: str, value) -> None:
+    """Type into the number box of a slider or number field, as a person would."""
+    box = page.locator(f"#{elem_id} input[type=number]").first
+    box.fill(str(value))
+    box.press("Enter")
+
+
+def ask(page, question: str) -> None:
+    page.locator("#raytp-input textarea, #raytp-input input").first.fill(question)
+    page.click("#raytp-send")
+
+
+def last_answer(page) -> str:
+    answers = page.locator(BOT)
+    return answers.nth(answers.count() - 1).inner_text() if answers.count() else ""
+
+
+@pytest.mark.slow
+def test_answer_streams_with_a_stats_line(page):
+    set_number(page, "raytp-temperature", 0)
+    set_number(page, "raytp-max-tokens", 48)
+    ask(page, "Write a short poem about the sea.")
+    seen = []  # the answer's text each time it changed: several partial texts mean it streamed
+    deadline = time.monotonic() + 180
+    while not STATS.search(text := last_answer(page)):
+        assert time.monotonic() < deadline, f"no stats line after 180 s; the answer reads {text!r}"
+        if text and (not seen or text != seen[-1]):
+            seen.append(text)
+        time.sleep(0.05)
+    assert len(seen) >= 3, f"the answer did not stream: {seen}"
+    assert all(b.startswith(a) for a, b in zip(seen, seen[1:])), seen  # each piece extends the text before
+    answer = STATS.split(text)[0].strip(" *\n")
+    assert len(answer) > 10, text
+    assert page.locator("#raytp-chat [data-testid='user']").first.inner_text().startswith("Write a short poem")
+
+
+@pytest.mark.slow
+def test_stop_ends_an_answer(page):
+    set_number(page, "raytp-max-tokens", 400)
+    ask(page, "Tell me a long story about a dragon and a knight.")
+    page.wait_for_function(f"document.querySelectorAll(\"{BOT}\").length >= 2 && "
+                           f"[...document.querySelectorAll(\"{BOT}\")].pop().innerText.length > 20")
+    page.click("#raytp-stop")
+    time.sleep(1.0)  # a step may be in flight when the stop arrives
+    stopped = last_answer(page)
+    time.sleep(2.0)
+    assert last_answer(page) == stopped, "the answer kept growing after Stop"
+    assert not STATS.search(stopped)
+
+
+@pytest.mark.slow
+def test_cluster_panel_lists_every_rank(page):
+    """One table row per rank (Gradio draws rows as role=row divs of cells `cell-ROW-COLUMN`), and the charts."""
+    def cell(row: int, header: str) -> str:
+        column = TABLE_HEADERS.index(header)
+        return page.locator(f"#raytp-cluster-table [data-testid='cell-{row}-{column}']").first.inner_text().strip()
+
+    page.locator("#raytp-cluster-table [data-testid='cell-0-0']").wait_for()
+    devices = DEVICES.split(",")
+    for rank, device in enumerate(devices):
+        assert (cell(rank, "rank"), cell(rank, "device"), cell(rank, "backend")) == (str(rank), device, "hoststaged")
+        assert cell(rank, "memory budget").endswith("GiB") and cell(rank, "KV heads") != "0"
+    assert page.locator(f"#raytp-cluster-table [data-testid='cell-{len(devices)}-0']").count() == 0
+    summary = page.locator("#raytp-cluster").inner_text()
+    assert f"{len(devices)} ranks" in summary and "Shard widths" in summary
+    assert page.locator("#raytp-widths canvas, #raytp-widths svg").count() > 0  # the bar chart drew
+
+
+@pytest.mark.slow
+def test_screenshot(page):
+    page.click("#raytp-clear")
+    set_number(page, "raytp-temperature", 0)
+    set_number(page, "raytp-max-tokens", 64)
+    ask(page, "What is tensor parallelism? Answer in two sentences.")
+    page.wait_for_function(f"[...document.querySelectorAll(\"{BOT}\")].some(e => e.innerText.includes('tokens/s'))",
+                           timeout=180_000)
+    page.locator("#raytp-widths canvas, #raytp-widths svg").first.wait_for()
+    SCREENSHOT.parent.mkdir(exist_ok=True)
+    page.screenshot(path=str(SCREENSHOT), full_page=True)
+    assert SCREENSHOT.stat().st_size > 20_000
