@@ -1,4 +1,4 @@
-"""Where one decode step's time goes on one GPU (no Ray): torch.profiler over engine decode steps.
+"""Where one decode step's time goes on one GPU (no Ray): eager vs CUDA-graph step, then torch.profiler.
 
     python benchmarks/profile_step.py synthetic:llama-3.1-8b
 """
@@ -9,17 +9,19 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from raytp.comm import InProcessGroup
+from raytp.comm.hoststaged_gpu import GpuHostStagedCommunicator
 from raytp.engine import RankEngine, Request
+from raytp.graphs import GraphedDecode
 from raytp.model import ShardedLlama
 from raytp.plan import plan_shards
 from raytp.sampling import SamplingParams
 from raytp.source import load_weights, model_config
+from tests.test_comm import hoststaged_factory
 
 model = sys.argv[1] if len(sys.argv) > 1 else "synthetic:llama-3.1-8b"
 config = model_config(model)
 plan = plan_shards(config, [("cuda", 120 << 30)], max_context=1024, max_batch=1, dtype="bfloat16")
-comm = InProcessGroup(1).communicator(0)
+comm = GpuHostStagedCommunicator(hoststaged_factory(1)(0), torch.device("cuda"))
 weights = load_weights(model, config, plan.ranks[0], dtype=torch.bfloat16, device=torch.device("cuda"), progress=False)
 lm = ShardedLlama(config, plan.ranks[0], comm, weights, max_batch=1, max_context=1024)
 engine = RankEngine(lm, comm)
@@ -40,6 +42,10 @@ def run(tokens):
 
 
 print(f"eager step: {run(64):.2f} ms/token")
+eager = engine.decode_step
+engine.decode_step = GraphedDecode(lm)
+print(f"CUDA-graph step: {run(64):.2f} ms/token")
+engine.decode_step = eager
 with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
     run(16)
 print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))

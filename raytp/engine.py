@@ -52,8 +52,10 @@ class _Sequence:
 
 
 class RankEngine:
-    def __init__(self, model: ShardedLlama, comm: Communicator, heartbeat_s: float = 0.05):
+    def __init__(self, model: ShardedLlama, comm: Communicator, heartbeat_s: float = 0.05,
+                 decode: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None):
         self.model, self.comm = model, comm
+        self.decode_step = decode or model.forward  # a raytp.graphs.GraphedDecode on CUDA ranks
         self.sampler = ShardedSampler(comm, model.vocab_start)
         self.device = model.device
         self.heartbeat_s = heartbeat_s
@@ -148,7 +150,7 @@ class RankEngine:
         tokens = torch.tensor([[s.tokens[-1]] for s in seqs], device=self.device)
         positions = torch.tensor([[len(s.tokens) - 1] for s in seqs], device=self.device)
         slots = torch.tensor([s.slot for s in seqs], device=self.device)
-        logits = self.model.forward(tokens, positions, slots)
+        logits = self.decode_step(tokens, positions, slots)
         self._sample(seqs, logits, events)
 
     def _sample(self, seqs: list[_Sequence], logits: torch.Tensor, events: list[TokenEvent]) -> None:

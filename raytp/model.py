@@ -95,10 +95,11 @@ class ShardedLlama:
             x = torch.zeros((*tokens.shape, self.config.hidden_size), dtype=self.dtype, device=self.device)
         return self.comm.all_reduce(x)
 
-    def step_inputs(self, positions: torch.Tensor, dtype: torch.dtype) -> dict:
+    def step_inputs(self, positions: torch.Tensor, dtype: torch.dtype, span: int | None = None) -> dict:
         """What every layer's attention shares in one step, computed once (not once per layer): RoPE
-        cos/sin at each position, the span of keys to read and which of them each query may see."""
-        span = int(positions.max()) + 1  # keys beyond the furthest position are never visible (one GPU sync)
+        cos/sin at each position, the span of keys to read and which of them each query may see.
+        By default the span ends at the furthest position (one GPU sync); a CUDA graph passes max_context."""
+        span = span or int(positions.max()) + 1
         visible = torch.arange(span, device=positions.device).view(1, 1, span) <= positions.unsqueeze(-1)
         return {"cos": self.cos[positions].unsqueeze(1).to(dtype),  # (batch, 1, seq, head_dim)
                 "sin": self.sin[positions].unsqueeze(1).to(dtype),
@@ -138,7 +139,7 @@ class ShardedLlama:
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-                last: torch.Tensor | None = None) -> torch.Tensor:
+                last: torch.Tensor | None = None, span: int | None = None) -> torch.Tensor:
         """Run tokens (batch, seq) at positions (batch, seq) of cache slots (batch,).
 
         Returns this rank's logits slice (batch, vocab_local) at index `last` (batch,) of each row
@@ -146,7 +147,7 @@ class ShardedLlama:
         """
         eps = self.config.rms_norm_eps
         x = self.embed(tokens)
-        step = self.step_inputs(positions, x.dtype)
+        step = self.step_inputs(positions, x.dtype, span)
         for i in range(self.config.num_layers):
             h = rms_norm(x, self.w[f"layers.{i}.attn_norm"], eps)
             x = x + self.comm.all_reduce(self.attention(i, h, positions, slots, step))

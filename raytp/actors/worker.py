@@ -72,6 +72,18 @@ class Worker:
         segment = (SharedSegment.create if create else SharedSegment.attach)(name, size)
         self.comm = HostStagedCommunicator(segment, self.rank, world_size, timeout_s=timeout_s)
 
+    def finish_comm(self) -> None:
+        """Once every rank's communicator is open: on GPUs, let the host-staged all-reduce run as a kernel
+        that polls the mapped segment itself (graph-capturable, no CPU in the loop). Collective."""
+        from raytp.comm.hoststaged import HostStagedCommunicator
+
+        if (self.device.type == "cuda" and isinstance(self.comm, HostStagedCommunicator)
+                and os.environ.get("RAYTP_GPU_HOSTSTAGED", "1") != "0"):
+            from raytp.comm.hoststaged_gpu import GpuHostStagedCommunicator
+
+            torch.cuda.set_device(self.device)
+            self.comm = GpuHostStagedCommunicator(self.comm, self.device, timeout_s=self.comm.timeout_s)
+
     def unlink_segment(self) -> None:
         """Called once every rank of the node has mapped the segment: from now on no name can leak."""
         self.comm.segment.unlink()
@@ -80,6 +92,13 @@ class Worker:
         from raytp.comm.torchdist import TorchDistCommunicator
 
         self.comm = TorchDistCommunicator(backend, init_method, self.rank, world_size, timeout_s)
+
+    def open_hierarchical(self, segment_name: str, node_ranks: list[list[int]], create: bool,
+                          leaders_init: str | None, timeout_s: float) -> None:
+        """Host-staged among this node's ranks, gloo among the node leaders (see raytp.comm.hierarchical)."""
+        from raytp.comm.hierarchical import open_hierarchical
+
+        self.comm = open_hierarchical(self.rank, node_ranks, segment_name, create, leaders_init, timeout_s)
 
     # ---- model -----------------------------------------------------------------------------------------
 
@@ -105,6 +124,12 @@ class Worker:
 
     def run(self) -> None:
         try:
+            lm = self.engine.model
+            if self.device.type == "cuda" and lm.comm.graph_safe and os.environ.get("RAYTP_CUDA_GRAPHS", "1") != "0":
+                from raytp.graphs import GraphedDecode
+
+                # captured here, where every rank starts at once (after all loaded): collectives must match
+                self.engine.decode_step = GraphedDecode(lm)
             self.engine.run(self._emit)
         except CommError:
             self._abort()

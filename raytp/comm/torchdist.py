@@ -15,6 +15,7 @@ class TorchDistCommunicator(Communicator):
 
     def __init__(self, backend: str, init_method: str, rank: int, world_size: int, timeout_s: float = 30.0):
         self.backend, self.rank, self.world_size = backend, rank, world_size
+        self.graph_safe = backend == "nccl"
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=timeout_s))
         # NCCL needs CUDA tensors; gloo works on host memory, so CUDA tensors are staged through it.

@@ -1,0 +1,91 @@
+"""Host-staged all-reduce driven by the GPUs themselves, so CUDA graphs can capture it.
+
+Built on a running CPU host-staged group (raytp/comm/hoststaged.py): through it the ranks agree on a second
+segment, map it, register it with the CUDA driver and unlink its name. All-reduces then run the kernel in
+raytp/kernels/hoststaged_allreduce.py on the current stream; gathers and broadcasts (small, once per step,
+outside the graph) keep using the CPU path, which is also where a kernel's timeout surfaces as CommError.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from raytp.comm.base import CommError, Communicator
+from raytp.comm.hoststaged import LINE, HostStagedCommunicator
+from raytp.comm.shm import SharedSegment, new_segment_name
+from raytp.kernels import hoststaged_allreduce as kernel
+
+NAME_BYTES = 64
+CUDA_HOST_REGISTER_PORTABLE_MAPPED = 3
+
+
+class GpuHostStagedCommunicator(Communicator):
+    graph_safe = True
+
+    def __init__(self, cpu: HostStagedCommunicator, device: torch.device, *, max_elems: int = 1 << 20,
+                 timeout_s: float = 30.0):
+        if cpu.world_size > kernel.THREADS:
+            raise ValueError(f"the GPU host-staged kernel polls one rank per thread: at most {kernel.THREADS} ranks")
+        self.cpu, self.rank, self.world_size = cpu, cpu.rank, cpu.world_size
+        self.max_elems = max_elems
+        self.max_blocks = kernel.blocks_for(max_elems)
+        flag_bytes = -(-self.world_size * self.max_blocks * 4 // LINE) * LINE
+        self.slot_elems = max_elems
+        size = LINE + flag_bytes + 2 * self.world_size * max_elems * 4
+        self.segment = self._rendezvous(size)
+        buf = torch.frombuffer(self.segment.buf, dtype=torch.uint8)
+        err = torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), size, CUDA_HOST_REGISTER_PORTABLE_MAPPED)
+        if int(err) != 0:
+            self.segment.close()
+            raise CommError(f"cudaHostRegister of the {size}-byte host-staged segment failed ({err}); "
+                            "use --comm nccl, or RAYTP_GPU_HOSTSTAGED=0 for the CPU-driven path")
+        self._registered = buf.data_ptr()
+        self.error = buf[:4].view(torch.int32)
+        self.flags = buf[LINE : LINE + flag_bytes].view(torch.int32)
+        self.slots = buf[LINE + flag_bytes :]
+        self.counters = torch.zeros(self.max_blocks, dtype=torch.int32, device=device)
+        # one poll is a PCIe round trip (~1 us) plus a 64 ns sleep
+        self.max_spins = min(int(timeout_s * 1e6), 2**31 - 1)
+
+    def _rendezvous(self, size: int) -> SharedSegment:
+        """Rank 0 creates the segment; its name reaches the others over the CPU path; then it is unlinked."""
+        name = torch.zeros(NAME_BYTES, dtype=torch.uint8)
+        if self.rank == 0:
+            segment = SharedSegment.create(new_segment_name(), size)
+            name[: len(segment.name)] = torch.tensor(list(segment.name.encode()), dtype=torch.uint8)
+        self.cpu.broadcast(name)
+        if self.rank != 0:
+            segment = SharedSegment.attach(bytes(name.tolist()).rstrip(b"\0").decode(), size)
+        self.cpu.barrier()  # everyone has it mapped
+        segment.unlink()
+        return segment
+
+    def all_reduce(self, t):
+        if t.dtype not in kernel.CTYPES:
+            return self.cpu.all_reduce(t)  # e.g. float16 or integers: the CPU-driven path is exact too
+        flat = t.view(-1)  # the kernel reads and writes each block's chunk itself, so in place is safe
+        for start in range(0, flat.numel(), self.max_elems):
+            piece = flat[start : start + self.max_elems]
+            kernel.launch(piece, piece, self.slots, self.flags, self.counters, self.error, rank=self.rank,
+                          world=self.world_size, slot_elems=self.slot_elems, max_blocks=self.max_blocks,
+                          max_spins=self.max_spins)
+        return t
+
+    def check(self) -> None:
+        if int(self.error[0]):
+            raise CommError("a GPU host-staged all-reduce timed out waiting for a peer (dead or stuck)")
+
+    def all_gather_equal(self, t):
+        self.check()  # once per step, outside any graph: a timed-out kernel becomes an error here
+        return self.cpu.all_gather_equal(t)
+
+    def abort(self) -> None:
+        self.error[0] = 1
+        self.cpu.abort()
+
+    def close(self):
+        if self._registered:
+            torch.cuda.cudart().cudaHostUnregister(self._registered)
+            self._registered = 0
+        self.segment.close()
+        self.cpu.close()
