@@ -1,4 +1,5 @@
-"""Where one decode step's time goes on one GPU (no Ray): eager vs CUDA-graph step, then torch.profiler.
+"""Where one decode step's time goes on one GPU (no Ray): eager vs CUDA-graph step, then torch.profiler
+of the graph-mode steps (host work around each replay, and the kernels inside it).
 
     python benchmarks/profile_step.py synthetic:llama-3.1-8b
 """
@@ -42,11 +43,9 @@ def run(tokens):
 
 
 print(f"eager step: {run(64):.2f} ms/token")
-eager = engine.decode_step
 engine.decode_step = GraphedDecode(lm)
 print(f"CUDA-graph step: {run(64):.2f} ms/token")
-engine.decode_step = eager
 with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-    run(16)
+    run(16)  # graph mode: what is left on the host around each replay
 print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
 print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12))

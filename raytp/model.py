@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from raytp.comm import Communicator
 from raytp.config import ModelConfig
+from raytp.kernels.norm import add_rms_norm, rms_norm, swiglu
 from raytp.plan import RankShard
 
 
@@ -44,12 +45,6 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     medium = ~(wavelen < old_ctx / high) & ~(wavelen > old_ctx / low)
     return torch.where(medium, smoothed, scaled)
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    h = x.to(torch.float32)
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(x.dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -134,8 +129,7 @@ class ShardedLlama:
     def mlp(self, i: int, x: torch.Tensor) -> torch.Tensor:
         if self.n_cols == 0:
             return torch.zeros_like(x)
-        gate, up = F.linear(x, self.w[f"layers.{i}.w_gate_up"]).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, self.w[f"layers.{i}.w_down"])
+        return F.linear(swiglu(F.linear(x, self.w[f"layers.{i}.w_gate_up"])), self.w[f"layers.{i}.w_down"])
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
@@ -148,14 +142,15 @@ class ShardedLlama:
         eps = self.config.rms_norm_eps
         x = self.embed(tokens)
         step = self.step_inputs(positions, x.dtype, span)
+        h = rms_norm(x, self.w["layers.0.attn_norm"], eps)
         for i in range(self.config.num_layers):
-            h = rms_norm(x, self.w[f"layers.{i}.attn_norm"], eps)
-            x = x + self.comm.all_reduce(self.attention(i, h, positions, slots, step))
-            h = rms_norm(x, self.w[f"layers.{i}.mlp_norm"], eps)
-            x = x + self.comm.all_reduce(self.mlp(i, h))
-        rows = torch.arange(x.shape[0], device=x.device)
-        x = x[rows, last if last is not None else -1]  # (batch, hidden)
-        x = rms_norm(x, self.w["final_norm"], eps)
+            # residual add fused with the next norm: x is the residual stream, h the next sublayer's input
+            x, h = add_rms_norm(x, self.comm.all_reduce(self.attention(i, h, positions, slots, step)),
+                                self.w[f"layers.{i}.mlp_norm"], eps)
+            following = f"layers.{i + 1}.attn_norm" if i + 1 < self.config.num_layers else "final_norm"
+            x, h = add_rms_norm(x, self.comm.all_reduce(self.mlp(i, h)), self.w[following], eps)
+        rows = torch.arange(h.shape[0], device=h.device)
+        x = h[rows, last if last is not None else -1]  # (batch, hidden), after the final norm
         if self.n_vocab == 0:
             return torch.zeros((x.shape[0], 0), dtype=torch.float32, device=self.device)
         return F.linear(x, self.w["lm_head"]).float()
