@@ -38,16 +38,28 @@ def raytp_segments() -> set[str]:
 
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
+    """A Ray head of our own. `ray start --block` in its own session, ended by signal: `ray stop` would end
+    every Ray cluster on the machine, other people's included."""
     port, dash = free_port(), free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    subprocess.run(["ray", "start", "--head", f"--port={port}", "--num-cpus=16", "--dashboard-host=127.0.0.1",
-                    f"--dashboard-port={dash}", "--disable-usage-stats"], check=True, env=env,
-                   capture_output=True)
+    head = subprocess.Popen(["ray", "start", "--head", "--block", f"--port={port}", "--num-cpus=16",
+                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     address = f"127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", dash), timeout=1).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline or head.poll() is not None:
+                raise RuntimeError("the test's Ray head did not come up") from None
+            time.sleep(0.5)
     ray.init(address=address, logging_level="WARNING", log_to_driver=False)
     yield {"address": address, "dashboard": f"http://127.0.0.1:{dash}"}
     ray.shutdown()
-    subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True)
+    os.killpg(head.pid, signal.SIGTERM)
+    head.wait(timeout=60)
 
 
 @pytest.fixture(scope="module")
