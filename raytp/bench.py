@@ -1,16 +1,29 @@
-"""`raytp bench`: decode speed, all-reduce latency and memory bandwidth of one group, as a table and JSON.
+"""`raytp bench`: decode and prefill speed, all-reduce latency and memory bandwidth, over a sweep of configurations.
 
-What is measured, on the group the other commands would build:
+A sweep is every combination of device set (`--devices-sweep "cuda*1;cuda*2;..."`), backend (`--comm`), prompt
+length (`--prompt-len`) and batch size (`--batch`). One group is built per (device set, backend, prompt length),
+its KV cache sized to that prompt, and runs every batch size. A group that cannot exist is skipped with the reason
+(the model does not fit: PlanError or a rank over its budget; the cluster lacks the devices: ClusterError) and the
+sweep goes on. `raytp.report` turns the results into CSV, JSON, a markdown summary and plots.
+
+What is measured on each group:
 
     all-reduce   mean microseconds of one `comm.all_reduce` per message size, every rank in lock-step, on the
-                 rank's own device in the run's dtype (rank 0's figure and the slowest rank's)
+                 rank's own device in the run's dtype (rank 0's figure and the slowest rank's); the sizes asked
+                 for plus batch x hidden, the decode step's own message
     bandwidth    each rank's device memory bandwidth: a large copy, bytes read plus written per second
-    decode       for each batch size, that many requests of random token ids (greedy, EOS ignored) run together;
-                 ms per step is timed on the leader between the step in which the last request got its first token
-                 and the step in which the first one finished, so every timed step decodes the whole batch
+    decode       after one warm-up run per batch size, `repeats` runs per batch size: that many requests of random
+                 token ids (greedy, EOS ignored) run together; ms per step is timed on the leader between the step
+                 in which the last request got its first token and the step in which the first one finished, so
+                 every timed step decodes the whole batch; the median run is kept
+    prefill      one request of the prompt length, from the moment the leader queues it to its first token, on the
+                 leader's clock (median of `repeats`)
     roofline     the bytes each rank must read per decode step (its weights bar the embedding, plus its KV cache at
                  the mean context) over its measured bandwidth; the slowest rank's time over the measured ms/step
                  is the fraction of the memory roofline reached
+    breakdown    an estimate, not a profile: compute = the roofline time, all-reduce = the measured latency at the
+                 decode message size x the all-reduces of one step (2 per layer + the embedding's), overhead = the
+                 measured step minus both
 
 Both micro-benchmarks run after the communicator opens and before the shards load (the token loop owns the
 communicator once it starts), so they see an idle device.
@@ -22,15 +35,18 @@ import json
 import logging
 import statistics
 import time
-from dataclasses import asdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 
 import ray
 import torch
 
-from raytp.actors.group import GroupSettings, WorkerGroup
+from raytp.actors.group import ClusterError, GroupSettings, WorkerGroup, choose_backend
+from raytp.actors.worker import MemoryBudgetError
 from raytp.config import ModelConfig
+from raytp.devices import DeviceSpec
 from raytp.engine import Request
-from raytp.plan import DTYPE_BYTES, ShardPlan
+from raytp.plan import DTYPE_BYTES, PlanError, ShardPlan
 from raytp.sampling import SamplingParams
 
 log = logging.getLogger("raytp")
@@ -54,11 +70,22 @@ class _BenchGroup(WorkerGroup):
         self.bandwidth = ray.get([w.bench_bandwidth.remote(self.bandwidth_bytes) for w in self.workers])
 
 
-def _requests(batch: int, prompt_len: int, decode_tokens: int, vocab: int, tag: str) -> list[Request]:
+def random_requests(batch: int, prompt_len: int, decode_tokens: int, vocab: int, tag: str) -> list[Request]:
     g = torch.Generator().manual_seed(0)  # the same prompts in every run, so runs can compare tokens
     params = SamplingParams(temperature=0.0, max_tokens=decode_tokens)
     return [Request(f"{tag}-{i}", torch.randint(vocab, (prompt_len,), generator=g).tolist(), params, [])
             for i in range(batch)]
+
+
+def _events(group: WorkerGroup, deadline: float, timeout_s: float):
+    """The leader's token events as they come, until the caller stops; errors and timeouts raise."""
+    while True:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"benchmark requests did not finish within {timeout_s:.0f} s")
+        for e in ray.get(group.leader.poll_events.remote(0.5)):
+            if e.get("error"):
+                raise RuntimeError(f"request {e['request_id']} failed: {e['error']}")
+            yield e
 
 
 def _run_batch(group: WorkerGroup, requests: list[Request], timeout_s: float = 600.0) -> dict:
@@ -66,23 +93,27 @@ def _run_batch(group: WorkerGroup, requests: list[Request], timeout_s: float = 6
     ray.get([group.leader.submit.remote(("add", asdict(r))) for r in requests])
     tokens = {r.id: [] for r in requests}
     first, finished, step_times = {}, {}, set()
-    deadline = time.monotonic() + timeout_s
-    while len(finished) < len(requests):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"benchmark requests did not finish within {timeout_s:.0f} s")
-        for e in ray.get(group.leader.poll_events.remote(0.5)):
-            rid, t = e["request_id"], e["t"]
-            if e.get("error"):
-                raise RuntimeError(f"request {rid} failed: {e['error']}")
-            if e["token_id"] is not None:
-                tokens[rid].append(e["token_id"])
-            first.setdefault(rid, t)
-            step_times.add(t)
-            if e["finish"]:
-                finished[rid] = t
+    for e in _events(group, time.monotonic() + timeout_s, timeout_s):
+        rid, t = e["request_id"], e["t"]
+        if e["token_id"] is not None:
+            tokens[rid].append(e["token_id"])
+        first.setdefault(rid, t)
+        step_times.add(t)
+        if e["finish"]:
+            finished[rid] = t
+            if len(finished) == len(requests):
+                break
     start, end = max(first.values()), min(finished.values())
     steps = sum(1 for t in step_times if start < t <= end)
     return {"steps": steps, "seconds": end - start, "tokens": [tokens[r.id] for r in requests]}
+
+
+def _prefill_seconds(group: WorkerGroup, request: Request, timeout_s: float = 600.0) -> float:
+    """From the leader queuing `request` (max_tokens 1) to its first token, both on the leader's clock."""
+    queued = ray.get(group.leader.submit_timed.remote(("add", asdict(request))))
+    for e in _events(group, time.monotonic() + timeout_s, timeout_s):
+        if e["request_id"] == request.id and e["finish"]:
+            return e["t"] - queued
 
 
 def _read_bytes_per_step(config: ModelConfig, plan: ShardPlan, batch: int, context: float) -> list[int]:
@@ -96,48 +127,164 @@ def _read_bytes_per_step(config: ModelConfig, plan: ShardPlan, batch: int, conte
     return out
 
 
+def allreduces_per_step(config: ModelConfig) -> int:
+    """All-reduces of one forward (raytp.model): the embedding's, then o_proj's and down_proj's in every layer."""
+    return 1 + 2 * config.num_layers
+
+
 def run_bench(settings: GroupSettings, config: ModelConfig, *, batches: list[int], prompt_len: int,
               decode_tokens: int, repeats: int = 3, allreduce_sizes=ALLREDUCE_SIZES, allreduce_iters: int = 200,
               bandwidth_bytes: int | None = None) -> dict:
-    """Build the group, measure, tear it down; returns the JSON-ready results (see the module docstring)."""
+    """Build one group, measure, tear it down; returns the JSON-ready results (see the module docstring)."""
     if decode_tokens < 4:
         raise ValueError(f"--decode-tokens must be at least 4 to time whole-batch steps, got {decode_tokens}")
     if bandwidth_bytes is None:
         bandwidth_bytes = (4 << 30) if all(d.kind == "cuda" for d in settings.devices) else (256 << 20)
-    group = _BenchGroup(settings, config, allreduce_sizes, allreduce_iters, bandwidth_bytes)
+    step_sizes = {b: b * config.hidden_size for b in batches}  # elements of one decode all-reduce
+    measured = sorted(set(allreduce_sizes) | set(step_sizes.values()))
+    group = _BenchGroup(settings, config, measured, allreduce_iters, bandwidth_bytes)
     started = time.perf_counter()
     try:
         group.build()
         build_s = time.perf_counter() - started
-        _run_batch(group, _requests(batches[0], prompt_len, min(decode_tokens, 8), config.vocab_size, "warmup"))
+        vocab = config.vocab_size
+        for batch in batches:  # warm-up: every batch size once (allocator, kernels, caches at this shape)
+            _run_batch(group, random_requests(batch, prompt_len, min(decode_tokens, 4), vocab, f"warm{batch}"))
+        n_allreduce = allreduces_per_step(config)
+        slowest = {n: max(a[n] for a in group.allreduce) for n in measured}
         decode = []
         for batch in batches:
-            runs = [_run_batch(group, _requests(batch, prompt_len, decode_tokens, config.vocab_size, f"b{batch}r{k}"))
+            runs = [_run_batch(group, random_requests(batch, prompt_len, decode_tokens, vocab, f"b{batch}r{k}"))
                     for k in range(repeats)]
             ms = statistics.median(1000 * r["seconds"] / r["steps"] for r in runs if r["steps"])
             reads = _read_bytes_per_step(config, group.plan, batch, prompt_len + decode_tokens / 2)
             roofline_ms = max(1000 * b / bw for b, bw in zip(reads, group.bandwidth))
+            allreduce_ms = n_allreduce * slowest[step_sizes[batch]] / 1000
             decode.append({
                 "batch": batch, "ms_per_step": ms, "ms_per_token": ms, "tokens_per_s": 1000 * batch / ms,
                 "steps_timed": [r["steps"] for r in runs],
                 "ms_per_step_runs": [1000 * r["seconds"] / r["steps"] if r["steps"] else None for r in runs],
                 "read_bytes_per_step": reads, "roofline_ms": roofline_ms, "roofline_fraction": roofline_ms / ms,
+                "allreduce_elements": step_sizes[batch], "allreduce_us": slowest[step_sizes[batch]],
+                "compute_ms": roofline_ms, "allreduce_ms": allreduce_ms, "overhead_ms": ms - roofline_ms - allreduce_ms,
                 "greedy_tokens": runs[0]["tokens"][0],
             })
+        prefill_s = statistics.median(
+            _prefill_seconds(group, random_requests(1, prompt_len, 1, vocab, f"prefill{k}")[0])
+            for k in range(repeats))
         sizes = [str(n) for n in allreduce_sizes]
         return {
             "model": settings.model, "devices": [str(d) for d in settings.devices], "backend": group.backend,
             "dtype": settings.dtype, "prompt_len": prompt_len, "decode_tokens": decode_tokens, "repeats": repeats,
-            "build_s": build_s,
+            "build_s": build_s, "nodes": len({r["node_id"] for r in group.ranks}),
             "ranks": group.ranks, "plan": group.plan.to_dict(),
             "bandwidth_bytes_per_s": group.bandwidth,
             "allreduce_us": {"dtype": settings.dtype, "iters": allreduce_iters,
                              "rank0": {n: group.allreduce[0][int(n)] for n in sizes},
-                             "slowest_rank": {n: max(a[int(n)] for a in group.allreduce) for n in sizes}},
+                             "slowest_rank": {n: max(a[int(n)] for a in group.allreduce) for n in sizes},
+                             "by_size": {str(n): {"rank0": group.allreduce[0][n], "slowest_rank": slowest[n]}
+                                         for n in measured}},
+            "allreduces_per_step": n_allreduce,
+            "prefill": {"prompt_len": prompt_len, "ms": 1000 * prefill_s, "tokens_per_s": prompt_len / prefill_s},
             "decode": decode,
         }
     finally:
         group.shutdown()
+
+
+# ---- sweeps -------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """Every combination of these is one configuration (one row of results.csv)."""
+
+    model: str
+    device_sets: tuple[tuple[str, tuple[DeviceSpec, ...]], ...]  # (the SPEC as typed, its parsed devices)
+    comms: tuple[str, ...]
+    batches: tuple[int, ...]
+    prompt_lens: tuple[int, ...]
+    dtype: str = "bfloat16"
+    decode_tokens: int = 64
+    repeats: int = 3
+    max_context: int = 2048  # the KV cache holds at least this, and always prompt + decode tokens
+    max_batch: int = 0  # likewise at least the largest batch
+    allreduce_sizes: tuple[int, ...] = ALLREDUCE_SIZES
+    allreduce_iters: int = 200
+
+    @property
+    def size(self) -> int:
+        return len(self.device_sets) * len(self.comms) * len(self.prompt_lens) * len(self.batches)
+
+
+def _skip_reason(e: BaseException) -> str | None:
+    """Why a configuration cannot run on this cluster (then it is skipped, not failed); None for real failures."""
+    cause = getattr(e, "cause", None) or e  # a RayTaskError carries the rank's exception as `cause`
+    if isinstance(cause, torch.OutOfMemoryError):
+        return f"OutOfMemoryError: {str(cause).splitlines()[0]}"
+    if isinstance(cause, (PlanError, MemoryBudgetError, ClusterError)):
+        return f"{type(cause).__name__}: {' '.join(ln.strip() for ln in str(cause).splitlines() if ln.strip())}"
+    return None
+
+
+def _check_devices(devices: tuple[DeviceSpec, ...], comm: str) -> None:
+    """Skip at once what cannot run, before any actor starts: a backend the devices cannot use, and more cuda ranks
+    than the cluster has GPUs (a plain group would pack several ranks on one GPU, and the sweep would measure them
+    as if they were separate GPUs)."""
+    choose_backend(comm, devices, 1)  # raises ClusterError for nccl on cpu ranks whatever the node count
+    want = sum(d.kind == "cuda" for d in devices)
+    have = int(ray.cluster_resources().get("GPU", 0))
+    if want > have:
+        raise ClusterError(f"needs {want} GPUs, the Ray cluster has {have}")
+
+
+def run_sweep(sweep: Sweep, config: ModelConfig, *, on_row: Callable[[dict], None] | None = None,
+              on_run: Callable[[dict], None] | None = None) -> dict:
+    """Run every configuration of `sweep`. Returns {"runs": [run_bench results], "outcomes": [one per configuration]}.
+
+    An outcome is {"devices", "comm", "prompt_len", "batch", "status": "ok" | "skipped" | "failed", "reason"} and,
+    when ok, the index of its run. `on_row` sees each outcome as it is decided, `on_run` each finished run."""
+    runs, outcomes = [], []
+
+    def decide(spec: str, comm: str, prompt_len: int, status: str, reason: str = "", run: int | None = None):
+        for batch in sweep.batches:
+            outcome = {"devices": spec, "comm": comm, "prompt_len": prompt_len, "batch": batch, "status": status,
+                       "reason": reason, "run": run}
+            outcomes.append(outcome)
+            if on_row:
+                on_row(outcome)
+
+    for spec, devices in sweep.device_sets:
+        for comm in sweep.comms:
+            for prompt_len in sweep.prompt_lens:
+                settings = GroupSettings(
+                    model=sweep.model, devices=devices, dtype=sweep.dtype, comm=comm,
+                    max_context=max(sweep.max_context, prompt_len + sweep.decode_tokens + 1),
+                    max_batch=max(sweep.max_batch, *sweep.batches), progress=False)
+                try:
+                    _check_devices(devices, comm)
+                    res = run_bench(settings, config, batches=list(sweep.batches), prompt_len=prompt_len,
+                                    decode_tokens=sweep.decode_tokens, repeats=sweep.repeats,
+                                    allreduce_sizes=sweep.allreduce_sizes, allreduce_iters=sweep.allreduce_iters)
+                except Exception as e:  # noqa: BLE001 - one configuration's failure must not end the sweep
+                    reason = _skip_reason(e)
+                    if reason is None:
+                        log.error("%s --comm %s prompt %d failed: %s", spec, comm, prompt_len, e)
+                    decide(spec, comm, prompt_len, "failed" if reason is None else "skipped",
+                           reason or _first_line(e))
+                    continue
+                res |= {"spec": spec, "comm": comm}
+                runs.append(res)
+                if on_run:
+                    on_run(res)
+                decide(spec, comm, prompt_len, "ok", run=len(runs) - 1)
+    return {"runs": runs, "outcomes": outcomes}
+
+
+def _first_line(e: BaseException) -> str:
+    cause = getattr(e, "cause", None) or e
+    lines = [ln for ln in str(cause).strip().splitlines() if ln.strip()]
+    return f"{type(cause).__name__}: {lines[-1] if lines else ''}"
 
 
 def format_results(res: dict) -> str:
@@ -146,6 +293,7 @@ def format_results(res: dict) -> str:
              f"prompt {res['prompt_len']}, {res['decode_tokens']} decode tokens",
              f"device bandwidth (TB/s, copy read+write) per rank: {gbs}",
              "all-reduce us (rank 0): " + ", ".join(f"{n}: {us:.1f}" for n, us in res["allreduce_us"]["rank0"].items()),
+             f"prefill: {res['prefill']['tokens_per_s']:.1f} tokens/s ({res['prefill']['ms']:.1f} ms)",
              f"{'batch':>5}  {'ms/token':>9}  {'tokens/s':>10}  {'roofline ms':>11}  {'of roofline':>11}"]
     for d in res["decode"]:
         lines.append(f"{d['batch']:>5}  {d['ms_per_step']:>9.2f}  {d['tokens_per_s']:>10.1f}  "

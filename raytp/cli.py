@@ -94,17 +94,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a free batch slot; "
                    "beyond them the API answers 429 (default: 64)")
 
-    p = sub.add_parser("bench", help="decode tokens/s, all-reduce latency and roofline fraction (table + JSON)", **kw)
+    p = sub.add_parser("bench", help="benchmark sweep: decode and prefill tokens/s, all-reduce latency, roofline; "
+                       "CSV, JSON, markdown summary and plots", **kw)
     _model_args(p, max_batch=0)
-    _runtime_args(p)
+    p.add_argument("--devices-sweep", default=None, metavar="SPEC;SPEC...",
+                   help='device SPECs separated by ";", one configuration each, e.g. '
+                        '"cuda*1;cuda*2;cuda*4;cuda:0@48GiB,cuda:1@141GiB" (default: --devices alone)')
+    p.add_argument("--comm", default="auto", help="comma-separated all-reduce backends to compare, of auto, "
+                   "hoststaged, gloo, nccl; auto logs what it chose and why (default: auto)")
+    p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
+                   help="Ray cluster to join (default: $RAY_ADDRESS, else start a local one)")
     p.add_argument("--batch", default="1,8", help="comma-separated batch sizes (default: 1,8)")
-    p.add_argument("--prompt-len", type=int, default=128, help="random prompt tokens per request (default: 128)")
+    p.add_argument("--prompt-len", default="128", help="comma-separated prompt lengths in tokens (random ids; "
+                   "default: 128)")
     p.add_argument("--decode-tokens", type=int, default=64, help="tokens generated per request (default: 64)")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per batch size; the median is kept (default: 3)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per configuration after one warm-up; the "
+                   "median is kept (default: 3)")
     p.add_argument("--allreduce-sizes", default="4096,8192,131072,2097152",
-                   help="all-reduce message sizes in elements (default: 4096,8192,131072,2097152)")
+                   help="all-reduce message sizes in elements, besides each batch's decode message "
+                        "(default: 4096,8192,131072,2097152)")
     p.add_argument("--allreduce-iters", type=int, default=200, help="calls timed per size (default: 200)")
-    p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--hf-peer", action="store_true", help="also time Hugging Face transformers decoding the same "
+                   "weights on one device, next to each one-device configuration (needs transformers)")
+    p.add_argument("--out", default=None, help="directory for results.csv, results.json, summary.md and the plots; "
+                   "a path ending in .json instead gets one configuration's full results as JSON")
     return parser
 
 
@@ -186,7 +199,10 @@ def running_driver(args):
         resolve_model(args.model)  # pull here, with a progress bar the user sees, before any actor needs it
     settings = GroupSettings(model=args.model, devices=_devices(args.devices), dtype=args.dtype, comm=args.comm,
                              max_context=args.max_context, max_batch=args.max_batch, progress=False)
-    driver = DriverActor.remote(settings)
+    # RAYTP_* settings (e.g. RAYTP_CHECK_IDENTICAL) must reach the driver, and through it the ranks, also on a
+    # cluster that was started before this process and does not share its environment
+    env = {k: v for k, v in os.environ.items() if k.startswith("RAYTP_")}
+    driver = DriverActor.options(runtime_env={"env_vars": env}).remote(settings)
     try:
         info = ray.get(driver.start.remote())
         print(f"raytp: {len(info['ranks'])} ranks, all-reduce {info['backend']}", file=sys.stderr)
@@ -273,26 +289,138 @@ def _int_list(text: str, what: str) -> list[int]:
     return values
 
 
+def _comm_list(text: str) -> list[str]:
+    from raytp.actors.group import COMM_BACKENDS
+
+    comms = [c.strip() for c in text.split(",") if c.strip()]
+    bad = [c for c in comms if c not in COMM_BACKENDS]
+    if not comms or bad:
+        raise UserError(f"--comm takes comma-separated backends of {', '.join(COMM_BACKENDS)}; got {text!r}")
+    return list(dict.fromkeys(comms))
+
+
+def _bench_command(args, specs: list[str]) -> str:
+    """The command line that reproduces this sweep (for summary.md)."""
+    import shlex
+
+    parts = ["raytp", "bench", "--model", args.model, "--devices-sweep" if len(specs) > 1 else "--devices",
+             ";".join(specs), "--comm", args.comm, "--dtype", args.dtype, "--batch", args.batch, "--prompt-len",
+             args.prompt_len, "--decode-tokens", str(args.decode_tokens), "--repeats", str(args.repeats),
+             "--allreduce-sizes", args.allreduce_sizes, "--allreduce-iters", str(args.allreduce_iters)]
+    return shlex.join(parts + (["--hf-peer"] if args.hf_peer else []) + (["--out", args.out] if args.out else []))
+
+
+def _cluster_line(runs: list[dict]) -> str:
+    import ray
+
+    res = ray.cluster_resources()
+    names = sorted({r["device_name"] for run in runs for r in run["ranks"]})
+    return (f"Ray cluster of {len([n for n in ray.nodes() if n['Alive']])} node(s), {int(res.get('GPU', 0))} GPU(s), "
+            f"{int(res.get('CPU', 0))} CPU slot(s)" + (f"; devices: {', '.join(names)}" if names else ""))
+
+
+def _peer(sweep, result, config) -> tuple[dict, str]:
+    """Hugging Face decode next to every one-device configuration that ran; (rows' peer figures, a note)."""
+    from raytp.bench import random_requests
+    from raytp.peer import run_peer
+
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        raise UserError("--hf-peer needs transformers: pip install transformers") from None
+    peer, done = {}, {}
+    for o in result["outcomes"]:
+        run = result["runs"][o["run"]] if o["run"] is not None else None
+        if run is None or len(run["devices"]) != 1:
+            continue
+        key = (o["devices"], o["prompt_len"])
+        if key not in done:
+            kind = dict(sweep.device_sets)[o["devices"]][0].kind
+            prompts = {b: [r.prompt_ids for r in random_requests(b, o["prompt_len"], 1, config.vocab_size, "hf")]
+                       for b in sweep.batches}
+            try:
+                done[key] = run_peer(sweep.model, sweep.dtype, kind, list(sweep.batches), prompts,
+                                     sweep.decode_tokens, sweep.repeats)
+            except Exception as e:  # noqa: BLE001 - the peer is a comparison: its failure is reported, not fatal
+                print(f"raytp: the HF peer on {o['devices']} failed: {_user_message(e) or e}", file=sys.stderr)
+                done[key] = {}
+        if o["batch"] in done[key]:
+            peer[(o["devices"], o["comm"], o["prompt_len"], o["batch"])] = done[key][o["batch"]]
+    note = ("transformers' AutoModelForCausalLM on the same weights (for synthetic models: the same one-device "
+            "random weights, assigned into the architecture built from the same config), greedy, EOS ignored, on "
+            "the device of each one-device configuration; ms per step = (time of N tokens - time of 1) / (N - 1). "
+            "'HF same tokens' compares request 0's greedy tokens with raytp's: in float32 they should agree; in "
+            "16-bit types the two implementations round differently and greedy tokens may part after a few steps.")
+    return peer, note if peer else "requested, but the sweep has no one-device configuration that ran"
+
+
 def cmd_bench(args) -> None:
-    from raytp.actors.group import GroupSettings
-    from raytp.bench import format_results, run_bench, write_results
+    import datetime
+    import platform
+
+    import ray
+    import torch
+    from tqdm import tqdm
+
+    from raytp.bench import Sweep, format_results, run_sweep, write_results
     from raytp.models import resolve_model
+    from raytp.report import write_report
     from raytp.source import model_config
 
     batches = _int_list(args.batch, "--batch")
+    prompt_lens = _int_list(args.prompt_len, "--prompt-len")
     sizes = _int_list(args.allreduce_sizes, "--allreduce-sizes")
+    comms = _comm_list(args.comm)
+    if args.devices_sweep is not None and args.devices != "auto":
+        raise UserError("give --devices or --devices-sweep, not both")
+    specs = [s.strip() for s in (args.devices_sweep or args.devices).split(";") if s.strip()]
+    if not specs:
+        raise UserError(f"--devices-sweep has no device SPEC: {args.devices_sweep!r}")
+    for spec in specs:  # a typo fails now, not after the configurations before it ran
+        if not is_auto(spec):
+            parse_devices(spec)
+    legacy = args.out is not None and args.out.endswith(".json")
+    if legacy and len(specs) * len(comms) * len(prompt_lens) > 1:
+        raise UserError("--out FILE.json holds one configuration (one device SPEC, --comm and --prompt-len); "
+                        "give a directory to --out for a sweep")
     if not args.model.startswith("synthetic:"):
         resolve_model(args.model)
-    with ray_session(args.address, args.devices):
-        settings = GroupSettings(model=args.model, devices=_devices(args.devices), dtype=args.dtype, comm=args.comm,
-                                 max_context=max(args.max_context, args.prompt_len + args.decode_tokens + 1),
-                                 max_batch=max(args.max_batch, *batches), progress=False)
-        res = run_bench(settings, model_config(args.model), batches=batches, prompt_len=args.prompt_len,
-                        decode_tokens=args.decode_tokens, repeats=args.repeats, allreduce_sizes=sizes,
-                        allreduce_iters=args.allreduce_iters)
+    config = model_config(args.model)
+    widest = max(specs, key=lambda s: 1 if is_auto(s) else sum(d.kind == "cpu" for d in parse_devices(s)))
+    with ray_session(args.address, widest):
+        sweep = Sweep(model=args.model, device_sets=tuple((s, _devices(s)) for s in specs), comms=tuple(comms),
+                      batches=tuple(batches), prompt_lens=tuple(prompt_lens), dtype=args.dtype,
+                      decode_tokens=args.decode_tokens, repeats=args.repeats, max_context=args.max_context,
+                      max_batch=args.max_batch, allreduce_sizes=tuple(sizes), allreduce_iters=args.allreduce_iters)
+        with tqdm(total=sweep.size, desc="raytp bench", unit="config", file=sys.stderr) as bar:
+            def on_row(o):
+                bar.set_postfix_str(f"{o['devices']} {o['comm']} p{o['prompt_len']} b{o['batch']}: {o['status']}")
+                bar.update()
+                if o["status"] != "ok" and o["batch"] == batches[0]:
+                    tqdm.write(f"raytp: {o['status']} {o['devices']} --comm {o['comm']} --prompt-len "
+                               f"{o['prompt_len']}: {o['reason']}", file=sys.stderr)
+
+            result = run_sweep(sweep, config, on_row=on_row,
+                               on_run=lambda res: tqdm.write(format_results(res) + "\n", file=sys.stdout))
+        peer, peer_note = _peer(sweep, result, config) if args.hf_peer else ({}, "")
+        meta = {"command": _bench_command(args, specs), "model": args.model, "dtype": args.dtype,
+                "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                "cluster": _cluster_line(result["runs"]), "host": platform.node(), "torch": torch.__version__,
+                "ray": ray.__version__, "decode_tokens": args.decode_tokens, "repeats": args.repeats,
+                "peer_note": peer_note}
+    failed = [o for o in result["outcomes"] if o["status"] != "ok"]
+    if legacy:
+        if failed:
+            raise UserError(failed[0]["reason"])
+        write_results(result["runs"][0], args.out)
+        return
     if args.out:
-        write_results(res, args.out)
-    print(format_results(res))
+        paths = write_report(args.out, result, meta, peer)
+        print(f"raytp: wrote {', '.join(p.name for p in paths)} to {args.out}", file=sys.stderr)
+    broken = [o for o in failed if o["status"] == "failed"]
+    if broken:
+        raise UserError(f"{len(broken)} of {sweep.size} configurations failed; the first: {broken[0]['devices']} "
+                        f"--comm {broken[0]['comm']}: {broken[0]['reason']}")
 
 
 def _check_port(host: str, port: int) -> None:
@@ -336,7 +464,8 @@ def cmd_serve(args) -> None:
         print("raytp: shutting down", file=sys.stderr)
 
 
-COMMANDS = {"pull": cmd_pull, "plan": cmd_plan, "generate": cmd_generate, "chat": cmd_chat, "bench": cmd_bench, "serve": cmd_serve}
+COMMANDS = {"pull": cmd_pull, "plan": cmd_plan, "generate": cmd_generate, "chat": cmd_chat, "bench": cmd_bench,
+            "serve": cmd_serve}
 
 
 def _user_message(e: BaseException) -> str | None:

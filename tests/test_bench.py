@@ -27,3 +27,48 @@ def test_bench_smollm2_on_two_cpu_ranks(smollm2_dir, tmp_path, capsys):
     # the same first prompt, greedy: batching must not change its tokens
     assert res["decode"][0]["greedy_tokens"] == res["decode"][1]["greedy_tokens"]
     assert "of roofline" in capsys.readouterr().out
+
+
+def test_bench_sweep_writes_csv_json_summary_and_plots(smollm2_dir, tmp_path):
+    import csv
+
+    import matplotlib.image
+
+    from raytp.report import COLUMNS, PLOTS
+
+    out = tmp_path / "sweep"
+    # nccl on cpu ranks cannot run: those configurations are skipped (at once, before any actor starts)
+    rc = main(["bench", "--model", str(smollm2_dir), "--devices-sweep", "cpu*1;cpu*2;cpu*3", "--comm",
+               "hoststaged,nccl", "--dtype", "float32", "--batch", "1,2", "--prompt-len", "8", "--decode-tokens", "4",
+               "--repeats", "1", "--allreduce-sizes", "576", "--allreduce-iters", "5", "--hf-peer", "--out", str(out)])
+    assert rc == 0
+    with open(out / "results.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == COLUMNS
+        rows = list(reader)
+    assert len(rows) == 3 * 2 * 1 * 2  # device sets x backends x prompt lengths x batch sizes
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert [(r["devices"], r["batch"]) for r in ok] == [(f"cpu*{n}", b) for n in (1, 2, 3) for b in ("1", "2")]
+    assert all(r["status"] == "skipped" and r["reason"].startswith("ClusterError: --comm nccl needs")
+               for r in rows if r["comm"] == "nccl")
+    for r in ok:
+        assert r["backend"] == "hoststaged" and int(r["ranks"]) == int(r["devices"][-1])
+        for key in ("tokens_per_s", "ideal_tokens_per_s", "roofline_tokens_per_s", "compute_ms", "allreduce_ms",
+                    "prefill_tokens_per_s"):
+            assert float(r[key]) > 0, key
+        # the breakdown adds up to the measured step by construction
+        parts = float(r["compute_ms"]) + float(r["allreduce_ms"]) + float(r["overhead_ms"])
+        assert abs(parts - float(r["ms_per_token"])) < 1e-6
+        assert int(r["allreduces_per_step"]) == 1 + 2 * 30  # SmolLM2: 30 layers
+    one = [r for r in ok if r["ranks"] == "1"]
+    assert all(float(r["ideal_tokens_per_s"]) == float(r["tokens_per_s"]) for r in one)
+    # the Hugging Face peer decodes the same weights greedily: the same tokens as raytp on one device
+    assert all(float(r["hf_tokens_per_s"]) > 0 and r["hf_same_tokens"] == "True" for r in one)
+    res = json.loads((out / "results.json").read_text())
+    assert len(res["rows"]) == len(rows) and len(res["runs"]) == 3
+    summary = (out / "summary.md").read_text()
+    assert "overhead = the measured step - compute - all-reduce" in summary
+    assert "`cpu*2` --comm nccl, prompt 8: **skipped**" in summary
+    for name in PLOTS:
+        image = matplotlib.image.imread(out / name)
+        assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100, name

@@ -15,6 +15,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from raytp.actors.worker import WorkerActor
+from raytp.comm.hierarchical import node_layout
 from raytp.comm.hoststaged import segment_bytes
 from raytp.comm.shm import new_segment_name
 from raytp.config import ModelConfig
@@ -23,7 +24,7 @@ from raytp.plan import ShardPlan, plan_shards
 
 log = logging.getLogger("raytp")
 
-COMM_BACKENDS = ("auto", "hoststaged", "gloo", "nccl")
+COMM_BACKENDS = ("auto", "hoststaged", "gloo", "nccl", "hierarchical")
 GPU_RESERVE = 0.92  # of a GPU's free memory: the rest is CUDA context, allocator slack, other tenants
 # Keep NVLink multicast off in every rank: on shared hosts it can take GPUs out of service.
 RANK_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
@@ -46,18 +47,19 @@ class GroupSettings:
 
 
 def choose_backend(requested: str, devices: tuple[DeviceSpec, ...], nodes: int) -> tuple[str, str]:
-    """(backend, why). Pure, so the choice is testable; `auto` is logged once by the caller."""
+    """(backend, why). Pure, so the choice is testable; `auto` is logged once by the caller.
+
+    Across nodes, `auto` and `hoststaged` both mean `hierarchical`: host-staged shared memory within each node,
+    gloo between one leader per node (raytp.comm.hierarchical)."""
     if requested not in COMM_BACKENDS:
         raise ValueError(f"unknown --comm {requested!r}; choose one of {', '.join(COMM_BACKENDS)}")
-    if requested == "hoststaged" and nodes > 1:
-        raise ClusterError(f"--comm hoststaged needs all ranks on one node, these span {nodes} nodes; "
-                           "use --comm gloo (or nccl) across nodes")
     if requested == "nccl" and any(d.kind != "cuda" for d in devices):
         raise ClusterError("--comm nccl needs every rank on a cuda device; use hoststaged or gloo for cpu ranks")
+    if requested in ("auto", "hoststaged") and nodes > 1:
+        return "hierarchical", (f"ranks span {nodes} nodes: host-staged shared memory within each node, gloo "
+                                "between one leader per node")
     if requested != "auto":
         return requested, "requested"
-    if nodes > 1:
-        return "gloo", f"ranks span {nodes} nodes; host-staged shared memory works within one node"
     return "hoststaged", "all ranks on one node: partial sums meet in shared host memory, no peer-to-peer needed"
 
 
@@ -141,8 +143,8 @@ class WorkerGroup:
     def _open_comm(self) -> None:
         s = self.settings
         n = len(self.workers)
-        nodes = len({r["node_id"] for r in self.ranks})
-        self.backend, why = choose_backend(s.comm, s.devices, nodes)
+        layout = node_layout([r["node_id"] for r in self.ranks])
+        self.backend, why = choose_backend(s.comm, s.devices, len(layout))
         log.info("all-reduce backend: %s (%s)", self.backend, why)
         if self.backend == "hoststaged":
             name, size = new_segment_name(), segment_bytes(n)
@@ -151,10 +153,35 @@ class WorkerGroup:
                 ray.get([w.open_hoststaged.remote(name, size, n, False, s.timeout_s) for w in self.workers[1:]])
             finally:  # mapped everywhere (or failed): either way the name must not outlive this call
                 ray.get(self.leader.unlink_segment.remote())
+            ray.get([w.finish_comm.remote() for w in self.workers])  # GPU ranks: the kernel path
+        elif self.backend == "hierarchical":
+            self._open_hierarchical(layout)
         else:
             port = ray.get(self.leader.free_port.remote())
             init = f"tcp://{self.ranks[0]['ip']}:{port}"
             ray.get([w.open_torchdist.remote(self.backend, init, n, s.timeout_s) for w in self.workers])
+
+    def _open_hierarchical(self, layout: list[list[int]]) -> None:
+        """One segment per node, made by the node's first rank; the node leaders also join one gloo group."""
+        s = self.settings
+        leaders = [self.workers[ranks[0]] for ranks in layout]
+        names = [new_segment_name() for _ in layout]
+        init = None
+        if len(layout) > 1:  # the leaders' group meets at node 0's leader, which is rank 0
+            init = f"tcp://{self.ranks[0]['ip']}:{ray.get(self.leader.free_port.remote())}"
+        log.info("nodes and their ranks: %s", "; ".join(
+            f"{self.ranks[ranks[0]]['ip']} ({self.ranks[ranks[0]]['node_id'][:8]}): {ranks}" for ranks in layout))
+        try:
+            ray.get([w.open_hierarchical.remote(name, layout, True, init, s.timeout_s)
+                     for w, name in zip(leaders, names)])  # at once: the leaders' gloo join waits for all of them
+            ray.get([self.workers[r].open_hierarchical.remote(name, layout, False, None, s.timeout_s)
+                     for ranks, name in zip(layout, names) for r in ranks[1:]])
+        finally:  # every node mapped its segment (or failed): no name may outlive this call
+            for ref in [w.unlink_segment.remote() for w in leaders]:
+                try:
+                    ray.get(ref)
+                except ray.exceptions.RayError:  # that leader's open failed, and closed its segment itself
+                    pass
 
     def shutdown(self, graceful: bool = True) -> None:
         """Stop the loop (if `graceful`), then end every actor and free the placement group. Idempotent.

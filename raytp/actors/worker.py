@@ -154,6 +154,13 @@ class Worker:
             command = ("add", Request(**{**fields, "params": SamplingParams(**fields["params"])}))
         self.engine.inbox.put(command)
 
+    def submit_timed(self, command: tuple) -> float:
+        """`submit`, returning this process's perf_counter when the command was queued: benchmarks time a
+        request against the `t` of its events, which come from the same clock."""
+        queued = time.perf_counter()
+        self.submit(command)
+        return queued
+
     def poll_events(self, timeout_s: float = 0.2, max_events: int = 4096) -> list[dict]:
         """Leader only: block until at least one event (or timeout), then return all that are waiting."""
         out = []

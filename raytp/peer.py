@@ -1,0 +1,117 @@
+"""A peer to compare against: Hugging Face transformers decoding the same weights on one device.
+
+For a checkpoint directory (or `smollm2`) the peer loads it with `from_pretrained`. For `synthetic:` models it
+builds the architecture from the same config on the meta device and assigns the one-rank synthetic weights
+(`raytp.synthetic`, drawn on the same kind of device, so the very tensors a one-device raytp rank holds), which
+costs no second copy of the model. Timing: greedy `generate` of N tokens minus that of one token (the prefill and
+the first sample), over N - 1 steps; EOS is ignored, as in raytp's benchmark requests.
+
+transformers is a test dependency, not a runtime one: `raytp bench --hf-peer` needs it installed on the nodes.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+import ray
+import torch
+
+from raytp.config import ModelConfig
+
+
+def hf_state_dict(config: ModelConfig, w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A one-rank raytp weight dict (raytp.model's layout) as a Hugging Face Llama/Mistral/Qwen2 state dict."""
+    D = config.head_dim
+    split = [config.num_heads * D, config.num_kv_heads * D, config.num_kv_heads * D]
+    sd = {"model.embed_tokens.weight": w["embed"], "model.norm.weight": w["final_norm"], "lm_head.weight": w["lm_head"]}
+    for i in range(config.num_layers):
+        p, a, m = f"model.layers.{i}.", f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
+        sd[p + "input_layernorm.weight"] = w[f"layers.{i}.attn_norm"]
+        sd[p + "post_attention_layernorm.weight"] = w[f"layers.{i}.mlp_norm"]
+        for name, t in zip(("q", "k", "v"), w[f"layers.{i}.wqkv"].split(split)):
+            sd[a + f"{name}_proj.weight"] = t
+        if config.attention_bias:
+            for name, t in zip(("q", "k", "v"), w[f"layers.{i}.bqkv"].split(split)):
+                sd[a + f"{name}_proj.bias"] = t
+        sd[a + "o_proj.weight"] = w[f"layers.{i}.wo"]  # (hidden, heads * head_dim): HF's layout already
+        sd[m + "gate_proj.weight"], sd[m + "up_proj.weight"] = w[f"layers.{i}.w_gate_up"].chunk(2)
+        sd[m + "down_proj.weight"] = w[f"layers.{i}.w_down"]
+    return sd
+
+
+def _synthetic_hf_config(model: str):
+    import transformers
+
+    from raytp.synthetic import CONFIGS, PREFIX
+
+    name = model.removeprefix(PREFIX)
+    if name in CONFIGS:
+        d = json.loads(json.dumps(CONFIGS[name]))
+    else:
+        path = Path(name)
+        d = json.loads((path / "config.json" if path.is_dir() else path).read_text())
+    return transformers.AutoConfig.for_model(**d)
+
+
+def _hf_model(model: str, dtype: str, device: torch.device):
+    import transformers
+
+    from raytp.models import resolve_model
+    from raytp.plan import plan_shards
+    from raytp.source import model_config
+    from raytp.synthetic import is_synthetic, synthetic_weights
+
+    if not is_synthetic(model):
+        hf = transformers.AutoModelForCausalLM.from_pretrained(resolve_model(model), dtype=getattr(torch, dtype))
+        return hf.to(device).eval()
+    config = model_config(model)
+    hf_config = _synthetic_hf_config(model)
+    with torch.device("meta"):
+        hf = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=getattr(torch, dtype))
+    whole = plan_shards(config, [("peer", 1 << 62)], max_context=1, max_batch=1, dtype=dtype).ranks[0]
+    weights = synthetic_weights(config, whole, dtype=getattr(torch, dtype), device=device)
+    hf.load_state_dict(hf_state_dict(config, weights),
+                       assign=True, strict=True)
+    rotary = hf.model.rotary_emb  # its frequencies are buffers, left on the meta device: compute them for real
+    hf.model.rotary_emb = type(rotary)(config=hf.config).to(device)
+    return hf.eval()
+
+
+def hf_decode(model: str, dtype: str, device_kind: str, batches: list[int], prompts: dict[int, list[list[int]]],
+              decode_tokens: int, repeats: int) -> dict[int, dict]:
+    """{batch: {"ms_per_step", "tokens_per_s", "tokens" (request 0's greedy tokens)}} on this process's device."""
+    device = torch.device("cuda", 0) if device_kind == "cuda" else torch.device("cpu")
+    hf = _hf_model(model, dtype, device)
+    hf.generation_config.eos_token_id = None  # run the full length, as raytp's benchmark requests do
+    hf.generation_config.pad_token_id = 0
+
+    def generate(ids, n):
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False)
+        tokens = out[:, ids.shape[1]:].tolist()  # .tolist() waits for the device
+        return time.perf_counter() - start, tokens
+
+    out = {}
+    for batch in batches:
+        ids = torch.tensor(prompts[batch], device=device)
+        generate(ids, 2)  # warm-up
+        steps = []
+        for _ in range(repeats):
+            one, _ = generate(ids, 1)
+            full, tokens = generate(ids, decode_tokens)
+            steps.append(1000 * (full - one) / (decode_tokens - 1))
+        ms = statistics.median(steps)
+        out[batch] = {"ms_per_step": ms, "tokens_per_s": 1000 * batch / ms, "tokens": tokens[0]}
+    return out
+
+
+def run_peer(model: str, dtype: str, device_kind: str, batches: list[int], prompts: dict[int, list[list[int]]],
+             decode_tokens: int, repeats: int) -> dict[int, dict]:
+    """`hf_decode` in a Ray task holding one device of `device_kind` (one GPU, or one CPU slot)."""
+    resources = {"num_gpus": 1} if device_kind == "cuda" else {"num_cpus": 1}
+    task = ray.remote(max_calls=1, **resources)(hf_decode)
+    return ray.get(task.remote(model, dtype, device_kind, batches, prompts, decode_tokens, repeats))

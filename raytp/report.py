@@ -1,0 +1,317 @@
+"""The files of a `raytp bench` sweep: results.csv, results.json, summary.md and four PNG plots.
+
+    results.csv    one row per configuration (device set x backend x prompt length x batch), `COLUMNS` in order;
+                   skipped and failed configurations too, with the reason
+    results.json   the same rows, the full measurements of every group (plan, per-rank figures, all-reduce latency
+                   per size, greedy tokens) and how the sweep was run
+    summary.md     the table, what was skipped and why, how each figure is obtained, the plots
+    scaling.png    decode tokens/s against rank count, with ideal linear scaling and the memory roofline
+    breakdown.png  ms per decode step split into compute, all-reduce and overhead (estimated, see `NOTES`)
+    allreduce.png  all-reduce latency against message size, per backend and rank count
+    prefill.png    prefill tokens/s against rank count
+
+Plots use matplotlib's Agg backend: no display is needed.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from raytp.plan import DTYPE_BYTES
+
+COLUMNS = [
+    "devices", "ranks", "nodes", "comm", "backend", "dtype", "prompt_len", "batch", "decode_tokens", "status",
+    "reason", "ms_per_token", "tokens_per_s", "ideal_tokens_per_s", "scaling_efficiency", "roofline_tokens_per_s",
+    "roofline_fraction", "compute_ms", "allreduce_ms", "overhead_ms", "allreduces_per_step", "allreduce_us",
+    "prefill_ms", "prefill_tokens_per_s", "hf_tokens_per_s", "hf_same_tokens", "build_s",
+]
+PLOTS = ("scaling.png", "breakdown.png", "allreduce.png", "prefill.png")
+
+NOTES = """\
+- **tokens/s**: batch x 1000 / ms per decode step. Each step decodes one token for every request of the batch, so
+  ms/token is the step time a single request sees. Steps are timed on the leader rank, only those in which the
+  whole batch decodes, after one warm-up run per batch size; the median of the repeats is kept.
+- **ideal**: the run with the fewest ranks of the same backend, batch and prompt length, scaled linearly in the
+  rank count. **of ideal** = measured / ideal.
+- **roofline**: the bytes each rank must read per decode step (its weights bar the embedding table, plus its KV
+  cache at the mean context) divided by its measured memory bandwidth (a large device copy); the slowest rank sets
+  the step. roofline tokens/s is what a step at that time would give.
+- **breakdown** (an estimate from separate measurements, not a profile of the step):
+  compute = the roofline time above; all-reduce = the all-reduce latency measured on the idle group at the decode
+  message size (batch x hidden elements, in the run's dtype, slowest rank) x the all-reduces of one step (one for
+  the embedding, two per layer); overhead = the measured step - compute - all-reduce: kernel launches, Python,
+  sampling and its gathers, the per-step command broadcast, and whatever the other two estimates miss. A negative
+  overhead means the estimates over-count (e.g. all-reduces faster inside the step than on the idle group); the
+  plot draws it as zero.
+- **prefill tokens/s**: prompt tokens / the time from the leader queuing one request to its first token (the
+  command broadcast, the prefill forward and the first sample), on the leader's clock.
+"""
+
+
+def build_rows(sweep: dict, peer: dict | None = None) -> list[dict]:
+    """One dict per configuration with every column of `COLUMNS` (None where not measured)."""
+    rows = []
+    for o in sweep["outcomes"]:
+        row = dict.fromkeys(COLUMNS)
+        row |= {"devices": o["devices"], "comm": o["comm"], "prompt_len": o["prompt_len"], "batch": o["batch"],
+                "status": o["status"], "reason": o["reason"] or None}
+        if o["run"] is not None:
+            run = sweep["runs"][o["run"]]
+            d = next(x for x in run["decode"] if x["batch"] == o["batch"])
+            row |= {
+                "ranks": len(run["devices"]), "nodes": run["nodes"], "backend": run["backend"], "dtype": run["dtype"],
+                "decode_tokens": run["decode_tokens"], "ms_per_token": d["ms_per_step"],
+                "tokens_per_s": d["tokens_per_s"], "roofline_tokens_per_s": 1000 * d["batch"] / d["roofline_ms"],
+                "roofline_fraction": d["roofline_fraction"], "compute_ms": d["compute_ms"],
+                "allreduce_ms": d["allreduce_ms"], "overhead_ms": d["overhead_ms"],
+                "allreduces_per_step": run["allreduces_per_step"], "allreduce_us": d["allreduce_us"],
+                "prefill_ms": run["prefill"]["ms"], "prefill_tokens_per_s": run["prefill"]["tokens_per_s"],
+                "build_s": run["build_s"],
+            }
+            hf = (peer or {}).get((o["devices"], o["comm"], o["prompt_len"], o["batch"]))
+            if hf:
+                row |= {"hf_tokens_per_s": hf["tokens_per_s"], "hf_same_tokens": hf["tokens"] == d["greedy_tokens"]}
+        rows.append(row)
+    _add_ideal(rows)
+    return rows
+
+
+def _add_ideal(rows: list[dict]) -> None:
+    """ideal = the fewest-rank run of the same backend, batch and prompt length, scaled linearly in ranks."""
+    ok = [r for r in rows if r["status"] == "ok"]
+    for r in ok:
+        peers = [p for p in ok if (p["comm"], p["dtype"], p["batch"], p["prompt_len"]) ==
+                 (r["comm"], r["dtype"], r["batch"], r["prompt_len"])]
+        base = min(peers, key=lambda p: (p["ranks"], -p["tokens_per_s"]))
+        r["ideal_tokens_per_s"] = base["tokens_per_s"] * r["ranks"] / base["ranks"]
+        r["scaling_efficiency"] = r["tokens_per_s"] / r["ideal_tokens_per_s"]
+
+
+def write_report(out_dir: str | Path, sweep: dict, meta: dict, peer: dict | None = None) -> list[Path]:
+    """Write every file into `out_dir` (created if needed); returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = build_rows(sweep, peer)
+    with open(out / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        w.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in rows)
+    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows, "runs": sweep["runs"]}, indent=2))
+    (out / "summary.md").write_text(summary_markdown(rows, sweep, meta))
+    _plots(out, rows, sweep)
+    return [out / n for n in ("results.csv", "results.json", "summary.md", *PLOTS)]
+
+
+def _fmt(x, digits=1, pct=False) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    return f"{100 * x:.{digits}f}%" if pct else f"{x:.{digits}f}"
+
+
+def summary_markdown(rows: list[dict], sweep: dict, meta: dict) -> str:
+    ok = [r for r in rows if r["status"] == "ok"]
+    lines = [f"# raytp bench: {meta['model']}, {meta['dtype']}", "",
+             f"`{meta['command']}`", "",
+             f"{meta['date']}; {meta['cluster']}; torch {meta['torch']}, ray {meta['ray']}. "
+             f"{len(ok)} of {len(rows)} configurations ran; {meta['decode_tokens']} decode tokens per request, "
+             f"{meta['repeats']} timed repeat(s) after a warm-up.", "",
+             "## Decode and prefill", ""]
+    hf = any(r["hf_tokens_per_s"] is not None for r in rows)
+    head = ["devices", "ranks", "nodes", "backend", "prompt", "batch", "ms/token", "tokens/s", "of ideal",
+            "roofline tokens/s", "of roofline", "compute ms", "all-reduce ms", "overhead ms", "prefill tokens/s"]
+    if hf:
+        head += ["HF tokens/s", "HF same tokens"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in ok:
+        cells = [f"`{r['devices']}`", str(r["ranks"]), str(r["nodes"]), r["backend"], str(r["prompt_len"]),
+                 str(r["batch"]), _fmt(r["ms_per_token"], 2), _fmt(r["tokens_per_s"]),
+                 _fmt(r["scaling_efficiency"], 0, pct=True), _fmt(r["roofline_tokens_per_s"]),
+                 _fmt(r["roofline_fraction"], 1, pct=True), _fmt(r["compute_ms"], 2), _fmt(r["allreduce_ms"], 2),
+                 _fmt(r["overhead_ms"], 2), _fmt(r["prefill_tokens_per_s"])]
+        if hf:
+            cells += [_fmt(r["hf_tokens_per_s"]), _fmt(r["hf_same_tokens"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    not_run = [r for r in rows if r["status"] != "ok"]
+    if not_run:
+        lines += ["", "## Skipped and failed", ""]
+        seen = set()
+        for r in not_run:
+            key = (r["devices"], r["comm"], r["prompt_len"], r["reason"])
+            if key not in seen:  # one line per group, not per batch size
+                seen.add(key)
+                lines.append(f"- `{r['devices']}` --comm {r['comm']}, prompt {r['prompt_len']}: **{r['status']}**: "
+                             f"{r['reason']}")
+    lines += ["", "## All-reduce latency (us, slowest rank)", ""] + _allreduce_table(sweep)
+    lines += ["", "## How the figures are obtained", "", NOTES]
+    if meta.get("peer_note"):
+        lines += [f"- **HF peer**: {meta['peer_note']}", ""]
+    lines += ["## Plots", ""] + [f"![{n[:-4]}]({n})" for n in PLOTS] + [""]
+    return "\n".join(lines)
+
+
+def _allreduce_series(sweep: dict) -> dict[tuple[str, int, str, str], dict[int, float]]:
+    """(backend, ranks, devices, dtype) -> {elements: us}, from the first group measured of each."""
+    series = {}
+    for run in sweep["runs"]:
+        key = (run["backend"], len(run["devices"]), run["spec"], run["dtype"])
+        if key not in series:
+            series[key] = {int(n): v["slowest_rank"] for n, v in run["allreduce_us"]["by_size"].items()}
+    return series
+
+
+def _allreduce_table(sweep: dict) -> list[str]:
+    series = _allreduce_series(sweep)
+    if not series:
+        return ["(no run)"]
+    sizes = sorted({n for s in series.values() for n in s})
+    lines = ["| backend | ranks | devices | " + " | ".join(f"{n} el." for n in sizes) + " |",
+             "|" + "---|" * (3 + len(sizes))]
+    for (backend, ranks, spec, _), s in series.items():
+        lines.append(f"| {backend} | {ranks} | `{spec}` | " + " | ".join(_fmt(s.get(n)) for n in sizes) + " |")
+    return lines
+
+
+# ---- plots ---------------------------------------------------------------------------------------------------
+
+
+def _plots(out: Path, rows: list[dict], sweep: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if r["status"] == "ok"]
+    try:
+        _plot_scaling(plt, out / "scaling.png", ok)
+        _plot_breakdown(plt, out / "breakdown.png", ok)
+        _plot_allreduce(plt, out / "allreduce.png", sweep)
+        _plot_prefill(plt, out / "prefill.png", ok)
+    finally:
+        plt.close("all")
+
+
+def _empty(ax, what: str) -> None:
+    ax.text(0.5, 0.5, f"no {what}: every configuration was skipped or failed", ha="center", va="center",
+            transform=ax.transAxes)
+    ax.set_axis_off()
+
+
+def _series(rows: list[dict], key) -> dict:
+    out: dict = {}
+    for r in rows:
+        out.setdefault(key(r), []).append(r)
+    return {k: sorted(v, key=lambda r: (r["ranks"], r["devices"])) for k, v in out.items()}
+
+
+def _plot_scaling(plt, path: Path, ok: list[dict]) -> None:
+    """One panel per (prompt length, batch); per backend: measured, ideal linear, roofline."""
+    panels = _series(ok, lambda r: (r["prompt_len"], r["batch"]))
+    prompts = sorted({p for p, _ in panels}) or [0]
+    batches = sorted({b for _, b in panels}) or [0]
+    fig, axes = plt.subplots(len(prompts), len(batches), figsize=(5 * len(batches), 3.8 * len(prompts)),
+                             squeeze=False)
+    if not ok:
+        _empty(axes[0][0], "decode run")
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    comms = sorted({r["comm"] for r in ok})
+    for (prompt, batch), rs in panels.items():
+        ax = axes[prompts.index(prompt)][batches.index(batch)]
+        for i, comm in enumerate(comms):
+            mine = [r for r in rs if r["comm"] == comm]
+            if not mine:
+                continue
+            c = colors[i % len(colors)]
+            x = [r["ranks"] for r in mine]
+            ax.plot(x, [r["tokens_per_s"] for r in mine], "o-", color=c, label=f"{comm} measured")
+            ax.plot(x, [r["ideal_tokens_per_s"] for r in mine], ":", color=c, label=f"{comm} ideal linear")
+            ax.plot(x, [r["roofline_tokens_per_s"] for r in mine], "--", color=c, alpha=0.6,
+                    label=f"{comm} roofline")
+            for r in mine:
+                if sum(p["ranks"] == r["ranks"] for p in mine) > 1:  # several device sets of one size: name them
+                    ax.annotate(r["devices"], (r["ranks"], r["tokens_per_s"]), fontsize=6, xytext=(3, 3),
+                                textcoords="offset points")
+        hf = {r["devices"]: r for r in rs if r["hf_tokens_per_s"] is not None}  # the same for every backend
+        if hf:
+            ax.plot([r["ranks"] for r in hf.values()], [r["hf_tokens_per_s"] for r in hf.values()], "kx",
+                    markersize=9, label="HF transformers, one device")
+        ax.set_yscale("log")
+        ax.set_xticks(sorted({r["ranks"] for r in rs}))
+        ax.set_xlabel("ranks (GPUs)")
+        ax.set_ylabel("decode tokens/s")
+        ax.set_title(f"prompt {prompt}, batch {batch}")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def _plot_breakdown(plt, path: Path, ok: list[dict]) -> None:
+    labels = [f"{r['devices']} {r['backend']} p{r['prompt_len']} b{r['batch']}" for r in ok]
+    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.35 * max(len(ok), 1)))
+    if not ok:
+        _empty(ax, "decode run")
+    else:
+        y = range(len(ok))
+        left = [0.0] * len(ok)
+        for key, name in (("compute_ms", "compute (roofline)"), ("allreduce_ms", "all-reduce"),
+                          ("overhead_ms", "overhead (the rest)")):
+            width = [max(0.0, r[key]) for r in ok]
+            ax.barh(list(y), width, left=left, label=name)
+            left = [a + b for a, b in zip(left, width)]
+        ax.plot([r["ms_per_token"] for r in ok], list(y), "k|", markersize=14, label="measured")
+        ax.set_yticks(list(y), labels, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel("ms per decode step (= ms/token per request)")
+        ax.set_title("where a decode step goes (estimated: see summary.md)")
+        ax.legend(fontsize=7, loc="lower right")
+        ax.grid(True, axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def _plot_allreduce(plt, path: Path, sweep: dict) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    series = _allreduce_series(sweep)
+    if not series:
+        _empty(ax, "all-reduce measurement")
+    for (backend, ranks, spec, dtype), s in sorted(series.items()):
+        sizes = sorted(s)
+        ax.plot([n * DTYPE_BYTES[dtype] for n in sizes], [s[n] for n in sizes], "o-",
+                label=f"{backend}, {ranks} ranks ({spec})")
+    if series:
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("message size (bytes)")
+        ax.set_ylabel("all-reduce latency (us, slowest rank)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    ax.set_title("all-reduce latency by message size")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def _plot_prefill(plt, path: Path, ok: list[dict]) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    firsts = {}
+    for r in ok:  # prefill is measured once per group: any batch's row carries it
+        firsts.setdefault((r["comm"], r["prompt_len"], r["devices"]), r)
+    series = _series(list(firsts.values()), lambda r: (r["comm"], r["prompt_len"]))
+    if not series:
+        _empty(ax, "prefill run")
+    for (comm, prompt), rs in sorted(series.items()):
+        ax.plot([r["ranks"] for r in rs], [r["prefill_tokens_per_s"] for r in rs], "o-",
+                label=f"{comm}, prompt {prompt}")
+    if series:
+        ax.set_xticks(sorted({r["ranks"] for r in firsts.values()}))
+        ax.set_yscale("log")
+        ax.set_xlabel("ranks (GPUs)")
+        ax.set_ylabel("prefill tokens/s")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    ax.set_title("prefill throughput (one request)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
