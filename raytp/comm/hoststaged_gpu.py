@@ -61,15 +61,20 @@ class GpuHostStagedCommunicator(Communicator):
         return segment
 
     def all_reduce(self, t):
+        if self.world_size == 1:
+            return t  # a sum of one
         if t.dtype not in kernel.CTYPES:
             return self.cpu.all_reduce(t)  # e.g. float16 or integers: the CPU-driven path is exact too
-        flat = t.view(-1)  # the kernel reads and writes each block's chunk itself, so in place is safe
+        self.reduce_in_place(t.view(-1))  # each block reads and writes only its own chunk: in place is safe
+        return t
+
+    def reduce_in_place(self, flat: torch.Tensor) -> None:
+        """The kernel path itself (also at one rank, for tests), in launches of at most max_elems."""
         for start in range(0, flat.numel(), self.max_elems):
             piece = flat[start : start + self.max_elems]
             kernel.launch(piece, piece, self.slots, self.flags, self.counters, self.error, rank=self.rank,
                           world=self.world_size, slot_elems=self.slot_elems, max_blocks=self.max_blocks,
                           max_spins=self.max_spins)
-        return t
 
     def check(self) -> None:
         if int(self.error[0]):

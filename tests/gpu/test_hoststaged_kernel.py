@@ -46,7 +46,7 @@ def test_kernel_sums_in_rank_order_with_identical_bits(world, dtype, n):
 
     def body(comm):
         t = inputs[comm.rank].cuda()
-        comm.all_reduce(t)
+        comm.reduce_in_place(t)  # the kernel itself, also at one rank (all_reduce skips a sum of one)
         torch.cuda.current_stream().synchronize()
         comm.check()
         return t.cpu()
@@ -62,10 +62,10 @@ def test_kernel_replays_inside_a_cuda_graph():
 
     def body(comm):
         static = torch.zeros(n, device="cuda")
-        comm.all_reduce(static)  # warm-up (compiles the kernel) outside the capture
+        comm.reduce_in_place(static)  # warm-up (compiles the kernel) outside the capture
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=torch.cuda.current_stream(), capture_error_mode="thread_local"):
-            comm.all_reduce(static)
+            comm.reduce_in_place(static)
         out = []
         for inputs in rounds:
             static.copy_(inputs[comm.rank])
@@ -82,7 +82,7 @@ def test_kernel_replays_inside_a_cuda_graph():
 def test_missing_rank_becomes_an_error_not_a_hung_gpu():
     def body(comm):
         t = torch.ones(4096, device="cuda")
-        comm.all_reduce(t)
+        comm.reduce_in_place(t)
         torch.cuda.current_stream().synchronize()  # returns: the kernel gave up after its timeout
         with pytest.raises(CommError, match="timed out"):
             comm.check()
