@@ -22,6 +22,8 @@ class TorchDistCommunicator(Communicator):
         self._device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
 
     def all_reduce(self, t):
+        if self.world_size == 1:
+            return t  # a sum of one
         # gloo sums half precision poorly (and slowly): accumulate in float32 as the host-staged path does
         wire = torch.float32 if self.backend == "gloo" and t.is_floating_point() else t.dtype
         staged = t if (t.device, t.dtype) == (self._device, wire) else t.to(self._device, wire)
