@@ -15,7 +15,7 @@ import socket
 import sys
 from contextlib import contextmanager
 
-from raytp.devices import DeviceSpecError, format_bytes, is_auto, parse_devices
+from raytp.devices import DeviceSpecError, is_auto, parse_devices
 
 DTYPES = ("float32", "bfloat16", "float16")
 EPILOG = """device SPEC: comma-separated KIND[:INDEX][@MEM] or KIND*N[@MEM], KIND cpu or cuda, e.g.

@@ -9,14 +9,12 @@ import os
 
 import pytest
 import ray
-import torch
-import transformers
 from ray.cluster_utils import Cluster
 
 from raytp.actors.driver import DriverActor
 from raytp.actors.group import GroupSettings
 from raytp.devices import parse_devices
-from raytp.tokenizer import Tokenizer
+from tests.util import raytp_segments, transformers_greedy
 
 pytestmark = pytest.mark.slow
 PROMPT = "The capital of France is"
@@ -37,17 +35,7 @@ def two_nodes():
 
 @pytest.fixture(scope="module")
 def expected_greedy(smollm2_dir):
-    tokenizer = Tokenizer.from_dir(smollm2_dir)
-    model = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
-    ids = tokenizer.encode(PROMPT)
-    with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), max_new_tokens=MAX_TOKENS, do_sample=False,
-                             eos_token_id=sorted(tokenizer.eos_token_ids))
-    return out[0, len(ids):].tolist()
-
-
-def raytp_segments() -> set[str]:
-    return {n for n in os.listdir("/dev/shm") if n.startswith("raytp-")}
+    return transformers_greedy(smollm2_dir, PROMPT, MAX_TOKENS)
 
 
 def test_two_nodes_uneven_ranks_match_one_device(two_nodes, smollm2_dir, expected_greedy):

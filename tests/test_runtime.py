@@ -14,26 +14,14 @@ import time
 
 import pytest
 import ray
-import torch
-import transformers
 
 from raytp.actors.driver import DriverActor
 from raytp.actors.group import GroupSettings
 from raytp.devices import parse_devices
-from raytp.tokenizer import Tokenizer
+from tests.util import free_port, raytp_segments, transformers_greedy
 
 pytestmark = pytest.mark.slow
 PROMPT = "The capital of France is"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def raytp_segments() -> set[str]:
-    return {n for n in os.listdir("/dev/shm") if n.startswith("raytp-")}
 
 
 @pytest.fixture(scope="module")
@@ -64,14 +52,7 @@ def ray_head(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def expected_greedy(smollm2_dir):
-    """transformers' greedy continuation of PROMPT: 32 tokens, or fewer if it stops at end-of-sequence."""
-    tokenizer = Tokenizer.from_dir(smollm2_dir)
-    model = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
-    ids = tokenizer.encode(PROMPT)
-    with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False,
-                             eos_token_id=sorted(tokenizer.eos_token_ids))
-    return out[0, len(ids):].tolist()
+    return transformers_greedy(smollm2_dir, PROMPT, 32)
 
 
 def raytp_cli(*args, env_extra=None, timeout=300):

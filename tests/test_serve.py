@@ -24,6 +24,7 @@ import pytest
 
 from raytp.server import APIError, StopScanner, parse_completion
 from raytp.tokenizer import Tokenizer
+from tests.util import free_port, raytp_segments
 
 DEVICES = "cpu@2GiB,cpu@1GiB"
 MAX_BATCH = 8
@@ -34,16 +35,6 @@ REFERENCE_TOKENS = 24
 REQUESTS = [("Name three colors.", 8), ("What is 2 + 2?", 12), ("Say hello in French.", 16),
             ("Name a large animal.", 10), ("What is the sun?", 14), ("Give me a fruit.", 20),
             ("What is water made of?", 6), ("Name a planet.", 11)]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def raytp_segments() -> set[str]:
-    return {n for n in os.listdir("/dev/shm") if n.startswith("raytp-")}
 
 
 # ---- no server -------------------------------------------------------------------------------------------
