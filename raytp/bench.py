@@ -304,3 +304,10 @@ def format_results(res: dict) -> str:
 def write_results(res: dict, path: str) -> None:
     with open(path, "w") as f:
         json.dump(res, f, indent=2)
+
+
+def cluster_line(runs: list[dict]) -> str:
+    res = ray.cluster_resources()
+    names = sorted({r["device_name"] for run in runs for r in run["ranks"]})
+    return (f"Ray cluster of {len([n for n in ray.nodes() if n['Alive']])} node(s), {int(res.get('GPU', 0))} GPU(s), "
+            f"{int(res.get('CPU', 0))} CPU slot(s)" + (f"; devices: {', '.join(names)}" if names else ""))

@@ -310,50 +310,6 @@ def _bench_command(args, specs: list[str]) -> str:
     return shlex.join(parts + (["--hf-peer"] if args.hf_peer else []) + (["--out", args.out] if args.out else []))
 
 
-def _cluster_line(runs: list[dict]) -> str:
-    import ray
-
-    res = ray.cluster_resources()
-    names = sorted({r["device_name"] for run in runs for r in run["ranks"]})
-    return (f"Ray cluster of {len([n for n in ray.nodes() if n['Alive']])} node(s), {int(res.get('GPU', 0))} GPU(s), "
-            f"{int(res.get('CPU', 0))} CPU slot(s)" + (f"; devices: {', '.join(names)}" if names else ""))
-
-
-def _peer(sweep, result, config) -> tuple[dict, str]:
-    """Hugging Face decode next to every one-device configuration that ran; (rows' peer figures, a note)."""
-    from raytp.bench import random_requests
-    from raytp.peer import run_peer
-
-    try:
-        import transformers  # noqa: F401
-    except ImportError:
-        raise UserError("--hf-peer needs transformers: pip install transformers") from None
-    peer, done = {}, {}
-    for o in result["outcomes"]:
-        run = result["runs"][o["run"]] if o["run"] is not None else None
-        if run is None or len(run["devices"]) != 1:
-            continue
-        key = (o["devices"], o["prompt_len"])
-        if key not in done:
-            kind = dict(sweep.device_sets)[o["devices"]][0].kind
-            prompts = {b: [r.prompt_ids for r in random_requests(b, o["prompt_len"], 1, config.vocab_size, "hf")]
-                       for b in sweep.batches}
-            try:
-                done[key] = run_peer(sweep.model, sweep.dtype, kind, list(sweep.batches), prompts,
-                                     sweep.decode_tokens, sweep.repeats)
-            except Exception as e:  # noqa: BLE001 - the peer is a comparison: its failure is reported, not fatal
-                print(f"raytp: the HF peer on {o['devices']} failed: {_user_message(e) or e}", file=sys.stderr)
-                done[key] = {}
-        if o["batch"] in done[key]:
-            peer[(o["devices"], o["comm"], o["prompt_len"], o["batch"])] = done[key][o["batch"]]
-    note = ("transformers' AutoModelForCausalLM on the same weights (for synthetic models: the same one-device "
-            "random weights, assigned into the architecture built from the same config), greedy, EOS ignored, on "
-            "the device of each one-device configuration; ms per step = (time of N tokens - time of 1) / (N - 1). "
-            "'HF same tokens' compares request 0's greedy tokens with raytp's: in float32 they should agree; in "
-            "16-bit types the two implementations round differently and greedy tokens may part after a few steps.")
-    return peer, note if peer else "requested, but the sweep has no one-device configuration that ran"
-
-
 def cmd_bench(args) -> None:
     import datetime
     import platform
@@ -362,11 +318,17 @@ def cmd_bench(args) -> None:
     import torch
     from tqdm import tqdm
 
-    from raytp.bench import Sweep, format_results, run_sweep, write_results
+    from raytp.bench import Sweep, cluster_line, format_results, run_sweep, write_results
     from raytp.models import resolve_model
     from raytp.report import write_report
     from raytp.source import model_config
 
+    if args.hf_peer:
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            raise UserError("--hf-peer needs transformers: pip install transformers") from None
+        from raytp.peer import peer_rows
     batches = _int_list(args.batch, "--batch")
     prompt_lens = _int_list(args.prompt_len, "--prompt-len")
     sizes = _int_list(args.allreduce_sizes, "--allreduce-sizes")
@@ -402,10 +364,10 @@ def cmd_bench(args) -> None:
 
             result = run_sweep(sweep, config, on_row=on_row,
                                on_run=lambda res: tqdm.write(format_results(res) + "\n", file=sys.stdout))
-        peer, peer_note = _peer(sweep, result, config) if args.hf_peer else ({}, "")
+        peer, peer_note = peer_rows(sweep, result, config) if args.hf_peer else ({}, "")
         meta = {"command": _bench_command(args, specs), "model": args.model, "dtype": args.dtype,
                 "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                "cluster": _cluster_line(result["runs"]), "host": platform.node(), "torch": torch.__version__,
+                "cluster": cluster_line(result["runs"]), "host": platform.node(), "torch": torch.__version__,
                 "ray": ray.__version__, "decode_tokens": args.decode_tokens, "repeats": args.repeats,
                 "peer_note": peer_note}
     failed = [o for o in result["outcomes"] if o["status"] != "ok"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -115,3 +116,33 @@ def run_peer(model: str, dtype: str, device_kind: str, batches: list[int], promp
     resources = {"num_gpus": 1} if device_kind == "cuda" else {"num_cpus": 1}
     task = ray.remote(max_calls=1, **resources)(hf_decode)
     return ray.get(task.remote(model, dtype, device_kind, batches, prompts, decode_tokens, repeats))
+
+
+def peer_rows(sweep, result, config) -> tuple[dict, str]:
+    """Hugging Face decode next to every one-device configuration that ran; (rows' peer figures, a note)."""
+    from raytp.bench import random_requests
+
+    peer, done = {}, {}
+    for o in result["outcomes"]:
+        run = result["runs"][o["run"]] if o["run"] is not None else None
+        if run is None or len(run["devices"]) != 1:
+            continue
+        key = (o["devices"], o["prompt_len"])
+        if key not in done:
+            kind = dict(sweep.device_sets)[o["devices"]][0].kind
+            prompts = {b: [r.prompt_ids for r in random_requests(b, o["prompt_len"], 1, config.vocab_size, "hf")]
+                       for b in sweep.batches}
+            try:
+                done[key] = run_peer(sweep.model, sweep.dtype, kind, list(sweep.batches), prompts,
+                                     sweep.decode_tokens, sweep.repeats)
+            except Exception as e:  # noqa: BLE001 - the peer is a comparison: its failure is reported, not fatal
+                print(f"raytp: the HF peer on {o['devices']} failed: {e}", file=sys.stderr)
+                done[key] = {}
+        if o["batch"] in done[key]:
+            peer[(o["devices"], o["comm"], o["prompt_len"], o["batch"])] = done[key][o["batch"]]
+    note = ("transformers' AutoModelForCausalLM on the same weights (for synthetic models: the same one-device "
+            "random weights, assigned into the architecture built from the same config), greedy, EOS ignored, on "
+            "the device of each one-device configuration; ms per step = (time of N tokens - time of 1) / (N - 1). "
+            "'HF same tokens' compares request 0's greedy tokens with raytp's: in float32 they should agree; in "
+            "16-bit types the two implementations round differently and greedy tokens may part after a few steps.")
+    return peer, note if peer else "requested, but the sweep has no one-device configuration that ran"

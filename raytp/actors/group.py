@@ -17,6 +17,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from raytp.actors.worker import WorkerActor
 from raytp.comm.hierarchical import node_layout
 from raytp.comm.hoststaged import segment_bytes
+from raytp.comm.routed import choose_cutoff
 from raytp.comm.shm import new_segment_name
 from raytp.config import ModelConfig
 from raytp.devices import DeviceSpec
@@ -24,6 +25,7 @@ from raytp.plan import ShardPlan, plan_shards
 
 log = logging.getLogger("raytp")
 
+AUTO_SIZES = (4096, 16384, 65536, 262144, 1048576)  # elements: decode hidden states up to prefill chunks
 COMM_BACKENDS = ("auto", "hoststaged", "gloo", "nccl", "hierarchical")
 GPU_RESERVE = 0.92  # of a GPU's free memory: the rest is CUDA context, allocator slack, other tenants
 # Keep NVLink multicast off in every rank: on shared hosts it can take GPUs out of service.
@@ -46,7 +48,8 @@ class GroupSettings:
     progress: bool = True
 
 
-def choose_backend(requested: str, devices: tuple[DeviceSpec, ...], nodes: int) -> tuple[str, str]:
+def choose_backend(requested: str, devices: tuple[DeviceSpec, ...], nodes: int,
+                   shared_gpus: bool = False) -> tuple[str, str]:
     """(backend, why). Pure, so the choice is testable; `auto` is logged once by the caller.
 
     Across nodes, `auto` and `hoststaged` both mean `hierarchical`: host-staged shared memory within each node,
@@ -60,6 +63,8 @@ def choose_backend(requested: str, devices: tuple[DeviceSpec, ...], nodes: int) 
                                 "between one leader per node")
     if requested != "auto":
         return requested, "requested"
+    if len(devices) > 1 and all(d.kind == "cuda" for d in devices) and not shared_gpus:
+        return "measured", "one node of GPUs: host-staged and NCCL are timed now, each message size takes the faster"
     return "hoststaged", "all ranks on one node: partial sums meet in shared host memory, no peer-to-peer needed"
 
 
@@ -72,6 +77,7 @@ class WorkerGroup:
         self.ranks: list[dict] = []  # describe() of each rank
         self.backend = ""
         self.run_refs: list = []
+        self.gpu_share = 1.0  # of a GPU per cuda rank; below 1 when ranks are packed onto shared GPUs
 
     @property
     def leader(self):
@@ -80,7 +86,7 @@ class WorkerGroup:
     def build(self) -> None:
         s = self.settings
         self._check_resources()
-        gpu = self._gpu_share()
+        gpu = self.gpu_share = self._gpu_share()
         bundles = [{"GPU": gpu} if d.kind == "cuda" else {"CPU": 1} for d in s.devices]
         self.pg = placement_group(bundles, strategy="PACK")
         try:
@@ -142,24 +148,52 @@ class WorkerGroup:
 
     def _open_comm(self) -> None:
         s = self.settings
-        n = len(self.workers)
         layout = node_layout([r["node_id"] for r in self.ranks])
-        self.backend, why = choose_backend(s.comm, s.devices, len(layout))
-        log.info("all-reduce backend: %s (%s)", self.backend, why)
+        self.backend, why = choose_backend(s.comm, s.devices, len(layout), shared_gpus=self.gpu_share < 1)
         if self.backend == "hoststaged":
-            name, size = new_segment_name(), segment_bytes(n)
-            ray.get(self.leader.open_hoststaged.remote(name, size, n, True, s.timeout_s))
-            try:
-                ray.get([w.open_hoststaged.remote(name, size, n, False, s.timeout_s) for w in self.workers[1:]])
-            finally:  # mapped everywhere (or failed): either way the name must not outlive this call
-                ray.get(self.leader.unlink_segment.remote())
-            ray.get([w.finish_comm.remote() for w in self.workers])  # GPU ranks: the kernel path
+            self._open_hoststaged()
         elif self.backend == "hierarchical":
             self._open_hierarchical(layout)
+        elif self.backend == "measured":
+            why = self._open_measured()
         else:
-            port = ray.get(self.leader.free_port.remote())
-            init = f"tcp://{self.ranks[0]['ip']}:{port}"
-            ray.get([w.open_torchdist.remote(self.backend, init, n, s.timeout_s) for w in self.workers])
+            self._open_torchdist(self.backend)
+        log.info("all-reduce backend: %s (%s)", self.backend, why)
+
+    def _open_hoststaged(self) -> None:
+        s, n = self.settings, len(self.workers)
+        name, size = new_segment_name(), segment_bytes(n)
+        ray.get(self.leader.open_hoststaged.remote(name, size, n, True, s.timeout_s))
+        try:
+            ray.get([w.open_hoststaged.remote(name, size, n, False, s.timeout_s) for w in self.workers[1:]])
+        finally:  # mapped everywhere (or failed): either way the name must not outlive this call
+            ray.get(self.leader.unlink_segment.remote())
+        ray.get([w.finish_comm.remote() for w in self.workers])  # GPU ranks: the kernel path
+
+    def _open_torchdist(self, backend: str) -> None:
+        port = ray.get(self.leader.free_port.remote())
+        init = f"tcp://{self.ranks[0]['ip']}:{port}"
+        ray.get([w.open_torchdist.remote(backend, init, len(self.workers), self.settings.timeout_s)
+                 for w in self.workers])
+
+    def _time_allreduce(self) -> dict[int, float]:
+        """Microseconds per all-reduce at each of AUTO_SIZES, on the slowest rank (it sets the pace)."""
+        per_rank = ray.get([w.bench_allreduce.remote(list(AUTO_SIZES), 20, self.settings.dtype)
+                            for w in self.workers])
+        return {n: max(r[n] for r in per_rank) for n in AUTO_SIZES}
+
+    def _open_measured(self) -> str:
+        """Open host-staged and NCCL, time both, route each message size to the faster; returns the why."""
+        self._open_hoststaged()
+        hoststaged = self._time_allreduce()
+        ray.get([w.stash_comm.remote() for w in self.workers])
+        self._open_torchdist("nccl")
+        nccl = self._time_allreduce()
+        cutoff = choose_cutoff(hoststaged, nccl)
+        ray.get([w.route_comm.remote(cutoff) for w in self.workers])
+        self.backend = f"hoststaged<={cutoff},nccl" if 0 < cutoff < 1 << 62 else ("nccl" if cutoff == 0 else "hoststaged")
+        timings = ", ".join(f"{n}: {hoststaged[n]:.0f}/{nccl[n]:.0f}" for n in AUTO_SIZES)
+        return f"measured us host-staged/NCCL per elements {{{timings}}}; messages up to {cutoff} elements host-staged"
 
     def _open_hierarchical(self, layout: list[list[int]]) -> None:
         """One segment per node, made by the node's first rank; the node leaders also join one gloo group."""

@@ -42,6 +42,7 @@ class Worker:
             # Several CPU ranks share one host: split its cores instead of oversubscribing them.
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
         self.comm: Communicator | None = None
+        self._stashed: Communicator | None = None  # set aside while `--comm auto` times a second backend
         self.engine: RankEngine | None = None
         self.events: queue.Queue[TokenEvent] = queue.Queue()
 
@@ -83,6 +84,17 @@ class Worker:
 
             torch.cuda.set_device(self.device)
             self.comm = GpuHostStagedCommunicator(self.comm, self.device, timeout_s=self.comm.timeout_s)
+
+    def stash_comm(self) -> None:
+        """Set the open communicator aside so a second one can open (`--comm auto` compares two)."""
+        self._stashed, self.comm = self.comm, None
+
+    def route_comm(self, cutoff: int) -> None:
+        """All-reduces up to `cutoff` elements through the stashed communicator, larger ones the current one."""
+        from raytp.comm.routed import SizeRoutedCommunicator
+
+        self.comm = SizeRoutedCommunicator(self._stashed, self.comm, cutoff)
+        self._stashed = None
 
     def unlink_segment(self) -> None:
         """Called once every rank of the node has mapped the segment: from now on no name can leak."""
