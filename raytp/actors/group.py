@@ -191,9 +191,14 @@ class WorkerGroup:
         nccl = self._time_allreduce()
         cutoff = choose_cutoff(hoststaged, nccl)
         ray.get([w.route_comm.remote(cutoff) for w in self.workers])
-        self.backend = f"hoststaged<={cutoff},nccl" if 0 < cutoff < 1 << 62 else ("nccl" if cutoff == 0 else "hoststaged")
+        if cutoff == 0:
+            self.backend, choice = "nccl", "NCCL at every size"
+        elif cutoff >= max(AUTO_SIZES):
+            self.backend, choice = "hoststaged", "host-staged at every size"
+        else:
+            self.backend, choice = f"hoststaged<={cutoff},nccl", f"host-staged up to {cutoff} elements, NCCL above"
         timings = ", ".join(f"{n}: {hoststaged[n]:.0f}/{nccl[n]:.0f}" for n in AUTO_SIZES)
-        return f"measured us host-staged/NCCL per elements {{{timings}}}; messages up to {cutoff} elements host-staged"
+        return f"{choice}; measured us per all-reduce, host-staged/NCCL, by elements: {timings}"
 
     def _open_hierarchical(self, layout: list[list[int]]) -> None:
         """One segment per node, made by the node's first rank; the node leaders also join one gloo group."""
