@@ -31,14 +31,12 @@ typedef unsigned short bf16_t;
 __device__ __forceinline__ float wire_to_float(float v) { return v; }
 __device__ __forceinline__ float wire_to_float(bf16_t v) { return __uint_as_float(((unsigned)v) << 16); }
 __device__ __forceinline__ void float_to(float v, float* p) { *p = v; }
-__device__ __forceinline__ void float_to(float v, volatile float* p) { *p = v; }
 __device__ __forceinline__ bf16_t round_bf16(float v) {
     unsigned u = __float_as_uint(v);
     if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16_t)((u >> 16) | 0x40);  // NaN stays NaN
     return (bf16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);                 // round to nearest even
 }
 __device__ __forceinline__ void float_to(float v, bf16_t* p) { *p = round_bf16(v); }
-__device__ __forceinline__ void float_to(float v, volatile bf16_t* p) { *p = round_bf16(v); }
 
 extern "C" __global__ void KERNEL_NAME(
         const T* __restrict__ x, T* __restrict__ out, volatile T* slots, volatile int* flags,
