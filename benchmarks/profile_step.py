@@ -1,10 +1,12 @@
-"""Where one decode step's time goes on one GPU (no Ray): eager vs CUDA-graph step, then torch.profiler
-of the graph-mode steps (host work around each replay, and the kernels inside it).
+"""Where one decode step's time goes on one GPU (no Ray): the engine's whole step, the graph replay alone,
+the host work between replays, and the kernels inside the graph.
 
-    python benchmarks/profile_step.py synthetic:llama-3.1-8b
+    python benchmarks/profile_step.py [synthetic:llama-3.1-8b] [--context 2048]
+
+Prints one line per measurement, then torch.profiler's table of the CUDA kernels of a few replays.
 """
 
-import sys
+import argparse
 import time
 
 import torch
@@ -19,17 +21,22 @@ from raytp.sampling import SamplingParams
 from raytp.source import load_weights, model_config
 from tests.test_comm import hoststaged_factory
 
-model = sys.argv[1] if len(sys.argv) > 1 else "synthetic:llama-3.1-8b"
-config = model_config(model)
-plan = plan_shards(config, [("cuda", 120 << 30)], max_context=1024, max_batch=1, dtype="bfloat16")
+parser = argparse.ArgumentParser()
+parser.add_argument("model", nargs="?", default="synthetic:llama-3.1-8b")
+parser.add_argument("--context", type=int, default=2048, help="max context (the span a graph's attention reads)")
+args = parser.parse_args()
+
+config = model_config(args.model)
+plan = plan_shards(config, [("cuda", 120 << 30)], max_context=args.context, max_batch=1, dtype="bfloat16")
 comm = GpuHostStagedCommunicator(hoststaged_factory(1)(0), torch.device("cuda"))
-weights = load_weights(model, config, plan.ranks[0], dtype=torch.bfloat16, device=torch.device("cuda"), progress=False)
-lm = ShardedLlama(config, plan.ranks[0], comm, weights, max_batch=1, max_context=1024)
+weights = load_weights(args.model, config, plan.ranks[0], dtype=torch.bfloat16, device=torch.device("cuda"),
+                       progress=False)
+lm = ShardedLlama(config, plan.ranks[0], comm, weights, max_batch=1, max_context=args.context)
 engine = RankEngine(lm, comm)
-steps = []
 
 
-def run(tokens):
+def engine_step_ms(tokens: int) -> float:
+    """The token loop as the ranks run it: commands, inputs, decode, sampling, events."""
     stamps = []
 
     def emit(events):
@@ -42,10 +49,33 @@ def run(tokens):
     return (stamps[-1] - stamps[1]) / (len(stamps) - 2) * 1e3
 
 
-print(f"eager step: {run(64):.2f} ms/token")
-engine.decode_step = GraphedDecode(lm)
-print(f"CUDA-graph step: {run(64):.2f} ms/token")
+def replay_ms(graphed: GraphedDecode, n: int = 50) -> float:
+    """The batch-1 graph alone, back to back: the GPU's share of a step."""
+    graph, _ = graphed.graphs[1]
+    graph.replay()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(n):
+        graph.replay()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / n * 1e3
+
+
+read_bytes = sum(w.numel() * w.element_size() for k, w in weights.items() if k != "embed")
+bandwidth_ms = read_bytes / 4.26e12 * 1e3  # the copy bandwidth the bench measures on an H200
+print(f"weights read per step: {read_bytes / 1e9:.2f} GB = {bandwidth_ms:.2f} ms at 4.26 TB/s")
+print(f"eager engine step: {engine_step_ms(32):.2f} ms")
+graphed = GraphedDecode(lm)
+engine.decode_step = graphed
+step = engine_step_ms(64)
+replay = replay_ms(graphed)
+print(f"graph engine step: {step:.2f} ms; graph replay alone: {replay:.2f} ms; host work around it: "
+      f"{step - replay:.2f} ms")
+with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    for _ in range(5):
+        graphed.graphs[1][0].replay()
+    torch.cuda.synchronize()
+print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=70))
 with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-    run(16)  # graph mode: what is left on the host around each replay
-print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
-print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12))
+    engine_step_ms(8)
+print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=70))

@@ -20,7 +20,7 @@ from raytp.comm.hoststaged import segment_bytes
 from raytp.comm.routed import choose_cutoff
 from raytp.comm.shm import new_segment_name
 from raytp.config import ModelConfig
-from raytp.devices import DeviceSpec
+from raytp.devices import DeviceSpec, format_bytes
 from raytp.plan import ShardPlan, plan_shards
 
 log = logging.getLogger("raytp")
@@ -137,10 +137,15 @@ class WorkerGroup:
         cpu_ranks_per_node = Counter(r["node_id"] for r, d in zip(self.ranks, self.settings.devices) if d.kind == "cpu")
         budgets = []
         for r, d in zip(self.ranks, self.settings.devices):
-            if d.mem_bytes is not None:
+            if d.kind == "cuda":
+                budget = usable = int(r["free_bytes"] * GPU_RESERVE)
+                if d.mem_bytes is not None:
+                    budget = min(d.mem_bytes, usable)
+                    if d.mem_bytes > usable:  # a cap is an upper bound, never a promise the card cannot keep
+                        log.warning("rank %d %s: %s (%s) has %s usable; planning with that", r["rank"], d,
+                                    r["device_name"], format_bytes(r["total_bytes"]), format_bytes(usable))
+            elif d.mem_bytes is not None:
                 budget = d.mem_bytes
-            elif d.kind == "cuda":
-                budget = int(r["free_bytes"] * GPU_RESERVE)
             else:  # CPU ranks of one node share its free memory
                 budget = r["free_bytes"] // cpu_ranks_per_node[r["node_id"]]
             budgets.append((str(d), budget))

@@ -30,8 +30,8 @@ class GpuHostStagedCommunicator(Communicator):
         self.max_elems = max_elems
         self.max_blocks = kernel.blocks_for(max_elems)
         flag_bytes = -(-self.world_size * self.max_blocks * 4 // LINE) * LINE
-        self.slot_elems = max_elems
-        size = LINE + flag_bytes + 2 * self.world_size * max_elems * 4
+        self.slot_bytes = max_elems * 4  # room for max_elems of float32, the widest dtype on the wire
+        size = LINE + flag_bytes + 2 * self.world_size * self.slot_bytes
         self.segment = self._rendezvous(size)
         buf = torch.frombuffer(self.segment.buf, dtype=torch.uint8)
         err = torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), size, CUDA_HOST_REGISTER_PORTABLE_MAPPED)
@@ -73,7 +73,7 @@ class GpuHostStagedCommunicator(Communicator):
         for start in range(0, flat.numel(), self.max_elems):
             piece = flat[start : start + self.max_elems]
             kernel.launch(piece, piece, self.slots, self.flags, self.counters, self.error, rank=self.rank,
-                          world=self.world_size, slot_elems=self.slot_elems, max_blocks=self.max_blocks,
+                          world=self.world_size, slot_bytes=self.slot_bytes, max_blocks=self.max_blocks,
                           max_spins=self.max_spins)
 
     def check(self) -> None:

@@ -56,6 +56,28 @@ def test_kernel_sums_in_rank_order_with_identical_bits(world, dtype, n):
         assert torch.equal(r, expected)
 
 
+def test_messages_of_mixed_sizes_and_dtypes_interleave():
+    world = 4  # block b always owns the same bytes of a slot, so mixed messages cannot overlap in flight
+    g = torch.Generator().manual_seed(11)
+    rounds = [(n, dtype, [torch.randn(n, generator=g).to(dtype) for _ in range(world)])
+              for n, dtype in [(4096, torch.bfloat16), (1000, torch.float32), (70_000, torch.bfloat16),
+                               (3, torch.float32), (8192, torch.float32), (4096, torch.bfloat16)] * 3]
+
+    def body(comm):
+        out = []
+        for _, _, inputs in rounds:  # no sync between rounds: they queue back to back on the stream
+            t = inputs[comm.rank].cuda()
+            comm.reduce_in_place(t)
+            out.append(t)
+        torch.cuda.current_stream().synchronize()
+        comm.check()
+        return [t.cpu() for t in out]
+
+    for results in gpu_ranks(world, body):
+        for got, (_, dtype, inputs) in zip(results, rounds):
+            assert torch.equal(got, reference_sum(inputs, dtype))
+
+
 def test_kernel_replays_inside_a_cuda_graph():
     world, n = 1, 8192  # several ranks in one process deadlock in capture; 4 processes: benchmarks/gpu_run.sh
     rounds = [[torch.randn(n) for _ in range(world)] for _ in range(4)]
