@@ -25,7 +25,9 @@ import torch.nn.functional as F
 
 from raytp.comm import Communicator
 from raytp.config import ModelConfig
+from raytp.kernels.attention import cached_attention
 from raytp.kernels.norm import add_rms_norm, rms_norm, swiglu
+from raytp.kernels.rope_cache import rope_and_cache
 from raytp.plan import RankShard
 
 
@@ -45,11 +47,6 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     medium = ~(wavelen < old_ctx / high) & ~(wavelen > old_ctx / low)
     return torch.where(medium, smoothed, scaled)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
 
 
 class ShardedLlama:
@@ -92,38 +89,24 @@ class ShardedLlama:
 
     def step_inputs(self, positions: torch.Tensor, dtype: torch.dtype, span: int | None = None) -> dict:
         """What every layer's attention shares in one step, computed once (not once per layer): RoPE
-        cos/sin at each position, the span of keys to read and which of them each query may see.
-        By default the span ends at the furthest position (one GPU sync); a CUDA graph passes max_context."""
+        cos/sin at each position, each sequence's length after this step, the span of keys the torch
+        attention reads and which of them each query may see. By default the span ends at the furthest
+        position (one GPU sync); a CUDA graph passes max_context."""
         span = span or int(positions.max()) + 1
         visible = torch.arange(span, device=positions.device).view(1, 1, span) <= positions.unsqueeze(-1)
-        return {"cos": self.cos[positions].unsqueeze(1).to(dtype),  # (batch, 1, seq, head_dim)
-                "sin": self.sin[positions].unsqueeze(1).to(dtype),
+        return {"cos": self.cos[positions].to(dtype), "sin": self.sin[positions].to(dtype),  # (batch, seq, head_dim)
+                "lengths": positions[:, -1] + 1,
                 "span": span, "visible": visible.unsqueeze(1)}  # (batch, 1, seq, span)
 
     def attention(self, i: int, x: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
                   step: dict) -> torch.Tensor:
         """Partial o_proj output (batch, seq, hidden) of this rank's heads; zeros when it has none."""
-        B, T, _ = x.shape
         if self.n_q == 0:
             return torch.zeros_like(x)
-        D = self.config.head_dim
         qkv = F.linear(x, self.w[f"layers.{i}.wqkv"], self.w.get(f"layers.{i}.bqkv"))
-        q, k, v = qkv.split([self.n_q * D, self.n_kv * D, self.n_kv * D], dim=-1)
-        q = q.view(B, T, self.n_q, D).transpose(1, 2)  # (batch, q_heads, seq, head_dim)
-        k = k.view(B, T, self.n_kv, D).transpose(1, 2)  # (batch, kv_heads, seq, head_dim)
-        v = v.view(B, T, self.n_kv, D).transpose(1, 2)
-        cos, sin = step["cos"], step["sin"]
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
-        # write this step's keys/values at each sequence's own positions
-        slot_idx = slots.view(B, 1)
-        self.k_cache[i][slot_idx, :, positions] = k.transpose(1, 2)
-        self.v_cache[i][slot_idx, :, positions] = v.transpose(1, 2)
-        keys = self.k_cache[i][slots, :, : step["span"]]  # (batch, kv_heads, span, head_dim)
-        values = self.v_cache[i][slots, :, : step["span"]]
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=step["visible"],
-                                             enable_gqa=self.n_q != self.n_kv)
-        out = out.transpose(1, 2).reshape(B, T, self.n_q * D)
+        q = rope_and_cache(qkv, self.n_q, self.n_kv, step["cos"], step["sin"], positions, slots,
+                           self.k_cache[i], self.v_cache[i])  # (batch, q_heads, seq, head_dim)
+        out = cached_attention(q, self.k_cache[i], self.v_cache[i], slots, step)
         return F.linear(out, self.w[f"layers.{i}.wo"])
 
     def mlp(self, i: int, x: torch.Tensor) -> torch.Tensor:

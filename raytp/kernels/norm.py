@@ -12,11 +12,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-try:
-    import triton
+from raytp.kernels.dispatch import triton, use_triton
+
+if triton is not None:
     import triton.language as tl
-except ImportError:  # CPU-only installs: the torch path below is used
-    triton = None
 
 
 def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -61,19 +60,15 @@ if triton is not None:
         tl.store(out_ptr + offs, (silu.to(tl.float32) * u.to(tl.float32)).to(u.dtype), mask=mask)
 
 
-def _use_triton(x: torch.Tensor) -> bool:
-    return triton is not None and x.is_cuda
-
-
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    if not _use_triton(x):
+    if not use_triton(x):
         return rms_norm_torch(x, weight, eps)
     return _launch_norm(x, None, weight, eps)[1]
 
 
 def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float):
     """(x + delta, rms_norm(x + delta)): the residual stream and the next sublayer's input, in one pass."""
-    if not _use_triton(x):
+    if not use_triton(x):
         x = x + delta
         return x, rms_norm_torch(x, weight, eps)
     return _launch_norm(x, delta, weight, eps)
@@ -90,7 +85,7 @@ def _launch_norm(x, delta, weight, eps):
 
 
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
-    if not _use_triton(gate_up):
+    if not use_triton(gate_up):
         return swiglu_torch(gate_up)
     gate_up = gate_up.contiguous()
     cols = gate_up.shape[-1] // 2

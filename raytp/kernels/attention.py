@@ -1,0 +1,122 @@
+"""Attention of this step's queries over the KV cache, with grouped-query heads.
+
+The torch version gathers each sequence's cache rows over a span and calls scaled_dot_product_attention with
+a mask. For a decode step inside a CUDA graph the span must be the whole max context (a graph cannot resize),
+SDPA's grouped-query path materializes the expanded keys and values, and the gather, mask and expansion are
+a dozen kernels per layer.
+
+The Triton decode kernel (one query token per sequence) reads the cache in place, only up to each sequence's
+own length (read from device memory, so a graph replays it at any length), and serves all query heads of a
+KV head from one read of its keys and values. The span is cut into a fixed number of splits (flash-decoding):
+one program per (sequence, KV head, split) keeps a running max, sum and weighted value sum; a second kernel
+merges the splits. The split layout depends only on the cache size, so a head's result never depends on how
+heads are spread over ranks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from raytp.kernels.dispatch import triton, use_triton
+
+BLOCK_N = 64  # cache positions per inner step
+MAX_SPLITS = 64
+MIN_SPLIT = 256  # positions: shorter splits would cost more to merge than they save
+
+
+def cached_attention_torch(q, k_cache, v_cache, slots, step) -> torch.Tensor:
+    """q (batch, n_q, seq, head_dim) over one layer's cache (slots, kv_heads, positions, head_dim), each row
+    seeing the positions step["visible"] allows within step["span"]. Returns (batch, seq, n_q * head_dim)."""
+    B, n_q, T, D = q.shape
+    keys = k_cache[slots, :, : step["span"]]  # (batch, kv_heads, span, head_dim)
+    values = v_cache[slots, :, : step["span"]]
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=step["visible"],
+                                         enable_gqa=n_q != keys.shape[1])
+    return out.transpose(1, 2).reshape(B, T, n_q * D)
+
+
+if triton is not None:
+    import triton.language as tl
+
+    @triton.jit
+    def _decode_split_kernel(q_ptr, k_ptr, v_ptr, slots_ptr, lengths_ptr, acc_ptr, ml_ptr,
+                             s_slot, s_head, s_pos, n_q, n_splits, chunk, scale,
+                             GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
+                             PRECISION: tl.constexpr):
+        b, h, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        slot = tl.load(slots_ptr + b)
+        length = tl.load(lengths_ptr + b).to(tl.int32)  # the loop bounds below share one type
+        g = tl.arange(0, GROUP_PAD)
+        d = tl.arange(0, D)
+        heads = h * GROUP + g  # the query heads that share KV head h
+        live = g < GROUP
+        q = tl.load(q_ptr + (b * n_q + heads)[:, None] * D + d[None, :], mask=live[:, None], other=0.0)
+        m = tl.full((GROUP_PAD,), float("-inf"), tl.float32)
+        l = tl.zeros((GROUP_PAD,), tl.float32)
+        acc = tl.zeros((GROUP_PAD, D), tl.float32)
+        start = split * chunk
+        stop = tl.minimum(start + chunk, length)
+        k_base = k_ptr + slot * s_slot + h * s_head
+        v_base = v_ptr + slot * s_slot + h * s_head
+        for n0 in range(start, stop, BLOCK):
+            offs = n0 + tl.arange(0, BLOCK)
+            valid = offs < stop
+            k = tl.load(k_base + offs[:, None] * s_pos + d[None, :], mask=valid[:, None], other=0.0)
+            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # (GROUP_PAD, BLOCK)
+            scores = tl.where(valid[None, :], scores, float("-inf"))
+            m_new = tl.maximum(m, tl.max(scores, 1))
+            alpha = tl.exp(m - m_new)
+            p = tl.exp(scores - m_new[:, None])
+            l = l * alpha + tl.sum(p, 1)
+            v = tl.load(v_base + offs[:, None] * s_pos + d[None, :], mask=valid[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m = m_new
+        row = (b * n_q + heads) * n_splits + split  # an empty split leaves m = -inf, l = 0, acc = 0
+        tl.store(acc_ptr + row[:, None] * D + d[None, :], acc, mask=live[:, None])
+        tl.store(ml_ptr + row * 2, m, mask=live)
+        tl.store(ml_ptr + row * 2 + 1, l, mask=live)
+
+    @triton.jit
+    def _decode_merge_kernel(acc_ptr, ml_ptr, out_ptr, n_splits, D: tl.constexpr, SPLITS: tl.constexpr):
+        row = tl.program_id(0)  # batch * n_q + query head
+        s = tl.arange(0, SPLITS)
+        d = tl.arange(0, D)
+        used = s < n_splits
+        m = tl.load(ml_ptr + (row * n_splits + s) * 2, mask=used, other=float("-inf"))
+        l = tl.load(ml_ptr + (row * n_splits + s) * 2 + 1, mask=used, other=0.0)
+        top = tl.max(m, 0)  # split 0 always holds position 0, so this is finite
+        w = tl.exp(m - top)
+        acc = tl.load(acc_ptr + (row * n_splits + s)[:, None] * D + d[None, :], mask=used[:, None], other=0.0)
+        out = tl.sum(acc * w[:, None], 0) / tl.sum(l * w, 0)
+        tl.store(out_ptr + row * D + d, out.to(out_ptr.dtype.element_ty))
+
+
+def split_layout(max_context: int) -> tuple[int, int]:
+    """(splits, positions per split) for a cache of max_context positions: fixed per model, not per step."""
+    splits = max(1, min(MAX_SPLITS, max_context // MIN_SPLIT))
+    chunk = -(-max_context // splits)
+    return splits, -(-chunk // BLOCK_N) * BLOCK_N
+
+
+def cached_attention(q, k_cache, v_cache, slots, step) -> torch.Tensor:
+    """As cached_attention_torch; the Triton decode kernels on CUDA for one query token per sequence
+    (step["lengths"]: (batch,) positions each sequence sees, this step's included)."""
+    B, n_q, T, D = q.shape
+    n_kv = k_cache.shape[1]
+    if T != 1 or not use_triton(q) or D & (D - 1) or n_q % n_kv:
+        return cached_attention_torch(q, k_cache, v_cache, slots, step)
+    group = n_q // n_kv
+    splits, chunk = split_layout(k_cache.shape[2])
+    q = q.reshape(B, n_q, D).contiguous()
+    acc = torch.empty((B * n_q * splits, D), dtype=torch.float32, device=q.device)
+    ml = torch.empty((B * n_q * splits, 2), dtype=torch.float32, device=q.device)
+    assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1
+    _decode_split_kernel[(B, n_kv, splits)](
+        q, k_cache, v_cache, slots, step["lengths"], acc, ml, k_cache.stride(0), k_cache.stride(1),
+        k_cache.stride(2), n_q, splits, chunk, D ** -0.5, GROUP=group,
+        GROUP_PAD=max(16, triton.next_power_of_2(group)), D=D, BLOCK=BLOCK_N,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+    out = torch.empty((B, n_q, D), dtype=q.dtype, device=q.device)
+    _decode_merge_kernel[(B * n_q,)](acc, ml, out, splits, D=D, SPLITS=triton.next_power_of_2(splits))
+    return out.view(B, 1, n_q * D)

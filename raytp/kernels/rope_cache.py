@@ -1,0 +1,90 @@
+"""RoPE on this step's queries and keys, and the keys and values written into the KV cache, in one kernel.
+
+torch spends ~16 kernels on it per layer (split, rotate-half's negate and concatenate, four multiplies, two
+adds, two indexed cache writes); in a decode step each costs more GPU time than the work it does. The kernel
+gives one program to every (token, head) of the fused qkv projection: query heads are rotated into a new
+tensor, key heads are rotated straight into their cache cell (slot, head, position), value heads are copied
+into theirs. It rounds to the model dtype after each multiply and add exactly where torch does, so bfloat16
+results match the torch version bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from raytp.kernels.dispatch import triton, use_triton
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rope_and_cache_torch(qkv, n_q, n_kv, cos, sin, positions, slots, k_cache, v_cache) -> torch.Tensor:
+    """qkv (batch, seq, (n_q + 2 n_kv) * head_dim); cos, sin (batch, seq, head_dim) in the model dtype;
+    k_cache, v_cache one layer's (slots, kv_heads, positions, head_dim). Returns q (batch, n_q, seq, head_dim)."""
+    B, T, _ = qkv.shape
+    D = k_cache.shape[-1]
+    q, k, v = qkv.split([n_q * D, n_kv * D, n_kv * D], dim=-1)
+    q = q.view(B, T, n_q, D).transpose(1, 2)  # (batch, heads, seq, head_dim)
+    k = k.view(B, T, n_kv, D).transpose(1, 2)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    q = q * cos + rotate_half(q) * sin
+    k = k * cos + rotate_half(k) * sin
+    slot_idx = slots.view(B, 1)
+    k_cache[slot_idx, :, positions] = k.transpose(1, 2)
+    v_cache[slot_idx, :, positions] = v.view(B, T, n_kv, D)
+    return q
+
+
+if triton is not None:
+    import triton.language as tl
+
+    @triton.jit
+    def _rope_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, slots_ptr, q_ptr, k_cache_ptr, v_cache_ptr,
+                           T, n_q, n_kv, s_slot, s_head, s_pos, HALF: tl.constexpr):
+        row = tl.program_id(0)  # token: batch * T + seq
+        head = tl.program_id(1)  # query heads, then key heads, then value heads
+        D = 2 * HALF
+        lo = tl.arange(0, HALF)
+        src = qkv_ptr + (row * (n_q + 2 * n_kv) + head) * D
+        x1 = tl.load(src + lo)
+        x2 = tl.load(src + HALF + lo)
+        pos = tl.load(pos_ptr + row)
+        slot = tl.load(slots_ptr + row // T)
+        if head < n_q + n_kv:
+            dt = x1.dtype
+            c1 = tl.load(cos_ptr + row * D + lo).to(tl.float32)
+            c2 = tl.load(cos_ptr + row * D + HALF + lo).to(tl.float32)
+            s1 = tl.load(sin_ptr + row * D + lo).to(tl.float32)
+            s2 = tl.load(sin_ptr + row * D + HALF + lo).to(tl.float32)
+            f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
+            # x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1], rounded as torch rounds each op
+            o1 = ((f1 * c1).to(dt).to(tl.float32) + (-f2 * s1).to(dt).to(tl.float32)).to(dt)
+            o2 = ((f2 * c2).to(dt).to(tl.float32) + (f1 * s2).to(dt).to(tl.float32)).to(dt)
+            if head < n_q:
+                dst = q_ptr + (row * n_q + head) * D
+            else:
+                dst = k_cache_ptr + slot * s_slot + (head - n_q) * s_head + pos * s_pos
+            tl.store(dst + lo, o1)
+            tl.store(dst + HALF + lo, o2)
+        else:
+            dst = v_cache_ptr + slot * s_slot + (head - n_q - n_kv) * s_head + pos * s_pos
+            tl.store(dst + lo, x1)
+            tl.store(dst + HALF + lo, x2)
+
+
+def rope_and_cache(qkv, n_q, n_kv, cos, sin, positions, slots, k_cache, v_cache) -> torch.Tensor:
+    """As rope_and_cache_torch; one Triton kernel on CUDA when head_dim is a power of two."""
+    D = k_cache.shape[-1]
+    if not use_triton(qkv) or D & (D - 1):
+        return rope_and_cache_torch(qkv, n_q, n_kv, cos, sin, positions, slots, k_cache, v_cache)
+    B, T, _ = qkv.shape
+    qkv = qkv.contiguous()
+    q = torch.empty((B, T, n_q, D), dtype=qkv.dtype, device=qkv.device)
+    assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1
+    _rope_cache_kernel[(B * T, n_q + 2 * n_kv)](
+        qkv, cos.contiguous(), sin.contiguous(), positions.contiguous(), slots.contiguous(), q, k_cache, v_cache,
+        T, n_q, n_kv, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), HALF=D // 2,
+        enable_fp_fusion=False)  # no fused multiply-add: float32 rounds as torch's separate ops do
+    return q.transpose(1, 2)
