@@ -239,11 +239,13 @@ def _check_devices(devices: tuple[DeviceSpec, ...], comm: str) -> None:
 
 
 def run_sweep(sweep: Sweep, config: ModelConfig, *, on_row: Callable[[dict], None] | None = None,
-              on_run: Callable[[dict], None] | None = None) -> dict:
+              on_run: Callable[[dict], None] | None = None,
+              on_config: Callable[[dict], None] | None = None) -> dict:
     """Run every configuration of `sweep`. Returns {"runs": [run_bench results], "outcomes": [one per configuration]}.
 
     An outcome is {"devices", "comm", "prompt_len", "batch", "status": "ok" | "skipped" | "failed", "reason"} and,
-    when ok, the index of its run. `on_row` sees each outcome as it is decided, `on_run` each finished run."""
+    when ok, the index of its run. `on_row` sees each outcome as it is decided, `on_run` each finished run, and
+    `on_config` the whole result so far after each configuration (so an interrupted sweep keeps what it did)."""
     runs, outcomes = [], []
 
     def decide(spec: str, comm: str, prompt_len: int, status: str, reason: str = "", run: int | None = None):
@@ -253,6 +255,8 @@ def run_sweep(sweep: Sweep, config: ModelConfig, *, on_row: Callable[[dict], Non
             outcomes.append(outcome)
             if on_row:
                 on_row(outcome)
+        if on_config:
+            on_config({"runs": runs, "outcomes": outcomes})
 
     for spec, devices in sweep.device_sets:
         for comm in sweep.comms:

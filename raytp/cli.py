@@ -362,14 +362,21 @@ def cmd_bench(args) -> None:
                     tqdm.write(f"raytp: {o['status']} {o['devices']} --comm {o['comm']} --prompt-len "
                                f"{o['prompt_len']}: {o['reason']}", file=sys.stderr)
 
-            result = run_sweep(sweep, config, on_row=on_row,
+            def meta(runs: list[dict], peer_note: str = "") -> dict:
+                return {"command": _bench_command(args, specs), "model": args.model, "dtype": args.dtype,
+                        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                        "cluster": cluster_line(runs), "host": platform.node(), "torch": torch.__version__,
+                        "ray": ray.__version__, "decode_tokens": args.decode_tokens, "repeats": args.repeats,
+                        "peer_note": peer_note, "configurations": sweep.size}
+
+            def on_config(so_far: dict) -> None:  # a sweep cut short keeps every configuration it finished
+                if args.out and not legacy:
+                    write_report(args.out, so_far, meta(so_far["runs"]))
+
+            result = run_sweep(sweep, config, on_row=on_row, on_config=on_config,
                                on_run=lambda res: tqdm.write(format_results(res) + "\n", file=sys.stdout))
         peer, peer_note = peer_rows(sweep, result, config) if args.hf_peer else ({}, "")
-        meta = {"command": _bench_command(args, specs), "model": args.model, "dtype": args.dtype,
-                "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                "cluster": cluster_line(result["runs"]), "host": platform.node(), "torch": torch.__version__,
-                "ray": ray.__version__, "decode_tokens": args.decode_tokens, "repeats": args.repeats,
-                "peer_note": peer_note}
+        final_meta = meta(result["runs"], peer_note)
     failed = [o for o in result["outcomes"] if o["status"] != "ok"]
     if legacy:
         if failed:
@@ -377,7 +384,7 @@ def cmd_bench(args) -> None:
         write_results(result["runs"][0], args.out)
         return
     if args.out:
-        paths = write_report(args.out, result, meta, peer)
+        paths = write_report(args.out, result, final_meta, peer)
         print(f"raytp: wrote {', '.join(p.name for p in paths)} to {args.out}", file=sys.stderr)
     broken = [o for o in failed if o["status"] == "failed"]
     if broken:

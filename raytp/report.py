@@ -112,12 +112,18 @@ def _fmt(x, digits=1, pct=False) -> str:
     return f"{100 * x:.{digits}f}%" if pct else f"{x:.{digits}f}"
 
 
+def _unfinished(rows: list[dict], meta: dict) -> str:
+    planned = meta.get("configurations", len(rows))
+    return f" (in progress or cut short: {planned - len(rows)} more planned)" if planned > len(rows) else ""
+
+
 def summary_markdown(rows: list[dict], sweep: dict, meta: dict) -> str:
     ok = [r for r in rows if r["status"] == "ok"]
     lines = [f"# raytp bench: {meta['model']}, {meta['dtype']}", "",
              f"`{meta['command']}`", "",
              f"{meta['date']}; {meta['cluster']}; torch {meta['torch']}, ray {meta['ray']}. "
-             f"{len(ok)} of {len(rows)} configurations ran; {meta['decode_tokens']} decode tokens per request, "
+             f"{len(ok)} of {len(rows)} configurations ran{_unfinished(rows, meta)}; "
+             f"{meta['decode_tokens']} decode tokens per request, "
              f"{meta['repeats']} timed repeat(s) after a warm-up.", "",
              "## Decode and prefill", ""]
     hf = any(r["hf_tokens_per_s"] is not None for r in rows)

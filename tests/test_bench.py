@@ -72,3 +72,29 @@ def test_bench_sweep_writes_csv_json_summary_and_plots(smollm2_dir, tmp_path):
     for name in PLOTS:
         image = matplotlib.image.imread(out / name)
         assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100, name
+
+
+def test_sweep_cut_short_keeps_the_configurations_it_finished(smollm2_dir, tmp_path, monkeypatch):
+    import csv
+
+    import raytp.bench
+
+    real, calls = raytp.bench.run_bench, []
+
+    def interrupted_after_one(*args, **kwargs):  # Ctrl-C (or a lost cluster) while the second one runs
+        calls.append(1)
+        if len(calls) > 1:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(raytp.bench, "run_bench", interrupted_after_one)
+    out = tmp_path / "sweep"
+    rc = main(["bench", "--model", str(smollm2_dir), "--devices-sweep", "cpu*1;cpu*2;cpu*3", "--comm", "hoststaged",
+               "--dtype", "float32", "--batch", "1", "--prompt-len", "8", "--decode-tokens", "4", "--repeats", "1",
+               "--allreduce-sizes", "576", "--allreduce-iters", "5", "--out", str(out)])
+    assert rc == 130 and len(calls) == 2
+    with open(out / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["devices"], r["status"]) for r in rows] == [("cpu*1", "ok")]
+    assert float(rows[0]["tokens_per_s"]) > 0
+    assert "(in progress or cut short: 2 more planned)" in (out / "summary.md").read_text()
