@@ -6,11 +6,7 @@
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/raytp_out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 RAY_AUTH_MODE=disabled NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-if [ -d .whl ] && ! python3 -c "import ray" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-fi
-export PYTHONPATH=/tmp/site:$PWD
+source benchmarks/gpu_env.sh
 timeout 90 python3 -m pytest tests/gpu -q -p no:cacheprovider >"$OUT/gpu_tests.log" 2>&1; echo "gpu tests: $(tail -1 "$OUT/gpu_tests.log")"
 for ranks in 2 4; do
   timeout 60 python3 benchmarks/allreduce_graph.py --ranks $ranks --sizes 4096,8192,65536,1048576 --iters 100 \

@@ -6,11 +6,7 @@
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/raytp_out}; mkdir -p "$OUT"; LOGS=/tmp/sitting4; mkdir -p $LOGS
-export PYTHONUNBUFFERED=1 RAY_AUTH_MODE=disabled NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-if [ -d .whl ] && ! python3 -c "import ray" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-fi
-export PYTHONPATH=/tmp/site:$PWD
+source benchmarks/gpu_env.sh
 timeout 200 python3 -m pytest tests/gpu -q -p no:cacheprovider >$LOGS/gpu_tests.log 2>&1; echo "gpu tests: $(tail -1 $LOGS/gpu_tests.log)"
 grep -E "^(FAILED|ERROR)" $LOGS/gpu_tests.log | head -5
 timeout 120 python3 benchmarks/profile_step.py synthetic:llama-3.1-8b >$LOGS/profile_8b.log 2>&1; sed -n 1,3p $LOGS/profile_8b.log
