@@ -8,7 +8,8 @@ three small copies into static inputs plus one graph replay.
 Capturing needs a communicator whose collectives are kernels on the current stream (`graph_safe`: NCCL);
 the CPU-driven host-staged path is not, and its ranks stay eager. A bucket is padded by repeating the
 last row: the copy writes the same keys/values to the same cache cell, and its logits are dropped.
-Attention reads the whole `max_context` span with a mask (a graph cannot resize per step).
+The Triton decode attention reads each sequence's length from device memory, so a replay reads only the
+live part of the cache; the torch attention (no Triton) reads the whole `max_context` span with a mask.
 """
 
 from __future__ import annotations
