@@ -14,9 +14,6 @@ import torch.nn.functional as F
 
 from raytp.kernels.dispatch import triton, use_triton
 
-if triton is not None:
-    import triton.language as tl
-
 
 def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     h = x.to(torch.float32)
@@ -31,6 +28,7 @@ def swiglu_torch(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 if triton is not None:
+    import triton.language as tl
 
     @triton.jit
     def _add_rms_norm_kernel(x_ptr, delta_ptr, w_ptr, sum_ptr, out_ptr, n_cols, eps,
