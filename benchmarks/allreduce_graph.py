@@ -15,10 +15,10 @@ import time
 import torch
 import torch.multiprocessing as mp
 
-from raytp.comm.hoststaged import HostStagedCommunicator, segment_bytes
-from raytp.comm.hoststaged_gpu import GpuHostStagedCommunicator
-from raytp.comm.shm import SharedSegment, new_segment_name
-from raytp.comm.torchdist import TorchDistCommunicator
+from raytp.parallel.comm.hoststaged import HostStagedCommunicator, segment_bytes
+from raytp.parallel.comm.hoststaged_gpu import GpuHostStagedCommunicator
+from raytp.parallel.comm.shm import SharedSegment, new_segment_name
+from raytp.parallel.comm.torchdist import TorchDistCommunicator
 
 
 def timed_in_graph(comm, n: int, iters: int) -> float:

@@ -12,14 +12,14 @@ import time
 
 import torch
 
-from raytp.comm import InProcessGroup
-from raytp.config import ModelConfig
-from raytp.engine import RankEngine, Request
-from raytp.loader import load_shard
-from raytp.model import ShardedLlama
-from raytp.models import pull_smollm2
-from raytp.plan import plan_shards
-from raytp.sampling import SamplingParams
+from raytp.parallel.comm import InProcessGroup
+from raytp.model.config import ModelConfig
+from raytp.runtime.engine import RankEngine, Request
+from raytp.weights.checkpoint import load_shard
+from raytp.model.llama import ShardedLlama
+from raytp.weights.smollm2 import pull_smollm2
+from raytp.parallel.plan import plan_shards
+from raytp.runtime.sampling import SamplingParams
 
 TOKENS = 64
 PROMPT = "The capital of France is"

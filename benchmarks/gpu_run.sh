@@ -23,7 +23,7 @@ export PYTHONPATH=/tmp/site:$PWD
 { echo "== host"; date -u; nvidia-smi --query-gpu=index,name,memory.total,memory.used --format=csv 2>&1 | head -9
   python3 -c "import torch, ray; print('torch', torch.__version__, 'cuda', torch.cuda.device_count(), 'ray', ray.__version__)"
 } >>"$LOG" 2>&1
-python3 -c "import raytp.cli, raytp.actors.group, raytp.bench" >>"$LOG" 2>&1 || { tail -5 "$LOG"; exit 1; }
+python3 -c "import raytp.cli, raytp.actors.group, raytp.bench.sweep" >>"$LOG" 2>&1 || { tail -5 "$LOG"; exit 1; }
 
 if [ "$KIND" = cuda ]; then
   NCCL=nccl; BIG=synthetic:llama-3.1-8b; HUGE=synthetic:llama-3.1-70b; DT=bfloat16

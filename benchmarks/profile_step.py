@@ -12,13 +12,13 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from raytp.comm.hoststaged_gpu import GpuHostStagedCommunicator
-from raytp.engine import RankEngine, Request
-from raytp.graphs import GraphedDecode
-from raytp.model import ShardedLlama
-from raytp.plan import plan_shards
-from raytp.sampling import SamplingParams
-from raytp.source import load_weights, model_config
+from raytp.parallel.comm.hoststaged_gpu import GpuHostStagedCommunicator
+from raytp.runtime.engine import RankEngine, Request
+from raytp.model.graphs import GraphedDecode
+from raytp.model.llama import ShardedLlama
+from raytp.parallel.plan import plan_shards
+from raytp.runtime.sampling import SamplingParams
+from raytp.weights.source import load_weights, model_config
 from tests.test_comm import hoststaged_factory
 
 parser = argparse.ArgumentParser()

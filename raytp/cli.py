@@ -15,7 +15,7 @@ import socket
 import sys
 from contextlib import contextmanager
 
-from raytp.devices import DeviceSpecError, is_auto, parse_devices
+from raytp.parallel.devices import DeviceSpecError, is_auto, parse_devices
 
 DTYPES = ("float32", "bfloat16", "float16")
 EPILOG = """device SPEC: comma-separated KIND[:INDEX][@MEM] or KIND*N[@MEM], KIND cpu or cuda, e.g.
@@ -132,14 +132,14 @@ def _devices(spec: str):
 
 
 def cmd_pull(args) -> None:
-    from raytp.models import pull_smollm2
+    from raytp.weights.smollm2 import pull_smollm2
 
     print(pull_smollm2())
 
 
 def cmd_plan(args) -> None:
-    from raytp.plan import plan_shards
-    from raytp.source import model_config
+    from raytp.parallel.plan import plan_shards
+    from raytp.weights.source import model_config
 
     devices = _devices(args.devices)
     missing = [str(d) for d in devices if d.mem_bytes is None]
@@ -193,7 +193,7 @@ def running_driver(args):
 
     from raytp.actors.driver import DriverActor
     from raytp.actors.group import GroupSettings
-    from raytp.models import resolve_model
+    from raytp.weights.smollm2 import resolve_model
 
     if not args.model.startswith("synthetic:"):
         resolve_model(args.model)  # pull here, with a progress bar the user sees, before any actor needs it
@@ -318,17 +318,17 @@ def cmd_bench(args) -> None:
     import torch
     from tqdm import tqdm
 
-    from raytp.bench import Sweep, cluster_line, format_results, run_sweep, write_results
-    from raytp.models import resolve_model
-    from raytp.report import write_report
-    from raytp.source import model_config
+    from raytp.bench.sweep import Sweep, cluster_line, format_results, run_sweep, write_results
+    from raytp.weights.smollm2 import resolve_model
+    from raytp.bench.report import write_report
+    from raytp.weights.source import model_config
 
     if args.hf_peer:
         try:
             import transformers  # noqa: F401
         except ImportError:
             raise UserError("--hf-peer needs transformers: pip install transformers") from None
-        from raytp.peer import peer_rows
+        from raytp.bench.hf_peer import peer_rows
     batches = _int_list(args.batch, "--batch")
     prompt_lens = _int_list(args.prompt_len, "--prompt-len")
     sizes = _int_list(args.allreduce_sizes, "--allreduce-sizes")
@@ -394,7 +394,7 @@ def cmd_bench(args) -> None:
 
 def _check_port(host: str, port: int) -> None:
     """Fail in seconds, not after loading the model, when the port is taken."""
-    from raytp.server import listen_socket
+    from raytp.serving.openai_api import listen_socket
 
     if not 0 < port < 65536:
         raise UserError(f"--port must be in 1..65535, got {port}")
@@ -440,9 +440,9 @@ COMMANDS = {"pull": cmd_pull, "plan": cmd_plan, "generate": cmd_generate, "chat"
 def _user_message(e: BaseException) -> str | None:
     """The one-line message of an error caused by the input, unwrapping Ray's task errors; else None."""
     from raytp.actors.group import ClusterError
-    from raytp.comm import CommError
-    from raytp.config import UnsupportedModelError
-    from raytp.loader import CheckpointError
+    from raytp.parallel.comm import CommError
+    from raytp.model.config import UnsupportedModelError
+    from raytp.weights.checkpoint import CheckpointError
 
     cause = getattr(e, "cause", None)
     if cause is not None and cause is not e:

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from raytp.models import pull_smollm2, smollm2_gguf_path
+from raytp.weights.smollm2 import pull_smollm2, smollm2_gguf_path
 
 
 @pytest.fixture(scope="session")

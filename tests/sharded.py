@@ -7,14 +7,14 @@ from pathlib import Path
 
 import torch
 
-from raytp.comm import InProcessGroup
-from raytp.comm.base import IdentityCheckingCommunicator
-from raytp.config import ModelConfig
-from raytp.engine import RankEngine, Request
-from raytp.loader import load_shard
-from raytp.model import ShardedLlama
-from raytp.plan import plan_shards
-from raytp.sampling import SamplingParams
+from raytp.parallel.comm import InProcessGroup
+from raytp.parallel.comm.base import IdentityCheckingCommunicator
+from raytp.model.config import ModelConfig
+from raytp.runtime.engine import RankEngine, Request
+from raytp.weights.checkpoint import load_shard
+from raytp.model.llama import ShardedLlama
+from raytp.parallel.plan import plan_shards
+from raytp.runtime.sampling import SamplingParams
 
 GiB = 1 << 30
 

@@ -3,9 +3,9 @@
 import torch
 
 from raytp.actors.group import choose_backend
-from raytp.comm import InProcessGroup
-from raytp.comm.routed import SizeRoutedCommunicator, choose_cutoff
-from raytp.devices import parse_devices
+from raytp.parallel.comm import InProcessGroup
+from raytp.parallel.comm.routed import SizeRoutedCommunicator, choose_cutoff
+from raytp.parallel.devices import parse_devices
 from tests.test_comm import run_ranks
 
 

@@ -34,7 +34,7 @@ def test_bench_sweep_writes_csv_json_summary_and_plots(smollm2_dir, tmp_path):
 
     import matplotlib.image
 
-    from raytp.report import COLUMNS, PLOTS
+    from raytp.bench.report import COLUMNS, PLOTS
 
     out = tmp_path / "sweep"
     # nccl on cpu ranks cannot run: those configurations are skipped (at once, before any actor starts)
@@ -77,9 +77,9 @@ def test_bench_sweep_writes_csv_json_summary_and_plots(smollm2_dir, tmp_path):
 def test_sweep_cut_short_keeps_the_configurations_it_finished(smollm2_dir, tmp_path, monkeypatch):
     import csv
 
-    import raytp.bench
+    import raytp.bench.sweep
 
-    real, calls = raytp.bench.run_bench, []
+    real, calls = raytp.bench.sweep.run_bench, []
 
     def interrupted_after_one(*args, **kwargs):  # Ctrl-C (or a lost cluster) while the second one runs
         calls.append(1)
@@ -87,7 +87,7 @@ def test_sweep_cut_short_keeps_the_configurations_it_finished(smollm2_dir, tmp_p
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(raytp.bench, "run_bench", interrupted_after_one)
+    monkeypatch.setattr(raytp.bench.sweep, "run_bench", interrupted_after_one)
     out = tmp_path / "sweep"
     rc = main(["bench", "--model", str(smollm2_dir), "--devices-sweep", "cpu*1;cpu*2;cpu*3", "--comm", "hoststaged",
                "--dtype", "float32", "--batch", "1", "--prompt-len", "8", "--decode-tokens", "4", "--repeats", "1",

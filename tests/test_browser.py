@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from raytp.actors.driver import BusyError, RequestError
-from raytp.plan import plan_shards
-from raytp.source import model_config
+from raytp.runtime.errors import BusyError, RequestError
+from raytp.parallel.plan import plan_shards
+from raytp.weights.source import model_config
 from raytp.ui.chat import TABLE_HEADERS, build_ui, cluster_table, memory_use, shard_widths
 from tests.test_serve import DEVICES, running_server
 

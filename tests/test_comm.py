@@ -6,9 +6,9 @@ import threading
 import pytest
 import torch
 
-from raytp.comm import CommError, InProcessGroup
-from raytp.comm.hoststaged import HostStagedCommunicator, segment_bytes
-from raytp.comm.shm import SHM_DIR, SharedSegment, new_segment_name
+from raytp.parallel.comm import CommError, InProcessGroup
+from raytp.parallel.comm.hoststaged import HostStagedCommunicator, segment_bytes
+from raytp.parallel.comm.shm import SHM_DIR, SharedSegment, new_segment_name
 
 
 def run_ranks(world_size, make_comm, body):

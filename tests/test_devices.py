@@ -2,7 +2,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from raytp.devices import DeviceSpec, DeviceSpecError, format_bytes, is_auto, parse_bytes, parse_devices
+from raytp.parallel.devices import DeviceSpec, DeviceSpecError, format_bytes, is_auto, parse_bytes, parse_devices
 
 GiB, MiB = 2**30, 2**20
 

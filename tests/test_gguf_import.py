@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import raytp.models as models
-from raytp.config import ModelConfig
-from raytp.gguf_import import _unpermute
-from raytp.models import pull_smollm2, resolve_model
+import raytp.weights.smollm2 as models
+from raytp.model.config import ModelConfig
+from raytp.weights.gguf_import import _unpermute
+from raytp.weights.smollm2 import pull_smollm2, resolve_model
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from raytp.actors.group import ClusterError, choose_backend
-from raytp.comm import InProcessGroup
-from raytp.comm.hierarchical import HierarchicalCommunicator, node_layout
-from raytp.devices import parse_devices
+from raytp.parallel.comm import InProcessGroup
+from raytp.parallel.comm.hierarchical import HierarchicalCommunicator, node_layout
+from raytp.parallel.devices import parse_devices
 from tests.test_comm import hoststaged_factory, run_ranks
 
 LAYOUTS = {

@@ -4,7 +4,7 @@ import pytest
 import torch
 import transformers
 
-from raytp.sampling import SamplingParams
+from raytp.runtime.sampling import SamplingParams
 from tests.sharded import LocalGroup
 
 TINY = {

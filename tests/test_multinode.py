@@ -13,7 +13,7 @@ from ray.cluster_utils import Cluster
 
 from raytp.actors.driver import DriverActor
 from raytp.actors.group import GroupSettings
-from raytp.devices import parse_devices
+from raytp.parallel.devices import parse_devices
 from tests.util import raytp_segments, transformers_greedy
 
 pytestmark = pytest.mark.slow

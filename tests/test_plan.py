@@ -5,8 +5,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from raytp.config import ModelConfig
-from raytp.plan import DTYPE_BYTES, PlanError, plan_shards, replicated_overhead_bytes
+from raytp.model.config import ModelConfig
+from raytp.parallel.plan import DTYPE_BYTES, PlanError, plan_shards, replicated_overhead_bytes
 
 GiB, MiB = 2**30, 2**20
 SMOLLM2 = ModelConfig(arch="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,

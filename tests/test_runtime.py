@@ -17,7 +17,7 @@ import ray
 
 from raytp.actors.driver import DriverActor
 from raytp.actors.group import GroupSettings
-from raytp.devices import parse_devices
+from raytp.parallel.devices import parse_devices
 from tests.util import free_port, raytp_segments, transformers_greedy
 
 pytestmark = pytest.mark.slow

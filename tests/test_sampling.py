@@ -8,8 +8,8 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from raytp.comm import InProcessGroup
-from raytp.sampling import SamplingParams, ShardedSampler, apply_repetition_penalty
+from raytp.parallel.comm import InProcessGroup
+from raytp.runtime.sampling import SamplingParams, ShardedSampler, apply_repetition_penalty
 from tests.test_comm import run_ranks
 
 V = 500

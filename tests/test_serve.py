@@ -22,8 +22,8 @@ import httpx
 import openai
 import pytest
 
-from raytp.server import APIError, StopScanner, parse_completion
-from raytp.tokenizer import Tokenizer
+from raytp.serving.openai_api import APIError, StopScanner, parse_completion
+from raytp.weights.tokenizer import Tokenizer
 from tests.util import free_port, raytp_segments
 
 DEVICES = "cpu@2GiB,cpu@1GiB"

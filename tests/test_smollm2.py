@@ -4,8 +4,8 @@ import pytest
 import torch
 import transformers
 
-from raytp.sampling import SamplingParams
-from raytp.tokenizer import Tokenizer
+from raytp.runtime.sampling import SamplingParams
+from raytp.weights.tokenizer import Tokenizer
 from tests.sharded import LocalGroup
 
 SPLITS = {1: [1.0], 2: [2.0, 1.0], 3: [3.0, 2.0, 1.0], 5: [5.0, 1.0, 3.0, 1.0, 2.0]}

@@ -7,12 +7,12 @@ import threading
 import pytest
 import torch
 
-from raytp.comm import InProcessGroup
-from raytp.devices import parse_devices
-from raytp.model import ShardedLlama
-from raytp.plan import PlanError, plan_shards
-from raytp.source import load_weights, model_config
-from raytp.synthetic import CONFIGS, synthetic_config, synthetic_weights
+from raytp.parallel.comm import InProcessGroup
+from raytp.parallel.devices import parse_devices
+from raytp.model.llama import ShardedLlama
+from raytp.parallel.plan import PlanError, plan_shards
+from raytp.weights.source import load_weights, model_config
+from raytp.weights.synthetic import CONFIGS, synthetic_config, synthetic_weights
 
 GiB = 1 << 30
 MIXED = "cuda:0@24GiB,cuda:1@24GiB,cuda:2@48GiB,cuda:3@80GiB"

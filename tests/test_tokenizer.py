@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from raytp.tokenizer import StreamDecoder, Tokenizer
+from raytp.weights.tokenizer import StreamDecoder, Tokenizer
 
 TEXTS = [
     "12345 apples in 2026",

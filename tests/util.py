@@ -6,7 +6,7 @@ import socket
 import torch
 import transformers
 
-from raytp.tokenizer import Tokenizer
+from raytp.weights.tokenizer import Tokenizer
 
 
 def free_port() -> int:

@@ -19,22 +19,15 @@ from dataclasses import asdict
 import ray
 
 from raytp.actors.group import GroupSettings, WorkerGroup
-from raytp.engine import Request
-from raytp.models import resolve_model
-from raytp.sampling import SamplingParams
-from raytp.source import model_config
-from raytp.synthetic import is_synthetic
-from raytp.tokenizer import StreamDecoder, Tokenizer
+from raytp.runtime.engine import Request
+from raytp.runtime.errors import BusyError, RequestError
+from raytp.weights.smollm2 import resolve_model
+from raytp.runtime.sampling import SamplingParams
+from raytp.weights.source import model_config
+from raytp.weights.synthetic import is_synthetic
+from raytp.weights.tokenizer import StreamDecoder, Tokenizer
 
 log = logging.getLogger("raytp")
-
-
-class RequestError(ValueError):
-    """Bad input in a request: the message names the value and the limit."""
-
-
-class BusyError(RuntimeError):
-    """Every cache slot is taken and the waiting line is full: the caller should retry later (HTTP 429)."""
 
 
 MAX_QUEUE = 64  # streams that may wait for a cache slot beyond the max_batch running ones; `serve` sets it
@@ -211,7 +204,7 @@ class Driver:
 
         The HTTP server runs in this actor's own event loop, so its handlers call `stream` directly: tokens go
         from the leader's event batches to the HTTP responses without a Ray call per token."""
-        from raytp.server import HTTPServer
+        from raytp.serving.openai_api import HTTPServer
 
         if self._http is not None:
             raise RuntimeError(f"already serving at {self._http.url}")

@@ -15,13 +15,13 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from raytp.actors.worker import WorkerActor
-from raytp.comm.hierarchical import node_layout
-from raytp.comm.hoststaged import segment_bytes
-from raytp.comm.routed import choose_cutoff
-from raytp.comm.shm import new_segment_name
-from raytp.config import ModelConfig
-from raytp.devices import DeviceSpec, format_bytes
-from raytp.plan import ShardPlan, plan_shards
+from raytp.parallel.comm.hierarchical import node_layout
+from raytp.parallel.comm.hoststaged import segment_bytes
+from raytp.parallel.comm.routed import choose_cutoff
+from raytp.parallel.comm.shm import new_segment_name
+from raytp.model.config import ModelConfig
+from raytp.parallel.devices import DeviceSpec, format_bytes
+from raytp.parallel.plan import ShardPlan, plan_shards
 
 log = logging.getLogger("raytp")
 
@@ -53,7 +53,7 @@ def choose_backend(requested: str, devices: tuple[DeviceSpec, ...], nodes: int,
     """(backend, why). Pure, so the choice is testable; `auto` is logged once by the caller.
 
     Across nodes, `auto` and `hoststaged` both mean `hierarchical`: host-staged shared memory within each node,
-    gloo between one leader per node (raytp.comm.hierarchical)."""
+    gloo between one leader per node (raytp.parallel.comm.hierarchical)."""
     if requested not in COMM_BACKENDS:
         raise ValueError(f"unknown --comm {requested!r}; choose one of {', '.join(COMM_BACKENDS)}")
     if requested == "nccl" and any(d.kind != "cuda" for d in devices):

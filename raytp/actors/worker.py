@@ -19,15 +19,15 @@ import psutil
 import ray
 import torch
 
-from raytp.comm import CommError, Communicator
-from raytp.comm.base import maybe_check_identical
-from raytp.config import ModelConfig
-from raytp.devices import DeviceSpec, format_bytes
-from raytp.engine import RankEngine, Request, TokenEvent
-from raytp.model import ShardedLlama
-from raytp.plan import ShardPlan
-from raytp.sampling import SamplingParams
-from raytp.source import load_weights
+from raytp.parallel.comm import CommError, Communicator
+from raytp.parallel.comm.base import maybe_check_identical
+from raytp.model.config import ModelConfig
+from raytp.parallel.devices import DeviceSpec, format_bytes
+from raytp.runtime.engine import RankEngine, Request, TokenEvent
+from raytp.model.llama import ShardedLlama
+from raytp.parallel.plan import ShardPlan
+from raytp.runtime.sampling import SamplingParams
+from raytp.weights.source import load_weights
 
 
 class MemoryBudgetError(RuntimeError):
@@ -67,8 +67,8 @@ class Worker:
             return s.getsockname()[1]
 
     def open_hoststaged(self, name: str, size: int, world_size: int, create: bool, timeout_s: float) -> None:
-        from raytp.comm.hoststaged import HostStagedCommunicator
-        from raytp.comm.shm import SharedSegment
+        from raytp.parallel.comm.hoststaged import HostStagedCommunicator
+        from raytp.parallel.comm.shm import SharedSegment
 
         segment = (SharedSegment.create if create else SharedSegment.attach)(name, size)
         self.comm = HostStagedCommunicator(segment, self.rank, world_size, timeout_s=timeout_s)
@@ -76,11 +76,11 @@ class Worker:
     def finish_comm(self) -> None:
         """Once every rank's communicator is open: on GPUs, let the host-staged all-reduce run as a kernel
         that polls the mapped segment itself (graph-capturable, no CPU in the loop). Collective."""
-        from raytp.comm.hoststaged import HostStagedCommunicator
+        from raytp.parallel.comm.hoststaged import HostStagedCommunicator
 
         if (self.device.type == "cuda" and isinstance(self.comm, HostStagedCommunicator)
                 and os.environ.get("RAYTP_GPU_HOSTSTAGED", "1") != "0"):
-            from raytp.comm.hoststaged_gpu import GpuHostStagedCommunicator
+            from raytp.parallel.comm.hoststaged_gpu import GpuHostStagedCommunicator
 
             torch.cuda.set_device(self.device)
             self.comm = GpuHostStagedCommunicator(self.comm, self.device, timeout_s=self.comm.timeout_s)
@@ -91,7 +91,7 @@ class Worker:
 
     def route_comm(self, cutoff: int) -> None:
         """All-reduces up to `cutoff` elements through the stashed communicator, larger ones the current one."""
-        from raytp.comm.routed import SizeRoutedCommunicator
+        from raytp.parallel.comm.routed import SizeRoutedCommunicator
 
         self.comm = SizeRoutedCommunicator(self._stashed, self.comm, cutoff)
         self._stashed = None
@@ -101,14 +101,14 @@ class Worker:
         self.comm.segment.unlink()
 
     def open_torchdist(self, backend: str, init_method: str, world_size: int, timeout_s: float) -> None:
-        from raytp.comm.torchdist import TorchDistCommunicator
+        from raytp.parallel.comm.torchdist import TorchDistCommunicator
 
         self.comm = TorchDistCommunicator(backend, init_method, self.rank, world_size, timeout_s)
 
     def open_hierarchical(self, segment_name: str, node_ranks: list[list[int]], create: bool,
                           leaders_init: str | None, timeout_s: float) -> None:
-        """Host-staged among this node's ranks, gloo among the node leaders (see raytp.comm.hierarchical)."""
-        from raytp.comm.hierarchical import open_hierarchical
+        """Host-staged among this node's ranks, gloo among the node leaders (see raytp.parallel.comm.hierarchical)."""
+        from raytp.parallel.comm.hierarchical import open_hierarchical
 
         self.comm = open_hierarchical(self.rank, node_ranks, segment_name, create, leaders_init, timeout_s)
 
@@ -138,7 +138,7 @@ class Worker:
         try:
             lm = self.engine.model
             if self.device.type == "cuda" and lm.comm.graph_safe and os.environ.get("RAYTP_CUDA_GRAPHS", "1") != "0":
-                from raytp.graphs import GraphedDecode
+                from raytp.model.graphs import GraphedDecode
 
                 # captured here, where every rank starts at once (after all loaded): collectives must match
                 self.engine.decode_step = GraphedDecode(lm)

@@ -1,7 +1,7 @@
 """The web chat: streamed answers with a stats line, sampling controls, and a Cluster panel showing the split.
 
 `build_ui(driver)` takes the plain `Driver` object and runs in the driver actor's event loop (mounted next to the
-OpenAI API by raytp.server), so a chat turn iterates `driver.stream` directly, like an API request does, and
+OpenAI API by raytp.serving.openai_api), so a chat turn iterates `driver.stream` directly, like an API request does, and
 joins the same continuous batch. Stopping a turn cancels the Gradio task, which closes the stream and frees the
 request's cache slot.
 """
@@ -13,8 +13,8 @@ import secrets
 import gradio as gr
 import pandas as pd
 
-from raytp.actors.driver import BusyError, RequestError
-from raytp.devices import format_bytes
+from raytp.runtime.errors import BusyError, RequestError
+from raytp.parallel.devices import format_bytes
 
 TABLE_HEADERS = ["rank", "device", "device name (node)", "memory budget", "used (weights + KV cache)",
                  "query heads", "KV heads", "MLP columns", "vocab rows", "backend"]

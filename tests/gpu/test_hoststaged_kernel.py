@@ -7,8 +7,8 @@ GPU is enough: the kernels of all ranks are resident at once and meet in host me
 import pytest
 import torch
 
-from raytp.comm import CommError
-from raytp.comm.hoststaged_gpu import GpuHostStagedCommunicator
+from raytp.parallel.comm import CommError
+from raytp.parallel.comm.hoststaged_gpu import GpuHostStagedCommunicator
 from tests.test_comm import hoststaged_factory, run_ranks
 
 pytestmark = [pytest.mark.gpu,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from raytp.model import ShardedLlama
+from raytp.model.llama import ShardedLlama
 
 
 def buckets(max_batch: int) -> list[int]:

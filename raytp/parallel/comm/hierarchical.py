@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import torch
 
-from raytp.comm.base import Communicator
-from raytp.comm.hoststaged import HostStagedCommunicator, segment_bytes
-from raytp.comm.shm import SharedSegment
+from raytp.parallel.comm.base import Communicator
+from raytp.parallel.comm.hoststaged import HostStagedCommunicator, segment_bytes
+from raytp.parallel.comm.shm import SharedSegment
 
 
 def node_layout(node_ids: list[str]) -> list[list[int]]:
@@ -116,7 +116,7 @@ def open_hierarchical(rank: int, node_ranks: list[list[int]], segment_name: str,
     nodes, join the leaders' gloo group at `leaders_init` (they must all call at once: the join blocks until
     every node is in). The other ranks then attach with create=False.
     """
-    from raytp.comm.torchdist import TorchDistCommunicator
+    from raytp.parallel.comm.torchdist import TorchDistCommunicator
 
     node = next(i for i, ranks in enumerate(node_ranks) if rank in ranks)
     local_rank, local_world = node_ranks[node].index(rank), len(node_ranks[node])

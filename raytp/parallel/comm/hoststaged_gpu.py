@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from raytp.comm.base import CommError, Communicator
-from raytp.comm.hoststaged import LINE, HostStagedCommunicator
-from raytp.comm.shm import SharedSegment, new_segment_name
+from raytp.parallel.comm.base import CommError, Communicator
+from raytp.parallel.comm.hoststaged import LINE, HostStagedCommunicator
+from raytp.parallel.comm.shm import SharedSegment, new_segment_name
 from raytp.kernels import hoststaged_allreduce as kernel
 
 NAME_BYTES = 64

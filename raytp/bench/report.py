@@ -19,7 +19,7 @@ import csv
 import json
 from pathlib import Path
 
-from raytp.plan import DTYPE_BYTES
+from raytp.parallel.plan import DTYPE_BYTES
 
 COLUMNS = [
     "devices", "ranks", "nodes", "comm", "backend", "dtype", "prompt_len", "batch", "decode_tokens", "status",

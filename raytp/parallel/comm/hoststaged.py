@@ -25,8 +25,8 @@ import time
 import numpy as np
 import torch
 
-from raytp.comm.base import CommError, Communicator
-from raytp.comm.shm import SharedSegment
+from raytp.parallel.comm.base import CommError, Communicator
+from raytp.parallel.comm.shm import SharedSegment
 
 LINE = 64  # bytes per flag: one cache line each
 DEFAULT_SLOT_BYTES = 1 << 20  # larger messages go in chunks

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from raytp.comm import Communicator
+from raytp.parallel.comm import Communicator
 
 M32 = 0xFFFFFFFF
 FIRST_CANDIDATES = 64

@@ -4,7 +4,7 @@ Backends: `hoststaged` (partial sums meet in shared host memory, no GPU peer-to-
 (torch.distributed), and `inprocess` (N ranks as threads of one process, for tests).
 """
 
-from raytp.comm.base import CommError, Communicator
-from raytp.comm.inprocess import InProcessGroup
+from raytp.parallel.comm.base import CommError, Communicator
+from raytp.parallel.comm.inprocess import InProcessGroup
 
 __all__ = ["CommError", "Communicator", "InProcessGroup"]

@@ -2,7 +2,7 @@
 
 Every tensor is read with `safe_open(...).get_slice(name)[rows/cols]`, so a rank reads only the bytes of
 its own shard from disk and no process ever holds the whole model. Slices are fused into the layout
-`raytp.model.ShardedLlama` expects (q/k/v in one matrix, gate/up in one matrix).
+`raytp.model.llama.ShardedLlama` expects (q/k/v in one matrix, gate/up in one matrix).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from raytp.config import ModelConfig
-from raytp.plan import RankShard
+from raytp.model.config import ModelConfig
+from raytp.parallel.plan import RankShard
 
 
 class CheckpointError(ValueError):

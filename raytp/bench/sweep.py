@@ -4,7 +4,7 @@ A sweep is every combination of device set (`--devices-sweep "cuda*1;cuda*2;..."
 length (`--prompt-len`) and batch size (`--batch`). One group is built per (device set, backend, prompt length),
 its KV cache sized to that prompt, and runs every batch size. A group that cannot exist is skipped with the reason
 (the model does not fit: PlanError or a rank over its budget; the cluster lacks the devices: ClusterError) and the
-sweep goes on. `raytp.report` turns the results into CSV, JSON, a markdown summary and plots.
+sweep goes on. `raytp.bench.report` turns the results into CSV, JSON, a markdown summary and plots.
 
 What is measured on each group:
 
@@ -43,11 +43,11 @@ import torch
 
 from raytp.actors.group import ClusterError, GroupSettings, WorkerGroup, choose_backend
 from raytp.actors.worker import MemoryBudgetError
-from raytp.config import ModelConfig
-from raytp.devices import DeviceSpec
-from raytp.engine import Request
-from raytp.plan import DTYPE_BYTES, PlanError, ShardPlan
-from raytp.sampling import SamplingParams
+from raytp.model.config import ModelConfig
+from raytp.parallel.devices import DeviceSpec
+from raytp.runtime.engine import Request
+from raytp.parallel.plan import DTYPE_BYTES, PlanError, ShardPlan
+from raytp.runtime.sampling import SamplingParams
 
 log = logging.getLogger("raytp")
 
@@ -128,7 +128,7 @@ def _read_bytes_per_step(config: ModelConfig, plan: ShardPlan, batch: int, conte
 
 
 def allreduces_per_step(config: ModelConfig) -> int:
-    """All-reduces of one forward (raytp.model): the embedding's, then o_proj's and down_proj's in every layer."""
+    """All-reduces of one forward (raytp.model.llama): the embedding's, then o_proj's and down_proj's in every layer."""
     return 1 + 2 * config.num_layers
 
 

@@ -2,7 +2,7 @@
 
 For a checkpoint directory (or `smollm2`) the peer loads it with `from_pretrained`. For `synthetic:` models it
 builds the architecture from the same config on the meta device and assigns the one-rank synthetic weights
-(`raytp.synthetic`, drawn on the same kind of device, so the very tensors a one-device raytp rank holds), which
+(`raytp.weights.synthetic`, drawn on the same kind of device, so the very tensors a one-device raytp rank holds), which
 costs no second copy of the model. Timing: greedy `generate` of N tokens minus that of one token (the prefill and
 the first sample), over N - 1 steps; EOS is ignored, as in raytp's benchmark requests.
 
@@ -20,11 +20,11 @@ from pathlib import Path
 import ray
 import torch
 
-from raytp.config import ModelConfig
+from raytp.model.config import ModelConfig
 
 
 def hf_state_dict(config: ModelConfig, w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A one-rank raytp weight dict (raytp.model's layout) as a Hugging Face Llama/Mistral/Qwen2 state dict."""
+    """A one-rank raytp weight dict (raytp.model.llama's layout) as a Hugging Face Llama/Mistral/Qwen2 state dict."""
     D = config.head_dim
     split = [config.num_heads * D, config.num_kv_heads * D, config.num_kv_heads * D]
     sd = {"model.embed_tokens.weight": w["embed"], "model.norm.weight": w["final_norm"], "lm_head.weight": w["lm_head"]}
@@ -46,7 +46,7 @@ def hf_state_dict(config: ModelConfig, w: dict[str, torch.Tensor]) -> dict[str, 
 def _synthetic_hf_config(model: str):
     import transformers
 
-    from raytp.synthetic import CONFIGS, PREFIX
+    from raytp.weights.synthetic import CONFIGS, PREFIX
 
     name = model.removeprefix(PREFIX)
     if name in CONFIGS:
@@ -60,10 +60,10 @@ def _synthetic_hf_config(model: str):
 def _hf_model(model: str, dtype: str, device: torch.device):
     import transformers
 
-    from raytp.models import resolve_model
-    from raytp.plan import plan_shards
-    from raytp.source import model_config
-    from raytp.synthetic import is_synthetic, synthetic_weights
+    from raytp.weights.smollm2 import resolve_model
+    from raytp.parallel.plan import plan_shards
+    from raytp.weights.source import model_config
+    from raytp.weights.synthetic import is_synthetic, synthetic_weights
 
     if not is_synthetic(model):
         hf = transformers.AutoModelForCausalLM.from_pretrained(resolve_model(model), dtype=getattr(torch, dtype))
@@ -120,7 +120,7 @@ def run_peer(model: str, dtype: str, device_kind: str, batches: list[int], promp
 
 def peer_rows(sweep, result, config) -> tuple[dict, str]:
     """Hugging Face decode next to every one-device configuration that ran; (rows' peer figures, a note)."""
-    from raytp.bench import random_requests
+    from raytp.bench.sweep import random_requests
 
     peer, done = {}, {}
     for o in result["outcomes"]:

@@ -22,8 +22,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import accumulate
 
-from raytp.config import ModelConfig
-from raytp.devices import format_bytes
+from raytp.model.config import ModelConfig
+from raytp.parallel.devices import format_bytes
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # Prefill runs at most this many tokens per sequence per step; it sizes the working buffers in the overhead.

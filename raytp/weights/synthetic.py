@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from raytp.config import ModelConfig
-from raytp.plan import RankShard
+from raytp.model.config import ModelConfig
+from raytp.parallel.plan import RankShard
 
 PREFIX = "synthetic:"
 BLOCK = 64  # MLP columns and vocab rows are drawn in blocks of this many (the last may be partial)
@@ -96,7 +96,7 @@ class _Blocks:
 
 def synthetic_weights(config: ModelConfig, shard: RankShard, *, dtype: torch.dtype,
                       device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """Rank `shard`'s weights, in the layout of `raytp.model.ShardedLlama` (see its docstring).
+    """Rank `shard`'s weights, in the layout of `raytp.model.llama.ShardedLlama` (see its docstring).
 
     Row-parallel matrices (o_proj, down_proj) are drawn as their transposes, so the blocks are rows there too.
     """

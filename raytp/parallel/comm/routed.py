@@ -7,7 +7,7 @@ gets the same cut-off, so a given message always takes the same backend on all r
 
 from __future__ import annotations
 
-from raytp.comm.base import Communicator
+from raytp.parallel.comm.base import Communicator
 
 
 def choose_cutoff(small_us: dict[int, float], large_us: dict[int, float]) -> int:

@@ -7,7 +7,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from raytp.comm.base import CommError, Communicator
+from raytp.parallel.comm.base import CommError, Communicator
 
 
 class TorchDistCommunicator(Communicator):

@@ -20,9 +20,9 @@ from typing import Callable
 
 import torch
 
-from raytp.comm import Communicator
-from raytp.model import ShardedLlama
-from raytp.sampling import SamplingParams, ShardedSampler
+from raytp.parallel.comm import Communicator
+from raytp.model.llama import ShardedLlama
+from raytp.runtime.sampling import SamplingParams, ShardedSampler
 
 
 @dataclass
@@ -55,7 +55,7 @@ class RankEngine:
     def __init__(self, model: ShardedLlama, comm: Communicator, heartbeat_s: float = 0.05,
                  decode: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None):
         self.model, self.comm = model, comm
-        self.decode_step = decode or model.forward  # a raytp.graphs.GraphedDecode on CUDA ranks
+        self.decode_step = decode or model.forward  # a raytp.model.graphs.GraphedDecode on CUDA ranks
         self.sampler = ShardedSampler(comm, model.vocab_start)
         self.device = model.device
         self.heartbeat_s = heartbeat_s

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from raytp.actors.driver import BusyError, RequestError
+from raytp.runtime.errors import BusyError, RequestError
 
 log = logging.getLogger("raytp")
 

@@ -1,0 +1,10 @@
+"""The model: one rank's shard of a Llama-family decoder.
+
+    config.py   ModelConfig, read from a Hugging Face config.json
+    layers.py   parallel layers that own their uneven slice (column/row-parallel linear, vocab-parallel
+                embedding and head) and the weight formats they apply
+    llama.py    the decoder forward of one rank
+    graphs.py   the decode step replayed from CUDA graphs
+
+May import: raytp.parallel (plan, comm), raytp.kernels. Never raytp.weights, runtime, actors or above.
+"""

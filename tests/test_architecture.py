@@ -1,0 +1,95 @@
+"""The package map holds: no import cycles inside raytp, and each layer imports only the layers below it."""
+
+import ast
+from pathlib import Path
+
+import raytp
+
+ROOT = Path(raytp.__file__).parent
+
+# What each package may import from raytp (besides itself). Mirrors the docstring of each package's __init__.
+ALLOWED = {
+    "kernels": set(),
+    "model": {"parallel", "kernels"},
+    "parallel": {"model.config", "kernels"},
+    "weights": {"model", "parallel"},
+    "runtime": {"model", "parallel", "weights", "kernels"},
+    "ui": {"runtime", "parallel"},
+    "serving": {"runtime", "ui"},
+    "actors": {"runtime", "model", "parallel", "weights", "serving", "kernels"},
+    "bench": {"actors", "runtime", "model", "parallel", "weights", "kernels"},
+}
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports() -> dict[str, set[str]]:
+    """Every raytp module -> the raytp modules it imports (at module level or inside functions)."""
+    graph = {}
+    for path in ROOT.rglob("*.py"):
+        name = _module_name(path)
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {a.name for a in node.names if a.name.startswith("raytp")}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("raytp"):
+                found.add(node.module)
+        graph[name] = found
+    return graph
+
+
+def _resolve(name: str, modules: set[str]) -> str:
+    """`raytp.parallel.comm` names a package: its __init__ module, which is in `modules` under that name."""
+    while name not in modules:
+        name = name.rsplit(".", 1)[0]
+    return name
+
+
+def test_no_import_cycles():
+    graph = _imports()
+    modules = set(graph)
+    edges = {m: {_resolve(t, modules) for t in targets} - {m} for m, targets in graph.items()}
+    state: dict[str, int] = {}  # 1 visiting, 2 done
+    stack: list[str] = []
+
+    def visit(m):
+        state[m] = 1
+        stack.append(m)
+        for t in sorted(edges[m]):
+            if state.get(t) == 1:
+                cycle = stack[stack.index(t):] + [t]
+                raise AssertionError("import cycle: " + " -> ".join(cycle))
+            if t not in state:
+                visit(t)
+        stack.pop()
+        state[m] = 2
+
+    for m in sorted(modules):
+        if m not in state:
+            visit(m)
+
+
+def test_layers_import_only_what_their_package_allows():
+    wrong = []
+    for module, targets in _imports().items():
+        parts = module.split(".")
+        if len(parts) < 3 or parts[1] not in ALLOWED:
+            continue  # raytp, raytp.cli, raytp.__main__: the top may import anything
+        package = parts[1]
+        for target in targets:
+            tparts = target.split(".")
+            if len(tparts) < 2 or tparts[1] == package:
+                continue
+            allowed = ALLOWED[package]
+            if tparts[1] not in allowed and ".".join(tparts[1:3]) not in allowed:
+                wrong.append(f"{module} imports {target}")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_every_package_says_what_it_may_import():
+    for package in ALLOWED:
+        doc = ast.get_docstring(ast.parse((ROOT / package / "__init__.py").read_text()))
+        assert doc and "May import" in doc, f"raytp/{package}/__init__.py has no 'May import' line"
