@@ -43,9 +43,9 @@ def test_config_matches_smollm2_facts(smollm2_dir):
     assert "<|im_start|>assistant" in tokenizer_config["chat_template"]
 
 
-def test_weights_are_bf16_with_hf_names_and_count(smollm2_dir):
+def test_weights_are_float32_with_hf_names_and_count(smollm2_dir):
     tensors = load_file(smollm2_dir / "model.safetensors")
-    assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
+    assert {t.dtype for t in tensors.values()} == {torch.float32}
     assert "lm_head.weight" not in tensors  # tied: no output.weight in the GGUF
     assert tensors["model.layers.0.self_attn.q_proj.weight"].shape == (576, 576)
     assert tensors["model.layers.29.self_attn.k_proj.weight"].shape == (192, 576)
@@ -56,10 +56,11 @@ def test_weights_are_bf16_with_hf_names_and_count(smollm2_dir):
 
 
 def test_every_tensor_equals_transformers_gguf_load(smollm2_dir, hf_state_dict):
-    """transformers dequantizes and un-permutes the same GGUF with its own code: an independent reference."""
+    """transformers dequantizes and un-permutes the same GGUF with its own code: an independent reference.
+    The conversion is lossless: every value equals it exactly, in float32."""
     ours = load_file(smollm2_dir / "model.safetensors")
     assert set(ours) == set(hf_state_dict) - {"lm_head.weight"}
-    mismatched = [name for name, t in ours.items() if not torch.equal(hf_state_dict[name].to(torch.bfloat16), t)]
+    mismatched = [name for name, t in ours.items() if not torch.equal(hf_state_dict[name].to(torch.float32), t)]
     assert mismatched == []
 
 

@@ -8,7 +8,7 @@ from raytp.runtime.sampling import SamplingParams
 from raytp.weights.tokenizer import Tokenizer
 from tests.sharded import LocalGroup
 
-SPLITS = {1: [1.0], 2: [2.0, 1.0], 3: [3.0, 2.0, 1.0], 5: [5.0, 1.0, 3.0, 1.0, 2.0]}
+SPLITS = {1: [1.0], 2: [2.0, 1.0], 3: [3.0, 2.0, 1.0], 5: [5.0, 1.0, 3.0, 1.0, 2.0], 12: [1.0] * 12}
 PROMPT = "The capital of France is"
 
 
@@ -19,13 +19,9 @@ def reference(smollm2_dir):
 
 @pytest.fixture(scope="module")
 def gguf_reference(smollm2_gguf):
-    """transformers' own GGUF loader; weights rounded to bfloat16 as raytp stores them, nothing else shared."""
-    model = transformers.AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name,
-                                                              dtype=torch.float32).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(p.to(torch.bfloat16).to(torch.float32))
-    return model
+    """transformers' own GGUF loader reading the original file: nothing shared with raytp's conversion."""
+    return transformers.AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name,
+                                                             dtype=torch.float32).eval()
 
 
 @pytest.mark.parametrize("ranks", list(SPLITS))
@@ -38,10 +34,18 @@ def test_logits_match_transformers_at_uneven_splits(smollm2_dir, reference, rank
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=2e-4)
 
 
-@pytest.mark.parametrize("ranks", [1, 3])
-def test_greedy_32_tokens_match_transformers_gguf_loader(smollm2_dir, gguf_reference, ranks):
+GGUF_PROMPTS = {"chat": [{"role": "user", "content": "Name three colors."}],
+                "story": "Once upon a time, there was a little"}
+
+
+@pytest.mark.parametrize("prompt_name", list(GGUF_PROMPTS))
+@pytest.mark.parametrize("ranks", [1, 3, 12])
+def test_greedy_32_tokens_match_transformers_gguf_loader(smollm2_dir, gguf_reference, ranks, prompt_name):
+    """The conversion is lossless, so float32 raytp follows the original GGUF token for token at any split
+    (12 ranks: 9 of them hold no attention head)."""
     tokenizer = Tokenizer.from_dir(smollm2_dir)
-    prompt = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": "Name three colors."}]))
+    text = GGUF_PROMPTS[prompt_name]
+    prompt = tokenizer.encode(text if isinstance(text, str) else tokenizer.apply_chat_template(text))
     with torch.no_grad():
         expected = gguf_reference.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False,
                                            eos_token_id=sorted(tokenizer.eos_token_ids))[0, len(prompt):].tolist()

