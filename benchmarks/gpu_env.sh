@@ -1,4 +1,4 @@
-# Sourced by the benchmarks/gpu_run*.sh scripts: the environment of every process on a GPU host (NVLink
+# Sourced by the GPU sitting scripts (benchmarks/gpu_run*.sh): the environment of every process on a GPU host (NVLink
 # multicast off, see ../shared/gpu/README.md) and Ray from the carried .whl wheelhouse.
 export PYTHONUNBUFFERED=1 RAY_AUTH_MODE=disabled NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 if [ -d .whl ] && ! python3 -c "import ray" 2>/dev/null; then

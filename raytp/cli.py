@@ -116,8 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allreduce-iters", type=int, default=200, help="calls timed per size (default: 200)")
     p.add_argument("--hf-peer", action="store_true", help="also time Hugging Face transformers decoding the same "
                    "weights on one device, next to each one-device configuration (needs transformers)")
-    p.add_argument("--out", default=None, help="directory for results.csv, results.json, summary.md and the plots; "
-                   "a path ending in .json instead gets one configuration's full results as JSON")
+    p.add_argument("--out", default=None, help="directory for results.csv, results.json, summary.md and the plots")
     return parser
 
 
@@ -318,7 +317,7 @@ def cmd_bench(args) -> None:
     import torch
     from tqdm import tqdm
 
-    from raytp.bench.sweep import Sweep, cluster_line, format_results, run_sweep, write_results
+    from raytp.bench.sweep import Sweep, cluster_line, format_results, run_sweep
     from raytp.weights.smollm2 import resolve_model
     from raytp.bench.report import write_report
     from raytp.weights.source import model_config
@@ -341,10 +340,6 @@ def cmd_bench(args) -> None:
     for spec in specs:  # a typo fails now, not after the configurations before it ran
         if not is_auto(spec):
             parse_devices(spec)
-    legacy = args.out is not None and args.out.endswith(".json")
-    if legacy and len(specs) * len(comms) * len(prompt_lens) > 1:
-        raise UserError("--out FILE.json holds one configuration (one device SPEC, --comm and --prompt-len); "
-                        "give a directory to --out for a sweep")
     if not args.model.startswith("synthetic:"):
         resolve_model(args.model)
     config = model_config(args.model)
@@ -370,7 +365,7 @@ def cmd_bench(args) -> None:
                         "peer_note": peer_note, "configurations": sweep.size}
 
             def on_config(so_far: dict) -> None:  # a sweep cut short keeps every configuration it finished
-                if args.out and not legacy:
+                if args.out:
                     write_report(args.out, so_far, meta(so_far["runs"]))
 
             result = run_sweep(sweep, config, on_row=on_row, on_config=on_config,
@@ -378,11 +373,6 @@ def cmd_bench(args) -> None:
         peer, peer_note = peer_rows(sweep, result, config) if args.hf_peer else ({}, "")
         final_meta = meta(result["runs"], peer_note)
     failed = [o for o in result["outcomes"] if o["status"] != "ok"]
-    if legacy:
-        if failed:
-            raise UserError(failed[0]["reason"])
-        write_results(result["runs"][0], args.out)
-        return
     if args.out:
         paths = write_report(args.out, result, final_meta, peer)
         print(f"raytp: wrote {', '.join(p.name for p in paths)} to {args.out}", file=sys.stderr)

@@ -1,6 +1,7 @@
 """The package map holds: no import cycles inside raytp, and each layer imports only the layers below it."""
 
 import ast
+import re
 from pathlib import Path
 
 import raytp
@@ -93,3 +94,38 @@ def test_every_package_says_what_it_may_import():
     for package in ALLOWED:
         doc = ast.get_docstring(ast.parse((ROOT / package / "__init__.py").read_text()))
         assert doc and "May import" in doc, f"raytp/{package}/__init__.py has no 'May import' line"
+
+
+
+# import name -> distribution name, where they differ
+DISTRIBUTION = {"yaml": "pyyaml"}
+# imported inside try/except ImportError or on an optional path only
+OPTIONAL = {"triton": "GPU kernels: every kernel has a torch fallback",
+            "transformers": "only `raytp bench --hf-peer`, which says to install it"}
+
+
+def _top_level_imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_every_third_party_import_is_declared():
+    import sys
+    import tomllib
+
+    requirements = tomllib.loads((ROOT.parent / "pyproject.toml").read_text())["project"]["dependencies"]
+    declared = {re.split(r"[\[<>=!~ ]", r, maxsplit=1)[0].lower() for r in requirements}
+    used = set().union(*(_top_level_imports(p) for p in ROOT.rglob("*.py")))
+    third_party = used - set(sys.stdlib_module_names) - {"raytp"} - set(OPTIONAL)
+    missing = sorted(m for m in third_party if DISTRIBUTION.get(m, m).lower() not in declared)
+    assert not missing, f"imported but not declared in pyproject.toml: {missing}"
+
+
+def test_gguf_is_imported_only_where_a_gguf_is_converted():
+    importers = sorted(str(p.relative_to(ROOT)) for p in ROOT.rglob("*.py") if "gguf" in _top_level_imports(p))
+    assert importers == ["weights/gguf_import.py"]

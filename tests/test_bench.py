@@ -1,4 +1,4 @@
-"""`raytp bench` end to end on two CPU ranks: the JSON has every figure, and every figure is positive."""
+"""`raytp bench` end to end on two CPU ranks: results.json has every figure, and every figure is positive."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ from raytp.cli import main
 
 
 def test_bench_smollm2_on_two_cpu_ranks(smollm2_dir, tmp_path, capsys):
-    out = tmp_path / "bench.json"
+    out = tmp_path / "bench"
     rc = main(["bench", "--model", str(smollm2_dir), "--devices", "cpu*2", "--dtype", "float32", "--batch", "1,2",
                "--prompt-len", "8", "--decode-tokens", "6", "--repeats", "1", "--allreduce-sizes", "576,4096",
                "--allreduce-iters", "5", "--comm", "hoststaged", "--out", str(out)])
     assert rc == 0
-    res = json.loads(out.read_text())
+    res = json.loads((out / "results.json").read_text())["runs"][0]
     assert res["backend"] == "hoststaged" and res["devices"] == ["cpu", "cpu"]
     assert len(res["bandwidth_bytes_per_s"]) == 2 and min(res["bandwidth_bytes_per_s"]) > 0
     assert set(res["allreduce_us"]["rank0"]) == {"576", "4096"}

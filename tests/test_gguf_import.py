@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import raytp.weights.gguf_import as gguf_import
 import raytp.weights.smollm2 as models
 from raytp.model.config import ModelConfig
 from raytp.weights.gguf_import import _unpermute
@@ -95,7 +96,7 @@ def test_interrupted_conversion_leaves_no_directory(smollm2_gguf, tmp_path, monk
         (out_dir / "config.json").write_text("{}")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(models, "convert_gguf", interrupted)
+    monkeypatch.setattr(gguf_import, "convert_gguf", interrupted)
     with pytest.raises(KeyboardInterrupt):
         pull_smollm2(progress=False)
     assert os.listdir(tmp_path / "models") == []  # neither the target nor the temporary directory remains

