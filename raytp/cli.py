@@ -36,6 +36,10 @@ def _model_args(p: argparse.ArgumentParser, max_batch: int) -> None:
     p.add_argument("--dtype", default="bfloat16", choices=DTYPES, help="weights and activations (default: bfloat16)")
     p.add_argument("--max-context", type=int, default=2048, help="tokens per sequence, prompt included (default: 2048)")
     p.add_argument("--max-batch", type=int, default=max_batch, help=f"concurrent sequences (default: {max_batch})")
+    p.add_argument("--split", choices=("memory", "speed"), default=None,
+                   help="shares in proportion to each device's memory, or the shares that make the slowest rank's "
+                        "weight reads fastest within every device's memory (default: speed when every device's "
+                        "bandwidth is known: given as ~RATE in --devices or measured on GPUs; else memory)")
 
 
 def _runtime_args(p: argparse.ArgumentParser) -> None:
@@ -145,9 +149,26 @@ def cmd_plan(args) -> None:
     if missing:
         raise UserError(f"`raytp plan` reads no hardware: give every device a budget (@MEM), e.g. cpu@2GiB; "
                         f"these have none: {', '.join(missing)}")
-    plan = plan_shards(model_config(args.model), [(str(d), d.mem_bytes) for d in devices],
-                       max_context=args.max_context, max_batch=args.max_batch, dtype=args.dtype)
-    print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.format_table())
+    bandwidths = [d.bandwidth for d in devices] if all(d.bandwidth for d in devices) else None
+    if args.split == "speed" and bandwidths is None:
+        raise UserError("`raytp plan --split speed` needs every device's bandwidth: add ~RATE to each device, "
+                        "e.g. cuda:0@24GiB~0.94TB/s")
+
+    def plan_for(split: str | None):
+        return plan_shards(model_config(args.model), [(str(d), d.mem_bytes) for d in devices],
+                           max_context=args.max_context, max_batch=args.max_batch, dtype=args.dtype,
+                           bandwidths=bandwidths, split=split)
+
+    plan = plan_for(args.split)
+    if args.json:
+        print(json.dumps(plan.to_dict(), indent=2))
+        return
+    print(plan.format_table())
+    if bandwidths is not None:  # both splits' predicted batch-1 decode step, side by side
+        for split in ("memory", "speed"):
+            other = plan_for(split)
+            print(f"{split} split: predicted step {1000 * other.step_seconds:.2f} ms (weights / bandwidth), rank "
+                  f"{other.pacing_rank} paces it" + (" <- this plan" if split == plan.split else ""))
 
 
 def _check_reachable(address: str) -> None:

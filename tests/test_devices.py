@@ -21,6 +21,9 @@ GiB, MiB = 2**30, 2**20
                                                         DeviceSpec("cpu", None, 2 * 10**9)]),
         ("cpu@800MB,cuda:0,cpu*2@4096B", [DeviceSpec("cpu", None, 800 * 10**6), DeviceSpec("cuda", 0, None),
                                           DeviceSpec("cpu", None, 4096), DeviceSpec("cpu", None, 4096)]),
+        ("cuda:0@24GiB~0.94TB/s,cuda:1~936GB/s,cpu*2~20000MB/s",
+         [DeviceSpec("cuda", 0, 24 * GiB, 0.94e12), DeviceSpec("cuda", 1, None, 936e9),
+          DeviceSpec("cpu", None, None, 20e9), DeviceSpec("cpu", None, None, 20e9)]),
     ],
 )
 def test_parse_examples(spec, expected):
@@ -35,6 +38,13 @@ def test_str_and_name():
     assert str(DeviceSpec("cuda", None, None)) == "cuda"
     assert DeviceSpec("cuda", 1, None).name == "cuda:1"
     assert DeviceSpec("cpu", None, GiB).name == "cpu"
+    assert str(DeviceSpec("cuda", 0, 24 * GiB, 0.94e12)) == "cuda:0@24GiB~940GB/s"
+
+
+@pytest.mark.parametrize("spec", ["cuda~fast", "cuda@1GiB~0TB/s", "cuda~1TB", "cuda~-1GB/s"])
+def test_bad_bandwidth_names_the_item_and_the_units(spec):
+    with pytest.raises(DeviceSpecError, match=r"bad bandwidth .*TB/s, GB/s or MB/s"):
+        parse_devices(spec)
 
 
 @given(

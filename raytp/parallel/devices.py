@@ -3,11 +3,13 @@
     cpu@3GiB,cpu@2GiB,cpu@1GiB     three CPU ranks with explicit budgets (uneven on purpose)
     cuda:0@24GiB,cuda:1@80GiB      two named GPUs
     cuda*2@40GiB                   two GPUs, indexes chosen by the runtime, 40 GiB each
+    cuda:0@24GiB~0.94TB/s          a GPU with its memory bandwidth, for the speed split (`--split speed`)
     cpu*4                          four CPU ranks, budget measured by the runtime
     auto                           every GPU of the cluster; see `is_auto`
 
-A device without `@MEM` gets `mem_bytes=None`: the runtime measures its free memory. `auto` needs the cluster,
-so it is expanded by the runtime, never here.
+A device without `@MEM` gets `mem_bytes=None`: the runtime measures its free memory; without `~RATE`,
+`bandwidth=None`: the runtime measures it on GPUs. `auto` needs the cluster, so it is expanded by the runtime,
+never here.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from fractions import Fraction
 from functools import partial
 
 KINDS = ("cpu", "cuda")
-SYNTAX = "comma-separated KIND[:INDEX][@MEM] or KIND*COUNT[@MEM], KIND cpu or cuda, MEM like 512MiB, 1.5GiB or 2GB"
+SYNTAX = ("comma-separated KIND[:INDEX][@MEM][~RATE] or KIND*COUNT[@MEM][~RATE], KIND cpu or cuda, MEM like 512MiB, "
+          "1.5GiB or 2GB, RATE (memory bandwidth) like 0.94TB/s or 936GB/s")
 EXAMPLE = "cuda:0@24GiB,cuda:1@80GiB"
 
 # Largest first: format picks the first unit that writes a size with at most two decimals.
@@ -28,7 +31,8 @@ _UNITS = {
 }
 _UNIT_BY_LOWER = {unit.lower(): size for unit, size in _UNITS.items()}
 _SIZE = re.compile(r"([+-]?(?:\d+(?:\.\d*)?|\.\d+))([a-z]*)", re.IGNORECASE)
-_ITEM = re.compile(r"([a-z]+)(?::(\d+)|\*(\d+))?(?:@(.+))?", re.IGNORECASE)
+_ITEM = re.compile(r"([a-z]+)(?::(\d+)|\*(\d+))?(?:@([^~]+))?(?:~(.+))?", re.IGNORECASE)
+_RATE = re.compile(r"((?:\d+(?:\.\d*)?|\.\d+))([tgm])b/s", re.IGNORECASE)
 
 
 class DeviceSpecError(ValueError):
@@ -40,13 +44,16 @@ class DeviceSpec:
     kind: str  # "cpu" or "cuda"
     index: int | None  # explicit CUDA index; None lets the runtime pick (always None for cpu)
     mem_bytes: int | None  # budget for this rank; None: the runtime measures free memory
+    bandwidth: float | None = None  # memory bandwidth in bytes/s; None: measured on GPUs, unknown on CPUs
 
     @property
     def name(self) -> str:
         return self.kind if self.index is None else f"{self.kind}:{self.index}"
 
     def __str__(self) -> str:
-        return self.name if self.mem_bytes is None else f"{self.name}@{_compact_bytes(self.mem_bytes)}"
+        mem = "" if self.mem_bytes is None else f"@{_compact_bytes(self.mem_bytes)}"
+        rate = "" if self.bandwidth is None else f"~{self.bandwidth / 1e9:g}GB/s"
+        return f"{self.name}{mem}{rate}"
 
 
 def is_auto(spec: str) -> bool:
@@ -67,8 +74,9 @@ def parse_devices(spec: str) -> list[DeviceSpec]:
         bad = partial(_bad_item, raw.strip(), spec)
         match = _ITEM.fullmatch(item)
         if not item or not match:
-            raise bad("empty item" if not item else "not of the form KIND[:INDEX][@MEM] or KIND*COUNT[@MEM]")
-        kind, index, count, mem = match.group(1).lower(), match.group(2), match.group(3), match.group(4)
+            raise bad("empty item" if not item else "not of the form KIND[:INDEX][@MEM][~RATE] or KIND*COUNT[@MEM][~RATE]")
+        kind, index, count, mem, rate = (match.group(i) for i in range(1, 6))
+        kind = kind.lower()
         if kind not in KINDS:
             raise bad(f"unknown kind {kind!r} (known: {', '.join(KINDS)})")
         if count is not None and int(count) < 1:
@@ -87,7 +95,13 @@ def parse_devices(spec: str) -> list[DeviceSpec]:
                 raise bad(str(e)) from None
             if mem_bytes <= 0:
                 raise bad(f"memory must be positive, got {mem!r}")
-        device = DeviceSpec(kind, None if index is None else int(index), mem_bytes)
+        bandwidth = None
+        if rate is not None:
+            rate_match = _RATE.fullmatch(rate)
+            if not rate_match or float(rate_match.group(1)) <= 0:
+                raise bad(f"bad bandwidth {rate!r}: expected a positive rate in TB/s, GB/s or MB/s, e.g. 0.94TB/s")
+            bandwidth = float(rate_match.group(1)) * {"t": 1e12, "g": 1e9, "m": 1e6}[rate_match.group(2).lower()]
+        device = DeviceSpec(kind, None if index is None else int(index), mem_bytes, bandwidth)
         devices.extend([device] * (1 if count is None else int(count)))
     return devices
 

@@ -28,6 +28,8 @@ from raytp.parallel.devices import format_bytes
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # Prefill runs at most this many tokens per sequence per step; it sizes the working buffers in the overhead.
 PREFILL_CHUNK = 512
+SPLITS = ("memory", "speed")
+SHARE_SCALE = 1 << 48  # fractional speed shares become integers for the exact integer split
 
 
 class PlanError(ValueError):
@@ -46,10 +48,17 @@ class RankShard:
     weight_bytes: int  # sharded weights only; the replicated norms count in overhead_bytes
     kv_cache_bytes: int  # K and V of its KV heads for max_batch x max_context tokens
     overhead_bytes: int  # replicated on every rank: norms and working buffers
+    read_bytes: int  # weight bytes one batch-1 decode step streams: all but the embedding table
+    bandwidth: float | None = None  # device memory bandwidth, bytes/s, when known
 
     @property
     def headroom_bytes(self) -> int:
         return self.budget_bytes - self.weight_bytes - self.kv_cache_bytes - self.overhead_bytes
+
+    @property
+    def step_seconds(self) -> float | None:
+        """Predicted batch-1 decode step of this rank alone: its weight reads at its bandwidth."""
+        return self.read_bytes / self.bandwidth if self.bandwidth else None
 
 
 @dataclass(frozen=True)
@@ -60,6 +69,19 @@ class ShardPlan:
     max_batch: int  # sequences the KV cache holds
     mlp_block: int  # MLP columns move between ranks in blocks of this many (the last may be partial)
     vocab_block: int  # vocab rows likewise
+    split: str = "memory"  # what the shares follow: "memory" (budgets) or "speed" (bandwidths, within budgets)
+
+    @property
+    def step_seconds(self) -> float | None:
+        """Predicted batch-1 decode step: the slowest rank's weight reads (None without every bandwidth)."""
+        times = [r.step_seconds for r in self.ranks]
+        return None if None in times else max(times)
+
+    @property
+    def pacing_rank(self) -> int | None:
+        """The rank whose weight reads take longest: it sets the pace of every step."""
+        times = [r.step_seconds for r in self.ranks]
+        return None if None in times else max(range(len(times)), key=times.__getitem__)
 
     def to_dict(self) -> dict:
         """JSON-ready summary: counts as integers, with the [start, stop) of each range alongside."""
@@ -71,21 +93,28 @@ class ShardPlan:
                 | {f"{key}s": len(span) for key, span in spans.items()}
                 | {f"{key}_range": [span.start, span.stop] for key, span in spans.items()}
                 | {"weight_bytes": r.weight_bytes, "kv_cache_bytes": r.kv_cache_bytes,
-                   "overhead_bytes": r.overhead_bytes, "headroom_bytes": r.headroom_bytes}
+                   "overhead_bytes": r.overhead_bytes, "headroom_bytes": r.headroom_bytes,
+                   "read_bytes": r.read_bytes, "bandwidth": r.bandwidth, "step_seconds": r.step_seconds}
             )
         return {"dtype": self.dtype, "max_context": self.max_context, "max_batch": self.max_batch,
-                "mlp_block": self.mlp_block, "vocab_block": self.vocab_block, "ranks": ranks}
+                "mlp_block": self.mlp_block, "vocab_block": self.vocab_block, "split": self.split,
+                "step_seconds": self.step_seconds, "pacing_rank": self.pacing_rank, "ranks": ranks}
 
     def format_table(self) -> str:
         def span(s: range) -> str:
             return f"{len(s)} [{s.start}:{s.stop}]" if s else "0"
 
+        def step(r: RankShard) -> str:
+            pace = " <- paces" if r.rank == self.pacing_rank else ""
+            return f"{1000 * r.step_seconds:.2f} ms{pace}"
+
+        timed = self.step_seconds is not None  # the predicted step needs every rank's bandwidth
         header = ("rank", "device", "budget", "query heads", "KV heads", "MLP columns", "vocab rows", "weights",
-                  "KV cache", "headroom")
+                  "KV cache", "headroom") + (("step (weights / bandwidth)",) if timed else ())
         rows = [header] + [
             (str(r.rank), r.device, format_bytes(r.budget_bytes), span(r.q_heads), span(r.kv_heads),
              span(r.mlp_cols), span(r.vocab_rows), format_bytes(r.weight_bytes), format_bytes(r.kv_cache_bytes),
-             format_bytes(r.headroom_bytes))
+             format_bytes(r.headroom_bytes)) + ((step(r),) if timed else ())
             for r in self.ranks
         ]
         widths = [max(len(row[c]) for row in rows) for c in range(len(header))]
@@ -99,6 +128,7 @@ class _Piece:
     size: int
     block: int
     weight_bytes: int  # per item, all layers
+    read_bytes: int  # per item: what a batch-1 decode step streams of its weights
     cache_bytes: int = 0  # per item, all layers (KV heads only)
 
     @property
@@ -120,10 +150,13 @@ def _pieces(config: ModelConfig, max_context: int, max_batch: int, nbytes: int, 
     # One KV group: q and o_proj slices of its q query heads, its k and v rows (+ q/k/v biases), and its cache.
     group = layers * (2 * (q + 1) * d * h + (q + 2) * d * config.attention_bias)
     cache = 2 * layers * max_batch * max_context * d
+    mlp = 3 * h * layers * nbytes  # gate, up and down per column
+    # A step reads all of lm_head but only one embedding row per token: the embedding table is not streamed.
+    vocab = (1 if config.tie_word_embeddings else 2) * h * nbytes
     return (
-        _Piece(config.num_kv_heads, 1, group * nbytes, cache * nbytes),
-        _Piece(config.intermediate_size, mlp_block, 3 * h * layers * nbytes),  # gate, up and down per column
-        _Piece(config.vocab_size, vocab_block, (1 if config.tie_word_embeddings else 2) * h * nbytes),
+        _Piece(config.num_kv_heads, 1, group * nbytes, group * nbytes, cache * nbytes),
+        _Piece(config.intermediate_size, mlp_block, mlp, mlp),
+        _Piece(config.vocab_size, vocab_block, vocab, h * nbytes),
     )
 
 
@@ -154,6 +187,38 @@ def _split(piece: _Piece, weights: Sequence[int]) -> list[int]:
     inner = [(2 * piece.size * w + total * piece.block) // (2 * total * piece.block) for w in accumulate(weights)]
     points = [0] + inner[:-1] + [nblocks]
     return [b - a for a, b in zip(points, points[1:])]
+
+
+def _speed_shares(room: Sequence[int], bandwidths: Sequence[float], pieces) -> list[float]:
+    """Each rank's fraction of the model that minimizes the slowest rank's weight reads over its bandwidth,
+    with no rank holding more than its room: water-filling.
+
+    With fraction f_r of every piece, rank r holds f_r * M bytes (M: all sharded bytes, cache included) and reads
+    f_r * R per step (R: all streamed bytes), taking f_r * R / bw_r. The optimum gives every rank the same time T,
+    except ranks whose memory caps them below it: f_r = min(room_r / M, T * bw_r / R), with T the smallest time at
+    which the fractions reach 1. The caller checked that sum(room) >= M, so that T exists.
+    """
+    M = sum(p.size * p.item_bytes for p in pieces)
+    R = sum(p.size * p.read_bytes for p in pieces)
+    caps = [max(r, 0) / M for r in room]
+    rates = [bw / R for bw in bandwidths]  # fraction per second of step time
+    # g(T) = sum(min(cap, T * rate)) rises piecewise linearly; walk its breakpoints T_r = cap_r / rate_r.
+    capped, free_rate = 0.0, sum(rates)
+    for cap, rate in sorted(zip(caps, rates), key=lambda cr: cr[0] / cr[1]):
+        if capped + cap / rate * free_rate >= 1:  # the answer lies before this rank's breakpoint
+            break
+        capped, free_rate = capped + cap, free_rate - rate
+    else:
+        return caps  # the model just fits: every rank is full
+    T = (1 - capped) / free_rate
+    return [min(cap, T * rate) for cap, rate in zip(caps, rates)]
+
+
+def _read_seconds(pieces, blocks, bandwidths: Sequence[float]) -> float:
+    """The slowest rank's predicted step for a block assignment."""
+    reads = [sum(len(r) * p.read_bytes for p, r in zip(pieces, ranges))
+             for ranges in zip(*(p.ranges(b) for p, b in zip(pieces, blocks)))]
+    return max(read / bw for read, bw in zip(reads, bandwidths))
 
 
 def _usage(pieces, blocks, base: Sequence[int]) -> list[int]:
@@ -207,16 +272,32 @@ def plan_shards(
     dtype: str = "bfloat16",
     mlp_block: int = 64,
     vocab_block: int = 64,
+    bandwidths: Sequence[float] | None = None,
+    split: str | None = None,
 ) -> ShardPlan:
     """Split `config` over ranks with `budgets` = (device, bytes) per rank; raise PlanError if it cannot fit.
 
-    Every rank first pays the replicated overhead; what is left of each budget weighs the split. KV heads are split
+    Every rank first pays the replicated overhead; what is left of each budget is its room. KV heads are split
     first (a unit is one KV group: its query heads' q/o weights, its k/v weights and its cache share), then MLP
-    columns in blocks of `mlp_block`, then vocab rows in blocks of `vocab_block`, each in proportion to the left-over
-    memory. Rounding can leave a rank one block of each piece over its ideal share, which for KV groups may be more
+    columns in blocks of `mlp_block`, then vocab rows in blocks of `vocab_block`, each in proportion to the rank's
+    share. Rounding can leave a rank one block of each piece over its ideal share, which for KV groups may be more
     than it has; such ranks hand blocks to ranks with headroom (see `_relieve`), KV groups first, so that the finer
     MLP and vocab blocks can then fill the space the KV groups leave.
+
+    The shares follow `split`:
+      memory  in proportion to each rank's room, so every device fills alike;
+      speed   minimize the predicted batch-1 decode step, max over ranks of (weights read / bandwidth), subject
+              to every rank's room (`_speed_shares`, exact in the continuous limit); of this and the memory split
+              the one predicting the faster step after rounding to blocks is kept, so it is never slower.
+    The default is speed when `bandwidths` (bytes/s per rank) are given, else memory.
     """
+    split = split or ("speed" if bandwidths is not None else "memory")
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    if bandwidths is not None and (len(bandwidths) != len(budgets) or min(bandwidths, default=1) <= 0):
+        raise ValueError(f"give one positive bandwidth per device: {len(budgets)} devices, bandwidths {bandwidths}")
+    if split == "speed" and bandwidths is None:
+        raise ValueError("the speed split needs every device's memory bandwidth")
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"unsupported dtype {dtype!r}; choose one of {', '.join(DTYPE_BYTES)}")
     for what, value in (("max_context", max_context), ("max_batch", max_batch), ("mlp_block", mlp_block),
@@ -238,11 +319,15 @@ def plan_shards(
         needs = [overhead + (-(-sharded * u // sum(usable)) if sum(usable) else -(-sharded // len(caps)))
                  for u in usable]
         raise _plan_error(f"does not fit: {summary}", names, caps, needs, pieces)
-    kv_piece, fine = pieces[0], pieces[1:]
-    kv_blocks = _relieve((kv_piece,), (tuple(_split(kv_piece, room)),), [overhead] * len(caps), caps)
-    with_kv = _usage((kv_piece,), kv_blocks, [overhead] * len(caps))
-    blocks = kv_blocks + _relieve(fine, tuple(tuple(_split(p, room)) for p in fine), with_kv, caps)
-    needs = _usage(pieces, blocks, [overhead] * len(caps))
+    base = [overhead] * len(caps)
+    blocks = _deal(pieces, room, base, caps)
+    if split == "speed":
+        fractions = _speed_shares(room, bandwidths, pieces)
+        fast = _deal(pieces, [round(f * SHARE_SCALE) for f in fractions], base, caps)
+        fits = all(n <= c for n, c in zip(_usage(pieces, fast, base), caps))
+        if fits and _read_seconds(pieces, fast, bandwidths) <= _read_seconds(pieces, blocks, bandwidths):
+            blocks = fast
+    needs = _usage(pieces, blocks, base)
     if any(need > cap for need, cap in zip(needs, caps)):
         raise _plan_error(f"does not fit in indivisible pieces, although the total would: {summary}",
                           names, caps, needs, pieces)
@@ -255,11 +340,22 @@ def plan_shards(
                 q_heads=range(kv[i].start * q, kv[i].stop * q), mlp_cols=mlp[i], vocab_rows=vocab[i],
                 weight_bytes=sum(len(r[i]) * p.weight_bytes for p, r in zip(pieces, (kv, mlp, vocab))),
                 kv_cache_bytes=len(kv[i]) * pieces[0].cache_bytes, overhead_bytes=overhead,
+                read_bytes=sum(len(r[i]) * p.read_bytes for p, r in zip(pieces, (kv, mlp, vocab))),
+                bandwidth=bandwidths[i] if bandwidths is not None else None,
             )
             for i in range(len(caps))
         ),
         dtype=dtype, max_context=max_context, max_batch=max_batch, mlp_block=mlp_block, vocab_block=vocab_block,
+        split=split,
     )
+
+
+def _deal(pieces, shares: Sequence[int], base: Sequence[int], caps: Sequence[int]):
+    """Blocks of every piece per rank in proportion to `shares`, KV groups first, then relieved of overflows."""
+    kv_piece, fine = pieces[0], pieces[1:]
+    kv_blocks = _relieve((kv_piece,), (tuple(_split(kv_piece, shares)),), base, caps)
+    with_kv = _usage((kv_piece,), kv_blocks, base)
+    return kv_blocks + _relieve(fine, tuple(tuple(_split(p, shares)) for p in fine), with_kv, caps)
 
 
 def _plan_error(reason: str, names: Sequence[str], caps: Sequence[int], needs: Sequence[int], pieces) -> PlanError:
