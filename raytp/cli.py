@@ -139,14 +139,14 @@ def cmd_pull(args) -> None:
 
 def cmd_plan(args) -> None:
     from raytp.parallel.plan import plan_shards
-    from raytp.weights.source import model_config
+    from raytp.weights.source import ModelSource
 
     devices = _devices(args.devices)
     missing = [str(d) for d in devices if d.mem_bytes is None]
     if missing:
         raise UserError(f"`raytp plan` reads no hardware: give every device a budget (@MEM), e.g. cpu@2GiB; "
                         f"these have none: {', '.join(missing)}")
-    plan = plan_shards(model_config(args.model), [(str(d), d.mem_bytes) for d in devices],
+    plan = plan_shards(ModelSource.parse(args.model).config(), [(str(d), d.mem_bytes) for d in devices],
                        max_context=args.max_context, max_batch=args.max_batch, dtype=args.dtype)
     print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.format_table())
 
@@ -193,10 +193,10 @@ def running_driver(args):
 
     from raytp.actors.driver import DriverActor
     from raytp.actors.group import GroupSettings
-    from raytp.weights.smollm2 import resolve_model
+    from raytp.weights.source import ModelSource
 
-    if not args.model.startswith("synthetic:"):
-        resolve_model(args.model)  # pull here, with a progress bar the user sees, before any actor needs it
+    # pull here, with a progress bar the user sees, and fail on a broken model before any actor starts
+    ModelSource.parse(args.model).check()
     settings = GroupSettings(model=args.model, devices=_devices(args.devices), dtype=args.dtype, comm=args.comm,
                              max_context=args.max_context, max_batch=args.max_batch, progress=False)
     # RAYTP_* settings (e.g. RAYTP_CHECK_IDENTICAL) must reach the driver, and through it the ranks, also on a
@@ -319,9 +319,8 @@ def cmd_bench(args) -> None:
     from tqdm import tqdm
 
     from raytp.bench.sweep import Sweep, cluster_line, format_results, run_sweep, write_results
-    from raytp.weights.smollm2 import resolve_model
     from raytp.bench.report import write_report
-    from raytp.weights.source import model_config
+    from raytp.weights.source import ModelSource
 
     if args.hf_peer:
         try:
@@ -345,9 +344,9 @@ def cmd_bench(args) -> None:
     if legacy and len(specs) * len(comms) * len(prompt_lens) > 1:
         raise UserError("--out FILE.json holds one configuration (one device SPEC, --comm and --prompt-len); "
                         "give a directory to --out for a sweep")
-    if not args.model.startswith("synthetic:"):
-        resolve_model(args.model)
-    config = model_config(args.model)
+    source = ModelSource.parse(args.model)
+    source.check()
+    config = source.config()
     widest = max(specs, key=lambda s: 1 if is_auto(s) else sum(d.kind == "cpu" for d in parse_devices(s)))
     with ray_session(args.address, widest):
         sweep = Sweep(model=args.model, device_sets=tuple((s, _devices(s)) for s in specs), comms=tuple(comms),
