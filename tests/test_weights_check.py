@@ -6,7 +6,7 @@ import time
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from raytp.weights.source import ModelSource
 
@@ -68,8 +68,6 @@ def test_truncated_safetensors(model_copy):
 
 def _rewrite_weights(model_copy, change):
     weights = model_copy / "model.safetensors"
-    from safetensors.torch import load_file
-
     tensors = change(load_file(weights))
     weights.unlink()
     save_file(tensors, weights)

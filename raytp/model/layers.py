@@ -49,12 +49,11 @@ class ColumnParallelLinear:
     """y = x @ W[rows].T + b[rows]: this rank's output rows of one or more global matrices, fused into one matmul.
 
     The parts are concatenated in layout order (q, k, v or gate, up); the bias, when there is one, is sliced like
-    the rows. `width` is the number of local output rows.
+    the rows.
     """
 
     def __init__(self, parts: Sequence[Slice], bias: Sequence[Slice] = ()):
         self.parts, self.bias_parts = tuple(parts), tuple(bias)
-        self.width = sum(len(p.rows) for p in self.parts)
 
     def load(self, reader: WeightReader) -> ColumnParallelLinear:
         bias = torch.cat([reader.read(p) for p in self.bias_parts]) if self.bias_parts else None

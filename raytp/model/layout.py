@@ -23,10 +23,6 @@ class Slice:
     rows: range
     cols: range | None = None
 
-    @property
-    def local_shape(self) -> tuple[int, ...]:
-        return (len(self.rows),) + self.shape[1:2] if self.cols is None else (len(self.rows), len(self.cols))
-
 
 def whole(name: str, shape: tuple[int, ...]) -> Slice:
     return Slice(name, shape, range(shape[0]))

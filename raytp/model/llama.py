@@ -1,6 +1,7 @@
 """One rank's shard of a Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM).
 
-Parallel layout (Megatron-style, widths from the ShardPlan, never `size // world_size`):
+Parallel layout (Megatron-style, widths from the ShardPlan, never `size // world_size`; the slices are named in
+`raytp.model.layout`, and the layers of `raytp.model.layers` hold them and own their collectives):
 
     embedding   vocab-parallel: rank r holds rows vocab_rows[r]; a token outside them looks up zeros,
                 and the all-reduce puts the one real row in place (adding zeros is exact)
