@@ -81,7 +81,8 @@ def test_shards_concatenate_to_the_one_rank_weights(weights):
     assert torch.equal(shards[-1][norm], full[norm])
 
 
-@pytest.mark.parametrize("weights", [[1.0, 1.0], [1.0, 2.0, 3.0]])
+# [1.0, 0.02, 1.0]: the middle rank holds no heads, no MLP columns and no vocab rows, and adds zeros to every sum
+@pytest.mark.parametrize("weights", [[1.0, 1.0], [1.0, 2.0, 3.0], [1.0, 0.02, 1.0]])
 def test_tiny_logits_match_one_rank(weights):
     tokens = torch.tensor([[1, 17, 999, 512, 3], [42, 0, 7, 640, 64]])
     reference = _logits("synthetic:tiny", [1.0], tokens)

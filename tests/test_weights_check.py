@@ -8,6 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from raytp.model.layout import Slice
+from raytp.weights.checkpoint import SafetensorsReader
 from raytp.weights.source import ModelSource
 
 LAYER0_Q = "model.layers.0.self_attn.q_proj.weight"
@@ -81,3 +83,12 @@ def test_misshaped_tensor(model_copy):
 def test_missing_tensor(model_copy):
     _rewrite_weights(model_copy, lambda t: {k: v for k, v in t.items() if k != LAYER0_Q})
     _check_fails(model_copy, LAYER0_Q, "no tensor")
+
+
+def test_reader_reads_and_counts_only_the_slice_bytes(tmp_path):
+    save_file({"w": torch.arange(12.0).view(4, 3)}, tmp_path / "model.safetensors")
+    with SafetensorsReader(tmp_path, torch.float32, torch.device("cpu"), progress=True) as reader:
+        got = reader.read(Slice("w", (4, 3), range(1, 3), range(2, 3)))
+        assert got.tolist() == [[5.0], [8.0]] and reader.bar.n == 2 * 4  # two float32 values read
+        with pytest.raises(ValueError, match=r"'w' .* has shape \(4, 3\), config.json implies \(3, 4\)"):
+            reader.read(Slice("w", (3, 4), range(3)))
