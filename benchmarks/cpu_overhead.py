@@ -15,7 +15,7 @@ import torch
 from raytp.parallel.comm import InProcessGroup
 from raytp.model.config import ModelConfig
 from raytp.runtime.engine import RankEngine, Request
-from raytp.weights.checkpoint import load_shard
+from raytp.weights.checkpoint import SafetensorsReader
 from raytp.model.llama import ShardedLlama
 from raytp.weights.smollm2 import pull_smollm2
 from raytp.parallel.plan import plan_shards
@@ -30,8 +30,8 @@ def direct_tokens_per_s(model_dir) -> float:
     config = ModelConfig.from_file(model_dir)
     plan = plan_shards(config, [("cpu", 8 << 30)], max_context=2048, max_batch=1, dtype="float32")
     comm = InProcessGroup(1).communicator(0)
-    weights = load_shard(model_dir, config, plan.ranks[0], dtype=torch.float32, progress=False)
-    engine = RankEngine(ShardedLlama(config, plan.ranks[0], comm, weights, max_batch=1, max_context=2048), comm)
+    with SafetensorsReader(model_dir, torch.float32, torch.device("cpu")) as reader:
+        engine = RankEngine(ShardedLlama(config, plan.ranks[0], comm, reader, max_batch=1, max_context=2048), comm)
     stamps = []
 
     def emit(events):

@@ -18,7 +18,7 @@ from raytp.model.graphs import GraphedDecode
 from raytp.model.llama import ShardedLlama
 from raytp.parallel.plan import plan_shards
 from raytp.runtime.sampling import SamplingParams
-from raytp.weights.source import load_weights, model_config
+from raytp.weights.source import ModelSource
 from tests.test_comm import hoststaged_factory
 
 parser = argparse.ArgumentParser()
@@ -26,12 +26,12 @@ parser.add_argument("model", nargs="?", default="synthetic:llama-3.1-8b")
 parser.add_argument("--context", type=int, default=2048, help="max context (the span a graph's attention reads)")
 args = parser.parse_args()
 
-config = model_config(args.model)
+source = ModelSource.parse(args.model)
+config = source.config()
 plan = plan_shards(config, [("cuda", 120 << 30)], max_context=args.context, max_batch=1, dtype="bfloat16")
 comm = GpuHostStagedCommunicator(hoststaged_factory(1)(0), torch.device("cuda"))
-weights = load_weights(args.model, config, plan.ranks[0], dtype=torch.bfloat16, device=torch.device("cuda"),
-                       progress=False)
-lm = ShardedLlama(config, plan.ranks[0], comm, weights, max_batch=1, max_context=args.context)
+with source.reader(torch.bfloat16, torch.device("cuda")) as reader:
+    lm = ShardedLlama(config, plan.ranks[0], comm, reader, max_batch=1, max_context=args.context)
 engine = RankEngine(lm, comm)
 
 

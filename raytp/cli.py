@@ -142,7 +142,7 @@ def cmd_pull(args) -> None:
 
 def cmd_plan(args) -> None:
     from raytp.parallel.plan import plan_shards
-    from raytp.weights.source import model_config
+    from raytp.weights.source import ModelSource
 
     devices = _devices(args.devices)
     missing = [str(d) for d in devices if d.mem_bytes is None]
@@ -154,8 +154,10 @@ def cmd_plan(args) -> None:
         raise UserError("`raytp plan --split speed` needs every device's bandwidth: add ~RATE to each device, "
                         "e.g. cuda:0@24GiB~0.94TB/s")
 
+    config = ModelSource.parse(args.model).config()
+
     def plan_for(split: str | None):
-        return plan_shards(model_config(args.model), [(str(d), d.mem_bytes) for d in devices],
+        return plan_shards(config, [(str(d), d.mem_bytes) for d in devices],
                            max_context=args.max_context, max_batch=args.max_batch, dtype=args.dtype,
                            bandwidths=bandwidths, split=split)
 
@@ -213,10 +215,10 @@ def running_driver(args):
 
     from raytp.actors.driver import DriverActor
     from raytp.actors.group import GroupSettings
-    from raytp.weights.smollm2 import resolve_model
+    from raytp.weights.source import ModelSource
 
-    if not args.model.startswith("synthetic:"):
-        resolve_model(args.model)  # pull here, with a progress bar the user sees, before any actor needs it
+    # pull here, with a progress bar the user sees, and fail on a broken model before any actor starts
+    ModelSource.parse(args.model).check()
     settings = GroupSettings(model=args.model, devices=_devices(args.devices), dtype=args.dtype, comm=args.comm,
                              max_context=args.max_context, max_batch=args.max_batch, progress=False)
     # RAYTP_* settings (e.g. RAYTP_CHECK_IDENTICAL) must reach the driver, and through it the ranks, also on a
@@ -339,9 +341,8 @@ def cmd_bench(args) -> None:
     from tqdm import tqdm
 
     from raytp.bench.sweep import Sweep, cluster_line, format_results, run_sweep
-    from raytp.weights.smollm2 import resolve_model
     from raytp.bench.report import write_report
-    from raytp.weights.source import model_config
+    from raytp.weights.source import ModelSource
 
     if args.hf_peer:
         try:
@@ -361,9 +362,9 @@ def cmd_bench(args) -> None:
     for spec in specs:  # a typo fails now, not after the configurations before it ran
         if not is_auto(spec):
             parse_devices(spec)
-    if not args.model.startswith("synthetic:"):
-        resolve_model(args.model)
-    config = model_config(args.model)
+    source = ModelSource.parse(args.model)
+    source.check()
+    config = source.config()
     widest = max(specs, key=lambda s: 1 if is_auto(s) else sum(d.kind == "cpu" for d in parse_devices(s)))
     with ray_session(args.address, widest):
         sweep = Sweep(model=args.model, device_sets=tuple((s, _devices(s)) for s in specs), comms=tuple(comms),

@@ -11,7 +11,7 @@ from raytp.parallel.comm import InProcessGroup
 from raytp.parallel.comm.base import IdentityCheckingCommunicator
 from raytp.model.config import ModelConfig
 from raytp.runtime.engine import RankEngine, Request
-from raytp.weights.checkpoint import load_shard
+from raytp.weights.checkpoint import SafetensorsReader
 from raytp.model.llama import ShardedLlama
 from raytp.parallel.plan import plan_shards
 from raytp.runtime.sampling import SamplingParams
@@ -30,11 +30,11 @@ class LocalGroup:
                                 dtype=str(dtype).removeprefix("torch."))
         group = InProcessGroup(len(weights))
         self.models = []
-        for shard in self.plan.ranks:
-            comm = IdentityCheckingCommunicator(group.communicator(shard.rank))
-            w = load_shard(model_dir, self.config, shard, dtype=dtype, progress=False)
-            self.models.append(ShardedLlama(self.config, shard, comm, w, max_batch=max_batch,
-                                            max_context=max_context))
+        with SafetensorsReader(model_dir, dtype, torch.device("cpu")) as reader:
+            for shard in self.plan.ranks:
+                comm = IdentityCheckingCommunicator(group.communicator(shard.rank))
+                self.models.append(ShardedLlama(self.config, shard, comm, reader, max_batch=max_batch,
+                                                max_context=max_context))
 
     def on_all_ranks(self, fn):
         """fn(rank, model) on every rank concurrently; returns the per-rank results."""

@@ -16,7 +16,7 @@ import pytest
 
 from raytp.runtime.errors import BusyError, RequestError
 from raytp.parallel.plan import plan_shards
-from raytp.weights.source import model_config
+from raytp.weights.source import ModelSource
 from raytp.ui.chat import TABLE_HEADERS, build_ui, cluster_table, memory_use, shard_widths
 from tests.test_serve import DEVICES, running_server
 
@@ -61,7 +61,7 @@ def test_chat_says_busy_or_why_it_failed(error, shown):
 
 
 def test_cluster_panel_data(smollm2_dir):
-    config = model_config("smollm2")
+    config = ModelSource.parse("smollm2").config()
     plan = plan_shards(config, [("cpu@2GiB", 2 << 30), ("cpu@1GiB", 1 << 30)], max_context=256, max_batch=4,
                        dtype="float32")
     info = {"backend": "hoststaged", "plan": plan.to_dict(),

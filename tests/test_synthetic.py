@@ -9,10 +9,11 @@ import torch
 
 from raytp.parallel.comm import InProcessGroup
 from raytp.parallel.devices import parse_devices
+from raytp.model.layout import model_layout
 from raytp.model.llama import ShardedLlama
 from raytp.parallel.plan import PlanError, plan_shards
-from raytp.weights.source import load_weights, model_config
-from raytp.weights.synthetic import CONFIGS, synthetic_config, synthetic_weights
+from raytp.weights.source import ModelSource
+from raytp.weights.synthetic import CONFIGS, SyntheticReader, synthetic_config
 
 GiB = 1 << 30
 MIXED = "cuda:0@24GiB,cuda:1@24GiB,cuda:2@48GiB,cuda:3@80GiB"
@@ -24,14 +25,15 @@ def _plan(config, weights, **kw):
 
 
 def _logits(model: str, weights: list[float], tokens: torch.Tensor) -> torch.Tensor:
-    config = model_config(model)
+    source = ModelSource.parse(model)
+    config = source.config()
     plan = _plan(config, weights)
     group = InProcessGroup(len(weights))
     out: list = [None] * len(weights)
 
     def rank(r):
-        w = load_weights(model, config, plan.ranks[r], dtype=torch.float32, device=torch.device("cpu"))
-        lm = ShardedLlama(config, plan.ranks[r], group.communicator(r), w, max_batch=2, max_context=64)
+        with source.reader(torch.float32, torch.device("cpu")) as reader:
+            lm = ShardedLlama(config, plan.ranks[r], group.communicator(r), reader, max_batch=2, max_context=64)
         B, T = tokens.shape
         out[r] = lm.forward(tokens, torch.arange(T).repeat(B, 1), torch.arange(B))
 
@@ -60,21 +62,27 @@ def test_config_from_a_path(tmp_path):
         synthetic_config("synthetic:nope")
 
 
+def _read(config, shard) -> dict[str, torch.Tensor]:
+    reader = SyntheticReader(config, torch.float32, torch.device("cpu"))
+    return {s.name: reader.read(s) for s in model_layout(config, shard).slices()}
+
+
 @pytest.mark.parametrize("weights", [[1.0, 1.0], [1.0, 2.0, 3.0], [3.0, 1.0, 1.0, 1.0, 2.0]])
 def test_shards_concatenate_to_the_one_rank_weights(weights):
     config = synthetic_config("synthetic:tiny")
-    full = synthetic_weights(config, _plan(config, [1.0]).ranks[0], dtype=torch.float32)
-    shards = [synthetic_weights(config, s, dtype=torch.float32) for s in _plan(config, weights, mlp_block=32).ranks]
-    for name, dim in [("embed", 0), ("lm_head", 0), ("layers.1.wo", 1), ("layers.1.w_down", 1)]:
+    full = _read(config, _plan(config, [1.0]).ranks[0])
+    shards = [_read(config, s) for s in _plan(config, weights, mlp_block=32).ranks]
+    for name, dim in [("model.embed_tokens.weight", 0), ("lm_head.weight", 0),
+                      ("model.layers.1.self_attn.k_proj.weight", 0), ("model.layers.1.self_attn.o_proj.weight", 1),
+                      ("model.layers.2.mlp.gate_proj.weight", 0), ("model.layers.2.mlp.up_proj.weight", 0),
+                      ("model.layers.1.mlp.down_proj.weight", 1)]:
         assert torch.equal(torch.cat([s[name] for s in shards], dim=dim), full[name]), name
-    I = config.intermediate_size
-    gate_up = [s["layers.2.w_gate_up"].chunk(2) for s in shards]
-    assert torch.equal(torch.cat([g for g, _ in gate_up]), full["layers.2.w_gate_up"][:I])
-    assert torch.equal(torch.cat([u for _, u in gate_up]), full["layers.2.w_gate_up"][I:])
-    assert torch.equal(shards[-1]["layers.0.attn_norm"], full["layers.0.attn_norm"])
+    norm = "model.layers.0.input_layernorm.weight"
+    assert torch.equal(shards[-1][norm], full[norm])
 
 
-@pytest.mark.parametrize("weights", [[1.0, 1.0], [1.0, 2.0, 3.0]])
+# [1.0, 0.02, 1.0]: the middle rank holds no heads, no MLP columns and no vocab rows, and adds zeros to every sum
+@pytest.mark.parametrize("weights", [[1.0, 1.0], [1.0, 2.0, 3.0], [1.0, 0.02, 1.0]])
 def test_tiny_logits_match_one_rank(weights):
     tokens = torch.tensor([[1, 17, 999, 512, 3], [42, 0, 7, 640, 64]])
     reference = _logits("synthetic:tiny", [1.0], tokens)

@@ -21,10 +21,8 @@ import ray
 from raytp.actors.group import GroupSettings, WorkerGroup
 from raytp.runtime.engine import Request
 from raytp.runtime.errors import BusyError, RequestError
-from raytp.weights.smollm2 import resolve_model
 from raytp.runtime.sampling import SamplingParams
-from raytp.weights.source import model_config
-from raytp.weights.synthetic import is_synthetic
+from raytp.weights.source import ModelSource
 from raytp.weights.tokenizer import StreamDecoder, Tokenizer
 
 log = logging.getLogger("raytp")
@@ -36,9 +34,10 @@ MAX_QUEUE = 64  # streams that may wait for a cache slot beyond the max_batch ru
 class Driver:
     def __init__(self, settings: GroupSettings):
         self.settings = settings
-        self.config = model_config(settings.model)
+        source = ModelSource.parse(settings.model)
+        self.config = source.config()
         # synthetic models have no tokenizer: their requests pass token ids (`prompt_ids`) and stream no text
-        self.tokenizer = None if is_synthetic(settings.model) else Tokenizer.from_dir(resolve_model(settings.model))
+        self.tokenizer = None if source.tokenizer_dir is None else Tokenizer.from_dir(source.tokenizer_dir)
         self.group: WorkerGroup | None = None
         self.streams: dict[str, asyncio.Queue] = {}
         self.ready = asyncio.Event()

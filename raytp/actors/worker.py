@@ -27,7 +27,7 @@ from raytp.runtime.engine import RankEngine, Request, TokenEvent
 from raytp.model.llama import ShardedLlama
 from raytp.parallel.plan import ShardPlan
 from raytp.runtime.sampling import SamplingParams
-from raytp.weights.source import load_weights
+from raytp.weights.source import ModelSource
 
 
 class MemoryBudgetError(RuntimeError):
@@ -122,10 +122,11 @@ class Worker:
             # make an @MEM cap real, so mismatched cards can be emulated on identical ones
             total = torch.cuda.mem_get_info()[1]
             torch.cuda.set_per_process_memory_fraction(min(1.0, self.spec.mem_bytes / total))
-        weights = load_weights(model, config, shard, dtype=dtype, device=self.device, progress=progress)
-        lm = ShardedLlama(config, shard, maybe_check_identical(self.comm), weights,
-                          max_batch=plan.max_batch, max_context=plan.max_context)
-        used = _tensor_bytes(weights.values()) + _tensor_bytes([lm.k_cache, lm.v_cache])
+        with ModelSource.parse(model).reader(dtype, self.device, progress=progress,
+                                             desc=f"rank {self.rank} loading") as reader:
+            lm = ShardedLlama(config, shard, maybe_check_identical(self.comm), reader,
+                              max_batch=plan.max_batch, max_context=plan.max_context)
+        used = _tensor_bytes(lm.weights()) + _tensor_bytes([lm.k_cache, lm.v_cache])
         if used > shard.budget_bytes:
             raise MemoryBudgetError(f"rank {self.rank} ({self.spec}) needs {format_bytes(used)} for weights and "
                                     f"KV cache, its budget is {format_bytes(shard.budget_bytes)}")

@@ -21,25 +21,17 @@ import ray
 import torch
 
 from raytp.model.config import ModelConfig
+from raytp.model.layers import WeightReader
+from raytp.model.layout import model_layout, whole_model
 
 
-def hf_state_dict(config: ModelConfig, w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A one-rank raytp weight dict (raytp.model.llama's layout) as a Hugging Face Llama/Mistral/Qwen2 state dict."""
-    D = config.head_dim
-    split = [config.num_heads * D, config.num_kv_heads * D, config.num_kv_heads * D]
-    sd = {"model.embed_tokens.weight": w["embed"], "model.norm.weight": w["final_norm"], "lm_head.weight": w["lm_head"]}
-    for i in range(config.num_layers):
-        p, a, m = f"model.layers.{i}.", f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
-        sd[p + "input_layernorm.weight"] = w[f"layers.{i}.attn_norm"]
-        sd[p + "post_attention_layernorm.weight"] = w[f"layers.{i}.mlp_norm"]
-        for name, t in zip(("q", "k", "v"), w[f"layers.{i}.wqkv"].split(split)):
-            sd[a + f"{name}_proj.weight"] = t
-        if config.attention_bias:
-            for name, t in zip(("q", "k", "v"), w[f"layers.{i}.bqkv"].split(split)):
-                sd[a + f"{name}_proj.bias"] = t
-        sd[a + "o_proj.weight"] = w[f"layers.{i}.wo"]  # (hidden, heads * head_dim): HF's layout already
-        sd[m + "gate_proj.weight"], sd[m + "up_proj.weight"] = w[f"layers.{i}.w_gate_up"].chunk(2)
-        sd[m + "down_proj.weight"] = w[f"layers.{i}.w_down"]
+def hf_state_dict(config: ModelConfig, reader: WeightReader) -> dict[str, torch.Tensor]:
+    """The whole model read through `reader` as a Hugging Face Llama/Mistral/Qwen2 state dict: raytp's layout
+    names HF's tensors, and a one-rank slice of each is the whole tensor."""
+    layout = model_layout(config, whole_model(config))
+    sd = {s.name: reader.read(s) for s in layout.slices()}
+    if layout.tied:  # transformers' state dict lists the shared tensor under both names
+        sd[layout.lm_head.name] = sd[layout.embed.name]
     return sd
 
 
@@ -60,22 +52,18 @@ def _synthetic_hf_config(model: str):
 def _hf_model(model: str, dtype: str, device: torch.device):
     import transformers
 
-    from raytp.weights.smollm2 import resolve_model
-    from raytp.parallel.plan import plan_shards
-    from raytp.weights.source import model_config
-    from raytp.weights.synthetic import is_synthetic, synthetic_weights
+    from raytp.weights.source import ModelSource
 
-    if not is_synthetic(model):
-        hf = transformers.AutoModelForCausalLM.from_pretrained(resolve_model(model), dtype=getattr(torch, dtype))
+    source = ModelSource.parse(model)
+    if not source.is_synthetic:
+        hf = transformers.AutoModelForCausalLM.from_pretrained(source.path, dtype=getattr(torch, dtype))
         return hf.to(device).eval()
-    config = model_config(model)
+    config = source.config()
     hf_config = _synthetic_hf_config(model)
     with torch.device("meta"):
         hf = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=getattr(torch, dtype))
-    whole = plan_shards(config, [("peer", 1 << 62)], max_context=1, max_batch=1, dtype=dtype).ranks[0]
-    weights = synthetic_weights(config, whole, dtype=getattr(torch, dtype), device=device)
-    hf.load_state_dict(hf_state_dict(config, weights),
-                       assign=True, strict=True)
+    with source.reader(getattr(torch, dtype), device) as reader:
+        hf.load_state_dict(hf_state_dict(config, reader), assign=True, strict=True)
     rotary = hf.model.rotary_emb  # its frequencies are buffers, left on the meta device: compute them for real
     hf.model.rotary_emb = type(rotary)(config=hf.config).to(device)
     return hf.eval()

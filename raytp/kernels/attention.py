@@ -27,11 +27,11 @@ MIN_SPLIT = 256  # positions: shorter splits would cost more to merge than they 
 
 def cached_attention_torch(q, k_cache, v_cache, slots, step) -> torch.Tensor:
     """q (batch, n_q, seq, head_dim) over one layer's cache (slots, kv_heads, positions, head_dim), each row
-    seeing the positions step["visible"] allows within step["span"]. Returns (batch, seq, n_q * head_dim)."""
+    seeing the positions step.visible allows within step.span. Returns (batch, seq, n_q * head_dim)."""
     B, n_q, T, D = q.shape
-    keys = k_cache[slots, :, : step["span"]]  # (batch, kv_heads, span, head_dim)
-    values = v_cache[slots, :, : step["span"]]
-    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=step["visible"],
+    keys = k_cache[slots, :, : step.span]  # (batch, kv_heads, span, head_dim)
+    values = v_cache[slots, :, : step.span]
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=step.visible,
                                          enable_gqa=n_q != keys.shape[1])
     return out.transpose(1, 2).reshape(B, T, n_q * D)
 
@@ -101,7 +101,7 @@ def split_layout(max_context: int) -> tuple[int, int]:
 
 def cached_attention(q, k_cache, v_cache, slots, step) -> torch.Tensor:
     """As cached_attention_torch; the Triton decode kernels on CUDA for one query token per sequence
-    (step["lengths"]: (batch,) positions each sequence sees, this step's included)."""
+    (step.lengths: (batch,) positions each sequence sees, this step's included)."""
     B, n_q, T, D = q.shape
     n_kv = k_cache.shape[1]
     if T != 1 or not use_triton(q) or D & (D - 1) or n_q % n_kv:
@@ -113,7 +113,7 @@ def cached_attention(q, k_cache, v_cache, slots, step) -> torch.Tensor:
     ml = torch.empty((B * n_q * splits, 2), dtype=torch.float32, device=q.device)
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1
     _decode_split_kernel[(B, n_kv, splits)](
-        q, k_cache, v_cache, slots, step["lengths"], acc, ml, k_cache.stride(0), k_cache.stride(1),
+        q, k_cache, v_cache, slots, step.lengths, acc, ml, k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), n_q, splits, chunk, D ** -0.5, GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)), D=D, BLOCK=BLOCK_N,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32")

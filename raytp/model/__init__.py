@@ -1,6 +1,7 @@
 """The model: one rank's shard of a Llama-family decoder.
 
     config.py   ModelConfig, read from a Hugging Face config.json
+    layout.py   which Hugging Face tensors, rows and columns each rank holds (the one place that says so)
     layers.py   parallel layers that own their uneven slice (column/row-parallel linear, vocab-parallel
                 embedding and head) and the weight formats they apply
     llama.py    the decoder forward of one rank

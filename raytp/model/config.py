@@ -14,7 +14,11 @@ from pathlib import Path
 SUPPORTED_ARCHITECTURES = {"llama": False, "mistral": False, "qwen2": True}
 
 
-class UnsupportedModelError(ValueError):
+class ConfigError(ValueError):
+    """A config.json that cannot be read; the message names the file and where it breaks."""
+
+
+class UnsupportedModelError(ConfigError):
     """The config describes a model raytp cannot run."""
 
 
@@ -95,7 +99,17 @@ class ModelConfig:
             path = path / "config.json"
         if not path.is_file():
             raise FileNotFoundError(f"no config.json at {path}")
-        return cls.from_dict(json.loads(path.read_text()))
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}; fix it or "
+                              f"download the model again") from None
+        try:
+            return cls.from_dict(d)
+        except UnsupportedModelError as e:
+            raise UnsupportedModelError(f"{path}: {e}") from None
+        except (KeyError, TypeError) as e:
+            raise ConfigError(f"{path} is not a Llama-family config.json: {e} is missing or malformed") from None
 
     def param_count(self) -> int:
         """Parameters of the whole model (embedding counted once when tied)."""

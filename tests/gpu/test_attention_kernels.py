@@ -1,6 +1,8 @@
 """The fused RoPE + cache write and the decode attention kernels against their torch versions, and a whole
 model's tokens with every Triton kernel on against all of them off (GPU host only)."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -45,8 +47,9 @@ def test_decode_attention_kernel_matches_torch(dtype, n_q, n_kv, D, ctx, lengths
     q = torch.randn(B, n_q, 1, D, device="cuda", generator=g).to(dtype)
     slots = torch.arange(B, device="cuda").flip(0) + 1
     positions = torch.tensor(lengths, device="cuda").view(B, 1) - 1
-    step = {"span": ctx, "lengths": positions[:, -1] + 1,
-            "visible": (torch.arange(ctx, device="cuda").view(1, 1, ctx) <= positions.unsqueeze(-1)).unsqueeze(1)}
+    # the kernels read only these fields of the model's StepInputs
+    step = SimpleNamespace(span=ctx, lengths=positions[:, -1] + 1,
+                           visible=(torch.arange(ctx, device="cuda").view(1, 1, ctx) <= positions.unsqueeze(-1)).unsqueeze(1))
     got = attention.cached_attention(q, k, v, slots, step)
     want = attention.cached_attention_torch(q, k, v, slots, step)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)

@@ -9,7 +9,7 @@ from raytp.model.graphs import GraphedDecode
 from raytp.model.llama import ShardedLlama
 from raytp.parallel.plan import plan_shards
 from raytp.runtime.sampling import SamplingParams
-from raytp.weights.source import load_weights, model_config
+from raytp.weights.source import ModelSource
 from tests.test_comm import hoststaged_factory
 
 pytestmark = [pytest.mark.gpu,
@@ -17,11 +17,12 @@ pytestmark = [pytest.mark.gpu,
 
 
 def generate(graphed: bool, prompts, dtype=torch.float32):
-    config = model_config("synthetic:tiny")
+    source = ModelSource.parse("synthetic:tiny")
+    config = source.config()
     plan = plan_shards(config, [("cuda", 8 << 30)], max_context=256, max_batch=4, dtype=str(dtype)[6:])
     comm = GpuHostStagedCommunicator(hoststaged_factory(1)(0), torch.device("cuda"))
-    w = load_weights("synthetic:tiny", config, plan.ranks[0], dtype=dtype, device=torch.device("cuda"))
-    lm = ShardedLlama(config, plan.ranks[0], comm, w, max_batch=4, max_context=256)
+    with source.reader(dtype, torch.device("cuda")) as reader:
+        lm = ShardedLlama(config, plan.ranks[0], comm, reader, max_batch=4, max_context=256)
     engine = RankEngine(lm, comm, decode=GraphedDecode(lm) if graphed else None)
     out = {f"r{i}": [] for i in range(len(prompts))}
     for i, p in enumerate(prompts):

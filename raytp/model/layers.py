@@ -1,0 +1,132 @@
+"""Parallel layers that own their uneven slice (vLLM's vocabulary, ranges from the ShardPlan).
+
+Each layer is given the `Slice`s of `raytp.model.layout` it holds and reads them through a `WeightReader`, the one
+interface every weight source implements (the safetensors checkpoint, the synthetic generator). How a matrix is
+stored and applied is a format class apart from the slice: `DenseWeight` today; int4 or FP8 formats would be
+siblings with the same `apply`.
+
+    ColumnParallelLinear    x (..., in) replicated      -> y (..., local rows)  no communication
+    RowParallelLinear       x (..., local cols)         -> y (..., out)         all-reduce of partial sums
+    VocabParallelEmbedding  tokens                      -> x (..., hidden)      all-reduce of masked lookups
+    ParallelLMHead          x (batch, hidden)           -> logits (batch, local vocab), float32, no communication
+
+A zero-width rank (no heads, no MLP columns or no vocab rows) still joins every all-reduce, adding zeros, which
+is exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from raytp.model.layout import Slice
+from raytp.parallel.comm import Communicator
+
+
+class WeightReader(Protocol):
+    def read(self, s: Slice) -> torch.Tensor:
+        """Rows `s.rows` (and columns `s.cols`) of global tensor `s.name`, in the model's dtype on the rank's
+        device. Raises a ValueError naming the tensor when it is missing or its global shape is not `s.shape`."""
+
+
+class DenseWeight:
+    """A matrix (and optional bias) kept as is in the model dtype, applied with F.linear."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        self.weight, self.bias = weight, bias
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.weight] + ([self.bias] if self.bias is not None else [])
+
+
+class ColumnParallelLinear:
+    """y = x @ W[rows].T + b[rows]: this rank's output rows of one or more global matrices, fused into one matmul.
+
+    The parts are concatenated in layout order (q, k, v or gate, up); the bias, when there is one, is sliced like
+    the rows.
+    """
+
+    def __init__(self, parts: Sequence[Slice], bias: Sequence[Slice] = ()):
+        self.parts, self.bias_parts = tuple(parts), tuple(bias)
+
+    def load(self, reader: WeightReader) -> ColumnParallelLinear:
+        bias = torch.cat([reader.read(p) for p in self.bias_parts]) if self.bias_parts else None
+        self.weight = DenseWeight(torch.cat([reader.read(p) for p in self.parts]), bias)
+        return self
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight.apply(x)
+
+
+class RowParallelLinear:
+    """y = all_reduce(x @ W[:, cols].T): partial sums over this rank's input columns, summed over all ranks.
+
+    Every rank gets the same bits (the communicator sums in rank order). The models here have no row-parallel
+    bias, so there is none to add on one rank only.
+    """
+
+    def __init__(self, part: Slice, comm: Communicator):
+        self.part, self.comm = part, comm
+        self.out_features, self.width = part.shape[0], len(part.cols)
+
+    def load(self, reader: WeightReader) -> RowParallelLinear:
+        self.weight = DenseWeight(reader.read(self.part))
+        return self
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.width:
+            partial = self.weight.apply(x)
+        else:  # no columns here: this rank's share of the sum is zero
+            partial = x.new_zeros((*x.shape[:-1], self.out_features))
+        return self.comm.all_reduce(partial)
+
+
+class VocabParallelEmbedding:
+    """x = all_reduce(lookup in E[vocab_rows], zeros for tokens outside them): each token's row comes from the one
+    rank that holds it."""
+
+    def __init__(self, part: Slice, comm: Communicator):
+        self.part, self.comm = part, comm
+        self.start, self.width, self.hidden = part.rows.start, len(part.rows), part.shape[1]
+
+    def load(self, reader: WeightReader) -> VocabParallelEmbedding:
+        self.table = reader.read(self.part)  # (local vocab, hidden)
+        return self
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        if not self.width:
+            x = self.table.new_zeros((*tokens.shape, self.hidden))
+        else:
+            local = tokens - self.start
+            mine = (local >= 0) & (local < self.width)
+            x = F.embedding(local.clamp(0, self.width - 1), self.table) * mine.unsqueeze(-1).to(self.table.dtype)
+        return self.comm.all_reduce(x)
+
+
+class ParallelLMHead:
+    """logits = x @ E[vocab_rows].T in float32: this rank's slice of the vocabulary; the sampler gathers candidates,
+    never full logits."""
+
+    def __init__(self, part: Slice):
+        self.part, self.width = part, len(part.rows)
+
+    def load(self, reader: WeightReader) -> ParallelLMHead:
+        self.weight = DenseWeight(reader.read(self.part))
+        return self
+
+    def tie(self, embedding: VocabParallelEmbedding) -> ParallelLMHead:
+        """Share the embedding's tensor (tied word embeddings): one copy in memory."""
+        assert embedding.part.rows == self.part.rows
+        self.weight = DenseWeight(embedding.table)
+        return self
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.width:
+            return x.new_zeros((x.shape[0], 0), dtype=torch.float32)
+        return self.weight.apply(x).float()

@@ -1,0 +1,94 @@
+"""ModelSource.check: a broken model directory fails fast, before any weight is read, with a message naming the
+file and the problem. Each case copies the real SmolLM2 directory and breaks one thing."""
+
+import shutil
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from raytp.model.layout import Slice
+from raytp.weights.checkpoint import SafetensorsReader
+from raytp.weights.source import ModelSource
+
+LAYER0_Q = "model.layers.0.self_attn.q_proj.weight"
+
+
+@pytest.fixture
+def model_copy(smollm2_dir, tmp_path):
+    """A copy of SmolLM2's directory to break; the weights are linked, not copied, unless a test rewrites them."""
+    copy = tmp_path / "model"
+    copy.mkdir()
+    for f in smollm2_dir.iterdir():
+        (copy / f.name).symlink_to(f) if f.suffix == ".safetensors" else shutil.copy(f, copy / f.name)
+    return copy
+
+
+def _check_fails(path, *fragments):
+    start = time.perf_counter()
+    with pytest.raises(ValueError) as e:
+        ModelSource.parse(str(path)).check()
+    assert time.perf_counter() - start < 3
+    for fragment in fragments:
+        assert fragment in str(e.value), str(e.value)
+
+
+def test_intact_model_passes_in_under_a_second(smollm2_dir):
+    source = ModelSource.parse("smollm2")
+    start = time.perf_counter()
+    source.check()
+    assert time.perf_counter() - start < 1
+    assert source.tokenizer_dir == smollm2_dir and not source.is_synthetic
+    assert ModelSource.parse("synthetic:tiny").tokenizer_dir is None
+
+
+def test_bad_json_names_the_file_and_line(model_copy):
+    config = model_copy / "config.json"
+    config.write_text(config.read_text().replace('"vocab_size": 49152,', '"vocab_size": 49152'))
+    _check_fails(model_copy, "config.json", "line 7")
+
+
+def test_unknown_architecture(model_copy):
+    config = model_copy / "config.json"
+    config.write_text(config.read_text().replace('"model_type": "llama"', '"model_type": "gpt2"'))
+    _check_fails(model_copy, "config.json", "model_type='gpt2'")
+
+
+def test_missing_tokenizer(model_copy):
+    (model_copy / "tokenizer.json").unlink()
+    _check_fails(model_copy, "tokenizer.json", str(model_copy))
+
+
+def test_truncated_safetensors(model_copy):
+    weights = model_copy / "model.safetensors"
+    data = weights.read_bytes()
+    weights.unlink()
+    weights.write_bytes(data[: len(data) - 1000])
+    _check_fails(model_copy, "model.safetensors", "truncated")
+
+
+def _rewrite_weights(model_copy, change):
+    weights = model_copy / "model.safetensors"
+    tensors = change(load_file(weights))
+    weights.unlink()
+    save_file(tensors, weights)
+
+
+def test_misshaped_tensor(model_copy):
+    _rewrite_weights(model_copy, lambda t: t | {LAYER0_Q: torch.zeros(576, 575, dtype=torch.bfloat16)})
+    _check_fails(model_copy, LAYER0_Q, "(576, 575)", "(576, 576)")
+
+
+def test_missing_tensor(model_copy):
+    _rewrite_weights(model_copy, lambda t: {k: v for k, v in t.items() if k != LAYER0_Q})
+    _check_fails(model_copy, LAYER0_Q, "no tensor")
+
+
+def test_reader_reads_and_counts_only_the_slice_bytes(tmp_path):
+    save_file({"w": torch.arange(12.0).view(4, 3)}, tmp_path / "model.safetensors")
+    with SafetensorsReader(tmp_path, torch.float32, torch.device("cpu"), progress=True) as reader:
+        got = reader.read(Slice("w", (4, 3), range(1, 3), range(2, 3)))
+        assert got.tolist() == [[5.0], [8.0]] and reader.bar.n == 2 * 4  # two float32 values read
+        with pytest.raises(ValueError, match=r"'w' .* has shape \(4, 3\), config.json implies \(3, 4\)"):
+            reader.read(Slice("w", (3, 4), range(3)))
