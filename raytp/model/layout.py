@@ -64,7 +64,8 @@ def whole_model(config: ModelConfig) -> RankShard:
     """One rank holding all of the model: the layout of a whole checkpoint (its byte counts are not planned)."""
     return RankShard(rank=0, device="whole", budget_bytes=0, kv_heads=range(config.num_kv_heads),
                      q_heads=range(config.num_heads), mlp_cols=range(config.intermediate_size),
-                     vocab_rows=range(config.vocab_size), weight_bytes=0, kv_cache_bytes=0, overhead_bytes=0)
+                     vocab_rows=range(config.vocab_size), weight_bytes=0, kv_cache_bytes=0, overhead_bytes=0,
+                     read_bytes=0)
 
 
 def model_layout(config: ModelConfig, shard: RankShard) -> ModelLayout:
