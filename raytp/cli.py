@@ -531,10 +531,6 @@ def cmd_serve(args) -> None:
     import signal
     import threading
 
-    if args.max_queue < 0:
-        raise UserError(f"--max-queue must be >= 0, got {args.max_queue}")
-    api_key = _api_key(args)
-    _check_port(args.host, args.port)
     stop = threading.Event()
 
     def on_signal(*_):
@@ -547,7 +543,7 @@ def cmd_serve(args) -> None:
     with ray_session(args.address, args.devices), running_driver(args) as (driver, info):
         import ray
 
-        url = ray.get(driver.serve.remote(args.host, args.port, api_key, args.max_queue))
+        url = ray.get(driver.serve.remote(args.host, args.port, args.api_key, args.max_queue))
         print(info["plan_table"], file=sys.stderr)
         print(f"raytp: serving {args.model}: web chat {url} , OpenAI API {url}v1 ; Ctrl-C stops", file=sys.stderr)
         print(url, flush=True)
@@ -594,9 +590,14 @@ def _check_devices_fit_here(spec: str) -> None:
 def _check_args(args) -> None:
     """Check every argument before Ray starts: a mistake costs a second, not a cluster start-up and a model load.
 
-    Cheapest first: the sampling check imports torch, the model check may download smollm2."""
+    Cheapest first: the sampling and model checks import torch, the model check may download smollm2."""
     if not hasattr(args, "devices"):  # `pull`
         return
+    if args.command == "serve":
+        if args.max_queue < 0:
+            raise UserError(f"--max-queue must be >= 0, got {args.max_queue}")
+        args.api_key = _api_key(args)  # read once, here: a missing file fails now
+        _check_port(args.host, args.port)
     if args.max_context < 1:
         raise UserError(f"--max-context must be >= 1, got {args.max_context}")
     specs = [s.strip() for s in (getattr(args, "devices_sweep", None) or args.devices).split(";") if s.strip()]
