@@ -16,7 +16,7 @@ import socket
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from raytp.parallel.devices import DeviceSpecError, format_bytes, is_auto, parse_devices
@@ -32,6 +32,8 @@ model: smollm2 (the embedded SmolLM2-135M-Instruct, pulled on first use) or a Hu
 
 CPU_RANKS_PER_CORE = 4  # a local Ray refuses more cpu ranks than this per core: each rank spins in its collectives
 TOKEN_FILE = "ray-auth-token"  # under $RAYTP_HOME: the token of every local Ray that raytp starts
+# Ray prints this for every worker that dies, with a page of advice; raytp names the rank or driver itself
+RAY_WORKER_DIED = "A worker died or was killed"
 
 
 class UserError(Exception):
@@ -236,33 +238,49 @@ def local_ray_environment():
         apply(saved)
 
 
+def _drop_ray_worker_died_lines() -> None:
+    """Keep Ray's error stream but drop its RAY_WORKER_DIED reports. Ray prints that stream from a thread of its
+    own with no filter hook, so its printer is wrapped (once per process: main() may run more than once)."""
+    from ray._private import worker
+
+    if getattr(worker.print_to_stdstream, "drops_worker_died", False):
+        return
+    original = worker.print_to_stdstream
+
+    def print_to_stdstream(data, ignore_prefix):
+        lines = [line for line in data["lines"] if not line.startswith(RAY_WORKER_DIED)]
+        if lines:
+            original({**data, "lines": lines}, ignore_prefix)
+
+    print_to_stdstream.drops_worker_died = True
+    worker.print_to_stdstream = print_to_stdstream
+
+
 @contextmanager
 def ray_session(address: str | None, devices_spec: str):
     """Join `address` as its owner set it up, or start a local Ray (loopback only, token auth) with enough CPU
     slots for every cpu rank."""
-    if address:
-        import ray
+    with ExitStack() as local:
+        if address:
+            import ray
 
-        print(f"raytp: joining the Ray cluster at {address}", file=sys.stderr)
-        _check_reachable(address)
-        try:
-            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
-        except (ConnectionError, RuntimeError, ValueError) as e:
-            raise UserError(f"cannot reach the Ray cluster at --address {address!r}: {e}") from None
-        try:
-            yield
-        finally:
-            ray.shutdown()
-        return
-    with local_ray_environment():
-        import ray
+            print(f"raytp: joining the Ray cluster at {address}", file=sys.stderr)
+            _check_reachable(address)
+            try:
+                ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+            except (ConnectionError, RuntimeError, ValueError) as e:
+                raise UserError(f"cannot reach the Ray cluster at --address {address!r}: {e}") from None
+        else:
+            local.enter_context(local_ray_environment())
+            import ray
 
-        print(f"raytp: starting Ray (local, 127.0.0.1 only, token auth: {os.environ['RAY_AUTH_TOKEN_PATH']})",
-              file=sys.stderr)
-        cpu_ranks = sum(d.kind == "cpu" for d in parse_devices(devices_spec)) if not is_auto(devices_spec) else 1
-        # address="local": always a fresh cluster of our own, never one another process left running
-        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, cpu_ranks), include_dashboard=False,
-                 logging_level=logging.WARNING, log_to_driver=False)
+            print(f"raytp: starting Ray (local, 127.0.0.1 only, token auth: {os.environ['RAY_AUTH_TOKEN_PATH']})",
+                  file=sys.stderr)
+            cpu_ranks = sum(d.kind == "cpu" for d in parse_devices(devices_spec)) if not is_auto(devices_spec) else 1
+            # address="local": always a fresh cluster of our own, never one another process left running
+            ray.init(address="local", num_cpus=max(os.cpu_count() or 1, cpu_ranks), include_dashboard=False,
+                     logging_level=logging.WARNING, log_to_driver=False)
+        _drop_ray_worker_died_lines()
         try:
             yield
         finally:
@@ -300,8 +318,9 @@ def running_driver(args):
             pass
 
 
-def _print_driver_logs(driver, timeout: float = 10) -> None:
-    """Print the driver's `raytp` log lines since the last call; DriverDied when the driver is gone or hung."""
+def _print_driver_logs(driver, timeout: float = 60) -> None:
+    """Print the driver's `raytp` log lines since the last call; DriverDied when the driver is gone, or hung for
+    `timeout` (its event loop answers in milliseconds: the heavy work runs in the ranks and in threads)."""
     import ray
 
     try:
@@ -631,7 +650,7 @@ def _user_message(e: BaseException) -> str | None:
     cause = getattr(e, "cause", None)
     if cause is not None and cause is not e:
         return _user_message(cause)
-    if isinstance(e, (UserError, DeviceSpecError, ValueError, ClusterError, CommError, UnsupportedModelError,
+    if isinstance(e, (ValueError, ClusterError, CommError, UnsupportedModelError,
                       CheckpointError, FileNotFoundError, RuntimeError)) and not isinstance(e, NotImplementedError):
         return str(e).strip()
     return None

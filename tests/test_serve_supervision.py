@@ -120,6 +120,7 @@ def test_driver_logs_reach_the_terminal_and_a_dead_driver_ends_serve(tmp_path):
         rc = proc.wait(timeout=30)
         elapsed = time.monotonic() - start
     text = log_path.read_text()
+    assert "A worker died" not in text, text[-3000:]  # Ray's page of advice: raytp names the rank itself
     assert rc not in (0, None), text[-3000:]
     assert elapsed < 10, f"took {elapsed:.0f} s to notice"
     assert "raytp: error: the driver actor died" in text, text[-3000:]

@@ -44,8 +44,7 @@ class LogTail(logging.Handler):
         self.lines: collections.deque[str] = collections.deque(maxlen=LOG_LINES)
 
     def emit(self, record: logging.LogRecord) -> None:
-        level = "" if record.levelno <= logging.INFO else f"{record.levelname.lower()}: "
-        self.lines.append(level + record.getMessage())
+        self.lines.append(record.getMessage())
 
 
 class Driver:
