@@ -1,8 +1,10 @@
 """The `raytp` command: pull, plan, generate, chat (and serve, bench).
 
-Every command that runs a model joins a running Ray cluster (`--address` or RAY_ADDRESS) or starts a local
-one and shuts it down on exit. Errors caused by the input (a bad device spec, a model that does not fit, a
-prompt longer than the context...) print one line naming the value and the fix, never a traceback.
+Every argument is checked before Ray starts (`_check_args`). Every command that runs a model then joins a
+running Ray cluster (`--address` or RAY_ADDRESS, as its owner configured it) or starts a local one that listens
+on 127.0.0.1 only with Ray's token authentication, and shuts it down on exit. Errors caused by the input (a bad
+device spec, a model that does not fit, a prompt longer than the context...) print one line naming the value and
+the fix, never a traceback.
 """
 
 from __future__ import annotations
