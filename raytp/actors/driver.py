@@ -63,7 +63,7 @@ class Driver:
         self._http = None  # the HTTP server `serve` runs in this actor's event loop
         self._log_tail = LogTail()
         log.addHandler(self._log_tail)
-        log.setLevel(logging.INFO)  # phases and request errors are INFO and WARNING; Ray's workers default higher
+        log.setLevel(logging.INFO)  # the phases are INFO: made whatever level Ray gave this process's root logger
 
     # ---- group lifecycle ---------------------------------------------------------------------------------
 
@@ -125,6 +125,7 @@ class Driver:
         if self.group is not None:
             await asyncio.to_thread(self.group.shutdown)
             self.group = None
+        log.removeHandler(self._log_tail)
 
     def take_logs(self) -> list[str]:
         """The `raytp` log lines since the last call. The CLI calls it once a second: it is also the liveness ping."""
