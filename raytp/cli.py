@@ -1,21 +1,27 @@
 """The `raytp` command: pull, plan, generate, chat (and serve, bench).
 
-Every command that runs a model joins a running Ray cluster (`--address` or RAY_ADDRESS) or starts a local
-one and shuts it down on exit. Errors caused by the input (a bad device spec, a model that does not fit, a
-prompt longer than the context...) print one line naming the value and the fix, never a traceback.
+Every argument is checked before Ray starts (`_check_args`). Every command that runs a model then joins a
+running Ray cluster (`--address` or RAY_ADDRESS, as its owner configured it) or starts a local one that listens
+on 127.0.0.1 only with Ray's token authentication, and shuts it down on exit. Errors caused by the input (a bad
+device spec, a model that does not fit, a prompt longer than the context...) print one line naming the value and
+the fix, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
 import socket
 import sys
-from contextlib import contextmanager
+import tempfile
+import time
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
 
-from raytp.parallel.devices import DeviceSpecError, is_auto, parse_devices
+from raytp.parallel.devices import DeviceSpecError, format_bytes, is_auto, parse_devices
 
 DTYPES = ("float32", "bfloat16", "float16")
 EPILOG = """device SPEC: comma-separated KIND[:INDEX][@MEM] or KIND*N[@MEM], KIND cpu or cuda, e.g.
@@ -26,8 +32,18 @@ EPILOG = """device SPEC: comma-separated KIND[:INDEX][@MEM] or KIND*N[@MEM], KIN
 model: smollm2 (the embedded SmolLM2-135M-Instruct, pulled on first use) or a Hugging Face directory"""
 
 
+CPU_RANKS_PER_CORE = 4  # a local Ray refuses more cpu ranks than this per core: each rank spins in its collectives
+TOKEN_FILE = "ray-auth-token"  # under $RAYTP_HOME: the token of every local Ray that raytp starts
+# Ray prints this for every worker that dies, with a page of advice; raytp names the rank or driver itself
+RAY_WORKER_DIED = "A worker died or was killed"
+
+
 class UserError(Exception):
     """Printed as one line; exit status 2."""
+
+
+class DriverDied(Exception):
+    """The driver actor is gone while serving; printed as one line, exit status 1."""
 
 
 def _model_args(p: argparse.ArgumentParser, max_batch: int) -> None:
@@ -92,9 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for every interface "
                    "(default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=7860, help="the API (/v1) and the web chat (/) (default: 7860)")
-    p.add_argument("--api-key", default=os.environ.get("RAYTP_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on the API and this password in the web chat "
-                        "(default: $RAYTP_API_KEY, else none)")
+    key = p.add_mutually_exclusive_group()
+    key.add_argument("--api-key", default=os.environ.get("RAYTP_API_KEY"),
+                     help="require 'Authorization: Bearer KEY' on the API and this password in the web chat "
+                          "(default: $RAYTP_API_KEY, else none); visible in `ps`: prefer --api-key-file")
+    key.add_argument("--api-key-file", default=None, metavar="PATH",
+                     help="read the API key from the first line of PATH instead")
     p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a free batch slot; "
                    "beyond them the API answers 429 (default: 64)")
 
@@ -185,27 +204,111 @@ def _check_reachable(address: str) -> None:
                         "start one with `ray start --head` or omit --address to run locally") from None
 
 
-@contextmanager
-def ray_session(address: str | None, devices_spec: str):
-    """Join `address`, or start a local Ray with enough CPU slots for every cpu rank."""
-    import ray
+def ray_token_file() -> Path:
+    """The token of the local Rays raytp starts: made once, mode 0600 from its first byte on."""
+    from raytp.weights.smollm2 import raytp_home
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    if address:
-        _check_reachable(address)
+    path = raytp_home() / TOKEN_FILE
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # mkstemp creates the file 0600; linking it into place is atomic and never replaces a token that a
+        # concurrent raytp made first, so no process ever reads a partial or world-readable token
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{TOKEN_FILE}.")
         try:
-            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
-        except (ConnectionError, RuntimeError, ValueError) as e:
-            raise UserError(f"cannot reach the Ray cluster at --address {address!r}: {e}") from None
-    else:
-        cpu_ranks = sum(d.kind == "cpu" for d in parse_devices(devices_spec)) if not is_auto(devices_spec) else 1
-        # address="local": always a fresh cluster of our own, never one another process left running
-        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, cpu_ranks), include_dashboard=False,
-                 logging_level=logging.WARNING, log_to_driver=False)
+            os.write(fd, os.urandom(32).hex().encode())
+            os.close(fd)
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(tmp)
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise UserError(f"the Ray token {path} is readable by others (mode {mode:o}); chmod 600 {path}")
+    return path
+
+
+@contextmanager
+def local_ray_environment():
+    """Environment for a Ray of our own: token authentication with raytp's token, every socket on 127.0.0.1.
+
+    Ray reads both settings from the environment (its processes inherit it) and, in this process, when `ray` is
+    imported: `raytp` imports it after this, but a caller that imported it before (tests calling main()) gets
+    Ray's cached config refreshed the way Ray's own `ray.init` does when it turns token auth on. Restored on exit,
+    so a later join of another cluster in this process sees the caller's settings."""
+    settings = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(ray_token_file()), "RAY_AUTH_TOKEN": None,
+                # Ray's switch for single-machine clusters: the node address is 127.0.0.1, so every gRPC server,
+                # agent and worker binds loopback only
+                "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    saved = {k: os.environ.get(k) for k in settings}
+
+    def apply(values: dict) -> None:
+        for k, v in values.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        if "ray" in sys.modules:
+            from ray._private import ray_constants
+            from ray._raylet import Config
+
+            Config.initialize("")
+            ray_constants.ENABLE_RAY_CLUSTER = os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "1") != "0"
+
+    apply(settings)
     try:
         yield
     finally:
-        ray.shutdown()
+        apply(saved)
+
+
+def _drop_ray_worker_died_lines() -> None:
+    """Keep Ray's error stream but drop its RAY_WORKER_DIED reports. Ray prints that stream from a thread of its
+    own with no filter hook, so its printer is wrapped (once per process: main() may run more than once)."""
+    from ray._private import worker
+
+    if getattr(worker.print_to_stdstream, "drops_worker_died", False):
+        return
+    original = worker.print_to_stdstream
+
+    def print_to_stdstream(data, ignore_prefix):
+        lines = [line for line in data["lines"] if not line.startswith(RAY_WORKER_DIED)]
+        if lines:
+            original({**data, "lines": lines}, ignore_prefix)
+
+    print_to_stdstream.drops_worker_died = True
+    worker.print_to_stdstream = print_to_stdstream
+
+
+@contextmanager
+def ray_session(address: str | None, devices_spec: str):
+    """Join `address` as its owner set it up, or start a local Ray (loopback only, token auth) with enough CPU
+    slots for every cpu rank."""
+    with ExitStack() as local:
+        if address:
+            import ray
+
+            print(f"raytp: joining the Ray cluster at {address}", file=sys.stderr)
+            _check_reachable(address)
+            try:
+                ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+            except (ConnectionError, RuntimeError, ValueError) as e:
+                raise UserError(f"cannot reach the Ray cluster at --address {address!r}: {e}") from None
+        else:
+            local.enter_context(local_ray_environment())
+            import ray
+
+            print(f"raytp: starting Ray (local, 127.0.0.1 only, token auth: {os.environ['RAY_AUTH_TOKEN_PATH']})",
+                  file=sys.stderr)
+            cpu_ranks = sum(d.kind == "cpu" for d in parse_devices(devices_spec)) if not is_auto(devices_spec) else 1
+            # address="local": always a fresh cluster of our own, never one another process left running
+            ray.init(address="local", num_cpus=max(os.cpu_count() or 1, cpu_ranks), include_dashboard=False,
+                     logging_level=logging.WARNING, log_to_driver=False)
+        _drop_ray_worker_died_lines()
+        try:
+            yield
+        finally:
+            ray.shutdown()
 
 
 @contextmanager
@@ -215,10 +318,8 @@ def running_driver(args):
 
     from raytp.actors.driver import DriverActor
     from raytp.actors.group import GroupSettings
-    from raytp.weights.source import ModelSource
 
-    # pull here, with a progress bar the user sees, and fail on a broken model before any actor starts
-    ModelSource.parse(args.model).check()
+    started = time.monotonic()
     settings = GroupSettings(model=args.model, devices=_devices(args.devices), dtype=args.dtype, comm=args.comm,
                              max_context=args.max_context, max_batch=args.max_batch, progress=False)
     # RAYTP_* settings (e.g. RAYTP_CHECK_IDENTICAL) must reach the driver, and through it the ranks, also on a
@@ -226,14 +327,39 @@ def running_driver(args):
     env = {k: v for k, v in os.environ.items() if k.startswith("RAYTP_")}
     driver = DriverActor.options(runtime_env={"env_vars": env}).remote(settings)
     try:
-        info = ray.get(driver.start.remote())
-        print(f"raytp: {len(info['ranks'])} ranks, all-reduce {info['backend']}", file=sys.stderr)
+        start = driver.start.remote()
+        while not ray.wait([start], timeout=0.5)[0]:  # the driver's phases (placing, loading) as they happen
+            _print_driver_logs(driver)
+        info = ray.get(start)
+        _print_driver_logs(driver)
+        print(f"raytp: ready in {time.monotonic() - started:.0f} s: {len(info['ranks'])} ranks, all-reduce "
+              f"{info['backend']}", file=sys.stderr)
         yield driver, info
     finally:
         try:
             ray.get(driver.shutdown.remote(), timeout=30)
         except Exception:  # noqa: BLE001 - the driver may be what failed; ray.shutdown cleans up after it
             pass
+
+
+def _print_driver_logs(driver, timeout: float = 60) -> None:
+    """Print the driver's `raytp` log lines since the last call; DriverDied when the driver is gone, or hung for
+    `timeout` (its event loop answers in milliseconds: the heavy work runs in the ranks and in threads)."""
+    import ray
+
+    try:
+        lines = ray.get(driver.take_logs.remote(), timeout=timeout)
+    except ray.exceptions.GetTimeoutError:
+        raise DriverDied(f"the driver actor did not answer within {timeout:.0f} s") from None
+    except ray.exceptions.RayActorError as e:
+        raise DriverDied(f"the driver actor died ({_first_line(e)})") from None
+    for line in lines:
+        print(f"raytp: {line}", file=sys.stderr, flush=True)
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
 
 
 def _sampling(args) -> dict:
@@ -362,9 +488,7 @@ def cmd_bench(args) -> None:
     for spec in specs:  # a typo fails now, not after the configurations before it ran
         if not is_auto(spec):
             parse_devices(spec)
-    source = ModelSource.parse(args.model)
-    source.check()
-    config = source.config()
+    config = ModelSource.parse(args.model).config()  # checked before Ray by _check_args
     widest = max(specs, key=lambda s: 1 if is_auto(s) else sum(d.kind == "cpu" for d in parse_devices(s)))
     with ray_session(args.address, widest):
         sweep = Sweep(model=args.model, device_sets=tuple((s, _devices(s)) for s in specs), comms=tuple(comms),
@@ -405,27 +529,42 @@ def cmd_bench(args) -> None:
 
 
 def _check_port(host: str, port: int) -> None:
-    """Fail in seconds, not after loading the model, when the port is taken."""
+    """Fail in seconds, not after loading the model, when the host is not this machine's or the port is taken."""
     from raytp.serving.openai_api import listen_socket
 
     if not 0 < port < 65536:
         raise UserError(f"--port must be in 1..65535, got {port}")
     try:
         listen_socket(host, port).close()
+    except socket.gaierror as e:
+        raise UserError(f"--host {host!r} is not an address ({e.strerror}); give one of this machine's addresses, "
+                        "e.g. 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)") from None
     except OSError as e:
+        if e.errno == errno.EADDRNOTAVAIL:
+            raise UserError(f"--host {host!r} is not an address of this machine; give one of its own, e.g. "
+                            "127.0.0.1 (this machine only) or 0.0.0.0 (every interface)") from None
         raise UserError(f"cannot listen on {host}:{port} ({e.strerror}); is another server using port {port}? "
                         f"Choose another with --port") from None
+
+
+def _api_key(args) -> str | None:
+    """--api-key-file's first line, else --api-key (or $RAYTP_API_KEY)."""
+    if args.api_key_file is None:
+        return args.api_key
+    try:
+        lines = Path(args.api_key_file).read_text().splitlines()
+    except OSError as e:
+        raise UserError(f"cannot read --api-key-file {args.api_key_file!r} ({e.strerror})") from None
+    key = lines[0].strip() if lines else ""
+    if not key:
+        raise UserError(f"--api-key-file {args.api_key_file!r} is empty; put the key on its first line")
+    return key
 
 
 def cmd_serve(args) -> None:
     import signal
     import threading
 
-    import ray
-
-    if args.max_queue < 0:
-        raise UserError(f"--max-queue must be >= 0, got {args.max_queue}")
-    _check_port(args.host, args.port)
     stop = threading.Event()
 
     def on_signal(*_):
@@ -433,7 +572,11 @@ def cmd_serve(args) -> None:
             raise KeyboardInterrupt
         stop.set()
 
+    # until the server is up, SIGTERM interrupts start-up the way Ctrl-C does, so the cleanup below still runs
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     with ray_session(args.address, args.devices), running_driver(args) as (driver, info):
+        import ray
+
         url = ray.get(driver.serve.remote(args.host, args.port, args.api_key, args.max_queue))
         print(info["plan_table"], file=sys.stderr)
         print(f"raytp: serving {args.model}: web chat {url} , OpenAI API {url}v1 ; Ctrl-C stops", file=sys.stderr)
@@ -441,7 +584,7 @@ def cmd_serve(args) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, on_signal)
         while not stop.wait(1.0):
-            pass
+            _print_driver_logs(driver)  # also the liveness check: a dead driver ends `serve` within seconds
         print("raytp: shutting down", file=sys.stderr)
 
 
@@ -449,8 +592,70 @@ COMMANDS = {"pull": cmd_pull, "plan": cmd_plan, "generate": cmd_generate, "chat"
             "serve": cmd_serve}
 
 
+def _check_model(model: str) -> None:
+    """Refuse a --model that cannot be loaded before Ray starts (config, tokenizer, safetensors headers, every
+    tensor's shape; no weights read); `smollm2` is pulled here, with a progress bar the user sees, before any
+    actor needs it."""
+    from raytp.weights.source import ModelSource
+
+    try:
+        ModelSource.parse(model).check()
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def _check_devices_fit_here(spec: str) -> None:
+    """Refuse a device spec this machine cannot host, for a local Ray (a joined cluster may have more)."""
+    devices = parse_devices(spec)
+    cpus = [d for d in devices if d.kind == "cpu"]
+    cores = os.cpu_count() or 1
+    if len(cpus) > CPU_RANKS_PER_CORE * cores:
+        raise UserError(f"--devices {spec!r} asks for {len(cpus)} cpu ranks; this machine has {cores} CPU cores and "
+                        f"a local Ray runs at most {CPU_RANKS_PER_CORE} ranks per core ({CPU_RANKS_PER_CORE * cores}); "
+                        "use fewer cpu ranks, or --address to join a cluster with more")
+    capped = sum(d.mem_bytes for d in cpus if d.mem_bytes is not None)
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if capped > total:
+        raise UserError(f"--devices {spec!r} gives its cpu ranks {format_bytes(capped)} in all, this machine has "
+                        f"{format_bytes(total)} of memory; lower the @MEM caps")
+
+
+def _check_args(args) -> None:
+    """Check every argument before Ray starts: a mistake costs a second, not a cluster start-up and a model load.
+
+    Cheapest first: the sampling and model checks import torch, the model check may download smollm2."""
+    if not hasattr(args, "devices"):  # `pull`
+        return
+    if args.command == "serve":
+        if args.max_queue < 0:
+            raise UserError(f"--max-queue must be >= 0, got {args.max_queue}")
+        args.api_key = _api_key(args)  # read once, here: a missing file fails now
+        _check_port(args.host, args.port)
+    if args.max_context < 1:
+        raise UserError(f"--max-context must be >= 1, got {args.max_context}")
+    specs = [s.strip() for s in (getattr(args, "devices_sweep", None) or args.devices).split(";") if s.strip()]
+    for spec in specs:
+        if not is_auto(spec):
+            parse_devices(spec)
+            if args.command != "plan" and not args.address:
+                _check_devices_fit_here(spec)
+    if hasattr(args, "temperature"):
+        if args.max_tokens >= args.max_context:
+            raise UserError(f"--max-tokens {args.max_tokens} does not fit in --max-context {args.max_context}, "
+                            "which also holds the prompt; lower --max-tokens or raise --max-context")
+        from raytp.runtime.sampling import SamplingParams
+
+        try:
+            SamplingParams(**_sampling(args))  # the rules live there alone; its message names the value
+        except ValueError as e:
+            raise UserError(str(e)) from None
+    _check_model(args.model)
+
+
 def _user_message(e: BaseException) -> str | None:
     """The one-line message of an error caused by the input, unwrapping Ray's task errors; else None."""
+    if isinstance(e, (UserError, DeviceSpecError)):  # before the imports below, which take seconds
+        return str(e).strip()
     from raytp.actors.group import ClusterError
     from raytp.parallel.comm import CommError
     from raytp.model.config import UnsupportedModelError
@@ -459,7 +664,7 @@ def _user_message(e: BaseException) -> str | None:
     cause = getattr(e, "cause", None)
     if cause is not None and cause is not e:
         return _user_message(cause)
-    if isinstance(e, (UserError, DeviceSpecError, ValueError, ClusterError, CommError, UnsupportedModelError,
+    if isinstance(e, (ValueError, ClusterError, CommError, UnsupportedModelError,
                       CheckpointError, FileNotFoundError, RuntimeError)) and not isinstance(e, NotImplementedError):
         return str(e).strip()
     return None
@@ -469,9 +674,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="raytp: %(message)s", stream=sys.stderr)
     try:
+        _check_args(args)
         COMMANDS[args.command](args)
     except KeyboardInterrupt:
         return 130
+    except DriverDied as e:
+        print(f"raytp: error: {e}", file=sys.stderr)
+        return 1
     except Exception as e:  # noqa: BLE001 - input errors become one line; anything else keeps its traceback
         message = _user_message(e)
         if message is None:

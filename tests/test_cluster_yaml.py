@@ -64,3 +64,16 @@ def test_broken_copies_fail_validation(schema, config, breakage):
         broken["available_node_types"][worker]["resources"]["a10g_or_a100"] = 0.5
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(broken, schema)
+
+
+def test_every_node_uses_token_auth_and_the_dashboard_stays_on_the_head(config):
+    """Ray without authentication runs code for anyone who reaches its ports: every `ray start` turns token auth
+    on, with the token copied to every node, and the dashboard listens on the head's loopback (reached through
+    `ray dashboard`'s SSH tunnel)."""
+    starts = [c for c in config["head_start_ray_commands"] + config["worker_start_ray_commands"]
+              if "ray start" in c]
+    assert len(starts) == 2
+    assert all("RAY_AUTH_MODE=token ray start" in c for c in starts), starts
+    assert any(target.endswith("/.ray/auth_token") for target in config["file_mounts"]), config["file_mounts"]
+    head = next(c for c in starts if "--head" in c)
+    assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in head, head

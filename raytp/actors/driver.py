@@ -11,6 +11,7 @@ down and built again, and the next request runs on the new group.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 import uuid
@@ -29,6 +30,19 @@ log = logging.getLogger("raytp")
 
 
 MAX_QUEUE = 64  # streams that may wait for a cache slot beyond the max_batch running ones; `serve` sets it
+LOG_LINES = 1000  # `raytp` log lines kept for the CLI between two `take_logs`; older ones are dropped
+
+
+class LogTail(logging.Handler):
+    """Keeps this process's `raytp` log lines for the CLI: Ray's log_to_driver stays off (it would also carry
+    Ray's own worker noise), so the CLI fetches these with `take_logs` once a second instead."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines: collections.deque[str] = collections.deque(maxlen=LOG_LINES)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
 
 
 class Driver:
@@ -46,6 +60,9 @@ class Driver:
         self._closing = False
         self.max_queue = MAX_QUEUE
         self._http = None  # the HTTP server `serve` runs in this actor's event loop
+        self._log_tail = LogTail()
+        log.addHandler(self._log_tail)
+        log.setLevel(logging.INFO)  # the phases are INFO: made whatever level Ray gave this process's root logger
 
     # ---- group lifecycle ---------------------------------------------------------------------------------
 
@@ -107,6 +124,12 @@ class Driver:
         if self.group is not None:
             await asyncio.to_thread(self.group.shutdown)
             self.group = None
+        log.removeHandler(self._log_tail)
+
+    def take_logs(self) -> list[str]:
+        """The `raytp` log lines since the last call. The CLI calls it once a second: it is also the liveness ping."""
+        tail = self._log_tail.lines
+        return [tail.popleft() for _ in range(len(tail))]  # popleft, not copy-and-clear: the group logs from a thread
 
     def info(self) -> dict:
         g = self.group

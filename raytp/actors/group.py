@@ -88,6 +88,7 @@ class WorkerGroup:
         self._check_resources()
         gpu = self.gpu_share = self._gpu_share()
         bundles = [{"GPU": gpu} if d.kind == "cuda" else {"CPU": 1} for d in s.devices]
+        log.info("placing %d ranks", len(bundles))
         self.pg = placement_group(bundles, strategy="PACK")
         try:
             ray.get(self.pg.ready(), timeout=60)
@@ -107,6 +108,7 @@ class WorkerGroup:
         self.plan = plan_shards(self.config, self._budgets(), max_context=s.max_context, max_batch=s.max_batch,
                                 dtype=s.dtype)
         self._open_comm()
+        log.info("loading weights%s", " and capturing CUDA graphs" if any(d.kind == "cuda" for d in s.devices) else "")
         ray.get([w.load.remote(s.model, self.config, self.plan, s.progress) for w in self.workers])
         self.run_refs = [w.run.remote() for w in self.workers]
 

@@ -1,0 +1,152 @@
+"""Every bad argument is refused before Ray starts: one `raytp: error:` line naming the value, exit status 2, in
+seconds, no traceback. Also the token file a local Ray uses, and the start-up environment around it (no Ray here).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+
+from raytp import cli
+
+SMALL = ["--devices", "cpu@1GiB"]
+LIMIT_S = 3.0
+
+
+def refused(*args: str, extra_s: float = 0.0) -> str:
+    """Run `python -m raytp ARGS`; assert the refusal's shape and speed (LIMIT_S, plus `extra_s` for checks that
+    must import torch); return its one line."""
+    start = time.monotonic()
+    run = subprocess.run([sys.executable, "-m", "raytp", *args], capture_output=True, text=True, timeout=60)
+    elapsed = time.monotonic() - start
+    lines = run.stderr.strip().splitlines()
+    assert run.returncode == 2, run.stderr
+    assert len(lines) == 1 and lines[0].startswith("raytp: error: "), run.stderr
+    assert elapsed < LIMIT_S + extra_s, f"took {elapsed:.1f} s: {run.stderr}"
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def torch_import_s() -> float:
+    """Seconds a fresh Python takes to import torch here: the sampling rules live in a module that imports it, and
+    on a loaded 2-core machine that alone can take longer than LIMIT_S."""
+    start = time.monotonic()
+    subprocess.run([sys.executable, "-c", "import torch"], check=True, timeout=60)
+    return time.monotonic() - start
+
+
+@pytest.mark.parametrize("flag, value, named", [
+    ("--temperature", "-1", "-1"),
+    ("--top-p", "2", "2"),
+    ("--top-k", "-3", "-3"),
+    ("--repetition-penalty", "0", "0"),
+    ("--max-tokens", "0", "0"),
+])
+def test_bad_sampling_argument(flag, value, named, torch_import_s):
+    line = refused("generate", "--prompt", "hi", *SMALL, flag, value, extra_s=torch_import_s)
+    assert f"got {named}" in line, line
+
+
+def test_max_tokens_beyond_the_context_is_refused_not_clamped():
+    line = refused("generate", "--prompt", "hi", *SMALL, "--max-tokens", "300", "--max-context", "256")
+    assert "--max-tokens 300" in line and "--max-context 256" in line, line
+
+
+def test_more_cpu_ranks_than_this_machine_runs():
+    n = cli.CPU_RANKS_PER_CORE * (os.cpu_count() or 1) + 1
+    line = refused("chat", "--devices", f"cpu*{n}")
+    assert f"{n} cpu ranks" in line and f"{os.cpu_count()} CPU cores" in line, line
+
+
+def test_cpu_caps_beyond_this_machines_memory():
+    total_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    each = int(total_gib) + 1
+    line = refused("generate", "--prompt", "hi", "--devices", f"cpu@{each}GiB,cpu@1GiB")
+    assert f"{each + 1:.2f} GiB" in line and "of memory" in line, line
+
+
+def test_a_joined_cluster_is_not_measured_against_this_machine(monkeypatch):
+    """With --address the ranks may live on other nodes: only the syntax is checked here."""
+    args = cli.build_parser().parse_args(["generate", "--prompt", "hi", "--devices", "cpu*999", "--address",
+                                          "10.0.0.1:6379", "--model", "synthetic:tiny"])
+    monkeypatch.setattr(cli, "_check_model", lambda model: None)
+    cli._check_args(args)
+
+
+@pytest.mark.parametrize("host", ["999.1.1.1", "no-such-host.invalid"])
+def test_host_that_is_not_an_address(host):
+    line = refused("serve", *SMALL, "--host", host)
+    assert repr(host) in line and "--host" in line and "another server" not in line, line
+
+
+def test_host_of_another_machine():
+    line = refused("serve", *SMALL, "--host", "192.0.2.77")  # TEST-NET-1: never this machine's
+    assert "'192.0.2.77' is not an address of this machine" in line, line
+
+
+def test_taken_port_keeps_its_message():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        line = refused("serve", *SMALL, "--port", str(port))
+    assert "another server" in line and str(port) in line, line
+
+
+@pytest.mark.parametrize("model", ["/nonexistent/model", "{tmp}"])
+def test_model_that_is_not_a_model_directory(tmp_path, model, torch_import_s):
+    model = model.format(tmp=tmp_path)  # an existing directory without config.json
+    line = refused("generate", "--prompt", "hi", *SMALL, "--temperature", "0", "--model", model,
+                   extra_s=torch_import_s)
+    assert model in line, line
+
+
+def test_api_key_file(tmp_path):
+    line = refused("serve", *SMALL, "--api-key-file", str(tmp_path / "missing"))
+    assert "missing" in line and "--api-key-file" in line, line
+    (tmp_path / "empty").write_text("\n")
+    assert "is empty" in refused("serve", *SMALL, "--api-key-file", str(tmp_path / "empty"))
+    (tmp_path / "key").write_text("sk-from-file\n")
+    args = cli.build_parser().parse_args(["serve", "--api-key-file", str(tmp_path / "key")])
+    assert cli._api_key(args) == "sk-from-file"
+
+
+def test_token_file_is_made_once_private(tmp_path, monkeypatch):
+    monkeypatch.setenv("RAYTP_HOME", str(tmp_path / "home"))
+    old = os.umask(0)  # the file must be 0600 whatever the umask
+    try:
+        path = cli.ray_token_file()
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    token = path.read_text()
+    assert len(token) == 64 and cli.ray_token_file().read_text() == token  # made once, then reused
+    assert [p.name for p in path.parent.iterdir()] == [cli.TOKEN_FILE]  # no temporary file left behind
+
+
+def test_token_file_readable_by_others_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("RAYTP_HOME", str(tmp_path))
+    (tmp_path / cli.TOKEN_FILE).write_text("x" * 64)
+    (tmp_path / cli.TOKEN_FILE).chmod(0o644)
+    with pytest.raises(cli.UserError, match="chmod 600"):
+        cli.ray_token_file()
+
+
+def test_local_ray_environment_is_restored(tmp_path, monkeypatch):
+    """Token auth and loopback for our own Ray only: a later join of someone else's cluster sees the caller's
+    settings again."""
+    monkeypatch.setenv("RAYTP_HOME", str(tmp_path))
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "someone-elses")
+    with cli.local_ray_environment():
+        assert os.environ["RAY_AUTH_MODE"] == "token"
+        assert os.environ["RAY_AUTH_TOKEN_PATH"] == str(tmp_path / cli.TOKEN_FILE)
+        assert "RAY_AUTH_TOKEN" not in os.environ
+    assert os.environ["RAY_AUTH_MODE"] == "disabled" and os.environ["RAY_AUTH_TOKEN"] == "someone-elses"
+    assert "RAY_AUTH_TOKEN_PATH" not in os.environ
