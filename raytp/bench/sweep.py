@@ -43,6 +43,7 @@ import torch
 
 from raytp.actors.group import ClusterError, GroupSettings, WorkerGroup, choose_backend
 from raytp.actors.worker import MemoryBudgetError
+from raytp.bench import microbench
 from raytp.model.config import ModelConfig
 from raytp.parallel.devices import DeviceSpec
 from raytp.runtime.engine import Request
@@ -66,8 +67,10 @@ class _BenchGroup(WorkerGroup):
     def _open_comm(self) -> None:
         super()._open_comm()
         wire = self.settings.dtype
-        self.allreduce = ray.get([w.bench_allreduce.remote(self.sizes, self.iters, wire) for w in self.workers])
-        self.bandwidth = ray.get([w.bench_bandwidth.remote(self.bandwidth_bytes) for w in self.workers])
+        self.allreduce = ray.get([w.on_rank.remote(microbench.allreduce_us, self.sizes, self.iters, wire)
+                                  for w in self.workers])
+        self.bandwidth = ray.get([w.on_rank.remote(microbench.copy_bandwidth, self.bandwidth_bytes)
+                                  for w in self.workers])
 
 
 def random_requests(batch: int, prompt_len: int, decode_tokens: int, vocab: int, tag: str) -> list[Request]:
