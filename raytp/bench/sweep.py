@@ -47,6 +47,7 @@ from raytp.bench import microbench
 from raytp.model.config import ModelConfig
 from raytp.parallel.devices import DeviceSpec
 from raytp.runtime.engine import Request
+from raytp.runtime.options import RuntimeOptions
 from raytp.parallel.plan import DTYPE_BYTES, PlanError, ShardPlan
 from raytp.runtime.sampling import SamplingParams
 
@@ -178,7 +179,8 @@ def run_bench(settings: GroupSettings, config: ModelConfig, *, batches: list[int
         sizes = [str(n) for n in allreduce_sizes]
         return {
             "model": settings.model, "devices": [str(d) for d in settings.devices], "backend": group.backend,
-            "dtype": settings.dtype, "prompt_len": prompt_len, "decode_tokens": decode_tokens, "repeats": repeats,
+            "dtype": settings.dtype, "options": asdict(settings.options), "prompt_len": prompt_len,
+            "decode_tokens": decode_tokens, "repeats": repeats,
             "build_s": build_s, "nodes": len({r["node_id"] for r in group.ranks}),
             "ranks": group.ranks, "plan": group.plan.to_dict(),
             "bandwidth_bytes_per_s": group.bandwidth,
@@ -214,6 +216,7 @@ class Sweep:
     max_batch: int = 0  # likewise at least the largest batch
     allreduce_sizes: tuple[int, ...] = ALLREDUCE_SIZES
     allreduce_iters: int = 200
+    options: RuntimeOptions = RuntimeOptions()  # the same run-time switches in every configuration
 
     @property
     def size(self) -> int:
@@ -267,7 +270,7 @@ def run_sweep(sweep: Sweep, config: ModelConfig, *, on_row: Callable[[dict], Non
                 settings = GroupSettings(
                     model=sweep.model, devices=devices, dtype=sweep.dtype, comm=comm,
                     max_context=max(sweep.max_context, prompt_len + sweep.decode_tokens + 1),
-                    max_batch=max(sweep.max_batch, *sweep.batches), progress=False)
+                    max_batch=max(sweep.max_batch, *sweep.batches), progress=False, options=sweep.options)
                 try:
                     _check_devices(devices, comm)
                     res = run_bench(settings, config, batches=list(sweep.batches), prompt_len=prompt_len,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 
 @dataclass(frozen=True)
@@ -40,3 +40,17 @@ class RuntimeOptions:
                    cuda_graphs=environ.get("RAYTP_CUDA_GRAPHS", "1") != "0",
                    gpu_hoststaged=environ.get("RAYTP_GPU_HOSTSTAGED", "1") != "0",
                    check_identical=environ.get("RAYTP_CHECK_IDENTICAL", "0") == "1")
+
+    def flags(self) -> list[str]:
+        """The CLI flags that give these options whatever the environment says (for reproducible commands)."""
+        return [FLAGS[f.name][0] for f in fields(self) if getattr(self, f.name) != f.default]
+
+
+# Each field's CLI flag, which sets it to the opposite of its default, and the flag's help.
+FLAGS = {
+    "triton": ("--no-triton", "run the torch version of every kernel, also on GPUs (debugging, comparing the two)"),
+    "cuda_graphs": ("--no-cuda-graphs", "decode eagerly on GPUs instead of replaying CUDA graphs"),
+    "gpu_hoststaged": ("--no-gpu-hoststaged", "GPU ranks drive the host-staged all-reduce from the CPU, not a kernel"),
+    "check_identical": ("--check-identical", "check after every all-reduce that all ranks hold identical bits "
+                        "(slow: for tests)"),
+}
