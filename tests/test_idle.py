@@ -45,7 +45,8 @@ def test_idle_server_leaves_the_cores_alone(smollm2_dir, tmp_path):
         deadline = time.monotonic() + 300
         while True:
             assert proc.poll() is None, f"raytp serve exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"raytp serve did not answer within 300 s:\n{log_path.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, \
+                f"raytp serve did not answer within 300 s:\n{log_path.read_text()[-3000:]}"
             try:
                 if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
                     break

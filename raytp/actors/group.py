@@ -177,8 +177,12 @@ class WorkerGroup:
         opened = on(list(range(len(self.workers))), "finish")
         self.backend = opened[0]["backend"]
         log.info("all-reduce backend: %s (%s)", self.backend, opened[0]["why"] or why)
-        for note in dict.fromkeys(n for o in opened for n in o["notes"]):  # each reason once, in rank order
-            log.warning("%s", note)
+        ranks_by_note: dict[str, list[int]] = {}
+        for rank, o in enumerate(opened):
+            for note in o["notes"]:
+                ranks_by_note.setdefault(note, []).append(rank)
+        for note, ranks in ranks_by_note.items():  # each reason once, however many ranks it holds for
+            log.warning("ranks %s: %s", ranks, note)
 
     def shutdown(self, graceful: bool = True) -> None:
         """Stop the loop (if `graceful`), then end every actor and free the placement group. Idempotent.

@@ -84,7 +84,7 @@ class GroupOpening:
         self.node = next(i for i, ranks in enumerate(plan.node_ranks) if rank in ranks)
         self.segment: SharedSegment | None = None
         self.comm: Communicator | None = None
-        self.notes: list[str] = []  # backends that could not run here, and why
+        self.notes: list[str] = []  # backends that cannot run on this rank, and what every rank does instead
 
     def step(self, phase: str) -> dict | None:
         """Run `phase` (see the module docstring); `finish` returns {"backend", "why", "notes"}."""
@@ -153,8 +153,8 @@ class GroupOpening:
             gpu = GpuHostStagedCommunicator(cpu, self.device, timeout_s=self.plan.timeout_s)
         except (ValueError, CommError) as e:  # too many ranks for the kernel, cudaHostRegister refused
             gpu = None
-            self.notes.append(f"rank {self.rank}: the GPU host-staged kernel cannot run ({e}); "
-                              "every rank uses the CPU-driven host-staged path")
+            self.notes.append(f"the GPU host-staged kernel cannot run ({e}); every rank uses the CPU-driven "
+                              "host-staged path")
         if self._all_ranks_can(gpu is not None):
             return gpu
         if gpu is not None:
@@ -167,7 +167,7 @@ class GroupOpening:
         p, small = self.plan, self.comm
         why_not = nccl_unavailable()
         if why_not:
-            self.notes.append(f"rank {self.rank}: {why_not}; every rank uses host-staged at every size")
+            self.notes.append(f"{why_not}; every rank uses host-staged at every size")
         if not self._all_ranks_can(why_not is None):
             return "hoststaged", "NCCL cannot run on every rank: host-staged at every size"
         hoststaged = self._slowest(time_allreduce(small, self.device, AUTO_SIZES, AUTO_ITERS, p.dtype))
