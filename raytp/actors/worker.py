@@ -74,7 +74,7 @@ class Worker:
     def open_comm(self, phase: str, plan: CommPlan) -> dict | None:
         """One phase of opening this rank's communicator; the group drives the phases over the ranks
         (raytp.parallel.comm.factory). `finish` leaves the communicator in `self.comm`."""
-        if self._opening is None:
+        if phase in ("create", "attach"):  # a rank's first phase: a new opening, whatever an earlier one left
             self._opening = open_group(plan, self.rank, self.device)
         opened = self._opening.step(phase)
         if phase == "finish":
