@@ -59,7 +59,7 @@ class HostStagedCommunicator(Communicator):
         YIELD_S hands the core to a peer that still computes when ranks outnumber cores (12 ranks on 2 cores).
         Past that the wait is long (an idle server between requests, a much slower peer): sleep, each nap an
         eighth of the time waited so far, so a late peer is noticed at most ~12% late, capped at MAX_NAP_S so
-        an idle rank wakes about a thousand times a second and costs about 1% of a core."""
+        an idle rank wakes about a thousand times a second, about 2% of a core."""
         spins = 0
         started = None
         while (self._flags < seq).any():
