@@ -69,8 +69,8 @@ class IdentityCheckingCommunicator(Communicator):
     """Debug wrapper: after every all-reduce, checks that all ranks hold bit-identical results.
 
     Enabled with RuntimeOptions.check_identical (`--check-identical`). Each rank hashes its result and the
-    hashes are gathered; one
-    differing byte anywhere raises. Costs an extra collective per all-reduce, so it is for tests only.
+    hashes are gathered; one differing byte anywhere raises. Costs an extra collective per all-reduce, so it is
+    for tests only.
     """
 
     def __init__(self, inner: Communicator):
