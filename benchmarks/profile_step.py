@@ -12,8 +12,10 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from raytp.kernels.dispatch import set_triton
 from raytp.parallel.comm.hoststaged_gpu import GpuHostStagedCommunicator
 from raytp.runtime.engine import RankEngine, Request
+from raytp.runtime.options import RuntimeOptions
 from raytp.model.graphs import GraphedDecode
 from raytp.model.llama import ShardedLlama
 from raytp.parallel.plan import plan_shards
@@ -25,6 +27,7 @@ parser = argparse.ArgumentParser()
 parser.add_argument("model", nargs="?", default="synthetic:llama-3.1-8b")
 parser.add_argument("--context", type=int, default=2048, help="max context (the span a graph's attention reads)")
 args = parser.parse_args()
+set_triton(RuntimeOptions.from_env().triton)  # RAYTP_TRITON=0 (benchmarks/gpu_run4.sh) times the torch kernels
 
 source = ModelSource.parse(args.model)
 config = source.config()

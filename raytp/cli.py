@@ -63,6 +63,30 @@ def _runtime_args(p: argparse.ArgumentParser) -> None:
                    help="all-reduce backend; auto logs what it chose and why (default: auto)")
     p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
                    help="Ray cluster to join (default: $RAY_ADDRESS, else start a local one)")
+    _option_args(p)
+
+
+def _option_args(p: argparse.ArgumentParser) -> None:
+    """The run-time switches of every command that runs a model, collected in `args.options` (a RuntimeOptions);
+    each flag's default comes from its RAYTP_* variable (raytp.runtime.options)."""
+    from dataclasses import fields, replace
+
+    from raytp.runtime.options import FLAGS, RuntimeOptions
+
+    class Switch(argparse.Action):
+        def __init__(self, option_strings, dest, value, **kw):
+            super().__init__(option_strings, dest="options", nargs=0, **kw)
+            self.field, self.value = dest, value
+
+        def __call__(self, parser, namespace, values, option_string=None):
+            namespace.options = replace(namespace.options, **{self.field: self.value})
+
+    g = p.add_argument_group("run-time options (defaults from RAYTP_TRITON, RAYTP_CUDA_GRAPHS, RAYTP_GPU_HOSTSTAGED, "
+                             "RAYTP_CHECK_IDENTICAL)")
+    for f in fields(RuntimeOptions):
+        flag, why = FLAGS[f.name]
+        g.add_argument(flag, action=Switch, dest=f.name, value=not f.default, help=why)
+    p.set_defaults(options=RuntimeOptions.from_env())  # after the flags: it also becomes their default
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -127,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "hoststaged, gloo, nccl; auto logs what it chose and why (default: auto)")
     p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
                    help="Ray cluster to join (default: $RAY_ADDRESS, else start a local one)")
+    _option_args(p)
     p.add_argument("--batch", default="1,8", help="comma-separated batch sizes (default: 1,8)")
     p.add_argument("--prompt-len", default="128", help="comma-separated prompt lengths in tokens (random ids; "
                    "default: 128)")
@@ -321,11 +346,9 @@ def running_driver(args):
 
     started = time.monotonic()
     settings = GroupSettings(model=args.model, devices=_devices(args.devices), dtype=args.dtype, comm=args.comm,
-                             max_context=args.max_context, max_batch=args.max_batch, progress=False)
-    # RAYTP_* settings (e.g. RAYTP_CHECK_IDENTICAL) must reach the driver, and through it the ranks, also on a
-    # cluster that was started before this process and does not share its environment
-    env = {k: v for k, v in os.environ.items() if k.startswith("RAYTP_")}
-    driver = DriverActor.options(runtime_env={"env_vars": env}).remote(settings)
+                             max_context=args.max_context, max_batch=args.max_batch, progress=False,
+                             options=args.options)
+    driver = DriverActor.remote(settings)
     try:
         start = driver.start.remote()
         while not ray.wait([start], timeout=0.5)[0]:  # the driver's phases (placing, loading) as they happen
@@ -454,7 +477,8 @@ def _bench_command(args, specs: list[str]) -> str:
     parts = ["raytp", "bench", "--model", args.model, "--devices-sweep" if len(specs) > 1 else "--devices",
              ";".join(specs), "--comm", args.comm, "--dtype", args.dtype, "--batch", args.batch, "--prompt-len",
              args.prompt_len, "--decode-tokens", str(args.decode_tokens), "--repeats", str(args.repeats),
-             "--allreduce-sizes", args.allreduce_sizes, "--allreduce-iters", str(args.allreduce_iters)]
+             "--allreduce-sizes", args.allreduce_sizes, "--allreduce-iters", str(args.allreduce_iters),
+             *args.options.flags()]
     return shlex.join(parts + (["--hf-peer"] if args.hf_peer else []) + (["--out", args.out] if args.out else []))
 
 
@@ -494,7 +518,8 @@ def cmd_bench(args) -> None:
         sweep = Sweep(model=args.model, device_sets=tuple((s, _devices(s)) for s in specs), comms=tuple(comms),
                       batches=tuple(batches), prompt_lens=tuple(prompt_lens), dtype=args.dtype,
                       decode_tokens=args.decode_tokens, repeats=args.repeats, max_context=args.max_context,
-                      max_batch=args.max_batch, allreduce_sizes=tuple(sizes), allreduce_iters=args.allreduce_iters)
+                      max_batch=args.max_batch, allreduce_sizes=tuple(sizes), allreduce_iters=args.allreduce_iters,
+                      options=args.options)
         with tqdm(total=sweep.size, desc="raytp bench", unit="config", file=sys.stderr) as bar:
             def on_row(o):
                 bar.set_postfix_str(f"{o['devices']} {o['comm']} p{o['prompt_len']} b{o['batch']}: {o['status']}")

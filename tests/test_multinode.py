@@ -14,6 +14,7 @@ from ray.cluster_utils import Cluster
 from raytp.actors.driver import DriverActor
 from raytp.actors.group import GroupSettings
 from raytp.parallel.devices import parse_devices
+from raytp.runtime.options import RuntimeOptions
 from tests.util import raytp_segments, transformers_greedy
 
 pytestmark = pytest.mark.slow
@@ -41,10 +42,10 @@ def expected_greedy(smollm2_dir):
 def test_two_nodes_uneven_ranks_match_one_device(two_nodes, smollm2_dir, expected_greedy):
     before = raytp_segments()
     settings = GroupSettings(model="smollm2", devices=tuple(parse_devices("cpu@3GiB,cpu@1GiB,cpu@2GiB,cpu@2GiB")),
-                             dtype="float32", max_batch=1, max_context=256, timeout_s=20, progress=False)
-    # every rank compares its bits with every other rank's after every all-reduce (RAYTP_ vars reach the ranks
-    # from the process that builds the group: here the driver actor)
-    driver = DriverActor.options(runtime_env={"env_vars": {"RAYTP_CHECK_IDENTICAL": "1"}}).remote(settings)
+                             dtype="float32", max_batch=1, max_context=256, timeout_s=20, progress=False,
+                             # every rank compares its bits with every other rank's after every all-reduce
+                             options=RuntimeOptions(check_identical=True))
+    driver = DriverActor.remote(settings)
     try:
         info = ray.get(driver.start.remote())
         assert info["backend"] == "hierarchical"

@@ -6,7 +6,6 @@ Everything here is control plane (a handful of Ray calls per build); tokens neve
 from __future__ import annotations
 
 import logging
-import os
 from collections import Counter
 from dataclasses import dataclass
 
@@ -15,17 +14,15 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from raytp.actors.worker import WorkerActor
+from raytp.parallel.comm.factory import CommPlan
 from raytp.parallel.comm.hierarchical import node_layout
-from raytp.parallel.comm.hoststaged import segment_bytes
-from raytp.parallel.comm.routed import choose_cutoff
-from raytp.parallel.comm.shm import new_segment_name
 from raytp.model.config import ModelConfig
 from raytp.parallel.devices import DeviceSpec, format_bytes
 from raytp.parallel.plan import ShardPlan, plan_shards
+from raytp.runtime.options import RuntimeOptions
 
 log = logging.getLogger("raytp")
 
-AUTO_SIZES = (4096, 16384, 65536, 262144, 1048576)  # elements: decode hidden states up to prefill chunks
 COMM_BACKENDS = ("auto", "hoststaged", "gloo", "nccl", "hierarchical")
 GPU_RESERVE = 0.92  # of a GPU's free memory: the rest is CUDA context, allocator slack, other tenants
 # Keep NVLink multicast off in every rank: on shared hosts it can take GPUs out of service.
@@ -46,6 +43,7 @@ class GroupSettings:
     max_batch: int = 8
     timeout_s: float = 30.0  # a collective waiting longer than this for a peer fails
     progress: bool = True
+    options: RuntimeOptions = RuntimeOptions()  # run-time switches every rank obeys (raytp.runtime.options)
 
 
 def choose_backend(requested: str, devices: tuple[DeviceSpec, ...], nodes: int,
@@ -95,13 +93,12 @@ class WorkerGroup:
         except ray.exceptions.GetTimeoutError:
             raise ClusterError(f"Ray could not place {len(bundles)} ranks ({bundles}) within 60 s") from None
         n_cpu = sum(d.kind == "cpu" for d in s.devices)
-        env = {**RANK_ENV, **{k: v for k, v in os.environ.items() if k.startswith("RAYTP_")}}
         self.workers = [
             WorkerActor.options(
                 num_gpus=gpu if d.kind == "cuda" else 0, num_cpus=0 if d.kind == "cuda" else 1,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
-                runtime_env={"env_vars": env},
-            ).remote(i, d, n_cpu)
+                runtime_env={"env_vars": RANK_ENV},
+            ).remote(i, d, n_cpu, s.options)
             for i, d in enumerate(s.devices)
         ]
         self.ranks = ray.get([w.describe.remote() for w in self.workers])
@@ -154,80 +151,40 @@ class WorkerGroup:
         return budgets
 
     def _open_comm(self) -> None:
+        """Choose the backend, then take every rank through the phases of raytp.parallel.comm.factory."""
         s = self.settings
         layout = node_layout([r["node_id"] for r in self.ranks])
-        self.backend, why = choose_backend(s.comm, s.devices, len(layout), shared_gpus=self.gpu_share < 1)
-        if self.backend == "hoststaged":
-            self._open_hoststaged()
-        elif self.backend == "hierarchical":
-            self._open_hierarchical(layout)
-        elif self.backend == "measured":
-            why = self._open_measured()
-        else:
-            self._open_torchdist(self.backend)
-        log.info("all-reduce backend: %s (%s)", self.backend, why)
-
-    def _open_hoststaged(self) -> None:
-        s, n = self.settings, len(self.workers)
-        name, size = new_segment_name(), segment_bytes(n)
-        ray.get(self.leader.open_hoststaged.remote(name, size, n, True, s.timeout_s))
-        try:
-            ray.get([w.open_hoststaged.remote(name, size, n, False, s.timeout_s) for w in self.workers[1:]])
-        finally:  # mapped everywhere (or failed): either way the name must not outlive this call
-            ray.get(self.leader.unlink_segment.remote())
-        ray.get([w.finish_comm.remote() for w in self.workers])  # GPU ranks: the kernel path
-
-    def _open_torchdist(self, backend: str) -> None:
-        port = ray.get(self.leader.free_port.remote())
-        init = f"tcp://{self.ranks[0]['ip']}:{port}"
-        ray.get([w.open_torchdist.remote(backend, init, len(self.workers), self.settings.timeout_s)
-                 for w in self.workers])
-
-    def _time_allreduce(self) -> dict[int, float]:
-        """Microseconds per all-reduce at each of AUTO_SIZES, on the slowest rank (it sets the pace)."""
-        per_rank = ray.get([w.bench_allreduce.remote(list(AUTO_SIZES), 20, self.settings.dtype)
-                            for w in self.workers])
-        return {n: max(r[n] for r in per_rank) for n in AUTO_SIZES}
-
-    def _open_measured(self) -> str:
-        """Open host-staged and NCCL, time both, route each message size to the faster; returns the why."""
-        self._open_hoststaged()
-        hoststaged = self._time_allreduce()
-        ray.get([w.stash_comm.remote() for w in self.workers])
-        self._open_torchdist("nccl")
-        nccl = self._time_allreduce()
-        cutoff = choose_cutoff(hoststaged, nccl)
-        ray.get([w.route_comm.remote(cutoff) for w in self.workers])
-        if cutoff == 0:
-            self.backend, choice = "nccl", "NCCL at every size"
-        elif cutoff >= max(AUTO_SIZES):
-            self.backend, choice = "hoststaged", "host-staged at every size"
-        else:
-            self.backend, choice = f"hoststaged<={cutoff},nccl", f"host-staged up to {cutoff} elements, NCCL above"
-        timings = ", ".join(f"{n}: {hoststaged[n]:.0f}/{nccl[n]:.0f}" for n in AUTO_SIZES)
-        return f"{choice}; measured us per all-reduce, host-staged/NCCL, by elements: {timings}"
-
-    def _open_hierarchical(self, layout: list[list[int]]) -> None:
-        """One segment per node, made by the node's first rank; the node leaders also join one gloo group."""
-        s = self.settings
-        leaders = [self.workers[ranks[0]] for ranks in layout]
-        names = [new_segment_name() for _ in layout]
+        backend, why = choose_backend(s.comm, s.devices, len(layout), shared_gpus=self.gpu_share < 1)
         init = None
-        if len(layout) > 1:  # the leaders' group meets at node 0's leader, which is rank 0
-            init = f"tcp://{self.ranks[0]['ip']}:{ray.get(self.leader.free_port.remote())}"
-        log.info("nodes and their ranks: %s", "; ".join(
-            f"{self.ranks[ranks[0]]['ip']} ({self.ranks[ranks[0]]['node_id'][:8]}): {ranks}" for ranks in layout))
+        if backend in ("gloo", "nccl", "measured") or (backend == "hierarchical" and len(layout) > 1):
+            init = f"tcp://{self.ranks[0]['ip']}:{ray.get(self.leader.free_port.remote())}"  # meet at rank 0
+        if len(layout) > 1:
+            log.info("nodes and their ranks: %s", "; ".join(
+                f"{self.ranks[ranks[0]]['ip']} ({self.ranks[ranks[0]]['node_id'][:8]}): {ranks}" for ranks in layout))
+        plan = CommPlan.make(backend, layout, init, s.timeout_s, gpu_hoststaged=s.options.gpu_hoststaged,
+                             check_identical=s.options.check_identical, dtype=s.dtype)
+
+        def on(ranks: list[int], phase: str) -> list:
+            return ray.get([self.workers[r].open_comm.remote(phase, plan) for r in ranks])
+
         try:
-            ray.get([w.open_hierarchical.remote(name, layout, True, init, s.timeout_s)
-                     for w, name in zip(leaders, names)])  # at once: the leaders' gloo join waits for all of them
-            ray.get([self.workers[r].open_hierarchical.remote(name, layout, False, None, s.timeout_s)
-                     for ranks, name in zip(layout, names) for r in ranks[1:]])
-        finally:  # every node mapped its segment (or failed): no name may outlive this call
-            for ref in [w.unlink_segment.remote() for w in leaders]:
+            on(plan.creators, "create")  # at once: torch.distributed joins wait for every member
+            on(plan.attachers, "attach")
+        finally:  # every rank mapped its node's segment, or something failed: either way no name may outlive this
+            for ref in [self.workers[r].open_comm.remote("unlink", plan) for r in plan.creators]:
                 try:
                     ray.get(ref)
-                except ray.exceptions.RayError:  # that leader's open failed, and closed its segment itself
+                except ray.exceptions.RayError:  # that rank is gone; the error that matters is already raised
                     pass
+        opened = on(list(range(len(self.workers))), "finish")
+        self.backend = opened[0]["backend"]
+        log.info("all-reduce backend: %s (%s)", self.backend, opened[0]["why"] or why)
+        ranks_by_note: dict[str, list[int]] = {}
+        for rank, o in enumerate(opened):
+            for note in o["notes"]:
+                ranks_by_note.setdefault(note, []).append(rank)
+        for note, ranks in ranks_by_note.items():  # each reason once, however many ranks it holds for
+            log.warning("ranks %s: %s", ranks, note)
 
     def shutdown(self, graceful: bool = True) -> None:
         """Stop the loop (if `graceful`), then end every actor and free the placement group. Idempotent.

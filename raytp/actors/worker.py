@@ -2,8 +2,8 @@
 
 The device is touched only inside the worker's own process, after Ray has set CUDA_VISIBLE_DEVICES, so
 `cuda` here always means the one GPU Ray gave this actor. The driver calls, in order: `describe` (what
-this device really has), `open_comm`, `load` (the shard of the plan), `run` (the token loop; blocks until
-stopped) and, on the leader only, `submit` and `poll_events` while `run` is going.
+this device really has), `open_comm` (once per phase), `load` (the shard of the plan), `run` (the token
+loop; blocks until stopped) and, on the leader only, `submit` and `poll_events` while `run` is going.
 """
 
 from __future__ import annotations
@@ -13,17 +13,20 @@ import platform
 import queue
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 
 import psutil
 import ray
 import torch
 
+from raytp.kernels.dispatch import set_triton
 from raytp.parallel.comm import CommError, Communicator
-from raytp.parallel.comm.base import maybe_check_identical
+from raytp.parallel.comm.factory import CommPlan, GroupOpening, open_group
 from raytp.model.config import ModelConfig
 from raytp.parallel.devices import DeviceSpec, format_bytes
 from raytp.runtime.engine import RankEngine, Request, TokenEvent
+from raytp.runtime.options import RuntimeOptions
 from raytp.model.llama import ShardedLlama
 from raytp.parallel.plan import ShardPlan
 from raytp.runtime.sampling import SamplingParams
@@ -35,14 +38,16 @@ class MemoryBudgetError(RuntimeError):
 
 
 class Worker:
-    def __init__(self, rank: int, device: DeviceSpec, local_ranks: int = 1):
-        self.rank, self.spec = rank, device
+    def __init__(self, rank: int, device: DeviceSpec, local_ranks: int = 1,
+                 options: RuntimeOptions = RuntimeOptions()):
+        self.rank, self.spec, self.options = rank, device, options
+        set_triton(options.triton)  # once for this process, before any kernel runs
         self.device = torch.device("cuda", 0) if device.kind == "cuda" else torch.device("cpu")
         if device.kind == "cpu":
             # Several CPU ranks share one host: split its cores instead of oversubscribing them.
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
         self.comm: Communicator | None = None
-        self._stashed: Communicator | None = None  # set aside while `--comm auto` times a second backend
+        self._opening: GroupOpening | None = None  # between the first and the last phase of open_comm
         self.engine: RankEngine | None = None
         self.events: queue.Queue[TokenEvent] = queue.Queue()
 
@@ -66,51 +71,20 @@ class Worker:
             s.bind(("", 0))
             return s.getsockname()[1]
 
-    def open_hoststaged(self, name: str, size: int, world_size: int, create: bool, timeout_s: float) -> None:
-        from raytp.parallel.comm.hoststaged import HostStagedCommunicator
-        from raytp.parallel.comm.shm import SharedSegment
+    def open_comm(self, phase: str, plan: CommPlan) -> dict | None:
+        """One phase of opening this rank's communicator; the group drives the phases over the ranks
+        (raytp.parallel.comm.factory). `finish` leaves the communicator in `self.comm`."""
+        if phase in ("create", "attach"):  # a rank's first phase: a new opening, whatever an earlier one left
+            self._opening = open_group(plan, self.rank, self.device)
+        opened = self._opening.step(phase)
+        if phase == "finish":
+            self.comm, self._opening = self._opening.comm, None
+        return opened
 
-        segment = (SharedSegment.create if create else SharedSegment.attach)(name, size)
-        self.comm = HostStagedCommunicator(segment, self.rank, world_size, timeout_s=timeout_s)
-
-    def finish_comm(self) -> None:
-        """Once every rank's communicator is open: on GPUs, let the host-staged all-reduce run as a kernel
-        that polls the mapped segment itself (graph-capturable, no CPU in the loop). Collective."""
-        from raytp.parallel.comm.hoststaged import HostStagedCommunicator
-
-        if (self.device.type == "cuda" and isinstance(self.comm, HostStagedCommunicator)
-                and os.environ.get("RAYTP_GPU_HOSTSTAGED", "1") != "0"):
-            from raytp.parallel.comm.hoststaged_gpu import GpuHostStagedCommunicator
-
-            torch.cuda.set_device(self.device)
-            self.comm = GpuHostStagedCommunicator(self.comm, self.device, timeout_s=self.comm.timeout_s)
-
-    def stash_comm(self) -> None:
-        """Set the open communicator aside so a second one can open (`--comm auto` compares two)."""
-        self._stashed, self.comm = self.comm, None
-
-    def route_comm(self, cutoff: int) -> None:
-        """All-reduces up to `cutoff` elements through the stashed communicator, larger ones the current one."""
-        from raytp.parallel.comm.routed import SizeRoutedCommunicator
-
-        self.comm = SizeRoutedCommunicator(self._stashed, self.comm, cutoff)
-        self._stashed = None
-
-    def unlink_segment(self) -> None:
-        """Called once every rank of the node has mapped the segment: from now on no name can leak."""
-        self.comm.segment.unlink()
-
-    def open_torchdist(self, backend: str, init_method: str, world_size: int, timeout_s: float) -> None:
-        from raytp.parallel.comm.torchdist import TorchDistCommunicator
-
-        self.comm = TorchDistCommunicator(backend, init_method, self.rank, world_size, timeout_s)
-
-    def open_hierarchical(self, segment_name: str, node_ranks: list[list[int]], create: bool,
-                          leaders_init: str | None, timeout_s: float) -> None:
-        """Host-staged among this node's ranks, gloo among the node leaders (see raytp.parallel.comm.hierarchical)."""
-        from raytp.parallel.comm.hierarchical import open_hierarchical
-
-        self.comm = open_hierarchical(self.rank, node_ranks, segment_name, create, leaders_init, timeout_s)
+    def on_rank(self, fn: Callable, *args):
+        """`fn(comm, device, *args)` here, e.g. a raytp.bench.microbench measurement. Between `open_comm` and
+        `run` only: the token loop owns the communicator once it starts."""
+        return fn(self.comm, self.device, *args)
 
     # ---- model -----------------------------------------------------------------------------------------
 
@@ -124,7 +98,7 @@ class Worker:
             torch.cuda.set_per_process_memory_fraction(min(1.0, self.spec.mem_bytes / total))
         with ModelSource.parse(model).reader(dtype, self.device, progress=progress,
                                              desc=f"rank {self.rank} loading") as reader:
-            lm = ShardedLlama(config, shard, maybe_check_identical(self.comm), reader,
+            lm = ShardedLlama(config, shard, self.comm, reader,
                               max_batch=plan.max_batch, max_context=plan.max_context)
         used = _tensor_bytes(lm.weights()) + _tensor_bytes([lm.k_cache, lm.v_cache])
         if used > shard.budget_bytes:
@@ -138,14 +112,14 @@ class Worker:
     def run(self) -> None:
         try:
             lm = self.engine.model
-            if self.device.type == "cuda" and lm.comm.graph_safe and os.environ.get("RAYTP_CUDA_GRAPHS", "1") != "0":
+            if self.device.type == "cuda" and lm.comm.graph_safe and self.options.cuda_graphs:
                 from raytp.model.graphs import GraphedDecode
 
                 # captured here, where every rank starts at once (after all loaded): collectives must match
                 self.engine.decode_step = GraphedDecode(lm)
             self.engine.run(self._emit)
         except CommError:
-            self._abort()
+            self.comm.abort()  # peers waiting on this rank fail now, not at their timeout
             raise
         finally:
             self.close()
@@ -154,11 +128,6 @@ class Worker:
         now = time.perf_counter()  # one stamp per step, so benchmarks time steps without Ray's latency
         for e in events:
             self.events.put((now, e))
-
-    def _abort(self) -> None:
-        abort = getattr(self.comm, "abort", None)
-        if abort:
-            abort()
 
     def submit(self, command: tuple) -> None:
         """Leader only: ("add", Request-as-dict) | ("cancel", id) | ("stop",), taken at the next step."""
@@ -184,45 +153,6 @@ class Worker:
         except queue.Empty:
             pass
         return [asdict(e) | {"t": t} for t, e in out]
-
-    # ---- benchmarks (call between open_comm and run: the token loop owns the communicator) -------------------
-
-    def bench_allreduce(self, sizes: list[int], iters: int, dtype: str = "bfloat16") -> dict[int, float]:
-        """Mean microseconds of one `comm.all_reduce` of each size (elements) on this rank's device.
-
-        Every rank runs the same calls in lock-step; a barrier-like warm-up precedes each size."""
-        out = {}
-        for n in sizes:
-            t = torch.ones(n, dtype=getattr(torch, dtype), device=self.device)
-            for _ in range(max(3, iters // 10)):
-                self.comm.all_reduce(t.fill_(1))
-            self._sync()
-            start = time.perf_counter()
-            for _ in range(iters):
-                self.comm.all_reduce(t)
-            self._sync()
-            out[n] = (time.perf_counter() - start) / iters * 1e6
-        return out
-
-    def bench_bandwidth(self, nbytes: int = 1 << 31, iters: int = 10) -> float:
-        """Device memory bandwidth in bytes/s from a large copy, counting bytes read and written."""
-        src = torch.empty(nbytes // 2, dtype=torch.uint8, device=self.device).fill_(1)
-        dst = torch.empty_like(src)
-        dst.copy_(src)
-        self._sync()
-        start = time.perf_counter()
-        for _ in range(iters):
-            dst.copy_(src)
-        self._sync()
-        elapsed = time.perf_counter() - start
-        del src, dst
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-        return 2 * (nbytes // 2) * iters / elapsed
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
 
     def close(self) -> None:
         if self.comm is not None:

@@ -42,9 +42,11 @@ import torch
 
 from raytp.actors.group import ClusterError, GroupSettings, WorkerGroup, choose_backend
 from raytp.actors.worker import MemoryBudgetError
+from raytp.bench import microbench
 from raytp.model.config import ModelConfig
 from raytp.parallel.devices import DeviceSpec
 from raytp.runtime.engine import Request
+from raytp.runtime.options import RuntimeOptions
 from raytp.parallel.plan import DTYPE_BYTES, PlanError, ShardPlan
 from raytp.runtime.sampling import SamplingParams
 
@@ -65,8 +67,10 @@ class _BenchGroup(WorkerGroup):
     def _open_comm(self) -> None:
         super()._open_comm()
         wire = self.settings.dtype
-        self.allreduce = ray.get([w.bench_allreduce.remote(self.sizes, self.iters, wire) for w in self.workers])
-        self.bandwidth = ray.get([w.bench_bandwidth.remote(self.bandwidth_bytes) for w in self.workers])
+        self.allreduce = ray.get([w.on_rank.remote(microbench.allreduce_us, self.sizes, self.iters, wire)
+                                  for w in self.workers])
+        self.bandwidth = ray.get([w.on_rank.remote(microbench.copy_bandwidth, self.bandwidth_bytes)
+                                  for w in self.workers])
 
 
 def random_requests(batch: int, prompt_len: int, decode_tokens: int, vocab: int, tag: str) -> list[Request]:
@@ -174,7 +178,8 @@ def run_bench(settings: GroupSettings, config: ModelConfig, *, batches: list[int
         sizes = [str(n) for n in allreduce_sizes]
         return {
             "model": settings.model, "devices": [str(d) for d in settings.devices], "backend": group.backend,
-            "dtype": settings.dtype, "prompt_len": prompt_len, "decode_tokens": decode_tokens, "repeats": repeats,
+            "dtype": settings.dtype, "options": asdict(settings.options), "prompt_len": prompt_len,
+            "decode_tokens": decode_tokens, "repeats": repeats,
             "build_s": build_s, "nodes": len({r["node_id"] for r in group.ranks}),
             "ranks": group.ranks, "plan": group.plan.to_dict(),
             "bandwidth_bytes_per_s": group.bandwidth,
@@ -210,6 +215,7 @@ class Sweep:
     max_batch: int = 0  # likewise at least the largest batch
     allreduce_sizes: tuple[int, ...] = ALLREDUCE_SIZES
     allreduce_iters: int = 200
+    options: RuntimeOptions = RuntimeOptions()  # the same run-time switches in every configuration
 
     @property
     def size(self) -> int:
@@ -263,7 +269,7 @@ def run_sweep(sweep: Sweep, config: ModelConfig, *, on_row: Callable[[dict], Non
                 settings = GroupSettings(
                     model=sweep.model, devices=devices, dtype=sweep.dtype, comm=comm,
                     max_context=max(sweep.max_context, prompt_len + sweep.decode_tokens + 1),
-                    max_batch=max(sweep.max_batch, *sweep.batches), progress=False)
+                    max_batch=max(sweep.max_batch, *sweep.batches), progress=False, options=sweep.options)
                 try:
                     _check_devices(devices, comm)
                     res = run_bench(settings, config, batches=list(sweep.batches), prompt_len=prompt_len,

@@ -1,9 +1,8 @@
-"""When a Triton kernel runs instead of its torch version: on CUDA tensors, with Triton installed, unless
-RAYTP_TRITON=0 (the torch versions then run everywhere: for debugging, and to compare the two on a GPU)."""
+"""When a Triton kernel runs instead of its torch version: on CUDA tensors, with Triton installed, unless this
+process switched Triton off (`set_triton(False)`, which each rank calls once from RuntimeOptions.triton; the
+torch versions then run everywhere: for debugging, and to compare the two on a GPU)."""
 
 from __future__ import annotations
-
-import os
 
 import torch
 
@@ -12,6 +11,16 @@ try:
 except ImportError:  # CPU-only installs: every kernel's torch version runs
     triton = None
 
+# Per process, not per call: a rank sets it once before its first forward, and a kernel call must not pay for a
+# lookup (the decode step makes hundreds of them).
+_enabled = triton is not None
+
+
+def set_triton(enabled: bool) -> None:
+    """Use the Triton kernels in this process (where Triton is installed) or the torch versions everywhere."""
+    global _enabled
+    _enabled = enabled and triton is not None
+
 
 def use_triton(t: torch.Tensor) -> bool:
-    return triton is not None and t.is_cuda and os.environ.get("RAYTP_TRITON", "1") != "0"
+    return _enabled and t.is_cuda

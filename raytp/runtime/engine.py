@@ -52,7 +52,7 @@ class _Sequence:
 
 
 class RankEngine:
-    def __init__(self, model: ShardedLlama, comm: Communicator, heartbeat_s: float = 0.05,
+    def __init__(self, model: ShardedLlama, comm: Communicator, heartbeat_s: float = 1.0,
                  decode: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None):
         self.model, self.comm = model, comm
         self.decode_step = decode or model.forward  # a raytp.model.graphs.GraphedDecode on CUDA ranks

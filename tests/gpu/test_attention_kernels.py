@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from raytp.kernels import attention, rope_cache
+from raytp.kernels import attention, dispatch, rope_cache
 from raytp.kernels.dispatch import triton
 from tests.gpu.test_graphed_decode import generate
 
@@ -59,5 +59,5 @@ def test_decode_attention_kernel_matches_torch(dtype, n_q, n_kv, D, ctx, lengths
 def test_tokens_with_triton_kernels_equal_the_torch_path(monkeypatch):
     prompts = [[5, 6, 7], [9, 10, 11, 12, 13], [100], [42, 43]]
     fused = generate(True, prompts)  # float32: RoPE and cache bit-exact, attention within float32 rounding
-    monkeypatch.setenv("RAYTP_TRITON", "0")
+    monkeypatch.setattr(dispatch, "_enabled", False)  # what set_triton(False) does, undone after the test
     assert generate(False, prompts) == fused

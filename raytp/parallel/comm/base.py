@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 
 import torch
 
@@ -30,6 +29,12 @@ class Communicator:
     def all_gather_equal(self, t: torch.Tensor) -> torch.Tensor:
         """Stack every rank's `t` (same shape on all ranks) into (world_size, *t.shape)."""
         raise NotImplementedError
+
+    def abort(self) -> None:
+        """Make every peer's pending or next collective fail now with CommError (this rank failed).
+
+        Called from any thread. A backend without a way to reach its peers does nothing: they fail at their
+        collective timeout instead."""
 
     def close(self) -> None:
         """Release resources; idempotent."""
@@ -63,8 +68,9 @@ class Communicator:
 class IdentityCheckingCommunicator(Communicator):
     """Debug wrapper: after every all-reduce, checks that all ranks hold bit-identical results.
 
-    Enabled with RAYTP_CHECK_IDENTICAL=1. Each rank hashes its result and the hashes are gathered; one
-    differing byte anywhere raises. Costs an extra collective per all-reduce, so it is for tests only.
+    Enabled with RuntimeOptions.check_identical (`--check-identical`). Each rank hashes its result and the
+    hashes are gathered; one differing byte anywhere raises. Costs an extra collective per all-reduce, so it is
+    for tests only.
     """
 
     def __init__(self, inner: Communicator):
@@ -85,9 +91,8 @@ class IdentityCheckingCommunicator(Communicator):
     def all_gather_equal(self, t):
         return self.inner.all_gather_equal(t)
 
+    def abort(self):
+        self.inner.abort()
+
     def close(self):
         self.inner.close()
-
-
-def maybe_check_identical(comm: Communicator) -> Communicator:
-    return IdentityCheckingCommunicator(comm) if os.environ.get("RAYTP_CHECK_IDENTICAL") == "1" else comm

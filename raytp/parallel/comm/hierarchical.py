@@ -22,8 +22,6 @@ from __future__ import annotations
 import torch
 
 from raytp.parallel.comm.base import Communicator
-from raytp.parallel.comm.hoststaged import HostStagedCommunicator, segment_bytes
-from raytp.parallel.comm.shm import SharedSegment
 
 
 def node_layout(node_ids: list[str]) -> list[list[int]]:
@@ -98,37 +96,10 @@ class HierarchicalCommunicator(Communicator):
         return out.view(self.world_size, *t.shape).to(t.device)
 
     def abort(self) -> None:
-        abort = getattr(self.local, "abort", None)
-        if abort:
-            abort()
+        self.local.abort()  # the node's peers fail at once; other nodes' leaders fail at their gloo timeout
 
     def close(self):
         self.local.close()
         if self.leaders is not None:
             self.leaders.close()
 
-
-def open_hierarchical(rank: int, node_ranks: list[list[int]], segment_name: str, create: bool,
-                      leaders_init: str | None, timeout_s: float) -> HierarchicalCommunicator:
-    """One rank's side of `HierarchicalCommunicator`, as a worker process opens it.
-
-    Leaders (first rank of each node) call with create=True: they make their node's segment and, with several
-    nodes, join the leaders' gloo group at `leaders_init` (they must all call at once: the join blocks until
-    every node is in). The other ranks then attach with create=False.
-    """
-    from raytp.parallel.comm.torchdist import TorchDistCommunicator
-
-    node = next(i for i, ranks in enumerate(node_ranks) if rank in ranks)
-    local_rank, local_world = node_ranks[node].index(rank), len(node_ranks[node])
-    assert create == (local_rank == 0), "the node leader creates the segment, the others attach"
-    size = segment_bytes(local_world)
-    segment = (SharedSegment.create if create else SharedSegment.attach)(segment_name, size)
-    try:
-        local = HostStagedCommunicator(segment, local_rank, local_world, timeout_s=timeout_s)
-        leaders = None
-        if create and len(node_ranks) > 1:
-            leaders = TorchDistCommunicator("gloo", leaders_init, node, len(node_ranks), timeout_s)
-    except BaseException:
-        segment.close()  # never leave a name in /dev/shm behind a failed open
-        raise
-    return HierarchicalCommunicator(rank, node_ranks, local, leaders)

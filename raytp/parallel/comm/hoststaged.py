@@ -30,6 +30,9 @@ from raytp.parallel.comm.shm import SharedSegment
 
 LINE = 64  # bytes per flag: one cache line each
 DEFAULT_SLOT_BYTES = 1 << 20  # larger messages go in chunks
+SPIN_CHECKS = 64  # flag checks before a waiting rank gives its core away (see _wait_all)
+YIELD_S = 0.002  # then yields for this long before it starts sleeping
+MAX_NAP_S = 0.001  # the longest sleep between checks: an idle rank's wake-up rate and a late peer's extra delay
 
 
 def segment_bytes(world_size: int, slot_bytes: int = DEFAULT_SLOT_BYTES) -> int:
@@ -50,27 +53,34 @@ class HostStagedCommunicator(Communicator):
         self._seq = 0
 
     def _wait_all(self, seq: int) -> None:
-        deadline = None
+        """Until every rank published `seq`: spin briefly, then yield the core, then sleep.
+
+        Spinning catches a peer microseconds behind (the busy path: ranks in lock-step). Yielding for up to
+        YIELD_S hands the core to a peer that still computes when ranks outnumber cores (12 ranks on 2 cores).
+        Past that the wait is long (an idle server between requests, a much slower peer): sleep, each nap an
+        eighth of the time waited so far, so a late peer is noticed at most ~12% late, capped at MAX_NAP_S so
+        an idle rank wakes about a thousand times a second, about 2% of a core."""
         spins = 0
+        started = None
         while (self._flags < seq).any():
             if self._abort[0]:
                 raise CommError("a peer aborted the host-staged group")
             spins += 1
-            if spins < 64:
+            if spins < SPIN_CHECKS:
                 continue
-            # Ranks may outnumber cores (12 ranks on a 2-core machine): hand the core to a peer that
-            # still computes, and after a while sleep, so an idle wait costs nobody anything.
-            if spins < 20000:
-                os.sched_yield()
-            else:
-                time.sleep(1e-4)
-            if deadline is None:
-                deadline = time.monotonic() + self.timeout_s
-            elif time.monotonic() > deadline:
+            now = time.monotonic()
+            if started is None:
+                started = now
+            waited = now - started
+            if waited > self.timeout_s:
                 late = [r for r in range(self.world_size) if self._flags[r] < seq]
                 self._abort[0] = 1
                 raise CommError(f"host-staged collective #{seq}: ranks {late} did not arrive within "
                                 f"{self.timeout_s:.0f} s (dead or stuck)")
+            if waited < YIELD_S:
+                os.sched_yield()
+            else:
+                time.sleep(min(MAX_NAP_S, waited / 8))
 
     def _exchange(self, chunk: torch.Tensor) -> torch.Tensor:
         """Publish `chunk` (flat, at most slot_bytes) and return the bank: (world_size, nbytes) bytes."""

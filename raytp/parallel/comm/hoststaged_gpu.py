@@ -1,6 +1,6 @@
 """Host-staged all-reduce driven by the GPUs themselves, so CUDA graphs can capture it.
 
-Built on a running CPU host-staged group (raytp/comm/hoststaged.py): through it the ranks agree on a second
+Built on a running CPU host-staged group (raytp/parallel/comm/hoststaged.py): through it the ranks agree on a second
 segment, map it, register it with the CUDA driver and unlink its name. All-reduces then run the kernel in
 raytp/kernels/hoststaged_allreduce.py on the current stream; gathers and broadcasts (small, once per step,
 outside the graph) keep using the CPU path, which is also where a kernel's timeout surfaces as CommError.
@@ -37,8 +37,7 @@ class GpuHostStagedCommunicator(Communicator):
         err = torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), size, CUDA_HOST_REGISTER_PORTABLE_MAPPED)
         if int(err) != 0:
             self.segment.close()
-            raise CommError(f"cudaHostRegister of the {size}-byte host-staged segment failed ({err}); "
-                            "use --comm nccl, or RAYTP_GPU_HOSTSTAGED=0 for the CPU-driven path")
+            raise CommError(f"cudaHostRegister of the {size}-byte host-staged segment failed ({err})")
         self._registered = buf.data_ptr()
         self.error = buf[:4].view(torch.int32)
         self.flags = buf[LINE : LINE + flag_bytes].view(torch.int32)
@@ -88,9 +87,14 @@ class GpuHostStagedCommunicator(Communicator):
         self.error[0] = 1
         self.cpu.abort()
 
-    def close(self):
+    def release(self) -> None:
+        """Give up the kernel path and keep the CPU group it was built on open: when one rank cannot run the
+        kernel, every rank falls back to the CPU-driven path together. Idempotent."""
         if self._registered:
             torch.cuda.cudart().cudaHostUnregister(self._registered)
             self._registered = 0
         self.segment.close()
+
+    def close(self):
+        self.release()
         self.cpu.close()

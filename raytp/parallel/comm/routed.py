@@ -40,9 +40,8 @@ class SizeRoutedCommunicator(Communicator):
         return self.small.all_gather_equal(t)
 
     def abort(self) -> None:
-        for c in (self.small, self.large):
-            if hasattr(c, "abort"):
-                c.abort()
+        self.small.abort()
+        self.large.abort()
 
     def close(self):
         self.small.close()

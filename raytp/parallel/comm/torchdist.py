@@ -1,4 +1,10 @@
-"""torch.distributed backends: gloo (CPU tensors, any host) and nccl (CUDA tensors, one rank per GPU)."""
+"""torch.distributed backends: gloo (CPU tensors, any host) and nccl (CUDA tensors, one rank per GPU).
+
+torch allows one default process group per process. The first communicator of a process joins it (over TCP at
+`init_method`, backend gloo: cheap, and never used for collectives); every communicator then runs its collectives
+in its own `dist.new_group` of its backend. So a gloo group and an nccl group can live in one process, as vLLM
+pairs a CPU group with a device group, and closing one never destroys a group the other still uses.
+"""
 
 from __future__ import annotations
 
@@ -9,15 +15,37 @@ import torch.distributed as dist
 
 from raytp.parallel.comm.base import CommError, Communicator
 
+# Communicators of this process that use the default group: it is destroyed with the last of them. torch keeps
+# the default group per process, so its users are counted per process too.
+_default_group_users = 0
+
+
+def nccl_unavailable() -> str | None:
+    """Why NCCL cannot run in this process, or None when it can."""
+    if not torch.cuda.is_available():
+        return "NCCL needs CUDA, and this process sees no CUDA device"
+    if not dist.is_nccl_available():
+        return "this torch build has no NCCL"
+    return None
+
 
 class TorchDistCommunicator(Communicator):
-    """One process group per process, joined over TCP at `init_method` (e.g. tcp://10.0.0.1:29500)."""
+    """Rank `rank` of `world_size` in a `backend` group, the processes meeting at `init_method` (tcp://HOST:PORT)."""
 
     def __init__(self, backend: str, init_method: str, rank: int, world_size: int, timeout_s: float = 30.0):
+        global _default_group_users
+        if backend == "nccl" and (why := nccl_unavailable()):
+            raise CommError(f"rank {rank}: cannot open an nccl group: {why}")
         self.backend, self.rank, self.world_size = backend, rank, world_size
         self.graph_safe = backend == "nccl"
-        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
-                                timeout=timedelta(seconds=timeout_s))
+        timeout = timedelta(seconds=timeout_s)
+        if not dist.is_initialized():
+            dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size, timeout=timeout)
+        elif (dist.get_rank(), dist.get_world_size()) != (rank, world_size):
+            raise ValueError(f"this process is rank {dist.get_rank()} of {dist.get_world_size()} in its "
+                             f"torch.distributed group; a communicator as rank {rank} of {world_size} cannot share it")
+        _default_group_users += 1
+        self.group = dist.new_group(backend=backend, timeout=timeout)
         # NCCL needs CUDA tensors; gloo works on host memory, so CUDA tensors are staged through it.
         self._device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
 
@@ -28,7 +56,7 @@ class TorchDistCommunicator(Communicator):
         wire = torch.float32 if self.backend == "gloo" and t.is_floating_point() else t.dtype
         staged = t if (t.device, t.dtype) == (self._device, wire) else t.to(self._device, wire)
         try:
-            dist.all_reduce(staged)
+            dist.all_reduce(staged, group=self.group)
         except RuntimeError as e:  # gloo/nccl report dead peers and timeouts as RuntimeError
             raise CommError(f"{self.backend} all-reduce failed: {e}") from e
         if staged is not t:
@@ -39,11 +67,20 @@ class TorchDistCommunicator(Communicator):
         staged = t.contiguous().to(self._device)
         out = torch.empty((self.world_size, *t.shape), dtype=t.dtype, device=self._device)
         try:
-            dist.all_gather_into_tensor(out, staged) if self.backend == "nccl" else dist.all_gather(list(out.unbind(0)), staged)
+            if self.backend == "nccl":
+                dist.all_gather_into_tensor(out, staged, group=self.group)
+            else:
+                dist.all_gather(list(out.unbind(0)), staged, group=self.group)
         except RuntimeError as e:
             raise CommError(f"{self.backend} all-gather failed: {e}") from e
         return out.to(t.device)
 
     def close(self):
-        if dist.is_initialized():
+        global _default_group_users
+        if self.group is None:
+            return
+        dist.destroy_process_group(self.group)
+        self.group = None
+        _default_group_users -= 1
+        if _default_group_users == 0:
             dist.destroy_process_group()

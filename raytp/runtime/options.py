@@ -1,0 +1,56 @@
+"""Run-time switches every rank obeys: one frozen `RuntimeOptions`, carried to each rank inside GroupSettings.
+
+The CLI sets them with flags (`--no-triton`, `--no-cuda-graphs`, `--no-gpu-hoststaged`, `--check-identical`).
+`RuntimeOptions.from_env` is the one place where raytp reads RAYTP_* environment variables at run time, as the
+flags' defaults in the process that starts the group (scripts and CI jobs that export them keep working):
+
+    RAYTP_TRITON=0            triton=False
+    RAYTP_CUDA_GRAPHS=0       cuda_graphs=False
+    RAYTP_GPU_HOSTSTAGED=0    gpu_hoststaged=False
+    RAYTP_CHECK_IDENTICAL=1   check_identical=True
+
+Ranks never read the environment: what they run is what the options say, wherever Ray starts them.
+(RAYTP_HOME, where models are cached, and RAYTP_API_KEY, `serve --api-key`'s default, are not run-time switches.)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    # Triton kernels on CUDA ranks; off runs the torch versions everywhere (debugging, A/B on one GPU).
+    triton: bool = True
+    # Decode replayed from CUDA graphs where the communicator allows capture; off to debug or profile eager steps.
+    cuda_graphs: bool = True
+    # GPU ranks run the host-staged all-reduce as a kernel polling mapped host memory; off keeps the CPU-driven
+    # path (the kernel path also falls back by itself, with the reason logged, where cudaHostRegister fails).
+    gpu_hoststaged: bool = True
+    # After every all-reduce every rank checks that all ranks hold bit-identical results: one extra collective
+    # per all-reduce, so for tests only.
+    check_identical: bool = False
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> RuntimeOptions:
+        """The options the RAYTP_* variables in `environ` ask for (see the module docstring); defaults elsewhere."""
+        return cls(triton=environ.get("RAYTP_TRITON", "1") != "0",
+                   cuda_graphs=environ.get("RAYTP_CUDA_GRAPHS", "1") != "0",
+                   gpu_hoststaged=environ.get("RAYTP_GPU_HOSTSTAGED", "1") != "0",
+                   check_identical=environ.get("RAYTP_CHECK_IDENTICAL", "0") == "1")
+
+    def flags(self) -> list[str]:
+        """The CLI flags that give these options whatever the environment says (for reproducible commands)."""
+        return [FLAGS[f.name][0] for f in fields(self) if getattr(self, f.name) != f.default]
+
+
+# Each field's CLI flag, which sets it to the opposite of its default, and the flag's help.
+FLAGS = {
+    "triton": ("--no-triton", "run the torch version of every kernel, also on GPUs (debugging, comparing the two)"),
+    "cuda_graphs": ("--no-cuda-graphs", "decode eagerly on GPUs instead of replaying CUDA graphs"),
+    "gpu_hoststaged": ("--no-gpu-hoststaged", "GPU ranks drive the host-staged all-reduce from the CPU, not a kernel"),
+    "check_identical": ("--check-identical", "check after every all-reduce that all ranks hold identical bits "
+                        "(slow: for tests)"),
+}

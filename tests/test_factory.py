@@ -1,0 +1,79 @@
+"""The communicator factory's phases, its fall-backs, and the typed run-time options (CPU only, no Ray)."""
+
+import os
+
+import pytest
+import torch
+
+from raytp.cli import build_parser
+from raytp.kernels import dispatch
+from raytp.parallel.comm.base import IdentityCheckingCommunicator
+from raytp.parallel.comm.factory import CommPlan, open_group
+from raytp.parallel.comm.hoststaged import HostStagedCommunicator
+from raytp.parallel.comm.shm import SHM_DIR
+from raytp.runtime.options import RuntimeOptions
+from tests.test_comm import run_ranks
+
+CPU = torch.device("cpu")
+
+
+def open_all(plan: CommPlan) -> tuple[list, list[dict]]:
+    """Drive every rank through the phases as raytp.actors.group does, ranks as threads: (communicators, what
+    each rank's finish answered)."""
+    openings = [open_group(plan, r, CPU) for r in range(plan.world_size)]
+    for phase, ranks in (("create", plan.creators), ("attach", plan.attachers), ("unlink", plan.creators)):
+        run_ranks(len(ranks), lambda i: openings[ranks[i]], lambda o: o.step(phase))
+    answers = run_ranks(plan.world_size, lambda r: openings[r], lambda o: o.step("finish"))
+    return [o.comm for o in openings], answers
+
+
+@pytest.mark.parametrize("world_size", [1, 3])
+def test_hoststaged_opens_in_phases_and_leaves_no_name(world_size):
+    plan = CommPlan.make("hoststaged", [list(range(world_size))], None, 10.0, check_identical=True)
+    assert (plan.creators, plan.attachers) == ([0], list(range(1, world_size)))
+    comms, answers = open_all(plan)
+    assert not os.path.exists(os.path.join(SHM_DIR, plan.segments[0]))  # unlinked once every rank mapped it
+    assert all(a == {"backend": "hoststaged", "why": "", "notes": []} for a in answers)
+    assert all(isinstance(c, IdentityCheckingCommunicator) for c in comms)
+    sums = run_ranks(world_size, lambda r: comms[r], lambda c: c.all_reduce(torch.full((5,), float(c.rank + 1))))
+    assert all(torch.equal(s, torch.full((5,), float(sum(range(1, world_size + 1))))) for s in sums)
+    for c in comms:
+        c.close()
+        c.close()  # idempotent
+
+
+def test_auto_without_nccl_falls_back_to_hoststaged_on_every_rank_and_says_why():
+    plan = CommPlan.make("measured", [[0, 1]], "tcp://127.0.0.1:1", 10.0)
+    comms, answers = open_all(plan)
+    assert [a["backend"] for a in answers] == ["hoststaged", "hoststaged"]
+    assert all("NCCL needs CUDA" in a["notes"][0] for a in answers), answers
+    assert all(isinstance(c, HostStagedCommunicator) for c in comms)
+    for c in comms:
+        c.close()
+
+
+def test_unknown_phase_is_an_error_that_names_the_phases():
+    with pytest.raises(ValueError, match="create, attach, unlink, finish"):
+        open_group(CommPlan.make("hoststaged", [[0]], None, 1.0), 0, CPU).step("open")
+
+
+def test_options_come_from_flags_over_the_environment(monkeypatch):
+    monkeypatch.setenv("RAYTP_TRITON", "0")
+    monkeypatch.setenv("RAYTP_CHECK_IDENTICAL", "1")
+    assert RuntimeOptions.from_env() == RuntimeOptions(triton=False, check_identical=True)
+    for command in ("generate --prompt x", "chat", "serve", "bench"):
+        args = build_parser().parse_args([*command.split(), "--no-cuda-graphs", "--no-gpu-hoststaged"])
+        assert args.options == RuntimeOptions(triton=False, cuda_graphs=False, gpu_hoststaged=False,
+                                              check_identical=True), command
+    assert args.options.flags() == ["--no-triton", "--no-cuda-graphs", "--no-gpu-hoststaged", "--check-identical"]
+    monkeypatch.delenv("RAYTP_TRITON")
+    monkeypatch.delenv("RAYTP_CHECK_IDENTICAL")
+    assert build_parser().parse_args(["serve"]).options == RuntimeOptions()
+
+
+def test_triton_switch_is_per_process(monkeypatch):
+    monkeypatch.setattr(dispatch, "_enabled", dispatch._enabled)  # restored after the test
+    dispatch.set_triton(False)
+    assert not dispatch.use_triton(torch.zeros(1))
+    dispatch.set_triton(True)
+    assert dispatch._enabled == (dispatch.triton is not None)
