@@ -13,7 +13,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from raytp.parallel.comm.hoststaged_gpu import GpuHostStagedCommunicator
-from raytp.runtime.engine import RankEngine, Request
+from raytp.runtime.engine import Add, RankEngine, Request, Stop
 from raytp.model.graphs import GraphedDecode
 from raytp.model.llama import ShardedLlama
 from raytp.parallel.plan import plan_shards
@@ -42,9 +42,9 @@ def engine_step_ms(tokens: int) -> float:
     def emit(events):
         stamps.append(time.perf_counter())
         if any(e.finish for e in events):
-            engine.inbox.put(("stop",))
+            engine.inbox.put(Stop())
 
-    engine.inbox.put(("add", Request("r", list(range(1, 129)), SamplingParams(max_tokens=tokens), [])))
+    engine.inbox.put(Add(Request("r", list(range(1, 129)), SamplingParams(max_tokens=tokens), [])))
     engine.run(emit)
     return (stamps[-1] - stamps[1]) / (len(stamps) - 2) * 1e3
 
