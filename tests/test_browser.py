@@ -38,7 +38,10 @@ class RefusingDriver:
     def __init__(self, error: Exception):
         self.error = error
 
-    async def stream(self, **request):
+    def encode(self, messages):
+        return [1] * len(messages)
+
+    async def submit(self, prompt_ids, params):
         raise self.error
         yield
 

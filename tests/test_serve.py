@@ -22,7 +22,9 @@ import httpx
 import openai
 import pytest
 
-from raytp.serving.openai_api import APIError, StopScanner, parse_completion
+from raytp.runtime.requests import StopScanner
+from raytp.serving.openai_api import APIError, parse_completion
+from raytp.runtime.sampling import SamplingParams
 from raytp.weights.tokenizer import Tokenizer
 from tests.util import free_port, raytp_segments
 
@@ -79,11 +81,12 @@ def test_parse_completion_accepts_openai_shapes():
                             {"type": "text", "text": "b"}]}, {"role": "user", "content": "hi"}],
                             "max_completion_tokens": 5, "temperature": 0, "stop": "\n", "seed": 3,
                             "stream": True, "stream_options": {"include_usage": True}}, chat=True, model_id="m")
-    assert req.messages == [{"role": "system", "content": "ab"}, {"role": "user", "content": "hi"}]
-    assert req.params == {"temperature": 0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0, "seed": 3,
-                          "max_tokens": 5}
-    assert (req.stop, req.stream, req.include_usage) == (["\n"], True, True)
-    assert parse_completion({"model": "m", "prompt": [[1, 2, 3]]}, chat=False, model_id="m").prompt_ids == [1, 2, 3]
+    assert [m.as_template_input() for m in req.messages] == [{"role": "system", "content": "ab"},
+                                                             {"role": "user", "content": "hi"}]
+    assert req.sampling() == SamplingParams(temperature=0, top_p=1.0, top_k=0, repetition_penalty=1.0, seed=3,
+                                            max_tokens=5)
+    assert (req.stop, req.stream, req.stream_options.include_usage) == (["\n"], True, True)
+    assert parse_completion({"model": "m", "prompt": [[1, 2, 3]]}, chat=False, model_id="m").prompt == [1, 2, 3]
 
 
 def test_serve_refuses_a_taken_port_at_once():
