@@ -2,8 +2,9 @@
 
 A request is tokenized here (`encode`), checked and handed to the leader rank once (`submit`), and from
 then on the ranks step on their own. `submit` is the one way in for the HTTP API and the web chat (which run
-in this actor's event loop) and for the CLI (over Ray, as a streaming generator). Sampled tokens come back in batches through one long-poll loop (`poll_events`): Ray is
-touched per batch of tokens, off the ranks' critical path, never per token inside a step.
+in this actor's event loop) and for the CLI (over Ray, as a streaming generator). Sampled tokens come back
+in batches through one long-poll loop (`poll_events`): Ray is touched per batch of tokens, off the ranks'
+critical path, never per token inside a step.
 
 If any rank dies, every request in flight fails at once with an error naming the rank, the group is torn
 down and built again, and the next request runs on the new group. Every request that fails after it was
@@ -163,22 +164,25 @@ class Driver:
         ended_on_ranks = False
         try:
             await self.ready.wait()  # inside the bound, so requests waiting out a rebuild count as admitted too
-            await self.group.leader.submit.remote(Add(Request(rid, prompt_ids, params, [] if ignore_eos else sorted(eos))))
+            request = Request(rid, prompt_ids, params, [] if ignore_eos else sorted(eos))
+            await self.group.leader.submit.remote(Add(request))
             while finish is None:
                 e = await queue.get()
+                ended_on_ranks = e.finish is not None
                 if e.error:
                     raise RuntimeError(e.error)
-                ended_on_ranks = e.finish is not None
                 text = ""
                 if e.token_id is not None:
                     first = first or time.perf_counter()
                     generated.append(e.token_id)
                     if e.finish != "stop" and decoder:  # the stop token itself is not part of the answer
                         text = decoder.feed(e.token_id)
+                if e.finish is not None and decoder:
+                    text += decoder.flush()
                 text, hit = stops.feed(text)
                 finish = "stop" if hit else e.finish
-                if e.finish is not None and not hit:
-                    text += (decoder.flush() if decoder else "") + stops.flush()
+                if finish is not None and not hit:
+                    text += stops.flush()
                 if text or finish is None:
                     yield {"text": text, "token_id": e.token_id}
         except Exception as e:  # noqa: BLE001 - whatever ended an admitted request is logged once, with its id

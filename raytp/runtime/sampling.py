@@ -25,7 +25,7 @@ FIRST_CANDIDATES = 64
 
 # The documented range of every sampling field. The API's request models declare their fields with these, and
 # SamplingParams checks them for every other caller (CLI, web chat, benchmarks): one set of rules.
-TEMPERATURE_MAX = 2.0  # OpenAI's range is [0, 2]; hotter than that is noise, and 1e308 or inf is not a number to divide by
+TEMPERATURE_MAX = 2.0  # OpenAI's range is [0, 2]: hotter is noise, and 1e308 or inf is no number to divide by
 REPETITION_PENALTY_MAX = 10.0  # 1 is off, Hugging Face's examples stay below 2; beyond 10 every seen token is gone
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # a signed 64-bit integer, as OpenAI's seed; the draws use its low 32 bits
 

@@ -1,9 +1,9 @@
 """The web chat: streamed answers with a stats line, sampling controls, and a Cluster panel showing the split.
 
 `build_ui(driver)` takes the plain `Driver` object and runs in the driver actor's event loop (mounted next to the
-OpenAI API by raytp.serving.openai_api), so a chat turn iterates `driver.submit` directly, like an API request does, and
-joins the same continuous batch, under the same checks. Stopping a turn cancels the Gradio task, which closes the stream and frees the
-request's cache slot.
+OpenAI API by raytp.serving.openai_api), so a chat turn iterates `driver.submit` directly, like an API request does,
+joins the same continuous batch and meets the same checks. Stopping a turn cancels the Gradio task, which closes the
+stream and frees the request's cache slot.
 """
 
 from __future__ import annotations
