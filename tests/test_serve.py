@@ -306,6 +306,7 @@ BAD_REQUESTS = {
                              API_KEY, 400, "temperature"),
     "token id outside the vocabulary": ("completions", {**GOOD, "prompt": [1, 10**9]}, API_KEY, 400, "prompt"),
     "five stop strings": ("completions", {**GOOD, "stop": list("abcde")}, API_KEY, 400, "stop"),
+    "body past 4 MiB": ("completions", json.dumps({**GOOD, "prompt": "a" * (4 << 20)}), API_KEY, 413, None),
     "missing key": ("completions", GOOD, None, 401, None),
     "wrong key": ("completions", GOOD, "sk-wrong", 401, None),
 }

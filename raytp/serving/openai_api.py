@@ -38,6 +38,9 @@ from raytp.runtime.sampling import REPETITION_PENALTY_MAX, SEED_MAX, SEED_MIN, T
 log = logging.getLogger("raytp")
 
 SHUTDOWN_GRACE_S = 2.0  # open streams (the web chat keeps one per tab) get this long before they are cut
+# A request's text is bounded by the context it must fit (a token is a few bytes of text, or a few digits as an id):
+# 4 MiB is room for contexts of several hundred thousand tokens, and keeps a hostile body out of memory.
+MAX_BODY_BYTES = 4 << 20
 
 
 class APIError(Exception):
@@ -273,9 +276,20 @@ class _Answer:
         return self._envelope("chat.completion.chunk" if self.chat else "text_completion", [], usage=_usage(final))
 
 
+async def _read_body(request: Request) -> bytes:
+    """The body, refused with 413 past MAX_BODY_BYTES before more of it is read into memory."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise APIError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes, far more than a prompt that "
+                           "fits the context; shorten the prompt")
+    return bytes(body)
+
+
 async def _complete(request: Request, driver, model_id: str, chat: bool) -> Response:
     try:
-        body = json.loads(await request.body())
+        body = json.loads(await _read_body(request))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         return APIError(400, f"the request body is not valid JSON: {e}").response()
     req = parse_completion(body, chat, model_id)
