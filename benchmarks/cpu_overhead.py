@@ -14,7 +14,7 @@ import torch
 
 from raytp.parallel.comm import InProcessGroup
 from raytp.model.config import ModelConfig
-from raytp.runtime.engine import RankEngine, Request
+from raytp.runtime.engine import Add, RankEngine, Request, Stop
 from raytp.weights.checkpoint import SafetensorsReader
 from raytp.model.llama import ShardedLlama
 from raytp.weights.smollm2 import pull_smollm2
@@ -37,9 +37,9 @@ def direct_tokens_per_s(model_dir) -> float:
     def emit(events):
         stamps.extend(time.perf_counter() for e in events if e.token_id is not None)
         if any(e.finish for e in events):
-            engine.inbox.put(("stop",))
+            engine.inbox.put(Stop())
 
-    engine.inbox.put(("add", Request("r", [1, 504, 3575, 282, 4649, 314], SamplingParams(max_tokens=TOKENS))))
+    engine.inbox.put(Add(Request("r", [1, 504, 3575, 282, 4649, 314], SamplingParams(max_tokens=TOKENS))))
     engine.run(emit)
     return (len(stamps) - 1) / (stamps[-1] - stamps[0])
 

@@ -13,15 +13,14 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from raytp.kernels.dispatch import set_triton
-from raytp.parallel.comm.hoststaged_gpu import GpuHostStagedCommunicator
-from raytp.runtime.engine import RankEngine, Request
+from raytp.parallel.comm.factory import PHASES, CommPlan, open_group
+from raytp.runtime.engine import Add, RankEngine, Request, Stop
 from raytp.runtime.options import RuntimeOptions
 from raytp.model.graphs import GraphedDecode
 from raytp.model.llama import ShardedLlama
 from raytp.parallel.plan import plan_shards
 from raytp.runtime.sampling import SamplingParams
 from raytp.weights.source import ModelSource
-from tests.test_comm import hoststaged_factory
 
 parser = argparse.ArgumentParser()
 parser.add_argument("model", nargs="?", default="synthetic:llama-3.1-8b")
@@ -32,7 +31,10 @@ set_triton(RuntimeOptions.from_env().triton)  # RAYTP_TRITON=0 (benchmarks/gpu_r
 source = ModelSource.parse(args.model)
 config = source.config()
 plan = plan_shards(config, [("cuda", 120 << 30)], max_context=args.context, max_batch=1, dtype="bfloat16")
-comm = GpuHostStagedCommunicator(hoststaged_factory(1)(0), torch.device("cuda"))
+opening = open_group(CommPlan.make("hoststaged", [[0]], None, timeout_s=30), 0, torch.device("cuda"))
+for phase in PHASES:  # one rank: the GPU host-staged path, whose sum of one is the identity
+    opening.step(phase)
+comm = opening.comm
 with source.reader(torch.bfloat16, torch.device("cuda")) as reader:
     lm = ShardedLlama(config, plan.ranks[0], comm, reader, max_batch=1, max_context=args.context)
 engine = RankEngine(lm, comm)
@@ -45,9 +47,9 @@ def engine_step_ms(tokens: int) -> float:
     def emit(events):
         stamps.append(time.perf_counter())
         if any(e.finish for e in events):
-            engine.inbox.put(("stop",))
+            engine.inbox.put(Stop())
 
-    engine.inbox.put(("add", Request("r", list(range(1, 129)), SamplingParams(max_tokens=tokens), [])))
+    engine.inbox.put(Add(Request("r", list(range(1, 129)), SamplingParams(max_tokens=tokens), [])))
     engine.run(emit)
     return (stamps[-1] - stamps[1]) / (len(stamps) - 2) * 1e3
 
@@ -64,7 +66,7 @@ def replay_ms(graphed: GraphedDecode, n: int = 50) -> float:
     return (time.perf_counter() - start) / n * 1e3
 
 
-read_bytes = sum(w.numel() * w.element_size() for k, w in weights.items() if k != "embed")
+read_bytes = plan.ranks[0].read_bytes
 bandwidth_ms = read_bytes / 4.26e12 * 1e3  # the copy bandwidth the bench measures on an H200
 print(f"weights read per step: {read_bytes / 1e9:.2f} GB = {bandwidth_ms:.2f} ms at 4.26 TB/s")
 print(f"eager engine step: {engine_step_ms(32):.2f} ms")

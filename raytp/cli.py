@@ -385,21 +385,26 @@ def _first_line(e: BaseException) -> str:
     return lines[0] if lines else type(e).__name__
 
 
-def _sampling(args) -> dict:
-    return dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_tokens=args.max_tokens,
-                repetition_penalty=args.repetition_penalty, seed=args.seed)
+def _sampling(args):
+    """The sampling flags as SamplingParams: bad values fail here with the rule they break, as in the API."""
+    from raytp.runtime.sampling import SamplingParams
+
+    return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_tokens=args.max_tokens,
+                          repetition_penalty=args.repetition_penalty, seed=args.seed)
 
 
-def stream_answer(driver, echo: bool, **request) -> tuple[str, dict]:
-    """Run one request; print its text as it streams when `echo`. Returns (text, final stats)."""
+def stream_answer(driver, echo: bool, params, **text) -> tuple[str, dict]:
+    """Run one request (`text`: prompt= or messages=) through the driver's `submit`, which checks it as it checks
+    an API request; print its text as it streams when `echo`. Returns (text, final stats)."""
     import ray
 
-    text = []
-    for ref in driver.stream.remote(**request):
+    prompt_ids = ray.get(driver.encode.remote(**text))
+    pieces = []
+    for ref in driver.submit.remote(prompt_ids, params):
         item = ray.get(ref)
         if "finish" in item:
-            return "".join(text), item
-        text.append(item["text"])
+            return "".join(pieces), item
+        pieces.append(item["text"])
         if echo:
             print(item["text"], end="", flush=True)
     raise RuntimeError("the stream ended without a final item")

@@ -10,7 +10,7 @@ import torch
 from raytp.parallel.comm import InProcessGroup
 from raytp.parallel.comm.base import IdentityCheckingCommunicator
 from raytp.model.config import ModelConfig
-from raytp.runtime.engine import RankEngine, Request
+from raytp.runtime.engine import Add, RankEngine, Request, Stop
 from raytp.weights.checkpoint import SafetensorsReader
 from raytp.model.llama import ShardedLlama
 from raytp.parallel.plan import plan_shards
@@ -65,7 +65,7 @@ class LocalGroup:
         """Run the real engine loop on every rank; returns generated ids per request id."""
         engines = [RankEngine(m, m.comm) for m in self.models]
         for i, p in enumerate(prompts):
-            engines[0].inbox.put(("add", Request(f"r{i}", p, params, list(stop_ids))))
+            engines[0].inbox.put(Add(Request(f"r{i}", p, params, list(stop_ids))))
         out = {f"r{i}": [] for i in range(len(prompts))}
         remaining = set(out)
 
@@ -76,7 +76,7 @@ class LocalGroup:
                 if e.finish:
                     remaining.discard(e.request_id)
             if not remaining:
-                engines[0].inbox.put(("stop",))
+                engines[0].inbox.put(Stop())
 
         self.on_all_ranks(lambda r, m: engines[r].run(emit if r == 0 else lambda ev: None))
         for m in self.models:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from raytp.runtime.errors import BusyError, RequestError
+from raytp.runtime.sampling import SamplingParams
 from raytp.parallel.plan import plan_shards
 from raytp.weights.source import ModelSource
 from raytp.ui.chat import TABLE_HEADERS, build_ui, cluster_table, memory_use, shard_widths
@@ -38,7 +39,10 @@ class RefusingDriver:
     def __init__(self, error: Exception):
         self.error = error
 
-    async def stream(self, **request):
+    def encode(self, messages):
+        return [1] * len(messages)
+
+    async def submit(self, prompt_ids, params):
         raise self.error
         yield
 
@@ -58,6 +62,30 @@ def test_chat_says_busy_or_why_it_failed(error, shown):
     chatbot, kept, status = outputs[-1]
     assert status.startswith(shown) and str(error) in status
     assert kept == turns and chatbot == turns  # no empty answer left behind
+
+
+class AnsweringDriver(RefusingDriver):
+    """Stands in for the Driver: answers "Hi" to any request and records the sampling it was asked for."""
+
+    def __init__(self):
+        self.asked = []
+
+    async def submit(self, prompt_ids, params):
+        self.asked.append(params)
+        yield {"text": "Hi", "token_id": 5}
+        yield {"finish": "stop", "generated_tokens": 1, "tokens_per_s": 0.0, "ttft_s": 0.01}
+
+
+def test_chat_turn_runs_through_submit_and_its_checks():
+    driver = AnsweringDriver()
+    respond = next(f.fn for f in build_ui(driver).fns.values() if f.name == "respond")
+    turns = [{"role": "user", "content": "hi"}]
+    *_, (chatbot, kept, status) = asyncio.run(_outputs(respond(turns, "", 0.5, 0.9, 8, 3)))
+    assert kept[-1]["content"] == "Hi" and status == ""
+    assert driver.asked == [SamplingParams(temperature=0.5, top_p=0.9, max_tokens=8, seed=3)]
+    with pytest.warns(UserWarning, match="top_p"):  # the same rules as the API's, before anything is submitted
+        *_, (chatbot, kept, status) = asyncio.run(_outputs(respond(turns, "", 0.5, 0.0, 8, 3)))
+    assert status.startswith("**error**") and kept == turns and len(driver.asked) == 1
 
 
 def test_cluster_panel_data(smollm2_dir):

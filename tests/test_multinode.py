@@ -15,6 +15,7 @@ from raytp.actors.driver import DriverActor
 from raytp.actors.group import GroupSettings
 from raytp.parallel.devices import parse_devices
 from raytp.runtime.options import RuntimeOptions
+from raytp.runtime.sampling import SamplingParams
 from tests.util import raytp_segments, transformers_greedy
 
 pytestmark = pytest.mark.slow
@@ -52,8 +53,8 @@ def test_two_nodes_uneven_ranks_match_one_device(two_nodes, smollm2_dir, expecte
         nodes = [r["node_id"] for r in info["ranks"]]
         assert len(set(nodes)) == 2 and all(nodes.count(n) == 2 for n in nodes), nodes
         assert [r["budget_bytes"] for r in info["plan"]["ranks"]] == [3 << 30, 1 << 30, 2 << 30, 2 << 30]
-        *_, final = [ray.get(ref) for ref in driver.stream.remote(
-            prompt=PROMPT, params={"temperature": 0.0, "max_tokens": MAX_TOKENS})]
+        prompt_ids = ray.get(driver.encode.remote(prompt=PROMPT))
+        *_, final = [ray.get(ref) for ref in driver.submit.remote(prompt_ids, SamplingParams(max_tokens=MAX_TOKENS))]
         assert final["token_ids"] == expected_greedy
     finally:
         ray.get(driver.shutdown.remote())

@@ -18,6 +18,7 @@ import ray
 from raytp.actors.driver import DriverActor
 from raytp.actors.group import GroupSettings
 from raytp.parallel.devices import parse_devices
+from raytp.runtime.sampling import SamplingParams
 from tests.util import free_port, raytp_segments, transformers_greedy
 
 pytestmark = pytest.mark.slow
@@ -87,8 +88,13 @@ def driver(ray_head, smollm2_dir):
     ray.get(d.shutdown.remote())
 
 
+def submit(driver, prompt, max_tokens):
+    """The driver's streaming `submit` of `prompt`, greedy, as the CLI calls it."""
+    return driver.submit.remote(ray.get(driver.encode.remote(prompt=prompt)), SamplingParams(max_tokens=max_tokens))
+
+
 def collect(driver, prompt, max_tokens):
-    *_, final = [ray.get(ref) for ref in driver.stream.remote(prompt=prompt, params={"max_tokens": max_tokens})]
+    *_, final = [ray.get(ref) for ref in submit(driver, prompt, max_tokens)]
     return final
 
 
@@ -98,7 +104,7 @@ def test_four_concurrent_requests_return_what_each_returns_alone(driver):
 
     async def together():
         async def one(p, n):
-            items = [await ref async for ref in driver.stream.remote(prompt=p, params={"max_tokens": n})]
+            items = [await ref async for ref in submit(driver, p, n)]
             return items[-1]["token_ids"]
         return await asyncio.gather(*(one(p, 20 + 5 * i) for i, p in enumerate(prompts)))
 
@@ -108,7 +114,7 @@ def test_four_concurrent_requests_return_what_each_returns_alone(driver):
 def test_killed_worker_fails_the_request_fast_then_the_group_recovers(driver):
     before = raytp_segments()
     victim = ray.get(driver.info.remote())["ranks"][1]["pid"]
-    stream = driver.stream.remote(prompt=PROMPT, params={"max_tokens": 400})
+    stream = submit(driver, PROMPT, 400)
     first = ray.get(next(stream))  # generation is under way
     assert "text" in first
     os.kill(victim, signal.SIGKILL)

@@ -22,7 +22,10 @@ import httpx
 import openai
 import pytest
 
-from raytp.serving.openai_api import APIError, StopScanner, parse_completion
+from raytp.runtime.requests import StopScanner
+from raytp.serving.openai_api import APIError, parse_completion
+from raytp.runtime.sampling import SamplingParams
+from raytp.weights.source import model_config
 from raytp.weights.tokenizer import Tokenizer
 from tests.util import free_port, raytp_segments
 
@@ -79,11 +82,12 @@ def test_parse_completion_accepts_openai_shapes():
                             {"type": "text", "text": "b"}]}, {"role": "user", "content": "hi"}],
                             "max_completion_tokens": 5, "temperature": 0, "stop": "\n", "seed": 3,
                             "stream": True, "stream_options": {"include_usage": True}}, chat=True, model_id="m")
-    assert req.messages == [{"role": "system", "content": "ab"}, {"role": "user", "content": "hi"}]
-    assert req.params == {"temperature": 0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0, "seed": 3,
-                          "max_tokens": 5}
-    assert (req.stop, req.stream, req.include_usage) == (["\n"], True, True)
-    assert parse_completion({"model": "m", "prompt": [[1, 2, 3]]}, chat=False, model_id="m").prompt_ids == [1, 2, 3]
+    assert [m.as_template_input() for m in req.messages] == [{"role": "system", "content": "ab"},
+                                                             {"role": "user", "content": "hi"}]
+    assert req.sampling() == SamplingParams(temperature=0, top_p=1.0, top_k=0, repetition_penalty=1.0, seed=3,
+                                            max_tokens=5)
+    assert (req.stop, req.stream, req.stream_options.include_usage) == (["\n"], True, True)
+    assert parse_completion({"model": "m", "prompt": [[1, 2, 3]]}, chat=False, model_id="m").prompt == [1, 2, 3]
 
 
 def test_serve_refuses_a_taken_port_at_once():
@@ -295,6 +299,14 @@ BAD_REQUESTS = {
     "no messages": ("chat/completions", {"model": "smollm2", "messages": []}, API_KEY, 400, "messages"),
     "bad role": ("chat/completions", {"model": "smollm2", "messages": [{"role": "robot", "content": "hi"}]},
                  API_KEY, 400, "messages"),
+    "top_k beyond the vocabulary": ("completions", {**GOOD, "top_k": 10**12}, API_KEY, 400, "top_k"),
+    "temperature 1e308": ("completions", '{"model": "smollm2", "prompt": "Hello", "temperature": 1e308}', API_KEY,
+                          400, "temperature"),
+    "temperature Infinity": ("completions", '{"model": "smollm2", "prompt": "Hello", "temperature": Infinity}',
+                             API_KEY, 400, "temperature"),
+    "token id outside the vocabulary": ("completions", {**GOOD, "prompt": [1, 10**9]}, API_KEY, 400, "prompt"),
+    "five stop strings": ("completions", {**GOOD, "stop": list("abcde")}, API_KEY, 400, "stop"),
+    "body past 4 MiB": ("completions", json.dumps({**GOOD, "prompt": "a" * (4 << 20)}), API_KEY, 413, None),
     "missing key": ("completions", GOOD, None, 401, None),
     "wrong key": ("completions", GOOD, "sk-wrong", 401, None),
 }
@@ -379,3 +391,65 @@ def test_busy_429_and_disconnect_frees_the_slot(server, client):
     answer = chat(client, "Say hi.", 4)
     assert answer.choices[0].message.content
     assert time.perf_counter() - start < 30
+
+
+def vocab_size() -> int:
+    return model_config("smollm2").vocab_size
+
+
+@pytest.mark.slow
+def test_token_id_prompts(server, smollm2_dir):
+    """/v1/completions takes the prompt as text or token ids, alone or as a batch of one: the same request."""
+    text = "The capital of France is"
+    ids = Tokenizer.from_dir(smollm2_dir).encode(text)
+    answers = []
+    for prompt in (text, ids, [text], [ids]):
+        response = post(server, "completions", {**GOOD, "prompt": prompt, "max_tokens": 8})
+        assert response.status_code == 200, response.text
+        answers.append((response.json()["choices"][0]["text"], response.json()["usage"]["prompt_tokens"]))
+    assert answers[0][0] and answers[0][1] == len(ids)
+    assert answers == [answers[0]] * 4
+    for prompt in ([1, vocab_size()], [-1], [[ids[0], vocab_size()]]):
+        response = post(server, "completions", {**GOOD, "prompt": prompt})
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["param"] == "prompt" and str(vocab_size()) in error["message"], error
+
+
+@pytest.mark.slow
+def test_top_k_up_to_the_vocabulary(server):
+    response = post(server, "completions", {**GOOD, "top_k": vocab_size(), "temperature": 1.0, "max_tokens": 2})
+    assert response.status_code == 200, response.text
+    response = post(server, "completions", {**GOOD, "top_k": vocab_size() + 1, "temperature": 1.0})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "top_k"
+    assert str(vocab_size()) in response.json()["error"]["message"]
+
+
+@pytest.mark.slow
+def test_hostile_requests_are_refused_while_a_stream_runs(server):
+    """Requests that would size work without bound are refused at the front end; a stream running meanwhile
+    completes with every token it asked for, the same tokens as when it runs alone."""
+    tokens = 32
+    body = {"model": "smollm2", "prompt": "Count: 1, 2, 3,", "max_tokens": tokens, "temperature": 0,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    hostile = [(json.dumps({**GOOD, "top_k": 10**12}), "top_k"),
+               ('{"model": "smollm2", "prompt": "Hello", "temperature": 1e308}', "temperature"),
+               ('{"model": "smollm2", "prompt": "Hello", "temperature": Infinity}', "temperature"),
+               ('{"model": "smollm2", "prompt": "Hello", "temperature": NaN}', "temperature"),
+               (json.dumps({**GOOD, "max_tokens": 10**12}), "max_tokens")]
+    with httpx.Client(timeout=120, headers={"Authorization": f"Bearer {API_KEY}"}) as http, \
+            http.stream("POST", f"{server}/v1/completions", json=body) as response:
+        assert response.status_code == 200, response.read()
+        lines = response.iter_lines()
+        events = [next_event(lines)]  # the stream is under way
+        for text, param in hostile:
+            refused = post(server, "completions", text)
+            assert refused.status_code == 400, refused.text
+            assert refused.json()["error"]["param"] == param, refused.text
+        events += [line for line in lines if line]
+    assert events[-1] == "data: [DONE]"
+    chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-1]]
+    assert chunks[-1]["usage"]["completion_tokens"] == tokens
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "length"
+    alone = post(server, "completions", {**body, "stream": False})
+    assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == alone.json()["choices"][0]["text"]

@@ -1,11 +1,14 @@
 """The driver: owns the tokenizer, the requests and their token streams; the ranks do the stepping.
 
-A request is tokenized here, handed to the leader rank once (`submit`), and from then on the ranks step
-on their own. Sampled tokens come back in batches through one long-poll loop (`poll_events`): Ray is
-touched per batch of tokens, off the ranks' critical path, never per token inside a step.
+A request is tokenized here (`encode`), checked and handed to the leader rank once (`submit`), and from
+then on the ranks step on their own. `submit` is the one way in for the HTTP API and the web chat (which run
+in this actor's event loop) and for the CLI (over Ray, as a streaming generator). Sampled tokens come back
+in batches through one long-poll loop (`poll_events`): Ray is touched per batch of tokens, off the ranks'
+critical path, never per token inside a step.
 
 If any rank dies, every request in flight fails at once with an error naming the rank, the group is torn
-down and built again, and the next request runs on the new group.
+down and built again, and the next request runs on the new group. Every request that fails after it was
+admitted is logged here, once, on one line carrying its id.
 """
 
 from __future__ import annotations
@@ -15,13 +18,14 @@ import collections
 import logging
 import time
 import uuid
-from dataclasses import asdict
+from collections.abc import Sequence
 
 import ray
 
 from raytp.actors.group import GroupSettings, WorkerGroup
-from raytp.runtime.engine import Request
+from raytp.runtime.engine import Add, Cancel, Request, TokenEvent
 from raytp.runtime.errors import BusyError, RequestError
+from raytp.runtime.requests import StopScanner, check_request
 from raytp.runtime.sampling import SamplingParams
 from raytp.weights.source import ModelSource
 from raytp.weights.tokenizer import StreamDecoder, Tokenizer
@@ -50,10 +54,10 @@ class Driver:
         self.settings = settings
         source = ModelSource.parse(settings.model)
         self.config = source.config()
-        # synthetic models have no tokenizer: their requests pass token ids (`prompt_ids`) and stream no text
+        # synthetic models have no tokenizer: their requests pass token ids and stream no text
         self.tokenizer = None if source.tokenizer_dir is None else Tokenizer.from_dir(source.tokenizer_dir)
         self.group: WorkerGroup | None = None
-        self.streams: dict[str, asyncio.Queue] = {}
+        self.streams: dict[str, asyncio.Queue[TokenEvent]] = {}
         self.ready = asyncio.Event()
         self.failure: str | None = None
         self._tasks: list[asyncio.Task] = []
@@ -89,7 +93,7 @@ class Driver:
             except ray.exceptions.RayError:
                 return  # the watcher reports the failure
             for e in events:
-                q = self.streams.get(e["request_id"])
+                q = self.streams.get(e.request_id)
                 if q is not None:
                     q.put_nowait(e)
 
@@ -108,8 +112,8 @@ class Driver:
         self.failure = f"rank {rank} ({self.settings.devices[rank]}) failed: {why}"
         log.error("%s; rebuilding the group", self.failure)
         self.ready.clear()
-        for q in self.streams.values():
-            q.put_nowait({"finish": "error", "error": self.failure, "token_id": None})
+        for rid, q in self.streams.items():
+            q.put_nowait(TokenEvent(rid, None, "error", error=self.failure))
         self._tasks[0].cancel()
         await asyncio.to_thread(group.shutdown, False)
         await self._build()
@@ -141,82 +145,82 @@ class Driver:
 
     # ---- requests ------------------------------------------------------------------------------------------
 
-    def prompt_ids(self, prompt: str | None = None, messages: list[dict] | None = None,
-                   token_ids: list[int] | None = None) -> list[int]:
-        if sum(x is not None for x in (prompt, messages, token_ids)) != 1:
-            raise RequestError("give exactly one of prompt, messages or prompt_ids")
-        if token_ids is not None:
-            ids = [int(t) for t in token_ids]
-            if any(not 0 <= t < self.config.vocab_size for t in ids):
-                raise RequestError(f"prompt_ids must lie in [0, {self.config.vocab_size}) (the vocabulary)")
-        elif self.tokenizer is None:
-            raise RequestError(f"{self.settings.model} has no tokenizer: pass prompt_ids instead of text")
-        else:
-            text = self.tokenizer.apply_chat_template(messages) if messages is not None else prompt
-            ids = self.tokenizer.encode(text)
-        if not ids:
-            raise RequestError("the prompt is empty")
-        if len(ids) >= self.settings.max_context:
-            raise RequestError(f"the prompt has {len(ids)} tokens but the context holds {self.settings.max_context} "
-                               f"(--max-context); shorten the prompt or raise --max-context")
-        return ids
-
-    async def stream(self, prompt: str | None = None, messages: list[dict] | None = None, params: dict | None = None,
-                     prompt_ids: list[int] | None = None, ignore_eos: bool = False):
-        """Yield {"text", "token_ids"} pieces as tokens arrive, then one final {"finish", stats...} item.
-
-        Without a tokenizer (synthetic models) the text pieces are empty and only token ids stream."""
+    def encode(self, prompt: str | None = None, messages: list[dict] | None = None) -> list[int]:
+        """The token ids of a text prompt, or of chat messages through the model's chat template."""
+        if (prompt is None) == (messages is None):
+            raise RequestError("give exactly one of prompt or messages")
+        if self.tokenizer is None:
+            raise RequestError(f"{self.settings.model} has no tokenizer: pass token ids instead of text",
+                               param="prompt")
         try:
-            sampling = SamplingParams(**(params or {}))
-        except (TypeError, ValueError) as e:
-            raise RequestError(str(e)) from None
-        ids = self.prompt_ids(prompt, messages, prompt_ids)
-        room = self.settings.max_context - len(ids)
-        if sampling.max_tokens > room:
-            sampling = SamplingParams(**{**asdict(sampling), "max_tokens": room})
+            text = self.tokenizer.apply_chat_template(messages) if messages is not None else prompt
+        except ValueError as e:  # a model without a chat template
+            raise RequestError(str(e), param="messages") from None
+        return self.tokenizer.encode(text)
+
+    async def submit(self, prompt_ids: Sequence[int], params: SamplingParams, stop: Sequence[str] = (),
+                     ignore_eos: bool = False):
+        """Run one request; yield {"text", "token_id"} as tokens arrive, then one final {"finish", stats...}.
+
+        The request is checked here, before anything reaches a rank (RequestError names the field), and
+        refused with BusyError past max_batch running + max_queue waiting requests. The text stops before
+        the first of the `stop` strings, which ends the request ("stop"). `ignore_eos` generates max_tokens
+        whatever the model says (vLLM's extension: benchmarks, tests). Without a tokenizer (synthetic
+        models) the text pieces are empty and only token ids stream. Closing the generator early cancels
+        the request and frees its cache slot at the leader's next step."""
+        prompt_ids = list(prompt_ids)
+        check_request(prompt_ids, params, stop, self.config.vocab_size, self.settings.max_context)
         if len(self.streams) >= self.settings.max_batch + self.max_queue:  # admitted: running or waiting for a slot
             raise BusyError(f"the server is busy: {len(self.streams)} requests are running or waiting "
                             f"(--max-batch {self.settings.max_batch} + --max-queue {self.max_queue}); retry shortly")
         rid = uuid.uuid4().hex
-        queue: asyncio.Queue = asyncio.Queue()
+        queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
         self.streams[rid] = queue
         decoder = StreamDecoder(self.tokenizer) if self.tokenizer is not None else None
+        stops = StopScanner(stop)
         eos = self.tokenizer.eos_token_ids if self.tokenizer is not None else self.config.eos_token_ids
         start = time.perf_counter()
         first = None
         generated: list[int] = []
         finish = None
+        ended_on_ranks = False
         try:
             await self.ready.wait()  # inside the bound, so requests waiting out a rebuild count as admitted too
-            request = Request(rid, ids, sampling, [] if ignore_eos else sorted(eos))
-            await self.group.leader.submit.remote(("add", asdict(request)))
+            request = Request(rid, prompt_ids, params, [] if ignore_eos else sorted(eos))
+            await self.group.leader.submit.remote(Add(request))
             while finish is None:
                 e = await queue.get()
-                if e.get("error"):
-                    raise RuntimeError(e["error"])
-                finish = e["finish"]
+                ended_on_ranks = e.finish is not None
+                if e.error:
+                    raise RuntimeError(e.error)
                 text = ""
-                if e["token_id"] is not None:
+                if e.token_id is not None:
                     first = first or time.perf_counter()
-                    generated.append(e["token_id"])
-                    if finish != "stop" and decoder:  # the stop token itself is not part of the answer
-                        text = decoder.feed(e["token_id"])
-                if finish is not None and decoder:
+                    generated.append(e.token_id)
+                    if e.finish != "stop" and decoder:  # the stop token itself is not part of the answer
+                        text = decoder.feed(e.token_id)
+                if e.finish is not None and decoder:
                     text += decoder.flush()
+                text, hit = stops.feed(text)
+                finish = "stop" if hit else e.finish
+                if finish is not None and not hit:
+                    text += stops.flush()
                 if text or finish is None:
-                    yield {"text": text, "token_id": e["token_id"]}
+                    yield {"text": text, "token_id": e.token_id}
+        except Exception as e:  # noqa: BLE001 - whatever ended an admitted request is logged once, with its id
+            log.error("request %s failed: %s", rid, e)
+            raise
         finally:
             del self.streams[rid]
-            if finish is None and self.group is not None:  # the caller went away: free the slot now
-                self.group.leader.submit.remote(("cancel", rid))
+            if not ended_on_ranks and self.group is not None:  # a stop string, or the caller went away: free the slot
+                self.group.leader.submit.remote(Cancel(rid))
         elapsed = time.perf_counter() - start
         decode_s = time.perf_counter() - (first or start)
         yield {
-            "finish": finish, "token_ids": generated, "prompt_tokens": len(ids), "generated_tokens": len(generated),
-            "ttft_s": (first or start) - start, "elapsed_s": elapsed,
+            "finish": finish, "token_ids": generated, "prompt_tokens": len(prompt_ids),
+            "generated_tokens": len(generated), "ttft_s": (first or start) - start, "elapsed_s": elapsed,
             "tokens_per_s": (len(generated) - 1) / decode_s if len(generated) > 1 and decode_s > 0 else 0.0,
         }
-
 
     # ---- HTTP ----------------------------------------------------------------------------------------------
 
@@ -224,7 +228,7 @@ class Driver:
                     max_queue: int = MAX_QUEUE) -> str:
         """Serve the OpenAI-compatible API (/v1) and the web chat (/) on one port; returns the URL once listening.
 
-        The HTTP server runs in this actor's own event loop, so its handlers call `stream` directly: tokens go
+        The HTTP server runs in this actor's own event loop, so its handlers call `submit` directly: tokens go
         from the leader's event batches to the HTTP responses without a Ray call per token."""
         from raytp.serving.openai_api import HTTPServer
 

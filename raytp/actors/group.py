@@ -19,6 +19,7 @@ from raytp.parallel.comm.hierarchical import node_layout
 from raytp.model.config import ModelConfig
 from raytp.parallel.devices import DeviceSpec, format_bytes
 from raytp.parallel.plan import ShardPlan, plan_shards
+from raytp.runtime.engine import Stop
 from raytp.runtime.options import RuntimeOptions
 
 log = logging.getLogger("raytp")
@@ -192,7 +193,7 @@ class WorkerGroup:
         After a rank died the others are stuck in a collective: pass graceful=False to kill them at once."""
         if self.run_refs and graceful:
             try:
-                self.leader.submit.remote(("stop",))
+                self.leader.submit.remote(Stop())
                 ray.wait(self.run_refs, num_returns=len(self.run_refs), timeout=5)
             except Exception:  # noqa: BLE001 - the group may be half dead; killing below is what matters
                 pass

@@ -14,7 +14,7 @@ import queue
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import replace
 
 import psutil
 import ray
@@ -25,11 +25,10 @@ from raytp.parallel.comm import CommError, Communicator
 from raytp.parallel.comm.factory import CommPlan, GroupOpening, open_group
 from raytp.model.config import ModelConfig
 from raytp.parallel.devices import DeviceSpec, format_bytes
-from raytp.runtime.engine import RankEngine, Request, TokenEvent
+from raytp.runtime.engine import Command, RankEngine, TokenEvent
 from raytp.runtime.options import RuntimeOptions
 from raytp.model.llama import ShardedLlama
 from raytp.parallel.plan import ShardPlan
-from raytp.runtime.sampling import SamplingParams
 from raytp.weights.source import ModelSource
 
 
@@ -129,21 +128,18 @@ class Worker:
         for e in events:
             self.events.put((now, e))
 
-    def submit(self, command: tuple) -> None:
-        """Leader only: ("add", Request-as-dict) | ("cancel", id) | ("stop",), taken at the next step."""
-        if command[0] == "add":
-            fields = command[1]
-            command = ("add", Request(**{**fields, "params": SamplingParams(**fields["params"])}))
+    def submit(self, command: Command) -> None:
+        """Leader only: `Add`, `Cancel` or `Stop`, taken at the next step."""
         self.engine.inbox.put(command)
 
-    def submit_timed(self, command: tuple) -> float:
+    def submit_timed(self, command: Command) -> float:
         """`submit`, returning this process's perf_counter when the command was queued: benchmarks time a
         request against the `t` of its events, which come from the same clock."""
         queued = time.perf_counter()
         self.submit(command)
         return queued
 
-    def poll_events(self, timeout_s: float = 0.2, max_events: int = 4096) -> list[dict]:
+    def poll_events(self, timeout_s: float = 0.2, max_events: int = 4096) -> list[TokenEvent]:
         """Leader only: block until at least one event (or timeout), then return all that are waiting."""
         out = []
         try:
@@ -152,7 +148,7 @@ class Worker:
                 out.append(self.events.get_nowait())
         except queue.Empty:
             pass
-        return [asdict(e) | {"t": t} for t, e in out]
+        return [replace(e, t=t) for t, e in out]
 
     def close(self) -> None:
         if self.comm is not None:

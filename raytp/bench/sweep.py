@@ -45,7 +45,7 @@ from raytp.actors.worker import MemoryBudgetError
 from raytp.bench import microbench
 from raytp.model.config import ModelConfig
 from raytp.parallel.devices import DeviceSpec
-from raytp.runtime.engine import Request
+from raytp.runtime.engine import Add, Request
 from raytp.runtime.options import RuntimeOptions
 from raytp.parallel.plan import DTYPE_BYTES, PlanError, ShardPlan
 from raytp.runtime.sampling import SamplingParams
@@ -86,23 +86,23 @@ def _events(group: WorkerGroup, deadline: float, timeout_s: float):
         if time.monotonic() > deadline:
             raise TimeoutError(f"benchmark requests did not finish within {timeout_s:.0f} s")
         for e in ray.get(group.leader.poll_events.remote(0.5)):
-            if e.get("error"):
-                raise RuntimeError(f"request {e['request_id']} failed: {e['error']}")
+            if e.error:
+                raise RuntimeError(f"request {e.request_id} failed: {e.error}")
             yield e
 
 
 def _run_batch(group: WorkerGroup, requests: list[Request], timeout_s: float = 600.0) -> dict:
     """Submit `requests` together; return the timed decode window and each request's tokens."""
-    ray.get([group.leader.submit.remote(("add", asdict(r))) for r in requests])
+    ray.get([group.leader.submit.remote(Add(r)) for r in requests])
     tokens = {r.id: [] for r in requests}
     first, finished, step_times = {}, {}, set()
     for e in _events(group, time.monotonic() + timeout_s, timeout_s):
-        rid, t = e["request_id"], e["t"]
-        if e["token_id"] is not None:
-            tokens[rid].append(e["token_id"])
+        rid, t = e.request_id, e.t
+        if e.token_id is not None:
+            tokens[rid].append(e.token_id)
         first.setdefault(rid, t)
         step_times.add(t)
-        if e["finish"]:
+        if e.finish:
             finished[rid] = t
             if len(finished) == len(requests):
                 break
@@ -113,10 +113,10 @@ def _run_batch(group: WorkerGroup, requests: list[Request], timeout_s: float = 6
 
 def _prefill_seconds(group: WorkerGroup, request: Request, timeout_s: float = 600.0) -> float:
     """From the leader queuing `request` (max_tokens 1) to its first token, both on the leader's clock."""
-    queued = ray.get(group.leader.submit_timed.remote(("add", asdict(request))))
+    queued = ray.get(group.leader.submit_timed.remote(Add(request)))
     for e in _events(group, time.monotonic() + timeout_s, timeout_s):
-        if e["request_id"] == request.id and e["finish"]:
-            return e["t"] - queued
+        if e.request_id == request.id and e.finish:
+            return e.t - queued
 
 
 def _read_bytes_per_step(config: ModelConfig, plan: ShardPlan, batch: int, context: float) -> list[int]:

@@ -1,10 +1,15 @@
 """The per-rank token loop: every rank runs it in lock-step, no Ray call inside.
 
-Rank 0 (the leader) owns the inbox of commands from the driver and the outbox of sampled tokens. At the
-top of every step it broadcasts the commands that arrived (usually none: one tiny collective) so that
-every rank admits, cancels and finishes the same requests at the same step. Then all ranks prefill the
-new requests, run one batched decode step over every active request and sample identically. Requests
-join and leave between steps; a finished or cancelled request frees its cache slot at once.
+Rank 0 (the leader) owns the inbox of commands from the driver (`Add`, `Cancel`, `Stop`) and the outbox of
+sampled tokens. At the top of every step it broadcasts the commands that arrived (usually none: one tiny
+collective) so that every rank admits, cancels and finishes the same requests at the same step. That
+broadcast is the one place a request has a wire format (`encode_commands` / `decode_commands`); everywhere
+else it is the dataclasses below, which Ray pickles as they are. Then all ranks prefill the new requests,
+run one batched decode step over every active request and sample identically. Requests join and leave
+between steps; a finished or cancelled request frees its cache slot at once.
+
+Requests arrive checked (`raytp.runtime.requests.check_request`, at the front end): a bad one never reaches a
+rank, so the loop does not check them again.
 
 When no request is active the leader waits on its inbox for at most `heartbeat_s` and then broadcasts an
 empty step anyway, so a rank that has died is noticed within the collective timeout even when idle.
@@ -30,17 +35,57 @@ class Request:
     id: str
     prompt_ids: list[int]
     params: SamplingParams
-    stop_ids: list[int] = field(default_factory=list)
+    stop_ids: list[int] = field(default_factory=list)  # the end-of-sequence tokens; empty with ignore_eos
 
 
 @dataclass
 class TokenEvent:
-    """One sampled token of a request; `finish` is set on its last event ("stop", "length", "cancelled")."""
+    """One sampled token of a request; `finish` is set on its last event ("stop", "length", "cancelled", or
+    "error" with `error` saying why)."""
 
     request_id: str
     token_id: int | None
     finish: str | None = None
     error: str | None = None
+    t: float | None = None  # the leader's perf_counter at the step that made it (set by poll_events; benchmarks)
+
+
+@dataclass
+class Add:
+    request: Request
+
+
+@dataclass
+class Cancel:
+    request_id: str
+
+
+@dataclass
+class Stop:
+    """Ends every rank's loop."""
+
+
+Command = Add | Cancel | Stop
+
+
+def encode_commands(commands: list[Command]) -> bytes:
+    """The leader's broadcast of one step's commands, as JSON (the ranks may be different processes and
+    machines; JSON keeps the format readable and free of pickle)."""
+    def one(c: Command) -> list:
+        if isinstance(c, Add):
+            r = c.request
+            return ["add", r.id, r.prompt_ids, asdict(r.params), r.stop_ids]
+        return ["cancel", c.request_id] if isinstance(c, Cancel) else ["stop"]
+    return json.dumps([one(c) for c in commands]).encode()
+
+
+def decode_commands(payload: bytes) -> list[Command]:
+    def one(c: list) -> Command:
+        if c[0] == "add":
+            _, rid, prompt, params, stop_ids = c
+            return Add(Request(rid, prompt, SamplingParams(**params), stop_ids))
+        return Cancel(c[1]) if c[0] == "cancel" else Stop()
+    return [one(c) for c in json.loads(payload.decode())]
 
 
 @dataclass
@@ -62,13 +107,15 @@ class RankEngine:
         self.active: dict[str, _Sequence] = {}
         self.free_slots = list(range(model.max_batch))
         self.pending: deque[Request] = deque()  # leader only: waiting for a free slot
-        self.inbox: queue.Queue = queue.Queue()  # leader only: ("add", Request) | ("cancel", id) | ("stop",)
+        self.inbox: queue.Queue[Command] = queue.Queue()  # leader only
+        self.leader_events: list[TokenEvent] = []  # leader only: events decided without the other ranks
 
     # ---- leader side -------------------------------------------------------------------------------------
 
-    def _collect_commands(self) -> list:
-        """Leader: what the whole group does this step, as JSON-able commands."""
-        commands = []
+    def _collect_commands(self) -> list[Command]:
+        """Leader: what the whole group does this step. A request cancelled while still waiting for a slot
+        never reached the other ranks: its "cancelled" event goes straight to `self.leader_events`."""
+        commands: list[Command] = []
         wait = not self.active and not self.pending
         while True:
             try:
@@ -76,59 +123,47 @@ class RankEngine:
             except queue.Empty:
                 break
             wait = False
-            if cmd[0] == "add":
-                self.pending.append(cmd[1])
-            elif cmd[0] == "cancel":
-                if any(r.id == cmd[1] for r in self.pending):
-                    self.pending = deque(r for r in self.pending if r.id != cmd[1])
-                    commands.append(["cancelled", cmd[1]])
-                else:
-                    commands.append(["cancel", cmd[1]])
+            if isinstance(cmd, Add):
+                self.pending.append(cmd.request)
+            elif isinstance(cmd, Cancel) and any(r.id == cmd.request_id for r in self.pending):
+                self.pending = deque(r for r in self.pending if r.id != cmd.request_id)
+                self.leader_events.append(TokenEvent(cmd.request_id, None, "cancelled"))
             else:
-                commands.append(["stop"])
-        free = len(self.free_slots) - sum(1 for c in commands if c[0] == "cancel" and c[1] in self.active)
+                commands.append(cmd)
+        free = len(self.free_slots) - sum(1 for c in commands if isinstance(c, Cancel) and c.request_id in self.active)
         while self.pending and free > 0:
-            r = self.pending.popleft()
-            commands.append(["add", r.id, r.prompt_ids, asdict(r.params), r.stop_ids])
+            commands.append(Add(self.pending.popleft()))
             free -= 1
         return commands
 
-    def _broadcast_commands(self, commands: list) -> list:
-        """One int64 collective when idle-ish; a second one carrying the JSON when there is news."""
-        payload = json.dumps(commands).encode() if self.comm.rank == 0 and commands else b""
+    def _broadcast_commands(self, commands: list[Command]) -> list[Command]:
+        """One int64 collective when idle-ish; a second one carrying the commands when there is news."""
+        payload = encode_commands(commands) if self.comm.rank == 0 and commands else b""
         n = self.comm.broadcast(torch.tensor([len(payload)], dtype=torch.int64))
         if int(n) == 0:
             return []
         buf = torch.zeros(int(n), dtype=torch.uint8)
         if self.comm.rank == 0:
             buf.copy_(torch.frombuffer(bytearray(payload), dtype=torch.uint8))
-        return json.loads(bytes(self.comm.broadcast(buf).tolist()).decode())
+        return decode_commands(bytes(self.comm.broadcast(buf).tolist()))
 
     # ---- every rank ----------------------------------------------------------------------------------------
 
     def run(self, emit: Callable[[list[TokenEvent]], None]) -> None:
-        """Step until a "stop" command. `emit` receives the events of each step (used on the leader)."""
+        """Step until a `Stop` command. `emit` receives the events of each step (used on the leader)."""
         while True:
             commands = self._broadcast_commands(self._collect_commands() if self.comm.rank == 0 else [])
-            events: list[TokenEvent] = []
+            events, self.leader_events = self.leader_events, []
             new: list[_Sequence] = []
             for cmd in commands:
-                if cmd[0] == "stop":
+                if isinstance(cmd, Stop):
                     return
-                if cmd[0] == "cancelled":
-                    events.append(TokenEvent(cmd[1], None, "cancelled"))
-                elif cmd[0] == "cancel" and cmd[1] in self.active:
-                    self._finish(self.active[cmd[1]], "cancelled", events)
-                elif cmd[0] == "add":
-                    _, rid, prompt, params, stop_ids = cmd
-                    if not 0 < len(prompt) < self.model.max_context:
-                        events.append(TokenEvent(rid, None, "error", error=(
-                            f"prompt has {len(prompt)} tokens; it must have 1 to {self.model.max_context - 1} "
-                            f"(--max-context {self.model.max_context})")))
-                        continue
-                    seq = _Sequence(Request(rid, prompt, SamplingParams(**params), stop_ids),
-                                    self.free_slots.pop(0), list(prompt))
-                    self.active[rid] = seq
+                if isinstance(cmd, Cancel):
+                    if cmd.request_id in self.active:
+                        self._finish(self.active[cmd.request_id], "cancelled", events)
+                else:
+                    seq = _Sequence(cmd.request, self.free_slots.pop(0), list(cmd.request.prompt_ids))
+                    self.active[cmd.request.id] = seq
                     new.append(seq)
             decoding = [s for s in self.active.values() if s not in new]
             for seq in new:  # prefill one request at a time: its whole prompt in one forward
@@ -163,7 +198,7 @@ class RankEngine:
             seq.generated += 1
             if token in seq.request.stop_ids:
                 self._finish(seq, "stop", events, token)
-            elif seq.generated >= seq.request.params.max_tokens or len(seq.tokens) >= self.model.max_context:
+            elif seq.generated == seq.request.params.max_tokens or len(seq.tokens) >= self.model.max_context:
                 self._finish(seq, "length", events, token)
             else:
                 events.append(TokenEvent(seq.request.id, token))

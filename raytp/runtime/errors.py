@@ -2,7 +2,14 @@
 
 
 class RequestError(ValueError):
-    """Bad input in a request: the message names the value and the limit (HTTP 400)."""
+    """Bad input in a request: the message names the value and the limit (HTTP 400).
+
+    `param` names the request field at fault, as the OpenAI API reports it; `code` is OpenAI's error code where
+    it has one (context_length_exceeded)."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.param, self.code = param, code
 
 
 class BusyError(RuntimeError):

@@ -17,31 +17,48 @@ from dataclasses import dataclass
 import torch
 
 from raytp.parallel.comm import Communicator
+from raytp.runtime.errors import RequestError
 
 M32 = 0xFFFFFFFF
 FIRST_CANDIDATES = 64
 
 
+# The documented range of every sampling field. The API's request models declare their fields with these, and
+# SamplingParams checks them for every other caller (CLI, web chat, benchmarks): one set of rules.
+TEMPERATURE_MAX = 2.0  # OpenAI's range is [0, 2]: hotter is noise, and 1e308 or inf is no number to divide by
+REPETITION_PENALTY_MAX = 10.0  # 1 is off, Hugging Face's examples stay below 2; beyond 10 every seen token is gone
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # a signed 64-bit integer, as OpenAI's seed; the draws use its low 32 bits
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    temperature: float = 0.0  # 0 means greedy
-    top_k: int = 0  # 0 disables
-    top_p: float = 1.0  # 1 disables
-    repetition_penalty: float = 1.0  # Hugging Face semantics (CTRL paper); 1 disables
+    temperature: float = 0.0  # 0 means greedy; at most TEMPERATURE_MAX
+    top_k: int = 0  # 0 (or -1, as vLLM spells it) disables; at most the vocabulary size (checked by check_request)
+    top_p: float = 1.0  # in (0, 1]; 1 disables
+    repetition_penalty: float = 1.0  # Hugging Face semantics (CTRL paper), in (0, REPETITION_PENALTY_MAX]; 1 disables
     seed: int = 0  # together with the position, fixes every random draw of a request
-    max_tokens: int = 256
+    max_tokens: int | None = None  # None: until the context is full
 
     def __post_init__(self):
+        if self.top_k == -1:
+            object.__setattr__(self, "top_k", 0)  # one spelling of "off" from here on
+        # written so that NaN fails every check: comparisons with NaN are false
         checks = [
-            (self.temperature >= 0, f"temperature must be >= 0 (0 is greedy), got {self.temperature}"),
-            (self.top_k >= 0, f"top_k must be >= 0 (0 disables it), got {self.top_k}"),
-            (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
-            (self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
-            (self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}"),
+            ("temperature", 0 <= self.temperature <= TEMPERATURE_MAX,
+             f"temperature must be in [0, {TEMPERATURE_MAX}] (0 is greedy), got {self.temperature}"),
+            ("top_k", isinstance(self.top_k, int) and self.top_k >= 0,
+             f"top_k must be a whole number >= 0 (0 or -1 disable it), got {self.top_k}"),
+            ("top_p", 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
+            ("repetition_penalty", 0 < self.repetition_penalty <= REPETITION_PENALTY_MAX,
+             f"repetition_penalty must be in (0, {REPETITION_PENALTY_MAX}] (1 is off), got {self.repetition_penalty}"),
+            ("seed", isinstance(self.seed, int) and SEED_MIN <= self.seed <= SEED_MAX,
+             f"seed must be a whole number in [{SEED_MIN}, {SEED_MAX}], got {self.seed}"),
+            ("max_tokens", self.max_tokens is None or isinstance(self.max_tokens, int) and self.max_tokens >= 1,
+             f"max_tokens must be a whole number >= 1, got {self.max_tokens}"),
         ]
-        for ok, message in checks:
+        for param, ok, message in checks:
             if not ok:
-                raise ValueError(message)
+                raise RequestError(message, param=param)
 
     @property
     def greedy(self) -> bool:

@@ -5,7 +5,7 @@
     GET  /v1/models             the one served model; its id is the --model string
     /                           the Gradio web chat and Cluster panel (raytp.ui.chat)
 
-The handlers run in the same event loop as `Driver.stream` and call it directly: a request costs one Ray call
+The handlers run in the same event loop as `Driver.submit` and call it directly: a request costs one Ray call
 (its submission to the leader rank) and its tokens arrive through the driver's batched event pump, never a Ray
 call per token. Batching happens in the ranks: requests join and leave the running batch between decode steps.
 
@@ -25,16 +25,22 @@ import socket
 import time
 import uuid
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from typing import Annotated, Literal
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from raytp.runtime.errors import BusyError, RequestError
+from raytp.runtime.requests import STOP_MAX_CHARS, STOP_MAX_COUNT
+from raytp.runtime.sampling import REPETITION_PENALTY_MAX, SEED_MAX, SEED_MIN, TEMPERATURE_MAX, SamplingParams
 
 log = logging.getLogger("raytp")
 
 SHUTDOWN_GRACE_S = 2.0  # open streams (the web chat keeps one per tab) get this long before they are cut
+# A request's text is bounded by the context it must fit (a token is a few bytes of text, or a few digits as an id):
+# 4 MiB is room for contexts of several hundred thousand tokens, and keeps a hostile body out of memory.
+MAX_BODY_BYTES = 4 << 20
 
 
 class APIError(Exception):
@@ -52,219 +58,157 @@ class APIError(Exception):
         return JSONResponse(self.body(), status_code=self.status)
 
 
-def _api_error(e: Exception) -> APIError:
-    """Errors raised while running a request, as the API reports them."""
-    if isinstance(e, APIError):
-        return e
+def _api_error(e: Exception, chat: bool) -> APIError:
+    """Errors raised while running a request, as the API reports them (the driver has logged those of admitted
+    requests, with their id)."""
     if isinstance(e, BusyError):
         return APIError(429, str(e), "rate_limit_error", code="server_busy")
     if isinstance(e, RequestError):
-        return APIError(400, str(e))
-    log.warning("request failed: %s", e)
+        return _request_error(e, chat)
     return APIError(500, f"the request failed: {e}", "server_error")
 
 
-# ---- request parsing ---------------------------------------------------------------------------------------
+# ---- request bodies ----------------------------------------------------------------------------------------
+# Each field's bounds stand beside it; they are the ones raytp.runtime.sampling declares for every front end.
+# What needs the model (top_k against the vocabulary, token ids, prompt + max_tokens against the context) is
+# checked by the driver's `submit`, for the API, the web chat and the CLI alike.
 
-@dataclass
-class Completion:
-    """One validated request: what to send to `Driver.stream`, and how to answer."""
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
 
-    chat: bool
-    prompt: str | None = None
-    messages: list[dict] | None = None
-    prompt_ids: list[int] | None = None  # a completions prompt given as token ids
-    params: dict = field(default_factory=dict)  # SamplingParams fields
+    include_usage: bool = False  # a last chunk carrying the usage
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    type: Literal["text"]  # only text parts are supported
+    text: str = ""
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+
+    def as_template_input(self) -> dict:
+        text = "".join(p.text for p in self.content) if isinstance(self.content, list) else self.content or ""
+        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+
+
+class _Body(BaseModel):
+    # strict: JSON true is not the number 1, "0.5" is not 0.5; unknown fields are ignored, as OpenAI's are
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    model: str = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)  # None: what the context has room for
+    temperature: float = Field(1.0, ge=0, le=TEMPERATURE_MAX, allow_inf_nan=False)
+    top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
+    top_k: int = Field(0, ge=-1)  # vLLM's extension, 0 or -1 off; at most the vocabulary (checked by submit)
+    repetition_penalty: float = Field(1.0, gt=0, le=REPETITION_PENALTY_MAX, allow_inf_nan=False)
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)  # None: every request draws anew, as OpenAI's do
+    stop: Annotated[list[Annotated[str, Field(max_length=STOP_MAX_CHARS)]], Field(max_length=STOP_MAX_COUNT)] = []
+    n: Literal[1] = 1  # one choice per request
+    best_of: Literal[1] = 1
+    logprobs: Literal[False, 0] = False  # not supported
+    echo: Literal[False] = False  # not supported
     stream: bool = False
-    include_usage: bool = False  # stream_options.include_usage: a last chunk carrying the usage
-    stop: list[str] = field(default_factory=list)
+    stream_options: StreamOptions = Field(default_factory=StreamOptions)
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever the model says (benchmarks, tests)
-    prompt_tokens: int = 0
 
-    def inputs(self) -> dict:
-        ids = {"prompt_ids": self.prompt_ids} if self.prompt_ids is not None else {}
-        return {"prompt": self.prompt, "messages": self.messages, **ids}
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_absent(cls, data):
+        """Clients send `"temperature": null` for "the default", as OpenAI's API takes it."""
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
 
-    def stream_args(self) -> dict:
-        return {"params": self.params, **self.inputs(), **({"ignore_eos": True} if self.ignore_eos else {})}
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _one_stop(cls, stop):
+        return [stop] if isinstance(stop, str) else stop
 
-
-def _typed(body: dict, name: str, kinds: tuple, what: str, default=None):
-    value = body.get(name)
-    if value is None:
-        return default
-    # JSON true/false are Python bools, which are ints too: a number field must not take them
-    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
-        raise APIError(400, f"'{name}' must be {what}, got {json.dumps(value)}", param=name)
-    return value
-
-
-def _number(body: dict, name: str, default, low: float, high: float | None = None, low_open: bool = False):
-    value = _typed(body, name, (int, float), "a number", default)
-    if value is None:
-        return None
-    if value < low or (low_open and value == low) or (high is not None and value > high):
-        bounds = f"{'(' if low_open else '['}{low}, {high if high is not None else 'inf'}{']' if high else ')'}"
-        raise APIError(400, f"'{name}' must be in {bounds}, got {value}", param=name)
-    return value
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                              repetition_penalty=self.repetition_penalty,
+                              seed=self.seed if self.seed is not None else secrets.randbits(31),
+                              max_tokens=self.max_tokens)
 
 
-def _message_text(content, i: int) -> str:
-    """A message's content: a string, or OpenAI's list of parts of which only text parts are supported."""
-    if content is None or isinstance(content, str):
-        return content or ""
-    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
-        return "".join(str(p.get("text", "")) for p in content)
-    raise APIError(400, f"messages[{i}].content must be a string or a list of text parts", param="messages")
+class ChatCompletionRequest(_Body):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens
+
+    @model_validator(mode="after")
+    def _max_tokens(self):
+        if self.max_tokens is None:
+            self.max_tokens = self.max_completion_tokens
+        return self
 
 
-def _messages(body: dict) -> list[dict]:
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise APIError(400, "'messages' must be a non-empty list of {role, content} objects", param="messages")
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant"):
-            raise APIError(400, f"messages[{i}] must be an object whose role is system, user or assistant",
-                           param="messages")
-        role = "system" if m["role"] == "developer" else m["role"]
-        out.append({"role": role, "content": _message_text(m.get("content"), i)})
-    return out
+class CompletionRequest(_Body):
+    # a string or token ids; a list holding one of those (a batch of one) is taken too
+    prompt: str | Annotated[list[int], Field(min_length=1)]
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _one_prompt(cls, prompt):
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+            prompt = prompt[0]
+        if isinstance(prompt, str) or (isinstance(prompt, list) and prompt
+                                       and all(type(t) is int for t in prompt)):
+            return prompt
+        raise ValueError("must be a string or a list of token ids (one prompt per request)")
 
 
-def _prompt(body: dict) -> tuple[str | None, list[int] | None]:
-    """(text, token ids): a string, a list of token ids, or a list holding exactly one of those."""
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]
-    if isinstance(prompt, str):
-        return prompt, None
-    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        return None, prompt
-    raise APIError(400, "'prompt' must be a string or a list of token ids (one prompt per request)", param="prompt")
+def _validation_error(e: ValidationError) -> APIError:
+    """The first thing wrong with a request body, naming the field, the rule and the value."""
+    err = e.errors(include_url=False)[0]
+    loc = err["loc"]
+    where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+    message = f"{f'{where!r}' if loc else 'the request body'}: {err['msg'].removeprefix('Value error, ')}"
+    if err["type"] != "missing":
+        got = json.dumps(err["input"], default=str)
+        message += f", got {got if len(got) <= 80 else got[:77] + '...'}"
+    return APIError(400, message, param=str(loc[0]) if loc else None)
 
 
-def parse_completion(body, chat: bool, model_id: str) -> Completion:
+def parse_completion(body, chat: bool, model_id: str) -> ChatCompletionRequest | CompletionRequest:
     """Validate a /v1/chat/completions or /v1/completions body; raise APIError naming the bad field."""
-    if not isinstance(body, dict):
-        raise APIError(400, "the request body must be a JSON object")
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise APIError(400, f"'model' is required; this server serves {model_id!r}", param="model")
-    if model != model_id:
-        raise APIError(404, f"The model {model!r} does not exist; this server serves {model_id!r}",
+    try:
+        req = (ChatCompletionRequest if chat else CompletionRequest).model_validate(body)
+    except ValidationError as e:
+        raise _validation_error(e) from None
+    if req.model != model_id:
+        raise APIError(404, f"The model {req.model!r} does not exist; this server serves {model_id!r}",
                        param="model", code="model_not_found")
-    n = _typed(body, "n", (int,), "an integer", 1)
-    if n != 1:
-        raise APIError(400, f"'n' must be 1 (one choice per request), got {n}", param="n")
-    if _typed(body, "best_of", (int,), "an integer", 1) != 1:
-        raise APIError(400, "'best_of' must be 1", param="best_of")
-    if body.get("logprobs") not in (None, False, 0):
-        raise APIError(400, "'logprobs' is not supported", param="logprobs")
-    if _typed(body, "echo", (bool,), "a boolean", False):
-        raise APIError(400, "'echo' is not supported", param="echo")
-
-    req = Completion(chat=chat)
-    if chat:
-        req.messages = _messages(body)
-    else:
-        req.prompt, req.prompt_ids = _prompt(body)
-    max_tokens = _typed(body, "max_tokens", (int,), "an integer", None)
-    if chat and max_tokens is None:
-        max_tokens = _typed(body, "max_completion_tokens", (int,), "an integer", None)
-    if max_tokens is not None and max_tokens < 1:
-        raise APIError(400, f"'max_tokens' must be at least 1, got {max_tokens}", param="max_tokens")
-    seed = _typed(body, "seed", (int,), "an integer", None)
-    req.params = {
-        "temperature": _number(body, "temperature", 1.0, 0.0),
-        "top_p": _number(body, "top_p", 1.0, 0.0, 1.0, low_open=True),
-        "top_k": max(0, _typed(body, "top_k", (int,), "an integer", 0)),  # vLLM's extension; -1 also disables
-        "repetition_penalty": _number(body, "repetition_penalty", 1.0, 0.0, low_open=True),
-        # without a seed every request draws anew, as OpenAI's API does
-        "seed": seed if seed is not None else secrets.randbits(31),
-    }
-    if max_tokens is not None:
-        req.params["max_tokens"] = max_tokens
-    stop = body.get("stop")
-    if isinstance(stop, str):
-        stop = [stop]
-    if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
-        raise APIError(400, "'stop' must be a string or a list of strings", param="stop")
-    req.stop = [s for s in stop or [] if s]
-    req.ignore_eos = _typed(body, "ignore_eos", (bool,), "a boolean", False)
-    req.stream = _typed(body, "stream", (bool,), "a boolean", False)
-    options = _typed(body, "stream_options", (dict,), "an object", {})
-    req.include_usage = bool(options.get("include_usage")) and req.stream
     return req
 
 
-def fit_context(driver, req: Completion) -> None:
-    """Tokenize to check the prompt and max_tokens against the context; default max_tokens to what is left."""
-    try:
-        ids = driver.prompt_ids(**req.inputs())
-    except ValueError as e:  # RequestError, or a tokenizer that cannot take this input (no chat template)
-        too_long = str(e).startswith("the prompt has")
-        raise APIError(400, str(e), param="messages" if req.chat else "prompt",
-                       code="context_length_exceeded" if too_long else None) from None
-    context = driver.settings.max_context
-    room = context - len(ids)
-    asked = req.params.setdefault("max_tokens", room)
-    if asked > room:
-        raise APIError(400, f"this model's context holds {context} tokens (--max-context); the prompt has "
-                       f"{len(ids)} and max_tokens asks for {asked} more: lower max_tokens to at most {room}",
-                       param="max_tokens", code="context_length_exceeded")
-    req.prompt_tokens = len(ids)
+def _request_error(e: RequestError, chat: bool) -> APIError:
+    param = "messages" if chat and e.param == "prompt" else e.param
+    return APIError(400, str(e), param=param, code=e.code)
 
 
 # ---- running a request -------------------------------------------------------------------------------------
 
-class StopScanner:
-    """Cuts streamed text at the first stop string. Text that might be the start of a stop string is held back
-    until the next piece shows whether it is."""
-
-    def __init__(self, stops: list[str]):
-        self.stops, self.held = stops, ""
-
-    def feed(self, text: str) -> tuple[str, bool]:
-        """(text safe to emit, whether a stop string was hit)."""
-        if not self.stops:
-            return text, False
-        text, self.held = self.held + text, ""
-        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            return text[:min(hits)], True
-        keep = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-        if keep:
-            text, self.held = text[:-keep], text[-keep:]
-        return text, False
-
-    def flush(self) -> str:
-        text, self.held = self.held, ""
-        return text
-
-
-async def run_completion(driver, req: Completion):
+async def run_completion(driver, req: ChatCompletionRequest | CompletionRequest):
     """Yield the answer's text pieces, then one final dict {finish_reason, prompt_tokens, completion_tokens}.
 
-    Closing this generator (or cancelling its consumer) closes the driver stream, which cancels the request."""
-    stops = StopScanner(req.stop)
-    tokens = 0
-    async with aclosing(driver.stream(**req.stream_args())) as pieces:
+    Tokenizes the prompt once, here; the driver's `submit` checks it against the model. Closing this generator
+    (or cancelling its consumer) closes the driver's stream, which cancels the request."""
+    if isinstance(req, ChatCompletionRequest):
+        prompt_ids = driver.encode(messages=[m.as_template_input() for m in req.messages])
+    else:
+        prompt_ids = req.prompt if isinstance(req.prompt, list) else driver.encode(prompt=req.prompt)
+    async with aclosing(driver.submit(prompt_ids, req.sampling(), req.stop, req.ignore_eos)) as pieces:
         async for item in pieces:
             if "finish" in item:
-                tail = stops.flush()
-                if tail:
-                    yield tail
                 yield {"finish_reason": "length" if item["finish"] == "length" else "stop",
                        "prompt_tokens": item["prompt_tokens"], "completion_tokens": item["generated_tokens"]}
                 return
-            tokens += 1
-            text, hit = stops.feed(item["text"])
-            if text:
-                yield text
-            if hit:  # leaving the `async with` closes the driver stream: the request is cancelled
-                yield {"finish_reason": "stop", "prompt_tokens": req.prompt_tokens, "completion_tokens": tokens}
-                return
+            if item["text"]:
+                yield item["text"]
 
 
 async def _until_disconnected(request: Request) -> None:
@@ -304,9 +248,9 @@ def _sse(obj) -> str:
 class _Answer:
     """The response objects of one request, in OpenAI's chat or text-completion shape."""
 
-    def __init__(self, req: Completion, model_id: str):
-        self.chat, self.model = req.chat, model_id
-        self.id = f"{'chatcmpl' if req.chat else 'cmpl'}-{uuid.uuid4().hex}"
+    def __init__(self, chat: bool, model_id: str):
+        self.chat, self.model = chat, model_id
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
 
     def _envelope(self, object_: str, choices: list, **extra) -> dict:
@@ -332,17 +276,24 @@ class _Answer:
         return self._envelope("chat.completion.chunk" if self.chat else "text_completion", [], usage=_usage(final))
 
 
+async def _read_body(request: Request) -> bytes:
+    """The body, refused with 413 past MAX_BODY_BYTES before more of it is read into memory."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise APIError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes, far more than a prompt that "
+                           "fits the context; shorten the prompt")
+    return bytes(body)
+
+
 async def _complete(request: Request, driver, model_id: str, chat: bool) -> Response:
     try:
-        body = json.loads(await request.body())
+        body = json.loads(await _read_body(request))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         return APIError(400, f"the request body is not valid JSON: {e}").response()
-    try:
-        req = parse_completion(body, chat, model_id)
-        fit_context(driver, req)
-    except APIError as e:
-        return e.response()
-    answer = _Answer(req, model_id)
+    req = parse_completion(body, chat, model_id)
+    answer = _Answer(chat, model_id)
     pieces = run_completion(driver, req)
     try:
         # Wait for the first piece before answering 200: a full server or a bad request still gets its status.
@@ -352,9 +303,10 @@ async def _complete(request: Request, driver, model_id: str, chat: bool) -> Resp
         return Response(status_code=499)
     except Exception as e:  # noqa: BLE001 - every failure becomes an OpenAI-style error
         await pieces.aclose()
-        return _api_error(e).response()
+        return _api_error(e, chat).response()
     if req.stream:
-        return StreamingResponse(_stream_body(answer, req, first, pieces), media_type="text/event-stream",
+        return StreamingResponse(_stream_body(answer, req.stream_options.include_usage, first, pieces),
+                                 media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     async def rest():
@@ -369,16 +321,16 @@ async def _complete(request: Request, driver, model_id: str, chat: bool) -> Resp
     except asyncio.CancelledError:
         return Response(status_code=499)
     except Exception as e:  # noqa: BLE001
-        return _api_error(e).response()
+        return _api_error(e, chat).response()
     finally:
         await pieces.aclose()
     return JSONResponse(answer.whole(text, final))
 
 
-async def _stream_body(answer: _Answer, req: Completion, first, pieces):
+async def _stream_body(answer: _Answer, include_usage: bool, first, pieces):
     """SSE chunks. On a disconnect Starlette cancels this generator mid-await; `aclosing` then closes `pieces`,
     which closes the driver stream and cancels the request."""
-    extra = {"usage": None} if req.include_usage else {}
+    extra = {"usage": None} if include_usage else {}
     async with aclosing(pieces):
         if answer.chat:
             yield _sse(answer.chunk("", role=True, **extra))
@@ -388,11 +340,11 @@ async def _stream_body(answer: _Answer, req: Completion, first, pieces):
                 yield _sse(answer.chunk(item, **extra))
                 item = await anext(pieces)
         except Exception as e:  # noqa: BLE001 - after the 200 went out an error can only travel in the stream
-            yield _sse(_api_error(e).body())
+            yield _sse(_api_error(e, answer.chat).body())
             yield "data: [DONE]\n\n"
             return
         yield _sse(answer.chunk(None if answer.chat else "", item["finish_reason"], **extra))
-        if req.include_usage:
+        if include_usage:
             yield _sse(answer.usage_chunk(item))
         yield "data: [DONE]\n\n"
 
@@ -401,46 +353,45 @@ def build_app(driver, api_key: str | None = None) -> FastAPI:
     """The API routes over `driver` (the plain Driver object, running in this event loop)."""
     model_id = driver.settings.model
     created = int(time.time())
-    app = FastAPI(title="raytp", docs_url=None, redoc_url=None, openapi_url=None)
 
-    def refused(request: Request) -> Response | None:
-        """The 401 answer when an --api-key is set and the request does not carry it."""
-        if not api_key:
-            return None
+    async def authorized(request: Request) -> None:
+        """With an --api-key, every /v1 route wants it as 'Authorization: Bearer KEY'; else 401."""
         given = request.headers.get("authorization", "")
         scheme, _, token = given.partition(" ")
         if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key.encode()):
-            return None
+            return
         why = "wrong API key" if given else "missing API key: send the header 'Authorization: Bearer KEY'"
-        return APIError(401, f"{why} (the server's --api-key)", code="invalid_api_key").response()
+        raise APIError(401, f"{why} (the server's --api-key)", code="invalid_api_key")
 
-    @app.get("/v1/models")
-    async def models(request: Request):
-        return refused(request) or {"object": "list", "data": [_model_card(driver, model_id, created)]}
+    app = FastAPI(title="raytp", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_exception_handler(APIError, lambda _request, e: e.response())
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorized)] if api_key else [])
 
-    @app.get("/v1/models/{name:path}")
-    async def model(name: str, request: Request):
-        if refused(request):
-            return refused(request)
+    @v1.get("/models")
+    async def models():
+        return {"object": "list", "data": [_model_card(driver, model_id, created)]}
+
+    @v1.get("/models/{name:path}")
+    async def model(name: str):
         if name != model_id:
-            return APIError(404, f"The model {name!r} does not exist; this server serves {model_id!r}",
-                            param="model", code="model_not_found").response()
+            raise APIError(404, f"The model {name!r} does not exist; this server serves {model_id!r}",
+                           param="model", code="model_not_found")
         return _model_card(driver, model_id, created)
 
-    @app.post("/v1/chat/completions")
+    @v1.post("/chat/completions")
     async def chat_completions(request: Request):
-        return refused(request) or await _complete(request, driver, model_id, chat=True)
+        return await _complete(request, driver, model_id, chat=True)
 
-    @app.post("/v1/completions")
+    @v1.post("/completions")
     async def completions(request: Request):
-        return refused(request) or await _complete(request, driver, model_id, chat=False)
+        return await _complete(request, driver, model_id, chat=False)
 
-    @app.api_route("/v1/{rest:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"])
+    @v1.api_route("/{rest:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"])
     async def unknown(rest: str, request: Request):
-        return refused(request) or APIError(404, f"no route {request.method} /v1/{rest}; this server has "
-                                            "/v1/chat/completions, /v1/completions and /v1/models",
-                                            code="unknown_url").response()
+        raise APIError(404, f"no route {request.method} /v1/{rest}; this server has /v1/chat/completions, "
+                       "/v1/completions and /v1/models", code="unknown_url")
 
+    app.include_router(v1)
     return app
 
 

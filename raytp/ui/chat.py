@@ -1,9 +1,9 @@
 """The web chat: streamed answers with a stats line, sampling controls, and a Cluster panel showing the split.
 
 `build_ui(driver)` takes the plain `Driver` object and runs in the driver actor's event loop (mounted next to the
-OpenAI API by raytp.serving.openai_api), so a chat turn iterates `driver.stream` directly, like an API request does, and
-joins the same continuous batch. Stopping a turn cancels the Gradio task, which closes the stream and frees the
-request's cache slot.
+OpenAI API by raytp.serving.openai_api), so a chat turn iterates `driver.submit` directly, like an API request does,
+joins the same continuous batch and meets the same checks. Stopping a turn cancels the Gradio task, which closes the
+stream and frees the request's cache slot.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import gradio as gr
 import pandas as pd
 
 from raytp.runtime.errors import BusyError, RequestError
+from raytp.runtime.sampling import TEMPERATURE_MAX, SamplingParams
 from raytp.parallel.devices import format_bytes
 
 TABLE_HEADERS = ["rank", "device", "device name (node)", "memory budget", "used (weights + KV cache)",
@@ -114,11 +115,11 @@ def build_ui(driver) -> gr.Blocks:
             return
         messages = ([{"role": "system", "content": system}] if system.strip() else []) + \
             [{"role": t["role"], "content": t["content"]} for t in turns]
-        params = {"temperature": float(temperature), "top_p": float(top_p), "max_tokens": int(max_tokens),
-                  "seed": int(seed) if seed is not None and seed >= 0 else secrets.randbits(31)}
         answer = {"role": "assistant", "content": "", "stats": ""}
         try:
-            async for item in driver.stream(messages=messages, params=params):
+            params = SamplingParams(temperature=float(temperature), top_p=float(top_p), max_tokens=int(max_tokens),
+                                    seed=int(seed) if seed is not None and seed >= 0 else secrets.randbits(31))
+            async for item in driver.submit(driver.encode(messages=messages), params):
                 if "finish" in item:
                     answer["stats"] = stats_line(item)
                 else:
@@ -156,7 +157,7 @@ def build_ui(driver) -> gr.Blocks:
             with gr.Column(scale=2):
                 system = gr.Textbox(label="System prompt", lines=3, placeholder="You are a helpful assistant.",
                                     elem_id="raytp-system")
-                temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="Temperature (0 = greedy)",
+                temperature = gr.Slider(0, TEMPERATURE_MAX, value=0.7, step=0.05, label="Temperature (0 = greedy)",
                                         elem_id="raytp-temperature")
                 top_p = gr.Slider(0.05, 1, value=1.0, step=0.05, label="Top-p", elem_id="raytp-top-p")
                 max_tokens = gr.Slider(1, max_new, value=min(256, max_new), step=1, label="Max tokens",

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from raytp.parallel.comm.hoststaged_gpu import GpuHostStagedCommunicator
-from raytp.runtime.engine import RankEngine, Request
+from raytp.runtime.engine import Add, RankEngine, Request, Stop
 from raytp.model.graphs import GraphedDecode
 from raytp.model.llama import ShardedLlama
 from raytp.parallel.plan import plan_shards
@@ -26,14 +26,14 @@ def generate(graphed: bool, prompts, dtype=torch.float32):
     engine = RankEngine(lm, comm, decode=GraphedDecode(lm) if graphed else None)
     out = {f"r{i}": [] for i in range(len(prompts))}
     for i, p in enumerate(prompts):
-        engine.inbox.put(("add", Request(f"r{i}", p, SamplingParams(max_tokens=20 + 3 * i), [])))
+        engine.inbox.put(Add(Request(f"r{i}", p, SamplingParams(max_tokens=20 + 3 * i), [])))
 
     def emit(events):
         for e in events:
             if e.token_id is not None:
                 out[e.request_id].append(e.token_id)
         if sum(len(v) for v in out.values()) == sum(20 + 3 * i for i in range(len(prompts))):
-            engine.inbox.put(("stop",))
+            engine.inbox.put(Stop())
 
     engine.run(emit)
     comm.close()

@@ -1,0 +1,82 @@
+"""Driver.submit without Ray: a request is checked before it reaches the leader, stop strings end it, and a request
+that fails on the ranks is logged once, on one line carrying its id."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import types
+
+import pytest
+
+from raytp.actors.driver import Driver
+from raytp.runtime.engine import Add, Cancel, TokenEvent
+from raytp.runtime.errors import RequestError
+from raytp.runtime.sampling import SamplingParams
+
+
+class FakeLeader:
+    """Answers each Add with `script(request_id)`'s events, as the leader's event pump would deliver them."""
+
+    def __init__(self, driver: Driver, script):
+        self.driver, self.script, self.commands = driver, script, []
+        self.submit = types.SimpleNamespace(remote=self._submit)
+
+    def _submit(self, command):
+        self.commands.append(command)
+        if isinstance(command, Add):
+            for e in self.script(command.request.id):
+                self.driver.streams[command.request.id].put_nowait(e)
+        done = asyncio.get_running_loop().create_future()  # awaitable, like the ObjectRef Ray returns
+        done.set_result(None)
+        return done
+
+
+def fake_driver(script) -> Driver:
+    """A Driver on a synthetic model (no tokenizer) whose leader is `FakeLeader(script)`."""
+    d = object.__new__(Driver)
+    d.settings = types.SimpleNamespace(model="synthetic:test", max_context=16, max_batch=2)
+    d.config = types.SimpleNamespace(vocab_size=100, eos_token_ids={2})
+    d.tokenizer, d.streams, d.max_queue, d.ready = None, {}, 0, asyncio.Event()
+    d.ready.set()
+    d.group = types.SimpleNamespace(leader=FakeLeader(d, script))
+    return d
+
+
+async def items(driver: Driver, *args, **kw) -> list[dict]:
+    return [item async for item in driver.submit(*args, **kw)]
+
+
+def test_a_request_that_fails_on_the_ranks_is_logged_once_with_its_id(caplog):
+    async def run():
+        d = fake_driver(lambda rid: [TokenEvent(rid, 5), TokenEvent(rid, None, "error", error="rank 1 died")])
+        with pytest.raises(RuntimeError, match="rank 1 died"):
+            await items(d, [1, 2], SamplingParams(max_tokens=4))
+        return d.group.leader.commands[0].request.id
+    with caplog.at_level(logging.INFO, logger="raytp"):
+        rid = asyncio.run(run())
+    failed = [r for r in caplog.records if r.name == "raytp" and r.levelno >= logging.WARNING]
+    assert len(failed) == 1 and rid in failed[0].getMessage() and "rank 1 died" in failed[0].getMessage()
+    assert "\n" not in failed[0].getMessage()
+
+
+def test_a_bad_request_never_reaches_the_leader():
+    async def run():
+        d = fake_driver(lambda rid: [])
+        for params, param in [(SamplingParams(top_k=101), "top_k"), (SamplingParams(max_tokens=15), "max_tokens")]:
+            with pytest.raises(RequestError) as e:
+                await items(d, [1, 2], params)
+            assert e.value.param == param
+        return d
+    d = asyncio.run(run())
+    assert d.group.leader.commands == [] and d.streams == {}
+
+
+def test_finish_and_token_ids_come_through():
+    async def run():
+        d = fake_driver(lambda rid: [TokenEvent(rid, 5), TokenEvent(rid, 6), TokenEvent(rid, 7, "length")])
+        out = await items(d, [1, 2], SamplingParams(max_tokens=3))
+        return d, out
+    d, out = asyncio.run(run())
+    assert out[-1]["finish"] == "length" and out[-1]["token_ids"] == [5, 6, 7] and out[-1]["prompt_tokens"] == 2
+    assert not any(isinstance(c, Cancel) for c in d.group.leader.commands)  # it ended on the ranks: nothing to free
