@@ -24,6 +24,7 @@ from pathlib import Path
 from raytp.parallel.devices import DeviceSpecError, format_bytes, is_auto, parse_devices
 
 DTYPES = ("float32", "bfloat16", "float16")
+DEFAULT_MAX_TOKENS = 256
 EPILOG = """device SPEC: comma-separated KIND[:INDEX][@MEM] or KIND*N[@MEM], KIND cpu or cuda, e.g.
   cpu@3GiB,cpu@2GiB,cpu@1GiB   three CPU ranks with uneven budgets
   cuda*4                       four GPUs at their free memory
@@ -90,7 +91,8 @@ def _option_args(p: argparse.ArgumentParser) -> None:
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-tokens", type=int, default=256, help="tokens to generate at most (default: 256)")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help=f"tokens to generate at most (default: {DEFAULT_MAX_TOKENS}, or half of --max-context if less)")
     p.add_argument("--temperature", type=float, default=0.7, help="0 is greedy (default: 0.7)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1, off)")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (default: 0, off)")
@@ -389,7 +391,8 @@ def _sampling(args):
     """The sampling flags as SamplingParams: bad values fail here with the rule they break, as in the API."""
     from raytp.runtime.sampling import SamplingParams
 
-    return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_tokens=args.max_tokens,
+    max_tokens = args.max_tokens if args.max_tokens is not None else min(DEFAULT_MAX_TOKENS, args.max_context // 2)
+    return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_tokens=max_tokens,
                           repetition_penalty=args.repetition_penalty, seed=args.seed)
 
 
@@ -670,13 +673,11 @@ def _check_args(args) -> None:
             if args.command != "plan" and not args.address:
                 _check_devices_fit_here(spec)
     if hasattr(args, "temperature"):
-        if args.max_tokens >= args.max_context:
+        if args.max_tokens is not None and args.max_tokens >= args.max_context:
             raise UserError(f"--max-tokens {args.max_tokens} does not fit in --max-context {args.max_context}, "
                             "which also holds the prompt; lower --max-tokens or raise --max-context")
-        from raytp.runtime.sampling import SamplingParams
-
         try:
-            SamplingParams(**_sampling(args))  # the rules live there alone; its message names the value
+            _sampling(args)  # the rules live in SamplingParams alone; its message names the value
         except ValueError as e:
             raise UserError(str(e)) from None
     _check_model(args.model)

@@ -25,7 +25,7 @@ import pytest
 from raytp.runtime.requests import StopScanner
 from raytp.serving.openai_api import APIError, parse_completion
 from raytp.runtime.sampling import SamplingParams
-from raytp.weights.source import model_config
+from raytp.weights.source import ModelSource
 from raytp.weights.tokenizer import Tokenizer
 from tests.util import free_port, raytp_segments
 
@@ -394,7 +394,7 @@ def test_busy_429_and_disconnect_frees_the_slot(server, client):
 
 
 def vocab_size() -> int:
-    return model_config("smollm2").vocab_size
+    return ModelSource.parse("smollm2").config().vocab_size
 
 
 @pytest.mark.slow
