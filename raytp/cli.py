@@ -25,6 +25,7 @@ from raytp.parallel.devices import DeviceSpecError, format_bytes, is_auto, parse
 
 DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_MAX_TOKENS = 256
+SPLITS = ("memory", "speed")
 EPILOG = """device SPEC: comma-separated KIND[:INDEX][@MEM] or KIND*N[@MEM], KIND cpu or cuda, e.g.
   cpu@3GiB,cpu@2GiB,cpu@1GiB   three CPU ranks with uneven budgets
   cuda*4                       four GPUs at their free memory
@@ -47,16 +48,21 @@ class DriverDied(Exception):
     """The driver actor is gone while serving; printed as one line, exit status 1."""
 
 
-def _model_args(p: argparse.ArgumentParser, max_batch: int) -> None:
+def _model_args(p: argparse.ArgumentParser, max_batch: int, split_list: bool = False) -> None:
     p.add_argument("--model", default="smollm2", help="smollm2 or a Hugging Face model directory (default: smollm2)")
     p.add_argument("--devices", default="auto", help="device SPEC, see below (default: auto)")
     p.add_argument("--dtype", default="bfloat16", choices=DTYPES, help="weights and activations (default: bfloat16)")
     p.add_argument("--max-context", type=int, default=2048, help="tokens per sequence, prompt included (default: 2048)")
     p.add_argument("--max-batch", type=int, default=max_batch, help=f"concurrent sequences (default: {max_batch})")
-    p.add_argument("--split", choices=("memory", "speed"), default=None,
-                   help="shares in proportion to each device's memory, or the shares that make the slowest rank's "
-                        "weight reads fastest within every device's memory (default: speed when every device's "
-                        "bandwidth is known: given as ~RATE in --devices or measured on GPUs; else memory)")
+    if split_list:
+        p.add_argument("--split", default=None, help="comma-separated splits to compare, of memory and speed "
+                       "(default: each configuration's own default)")
+    else:
+        p.add_argument("--split", choices=SPLITS, default=None,
+                       help="shares in proportion to each device's memory, or the shares that make the slowest "
+                            "rank's weight reads fastest within every device's memory (default: speed when every "
+                            "device's bandwidth is known: given as ~RATE in --devices or measured on GPUs; else "
+                            "memory)")
 
 
 def _runtime_args(p: argparse.ArgumentParser) -> None:
@@ -145,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmark sweep: decode and prefill tokens/s, all-reduce latency, roofline; "
                        "CSV, JSON, markdown summary and plots", **kw)
-    _model_args(p, max_batch=0)
+    _model_args(p, max_batch=0, split_list=True)
     p.add_argument("--devices-sweep", default=None, metavar="SPEC;SPEC...",
                    help='device SPECs separated by ";", one configuration each, e.g. '
                         '"cuda*1;cuda*2;cuda*4;cuda:0@48GiB,cuda:1@141GiB" (default: --devices alone)')
@@ -343,14 +349,18 @@ def running_driver(args):
     """A started driver actor for the args' model and devices; shut down on exit."""
     import ray
 
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
     from raytp.actors.driver import DriverActor
     from raytp.actors.group import GroupSettings
 
     started = time.monotonic()
     settings = GroupSettings(model=args.model, devices=_devices(args.devices), dtype=args.dtype, comm=args.comm,
                              max_context=args.max_context, max_batch=args.max_batch, progress=False,
-                             options=args.options)
-    driver = DriverActor.remote(settings)
+                             options=args.options, split=args.split)
+    # on this node: the HTTP server it runs must listen on this machine, and a lost node must not take it along
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    driver = DriverActor.options(scheduling_strategy=here).remote(settings)
     try:
         start = driver.start.remote()
         while not ray.wait([start], timeout=0.5)[0]:  # the driver's phases (placing, loading) as they happen
@@ -487,7 +497,9 @@ def _bench_command(args, specs: list[str]) -> str:
              args.prompt_len, "--decode-tokens", str(args.decode_tokens), "--repeats", str(args.repeats),
              "--allreduce-sizes", args.allreduce_sizes, "--allreduce-iters", str(args.allreduce_iters),
              *args.options.flags()]
-    return shlex.join(parts + (["--hf-peer"] if args.hf_peer else []) + (["--out", args.out] if args.out else []))
+    optional = {"--split": args.split, "--out": args.out}
+    parts += [x for flag, value in optional.items() if value for x in (flag, value)]
+    return shlex.join(parts + (["--hf-peer"] if args.hf_peer else []))
 
 
 def cmd_bench(args) -> None:
@@ -512,6 +524,9 @@ def cmd_bench(args) -> None:
     prompt_lens = _int_list(args.prompt_len, "--prompt-len")
     sizes = _int_list(args.allreduce_sizes, "--allreduce-sizes")
     comms = _comm_list(args.comm)
+    splits = [x.strip() for x in (args.split or "").split(",") if x.strip()] or [None]
+    if any(x not in SPLITS for x in splits if x):
+        raise UserError(f"--split takes comma-separated splits of {', '.join(SPLITS)}; got {args.split!r}")
     if args.devices_sweep is not None and args.devices != "auto":
         raise UserError("give --devices or --devices-sweep, not both")
     specs = [s.strip() for s in (args.devices_sweep or args.devices).split(";") if s.strip()]
@@ -527,7 +542,7 @@ def cmd_bench(args) -> None:
                       batches=tuple(batches), prompt_lens=tuple(prompt_lens), dtype=args.dtype,
                       decode_tokens=args.decode_tokens, repeats=args.repeats, max_context=args.max_context,
                       max_batch=args.max_batch, allreduce_sizes=tuple(sizes), allreduce_iters=args.allreduce_iters,
-                      options=args.options)
+                      options=args.options, splits=tuple(dict.fromkeys(splits)))
         with tqdm(total=sweep.size, desc="raytp bench", unit="config", file=sys.stderr) as bar:
             def on_row(o):
                 bar.set_postfix_str(f"{o['devices']} {o['comm']} p{o['prompt_len']} b{o['batch']}: {o['status']}")

@@ -20,14 +20,15 @@ GiB = 1 << 30
 
 
 class LocalGroup:
-    """N ranks of `model_dir` split by `weights` (relative budgets), each in its own thread."""
+    """N ranks of `model_dir` split by `weights` (relative budgets), each in its own thread; with `bandwidths`
+    (bytes/s per rank) the planner's speed split decides the shares within those budgets."""
 
     def __init__(self, model_dir: Path, weights: list[float], *, max_context=256, max_batch=4,
-                 dtype=torch.float32):
+                 dtype=torch.float32, bandwidths: list[float] | None = None):
         self.config = ModelConfig.from_file(model_dir)
         budgets = [(f"cpu{r}", int(w * GiB)) for r, w in enumerate(weights)]
         self.plan = plan_shards(self.config, budgets, max_context=max_context, max_batch=max_batch,
-                                dtype=str(dtype).removeprefix("torch."))
+                                dtype=str(dtype).removeprefix("torch."), bandwidths=bandwidths)
         group = InProcessGroup(len(weights))
         self.models = []
         with SafetensorsReader(model_dir, dtype, torch.device("cpu")) as reader:

@@ -62,3 +62,17 @@ def test_batched_requests_each_match_alone(smollm2_dir):
     together = group.generate(prompts, SamplingParams(max_tokens=12))
     for i, p in enumerate(prompts):
         assert group.generate([p], SamplingParams(max_tokens=12))["r0"] == together[f"r{i}"]
+
+
+def test_speed_split_gives_transformers_greedy_tokens(smollm2_dir, gguf_reference):
+    """A speed split (a slow, a fast and a middling device with equal memory) is as exact as any other split."""
+    tokenizer = Tokenizer.from_dir(smollm2_dir)
+    prompt = tokenizer.encode(GGUF_PROMPTS["story"])
+    group = LocalGroup(smollm2_dir, [2.0, 2.0, 2.0], bandwidths=[0.3e12, 1.0e12, 0.6e12])
+    assert group.plan.split == "speed"
+    assert [len(r.mlp_cols) for r in group.plan.ranks] != [512, 512, 512]  # not the even memory split
+    with torch.no_grad():
+        expected = gguf_reference.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False,
+                                           eos_token_id=sorted(tokenizer.eos_token_ids))[0, len(prompt):].tolist()
+    assert group.generate([prompt], SamplingParams(max_tokens=32),
+                          stop_ids=sorted(tokenizer.eos_token_ids))["r0"] == expected

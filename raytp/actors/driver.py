@@ -7,14 +7,18 @@ in batches through one long-poll loop (`poll_events`): Ray is touched per batch 
 critical path, never per token inside a step.
 
 If any rank dies, every request in flight fails at once with an error naming the rank, the group is torn
-down and built again, and the next request runs on the new group. Every request that fails after it was
-admitted is logged here, once, on one line carrying its id.
+down and built again, and the next request runs on the new group. If the lost rank's device cannot be placed
+again (its node or GPU is gone), the group is re-planned over the devices that remain; if the model no longer
+fits on them, the error says how much memory is missing and requests get UnavailableError (HTTP 503) until
+the server is restarted. New requests wait out a rebuild. Every request that fails after it was admitted is
+logged here, once, on one line carrying its id.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import logging
 import time
 import uuid
@@ -22,9 +26,10 @@ from collections.abc import Sequence
 
 import ray
 
-from raytp.actors.group import GroupSettings, WorkerGroup
+from raytp.actors.group import ClusterError, GroupSettings, WorkerGroup
 from raytp.runtime.engine import Add, Cancel, Request, TokenEvent
-from raytp.runtime.errors import BusyError, RequestError
+from raytp.parallel.plan import PlanError
+from raytp.runtime.errors import BusyError, RequestError, UnavailableError
 from raytp.runtime.requests import StopScanner, check_request
 from raytp.runtime.sampling import SamplingParams
 from raytp.weights.source import ModelSource
@@ -58,8 +63,11 @@ class Driver:
         self.tokenizer = None if source.tokenizer_dir is None else Tokenizer.from_dir(source.tokenizer_dir)
         self.group: WorkerGroup | None = None
         self.streams: dict[str, asyncio.Queue[TokenEvent]] = {}
+        self.devices = settings.devices  # the devices the group runs on: fewer after a re-plan over survivors
         self.ready = asyncio.Event()
         self.failure: str | None = None
+        self.down: str | None = None  # why no group can be built: requests get UnavailableError
+        self.history: list[str] = []  # what happened to the group, for the web chat's cluster panel
         self._tasks: list[asyncio.Task] = []
         self._closing = False
         self.max_queue = MAX_QUEUE
@@ -75,7 +83,7 @@ class Driver:
         return self.info()
 
     async def _build(self) -> None:
-        group = WorkerGroup(self.settings, self.config)
+        group = WorkerGroup(dataclasses.replace(self.settings, devices=self.devices), self.config)
         try:
             await asyncio.to_thread(group.build)
         except BaseException:
@@ -109,14 +117,32 @@ class Driver:
             why = "its loop ended"
         except Exception as e:  # noqa: BLE001 - any failure of a rank is reported, whatever its type
             why = _first_line(e)
-        self.failure = f"rank {rank} ({self.settings.devices[rank]}) failed: {why}"
-        log.error("%s; rebuilding the group", self.failure)
+        self.failure = f"rank {rank} ({self.devices[rank]}) failed: {why}"
+        self._record(f"{self.failure}; rebuilding the group", logging.ERROR)
         self.ready.clear()
         for rid, q in self.streams.items():
             q.put_nowait(TokenEvent(rid, None, "error", error=self.failure))
         self._tasks[0].cancel()
         await asyncio.to_thread(group.shutdown, False)
-        await self._build()
+        try:
+            try:
+                await self._build()
+            except (ClusterError, ray.exceptions.RayError) as e:  # the lost devices cannot come back: go on without
+                lost = _lost_ranks(group, rank)
+                self.devices = tuple(d for i, d in enumerate(self.devices) if i not in lost)
+                self._record(f"{_first_line(e)}; re-planning over the {len(self.devices)} devices that remain: "
+                             f"{', '.join(map(str, self.devices)) or 'none'}", logging.ERROR)
+                await self._build()
+            self._record(f"serving again on {len(self.devices)} ranks")
+        except (ClusterError, PlanError, ray.exceptions.RayError) as e:
+            self.down = f"the model cannot be served on the devices that remain: {e}"
+            self._record(self.down, logging.ERROR)
+            self.ready.set()  # wake the requests waiting for the rebuild: they fail with the reason
+
+    def _record(self, event: str, level: int = logging.WARNING) -> None:
+        """Log what happened to the group, and keep it for the cluster panel."""
+        log.log(level, "%s", event)
+        self.history.append(f"{time.strftime('%H:%M:%S')} {event}")
 
     async def shutdown(self) -> None:
         self._closing = True
@@ -141,6 +167,7 @@ class Driver:
             "model": self.settings.model, "backend": g.backend, "dtype": self.settings.dtype,
             "max_context": self.settings.max_context, "max_batch": self.settings.max_batch,
             "plan": g.plan.to_dict(), "ranks": g.ranks, "plan_table": g.plan.format_table(),
+            "history": list(self.history),
         }
 
     # ---- requests ------------------------------------------------------------------------------------------
@@ -186,6 +213,8 @@ class Driver:
         ended_on_ranks = False
         try:
             await self.ready.wait()  # inside the bound, so requests waiting out a rebuild count as admitted too
+            if self.down:
+                raise UnavailableError(self.down)
             request = Request(rid, prompt_ids, params, [] if ignore_eos else sorted(eos))
             await self.group.leader.submit.remote(Add(request))
             while finish is None:
@@ -212,8 +241,8 @@ class Driver:
             raise
         finally:
             del self.streams[rid]
-            if not ended_on_ranks and self.group is not None:  # a stop string, or the caller went away: free the slot
-                self.group.leader.submit.remote(Cancel(rid))
+            if not ended_on_ranks and self.group is not None and self.group.workers:  # a stop string, or the
+                self.group.leader.submit.remote(Cancel(rid))  # caller went away: free the slot
         elapsed = time.perf_counter() - start
         decode_s = time.perf_counter() - (first or start)
         yield {
@@ -237,6 +266,14 @@ class Driver:
         self.max_queue = max_queue
         self._http = await HTTPServer.start(self, host, port, api_key)
         return self._http.url
+
+
+def _lost_ranks(group: WorkerGroup, failed: int) -> set[int]:
+    """The ranks whose node Ray no longer lists alive; the rank that failed, if its node is alive (its GPU may be
+    gone while the node lives)."""
+    alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    gone = {r["rank"] for r in group.ranks if r["node_id"] not in alive}
+    return gone or {failed}
 
 
 def _first_line(e: BaseException) -> str:

@@ -19,6 +19,7 @@ from raytp.parallel.comm.hierarchical import node_layout
 from raytp.model.config import ModelConfig
 from raytp.parallel.devices import DeviceSpec, format_bytes
 from raytp.parallel.plan import ShardPlan, plan_shards
+from raytp.runtime.bandwidth import CACHE_FILE, cached_bandwidths, copy_bandwidth, remember_bandwidths
 from raytp.runtime.engine import Stop
 from raytp.runtime.options import RuntimeOptions
 
@@ -45,6 +46,12 @@ class GroupSettings:
     timeout_s: float = 30.0  # a collective waiting longer than this for a peer fails
     progress: bool = True
     options: RuntimeOptions = RuntimeOptions()  # run-time switches every rank obeys (raytp.runtime.options)
+    split: str | None = None  # "memory" | "speed"; None: speed where every rank's bandwidth is known
+
+
+def _copy_bandwidth(comm, device) -> float:
+    """Run on a rank (Worker.on_rank) before its communicator opens."""
+    return copy_bandwidth(device)
 
 
 def choose_backend(requested: str, devices: tuple[DeviceSpec, ...], nodes: int,
@@ -104,7 +111,10 @@ class WorkerGroup:
         ]
         self.ranks = ray.get([w.describe.remote() for w in self.workers])
         self.plan = plan_shards(self.config, self._budgets(), max_context=s.max_context, max_batch=s.max_batch,
-                                dtype=s.dtype)
+                                dtype=s.dtype, bandwidths=self._bandwidths(), split=s.split)
+        if self.plan.step_seconds is not None:
+            log.info("%s split: predicted decode step %.2f ms (weights / bandwidth), rank %d paces it",
+                     self.plan.split, 1000 * self.plan.step_seconds, self.plan.pacing_rank)
         self._open_comm()
         log.info("loading weights%s", " and capturing CUDA graphs" if any(d.kind == "cuda" for d in s.devices) else "")
         ray.get([w.load.remote(s.model, self.config, self.plan, s.progress) for w in self.workers])
@@ -150,6 +160,27 @@ class WorkerGroup:
                 budget = r["free_bytes"] // cpu_ranks_per_node[r["node_id"]]
             budgets.append((str(d), budget))
         return budgets
+
+    def _bandwidths(self) -> list[float] | None:
+        """Each rank's memory bandwidth (bytes/s): from the device spec (~RATE), else on GPUs the copy bandwidth of
+        its card model (cached, or measured now on the first rank holding one), shared among the ranks packed on
+        one GPU. None where a CPU rank has none in its spec: CPU ranks share the host's memory bus in ways a
+        figure per rank would not capture."""
+        devices = self.settings.devices
+        if any(d.bandwidth is None and d.kind != "cuda" for d in devices):
+            return None
+        per_model = cached_bandwidths()
+        unknown = {r["device_name"]: r["rank"] for r, d in zip(self.ranks, devices)
+                   if d.bandwidth is None and r["device_name"] not in per_model}
+        if unknown:
+            for name, rank in unknown.items():  # one at a time: ranks sharing a GPU must not halve each other
+                per_model[name] = ray.get(self.workers[rank].on_rank.remote(_copy_bandwidth))
+                log.info("measured %s: %.2f TB/s copy bandwidth (cached in %s)", name, per_model[name] / 1e12,
+                         CACHE_FILE)
+            remember_bandwidths({name: per_model[name] for name in unknown})
+        sharing = Counter((r["node_id"], r["gpu_uuid"]) for r in self.ranks)
+        return [d.bandwidth or per_model[r["device_name"]] / sharing[(r["node_id"], r["gpu_uuid"])]
+                for r, d in zip(self.ranks, devices)]
 
     def _open_comm(self) -> None:
         """Choose the backend, then take every rank through the phases of raytp.parallel.comm.factory."""

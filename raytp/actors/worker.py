@@ -56,11 +56,13 @@ class Worker:
             torch.cuda.set_device(self.device)
             free, total = torch.cuda.mem_get_info()
             name = torch.cuda.get_device_name()
+            gpu = str(torch.cuda.get_device_properties(self.device).uuid)  # ranks packed on one GPU share it
         else:
             vm = psutil.virtual_memory()
             free, total, name = vm.available, vm.total, platform.processor() or platform.machine() or "CPU"
+            gpu = None
         return {"rank": self.rank, "node_id": ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local",
-                "ip": _node_ip(), "device_name": name, "free_bytes": free, "total_bytes": total,
+                "ip": _node_ip(), "device_name": name, "gpu_uuid": gpu, "free_bytes": free, "total_bytes": total,
                 "pid": os.getpid()}
 
     # ---- communication -------------------------------------------------------------------------------------

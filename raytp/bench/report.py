@@ -22,7 +22,7 @@ from pathlib import Path
 from raytp.parallel.plan import DTYPE_BYTES
 
 COLUMNS = [
-    "devices", "ranks", "nodes", "comm", "backend", "dtype", "prompt_len", "batch", "decode_tokens", "status",
+    "devices", "ranks", "nodes", "comm", "backend", "split", "dtype", "prompt_len", "batch", "decode_tokens", "status",
     "reason", "ms_per_token", "tokens_per_s", "ideal_tokens_per_s", "scaling_efficiency", "roofline_tokens_per_s",
     "roofline_fraction", "compute_ms", "allreduce_ms", "overhead_ms", "allreduces_per_step", "allreduce_us",
     "prefill_ms", "prefill_tokens_per_s", "hf_tokens_per_s", "hf_same_tokens", "build_s",
@@ -55,8 +55,8 @@ def build_rows(sweep: dict, peer: dict | None = None) -> list[dict]:
     rows = []
     for o in sweep["outcomes"]:
         row = dict.fromkeys(COLUMNS)
-        row |= {"devices": o["devices"], "comm": o["comm"], "prompt_len": o["prompt_len"], "batch": o["batch"],
-                "status": o["status"], "reason": o["reason"] or None}
+        row |= {"devices": o["devices"], "comm": o["comm"], "split": o.get("split"), "prompt_len": o["prompt_len"],
+                "batch": o["batch"], "status": o["status"], "reason": o["reason"] or None}
         if o["run"] is not None:
             run = sweep["runs"][o["run"]]
             d = next(x for x in run["decode"] if x["batch"] == o["batch"])
@@ -78,12 +78,17 @@ def build_rows(sweep: dict, peer: dict | None = None) -> list[dict]:
     return rows
 
 
+def _variant(row: dict) -> str:
+    """What a series of the plots compares: the --comm asked for, and the split where one was chosen."""
+    return f"{row['comm']}, {row['split']} split" if row["split"] else row["comm"]
+
+
 def _add_ideal(rows: list[dict]) -> None:
     """ideal = the fewest-rank run of the same backend, batch and prompt length, scaled linearly in ranks."""
     ok = [r for r in rows if r["status"] == "ok"]
     for r in ok:
-        peers = [p for p in ok if (p["comm"], p["dtype"], p["batch"], p["prompt_len"]) ==
-                 (r["comm"], r["dtype"], r["batch"], r["prompt_len"])]
+        peers = [p for p in ok if (_variant(p), p["dtype"], p["batch"], p["prompt_len"]) ==
+                 (_variant(r), r["dtype"], r["batch"], r["prompt_len"])]
         base = min(peers, key=lambda p: (p["ranks"], -p["tokens_per_s"]))
         r["ideal_tokens_per_s"] = base["tokens_per_s"] * r["ranks"] / base["ranks"]
         r["scaling_efficiency"] = r["tokens_per_s"] / r["ideal_tokens_per_s"]
@@ -127,13 +132,14 @@ def summary_markdown(rows: list[dict], sweep: dict, meta: dict) -> str:
              f"{meta['repeats']} timed repeat(s) after a warm-up.", "",
              "## Decode and prefill", ""]
     hf = any(r["hf_tokens_per_s"] is not None for r in rows)
-    head = ["devices", "ranks", "nodes", "backend", "prompt", "batch", "ms/token", "tokens/s", "of ideal",
+    head = ["devices", "ranks", "nodes", "backend", "split", "prompt", "batch", "ms/token", "tokens/s", "of ideal",
             "roofline tokens/s", "of roofline", "compute ms", "all-reduce ms", "overhead ms", "prefill tokens/s"]
     if hf:
         head += ["HF tokens/s", "HF same tokens"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in ok:
-        cells = [f"`{r['devices']}`", str(r["ranks"]), str(r["nodes"]), r["backend"], str(r["prompt_len"]),
+        cells = [f"`{r['devices']}`", str(r["ranks"]), str(r["nodes"]), r["backend"], r["split"] or "-",
+                 str(r["prompt_len"]),
                  str(r["batch"]), _fmt(r["ms_per_token"], 2), _fmt(r["tokens_per_s"]),
                  _fmt(r["scaling_efficiency"], 0, pct=True), _fmt(r["roofline_tokens_per_s"]),
                  _fmt(r["roofline_fraction"], 1, pct=True), _fmt(r["compute_ms"], 2), _fmt(r["allreduce_ms"], 2),
@@ -146,7 +152,7 @@ def summary_markdown(rows: list[dict], sweep: dict, meta: dict) -> str:
         lines += ["", "## Skipped and failed", ""]
         seen = set()
         for r in not_run:
-            key = (r["devices"], r["comm"], r["prompt_len"], r["reason"])
+            key = (r["devices"], _variant(r), r["prompt_len"], r["reason"])
             if key not in seen:  # one line per group, not per batch size
                 seen.add(key)
                 lines.append(f"- `{r['devices']}` --comm {r['comm']}, prompt {r['prompt_len']}: **{r['status']}**: "
@@ -223,11 +229,11 @@ def _plot_scaling(plt, path: Path, ok: list[dict]) -> None:
     if not ok:
         _empty(axes[0][0], "decode run")
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    comms = sorted({r["comm"] for r in ok})
+    comms = sorted({_variant(r) for r in ok})
     for (prompt, batch), rs in panels.items():
         ax = axes[prompts.index(prompt)][batches.index(batch)]
         for i, comm in enumerate(comms):
-            mine = [r for r in rs if r["comm"] == comm]
+            mine = [r for r in rs if _variant(r) == comm]
             if not mine:
                 continue
             c = colors[i % len(colors)]
@@ -304,8 +310,8 @@ def _plot_prefill(plt, path: Path, ok: list[dict]) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     firsts = {}
     for r in ok:  # prefill is measured once per group: any batch's row carries it
-        firsts.setdefault((r["comm"], r["prompt_len"], r["devices"]), r)
-    series = _series(list(firsts.values()), lambda r: (r["comm"], r["prompt_len"]))
+        firsts.setdefault((_variant(r), r["prompt_len"], r["devices"]), r)
+    series = _series(list(firsts.values()), lambda r: (_variant(r), r["prompt_len"]))
     if not series:
         _empty(ax, "prefill run")
     for (comm, prompt), rs in sorted(series.items()):

@@ -216,10 +216,11 @@ class Sweep:
     allreduce_sizes: tuple[int, ...] = ALLREDUCE_SIZES
     allreduce_iters: int = 200
     options: RuntimeOptions = RuntimeOptions()  # the same run-time switches in every configuration
+    splits: tuple[str | None, ...] = (None,)  # "memory", "speed", or None: the group's default
 
     @property
     def size(self) -> int:
-        return len(self.device_sets) * len(self.comms) * len(self.prompt_lens) * len(self.batches)
+        return len(self.device_sets) * len(self.comms) * len(self.splits) * len(self.prompt_lens) * len(self.batches)
 
 
 def _skip_reason(e: BaseException) -> str | None:
@@ -248,45 +249,48 @@ def run_sweep(sweep: Sweep, config: ModelConfig, *, on_row: Callable[[dict], Non
               on_config: Callable[[dict], None] | None = None) -> dict:
     """Run every configuration of `sweep`. Returns {"runs": [run_bench results], "outcomes": [one per configuration]}.
 
-    An outcome is {"devices", "comm", "prompt_len", "batch", "status": "ok" | "skipped" | "failed", "reason"} and,
+    An outcome is {"devices", "comm", "split", "prompt_len", "batch", "status": "ok" | "skipped" | "failed",
+    "reason"} and,
     when ok, the index of its run. `on_row` sees each outcome as it is decided, `on_run` each finished run, and
     `on_config` the whole result so far after each configuration (so an interrupted sweep keeps what it did)."""
     runs, outcomes = [], []
 
-    def decide(spec: str, comm: str, prompt_len: int, status: str, reason: str = "", run: int | None = None):
+    def decide(spec: str, comm: str, split: str | None, prompt_len: int, status: str, reason: str = "",
+               run: int | None = None):
         for batch in sweep.batches:
-            outcome = {"devices": spec, "comm": comm, "prompt_len": prompt_len, "batch": batch, "status": status,
-                       "reason": reason, "run": run}
+            outcome = {"devices": spec, "comm": comm, "split": split, "prompt_len": prompt_len, "batch": batch,
+                       "status": status, "reason": reason, "run": run}
             outcomes.append(outcome)
             if on_row:
                 on_row(outcome)
         if on_config:
             on_config({"runs": runs, "outcomes": outcomes})
 
-    for spec, devices in sweep.device_sets:
-        for comm in sweep.comms:
-            for prompt_len in sweep.prompt_lens:
-                settings = GroupSettings(
-                    model=sweep.model, devices=devices, dtype=sweep.dtype, comm=comm,
-                    max_context=max(sweep.max_context, prompt_len + sweep.decode_tokens + 1),
-                    max_batch=max(sweep.max_batch, *sweep.batches), progress=False, options=sweep.options)
-                try:
-                    _check_devices(devices, comm)
-                    res = run_bench(settings, config, batches=list(sweep.batches), prompt_len=prompt_len,
-                                    decode_tokens=sweep.decode_tokens, repeats=sweep.repeats,
-                                    allreduce_sizes=sweep.allreduce_sizes, allreduce_iters=sweep.allreduce_iters)
-                except Exception as e:  # noqa: BLE001 - one configuration's failure must not end the sweep
-                    reason = _skip_reason(e)
-                    if reason is None:
-                        log.error("%s --comm %s prompt %d failed: %s", spec, comm, prompt_len, e)
-                    decide(spec, comm, prompt_len, "failed" if reason is None else "skipped",
-                           reason or _first_line(e))
-                    continue
-                res |= {"spec": spec, "comm": comm}
-                runs.append(res)
-                if on_run:
-                    on_run(res)
-                decide(spec, comm, prompt_len, "ok", run=len(runs) - 1)
+    configurations = ((spec, devices, comm, split, prompt_len) for spec, devices in sweep.device_sets
+                      for comm in sweep.comms for split in sweep.splits for prompt_len in sweep.prompt_lens)
+    for spec, devices, comm, split, prompt_len in configurations:
+        settings = GroupSettings(
+            model=sweep.model, devices=devices, dtype=sweep.dtype, comm=comm,
+            max_context=max(sweep.max_context, prompt_len + sweep.decode_tokens + 1),
+            max_batch=max(sweep.max_batch, *sweep.batches), progress=False, options=sweep.options,
+            split=split)
+        try:
+            _check_devices(devices, comm)
+            res = run_bench(settings, config, batches=list(sweep.batches), prompt_len=prompt_len,
+                            decode_tokens=sweep.decode_tokens, repeats=sweep.repeats,
+                            allreduce_sizes=sweep.allreduce_sizes, allreduce_iters=sweep.allreduce_iters)
+        except Exception as e:  # noqa: BLE001 - one configuration's failure must not end the sweep
+            reason = _skip_reason(e)
+            if reason is None:
+                log.error("%s --comm %s prompt %d failed: %s", spec, comm, prompt_len, e)
+            decide(spec, comm, split, prompt_len, "failed" if reason is None else "skipped",
+                   reason or _first_line(e))
+            continue
+        res |= {"spec": spec, "comm": comm}
+        runs.append(res)
+        if on_run:
+            on_run(res)
+        decide(spec, comm, res["plan"]["split"], prompt_len, "ok", run=len(runs) - 1)
     return {"runs": runs, "outcomes": outcomes}
 
 

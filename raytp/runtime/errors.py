@@ -14,3 +14,7 @@ class RequestError(ValueError):
 
 class BusyError(RuntimeError):
     """Every cache slot is taken and the waiting line is full: the caller should retry later (HTTP 429)."""
+
+
+class UnavailableError(RuntimeError):
+    """The model cannot serve now: its ranks are being rebuilt, or the devices left cannot hold it (HTTP 503)."""

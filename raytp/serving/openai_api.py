@@ -31,12 +31,13 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from raytp.runtime.errors import BusyError, RequestError
+from raytp.runtime.errors import BusyError, RequestError, UnavailableError
 from raytp.runtime.requests import STOP_MAX_CHARS, STOP_MAX_COUNT
 from raytp.runtime.sampling import REPETITION_PENALTY_MAX, SEED_MAX, SEED_MIN, TEMPERATURE_MAX, SamplingParams
 
 log = logging.getLogger("raytp")
 
+RETRY_AFTER_S = 10  # a 503 while the ranks rebuild: rebuilding a group takes seconds
 SHUTDOWN_GRACE_S = 2.0  # open streams (the web chat keeps one per tab) get this long before they are cut
 # A request's text is bounded by the context it must fit (a token is a few bytes of text, or a few digits as an id):
 # 4 MiB is room for contexts of several hundred thousand tokens, and keeps a hostile body out of memory.
@@ -47,15 +48,17 @@ class APIError(Exception):
     """An OpenAI-style error response: status, message naming the value and the limit, the offending param."""
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
+                 code: str | None = None, retry_after_s: int | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.retry_after_s = retry_after_s  # sent as Retry-After: when a 503 is worth retrying
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        headers = {"Retry-After": str(self.retry_after_s)} if self.retry_after_s is not None else None
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
 
 def _api_error(e: Exception, chat: bool) -> APIError:
@@ -63,6 +66,8 @@ def _api_error(e: Exception, chat: bool) -> APIError:
     requests, with their id)."""
     if isinstance(e, BusyError):
         return APIError(429, str(e), "rate_limit_error", code="server_busy")
+    if isinstance(e, UnavailableError):
+        return APIError(503, str(e), "server_error", code="unavailable", retry_after_s=RETRY_AFTER_S)
     if isinstance(e, RequestError):
         return _request_error(e, chat)
     return APIError(500, f"the request failed: {e}", "server_error")

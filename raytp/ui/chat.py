@@ -71,7 +71,8 @@ def memory_use(info: dict) -> pd.DataFrame:
 def cluster_summary(info: dict) -> str:
     return (f"**{info['model']}** on {len(info['ranks'])} ranks · all-reduce **{info['backend']}** · "
             f"{info['dtype']} · context {info['max_context']} tokens · batch of {info['max_batch']} sequences, "
-            f"which requests join and leave between decode steps")
+            f"which requests join and leave between decode steps"
+            + "".join(f"\n- {event}" for event in info["history"][-5:]))  # rank losses, re-plans
 
 
 # ---- chat --------------------------------------------------------------------------------------------------
