@@ -170,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="all-reduce message sizes in elements, besides each batch's decode message "
                         "(default: 4096,8192,131072,2097152)")
     p.add_argument("--allreduce-iters", type=int, default=200, help="calls timed per size (default: 200)")
+    p.add_argument("--share-gpus", action="store_true", help="with more cuda ranks than GPUs, let ranks share GPUs "
+                   "(each then gets part of its GPU's bandwidth: emulates slower cards next to fast ones) instead of "
+                   "skipping the configuration")
     p.add_argument("--hf-peer", action="store_true", help="also time Hugging Face transformers decoding the same "
                    "weights on one device, next to each one-device configuration (needs transformers)")
     p.add_argument("--out", default=None, help="directory for results.csv, results.json, summary.md and the plots")
@@ -499,7 +502,8 @@ def _bench_command(args, specs: list[str]) -> str:
              *args.options.flags()]
     optional = {"--split": args.split, "--out": args.out}
     parts += [x for flag, value in optional.items() if value for x in (flag, value)]
-    return shlex.join(parts + (["--hf-peer"] if args.hf_peer else []))
+    switches = [flag for flag, on in (("--share-gpus", args.share_gpus), ("--hf-peer", args.hf_peer)) if on]
+    return shlex.join(parts + switches)
 
 
 def cmd_bench(args) -> None:
@@ -542,7 +546,7 @@ def cmd_bench(args) -> None:
                       batches=tuple(batches), prompt_lens=tuple(prompt_lens), dtype=args.dtype,
                       decode_tokens=args.decode_tokens, repeats=args.repeats, max_context=args.max_context,
                       max_batch=args.max_batch, allreduce_sizes=tuple(sizes), allreduce_iters=args.allreduce_iters,
-                      options=args.options, splits=tuple(dict.fromkeys(splits)))
+                      options=args.options, splits=tuple(dict.fromkeys(splits)), share_gpus=args.share_gpus)
         with tqdm(total=sweep.size, desc="raytp bench", unit="config", file=sys.stderr) as bar:
             def on_row(o):
                 bar.set_postfix_str(f"{o['devices']} {o['comm']} p{o['prompt_len']} b{o['batch']}: {o['status']}")

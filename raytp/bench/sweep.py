@@ -217,6 +217,7 @@ class Sweep:
     allreduce_iters: int = 200
     options: RuntimeOptions = RuntimeOptions()  # the same run-time switches in every configuration
     splits: tuple[str | None, ...] = (None,)  # "memory", "speed", or None: the group's default
+    share_gpus: bool = False  # let more cuda ranks than GPUs share them (emulates slower devices), not skip
 
     @property
     def size(self) -> int:
@@ -233,15 +234,16 @@ def _skip_reason(e: BaseException) -> str | None:
     return None
 
 
-def _check_devices(devices: tuple[DeviceSpec, ...], comm: str) -> None:
-    """Skip at once what cannot run, before any actor starts: a backend the devices cannot use, and more cuda ranks
-    than the cluster has GPUs (a plain group would pack several ranks on one GPU, and the sweep would measure them
-    as if they were separate GPUs)."""
+def _check_devices(devices: tuple[DeviceSpec, ...], comm: str, share_gpus: bool) -> None:
+    """Skip at once what cannot run, before any actor starts: a backend the devices cannot use, and, unless
+    `share_gpus`, more cuda ranks than the cluster has GPUs (a plain group would pack several ranks on one GPU,
+    and the sweep would measure them as if they were separate GPUs)."""
     choose_backend(comm, devices, 1)  # raises ClusterError for nccl on cpu ranks whatever the node count
     want = sum(d.kind == "cuda" for d in devices)
     have = int(ray.cluster_resources().get("GPU", 0))
-    if want > have:
-        raise ClusterError(f"needs {want} GPUs, the Ray cluster has {have}")
+    if want > have and not (share_gpus and have):
+        raise ClusterError(f"needs {want} GPUs, the Ray cluster has {have}" + ("" if share_gpus else
+                           " (--share-gpus lets ranks share them)"))
 
 
 def run_sweep(sweep: Sweep, config: ModelConfig, *, on_row: Callable[[dict], None] | None = None,
@@ -275,7 +277,7 @@ def run_sweep(sweep: Sweep, config: ModelConfig, *, on_row: Callable[[dict], Non
             max_batch=max(sweep.max_batch, *sweep.batches), progress=False, options=sweep.options,
             split=split)
         try:
-            _check_devices(devices, comm)
+            _check_devices(devices, comm, sweep.share_gpus)
             res = run_bench(settings, config, batches=list(sweep.batches), prompt_len=prompt_len,
                             decode_tokens=sweep.decode_tokens, repeats=sweep.repeats,
                             allreduce_sizes=sweep.allreduce_sizes, allreduce_iters=sweep.allreduce_iters)
