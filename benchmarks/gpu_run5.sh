@@ -43,7 +43,8 @@ print(f"tiny greedy tokens identical across {len(tokens)} (devices, backend, che
 PY
   ;;
 before)
-  (export PYTHONPATH=/tmp/site:$PWD/.prev; bench before8b 280 "${B8[@]}" --devices-sweep "cuda*1;cuda*2" --comm nccl)
+  # from inside .prev: `python -m` puts the working directory first on the path, and Ray's workers get it too
+  (cd .prev && export PYTHONPATH=/tmp/site:$PWD && bench before8b 280 "${B8[@]}" --devices-sweep "cuda*1;cuda*2" --comm nccl)
   bench after8b 280 "${B8[@]}" --devices-sweep "cuda*1;cuda*2" --comm nccl
   ;;
 split)
