@@ -27,8 +27,15 @@ log = logging.getLogger("raytp")
 
 COMM_BACKENDS = ("auto", "hoststaged", "gloo", "nccl", "hierarchical")
 GPU_RESERVE = 0.92  # of a GPU's free memory: the rest is CUDA context, allocator slack, other tenants
-# Keep NVLink multicast off in every rank: on shared hosts it can take GPUs out of service.
-RANK_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+# of an @MEM cap on a GPU: the cap bounds PyTorch's allocator, whose fragmentation, CUDA-graph pool and cuBLAS
+# workspaces the plan does not itemize (a 70B speed split that filled a 48 GiB cap to the plan's last MiB ran out
+# of memory by 310 MiB, with 877 MiB held by the allocator but unused)
+GPU_CAP_RESERVE = 0.96
+# Keep NVLink multicast off in every rank: on shared hosts it can take GPUs out of service. Expandable segments:
+# loading leaves differently sized temporaries behind, and without them the allocator held 3.2 GiB it could not
+# reuse when a 48 GiB card was planned full (benchmarks/results/2026-11-22-h200x2-sitting5).
+RANK_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1",
+            "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
 
 
 class ClusterError(RuntimeError):
@@ -150,7 +157,7 @@ class WorkerGroup:
             if d.kind == "cuda":
                 budget = usable = int(r["free_bytes"] * GPU_RESERVE)
                 if d.mem_bytes is not None:
-                    budget = min(d.mem_bytes, usable)
+                    budget = min(int(d.mem_bytes * GPU_CAP_RESERVE), usable)
                     if d.mem_bytes > usable:  # a cap is an upper bound, never a promise the card cannot keep
                         log.warning("rank %d %s: %s (%s) has %s usable; planning with that", r["rank"], d,
                                     r["device_name"], format_bytes(r["total_bytes"]), format_bytes(usable))
