@@ -37,7 +37,7 @@ def fake_driver(script) -> Driver:
     d = object.__new__(Driver)
     d.settings = types.SimpleNamespace(model="synthetic:test", max_context=16, max_batch=2)
     d.config = types.SimpleNamespace(vocab_size=100, eos_token_ids={2})
-    d.tokenizer, d.streams, d.max_queue, d.ready = None, {}, 0, asyncio.Event()
+    d.tokenizer, d.streams, d.max_queue, d.ready, d.down = None, {}, 0, asyncio.Event(), None
     d.ready.set()
     d.group = types.SimpleNamespace(leader=FakeLeader(d, script))
     return d

@@ -241,8 +241,9 @@ class Driver:
             raise
         finally:
             del self.streams[rid]
-            if not ended_on_ranks and self.group is not None and self.group.workers:  # a stop string, or the
-                self.group.leader.submit.remote(Cancel(rid))  # caller went away: free the slot
+            live = self.ready.is_set() and not self.down  # not while the group rebuilds: it failed every request
+            if not ended_on_ranks and live:  # a stop string, or the caller went away: free the slot
+                self.group.leader.submit.remote(Cancel(rid))
         elapsed = time.perf_counter() - start
         decode_s = time.perf_counter() - (first or start)
         yield {
