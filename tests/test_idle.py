@@ -1,14 +1,12 @@
 """An idle `raytp serve` costs (almost) nothing: no rank spins while it waits for the next request."""
 
-import subprocess
 import time
 
-import httpx
 import psutil
 import pytest
 
-from tests.test_serve import DEVICES, RAYTP_ENV, raytp_command
-from tests.util import free_port
+from tests.test_serve import DEVICES
+from tests.util import serve_process
 
 IDLE_S = 10.0
 MAX_CORE_FRACTION = 0.05  # of one core, per process
@@ -35,24 +33,8 @@ def _raytp_processes(serve: psutil.Process) -> list[psutil.Process]:
 
 @pytest.mark.slow
 def test_idle_server_leaves_the_cores_alone(smollm2_dir, tmp_path):
-    port = free_port()
-    log_path = tmp_path / "serve.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(raytp_command("serve", "--model", "smollm2", "--devices", DEVICES, "--dtype",
-                                              "float32", "--port", str(port)),
-                                stdout=log, stderr=subprocess.STDOUT, env=RAYTP_ENV)
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert proc.poll() is None, f"raytp serve exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, \
-                f"raytp serve did not answer within 300 s:\n{log_path.read_text()[-3000:]}"
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+    with serve_process(tmp_path / "serve.log", "--model", "smollm2", "--devices", DEVICES, "--dtype",
+                       "float32") as (proc, _):
         time.sleep(2)  # let start-up work (graph warm-up, first polls) finish before idling is measured
         procs = _raytp_processes(psutil.Process(proc.pid))
         ranks = [p for p in procs if _title(p).startswith("ray::Worker")]
@@ -64,10 +46,3 @@ def test_idle_server_leaves_the_cores_alone(smollm2_dir, tmp_path):
         print("idle CPU, fraction of one core:", {k: round(v, 4) for k, v in usage.items()})
         busy = {k: v for k, v in usage.items() if v > MAX_CORE_FRACTION}
         assert not busy, f"busy while idle (fraction of one core over {IDLE_S:.0f} s): {busy}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()

@@ -8,11 +8,9 @@ batch slot.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from contextlib import ExitStack, contextmanager
@@ -27,7 +25,7 @@ from raytp.serving.openai_api import APIError, parse_completion
 from raytp.runtime.sampling import SamplingParams
 from raytp.weights.source import ModelSource
 from raytp.weights.tokenizer import Tokenizer
-from tests.util import free_port, raytp_segments
+from tests.util import RAYTP_ENV, raytp_command, raytp_segments, serve_process
 
 DEVICES = "cpu@2GiB,cpu@1GiB"
 MAX_BATCH = 8
@@ -104,46 +102,23 @@ def test_serve_refuses_a_taken_port_at_once():
 
 # ---- one real server ---------------------------------------------------------------------------------------
 
-def raytp_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "raytp", *args]
-
-
-RAYTP_ENV = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-
-
 @contextmanager
 def running_server(log_path: Path, *extra: str, stop_signal=signal.SIGTERM, api_key: str | None = None):
     """`raytp serve` as a subprocess on a free port; yields its base URL. On exit: stop it with `stop_signal`,
     expect a clean exit, and no shared-memory segment left behind."""
-    port = free_port()
     segments = raytp_segments()
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(raytp_command("serve", "--model", "smollm2", "--devices", DEVICES, "--dtype",
-                                              "float32", "--port", str(port), *extra),
-                                stdout=log, stderr=subprocess.STDOUT, env=RAYTP_ENV)
-    url = f"http://127.0.0.1:{port}"
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"raytp serve exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"raytp serve did not answer within 300 s:\n{log_path.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/v1/models", headers=headers, timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        yield url
-    finally:
-        proc.send_signal(stop_signal)
+    with serve_process(log_path, "--model", "smollm2", "--devices", DEVICES, "--dtype", "float32", *extra,
+                       headers=headers) as (proc, url):
         try:
-            rc = proc.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            rc = proc.wait()
+            yield url
+        finally:
+            proc.send_signal(stop_signal)
+            try:
+                rc = proc.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                rc = proc.wait()
     assert rc == 0, f"raytp serve exited with {rc} on {stop_signal.name}:\n{log_path.read_text()[-3000:]}"
     left = raytp_segments() - segments
     assert not left, f"shared memory left behind in /dev/shm: {sorted(left)}"

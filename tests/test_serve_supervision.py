@@ -8,53 +8,29 @@ Ray's processes (gcs_server, raylet, agents, workers) are all descendants of the
 from __future__ import annotations
 
 import ipaddress
-import os
 import signal
 import stat
 import subprocess
-import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
 import psutil
 import pytest
 
 from raytp.cli import TOKEN_FILE
 from raytp.weights.smollm2 import raytp_home
-from tests.util import free_port
+from tests.util import serve_process
 
 pytestmark = pytest.mark.slow
 
-# The caller's RAY_AUTH_MODE=disabled must not reach a Ray that raytp starts itself.
-ENV = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-
-
 @contextmanager
 def serving(log_path: Path):
-    """`raytp serve` on a free port, up and answering; yields (process, log path). Killed if still running."""
-    port = free_port()
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "raytp", "serve", "--model", "smollm2", "--devices",
-                                 "cpu@2GiB,cpu@1GiB", "--dtype", "float32", "--port", str(port)],
-                                stdout=log, stderr=subprocess.STDOUT, env=ENV)
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert proc.poll() is None, f"raytp serve exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"raytp serve did not answer:\n{log_path.read_text()[-3000:]}"
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+    """`raytp serve` up and answering; yields (process, log path). The caller's RAY_AUTH_MODE=disabled (in
+    RAYTP_ENV) must not reach the Ray that raytp starts itself."""
+    with serve_process(log_path, "--model", "smollm2", "--devices", "cpu@2GiB,cpu@1GiB", "--dtype",
+                       "float32") as (proc, _):
         yield proc, log_path
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def tree(proc: subprocess.Popen) -> list[psutil.Process]:
