@@ -286,10 +286,12 @@ def local_ray_environment():
                 os.environ[k] = v
         if "ray" in sys.modules:
             from ray._private import ray_constants
-            from ray._raylet import Config
+            from ray._raylet import AuthenticationTokenLoader, Config
 
             Config.initialize("")
             ray_constants.ENABLE_RAY_CLUSTER = os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "1") != "0"
+            # the token it loaded for our Ray would be sent to the next cluster this process joins, and refused
+            AuthenticationTokenLoader.instance().reset_cache()
 
     apply(settings)
     try:
