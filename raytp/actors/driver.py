@@ -29,7 +29,7 @@ import ray
 from raytp.actors.group import ClusterError, GroupSettings, WorkerGroup
 from raytp.runtime.engine import Add, Cancel, Request, TokenEvent
 from raytp.parallel.plan import PlanError
-from raytp.runtime.errors import BusyError, RequestError, UnavailableError
+from raytp.runtime.errors import BusyError, RequestError, UnavailableError, error_summary
 from raytp.runtime.requests import StopScanner, check_request
 from raytp.runtime.sampling import SamplingParams
 from raytp.weights.source import ModelSource
@@ -116,7 +116,7 @@ class Driver:
             next(iter(done)).result()
             why = "its loop ended"
         except Exception as e:  # noqa: BLE001 - any failure of a rank is reported, whatever its type
-            why = _first_line(e)
+            why = error_summary(e)
         self.failure = f"rank {rank} ({self.devices[rank]}) failed: {why}"
         self._record(f"{self.failure}; rebuilding the group", logging.ERROR)
         self.ready.clear()
@@ -130,7 +130,7 @@ class Driver:
             except (ClusterError, ray.exceptions.RayError) as e:  # the lost devices cannot come back: go on without
                 lost = _lost_ranks(group, rank)
                 self.devices = tuple(d for i, d in enumerate(self.devices) if i not in lost)
-                self._record(f"{_first_line(e)}; re-planning over the {len(self.devices)} devices that remain: "
+                self._record(f"{error_summary(e)}; re-planning over the {len(self.devices)} devices that remain: "
                              f"{', '.join(map(str, self.devices)) or 'none'}", logging.ERROR)
                 await self._build()
             self._record(f"serving again on {len(self.devices)} ranks")
@@ -275,12 +275,6 @@ def _lost_ranks(group: WorkerGroup, failed: int) -> set[int]:
     alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
     gone = {r["rank"] for r in group.ranks if r["node_id"] not in alive}
     return gone or {failed}
-
-
-def _first_line(e: BaseException) -> str:
-    cause = getattr(e, "cause", None) or e
-    text = str(cause).strip().splitlines()
-    return f"{type(cause).__name__}: {text[-1] if text else ''}"
 
 
 DriverActor = ray.remote(num_cpus=0, max_concurrency=1000)(Driver)

@@ -46,6 +46,7 @@ from raytp.bench import microbench
 from raytp.model.config import ModelConfig
 from raytp.parallel.devices import DeviceSpec
 from raytp.runtime.engine import Add, Request
+from raytp.runtime.errors import error_summary
 from raytp.runtime.options import RuntimeOptions
 from raytp.parallel.plan import DTYPE_BYTES, PlanError, ShardPlan
 from raytp.runtime.sampling import SamplingParams
@@ -286,7 +287,7 @@ def run_sweep(sweep: Sweep, config: ModelConfig, *, on_row: Callable[[dict], Non
             if reason is None:
                 log.error("%s --comm %s prompt %d failed: %s", spec, comm, prompt_len, e)
             decide(spec, comm, split, prompt_len, "failed" if reason is None else "skipped",
-                   reason or _first_line(e))
+                   reason or error_summary(e))
             continue
         res |= {"spec": spec, "comm": comm}
         runs.append(res)
@@ -294,12 +295,6 @@ def run_sweep(sweep: Sweep, config: ModelConfig, *, on_row: Callable[[dict], Non
             on_run(res)
         decide(spec, comm, res["plan"]["split"], prompt_len, "ok", run=len(runs) - 1)
     return {"runs": runs, "outcomes": outcomes}
-
-
-def _first_line(e: BaseException) -> str:
-    cause = getattr(e, "cause", None) or e
-    lines = [ln for ln in str(cause).strip().splitlines() if ln.strip()]
-    return f"{type(cause).__name__}: {lines[-1] if lines else ''}"
 
 
 def format_results(res: dict) -> str:

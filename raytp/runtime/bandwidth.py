@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from raytp.parallel.comm.timing import synchronize
 from raytp.weights.smollm2 import raytp_home
 
 CACHE_FILE = "bandwidth.json"
@@ -25,21 +26,16 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, iters: int = 10)
     src = torch.empty(nbytes // 2, dtype=torch.uint8, device=device).fill_(1)
     dst = torch.empty_like(src)
     dst.copy_(src)
-    _synchronize(device)
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(iters):
         dst.copy_(src)
-    _synchronize(device)
+    synchronize(device)
     elapsed = time.perf_counter() - start
     del src, dst
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return 2 * (nbytes // 2) * iters / elapsed
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _cache_path() -> Path:

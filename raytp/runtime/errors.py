@@ -18,3 +18,11 @@ class BusyError(RuntimeError):
 
 class UnavailableError(RuntimeError):
     """The model cannot serve now: its ranks are being rebuilt, or the devices left cannot hold it (HTTP 503)."""
+
+
+def error_summary(e: BaseException) -> str:
+    """`Type: last line` of an error, looking through Ray's task errors to the exception the actor raised: one line
+    for logs and reports (Ray's own text wraps the cause in a traceback)."""
+    cause = getattr(e, "cause", None) or e
+    lines = [ln for ln in str(cause).strip().splitlines() if ln.strip()]
+    return f"{type(cause).__name__}: {lines[-1] if lines else ''}"
