@@ -537,10 +537,6 @@ def cmd_bench(args) -> None:
     prompt_lens = _int_list(args.prompt_len, "--prompt-len")
     sizes = _int_list(args.allreduce_sizes, "--allreduce-sizes")
     comms = _comm_list(args.comm)
-    if args.profile < 0:
-        raise UserError(f"--profile takes a number of steps (0: none), got {args.profile}")
-    if args.profile_traces and not (args.profile and args.out):
-        raise UserError("--profile-traces saves the traces of --profile into --out: give --profile and --out DIR")
     splits = [x.strip() for x in (args.split or "").split(",") if x.strip()] or [None]
     if any(x not in SPLITS for x in splits if x):
         raise UserError(f"--split takes comma-separated splits of {', '.join(SPLITS)}; got {args.split!r}")
@@ -700,6 +696,11 @@ def _check_args(args) -> None:
         _check_port(args.host, args.port)
     if args.max_context < 1:
         raise UserError(f"--max-context must be >= 1, got {args.max_context}")
+    if args.command == "bench":
+        if args.profile < 0:
+            raise UserError(f"--profile takes a number of steps (0: none), got {args.profile}")
+        if args.profile_traces and not (args.profile and args.out):
+            raise UserError("--profile-traces saves the traces of --profile into --out: give --profile and --out DIR")
     specs = [s.strip() for s in (getattr(args, "devices_sweep", None) or args.devices).split(";") if s.strip()]
     for spec in specs:
         if not is_auto(spec):

@@ -3,7 +3,8 @@
 The device is touched only inside the worker's own process, after Ray has set CUDA_VISIBLE_DEVICES, so
 `cuda` here always means the one GPU Ray gave this actor. The driver calls, in order: `describe` (what
 this device really has), `open_comm` (once per phase), `load` (the shard of the plan), `run` (the token
-loop; blocks until stopped) and, on the leader only, `submit` and `poll_events` while `run` is going.
+loop; blocks until stopped) and, on the leader only, `submit` and `poll_events` while `run` is going. A benchmark
+may hand any rank a step watcher (`watch_steps`, then `watched`) while `run` is going.
 """
 
 from __future__ import annotations

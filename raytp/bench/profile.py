@@ -180,22 +180,3 @@ class StepProfiler:
         if self.keep_trace:
             result["trace_gz"] = gzip.compress(raw, compresslevel=3)
         return result
-
-
-# ---- report ----------------------------------------------------------------------------------------------------
-
-
-def markdown_table(rows: list[dict]) -> list[str]:
-    """The per-rank table of summary.md. Each row: a configuration's "devices", "backend", "prompt_len", "batch",
-    and one rank's `summarize` result under "rank", "device" and "profile"."""
-    head = ["devices", "backend", "prompt", "batch", "rank", "device", "decode", "step ms",
-            *(f"{LABELS[c]} ms (share)" for c in CLASSES)]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        p = r["profile"]
-        decode = p["decode"] + (" (kernels not traced)" if p["kernels_unseen"] else "")
-        lines.append("| " + " | ".join([
-            f"`{r['devices']}`", r["backend"], str(r["prompt_len"]), str(r["batch"]), str(r["rank"]), r["device"],
-            decode, f"{p['step_ms']:.2f}",
-            *(f"{p[f'{c}_ms']:.2f} ({100 * p[f'{c}_share']:.0f}%)" for c in CLASSES)]) + " |")
-    return lines

@@ -348,6 +348,10 @@ def format_results(res: dict) -> str:
     for d in res["decode"]:
         lines.append(f"{d['batch']:>5}  {d['ms_per_step']:>9.2f}  {d['tokens_per_s']:>10.1f}  "
                      f"{d['roofline_ms']:>11.3f}  {100 * d['roofline_fraction']:>10.1f}%")
+    for d in res["decode"]:
+        for rank, p in enumerate(d.get("profile", [])):
+            parts = ", ".join(f"{profile.LABELS[c]} {p[f'{c}_ms']:.2f}" for c in profile.CLASSES)
+            lines.append(f"profile batch {d['batch']} rank {rank} ({p['decode']}): {p['step_ms']:.2f} ms = {parts}")
     return "\n".join(lines)
 
 
