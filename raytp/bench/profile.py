@@ -20,10 +20,11 @@ GPU waiting for the host, or a CPU rank's loop thread in Python between ops. Whe
 ops on a CPU rank, kernels of two streams), the time belongs to the event that started first: a parent op's
 class covers its children. So the classes and idle add up to the step exactly.
 
-With CUDA graphs, kernels replayed from a graph are traced one by one by CUPTI (the kernels inside replays were
-listed individually by the earlier step profile, benchmarks/results/2026-11-21-h200-sitting4/profile_8b.log); each
-rank's row says whether its steps replayed graphs ("graph") or launched kernels ("eager"), and a graph step with no
-kernel traced is reported as such rather than as idle. `--no-cuda-graphs` profiles the eager steps.
+With CUDA graphs, CUPTI traces the kernels of a graph replay one by one (on the GPU hosts' torch 2.11 + CUDA 13 the
+earlier step profile listed them individually: benchmarks/results/2026-11-21-h200-sitting4/profile_8b.log). Each
+rank's row says whether its steps replayed graphs ("graph") or launched kernels ("eager"); graph steps in which no
+kernel was traced are flagged (`kernels_unseen`: their time would all read as idle), and `--no-cuda-graphs`
+profiles eager steps instead.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ LABELS = {"gemm": "weight GEMMs", "attention": "attention", "allreduce": "all-re
 # (class, regular expression searched in the event name, case-insensitive); the first match wins, no match: small.
 PATTERNS = (
     ("allreduce", r"nccl|all_?reduce|all_?gather|c10d::|gloo|symm_mem|multimem|one_shot|two_shot|hoststaged"
-                  r"|cross_device_reduce"),
+                  r"|symmetric_memory|cross_device_reduce"),
     ("attention", r"attention|attn|fmha|flash|sdpa|_decode_split_kernel|_decode_merge_kernel"),
     ("gemm", r"gemm|gemv|matmul|linear|nvjet|cutlass|xmma|splitkreduce|aten::(mm|addmm|bmm|baddbmm)$|scaled_mm"
              r"|dequant|marlin|gptq|awq"),
@@ -110,7 +111,7 @@ def trace_steps(trace: dict, device: str) -> list[dict]:
         spans = [e for e in events if e.get("cat") in DEVICE_CATEGORIES]
     else:
         spans = [e for e in events if e.get("cat") in CPU_CATEGORIES and e["name"] != STEP_MARK
-                 and e["tid"] == marks[0]["tid"]]
+                 and e.get("tid") == marks[0].get("tid")]
     spans = [Span(e["name"], e["ts"], e.get("dur", 0.0)) for e in spans]
     launches = [e["ts"] for e in events if e.get("cat") == "cuda_runtime" and e["name"].startswith("cudaGraphLaunch")]
     steps = []
@@ -148,16 +149,17 @@ class StepProfiler:
         if not self.seen and not any(e.request_id == self.request_id for e in events):
             return None
         self.seen += 1
-        if self.seen == SKIP_STEPS:
+        if self.seen < SKIP_STEPS:
+            return None
+        if self.seen == SKIP_STEPS:  # the step that ends now started before the profiler: not profiled
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device == "cuda" else [])
             self.prof = profile(activities=activities)
             self.prof.start()
             return None
-        if self.seen < SKIP_STEPS:
-            return None
-        if self.mark is not None:
+        if self.mark is not None:  # the end of a profiled step
             self.mark.__exit__(None, None, None)
-        if self.seen <= SKIP_STEPS + self.steps:
+            self.mark = None
+        if self.seen <= SKIP_STEPS + self.steps:  # the start of the next one
             self.mark = record_function(STEP_MARK)
             self.mark.__enter__()
             return None
