@@ -136,9 +136,9 @@ def _profile_decode(group: WorkerGroup, batch: int, prompt_len: int, steps: int,
              for w, d in zip(group.workers, group.settings.devices)])
     _run_batch(group, requests)
     ranks = ray.get([w.watched.remote() for w in group.workers])
-    for rank, p in enumerate(ranks):
-        if trace_dir is not None:
-            trace_dir.mkdir(parents=True, exist_ok=True)
+    if trace_dir is not None:
+        trace_dir.mkdir(parents=True, exist_ok=True)
+        for rank, p in enumerate(ranks):
             path = trace_dir / f"{name}_rank{rank}.json.gz"
             path.write_bytes(p.pop("trace_gz"))
             p["trace"] = path.name
