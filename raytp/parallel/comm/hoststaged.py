@@ -19,14 +19,13 @@ turns into a CommError after `timeout_s`; a rank that fails raises the abort wor
 
 from __future__ import annotations
 
-import functools
 import os
 import time
 
 import numpy as np
 import torch
 
-from raytp.parallel.comm.base import CommError, Communicator
+from raytp.parallel.comm.base import CommError, Communicator, labelled
 from raytp.parallel.comm.shm import SharedSegment
 
 LINE = 64  # bytes per flag: one cache line each
@@ -34,20 +33,6 @@ DEFAULT_SLOT_BYTES = 1 << 20  # larger messages go in chunks
 SPIN_CHECKS = 64  # flag checks before a waiting rank gives its core away (see _wait_all)
 YIELD_S = 0.002  # then yields for this long before it starts sleeping
 MAX_NAP_S = 0.001  # the longest sleep between checks: an idle rank's wake-up rate and a late peer's extra delay
-
-
-def _labelled(name: str):
-    """Mark a collective as `name` in a torch.profiler trace (raytp.bench.profile counts it as all-reduce time: its
-    copies, sums and waits are plain host code), at no cost while no profiler runs."""
-    def wrap(fn):
-        @functools.wraps(fn)
-        def labelled(*args):
-            if not torch.autograd._profiler_enabled():
-                return fn(*args)
-            with torch.profiler.record_function(name):
-                return fn(*args)
-        return labelled
-    return wrap
 
 
 def segment_bytes(world_size: int, slot_bytes: int = DEFAULT_SLOT_BYTES) -> int:
@@ -112,7 +97,7 @@ class HostStagedCommunicator(Communicator):
         for start in range(0, max(flat.numel(), 1), per):
             yield flat[start : start + per]
 
-    @_labelled("raytp::hoststaged_all_reduce")
+    @labelled("raytp::hoststaged_all_reduce")
     def all_reduce(self, t):
         if self.world_size == 1:
             return t  # a sum of one
@@ -127,7 +112,7 @@ class HostStagedCommunicator(Communicator):
         t.copy_(out.view(t.shape))
         return t
 
-    @_labelled("raytp::hoststaged_all_gather")
+    @labelled("raytp::hoststaged_all_gather")
     def all_gather_equal(self, t):
         flat = t.detach().reshape(-1).to("cpu").contiguous()
         out = torch.empty((self.world_size, flat.numel()), dtype=flat.dtype)
