@@ -99,9 +99,13 @@ def test_trace_steps_reads_the_device_rows_of_each_marked_step():
     ]}
     first, second = trace_steps(trace, "cuda")
     assert first == pytest.approx({"step_ms": 0.1, "gemm_ms": 0.04, "attention_ms": 0, "allreduce_ms": 0.02,
-                                   "small_ms": 0.01, "idle_ms": 0.03, "events": 3, "graph_launches": 1})
+                                   "small_ms": 0.01, "idle_ms": 0.03, "gemm_share": 0.4, "attention_share": 0,
+                                   "allreduce_share": 0.2, "small_share": 0.1, "idle_share": 0.3, "events": 3,
+                                   "graph_launches": 1})
     assert second == pytest.approx({"step_ms": 0.2, "gemm_ms": 0.15, "attention_ms": 0, "allreduce_ms": 0,
-                                    "small_ms": 0, "idle_ms": 0.05, "events": 1, "graph_launches": 1})
+                                    "small_ms": 0, "idle_ms": 0.05, "gemm_share": 0.75, "attention_share": 0,
+                                    "allreduce_share": 0, "small_share": 0, "idle_share": 0.25, "events": 1,
+                                    "graph_launches": 1})
     # on a CPU rank: the ops of the thread that marked the steps
     trace["traceEvents"].append(_x("aten::mm", "cpu_op", 1020, 30, tid=2))
     cpu = trace_steps(trace, "cpu")[0]
@@ -126,5 +130,6 @@ def test_step_profiler_profiles_the_steps_after_the_first_token():
     for s in result["steps"]:
         assert all(s[f"{c}_ms"] >= 0 for c in CLASSES)
         assert sum(s[f"{c}_ms"] for c in CLASSES) == pytest.approx(s["step_ms"])
+        assert sum(s[f"{c}_share"] for c in CLASSES) == pytest.approx(1)
         assert s["gemm_ms"] > s["small_ms"] > 0 and s["attention_ms"] == s["allreduce_ms"] == 0
     assert sum(result[f"{c}_share"] for c in CLASSES) == pytest.approx(1)

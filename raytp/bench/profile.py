@@ -99,8 +99,8 @@ def breakdown(spans: Iterable[Span], start: float, end: float) -> dict[str, floa
 
 
 def trace_steps(trace: dict, device: str) -> list[dict]:
-    """Per profiled step of a chrome trace (torch.profiler's export), in milliseconds: the step, each class, and
-    the device events and CUDA graph launches it holds. `device` is "cuda" (classify GPU kernels, copies and
+    """Per profiled step of a chrome trace (torch.profiler's export): the step and each class in milliseconds, each
+    class's share of the step, and the device events and CUDA graph launches it holds. `device` is "cuda" (classify GPU kernels, copies and
     memsets) or "cpu" (classify torch ops on the thread that marked the steps)."""
     events = [e for e in trace["traceEvents"] if e.get("ph") == "X"]
     marks = sorted((e for e in events if e["name"] == STEP_MARK and e.get("cat") == "user_annotation"),
@@ -120,12 +120,14 @@ def trace_steps(trace: dict, device: str) -> list[dict]:
         inside = [s for s in spans if s.start < end and s.start + s.dur > start]
         us = breakdown(inside, start, end)
         steps.append({"step_ms": (end - start) / 1000, **{f"{c}_ms": us[c] / 1000 for c in CLASSES},
+                      **{f"{c}_share": us[c] / (end - start) for c in CLASSES},
                       "events": len(inside), "graph_launches": sum(start <= t < end for t in launches)})
     return steps
 
 
 def summarize(steps: list[dict]) -> dict:
-    """One rank's profile: the mean of its steps per figure, each class's share of the step, and how it decoded."""
+    """One rank's profile: the mean step and class times over its steps, each class's share of the mean step, how it
+    decoded, and the steps themselves."""
     mean = {k: sum(s[k] for s in steps) / len(steps) for k in ("step_ms", *(f"{c}_ms" for c in CLASSES))}
     graph = any(s["graph_launches"] for s in steps)
     return {**mean, **{f"{c}_share": mean[f"{c}_ms"] / mean["step_ms"] for c in CLASSES},
