@@ -175,6 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "skipping the configuration")
     p.add_argument("--hf-peer", action="store_true", help="also time Hugging Face transformers decoding the same "
                    "weights on one device, next to each one-device configuration (needs transformers)")
+    p.add_argument("--profile", type=int, nargs="?", const=5, default=0, metavar="STEPS",
+                   help="after the timed runs, profile STEPS decode steps on every rank with torch.profiler (default "
+                        "5): ms per step in weight GEMMs, attention, all-reduce, small kernels and idle, per rank")
+    p.add_argument("--profile-traces", action="store_true", help="with --profile, also save each rank's chrome "
+                   "trace (open in https://ui.perfetto.dev) into OUT/traces")
     p.add_argument("--out", default=None, help="directory for results.csv, results.json, summary.md and the plots")
     return parser
 
@@ -504,8 +509,10 @@ def _bench_command(args, specs: list[str]) -> str:
              *args.options.flags()]
     optional = {"--split": args.split, "--out": args.out}
     parts += [x for flag, value in optional.items() if value for x in (flag, value)]
-    switches = [flag for flag, on in (("--share-gpus", args.share_gpus), ("--hf-peer", args.hf_peer)) if on]
-    return shlex.join(parts + switches)
+    switches = [flag for flag, on in (("--share-gpus", args.share_gpus), ("--hf-peer", args.hf_peer),
+                                      ("--profile-traces", args.profile_traces)) if on]
+    profiled = ["--profile", str(args.profile)] if args.profile else []
+    return shlex.join(parts + profiled + switches)
 
 
 def cmd_bench(args) -> None:
@@ -548,7 +555,9 @@ def cmd_bench(args) -> None:
                       batches=tuple(batches), prompt_lens=tuple(prompt_lens), dtype=args.dtype,
                       decode_tokens=args.decode_tokens, repeats=args.repeats, max_context=args.max_context,
                       max_batch=args.max_batch, allreduce_sizes=tuple(sizes), allreduce_iters=args.allreduce_iters,
-                      options=args.options, splits=tuple(dict.fromkeys(splits)), share_gpus=args.share_gpus)
+                      options=args.options, splits=tuple(dict.fromkeys(splits)), share_gpus=args.share_gpus,
+                      profile_steps=args.profile,
+                      trace_dir=str(Path(args.out) / "traces") if args.profile_traces else None)
         with tqdm(total=sweep.size, desc="raytp bench", unit="config", file=sys.stderr) as bar:
             def on_row(o):
                 bar.set_postfix_str(f"{o['devices']} {o['comm']} p{o['prompt_len']} b{o['batch']}: {o['status']}")
@@ -687,6 +696,11 @@ def _check_args(args) -> None:
         _check_port(args.host, args.port)
     if args.max_context < 1:
         raise UserError(f"--max-context must be >= 1, got {args.max_context}")
+    if args.command == "bench":
+        if args.profile < 0:
+            raise UserError(f"--profile takes a number of steps (0: none), got {args.profile}")
+        if args.profile_traces and not (args.profile and args.out):
+            raise UserError("--profile-traces saves the traces of --profile into --out: give --profile and --out DIR")
     specs = [s.strip() for s in (getattr(args, "devices_sweep", None) or args.devices).split(";") if s.strip()]
     for spec in specs:
         if not is_auto(spec):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from raytp.cli import main
 
 
@@ -98,3 +100,30 @@ def test_sweep_cut_short_keeps_the_configurations_it_finished(smollm2_dir, tmp_p
     assert [(r["devices"], r["status"]) for r in rows] == [("cpu*1", "ok")]
     assert float(rows[0]["tokens_per_s"]) > 0
     assert "(in progress or cut short: 2 more planned)" in (out / "summary.md").read_text()
+
+
+def test_bench_profile_on_two_cpu_ranks(tmp_path):
+    """`--profile`: each rank's profiled steps split into the classes of raytp.bench.profile, adding up to the step;
+    the two ranks sum their partial results, so there is all-reduce time; the traces are saved."""
+    import gzip
+
+    from raytp.bench.profile import CLASSES, STEP_MARK
+
+    out = tmp_path / "profiled"
+    rc = main(["bench", "--model", "synthetic:tiny", "--devices", "cpu*2", "--dtype", "float32", "--batch", "1",
+               "--prompt-len", "8", "--decode-tokens", "4", "--repeats", "1", "--allreduce-sizes", "512",
+               "--allreduce-iters", "5", "--profile", "3", "--profile-traces", "--out", str(out)])
+    assert rc == 0
+    decode = json.loads((out / "results.json").read_text())["runs"][0]["decode"][0]
+    assert len(decode["profile"]) == 2
+    for rank, p in enumerate(decode["profile"]):
+        assert len(p["steps"]) == 3 and p["decode"] == "eager"
+        for s in p["steps"]:
+            assert all(s[f"{c}_ms"] >= 0 for c in CLASSES), s
+            assert sum(s[f"{c}_ms"] for c in CLASSES) == pytest.approx(s["step_ms"], rel=1e-6)
+            assert s["gemm_ms"] > 0 and s["attention_ms"] > 0 and s["allreduce_ms"] > 0 and s["small_ms"] > 0, s
+        trace = gzip.decompress((out / "traces" / p["trace"]).read_bytes()).decode()
+        assert p["trace"].endswith(f"rank{rank}.json.gz") and STEP_MARK in trace
+    summary = (out / "summary.md").read_text()
+    table = summary.split("## Decode step profile")[1].split("##")[0]
+    assert [line.split(" | ")[4] for line in table.splitlines() if line.startswith("| `cpu*2`")] == ["0", "1"]

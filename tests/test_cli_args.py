@@ -58,6 +58,16 @@ def test_max_tokens_beyond_the_context_is_refused_not_clamped():
     assert "--max-tokens 300" in line and "--max-context 256" in line, line
 
 
+@pytest.mark.parametrize("args, named", [
+    (["--profile", "-1"], "got -1"),
+    (["--profile-traces", "--out", "x"], "--profile-traces saves the traces of --profile"),
+    (["--profile", "--profile-traces"], "give --profile and --out DIR"),
+])
+def test_bad_profile_arguments(args, named):
+    line = refused("bench", "--model", "synthetic:tiny", *SMALL, *args)
+    assert named in line, line
+
+
 def test_more_cpu_ranks_than_this_machine_runs():
     n = cli.CPU_RANKS_PER_CORE * (os.cpu_count() or 1) + 1
     line = refused("chat", "--devices", f"cpu*{n}")

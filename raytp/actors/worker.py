@@ -3,11 +3,13 @@
 The device is touched only inside the worker's own process, after Ray has set CUDA_VISIBLE_DEVICES, so
 `cuda` here always means the one GPU Ray gave this actor. The driver calls, in order: `describe` (what
 this device really has), `open_comm` (once per phase), `load` (the shard of the plan), `run` (the token
-loop; blocks until stopped) and, on the leader only, `submit` and `poll_events` while `run` is going.
+loop; blocks until stopped) and, on the leader only, `submit` and `poll_events` while `run` is going. A benchmark
+may hand any rank a step watcher (`watch_steps`, then `watched`) while `run` is going.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import platform
 import queue
@@ -49,6 +51,8 @@ class Worker:
         self._opening: GroupOpening | None = None  # between the first and the last phase of open_comm
         self.engine: RankEngine | None = None
         self.events: queue.Queue[TokenEvent] = queue.Queue()
+        self._watcher: Callable[[list[TokenEvent]], object] | None = None  # see watch_steps
+        self._watched: concurrent.futures.Future = concurrent.futures.Future()
 
     def describe(self) -> dict:
         """The node, the real device behind this rank, and its memory (free now, and total)."""
@@ -127,8 +131,30 @@ class Worker:
 
     def _emit(self, events: list[TokenEvent]) -> None:
         now = time.perf_counter()  # one stamp per step, so benchmarks time steps without Ray's latency
+        watcher = self._watcher
+        if watcher is not None:
+            try:
+                result = watcher(events)
+            except Exception as e:  # noqa: BLE001 - a failed measurement goes to `watched`; the loop goes on
+                self._watcher = None
+                self._watched.set_exception(e)
+            else:
+                if result is not None:
+                    self._watcher = None
+                    self._watched.set_result(result)
         for e in events:
             self.events.put((now, e))
+
+    def watch_steps(self, watcher: Callable[[list[TokenEvent]], object]) -> None:
+        """Have the token loop call `watcher(events)` on its own thread at the end of every step that made events,
+        until it returns something other than None; `watched` returns that. For measurements of the running loop
+        from inside it (raytp.bench.profile.StepProfiler), with no Ray call per step."""
+        self._watched = concurrent.futures.Future()
+        self._watcher = watcher
+
+    def watched(self, timeout_s: float = 300.0):
+        """What the watcher of `watch_steps` returned (or raised), once it has."""
+        return self._watched.result(timeout_s)
 
     def submit(self, command: Command) -> None:
         """Leader only: `Add`, `Cancel` or `Stop`, taken at the next step."""

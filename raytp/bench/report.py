@@ -4,7 +4,8 @@
                    skipped and failed configurations too, with the reason
     results.json   the same rows, the full measurements of every group (plan, per-rank figures, all-reduce latency
                    per size, greedy tokens) and how the sweep was run
-    summary.md     the table, what was skipped and why, how each figure is obtained, the plots
+    summary.md     the table, what was skipped and why, the per-rank step profiles (`raytp bench --profile`), how
+                   each figure is obtained, the plots
     scaling.png    decode tokens/s against rank count, with ideal linear scaling and the memory roofline
     breakdown.png  ms per decode step split into compute, all-reduce and overhead (estimated, see `NOTES`)
     allreduce.png  all-reduce latency against message size, per backend and rank count
@@ -19,6 +20,7 @@ import csv
 import json
 from pathlib import Path
 
+from raytp.bench.profile import CLASSES, LABELS
 from raytp.parallel.plan import DTYPE_BYTES
 
 COLUMNS = [
@@ -45,6 +47,16 @@ NOTES = """\
   sampling and its gathers, the per-step command broadcast, and whatever the other two estimates miss. A negative
   overhead means the estimates over-count (e.g. all-reduces faster inside the step than on the idle group); the
   plot draws it as zero.
+- **step profile** (`--profile`, measured, unlike the breakdown above): after the timed runs, one more run per
+  batch size in which every rank traces a few decode steps with torch.profiler. A step runs from the end of one
+  step to the end of the next on the rank's token loop, so it holds the command broadcast, the forward, sampling and
+  its host sync. Each GPU kernel, copy and memset (each torch op on a CPU rank) is classed by its name
+  (raytp.bench.profile.PATTERNS): weight GEMMs; attention; all-reduce (every collective: the all-reduces, the
+  sampler's all-gather, the command broadcast); small kernels (everything else: norms, RoPE, SwiGLU, embedding,
+  sampling, copies); idle is the time the device runs nothing (waiting for the host). Overlapping time counts once,
+  for the event that started first, so the classes add up to the step. "decode" says whether the steps replayed
+  CUDA graphs or launched kernels eagerly. The profiler costs a few microseconds of host time per torch op, so
+  steps with many ops (eager, CPU ranks) run slower profiled than timed: compare "step ms" with "timed ms/step".
 - **prefill tokens/s**: prompt tokens / the time from the leader queuing one request to its first token (the
   command broadcast, the prefill forward and the first sample), on the leader's clock.
 """
@@ -157,12 +169,32 @@ def summary_markdown(rows: list[dict], sweep: dict, meta: dict) -> str:
                 seen.add(key)
                 lines.append(f"- `{r['devices']}` --comm {r['comm']}, prompt {r['prompt_len']}: **{r['status']}**: "
                              f"{r['reason']}")
+    if any("profile" in d for run in sweep["runs"] for d in run["decode"]):
+        lines += ["", "## Decode step profile (torch.profiler, per rank; ms per step and share)", ""]
+        lines += _profile_table(sweep)
     lines += ["", "## All-reduce latency (us, slowest rank)", ""] + _allreduce_table(sweep)
     lines += ["", "## How the figures are obtained", "", NOTES]
     if meta.get("peer_note"):
         lines += [f"- **HF peer**: {meta['peer_note']}", ""]
     lines += ["## Plots", ""] + [f"![{n[:-4]}]({n})" for n in PLOTS] + [""]
     return "\n".join(lines)
+
+
+def _profile_table(sweep: dict) -> list[str]:
+    """One row per rank of every profiled (run, batch): its mean step and each class's ms and share of it."""
+    head = ["devices", "backend", "prompt", "batch", "rank", "device", "decode", "timed ms/step", "step ms",
+            *(LABELS[c] for c in CLASSES)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for run in sweep["runs"]:
+        for d in run["decode"]:
+            for rank, p in enumerate(d.get("profile", [])):
+                decode = p["decode"] + (" (no kernel traced)" if p["kernels_unseen"] else "")
+                cells = [f"`{run['spec']}`", run["backend"], str(run["prompt_len"]), str(d["batch"]), str(rank),
+                         f"{run['devices'][rank]} ({run['ranks'][rank]['device_name']})", decode,
+                         _fmt(d["ms_per_step"], 2), _fmt(p["step_ms"], 2),
+                         *(f"{p[f'{c}_ms']:.2f} ({100 * p[f'{c}_share']:.0f}%)" for c in CLASSES)]
+                lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def _allreduce_series(sweep: dict) -> dict[tuple[str, int, str, str], dict[int, float]]:

@@ -24,6 +24,10 @@ What is measured on each group:
     breakdown    an estimate, not a profile: compute = the roofline time, all-reduce = the measured latency at the
                  decode message size x the all-reduces of one step (2 per layer + the embedding's), overhead = the
                  measured step minus both
+    profile      with `profile_steps`, after everything above, one more run per batch size in which every rank
+                 profiles that many decode steps with torch.profiler (raytp.bench.profile): ms per step in weight
+                 GEMMs, attention, all-reduce, small kernels and idle; with `trace_dir`, each rank's chrome trace
+                 is saved there
 
 Both micro-benchmarks run after the communicator opens and before the shards load (the token loop owns the
 communicator once it starts), so they see an idle device.
@@ -32,17 +36,19 @@ communicator once it starts), so they see an idle device.
 from __future__ import annotations
 
 import logging
+import re
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import ray
 import torch
 
 from raytp.actors.group import ClusterError, GroupSettings, WorkerGroup, choose_backend
 from raytp.actors.worker import MemoryBudgetError
-from raytp.bench import microbench
+from raytp.bench import microbench, profile
 from raytp.model.config import ModelConfig
 from raytp.parallel.devices import DeviceSpec
 from raytp.runtime.engine import Add, Request
@@ -120,6 +126,25 @@ def _prefill_seconds(group: WorkerGroup, request: Request, timeout_s: float = 60
             return e.t - queued
 
 
+def _profile_decode(group: WorkerGroup, batch: int, prompt_len: int, steps: int,
+                    trace_dir: Path | None, name: str) -> list[dict]:
+    """One run of `batch` requests in which every rank profiles `steps` decode steps; one summary per rank
+    (raytp.bench.profile.summarize), its chrome trace written to `trace_dir` as NAME_rankR.json.gz if given."""
+    requests = random_requests(batch, prompt_len, profile.tokens_for(steps), group.config.vocab_size,
+                               f"profile{batch}")
+    ray.get([w.watch_steps.remote(profile.StepProfiler(requests[0].id, steps, d.kind, trace_dir is not None))
+             for w, d in zip(group.workers, group.settings.devices)])
+    _run_batch(group, requests)
+    ranks = ray.get([w.watched.remote() for w in group.workers])
+    if trace_dir is not None:
+        trace_dir.mkdir(parents=True, exist_ok=True)
+        for rank, p in enumerate(ranks):
+            path = trace_dir / f"{name}_rank{rank}.json.gz"
+            path.write_bytes(p.pop("trace_gz"))
+            p["trace"] = path.name
+    return ranks
+
+
 def _read_bytes_per_step(config: ModelConfig, plan: ShardPlan, batch: int, context: float) -> list[int]:
     """Bytes each rank reads in one decode step: weights except the embedding table, plus its KV cache."""
     nbytes = DTYPE_BYTES[plan.dtype]
@@ -138,7 +163,8 @@ def allreduces_per_step(config: ModelConfig) -> int:
 
 def run_bench(settings: GroupSettings, config: ModelConfig, *, batches: list[int], prompt_len: int,
               decode_tokens: int, repeats: int = 3, allreduce_sizes=ALLREDUCE_SIZES, allreduce_iters: int = 200,
-              bandwidth_bytes: int | None = None) -> dict:
+              bandwidth_bytes: int | None = None, profile_steps: int = 0, trace_dir: Path | None = None,
+              name: str = "run") -> dict:
     """Build one group, measure, tear it down; returns the JSON-ready results (see the module docstring)."""
     if decode_tokens < 4:
         raise ValueError(f"--decode-tokens must be at least 4 to time whole-batch steps, got {decode_tokens}")
@@ -176,6 +202,9 @@ def run_bench(settings: GroupSettings, config: ModelConfig, *, batches: list[int
         prefill_s = statistics.median(
             _prefill_seconds(group, random_requests(1, prompt_len, 1, vocab, f"prefill{k}")[0])
             for k in range(repeats))
+        for d in decode if profile_steps else []:  # last: the profiler must not disturb the timed runs
+            d["profile"] = _profile_decode(group, d["batch"], prompt_len, profile_steps, trace_dir,
+                                           f"{name}_b{d['batch']}")
         sizes = [str(n) for n in allreduce_sizes]
         return {
             "model": settings.model, "devices": [str(d) for d in settings.devices], "backend": group.backend,
@@ -219,6 +248,8 @@ class Sweep:
     options: RuntimeOptions = RuntimeOptions()  # the same run-time switches in every configuration
     splits: tuple[str | None, ...] = (None,)  # "memory", "speed", or None: the group's default
     share_gpus: bool = False  # let more cuda ranks than GPUs share them (emulates slower devices), not skip
+    profile_steps: int = 0  # decode steps each rank profiles per batch size (raytp.bench.profile); 0: none
+    trace_dir: str | None = None  # where the profiled steps' chrome traces go; None: not kept
 
     @property
     def size(self) -> int:
@@ -233,6 +264,11 @@ def _skip_reason(e: BaseException) -> str | None:
     if isinstance(cause, (PlanError, MemoryBudgetError, ClusterError)):
         return f"{type(cause).__name__}: {' '.join(ln.strip() for ln in str(cause).splitlines() if ln.strip())}"
     return None
+
+
+def _file_name(text: str) -> str:
+    """`text` with every run of characters a file name should not hold replaced by one underscore."""
+    return re.sub(r"[^A-Za-z0-9.@=-]+", "_", text)
 
 
 def _check_devices(devices: tuple[DeviceSpec, ...], comm: str, share_gpus: bool) -> None:
@@ -269,19 +305,23 @@ def run_sweep(sweep: Sweep, config: ModelConfig, *, on_row: Callable[[dict], Non
         if on_config:
             on_config({"runs": runs, "outcomes": outcomes})
 
+    profile_tokens = profile.tokens_for(sweep.profile_steps)
     configurations = ((spec, devices, comm, split, prompt_len) for spec, devices in sweep.device_sets
                       for comm in sweep.comms for split in sweep.splits for prompt_len in sweep.prompt_lens)
     for spec, devices, comm, split, prompt_len in configurations:
         settings = GroupSettings(
             model=sweep.model, devices=devices, dtype=sweep.dtype, comm=comm,
-            max_context=max(sweep.max_context, prompt_len + sweep.decode_tokens + 1),
+            max_context=max(sweep.max_context, prompt_len + max(sweep.decode_tokens, profile_tokens) + 1),
             max_batch=max(sweep.max_batch, *sweep.batches), progress=False, options=sweep.options,
             split=split)
         try:
             _check_devices(devices, comm, sweep.share_gpus)
             res = run_bench(settings, config, batches=list(sweep.batches), prompt_len=prompt_len,
                             decode_tokens=sweep.decode_tokens, repeats=sweep.repeats,
-                            allreduce_sizes=sweep.allreduce_sizes, allreduce_iters=sweep.allreduce_iters)
+                            allreduce_sizes=sweep.allreduce_sizes, allreduce_iters=sweep.allreduce_iters,
+                            profile_steps=sweep.profile_steps,
+                            trace_dir=Path(sweep.trace_dir) if sweep.trace_dir else None,
+                            name=_file_name(f"{spec}_{comm}_{split or 'default'}_p{prompt_len}"))
         except Exception as e:  # noqa: BLE001 - one configuration's failure must not end the sweep
             reason = _skip_reason(e)
             if reason is None:
@@ -308,6 +348,10 @@ def format_results(res: dict) -> str:
     for d in res["decode"]:
         lines.append(f"{d['batch']:>5}  {d['ms_per_step']:>9.2f}  {d['tokens_per_s']:>10.1f}  "
                      f"{d['roofline_ms']:>11.3f}  {100 * d['roofline_fraction']:>10.1f}%")
+    for d in res["decode"]:
+        for rank, p in enumerate(d.get("profile", [])):
+            parts = ", ".join(f"{profile.LABELS[c]} {p[f'{c}_ms']:.2f}" for c in profile.CLASSES)
+            lines.append(f"profile batch {d['batch']} rank {rank} ({p['decode']}): {p['step_ms']:.2f} ms = {parts}")
     return "\n".join(lines)
 
 

@@ -25,7 +25,7 @@ import time
 import numpy as np
 import torch
 
-from raytp.parallel.comm.base import CommError, Communicator
+from raytp.parallel.comm.base import CommError, Communicator, labelled
 from raytp.parallel.comm.shm import SharedSegment
 
 LINE = 64  # bytes per flag: one cache line each
@@ -97,6 +97,7 @@ class HostStagedCommunicator(Communicator):
         for start in range(0, max(flat.numel(), 1), per):
             yield flat[start : start + per]
 
+    @labelled("raytp::hoststaged_all_reduce")
     def all_reduce(self, t):
         if self.world_size == 1:
             return t  # a sum of one
@@ -111,6 +112,7 @@ class HostStagedCommunicator(Communicator):
         t.copy_(out.view(t.shape))
         return t
 
+    @labelled("raytp::hoststaged_all_gather")
     def all_gather_equal(self, t):
         flat = t.detach().reshape(-1).to("cpu").contiguous()
         out = torch.empty((self.world_size, flat.numel()), dtype=flat.dtype)
