@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from raytp.parallel.comm import InProcessGroup
+from raytp.parallel.comm.base import IdentityCheckingCommunicator
 from raytp.parallel.devices import parse_devices
 from raytp.model.layout import model_layout
 from raytp.model.llama import ShardedLlama
@@ -33,13 +34,16 @@ def _logits(model: str, weights: list[float], tokens: torch.Tensor) -> torch.Ten
 
     def rank(r):
         with source.reader(torch.float32, torch.device("cpu")) as reader:
-            lm = ShardedLlama(config, plan.ranks[r], group.communicator(r), reader, max_batch=2, max_context=64)
+            # every all-reduce also checks that all ranks hold the same bits
+            comm = IdentityCheckingCommunicator(group.communicator(r))
+            lm = ShardedLlama(config, plan.ranks[r], comm, reader, max_batch=2, max_context=64)
         B, T = tokens.shape
         out[r] = lm.forward(tokens, torch.arange(T).repeat(B, 1), torch.arange(B))
 
     threads = [threading.Thread(target=rank, args=(r,)) for r in range(len(weights))]
     [t.start() for t in threads]
     [t.join() for t in threads]
+    assert all(o is not None for o in out), "a rank failed (see its thread's exception above)"
     return torch.cat(out, dim=-1)
 
 
