@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 
 import pytest
@@ -185,3 +186,17 @@ def test_70b_w4a16_fits_three_24gib_cards_that_bf16_does_not():
         plan_shards(config, devices, max_context=4096, max_batch=1, dtype="bfloat16")
     plan = plan_shards(config, devices, max_context=4096, max_batch=1, dtype="bfloat16", quant="w4a16")
     assert [len(r.kv_heads) for r in plan.ranks] == [3, 2, 3] and all(r.headroom_bytes > 0 for r in plan.ranks)
+
+
+def test_plan_command_takes_quant_as_a_flag_or_a_suffix(capsys):
+    from raytp.cli import main
+
+    devices = "cuda:0@24GiB,cuda:1@24GiB,cuda:2@24GiB"
+    assert main(["plan", "--model", "synthetic:llama-3.1-70b", "--quant", "w4a16", "--devices", devices, "--json"]) == 0
+    flag = json.loads(capsys.readouterr().out)
+    assert main(["plan", "--model", "synthetic:llama-3.1-70b@w4a16", "--devices", devices, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == flag and flag["quant"] == "w4a16"
+    assert main(["plan", "--model", "smollm2", "--quant", "fp8", "--devices", "cpu@1GiB"]) == 2
+    assert "--quant fp8 applies to a synthetic model" in capsys.readouterr().err
+    assert main(["plan", "--model", "synthetic:tiny@int3", "--devices", "cpu@1GiB"]) == 2
+    assert "unknown quantization 'int3'" in capsys.readouterr().err

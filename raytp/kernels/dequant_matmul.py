@@ -65,7 +65,7 @@ def int_linear_torch(x, qweight, scales, zeros, *, bits, group_size, group_start
 class Launch:
     """How one call is cut into programs: a pure function of the shapes (see `launch_for`)."""
 
-    block_n: int  # output rows per program
+    block_n: int  # output rows per program; at least 16 for more than one row of x (tl.dot's smallest tile)
     block_k: int  # input columns per inner step
     split_k: int  # programs sharing one row block, each over a contiguous slice of the inputs
     num_warps: int = 4
@@ -159,9 +159,10 @@ def _launch_int(x, qweight, scales, zeros, bits, group_size, group_start, g_idx,
     M = x2.shape[0]
     if launch is None:
         launch = launch_for(M, N, K, bits, sm_count(x.device))
+    block_m = 1 if M == 1 else MAX_ROWS
+    assert block_m == 1 or launch.block_n >= 16, launch
     k_chunk, out = split_output(x2, N, launch)
     split_k = out.shape[0]
-    block_m = 1 if M == 1 else MAX_ROWS
     _int_matmul_kernel[(triton.cdiv(N, launch.block_n), split_k)](
         x2, qweight, scales.contiguous(), zeros.contiguous() if zeros is not None else scales,
         g_idx if g_idx is not None else qweight, out, M, N, K, scales.shape[1], group_size, group_start,
