@@ -58,8 +58,6 @@ def _hf_model(model: str, dtype: str, device: torch.device):
     if not source.is_synthetic:
         hf = transformers.AutoModelForCausalLM.from_pretrained(source.path, dtype=getattr(torch, dtype))
         return hf.to(device).eval()
-    if source.quant:
-        raise ValueError(f"--hf-peer runs transformers on dense weights; {model!r} is quantized: drop @{source.quant}")
     config = source.config()
     hf_config = _synthetic_hf_config(model)
     with torch.device("meta"):
