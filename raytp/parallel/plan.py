@@ -346,8 +346,9 @@ def plan_shards(
     room = [cap - overhead for cap in caps]
     sharded = sum(p.size * p.item_bytes for p in pieces)
     cache = pieces[0].size * pieces[0].cache_bytes
+    stored = f"{dtype}, {quant}" if quant else dtype
     summary = (f"the model needs {format_bytes(sharded - cache)} of weights and {format_bytes(cache)} of KV cache "
-               f"(max_context={max_context}, max_batch={max_batch}, {dtype}{f', {quant}' if quant else ''}), plus {format_bytes(overhead)} of norms "
+               f"(max_context={max_context}, max_batch={max_batch}, {stored}), plus {format_bytes(overhead)} of norms "
                f"and working buffers on every device")
     if min(room) < 0 or sharded > sum(room):
         # Each device's proportional share of what would be needed, so the message blames every short device.
