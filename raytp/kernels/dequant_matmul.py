@@ -14,7 +14,9 @@ Decode at batch 1 is bound by the weight bytes read: a 4-bit weight is a quarter
 gives each program BLOCK_N whole output rows (rows are contiguous in memory, so its loads are long runs) and,
 where the rows alone make too few programs to keep every SM's memory pipe busy, a slice of the inputs too
 (split-K, as gpt-fast's and exllama's GEMVs do): the slices' float32 partial sums land in a workspace that one
-torch sum adds up in a fixed order, so results do not depend on timing. Up to MAX_ROWS rows of x (batched
+torch sum adds up in a fixed order, so results do not depend on timing. Where groups fall on word boundaries (group size and group_start
+multiples of the values per word: every real layout) scales and zeros are loaded once per word, not per value.
+Up to MAX_ROWS rows of x (batched
 decode) go through one pass over the weight, with tl.dot for more than one row; longer inputs (prefill) are
 compute bound and take the fallback, dequantize then one cuBLAS matmul. Shapes alone pick the launch, so a
 CUDA graph captures and replays it.
@@ -94,6 +96,7 @@ if triton is not None:
     @triton.jit
     def _int_matmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, g_ptr, out_ptr, M, N, K, n_groups, group_size, group_start,
                            k_chunk, BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_GIDX: tl.constexpr,
+                           WORD_GROUPS: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                            PRECISION: tl.constexpr):
         pid_n, split = tl.program_id(0), tl.program_id(1)
@@ -113,23 +116,27 @@ if triton is not None:
             w_ok = w_idx * PER < k_hi
             words = tl.load(q_ptr + n[:, None] * (K // PER) + w_idx[None, :], mask=n_ok[:, None] & w_ok[None, :],
                             other=0)
-            q = (words[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)
-            q = tl.reshape(q, (BLOCK_N, BLOCK_K)).to(tl.float32)
+            q = ((words[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)).to(tl.float32)
             k = k0 + tl.arange(0, BLOCK_K)
             k_ok = k < k_hi
-            if HAS_GIDX:
-                g = tl.load(g_ptr + k, mask=k_ok, other=0)
+            if WORD_GROUPS:
+                # a word's values share one group: a scale (and zero) per word, 1/PER of the loads of one per value
+                g = (w_idx * PER + group_start) // group_size
+                g_ok = n_ok[:, None] & w_ok[None, :]
             else:
-                g = (k + group_start) // group_size
-            nk_ok = n_ok[:, None] & k_ok[None, :]
+                g = tl.load(g_ptr + k, mask=k_ok, other=0) if HAS_GIDX else (k + group_start) // group_size
+                g_ok = n_ok[:, None] & k_ok[None, :]
             sz = n[:, None] * n_groups + g[None, :]
-            scale = tl.load(s_ptr + sz, mask=nk_ok, other=0.0).to(tl.float32)
+            scale = tl.load(s_ptr + sz, mask=g_ok, other=0.0).to(tl.float32)
             if HAS_ZEROS:
-                zero = tl.load(z_ptr + sz, mask=nk_ok, other=0.0).to(tl.float32)
+                zero = tl.load(z_ptr + sz, mask=g_ok, other=0.0).to(tl.float32)
             else:
-                zero = 1 << (BITS - 1)
-            # rounded to the model dtype once, as the torch dequantization rounds
-            w = ((q - zero) * scale).to(x_ptr.dtype.element_ty)
+                zero = tl.full(scale.shape, 1 << (BITS - 1), tl.float32)
+            if WORD_GROUPS:
+                w = tl.reshape((q - zero[:, :, None]) * scale[:, :, None], (BLOCK_N, BLOCK_K))
+            else:
+                w = (tl.reshape(q, (BLOCK_N, BLOCK_K)) - zero) * scale
+            w = w.to(x_ptr.dtype.element_ty)  # rounded to the model dtype once, as the torch dequantization rounds
             x = tl.load(x_ptr + m[:, None] * K + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
             if BLOCK_M == 1:
                 acc += tl.sum(x.to(tl.float32) * w.to(tl.float32), axis=1)[None, :]
@@ -154,7 +161,8 @@ def int_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
 
 def _launch_int(x, qweight, scales, zeros, bits, group_size, group_start, g_idx, launch):
     K, N = x.shape[-1], qweight.shape[0]
-    assert bits in BITS and qweight.shape[1] * (32 // bits) == K, (qweight.shape, bits, K)
+    per = 32 // bits
+    assert bits in BITS and qweight.shape[1] * per == K, (qweight.shape, bits, K)
     x2 = x.reshape(-1, K).contiguous()
     M = x2.shape[0]
     if launch is None:
@@ -167,6 +175,7 @@ def _launch_int(x, qweight, scales, zeros, bits, group_size, group_start, g_idx,
         x2, qweight, scales.contiguous(), zeros.contiguous() if zeros is not None else scales,
         g_idx if g_idx is not None else qweight, out, M, N, K, scales.shape[1], group_size, group_start,
         k_chunk, BITS=bits, HAS_ZEROS=zeros is not None, HAS_GIDX=g_idx is not None, BLOCK_M=block_m,
+        WORD_GROUPS=g_idx is None and group_size % per == 0 and group_start % per == 0,
         BLOCK_N=launch.block_n, BLOCK_K=launch.block_k,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         num_warps=launch.num_warps, num_stages=launch.num_stages)

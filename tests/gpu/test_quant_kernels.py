@@ -37,8 +37,10 @@ def test_int_kernel_matches_fallback(bits, group_size, rows, sym):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+# groups aligned to the packed words take the kernel's scale-per-word path; act-order and groups of 50 (from
+# column 2) the scale-per-value one
 @pytest.mark.parametrize("case", [dict(group_start=40, group_size=64), dict(act_order=True, group_size=128),
-                                  dict(group_size=200)])
+                                  dict(group_size=200), dict(group_size=50, group_start=2)])
 def test_int_kernel_mid_group_slices_act_order_and_dtypes(dtype, case):
     w = int_case(300, 1600, 4, sym=False, dtype=dtype, **case)
     for rows in (1, 3):
