@@ -14,12 +14,11 @@ Decode at batch 1 is bound by the weight bytes read: a 4-bit weight is a quarter
 gives each program BLOCK_N whole output rows (rows are contiguous in memory, so its loads are long runs) and,
 where the rows alone make too few programs to keep every SM's memory pipe busy, a slice of the inputs too
 (split-K, as gpt-fast's and exllama's GEMVs do): the slices' float32 partial sums land in a workspace that one
-torch sum adds up in a fixed order, so results do not depend on timing. Where groups fall on word boundaries (group size and group_start
-multiples of the values per word: every real layout) scales and zeros are loaded once per word, not per value.
-Up to MAX_ROWS rows of x (batched
-decode) go through one pass over the weight, with tl.dot for more than one row; longer inputs (prefill) are
-compute bound and take the fallback, dequantize then one cuBLAS matmul. Shapes alone pick the launch, so a
-CUDA graph captures and replays it.
+torch sum adds up in a fixed order, so results do not depend on timing. Where groups fall on word boundaries
+(group size and group_start multiples of the values per word: every real layout) scales and zeros are loaded
+once per word, not per value. Up to MAX_ROWS rows of x (batched decode) go through one pass over the weight,
+with tl.dot for more than one row; longer inputs (prefill) are compute bound and take the fallback, dequantize
+then one cuBLAS matmul. Shapes alone pick the launch, so a CUDA graph captures and replays it.
 """
 
 from __future__ import annotations
