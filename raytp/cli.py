@@ -22,6 +22,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from raytp.parallel.devices import DeviceSpecError, format_bytes, is_auto, parse_devices
+from raytp.parallel.plan import QUANT_SCHEMES
 
 DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_MAX_TOKENS = 256
@@ -31,7 +32,9 @@ EPILOG = """device SPEC: comma-separated KIND[:INDEX][@MEM] or KIND*N[@MEM], KIN
   cuda*4                       four GPUs at their free memory
   cuda:0@24GiB,cuda:1@80GiB    two GPUs capped (emulates mismatched cards)
   auto                         every GPU the Ray cluster has (one CPU rank if none)
-model: smollm2 (the embedded SmolLM2-135M-Instruct, pulled on first use) or a Hugging Face directory"""
+model: smollm2 (the embedded SmolLM2-135M-Instruct, pulled on first use) or a Hugging Face directory
+  synthetic:llama-3.1-70b      random weights of a published config's shapes (also -8b, -405b, tiny);
+                               synthetic:llama-3.1-70b@w4a16 (or --quant w4a16) quantizes them"""
 
 
 CPU_RANKS_PER_CORE = 4  # a local Ray refuses more cpu ranks than this per core: each rank spins in its collectives
@@ -52,6 +55,8 @@ def _model_args(p: argparse.ArgumentParser, max_batch: int, split_list: bool = F
     p.add_argument("--model", default="smollm2", help="smollm2 or a Hugging Face model directory (default: smollm2)")
     p.add_argument("--devices", default="auto", help="device SPEC, see below (default: auto)")
     p.add_argument("--dtype", default="bfloat16", choices=DTYPES, help="weights and activations (default: bfloat16)")
+    p.add_argument("--quant", default=None, choices=tuple(QUANT_SCHEMES),
+                   help="quantize a synthetic model's attention and MLP weights (same as --model synthetic:NAME@QUANT)")
     p.add_argument("--max-context", type=int, default=2048, help="tokens per sequence, prompt included (default: 2048)")
     p.add_argument("--max-batch", type=int, default=max_batch, help=f"concurrent sequences (default: {max_batch})")
     if split_list:
@@ -214,12 +219,13 @@ def cmd_plan(args) -> None:
         raise UserError("`raytp plan --split speed` needs every device's bandwidth: add ~RATE to each device, "
                         "e.g. cuda:0@24GiB~0.94TB/s")
 
-    config = ModelSource.parse(args.model).config()
+    source = ModelSource.parse(args.model)
+    config = source.config()
 
     def plan_for(split: str | None):
         return plan_shards(config, [(str(d), d.mem_bytes) for d in devices],
                            max_context=args.max_context, max_batch=args.max_batch, dtype=args.dtype,
-                           bandwidths=bandwidths, split=split)
+                           bandwidths=bandwidths, split=split, quant=source.quant)
 
     plan = plan_for(args.split)
     if args.json:
@@ -715,6 +721,13 @@ def _check_args(args) -> None:
             _sampling(args)  # the rules live in SamplingParams alone; its message names the value
         except ValueError as e:
             raise UserError(str(e)) from None
+    if args.quant:
+        if not args.model.startswith("synthetic:") or "@" in args.model:
+            raise UserError(f"--quant {args.quant} applies to a synthetic model without an @ suffix, not "
+                            f"{args.model!r}; a checkpoint's quantization comes from its config.json")
+        args.model = f"{args.model}@{args.quant}"  # the spec carries it to every rank
+    if getattr(args, "hf_peer", False) and args.model.startswith("synthetic:") and "@" in args.model:
+        raise UserError(f"--hf-peer runs transformers on dense weights; {args.model!r} is quantized")
     _check_model(args.model)
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import threading
 
 import pytest
 import torch
 
 from raytp.parallel.comm import InProcessGroup
+from raytp.parallel.comm.base import IdentityCheckingCommunicator
 from raytp.parallel.devices import parse_devices
 from raytp.model.layout import model_layout
 from raytp.model.llama import ShardedLlama
@@ -33,13 +35,16 @@ def _logits(model: str, weights: list[float], tokens: torch.Tensor) -> torch.Ten
 
     def rank(r):
         with source.reader(torch.float32, torch.device("cpu")) as reader:
-            lm = ShardedLlama(config, plan.ranks[r], group.communicator(r), reader, max_batch=2, max_context=64)
+            # every all-reduce also checks that all ranks hold the same bits
+            comm = IdentityCheckingCommunicator(group.communicator(r))
+            lm = ShardedLlama(config, plan.ranks[r], comm, reader, max_batch=2, max_context=64)
         B, T = tokens.shape
         out[r] = lm.forward(tokens, torch.arange(T).repeat(B, 1), torch.arange(B))
 
     threads = [threading.Thread(target=rank, args=(r,)) for r in range(len(weights))]
     [t.start() for t in threads]
     [t.join() for t in threads]
+    assert all(o is not None for o in out), "a rank failed (see its thread's exception above)"
     return torch.cat(out, dim=-1)
 
 
@@ -112,3 +117,86 @@ def test_405b_does_not_fit_and_names_every_device():
     for i, dev in enumerate(MIXED.split(",")):
         assert f"rank {i} {dev}: needs" in message
     assert "short" in message and "KV group" in message
+
+
+QUANTS = ["w4a16", "w8a16", "fp8"]
+
+
+@pytest.mark.parametrize("quant", QUANTS)
+def test_quantized_shards_concatenate_to_the_one_rank_weights(quant):
+    """mlp_block=32 cuts down_proj mid-group (groups of 128): those slices start at a group_start inside a group."""
+    config = synthetic_config("synthetic:tiny")
+    reader = SyntheticReader(config, torch.float32, torch.device("cpu"), quant)
+
+    def dense(shard):
+        return {s.name: reader.read(s) for s in model_layout(config, shard).slices()}
+
+    full = dense(_plan(config, [1.0]).ranks[0])
+    shards = [dense(s) for s in _plan(config, [1.0, 2.0, 3.0], mlp_block=32).ranks]
+    if quant == "w4a16":
+        assert any(s["model.layers.0.mlp.down_proj.weight"].group_start for s in shards)
+    for name, dim in [("model.layers.1.self_attn.q_proj.weight", 0), ("model.layers.1.self_attn.o_proj.weight", 1),
+                      ("model.layers.2.mlp.up_proj.weight", 0), ("model.layers.0.mlp.down_proj.weight", 1)]:
+        whole = dequantized(full[name])
+        assert 0.015 < whole.std() < 0.025  # the dense synthetic weights' spread
+        assert torch.equal(torch.cat([dequantized(s[name]) for s in shards], dim=dim), whole), name
+    assert torch.equal(shards[0]["model.embed_tokens.weight"], full["model.embed_tokens.weight"][:len(
+        shards[0]["model.embed_tokens.weight"])])  # the embedding stays dense
+
+
+def dequantized(w) -> torch.Tensor:
+    """An IntWeight per the contract's formula (kernels' dequantize), an FP8Weight as weight * scale."""
+    if hasattr(w, "packed"):
+        return w.dequantize()
+    return w.weight.float() * w.scale
+
+
+# [1.0, 0.02, 1.0]: a zero-width middle rank
+@pytest.mark.parametrize("quant", QUANTS)
+@pytest.mark.parametrize("weights", [[1.0, 2.0, 3.0], [1.0, 0.02, 1.0]])
+def test_quantized_tiny_logits_match_one_rank(quant, weights):
+    tokens = torch.tensor([[1, 17, 999, 512, 3], [42, 0, 7, 640, 64]])
+    reference = _logits(f"synthetic:tiny@{quant}", [1.0], tokens)
+    assert reference.shape == (2, 1000) and reference.std() > 0.1
+    assert not torch.allclose(reference, _logits("synthetic:tiny", [1.0], tokens), atol=1e-2)  # really quantized
+    torch.testing.assert_close(_logits(f"synthetic:tiny@{quant}", weights, tokens), reference, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("quant,bits,group,scale_bytes", [("w4a16", 4, 128, 2), ("w8a16", 8, None, 2),
+                                                          ("fp8", 8, None, 4)])
+def test_plan_counts_quantized_bytes(quant, bits, group, scale_bytes):
+    """One rank's weights: every attention and MLP matrix at bits/8 per weight plus one scale per output row and
+    group, the embedding and lm_head in bfloat16, counted here from the published shapes."""
+    config = synthetic_config("synthetic:llama-3.1-8b")
+    h, kv, i = 4096, 1024, 14336
+    matrices = [(h, h), (kv, h), (kv, h), (h, h), (i, h), (i, h), (h, i)]  # (out, in): q k v o gate up down
+    layer = sum(o * n * bits // 8 + o * (n // group if group else 1) * scale_bytes for o, n in matrices)
+    expected = 32 * layer + 2 * 128256 * h * 2
+    plan = plan_shards(config, [("cuda:0", 80 * GiB)], max_context=1024, max_batch=1, dtype="bfloat16", quant=quant)
+    # the planner rounds each KV group's and MLP column's share of a scale up to whole bytes
+    assert expected <= plan.ranks[0].weight_bytes <= expected + 8 + i and plan.quant == quant
+    bf16 = plan_shards(config, [("cuda:0", 80 * GiB)], max_context=1024, max_batch=1, dtype="bfloat16")
+    assert bf16.ranks[0].read_bytes > plan.ranks[0].read_bytes
+
+
+def test_70b_w4a16_fits_three_24gib_cards_that_bf16_does_not():
+    devices = [(f"cuda:{r}@24GiB", 24 * GiB) for r in range(3)]
+    config = synthetic_config("synthetic:llama-3.1-70b")
+    with pytest.raises(PlanError):
+        plan_shards(config, devices, max_context=4096, max_batch=1, dtype="bfloat16")
+    plan = plan_shards(config, devices, max_context=4096, max_batch=1, dtype="bfloat16", quant="w4a16")
+    assert [len(r.kv_heads) for r in plan.ranks] == [3, 2, 3] and all(r.headroom_bytes > 0 for r in plan.ranks)
+
+
+def test_plan_command_takes_quant_as_a_flag_or_a_suffix(capsys):
+    from raytp.cli import main
+
+    devices = "cuda:0@24GiB,cuda:1@24GiB,cuda:2@24GiB"
+    assert main(["plan", "--model", "synthetic:llama-3.1-70b", "--quant", "w4a16", "--devices", devices, "--json"]) == 0
+    flag = json.loads(capsys.readouterr().out)
+    assert main(["plan", "--model", "synthetic:llama-3.1-70b@w4a16", "--devices", devices, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == flag and flag["quant"] == "w4a16"
+    assert main(["plan", "--model", "smollm2", "--quant", "fp8", "--devices", "cpu@1GiB"]) == 2
+    assert "--quant fp8 applies to a synthetic model" in capsys.readouterr().err
+    assert main(["plan", "--model", "synthetic:tiny@int3", "--devices", "cpu@1GiB"]) == 2
+    assert "unknown quantization 'int3'" in capsys.readouterr().err

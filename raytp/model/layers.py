@@ -2,8 +2,9 @@
 
 Each layer is given the `Slice`s of `raytp.model.layout` it holds and reads them through a `WeightReader`, the one
 interface every weight source implements (the safetensors checkpoint, the synthetic generator). How a matrix is
-stored and applied is a format class apart from the slice: `DenseWeight` today; int4 or FP8 formats would be
-siblings with the same `apply`.
+stored and applied is a format class apart from the slice: `DenseWeight` here, `IntWeight` and `FP8Weight` (int4/int8
+and FP8, raytp.model.formats) beside it, all with the same `apply`; a reader returns the quantized ones already
+built, the dense ones as tensors.
 
     ColumnParallelLinear    x (..., in) replicated      -> y (..., local rows)  no communication
     RowParallelLinear       x (..., local cols)         -> y (..., out)         all-reduce of partial sums
@@ -22,14 +23,16 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from raytp.model.formats import FP8Weight, IntWeight, stack_rows
 from raytp.model.layout import Slice
 from raytp.parallel.comm import Communicator
 
 
 class WeightReader(Protocol):
-    def read(self, s: Slice) -> torch.Tensor:
+    def read(self, s: Slice) -> torch.Tensor | IntWeight | FP8Weight:
         """Rows `s.rows` (and columns `s.cols`) of global tensor `s.name`, in the model's dtype on the rank's
-        device. Raises a ValueError naming the tensor when it is missing or its global shape is not `s.shape`."""
+        device (a quantized matrix: in its format). Raises a ValueError naming the tensor when it is missing or its
+        global shape is not `s.shape`."""
 
 
 class DenseWeight:
@@ -57,7 +60,12 @@ class ColumnParallelLinear:
 
     def load(self, reader: WeightReader) -> ColumnParallelLinear:
         bias = torch.cat([reader.read(p) for p in self.bias_parts]) if self.bias_parts else None
-        self.weight = DenseWeight(torch.cat([reader.read(p) for p in self.parts]), bias)
+        parts = [reader.read(p) for p in self.parts]
+        if isinstance(parts[0], torch.Tensor):
+            self.weight = DenseWeight(torch.cat(parts), bias)
+        else:
+            assert bias is None, "quantized formats here carry no bias"
+            self.weight = stack_rows(parts)
         return self
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -76,7 +84,8 @@ class RowParallelLinear:
         self.out_features, self.width = part.shape[0], len(part.cols)
 
     def load(self, reader: WeightReader) -> RowParallelLinear:
-        self.weight = DenseWeight(reader.read(self.part))
+        weight = reader.read(self.part)
+        self.weight = DenseWeight(weight) if isinstance(weight, torch.Tensor) else weight
         return self
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

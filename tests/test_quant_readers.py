@@ -1,0 +1,107 @@
+"""GPTQ and AWQ slices converted to IntWeight against the format libraries' own dequantization
+(tests/quant_reference)."""
+
+import pytest
+import torch
+
+from raytp.model.layout import Slice
+from raytp.weights.awq import AWQConfig, read_awq
+from raytp.weights.gptq import GPTQConfig, read_gptq
+from tests.quant_reference import dequantize_gemm, gptq_dequantize_weight
+
+OUT, IN = 48, 320
+# Rows 12..40 start mid-word of the zero points (4 of 8 nibbles in); columns 96..256 start 32 into group 1 of 64
+# and span 3 groups: an odd count, with partial first group.
+SLICES = [dict(rows=range(OUT), cols=None), dict(rows=range(12, 40), cols=None),
+          dict(rows=range(OUT), cols=range(96, 256)), dict(rows=range(8, 16), cols=range(0, 64))]
+
+
+def raw_reader(tensors):
+    def raw(name, rows, cols):
+        t = tensors[name]
+        return t[rows] if cols is None else t[rows, cols]
+    return raw
+
+
+def random_words(shape, g, bits, top=None):
+    """int32 words of random `bits`-bit fields, each field below `top` (all values when None)."""
+    per = 32 // bits
+    fields = torch.randint(0, top or 1 << bits, (*shape, per), generator=g, dtype=torch.int64)
+    words = (fields << torch.arange(0, 32, bits)).sum(-1)
+    return torch.where(words >= 1 << 31, words - (1 << 32), words).int()
+
+
+def gptq_tensors(bits, group_size, desc_act, checkpoint_format, sym, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    per, n_groups = 32 // bits, IN // group_size
+    g_idx = torch.arange(IN) // group_size
+    if desc_act:
+        g_idx = g_idx[torch.randperm(IN, generator=g)]
+    # AutoGPTQ's v1 stores zero - 1; a stored field of 2**bits - 1 would carry into its neighbour under GPTQModel's
+    # whole-word + 1, so v1 checkpoints never hold one. Symmetric ones hold the midpoint (minus one in v1).
+    v1 = checkpoint_format == "gptq"
+    if sym:
+        mid = (1 << (bits - 1)) - v1
+        qzeros = random_words((n_groups, OUT // per), g, bits, top=1) + sum(mid << s for s in range(0, 32, bits))
+        qzeros = torch.where(qzeros >= 1 << 31, qzeros.long() - (1 << 32), qzeros.long()).int()
+    else:
+        qzeros = random_words((n_groups, OUT // per), g, bits, top=(1 << bits) - v1)
+    return {"m.qweight": random_words((IN // per, OUT), g, bits), "m.qzeros": qzeros,
+            "m.scales": (torch.rand(n_groups, OUT, generator=g) * 0.02 + 1e-3).half(), "m.g_idx": g_idx.int()}
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("desc_act", [False, True])
+@pytest.mark.parametrize("checkpoint_format", ["gptq", "gptq_v2"])
+@pytest.mark.parametrize("sym", [False, True])
+def test_gptq_slices_dequantize_like_gptqmodel(bits, desc_act, checkpoint_format, sym):
+    tensors = gptq_tensors(bits, 64, desc_act, checkpoint_format, sym)
+    config = GPTQConfig.from_dict({"bits": bits, "group_size": 64, "desc_act": desc_act, "sym": sym,
+                                   "checkpoint_format": checkpoint_format})
+    reference = gptq_dequantize_weight(tensors["m.qweight"], tensors["m.qzeros"], tensors["m.scales"],
+                                       tensors["m.g_idx"], bits, checkpoint_format).t()  # (out, in)
+    for s in SLICES:
+        part = Slice("m.weight", (OUT, IN), s["rows"], s["cols"])
+        w = read_gptq(raw_reader(tensors), part, config, torch.float16, torch.device("cpu"))
+        cols = s["cols"] or range(IN)
+        assert w.packed.shape == (len(s["rows"]), len(cols) * bits // 32)
+        assert (w.zeros is None) == sym  # the midpoint zero points of a symmetric checkpoint are dropped
+        assert (w.g_idx is not None) == desc_act
+        # both compute (q - zero) in integers and round one product to float16: the same bits
+        assert torch.equal(w.dequantize(), reference[s["rows"].start:s["rows"].stop, cols.start:cols.stop])
+
+
+def test_gptq_refuses_what_it_cannot_read():
+    with pytest.raises(ValueError, match="bits=3 is not supported"):
+        GPTQConfig.from_dict({"bits": 3, "group_size": 128})
+    with pytest.raises(ValueError, match="checkpoint_format 'marlin'"):
+        GPTQConfig.from_dict({"bits": 4, "checkpoint_format": "marlin"})
+    tensors = gptq_tensors(4, 64, False, "gptq", False)
+    with pytest.raises(ValueError, match=r"input columns \[4, 64\)"):
+        read_gptq(raw_reader(tensors), Slice("m.weight", (OUT, IN), range(OUT), range(4, 64)),
+                  GPTQConfig.from_dict({"bits": 4, "group_size": 64}), torch.float16, torch.device("cpu"))
+
+
+AWQ_OUT, AWQ_IN, AWQ_GROUP = 64, 384, 128
+
+
+def test_awq_slices_dequantize_like_autoawq():
+    g = torch.Generator().manual_seed(1)
+    n_groups = AWQ_IN // AWQ_GROUP
+    tensors = {"m.qweight": random_words((AWQ_IN, AWQ_OUT // 8), g, 4),
+               "m.qzeros": random_words((n_groups, AWQ_OUT // 8), g, 4),
+               "m.scales": (torch.rand(n_groups, AWQ_OUT, generator=g) * 0.02 + 1e-3).half()}
+    reference = dequantize_gemm(tensors["m.qweight"], tensors["m.qzeros"], tensors["m.scales"], 4, AWQ_GROUP).t()
+    config = AWQConfig.from_dict({"quant_method": "awq", "bits": 4, "group_size": AWQ_GROUP, "version": "GEMM",
+                                  "zero_point": True})
+    for rows, cols in [(range(AWQ_OUT), None), (range(12, 52), None), (range(AWQ_OUT), range(136, 384)),
+                       (range(3, 9), range(0, 128))]:
+        w = read_awq(raw_reader(tensors), Slice("m.weight", (AWQ_OUT, AWQ_IN), rows, cols), config, torch.float16,
+                     torch.device("cpu"))
+        cols = cols or range(AWQ_IN)
+        assert torch.equal(w.dequantize(), reference[rows.start:rows.stop, cols.start:cols.stop])
+
+
+def test_awq_refuses_other_layouts():
+    with pytest.raises(ValueError, match="version='gemv'"):
+        AWQConfig.from_dict({"bits": 4, "group_size": 128, "version": "gemv"})
