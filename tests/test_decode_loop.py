@@ -93,11 +93,12 @@ def tokens_of(events, rid):
 
 CASES = [SamplingParams(max_tokens=20),
          SamplingParams(temperature=0.8, seed=11, max_tokens=20),
-         SamplingParams(temperature=1.0, top_k=100, top_p=0.95, seed=12, max_tokens=20),  # past the candidates sent
+         SamplingParams(temperature=1.0, top_p=0.95, seed=12, max_tokens=20),  # a nucleus past the candidates sent
+         SamplingParams(temperature=1.0, top_k=100, top_p=0.9, seed=14, max_tokens=20),
          SamplingParams(temperature=0.7, top_k=5, repetition_penalty=1.4, seed=13, max_tokens=20)]
 
 
-@pytest.mark.parametrize("params", CASES, ids=["greedy", "temperature", "top-k-top-p", "top-k-penalty"])
+@pytest.mark.parametrize("params", CASES, ids=["greedy", "temperature", "top-p", "top-k-top-p", "top-k-penalty"])
 def test_tokens_match_the_stepwise_reference_also_for_a_request_joining_a_running_batch(tiny, params):
     path, model, group = tiny
     prompts = {"a": [5, 17, 300, 42], "b": [999, 3, 3, 3, 64, 0, 12]}
