@@ -9,7 +9,7 @@ from transformers.generation.logits_process import (
 )
 
 from raytp.parallel.comm import InProcessGroup
-from raytp.runtime.sampling import SamplingParams, ShardedSampler, apply_repetition_penalty
+from raytp.runtime.sampling import SamplingParams, ShardedSampler, apply_repetition_penalty, seen_mask
 from tests.test_comm import run_ranks
 
 V = 500
@@ -101,8 +101,7 @@ def test_repetition_penalty_matches_transformers():
     expected = RepetitionPenaltyLogitsProcessor(1.5)(history, logits.clone())
     ours = logits.clone()
     for lo, hi in [(0, 200), (200, 460), (460, V)]:
-        part = ours[0, lo:hi]
-        apply_repetition_penalty(part, history[0], lo, 1.5)
+        ours[0, lo:hi] = apply_repetition_penalty(ours[0, lo:hi], seen_mask(history[0], lo, hi - lo), 1.5)
     torch.testing.assert_close(ours, expected)
 
 

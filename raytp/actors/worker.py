@@ -116,12 +116,8 @@ class Worker:
 
     def run(self) -> None:
         try:
-            lm = self.engine.model
-            if self.device.type == "cuda" and lm.comm.graph_safe and self.options.cuda_graphs:
-                from raytp.model.graphs import GraphedDecode
-
-                # captured here, where every rank starts at once (after all loaded): collectives must match
-                self.engine.decode_step = GraphedDecode(lm)
+            if self.device.type == "cuda" and self.engine.comm.graph_safe and self.options.cuda_graphs:
+                self.engine.use_cuda_graphs()  # captured inside the loop, where every rank is at the same step
             self.engine.run(self._emit)
         except CommError:
             self.comm.abort()  # peers waiting on this rank fail now, not at their timeout

@@ -1,18 +1,33 @@
-"""The per-rank token loop: every rank runs it in lock-step, no Ray call inside.
+"""The per-rank token loop: every rank runs it in lock-step, no Ray call inside, and the GPU never waits for Python.
 
 Rank 0 (the leader) owns the inbox of commands from the driver (`Add`, `Cancel`, `Stop`) and the outbox of
-sampled tokens. At the top of every step it broadcasts the commands that arrived (usually none: one tiny
-collective) so that every rank admits, cancels and finishes the same requests at the same step. That
-broadcast is the one place a request has a wire format (`encode_commands` / `decode_commands`); everywhere
-else it is the dataclasses below, which Ray pickles as they are. Then all ranks prefill the new requests,
-run one batched decode step over every active request and sample identically. Requests join and leave
-between steps; a finished or cancelled request frees its cache slot at once.
+sampled tokens. Commands reach the other ranks in one broadcast (`encode_commands` / `decode_commands`, the one
+place a request has a wire format; everywhere else it is the dataclasses below, which Ray pickles as they are),
+so that every rank admits, cancels and finishes the same requests at the same step.
+
+Decode is device-resident (raytp.runtime.batch): a step samples on the device and writes its tokens and positions
+into the next step's inputs itself. The host enqueues step N+1 before it reads step N's tokens (a pinned buffer
+and an event, one step behind), so it finds stop tokens, max_tokens and the end of the context one step late: the
+token that step N+1 drew for a finished request is surplus and dropped, never emitted. When the batch changes (a
+request joins, finishes or is cancelled) the loop drains the step in flight and rewrites the device buffers from
+its own view of the sequences. A row whose top-p nucleus reached below the candidates the captured sampler
+exchanges comes back marked inexact (rare); the loop then drops the step after it, runs that step again and
+draws the row with the exact host-side loop of `ShardedSampler.sample`.
+
+Commands are exchanged only when there is news, not by a collective every step. While requests decode, the leader
+raises a news counter that rides along in every step's sampler exchange (a word in an all-gather that runs
+anyway, so it reaches ranks on every node); all ranks read it back with the step's tokens and, when it has grown,
+run the command broadcast at the same point of the same iteration. With nothing decoding (idle, or only
+prefilling) every iteration broadcasts: then the leader waits on its inbox for at most `heartbeat_s` first, so an
+idle group still runs one small collective a second, and a rank that has died is noticed within the collective
+timeout. (A shared-memory word would spare the leader the wait of one step but exists only within a node.)
+
+New requests are prefilled eagerly in chunks of at most `prefill_chunk` tokens, one chunk per iteration between
+decode steps, so a long prompt delays running requests by one chunk at a time. A request joins the decode batch
+with the token its last chunk drew.
 
 Requests arrive checked (`raytp.runtime.requests.check_request`, at the front end): a bad one never reaches a
 rank, so the loop does not check them again.
-
-When no request is active the leader waits on its inbox for at most `heartbeat_s` and then broadcasts an
-empty step anyway, so a rank that has died is noticed within the collective timeout even when idle.
 """
 
 from __future__ import annotations
@@ -25,8 +40,10 @@ from typing import Callable
 
 import torch
 
-from raytp.parallel.comm import Communicator
 from raytp.model.llama import ShardedLlama
+from raytp.parallel.comm import Communicator
+from raytp.parallel.plan import PREFILL_CHUNK
+from raytp.runtime.batch import DecodeBatch, Pending
 from raytp.runtime.sampling import SamplingParams, ShardedSampler
 
 
@@ -88,27 +105,38 @@ def decode_commands(payload: bytes) -> list[Command]:
     return [one(c) for c in json.loads(payload.decode())]
 
 
-@dataclass
+@dataclass(eq=False)
 class _Sequence:
     request: Request
     slot: int
-    tokens: list[int]  # prompt + generated, the repetition penalty's history
+    tokens: list[int]  # prompt + generated as read back so far: the repetition penalty's history
     generated: int = 0
+    prefilled: int = 0  # prompt tokens already in the cache
+    finished: bool = False  # results of steps still in flight for it are dropped
 
 
 class RankEngine:
     def __init__(self, model: ShardedLlama, comm: Communicator, heartbeat_s: float = 1.0,
-                 decode: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None):
+                 prefill_chunk: int = PREFILL_CHUNK):
         self.model, self.comm = model, comm
-        self.decode_step = decode or model.forward  # a raytp.model.graphs.GraphedDecode on CUDA ranks
         self.sampler = ShardedSampler(comm, model.vocab_start)
+        self.batch = DecodeBatch(model, self.sampler)
         self.device = model.device
-        self.heartbeat_s = heartbeat_s
+        self.heartbeat_s, self.prefill_chunk = heartbeat_s, prefill_chunk
         self.active: dict[str, _Sequence] = {}
         self.free_slots = list(range(model.max_batch))
+        self.prefilling: deque[_Sequence] = deque()  # admitted, prompt not yet all in the cache
+        self.decoding: list[_Sequence] = []  # the device batch's rows, in order
+        self.stale = False  # `decoding` changed since the device batch was loaded
+        self.in_flight: deque[Pending] = deque()  # enqueued steps not read yet (at most two)
+        self.news = self.news_handled = 0  # the leader's news counter as read back, and as acted on
         self.pending: deque[Request] = deque()  # leader only: waiting for a free slot
         self.inbox: queue.Queue[Command] = queue.Queue()  # leader only
         self.leader_events: list[TokenEvent] = []  # leader only: events decided without the other ranks
+
+    def use_cuda_graphs(self) -> None:
+        """Replay decode steps from CUDA graphs (the communicator must be `graph_safe`)."""
+        self.batch.use_graphs()
 
     # ---- leader side -------------------------------------------------------------------------------------
 
@@ -136,6 +164,10 @@ class RankEngine:
             free -= 1
         return commands
 
+    def _has_news(self) -> bool:
+        """Leader: whether the group has something to hear (a command, or a waiting request that now fits)."""
+        return not self.inbox.empty() or bool(self.pending and self.free_slots)
+
     def _broadcast_commands(self, commands: list[Command]) -> list[Command]:
         """One int64 collective when idle-ish; a second one carrying the commands when there is news."""
         payload = encode_commands(commands) if self.comm.rank == 0 and commands else b""
@@ -149,61 +181,120 @@ class RankEngine:
 
     # ---- every rank ----------------------------------------------------------------------------------------
 
+    @torch.inference_mode()
     def run(self, emit: Callable[[list[TokenEvent]], None]) -> None:
-        """Step until a `Stop` command. `emit` receives the events of each step (used on the leader)."""
+        """Step until a `Stop` command. `emit` receives the events of each iteration (used on the leader)."""
         while True:
-            commands = self._broadcast_commands(self._collect_commands() if self.comm.rank == 0 else [])
             events, self.leader_events = self.leader_events, []
-            new: list[_Sequence] = []
-            for cmd in commands:
-                if isinstance(cmd, Stop):
+            if not self.decoding or self.news > self.news_handled:
+                self.news_handled = self.news
+                commands = self._broadcast_commands(self._collect_commands() if self.comm.rank == 0 else [])
+                if any(isinstance(c, Stop) for c in commands):
+                    for step in self.in_flight:  # finish the GPU's work before the communicator closes
+                        step.read()
                     return
-                if isinstance(cmd, Cancel):
-                    if cmd.request_id in self.active:
-                        self._finish(self.active[cmd.request_id], "cancelled", events)
-                else:
-                    seq = _Sequence(cmd.request, self.free_slots.pop(0), list(cmd.request.prompt_ids))
-                    self.active[cmd.request.id] = seq
-                    new.append(seq)
-            decoding = [s for s in self.active.values() if s not in new]
-            for seq in new:  # prefill one request at a time: its whole prompt in one forward
-                self._prefill(seq, events)
-            if decoding:
-                self._decode(decoding, events)
+                self._apply(commands, events)
+            self._prefill_chunk(events)
+            if self.stale:
+                self._drain(events)
+            if self.stale and self.decoding:
+                self.batch.load(self.decoding)
+                self.stale = False
+            if self.decoding:
+                if self.comm.rank == 0 and self.news == self.news_handled and self._has_news():
+                    self.batch.post(self.news + 1)
+                self._enqueue()
+            while len(self.in_flight) > 1:  # step N+1 is queued: now read step N
+                self._read(self.in_flight.popleft(), events)
             if events:
                 emit(events)
 
-    def _prefill(self, seq: _Sequence, events: list[TokenEvent]) -> None:
-        prompt = seq.request.prompt_ids
-        tokens = torch.tensor([prompt], device=self.device)
-        positions = torch.arange(len(prompt), device=self.device).view(1, -1)
-        slots = torch.tensor([seq.slot], device=self.device)
-        logits = self.model.forward(tokens, positions, slots)
-        self._sample([seq], logits, events)
-
-    def _decode(self, seqs: list[_Sequence], events: list[TokenEvent]) -> None:
-        tokens = torch.tensor([[s.tokens[-1]] for s in seqs], device=self.device)
-        positions = torch.tensor([[len(s.tokens) - 1] for s in seqs], device=self.device)
-        slots = torch.tensor([s.slot for s in seqs], device=self.device)
-        logits = self.decode_step(tokens, positions, slots)
-        self._sample(seqs, logits, events)
-
-    def _sample(self, seqs: list[_Sequence], logits: torch.Tensor, events: list[TokenEvent]) -> None:
-        params = [s.request.params for s in seqs]
-        positions = [s.generated for s in seqs]
-        histories = [torch.tensor(s.tokens) for s in seqs] if any(p.repetition_penalty != 1 for p in params) \
-            else [torch.empty(0, dtype=torch.int64)] * len(seqs)
-        for seq, token in zip(seqs, self.sampler.sample(logits, params, positions, histories)):
-            seq.tokens.append(token)
-            seq.generated += 1
-            if token in seq.request.stop_ids:
-                self._finish(seq, "stop", events, token)
-            elif seq.generated == seq.request.params.max_tokens or len(seq.tokens) >= self.model.max_context:
-                self._finish(seq, "length", events, token)
+    def _apply(self, commands: list[Command], events: list[TokenEvent]) -> None:
+        for cmd in commands:
+            if isinstance(cmd, Cancel):
+                if cmd.request_id in self.active:
+                    self._finish(self.active[cmd.request_id], "cancelled", events)
             else:
-                events.append(TokenEvent(seq.request.id, token))
+                seq = _Sequence(cmd.request, self.free_slots.pop(0), list(cmd.request.prompt_ids))
+                self.active[cmd.request.id] = seq
+                self.prefilling.append(seq)
+
+    def _prefill_chunk(self, events: list[TokenEvent]) -> None:
+        """The next chunk of the first waiting prompt; its last chunk draws the request's first token."""
+        if not self.prefilling:
+            return
+        seq = self.prefilling[0]
+        prompt = seq.request.prompt_ids
+        start, end = seq.prefilled, min(len(prompt), seq.prefilled + self.prefill_chunk)
+        tokens = torch.tensor([prompt[start:end]], device=self.device)
+        positions = torch.arange(start, end, device=self.device).view(1, -1)
+        logits = self.model.forward(tokens, positions, torch.tensor([seq.slot], device=self.device), span=end)
+        seq.prefilled = end
+        if end < len(prompt):
+            return
+        self.prefilling.popleft()
+        token = self.sampler.sample(logits, [seq.request.params], [0], [torch.tensor(prompt)])[0]
+        if self._accept(seq, token, events):
+            self.decoding.append(seq)
+            self.stale = True
+
+    def _enqueue(self) -> None:
+        step, _ = self.batch.step(list(self.decoding))
+        self.in_flight.append(step)
+
+    def _drain(self, events: list[TokenEvent]) -> None:
+        while self.in_flight:
+            self._read(self.in_flight.popleft(), events)
+
+    def _read(self, step: Pending, events: list[TokenEvent]) -> None:
+        tokens, exact, news = step.read()
+        self.news = max(self.news, news)
+        if not all(exact):
+            self._redraw(step, events)
+            return
+        for seq, token in zip(step.rows, tokens):
+            if not seq.finished:
+                self._accept(seq, token, events)
+
+    def _redraw(self, step: Pending, events: list[TokenEvent]) -> None:
+        """Step N left rows inexact: forget step N+1 (it ran on their provisional tokens), run step N again from
+        the host's view, and draw the inexact rows exactly (every rank does this: the flags were gathered)."""
+        for later in self.in_flight:
+            later.read()
+        self.in_flight.clear()
+        self.stale = True
+        live = [s for s in step.rows if not s.finished]
+        if not live:
+            return
+        self.batch.load(live)
+        again, logits = self.batch.step(live)
+        tokens, exact, _ = again.read()
+        for i, (seq, token) in enumerate(zip(live, tokens)):
+            if not exact[i]:
+                history = torch.tensor(seq.tokens)
+                token = self.sampler.sample(logits[i : i + 1], [seq.request.params], [seq.generated], [history])[0]
+            self._accept(seq, token, events)
+
+    def _accept(self, seq: _Sequence, token: int, events: list[TokenEvent]) -> bool:
+        """Take a sampled token; returns whether the request goes on."""
+        seq.tokens.append(token)
+        seq.generated += 1
+        if token in seq.request.stop_ids:
+            self._finish(seq, "stop", events, token)
+        elif seq.generated == seq.request.params.max_tokens or len(seq.tokens) >= self.model.max_context:
+            self._finish(seq, "length", events, token)
+        else:
+            events.append(TokenEvent(seq.request.id, token))
+            return True
+        return False
 
     def _finish(self, seq: _Sequence, reason: str, events: list[TokenEvent], token: int | None = None) -> None:
+        seq.finished = True
         del self.active[seq.request.id]
         self.free_slots.append(seq.slot)
+        if seq in self.prefilling:
+            self.prefilling.remove(seq)
+        if seq in self.decoding:
+            self.decoding.remove(seq)
+            self.stale = True
         events.append(TokenEvent(seq.request.id, token, reason))

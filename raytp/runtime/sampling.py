@@ -8,11 +8,17 @@ that is a pure function of (seed, position, token id), so drawing a sample is an
     if the nucleus reaches below that, C grows and the exchange repeats (rare: only for flat
     distributions).
 Ties break to the lower token id. All ranks compute the final choice from the same gathered numbers.
+
+`ShardedSampler.draw` is tensor code of fixed shapes that never reads a value back to the host: the decode
+loop (raytp.runtime.engine) runs it inside the captured step, its parameters in `SamplingRows` on the device.
+It sends FIRST_CANDIDATES per rank and marks a row whose nucleus reaches below them inexact; the loop then
+draws that row again with `sample`, which grows the exchange until the draw is exact.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import NamedTuple
 
 import torch
 
@@ -21,6 +27,7 @@ from raytp.runtime.errors import RequestError
 
 M32 = 0xFFFFFFFF
 FIRST_CANDIDATES = 64
+GREEDY, NOISY, FILTERED = 0, 1, 2  # a row's kind of draw; a batch needs the work of its highest kind
 
 
 # The documented range of every sampling field. The API's request models declare their fields with these, and
@@ -69,6 +76,11 @@ class SamplingParams:
         return not self.greedy and (self.top_k > 0 or self.top_p < 1)
 
 
+    @property
+    def kind(self) -> int:
+        return GREEDY if self.greedy else FILTERED if self.filtered else NOISY
+
+
 def _mix32(x):
     """A 32-bit integer hash (works on Python ints and int64 tensors alike: products stay below 2**59)."""
     x = (((x >> 16) ^ x) * 0x45D9F3B) & M32
@@ -76,92 +88,166 @@ def _mix32(x):
     return (x >> 16) ^ x
 
 
-def gumbel_noise(seed: int, position: int, ids: torch.Tensor) -> torch.Tensor:
-    """Gumbel(0, 1) noise for token `ids` at `position`: the same numbers on any rank and device."""
+def gumbel_noise(seed, position, ids: torch.Tensor) -> torch.Tensor:
+    """Gumbel(0, 1) noise for token `ids` at `position`: the same numbers on any rank and device. `seed` and
+    `position` are ints or int64 tensors that broadcast against `ids` (one per row of a batch)."""
     key = _mix32((seed & M32) ^ _mix32(position & M32))
     h = _mix32(_mix32(ids.to(torch.int64) ^ key) ^ 0x2545F491)
     u = ((h >> 8).to(torch.float64) + 0.5) / float(1 << 24)
     return -torch.log(-torch.log(u))
 
 
-def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor, vocab_start: int, penalty: float):
-    """In place on one row of local logits, for the token ids in `history` that fall in this shard."""
-    local = history - vocab_start
-    local = local[(local >= 0) & (local < logits.shape[-1])].unique()
-    if local.numel():
-        picked = logits[local]
-        logits[local] = torch.where(picked < 0, picked * penalty, picked / penalty)
+def seen_mask(history: torch.Tensor, vocab_start: int, n: int) -> torch.Tensor:
+    """(n,) bool: which of this shard's n token ids occur in `history` (global ids)."""
+    local = history.to(torch.int64) - vocab_start
+    seen = torch.zeros(n, dtype=torch.bool)
+    seen[local[(local >= 0) & (local < n)]] = True
+    return seen
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty) -> torch.Tensor:
+    """Hugging Face's repetition penalty on the local logits of the tokens `seen` (a mask like `logits`):
+    negative ones multiplied, positive ones divided by `penalty` (a float, or a tensor that broadcasts)."""
+    return torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
+
+
+@dataclass
+class SamplingRows:
+    """The sampling parameters of a batch, one row per sequence, as tensors on the rank's device: what `draw`
+    reads, so that a captured step reads them from static buffers rewritten only when the batch changes."""
+
+    divisor: torch.Tensor  # (batch, 1) float32: the temperature, 1 for greedy rows
+    noisy: torch.Tensor  # (batch, 1) bool: plain Gumbel-max rows (neither greedy nor filtered)
+    filtered: torch.Tensor  # (batch,) bool: top-k / top-p rows
+    top_k: torch.Tensor  # (batch,) int64, 0 when off
+    top_p: torch.Tensor  # (batch,) float64
+    penalty: torch.Tensor  # (batch, 1) float32, 1 when off
+    seed: torch.Tensor  # (batch, 1) int64: the seed's low 32 bits
+    position: torch.Tensor  # (batch, 1) int64: tokens generated so far, the noise's position
+    seen: torch.Tensor  # (batch, vocab_local) bool: this shard's tokens in the history (prompt and generated)
+
+    @classmethod
+    def build(cls, params: list[SamplingParams], positions: list[int], histories: list[torch.Tensor],
+              vocab_start: int, n: int, device: torch.device) -> SamplingRows:
+        """Rows for `params`; `histories` (token ids) count only where a row's repetition penalty is on."""
+        seen = torch.zeros((len(params), n), dtype=torch.bool)
+        for b, (p, history) in enumerate(zip(params, histories)):
+            if p.repetition_penalty != 1:
+                seen[b] = seen_mask(history, vocab_start, n)
+        rows = cls(divisor=torch.tensor([[1.0 if p.greedy else p.temperature] for p in params], dtype=torch.float32),
+                   noisy=torch.tensor([[p.kind == NOISY] for p in params]),
+                   filtered=torch.tensor([p.kind == FILTERED for p in params]),
+                   top_k=torch.tensor([p.top_k for p in params], dtype=torch.int64),
+                   top_p=torch.tensor([p.top_p for p in params], dtype=torch.float64),
+                   penalty=torch.tensor([[p.repetition_penalty] for p in params], dtype=torch.float32),
+                   seed=torch.tensor([[p.seed & M32] for p in params], dtype=torch.int64),
+                   position=torch.tensor([[q] for q in positions], dtype=torch.int64), seen=seen)
+        return rows.to(device)
+
+    def to(self, device: torch.device) -> SamplingRows:
+        return SamplingRows(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+    def head(self, b: int) -> SamplingRows:
+        """Views of the first `b` rows (writes through to these buffers)."""
+        return SamplingRows(**{f.name: getattr(self, f.name)[:b] for f in fields(self)})
+
+    def copy_(self, other: SamplingRows) -> None:
+        """Overwrite the first rows with `other`'s."""
+        for f in fields(self):
+            getattr(self, f.name)[: len(other.top_k)].copy_(getattr(other, f.name), non_blocking=True)
+
+
+class Draw(NamedTuple):
+    tokens: torch.Tensor  # (batch,) int64, identical on every rank
+    exact: torch.Tensor  # (batch,) bool: false where a top-p nucleus reached below the candidates sent
+    word: torch.Tensor | None  # rank 0's word, when one rode along (see `draw`)
 
 
 class ShardedSampler:
     def __init__(self, comm: Communicator, vocab_start: int):
         self.comm, self.vocab_start = comm, vocab_start
 
+    def draw(self, logits: torch.Tensor, rows: SamplingRows, kind: int = FILTERED,
+             word: torch.Tensor | None = None) -> Draw:
+        """logits: (batch, vocab_local) float32 -> one token per row on the device, without a host sync.
+
+        `kind` is the highest kind of draw among the rows (GREEDY, NOISY or FILTERED): the work the others need
+        is skipped. `word`, a (1, 2) float64 tensor, rides along in the exchange; rank 0's comes back (the token
+        loop's news, so that it needs no collective of its own)."""
+        B, n = logits.shape
+        scores = apply_repetition_penalty(logits, rows.seen, rows.penalty) / rows.divisor
+        best = torch.full((B, 2), float("-inf"), dtype=torch.float64, device=logits.device)
+        if n:
+            ids = torch.arange(self.vocab_start, self.vocab_start + n, device=logits.device)
+            noisy = scores.to(torch.float64)
+            if kind >= NOISY:
+                noisy = torch.where(rows.noisy, noisy + gumbel_noise(rows.seed, rows.position, ids), noisy)
+            value, index = noisy.max(dim=-1)  # max returns the first (lowest id) of equal values
+            best = torch.stack([value, (index + self.vocab_start).to(torch.float64)], dim=-1)
+        gathered = self.comm.all_gather_equal(best if word is None else torch.cat([best, word]))
+        v, i = gathered[:, :B, 0], gathered[:, :B, 1]  # (ranks, batch)
+        tokens = torch.where(v == v.max(dim=0).values, i, float("inf")).min(dim=0).values.to(torch.int64)
+        exact = torch.ones(B, dtype=torch.bool, device=logits.device)
+        if kind == FILTERED:
+            chosen, sure = self._filtered(scores, rows, FIRST_CANDIDATES)
+            tokens, exact = torch.where(rows.filtered, chosen, tokens), torch.where(rows.filtered, sure, exact)
+        return Draw(tokens, exact, None if word is None else gathered[0, B, 0])
+
     def sample(self, logits: torch.Tensor, params: list[SamplingParams], positions: list[int],
                histories: list[torch.Tensor]) -> list[int]:
-        """logits: (batch, vocab_local) float32; returns one token id per row, identical on all ranks."""
+        """`draw`, exact for every row, back on the host: for prefill and for rows `draw` left inexact.
+
+        logits: (batch, vocab_local) float32; `positions` are the tokens each row has generated, `histories`
+        its prompt and generated ids (read where a repetition penalty is on). Identical on all ranks."""
         B, n = logits.shape
-        ids = torch.arange(self.vocab_start, self.vocab_start + n, device=logits.device)
-        scores = logits.clone()
-        for b, p in enumerate(params):
-            if p.repetition_penalty != 1:
-                apply_repetition_penalty(scores[b], histories[b].to(logits.device), self.vocab_start,
-                                         p.repetition_penalty)
-            if not p.greedy:
-                scores[b] /= p.temperature
-        # Best local (score + noise, id) for every row; filtered rows are decided from candidates below.
-        best = torch.full((B, 2), float("-inf"), dtype=torch.float64)
-        if n:
-            noisy = scores.to(torch.float64)
-            for b, p in enumerate(params):
-                if not p.greedy and not p.filtered:
-                    noisy[b] += gumbel_noise(p.seed, positions[b], ids)
-            value, index = noisy.max(dim=-1)  # max returns the first (lowest id) of equal values
-            best = torch.stack([value, (index + self.vocab_start).to(torch.float64)], dim=-1).cpu()
-        gathered = self.comm.all_gather_equal(best)  # (ranks, batch, 2)
-        tokens = []
-        for b in range(B):
-            v, i = gathered[:, b, 0], gathered[:, b, 1]
-            winner = max(range(len(v)), key=lambda r: (v[r].item(), -i[r].item()))
-            tokens.append(int(i[winner]))
-        for b, p in enumerate(params):
-            if p.filtered:
-                tokens[b] = self._sample_filtered(scores[b], ids, p, positions[b])
-        return tokens
+        rows = SamplingRows.build(params, positions, histories, self.vocab_start, n, logits.device)
+        tokens, exact, _ = self.draw(logits, rows, max(p.kind for p in params))
+        want = FIRST_CANDIDATES
+        while not bool(exact.all()):  # every rank sees the same flags: they come from gathered numbers
+            want = max(4 * want, int(rows.top_k[~exact].max()))
+            scores = apply_repetition_penalty(logits, rows.seen, rows.penalty) / rows.divisor
+            chosen, sure = self._filtered(scores, rows, want)
+            tokens = torch.where(exact, tokens, chosen)
+            exact = exact | sure
+        return tokens.tolist()
 
-    def _sample_filtered(self, scores: torch.Tensor, ids: torch.Tensor, p: SamplingParams, position: int) -> int:
+    def _filtered(self, scores: torch.Tensor, rows: SamplingRows, want: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k / top-p draws from every rank's top `want` candidates: (tokens, exact), each (batch,)."""
+        B, n = scores.shape
+        dev = scores.device
         s64 = scores.to(torch.float64)
-        lse = torch.logsumexp(s64, 0).item() if s64.numel() else float("-inf")
-        want = p.top_k or FIRST_CANDIDATES
-        while True:
-            kept, exact = self._candidates(s64, ids, p, lse, want)
-            if exact:
-                break
-            want *= 4  # the nucleus reaches below what was sent; all ranks see this and ask for more
-        noisy = kept[:, 0] + gumbel_noise(p.seed, position, kept[:, 1].to(torch.int64))
-        return int(kept[int(noisy.argmax()), 1])
-
-    def _candidates(self, s64: torch.Tensor, ids: torch.Tensor, p: SamplingParams, lse: float, want: int):
-        """Gather every rank's top `want`; return the kept (score, id) rows and whether they are exact."""
-        n = s64.numel()
+        mine = torch.full((B, want + 1, 2), float("-inf"), dtype=torch.float64, device=dev)
+        mine[:, 0, 0] = n  # header row: how many tokens this rank has, their log-sum-exp
         c = min(want, n)
-        mine = torch.full((want + 1, 2), float("-inf"), dtype=torch.float64)
-        mine[0, 0], mine[0, 1] = n, lse  # header row: how many tokens this rank has, their log-sum-exp
         if c:
-            value, index = s64.topk(c)
-            mine[1 : c + 1, 0], mine[1 : c + 1, 1] = value.cpu(), ids[index].to(torch.float64).cpu()
-        gathered = self.comm.all_gather_equal(mine)  # (ranks, want + 1, 2)
-        cands = gathered[:, 1:].reshape(-1, 2)
-        cands = cands[torch.isfinite(cands[:, 0])]
-        cands = cands[sorted(range(len(cands)), key=lambda j: (-cands[j, 0].item(), cands[j, 1].item()))]
-        if p.top_k:
-            cands = cands[: p.top_k]
-            total = torch.logsumexp(cands[:, 0], 0)  # top-p then acts on the renormalized top-k
-        else:
-            total = torch.logsumexp(gathered[:, 0, 1], 0)
-        mass = torch.cumsum(torch.exp(cands[:, 0] - total), 0)
-        keep = min(int((mass < p.top_p).sum()) + 1, len(cands))  # smallest prefix with mass >= top_p
+            mine[:, 0, 1] = torch.logsumexp(s64, dim=-1)
+            value, index = s64.topk(c, dim=-1)
+            mine[:, 1 : c + 1, 0], mine[:, 1 : c + 1, 1] = value, (index + self.vocab_start).to(torch.float64)
+        gathered = self.comm.all_gather_equal(mine)  # (ranks, batch, want + 1, 2)
+        R = gathered.shape[0]
+        cands = gathered[:, :, 1:].transpose(0, 1).reshape(B, R * want, 2)
+        # by score descending, ties to the lower id: a stable sort by id, then a stable sort by score
+        for key, descending in ((1, False), (0, True)):
+            order = cands[..., key].argsort(dim=-1, descending=descending, stable=True)
+            cands = cands.gather(1, order.unsqueeze(-1).expand(-1, -1, 2))
+        score, finite = cands[..., 0], torch.isfinite(cands[..., 0])  # unsent slots (-inf) sort last
+        rank = torch.arange(R * want, device=dev)
+        top_k = rows.top_k.unsqueeze(-1)
+        in_k = finite & ((top_k == 0) | (rank < top_k))
+        score_k = torch.where(in_k, score, float("-inf"))
+        # top-p acts on the renormalized top-k; without top-k on the whole vocabulary
+        total = torch.where(rows.top_k > 0, torch.logsumexp(score_k, dim=-1), torch.logsumexp(gathered[:, :, 0, 1], 0))
+        mass = torch.cumsum(torch.exp(score_k - total.unsqueeze(-1)), dim=-1)
+        # smallest prefix with mass >= top_p
+        keep = torch.minimum((mass < rows.top_p.unsqueeze(-1)).sum(dim=-1) + 1, in_k.sum(dim=-1)).clamp(min=1)
         # Below the highest last-sent value of a rank that still holds unsent tokens, tokens may be missing.
-        floor = max((gathered[r, want, 0].item() for r in range(len(gathered)) if gathered[r, 0, 0] > want),
-                    default=float("-inf"))
-        return cands[:keep], bool(p.top_k) or cands[keep - 1, 0].item() > floor
+        floor = torch.where(gathered[:, :, 0, 0] > want, gathered[:, :, want, 0], float("-inf")).max(dim=0).values
+        # Exact when what decides the draw lies above the floor: the k-th candidate with top-k (the renormalization
+        # needs all k), else the nucleus's last one; and when every rank sent all it has.
+        k = torch.where(rows.top_k > 0, rows.top_k.clamp(max=R * want), keep)
+        deciding = score.gather(1, (k - 1).unsqueeze(-1)).squeeze(-1)
+        exact = (deciding > floor) | (floor == float("-inf")) | ((rows.top_k > 0) & (rows.top_k <= want))
+        ids = torch.where(finite, cands[..., 1], 0).to(torch.int64)
+        noisy = torch.where(rank < keep.unsqueeze(-1), score + gumbel_noise(rows.seed, rows.position, ids),
+                            float("-inf"))
+        return ids.gather(1, noisy.argmax(dim=-1, keepdim=True)).squeeze(-1), exact

@@ -1,45 +1,62 @@
-"""CUDA-graph decode gives the tokens eager decode gives (GPU host only)."""
+"""The device-resident decode loop replayed from CUDA graphs gives the tokens of the eager loop (GPU host only),
+for greedy, temperature, top-p and top-k with repetition penalty, in batch buckets 4, 2 and 1."""
 
 import pytest
 import torch
 
-from raytp.parallel.comm.hoststaged_gpu import GpuHostStagedCommunicator
+from raytp.parallel.comm.factory import PHASES, CommPlan, open_group
 from raytp.runtime.engine import Add, RankEngine, Request, Stop
-from raytp.model.graphs import GraphedDecode
 from raytp.model.llama import ShardedLlama
 from raytp.parallel.plan import plan_shards
 from raytp.runtime.sampling import SamplingParams
 from raytp.weights.source import ModelSource
-from tests.test_comm import hoststaged_factory
+from tests.util import free_port
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
+PROMPTS = [[5, 6, 7], [9, 10, 11, 12, 13], [100], [42, 43]]  # 4, then fewer active rows: buckets 4, 2, 1
+PARAMS = [SamplingParams(max_tokens=20), SamplingParams(temperature=0.8, seed=3, max_tokens=23),
+          SamplingParams(temperature=1.0, top_p=0.9, seed=4, max_tokens=26),
+          SamplingParams(temperature=0.7, top_k=20, repetition_penalty=1.3, seed=5, max_tokens=29)]
 
-def generate(graphed: bool, prompts, dtype=torch.float32):
+
+def generate(graphed: bool, backend: str) -> dict[str, list[int]]:
     source = ModelSource.parse("synthetic:tiny")
     config = source.config()
-    plan = plan_shards(config, [("cuda", 8 << 30)], max_context=256, max_batch=4, dtype=str(dtype)[6:])
-    comm = GpuHostStagedCommunicator(hoststaged_factory(1)(0), torch.device("cuda"))
-    with source.reader(dtype, torch.device("cuda")) as reader:
+    device = torch.device("cuda")
+    plan = plan_shards(config, [("cuda", 8 << 30)], max_context=256, max_batch=4, dtype="float32")
+    opening = open_group(CommPlan.make(backend, [[0]], f"tcp://127.0.0.1:{free_port()}", timeout_s=60), 0, device)
+    for phase in PHASES:
+        opening.step(phase)
+    comm = opening.comm
+    with source.reader(torch.float32, device) as reader:
         lm = ShardedLlama(config, plan.ranks[0], comm, reader, max_batch=4, max_context=256)
-    engine = RankEngine(lm, comm, decode=GraphedDecode(lm) if graphed else None)
-    out = {f"r{i}": [] for i in range(len(prompts))}
-    for i, p in enumerate(prompts):
-        engine.inbox.put(Add(Request(f"r{i}", p, SamplingParams(max_tokens=20 + 3 * i), [])))
+    engine = RankEngine(lm, comm)
+    if graphed:
+        engine.use_cuda_graphs()
+    out = {f"r{i}": [] for i in range(len(PROMPTS))}
 
     def emit(events):
         for e in events:
             if e.token_id is not None:
                 out[e.request_id].append(e.token_id)
-        if sum(len(v) for v in out.values()) == sum(20 + 3 * i for i in range(len(prompts))):
+        if sum(map(len, out.values())) == sum(p.max_tokens for p in PARAMS):
             engine.inbox.put(Stop())
 
+    for i, (p, params) in enumerate(zip(PROMPTS, PARAMS)):
+        engine.inbox.put(Add(Request(f"r{i}", p, params, [])))
     engine.run(emit)
     comm.close()
+    assert all(len(out[f"r{i}"]) == p.max_tokens for i, p in enumerate(PARAMS))
     return out
 
 
-def test_graphed_decode_matches_eager_for_every_batch_bucket():
-    prompts = [[5, 6, 7], [9, 10, 11, 12, 13], [100], [42, 43]]  # 3 then fewer active rows: buckets 4, 2, 1
-    assert generate(True, prompts) == generate(False, prompts)
+def test_forward_graphs_match_eager_steps():
+    """GPU host-staged: its gathers run on the host, so the graphs hold the forward and the sampler follows."""
+    assert generate(True, "hoststaged") == generate(False, "hoststaged")
+
+
+def test_whole_step_graphs_match_eager_steps():
+    """NCCL: the sampler's exchange is captured too, so one replay is the whole step."""
+    assert generate(True, "nccl") == generate(False, "nccl")

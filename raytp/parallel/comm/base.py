@@ -36,6 +36,7 @@ class Communicator:
     rank: int
     world_size: int
     graph_safe = False  # collectives are device kernels on the current stream, so CUDA graphs may capture them
+    gather_graph_safe = False  # all_gather_equal too (the sampler's exchange then joins the captured step)
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         """Sum `t` over ranks, in place; returns `t`."""

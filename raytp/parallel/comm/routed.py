@@ -32,6 +32,7 @@ class SizeRoutedCommunicator(Communicator):
         self.small, self.large, self.cutoff = small, large, cutoff
         self.rank, self.world_size = small.rank, small.world_size
         self.graph_safe = small.graph_safe and large.graph_safe
+        self.gather_graph_safe = self.graph_safe and small.gather_graph_safe
 
     def all_reduce(self, t):
         return (self.small if t.numel() <= self.cutoff else self.large).all_reduce(t)

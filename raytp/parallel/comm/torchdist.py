@@ -37,7 +37,7 @@ class TorchDistCommunicator(Communicator):
         if backend == "nccl" and (why := nccl_unavailable()):
             raise CommError(f"rank {rank}: cannot open an nccl group: {why}")
         self.backend, self.rank, self.world_size = backend, rank, world_size
-        self.graph_safe = backend == "nccl"
+        self.graph_safe = self.gather_graph_safe = backend == "nccl"
         timeout = timedelta(seconds=timeout_s)
         if not dist.is_initialized():
             dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size, timeout=timeout)

@@ -1,0 +1,179 @@
+"""The device-resident token loop on CPU ranks (threads, in-process collectives): the tokens of a stepwise reference
+(transformers' logits over the whole sequence, drawn by a one-rank sampler), stops found one step late without
+the surplus token, cancellation, requests joining a running batch, long prompts in chunks between decode steps,
+and command broadcasts only when there is news."""
+
+import pytest
+import torch
+import transformers
+
+from raytp.parallel.comm import Communicator, InProcessGroup
+from raytp.runtime.engine import Add, Cancel, RankEngine, Request, Stop
+from raytp.runtime.sampling import FIRST_CANDIDATES, SamplingParams, ShardedSampler
+from tests.sharded import LocalGroup
+
+SPLIT = [3.0, 2.0, 1.0]
+VOCAB = 1000
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                      intermediate_size=128, num_hidden_layers=2, max_position_embeddings=512)
+    model = transformers.LlamaForCausalLM(config).eval()
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(path, safe_serialization=True)
+    return path, model, LocalGroup(path, SPLIT)
+
+
+def reference(model, prompt, params, n, stop_ids=()):
+    """Token by token: transformers' logits of the whole sequence so far, drawn by a one-rank sampler."""
+    sampler = ShardedSampler(InProcessGroup(1).communicator(0), 0)
+    tokens = list(prompt)
+    for generated in range(n):
+        with torch.no_grad():
+            logits = model(torch.tensor([tokens])).logits[:, -1].float()
+        token = sampler.sample(logits, [params], [generated], [torch.tensor(tokens)])[0]
+        tokens.append(token)
+        if token in stop_ids:
+            break
+    return tokens[len(prompt):]
+
+
+class CountingCommunicator(Communicator):
+    """Counts broadcasts: in the token loop, only the command exchange broadcasts."""
+
+    def __init__(self, inner):
+        self.inner, self.rank, self.world_size = inner, inner.rank, inner.world_size
+        self.broadcasts = 0
+
+    def all_reduce(self, t):
+        return self.inner.all_reduce(t)
+
+    def all_gather_equal(self, t):
+        return self.inner.all_gather_equal(t)
+
+    def broadcast(self, t, src=0):
+        self.broadcasts += 1
+        return super().broadcast(t, src)
+
+
+def run_loop(group, first, on_event=None, prefill_chunk=512):
+    """Run the real token loop on every rank with the commands `first` queued; `on_event(event, submit, events so far)`
+    may submit more. Returns (events in order, each rank's engine); stops when every request added has finished."""
+    engines = [RankEngine(m, CountingCommunicator(m.comm), prefill_chunk=prefill_chunk) for m in group.models]
+    seen, open_ids = [], set()
+
+    def submit(cmd):
+        if isinstance(cmd, Add):
+            open_ids.add(cmd.request.id)
+        engines[0].inbox.put(cmd)
+
+    for cmd in first:
+        submit(cmd)
+
+    def emit(events):
+        for e in events:
+            seen.append(e)
+            if e.finish:
+                open_ids.discard(e.request_id)
+            if on_event:
+                on_event(e, submit, seen)
+        if not open_ids:
+            engines[0].inbox.put(Stop())
+
+    group.on_all_ranks(lambda r, m: engines[r].run(emit if r == 0 else lambda ev: None))
+    return seen, engines
+
+
+def tokens_of(events, rid):
+    return [e.token_id for e in events if e.request_id == rid and e.token_id is not None]
+
+
+CASES = [SamplingParams(max_tokens=20),
+         SamplingParams(temperature=0.8, seed=11, max_tokens=20),
+         SamplingParams(temperature=1.0, top_p=0.95, seed=12, max_tokens=20),  # a nucleus past the candidates sent
+         SamplingParams(temperature=1.0, top_k=100, top_p=0.9, seed=14, max_tokens=20),
+         SamplingParams(temperature=0.7, top_k=5, repetition_penalty=1.4, seed=13, max_tokens=20)]
+
+
+@pytest.mark.parametrize("params", CASES, ids=["greedy", "temperature", "top-p", "top-k-top-p", "top-k-penalty"])
+def test_tokens_match_the_stepwise_reference_also_for_a_request_joining_a_running_batch(tiny, params):
+    path, model, group = tiny
+    prompts = {"a": [5, 17, 300, 42], "b": [999, 3, 3, 3, 64, 0, 12]}
+
+    def join(event, submit, seen):  # b arrives while a is decoding
+        if event.request_id == "a" and len(tokens_of(seen, "a")) == 6:
+            submit(Add(Request("b", prompts["b"], params)))
+
+    seen, _ = run_loop(group, [Add(Request("a", prompts["a"], params))], join)
+    for rid, prompt in prompts.items():
+        assert tokens_of(seen, rid) == reference(model, prompt, params, 20), rid
+
+
+def test_flat_nucleus_needs_more_candidates_than_the_captured_step_sends(tiny):
+    """The top-p case above is exact only through the redraw: its nucleus is wider than what one exchange sends."""
+    _, model, _ = tiny
+    with torch.no_grad():
+        probs = torch.softmax(model(torch.tensor([[5, 17, 300, 42]])).logits[0, -1], 0)
+    nucleus = int((probs.sort(descending=True).values.cumsum(0) < 0.95).sum()) + 1
+    assert nucleus > FIRST_CANDIDATES * len(SPLIT)
+
+
+def test_stop_token_is_found_one_step_late_and_the_surplus_token_dropped(tiny):
+    path, model, group = tiny
+    params = SamplingParams(temperature=0.9, seed=5, max_tokens=30)
+    free = reference(model, [7, 8, 9], params, 30)
+    stop = free[9]  # the request must end at its first occurrence
+    expected = free[: free.index(stop) + 1]
+    # b keeps the loop stepping after a's stop: the step in flight when the stop is read drew a surplus token
+    seen, _ = run_loop(group, [Add(Request("a", [7, 8, 9], params, [stop])),
+                               Add(Request("b", [1, 2], SamplingParams(max_tokens=30)))])
+    assert tokens_of(seen, "a") == expected
+    assert [e.finish for e in seen if e.request_id == "a"] == [None] * (len(expected) - 1) + ["stop"]
+
+
+def test_cancel_mid_stream_ends_one_request_and_the_other_goes_on(tiny):
+    path, model, group = tiny
+    params = SamplingParams(max_tokens=25)
+
+    def cancel(event, submit, seen):
+        if event.request_id == "a" and len(tokens_of(seen, "a")) == 5:
+            submit(Cancel("a"))
+
+    seen, _ = run_loop(group, [Add(Request("a", [1, 2, 3], params)), Add(Request("b", [4, 5], params))], cancel)
+    a = [e for e in seen if e.request_id == "a"]
+    assert a[-1].finish == "cancelled" and all(e.finish is None for e in a[:-1])
+    got = tokens_of(seen, "a")
+    assert 5 <= len(got) < 25 and got == reference(model, [1, 2, 3], params, len(got))
+    assert tokens_of(seen, "b") == reference(model, [4, 5], params, 25)
+
+
+def test_commands_are_broadcast_only_when_there_is_news(tiny):
+    _, _, group = tiny
+
+    def broadcasts(n):
+        _, engines = run_loop(group, [Add(Request("a", [1, 2, 3], SamplingParams(max_tokens=n)))])
+        counts = {e.comm.broadcasts for e in engines}
+        assert len(counts) == 1  # every rank runs the same exchanges
+        return counts.pop()
+
+    assert broadcasts(40) == broadcasts(5) < 10  # no broadcast per decode step
+
+
+def test_long_prompt_is_prefilled_in_chunks_between_decode_steps(tiny):
+    path, model, group = tiny
+    params = SamplingParams(max_tokens=24)
+    long = [(7 * i) % VOCAB for i in range(1, 41)]  # 40 tokens: 5 chunks of 8
+
+    def join(event, submit, seen):
+        if event.request_id == "a" and len(tokens_of(seen, "a")) == 2:
+            submit(Add(Request("b", long, SamplingParams(max_tokens=8))))
+
+    seen, _ = run_loop(group, [Add(Request("a", [1, 2, 3], params))], join, prefill_chunk=8)
+    ids = [e.request_id for e in seen]
+    first_b = ids.index("b")
+    assert ids[:first_b].count("a") >= 2 + 4  # a kept decoding while b's chunks went in
+    assert tokens_of(seen, "a") == reference(model, [1, 2, 3], params, 24)
+    assert tokens_of(seen, "b") == reference(model, long, SamplingParams(max_tokens=8), 8)
