@@ -1,7 +1,8 @@
 """One rank: a plain `Worker` class (testable without Ray) and `WorkerActor`, its thin Ray wrapper.
 
-The device is touched only inside the worker's own process, after Ray has set CUDA_VISIBLE_DEVICES, so
-`cuda` here always means the one GPU Ray gave this actor. The driver calls, in order: `describe` (what
+The device is touched only inside the worker's own process. A GPU rank sees every GPU of its node (the group asks
+Ray not to narrow CUDA_VISIBLE_DEVICES: P2P needs the peers' devices) and selects the one Ray assigned it before
+anything else touches CUDA (`assigned_gpu`). The driver calls, in order: `describe` (what
 this device really has), `open_comm` (once per phase), `load` (the shard of the plan), `run` (the token
 loop; blocks until stopped) and, on the leader only, `submit` and `poll_events` while `run` is going.
 """
@@ -41,8 +42,10 @@ class Worker:
                  options: RuntimeOptions = RuntimeOptions()):
         self.rank, self.spec, self.options = rank, device, options
         set_triton(options.triton)  # once for this process, before any kernel runs
-        self.device = torch.device("cuda", 0) if device.kind == "cuda" else torch.device("cpu")
-        if device.kind == "cpu":
+        self.device = assigned_gpu() if device.kind == "cuda" else torch.device("cpu")
+        if device.kind == "cuda":
+            torch.cuda.set_device(self.device)  # first: NCCL, symmetric memory and kernels use the current device
+        else:
             # Several CPU ranks share one host: split its cores instead of oversubscribing them.
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
         self.comm: Communicator | None = None
@@ -155,6 +158,25 @@ class Worker:
     def close(self) -> None:
         if self.comm is not None:
             self.comm.close()
+
+
+def assigned_gpu(environ=os.environ) -> torch.device:
+    """The GPU Ray assigned this actor, numbered as this process sees the node's GPUs.
+
+    Ray's GPU ids are the node's ids, as listed in the CUDA_VISIBLE_DEVICES Ray itself was started with (left
+    unchanged in the rank: RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES), so the device index is the id's position
+    there, or the id itself when that is unset. Ranks packed on one GPU get the same one. Outside Ray (tests):
+    cuda:0."""
+    ids = ray.get_gpu_ids() if ray.is_initialized() else []
+    if not ids:
+        return torch.device("cuda", 0)
+    gpu, visible = str(ids[0]), environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return torch.device("cuda", int(gpu))
+    listed = [v.strip() for v in visible.split(",")]
+    if gpu not in listed:
+        raise RuntimeError(f"Ray assigned GPU {gpu}, which CUDA_VISIBLE_DEVICES={visible!r} does not list")
+    return torch.device("cuda", listed.index(gpu))
 
 
 def _tensor_bytes(tensors) -> int:
