@@ -3,8 +3,8 @@
 #   1. GPU tests of p2p (tests/gpu/test_p2p_allreduce.py): bit-identical on every rank and equal to the float32
 #      rank-order sum, eager and in a CUDA graph, one-shot and two-shot; a rank that never arrives; through Ray
 #   2. all-reduce latency inside a CUDA graph, p2p vs host-staged vs NCCL, bf16, 4096/8192/65536 elements
-#   3. tiny model end to end through Ray: --comm p2p and auto (every all-reduce checked bit-identical), then auto
-#      with --no-p2p (CUDA graphs on); greedy tokens must agree across the three
+#   3. tiny model end to end through Ray: --comm p2p and auto (every all-reduce checked bit-identical), p2p with
+#      CUDA graphs, then auto with --no-p2p; greedy tokens must agree across all four
 # Carry .whl (../shared/gpu/README.md). Logs go to $OUT/p2p_check.tgz; a short table is printed last.
 set -u
 cd "$(dirname "$0")/.."
@@ -26,6 +26,7 @@ bench() { local name=$1 limit=$2; shift 2
 TINY=(--model synthetic:tiny --dtype float32 --devices "cuda*2" --batch 1 --prompt-len 16 --decode-tokens 16
       --repeats 1 --allreduce-sizes 4096 --allreduce-iters 10)
 bench tiny_checked 50 "${TINY[@]}" --comm p2p,auto --check-identical
+bench tiny_p2p_graphs 35 "${TINY[@]}" --comm p2p
 bench tiny_no_p2p 35 "${TINY[@]}" --comm auto --no-p2p
 python3 -m ray.scripts.scripts stop --force >/dev/null 2>&1
 tar -C /tmp -czf "$OUT/p2p_check.tgz" p2p_check
@@ -33,7 +34,7 @@ python3 - "$LOGS" <<'PY'
 import json, sys, pathlib
 logs = pathlib.Path(sys.argv[1])
 runs = []
-for d in ("tiny_checked", "tiny_no_p2p"):
+for d in ("tiny_checked", "tiny_p2p_graphs", "tiny_no_p2p"):
     f = logs / d / "results.json"
     runs += [(d, r) for r in json.loads(f.read_text())["runs"]] if f.exists() else []
 tokens = {(d, r["comm"], r["backend"], x["batch"]): tuple(x["greedy_tokens"]) for d, r in runs for x in r["decode"]}

@@ -44,7 +44,7 @@ class Worker:
         set_triton(options.triton)  # once for this process, before any kernel runs
         self.device = assigned_gpu() if device.kind == "cuda" else torch.device("cpu")
         if device.kind == "cuda":
-            torch.cuda.set_device(self.device)  # first: NCCL, symmetric memory and kernels use the current device
+            self._on_device()  # before anything else touches CUDA
         else:
             # Several CPU ranks share one host: split its cores instead of oversubscribing them.
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
@@ -53,10 +53,17 @@ class Worker:
         self.engine: RankEngine | None = None
         self.events: queue.Queue[TokenEvent] = queue.Queue()
 
-    def describe(self) -> dict:
-        """The node, the real device behind this rank, and its memory (free now, and total)."""
+    def _on_device(self) -> None:
+        """Make this rank's GPU the current device of the calling thread. Ray runs the methods of this (threaded)
+        actor on a pool of threads, and the current CUDA device is per thread: without this a method would work on
+        cuda:0, and NCCL, symmetric memory and the kernels all use the current device."""
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+
+    def describe(self) -> dict:
+        """The node, the real device behind this rank, and its memory (free now, and total)."""
+        self._on_device()
+        if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info()
             name = torch.cuda.get_device_name()
             gpu = str(torch.cuda.get_device_properties(self.device).uuid)  # ranks packed on one GPU share it
@@ -78,7 +85,9 @@ class Worker:
     def open_comm(self, phase: str, plan: CommPlan) -> dict | None:
         """One phase of opening this rank's communicator; the group drives the phases over the ranks
         (raytp.parallel.comm.factory). `finish` leaves the communicator in `self.comm`."""
-        if phase in ("create", "attach"):  # a rank's first phase: a new opening, whatever an earlier one left
+        self._on_device()
+        if phase == "create" or (phase == "attach" and self.rank not in plan.creators):
+            # this rank's first phase: a new opening, whatever an earlier one left
             self._opening = open_group(plan, self.rank, self.device)
         opened = self._opening.step(phase)
         if phase == "finish":
@@ -88,12 +97,14 @@ class Worker:
     def on_rank(self, fn: Callable, *args):
         """`fn(comm, device, *args)` here, e.g. a raytp.bench.microbench measurement. Between `open_comm` and
         `run` only: the token loop owns the communicator once it starts."""
+        self._on_device()
         return fn(self.comm, self.device, *args)
 
     # ---- model -----------------------------------------------------------------------------------------
 
     def load(self, model: str, config: ModelConfig, plan: ShardPlan, progress: bool = True) -> dict:
         """Load this rank's shard, allocate its KV cache, enforce its budget; returns the bytes used."""
+        self._on_device()
         shard = plan.ranks[self.rank]
         dtype = getattr(torch, plan.dtype)
         if self.device.type == "cuda" and self.spec.mem_bytes is not None:
@@ -114,6 +125,7 @@ class Worker:
     # ---- token loop -------------------------------------------------------------------------------------
 
     def run(self) -> None:
+        self._on_device()  # the token loop's thread: graphs, kernels and collectives all run on it
         try:
             lm = self.engine.model
             if self.device.type == "cuda" and lm.comm.graph_safe and self.options.cuda_graphs:
