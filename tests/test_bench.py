@@ -98,3 +98,15 @@ def test_sweep_cut_short_keeps_the_configurations_it_finished(smollm2_dir, tmp_p
     assert [(r["devices"], r["status"]) for r in rows] == [("cpu*1", "ok")]
     assert float(rows[0]["tokens_per_s"]) > 0
     assert "(in progress or cut short: 2 more planned)" in (out / "summary.md").read_text()
+
+
+def test_every_backends_latency_table_has_a_row_per_group_and_backend():
+    from raytp.bench.report import _backends_table
+
+    runs = [{"spec": "cuda*2", "comm": "p2p", "backend_us": {"p2p": {"4096": 6.4}, "nccl": {"4096": 11.5}}},
+            {"spec": "cuda*2", "comm": "auto", "backend_us": {"nccl": {"4096": 12.9, "65536": 13.5}}},
+            {"spec": "cpu*2", "comm": "hoststaged", "backend_us": {}}]
+    table = _backends_table({"runs": runs})
+    assert table[0] == "| devices | group's --comm | backend | 4096 el. | 65536 el. |"
+    assert len(table) == 2 + 3 and "| `cuda*2` | auto | nccl | 12.9 | 13.5 |" in table
+    assert _backends_table({"runs": runs[2:]}) == ["(no group of several GPUs on one node)"]

@@ -191,13 +191,15 @@ def _allreduce_table(sweep: dict) -> list[str]:
 
 def _backends_table(sweep: dict) -> list[str]:
     """Each group's start-up timing of every backend that could run on it (one node of several GPUs only)."""
-    rows = [(run["spec"], name, us) for run in sweep["runs"] for name, us in run.get("backend_us", {}).items()]
+    rows = [(run["spec"], run["comm"], name, us) for run in sweep["runs"]
+            for name, us in run.get("backend_us", {}).items()]
     if not rows:
         return ["(no group of several GPUs on one node)"]
-    sizes = sorted({int(n) for _, _, us in rows for n in us})
-    lines = ["| devices | backend | " + " | ".join(f"{n} el." for n in sizes) + " |", "|" + "---|" * (2 + len(sizes))]
-    for spec, name, us in rows:
-        lines.append(f"| `{spec}` | {name} | " + " | ".join(_fmt(us.get(str(n))) for n in sizes) + " |")
+    sizes = sorted({int(n) for *_, us in rows for n in us})
+    lines = ["| devices | group's --comm | backend | " + " | ".join(f"{n} el." for n in sizes) + " |",
+             "|" + "---|" * (3 + len(sizes))]
+    for spec, comm, name, us in rows:
+        lines.append(f"| `{spec}` | {comm} | {name} | " + " | ".join(_fmt(us.get(str(n))) for n in sizes) + " |")
     return lines
 
 
