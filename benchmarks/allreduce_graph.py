@@ -1,6 +1,7 @@
-"""All-reduce latency inside a CUDA graph: the GPU host-staged kernel vs NCCL, one process per GPU (no Ray).
+"""All-reduce latency inside a CUDA graph: P2P, the GPU host-staged kernel and NCCL, one process per GPU (no Ray).
 
-    python benchmarks/allreduce_graph.py [--ranks 2,4] [--sizes 4096,8192,131072,2097152] [--out F.json]
+    python benchmarks/allreduce_graph.py [--ranks 2,4] [--sizes 4096,8192,131072,2097152]
+                                         [--backends p2p,hoststaged,nccl] [--out F.json]
 
 Each rank captures `iters` back-to-back all-reduces of a bf16 tensor in one graph, replays it, and reports
 microseconds per all-reduce (rank 0's wall time, after a barrier). This is the setting of a decode step.
@@ -17,6 +18,7 @@ import torch.multiprocessing as mp
 
 from raytp.parallel.comm.hoststaged import HostStagedCommunicator, segment_bytes
 from raytp.parallel.comm.hoststaged_gpu import GpuHostStagedCommunicator
+from raytp.parallel.comm.p2p import P2PCommunicator
 from raytp.parallel.comm.shm import SharedSegment, new_segment_name
 from raytp.parallel.comm.torchdist import TorchDistCommunicator
 
@@ -45,12 +47,13 @@ def rank_main(rank, world, backend, seg_name, init, sizes, iters, results):
         comm = GpuHostStagedCommunicator(cpu, torch.device("cuda", rank), max_elems=max(sizes))
     else:
         comm = TorchDistCommunicator("nccl", init, rank, world)
+        if backend == "p2p":
+            comm = P2PCommunicator(comm, torch.device("cuda", rank))
     out = {}
     for n in sizes:
-        comm.barrier() if backend == "nccl" else comm.cpu.barrier()
+        comm.cpu.barrier() if backend == "hoststaged" else comm.barrier()
         out[n] = timed_in_graph(comm, n, iters)
-    if backend == "hoststaged":
-        comm.check()
+    comm.check()
     if rank == 0:
         results.update(out)
     comm.close()
@@ -73,6 +76,7 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("--ranks", default="2,4")
     p.add_argument("--sizes", default="4096,8192,131072,2097152")
+    p.add_argument("--backends", default="p2p,hoststaged,nccl")
     p.add_argument("--iters", type=int, default=200)
     p.add_argument("--out", default=None)
     a = p.parse_args()
@@ -82,7 +86,7 @@ if __name__ == "__main__":
         if world > torch.cuda.device_count():
             print(f"skipping {world} ranks: {torch.cuda.device_count()} GPUs")
             continue
-        for backend in ("hoststaged", "nccl"):
+        for backend in a.backends.split(","):
             for n, us in measure(world, backend, sizes, a.iters).items():
                 rows.append({"ranks": world, "backend": backend, "elements": n, "us_in_graph": us})
     print(f"{'ranks':>5} {'backend':>10} {'elements':>9} {'us/all-reduce (graph)':>22}")

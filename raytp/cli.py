@@ -71,7 +71,7 @@ def _model_args(p: argparse.ArgumentParser, max_batch: int, split_list: bool = F
 
 
 def _runtime_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--comm", default="auto", choices=("auto", "hoststaged", "gloo", "nccl"),
+    p.add_argument("--comm", default="auto", choices=("auto", "hoststaged", "gloo", "nccl", "p2p"),
                    help="all-reduce backend; auto logs what it chose and why (default: auto)")
     p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
                    help="Ray cluster to join (default: $RAY_ADDRESS, else start a local one)")
@@ -161,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help='device SPECs separated by ";", one configuration each, e.g. '
                         '"cuda*1;cuda*2;cuda*4;cuda:0@48GiB,cuda:1@141GiB" (default: --devices alone)')
     p.add_argument("--comm", default="auto", help="comma-separated all-reduce backends to compare, of auto, "
-                   "hoststaged, gloo, nccl; auto logs what it chose and why (default: auto)")
+                   "hoststaged, gloo, nccl, p2p; auto logs what it chose and why (default: auto); on one node of "
+                   "GPUs every backend's all-reduce latency is reported too")
     p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
                    help="Ray cluster to join (default: $RAY_ADDRESS, else start a local one)")
     _option_args(p)
@@ -178,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--share-gpus", action="store_true", help="with more cuda ranks than GPUs, let ranks share GPUs "
                    "(each then gets part of its GPU's bandwidth: emulates slower cards next to fast ones) instead of "
                    "skipping the configuration")
+    p.add_argument("--no-p2p", action="store_true", help="emulate a host without GPU peer-to-peer (consumer cards): "
+                   "NCCL_P2P_DISABLE=1 in every rank, so NCCL goes through host memory and p2p reports unavailable")
     p.add_argument("--hf-peer", action="store_true", help="also time Hugging Face transformers decoding the same "
                    "weights on one device, next to each one-device configuration (needs transformers)")
     p.add_argument("--profile", type=int, nargs="?", const=5, default=0, metavar="STEPS",
@@ -515,8 +518,8 @@ def _bench_command(args, specs: list[str]) -> str:
              *args.options.flags()]
     optional = {"--split": args.split, "--out": args.out}
     parts += [x for flag, value in optional.items() if value for x in (flag, value)]
-    switches = [flag for flag, on in (("--share-gpus", args.share_gpus), ("--hf-peer", args.hf_peer),
-                                      ("--profile-traces", args.profile_traces)) if on]
+    switches = [flag for flag, on in (("--share-gpus", args.share_gpus), ("--no-p2p", args.no_p2p),
+                                      ("--hf-peer", args.hf_peer), ("--profile-traces", args.profile_traces)) if on]
     profiled = ["--profile", str(args.profile)] if args.profile else []
     return shlex.join(parts + profiled + switches)
 
@@ -562,7 +565,7 @@ def cmd_bench(args) -> None:
                       decode_tokens=args.decode_tokens, repeats=args.repeats, max_context=args.max_context,
                       max_batch=args.max_batch, allreduce_sizes=tuple(sizes), allreduce_iters=args.allreduce_iters,
                       options=args.options, splits=tuple(dict.fromkeys(splits)), share_gpus=args.share_gpus,
-                      profile_steps=args.profile,
+                      no_p2p=args.no_p2p, profile_steps=args.profile,
                       trace_dir=str(Path(args.out) / "traces") if args.profile_traces else None)
         with tqdm(total=sweep.size, desc="raytp bench", unit="config", file=sys.stderr) as bar:
             def on_row(o):

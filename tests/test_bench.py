@@ -127,3 +127,15 @@ def test_bench_profile_on_two_cpu_ranks(tmp_path):
     summary = (out / "summary.md").read_text()
     table = summary.split("## Decode step profile")[1].split("##")[0]
     assert [line.split(" | ")[4] for line in table.splitlines() if line.startswith("| `cpu*2`")] == ["0", "1"]
+
+
+def test_every_backends_latency_table_has_a_row_per_group_and_backend():
+    from raytp.bench.report import _backends_table
+
+    runs = [{"spec": "cuda*2", "comm": "p2p", "backend_us": {"p2p": {"4096": 6.4}, "nccl": {"4096": 11.5}}},
+            {"spec": "cuda*2", "comm": "auto", "backend_us": {"nccl": {"4096": 12.9, "65536": 13.5}}},
+            {"spec": "cpu*2", "comm": "hoststaged", "backend_us": {}}]
+    table = _backends_table({"runs": runs})
+    assert table[0] == "| devices | group's --comm | backend | 4096 el. | 65536 el. |"
+    assert len(table) == 2 + 3 and "| `cuda*2` | auto | nccl | 12.9 | 13.5 |" in table
+    assert _backends_table({"runs": runs[2:]}) == ["(no group of several GPUs on one node)"]

@@ -8,7 +8,7 @@ import torch
 from raytp.cli import build_parser
 from raytp.kernels import dispatch
 from raytp.parallel.comm.base import IdentityCheckingCommunicator
-from raytp.parallel.comm.factory import CommPlan, open_group
+from raytp.parallel.comm.factory import AUTO_SIZES, CommPlan, open_group
 from raytp.parallel.comm.hoststaged import HostStagedCommunicator
 from raytp.parallel.comm.shm import SHM_DIR
 from raytp.runtime.options import RuntimeOptions
@@ -33,7 +33,7 @@ def test_hoststaged_opens_in_phases_and_leaves_no_name(world_size):
     assert (plan.creators, plan.attachers) == ([0], list(range(1, world_size)))
     comms, answers = open_all(plan)
     assert not os.path.exists(os.path.join(SHM_DIR, plan.segments[0]))  # unlinked once every rank mapped it
-    assert all(a == {"backend": "hoststaged", "why": "", "notes": []} for a in answers)
+    assert all(a == {"backend": "hoststaged", "why": "", "notes": [], "timings": {}, "table": []} for a in answers)
     assert all(isinstance(c, IdentityCheckingCommunicator) for c in comms)
     sums = run_ranks(world_size, lambda r: comms[r], lambda c: c.all_reduce(torch.full((5,), float(c.rank + 1))))
     assert all(torch.equal(s, torch.full((5,), float(sum(range(1, world_size + 1))))) for s in sums)
@@ -48,6 +48,27 @@ def test_auto_without_nccl_falls_back_to_hoststaged_on_every_rank_and_says_why()
     assert [a["backend"] for a in answers] == ["hoststaged", "hoststaged"]
     assert all("NCCL needs CUDA" in a["notes"][0] for a in answers), answers
     assert all(isinstance(c, HostStagedCommunicator) for c in comms)
+    for c in comms:
+        c.close()
+
+
+def test_p2p_and_nccl_plans_open_in_one_phase_and_bench_timing_adds_the_segment():
+    for backend in ("nccl", "p2p"):
+        plan = CommPlan.make(backend, [[0, 1, 2]], "tcp://127.0.0.1:1", 10.0)
+        assert (plan.segments, plan.creators, plan.attachers) == ((), [0, 1, 2], [])
+        timed = CommPlan.make(backend, [[0, 1, 2]], "tcp://127.0.0.1:1", 10.0, time_backends=True)
+        assert len(timed.segments) == 1 and (timed.creators, timed.attachers) == ([0, 1, 2], [1, 2])
+
+
+def test_timing_every_backend_reports_a_table_and_keeps_the_plans_own():
+    plan = CommPlan.make("hoststaged", [[0, 1]], "tcp://127.0.0.1:1", 10.0, time_backends=True)
+    comms, answers = open_all(plan)
+    assert all(isinstance(c, HostStagedCommunicator) for c in comms)
+    for a in answers:  # without CUDA only host-staged can run: it is timed alone, and the table says so
+        assert a["backend"] == "hoststaged" and "NCCL needs CUDA" in a["notes"][0]
+        assert list(a["timings"]) == ["hoststaged"] and sorted(a["timings"]["hoststaged"]) == list(AUTO_SIZES)
+        assert len(a["table"]) == len(AUTO_SIZES) and all(line.endswith("-> hoststaged") for line in a["table"])
+    assert answers[0]["timings"] == answers[1]["timings"]  # the slowest rank's figures, on every rank
     for c in comms:
         c.close()
 

@@ -26,7 +26,7 @@ from raytp.weights.source import ModelSource
 
 log = logging.getLogger("raytp")
 
-COMM_BACKENDS = ("auto", "hoststaged", "gloo", "nccl", "hierarchical")
+COMM_BACKENDS = ("auto", "hoststaged", "gloo", "nccl", "p2p", "hierarchical")
 GPU_RESERVE = 0.92  # of a GPU's free memory: the rest is CUDA context, allocator slack, other tenants
 # of an @MEM cap on a GPU: the cap bounds PyTorch's allocator, whose fragmentation, CUDA-graph pool and cuBLAS
 # workspaces the plan does not itemize (a 70B speed split that filled a 48 GiB cap to the plan's last MiB ran out
@@ -37,6 +37,12 @@ GPU_CAP_RESERVE = 0.96
 # reuse when a 48 GiB card was planned full (benchmarks/results/2026-11-22-h200x2-sitting5).
 RANK_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1",
             "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+# GPU ranks see every GPU of their node: Ray leaves CUDA_VISIBLE_DEVICES alone and each rank selects the GPU Ray
+# assigned it (raytp.actors.worker.assigned_gpu). P2P maps peers' memory onto their own devices, and torch's
+# symmetric memory refuses ranks that all call their GPU cuda:0.
+GPU_RANK_ENV = RANK_ENV | {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}
+# `--no-p2p`: a host without GPU peer-to-peer, emulated: NCCL goes through host memory, the p2p backend declines
+NO_P2P_ENV = {"NCCL_P2P_DISABLE": "1"}
 
 
 class ClusterError(RuntimeError):
@@ -55,6 +61,8 @@ class GroupSettings:
     progress: bool = True
     options: RuntimeOptions = RuntimeOptions()  # run-time switches every rank obeys (raytp.runtime.options)
     split: str | None = None  # "memory" | "speed"; None: speed where every rank's bandwidth is known
+    no_p2p: bool = False  # emulate a host without GPU peer-to-peer (NO_P2P_ENV in every rank)
+    time_backends: bool = False  # time every all-reduce backend at start-up (raytp bench), whichever is used
 
 
 def _copy_bandwidth(comm, device) -> float:
@@ -70,15 +78,22 @@ def choose_backend(requested: str, devices: tuple[DeviceSpec, ...], nodes: int,
     gloo between one leader per node (raytp.parallel.comm.hierarchical)."""
     if requested not in COMM_BACKENDS:
         raise ValueError(f"unknown --comm {requested!r}; choose one of {', '.join(COMM_BACKENDS)}")
-    if requested == "nccl" and any(d.kind != "cuda" for d in devices):
-        raise ClusterError("--comm nccl needs every rank on a cuda device; use hoststaged or gloo for cpu ranks")
+    if requested in ("nccl", "p2p") and any(d.kind != "cuda" for d in devices):
+        raise ClusterError(f"--comm {requested} needs every rank on a cuda device; use hoststaged or gloo for cpu "
+                           "ranks")
     if requested in ("auto", "hoststaged") and nodes > 1:
         return "hierarchical", (f"ranks span {nodes} nodes: host-staged shared memory within each node, gloo "
                                 "between one leader per node")
+    if requested == "p2p" and nodes > 1:
+        return "nccl", f"--comm p2p: ranks span {nodes} nodes and P2P reaches only the GPUs of one; NCCL instead"
+    if requested == "p2p" and shared_gpus:
+        return "hoststaged", ("--comm p2p: ranks share GPUs and P2P (like NCCL) needs one rank per GPU; host-staged "
+                              "instead")
     if requested != "auto":
         return requested, "requested"
     if len(devices) > 1 and all(d.kind == "cuda" for d in devices) and not shared_gpus:
-        return "measured", "one node of GPUs: host-staged and NCCL are timed now, each message size takes the faster"
+        return "measured", ("one node of GPUs: P2P, host-staged and NCCL are timed now, each message size takes "
+                            "the fastest")
     return "hoststaged", "all ranks on one node: partial sums meet in shared host memory, no peer-to-peer needed"
 
 
@@ -92,6 +107,7 @@ class WorkerGroup:
         self.backend = ""
         self.run_refs: list = []
         self.gpu_share = 1.0  # of a GPU per cuda rank; below 1 when ranks are packed onto shared GPUs
+        self.backend_us: dict[str, dict[int, float]] = {}  # backend -> elements -> us, where backends were timed
 
     @property
     def leader(self):
@@ -113,7 +129,7 @@ class WorkerGroup:
             WorkerActor.options(
                 num_gpus=gpu if d.kind == "cuda" else 0, num_cpus=0 if d.kind == "cuda" else 1,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
-                runtime_env={"env_vars": RANK_ENV},
+                runtime_env={"env_vars": self._rank_env(d)},
             ).remote(i, d, n_cpu, s.options)
             for i, d in enumerate(s.devices)
         ]
@@ -128,6 +144,10 @@ class WorkerGroup:
         log.info("loading weights%s", " and capturing CUDA graphs" if any(d.kind == "cuda" for d in s.devices) else "")
         ray.get([w.load.remote(s.model, self.config, self.plan, s.progress) for w in self.workers])
         self.run_refs = [w.run.remote() for w in self.workers]
+
+    def _rank_env(self, device: DeviceSpec) -> dict[str, str]:
+        env = GPU_RANK_ENV if device.kind == "cuda" else RANK_ENV
+        return env | NO_P2P_ENV if self.settings.no_p2p else env
 
     def _gpu_share(self) -> float:
         """1 GPU per cuda rank; with more cuda ranks than GPUs, 1/k of one so that k ranks pack on each GPU.
@@ -196,14 +216,19 @@ class WorkerGroup:
         s = self.settings
         layout = node_layout([r["node_id"] for r in self.ranks])
         backend, why = choose_backend(s.comm, s.devices, len(layout), shared_gpus=self.gpu_share < 1)
+        # `raytp bench` times every backend where the group is one node of several whole GPUs
+        time_backends = s.time_backends and backend in ("hoststaged", "nccl", "p2p", "measured") \
+            and len(layout) == 1 and len(s.devices) > 1 and all(d.kind == "cuda" for d in s.devices) \
+            and self.gpu_share == 1
         init = None
-        if backend in ("gloo", "nccl", "measured") or (backend == "hierarchical" and len(layout) > 1):
+        if backend in ("gloo", "nccl", "p2p", "measured") or (backend == "hierarchical" and len(layout) > 1) \
+                or time_backends:
             init = f"tcp://{self.ranks[0]['ip']}:{ray.get(self.leader.free_port.remote())}"  # meet at rank 0
         if len(layout) > 1:
             log.info("nodes and their ranks: %s", "; ".join(
                 f"{self.ranks[ranks[0]]['ip']} ({self.ranks[ranks[0]]['node_id'][:8]}): {ranks}" for ranks in layout))
         plan = CommPlan.make(backend, layout, init, s.timeout_s, gpu_hoststaged=s.options.gpu_hoststaged,
-                             check_identical=s.options.check_identical, dtype=s.dtype)
+                             check_identical=s.options.check_identical, dtype=s.dtype, time_backends=time_backends)
 
         def on(ranks: list[int], phase: str) -> list:
             return ray.get([self.workers[r].open_comm.remote(phase, plan) for r in ranks])
@@ -219,7 +244,10 @@ class WorkerGroup:
                     pass
         opened = on(list(range(len(self.workers))), "finish")
         self.backend = opened[0]["backend"]
+        self.backend_us = opened[0]["timings"]
         log.info("all-reduce backend: %s (%s)", self.backend, opened[0]["why"] or why)
+        for line in opened[0]["table"]:  # every rank's table is the same: the slowest rank's figures
+            log.info("all-reduce %s", line)
         ranks_by_note: dict[str, list[int]] = {}
         for rank, o in enumerate(opened):
             for note in o["notes"]:

@@ -1,7 +1,8 @@
 """One rank: a plain `Worker` class (testable without Ray) and `WorkerActor`, its thin Ray wrapper.
 
-The device is touched only inside the worker's own process, after Ray has set CUDA_VISIBLE_DEVICES, so
-`cuda` here always means the one GPU Ray gave this actor. The driver calls, in order: `describe` (what
+The device is touched only inside the worker's own process. A GPU rank sees every GPU of its node (the group asks
+Ray not to narrow CUDA_VISIBLE_DEVICES: P2P needs the peers' devices) and selects the one Ray assigned it before
+anything else touches CUDA (`assigned_gpu`). The driver calls, in order: `describe` (what
 this device really has), `open_comm` (once per phase), `load` (the shard of the plan), `run` (the token
 loop; blocks until stopped) and, on the leader only, `submit` and `poll_events` while `run` is going. A benchmark
 may hand any rank a step watcher (`watch_steps`, then `watched`) while `run` is going.
@@ -43,8 +44,10 @@ class Worker:
                  options: RuntimeOptions = RuntimeOptions()):
         self.rank, self.spec, self.options = rank, device, options
         set_triton(options.triton)  # once for this process, before any kernel runs
-        self.device = torch.device("cuda", 0) if device.kind == "cuda" else torch.device("cpu")
-        if device.kind == "cpu":
+        self.device = assigned_gpu() if device.kind == "cuda" else torch.device("cpu")
+        if device.kind == "cuda":
+            self._on_device()  # before anything else touches CUDA
+        else:
             # Several CPU ranks share one host: split its cores instead of oversubscribing them.
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
         self.comm: Communicator | None = None
@@ -54,10 +57,17 @@ class Worker:
         self._watcher: Callable[[list[TokenEvent]], object] | None = None  # see watch_steps
         self._watched: concurrent.futures.Future = concurrent.futures.Future()
 
-    def describe(self) -> dict:
-        """The node, the real device behind this rank, and its memory (free now, and total)."""
+    def _on_device(self) -> None:
+        """Make this rank's GPU the current device of the calling thread. Ray runs the methods of this (threaded)
+        actor on a pool of threads, and the current CUDA device is per thread: without this a method would work on
+        cuda:0, and NCCL, symmetric memory and the kernels all use the current device."""
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+
+    def describe(self) -> dict:
+        """The node, the real device behind this rank, and its memory (free now, and total)."""
+        self._on_device()
+        if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info()
             name = torch.cuda.get_device_name()
             gpu = str(torch.cuda.get_device_properties(self.device).uuid)  # ranks packed on one GPU share it
@@ -79,7 +89,9 @@ class Worker:
     def open_comm(self, phase: str, plan: CommPlan) -> dict | None:
         """One phase of opening this rank's communicator; the group drives the phases over the ranks
         (raytp.parallel.comm.factory). `finish` leaves the communicator in `self.comm`."""
-        if phase in ("create", "attach"):  # a rank's first phase: a new opening, whatever an earlier one left
+        self._on_device()
+        if phase == "create" or (phase == "attach" and self.rank not in plan.creators):
+            # this rank's first phase: a new opening, whatever an earlier one left
             self._opening = open_group(plan, self.rank, self.device)
         opened = self._opening.step(phase)
         if phase == "finish":
@@ -89,12 +101,14 @@ class Worker:
     def on_rank(self, fn: Callable, *args):
         """`fn(comm, device, *args)` here, e.g. a raytp.bench.microbench measurement. Between `open_comm` and
         `run` only: the token loop owns the communicator once it starts."""
+        self._on_device()
         return fn(self.comm, self.device, *args)
 
     # ---- model -----------------------------------------------------------------------------------------
 
     def load(self, model: str, config: ModelConfig, plan: ShardPlan, progress: bool = True) -> dict:
         """Load this rank's shard, allocate its KV cache, enforce its budget; returns the bytes used."""
+        self._on_device()
         shard = plan.ranks[self.rank]
         dtype = getattr(torch, plan.dtype)
         if self.device.type == "cuda" and self.spec.mem_bytes is not None:
@@ -115,6 +129,7 @@ class Worker:
     # ---- token loop -------------------------------------------------------------------------------------
 
     def run(self) -> None:
+        self._on_device()  # the token loop's thread: graphs, kernels and collectives all run on it
         try:
             if self.device.type == "cuda" and self.engine.comm.graph_safe and self.options.cuda_graphs:
                 self.engine.use_cuda_graphs()  # captured inside the loop, where every rank is at the same step
@@ -177,6 +192,25 @@ class Worker:
     def close(self) -> None:
         if self.comm is not None:
             self.comm.close()
+
+
+def assigned_gpu(environ=os.environ) -> torch.device:
+    """The GPU Ray assigned this actor, numbered as this process sees the node's GPUs.
+
+    Ray's GPU ids are the node's ids, as listed in the CUDA_VISIBLE_DEVICES Ray itself was started with (left
+    unchanged in the rank: RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES), so the device index is the id's position
+    there, or the id itself when that is unset. Ranks packed on one GPU get the same one. Outside Ray (tests):
+    cuda:0."""
+    ids = ray.get_gpu_ids() if ray.is_initialized() else []
+    if not ids:
+        return torch.device("cuda", 0)
+    gpu, visible = str(ids[0]), environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return torch.device("cuda", int(gpu))
+    listed = [v.strip() for v in visible.split(",")]
+    if gpu not in listed:
+        raise RuntimeError(f"Ray assigned GPU {gpu}, which CUDA_VISIBLE_DEVICES={visible!r} does not list")
+    return torch.device("cuda", listed.index(gpu))
 
 
 def _tensor_bytes(tensors) -> int:

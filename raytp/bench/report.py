@@ -173,6 +173,8 @@ def summary_markdown(rows: list[dict], sweep: dict, meta: dict) -> str:
         lines += ["", "## Decode step profile (torch.profiler, per rank; ms per step and share)", ""]
         lines += _profile_table(sweep)
     lines += ["", "## All-reduce latency (us, slowest rank)", ""] + _allreduce_table(sweep)
+    lines += ["", "## Every backend's all-reduce latency (us per call in a CUDA graph, slowest rank)", ""]
+    lines += _backends_table(sweep)
     lines += ["", "## How the figures are obtained", "", NOTES]
     if meta.get("peer_note"):
         lines += [f"- **HF peer**: {meta['peer_note']}", ""]
@@ -216,6 +218,20 @@ def _allreduce_table(sweep: dict) -> list[str]:
              "|" + "---|" * (3 + len(sizes))]
     for (backend, ranks, spec, _), s in series.items():
         lines.append(f"| {backend} | {ranks} | `{spec}` | " + " | ".join(_fmt(s.get(n)) for n in sizes) + " |")
+    return lines
+
+
+def _backends_table(sweep: dict) -> list[str]:
+    """Each group's start-up timing of every backend that could run on it (one node of several GPUs only)."""
+    rows = [(run["spec"], run["comm"], name, us) for run in sweep["runs"]
+            for name, us in run.get("backend_us", {}).items()]
+    if not rows:
+        return ["(no group of several GPUs on one node)"]
+    sizes = sorted({int(n) for *_, us in rows for n in us})
+    lines = ["| devices | group's --comm | backend | " + " | ".join(f"{n} el." for n in sizes) + " |",
+             "|" + "---|" * (3 + len(sizes))]
+    for spec, comm, name, us in rows:
+        lines.append(f"| `{spec}` | {comm} | {name} | " + " | ".join(_fmt(us.get(str(n))) for n in sizes) + " |")
     return lines
 
 

@@ -11,6 +11,9 @@ What is measured on each group:
     all-reduce   mean microseconds of one `comm.all_reduce` per message size, every rank in lock-step, on the
                  rank's own device in the run's dtype (rank 0's figure and the slowest rank's); the sizes asked
                  for plus batch x hidden, the decode step's own message
+    backends     on one node of several GPUs, every all-reduce backend that can run there (p2p, host-staged, nccl),
+                 whichever the group uses, timed at start-up inside a CUDA graph (raytp.parallel.comm.factory);
+                 `--no-p2p` emulates a host without GPU peer-to-peer
     bandwidth    each rank's device memory bandwidth: a large copy, bytes read plus written per second
     decode       after one warm-up run per batch size, `repeats` runs per batch size: that many requests of random
                  token ids (greedy, EOS ignored) run together; ms per step is timed on the leader between the step
@@ -219,6 +222,9 @@ def run_bench(settings: GroupSettings, config: ModelConfig, *, batches: list[int
                              "by_size": {str(n): {"rank0": group.allreduce[0][n], "slowest_rank": slowest[n]}
                                          for n in measured}},
             "allreduces_per_step": n_allreduce,
+            # every backend timed at start-up in a CUDA graph, slowest rank: backend -> elements -> us
+            "backend_us": {name: {str(n): us for n, us in by_size.items()}
+                           for name, by_size in group.backend_us.items()},
             "prefill": {"prompt_len": prompt_len, "ms": 1000 * prefill_s, "tokens_per_s": prompt_len / prefill_s},
             "decode": decode,
         }
@@ -250,6 +256,7 @@ class Sweep:
     share_gpus: bool = False  # let more cuda ranks than GPUs share them (emulates slower devices), not skip
     profile_steps: int = 0  # decode steps each rank profiles per batch size (raytp.bench.profile); 0: none
     trace_dir: str | None = None  # where the profiled steps' chrome traces go; None: not kept
+    no_p2p: bool = False  # emulate a host without GPU peer-to-peer (raytp.actors.group.NO_P2P_ENV)
 
     @property
     def size(self) -> int:
@@ -313,7 +320,7 @@ def run_sweep(sweep: Sweep, config: ModelConfig, *, on_row: Callable[[dict], Non
             model=sweep.model, devices=devices, dtype=sweep.dtype, comm=comm,
             max_context=max(sweep.max_context, prompt_len + max(sweep.decode_tokens, profile_tokens) + 1),
             max_batch=max(sweep.max_batch, *sweep.batches), progress=False, options=sweep.options,
-            split=split)
+            split=split, no_p2p=sweep.no_p2p, time_backends=True)
         try:
             _check_devices(devices, comm, sweep.share_gpus)
             res = run_bench(settings, config, batches=list(sweep.batches), prompt_len=prompt_len,
@@ -343,6 +350,8 @@ def format_results(res: dict) -> str:
              f"prompt {res['prompt_len']}, {res['decode_tokens']} decode tokens",
              f"device bandwidth (TB/s, copy read+write) per rank: {gbs}",
              "all-reduce us (rank 0): " + ", ".join(f"{n}: {us:.1f}" for n, us in res["allreduce_us"]["rank0"].items()),
+             *(f"{name} all-reduce us in a CUDA graph (slowest rank): " + ", ".join(f"{n}: {us:.1f}" for n, us in
+               by_size.items()) for name, by_size in res["backend_us"].items()),
              f"prefill: {res['prefill']['tokens_per_s']:.1f} tokens/s ({res['prefill']['ms']:.1f} ms)",
              f"{'batch':>5}  {'ms/token':>9}  {'tokens/s':>10}  {'roofline ms':>11}  {'of roofline':>11}"]
     for d in res["decode"]:

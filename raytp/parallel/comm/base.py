@@ -46,6 +46,11 @@ class Communicator:
         """Stack every rank's `t` (same shape on all ranks) into (world_size, *t.shape)."""
         raise NotImplementedError
 
+    def check(self) -> None:
+        """Raise CommError if an all-reduce kernel of this rank gave up waiting for a peer. Kernels cannot raise, so
+        backends whose all-reduces are kernels check an error word here; called once per step, outside any graph.
+        Nothing to check for the others: their collectives raise themselves."""
+
     def abort(self) -> None:
         """Make every peer's pending or next collective fail now with CommError (this rank failed).
 
@@ -106,6 +111,9 @@ class IdentityCheckingCommunicator(Communicator):
 
     def all_gather_equal(self, t):
         return self.inner.all_gather_equal(t)
+
+    def check(self):
+        self.inner.check()
 
     def abort(self):
         self.inner.abort()

@@ -1,49 +1,74 @@
-"""`--comm auto` on one node of GPUs: each all-reduce goes to whichever backend measured faster at its size.
+"""`--comm auto` on one node of GPUs: each all-reduce goes to the backend that measured fastest at its size.
 
-Host-staged tends to win small (decode-sized) messages on hosts without fast peer-to-peer, NCCL over
-NVLink wins large (prefill-sized) ones. The group times both at start-up on the same sizes and every rank
-gets the same cut-off, so a given message always takes the same backend on all ranks (identical bits).
+P2P wins decode-sized messages where GPUs reach each other's memory, host-staged where they do not, NCCL over
+NVLink tends to win large (prefill-sized) ones. The group times every backend that can run at start-up on the
+same sizes, every rank takes the slowest rank's figures, so every rank gets the same routes and a given message
+takes the same backend on all ranks (identical bits).
 """
 
 from __future__ import annotations
 
 from raytp.parallel.comm.base import Communicator
 
+EVERY_SIZE = 1 << 62  # the last route's bound: it takes every larger message too
 
-def choose_cutoff(small_us: dict[int, float], large_us: dict[int, float]) -> int:
-    """Largest message size (elements) up to which `small` keeps winning; 0 if it loses at the smallest size.
 
-    Above the first size where `large` is faster every message goes to `large`: one cut-off, not a patchwork
-    of noisy per-size wins. Beyond the largest size measured, the winner at that size decides."""
-    cutoff = 0
-    for n in sorted(small_us):
-        if small_us[n] > large_us[n]:
-            return cutoff
-        cutoff = n
-    return 1 << 62  # small wins everywhere measured
+def choose_routes(us: dict[str, dict[int, float]]) -> tuple[tuple[int, str], ...]:
+    """((largest size in elements, backend), ...) ascending: the fastest backend at each measured size, sizes
+    with the same winner merged. A message takes the first route whose bound it does not exceed (so a size between
+    two measured ones takes the winner at the larger); the last route has no bound. Ties go to the backend named
+    first in `us`."""
+    sizes = sorted(next(iter(us.values())))
+    routes: list[list] = []
+    for n in sizes:
+        best = min(us, key=lambda name: us[name][n])
+        if routes and routes[-1][1] == best:
+            routes[-1][0] = n
+        else:
+            routes.append([n, best])
+    routes[-1][0] = EVERY_SIZE
+    return tuple((n, name) for n, name in routes)
+
+
+def routes_table(us: dict[str, dict[int, float]], routes) -> list[str]:
+    """The table `auto` logs: one line per measured size, every backend's microseconds and the pick."""
+    return [f"{n:>8} elements: " + ", ".join(f"{name} {times[n]:.1f} us" for name, times in us.items())
+            + f" -> {route_of(routes, n)}" for n in sorted(next(iter(us.values())))]
+
+
+def route_of(routes, n: int) -> str:
+    return next(name for bound, name in routes if n <= bound)
 
 
 class SizeRoutedCommunicator(Communicator):
-    """All-reduces of at most `cutoff` elements go to `small`, larger ones to `large`; gathers and broadcasts
-    (a few bytes per step: commands, sampling candidates) go to `small`."""
+    """Each all-reduce goes to the communicator of its size's route (`choose_routes`, with communicators in place of
+    names); gathers and broadcasts (a few bytes per step: commands, sampling candidates) go to the first route's."""
 
-    def __init__(self, small: Communicator, large: Communicator, cutoff: int):
-        assert (small.rank, small.world_size) == (large.rank, large.world_size)
-        self.small, self.large, self.cutoff = small, large, cutoff
-        self.rank, self.world_size = small.rank, small.world_size
-        self.graph_safe = small.graph_safe and large.graph_safe
-        self.gather_graph_safe = self.graph_safe and small.gather_graph_safe
+    def __init__(self, routes):
+        self.routes = tuple(routes)
+        comms = list({id(c): c for _, c in self.routes}.values())
+        self.rank, self.world_size = comms[0].rank, comms[0].world_size
+        assert all((c.rank, c.world_size) == (self.rank, self.world_size) for c in comms)
+        self.comms = comms
+        self.graph_safe = all(c.graph_safe for c in comms)
+        self.gather_graph_safe = self.graph_safe and self.routes[0][1].gather_graph_safe
 
     def all_reduce(self, t):
-        return (self.small if t.numel() <= self.cutoff else self.large).all_reduce(t)
+        n = t.numel()
+        return next(c for bound, c in self.routes if n <= bound).all_reduce(t)
 
     def all_gather_equal(self, t):
-        return self.small.all_gather_equal(t)
+        self.check()
+        return self.routes[0][1].all_gather_equal(t)
+
+    def check(self) -> None:
+        for c in self.comms:
+            c.check()
 
     def abort(self) -> None:
-        self.small.abort()
-        self.large.abort()
+        for c in self.comms:
+            c.abort()
 
     def close(self):
-        self.small.close()
-        self.large.close()
+        for c in self.comms:
+            c.close()
