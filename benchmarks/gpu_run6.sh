@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Sixth sitting, 4x H200: the device-resident decode loop, P2P and redesigned host-staged all-reduces, --comm auto,
+# the step profile (issue 13) and quantized weights (issue 14), side by side with the tree before them.
+#   bash benchmarks/gpu_run6.sh check   GPU tests; a float32 tiny model through the whole stack on 1, 2, 4 GPUs, uneven
+#                                       caps and 6 ranks on 4 GPUs, every backend, eager with every all-reduce checked
+#                                       bit-identical and in CUDA graphs: greedy tokens must agree across all runs;
+#                                       all-reduce latency in a graph at 2 and 4 ranks, with and without P2P
+#   bash benchmarks/gpu_run6.sh perf    8B at 1/2/4 GPUs before (commit 93a863e, carried as .prev: git archive 93a863e
+#                                       raytp | tar -x -C .prev) and after, every backend, batch 1 and 8, a 2048-token
+#                                       prompt, P2P disabled; 70B at 4 GPUs; the step profile at 1 and 4 GPUs
+#   bash benchmarks/gpu_run6.sh quant   8B bf16 vs w4a16/w8a16/fp8 at 1, 2, 4 GPUs; 70B w4a16 on three 24 GiB caps
+# Carry .whl (../shared/gpu/README.md) and .prev; logs and bench folders go to $OUT as one tarball per part.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/raytp_out}; mkdir -p "$OUT"; PART=${1:?check, perf or quant}
+LOGS=/tmp/sitting6/$PART; mkdir -p "$LOGS"
+source benchmarks/gpu_env.sh
+GPUS=$(nvidia-smi -L | wc -l)
+python3 -m ray.scripts.scripts start --head --port=6390 --num-gpus="$GPUS" --include-dashboard=false \
+  --disable-usage-stats >"$LOGS/ray_start.log" 2>&1 && export RAY_ADDRESS=127.0.0.1:6390
+bench() { local name=$1 limit=$2; shift 2
+  timeout "$limit" python3 -m raytp bench "$@" --out "$LOGS/$name" >"$LOGS/$name.log" 2>&1
+  echo "$name rc=$?"; grep -E "Traceback|Error" "$LOGS/$name.log" | head -3
+  sed -n '/^| devices/,/^$/p' "$LOGS/$name/summary.md" 2>/dev/null | cut -d'|' -f2-10 | head -24
+}
+TINY=(--model synthetic:tiny --dtype float32 --batch 1,4 --prompt-len 16 --decode-tokens 24 --repeats 1
+      --allreduce-sizes 4096 --allreduce-iters 10)
+B8=(--model synthetic:llama-3.1-8b --dtype bfloat16 --batch 1,8 --prompt-len 128 --decode-tokens 64 --repeats 2
+    --allreduce-iters 50)
+case $PART in
+check)
+  timeout 240 python3 -m pytest tests/gpu -q -p no:cacheprovider -x >"$LOGS/gpu_tests.log" 2>&1
+  echo "gpu tests: $(tail -1 "$LOGS/gpu_tests.log")"; grep -E "^(FAILED|ERROR)" "$LOGS/gpu_tests.log" | head -5
+  SWEEP="cuda*1;cuda*2;cuda*4;cuda:0@20GiB,cuda:1@60GiB,cuda:2@40GiB"
+  bench tiny_checked 150 "${TINY[@]}" --check-identical --devices-sweep "$SWEEP" --comm hoststaged,nccl,p2p,auto
+  bench tiny_graphs 150 "${TINY[@]}" --devices-sweep "$SWEEP" --comm hoststaged,nccl,p2p,auto
+  bench tiny_shared 60 "${TINY[@]}" --check-identical --devices "cuda*6" --share-gpus --comm hoststaged
+  python3 - "$LOGS" <<'PY'
+import json, sys, pathlib
+runs = [r for d in ("tiny_checked", "tiny_graphs", "tiny_shared") if (pathlib.Path(sys.argv[1]) / d / "results.json").exists()
+        for r in json.loads((pathlib.Path(sys.argv[1]) / d / "results.json").read_text())["runs"]]
+tokens = {(r["spec"], r["comm"], r["options"]["check_identical"], d["batch"]): tuple(d["greedy_tokens"])
+          for r in runs for d in r["decode"]}
+print(f"tiny greedy tokens identical across {len(tokens)} (devices, backend, checked, batch) runs:",
+      len(set(tokens.values())) == 1)
+PY
+  timeout 90 python3 benchmarks/allreduce_graph.py --ranks 2,4 --sizes 512,4096,8192,65536,1048576 --iters 200 \
+    --out "$LOGS/allreduce.json" >"$LOGS/allreduce.log" 2>&1; echo "allreduce rc=$?"; tail -25 "$LOGS/allreduce.log"
+  NCCL_P2P_DISABLE=1 timeout 90 python3 benchmarks/allreduce_graph.py --ranks 2,4 --sizes 512,4096,8192,65536 \
+    --backends hoststaged,nccl --iters 200 --out "$LOGS/allreduce_nop2p.json" >"$LOGS/allreduce_nop2p.log" 2>&1
+  echo "allreduce no-p2p rc=$?"; tail -12 "$LOGS/allreduce_nop2p.log"
+  ;;
+perf)
+  (cd .prev && export PYTHONPATH=/tmp/site:$PWD && bench before8b 200 "${B8[@]}" --devices-sweep "cuda*1;cuda*4" \
+    --comm nccl,hoststaged)
+  bench after8b 330 "${B8[@]}" --devices-sweep "cuda*1;cuda*2;cuda*4" --comm auto,p2p,nccl,hoststaged --profile 3
+  bench after8b_nop2p 120 "${B8[@]}" --devices "cuda*4" --comm nccl,hoststaged --no-p2p
+  bench after8b_p2048 100 "${B8[@]}" --batch 1 --prompt-len 2048 --devices-sweep "cuda*1;cuda*4" --comm auto
+  (cd .prev && export PYTHONPATH=/tmp/site:$PWD && bench before8b_p2048 100 "${B8[@]}" --batch 1 --prompt-len 2048 \
+    --devices "cuda*4" --comm nccl)
+  bench after70b 240 --model synthetic:llama-3.1-70b --dtype bfloat16 --batch 1,8 --prompt-len 128 --decode-tokens 48 \
+    --repeats 2 --allreduce-iters 20 --devices "cuda*4" --comm auto --profile 3
+  ;;
+quant)
+  bench quant8b 300 "${B8[@]}" --repeats 1 --devices-sweep "cuda*1;cuda*2;cuda*4" --comm auto
+  for q in w4a16 w8a16 fp8; do
+    bench "quant8b_$q" 200 "${B8[@]}" --repeats 1 --quant $q --devices-sweep "cuda*1;cuda*2;cuda*4" --comm auto \
+      $([ $q = w4a16 ] && echo --profile 3)
+  done
+  bench quant70b_3x24 240 --model synthetic:llama-3.1-70b --quant w4a16 --dtype bfloat16 --batch 1,8 --prompt-len 128 \
+    --decode-tokens 48 --repeats 1 --devices "cuda:0@24GiB,cuda:1@24GiB,cuda:2@24GiB" --comm auto
+  ;;
+esac
+python3 -m ray.scripts.scripts stop --force >/dev/null 2>&1
+tar -C /tmp/sitting6 -czf "$OUT/sitting6_$PART.tgz" "$PART"
