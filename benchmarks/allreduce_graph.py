@@ -4,13 +4,14 @@
         [--sizes 512,1024,...,65536] [--label new] [--out rows.jsonl]
 
 Each rank captures `iters` back-to-back all-reduces of a bf16 tensor in one graph and replays it `replays`
-times; rank 0 reports the median microseconds per all-reduce (CUDA events, the ranks started together by a
-barrier). This is the setting of a decode step. Before timing, each size is checked in a graph of one
-all-reduce: the host-staged kernel must give every rank the float32 sum in rank order bit for bit, NCCL (which
-sums in bf16) must come within bf16 rounding of it. Backends: `hoststaged` (`hoststaged:CHUNK` sets the kernel's
-chunk bytes), `nccl`, `nccl-nop2p` (NCCL_P2P_DISABLE=1: through host memory, as on a host without P2P). With a
-PYTHONPATH that leads to another raytp tree first, `hoststaged` times that tree's kernel (benchmarks/
-gpu_hoststaged_check.sh's "old" rows).
+times; rank 0 reports microseconds per all-reduce, the median (and the range) over replays (CUDA events, the
+ranks started together by a barrier). This is the setting of a decode step. Before timing, each size is checked
+in a graph of one all-reduce: the host-staged kernel must give every rank the float32 sum in rank order bit for
+bit, NCCL (which sums in bf16) must come within bf16 rounding of it. Backends: `hoststaged` (`hoststaged:CHUNK`
+sets the kernel's chunk bytes), `nccl`, `nccl-nop2p` (NCCL_P2P_DISABLE=1: through host memory, as on a host
+without P2P). With a PYTHONPATH that leads to another raytp tree first, `hoststaged` times that tree's kernel
+(benchmarks/gpu_hoststaged_check.sh's "old" rows). More ranks than GPUs: checked, not timed (hoststaged only;
+NCCL refuses two ranks on one GPU).
 """
 
 import argparse
@@ -70,18 +71,22 @@ def timed_in_graph(comm, barrier, n: int, world: int, iters: int, replays: int) 
         end.record()
         end.synchronize()
         per_call.append(begin.elapsed_time(end) * 1e3 / iters)
-    return statistics.median(per_call[1:])
+    timed = sorted(per_call[1:])
+    return {"us_in_graph": statistics.median(timed), "us_min": timed[0], "us_max": timed[-1]}
 
 
 def rank_main(rank, world, backend, seg_name, init, sizes, iters, replays, results):
+    """With more ranks than GPUs, ranks share GPUs round-robin and are only checked: ranks time-sliced on one GPU
+    say nothing about speed."""
     os.environ.update(NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
     if backend == "nccl-nop2p":
         os.environ["NCCL_P2P_DISABLE"] = "1"
-    torch.cuda.set_device(rank)
+    torch.cuda.set_device(rank % torch.cuda.device_count())
+    shared = world > torch.cuda.device_count()
     if backend.startswith("hoststaged"):
         cpu = HostStagedCommunicator(SharedSegment.attach(seg_name, segment_bytes(world)), rank, world)
         chunk = {"chunk_bytes": int(backend.split(":")[1])} if ":" in backend else {}
-        comm = GpuHostStagedCommunicator(cpu, torch.device("cuda", rank), max_elems=max(sizes), **chunk)
+        comm = GpuHostStagedCommunicator(cpu, torch.device("cuda"), max_elems=max(sizes), **chunk)
         barrier = cpu.barrier
     else:
         comm = TorchDistCommunicator("nccl", init, rank, world)
@@ -89,11 +94,12 @@ def rank_main(rank, world, backend, seg_name, init, sizes, iters, replays, resul
     out = {}
     for n in sizes:
         check_in_graph(comm, n, rank, world, exact=backend.startswith("hoststaged"))
-        out[n] = timed_in_graph(comm, barrier, n, world, iters, replays)
+        if not shared:
+            out[n] = timed_in_graph(comm, barrier, n, world, iters, replays)
     if backend.startswith("hoststaged"):
         comm.check()
     if rank == 0:
-        results.update(out)
+        results.update(out or {"checked": len(sizes)})
     comm.close()
 
 
@@ -120,17 +126,21 @@ if __name__ == "__main__":
     p.add_argument("--label", default="", help="prefix of the hoststaged rows' name, e.g. old or new")
     p.add_argument("--out", default=None, help="append one JSON row per measurement to this file")
     a = p.parse_args()
-    if a.ranks > torch.cuda.device_count():
-        raise SystemExit(f"--ranks {a.ranks}: this host has {torch.cuda.device_count()} GPUs (one rank per GPU)")
     sizes = [int(x) for x in a.sizes.split(",")]
     rows = []
     for backend in a.backends.split(","):
         name = f"{a.label} {backend}".strip() if backend.startswith("hoststaged") else backend
-        for n, us in sorted(measure(a.ranks, backend, sizes, a.iters, a.replays).items()):
-            rows.append({"ranks": a.ranks, "backend": name, "elements": n, "us_in_graph": round(us, 2)})
-    print(f"{'ranks':>5} {'backend':>22} {'elements':>9} {'us/all-reduce (graph)':>22}")
+        results = measure(a.ranks, backend, sizes, a.iters, a.replays)
+        if "checked" in results:
+            print(f"{name}: {a.ranks} ranks on {torch.cuda.device_count()} GPUs, every rank's sum right at "
+                  f"{results['checked']} sizes in a graph (ranks share GPUs: not timed)")
+            continue
+        for n, us in sorted(results.items()):
+            rows.append({"ranks": a.ranks, "backend": name, "elements": n} | {k: round(v, 2) for k, v in us.items()})
+    print(f"{'ranks':>5} {'backend':>22} {'elements':>9} {'us/all-reduce (graph), median [min, max] of replays':>52}")
     for r in rows:
-        print(f"{r['ranks']:>5} {r['backend']:>22} {r['elements']:>9} {r['us_in_graph']:>22.1f}")
+        print(f"{r['ranks']:>5} {r['backend']:>22} {r['elements']:>9} "
+              f"{r['us_in_graph']:>34.1f} [{r['us_min']:.1f}, {r['us_max']:.1f}]")
     if a.out:
         with open(a.out, "a") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)

@@ -33,12 +33,15 @@ import torch
 
 VECTOR = 16  # bytes per thread per chunk: one 128-bit load or store
 LINE = 64  # a flag gets a cache line of its own: the host never merges it with a neighbour's write
-DEFAULT_CHUNK_BYTES = 2048  # 128 threads; 8192 bf16 elements are 8 chunks, each on its own SM
-# At most this many blocks per launch, and registers capped so that RESIDENT_THREADS_PER_SM threads of the kernel
-# fit on an SM (the kernel needs ~96 registers: eight peers' vectors in flight): 8 ranks sharing one GPU in one
-# process keep all their blocks resident (8 x 64 blocks of 128 threads = 4 blocks per SM on 132 SMs), so none
-# waits for an SM that a spinning peer holds. Up to 65536 bf16 elements (64 chunks) it is one chunk per block.
-GRID_CAP = 64
+# 256 threads; 8192 bf16 elements are 4 chunks, each on its own SM. Measured on 2 H200 in a graph, 2 ranks, 512 to
+# 65536 bf16 elements: 6.1-11.3 us at 4096 bytes; 2048 bytes (6.5-8.5 us) and 1024 (6.4-7.6 us) match it at small
+# sizes but took 40-80 us once a message had 64 (2048) or 32 (1024) chunks (benchmarks/results/2026-11-22-h200x2-hoststaged).
+DEFAULT_CHUNK_BYTES = 4096
+# At most this many blocks per launch (messages over 32 chunks, 65536 bf16 elements, give a block several), and
+# registers capped so that RESIDENT_THREADS_PER_SM threads of the kernel fit on an SM (it needs ~96: eight peers'
+# vectors in flight): 8 ranks sharing one GPU in one process keep all their blocks resident (8 x 32 blocks of 256
+# threads = 2 blocks per SM on 132 SMs), so none waits for an SM that a spinning peer holds.
+GRID_CAP = 32
 RESIDENT_THREADS_PER_SM = 512
 SPIN_NS = 30_000  # poll without pause this long: a peer in lock-step arrives within microseconds
 MAX_NAP_NS = 100_000  # the longest sleep between polls: how late a long-awaited peer is noticed at most
@@ -231,13 +234,14 @@ extern "C" __global__ void __launch_bounds__(CHUNK_BYTES / 16, MIN_BLOCKS_PER_SM
 
 
 @functools.cache
-def _kernel(dtype: torch.dtype, chunk_bytes: int):
+def _kernel(dtype: torch.dtype, chunk_bytes: int, device: int):
     name = f"hoststaged_allreduce_{CTYPES[dtype]}_{chunk_bytes}"
     defines = dict(KERNEL_NAME=name, ELEM_BYTES=dtype.itemsize, CHUNK_BYTES=chunk_bytes, LINE=LINE,
                    MIN_BLOCKS_PER_SM=max(1, RESIDENT_THREADS_PER_SM // (chunk_bytes // VECTOR)),
                    SPIN_NS=f"{SPIN_NS}ull", MAX_NAP_NS=f"{MAX_NAP_NS}ull")
     source = "".join(f"#define {k} {v}\n" for k, v in defines.items()) + _SOURCE
-    return torch.cuda._compile_kernel(source, name)
+    with torch.cuda.device(device):  # a module is loaded into one device's context
+        return torch.cuda._compile_kernel(source, name)
 
 
 def launch(x: torch.Tensor, out: torch.Tensor, segment: torch.Tensor, counters: torch.Tensor,
@@ -250,6 +254,6 @@ def launch(x: torch.Tensor, out: torch.Tensor, segment: torch.Tensor, counters: 
     assert 0 < nbytes <= layout.max_bytes and nbytes % VECTOR == 0
     assert x.data_ptr() % VECTOR == 0 and out.data_ptr() % VECTOR == 0
     blocks = min(-(-nbytes // layout.chunk_bytes), GRID_CAP)
-    _kernel(x.dtype, layout.chunk_bytes)(
+    _kernel(x.dtype, layout.chunk_bytes, x.device.index)(
         grid=(blocks, 1, 1), block=(layout.threads, 1, 1),
         args=[x, out, segment, counters, nbytes, rank, layout.world, layout.chunks, timeout_us])
