@@ -37,6 +37,6 @@ def test_each_rank_writes_one_contiguous_region_of_its_own():
 
 def test_bad_layouts_name_the_value_and_the_fix():
     with pytest.raises(ValueError, match=r"200 ranks need chunk_bytes >= 3200, not 2048"):
-        SegmentLayout(200, 1 << 20)
+        SegmentLayout(200, 1 << 20, 2048)
     with pytest.raises(ValueError, match=r"chunk_bytes=1000: use a multiple of 64"):
         SegmentLayout(2, 1 << 20, 1000)
