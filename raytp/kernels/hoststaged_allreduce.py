@@ -34,13 +34,15 @@ import torch
 VECTOR = 16  # bytes per thread per chunk: one 128-bit load or store
 LINE = 64  # a flag gets a cache line of its own: the host never merges it with a neighbour's write
 # 256 threads; 8192 bf16 elements are 4 chunks, each on its own SM. Measured on 2 H200 in a graph, 2 ranks, 512 to
-# 65536 bf16 elements: 6.1-11.3 us at 4096 bytes; 2048 bytes (6.5-8.5 us) and 1024 (6.4-7.6 us) match it at small
-# sizes but took 40-80 us once a message had 64 (2048) or 32 (1024) chunks (benchmarks/results/2026-11-22-h200x2-hoststaged).
+# 65536 bf16 elements (benchmarks/results/2026-11-22-h200x2-hoststaged): 6.8-11.2 us, steady over replays and in
+# both sittings. 2048 bytes is 0.5 us faster up to 8192 elements but 14 us at 65536, and with smaller chunks
+# some replays (every one, in the first sitting, at 64 blocks of 128 threads) take 20-80 us.
 DEFAULT_CHUNK_BYTES = 4096
-# At most this many blocks per launch (messages over 32 chunks, 65536 bf16 elements, give a block several), and
-# registers capped so that RESIDENT_THREADS_PER_SM threads of the kernel fit on an SM (it needs ~96: eight peers'
-# vectors in flight): 8 ranks sharing one GPU in one process keep all their blocks resident (8 x 32 blocks of 256
-# threads = 2 blocks per SM on 132 SMs), so none waits for an SM that a spinning peer holds.
+# At most this many blocks per launch (messages over 32 chunks, 65536 bf16 elements, give a block several: at 64
+# blocks, and at 32 of 64 threads, the first sitting saw those slow replays), and registers capped so that RESIDENT_THREADS_PER_SM
+# threads of the kernel fit on an SM (it needs ~85: eight peers' vectors in flight): 8 ranks sharing one GPU in
+# one process keep all their blocks resident (8 x 32 blocks of 256 threads = 2 per SM on 132 SMs), so none waits
+# for an SM that a spinning peer holds.
 GRID_CAP = 32
 RESIDENT_THREADS_PER_SM = 512
 SPIN_NS = 30_000  # poll without pause this long: a peer in lock-step arrives within microseconds
