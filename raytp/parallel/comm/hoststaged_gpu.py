@@ -69,8 +69,8 @@ class GpuHostStagedCommunicator(Communicator):
             if piece.data_ptr() % kernel.VECTOR or piece.numel() * piece.element_size() % kernel.VECTOR:
                 # the kernel moves whole 16-byte vectors: sum an aligned copy padded with zeros (decode's hidden
                 # sizes never come here)
-                padded = piece.new_zeros(-(-piece.numel() * piece.element_size() // kernel.VECTOR) * kernel.VECTOR
-                                         // piece.element_size())
+                vectors = -(-piece.numel() * piece.element_size() // kernel.VECTOR)
+                padded = piece.new_zeros(vectors * kernel.VECTOR // piece.element_size())
                 padded[: piece.numel()] = piece
                 self._launch(padded)
                 piece.copy_(padded[: piece.numel()])
