@@ -46,6 +46,6 @@ for d, r in runs:
 f = logs / "allreduce_graph.json"
 if f.exists():
     print(f"{'ranks':>5} {'backend':>10} {'elements':>9} {'us/all-reduce bf16 (graph)':>27}")
-    for row in json.loads(f.read_text()):
+    for row in map(json.loads, f.read_text().splitlines()):
         print(f"{row['ranks']:>5} {row['backend']:>10} {row['elements']:>9} {row['us_in_graph']:>27.1f}")
 PY

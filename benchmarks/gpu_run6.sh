@@ -44,11 +44,11 @@ tokens = {(r["spec"], r["comm"], r["options"]["check_identical"], d["batch"]): t
 print(f"tiny greedy tokens identical across {len(tokens)} (devices, backend, checked, batch) runs:",
       len(set(tokens.values())) == 1)
 PY
-  timeout 90 python3 benchmarks/allreduce_graph.py --ranks 2,4 --sizes 512,4096,8192,65536,1048576 --iters 200 \
-    --out "$LOGS/allreduce.json" >"$LOGS/allreduce.log" 2>&1; echo "allreduce rc=$?"; tail -25 "$LOGS/allreduce.log"
-  NCCL_P2P_DISABLE=1 timeout 90 python3 benchmarks/allreduce_graph.py --ranks 2,4 --sizes 512,4096,8192,65536 \
-    --backends hoststaged,nccl --iters 200 --out "$LOGS/allreduce_nop2p.json" >"$LOGS/allreduce_nop2p.log" 2>&1
-  echo "allreduce no-p2p rc=$?"; tail -12 "$LOGS/allreduce_nop2p.log"
+  for r in 2 4; do
+    timeout 100 python3 benchmarks/allreduce_graph.py --ranks $r --sizes 512,4096,8192,65536,1048576 \
+      --backends p2p,hoststaged,nccl,nccl-nop2p --out "$LOGS/allreduce.jsonl" >"$LOGS/allreduce_$r.log" 2>&1
+    echo "allreduce $r ranks rc=$?"; grep -E "^ +[0-9]+ " "$LOGS/allreduce_$r.log"
+  done
   ;;
 perf)
   (cd .prev && export PYTHONPATH=/tmp/site:$PWD && bench before8b 200 "${B8[@]}" --devices-sweep "cuda*1;cuda*4" \

@@ -1,8 +1,12 @@
 """The GPU host-staged all-reduce kernel and graph-captured decode (run on a GPU host; skipped without CUDA).
 
-Ranks are threads of one process, each with its own CUDA stream and its own mapping of the segment, so one
-GPU is enough: the kernels of all ranks are resident at once and meet in host memory as separate GPUs do.
+Ranks are threads of one process, each with its own CUDA stream and its own mapping of the segment, placed on
+the GPUs round-robin: with fewer GPUs than ranks several ranks share a GPU, their kernels resident at once, and
+they meet in host memory as ranks on separate GPUs do.
 """
+
+import threading
+import time
 
 import pytest
 import torch
@@ -14,12 +18,16 @@ from tests.test_comm import hoststaged_factory, run_ranks
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
+MAX_ELEMS = 1 << 16
+
 
 def gpu_ranks(world, body, timeout_s=10.0, absent=()):
     make_cpu = hoststaged_factory(world, slot_bytes=1 << 16, timeout_s=timeout_s)
 
     def per_rank(cpu):
-        comm = GpuHostStagedCommunicator(cpu, torch.device("cuda"), max_elems=1 << 16, timeout_s=timeout_s)
+        device = torch.device("cuda", cpu.rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        comm = GpuHostStagedCommunicator(cpu, device, max_elems=MAX_ELEMS, timeout_s=timeout_s)
         try:
             with torch.cuda.stream(torch.cuda.Stream()):
                 return None if cpu.rank in absent else body(comm)
@@ -30,20 +38,15 @@ def gpu_ranks(world, body, timeout_s=10.0, absent=()):
     return run_ranks(world, make_cpu, per_rank)
 
 
-def reference_sum(inputs, dtype):
+def rank_order_sum(inputs, dtype):
+    """What every rank must hold: the float32 sum in rank order, rounded once to the dtype."""
     acc = inputs[0].float()
     for x in inputs[1:]:
         acc = acc + x.float()
     return acc.to(dtype)
 
 
-@pytest.mark.parametrize("world", [1, 2, 4, 7])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("n", [1, 4096, 8192, 100_003, 300_000])  # 300k > max_elems: several launches
-def test_kernel_sums_in_rank_order_with_identical_bits(world, dtype, n):
-    g = torch.Generator().manual_seed(n)
-    inputs = [torch.randn(n, generator=g).to(dtype) for _ in range(world)]
-
+def reduce_each_rank(world, inputs):
     def body(comm):
         t = inputs[comm.rank].cuda()
         comm.reduce_in_place(t)  # the kernel itself, also at one rank (all_reduce skips a sum of one)
@@ -51,13 +54,57 @@ def test_kernel_sums_in_rank_order_with_identical_bits(world, dtype, n):
         comm.check()
         return t.cpu()
 
-    expected = reference_sum(inputs, dtype)
-    for r in gpu_ranks(world, body):
+    return gpu_ranks(world, body)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [1, 7, 512, 8192, 65_536 + 3, 300_000])  # 300k > MAX_ELEMS: several launches
+def test_kernel_sums_in_rank_order_with_identical_bits(world, dtype, n):
+    g = torch.Generator().manual_seed(n * 10 + world)
+    inputs = [torch.randn(n, generator=g).to(dtype) for _ in range(world)]
+    expected = rank_order_sum(inputs, dtype)
+    exact = torch.stack([x.double() for x in inputs]).sum(0)
+    f32_error = torch.finfo(torch.float32).eps * torch.stack([x.double().abs() for x in inputs]).sum(0)
+    for r in reduce_each_rank(world, inputs):
         assert torch.equal(r, expected)
+        # and the float64 sum, within the one rounding to the dtype plus float32's rounding on the way
+        assert ((r.double() - exact).abs() <= torch.finfo(dtype).eps * exact.abs() + world * f32_error).all()
+
+
+@pytest.mark.parametrize("world", [12, 16])
+def test_twelve_and_sixteen_ranks_sharing_gpus(world):
+    g = torch.Generator().manual_seed(world)
+    inputs = [torch.randn(8192 + 5, generator=g).to(torch.bfloat16) for _ in range(world)]
+    for r in reduce_each_rank(world, inputs):
+        assert torch.equal(r, rank_order_sum(inputs, torch.bfloat16))
+
+
+def test_kernel_writes_where_the_layout_says():
+    world, n = 3, 5000  # 10000 bf16 bytes: the last chunk partial
+    inputs = [torch.randn(n).to(torch.bfloat16) for _ in range(world)]
+
+    def body(comm):
+        comm.reduce_in_place(inputs[comm.rank].cuda())
+        torch.cuda.current_stream().synchronize()
+        comm.cpu.barrier()  # every rank's first all-reduce (seq 1, bank 1) is done
+        layout, buf = comm.layout, comm.buf
+        used = -(-n * 2 // layout.chunk_bytes)
+        for r in range(world):
+            sent = inputs[r].view(torch.uint8)
+            for c in range(used):
+                start = layout.cell(r, 1, c)
+                part = sent[c * layout.chunk_bytes : (c + 1) * layout.chunk_bytes]
+                assert torch.equal(buf[start : start + part.numel()], part)
+                assert buf[start + layout.chunk_bytes :][:4].view(torch.int32).item() == 1
+        return used, comm.counters[: used + 1].tolist()
+
+    for used, counters in gpu_ranks(world, body):
+        assert counters == [1] * used + [0]  # a chunk the message did not reach keeps its count
 
 
 def test_messages_of_mixed_sizes_and_dtypes_interleave():
-    world = 4  # block b always owns the same bytes of a slot, so mixed messages cannot overlap in flight
+    world = 4  # chunk c always owns the same bytes of a cell, so mixed messages cannot overlap in flight
     g = torch.Generator().manual_seed(11)
     rounds = [(n, dtype, [torch.randn(n, generator=g).to(dtype) for _ in range(world)])
               for n, dtype in [(4096, torch.bfloat16), (1000, torch.float32), (70_000, torch.bfloat16),
@@ -75,11 +122,27 @@ def test_messages_of_mixed_sizes_and_dtypes_interleave():
 
     for results in gpu_ranks(world, body):
         for got, (_, dtype, inputs) in zip(results, rounds):
-            assert torch.equal(got, reference_sum(inputs, dtype))
+            assert torch.equal(got, rank_order_sum(inputs, dtype))
+
+
+def test_unaligned_views_are_summed_too():
+    world = 2
+    inputs = [torch.randn(4099).to(torch.bfloat16) for _ in range(world)]
+
+    def body(comm):
+        t = inputs[comm.rank].cuda()
+        comm.all_reduce(t[3:])  # a view 6 bytes past the allocation's start
+        torch.cuda.current_stream().synchronize()
+        comm.check()
+        return t.cpu()
+
+    expected = rank_order_sum([x[3:] for x in inputs], torch.bfloat16)
+    for r, x in zip(gpu_ranks(world, body), inputs):
+        assert torch.equal(r[3:], expected) and torch.equal(r[:3], x[:3])
 
 
 def test_kernel_replays_inside_a_cuda_graph():
-    world, n = 1, 8192  # several ranks in one process deadlock in capture; 4 processes: benchmarks/gpu_run.sh
+    world, n = 1, 8192  # several ranks in one process deadlock in capture; processes: benchmarks/allreduce_graph.py
     rounds = [[torch.randn(n) for _ in range(world)] for _ in range(4)]
 
     def body(comm):
@@ -98,7 +161,7 @@ def test_kernel_replays_inside_a_cuda_graph():
 
     for results in gpu_ranks(world, body):
         for got, inputs in zip(results, rounds):
-            assert torch.equal(got, reference_sum(inputs, torch.float32))
+            assert torch.equal(got, rank_order_sum(inputs, torch.float32))
 
 
 def test_missing_rank_becomes_an_error_not_a_hung_gpu():
@@ -108,7 +171,24 @@ def test_missing_rank_becomes_an_error_not_a_hung_gpu():
         torch.cuda.current_stream().synchronize()  # returns: the kernel gave up after its timeout
         with pytest.raises(CommError, match="timed out"):
             comm.check()
+        comm.reduce_in_place(t)  # the error word is set: the next kernel gives up at once, not after a timeout
+        torch.cuda.current_stream().synchronize()
         return "failed"
 
     # rank 2 maps the segment but never launches its kernel, like a crashed worker
     assert gpu_ranks(3, body, timeout_s=0.5, absent={2})[:2] == ["failed", "failed"]
+
+
+def test_abort_from_the_host_releases_a_waiting_kernel():
+    def body(comm):
+        if comm.rank == 0:
+            threading.Timer(0.3, comm.abort).start()  # e.g. the rank's driver saw a peer die
+            start = time.monotonic()
+            comm.reduce_in_place(torch.ones(4096, device="cuda"))
+            torch.cuda.current_stream().synchronize()
+            with pytest.raises(CommError):
+                comm.check()
+            return time.monotonic() - start
+
+    waited = gpu_ranks(2, body, timeout_s=60.0, absent={1})[0]
+    assert waited < 30.0  # well before the kernel's own 60 s timeout

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from raytp.parallel.comm.base import CommError, Communicator
-from raytp.parallel.comm.hoststaged import LINE, HostStagedCommunicator
+from raytp.parallel.comm.hoststaged import HostStagedCommunicator
 from raytp.parallel.comm.shm import SharedSegment, new_segment_name
 from raytp.kernels import hoststaged_allreduce as kernel
 
@@ -23,28 +23,23 @@ class GpuHostStagedCommunicator(Communicator):
     graph_safe = True
 
     def __init__(self, cpu: HostStagedCommunicator, device: torch.device, *, max_elems: int = 1 << 20,
-                 timeout_s: float = 30.0):
-        if cpu.world_size > kernel.THREADS:
-            raise ValueError(f"the GPU host-staged kernel polls one rank per thread: at most {kernel.THREADS} ranks")
+                 timeout_s: float = 30.0, chunk_bytes: int = kernel.DEFAULT_CHUNK_BYTES):
         self.cpu, self.rank, self.world_size = cpu, cpu.rank, cpu.world_size
         self.max_elems = max_elems
-        self.max_blocks = kernel.blocks_for(max_elems)
-        flag_bytes = -(-self.world_size * self.max_blocks * 4 // LINE) * LINE
-        self.slot_bytes = max_elems * 4  # room for max_elems of float32, the widest dtype on the wire
-        size = LINE + flag_bytes + 2 * self.world_size * self.slot_bytes
-        self.segment = self._rendezvous(size)
+        # room for max_elems of float32, the widest dtype on the wire, padded to whole vectors
+        max_bytes = -(-max_elems * 4 // kernel.VECTOR) * kernel.VECTOR
+        self.layout = kernel.SegmentLayout(self.world_size, max_bytes, chunk_bytes)
+        self.segment = self._rendezvous(self.layout.size)
         buf = torch.frombuffer(self.segment.buf, dtype=torch.uint8)
-        err = torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), size, CUDA_HOST_REGISTER_PORTABLE_MAPPED)
+        err = torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), buf.numel(), CUDA_HOST_REGISTER_PORTABLE_MAPPED)
         if int(err) != 0:
             self.segment.close()
-            raise CommError(f"cudaHostRegister of the {size}-byte host-staged segment failed ({err})")
+            raise CommError(f"cudaHostRegister of the {buf.numel()}-byte host-staged segment failed ({err})")
         self._registered = buf.data_ptr()
+        self.buf = buf
         self.error = buf[:4].view(torch.int32)
-        self.flags = buf[LINE : LINE + flag_bytes].view(torch.int32)
-        self.slots = buf[LINE + flag_bytes :]
-        self.counters = torch.zeros(self.max_blocks, dtype=torch.int32, device=device)
-        # one poll is a PCIe round trip (~1 us) plus a 64 ns sleep
-        self.max_spins = min(int(timeout_s * 1e6), 2**31 - 1)
+        self.counters = torch.zeros(self.layout.chunks, dtype=torch.int32, device=device)
+        self.timeout_us = min(int(timeout_s * 1e6), 2**31 - 1)
 
     def _rendezvous(self, size: int) -> SharedSegment:
         """Rank 0 creates the segment; its name reaches the others over the CPU path; then it is unlinked."""
@@ -71,9 +66,19 @@ class GpuHostStagedCommunicator(Communicator):
         """The kernel path itself (also at one rank, for tests), in launches of at most max_elems."""
         for start in range(0, flat.numel(), self.max_elems):
             piece = flat[start : start + self.max_elems]
-            kernel.launch(piece, piece, self.slots, self.flags, self.counters, self.error, rank=self.rank,
-                          world=self.world_size, slot_bytes=self.slot_bytes, max_blocks=self.max_blocks,
-                          max_spins=self.max_spins)
+            if piece.data_ptr() % kernel.VECTOR or piece.numel() * piece.element_size() % kernel.VECTOR:
+                # the kernel moves whole 16-byte vectors: sum an aligned copy padded with zeros (decode's hidden
+                # sizes never come here)
+                vectors = -(-piece.numel() * piece.element_size() // kernel.VECTOR)
+                padded = piece.new_zeros(vectors * kernel.VECTOR // piece.element_size())
+                padded[: piece.numel()] = piece
+                self._launch(padded)
+                piece.copy_(padded[: piece.numel()])
+            else:
+                self._launch(piece)
+
+    def _launch(self, piece: torch.Tensor) -> None:
+        kernel.launch(piece, piece, self.buf, self.counters, self.layout, rank=self.rank, timeout_us=self.timeout_us)
 
     def check(self) -> None:
         if int(self.error[0]):
