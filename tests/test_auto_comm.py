@@ -63,17 +63,18 @@ def test_the_logged_table_has_one_line_per_size_with_every_backend_and_the_pick(
 
 
 class Counting:
-    """Wraps a communicator and counts the all-reduces it carried."""
+    """Wraps a communicator and counts the all-reduces and gathers it carried."""
 
     def __init__(self, inner):
-        self.inner, self.calls = inner, 0
-        self.rank, self.world_size, self.graph_safe = inner.rank, inner.world_size, False
+        self.inner, self.calls, self.gathers = inner, 0, 0
+        self.rank, self.world_size, self.graph_safe, self.gather_graph_safe = inner.rank, inner.world_size, False, False
 
     def all_reduce(self, t):
         self.calls += 1
         return self.inner.all_reduce(t)
 
     def all_gather_equal(self, t):
+        self.gathers += 1
         return self.inner.all_gather_equal(t)
 
     def check(self):
@@ -98,3 +99,19 @@ def test_messages_take_the_backend_of_their_size_and_sums_stay_exact():
         assert all(torch.equal(s, torch.full_like(s, 6.0)) for s in sums)
         assert gathered == [0, 1, 2]  # gathers take the first route's backend
         assert calls == (1, 2, 2)
+
+
+def test_gathers_go_to_the_backend_a_cuda_graph_can_capture():
+    """With host-staged routed for small sizes and NCCL (or p2p) above, the sampler's exchange must take the
+    capturable backend, or the step cannot be one graph replay (measured: 3.29 vs 2.54 ms/token, 8B on 4 H200)."""
+    groups = [InProcessGroup(2) for _ in range(2)]
+
+    def body(rank_comm):
+        host, capturable = (Counting(g.communicator(rank_comm.rank)) for g in groups)
+        capturable.gather_graph_safe = True
+        routed = SizeRoutedCommunicator([(4096, host), (EVERY_SIZE, capturable)])
+        routed.all_gather_equal(torch.tensor([rank_comm.rank]))
+        return capturable.gathers, host.gathers
+
+    for capturable_gathers, host_gathers in run_ranks(2, InProcessGroup(2).communicator, body):
+        assert (capturable_gathers, host_gathers) == (1, 0)

@@ -69,7 +69,7 @@ class DecodeBatch:
         """Replay steps from CUDA graphs (captured per kind of draw at the first `load` that needs it)."""
         from raytp.model.graphs import CapturedSteps
 
-        self.whole = self.model.comm.gather_graph_safe
+        self.whole = self.model.comm.gather_graph_safe or self.model.comm.world_size == 1  # one rank: no exchange
         self.graphs = CapturedSteps(self._captured, self.model.max_batch)
 
     def post(self, news: int) -> None:

@@ -99,7 +99,8 @@ class GroupOpening:
         if phase == "create":
             self._create()
         elif phase == "attach":
-            self._map_segment(create=False)
+            if self.plan.segments and self.segment is None:  # the rank that created the segment has it mapped
+                self._map_segment(create=False)
         elif phase == "unlink":
             if self.segment is not None:
                 self.segment.unlink()
@@ -176,7 +177,8 @@ class GroupOpening:
         no CPU in the loop); the CPU-driven path where any rank cannot run it. Collective."""
         from raytp.parallel.comm.hoststaged_gpu import GpuHostStagedCommunicator
 
-        torch.cuda.set_device(self.device)
+        if self.device.index is not None:  # an index-less "cuda" is already the current device
+            torch.cuda.set_device(self.device)
         try:
             gpu = GpuHostStagedCommunicator(cpu, self.device, timeout_s=self.plan.timeout_s)
         except (ValueError, CommError) as e:  # too many ranks for the kernel, cudaHostRegister refused

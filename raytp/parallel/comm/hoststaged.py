@@ -114,6 +114,8 @@ class HostStagedCommunicator(Communicator):
 
     @labelled("raytp::hoststaged_all_gather")
     def all_gather_equal(self, t):
+        if self.world_size == 1:  # nothing to exchange: stays on the device, so a CUDA graph can capture it
+            return t.unsqueeze(0).clone()
         flat = t.detach().reshape(-1).to("cpu").contiguous()
         out = torch.empty((self.world_size, flat.numel()), dtype=flat.dtype)
         offset = 0

@@ -42,7 +42,8 @@ def route_of(routes, n: int) -> str:
 
 class SizeRoutedCommunicator(Communicator):
     """Each all-reduce goes to the communicator of its size's route (`choose_routes`, with communicators in place of
-    names); gathers and broadcasts (a few bytes per step: commands, sampling candidates) go to the first route's."""
+    names); gathers and broadcasts (a few bytes per step: commands, sampling candidates) go to the first communicator
+    that a CUDA graph can capture them on, else to the first route's."""
 
     def __init__(self, routes):
         self.routes = tuple(routes)
@@ -51,7 +52,9 @@ class SizeRoutedCommunicator(Communicator):
         assert all((c.rank, c.world_size) == (self.rank, self.world_size) for c in comms)
         self.comms = comms
         self.graph_safe = all(c.graph_safe for c in comms)
-        self.gather_graph_safe = self.graph_safe and self.routes[0][1].gather_graph_safe
+        # the sampler's small exchange goes where a graph can capture it, so the whole step stays one replay
+        self.gatherer = next((c for c in comms if c.gather_graph_safe), self.routes[0][1])
+        self.gather_graph_safe = self.graph_safe and self.gatherer.gather_graph_safe
 
     def all_reduce(self, t):
         n = t.numel()
@@ -59,7 +62,7 @@ class SizeRoutedCommunicator(Communicator):
 
     def all_gather_equal(self, t):
         self.check()
-        return self.routes[0][1].all_gather_equal(t)
+        return self.gatherer.all_gather_equal(t)
 
     def check(self) -> None:
         for c in self.comms:
