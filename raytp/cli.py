@@ -22,6 +22,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from raytp.parallel.devices import DeviceSpecError, format_bytes, is_auto, parse_devices
+from raytp.weights.smollm2_quantized import SCHEMES as QUANT_SCHEMES
 
 DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_MAX_TOKENS = 256
@@ -115,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pull", help="download and convert the embedded default model", **kw)
     p.add_argument("name", choices=("smollm2",))
+    p.add_argument("--quant", choices=QUANT_SCHEMES, default=None,
+                   help="also quantize it with llmcompressor (installed once into its own environment under "
+                        "$RAYTP_HOME) and print that directory, a compressed-tensors checkpoint for --model")
 
     p = sub.add_parser("plan", help="show how a model would be split over devices (no Ray, no weights read)", **kw)
     _model_args(p, max_batch=8)
@@ -191,8 +195,9 @@ def _devices(spec: str):
 
 def cmd_pull(args) -> None:
     from raytp.weights.smollm2 import pull_smollm2
+    from raytp.weights.smollm2_quantized import pull_quantized_smollm2
 
-    print(pull_smollm2())
+    print(pull_quantized_smollm2(args.quant)[0] if args.quant else pull_smollm2())
 
 
 def cmd_plan(args) -> None:

@@ -147,9 +147,9 @@ Weight = DenseWeight | IntWeight | FP8Weight | ConcatWeight
 
 def stored_shapes(s: Slice) -> dict[str, tuple[int, ...]]:
     """The tensors a checkpoint stores for the matrix of `s` (its global shapes), by name."""
-    q, (out, inp), base = s.quant, s.shape, s.name.removesuffix("weight")
-    if q is None:
+    if s.quant is None:
         return {s.name: s.shape}
+    q, (out, inp), base = s.quant, s.shape, s.name.removesuffix("weight")
     if q.kind == "fp8":
         return {base + "weight": (out, inp), base + "weight_scale": (1,) if q.per_tensor else (out, 1)}
     per, groups = 32 // q.bits, -(-inp // q.group_size) if q.group_size else 1

@@ -1,8 +1,8 @@
-"""Quantize a float Hugging Face model directory with llmcompressor: `python llmcompressor_script.py SRC DST SCHEME`.
+"""Quantize a float Hugging Face model directory with llmcompressor: `python llmcompressor_script.py SRC OUT SCHEME...`.
 
-Run by `raytp pull smollm2 --quant SCHEME` (raytp.weights.quantized_smollm2) with the python of its own virtual
-environment, because llmcompressor pins its own transformers; so this file imports nothing from raytp. DST gets
-the compressed-tensors checkpoint (`save_compressed=True`) and the tokenizer files.
+Run by `raytp pull smollm2 --quant SCHEME` (raytp.weights.smollm2_quantized) with the python of its own virtual
+environment, because llmcompressor pins its own transformers; so this file imports nothing from raytp. OUT/SCHEME
+gets each compressed-tensors checkpoint (`save_compressed=True`) and the tokenizer files.
 
     w4a16             GPTQ, 4-bit symmetric, groups of 64 input columns, act-order "group" (writes weight_g_idx)
     w4a16-noactorder  round-to-nearest 4-bit with zero points (asymmetric), groups of 64
@@ -71,7 +71,7 @@ CALIBRATION = [
 ]
 
 
-def main(src: str, dst: str, scheme: str) -> None:
+def quantize(src: str, dst: str, scheme: str) -> None:
     modifier, config = SCHEMES[scheme]
     model = AutoModelForCausalLM.from_pretrained(src, dtype="auto")
     tokenizer = AutoTokenizer.from_pretrained(src)
@@ -87,4 +87,6 @@ def main(src: str, dst: str, scheme: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    source, out, *schemes = sys.argv[1:]
+    for name in schemes:
+        quantize(source, f"{out}/{name}", name)

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from raytp.model.config import ModelConfig
-from raytp.model.layers import WeightReader
-from raytp.model.layout import model_layout, whole_model
+from raytp.model.formats import WeightReader, stored_shapes
+from raytp.model.layout import Slice, model_layout, whole_model
 from raytp.weights.checkpoint import CheckpointError, SafetensorsReader, check_slice, read_header, tensor_files
 from raytp.weights.smollm2 import resolve_model
 from raytp.weights.synthetic import SyntheticReader, is_synthetic, synthetic_config
@@ -60,8 +60,9 @@ class ModelSource:
 
     def check(self) -> None:
         """Validate the model from its config and file headers alone, without reading weights: raises a ValueError
-        naming the file and the fix for bad JSON, an unsupported architecture, missing tokenizer files, a truncated
-        safetensors file, or a tensor config.json implies that is missing or of another shape."""
+        naming the file and the fix for bad JSON, an unsupported architecture or quantization, missing tokenizer
+        files, a truncated safetensors file, or a tensor config.json implies that is missing or of another shape
+        (for a quantized matrix: each tensor its format stores, packed values, scales, zero points, groups)."""
         config = self.config()
         if self.is_synthetic:
             return
@@ -77,4 +78,5 @@ class ModelSource:
                                       f"download the model again")
             shapes |= read_header(f)
         for s in model_layout(config, whole_model(config)).slices():
-            check_slice(s, files, shapes.get(s.name))
+            for name, shape in stored_shapes(s).items():
+                check_slice(Slice(name, shape, range(shape[0])), files, shapes.get(name))
