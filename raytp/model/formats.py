@@ -239,16 +239,20 @@ def _read_int(reader: WeightReader, s: Slice) -> IntWeight:
     rows, cols = _positions(reader, s)
     width = len(cols)
 
-    # the packed integers of the slice, unpacked and repacked a chunk of rows at a time
+    # the packed integers of the slice: whole words as stored when its columns start and end on word boundaries,
+    # else unpacked and repacked a chunk of rows at a time
     name = base + "weight_packed"
-    if isinstance(cols, range):
-        words = range(cols.start // per, -(-cols.stop // per))
-        pick = slice(cols.start - words.start * per, cols.stop - words.start * per)
+    if isinstance(cols, range) and cols.start % per == 0 and (cols.stop % per == 0 or cols.stop == inp):
+        packed = _read_rows(reader, name, shapes[name], rows, range(cols.start // per, -(-cols.stop // per)), True)
     else:
-        words, pick = None, cols
-    pieces = [pack(unpack(raw, q.bits)[:, pick], q.bits) for raw in
-              _row_pieces(reader, name, shapes[name], rows, words, stored=True)]
-    packed = torch.cat(pieces) if pieces else reader.read(Slice(name, shapes[name], range(0)), stored=True)[:, :0]
+        if isinstance(cols, range):
+            words = range(cols.start // per, -(-cols.stop // per))
+            pick = slice(cols.start - words.start * per, cols.stop - words.start * per)
+        else:
+            words, pick = None, cols
+        pieces = [pack(unpack(raw, q.bits)[:, pick], q.bits) for raw in
+                  _row_pieces(reader, name, shapes[name], rows, words, stored=True)]
+        packed = torch.cat(pieces)
 
     # each local column's group, then the scales (and zero points) of the groups the slice uses
     if q.group_size is None:  # one scale per row
