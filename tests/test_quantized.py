@@ -205,7 +205,7 @@ def test_unsupported_quantization_is_refused_naming_what_is_supported(quantized_
     d = json.loads(config.read_text())
     d["quantization_config"]["config_groups"]["group_0"]["weights"]["num_bits"] = 2
     config.write_text(json.dumps(d))
-    with pytest.raises(UnsupportedModelError, match="2-bit.*raytp reads compressed-tensors .* W4A16, W8A16"):
+    with pytest.raises(UnsupportedModelError, match="2-bit.*raytp reads compressed-tensors.*W4A16, W8A16"):
         ModelSource.parse(str(quantized_copy)).check()
     d["quantization_config"] = {"quant_method": "bitsandbytes"}
     config.write_text(json.dumps(d))
