@@ -1,5 +1,5 @@
-"""Quantized SmolLM2 (compressed-tensors, written by llmcompressor) sharded unevenly, against compressed-tensors'
-own decompression run by transformers (tests/quantized.py)."""
+"""Quantized SmolLM2 (compressed-tensors, written by llmcompressor; and the same weights in the GPTQ and AWQ
+layouts) sharded unevenly, against compressed-tensors' own decompression run by transformers (tests/quantized.py)."""
 
 import dataclasses
 import json
@@ -21,12 +21,28 @@ from raytp.runtime.sampling import SamplingParams
 from raytp.weights.checkpoint import SafetensorsReader
 from raytp.weights.source import ModelSource
 from raytp.weights.tokenizer import Tokenizer
-from tests.quantized import reference_model
+from tests.quantized import awq_checkpoint, gptq_checkpoint, reference_model
 from tests.sharded import GiB, LocalGroup
 
 SCHEMES = ("w4a16", "w4a16-noactorder", "w8a16", "fp8")
+# The GPTQ (act-order) and AWQ layouts of two of those checkpoints: the same weights, so the same reference
+LAYOUTS = {"gptq": ("w4a16", gptq_checkpoint), "awq": ("w4a16-noactorder", awq_checkpoint)}
 SPLITS = {1: [1.0], 2: [2.0, 1.0], 3: [3.0, 2.0, 1.0], 5: [5.0, 1.0, 3.0, 1.0, 2.0]}
 CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(quantized_smollm2, tmp_path_factory):
+    """Scheme or layout -> (its directory, the compressed-tensors scheme whose decompression is its reference)."""
+    made = {}
+
+    def make(name):
+        if name not in made:
+            source, write = LAYOUTS[name]
+            made[name] = write(quantized_smollm2[source], tmp_path_factory.mktemp(name))
+        return made[name]
+
+    return lambda name: ((make(name), LAYOUTS[name][0]) if name in LAYOUTS else (quantized_smollm2[name], name))
 
 
 @pytest.fixture(scope="module")
@@ -35,26 +51,28 @@ def references(quantized_smollm2):
     return lambda scheme: made.setdefault(scheme, reference_model(quantized_smollm2[scheme]))
 
 
-@pytest.mark.parametrize("ranks", list(SPLITS))
-@pytest.mark.parametrize("scheme", SCHEMES)
-def test_logits_match_transformers_at_uneven_splits(quantized_smollm2, references, scheme, ranks):
-    model_dir = quantized_smollm2[scheme]
+@pytest.mark.parametrize("scheme,ranks", [(s, r) for s in SCHEMES for r in SPLITS] + [(s, r) for s in LAYOUTS
+                                                                                      for r in (1, 3)])
+def test_logits_match_transformers_at_uneven_splits(checkpoint, references, scheme, ranks):
+    model_dir, reference = checkpoint(scheme)
     tokens = torch.tensor([Tokenizer.from_dir(model_dir).encode("Gravity bends light; 42 photons, café, naïve.")])
     with torch.no_grad():
-        expected = references(scheme)(tokens).logits[:, -1]
+        expected = references(reference)(tokens).logits[:, -1]
     got = LocalGroup(model_dir, SPLITS[ranks]).logits(tokens)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=2e-4)
 
 
-@pytest.mark.parametrize("scheme", SCHEMES)
-def test_greedy_32_tokens_match_transformers(quantized_smollm2, references, scheme):
-    model_dir = quantized_smollm2[scheme]
+@pytest.mark.parametrize("scheme", SCHEMES + tuple(LAYOUTS))
+def test_greedy_32_tokens_match_transformers(checkpoint, references, scheme):
+    model_dir, reference = checkpoint(scheme)
     tokenizer = Tokenizer.from_dir(model_dir)
     prompt = tokenizer.encode("Once upon a time, there was a little")
     with torch.no_grad():
-        expected = references(scheme).generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False,
+        expected = references(reference).generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False,
                                                eos_token_id=sorted(tokenizer.eos_token_ids))[0, len(prompt):]
-    out = LocalGroup(model_dir, SPLITS[3]).generate([prompt], SamplingParams(max_tokens=32),
+    # 2:1, not 3:2:1 (the logits cover that): each step dequantizes every weight in the CPU fallback, so three
+    # threads on two cores cost half as much again
+    out = LocalGroup(model_dir, SPLITS[2]).generate([prompt], SamplingParams(max_tokens=32),
                                                    stop_ids=sorted(tokenizer.eos_token_ids))
     assert out["r0"] == expected.tolist()
 
@@ -87,7 +105,8 @@ def test_dequantized_slices_equal_compressed_tensors_unpacking(quantized_smollm2
             dense = _ct_dense(model_dir, module)
             s = Slice(module + ".weight", tuple(dense.shape), rows, cols, quant)
             got = read_linear(reader, s).dequantize()
-            want = dense[rows.start:rows.stop, cols.start:cols.stop] if cols is not None else dense[rows.start:rows.stop]
+            want = dense[rows.start:rows.stop]
+            want = want[:, cols.start:cols.stop] if cols is not None else want
             assert torch.equal(got, want), (module, rows, cols)
 
 
@@ -123,12 +142,15 @@ class CountingCommunicator(Communicator):
         return self.inner.all_gather_equal(t)
 
 
-def test_act_order_mlp_is_permuted_at_load_time_with_two_all_reduces_per_layer(quantized_smollm2):
+@pytest.mark.parametrize("scheme", ["w4a16", "gptq"])
+def test_act_order_mlp_is_permuted_at_load_time_with_two_all_reduces_per_layer(checkpoint, scheme):
     """down_proj's columns on every rank are whole contiguous groups (no g_idx, so no gathered activations), gate/up
     rows follow the same permutation, a forward issues exactly two all-reduces per layer (plus the embedding's), and
-    each rank's slices equal compressed-tensors' unpermuted matrices at the permuted positions."""
-    model_dir = quantized_smollm2["w4a16"]
-    group = LocalGroup(model_dir, SPLITS[3])
+    each rank's slices equal compressed-tensors' unpermuted matrices at the permuted positions; compressed-tensors'
+    weight_g_idx and GPTQ's desc_act g_idx alike."""
+    loaded, source = checkpoint(scheme)
+    model_dir = checkpoint(source)[0]
+    group = LocalGroup(loaded, SPLITS[3])
     for model in group.models:
         model.comm = CountingCommunicator(model.comm)
         for layer in model.layers:
@@ -141,7 +163,7 @@ def test_act_order_mlp_is_permuted_at_load_time_with_two_all_reduces_per_layer(q
     with safe_open(model_dir / "model.safetensors", "pt") as f:
         g_idx = f.get_tensor("model.layers.2.mlp.down_proj.weight_g_idx")
     perm = torch.sort(g_idx, stable=True).indices
-    down, gate = _ct_dense(model_dir, "model.layers.2.mlp.down_proj"), _ct_dense(model_dir, "model.layers.2.mlp.gate_proj")
+    down, gate = (_ct_dense(model_dir, f"model.layers.2.mlp.{m}_proj") for m in ("down", "gate"))
     for model, shard in zip(group.models, group.plan.ranks):
         cols = perm[shard.mlp_cols.start:shard.mlp_cols.stop]
         layer = model.layers[2]
@@ -151,11 +173,11 @@ def test_act_order_mlp_is_permuted_at_load_time_with_two_all_reduces_per_layer(q
         assert torch.equal(layer.gate_up.weight.dequantize()[:len(cols)], gate[cols])
 
 
-@pytest.mark.parametrize("scheme", SCHEMES)
-def test_planned_bytes_are_the_bytes_each_rank_holds(quantized_smollm2, scheme):
+@pytest.mark.parametrize("scheme", SCHEMES + tuple(LAYOUTS))
+def test_planned_bytes_are_the_bytes_each_rank_holds(checkpoint, scheme):
     """Each rank's sharded weights plus the quantization data every rank keeps whole are exactly what it loads
     (act-order: at most, since o_proj's scales are counted for every group); MLP splits fall on whole groups."""
-    group = LocalGroup(quantized_smollm2[scheme], SPLITS[3])
+    group = LocalGroup(checkpoint(scheme)[0], SPLITS[3])
     config, replicated = group.config, quant_replicated_bytes(group.config, "float32")
     for model, shard in zip(group.models, group.plan.ranks):
         held = sum(t.numel() * t.element_size() for layer in model.layers
@@ -198,6 +220,16 @@ def test_check_names_a_misshaped_scale(quantized_copy):
     save_file(tensors, weights)
     with pytest.raises(ValueError, match=rf"{name}.*\(576, 23\).*\(576, 24\)"):
         ModelSource.parse(str(quantized_copy)).check()
+
+
+def test_check_names_a_missing_gptq_group_index(checkpoint, tmp_path):
+    copy = shutil.copytree(checkpoint("gptq")[0], tmp_path / "gptq")
+    name = "model.layers.7.self_attn.o_proj.g_idx"
+    tensors = load_file(copy / "model.safetensors")
+    del tensors[name]
+    save_file(tensors, copy / "model.safetensors")
+    with pytest.raises(ValueError, match=name):
+        ModelSource.parse(str(copy)).check()
 
 
 def test_unsupported_quantization_is_refused_naming_what_is_supported(quantized_copy):

@@ -27,7 +27,9 @@ class UnsupportedModelError(ConfigError):
 SUPPORTED_QUANTIZATION = ("compressed-tensors checkpoints (llmcompressor) with weight-only quantization of the "
                           "Linear layers: pack-quantized int4/int8 with group or channel scales, symmetric or with "
                           "zero points, act-order group or none (W4A16, W8A16), or float8 e4m3 weights with "
-                          "channel or tensor scales (FP8)")
+                          "channel or tensor scales (FP8); GPTQ checkpoints (GPTQModel/AutoGPTQ, quant_method "
+                          "'gptq', formats gptq and gptq_v2): 4 or 8 bits, desc_act true or false; AWQ checkpoints "
+                          "(AutoAWQ, quant_method 'awq'): 4 bits with zero points, version 'gemm'")
 
 
 @dataclass(frozen=True)
@@ -42,8 +44,10 @@ class QuantConfig:
     group_size: int | None  # input columns sharing one scale; None: one scale per output row (or per tensor)
     per_tensor: bool = False  # fp8 only: one scale for the whole matrix
     symmetric: bool = True  # False: an integer zero point per scale
-    act_order: bool = False  # the checkpoint gives every input column its group (weight_g_idx)
+    act_order: bool = False  # the checkpoint gives every input column its group (weight_g_idx, GPTQ's g_idx)
     ignore: tuple[str, ...] = ()  # Linear module names (or "re:" patterns) left dense
+    layout: str = "compressed-tensors"  # how the tensors are stored: "compressed-tensors", "gptq" or "awq"
+    zero_offset: int = 0  # added to every stored zero point: 1 for AutoGPTQ's "gptq" format, which stores zero - 1
 
     def quantizes(self, module: str) -> bool:
         """Whether the Linear `module` ("model.layers.0.mlp.down_proj") is stored quantized."""
@@ -54,11 +58,16 @@ class QuantConfig:
             return f"fp8 e4m3 weights, {'per-tensor' if self.per_tensor else 'per-channel'} scales"
         scales = f"groups of {self.group_size}" if self.group_size else "per-channel scales"
         return (f"w{self.bits}a16 int, {scales}, {'symmetric' if self.symmetric else 'zero points'}"
-                + (", act-order" if self.act_order else ""))
+                + (", act-order" if self.act_order else "")
+                + (f", {self.layout.upper()} layout" if self.layout != "compressed-tensors" else ""))
 
     @classmethod
     def from_dict(cls, q: dict) -> QuantConfig:
         method = q.get("quant_method")
+        if method == "gptq":
+            return cls._from_gptq(q)
+        if method == "awq":
+            return cls._from_awq(q)
         if method != "compressed-tensors":
             raise UnsupportedModelError(f"unsupported quantization quant_method={method!r}; raytp reads "
                                         f"{SUPPORTED_QUANTIZATION}")
@@ -99,6 +108,43 @@ class QuantConfig:
         if config.quantizes("lm_head"):
             raise refuse("lm_head is quantized (raytp keeps it dense: add it to ignore)")
         return config
+
+    @classmethod
+    def _from_gptq(cls, q: dict) -> QuantConfig:
+        """GPTQModel/AutoGPTQ: every decoder Linear quantized (lm_head too where `lm_head` is true: refused)."""
+        bits, group_size, fmt = q.get("bits", 4), q.get("group_size", 128), q.get("checkpoint_format", "gptq")
+        what = None
+        if bits not in (4, 8):
+            what = f"bits={bits}"
+        elif fmt not in ("gptq", "gptq_v2"):
+            what = f"checkpoint_format={fmt!r} (re-save the model with GPTQModel as gptq or gptq_v2)"
+        elif q.get("pack_dtype", "int32") != "int32":
+            what = f"pack_dtype={q['pack_dtype']!r}"
+        elif q.get("lm_head"):
+            what = "a quantized lm_head"
+        elif q.get("dynamic"):
+            what = "per-module `dynamic` overrides"
+        elif not (group_size == -1 or isinstance(group_size, int) and group_size > 0):
+            what = f"group_size={group_size!r}"
+        if what:
+            raise UnsupportedModelError(f"unsupported GPTQ quantization: {what}; raytp reads {SUPPORTED_QUANTIZATION}")
+        return cls("int", bits, None if group_size == -1 else group_size, symmetric=bool(q.get("sym", True)),
+                   act_order=bool(q.get("desc_act", False)) and group_size != -1, layout="gptq",
+                   zero_offset=int(fmt == "gptq"))
+
+    @classmethod
+    def _from_awq(cls, q: dict) -> QuantConfig:
+        """AutoAWQ's GEMM layout: 4 bits with zero points; `modules_to_not_convert` names modules left dense."""
+        bits, version = q.get("bits", q.get("w_bit", 4)), str(q.get("version", "gemm")).lower()
+        group_size = q.get("group_size", q.get("q_group_size", 128))
+        if bits != 4 or version != "gemm" or not q.get("zero_point", True) or not (
+                isinstance(group_size, int) and group_size > 0):
+            raise UnsupportedModelError(f"unsupported AWQ quantization: bits={bits} version={version!r} "
+                                        f"zero_point={q.get('zero_point', True)} group_size={group_size!r}; raytp "
+                                        f"reads {SUPPORTED_QUANTIZATION}")
+        # AutoAWQ skips every module whose name contains one of these
+        ignore = tuple(f"re:.*{re.escape(m)}.*" for m in q.get("modules_to_not_convert") or ())
+        return cls("int", 4, group_size, symmetric=False, ignore=ignore, layout="awq")
 
 
 # The quantizations a synthetic model takes (`synthetic:NAME@w4a16`, `--quant`), as llmcompressor's presets of the

@@ -5,15 +5,16 @@
                  channel scales, optional zero points, optional per-column groups (act-order)
     FP8Weight    float8 e4m3 with per-channel or per-tensor float32 scales
 
-`read_linear` reads a `Slice` in the format its `quant` names, touching only the stored rows and columns of the
-slice (a chunk of whole rows at a time where columns must be gathered), so no rank holds a whole quantized matrix
+`read_linear` reads a `Slice` in the format its `quant` names, from any of the layouts `INT_TENSORS` lists
+(compressed-tensors, GPTQ, AWQ: each converted to IntWeight at load time), touching only the stored rows and
+columns of the slice (a chunk of whole rows at a time where columns must be gathered), so no rank holds a whole quantized matrix
 it does not own. Every `apply` calls the kernel of its format in `raytp.kernels` (Triton on CUDA, dequantize then
 F.linear elsewhere), in one place per format.
 
 Groups under tensor parallelism: a rank's input columns of a row-parallel layer start at a group boundary when the
 planner splits them in whole groups; where a split falls mid-group (attention heads narrower than a group) the
 slice keeps `group_start`, its first column's offset inside the group. Act-order checkpoints give each input column
-its group (`weight_g_idx`); `read_linear` keeps a per-column `g_idx` only where the columns could not be brought
+its group (compressed-tensors' `weight_g_idx`, GPTQ's `g_idx` with desc_act, handled alike); `read_linear` keeps a per-column `g_idx` only where the columns could not be brought
 into whole contiguous groups: the column-parallel layers (q/k/v, gate/up), whose input is every column anyway, and
 o_proj, whose columns are fixed by the attention heads (an exact alternative to permuting: each column looks up its
 own group's scale, local group indices into the scales of the groups the rank's columns use). down_proj is
@@ -22,7 +23,7 @@ permuted at load time instead (`Slice.order`, see `raytp.model.layout`) and keep
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 
 from raytp.kernels.dequant_matmul import dequantize, int_linear, unpack
 from raytp.kernels.fp8_matmul import dequantize_fp8, fp8_linear
+from raytp.model.config import QuantConfig
 from raytp.model.layout import Slice
 
 ROWS_PER_READ = 256  # rows unpacked at a time while loading: bounds the int32 scratch of a wide slice
@@ -143,6 +145,15 @@ class ConcatWeight:
 Weight = DenseWeight | IntWeight | FP8Weight | ConcatWeight
 
 
+# The tensors an integer-quantized Linear stores, by layout: packed values, scales, zero points, group index.
+# compressed-tensors stores them in IntWeight's orientation (output rows); GPTQ and AWQ store them transposed (rows
+# of inputs or groups, columns of outputs): GPTQ's qweight packs along the inputs in IntWeight's bit order, AWQ's
+# along the outputs in AWQ_ORDER; both pack their zero points along the outputs, as compressed-tensors does.
+INT_TENSORS = {"compressed-tensors": ("weight_packed", "weight_scale", "weight_zero_point", "weight_g_idx"),
+               "gptq": ("qweight", "scales", "qzeros", "g_idx"), "awq": ("qweight", "scales", "qzeros", None)}
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble s of an AWQ word holds output AWQ_ORDER[s] of its 8
+
+
 def stored_shapes(s: Slice) -> dict[str, tuple[int, ...]]:
     """The tensors a checkpoint stores for the matrix of `s` (its global shapes), by name."""
     if s.quant is None:
@@ -151,12 +162,17 @@ def stored_shapes(s: Slice) -> dict[str, tuple[int, ...]]:
     if q.kind == "fp8":
         return {base + "weight": (out, inp), base + "weight_scale": (1,) if q.per_tensor else (out, 1)}
     per, groups = 32 // q.bits, -(-inp // q.group_size) if q.group_size else 1
-    shapes = {base + "weight_packed": (out, -(-inp // per)), base + "weight_scale": (out, groups),
-              base + "weight_shape": (2,)}
+    packed, scale, zero, g_idx = (base + t if t else None for t in INT_TENSORS[q.layout])
+    if q.layout == "compressed-tensors":
+        shapes = {packed: (out, -(-inp // per)), scale: (out, groups), base + "weight_shape": (2,)}
+        zeros = (-(-out // per), groups)
+    else:
+        shapes = {packed: (-(-inp // per), out) if q.layout == "gptq" else (inp, -(-out // per)), scale: (groups, out)}
+        zeros = (groups, -(-out // per))
     if not q.symmetric:
-        shapes[base + "weight_zero_point"] = (-(-out // per), groups)
+        shapes[zero] = zeros
     if q.act_order:
-        shapes[base + "weight_g_idx"] = (inp,)
+        shapes[g_idx] = (inp,)
     return shapes
 
 
@@ -188,72 +204,118 @@ def fuse(parts: Sequence[Weight], bias: torch.Tensor | None = None) -> Weight:
     return ConcatWeight(parts, bias)
 
 
-def _row_pieces(reader: WeightReader, name: str, shape: tuple[int, ...], rows: range | torch.Tensor,
-                cols: range | None, stored: bool):
-    """Rows `rows` of tensor `name` (columns `cols`), at most ROWS_PER_READ at a time. `rows` is a range, or row
-    indices in any order (act-order MLP rows): those are gathered from chunks of contiguous rows, each read once."""
+# (rows, columns or None for all) -> that block of a matrix in IntWeight's orientation (rows are outputs)
+Blocks = Callable[[range, "range | None"], torch.Tensor]
+
+
+def _blocks(reader: WeightReader, name: str, shape: tuple[int, int], transposed: bool, stored: bool) -> Blocks:
+    """Blocks of the (rows, cols) matrix `shape`, stored as tensor `name` as is or (GPTQ, AWQ) transposed."""
+    if not transposed:
+        return lambda rows, cols: reader.read(Slice(name, shape, rows, cols), stored=stored)
+    return lambda rows, cols: reader.read(Slice(name, shape[::-1], cols if cols is not None else range(shape[1]),
+                                                rows), stored=stored).t()
+
+
+def _unpack_outputs(words: torch.Tensor, bits: int, awq: bool) -> torch.Tensor:
+    """GPTQ/AWQ words packed along the outputs (n, words) -> the values (n, words * per) in output order."""
+    values = unpack(words, bits)
+    if not awq:
+        return values
+    order = torch.tensor(AWQ_ORDER, device=words.device).argsort()  # output t of a word is in nibble order[t]
+    return values.view(len(words), -1, 8)[:, :, order].reshape(len(words), -1)
+
+
+def _awq_packed(reader: WeightReader, name: str, out: int, inp: int) -> Blocks:
+    """Blocks of AWQ's qweight (inp, out / 8) packed along the outputs, as IntWeight's words along the inputs."""
+
+    def read(rows: range, words: range | None) -> torch.Tensor:
+        words = words if words is not None else range(-(-inp // 8))
+        lo = rows.start // 8
+        raw = reader.read(Slice(name, (inp, -(-out // 8)), range(8 * words.start, min(8 * words.stop, inp)),
+                                range(lo, -(-rows.stop // 8))), stored=True)
+        if not rows or not words:
+            return raw.new_empty((len(rows), len(words)))
+        values = _unpack_outputs(raw, 4, awq=True)[:, rows.start - 8 * lo:rows.stop - 8 * lo]  # (inputs, rows)
+        return pack(values.t(), 4)
+
+    return read
+
+
+def _row_pieces(read: Blocks, n_rows: int, rows: range | torch.Tensor, cols: range | None):
+    """Rows `rows` (columns `cols`) of a matrix of `n_rows` rows read through `read`, at most ROWS_PER_READ at a
+    time. `rows` is a range, or row indices in any order (act-order MLP rows): those are gathered from chunks of
+    contiguous rows, each read once."""
     if isinstance(rows, range):
         for i in range(0, len(rows), ROWS_PER_READ):
-            yield reader.read(Slice(name, shape, rows[i:i + ROWS_PER_READ], cols), stored=stored)
+            yield read(rows[i:i + ROWS_PER_READ], cols)
         return
     order = rows.argsort()
     wanted, picked = rows[order], []
-    for lo in range(0, shape[0], ROWS_PER_READ):
+    for lo in range(0, n_rows, ROWS_PER_READ):
         mine = wanted[(wanted >= lo) & (wanted < lo + ROWS_PER_READ)]
         if len(mine):
-            chunk = reader.read(Slice(name, shape, range(lo, min(lo + ROWS_PER_READ, shape[0])), cols), stored=stored)
+            chunk = read(range(lo, min(lo + ROWS_PER_READ, n_rows)), cols)
             picked.append(chunk[(mine - lo).to(chunk.device)])
     gathered = torch.cat(picked)[order.argsort().to(picked[0].device)]  # back to the requested order
     yield from gathered.split(ROWS_PER_READ)
 
 
-def _read_rows(reader: WeightReader, name: str, shape: tuple[int, ...], rows: range | torch.Tensor,
-               cols: range | torch.Tensor | None = None, stored: bool = False) -> torch.Tensor:
-    """Rows `rows` and columns `cols` (a range, or indices taken from whole rows) of tensor `name`."""
+def _read_rows(read: Blocks, n_rows: int, rows: range | torch.Tensor,
+               cols: range | torch.Tensor | None = None) -> torch.Tensor:
+    """Rows `rows` and columns `cols` (a range, or indices taken from whole rows) of a matrix read through `read`."""
     if isinstance(cols, torch.Tensor):
-        pieces = [p[:, cols.to(p.device)] for p in _row_pieces(reader, name, shape, rows, None, stored)]
+        pieces = [p[:, cols.to(p.device)] for p in _row_pieces(read, n_rows, rows, None)]
     else:
-        pieces = list(_row_pieces(reader, name, shape, rows, cols, stored))
+        pieces = list(_row_pieces(read, n_rows, rows, cols))
     if not pieces:
-        return reader.read(Slice(name, shape, range(0), cols if isinstance(cols, range) else None), stored=stored)
+        return read(range(0), cols if isinstance(cols, range) else None)
     return torch.cat(pieces)
+
+
+def _g_idx_name(q: QuantConfig, module: str) -> str:
+    return f"{module}.{INT_TENSORS[q.layout][3]}"
 
 
 def _positions(reader: WeightReader, s: Slice) -> tuple[range | torch.Tensor, range | torch.Tensor]:
     """The stored rows and columns of slice `s`: its ranges, or for an ordered slice the stored indices at those
-    positions of the stable sort of the `s.order` tensor."""
+    positions of the stable sort of the group index of Linear `s.order`."""
     rows, cols = s.rows, s.cols if s.cols is not None else range(s.shape[1])
     if s.order is None:
         return rows, cols
     size = s.shape[0] if s.cols is None else s.shape[1]
     # the whole order key (4 bytes per position) is read: which stored columns sort into this rank's positions
-    perm = torch.sort(reader.read(Slice(s.order, (size,), range(size)), stored=True).cpu(), stable=True).indices
+    key = reader.read(Slice(_g_idx_name(s.quant, s.order), (size,), range(size)), stored=True)
+    perm = torch.sort(key.cpu(), stable=True).indices
     return (perm[rows.start:rows.stop], cols) if s.cols is None else (rows, perm[cols.start:cols.stop])
 
 
 def _read_int(reader: WeightReader, s: Slice) -> IntWeight:
-    q, shapes, base = s.quant, stored_shapes(s), s.name.removesuffix("weight")
+    q, shapes, module = s.quant, stored_shapes(s), s.name.removesuffix(".weight")
     per, (out, inp) = 32 // q.bits, s.shape
+    packed_name, scale_name, zero_name = (f"{module}.{t}" for t in INT_TENSORS[q.layout][:3])
+    transposed = q.layout != "compressed-tensors"
     rows, cols = _positions(reader, s)
     width = len(cols)
     if width % per:  # the kernels read whole words
         raise ValueError(f"{s.name}: a rank's {width} input columns are not whole {per}-value words of {q.bits}-bit "
                          f"packing; raytp needs the Linear input sizes and their splits in multiples of {per}")
 
-    # the packed integers of the slice: whole words as stored when its columns start and end on word boundaries,
-    # else unpacked and repacked a chunk of rows at a time
-    name = base + "weight_packed"
+    # the packed integers of the slice: whole words when its columns start and end on word boundaries, else
+    # unpacked and repacked a chunk of rows at a time
+    if q.layout == "awq":
+        words_of = _awq_packed(reader, packed_name, out, inp)
+    else:
+        words_of = _blocks(reader, packed_name, (out, -(-inp // per)), transposed, stored=True)
     if isinstance(cols, range) and cols.start % per == 0 and cols.stop % per == 0:
-        packed = _read_rows(reader, name, shapes[name], rows, range(cols.start // per, -(-cols.stop // per)), True)
+        packed = _read_rows(words_of, out, rows, range(cols.start // per, cols.stop // per))
     else:
         if isinstance(cols, range):
             words = range(cols.start // per, -(-cols.stop // per))
             pick = slice(cols.start - words.start * per, cols.stop - words.start * per)
         else:
             words, pick = None, cols
-        pieces = [pack(unpack(raw, q.bits)[:, pick], q.bits) for raw in
-                  _row_pieces(reader, name, shapes[name], rows, words, stored=True)]
-        packed = torch.cat(pieces)
+        packed = torch.cat([pack(unpack(raw, q.bits)[:, pick], q.bits)
+                            for raw in _row_pieces(words_of, out, rows, words)])
 
     # each local column's group, then the scales (and zero points) of the groups the slice uses
     if q.group_size is None:  # one scale per row
@@ -262,7 +324,7 @@ def _read_int(reader: WeightReader, s: Slice) -> IntWeight:
         group_size = q.group_size
         if q.act_order:
             gathered = isinstance(cols, torch.Tensor)  # permuted columns: look theirs up in the whole g_idx
-            g = reader.read(Slice(base + "weight_g_idx", (inp,), range(inp) if gathered else cols), stored=True).cpu()
+            g = reader.read(Slice(_g_idx_name(q, module), (inp,), range(inp) if gathered else cols), stored=True).cpu()
             g = g[cols] if gathered else g
         else:
             g = torch.arange(cols.start, cols.stop) // group_size
@@ -276,19 +338,23 @@ def _read_int(reader: WeightReader, s: Slice) -> IntWeight:
         else:  # act-order columns that are not whole contiguous groups: each keeps its own group
             groups, local = torch.unique(g, return_inverse=True)
             g_idx, start = local.to(torch.int32).to(packed.device), 0
-    scales = _read_rows(reader, base + "weight_scale", shapes[base + "weight_scale"], rows, groups)
+    n_groups = -(-inp // q.group_size) if q.group_size else 1
+    scales = _read_rows(_blocks(reader, scale_name, (out, n_groups), transposed, stored=False), out, rows, groups)
     zeros = None
-    if not q.symmetric:
-        zname = base + "weight_zero_point"
-        zshape = shapes[zname]
+    if not q.symmetric:  # packed along the output rows, `per` rows to a word
         lo, hi = (rows.start, rows.stop) if isinstance(rows, range) else (0, out)
-        raw = reader.read(Slice(zname, zshape, range(lo // per, -(-hi // per)), None), stored=True)
-        unpacked = unpack(raw.t().contiguous(), q.bits).t()  # packed along the output rows
+        row_words = range(lo // per, -(-hi // per))
+        if transposed:  # (groups, row words)
+            raw = reader.read(Slice(zero_name, shapes[zero_name], range(n_groups), row_words), stored=True)
+            unpacked = _unpack_outputs(raw, q.bits, q.layout == "awq").t() + q.zero_offset
+        else:  # (row words, groups)
+            raw = reader.read(Slice(zero_name, shapes[zero_name], row_words), stored=True)
+            unpacked = unpack(raw.t().contiguous(), q.bits).t()
         local_rows = slice(lo % per, lo % per + hi - lo) if isinstance(rows, range) else rows.to(raw.device)
         zeros = unpacked[local_rows]
         zeros = (zeros[:, groups.start:groups.stop] if isinstance(groups, range) else zeros[:, groups.to(raw.device)])
-        zeros = zeros.to(scales.dtype)
-    return IntWeight(packed, scales, zeros, q.bits, group_size, start, g_idx)
+        zeros = zeros.to(scales.dtype).contiguous()
+    return IntWeight(packed.contiguous(), scales.contiguous(), zeros, q.bits, group_size, start, g_idx)
 
 
 def _read_fp8(reader: WeightReader, s: Slice) -> FP8Weight:

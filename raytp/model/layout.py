@@ -6,8 +6,9 @@ The layers load these slices (`raytp.model.layers`), the model check compares th
 
 A quantized Linear keeps its logical slice here (rows and columns of the dense matrix, named `...weight`) with the
 `QuantConfig` it is stored in; `raytp.model.formats` maps that onto the stored tensors (weight_packed,
-weight_scale, ...). With act-order, a rank's MLP columns are positions in the order that sorts down_proj's
-weight_g_idx (`order`), so that each rank's down_proj columns are whole contiguous groups: see `model_layout`.
+weight_scale, ... or GPTQ's qweight, scales, ...). With act-order, a rank's MLP columns are positions in the order
+that sorts down_proj's group index (`order`), so that each rank's down_proj columns are whole contiguous groups:
+see `model_layout`.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ class Slice:
     """Rows `rows` (and columns `cols`, None = all of them) of the global tensor `name` of shape `shape`.
 
     `quant`: the matrix is stored quantized in that format. `order`: the sliced dimension (rows, or columns when
-    `cols` is given) counts positions in the stable sort of the 1-D tensor named `order`, not stored indices.
+    `cols` is given) counts positions in the stable sort of the group index of the Linear named `order` (its
+    act-order weight_g_idx or g_idx), not stored indices.
     """
 
     name: str
@@ -82,7 +84,7 @@ def whole_model(config: ModelConfig) -> RankShard:
 def model_layout(config: ModelConfig, shard: RankShard) -> ModelLayout:
     """Rank `shard`'s slices. With act-order quantization the MLP is permuted at load time (TP-aware
     dequantization, arXiv 2402.04925): down_proj's input columns, and the gate/up output rows feeding them, are
-    taken in the order that sorts down_proj's weight_g_idx, so each rank's down_proj columns are whole contiguous
+    taken in the order that sorts down_proj's group index, so each rank's down_proj columns are whole contiguous
     groups (the planner splits the MLP in whole groups) and no activation is ever gathered. The permutation of the
     intermediate dimension changes nothing else: swiglu is elementwise and down_proj sums over it."""
     c, D, H = config, config.head_dim, config.hidden_size
@@ -99,7 +101,7 @@ def model_layout(config: ModelConfig, shard: RankShard) -> ModelLayout:
         heads = (("q_proj", nq, q_rows), ("k_proj", nkv, kv_rows), ("v_proj", nkv, kv_rows))
         down = m + "down_proj"
         permuted = c.quant is not None and c.quant.act_order and c.quant.quantizes(down)
-        order = down + ".weight_g_idx" if permuted else None
+        order = down if permuted else None
         return LayerLayout(
             attn_norm=whole(p + "input_layernorm.weight", (H,)),
             qkv=tuple(linear(a + n, (size, H), rows) for n, size, rows in heads),

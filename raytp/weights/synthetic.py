@@ -85,7 +85,13 @@ def synthetic_config(model: str) -> ModelConfig:
     else:
         raise ValueError(f"unknown synthetic model {model!r}: use synthetic:{', synthetic:'.join(CONFIGS)} "
                          f"or synthetic:PATH/config.json")
-    return dataclasses.replace(config, quant=QUANT_PRESETS[quant]) if quant else config
+    if quant:
+        return dataclasses.replace(config, quant=QUANT_PRESETS[quant])
+    if config.quant is not None:  # a quantized checkpoint's config.json: drawn in compressed-tensors' layout, groups
+        # in order (a random act-order index would not be a valid one)
+        quant = dataclasses.replace(config.quant, layout="compressed-tensors", zero_offset=0, act_order=False)
+        return dataclasses.replace(config, quant=quant)
+    return config
 
 
 def config_dict(name: str) -> dict:
@@ -153,7 +159,8 @@ class SyntheticReader:
 
     Attention tensors are cut in blocks of one head, the MLP and vocab in blocks of `BLOCK` rows. Row-parallel
     matrices (o_proj, down_proj, sliced by columns) are drawn as their transposes, so the blocks are rows there too.
-    A quantized matrix's stored tensors (weight_packed, weight_scale; float8 weight) are drawn in tiles instead.
+    A quantized matrix's stored tensors (weight_packed, weight_scale, weight_zero_point; float8 weight) are drawn in
+    tiles instead.
     """
 
     def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device):
@@ -183,7 +190,7 @@ class SyntheticReader:
     def _stored(self, name: str, s: Slice, suffix: str) -> torch.Tensor:
         """A block of one tensor a compressed-tensors checkpoint stores for a quantized matrix, in its stored dtype."""
         g, q = self.blocks, self.quant
-        if suffix == "weight_packed":
+        if suffix in ("weight_packed", "weight_zero_point"):  # every value (and zero point) equally likely
             return g.tiles(name, s.shape, s.rows, s.cols, dtype=torch.int32)
         if q.kind == "int":  # weight_scale: uniform values in [0, 2**bits) less the midpoint have a spread of
             step = SCALE * 12 ** 0.5 / (1 << q.bits)  # 2**bits / sqrt(12) steps
