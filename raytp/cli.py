@@ -665,16 +665,20 @@ COMMANDS = {"pull": cmd_pull, "plan": cmd_plan, "generate": cmd_generate, "chat"
             "serve": cmd_serve}
 
 
-def _check_model(model: str) -> None:
+def _check_model(model: str, dense: bool = False) -> None:
     """Refuse a --model that cannot be loaded before Ray starts (config, tokenizer, safetensors headers, every
-    tensor's shape; no weights read); `smollm2` is pulled here, with a progress bar the user sees, before any
-    actor needs it."""
+    tensor's shape; no weights read), or a quantized one where `dense` weights are needed (--hf-peer); `smollm2`
+    is pulled here, with a progress bar the user sees, before any actor needs it."""
     from raytp.weights.source import ModelSource
 
     try:
-        ModelSource.parse(model).check()
+        source = ModelSource.parse(model)
+        source.check()
     except ValueError as e:
         raise UserError(str(e)) from None
+    if dense and source.config().quant is not None:
+        raise UserError(f"--hf-peer runs transformers on dense weights; {model!r} is quantized "
+                        f"({source.config().quant.describe()})")
 
 
 def _check_devices_fit_here(spec: str) -> None:
@@ -730,9 +734,7 @@ def _check_args(args) -> None:
             raise UserError(f"--quant {args.quant} applies to a synthetic model without an @ suffix, not "
                             f"{args.model!r}; a checkpoint's quantization comes from its config.json")
         args.model = f"{args.model}@{args.quant}"  # the spec carries it to every rank
-    if getattr(args, "hf_peer", False) and args.model.startswith("synthetic:") and "@" in args.model:
-        raise UserError(f"--hf-peer runs transformers on dense weights; {args.model!r} is quantized")
-    _check_model(args.model)
+    _check_model(args.model, dense=getattr(args, "hf_peer", False))
 
 
 def _user_message(e: BaseException) -> str | None:
