@@ -236,7 +236,7 @@ def _awq_packed(reader: WeightReader, name: str, out: int, inp: int) -> Blocks:
         if not rows or not words:
             return raw.new_empty((len(rows), len(words)))
         values = _unpack_outputs(raw, 4, awq=True)[:, rows.start - 8 * lo:rows.stop - 8 * lo]  # (inputs, rows)
-        return pack(values.t(), 4)
+        return pack(values.t().contiguous(), 4)
 
     return read
 
@@ -346,12 +346,12 @@ def _read_int(reader: WeightReader, s: Slice) -> IntWeight:
         row_words = range(lo // per, -(-hi // per))
         if transposed:  # (groups, row words)
             raw = reader.read(Slice(zero_name, shapes[zero_name], range(n_groups), row_words), stored=True)
-            unpacked = _unpack_outputs(raw, q.bits, q.layout == "awq").t() + q.zero_offset
+            unpacked = _unpack_outputs(raw, q.bits, q.layout == "awq").t()
         else:  # (row words, groups)
             raw = reader.read(Slice(zero_name, shapes[zero_name], row_words), stored=True)
             unpacked = unpack(raw.t().contiguous(), q.bits).t()
         local_rows = slice(lo % per, lo % per + hi - lo) if isinstance(rows, range) else rows.to(raw.device)
-        zeros = unpacked[local_rows]
+        zeros = unpacked[local_rows] + q.zero_offset
         zeros = (zeros[:, groups.start:groups.stop] if isinstance(groups, range) else zeros[:, groups.to(raw.device)])
         zeros = zeros.to(scales.dtype).contiguous()
     return IntWeight(packed.contiguous(), scales.contiguous(), zeros, q.bits, group_size, start, g_idx)
