@@ -137,7 +137,8 @@ class _Blocks:
                                                               min(TILE, shape[1] - c * TILE)), **draw)
         full = torch.cat([torch.cat([tile(r, c) for c in range(c0, (cols.stop - 1) // TILE + 1)], dim=1)
                           for r in range(r0, (rows.stop - 1) // TILE + 1)])
-        return full[rows.start - r0 * TILE:rows.stop - r0 * TILE, cols.start - c0 * TILE:cols.stop - c0 * TILE]
+        r, c = rows.start - r0 * TILE, cols.start - c0 * TILE
+        return full[r:r + len(rows), c:c + len(cols)].contiguous()
 
 
 # Hugging Face tensor name -> the name its blocks are seeded from (kept from the first synthetic layout, so that
