@@ -665,20 +665,16 @@ COMMANDS = {"pull": cmd_pull, "plan": cmd_plan, "generate": cmd_generate, "chat"
             "serve": cmd_serve}
 
 
-def _check_model(model: str, dense: bool = False) -> None:
+def _check_model(model: str) -> None:
     """Refuse a --model that cannot be loaded before Ray starts (config, tokenizer, safetensors headers, every
-    tensor's shape; no weights read), or a quantized one where `dense` weights are needed (--hf-peer); `smollm2`
-    is pulled here, with a progress bar the user sees, before any actor needs it."""
+    tensor's shape; no weights read); `smollm2` is pulled here, with a progress bar the user sees, before any
+    actor needs it."""
     from raytp.weights.source import ModelSource
 
     try:
-        source = ModelSource.parse(model)
-        source.check()
+        ModelSource.parse(model).check()
     except ValueError as e:
         raise UserError(str(e)) from None
-    if dense and source.config().quant is not None:
-        raise UserError(f"--hf-peer runs transformers on dense weights; {model!r} is quantized "
-                        f"({source.config().quant.describe()})")
 
 
 def _check_devices_fit_here(spec: str) -> None:
@@ -734,7 +730,14 @@ def _check_args(args) -> None:
             raise UserError(f"--quant {args.quant} applies to a synthetic model without an @ suffix, not "
                             f"{args.model!r}; a checkpoint's quantization comes from its config.json")
         args.model = f"{args.model}@{args.quant}"  # the spec carries it to every rank
-    _check_model(args.model, dense=getattr(args, "hf_peer", False))
+    _check_model(args.model)
+    if getattr(args, "hf_peer", False):
+        from raytp.weights.source import ModelSource
+
+        quant = ModelSource.parse(args.model).config().quant
+        if quant is not None:
+            raise UserError(f"--hf-peer runs transformers on dense weights; {args.model!r} is quantized "
+                            f"({quant.describe()})")
 
 
 def _user_message(e: BaseException) -> str | None:
