@@ -21,8 +21,9 @@ import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
+from raytp.model.config import QUANT_PRESETS
 from raytp.parallel.devices import DeviceSpecError, format_bytes, is_auto, parse_devices
-from raytp.parallel.plan import QUANT_SCHEMES
+from raytp.weights.smollm2_quantized import SCHEMES as PULL_SCHEMES
 
 DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_MAX_TOKENS = 256
@@ -55,7 +56,7 @@ def _model_args(p: argparse.ArgumentParser, max_batch: int, split_list: bool = F
     p.add_argument("--model", default="smollm2", help="smollm2 or a Hugging Face model directory (default: smollm2)")
     p.add_argument("--devices", default="auto", help="device SPEC, see below (default: auto)")
     p.add_argument("--dtype", default="bfloat16", choices=DTYPES, help="weights and activations (default: bfloat16)")
-    p.add_argument("--quant", default=None, choices=tuple(QUANT_SCHEMES),
+    p.add_argument("--quant", default=None, choices=tuple(QUANT_PRESETS),
                    help="quantize a synthetic model's attention and MLP weights (same as --model synthetic:NAME@QUANT)")
     p.add_argument("--max-context", type=int, default=2048, help="tokens per sequence, prompt included (default: 2048)")
     p.add_argument("--max-batch", type=int, default=max_batch, help=f"concurrent sequences (default: {max_batch})")
@@ -120,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pull", help="download and convert the embedded default model", **kw)
     p.add_argument("name", choices=("smollm2",))
+    p.add_argument("--quant", choices=PULL_SCHEMES, default=None,
+                   help="also quantize it with llmcompressor (installed once into its own environment under "
+                        "$RAYTP_HOME) and print that directory, a compressed-tensors checkpoint for --model")
 
     p = sub.add_parser("plan", help="show how a model would be split over devices (no Ray, no weights read)", **kw)
     _model_args(p, max_batch=8)
@@ -204,8 +208,9 @@ def _devices(spec: str):
 
 def cmd_pull(args) -> None:
     from raytp.weights.smollm2 import pull_smollm2
+    from raytp.weights.smollm2_quantized import pull_quantized_smollm2
 
-    print(pull_smollm2())
+    print(pull_quantized_smollm2(args.quant)[0] if args.quant else pull_smollm2())
 
 
 def cmd_plan(args) -> None:
@@ -222,13 +227,12 @@ def cmd_plan(args) -> None:
         raise UserError("`raytp plan --split speed` needs every device's bandwidth: add ~RATE to each device, "
                         "e.g. cuda:0@24GiB~0.94TB/s")
 
-    source = ModelSource.parse(args.model)
-    config = source.config()
+    config = ModelSource.parse(args.model).config()
 
     def plan_for(split: str | None):
         return plan_shards(config, [(str(d), d.mem_bytes) for d in devices],
                            max_context=args.max_context, max_batch=args.max_batch, dtype=args.dtype,
-                           bandwidths=bandwidths, split=split, quant=source.quant)
+                           bandwidths=bandwidths, split=split)
 
     plan = plan_for(args.split)
     if args.json:
@@ -729,9 +733,14 @@ def _check_args(args) -> None:
             raise UserError(f"--quant {args.quant} applies to a synthetic model without an @ suffix, not "
                             f"{args.model!r}; a checkpoint's quantization comes from its config.json")
         args.model = f"{args.model}@{args.quant}"  # the spec carries it to every rank
-    if getattr(args, "hf_peer", False) and args.model.startswith("synthetic:") and "@" in args.model:
-        raise UserError(f"--hf-peer runs transformers on dense weights; {args.model!r} is quantized")
     _check_model(args.model)
+    if getattr(args, "hf_peer", False):
+        from raytp.weights.source import ModelSource
+
+        quant = ModelSource.parse(args.model).config().quant
+        if quant is not None:
+            raise UserError(f"--hf-peer runs transformers on dense weights; {args.model!r} is quantized "
+                            f"({quant.describe()})")
 
 
 def _user_message(e: BaseException) -> str | None:

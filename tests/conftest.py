@@ -17,3 +17,12 @@ def smollm2_dir() -> Path:
 def smollm2_gguf() -> Path:
     """The original GGUF, for transformers to load as an independent reference."""
     return smollm2_gguf_path()
+
+
+@pytest.fixture(scope="session")
+def quantized_smollm2() -> dict[str, Path]:
+    """SmolLM2 quantized by llmcompressor in every scheme raytp pulls: made once into RAYTP_HOME (the first time
+    installs llmcompressor into its own virtual environment, about a minute, and runs GPTQ, about 90 s)."""
+    from raytp.weights.smollm2_quantized import SCHEMES, pull_quantized_smollm2
+
+    return dict(zip(SCHEMES, pull_quantized_smollm2(*SCHEMES, progress=False)))

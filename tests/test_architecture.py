@@ -101,7 +101,9 @@ def test_every_package_says_what_it_may_import():
 DISTRIBUTION = {"yaml": "pyyaml"}
 # imported inside try/except ImportError or on an optional path only
 OPTIONAL = {"triton": "GPU kernels: every kernel has a torch fallback",
-            "transformers": "only `raytp bench --hf-peer`, which says to install it"}
+            "transformers": "only `raytp bench --hf-peer`, which says to install it",
+            "llmcompressor": "only weights/llmcompressor_script.py, run in llmcompressor's own virtual environment",
+            "datasets": "likewise (llmcompressor's calibration data)"}
 
 
 def _top_level_imports(path: Path) -> set[str]:

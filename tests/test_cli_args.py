@@ -68,6 +68,12 @@ def test_bad_profile_arguments(args, named):
     assert named in line, line
 
 
+def test_hf_peer_refuses_a_quantized_model(torch_import_s):
+    line = refused("bench", "--model", "synthetic:tiny", "--quant", "w4a16", "--hf-peer", *SMALL,
+                   extra_s=torch_import_s)
+    assert "--hf-peer runs transformers on dense weights" in line and "w4a16" in line, line
+
+
 def test_more_cpu_ranks_than_this_machine_runs():
     n = cli.CPU_RANKS_PER_CORE * (os.cpu_count() or 1) + 1
     line = refused("chat", "--devices", f"cpu*{n}")

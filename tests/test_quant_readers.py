@@ -1,26 +1,22 @@
-"""GPTQ and AWQ slices converted to IntWeight against the format libraries' own dequantization
-(tests/quant_reference)."""
+"""GPTQ and AWQ slices read through raytp.model.formats (the same reader as compressed-tensors', from safetensors
+files) against the format libraries' own dequantization (tests/quant_reference)."""
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
+from raytp.model.config import QuantConfig, UnsupportedModelError
+from raytp.model.formats import read_linear
 from raytp.model.layout import Slice
-from raytp.weights.awq import AWQConfig, read_awq
-from raytp.weights.gptq import GPTQConfig, read_gptq
+from raytp.weights.checkpoint import SafetensorsReader
 from tests.quant_reference import dequantize_gemm, gptq_dequantize_weight
 
 OUT, IN = 48, 320
 # Rows 12..40 start mid-word of the zero points (4 of 8 nibbles in); columns 96..256 start 32 into group 1 of 64
-# and span 3 groups: an odd count, with partial first group.
+# and span 3 groups: an odd count, with partial first group; columns 4..68 start mid-word of 4-bit packing.
 SLICES = [dict(rows=range(OUT), cols=None), dict(rows=range(12, 40), cols=None),
-          dict(rows=range(OUT), cols=range(96, 256)), dict(rows=range(8, 16), cols=range(0, 64))]
-
-
-def raw_reader(tensors):
-    def raw(name, rows, cols):
-        t = tensors[name]
-        return t[rows] if cols is None else t[rows, cols]
-    return raw
+          dict(rows=range(OUT), cols=range(96, 256)), dict(rows=range(8, 16), cols=range(0, 64)),
+          dict(rows=range(5, 29), cols=range(4, 68))]
 
 
 def random_words(shape, g, bits, top=None):
@@ -50,58 +46,62 @@ def gptq_tensors(bits, group_size, desc_act, checkpoint_format, sym, seed=0):
             "m.scales": (torch.rand(n_groups, OUT, generator=g) * 0.02 + 1e-3).half(), "m.g_idx": g_idx.int()}
 
 
+def read(tmp_path, tensors, s: Slice):
+    save_file(tensors, tmp_path / "model.safetensors")
+    with SafetensorsReader(tmp_path, torch.float16, torch.device("cpu")) as reader:
+        return read_linear(reader, s)
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("desc_act", [False, True])
 @pytest.mark.parametrize("checkpoint_format", ["gptq", "gptq_v2"])
 @pytest.mark.parametrize("sym", [False, True])
-def test_gptq_slices_dequantize_like_gptqmodel(bits, desc_act, checkpoint_format, sym):
+def test_gptq_slices_dequantize_like_gptqmodel(tmp_path, bits, desc_act, checkpoint_format, sym):
     tensors = gptq_tensors(bits, 64, desc_act, checkpoint_format, sym)
-    config = GPTQConfig.from_dict({"bits": bits, "group_size": 64, "desc_act": desc_act, "sym": sym,
-                                   "checkpoint_format": checkpoint_format})
+    quant = QuantConfig.from_dict({"quant_method": "gptq", "bits": bits, "group_size": 64, "desc_act": desc_act,
+                                   "sym": sym, "checkpoint_format": checkpoint_format})
     reference = gptq_dequantize_weight(tensors["m.qweight"], tensors["m.qzeros"], tensors["m.scales"],
                                        tensors["m.g_idx"], bits, checkpoint_format).t()  # (out, in)
     for s in SLICES:
-        part = Slice("m.weight", (OUT, IN), s["rows"], s["cols"])
-        w = read_gptq(raw_reader(tensors), part, config, torch.float16, torch.device("cpu"))
+        w = read(tmp_path, tensors, Slice("m.weight", (OUT, IN), s["rows"], s["cols"], quant))
         cols = s["cols"] or range(IN)
         assert w.packed.shape == (len(s["rows"]), len(cols) * bits // 32)
-        assert (w.zeros is None) == sym  # the midpoint zero points of a symmetric checkpoint are dropped
+        assert (w.zeros is None) == sym  # a symmetric checkpoint's zero points are the midpoint: not read
         assert (w.g_idx is not None) == desc_act
         # both compute (q - zero) in integers and round one product to float16: the same bits
         assert torch.equal(w.dequantize(), reference[s["rows"].start:s["rows"].stop, cols.start:cols.stop])
 
 
 def test_gptq_refuses_what_it_cannot_read():
-    with pytest.raises(ValueError, match="bits=3 is not supported"):
-        GPTQConfig.from_dict({"bits": 3, "group_size": 128})
-    with pytest.raises(ValueError, match="checkpoint_format 'marlin'"):
-        GPTQConfig.from_dict({"bits": 4, "checkpoint_format": "marlin"})
-    tensors = gptq_tensors(4, 64, False, "gptq", False)
-    with pytest.raises(ValueError, match=r"input columns \[4, 64\)"):
-        read_gptq(raw_reader(tensors), Slice("m.weight", (OUT, IN), range(OUT), range(4, 64)),
-                  GPTQConfig.from_dict({"bits": 4, "group_size": 64}), torch.float16, torch.device("cpu"))
+    with pytest.raises(UnsupportedModelError, match="bits=3.*raytp reads"):
+        QuantConfig.from_dict({"quant_method": "gptq", "bits": 3, "group_size": 128})
+    with pytest.raises(UnsupportedModelError, match="checkpoint_format='marlin'"):
+        QuantConfig.from_dict({"quant_method": "gptq", "bits": 4, "checkpoint_format": "marlin"})
+    with pytest.raises(UnsupportedModelError, match="quantized lm_head"):
+        QuantConfig.from_dict({"quant_method": "gptq", "bits": 4, "lm_head": True})
 
 
 AWQ_OUT, AWQ_IN, AWQ_GROUP = 64, 384, 128
 
 
-def test_awq_slices_dequantize_like_autoawq():
+def test_awq_slices_dequantize_like_autoawq(tmp_path):
     g = torch.Generator().manual_seed(1)
     n_groups = AWQ_IN // AWQ_GROUP
     tensors = {"m.qweight": random_words((AWQ_IN, AWQ_OUT // 8), g, 4),
                "m.qzeros": random_words((n_groups, AWQ_OUT // 8), g, 4),
                "m.scales": (torch.rand(n_groups, AWQ_OUT, generator=g) * 0.02 + 1e-3).half()}
     reference = dequantize_gemm(tensors["m.qweight"], tensors["m.qzeros"], tensors["m.scales"], 4, AWQ_GROUP).t()
-    config = AWQConfig.from_dict({"quant_method": "awq", "bits": 4, "group_size": AWQ_GROUP, "version": "GEMM",
-                                  "zero_point": True})
+    quant = QuantConfig.from_dict({"quant_method": "awq", "bits": 4, "group_size": AWQ_GROUP, "version": "GEMM",
+                                   "zero_point": True})
     for rows, cols in [(range(AWQ_OUT), None), (range(12, 52), None), (range(AWQ_OUT), range(136, 384)),
-                       (range(3, 9), range(0, 128))]:
-        w = read_awq(raw_reader(tensors), Slice("m.weight", (AWQ_OUT, AWQ_IN), rows, cols), config, torch.float16,
-                     torch.device("cpu"))
+                       (range(3, 9), range(0, 128)), (range(3, 9), range(4, 100))]:
+        w = read(tmp_path, tensors, Slice("m.weight", (AWQ_OUT, AWQ_IN), rows, cols, quant))
         cols = cols or range(AWQ_IN)
         assert torch.equal(w.dequantize(), reference[rows.start:rows.stop, cols.start:cols.stop])
 
 
 def test_awq_refuses_other_layouts():
-    with pytest.raises(ValueError, match="version='gemv'"):
-        AWQConfig.from_dict({"bits": 4, "group_size": 128, "version": "gemv"})
+    with pytest.raises(UnsupportedModelError, match="version='gemv'"):
+        QuantConfig.from_dict({"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemv"})
+    assert not QuantConfig.from_dict({"quant_method": "awq", "modules_to_not_convert": ["down_proj"]}).quantizes(
+        "model.layers.3.mlp.down_proj")

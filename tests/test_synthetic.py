@@ -13,7 +13,8 @@ from raytp.parallel.comm.base import IdentityCheckingCommunicator
 from raytp.parallel.devices import parse_devices
 from raytp.model.layout import model_layout
 from raytp.model.llama import ShardedLlama
-from raytp.parallel.plan import PlanError, plan_shards
+from raytp.model.formats import read_linear
+from raytp.parallel.plan import PlanError, plan_shards, quant_replicated_bytes
 from raytp.weights.source import ModelSource
 from raytp.weights.synthetic import CONFIGS, SyntheticReader, synthetic_config
 
@@ -124,31 +125,26 @@ QUANTS = ["w4a16", "w8a16", "fp8"]
 
 @pytest.mark.parametrize("quant", QUANTS)
 def test_quantized_shards_concatenate_to_the_one_rank_weights(quant):
-    """mlp_block=32 cuts down_proj mid-group (groups of 128): those slices start at a group_start inside a group."""
-    config = synthetic_config("synthetic:tiny")
-    reader = SyntheticReader(config, torch.float32, torch.device("cpu"), quant)
+    """Each rank's slices, read through the formats like a checkpoint's, are the one-rank matrices' columns/rows."""
+    config = synthetic_config(f"synthetic:tiny@{quant}")
+    reader = SyntheticReader(config, torch.float32, torch.device("cpu"))
 
-    def dense(shard):
-        return {s.name: reader.read(s) for s in model_layout(config, shard).slices()}
+    def linears(shard):
+        return {s.name: read_linear(reader, s) for s in model_layout(config, shard).slices() if s.quant is not None}
 
-    full = dense(_plan(config, [1.0]).ranks[0])
-    shards = [dense(s) for s in _plan(config, [1.0, 2.0, 3.0], mlp_block=32).ranks]
-    if quant == "w4a16":
-        assert any(s["model.layers.0.mlp.down_proj.weight"].group_start for s in shards)
+    full = linears(_plan(config, [1.0]).ranks[0])
+    plan = _plan(config, [1.0, 2.0, 3.0], mlp_block=32)
+    if quant == "w4a16":  # the planner widens MLP blocks to whole groups of down_proj
+        assert plan.mlp_block == 128 and all(r.mlp_cols.start % 128 == 0 for r in plan.ranks)
+    shards = [linears(s) for s in plan.ranks]
     for name, dim in [("model.layers.1.self_attn.q_proj.weight", 0), ("model.layers.1.self_attn.o_proj.weight", 1),
                       ("model.layers.2.mlp.up_proj.weight", 0), ("model.layers.0.mlp.down_proj.weight", 1)]:
-        whole = dequantized(full[name])
+        whole = full[name].dequantize()
         assert 0.015 < whole.std() < 0.025  # the dense synthetic weights' spread
-        assert torch.equal(torch.cat([dequantized(s[name]) for s in shards], dim=dim), whole), name
-    assert torch.equal(shards[0]["model.embed_tokens.weight"], full["model.embed_tokens.weight"][:len(
-        shards[0]["model.embed_tokens.weight"])])  # the embedding stays dense
-
-
-def dequantized(w) -> torch.Tensor:
-    """An IntWeight per the contract's formula (kernels' dequantize), an FP8Weight as weight * scale."""
-    if hasattr(w, "packed"):
-        return w.dequantize()
-    return w.weight.float() * w.scale
+        assert torch.equal(torch.cat([s[name].dequantize() for s in shards], dim=dim), whole), name
+    dense = SyntheticReader(synthetic_config("synthetic:tiny"), torch.float32, torch.device("cpu"))
+    embed = model_layout(config, plan.ranks[0]).embed
+    assert embed.quant is None and torch.equal(reader.read(embed), dense.read(embed))  # the embedding stays dense
 
 
 # [1.0, 0.02, 1.0]: a zero-width middle rank
@@ -162,29 +158,46 @@ def test_quantized_tiny_logits_match_one_rank(quant, weights):
     torch.testing.assert_close(_logits(f"synthetic:tiny@{quant}", weights, tokens), reference, rtol=1e-4, atol=1e-4)
 
 
+def test_a_quantized_checkpoints_config_is_drawn_in_its_quantization(tmp_path):
+    """synthetic:PATH/config.json of an act-order GPTQ checkpoint with zero points: drawn in compressed-tensors'
+    layout with the same bits, groups and zero points (groups in order), the same at every split."""
+    gptq = {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": True, "sym": False}
+    (tmp_path / "config.json").write_text(json.dumps(CONFIGS["tiny"] | {"quantization_config": gptq}))
+    model = f"synthetic:{tmp_path / 'config.json'}"
+    quant = synthetic_config(model).quant
+    assert (quant.layout, quant.bits, quant.group_size, quant.symmetric, quant.act_order) == (
+        "compressed-tensors", 4, 128, False, False)
+    tokens = torch.tensor([[1, 17, 999, 512, 3]])
+    torch.testing.assert_close(_logits(model, [1.0, 2.0, 3.0], tokens), _logits(model, [1.0], tokens),
+                               rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("quant,bits,group,scale_bytes", [("w4a16", 4, 128, 2), ("w8a16", 8, None, 2),
                                                           ("fp8", 8, None, 4)])
 def test_plan_counts_quantized_bytes(quant, bits, group, scale_bytes):
     """One rank's weights: every attention and MLP matrix at bits/8 per weight plus one scale per output row and
     group, the embedding and lm_head in bfloat16, counted here from the published shapes."""
-    config = synthetic_config("synthetic:llama-3.1-8b")
+    config = synthetic_config(f"synthetic:llama-3.1-8b@{quant}")
     h, kv, i = 4096, 1024, 14336
     matrices = [(h, h), (kv, h), (kv, h), (h, h), (i, h), (i, h), (h, i)]  # (out, in): q k v o gate up down
     layer = sum(o * n * bits // 8 + o * (n // group if group else 1) * scale_bytes for o, n in matrices)
     expected = 32 * layer + 2 * 128256 * h * 2
-    plan = plan_shards(config, [("cuda:0", 80 * GiB)], max_context=1024, max_batch=1, dtype="bfloat16", quant=quant)
-    # the planner rounds each KV group's and MLP column's share of a scale up to whole bytes
-    assert expected <= plan.ranks[0].weight_bytes <= expected + 8 + i and plan.quant == quant
-    bf16 = plan_shards(config, [("cuda:0", 80 * GiB)], max_context=1024, max_batch=1, dtype="bfloat16")
+    plan = plan_shards(config, [("cuda:0", 80 * GiB)], max_context=1024, max_batch=1, dtype="bfloat16")
+    # the scales every rank keeps whole (row-parallel layers' per-row scales) count in the replicated overhead
+    assert plan.ranks[0].weight_bytes + quant_replicated_bytes(config, "bfloat16") == expected
+    assert plan.quant == config.quant.describe() and plan.quant.startswith(quant)
+    bf16 = plan_shards(synthetic_config("synthetic:llama-3.1-8b"), [("cuda:0", 80 * GiB)], max_context=1024,
+                       max_batch=1, dtype="bfloat16")
     assert bf16.ranks[0].read_bytes > plan.ranks[0].read_bytes
 
 
 def test_70b_w4a16_fits_three_24gib_cards_that_bf16_does_not():
     devices = [(f"cuda:{r}@24GiB", 24 * GiB) for r in range(3)]
-    config = synthetic_config("synthetic:llama-3.1-70b")
     with pytest.raises(PlanError):
-        plan_shards(config, devices, max_context=4096, max_batch=1, dtype="bfloat16")
-    plan = plan_shards(config, devices, max_context=4096, max_batch=1, dtype="bfloat16", quant="w4a16")
+        plan_shards(synthetic_config("synthetic:llama-3.1-70b"), devices, max_context=4096, max_batch=1,
+                    dtype="bfloat16")
+    plan = plan_shards(synthetic_config("synthetic:llama-3.1-70b@w4a16"), devices, max_context=4096, max_batch=1,
+                       dtype="bfloat16")
     assert [len(r.kv_heads) for r in plan.ranks] == [3, 2, 3] and all(r.headroom_bytes > 0 for r in plan.ranks)
 
 
@@ -195,7 +208,7 @@ def test_plan_command_takes_quant_as_a_flag_or_a_suffix(capsys):
     assert main(["plan", "--model", "synthetic:llama-3.1-70b", "--quant", "w4a16", "--devices", devices, "--json"]) == 0
     flag = json.loads(capsys.readouterr().out)
     assert main(["plan", "--model", "synthetic:llama-3.1-70b@w4a16", "--devices", devices, "--json"]) == 0
-    assert json.loads(capsys.readouterr().out) == flag and flag["quant"] == "w4a16"
+    assert json.loads(capsys.readouterr().out) == flag and flag["quant"].startswith("w4a16")
     assert main(["plan", "--model", "smollm2", "--quant", "fp8", "--devices", "cpu@1GiB"]) == 2
     assert "--quant fp8 applies to a synthetic model" in capsys.readouterr().err
     assert main(["plan", "--model", "synthetic:tiny@int3", "--devices", "cpu@1GiB"]) == 2

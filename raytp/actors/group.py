@@ -22,7 +22,6 @@ from raytp.parallel.plan import ShardPlan, plan_shards
 from raytp.runtime.bandwidth import CACHE_FILE, cached_bandwidths, copy_bandwidth, remember_bandwidths
 from raytp.runtime.engine import Stop
 from raytp.runtime.options import RuntimeOptions
-from raytp.weights.source import ModelSource
 
 log = logging.getLogger("raytp")
 
@@ -135,8 +134,7 @@ class WorkerGroup:
         ]
         self.ranks = ray.get([w.describe.remote() for w in self.workers])
         self.plan = plan_shards(self.config, self._budgets(), max_context=s.max_context, max_batch=s.max_batch,
-                                dtype=s.dtype, bandwidths=self._bandwidths(), split=s.split,
-                                quant=ModelSource.parse(s.model).quant)
+                                dtype=s.dtype, bandwidths=self._bandwidths(), split=s.split)
         if self.plan.step_seconds is not None:
             log.info("%s split: predicted decode step %.2f ms (weights / bandwidth), rank %d paces it",
                      self.plan.split, 1000 * self.plan.step_seconds, self.plan.pacing_rank)

@@ -21,7 +21,7 @@ import ray
 import torch
 
 from raytp.model.config import ModelConfig
-from raytp.model.layers import WeightReader
+from raytp.model.formats import WeightReader
 from raytp.model.layout import model_layout, whole_model
 
 

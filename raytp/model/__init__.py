@@ -2,8 +2,9 @@
 
     config.py   ModelConfig, read from a Hugging Face config.json
     layout.py   which Hugging Face tensors, rows and columns each rank holds (the one place that says so)
+    formats.py  how a Linear slice is stored, read and applied: dense, packed int4/int8, float8
     layers.py   parallel layers that own their uneven slice (column/row-parallel linear, vocab-parallel
-                embedding and head) and the weight formats they apply
+                embedding and head)
     llama.py    the decoder forward of one rank
     graphs.py   the decode step replayed from CUDA graphs
 

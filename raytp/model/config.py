@@ -7,6 +7,7 @@ attention, SwiGLU MLP) and differ in a few flags that live here.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +21,137 @@ class ConfigError(ValueError):
 
 class UnsupportedModelError(ConfigError):
     """The config describes a model raytp cannot run."""
+
+
+# What `QuantConfig` reads, said in every refusal
+SUPPORTED_QUANTIZATION = ("compressed-tensors checkpoints (llmcompressor) with weight-only quantization of the "
+                          "Linear layers: pack-quantized int4/int8 with group or channel scales, symmetric or with "
+                          "zero points, act-order group or none (W4A16, W8A16), or float8 e4m3 weights with "
+                          "channel or tensor scales (FP8); GPTQ checkpoints (GPTQModel/AutoGPTQ, quant_method "
+                          "'gptq', formats gptq and gptq_v2): 4 or 8 bits, desc_act true or false; AWQ checkpoints "
+                          "(AutoAWQ, quant_method 'awq'): 4 bits with zero points, version 'gemm'")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Weight-only quantization of the decoder's Linear layers, from config.json's `quantization_config`.
+
+    Embeddings, norms and the (tied or separate) lm_head stay dense; so does any Linear named in `ignore`.
+    """
+
+    kind: str  # "int": integers packed 32 // bits to an int32 word along the input; "fp8": float8 e4m3 weights
+    bits: int  # 4 or 8 ("int"); 8 ("fp8")
+    group_size: int | None  # input columns sharing one scale; None: one scale per output row (or per tensor)
+    per_tensor: bool = False  # fp8 only: one scale for the whole matrix
+    symmetric: bool = True  # False: an integer zero point per scale
+    act_order: bool = False  # the checkpoint gives every input column its group (weight_g_idx, GPTQ's g_idx)
+    ignore: tuple[str, ...] = ()  # Linear module names (or "re:" patterns) left dense
+    layout: str = "compressed-tensors"  # how the tensors are stored: "compressed-tensors", "gptq" or "awq"
+    zero_offset: int = 0  # added to every stored zero point: 1 for AutoGPTQ's "gptq" format, which stores zero - 1
+
+    def quantizes(self, module: str) -> bool:
+        """Whether the Linear `module` ("model.layers.0.mlp.down_proj") is stored quantized."""
+        return not any(re.fullmatch(p[3:], module) if p.startswith("re:") else p == module for p in self.ignore)
+
+    def describe(self) -> str:
+        if self.kind == "fp8":
+            return f"fp8 e4m3 weights, {'per-tensor' if self.per_tensor else 'per-channel'} scales"
+        scales = f"groups of {self.group_size}" if self.group_size else "per-channel scales"
+        return (f"w{self.bits}a16 int, {scales}, {'symmetric' if self.symmetric else 'zero points'}"
+                + (", act-order" if self.act_order else "")
+                + (f", {self.layout.upper()} layout" if self.layout != "compressed-tensors" else ""))
+
+    @classmethod
+    def from_dict(cls, q: dict) -> QuantConfig:
+        method = q.get("quant_method")
+        if method == "gptq":
+            return cls._from_gptq(q)
+        if method == "awq":
+            return cls._from_awq(q)
+        if method != "compressed-tensors":
+            raise UnsupportedModelError(f"unsupported quantization quant_method={method!r}; raytp reads "
+                                        f"{SUPPORTED_QUANTIZATION}")
+        groups = q.get("config_groups") or {}
+
+        def refuse(what: str) -> UnsupportedModelError:
+            return UnsupportedModelError(f"unsupported compressed-tensors quantization: {what}; raytp reads "
+                                         f"{SUPPORTED_QUANTIZATION}")
+
+        if len(groups) != 1:
+            raise refuse(f"{len(groups)} config_groups (raytp reads exactly one)")
+        group = next(iter(groups.values()))
+        w = group.get("weights") or {}
+        if group.get("targets") != ["Linear"]:
+            raise refuse(f"targets={group.get('targets')} (raytp reads ['Linear'])")
+        for what in ("input_activations", "output_activations"):
+            if group.get(what):
+                raise refuse(f"{what} are quantized (raytp runs weight-only quantization)")
+        for what in ("kv_cache_scheme", "sparsity_config", "transform_config"):
+            if q.get(what):
+                raise refuse(f"{what}={q[what]}")
+        fmt = group.get("format") or q.get("format")
+        kind, bits, strategy, actorder = w.get("type"), w.get("num_bits"), w.get("strategy"), w.get("actorder")
+        ignore = tuple(q.get("ignore") or ())
+        if kind == "int" and fmt == "pack-quantized" and bits in (4, 8) and strategy in ("group", "channel"):
+            if actorder not in (None, "static", "weight", "group", "dynamic"):
+                raise refuse(f"actorder={actorder!r}")
+            config = cls("int", bits, w.get("group_size") if strategy == "group" else None,
+                         symmetric=bool(w.get("symmetric", True)), act_order=actorder in ("group", "dynamic"),
+                         ignore=ignore)
+            if strategy == "group" and not (isinstance(config.group_size, int) and config.group_size > 0):
+                raise refuse(f"group strategy with group_size={w.get('group_size')!r}")
+        elif (kind == "float" and fmt in ("float-quantized", "naive-quantized") and bits == 8
+              and strategy in ("channel", "tensor") and w.get("symmetric", True)):
+            config = cls("fp8", 8, None, per_tensor=strategy == "tensor", ignore=ignore)
+        else:
+            raise refuse(f"format={fmt!r} with {kind} {bits}-bit weights, strategy={strategy!r}")
+        if config.quantizes("lm_head"):
+            raise refuse("lm_head is quantized (raytp keeps it dense: add it to ignore)")
+        return config
+
+    @classmethod
+    def _from_gptq(cls, q: dict) -> QuantConfig:
+        """GPTQModel/AutoGPTQ: every decoder Linear quantized (lm_head too where `lm_head` is true: refused)."""
+        bits, group_size, fmt = q.get("bits", 4), q.get("group_size", 128), q.get("checkpoint_format", "gptq")
+        what = None
+        if bits not in (4, 8):
+            what = f"bits={bits}"
+        elif fmt not in ("gptq", "gptq_v2"):
+            what = f"checkpoint_format={fmt!r} (re-save the model with GPTQModel as gptq or gptq_v2)"
+        elif q.get("pack_dtype", "int32") != "int32":
+            what = f"pack_dtype={q['pack_dtype']!r}"
+        elif q.get("lm_head"):
+            what = "a quantized lm_head"
+        elif q.get("dynamic"):
+            what = "per-module `dynamic` overrides"
+        elif not (group_size == -1 or isinstance(group_size, int) and group_size > 0):
+            what = f"group_size={group_size!r}"
+        if what:
+            raise UnsupportedModelError(f"unsupported GPTQ quantization: {what}; raytp reads {SUPPORTED_QUANTIZATION}")
+        return cls("int", bits, None if group_size == -1 else group_size, symmetric=bool(q.get("sym", True)),
+                   act_order=bool(q.get("desc_act", False)) and group_size != -1, layout="gptq",
+                   zero_offset=int(fmt == "gptq"))
+
+    @classmethod
+    def _from_awq(cls, q: dict) -> QuantConfig:
+        """AutoAWQ's GEMM layout: 4 bits with zero points; `modules_to_not_convert` names modules left dense."""
+        bits, version = q.get("bits", q.get("w_bit", 4)), str(q.get("version", "gemm")).lower()
+        group_size = q.get("group_size", q.get("q_group_size", 128))
+        if bits != 4 or version != "gemm" or not q.get("zero_point", True) or not (
+                isinstance(group_size, int) and group_size > 0):
+            raise UnsupportedModelError(f"unsupported AWQ quantization: bits={bits} version={version!r} "
+                                        f"zero_point={q.get('zero_point', True)} group_size={group_size!r}; raytp "
+                                        f"reads {SUPPORTED_QUANTIZATION}")
+        # AutoAWQ skips every module whose name contains one of these
+        ignore = tuple(f"re:.*{re.escape(m)}.*" for m in q.get("modules_to_not_convert") or ())
+        return cls("int", 4, group_size, symmetric=False, ignore=ignore, layout="awq")
+
+
+# The quantizations a synthetic model takes (`synthetic:NAME@w4a16`, `--quant`), as llmcompressor's presets of the
+# same names: int4 symmetric in groups of 128, int8 symmetric with one scale per output row, float8 e4m3 weights with
+# one scale per output row. The planner counts them like the same quantization read from a checkpoint.
+QUANT_PRESETS = {"w4a16": QuantConfig("int", 4, 128), "w8a16": QuantConfig("int", 8, None),
+                 "fp8": QuantConfig("fp8", 8, None)}
 
 
 @dataclass(frozen=True)
@@ -41,6 +173,7 @@ class ModelConfig:
     attention_bias: bool = False  # q/k/v bias (Qwen2)
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    quant: QuantConfig | None = None  # quantized Linear weights, or None: every weight in the model dtype
 
     @property
     def q_per_kv(self) -> int:
@@ -90,6 +223,7 @@ class ModelConfig:
             attention_bias=SUPPORTED_ARCHITECTURES[arch] or bool(d.get("attention_bias", False)),
             bos_token_id=d.get("bos_token_id"),
             eos_token_ids=eos_ids,
+            quant=QuantConfig.from_dict(d["quantization_config"]) if d.get("quantization_config") else None,
         )
 
     @classmethod

@@ -2,9 +2,8 @@
 
 Each layer is given the `Slice`s of `raytp.model.layout` it holds and reads them through a `WeightReader`, the one
 interface every weight source implements (the safetensors checkpoint, the synthetic generator). How a matrix is
-stored and applied is a format class apart from the slice: `DenseWeight` here, `IntWeight` and `FP8Weight` (int4/int8
-and FP8, raytp.model.formats) beside it, all with the same `apply`; a reader returns the quantized ones already
-built, the dense ones as tensors.
+stored and applied is a format apart from the slice (`raytp.model.formats`: dense, packed integers, float8), each
+with the same `apply`.
 
     ColumnParallelLinear    x (..., in) replicated      -> y (..., local rows)  no communication
     RowParallelLinear       x (..., local cols)         -> y (..., out)         all-reduce of partial sums
@@ -18,41 +17,20 @@ is exact.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
-from raytp.model.formats import FP8Weight, IntWeight, stack_rows
+from raytp.model.formats import DenseWeight, WeightReader, fuse, read_linear
 from raytp.model.layout import Slice
 from raytp.parallel.comm import Communicator
-
-
-class WeightReader(Protocol):
-    def read(self, s: Slice) -> torch.Tensor | IntWeight | FP8Weight:
-        """Rows `s.rows` (and columns `s.cols`) of global tensor `s.name`, in the model's dtype on the rank's
-        device (a quantized matrix: in its format). Raises a ValueError naming the tensor when it is missing or its
-        global shape is not `s.shape`."""
-
-
-class DenseWeight:
-    """A matrix (and optional bias) kept as is in the model dtype, applied with F.linear."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
-        self.weight, self.bias = weight, bias
-
-    def apply(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
-
-    def tensors(self) -> list[torch.Tensor]:
-        return [self.weight] + ([self.bias] if self.bias is not None else [])
 
 
 class ColumnParallelLinear:
     """y = x @ W[rows].T + b[rows]: this rank's output rows of one or more global matrices, fused into one matmul.
 
-    The parts are concatenated in layout order (q, k, v or gate, up); the bias, when there is one, is sliced like
-    the rows.
+    The parts are concatenated in layout order (q, k, v or gate, up) into one matrix of their format; the bias,
+    when there is one, is sliced like the rows.
     """
 
     def __init__(self, parts: Sequence[Slice], bias: Sequence[Slice] = ()):
@@ -60,12 +38,7 @@ class ColumnParallelLinear:
 
     def load(self, reader: WeightReader) -> ColumnParallelLinear:
         bias = torch.cat([reader.read(p) for p in self.bias_parts]) if self.bias_parts else None
-        parts = [reader.read(p) for p in self.parts]
-        if isinstance(parts[0], torch.Tensor):
-            self.weight = DenseWeight(torch.cat(parts), bias)
-        else:
-            assert bias is None, "quantized formats here carry no bias"
-            self.weight = stack_rows(parts)
+        self.weight = fuse([read_linear(reader, p) for p in self.parts], bias)
         return self
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -84,8 +57,7 @@ class RowParallelLinear:
         self.out_features, self.width = part.shape[0], len(part.cols)
 
     def load(self, reader: WeightReader) -> RowParallelLinear:
-        weight = reader.read(self.part)
-        self.weight = DenseWeight(weight) if isinstance(weight, torch.Tensor) else weight
+        self.weight = read_linear(reader, self.part)
         return self
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

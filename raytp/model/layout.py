@@ -3,6 +3,12 @@
 The layers load these slices (`raytp.model.layers`), the model check compares them with a checkpoint's headers
 (`raytp.weights.source`) and the transformers peer turns a one-rank weight set back into a state dict
 (`raytp.bench.hf_peer`); none of them spells a tensor name or a fused order itself.
+
+A quantized Linear keeps its logical slice here (rows and columns of the dense matrix, named `...weight`) with the
+`QuantConfig` it is stored in; `raytp.model.formats` maps that onto the stored tensors (weight_packed,
+weight_scale, ... or GPTQ's qweight, scales, ...). With act-order, a rank's MLP columns are positions in the order
+that sorts down_proj's group index (`order`), so that each rank's down_proj columns are whole contiguous groups:
+see `model_layout`.
 """
 
 from __future__ import annotations
@@ -10,18 +16,25 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from raytp.model.config import ModelConfig
+from raytp.model.config import ModelConfig, QuantConfig
 from raytp.parallel.plan import RankShard
 
 
 @dataclass(frozen=True)
 class Slice:
-    """Rows `rows` (and columns `cols`, None = all of them) of the global tensor `name` of shape `shape`."""
+    """Rows `rows` (and columns `cols`, None = all of them) of the global tensor `name` of shape `shape`.
+
+    `quant`: the matrix is stored quantized in that format. `order`: the sliced dimension (rows, or columns when
+    `cols` is given) counts positions in the stable sort of the group index of the Linear named `order` (its
+    act-order weight_g_idx or g_idx), not stored indices.
+    """
 
     name: str
     shape: tuple[int, ...]
     rows: range
     cols: range | None = None
+    quant: QuantConfig | None = None
+    order: str | None = None
 
 
 def whole(name: str, shape: tuple[int, ...]) -> Slice:
@@ -69,23 +82,35 @@ def whole_model(config: ModelConfig) -> RankShard:
 
 
 def model_layout(config: ModelConfig, shard: RankShard) -> ModelLayout:
+    """Rank `shard`'s slices. With act-order quantization the MLP is permuted at load time (TP-aware
+    dequantization, arXiv 2402.04925): down_proj's input columns, and the gate/up output rows feeding them, are
+    taken in the order that sorts down_proj's group index, so each rank's down_proj columns are whole contiguous
+    groups (the planner splits the MLP in whole groups) and no activation is ever gathered. The permutation of the
+    intermediate dimension changes nothing else: swiglu is elementwise and down_proj sums over it."""
     c, D, H = config, config.head_dim, config.hidden_size
     q_rows = range(shard.q_heads.start * D, shard.q_heads.stop * D)
     kv_rows = range(shard.kv_heads.start * D, shard.kv_heads.stop * D)
     nq, nkv, I = c.num_heads * D, c.num_kv_heads * D, c.intermediate_size
 
+    def linear(name: str, shape: tuple[int, int], rows: range, cols: range | None = None, order: str | None = None):
+        quant = c.quant if c.quant is not None and c.quant.quantizes(name) else None
+        return Slice(name + ".weight", shape, rows, cols, quant, order)
+
     def layer(i: int) -> LayerLayout:
         p, a, m = f"model.layers.{i}.", f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
         heads = (("q_proj", nq, q_rows), ("k_proj", nkv, kv_rows), ("v_proj", nkv, kv_rows))
+        down = m + "down_proj"
+        permuted = c.quant is not None and c.quant.act_order and c.quant.quantizes(down)
+        order = down if permuted else None
         return LayerLayout(
             attn_norm=whole(p + "input_layernorm.weight", (H,)),
-            qkv=tuple(Slice(f"{a}{n}.weight", (size, H), rows) for n, size, rows in heads),
+            qkv=tuple(linear(a + n, (size, H), rows) for n, size, rows in heads),
             qkv_bias=tuple(Slice(f"{a}{n}.bias", (size,), rows) for n, size, rows in heads) if c.attention_bias
             else (),
-            o_proj=Slice(a + "o_proj.weight", (H, nq), range(H), q_rows),
+            o_proj=linear(a + "o_proj", (H, nq), range(H), q_rows),
             mlp_norm=whole(p + "post_attention_layernorm.weight", (H,)),
-            gate_up=tuple(Slice(f"{m}{n}.weight", (I, H), shard.mlp_cols) for n in ("gate_proj", "up_proj")),
-            down=Slice(m + "down_proj.weight", (H, I), range(H), shard.mlp_cols),
+            gate_up=tuple(linear(m + n, (I, H), shard.mlp_cols, order=order) for n in ("gate_proj", "up_proj")),
+            down=linear(down, (H, I), range(H), shard.mlp_cols, order),
         )
 
     return ModelLayout(embed=Slice("model.embed_tokens.weight", (c.vocab_size, H), shard.vocab_rows),

@@ -19,11 +19,11 @@ and need the replicas excluded from the sum.
 from __future__ import annotations
 
 from collections.abc import Sequence
+import math
 from dataclasses import dataclass
-from fractions import Fraction
 from itertools import accumulate
 
-from raytp.model.config import ModelConfig
+from raytp.model.config import ModelConfig, QuantConfig
 from raytp.parallel.devices import format_bytes
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -31,29 +31,6 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 PREFILL_CHUNK = 512
 SPLITS = ("memory", "speed")
 SHARE_SCALE = 1 << 48  # fractional speed shares become integers for the exact integer split
-
-
-@dataclass(frozen=True)
-class QuantScheme:
-    """How the attention and MLP matrices are stored; the embedding, lm_head, norms and KV cache stay in the model
-    dtype. (The minimal version from the quant-kernels helper, for synthetic quantized models: quant-formats counts
-    each checkpoint format's exact bytes, zero points and g_idx included.)"""
-
-    name: str
-    bits: int  # per weight
-    group_size: int | None  # input columns sharing one scale; None: one scale per output row
-    scale_bytes: int | None = None  # per scale; None: the model dtype's
-    float8: bool = False  # float8_e4m3fn values (FP8Weight), else unsigned integers packed in int32 (IntWeight)
-
-    def weight_bytes(self, in_features: int, nbytes: int) -> Fraction:
-        """Bytes per weight of a matrix with `in_features` inputs: the value plus its share of a scale."""
-        return Fraction(self.bits, 8) + Fraction(self.scale_bytes or nbytes, self.group_size or in_features)
-
-
-# As llmcompressor's presets of the same names: W4A16 symmetric int4 in groups of 128, W8A16 symmetric int8 with a
-# scale per output row, FP8 e4m3 weights with a float32 scale per output row.
-QUANT_SCHEMES = {"w4a16": QuantScheme("w4a16", 4, 128), "w8a16": QuantScheme("w8a16", 8, None),
-                 "fp8": QuantScheme("fp8", 8, None, scale_bytes=4, float8=True)}
 
 
 class PlanError(ValueError):
@@ -94,7 +71,7 @@ class ShardPlan:
     mlp_block: int  # MLP columns move between ranks in blocks of this many (the last may be partial)
     vocab_block: int  # vocab rows likewise
     split: str = "memory"  # what the shares follow: "memory" (budgets) or "speed" (bandwidths, within budgets)
-    quant: str | None = None  # QUANT_SCHEMES key of the attention and MLP matrices; None: the model dtype
+    quant: str | None = None  # the quantized weights' format, when the model has one
 
     @property
     def step_seconds(self) -> float | None:
@@ -143,26 +120,39 @@ class ShardPlan:
             for r in self.ranks
         ]
         widths = [max(len(row[c]) for row in rows) for c in range(len(header))]
-        return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+        title = [f"weights: {self.quant}"] if self.quant else []
+        return "\n".join(title + ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows])
 
 
 @dataclass(frozen=True)
 class _Piece:
-    """One dimension dealt out to ranks: `size` items (KV heads, MLP columns, vocab rows) in blocks of `block`."""
+    """One dimension dealt out to ranks: `size` items (KV heads, MLP columns, vocab rows) in blocks of `block`.
+
+    Quantized row-parallel weights add `group_bytes` (their scales and zero points) per started group of `group`
+    items; `group` divides `block`, so every rank's range starts on a group boundary and the count is exact.
+    """
 
     size: int
     block: int
     weight_bytes: int  # per item, all layers
     read_bytes: int  # per item: what a batch-1 decode step streams of its weights
     cache_bytes: int = 0  # per item, all layers (KV heads only)
+    group: int = 1
+    group_bytes: int = 0  # per group of `group` items, all layers (streamed too)
 
-    @property
-    def item_bytes(self) -> int:
-        return self.weight_bytes + self.cache_bytes
+    def weights(self, n: int) -> int:
+        """Weight bytes of n items starting on a block boundary."""
+        return n * self.weight_bytes + -(-n // self.group) * self.group_bytes
+
+    def reads(self, n: int) -> int:
+        return n * self.read_bytes + -(-n // self.group) * self.group_bytes
+
+    def total(self, n: int) -> int:
+        return self.weights(n) + n * self.cache_bytes
 
     @property
     def block_bytes(self) -> int:
-        return self.block * self.item_bytes
+        return self.total(self.block)
 
     def ranges(self, blocks: Sequence[int]) -> list[range]:
         """Block counts per rank -> contiguous item ranges; the last block of the dimension may be partial."""
@@ -170,23 +160,76 @@ class _Piece:
         return [range(a, b) for a, b in zip(bounds, bounds[1:])]
 
 
-def _pieces(config: ModelConfig, max_context: int, max_batch: int, nbytes: int, mlp_block: int, vocab_block: int,
-            quant: QuantScheme | None = None):
+def _group_entry(quant: QuantConfig, nbytes: int) -> int:
+    """Bytes per output row and group of an integer-quantized matrix: its scale (and zero point), model dtype."""
+    return nbytes * (1 if quant.symmetric else 2)
+
+
+def _quant_row_bytes(quant: QuantConfig, width: int, nbytes: int) -> int:
+    """One output row of a quantized matrix holding all `width` of its input columns (column-parallel): packed
+    values and the row's scales (float8: one float32 scale per row; per-tensor scales become per-row when the
+    q/k/v or gate/up parts fuse)."""
+    if quant.kind == "fp8":
+        return width + 4
+    groups = -(-width // quant.group_size) if quant.group_size else 1
+    return -(-width * quant.bits // 32) * 4 + groups * _group_entry(quant, nbytes)
+
+
+def quant_replicated_bytes(config: ModelConfig, dtype: str) -> int:
+    """Quantization data every rank holding a share of the layers keeps whole, whatever its share.
+
+    Row-parallel layers (o_proj, down_proj) with one scale per output row hold all of them on every rank; act-order
+    checkpoints keep the column groups of q/k/v and gate/up (their input is every column) and, for o_proj, whose
+    columns stay in head order, scales for up to every group; and an o_proj split at head boundaries that are not
+    group boundaries shares one group's scales between two ranks. (Every decoder Linear is counted as quantized.)
+    """
+    q, nbytes, h, L = config.quant, DTYPE_BYTES[dtype], config.hidden_size, config.num_layers
+    if q is None:
+        return 0
+    if q.kind == "fp8":
+        return L * 2 * (4 if q.per_tensor else 4 * h)
+    entry = _group_entry(q, nbytes)
+    if q.group_size is None:
+        return L * 2 * h * entry
+    o_cols = config.num_heads * config.head_dim
+    if q.act_order:
+        return L * (2 * h * 4 + h * -(-o_cols // q.group_size) * entry)
+    return L * h * entry if (config.q_per_kv * config.head_dim) % q.group_size else 0
+
+
+def _mlp_block(config: ModelConfig, mlp_block: int) -> int:
+    """MLP columns move in blocks of whole quantization groups of down_proj."""
+    q = config.quant
+    return math.lcm(mlp_block, q.group_size) if q is not None and q.group_size else mlp_block
+
+
+def _pieces(config: ModelConfig, max_context: int, max_batch: int, nbytes: int, mlp_block: int, vocab_block: int):
     h, d, q, layers = config.hidden_size, config.head_dim, config.q_per_kv, config.num_layers
-
-    def matrix(weights: int, in_features: int) -> Fraction:  # bytes of `weights` entries of a matrix
-        return weights * (quant.weight_bytes(in_features, nbytes) if quant else nbytes)
-
-    # One KV group: q and o_proj slices of its q query heads, its k and v rows (+ q/k/v biases), and its cache.
-    group = -(-layers * (matrix((q + 2) * d * h, h) + matrix(q * d * h, config.num_heads * d)
-                         + (q + 2) * d * config.attention_bias * nbytes) // 1)
-    cache = 2 * layers * max_batch * max_context * d
-    mlp = -(-layers * (matrix(2 * h, h) + matrix(h, config.intermediate_size)) // 1)  # gate, up and down per column
+    bias = (q + 2) * d * config.attention_bias * nbytes
+    cache = 2 * layers * max_batch * max_context * d * nbytes
+    quant, group, group_bytes = config.quant, 1, 0
+    if quant is None:
+        # One KV group: q and o_proj slices of its q query heads, its k and v rows (+ q/k/v biases), and its cache.
+        kv_group = layers * (2 * (q + 1) * d * h * nbytes + bias)
+        mlp = 3 * h * layers * nbytes  # gate, up and down per column
+    else:
+        row = _quant_row_bytes(quant, h, nbytes)  # a q/k/v or gate/up row
+        col = h if quant.kind == "fp8" else h * quant.bits // 8  # an o_proj or down_proj column's packed values
+        o_cols, o_scales, col_extra = q * d, 0, 0  # per-row scales of o_proj and down_proj are replicated
+        if quant.kind == "int" and quant.group_size:
+            if quant.act_order:
+                col_extra = 4  # o_proj keeps each column's group (int32); its scales are replicated
+            else:
+                o_scales = -(-o_cols // quant.group_size) * h * _group_entry(quant, nbytes)
+            group, group_bytes = quant.group_size, layers * h * _group_entry(quant, nbytes)  # down_proj's scales
+        kv_group = layers * ((q + 2) * d * row + o_cols * (col + col_extra) + o_scales + bias)
+        mlp = layers * (2 * row + col)
     # A step reads all of lm_head but only one embedding row per token: the embedding table is not streamed.
     vocab = (1 if config.tie_word_embeddings else 2) * h * nbytes
     return (
-        _Piece(config.num_kv_heads, 1, group, group, cache * nbytes),
-        _Piece(config.intermediate_size, mlp_block, mlp, mlp),
+        _Piece(config.num_kv_heads, 1, kv_group, kv_group, cache),
+        _Piece(config.intermediate_size, _mlp_block(config, mlp_block), mlp, mlp, group=group,
+               group_bytes=group_bytes),
         _Piece(config.vocab_size, vocab_block, vocab, h * nbytes),
     )
 
@@ -194,16 +237,18 @@ def _pieces(config: ModelConfig, max_context: int, max_batch: int, nbytes: int, 
 def replicated_overhead_bytes(config: ModelConfig, *, max_context: int, max_batch: int, dtype: str) -> int:
     """What every rank holds whatever its share: norm weights plus working buffers.
 
-    The buffers are one layer's activations for a prefill chunk of max_batch * min(max_context, PREFILL_CHUNK)
-    tokens at full width (residual, normed input, attention and MLP outputs, q/k/v, gate and up), an upper bound of
-    the local slices so that the overhead does not depend on the split it feeds, plus the gathered float32 logits of
-    one step. Attention scores are not counted: torch's fused SDPA kernels never materialise them.
+    Quantized models add what `quant_replicated_bytes` lists. The buffers are one layer's activations for a prefill
+    chunk of max_batch * min(max_context, PREFILL_CHUNK) tokens at full width (residual, normed input, attention and
+    MLP outputs, q/k/v, gate and up), an upper bound of the local slices so that the overhead does not depend on the
+    split it feeds, plus the gathered float32 logits of one step. Attention scores are not counted: torch's fused
+    SDPA kernels never materialise them.
     """
     nbytes = DTYPE_BYTES[dtype]
     tokens = max_batch * min(max_context, PREFILL_CHUNK)
     width = 4 * config.hidden_size + (config.num_heads + 2 * config.num_kv_heads) * config.head_dim
     norms = (2 * config.num_layers + 1) * config.hidden_size * nbytes
-    return norms + tokens * (width + 2 * config.intermediate_size) * nbytes + max_batch * config.vocab_size * 4
+    return (norms + quant_replicated_bytes(config, dtype) + tokens * (width + 2 * config.intermediate_size) * nbytes
+            + max_batch * config.vocab_size * 4)
 
 
 def _split(piece: _Piece, weights: Sequence[int]) -> list[int]:
@@ -229,8 +274,8 @@ def _speed_shares(room: Sequence[int], bandwidths: Sequence[float], pieces) -> l
     except ranks whose memory caps them below it: f_r = min(room_r / M, T * bw_r / R), with T the smallest time at
     which the fractions reach 1. The caller checked that sum(room) >= M, so that T exists.
     """
-    M = sum(p.size * p.item_bytes for p in pieces)
-    R = sum(p.size * p.read_bytes for p in pieces)
+    M = sum(p.total(p.size) for p in pieces)
+    R = sum(p.reads(p.size) for p in pieces)
     caps = [max(r, 0) / M for r in room]
     rates = [bw / R for bw in bandwidths]  # fraction per second of step time
     # g(T) = sum(min(cap, T * rate)) rises piecewise linearly; walk its breakpoints T_r = cap_r / rate_r.
@@ -247,14 +292,14 @@ def _speed_shares(room: Sequence[int], bandwidths: Sequence[float], pieces) -> l
 
 def _read_seconds(pieces, blocks, bandwidths: Sequence[float]) -> float:
     """The slowest rank's predicted step for a block assignment."""
-    reads = [sum(len(r) * p.read_bytes for p, r in zip(pieces, ranges))
+    reads = [sum(p.reads(len(r)) for p, r in zip(pieces, ranges))
              for ranges in zip(*(p.ranges(b) for p, b in zip(pieces, blocks)))]
     return max(read / bw for read, bw in zip(reads, bandwidths))
 
 
 def _usage(pieces, blocks, base: Sequence[int]) -> list[int]:
     """Bytes per rank: `base` plus each piece's share (exact, partial last block included)."""
-    per_piece = [[len(r) * p.item_bytes for r in p.ranges(b)] for p, b in zip(pieces, blocks)]
+    per_piece = [[p.total(len(r)) for r in p.ranges(b)] for p, b in zip(pieces, blocks)]
     return [b + sum(rank) for b, rank in zip(base, zip(*per_piece))]
 
 
@@ -305,24 +350,22 @@ def plan_shards(
     vocab_block: int = 64,
     bandwidths: Sequence[float] | None = None,
     split: str | None = None,
-    quant: str | None = None,
 ) -> ShardPlan:
     """Split `config` over ranks with `budgets` = (device, bytes) per rank; raise PlanError if it cannot fit.
 
     Every rank first pays the replicated overhead; what is left of each budget is its room. KV heads are split
     first (a unit is one KV group: its query heads' q/o weights, its k/v weights and its cache share), then MLP
-    columns in blocks of `mlp_block`, then vocab rows in blocks of `vocab_block`, each in proportion to the rank's
-    share. Rounding can leave a rank one block of each piece over its ideal share, which for KV groups may be more
-    than it has; such ranks hand blocks to ranks with headroom (see `_relieve`), KV groups first, so that the finer
-    MLP and vocab blocks can then fill the space the KV groups leave.
+    columns in blocks of `mlp_block` (widened to whole quantization groups of down_proj), then vocab rows in blocks
+    of `vocab_block`, each in proportion to the rank's share. Rounding can leave a rank one block of each piece over
+    its ideal share, which for KV groups may be more than it has; such ranks hand blocks to ranks with headroom (see
+    `_relieve`), KV groups first, so that the finer MLP and vocab blocks can then fill the space the KV groups leave.
 
     The shares follow `split`:
       memory  in proportion to each rank's room, so every device fills alike;
       speed   minimize the predicted batch-1 decode step, max over ranks of (weights read / bandwidth), subject
               to every rank's room (`_speed_shares`, exact in the continuous limit); of this and the memory split
               the one predicting the faster step after rounding to blocks is kept, so it is never slower.
-    The default is speed when `bandwidths` (bytes/s per rank) are given, else memory. `quant` (a QUANT_SCHEMES key)
-    counts the attention and MLP matrices at its bytes per weight.
+    The default is speed when `bandwidths` (bytes/s per rank) are given, else memory.
     """
     split = split or ("speed" if bandwidths is not None else "memory")
     if split not in SPLITS:
@@ -333,20 +376,17 @@ def plan_shards(
         raise ValueError("the speed split needs every device's memory bandwidth")
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"unsupported dtype {dtype!r}; choose one of {', '.join(DTYPE_BYTES)}")
-    if quant is not None and quant not in QUANT_SCHEMES:
-        raise ValueError(f"unknown quantization {quant!r}; choose one of {', '.join(QUANT_SCHEMES)}")
     for what, value in (("max_context", max_context), ("max_batch", max_batch), ("mlp_block", mlp_block),
                         ("vocab_block", vocab_block), ("number of devices", len(budgets))):
         if value < 1:
             raise ValueError(f"{what} must be at least 1, got {value}")
     names, caps = [name for name, _ in budgets], [cap for _, cap in budgets]
-    pieces = _pieces(config, max_context, max_batch, DTYPE_BYTES[dtype], mlp_block, vocab_block,
-                     QUANT_SCHEMES[quant] if quant else None)
+    pieces = _pieces(config, max_context, max_batch, DTYPE_BYTES[dtype], mlp_block, vocab_block)
     overhead = replicated_overhead_bytes(config, max_context=max_context, max_batch=max_batch, dtype=dtype)
     room = [cap - overhead for cap in caps]
-    sharded = sum(p.size * p.item_bytes for p in pieces)
+    sharded = sum(p.total(p.size) for p in pieces)
     cache = pieces[0].size * pieces[0].cache_bytes
-    stored = f"{dtype}, {quant}" if quant else dtype
+    stored = f"{dtype}, {config.quant.describe()}" if config.quant else dtype
     summary = (f"the model needs {format_bytes(sharded - cache)} of weights and {format_bytes(cache)} of KV cache "
                f"(max_context={max_context}, max_batch={max_batch}, {stored}), plus {format_bytes(overhead)} of norms "
                f"and working buffers on every device")
@@ -375,15 +415,15 @@ def plan_shards(
             RankShard(
                 rank=i, device=names[i], budget_bytes=caps[i], kv_heads=kv[i],
                 q_heads=range(kv[i].start * q, kv[i].stop * q), mlp_cols=mlp[i], vocab_rows=vocab[i],
-                weight_bytes=sum(len(r[i]) * p.weight_bytes for p, r in zip(pieces, (kv, mlp, vocab))),
+                weight_bytes=sum(p.weights(len(r[i])) for p, r in zip(pieces, (kv, mlp, vocab))),
                 kv_cache_bytes=len(kv[i]) * pieces[0].cache_bytes, overhead_bytes=overhead,
-                read_bytes=sum(len(r[i]) * p.read_bytes for p, r in zip(pieces, (kv, mlp, vocab))),
+                read_bytes=sum(p.reads(len(r[i])) for p, r in zip(pieces, (kv, mlp, vocab))),
                 bandwidth=bandwidths[i] if bandwidths is not None else None,
             )
             for i in range(len(caps))
         ),
-        dtype=dtype, max_context=max_context, max_batch=max_batch, mlp_block=mlp_block, vocab_block=vocab_block,
-        split=split, quant=quant,
+        dtype=dtype, max_context=max_context, max_batch=max_batch, mlp_block=pieces[1].block,
+        vocab_block=vocab_block, split=split, quant=config.quant.describe() if config.quant else None,
     )
 
 

@@ -84,13 +84,13 @@ class SafetensorsReader:
         self.handles = {f: safe_open(f, framework="pt") for f in set(self.files.values())}
         self.bar = tqdm(desc=desc, unit="B", unit_scale=True, disable=not progress, leave=False)
 
-    def read(self, s: Slice) -> torch.Tensor:
+    def read(self, s: Slice, *, stored: bool = False) -> torch.Tensor:
         sl = self.handles[self.files[s.name]].get_slice(s.name) if s.name in self.files else None
         check_slice(s, self.files, None if sl is None else tuple(sl.get_shape()))
         rows = slice(s.rows.start, s.rows.stop)
         t = sl[rows] if s.cols is None else sl[rows, s.cols.start:s.cols.stop]
         self.bar.update(t.numel() * t.element_size())
-        return t.to(self.device, self.dtype)
+        return t.to(self.device) if stored else t.to(self.device, self.dtype)
 
     def __enter__(self) -> SafetensorsReader:
         return self

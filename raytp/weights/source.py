@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 
 from raytp.model.config import ModelConfig
-from raytp.model.layers import WeightReader
-from raytp.model.layout import model_layout, whole_model
+from raytp.model.formats import WeightReader, stored_shapes
+from raytp.model.layout import Slice, model_layout, whole_model
 from raytp.weights.checkpoint import CheckpointError, SafetensorsReader, check_slice, read_header, tensor_files
 from raytp.weights.smollm2 import resolve_model
-from raytp.weights.synthetic import SyntheticReader, is_synthetic, split_quant, synthetic_config
+from raytp.weights.synthetic import SyntheticReader, is_synthetic, synthetic_config
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
@@ -43,11 +43,6 @@ class ModelSource:
         return self.path is None
 
     @property
-    def quant(self) -> str | None:
-        """The plan.QUANT_SCHEMES key of a synthetic model's matrices, None for the model dtype."""
-        return split_quant(self.spec)[1]
-
-    @property
     def tokenizer_dir(self) -> Path | None:
         return self.path
 
@@ -59,15 +54,16 @@ class ModelSource:
                desc: str = "loading") -> Iterator[WeightReader]:
         """What the layers read their slices through; with `progress`, a checkpoint shows the bytes it read."""
         if self.is_synthetic:
-            yield SyntheticReader(self.config(), dtype, device, self.quant)
+            yield SyntheticReader(self.config(), dtype, device)
             return
         with SafetensorsReader(self.path, dtype, device, progress=progress, desc=desc) as reader:
             yield reader
 
     def check(self) -> None:
         """Validate the model from its config and file headers alone, without reading weights: raises a ValueError
-        naming the file and the fix for bad JSON, an unsupported architecture, missing tokenizer files, a truncated
-        safetensors file, or a tensor config.json implies that is missing or of another shape."""
+        naming the file and the fix for bad JSON, an unsupported architecture or quantization, missing tokenizer
+        files, a truncated safetensors file, or a tensor config.json implies that is missing or of another shape
+        (for a quantized matrix: each tensor its format stores, packed values, scales, zero points, groups)."""
         config = self.config()
         if self.is_synthetic:
             return
@@ -83,4 +79,5 @@ class ModelSource:
                                       f"download the model again")
             shapes |= read_header(f)
         for s in model_layout(config, whole_model(config)).slices():
-            check_slice(s, files, shapes.get(s.name))
+            for name, shape in stored_shapes(s).items():
+                check_slice(Slice(name, shape, range(shape[0])), files, shapes.get(name))

@@ -3,7 +3,7 @@
     synthetic:llama-3.1-8b | synthetic:llama-3.1-70b | synthetic:llama-3.1-405b   the published HF configs
     synthetic:tiny                                                               a small config for tests
     synthetic:PATH/config.json                                                   any supported config.json
-    synthetic:NAME@w4a16 | @w8a16 | @fp8          the attention and MLP matrices quantized (plan.QUANT_SCHEMES)
+    synthetic:NAME@w4a16 | @w8a16 | @fp8          the attention and MLP matrices quantized (config.QUANT_PRESETS)
 
 Every weight is cut into fixed global blocks (one head of q/k/v/o, `BLOCK` rows of the MLP and the vocab) and
 each block is drawn from its own generator, seeded from (tensor name, block index). A rank draws only the blocks
@@ -11,14 +11,14 @@ that cover its slices, on its own device, so the concatenation over ranks is exa
 whatever the split. Values depend on the device type (CPU and CUDA generators differ): compare splits on one kind
 of device. Weights are N(0, 0.02^2), norms 1 + N(0, 0.02^2), so activations stay in range at any depth.
 
-Quantized, a matrix is drawn directly in its stored layout, in the same blocks: random packed words (every value
-equally likely) with scales that give the weights the same 0.02 spread, or FP8 values N(0, 1) with a per-row scale
-near 0.02. Scales are drawn in blocks of whole groups, so a row-parallel slice that starts mid-group (an MLP block
-of 64 columns in groups of 128) gets its groups' scales and an IntWeight.group_start.
+Quantized, a matrix is drawn directly as the tensors a compressed-tensors checkpoint stores for it (what
+`raytp.model.formats` reads), each in fixed tiles of TILE x TILE: random packed words (every value equally likely)
+with scales that give the weights the same 0.02 spread, or FP8 values N(0, 1) with a per-row scale near 0.02.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import zlib
@@ -26,16 +26,14 @@ from pathlib import Path
 
 import torch
 
-from raytp.model.config import ModelConfig
-from raytp.model.formats import FP8Weight, IntWeight
+from raytp.model.config import QUANT_PRESETS, ModelConfig
 from raytp.model.layout import Slice
-from raytp.parallel.plan import QUANT_SCHEMES, QuantScheme
 
 PREFIX = "synthetic:"
 BLOCK = 64  # MLP columns and vocab rows are drawn in blocks of this many (the last may be partial)
 SCALE = 0.02
 SEED = 20261121
-GROUP_BLOCK = 8  # quantization groups per block of drawn scales
+TILE = 256  # a quantized matrix's stored tensors are drawn in tiles of this many rows and stored columns
 
 _LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                 "original_max_position_embeddings": 8192}
@@ -69,22 +67,31 @@ def split_quant(model: str) -> tuple[str, str | None]:
     base, at, quant = model.rpartition("@")
     if not at or not is_synthetic(model):
         return model, None
-    if quant not in QUANT_SCHEMES:
+    if quant not in QUANT_PRESETS:
         raise ValueError(f"unknown quantization {quant!r} in {model!r}: use {base}@"
-                         f"{f', {base}@'.join(QUANT_SCHEMES)}, or no @ for the model dtype")
+                         f"{f', {base}@'.join(QUANT_PRESETS)}, or no @ for the model dtype")
     return base, quant
 
 
 def synthetic_config(model: str) -> ModelConfig:
     """`synthetic:NAME` or `synthetic:PATH/config.json` (with an optional @SCHEME) -> its ModelConfig."""
-    name = split_quant(model)[0].removeprefix(PREFIX)
-    if name in CONFIGS:
-        return ModelConfig.from_dict(CONFIGS[name])
+    base, quant = split_quant(model)
+    name = base.removeprefix(PREFIX)
     path = Path(name)
-    if path.is_file() or (path.is_dir() and (path / "config.json").is_file()):
-        return ModelConfig.from_file(path)
-    raise ValueError(f"unknown synthetic model {model!r}: use synthetic:{', synthetic:'.join(CONFIGS)} "
-                     f"or synthetic:PATH/config.json")
+    if name in CONFIGS:
+        config = ModelConfig.from_dict(CONFIGS[name])
+    elif path.is_file() or (path.is_dir() and (path / "config.json").is_file()):
+        config = ModelConfig.from_file(path)
+    else:
+        raise ValueError(f"unknown synthetic model {model!r}: use synthetic:{', synthetic:'.join(CONFIGS)} "
+                         f"or synthetic:PATH/config.json")
+    if quant:
+        return dataclasses.replace(config, quant=QUANT_PRESETS[quant])
+    if config.quant is not None:  # a quantized checkpoint's config.json: drawn in compressed-tensors' layout, groups
+        # in order (a random act-order index would not be a valid one)
+        quant = dataclasses.replace(config.quant, layout="compressed-tensors", zero_offset=0, act_order=False)
+        return dataclasses.replace(config, quant=quant)
+    return config
 
 
 def config_dict(name: str) -> dict:
@@ -120,6 +127,19 @@ class _Blocks:
         lo = span.start - first * block
         return full[lo : lo + len(span)].contiguous() if (lo, len(span)) != (0, full.shape[0]) else full
 
+    def tiles(self, name: str, shape: tuple[int, int], rows: range, cols: range | None, **draw) -> torch.Tensor:
+        """Rows `rows` and columns `cols` (None: all) of the 2-D tensor `name`, drawn in TILE x TILE tiles."""
+        cols = cols if cols is not None else range(shape[1])
+        if not rows or not cols:
+            return torch.empty((len(rows), len(cols)), dtype=draw.get("dtype") or self.dtype, device=self.device)
+        r0, c0, per_row = rows.start // TILE, cols.start // TILE, -(-shape[1] // TILE)
+        tile = lambda r, c: self.draw(name, r * per_row + c, (min(TILE, shape[0] - r * TILE),  # noqa: E731
+                                                              min(TILE, shape[1] - c * TILE)), **draw)
+        full = torch.cat([torch.cat([tile(r, c) for c in range(c0, (cols.stop - 1) // TILE + 1)], dim=1)
+                          for r in range(r0, (rows.stop - 1) // TILE + 1)])
+        r, c = rows.start - r0 * TILE, cols.start - c0 * TILE
+        return full[r:r + len(rows), c:c + len(cols)].contiguous()
+
 
 # Hugging Face tensor name -> the name its blocks are seeded from (kept from the first synthetic layout, so that
 # the same model draws the same weights as before)
@@ -140,20 +160,25 @@ class SyntheticReader:
 
     Attention tensors are cut in blocks of one head, the MLP and vocab in blocks of `BLOCK` rows. Row-parallel
     matrices (o_proj, down_proj, sliced by columns) are drawn as their transposes, so the blocks are rows there too.
+    A quantized matrix's stored tensors (weight_packed, weight_scale, weight_zero_point; float8 weight) are drawn in
+    tiles instead.
     """
 
-    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device, quant: str | None = None):
-        self.head_dim = config.head_dim
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device):
+        self.head_dim, self.quant = config.head_dim, config.quant
         self.blocks = _Blocks(dtype, torch.device(device))
-        self.quant = QUANT_SCHEMES[quant] if quant else None
 
-    def read(self, s: Slice) -> torch.Tensor | IntWeight | FP8Weight:
-        name, g = _seed_name(s.name), self.blocks
-        block = self.head_dim if ".self_attn." in s.name else BLOCK
+    def read(self, s: Slice, *, stored: bool = False) -> torch.Tensor:
+        module, _, suffix = s.name.rpartition(".")
+        g = self.blocks
         # outside inference mode: a peer may hand these tensors to a torch module as parameters
         with torch.inference_mode(False), torch.no_grad():
-            if self.quant and s.name.endswith("_proj.weight"):
-                return _quantized(g, name, s, block, self.quant)
+            quantized = self.quant is not None and module.endswith("_proj") and self.quant.quantizes(module)
+            if quantized and suffix != "bias":
+                t = self._stored(f"{_seed_name(module + '.weight')}.{suffix}", s, suffix)
+                return t if stored else t.to(g.dtype)
+            name = _seed_name(s.name)
+            block = self.head_dim if ".self_attn." in s.name else BLOCK
             if len(s.shape) == 1:
                 if name.endswith("norm"):
                     return g.draw(name, 0, s.shape, mean=1.0)
@@ -163,36 +188,14 @@ class SyntheticReader:
             assert len(s.rows) == s.shape[0], "row-parallel slices hold every output row"
             return g.rows(name, s.shape[1], block, s.cols, s.shape[0]).t().contiguous()
 
-
-def _quantized(g: _Blocks, name: str, s: Slice, block: int, scheme: QuantScheme) -> IntWeight | FP8Weight:
-    """Slice `s` of a matrix drawn in `scheme`'s stored layout: column-parallel slices (all inputs) in blocks of
-    output rows, row-parallel ones (all outputs) in blocks of input columns, like the dense weights."""
-    out_features, in_features = s.shape
-    cols = s.cols if s.cols is not None else range(in_features)
-    if scheme.float8:
-        scale = g.rows(name + ".scale", out_features, block, s.rows, 1, mean=SCALE, std=SCALE / 8,
-                       dtype=torch.float32)
-        if s.cols is None:
-            return FP8Weight(g.rows(name, out_features, block, s.rows, in_features, std=1.0,
-                                    dtype=torch.float32).to(torch.float8_e4m3fn), scale)
-        values = g.rows(name, in_features, block, cols, out_features, std=1.0, dtype=torch.float32)
-        return FP8Weight(values.t().contiguous().to(torch.float8_e4m3fn), scale)
-    per = 32 // scheme.bits
-    group_size = scheme.group_size or in_features
-    n_groups = -(-in_features // group_size)
-    # uniform values in [0, 2**bits) minus the midpoint have standard deviation ~2**bits / sqrt(12)
-    step = SCALE * 12 ** 0.5 / (1 << scheme.bits)
-    draw_scales = dict(mean=step, std=step / 8)
-    if s.cols is None:
-        packed = g.rows(name + ".packed", out_features, block, s.rows, in_features // per, dtype=torch.int32)
-        scales = g.rows(name + ".scales", out_features, block, s.rows, n_groups, **draw_scales)
-        return IntWeight(packed, scales, None, scheme.bits, group_size)
-    if block % per or cols.start % per or cols.stop % per:
-        raise ValueError(f"{s.name}: input columns [{cols.start}, {cols.stop}) in blocks of {block} do not fall "
-                         f"on the {per}-value words of {scheme.name}")
-    words = range(cols.start // per, cols.stop // per)
-    packed = g.rows(name + ".packed", in_features // per, block // per, words, out_features, dtype=torch.int32)
-    groups = range(cols.start // group_size, -(-cols.stop // group_size)) if cols else range(0)
-    scales = g.rows(name + ".scales", n_groups, GROUP_BLOCK, groups, out_features, **draw_scales)
-    return IntWeight(packed.t().contiguous(), scales.t().contiguous(), None, scheme.bits, group_size,
-                     group_start=cols.start - groups.start * group_size if cols else 0)
+    def _stored(self, name: str, s: Slice, suffix: str) -> torch.Tensor:
+        """A block of one tensor a compressed-tensors checkpoint stores for a quantized matrix, in its stored dtype."""
+        g, q = self.blocks, self.quant
+        if suffix in ("weight_packed", "weight_zero_point"):  # every value (and zero point) equally likely
+            return g.tiles(name, s.shape, s.rows, s.cols, dtype=torch.int32)
+        if q.kind == "int":  # weight_scale: uniform values in [0, 2**bits) less the midpoint have a spread of
+            step = SCALE * 12 ** 0.5 / (1 << q.bits)  # 2**bits / sqrt(12) steps
+            return g.tiles(name, s.shape, s.rows, s.cols, mean=step, std=step / 8)
+        if suffix == "weight":
+            return g.tiles(name, s.shape, s.rows, s.cols, std=1.0, dtype=torch.float32).to(torch.float8_e4m3fn)
+        return g.tiles(name, s.shape, s.rows, s.cols, mean=SCALE, std=SCALE / 8, dtype=torch.float32)

@@ -1,0 +1,74 @@
+"""The embedded SmolLM2 quantized with llmcompressor: `raytp pull smollm2 --quant SCHEME`.
+
+llmcompressor pins its own transformers, so it runs in a virtual environment of its own,
+`raytp_home()/venvs/llmcompressor-0.13.0`, made on first use (a plain venv into which pip installs the running
+torch version and llmcompressor: about a minute with a warm pip cache). It quantizes the float32 conversion of
+the embedded model with `llmcompressor_script.py` (the schemes are listed there) into
+`raytp_home()/models/smollm2-135m-instruct-SCHEME`, built next to its target and renamed into place, like the
+float model. llmcompressor 0.13 is pinned because it is the last release that writes act-order groups
+(`actorder="group"`, weight_g_idx); 0.14's compressed-tensors rejects them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from importlib.metadata import version
+from pathlib import Path
+
+from raytp.weights.smollm2 import _is_complete, _say, pull_smollm2, raytp_home
+
+SCHEMES = ("w4a16", "w4a16-noactorder", "w8a16", "fp8")
+LLMCOMPRESSOR = "llmcompressor==0.13.0"
+SCRIPT = Path(__file__).with_name("llmcompressor_script.py")
+
+
+def quantized_dir(scheme: str) -> Path:
+    return raytp_home() / "models" / f"smollm2-135m-instruct-{scheme}"
+
+
+def _run(cmd: list, what: str, progress: bool) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # nothing of this process's path leaks in
+    result = subprocess.run([str(c) for c in cmd], stdout=sys.stderr if progress else subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env)
+    if result.returncode != 0:
+        tail = result.stdout.strip()[-3000:] if result.stdout else "(its output is above)"
+        raise RuntimeError(f"{what} failed: `{' '.join(map(str, cmd))}` exited with {result.returncode}:\n{tail}")
+
+
+def llmcompressor_python(progress: bool = True) -> Path:
+    """The python of llmcompressor's own virtual environment, made on first use."""
+    venv = raytp_home() / "venvs" / LLMCOMPRESSOR.replace("==", "-")
+    python, done = venv / "bin" / "python", venv / ".complete"
+    if done.is_file():
+        return python
+    shutil.rmtree(venv, ignore_errors=True)  # a half-made environment from an interrupted pull
+    _say(f"raytp: installing {LLMCOMPRESSOR} into {venv} (once) ...", progress)
+    _run([sys.executable, "-m", "venv", venv], "making llmcompressor's virtual environment", progress)
+    torch_version = version("torch").split("+")[0]  # the one installed here: pip finds it cached or local
+    _run([python, "-m", "pip", "install", "--disable-pip-version-check", f"torch=={torch_version}", LLMCOMPRESSOR],
+         f"installing {LLMCOMPRESSOR}", progress)
+    done.touch()
+    return python
+
+
+def pull_quantized_smollm2(*schemes: str, progress: bool = True) -> list[Path]:
+    """The quantized SmolLM2 directories of `schemes`, making the missing ones in one llmcompressor run."""
+    unknown = [s for s in schemes if s not in SCHEMES]
+    if unknown:
+        raise ValueError(f"unknown quantization {unknown[0]!r}; choose one of {', '.join(SCHEMES)}")
+    missing = [s for s in schemes if not _is_complete(quantized_dir(s))]
+    if missing:
+        source, python = pull_smollm2(progress), llmcompressor_python(progress)
+        parent = quantized_dir(missing[0]).parent
+        with tempfile.TemporaryDirectory(dir=parent, prefix=".quantize-") as tmp:
+            _say(f"raytp: quantizing SmolLM2 ({', '.join(missing)}) with {LLMCOMPRESSOR} ...", progress)
+            _run([python, SCRIPT, source, tmp, *missing], "quantizing SmolLM2", progress)
+            for s in missing:
+                if not _is_complete(quantized_dir(s)):  # else another process finished first: keep its copy
+                    shutil.rmtree(quantized_dir(s), ignore_errors=True)
+                    os.rename(Path(tmp) / s, quantized_dir(s))
+    return [quantized_dir(s) for s in schemes]
