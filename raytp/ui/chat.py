@@ -184,4 +184,16 @@ def build_ui(driver) -> gr.Blocks:
         stop.click(None, cancels=running)
         clear.click(lambda: ([], [], ""), outputs=[turns, chatbot, status], cancels=running, queue=False)
         demo.load(cluster_view, outputs=[summary, table, widths, memory])
+    _poll_queue_calmly(demo)
     return demo
+
+
+QUEUE_IDLE_POLL_S = 0.05  # how often Gradio's idle queue looks for a new chat turn: at most this much added latency
+
+
+def _poll_queue_calmly(demo: gr.Blocks) -> None:
+    """Gradio's queue polls for work every 1 ms and for progress every 10 ms, even with nobody connected: 2-3% of
+    a core in an idle server (tests/test_idle.py). It has no public setting; a chat turn starting up to 50 ms later
+    is not noticed, its tokens then stream without this poll."""
+    demo._queue.sleep_when_free = QUEUE_IDLE_POLL_S
+    demo._queue.progress_update_sleep_when_free = 10 * QUEUE_IDLE_POLL_S
