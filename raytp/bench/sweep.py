@@ -21,9 +21,10 @@ What is measured on each group:
                  every timed step decodes the whole batch; the median run is kept
     prefill      one request of the prompt length, from the moment the leader queues it to its first token, on the
                  leader's clock (median of `repeats`)
-    roofline     the bytes each rank must read per decode step (its weights bar the embedding, plus its KV cache at
-                 the mean context) over its measured bandwidth; the slowest rank's time over the measured ms/step
-                 is the fraction of the memory roofline reached
+    roofline     the bytes each rank must read per decode step (its weights bar the embedding, as the planner counts
+                 them in the group's quantization, plus its KV cache at the mean context) over its measured
+                 bandwidth; the slowest rank's time over the measured ms/step is the fraction of the memory
+                 roofline reached
     breakdown    an estimate, not a profile: compute = the roofline time, all-reduce = the measured latency at the
                  decode message size x the all-reduces of one step (2 per layer + the embedding's), overhead = the
                  measured step minus both
@@ -149,14 +150,11 @@ def _profile_decode(group: WorkerGroup, batch: int, prompt_len: int, steps: int,
 
 
 def _read_bytes_per_step(config: ModelConfig, plan: ShardPlan, batch: int, context: float) -> list[int]:
-    """Bytes each rank reads in one decode step: weights except the embedding table, plus its KV cache."""
+    """Bytes each rank reads in one decode step: the weights the planner says a step streams (all but the embedding
+    table; quantized ones as stored: packed values, scales, zero points), plus its KV cache, in the model dtype."""
     nbytes = DTYPE_BYTES[plan.dtype]
-    out = []
-    for r in plan.ranks:
-        embed = 0 if config.tie_word_embeddings else len(r.vocab_rows) * config.hidden_size * nbytes
-        kv = int(batch * context * 2 * config.num_layers * len(r.kv_heads) * config.head_dim * nbytes)
-        out.append(r.weight_bytes - embed + kv)
-    return out
+    return [r.read_bytes + int(batch * context * 2 * config.num_layers * len(r.kv_heads) * config.head_dim * nbytes)
+            for r in plan.ranks]
 
 
 def allreduces_per_step(config: ModelConfig) -> int:
