@@ -21,7 +21,7 @@ import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-from raytp.model.config import QUANT_PRESETS
+from raytp.model.config import NO_QUANT, QUANT_PRESETS
 from raytp.parallel.devices import DeviceSpecError, format_bytes, is_auto, parse_devices
 from raytp.weights.smollm2_quantized import SCHEMES as PULL_SCHEMES
 
@@ -52,15 +52,25 @@ class DriverDied(Exception):
     """The driver actor is gone while serving; printed as one line, exit status 1."""
 
 
-def _model_args(p: argparse.ArgumentParser, max_batch: int, split_list: bool = False) -> None:
+def _model_args(p: argparse.ArgumentParser, max_batch: int, sweep: bool = False) -> None:
+    """The model and its placement; with `sweep` (bench), --quant and --split take comma-separated lists to compare."""
     p.add_argument("--model", default="smollm2", help="smollm2 or a Hugging Face model directory (default: smollm2)")
     p.add_argument("--devices", default="auto", help="device SPEC, see below (default: auto)")
     p.add_argument("--dtype", default="bfloat16", choices=DTYPES, help="weights and activations (default: bfloat16)")
-    p.add_argument("--quant", default=None, choices=tuple(QUANT_PRESETS),
-                   help="quantize a synthetic model's attention and MLP weights (same as --model synthetic:NAME@QUANT)")
+    if sweep:
+        p.add_argument("--quant", default=None, metavar="QUANT,...",
+                       help=f"comma-separated weight quantizations of a synthetic model to compare, of {NO_QUANT} "
+                            f"(every weight in --dtype) and {', '.join(QUANT_PRESETS)} (its attention and MLP weights "
+                            "quantized, as --model synthetic:NAME@QUANT); each device set runs each quantization, "
+                            "and every table and plot shows each (quantization, backend) as its own series, e.g. "
+                            f"--quant {NO_QUANT},w4a16 (default: the model as given)")
+    else:
+        p.add_argument("--quant", default=None, choices=tuple(QUANT_PRESETS),
+                       help="quantize a synthetic model's attention and MLP weights (same as --model "
+                            "synthetic:NAME@QUANT)")
     p.add_argument("--max-context", type=int, default=2048, help="tokens per sequence, prompt included (default: 2048)")
     p.add_argument("--max-batch", type=int, default=max_batch, help=f"concurrent sequences (default: {max_batch})")
-    if split_list:
+    if sweep:
         p.add_argument("--split", default=None, help="comma-separated splits to compare, of memory and speed "
                        "(default: each configuration's own default)")
     else:
@@ -160,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmark sweep: decode and prefill tokens/s, all-reduce latency, roofline; "
                        "CSV, JSON, markdown summary and plots", **kw)
-    _model_args(p, max_batch=0, split_list=True)
+    _model_args(p, max_batch=0, sweep=True)
     p.add_argument("--devices-sweep", default=None, metavar="SPEC;SPEC...",
                    help='device SPECs separated by ";", one configuration each, e.g. '
                         '"cuda*1;cuda*2;cuda*4;cuda:0@48GiB,cuda:1@141GiB" (default: --devices alone)')
@@ -520,7 +530,7 @@ def _bench_command(args, specs: list[str]) -> str:
              args.prompt_len, "--decode-tokens", str(args.decode_tokens), "--repeats", str(args.repeats),
              "--allreduce-sizes", args.allreduce_sizes, "--allreduce-iters", str(args.allreduce_iters),
              *args.options.flags()]
-    optional = {"--split": args.split, "--out": args.out}
+    optional = {"--quant": args.quant, "--split": args.split, "--out": args.out}
     parts += [x for flag, value in optional.items() if value for x in (flag, value)]
     switches = [flag for flag, on in (("--share-gpus", args.share_gpus), ("--no-p2p", args.no_p2p),
                                       ("--hf-peer", args.hf_peer), ("--profile-traces", args.profile_traces)) if on]
@@ -561,10 +571,10 @@ def cmd_bench(args) -> None:
     for spec in specs:  # a typo fails now, not after the configurations before it ran
         if not is_auto(spec):
             parse_devices(spec)
-    config = ModelSource.parse(args.model).config()  # checked before Ray by _check_args
+    config = ModelSource.parse(args.models[0]).config()  # checked before Ray by _check_args
     widest = max(specs, key=lambda s: 1 if is_auto(s) else sum(d.kind == "cpu" for d in parse_devices(s)))
     with ray_session(args.address, widest):
-        sweep = Sweep(model=args.model, device_sets=tuple((s, _devices(s)) for s in specs), comms=tuple(comms),
+        sweep = Sweep(models=tuple(args.models), device_sets=tuple((s, _devices(s)) for s in specs), comms=tuple(comms),
                       batches=tuple(batches), prompt_lens=tuple(prompt_lens), dtype=args.dtype,
                       decode_tokens=args.decode_tokens, repeats=args.repeats, max_context=args.max_context,
                       max_batch=args.max_batch, allreduce_sizes=tuple(sizes), allreduce_iters=args.allreduce_iters,
@@ -573,11 +583,12 @@ def cmd_bench(args) -> None:
                       trace_dir=str(Path(args.out) / "traces") if args.profile_traces else None)
         with tqdm(total=sweep.size, desc="raytp bench", unit="config", file=sys.stderr) as bar:
             def on_row(o):
-                bar.set_postfix_str(f"{o['devices']} {o['comm']} p{o['prompt_len']} b{o['batch']}: {o['status']}")
+                bar.set_postfix_str(f"{o['devices']} {o['quant']} {o['comm']} p{o['prompt_len']} b{o['batch']}: "
+                                    f"{o['status']}")
                 bar.update()
                 if o["status"] != "ok" and o["batch"] == batches[0]:
-                    tqdm.write(f"raytp: {o['status']} {o['devices']} --comm {o['comm']} --prompt-len "
-                               f"{o['prompt_len']}: {o['reason']}", file=sys.stderr)
+                    tqdm.write(f"raytp: {o['status']} {o['devices']} quant {o['quant']} --comm {o['comm']} "
+                               f"--prompt-len {o['prompt_len']}: {o['reason']}", file=sys.stderr)
 
             def meta(runs: list[dict], peer_note: str = "") -> dict:
                 return {"command": _bench_command(args, specs), "model": args.model, "dtype": args.dtype,
@@ -590,7 +601,7 @@ def cmd_bench(args) -> None:
                 if args.out:
                     write_report(args.out, so_far, meta(so_far["runs"]))
 
-            result = run_sweep(sweep, config, on_row=on_row, on_config=on_config,
+            result = run_sweep(sweep, on_row=on_row, on_config=on_config,
                                on_run=lambda res: tqdm.write(format_results(res) + "\n", file=sys.stdout))
         peer, peer_note = peer_rows(sweep, result, config) if args.hf_peer else ({}, "")
         final_meta = meta(result["runs"], peer_note)
@@ -600,8 +611,9 @@ def cmd_bench(args) -> None:
         print(f"raytp: wrote {', '.join(p.name for p in paths)} to {args.out}", file=sys.stderr)
     broken = [o for o in failed if o["status"] == "failed"]
     if broken:
-        raise UserError(f"{len(broken)} of {sweep.size} configurations failed; the first: {broken[0]['devices']} "
-                        f"--comm {broken[0]['comm']}: {broken[0]['reason']}")
+        first = broken[0]
+        raise UserError(f"{len(broken)} of {sweep.size} configurations failed; the first: {first['devices']} quant "
+                        f"{first['quant']} --comm {first['comm']}: {first['reason']}")
 
 
 def _check_port(host: str, port: int) -> None:
@@ -728,19 +740,42 @@ def _check_args(args) -> None:
             _sampling(args)  # the rules live in SamplingParams alone; its message names the value
         except ValueError as e:
             raise UserError(str(e)) from None
-    if args.quant:
-        if not args.model.startswith("synthetic:") or "@" in args.model:
-            raise UserError(f"--quant {args.quant} applies to a synthetic model without an @ suffix, not "
-                            f"{args.model!r}; a checkpoint's quantization comes from its config.json")
-        args.model = f"{args.model}@{args.quant}"  # the spec carries it to every rank
-    _check_model(args.model)
+    if args.command == "bench":
+        args.models = _bench_models(args.model, args.quant)
+    elif args.quant:
+        args.model = _quantized(args.model, args.quant, args.quant)
+    for model in getattr(args, "models", [args.model]):
+        _check_model(model)
     if getattr(args, "hf_peer", False):
         from raytp.weights.source import ModelSource
 
-        quant = ModelSource.parse(args.model).config().quant
-        if quant is not None:
-            raise UserError(f"--hf-peer runs transformers on dense weights; {args.model!r} is quantized "
-                            f"({quant.describe()})")
+        for model in args.models:
+            quant = ModelSource.parse(model).config().quant
+            if quant is not None:
+                raise UserError(f"--hf-peer runs transformers on dense weights; {model!r} is quantized "
+                                f"({quant.describe()})")
+
+
+def _quantized(model: str, quant: str, given: str) -> str:
+    """The spec that carries --quant `quant` to every rank: `model`@`quant` (for none, `model` itself); `given` is
+    the --quant text, for the message."""
+    if not model.startswith("synthetic:") or "@" in model:
+        raise UserError(f"--quant {given} applies to a synthetic model without an @ suffix, not {model!r}; a "
+                        "checkpoint's quantization comes from its config.json")
+    return model if quant == NO_QUANT else f"{model}@{quant}"
+
+
+def _bench_models(model: str, text: str | None) -> list[str]:
+    """`raytp bench --quant a,b,...`: the model spec of each quantization, in order; without --quant, `model` alone."""
+    if text is None:
+        return [model]
+    choices = (NO_QUANT, *QUANT_PRESETS)
+    quants = [q.strip() for q in text.split(",") if q.strip()]
+    bad = [q for q in quants if q not in choices]
+    if bad or not quants:
+        what = f"unknown quantization {bad[0]!r}" if bad else "no quantization"
+        raise UserError(f"--quant {text!r}: {what}; give comma-separated quantizations of {', '.join(choices)}")
+    return [_quantized(model, q, text) for q in dict.fromkeys(quants)]
 
 
 def _user_message(e: BaseException) -> str | None:

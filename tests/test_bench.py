@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -70,7 +71,7 @@ def test_bench_sweep_writes_csv_json_summary_and_plots(smollm2_dir, tmp_path):
     assert len(res["rows"]) == len(rows) and len(res["runs"]) == 3
     summary = (out / "summary.md").read_text()
     assert "overhead = the measured step - compute - all-reduce" in summary
-    assert "`cpu*2` --comm nccl, prompt 8: **skipped**" in summary
+    assert "`cpu*2` quant none, --comm nccl, prompt 8: **skipped**" in summary
     for name in PLOTS:
         image = matplotlib.image.imread(out / name)
         assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100, name
@@ -126,16 +127,83 @@ def test_bench_profile_on_two_cpu_ranks(tmp_path):
         assert p["trace"].endswith(f"rank{rank}.json.gz") and STEP_MARK in trace
     summary = (out / "summary.md").read_text()
     table = summary.split("## Decode step profile")[1].split("##")[0]
-    assert [line.split(" | ")[4] for line in table.splitlines() if line.startswith("| `cpu*2`")] == ["0", "1"]
+    assert [line.split(" | ")[5] for line in table.splitlines() if line.startswith("| `cpu*2` | none |")] == ["0", "1"]
 
 
 def test_every_backends_latency_table_has_a_row_per_group_and_backend():
     from raytp.bench.report import _backends_table
 
-    runs = [{"spec": "cuda*2", "comm": "p2p", "backend_us": {"p2p": {"4096": 6.4}, "nccl": {"4096": 11.5}}},
-            {"spec": "cuda*2", "comm": "auto", "backend_us": {"nccl": {"4096": 12.9, "65536": 13.5}}},
-            {"spec": "cpu*2", "comm": "hoststaged", "backend_us": {}}]
+    runs = [{"spec": "cuda*2", "quant": "none", "comm": "p2p",
+             "backend_us": {"p2p": {"4096": 6.4}, "nccl": {"4096": 11.5}}},
+            {"spec": "cuda*2", "quant": "w4a16", "comm": "auto", "backend_us": {"nccl": {"4096": 12.9, "65536": 13.5}}},
+            {"spec": "cpu*2", "quant": "none", "comm": "hoststaged", "backend_us": {}}]
     table = _backends_table({"runs": runs})
-    assert table[0] == "| devices | group's --comm | backend | 4096 el. | 65536 el. |"
-    assert len(table) == 2 + 3 and "| `cuda*2` | auto | nccl | 12.9 | 13.5 |" in table
+    assert table[0] == "| devices | quant | group's --comm | backend | 4096 el. | 65536 el. |"
+    assert len(table) == 2 + 3 and "| `cuda*2` | w4a16 | auto | nccl | 12.9 | 13.5 |" in table
     assert _backends_table({"runs": runs[2:]}) == ["(no group of several GPUs on one node)"]
+
+
+def test_bench_sweeps_quantizations_side_by_side(tmp_path, monkeypatch):
+    """`--quant none,w4a16` at 1 and 2 CPU ranks: a row per (device set, quantization), each plot and the summary
+    show both series, and the w4a16 rows' roofline reads less by exactly what the planner counts."""
+    import csv
+
+    import matplotlib.figure
+
+    from raytp.parallel.plan import plan_shards
+    from raytp.weights.synthetic import synthetic_config
+
+    labels: dict[str, list[str]] = {}  # plot file -> its legend entries and axis tick labels
+    savefig = matplotlib.figure.Figure.savefig
+
+    def recording_savefig(fig, path, *args, **kwargs):
+        labels[Path(path).name] = [t.get_text() for ax in fig.axes for t in
+                                   (*(ax.get_legend().get_texts() if ax.get_legend() else ()), *ax.get_yticklabels())]
+        return savefig(fig, path, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", recording_savefig)
+    out = tmp_path / "quant"
+    rc = main(["bench", "--model", "synthetic:tiny", "--quant", "none,w4a16", "--devices-sweep", "cpu*1;cpu*2",
+               "--comm", "hoststaged", "--dtype", "float32", "--batch", "1", "--prompt-len", "8", "--decode-tokens",
+               "4", "--repeats", "1", "--allreduce-sizes", "512", "--allreduce-iters", "5", "--out", str(out)])
+    assert rc == 0
+    with open(out / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["devices"], r["quant"], r["status"]) for r in rows] == [
+        (spec, quant, "ok") for spec in ("cpu*1", "cpu*2") for quant in ("none", "w4a16")]
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert [(run["model"], run["quant"]) for run in runs] == [("synthetic:tiny", "none"),
+                                                               ("synthetic:tiny@w4a16", "w4a16")] * 2
+    for dense, quantized in (runs[0:2], runs[2:4]):
+        reads = {}
+        for run in (dense, quantized):  # the planner's own plan for the run's budgets, in its quantization
+            p = run["plan"]
+            plan = plan_shards(synthetic_config(run["model"]), [(r["device"], r["budget_bytes"]) for r in p["ranks"]],
+                               max_context=p["max_context"], max_batch=p["max_batch"], dtype=p["dtype"],
+                               split=p["split"])
+            assert [r.read_bytes for r in plan.ranks] == [r["read_bytes"] for r in p["ranks"]]
+            reads[run["quant"]] = (run["decode"][0]["read_bytes_per_step"], [r.read_bytes for r in plan.ranks])
+        (dense_step, dense_weights), (quant_step, quant_weights) = reads["none"], reads["w4a16"]
+        for rank in range(len(dense_step)):  # the same KV cache both ways: the weights make all the difference
+            assert dense_step[rank] - quant_step[rank] == dense_weights[rank] - quant_weights[rank] > 0
+    for dense, quantized in (rows[0:2], rows[2:4]):
+        assert int(quantized["read_bytes_per_step"]) < int(dense["read_bytes_per_step"])
+        assert float(quantized["roofline_tokens_per_s"]) > 0 and float(quantized["tokens_per_s"]) > 0
+    summary = (out / "summary.md").read_text()
+    assert "--quant none,w4a16" in summary.split("\n")[2]  # the command that reproduces the sweep
+    table = summary.split("## Quantizations side by side")[1].split("##")[0]
+    assert "| devices | ranks | backend | prompt | batch | none tokens/s | w4a16 tokens/s | w4a16 / none |" in table
+    assert [line.split(" | ")[0] for line in table.splitlines() if "x fewer bytes read)" in line] == ["| `cpu*1`",
+                                                                                              "| `cpu*2`"]
+    for name, wanted in (("scaling.png", "{} measured"), ("prefill.png", "{}, prompt 8")):
+        for quant in ("none", "w4a16"):
+            assert wanted.format(f"{quant}, hoststaged, memory split") in labels[name], (name, labels[name])
+    assert {"cpu*2 none hoststaged p8 b1", "cpu*2 w4a16 hoststaged p8 b1"} <= set(labels["breakdown.png"])
+
+
+def test_rows_name_a_checkpoints_own_quantization_not_a_preset_it_does_not_match():
+    from raytp.model.config import QUANT_PRESETS, QuantConfig, quant_name
+
+    assert quant_name(None) == "none" and quant_name(QUANT_PRESETS["w4a16"]) == "w4a16"
+    own = QuantConfig("int", 4, 128, ignore=("lm_head",))  # llmcompressor's W4A16 as a checkpoint states it
+    assert quant_name(own) == own.describe() == "w4a16 int, groups of 128, symmetric"

@@ -68,8 +68,28 @@ def test_bad_profile_arguments(args, named):
     assert named in line, line
 
 
+@pytest.mark.parametrize("quant, named", [
+    ("none,w5a16", "unknown quantization 'w5a16'"),
+    ("int4", "unknown quantization 'int4'"),
+    (",", "no quantization"),
+])
+def test_bench_refuses_a_quantization_it_does_not_know(quant, named):
+    line = refused("bench", "--model", "synthetic:tiny", "--quant", quant, *SMALL)
+    assert named in line and "of none, w4a16, w8a16, fp8" in line, line
+
+
+def test_bench_quant_list_becomes_one_model_spec_per_quantization():
+    assert cli._bench_models("synthetic:tiny", None) == ["synthetic:tiny"]
+    assert cli._bench_models("synthetic:tiny@w8a16", None) == ["synthetic:tiny@w8a16"]  # the @ suffix alone
+    assert cli._bench_models("synthetic:tiny", "w4a16") == ["synthetic:tiny@w4a16"]
+    assert cli._bench_models("synthetic:tiny", " none, w4a16,none") == ["synthetic:tiny", "synthetic:tiny@w4a16"]
+    for model in ("synthetic:tiny@w4a16", "smollm2"):
+        with pytest.raises(cli.UserError, match="applies to a synthetic model without an @ suffix"):
+            cli._bench_models(model, "none,w4a16")
+
+
 def test_hf_peer_refuses_a_quantized_model(torch_import_s):
-    line = refused("bench", "--model", "synthetic:tiny", "--quant", "w4a16", "--hf-peer", *SMALL,
+    line = refused("bench", "--model", "synthetic:tiny", "--quant", "none,w4a16", "--hf-peer", *SMALL,
                    extra_s=torch_import_s)
     assert "--hf-peer runs transformers on dense weights" in line and "w4a16" in line, line
 

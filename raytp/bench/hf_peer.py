@@ -121,7 +121,7 @@ def peer_rows(sweep, result, config) -> tuple[dict, str]:
             prompts = {b: [r.prompt_ids for r in random_requests(b, o["prompt_len"], 1, config.vocab_size, "hf")]
                        for b in sweep.batches}
             try:
-                done[key] = run_peer(sweep.model, sweep.dtype, kind, list(sweep.batches), prompts,
+                done[key] = run_peer(run["model"], sweep.dtype, kind, list(sweep.batches), prompts,
                                      sweep.decode_tokens, sweep.repeats)
             except Exception as e:  # noqa: BLE001 - the peer is a comparison: its failure is reported, not fatal
                 print(f"raytp: the HF peer on {o['devices']} failed: {e}", file=sys.stderr)

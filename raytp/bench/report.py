@@ -1,12 +1,13 @@
 """The files of a `raytp bench` sweep: results.csv, results.json, summary.md and four PNG plots.
 
-    results.csv    one row per configuration (device set x backend x prompt length x batch), `COLUMNS` in order;
-                   skipped and failed configurations too, with the reason
+    results.csv    one row per configuration (device set x quantization x backend x prompt length x batch), `COLUMNS`
+                   in order; skipped and failed configurations too, with the reason
     results.json   the same rows, the full measurements of every group (plan, per-rank figures, all-reduce latency
                    per size, greedy tokens) and how the sweep was run
-    summary.md     the table, what was skipped and why, the per-rank step profiles (`raytp bench --profile`), how
-                   each figure is obtained, the plots
-    scaling.png    decode tokens/s against rank count, with ideal linear scaling and the memory roofline
+    summary.md     the table, the quantizations side by side (when several ran), what was skipped and why, the
+                   per-rank step profiles (`raytp bench --profile`), how each figure is obtained, the plots
+    scaling.png    decode tokens/s against rank count, with ideal linear scaling and the memory roofline, one series
+                   per (quantization, backend)
     breakdown.png  ms per decode step split into compute, all-reduce and overhead (estimated, see `NOTES`)
     allreduce.png  all-reduce latency against message size, per backend and rank count
     prefill.png    prefill tokens/s against rank count
@@ -21,13 +22,15 @@ import json
 from pathlib import Path
 
 from raytp.bench.profile import CLASSES, LABELS
+from raytp.model.config import NO_QUANT
 from raytp.parallel.plan import DTYPE_BYTES
 
 COLUMNS = [
-    "devices", "ranks", "nodes", "comm", "backend", "split", "dtype", "prompt_len", "batch", "decode_tokens", "status",
-    "reason", "ms_per_token", "tokens_per_s", "ideal_tokens_per_s", "scaling_efficiency", "roofline_tokens_per_s",
-    "roofline_fraction", "compute_ms", "allreduce_ms", "overhead_ms", "allreduces_per_step", "allreduce_us",
-    "prefill_ms", "prefill_tokens_per_s", "hf_tokens_per_s", "hf_same_tokens", "build_s",
+    "devices", "ranks", "nodes", "comm", "backend", "split", "dtype", "quant", "prompt_len", "batch", "decode_tokens",
+    "status", "reason", "ms_per_token", "tokens_per_s", "ideal_tokens_per_s", "scaling_efficiency",
+    "roofline_tokens_per_s", "roofline_fraction", "read_bytes_per_step", "compute_ms", "allreduce_ms", "overhead_ms",
+    "allreduces_per_step", "allreduce_us", "prefill_ms", "prefill_tokens_per_s", "hf_tokens_per_s", "hf_same_tokens",
+    "build_s",
 ]
 PLOTS = ("scaling.png", "breakdown.png", "allreduce.png", "prefill.png")
 
@@ -35,11 +38,18 @@ NOTES = """\
 - **tokens/s**: batch x 1000 / ms per decode step. Each step decodes one token for every request of the batch, so
   ms/token is the step time a single request sees. Steps are timed on the leader rank, only those in which the
   whole batch decodes, after one warm-up run per batch size; the median of the repeats is kept.
-- **ideal**: the run with the fewest ranks of the same backend, batch and prompt length, scaled linearly in the
-  rank count. **of ideal** = measured / ideal.
-- **roofline**: the bytes each rank must read per decode step (its weights bar the embedding table, plus its KV
-  cache at the mean context) divided by its measured memory bandwidth (a large device copy); the slowest rank sets
-  the step. roofline tokens/s is what a step at that time would give.
+- **ideal**: the run with the fewest ranks of the same quantization, backend, batch and prompt length, scaled
+  linearly in the rank count. **of ideal** = measured / ideal.
+- **roofline**: the bytes each rank must read per decode step (its weights bar the embedding table, as the planner
+  counts them in the run's quantization: packed values, scales and zero points; plus its KV cache at the mean
+  context) divided by its measured memory bandwidth (a large device copy); the slowest rank sets the step.
+  roofline tokens/s is what a step at that time would give; read_bytes_per_step in results.csv is all ranks' bytes.
+- **quant**: `none` is every weight in the model dtype; w4a16, w8a16 and fp8 quantize the attention and MLP weights
+  (raytp.model.config.QUANT_PRESETS; embeddings, norms and lm_head stay in the model dtype). In the side-by-side
+  table each quantization's tokens/s is divided by the unquantized run's (or the first quantization's where none
+  ran unquantized) of the same device set, backend, prompt and batch; "fewer bytes read" compares their
+  read_bytes_per_step: the speed-up a decode bound by memory alone would get (the bytes, unlike the roofline
+  tokens/s, do not depend on the bandwidth each group measured).
 - **breakdown** (an estimate from separate measurements, not a profile of the step):
   compute = the roofline time above; all-reduce = the all-reduce latency measured on the idle group at the decode
   message size (batch x hidden elements, in the run's dtype, slowest rank) x the all-reduces of one step (one for
@@ -67,8 +77,9 @@ def build_rows(sweep: dict, peer: dict | None = None) -> list[dict]:
     rows = []
     for o in sweep["outcomes"]:
         row = dict.fromkeys(COLUMNS)
-        row |= {"devices": o["devices"], "comm": o["comm"], "split": o.get("split"), "prompt_len": o["prompt_len"],
-                "batch": o["batch"], "status": o["status"], "reason": o["reason"] or None}
+        row |= {"devices": o["devices"], "quant": o["quant"], "comm": o["comm"], "split": o.get("split"),
+                "prompt_len": o["prompt_len"], "batch": o["batch"], "status": o["status"],
+                "reason": o["reason"] or None}
         if o["run"] is not None:
             run = sweep["runs"][o["run"]]
             d = next(x for x in run["decode"] if x["batch"] == o["batch"])
@@ -76,7 +87,8 @@ def build_rows(sweep: dict, peer: dict | None = None) -> list[dict]:
                 "ranks": len(run["devices"]), "nodes": run["nodes"], "backend": run["backend"], "dtype": run["dtype"],
                 "decode_tokens": run["decode_tokens"], "ms_per_token": d["ms_per_step"],
                 "tokens_per_s": d["tokens_per_s"], "roofline_tokens_per_s": 1000 * d["batch"] / d["roofline_ms"],
-                "roofline_fraction": d["roofline_fraction"], "compute_ms": d["compute_ms"],
+                "roofline_fraction": d["roofline_fraction"], "read_bytes_per_step": sum(d["read_bytes_per_step"]),
+                "compute_ms": d["compute_ms"],
                 "allreduce_ms": d["allreduce_ms"], "overhead_ms": d["overhead_ms"],
                 "allreduces_per_step": run["allreduces_per_step"], "allreduce_us": d["allreduce_us"],
                 "prefill_ms": run["prefill"]["ms"], "prefill_tokens_per_s": run["prefill"]["tokens_per_s"],
@@ -90,13 +102,18 @@ def build_rows(sweep: dict, peer: dict | None = None) -> list[dict]:
     return rows
 
 
-def _variant(row: dict) -> str:
-    """What a series of the plots compares: the --comm asked for, and the split where one was chosen."""
+def _setup(row: dict) -> str:
+    """The --comm asked for, and the split where one was chosen."""
     return f"{row['comm']}, {row['split']} split" if row["split"] else row["comm"]
 
 
+def _variant(row: dict) -> str:
+    """What a series of the plots compares: the quantization and the setup."""
+    return f"{row['quant']}, {_setup(row)}"
+
+
 def _add_ideal(rows: list[dict]) -> None:
-    """ideal = the fewest-rank run of the same backend, batch and prompt length, scaled linearly in ranks."""
+    """ideal = the fewest-rank run of the same variant, batch and prompt length, scaled linearly in ranks."""
     ok = [r for r in rows if r["status"] == "ok"]
     for r in ok:
         peers = [p for p in ok if (_variant(p), p["dtype"], p["batch"], p["prompt_len"]) ==
@@ -136,7 +153,8 @@ def _unfinished(rows: list[dict], meta: dict) -> str:
 
 def summary_markdown(rows: list[dict], sweep: dict, meta: dict) -> str:
     ok = [r for r in rows if r["status"] == "ok"]
-    lines = [f"# raytp bench: {meta['model']}, {meta['dtype']}", "",
+    quants = list(dict.fromkeys(r["quant"] for r in rows))
+    lines = [f"# raytp bench: {meta['model']}, {meta['dtype']}, quantization {', '.join(quants)}", "",
              f"`{meta['command']}`", "",
              f"{meta['date']}; {meta['cluster']}; torch {meta['torch']}, ray {meta['ray']}. "
              f"{len(ok)} of {len(rows)} configurations ran{_unfinished(rows, meta)}; "
@@ -144,13 +162,14 @@ def summary_markdown(rows: list[dict], sweep: dict, meta: dict) -> str:
              f"{meta['repeats']} timed repeat(s) after a warm-up.", "",
              "## Decode and prefill", ""]
     hf = any(r["hf_tokens_per_s"] is not None for r in rows)
-    head = ["devices", "ranks", "nodes", "backend", "split", "prompt", "batch", "ms/token", "tokens/s", "of ideal",
-            "roofline tokens/s", "of roofline", "compute ms", "all-reduce ms", "overhead ms", "prefill tokens/s"]
+    head = ["devices", "ranks", "nodes", "quant", "backend", "split", "prompt", "batch", "ms/token", "tokens/s",
+            "of ideal", "roofline tokens/s", "of roofline", "compute ms", "all-reduce ms", "overhead ms",
+            "prefill tokens/s"]
     if hf:
         head += ["HF tokens/s", "HF same tokens"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in ok:
-        cells = [f"`{r['devices']}`", str(r["ranks"]), str(r["nodes"]), r["backend"], r["split"] or "-",
+        cells = [f"`{r['devices']}`", str(r["ranks"]), str(r["nodes"]), r["quant"], r["backend"], r["split"] or "-",
                  str(r["prompt_len"]),
                  str(r["batch"]), _fmt(r["ms_per_token"], 2), _fmt(r["tokens_per_s"]),
                  _fmt(r["scaling_efficiency"], 0, pct=True), _fmt(r["roofline_tokens_per_s"]),
@@ -159,6 +178,8 @@ def summary_markdown(rows: list[dict], sweep: dict, meta: dict) -> str:
         if hf:
             cells += [_fmt(r["hf_tokens_per_s"]), _fmt(r["hf_same_tokens"])]
         lines.append("| " + " | ".join(cells) + " |")
+    if len(quants) > 1:
+        lines += ["", "## Quantizations side by side (decode tokens/s)", ""] + _quant_table(ok)
     not_run = [r for r in rows if r["status"] != "ok"]
     if not_run:
         lines += ["", "## Skipped and failed", ""]
@@ -167,8 +188,8 @@ def summary_markdown(rows: list[dict], sweep: dict, meta: dict) -> str:
             key = (r["devices"], _variant(r), r["prompt_len"], r["reason"])
             if key not in seen:  # one line per group, not per batch size
                 seen.add(key)
-                lines.append(f"- `{r['devices']}` --comm {r['comm']}, prompt {r['prompt_len']}: **{r['status']}**: "
-                             f"{r['reason']}")
+                lines.append(f"- `{r['devices']}` quant {r['quant']}, --comm {r['comm']}, prompt {r['prompt_len']}: "
+                             f"**{r['status']}**: {r['reason']}")
     if any("profile" in d for run in sweep["runs"] for d in run["decode"]):
         lines += ["", "## Decode step profile (torch.profiler, per rank; ms per step and share)", ""]
         lines += _profile_table(sweep)
@@ -182,16 +203,43 @@ def summary_markdown(rows: list[dict], sweep: dict, meta: dict) -> str:
     return "\n".join(lines)
 
 
+def _quant_table(ok: list[dict]) -> list[str]:
+    """Per (device set, setup, prompt, batch): each quantization's tokens/s, and each one's ratio to the base (the
+    unquantized run, else the sweep's first quantization) beside how many times fewer bytes its step reads."""
+    quants = list(dict.fromkeys(r["quant"] for r in ok))
+    base = NO_QUANT if NO_QUANT in quants else quants[0]
+    others = [q for q in quants if q != base]
+    cells: dict[tuple, dict[str, dict]] = {}
+    for r in sorted(ok, key=lambda r: r["ranks"]):
+        cells.setdefault((r["devices"], r["ranks"], _setup(r), r["prompt_len"], r["batch"]), {})[r["quant"]] = r
+
+    def ratio(by: dict, q: str) -> str:
+        if q not in by or base not in by:
+            return "-"
+        return (f"{by[q]['tokens_per_s'] / by[base]['tokens_per_s']:.2f}x ("
+                f"{by[base]['read_bytes_per_step'] / by[q]['read_bytes_per_step']:.2f}x fewer bytes read)")
+
+    head = ["devices", "ranks", "backend", "prompt", "batch", *(f"{q} tokens/s" for q in quants),
+            *(f"{q} / {base}" for q in others)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (spec, ranks, setup, prompt, batch), by in cells.items():
+        row = [f"`{spec}`", str(ranks), setup, str(prompt), str(batch),
+               *(_fmt(by[q]["tokens_per_s"]) if q in by else "-" for q in quants), *(ratio(by, q) for q in others)]
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
 def _profile_table(sweep: dict) -> list[str]:
     """One row per rank of every profiled (run, batch): its mean step and each class's ms and share of it."""
-    head = ["devices", "backend", "prompt", "batch", "rank", "device", "decode", "timed ms/step", "step ms",
+    head = ["devices", "quant", "backend", "prompt", "batch", "rank", "device", "decode", "timed ms/step", "step ms",
             *(LABELS[c] for c in CLASSES)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for run in sweep["runs"]:
         for d in run["decode"]:
             for rank, p in enumerate(d.get("profile", [])):
                 decode = p["decode"] + (" (no kernel traced)" if p["kernels_unseen"] else "")
-                cells = [f"`{run['spec']}`", run["backend"], str(run["prompt_len"]), str(d["batch"]), str(rank),
+                cells = [f"`{run['spec']}`", run["quant"], run["backend"], str(run["prompt_len"]), str(d["batch"]),
+                         str(rank),
                          f"{run['devices'][rank]} ({run['ranks'][rank]['device_name']})", decode,
                          _fmt(d["ms_per_step"], 2), _fmt(p["step_ms"], 2),
                          *(f"{p[f'{c}_ms']:.2f} ({100 * p[f'{c}_share']:.0f}%)" for c in CLASSES)]
@@ -223,15 +271,16 @@ def _allreduce_table(sweep: dict) -> list[str]:
 
 def _backends_table(sweep: dict) -> list[str]:
     """Each group's start-up timing of every backend that could run on it (one node of several GPUs only)."""
-    rows = [(run["spec"], run["comm"], name, us) for run in sweep["runs"]
+    rows = [(run["spec"], run["quant"], run["comm"], name, us) for run in sweep["runs"]
             for name, us in run.get("backend_us", {}).items()]
     if not rows:
         return ["(no group of several GPUs on one node)"]
     sizes = sorted({int(n) for *_, us in rows for n in us})
-    lines = ["| devices | group's --comm | backend | " + " | ".join(f"{n} el." for n in sizes) + " |",
-             "|" + "---|" * (3 + len(sizes))]
-    for spec, comm, name, us in rows:
-        lines.append(f"| `{spec}` | {comm} | {name} | " + " | ".join(_fmt(us.get(str(n))) for n in sizes) + " |")
+    lines = ["| devices | quant | group's --comm | backend | " + " | ".join(f"{n} el." for n in sizes) + " |",
+             "|" + "---|" * (4 + len(sizes))]
+    for spec, quant, comm, name, us in rows:
+        lines.append(f"| `{spec}` | {quant} | {comm} | {name} | " + " | ".join(_fmt(us.get(str(n))) for n in sizes)
+                     + " |")
     return lines
 
 
@@ -268,7 +317,7 @@ def _series(rows: list[dict], key) -> dict:
 
 
 def _plot_scaling(plt, path: Path, ok: list[dict]) -> None:
-    """One panel per (prompt length, batch); per backend: measured, ideal linear, roofline."""
+    """One panel per (prompt length, batch); per (quantization, backend): measured, ideal linear, roofline."""
     panels = _series(ok, lambda r: (r["prompt_len"], r["batch"]))
     prompts = sorted({p for p, _ in panels}) or [0]
     batches = sorted({b for _, b in panels}) or [0]
@@ -277,19 +326,19 @@ def _plot_scaling(plt, path: Path, ok: list[dict]) -> None:
     if not ok:
         _empty(axes[0][0], "decode run")
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    comms = sorted({_variant(r) for r in ok})
+    variants = sorted({_variant(r) for r in ok})
     for (prompt, batch), rs in panels.items():
         ax = axes[prompts.index(prompt)][batches.index(batch)]
-        for i, comm in enumerate(comms):
-            mine = [r for r in rs if _variant(r) == comm]
+        for i, variant in enumerate(variants):
+            mine = [r for r in rs if _variant(r) == variant]
             if not mine:
                 continue
             c = colors[i % len(colors)]
             x = [r["ranks"] for r in mine]
-            ax.plot(x, [r["tokens_per_s"] for r in mine], "o-", color=c, label=f"{comm} measured")
-            ax.plot(x, [r["ideal_tokens_per_s"] for r in mine], ":", color=c, label=f"{comm} ideal linear")
+            ax.plot(x, [r["tokens_per_s"] for r in mine], "o-", color=c, label=f"{variant} measured")
+            ax.plot(x, [r["ideal_tokens_per_s"] for r in mine], ":", color=c, label=f"{variant} ideal linear")
             ax.plot(x, [r["roofline_tokens_per_s"] for r in mine], "--", color=c, alpha=0.6,
-                    label=f"{comm} roofline")
+                    label=f"{variant} roofline")
             for r in mine:
                 if sum(p["ranks"] == r["ranks"] for p in mine) > 1:  # several device sets of one size: name them
                     ax.annotate(r["devices"], (r["ranks"], r["tokens_per_s"]), fontsize=6, xytext=(3, 3),
@@ -310,7 +359,7 @@ def _plot_scaling(plt, path: Path, ok: list[dict]) -> None:
 
 
 def _plot_breakdown(plt, path: Path, ok: list[dict]) -> None:
-    labels = [f"{r['devices']} {r['backend']} p{r['prompt_len']} b{r['batch']}" for r in ok]
+    labels = [f"{r['devices']} {r['quant']} {r['backend']} p{r['prompt_len']} b{r['batch']}" for r in ok]
     fig, ax = plt.subplots(figsize=(9, 1.2 + 0.35 * max(len(ok), 1)))
     if not ok:
         _empty(ax, "decode run")
@@ -362,9 +411,9 @@ def _plot_prefill(plt, path: Path, ok: list[dict]) -> None:
     series = _series(list(firsts.values()), lambda r: (_variant(r), r["prompt_len"]))
     if not series:
         _empty(ax, "prefill run")
-    for (comm, prompt), rs in sorted(series.items()):
+    for (variant, prompt), rs in sorted(series.items()):
         ax.plot([r["ranks"] for r in rs], [r["prefill_tokens_per_s"] for r in rs], "o-",
-                label=f"{comm}, prompt {prompt}")
+                label=f"{variant}, prompt {prompt}")
     if series:
         ax.set_xticks(sorted({r["ranks"] for r in firsts.values()}))
         ax.set_yscale("log")

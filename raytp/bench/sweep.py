@@ -1,10 +1,11 @@
 """`raytp bench`: decode and prefill speed, all-reduce latency and memory bandwidth, over a sweep of configurations.
 
-A sweep is every combination of device set (`--devices-sweep "cuda*1;cuda*2;..."`), backend (`--comm`), prompt
-length (`--prompt-len`) and batch size (`--batch`). One group is built per (device set, backend, prompt length),
-its KV cache sized to that prompt, and runs every batch size. A group that cannot exist is skipped with the reason
-(the model does not fit: PlanError or a rank over its budget; the cluster lacks the devices: ClusterError) and the
-sweep goes on. `raytp.bench.report` turns the results into CSV, JSON, a markdown summary and plots.
+A sweep is every combination of device set (`--devices-sweep "cuda*1;cuda*2;..."`), weight quantization
+(`--quant none,w4a16`), backend (`--comm`), prompt length (`--prompt-len`) and batch size (`--batch`). One group is
+built per (device set, quantization, backend, prompt length), its KV cache sized to that prompt, and runs every
+batch size. A group that cannot exist is skipped with the reason (the model does not fit: PlanError or a rank over
+its budget; the cluster lacks the devices: ClusterError) and the sweep goes on. `raytp.bench.report` turns the
+results into CSV, JSON, a markdown summary and plots.
 
 What is measured on each group:
 
@@ -21,9 +22,10 @@ What is measured on each group:
                  every timed step decodes the whole batch; the median run is kept
     prefill      one request of the prompt length, from the moment the leader queues it to its first token, on the
                  leader's clock (median of `repeats`)
-    roofline     the bytes each rank must read per decode step (its weights bar the embedding, plus its KV cache at
-                 the mean context) over its measured bandwidth; the slowest rank's time over the measured ms/step
-                 is the fraction of the memory roofline reached
+    roofline     the bytes each rank must read per decode step (its weights bar the embedding, as the planner counts
+                 them in the group's quantization, plus its KV cache at the mean context) over its measured
+                 bandwidth; the slowest rank's time over the measured ms/step is the fraction of the memory
+                 roofline reached
     breakdown    an estimate, not a profile: compute = the roofline time, all-reduce = the measured latency at the
                  decode message size x the all-reduces of one step (2 per layer + the embedding's), overhead = the
                  measured step minus both
@@ -52,13 +54,14 @@ import torch
 from raytp.actors.group import ClusterError, GroupSettings, WorkerGroup, choose_backend
 from raytp.actors.worker import MemoryBudgetError
 from raytp.bench import microbench, profile
-from raytp.model.config import ModelConfig
+from raytp.model.config import ModelConfig, quant_name
 from raytp.parallel.devices import DeviceSpec
 from raytp.runtime.engine import Add, Request
 from raytp.runtime.errors import error_summary
 from raytp.runtime.options import RuntimeOptions
 from raytp.parallel.plan import DTYPE_BYTES, PlanError, ShardPlan
 from raytp.runtime.sampling import SamplingParams
+from raytp.weights.source import ModelSource
 
 log = logging.getLogger("raytp")
 
@@ -149,14 +152,11 @@ def _profile_decode(group: WorkerGroup, batch: int, prompt_len: int, steps: int,
 
 
 def _read_bytes_per_step(config: ModelConfig, plan: ShardPlan, batch: int, context: float) -> list[int]:
-    """Bytes each rank reads in one decode step: weights except the embedding table, plus its KV cache."""
+    """Bytes each rank reads in one decode step: the weights the planner says a step streams (all but the embedding
+    table; quantized ones as stored: packed values, scales, zero points), plus its KV cache, in the model dtype."""
     nbytes = DTYPE_BYTES[plan.dtype]
-    out = []
-    for r in plan.ranks:
-        embed = 0 if config.tie_word_embeddings else len(r.vocab_rows) * config.hidden_size * nbytes
-        kv = int(batch * context * 2 * config.num_layers * len(r.kv_heads) * config.head_dim * nbytes)
-        out.append(r.weight_bytes - embed + kv)
-    return out
+    return [r.read_bytes + int(batch * context * 2 * config.num_layers * len(r.kv_heads) * config.head_dim * nbytes)
+            for r in plan.ranks]
 
 
 def allreduces_per_step(config: ModelConfig) -> int:
@@ -239,7 +239,7 @@ def run_bench(settings: GroupSettings, config: ModelConfig, *, batches: list[int
 class Sweep:
     """Every combination of these is one configuration (one row of results.csv)."""
 
-    model: str
+    models: tuple[str, ...]  # the --model spec of each quantization compared: synthetic:NAME, synthetic:NAME@w4a16
     device_sets: tuple[tuple[str, tuple[DeviceSpec, ...]], ...]  # (the SPEC as typed, its parsed devices)
     comms: tuple[str, ...]
     batches: tuple[int, ...]
@@ -260,7 +260,8 @@ class Sweep:
 
     @property
     def size(self) -> int:
-        return len(self.device_sets) * len(self.comms) * len(self.splits) * len(self.prompt_lens) * len(self.batches)
+        return (len(self.device_sets) * len(self.models) * len(self.comms) * len(self.splits) * len(self.prompt_lens)
+                * len(self.batches))
 
 
 def _skip_reason(e: BaseException) -> str | None:
@@ -290,22 +291,23 @@ def _check_devices(devices: tuple[DeviceSpec, ...], comm: str, share_gpus: bool)
                            " (--share-gpus lets ranks share them)"))
 
 
-def run_sweep(sweep: Sweep, config: ModelConfig, *, on_row: Callable[[dict], None] | None = None,
+def run_sweep(sweep: Sweep, *, on_row: Callable[[dict], None] | None = None,
               on_run: Callable[[dict], None] | None = None,
               on_config: Callable[[dict], None] | None = None) -> dict:
     """Run every configuration of `sweep`. Returns {"runs": [run_bench results], "outcomes": [one per configuration]}.
 
-    An outcome is {"devices", "comm", "split", "prompt_len", "batch", "status": "ok" | "skipped" | "failed",
-    "reason"} and,
-    when ok, the index of its run. `on_row` sees each outcome as it is decided, `on_run` each finished run, and
-    `on_config` the whole result so far after each configuration (so an interrupted sweep keeps what it did)."""
+    An outcome is {"devices", "quant", "comm", "split", "prompt_len", "batch", "status": "ok" | "skipped" | "failed",
+    "reason"} and, when ok, the index of its run; "quant" names the model's quantization (raytp.model.config.
+    quant_name). `on_row` sees each outcome as it is decided, `on_run` each finished run, and `on_config` the whole
+    result so far after each configuration (so an interrupted sweep keeps what it did)."""
     runs, outcomes = [], []
+    configs = {model: ModelSource.parse(model).config() for model in sweep.models}
 
-    def decide(spec: str, comm: str, split: str | None, prompt_len: int, status: str, reason: str = "",
+    def decide(spec: str, quant: str, comm: str, split: str | None, prompt_len: int, status: str, reason: str = "",
                run: int | None = None):
         for batch in sweep.batches:
-            outcome = {"devices": spec, "comm": comm, "split": split, "prompt_len": prompt_len, "batch": batch,
-                       "status": status, "reason": reason, "run": run}
+            outcome = {"devices": spec, "quant": quant, "comm": comm, "split": split, "prompt_len": prompt_len,
+                       "batch": batch, "status": status, "reason": reason, "run": run}
             outcomes.append(outcome)
             if on_row:
                 on_row(outcome)
@@ -313,11 +315,13 @@ def run_sweep(sweep: Sweep, config: ModelConfig, *, on_row: Callable[[dict], Non
             on_config({"runs": runs, "outcomes": outcomes})
 
     profile_tokens = profile.tokens_for(sweep.profile_steps)
-    configurations = ((spec, devices, comm, split, prompt_len) for spec, devices in sweep.device_sets
-                      for comm in sweep.comms for split in sweep.splits for prompt_len in sweep.prompt_lens)
-    for spec, devices, comm, split, prompt_len in configurations:
+    configurations = ((spec, devices, model, comm, split, prompt_len) for spec, devices in sweep.device_sets
+                      for model in sweep.models for comm in sweep.comms for split in sweep.splits
+                      for prompt_len in sweep.prompt_lens)
+    for spec, devices, model, comm, split, prompt_len in configurations:
+        config, quant = configs[model], quant_name(configs[model].quant)
         settings = GroupSettings(
-            model=sweep.model, devices=devices, dtype=sweep.dtype, comm=comm,
+            model=model, devices=devices, dtype=sweep.dtype, comm=comm,
             max_context=max(sweep.max_context, prompt_len + max(sweep.decode_tokens, profile_tokens) + 1),
             max_batch=max(sweep.max_batch, *sweep.batches), progress=False, options=sweep.options,
             split=split, no_p2p=sweep.no_p2p, time_backends=True)
@@ -328,26 +332,26 @@ def run_sweep(sweep: Sweep, config: ModelConfig, *, on_row: Callable[[dict], Non
                             allreduce_sizes=sweep.allreduce_sizes, allreduce_iters=sweep.allreduce_iters,
                             profile_steps=sweep.profile_steps,
                             trace_dir=Path(sweep.trace_dir) if sweep.trace_dir else None,
-                            name=_file_name(f"{spec}_{comm}_{split or 'default'}_p{prompt_len}"))
+                            name=_file_name(f"{spec}_{quant}_{comm}_{split or 'default'}_p{prompt_len}"))
         except Exception as e:  # noqa: BLE001 - one configuration's failure must not end the sweep
             reason = _skip_reason(e)
             if reason is None:
-                log.error("%s --comm %s prompt %d failed: %s", spec, comm, prompt_len, e)
-            decide(spec, comm, split, prompt_len, "failed" if reason is None else "skipped",
+                log.error("%s %s --comm %s prompt %d failed: %s", spec, quant, comm, prompt_len, e)
+            decide(spec, quant, comm, split, prompt_len, "failed" if reason is None else "skipped",
                    reason or error_summary(e))
             continue
-        res |= {"spec": spec, "comm": comm}
+        res |= {"spec": spec, "quant": quant, "comm": comm}
         runs.append(res)
         if on_run:
             on_run(res)
-        decide(spec, comm, res["plan"]["split"], prompt_len, "ok", run=len(runs) - 1)
+        decide(spec, quant, comm, res["plan"]["split"], prompt_len, "ok", run=len(runs) - 1)
     return {"runs": runs, "outcomes": outcomes}
 
 
 def format_results(res: dict) -> str:
     gbs = ", ".join(f"{b / 1e12:.2f}" for b in res["bandwidth_bytes_per_s"])
     lines = [f"{res['model']} on {','.join(res['devices'])}, {res['backend']}, {res['dtype']}, "
-             f"prompt {res['prompt_len']}, {res['decode_tokens']} decode tokens",
+             f"quantization {res['quant']}, prompt {res['prompt_len']}, {res['decode_tokens']} decode tokens",
              f"device bandwidth (TB/s, copy read+write) per rank: {gbs}",
              "all-reduce us (rank 0): " + ", ".join(f"{n}: {us:.1f}" for n, us in res["allreduce_us"]["rank0"].items()),
              *(f"{name} all-reduce us in a CUDA graph (slowest rank): " + ", ".join(f"{n}: {us:.1f}" for n, us in

@@ -152,6 +152,15 @@ class QuantConfig:
 # one scale per output row. The planner counts them like the same quantization read from a checkpoint.
 QUANT_PRESETS = {"w4a16": QuantConfig("int", 4, 128), "w8a16": QuantConfig("int", 8, None),
                  "fp8": QuantConfig("fp8", 8, None)}
+NO_QUANT = "none"  # `raytp bench --quant none`: every weight in the model dtype
+
+
+def quant_name(quant: QuantConfig | None) -> str:
+    """What results call a model's quantization: NO_QUANT, a preset's name, or else (a checkpoint's own) its
+    description, so that a row never claims a preset it does not match."""
+    if quant is None:
+        return NO_QUANT
+    return next((name for name, preset in QUANT_PRESETS.items() if preset == quant), quant.describe())
 
 
 @dataclass(frozen=True)
