@@ -12,8 +12,8 @@ one program per (sequence, KV head, split) keeps a running max, sum and weighted
 merges the splits. The split layout depends only on the cache size, so a head's result never depends on how
 heads are spread over ranks.
 
-An FP8 cache (k_scale and v_scale given, raytp.kernels.kv_fp8) is read as e4m3 times each row's scale, rounded to
-the query's dtype: the torch version dequantizes the span it gathers, the Triton kernel each block as it loads it.
+An FP8 cache (k_scale and v_scale given, raytp.kernels.kv_fp8) is read by the torch version on every device: it
+dequantizes the span it gathers. The Triton kernel reads only model-dtype caches.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from raytp.kernels import kv_fp8
-from raytp.kernels.dispatch import triton, use_triton, use_triton_fp8
+from raytp.kernels.dispatch import triton, use_triton
 
 BLOCK_N = 64  # cache positions per inner step
 MAX_SPLITS = 64
@@ -48,10 +48,10 @@ if triton is not None:
     import triton.language as tl
 
     @triton.jit
-    def _decode_split_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, slots_ptr, lengths_ptr, acc_ptr, ml_ptr,
-                             s_slot, s_head, s_pos, r_slot, r_head, n_q, n_splits, chunk, scale,
+    def _decode_split_kernel(q_ptr, k_ptr, v_ptr, slots_ptr, lengths_ptr, acc_ptr, ml_ptr,
+                             s_slot, s_head, s_pos, n_q, n_splits, chunk, scale,
                              GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
-                             PRECISION: tl.constexpr, FP8: tl.constexpr):
+                             PRECISION: tl.constexpr):
         b, h, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         slot = tl.load(slots_ptr + b)
         length = tl.load(lengths_ptr + b).to(tl.int32)  # the loop bounds below share one type
@@ -67,15 +67,10 @@ if triton is not None:
         stop = tl.minimum(start + chunk, length)
         k_base = k_ptr + slot * s_slot + h * s_head
         v_base = v_ptr + slot * s_slot + h * s_head
-        if FP8:  # the rows' scales
-            ks_base = ks_ptr + slot * r_slot + h * r_head
-            vs_base = vs_ptr + slot * r_slot + h * r_head
         for n0 in range(start, stop, BLOCK):
             offs = n0 + tl.arange(0, BLOCK)
             valid = offs < stop
             k = tl.load(k_base + offs[:, None] * s_pos + d[None, :], mask=valid[:, None], other=0.0)
-            if FP8:  # e4m3 times its row's scale in float32, rounded to the query's dtype as the torch version does
-                k = (k.to(tl.float32) * tl.load(ks_base + offs, mask=valid, other=0.0)[:, None]).to(q.dtype)
             scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # (GROUP_PAD, BLOCK)
             scores = tl.where(valid[None, :], scores, float("-inf"))
             m_new = tl.maximum(m, tl.max(scores, 1))
@@ -83,8 +78,6 @@ if triton is not None:
             p = tl.exp(scores - m_new[:, None])
             l = l * alpha + tl.sum(p, 1)
             v = tl.load(v_base + offs[:, None] * s_pos + d[None, :], mask=valid[:, None], other=0.0)
-            if FP8:
-                v = (v.to(tl.float32) * tl.load(vs_base + offs, mask=valid, other=0.0)[:, None]).to(q.dtype)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m = m_new
         row = (b * n_q + heads) * n_splits + split  # an empty split leaves m = -inf, l = 0, acc = 0
@@ -116,12 +109,10 @@ def split_layout(max_context: int) -> tuple[int, int]:
 
 def cached_attention(q, k_cache, v_cache, slots, step, k_scale=None, v_scale=None) -> torch.Tensor:
     """As cached_attention_torch; the Triton decode kernels on CUDA for one query token per sequence
-    (step.lengths: (batch,) positions each sequence sees, this step's included), for an FP8 cache where the GPU
-    converts from float8 natively."""
+    (step.lengths: (batch,) positions each sequence sees, this step's included) over a model-dtype cache."""
     B, n_q, T, D = q.shape
     n_kv = k_cache.shape[1]
-    fp8 = k_scale is not None
-    if T != 1 or not (use_triton_fp8(q) if fp8 else use_triton(q)) or D & (D - 1) or n_q % n_kv:
+    if k_scale is not None or T != 1 or not use_triton(q) or D & (D - 1) or n_q % n_kv:
         return cached_attention_torch(q, k_cache, v_cache, slots, step, k_scale, v_scale)
     group = n_q // n_kv
     splits, chunk = split_layout(k_cache.shape[2])
@@ -129,15 +120,11 @@ def cached_attention(q, k_cache, v_cache, slots, step, k_scale=None, v_scale=Non
     acc = torch.empty((B * n_q * splits, D), dtype=torch.float32, device=q.device)
     ml = torch.empty((B * n_q * splits, 2), dtype=torch.float32, device=q.device)
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1
-    if fp8:
-        assert k_scale.stride() == v_scale.stride() and k_scale.stride(-1) == 1
-    k_scales, v_scales = (k_scale, v_scale) if fp8 else (k_cache, v_cache)  # not read without FP8
-    r_slot, r_head = k_scales.stride()[:2] if fp8 else (0, 0)
     _decode_split_kernel[(B, n_kv, splits)](
-        q, k_cache, v_cache, k_scales, v_scales, slots, step.lengths, acc, ml, k_cache.stride(0),
-        k_cache.stride(1), k_cache.stride(2), r_slot, r_head, n_q, splits, chunk, D ** -0.5, GROUP=group,
+        q, k_cache, v_cache, slots, step.lengths, acc, ml, k_cache.stride(0), k_cache.stride(1),
+        k_cache.stride(2), n_q, splits, chunk, D ** -0.5, GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)), D=D, BLOCK=BLOCK_N,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FP8=fp8)
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
     out = torch.empty((B, n_q, D), dtype=q.dtype, device=q.device)
     _decode_merge_kernel[(B * n_q,)](acc, ml, out, splits, D=D, SPLITS=triton.next_power_of_2(splits))
     return out.view(B, 1, n_q * D)

@@ -4,8 +4,6 @@ torch versions then run everywhere: for debugging, and to compare the two on a G
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 try:
@@ -26,14 +24,3 @@ def set_triton(enabled: bool) -> None:
 
 def use_triton(t: torch.Tensor) -> bool:
     return _enabled and t.is_cuda
-
-
-def use_triton_fp8(t: torch.Tensor) -> bool:
-    """As use_triton, for kernels that convert to or from Triton's float8 e4m3 type: compute capability 8.9 and up
-    (Ada, Hopper) converts natively; older GPUs run the torch versions."""
-    return use_triton(t) and _capability(t.device.index) >= (8, 9)
-
-
-@functools.cache
-def _capability(index: int | None) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)

@@ -4,17 +4,17 @@ being the head_dim values of one (slot, KV head, position). The model dtype goes
     write  s = amax(|x|) / 448 (e4m3's largest finite value; 1 for an all-zero row), q = e4m3(x / s)
     read   x' = q * s in float32, then rounded to the model dtype
 
-One scale per row, not per tensor: a row is written once, by the one kernel program that computes it, so its
+One scale per row, not per tensor: a row is written once, when its token is computed, so its
 scale needs no pass over other rows and nothing is re-quantized as the cache fills; and each token's keys keep
 their own range (an outlier token does not flatten the others). The cost is 1 + 4/head_dim bytes per element
 (1.0625 at head_dim 64) instead of 2 in bfloat16, so about twice the tokens fit; the accuracy cost is e4m3's three
 mantissa bits: an element rounds to within 1/16 of itself, down to 1/28672 (2**-6 / 448) of its row's largest
 (coarser below, where e4m3 is subnormal).
 
-These are the torch versions. The Triton kernels (raytp.kernels.rope_cache writes, raytp.kernels.attention's
-decode kernel reads) do the same arithmetic: IEEE division, round-to-nearest-even into e4m3, a float32 product, so
-both paths store and read the same bits. The cache is indexed through a uint8 view of the same bytes: torch's
-advanced indexing does not take float8 tensors on every device and version.
+Only torch versions exist: on every device the cache is written by raytp.kernels.rope_cache's torch version and read
+by raytp.kernels.attention's, which dequantizes the span it gathers (the Triton kernels handle model-dtype caches
+only). So on a GPU an FP8 cache saves memory, not time. The cache is indexed through a uint8 view of the same
+bytes: torch's advanced indexing does not take float8 tensors on every device and version.
 """
 
 from __future__ import annotations

@@ -7,9 +7,8 @@ tensor, key heads are rotated straight into their cache cell (slot, head, positi
 into theirs. It rounds to the model dtype after each multiply and add exactly where torch does, so bfloat16
 results match the torch version bit for bit.
 
-With an FP8 cache (k_scale and v_scale given) each key and value row is stored as e4m3 with its float32 scale
-(raytp.kernels.kv_fp8), by the same program that computed the row: its amax is one reduction over values the
-program already holds.
+An FP8 cache (k_scale and v_scale given) is written by the torch version on every device: each key and value row
+stored as e4m3 with its float32 scale (raytp.kernels.kv_fp8). The Triton kernel writes only model-dtype caches.
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from raytp.kernels import kv_fp8
-from raytp.kernels.dispatch import triton, use_triton, use_triton_fp8
+from raytp.kernels.dispatch import triton, use_triton
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -53,8 +52,7 @@ if triton is not None:
 
     @triton.jit
     def _rope_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, slots_ptr, q_ptr, k_cache_ptr, v_cache_ptr,
-                           k_scale_ptr, v_scale_ptr, T, n_q, n_kv, s_slot, s_head, s_pos, r_slot, r_head,
-                           HALF: tl.constexpr, FP8: tl.constexpr):
+                           T, n_q, n_kv, s_slot, s_head, s_pos, HALF: tl.constexpr):
         row = tl.program_id(0)  # token: batch * T + seq
         head = tl.program_id(1)  # query heads, then key heads, then value heads
         D = 2 * HALF
@@ -76,53 +74,29 @@ if triton is not None:
             o2 = ((f2 * c2).to(dt).to(tl.float32) + (f1 * s2).to(dt).to(tl.float32)).to(dt)
             if head < n_q:
                 dst = q_ptr + (row * n_q + head) * D
-                tl.store(dst + lo, o1)
-                tl.store(dst + HALF + lo, o2)
             else:
-                kv = head - n_q
-                _store_row(k_cache_ptr + slot * s_slot + kv * s_head + pos * s_pos,
-                           k_scale_ptr + slot * r_slot + kv * r_head + pos, o1, o2, lo, HALF, FP8)
+                dst = k_cache_ptr + slot * s_slot + (head - n_q) * s_head + pos * s_pos
+            tl.store(dst + lo, o1)
+            tl.store(dst + HALF + lo, o2)
         else:
-            kv = head - n_q - n_kv
-            _store_row(v_cache_ptr + slot * s_slot + kv * s_head + pos * s_pos,
-                       v_scale_ptr + slot * r_slot + kv * r_head + pos, x1, x2, lo, HALF, FP8)
-
-    @triton.jit
-    def _store_row(dst, scale_dst, x1, x2, lo, HALF: tl.constexpr, FP8: tl.constexpr):
-        """One cache row from its halves x1, x2 (model dtype): as they are, or as e4m3 with the row's scale, computed
-        as kv_fp8.quantize computes it (div_rn: Triton's `/` is an approximate division)."""
-        if FP8:
-            f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
-            scale = tl.div_rn(tl.maximum(tl.max(tl.abs(f1), 0), tl.max(tl.abs(f2), 0)), 448.0)
-            scale = tl.where(scale > 0, scale, 1.0)
-            tl.store(scale_dst, scale)
-            s = tl.zeros((HALF,), tl.float32) + scale  # div_rn takes operands of one shape
-            # the clamp is kv_fp8.quantize's; the cast rounds to nearest even (Triton's default), as torch's does
-            x1 = tl.minimum(tl.maximum(tl.div_rn(f1, s), -448.0), 448.0).to(tl.float8e4nv)
-            x2 = tl.minimum(tl.maximum(tl.div_rn(f2, s), -448.0), 448.0).to(tl.float8e4nv)
-        tl.store(dst + lo, x1)
-        tl.store(dst + HALF + lo, x2)
+            dst = v_cache_ptr + slot * s_slot + (head - n_q - n_kv) * s_head + pos * s_pos
+            tl.store(dst + lo, x1)
+            tl.store(dst + HALF + lo, x2)
 
 
 def rope_and_cache(qkv, n_q, n_kv, cos, sin, positions, slots, k_cache, v_cache, k_scale=None,
                    v_scale=None) -> torch.Tensor:
-    """As rope_and_cache_torch; one Triton kernel on CUDA when head_dim is a power of two (and, for an FP8 cache,
-    the GPU converts to float8 natively)."""
+    """As rope_and_cache_torch; one Triton kernel on CUDA when head_dim is a power of two and the cache is in the
+    model dtype."""
     D = k_cache.shape[-1]
-    fp8 = k_scale is not None
-    if not (use_triton_fp8(qkv) if fp8 else use_triton(qkv)) or D & (D - 1):
+    if k_scale is not None or not use_triton(qkv) or D & (D - 1):
         return rope_and_cache_torch(qkv, n_q, n_kv, cos, sin, positions, slots, k_cache, v_cache, k_scale, v_scale)
     B, T, _ = qkv.shape
     qkv = qkv.contiguous()
     q = torch.empty((B, T, n_q, D), dtype=qkv.dtype, device=qkv.device)
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1
-    if fp8:
-        assert k_scale.stride() == v_scale.stride() and k_scale.stride(-1) == 1
-    k_scales, v_scales = (k_scale, v_scale) if fp8 else (k_cache, v_cache)  # not read without FP8
-    r_slot, r_head = k_scales.stride()[:2] if fp8 else (0, 0)
     _rope_cache_kernel[(B * T, n_q + 2 * n_kv)](
         qkv, cos.contiguous(), sin.contiguous(), positions.contiguous(), slots.contiguous(), q, k_cache, v_cache,
-        k_scales, v_scales, T, n_q, n_kv, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), r_slot, r_head,
-        HALF=D // 2, FP8=fp8,
+        T, n_q, n_kv, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), HALF=D // 2,
         enable_fp_fusion=False)  # no fused multiply-add: float32 rounds as torch's separate ops do
     return q.transpose(1, 2)
