@@ -23,6 +23,7 @@ from pathlib import Path
 
 from raytp.model.config import NO_QUANT, QUANT_PRESETS
 from raytp.parallel.devices import DeviceSpecError, format_bytes, is_auto, parse_devices
+from raytp.parallel.plan import KV_DTYPES
 from raytp.weights.smollm2_quantized import SCHEMES as PULL_SCHEMES
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -57,6 +58,12 @@ def _model_args(p: argparse.ArgumentParser, max_batch: int, sweep: bool = False)
     p.add_argument("--model", default="smollm2", help="smollm2 or a Hugging Face model directory (default: smollm2)")
     p.add_argument("--devices", default="auto", help="device SPEC, see below (default: auto)")
     p.add_argument("--dtype", default="bfloat16", choices=DTYPES, help="weights and activations (default: bfloat16)")
+    p.add_argument("--kv-dtype", default="auto", choices=KV_DTYPES,
+                   help="KV cache storage: auto is the --dtype; fp8 stores float8 e4m3 values with a float32 scale "
+                        "per token and KV head, 1 + 4/head_dim bytes per element instead of 2 in bfloat16, so about "
+                        "twice the --max-context or --max-batch fits; the cost is accuracy: every cached key and value "
+                        "rounds to 3 mantissa bits (within 1/16 of itself), so logits move slightly and greedy text "
+                        "can change (default: auto)")
     if sweep:
         p.add_argument("--quant", default=None, metavar="QUANT,...",
                        help=f"comma-separated weight quantizations of a synthetic model to compare, of {NO_QUANT} "
@@ -242,7 +249,7 @@ def cmd_plan(args) -> None:
     def plan_for(split: str | None):
         return plan_shards(config, [(str(d), d.mem_bytes) for d in devices],
                            max_context=args.max_context, max_batch=args.max_batch, dtype=args.dtype,
-                           bandwidths=bandwidths, split=split)
+                           bandwidths=bandwidths, split=split, kv_dtype=args.kv_dtype)
 
     plan = plan_for(args.split)
     if args.json:
@@ -388,9 +395,9 @@ def running_driver(args):
     from raytp.actors.group import GroupSettings
 
     started = time.monotonic()
-    settings = GroupSettings(model=args.model, devices=_devices(args.devices), dtype=args.dtype, comm=args.comm,
-                             max_context=args.max_context, max_batch=args.max_batch, progress=False,
-                             options=args.options, split=args.split)
+    settings = GroupSettings(model=args.model, devices=_devices(args.devices), dtype=args.dtype,
+                             kv_dtype=args.kv_dtype, comm=args.comm, max_context=args.max_context,
+                             max_batch=args.max_batch, progress=False, options=args.options, split=args.split)
     # on this node: the HTTP server it runs must listen on this machine, and a lost node must not take it along
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     driver = DriverActor.options(scheduling_strategy=here).remote(settings)
@@ -526,10 +533,10 @@ def _bench_command(args, specs: list[str]) -> str:
     import shlex
 
     parts = ["raytp", "bench", "--model", args.model, "--devices-sweep" if len(specs) > 1 else "--devices",
-             ";".join(specs), "--comm", args.comm, "--dtype", args.dtype, "--batch", args.batch, "--prompt-len",
-             args.prompt_len, "--decode-tokens", str(args.decode_tokens), "--repeats", str(args.repeats),
-             "--allreduce-sizes", args.allreduce_sizes, "--allreduce-iters", str(args.allreduce_iters),
-             *args.options.flags()]
+             ";".join(specs), "--comm", args.comm, "--dtype", args.dtype, "--kv-dtype", args.kv_dtype, "--batch",
+             args.batch, "--prompt-len", args.prompt_len, "--decode-tokens", str(args.decode_tokens), "--repeats",
+             str(args.repeats), "--allreduce-sizes", args.allreduce_sizes, "--allreduce-iters",
+             str(args.allreduce_iters), *args.options.flags()]
     optional = {"--quant": args.quant, "--split": args.split, "--out": args.out}
     parts += [x for flag, value in optional.items() if value for x in (flag, value)]
     switches = [flag for flag, on in (("--share-gpus", args.share_gpus), ("--no-p2p", args.no_p2p),
@@ -576,10 +583,11 @@ def cmd_bench(args) -> None:
     with ray_session(args.address, widest):
         sweep = Sweep(models=tuple(args.models), device_sets=tuple((s, _devices(s)) for s in specs), comms=tuple(comms),
                       batches=tuple(batches), prompt_lens=tuple(prompt_lens), dtype=args.dtype,
-                      decode_tokens=args.decode_tokens, repeats=args.repeats, max_context=args.max_context,
-                      max_batch=args.max_batch, allreduce_sizes=tuple(sizes), allreduce_iters=args.allreduce_iters,
-                      options=args.options, splits=tuple(dict.fromkeys(splits)), share_gpus=args.share_gpus,
-                      no_p2p=args.no_p2p, profile_steps=args.profile,
+                      kv_dtype=args.kv_dtype, decode_tokens=args.decode_tokens, repeats=args.repeats,
+                      max_context=args.max_context, max_batch=args.max_batch, allreduce_sizes=tuple(sizes),
+                      allreduce_iters=args.allreduce_iters, options=args.options,
+                      splits=tuple(dict.fromkeys(splits)), share_gpus=args.share_gpus, no_p2p=args.no_p2p,
+                      profile_steps=args.profile,
                       trace_dir=str(Path(args.out) / "traces") if args.profile_traces else None)
         with tqdm(total=sweep.size, desc="raytp bench", unit="config", file=sys.stderr) as bar:
             def on_row(o):
@@ -592,6 +600,7 @@ def cmd_bench(args) -> None:
 
             def meta(runs: list[dict], peer_note: str = "") -> dict:
                 return {"command": _bench_command(args, specs), "model": args.model, "dtype": args.dtype,
+                        "kv_dtype": args.kv_dtype,
                         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                         "cluster": cluster_line(runs), "host": platform.node(), "torch": torch.__version__,
                         "ray": ray.__version__, "decode_tokens": args.decode_tokens, "repeats": args.repeats,
@@ -692,6 +701,16 @@ def _check_model(model: str) -> None:
         raise UserError(str(e)) from None
 
 
+def _check_fp8_cache() -> None:
+    """Refuse --kv-dtype fp8 where this torch has no float8 (the ranks check their own torch too)."""
+    from raytp.kernels import kv_fp8
+
+    try:
+        kv_fp8.check_supported()
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
 def _check_devices_fit_here(spec: str) -> None:
     """Refuse a device spec this machine cannot host, for a local Ray (a joined cluster may have more)."""
     devices = parse_devices(spec)
@@ -721,6 +740,8 @@ def _check_args(args) -> None:
         _check_port(args.host, args.port)
     if args.max_context < 1:
         raise UserError(f"--max-context must be >= 1, got {args.max_context}")
+    if args.kv_dtype == "fp8" and args.command != "plan":  # `plan` only counts bytes; the ranks need float8
+        _check_fp8_cache()
     if args.command == "bench":
         if args.profile < 0:
             raise UserError(f"--profile takes a number of steps (0: none), got {args.profile}")

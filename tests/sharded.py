@@ -13,7 +13,7 @@ from raytp.model.config import ModelConfig
 from raytp.runtime.engine import Add, RankEngine, Request, Stop
 from raytp.weights.checkpoint import SafetensorsReader
 from raytp.model.llama import ShardedLlama
-from raytp.parallel.plan import plan_shards
+from raytp.parallel.plan import PREFILL_CHUNK, plan_shards
 from raytp.runtime.sampling import SamplingParams
 
 GiB = 1 << 30
@@ -21,21 +21,22 @@ GiB = 1 << 30
 
 class LocalGroup:
     """N ranks of `model_dir` split by `weights` (relative budgets), each in its own thread; with `bandwidths`
-    (bytes/s per rank) the planner's speed split decides the shares within those budgets."""
+    (bytes/s per rank) the planner's speed split decides the shares within those budgets; `kv_dtype` as
+    `--kv-dtype`."""
 
     def __init__(self, model_dir: Path, weights: list[float], *, max_context=256, max_batch=4,
-                 dtype=torch.float32, bandwidths: list[float] | None = None):
+                 dtype=torch.float32, bandwidths: list[float] | None = None, kv_dtype: str = "auto"):
         self.config = ModelConfig.from_file(model_dir)
         budgets = [(f"cpu{r}", int(w * GiB)) for r, w in enumerate(weights)]
         self.plan = plan_shards(self.config, budgets, max_context=max_context, max_batch=max_batch,
-                                dtype=str(dtype).removeprefix("torch."), bandwidths=bandwidths)
+                                dtype=str(dtype).removeprefix("torch."), bandwidths=bandwidths, kv_dtype=kv_dtype)
         group = InProcessGroup(len(weights))
         self.models = []
         with SafetensorsReader(model_dir, dtype, torch.device("cpu")) as reader:
             for shard in self.plan.ranks:
                 comm = IdentityCheckingCommunicator(group.communicator(shard.rank))
                 self.models.append(ShardedLlama(self.config, shard, comm, reader, max_batch=max_batch,
-                                                max_context=max_context))
+                                                max_context=max_context, kv_dtype=kv_dtype))
 
     def on_all_ranks(self, fn):
         """fn(rank, model) on every rank concurrently; returns the per-rank results."""
@@ -62,9 +63,10 @@ class LocalGroup:
         pieces = self.on_all_ranks(lambda r, m: m.forward(tokens, positions, slots))
         return torch.cat(pieces, dim=-1)
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams, stop_ids=()) -> dict[str, list[int]]:
+    def generate(self, prompts: list[list[int]], params: SamplingParams, stop_ids=(),
+                 prefill_chunk: int = PREFILL_CHUNK) -> dict[str, list[int]]:
         """Run the real engine loop on every rank; returns generated ids per request id."""
-        engines = [RankEngine(m, m.comm) for m in self.models]
+        engines = [RankEngine(m, m.comm, prefill_chunk=prefill_chunk) for m in self.models]
         for i, p in enumerate(prompts):
             engines[0].inbox.put(Add(Request(f"r{i}", p, params, list(stop_ids))))
         out = {f"r{i}": [] for i in range(len(prompts))}

@@ -88,6 +88,22 @@ def test_bench_quant_list_becomes_one_model_spec_per_quantization():
             cli._bench_models(model, "none,w4a16")
 
 
+@pytest.mark.parametrize("command", [["plan"], ["generate", "--prompt", "hi"], ["chat"], ["serve"], ["bench"]])
+def test_kv_dtype_on_every_command_that_builds_a_plan(command):
+    parser = cli.build_parser()
+    assert parser.parse_args(command).kv_dtype == "auto"
+    assert parser.parse_args(command + ["--kv-dtype", "fp8"]).kv_dtype == "fp8"
+
+
+def test_bad_kv_dtype_is_refused_with_the_choices():
+    """argparse's refusal, as for --dtype: the usage, then one line naming the value and the choices."""
+    run = subprocess.run([sys.executable, "-m", "raytp", "generate", "--prompt", "hi", "--kv-dtype", "fp4"],
+                         capture_output=True, text=True, timeout=60)
+    last = run.stderr.strip().splitlines()[-1]
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert "--kv-dtype: invalid choice: 'fp4'" in last and "auto" in last and "fp8" in last, last
+
+
 def test_hf_peer_refuses_a_quantized_model(torch_import_s):
     line = refused("bench", "--model", "synthetic:tiny", "--quant", "none,w4a16", "--hf-peer", *SMALL,
                    extra_s=torch_import_s)

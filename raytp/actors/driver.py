@@ -165,6 +165,7 @@ class Driver:
         g = self.group
         return {
             "model": self.settings.model, "backend": g.backend, "dtype": self.settings.dtype,
+            "kv_dtype": self.settings.kv_dtype,
             "max_context": self.settings.max_context, "max_batch": self.settings.max_batch,
             "plan": g.plan.to_dict(), "ranks": g.ranks, "plan_table": g.plan.format_table(),
             "history": list(self.history),

@@ -53,6 +53,7 @@ class GroupSettings:
     model: str
     devices: tuple[DeviceSpec, ...]
     dtype: str = "bfloat16"
+    kv_dtype: str = "auto"  # the KV cache's storage: auto (the model dtype) or fp8 (raytp.kernels.kv_fp8)
     comm: str = "auto"
     max_context: int = 2048
     max_batch: int = 8
@@ -134,7 +135,7 @@ class WorkerGroup:
         ]
         self.ranks = ray.get([w.describe.remote() for w in self.workers])
         self.plan = plan_shards(self.config, self._budgets(), max_context=s.max_context, max_batch=s.max_batch,
-                                dtype=s.dtype, bandwidths=self._bandwidths(), split=s.split)
+                                dtype=s.dtype, bandwidths=self._bandwidths(), split=s.split, kv_dtype=s.kv_dtype)
         if self.plan.step_seconds is not None:
             log.info("%s split: predicted decode step %.2f ms (weights / bandwidth), rank %d paces it",
                      self.plan.split, 1000 * self.plan.step_seconds, self.plan.pacing_rank)

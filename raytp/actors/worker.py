@@ -117,9 +117,9 @@ class Worker:
             torch.cuda.set_per_process_memory_fraction(min(1.0, self.spec.mem_bytes / total))
         with ModelSource.parse(model).reader(dtype, self.device, progress=progress,
                                              desc=f"rank {self.rank} loading") as reader:
-            lm = ShardedLlama(config, shard, self.comm, reader,
-                              max_batch=plan.max_batch, max_context=plan.max_context)
-        used = _tensor_bytes(lm.weights()) + _tensor_bytes([lm.k_cache, lm.v_cache])
+            lm = ShardedLlama(config, shard, self.comm, reader, max_batch=plan.max_batch,
+                              max_context=plan.max_context, kv_dtype=plan.kv_dtype)
+        used = _tensor_bytes(lm.weights()) + _tensor_bytes(lm.cache_tensors())
         if used > shard.budget_bytes:
             raise MemoryBudgetError(f"rank {self.rank} ({self.spec}) needs {format_bytes(used)} for weights and "
                                     f"KV cache, its budget is {format_bytes(shard.budget_bytes)}")

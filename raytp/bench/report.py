@@ -154,7 +154,8 @@ def _unfinished(rows: list[dict], meta: dict) -> str:
 def summary_markdown(rows: list[dict], sweep: dict, meta: dict) -> str:
     ok = [r for r in rows if r["status"] == "ok"]
     quants = list(dict.fromkeys(r["quant"] for r in rows))
-    lines = [f"# raytp bench: {meta['model']}, {meta['dtype']}, quantization {', '.join(quants)}", "",
+    kv = ", fp8 KV cache" if meta.get("kv_dtype") == "fp8" else ""
+    lines = [f"# raytp bench: {meta['model']}, {meta['dtype']}{kv}, quantization {', '.join(quants)}", "",
              f"`{meta['command']}`", "",
              f"{meta['date']}; {meta['cluster']}; torch {meta['torch']}, ray {meta['ray']}. "
              f"{len(ok)} of {len(rows)} configurations ran{_unfinished(rows, meta)}; "

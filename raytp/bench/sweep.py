@@ -59,7 +59,7 @@ from raytp.parallel.devices import DeviceSpec
 from raytp.runtime.engine import Add, Request
 from raytp.runtime.errors import error_summary
 from raytp.runtime.options import RuntimeOptions
-from raytp.parallel.plan import DTYPE_BYTES, PlanError, ShardPlan
+from raytp.parallel.plan import DTYPE_BYTES, PlanError, ShardPlan, kv_row_bytes
 from raytp.runtime.sampling import SamplingParams
 from raytp.weights.source import ModelSource
 
@@ -153,10 +153,10 @@ def _profile_decode(group: WorkerGroup, batch: int, prompt_len: int, steps: int,
 
 def _read_bytes_per_step(config: ModelConfig, plan: ShardPlan, batch: int, context: float) -> list[int]:
     """Bytes each rank reads in one decode step: the weights the planner says a step streams (all but the embedding
-    table; quantized ones as stored: packed values, scales, zero points), plus its KV cache, in the model dtype."""
+    table; quantized ones as stored: packed values, scales, zero points), plus its KV cache as stored (--kv-dtype)."""
     nbytes = DTYPE_BYTES[plan.dtype]
-    return [r.read_bytes + int(batch * context * 2 * config.num_layers * len(r.kv_heads) * config.head_dim * nbytes)
-            for r in plan.ranks]
+    row = kv_row_bytes(config.head_dim, nbytes, plan.kv_dtype)  # one head's keys (or values) at one position
+    return [r.read_bytes + int(batch * context * 2 * config.num_layers * len(r.kv_heads) * row) for r in plan.ranks]
 
 
 def allreduces_per_step(config: ModelConfig) -> int:
@@ -211,8 +211,8 @@ def run_bench(settings: GroupSettings, config: ModelConfig, *, batches: list[int
         sizes = [str(n) for n in allreduce_sizes]
         return {
             "model": settings.model, "devices": [str(d) for d in settings.devices], "backend": group.backend,
-            "dtype": settings.dtype, "options": asdict(settings.options), "prompt_len": prompt_len,
-            "decode_tokens": decode_tokens, "repeats": repeats,
+            "dtype": settings.dtype, "kv_dtype": settings.kv_dtype, "options": asdict(settings.options),
+            "prompt_len": prompt_len, "decode_tokens": decode_tokens, "repeats": repeats,
             "build_s": build_s, "nodes": len({r["node_id"] for r in group.ranks}),
             "ranks": group.ranks, "plan": group.plan.to_dict(),
             "bandwidth_bytes_per_s": group.bandwidth,
@@ -245,6 +245,7 @@ class Sweep:
     batches: tuple[int, ...]
     prompt_lens: tuple[int, ...]
     dtype: str = "bfloat16"
+    kv_dtype: str = "auto"  # the KV cache's storage (raytp.kernels.kv_fp8 for fp8)
     decode_tokens: int = 64
     repeats: int = 3
     max_context: int = 2048  # the KV cache holds at least this, and always prompt + decode tokens
@@ -321,7 +322,7 @@ def run_sweep(sweep: Sweep, *, on_row: Callable[[dict], None] | None = None,
     for spec, devices, model, comm, split, prompt_len in configurations:
         config, quant = configs[model], quant_name(configs[model].quant)
         settings = GroupSettings(
-            model=model, devices=devices, dtype=sweep.dtype, comm=comm,
+            model=model, devices=devices, dtype=sweep.dtype, kv_dtype=sweep.kv_dtype, comm=comm,
             max_context=max(sweep.max_context, prompt_len + max(sweep.decode_tokens, profile_tokens) + 1),
             max_batch=max(sweep.max_batch, *sweep.batches), progress=False, options=sweep.options,
             split=split, no_p2p=sweep.no_p2p, time_backends=True)

@@ -11,6 +11,9 @@ KV head from one read of its keys and values. The span is cut into a fixed numbe
 one program per (sequence, KV head, split) keeps a running max, sum and weighted value sum; a second kernel
 merges the splits. The split layout depends only on the cache size, so a head's result never depends on how
 heads are spread over ranks.
+
+An FP8 cache (k_scale and v_scale given, raytp.kernels.kv_fp8) is read by the torch version on every device: it
+dequantizes the span it gathers. The Triton kernel reads only model-dtype caches.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from raytp.kernels import kv_fp8
 from raytp.kernels.dispatch import triton, use_triton
 
 BLOCK_N = 64  # cache positions per inner step
@@ -25,12 +29,16 @@ MAX_SPLITS = 64
 MIN_SPLIT = 256  # positions: shorter splits would cost more to merge than they save
 
 
-def cached_attention_torch(q, k_cache, v_cache, slots, step) -> torch.Tensor:
+def cached_attention_torch(q, k_cache, v_cache, slots, step, k_scale=None, v_scale=None) -> torch.Tensor:
     """q (batch, n_q, seq, head_dim) over one layer's cache (slots, kv_heads, positions, head_dim), each row
-    seeing the positions step.visible allows within step.span. Returns (batch, seq, n_q * head_dim)."""
+    seeing the positions step.visible allows within step.span; an FP8 cache's scales are (slots, kv_heads,
+    positions). Returns (batch, seq, n_q * head_dim)."""
     B, n_q, T, D = q.shape
-    keys = k_cache[slots, :, : step.span]  # (batch, kv_heads, span, head_dim)
-    values = v_cache[slots, :, : step.span]
+    span = (slots, slice(None), slice(None, step.span))
+    if k_scale is None:
+        keys, values = k_cache[span], v_cache[span]  # (batch, kv_heads, span, head_dim)
+    else:
+        keys, values = kv_fp8.read(k_cache, k_scale, span, q.dtype), kv_fp8.read(v_cache, v_scale, span, q.dtype)
     out = F.scaled_dot_product_attention(q, keys, values, attn_mask=step.visible,
                                          enable_gqa=n_q != keys.shape[1])
     return out.transpose(1, 2).reshape(B, T, n_q * D)
@@ -99,13 +107,13 @@ def split_layout(max_context: int) -> tuple[int, int]:
     return splits, -(-chunk // BLOCK_N) * BLOCK_N
 
 
-def cached_attention(q, k_cache, v_cache, slots, step) -> torch.Tensor:
+def cached_attention(q, k_cache, v_cache, slots, step, k_scale=None, v_scale=None) -> torch.Tensor:
     """As cached_attention_torch; the Triton decode kernels on CUDA for one query token per sequence
-    (step.lengths: (batch,) positions each sequence sees, this step's included)."""
+    (step.lengths: (batch,) positions each sequence sees, this step's included) over a model-dtype cache."""
     B, n_q, T, D = q.shape
     n_kv = k_cache.shape[1]
-    if T != 1 or not use_triton(q) or D & (D - 1) or n_q % n_kv:
-        return cached_attention_torch(q, k_cache, v_cache, slots, step)
+    if k_scale is not None or T != 1 or not use_triton(q) or D & (D - 1) or n_q % n_kv:
+        return cached_attention_torch(q, k_cache, v_cache, slots, step, k_scale, v_scale)
     group = n_q // n_kv
     splits, chunk = split_layout(k_cache.shape[2])
     q = q.reshape(B, n_q, D).contiguous()

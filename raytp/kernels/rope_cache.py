@@ -6,12 +6,16 @@ gives one program to every (token, head) of the fused qkv projection: query head
 tensor, key heads are rotated straight into their cache cell (slot, head, position), value heads are copied
 into theirs. It rounds to the model dtype after each multiply and add exactly where torch does, so bfloat16
 results match the torch version bit for bit.
+
+An FP8 cache (k_scale and v_scale given) is written by the torch version on every device: each key and value row
+stored as e4m3 with its float32 scale (raytp.kernels.kv_fp8). The Triton kernel writes only model-dtype caches.
 """
 
 from __future__ import annotations
 
 import torch
 
+from raytp.kernels import kv_fp8
 from raytp.kernels.dispatch import triton, use_triton
 
 
@@ -20,9 +24,11 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def rope_and_cache_torch(qkv, n_q, n_kv, cos, sin, positions, slots, k_cache, v_cache) -> torch.Tensor:
+def rope_and_cache_torch(qkv, n_q, n_kv, cos, sin, positions, slots, k_cache, v_cache, k_scale=None,
+                         v_scale=None) -> torch.Tensor:
     """qkv (batch, seq, (n_q + 2 n_kv) * head_dim); cos, sin (batch, seq, head_dim) in the model dtype;
-    k_cache, v_cache one layer's (slots, kv_heads, positions, head_dim). Returns q (batch, n_q, seq, head_dim)."""
+    k_cache, v_cache one layer's (slots, kv_heads, positions, head_dim), and for an FP8 cache k_scale, v_scale its
+    (slots, kv_heads, positions). Returns q (batch, n_q, seq, head_dim)."""
     B, T, _ = qkv.shape
     D = k_cache.shape[-1]
     q, k, v = qkv.split([n_q * D, n_kv * D, n_kv * D], dim=-1)
@@ -31,9 +37,13 @@ def rope_and_cache_torch(qkv, n_q, n_kv, cos, sin, positions, slots, k_cache, v_
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     q = q * cos + rotate_half(q) * sin
     k = k * cos + rotate_half(k) * sin
-    slot_idx = slots.view(B, 1)
-    k_cache[slot_idx, :, positions] = k.transpose(1, 2)
-    v_cache[slot_idx, :, positions] = v.view(B, T, n_kv, D)
+    cells = (slots.view(B, 1), slice(None), positions)  # selects (batch, seq, kv_heads, head_dim)
+    if k_scale is None:
+        k_cache[cells] = k.transpose(1, 2)
+        v_cache[cells] = v.view(B, T, n_kv, D)
+    else:
+        kv_fp8.write(k_cache, k_scale, cells, k.transpose(1, 2))
+        kv_fp8.write(v_cache, v_scale, cells, v.view(B, T, n_kv, D))
     return q
 
 
@@ -74,11 +84,13 @@ if triton is not None:
             tl.store(dst + HALF + lo, x2)
 
 
-def rope_and_cache(qkv, n_q, n_kv, cos, sin, positions, slots, k_cache, v_cache) -> torch.Tensor:
-    """As rope_and_cache_torch; one Triton kernel on CUDA when head_dim is a power of two."""
+def rope_and_cache(qkv, n_q, n_kv, cos, sin, positions, slots, k_cache, v_cache, k_scale=None,
+                   v_scale=None) -> torch.Tensor:
+    """As rope_and_cache_torch; one Triton kernel on CUDA when head_dim is a power of two and the cache is in the
+    model dtype."""
     D = k_cache.shape[-1]
-    if not use_triton(qkv) or D & (D - 1):
-        return rope_and_cache_torch(qkv, n_q, n_kv, cos, sin, positions, slots, k_cache, v_cache)
+    if k_scale is not None or not use_triton(qkv) or D & (D - 1):
+        return rope_and_cache_torch(qkv, n_q, n_kv, cos, sin, positions, slots, k_cache, v_cache, k_scale, v_scale)
     B, T, _ = qkv.shape
     qkv = qkv.contiguous()
     q = torch.empty((B, T, n_q, D), dtype=qkv.dtype, device=qkv.device)

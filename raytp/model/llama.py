@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from raytp.kernels import kv_fp8
 from raytp.kernels.attention import cached_attention
 from raytp.kernels.norm import add_rms_norm, rms_norm, swiglu
 from raytp.kernels.rope_cache import rope_and_cache
@@ -68,7 +69,8 @@ class DecoderLayer:
     """One transformer block's slice: this rank's heads of attention and columns of the MLP."""
 
     def __init__(self, config: ModelConfig, layout: LayerLayout, comm: Communicator, reader: WeightReader,
-                 k_cache: torch.Tensor, v_cache: torch.Tensor):
+                 k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor | None = None,
+                 v_scale: torch.Tensor | None = None):
         self.attn_norm, self.mlp_norm = reader.read(layout.attn_norm), reader.read(layout.mlp_norm)  # (hidden,)
         self.qkv = ColumnParallelLinear(layout.qkv, layout.qkv_bias).load(reader)
         self.o_proj = RowParallelLinear(layout.o_proj, comm).load(reader)
@@ -76,6 +78,7 @@ class DecoderLayer:
         self.down = RowParallelLinear(layout.down, comm).load(reader)
         self.n_q, self.n_kv = self.o_proj.width // config.head_dim, k_cache.shape[1]
         self.k_cache, self.v_cache = k_cache, v_cache  # (batch slots, local kv heads, positions, head_dim)
+        self.k_scale, self.v_scale = k_scale, v_scale  # FP8 cache: (batch slots, local kv heads, positions)
 
     def attention(self, h: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
                   step: StepInputs) -> torch.Tensor:
@@ -83,9 +86,10 @@ class DecoderLayer:
         if not self.n_q:  # no heads here: o_proj adds zeros
             return self.o_proj(h[..., :0])
         qkv = self.qkv(h)  # (batch, seq, (n_q + 2 n_kv) * head_dim)
-        q = rope_and_cache(qkv, self.n_q, self.n_kv, step.cos, step.sin, positions, slots,
-                           self.k_cache, self.v_cache)  # (batch, n_q, seq, head_dim)
-        return self.o_proj(cached_attention(q, self.k_cache, self.v_cache, slots, step))  # (batch, seq, n_q*head_dim)
+        q = rope_and_cache(qkv, self.n_q, self.n_kv, step.cos, step.sin, positions, slots, self.k_cache,
+                           self.v_cache, self.k_scale, self.v_scale)  # (batch, n_q, seq, head_dim)
+        out = cached_attention(q, self.k_cache, self.v_cache, slots, step, self.k_scale, self.v_scale)
+        return self.o_proj(out)  # out: (batch, seq, n_q * head_dim)
 
     def mlp(self, h: torch.Tensor) -> torch.Tensor:
         """(batch, seq, hidden) normed input -> MLP output (batch, seq, hidden), summed over ranks."""
@@ -100,22 +104,35 @@ class DecoderLayer:
 
 class ShardedLlama:
     """One rank's layers and KV cache, read through `reader` in the slices `raytp.model.layout` gives `shard`;
-    `forward` runs them with the group's collectives."""
+    `forward` runs them with the group's collectives. `kv_dtype` "fp8" stores the KV cache as float8 e4m3 with a
+    float32 scale per (slot, head, position) (raytp.kernels.kv_fp8); "auto" in the model dtype."""
 
     def __init__(self, config: ModelConfig, shard: RankShard, comm: Communicator, reader: WeightReader, *,
-                 max_batch: int, max_context: int):
+                 max_batch: int, max_context: int, kv_dtype: str = "auto"):
         self.config, self.shard, self.comm = config, shard, comm
         self.max_batch, self.max_context = max_batch, max_context
         self.vocab_start = shard.vocab_rows.start  # the sampler's offset of local token ids
         layout = model_layout(config, shard)
         self.final_norm = reader.read(layout.final_norm)  # (hidden,)
         self.dtype, self.device = self.final_norm.dtype, self.final_norm.device
-        # KV cache: (layers, batch slots, local kv heads, positions, head_dim), filled per slot
+        # KV cache: (layers, batch slots, local kv heads, positions, head_dim), filled per slot; FP8 adds the
+        # scales, (layers, batch slots, local kv heads, positions)
         shape = (config.num_layers, max_batch, len(shard.kv_heads), max_context, config.head_dim)
-        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.k_scale = self.v_scale = None
+        if kv_dtype == "fp8":
+            kv_fp8.check_supported()
+            self.k_cache, self.v_cache = kv_fp8.zeros(shape, self.device), kv_fp8.zeros(shape, self.device)
+            self.k_scale, self.v_scale = (torch.ones(shape[:-1], dtype=torch.float32, device=self.device)
+                                          for _ in range(2))
+        elif kv_dtype == "auto":
+            self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        else:
+            raise ValueError(f"unknown kv_dtype {kv_dtype!r}; choose auto or fp8")
         self.embed = VocabParallelEmbedding(layout.embed, comm).load(reader)
-        self.layers = [DecoderLayer(config, layer, comm, reader, self.k_cache[i], self.v_cache[i])
+        fp8 = self.k_scale is not None
+        self.layers = [DecoderLayer(config, layer, comm, reader, self.k_cache[i], self.v_cache[i],
+                                    self.k_scale[i] if fp8 else None, self.v_scale[i] if fp8 else None)
                        for i, layer in enumerate(layout.layers)]
         head = ParallelLMHead(layout.lm_head)
         self.lm_head = head.tie(self.embed) if layout.tied else head.load(reader)
@@ -128,6 +145,10 @@ class ShardedLlama:
         """Every weight tensor this rank holds (a tied lm_head is the embedding's tensor, listed twice)."""
         return ([self.embed.table, self.final_norm] + self.lm_head.weight.tensors()
                 + [t for layer in self.layers for t in layer.weights()])
+
+    def cache_tensors(self) -> list[torch.Tensor]:
+        """The KV cache as allocated, FP8 scales included: what the plan's kv_cache_bytes counts."""
+        return [t for t in (self.k_cache, self.v_cache, self.k_scale, self.v_scale) if t is not None]
 
     def step_inputs(self, positions: torch.Tensor, dtype: torch.dtype, span: int | None = None) -> StepInputs:
         """By default the span ends at the furthest position (one GPU sync); a CUDA graph passes max_context."""

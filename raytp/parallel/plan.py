@@ -27,6 +27,8 @@ from raytp.model.config import ModelConfig, QuantConfig
 from raytp.parallel.devices import format_bytes
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# The KV cache's storage: auto, the model dtype; fp8, float8 e4m3 with a float32 scale per row (raytp.kernels.kv_fp8)
+KV_DTYPES = ("auto", "fp8")
 # Prefill runs at most this many tokens per sequence per step; it sizes the working buffers in the overhead.
 PREFILL_CHUNK = 512
 SPLITS = ("memory", "speed")
@@ -47,7 +49,7 @@ class RankShard:
     mlp_cols: range  # slice of intermediate_size
     vocab_rows: range  # slice of vocab_size
     weight_bytes: int  # sharded weights only; the replicated norms count in overhead_bytes
-    kv_cache_bytes: int  # K and V of its KV heads for max_batch x max_context tokens
+    kv_cache_bytes: int  # K and V of its KV heads for max_batch x max_context tokens (FP8: their scales too)
     overhead_bytes: int  # replicated on every rank: norms and working buffers
     read_bytes: int  # weight bytes one batch-1 decode step streams: all but the embedding table
     bandwidth: float | None = None  # device memory bandwidth, bytes/s, when known
@@ -65,13 +67,14 @@ class RankShard:
 @dataclass(frozen=True)
 class ShardPlan:
     ranks: tuple[RankShard, ...]
-    dtype: str  # weights and KV cache
+    dtype: str  # weights, activations and (kv_dtype auto) the KV cache
     max_context: int  # tokens per sequence the KV cache holds
     max_batch: int  # sequences the KV cache holds
     mlp_block: int  # MLP columns move between ranks in blocks of this many (the last may be partial)
     vocab_block: int  # vocab rows likewise
     split: str = "memory"  # what the shares follow: "memory" (budgets) or "speed" (bandwidths, within budgets)
     quant: str | None = None  # the quantized weights' format, when the model has one
+    kv_dtype: str = "auto"  # the KV cache's storage, one of KV_DTYPES
 
     @property
     def step_seconds(self) -> float | None:
@@ -98,9 +101,9 @@ class ShardPlan:
                    "overhead_bytes": r.overhead_bytes, "headroom_bytes": r.headroom_bytes,
                    "read_bytes": r.read_bytes, "bandwidth": r.bandwidth, "step_seconds": r.step_seconds}
             )
-        return {"dtype": self.dtype, "quant": self.quant, "max_context": self.max_context, "max_batch": self.max_batch,
-                "mlp_block": self.mlp_block, "vocab_block": self.vocab_block, "split": self.split,
-                "step_seconds": self.step_seconds, "pacing_rank": self.pacing_rank, "ranks": ranks}
+        return {"dtype": self.dtype, "quant": self.quant, "kv_dtype": self.kv_dtype, "max_context": self.max_context,
+                "max_batch": self.max_batch, "mlp_block": self.mlp_block, "vocab_block": self.vocab_block,
+                "split": self.split, "step_seconds": self.step_seconds, "pacing_rank": self.pacing_rank, "ranks": ranks}
 
     def format_table(self) -> str:
         def span(s: range) -> str:
@@ -121,6 +124,8 @@ class ShardPlan:
         ]
         widths = [max(len(row[c]) for row in rows) for c in range(len(header))]
         title = [f"weights: {self.quant}"] if self.quant else []
+        if self.kv_dtype == "fp8":
+            title.append("KV cache: fp8 (e4m3 and a float32 scale per token and KV head)")
         return "\n".join(title + ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows])
 
 
@@ -203,10 +208,17 @@ def _mlp_block(config: ModelConfig, mlp_block: int) -> int:
     return math.lcm(mlp_block, q.group_size) if q is not None and q.group_size else mlp_block
 
 
-def _pieces(config: ModelConfig, max_context: int, max_batch: int, nbytes: int, mlp_block: int, vocab_block: int):
+def kv_row_bytes(head_dim: int, nbytes: int, kv_dtype: str) -> int:
+    """Bytes of one cached row, the keys (or the values) of one KV head at one position: head_dim elements in the
+    model dtype (`nbytes` each), or with fp8 one byte each plus the row's float32 scale."""
+    return head_dim + 4 if kv_dtype == "fp8" else head_dim * nbytes
+
+
+def _pieces(config: ModelConfig, max_context: int, max_batch: int, nbytes: int, mlp_block: int, vocab_block: int,
+            kv_dtype: str):
     h, d, q, layers = config.hidden_size, config.head_dim, config.q_per_kv, config.num_layers
     bias = (q + 2) * d * config.attention_bias * nbytes
-    cache = 2 * layers * max_batch * max_context * d * nbytes
+    cache = 2 * layers * max_batch * max_context * kv_row_bytes(d, nbytes, kv_dtype)
     quant, group, group_bytes = config.quant, 1, 0
     if quant is None:
         # One KV group: q and o_proj slices of its q query heads, its k and v rows (+ q/k/v biases), and its cache.
@@ -350,6 +362,7 @@ def plan_shards(
     vocab_block: int = 64,
     bandwidths: Sequence[float] | None = None,
     split: str | None = None,
+    kv_dtype: str = "auto",
 ) -> ShardPlan:
     """Split `config` over ranks with `budgets` = (device, bytes) per rank; raise PlanError if it cannot fit.
 
@@ -366,6 +379,9 @@ def plan_shards(
               to every rank's room (`_speed_shares`, exact in the continuous limit); of this and the memory split
               the one predicting the faster step after rounding to blocks is kept, so it is never slower.
     The default is speed when `bandwidths` (bytes/s per rank) are given, else memory.
+
+    `kv_dtype` fp8 counts the KV cache at 1 + 4/head_dim bytes per element (e4m3 values and a float32 scale per row)
+    instead of the dtype's bytes.
     """
     split = split or ("speed" if bandwidths is not None else "memory")
     if split not in SPLITS:
@@ -376,17 +392,20 @@ def plan_shards(
         raise ValueError("the speed split needs every device's memory bandwidth")
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"unsupported dtype {dtype!r}; choose one of {', '.join(DTYPE_BYTES)}")
+    if kv_dtype not in KV_DTYPES:
+        raise ValueError(f"unsupported kv_dtype {kv_dtype!r}; choose one of {', '.join(KV_DTYPES)}")
     for what, value in (("max_context", max_context), ("max_batch", max_batch), ("mlp_block", mlp_block),
                         ("vocab_block", vocab_block), ("number of devices", len(budgets))):
         if value < 1:
             raise ValueError(f"{what} must be at least 1, got {value}")
     names, caps = [name for name, _ in budgets], [cap for _, cap in budgets]
-    pieces = _pieces(config, max_context, max_batch, DTYPE_BYTES[dtype], mlp_block, vocab_block)
+    pieces = _pieces(config, max_context, max_batch, DTYPE_BYTES[dtype], mlp_block, vocab_block, kv_dtype)
     overhead = replicated_overhead_bytes(config, max_context=max_context, max_batch=max_batch, dtype=dtype)
     room = [cap - overhead for cap in caps]
     sharded = sum(p.total(p.size) for p in pieces)
     cache = pieces[0].size * pieces[0].cache_bytes
     stored = f"{dtype}, {config.quant.describe()}" if config.quant else dtype
+    stored += ", fp8 KV cache" if kv_dtype == "fp8" else ""
     summary = (f"the model needs {format_bytes(sharded - cache)} of weights and {format_bytes(cache)} of KV cache "
                f"(max_context={max_context}, max_batch={max_batch}, {stored}), plus {format_bytes(overhead)} of norms "
                f"and working buffers on every device")
@@ -395,7 +414,7 @@ def plan_shards(
         usable = [max(x, 0) for x in room]
         needs = [overhead + (-(-sharded * u // sum(usable)) if sum(usable) else -(-sharded // len(caps)))
                  for u in usable]
-        raise _plan_error(f"does not fit: {summary}", names, caps, needs, pieces)
+        raise _plan_error(f"does not fit: {summary}", names, caps, needs, pieces, kv_dtype)
     base = [overhead] * len(caps)
     blocks = _deal(pieces, room, base, caps)
     if split == "speed":
@@ -407,7 +426,7 @@ def plan_shards(
     needs = _usage(pieces, blocks, base)
     if any(need > cap for need, cap in zip(needs, caps)):
         raise _plan_error(f"does not fit in indivisible pieces, although the total would: {summary}",
-                          names, caps, needs, pieces)
+                          names, caps, needs, pieces, kv_dtype)
     kv, mlp, vocab = (p.ranges(b) for p, b in zip(pieces, blocks))
     q = config.q_per_kv
     return ShardPlan(
@@ -424,6 +443,7 @@ def plan_shards(
         ),
         dtype=dtype, max_context=max_context, max_batch=max_batch, mlp_block=pieces[1].block,
         vocab_block=vocab_block, split=split, quant=config.quant.describe() if config.quant else None,
+        kv_dtype=kv_dtype,
     )
 
 
@@ -435,13 +455,15 @@ def _deal(pieces, shares: Sequence[int], base: Sequence[int], caps: Sequence[int
     return kv_blocks + _relieve(fine, tuple(tuple(_split(p, shares)) for p in fine), with_kv, caps)
 
 
-def _plan_error(reason: str, names: Sequence[str], caps: Sequence[int], needs: Sequence[int], pieces) -> PlanError:
+def _plan_error(reason: str, names: Sequence[str], caps: Sequence[int], needs: Sequence[int], pieces,
+                kv_dtype: str) -> PlanError:
     lines = [f"{reason}:"]
     for i, (name, cap, need) in enumerate(zip(names, caps, needs)):
         short = f" (short {format_bytes(need - cap)})" if need > cap else ""
         lines.append(f"  rank {i} {name}: needs {format_bytes(need)}, has {format_bytes(cap)}{short}")
     kv, mlp, vocab = (format_bytes(p.block_bytes) for p in pieces)
+    fp8 = ", --kv-dtype fp8 (a KV cache of about 1 byte per element)" if kv_dtype != "fp8" else ""
     lines.append(f"Indivisible pieces: one KV group {kv} (weights and cache), one MLP block {mlp}, one vocab block "
-                 f"{vocab}. Try more devices, more memory per device, a smaller --max-context or --max-batch, "
+                 f"{vocab}. Try more devices, more memory per device, a smaller --max-context or --max-batch{fp8}, "
                  f"or a lower --dtype.")
     return PlanError("\n".join(lines))

@@ -69,8 +69,9 @@ def memory_use(info: dict) -> pd.DataFrame:
 
 
 def cluster_summary(info: dict) -> str:
+    dtype = info["dtype"] + (" · fp8 KV cache" if info.get("kv_dtype") == "fp8" else "")
     return (f"**{info['model']}** on {len(info['ranks'])} ranks · all-reduce **{info['backend']}** · "
-            f"{info['dtype']} · context {info['max_context']} tokens · batch of {info['max_batch']} sequences, "
+            f"{dtype} · context {info['max_context']} tokens · batch of {info['max_batch']} sequences, "
             f"which requests join and leave between decode steps"
             + "".join(f"\n- {event}" for event in info["history"][-5:]))  # rank losses, re-plans
 

@@ -1,5 +1,6 @@
 """The fused RoPE + cache write and the decode attention kernels against their torch versions, and a whole
-model's tokens with every Triton kernel on against all of them off (GPU host only)."""
+model's tokens with every Triton kernel on against all of them off, and the FP8 KV cache's tokens in CUDA graphs
+against eager steps (GPU host only)."""
 
 from types import SimpleNamespace
 
@@ -57,7 +58,11 @@ def test_decode_attention_kernel_matches_torch(dtype, n_q, n_kv, D, ctx, lengths
 
 
 def test_tokens_with_triton_kernels_equal_the_torch_path(monkeypatch):
-    prompts = [[5, 6, 7], [9, 10, 11, 12, 13], [100], [42, 43]]
-    fused = generate(True, prompts)  # float32: RoPE and cache bit-exact, attention within float32 rounding
+    fused = generate(True, "hoststaged")  # float32: RoPE and cache bit-exact, attention within float32 rounding
     monkeypatch.setattr(dispatch, "_enabled", False)  # what set_triton(False) does, undone after the test
-    assert generate(False, prompts) == fused
+    assert generate(False, "hoststaged") == fused
+
+
+def test_fp8_cache_tokens_in_cuda_graphs_equal_eager_steps():
+    """The FP8 cache (torch code on every device) replayed from CUDA graphs gives the eager steps' tokens."""
+    assert generate(True, "hoststaged", kv_dtype="fp8") == generate(False, "hoststaged", kv_dtype="fp8")

@@ -21,17 +21,17 @@ PARAMS = [SamplingParams(max_tokens=20), SamplingParams(temperature=0.8, seed=3,
           SamplingParams(temperature=0.7, top_k=20, repetition_penalty=1.3, seed=5, max_tokens=29)]
 
 
-def generate(graphed: bool, backend: str) -> dict[str, list[int]]:
+def generate(graphed: bool, backend: str, kv_dtype: str = "auto") -> dict[str, list[int]]:
     source = ModelSource.parse("synthetic:tiny")
     config = source.config()
     device = torch.device("cuda")
-    plan = plan_shards(config, [("cuda", 8 << 30)], max_context=256, max_batch=4, dtype="float32")
+    plan = plan_shards(config, [("cuda", 8 << 30)], max_context=256, max_batch=4, dtype="float32", kv_dtype=kv_dtype)
     opening = open_group(CommPlan.make(backend, [[0]], f"tcp://127.0.0.1:{free_port()}", timeout_s=60), 0, device)
     for phase in PHASES:
         opening.step(phase)
     comm = opening.comm
     with source.reader(torch.float32, device) as reader:
-        lm = ShardedLlama(config, plan.ranks[0], comm, reader, max_batch=4, max_context=256)
+        lm = ShardedLlama(config, plan.ranks[0], comm, reader, max_batch=4, max_context=256, kv_dtype=kv_dtype)
     engine = RankEngine(lm, comm)
     if graphed:
         engine.use_cuda_graphs()
