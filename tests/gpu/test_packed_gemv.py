@@ -1,0 +1,121 @@
+"""The packed decode GEMV (raytp.kernels.packed_gemv) against the dequantize-then-matmul path of the layout it was
+packed from (raytp.kernels.dequant_matmul.dequantize, itself checked per element in tests/test_quant_kernels.py):
+every shape class, 1-16 rows, group sizes, zero points, act-order, mid-group slices, eager and in CUDA graphs."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from raytp.kernels import dequant_matmul as dm
+from raytp.kernels import packed_gemv as pg
+from tests.test_quant_kernels import random_int_weight
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available() or pg.triton is None,
+                                                 reason="needs CUDA and Triton")]
+
+
+def int_case(out, cols, bits, group_size, group_start=0, sym=True, act_order=False, dtype=torch.bfloat16):
+    packed, scales, zeros, g_idx = random_int_weight(out, cols, bits, group_size, group_start, sym, act_order, dtype)
+    packed, scales = packed.cuda(), scales.cuda()
+    zeros = zeros.cuda() if zeros is not None else None
+    g_idx = g_idx.cuda() if g_idx is not None else None
+    dense = dm.dequantize(packed, scales, zeros, bits=bits, group_size=group_size, group_start=group_start,
+                          g_idx=g_idx)
+    return pg.pack_int(packed, scales, zeros, bits=bits, group_size=group_size, group_start=group_start,
+                       g_idx=g_idx), dense
+
+
+def assert_matches(y, x, dense):
+    ref = (x.double() @ dense.double().T)
+    # the reference's weights are exact; the kernel sums in float32 (ieee for float32 x) and rounds y once
+    tol = dict(rtol=1e-4, atol=1e-4) if x.dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(y.double(), ref, **tol)
+
+
+SHAPES = [(6144, 4096), (28672, 4096), (4096, 14336), (4096, 1024), (1536, 4096), (1000, 4096)]
+
+
+@pytest.mark.parametrize("out,cols", SHAPES)
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("rows", [1, 2, 8, 16])
+def test_int_kernel_every_shape_class(out, cols, bits, rows):
+    w, dense = int_case(out, cols, bits, 128)
+    x = torch.randn(rows, cols, device="cuda", dtype=torch.bfloat16)
+    assert_matches(pg.kn_linear(x, w), x, dense)
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("rows", [1, 5])
+def test_int_kernel_groups_and_zero_points(group_size, sym, rows):
+    w, dense = int_case(2048, 4096, 4, group_size, sym=sym)
+    x = torch.randn(rows, 4096, device="cuda", dtype=torch.bfloat16)
+    assert_matches(pg.kn_linear(x, w), x, dense)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", [dict(group_start=40, group_size=64), dict(act_order=True, group_size=128),
+                                  dict(group_size=1600), dict(group_size=56, group_start=8),
+                                  dict(act_order=True, group_size=32, bits=8)])
+def test_int_kernel_mid_group_slices_act_order_and_dtypes(dtype, case):
+    case = dict(bits=4) | case
+    w, dense = int_case(300, 1600, sym=False, dtype=dtype, **case)
+    for rows in (1, 3, 16):
+        x = torch.randn(rows, 1600, device="cuda", dtype=dtype)
+        assert_matches(pg.kn_linear(x, w), x, dense.to(dtype))
+
+
+@pytest.mark.parametrize("launch", [pg.Launch(64, 4, 1), pg.Launch(128, 8, 16), pg.Launch(256, 16, 3),
+                                    pg.Launch(32, 2, 5, num_warps=8)])
+def test_every_launch_shape_gives_the_same_product(launch):
+    """The benchmark's sweep tries these; ragged last slices included."""
+    w, dense = int_case(4096, 14336, 4, 128)
+    for rows in (1, 8):
+        x = torch.randn(rows, 14336, device="cuda", dtype=torch.bfloat16)
+        assert_matches(pg.kn_linear(x, w, launch), x, dense)
+
+
+def test_split_k_is_deterministic_and_graph_replays_equal_eager():
+    """The last program of each output block sums the slices in slice order: the same bits on every call, eager
+    or replayed, and the counters are reset for the next call."""
+    w, dense = int_case(4096, 14336, 4, 128, sym=False)
+    pg.reserve(w)
+    x = torch.randn(1, 14336, device="cuda", dtype=torch.bfloat16)
+    first = pg.kn_linear(x, w)
+    assert pg.launch_for(1, 4096, w.values.shape[0], False, pg.sm_count(x.device)).split_k > 1
+    for _ in range(20):
+        assert torch.equal(pg.kn_linear(x, w), first)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = pg.kn_linear(x, w)
+    for _ in range(5):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y, first)
+    assert_matches(first, x, dense)
+
+
+@pytest.mark.parametrize("out,cols", SHAPES)
+@pytest.mark.parametrize("rows", [1, 4, 16])
+@pytest.mark.parametrize("per_tensor", [False, True])
+def test_fp8_kernel(out, cols, rows, per_tensor):
+    weight = (torch.randn(out, cols, device="cuda") * 0.05).to(torch.float8_e4m3fn)
+    scale = (torch.rand(()) + 0.5 if per_tensor else torch.rand(out, 1) + 0.5).cuda()
+    x = torch.randn(rows, cols, device="cuda", dtype=torch.bfloat16)
+    assert_matches(pg.kn_linear(x, pg.pack_fp8(weight, scale)), x, weight.float() * scale)
+
+
+def test_fp8_every_code_including_subnormals():
+    codes = torch.arange(256, dtype=torch.uint8, device="cuda").view(torch.float8_e4m3fn)
+    codes = codes[~codes.float().isnan()]
+    weight = torch.diag_embed(codes.float()).to(torch.float8_e4m3fn)  # output i reads only code i
+    x = torch.ones(1, len(codes), device="cuda", dtype=torch.float32)
+    got = pg.kn_linear(x, pg.pack_fp8(weight, torch.ones(len(codes), 1, device="cuda")))
+    assert torch.equal(got[0], codes.float())
+
+
+def test_prefill_rows_take_dequantize_then_matmul():
+    w, dense = int_case(512, 1024, 4, 64, sym=False, act_order=True)
+    x = torch.randn(100, 1024, device="cuda", dtype=torch.bfloat16)
+    assert_matches(pg.kn_linear(x, w), x, dense)
+    torch.testing.assert_close(pg.kn_linear(x, w), F.linear(x, dense), rtol=2e-2, atol=2e-2)
