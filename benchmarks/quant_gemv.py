@@ -30,14 +30,22 @@ from raytp.kernels import packed_gemv as pg
 SHAPES = [("qkv", 6144, 4096), ("o_proj", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336),
           ("qkv/4", 1536, 4096), ("o_proj/4", 4096, 1024), ("gate_up/4", 7168, 4096), ("down/4", 4096, 3584)]
 LAYERS = 32
-SWEEP_ONE = [pg.Launch(n, kw, s) for n in (64, 128, 256) for kw in (4, 8, 16) for s in (1, 4, 16)]
-SWEEP_MANY = [pg.Launch(n, kw, s) for n in (32, 64, 128) for kw in (2, 4, 8) for s in (1, 4)]
-SWEEP_FP8 = [pg.Launch(n, kw, s) for n in (64, 128, 256) for kw in (16, 32, 64) for s in (1, 4, 16)]
+SWEEP = [pg.Launch(w, s) for w in (2, 4, 8) for s in (1, 2, 4, 8, 16)]
 
 
 def make(fmt: str, out: int, cols: int, group_size: int):
     """One weight of `fmt`: (call(x, launch) -> y, bytes a call reads), or None where this torch lacks it."""
     dev = dict(device="cuda")
+    if fmt in ("int4-v1", "fp8-v1"):  # the kernels this one replaces, for before/after in one sitting
+        from raytp.kernels import dequant_matmul as dm, fp8_matmul as f8
+        if fmt == "fp8-v1":
+            w8 = (torch.randn(out, cols, **dev) * 0.02).to(torch.float8_e4m3fn)
+            s8 = torch.rand(out, 1, **dev) + 0.5
+            return (lambda x, launch=None: f8.fp8_linear(x, w8, s8)), w8.numel() + s8.numel() * 4
+        q = torch.randint(-2 ** 31, 2 ** 31 - 1, (out, cols // 8), dtype=torch.int32, **dev)
+        s4 = torch.rand(out, cols // group_size, dtype=torch.bfloat16, **dev) * 1e-3
+        return ((lambda x, launch=None: dm.int_linear(x, q, s4, None, bits=4, group_size=group_size)),
+                q.numel() * 4 + s4.numel() * 2)
     if fmt == "bf16":
         w = torch.randn(out, cols, dtype=torch.bfloat16, **dev) * 0.02
         return (lambda x, launch=None: F.linear(x, w)), w.numel() * 2
@@ -46,7 +54,7 @@ def make(fmt: str, out: int, cols: int, group_size: int):
         s = torch.rand(out, 1, **dev) + 0.5
         if fmt == "fp8":
             kn = pg.pack_fp8(w, s)
-            return (lambda x, launch=None: pg.kn_linear(x, kn, launch)), w.numel() + s.numel() * 4
+            return (lambda x, launch=None: pg.mma_linear(x, kn, launch)), w.numel() + s.numel() * 4
         wt, s_row = w.t(), s.t().contiguous()  # column-major (K, N), as _scaled_mm wants its second operand
 
         def scaled_mm(x, launch=None):
@@ -73,7 +81,7 @@ def make(fmt: str, out: int, cols: int, group_size: int):
         words |= q[:, j::per] << (bits * j)
     zeros = torch.randint(0, 1 << bits, (out, groups), **dev).to(torch.bfloat16) if fmt == "int4-zp" else None
     kn = pg.pack_int(words, s, zeros, bits=bits, group_size=group_size)
-    return (lambda x, launch=None: pg.kn_linear(x, kn, launch)), sum(t.numel() * t.element_size() for t in kn.tensors())
+    return (lambda x, launch=None: pg.mma_linear(x, kn, launch)), sum(t.numel() * t.element_size() for t in kn.tensors())
 
 
 def timed(calls, x, launch, iters: int) -> float:
@@ -94,13 +102,6 @@ def timed(calls, x, launch, iters: int) -> float:
     stop.record()
     torch.cuda.synchronize()
     return start.elapsed_time(stop) * 1000 / (5 * iters)
-
-
-def sweep_for(fmt: str, rows: int):
-    if fmt == "fp8":
-        return SWEEP_FP8 if rows == 1 else [pg.Launch(n, kw, s) for n in (32, 64, 128) for kw in (16, 32, 64)
-                                            for s in (1, 4)]
-    return SWEEP_ONE if rows == 1 else SWEEP_MANY
 
 
 def main():
@@ -135,11 +136,10 @@ def main():
                     continue
                 row = dict(shape=name, out=out, cols=cols, format=fmt, rows=rows, us=us, gbps=nbytes / us / 1e3)
                 if fmt in args.sweep.split(",") and str(rows) in args.sweep_rows.split(","):
-                    best = min(((timed(calls, x, launch, args.iters), launch) for launch in sweep_for(fmt, rows)),
+                    best = min(((timed(calls, x, launch, args.iters), launch) for launch in SWEEP),
                                key=lambda t: t[0])
-                    kn_rows = cols // (1 if fmt == "fp8" else 32 // (8 if fmt == "int8" else 4))
                     row |= dict(best_us=best[0], best_launch=str(best[1]),
-                                heuristic=str(pg.launch_for(rows, out, kn_rows, fmt == "fp8", pg.sm_count(x.device))))
+                                heuristic=str(pg.launch_for(out, -(-cols // pg.TILE_K), pg.sm_count(0))))
                 results.append(row)
                 print(json.dumps(row), flush=True)
             del calls, first
@@ -152,8 +152,9 @@ def main():
     for r in results:
         ref = base.get((r["shape"], r["rows"]))
         best = f"{r['best_us']:.1f} ({r['best_launch']})" if "best_us" in r else ""
+        ratio = f"{ref / r['us']:.2f}x" if ref else "-"
         print(f"| {r['shape']} {r['out']}x{r['cols']} | {r['rows']} | {r['format']} | {r['us']:.1f} | "
-              f"{r['gbps']:.0f} | {f'{ref / r['us']:.2f}x' if ref else '-'} | {best} |")
+              f"{r['gbps']:.0f} | {ratio} | {best} |")
     for suffix, title in (("", "one rank"), ("/4", "each of 4 ranks")):
         print(f"\n{title}: one decoder layer\n\n| rows | format | layer us | {LAYERS} layers ms | vs bf16 |"
               "\n|---|---|---|---|---|")

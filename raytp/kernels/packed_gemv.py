@@ -1,375 +1,530 @@
-"""y = x @ W.T for quantized weights repacked at load time into the layout a decode GEMV reads fastest.
+"""y = x @ W.T for int4, int8 and FP8 weights repacked at load time into the layout a decode GEMV reads fastest.
 
 Decode at batch 1-16 reads every weight once per step, so the kernel must stream the weights at the memory's speed
-and spend as few instructions per weight as it can: on an H200 a 4-bit weight arrives every ~0.12 ns, and the
-integer-to-float conversion alone (a quarter-rate instruction) would cap the kernel at ~40% of the bandwidth.
+and spend as few instructions per weight as it can: on an H200 a 4-bit weight arrives every ~0.12 ns, about 4
+instructions per weight for the whole SM, and a plain dequantize-then-multiply spends more than that (the integer-
+to-float conversion alone is a quarter-rate instruction). So the kernel (CUDA, compiled at run time with NVRTC):
 
-The layout (`KNPacked`), made once per rank from its own slice (`pack_int` / `pack_fp8`):
-    values  int32 (K' / per, N): per = 32 // bits integers of consecutive inputs in one word, the outputs
-            contiguous, so a warp's loads run along the outputs in 16-byte vectors (int4: 8 inputs, int8: 4);
-            float8 e4m3 (K', N) for FP8
-    scales  (groups, N) in float32 (a group is `group_words` consecutive words), zeros likewise or None
-    x_index (K',) int32 or None: the input column each row of the layout multiplies, -1 for padding
+- multiplies on the tensor cores: `mma.m16n8k16` with x as the 16-row operand (rows past the batch are zeros), so
+  the multiply-adds cost a fraction of an instruction per weight and batch 16 costs what batch 1 does;
+- dequantizes without conversions: a 4-bit value OR'ed into the mantissa of bf16 128 (fp16 1024) is 128 + q, and
+  one packed fma subtracts 128 + zero exactly, two values per instruction (`lop3`, `fma.rn.bf16x2`); int8 goes
+  through the float32 2**23 trick and one packed convert; e4m3 moves its bits into a bf16 (fp16) and one packed
+  multiply by 2**120 (2**8) rescales, subnormals included;
+- applies the group scale once per group on the float32 accumulators (exact linear algebra: W = (q - z) * s);
+- reads each weight once with 16-byte loads that a warp issues as one contiguous 1 KiB run: the layout is made
+  for the mma fragments, so no shuffles, no shared memory on the weights' path.
 
-Act-order and mid-group slices need no per-column group lookups in the hot loop: the rows are sorted by group at
-load time and every group padded to the same width (a multiple of `per`) with rows that multiply a zero input, so
-each packed word belongs to exactly one group. Where that moves rows, the kernel reads x through `x_index` (one
-gathered load per input, shared by all the outputs of a program): exact, since it only reorders the sum, and used
-for o_proj's act-order columns, which the attention heads fix; the column-parallel layers and down_proj (already
-permuted at load, see raytp.model.formats) keep the identity and read x directly.
+The layout (`MMAPacked`), made once per rank from its own slice (`pack_int` / `pack_fp8`). Inputs are in `Kp`
+("physical") order, a multiple of 32, outputs padded to a multiple of 64:
+    values   int32 [Np / 64][Kp / 32][32 lanes][words]: one warp's tile of 64 outputs x 32 inputs is 1 KiB,
+             lane 4g + t holds outputs 8j + g (j = 0..7) at inputs 8t..8t+7 of the tile, as the mma's B fragments
+             want them (int4: one word per j, nibble p = input 8t + 2p, nibble p + 4 = input 8t + 2p + 1; 8-bit:
+             two words per j, byte b of word s = input 8t + 4s + b)
+    scales   float32 (groups, Np); zeros (groups, Np) as the packed-fma constant, or None: symmetric
+    x_index  int32 (Kp,): the input column each physical input is, -1 for padding; None: the identity
+Act-order and mid-group slices need no per-column group lookups: the inputs are sorted by group at load time and
+every group padded to the same width (a multiple of 32) with inputs that multiply zero, so each 32-input tile
+belongs to one group. Where that moves inputs, x is gathered into physical order first (one small gather per
+call: exact, it only reorders the sum; o_proj's act-order columns, which the heads fix, and slices that start
+mid-group); everything else reads x as it is.
 
-Dequantization: an integer q < 2**23 OR'ed into the mantissa of 2**23 (bits 0x4B000000) is the float 2**23 + q,
-and subtracting 2**23 + zero is exact: two integer operations (shift, and+or) and one float add per weight instead
-of the conversion. Each program sums x * (q - zero) over a word's values, then scales the word's sum once, so the
-scale costs one multiply per word, not per weight. More than one row of x (batched decode) goes through tl.dot with
-the weights dequantized into the model dtype.
-
-Split-K without atomics on the output: where the row blocks alone give too few programs to keep every SM's memory
-pipe busy, the inputs are cut into SPLIT_K slices; each program writes its float32 partial into a workspace, and
-the last program of an output block to finish (a per-block counter, acquire/release) adds the slices in slice
-order, writes y and resets the counter. Results are the same bits on every run and in CUDA graphs, one launch, no
-memset. Longer inputs (prefill) dequantize into the model dtype once and take one cuBLAS matmul.
+Each warp covers 64 outputs over a contiguous slice of the inputs; the warps of a block split the block's inputs
+and add their accumulators through shared memory in warp order. Where the output blocks alone give too few warps
+to keep the memory busy, SPLIT blocks share an output block: each writes its float32 partial into a workspace and
+the last to finish (a per-block counter, fenced) adds them in split order, writes y and resets the counter. So the
+result has the same bits on every run and in CUDA graphs, in one launch with no memset. More than 16 rows
+(prefill) dequantize into the model dtype once and take one cuBLAS matmul. float32 models take that path too.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from raytp.kernels.dispatch import triton
-
-MAX_ROWS = 16  # rows of x one weight pass serves; more (prefill) dequantize once and use cuBLAS
-MAGIC = float(2 ** 23)  # 0x4B000000: the float whose mantissa an integer below 2**23 is OR'ed into
+MAX_ROWS = 16  # rows of x one weight pass serves (the mma's M); more (prefill) dequantize once and use cuBLAS
+TILE_N, TILE_K = 64, 32  # one warp's tile: outputs x inputs
+KINDS = ("int4", "int8", "fp8")
 
 
 @dataclass
-class KNPacked:
+class MMAPacked:
     """One rank's quantized matrix in the decode kernel's layout (see the module docstring)."""
 
-    values: torch.Tensor  # int32 (K' / per, N), or float8_e4m3fn (K', N)
-    scales: torch.Tensor  # float32 (groups, N); FP8: (1, N) per output row
-    zeros: torch.Tensor | None  # float32 (groups, N) integer zero points; None: symmetric (2 ** (bits - 1))
-    bits: int  # 4 or 8; 8 with float8 values for FP8
-    group_words: int  # rows of `values` per group (int); FP8: K'
+    values: torch.Tensor  # int32 [Np / 64, Kp / 32, 32, words]
+    scales: torch.Tensor  # float32 (groups, Np)
+    zeros: torch.Tensor | None  # float32 (groups, Np) integer zero points; None: symmetric (int: 2 ** (bits - 1))
+    kind: str  # "int4", "int8" or "fp8"
+    group_tiles: int  # 32-input tiles per group
     in_features: int  # K: the inputs x has
-    x_index: torch.Tensor | None  # int32 (K',): the input each layout row multiplies (-1: padding), None: identity
+    out_features: int  # N
+    x_index: torch.Tensor | None  # int32 (Kp,), -1 for padding; None: physical order is x's own (padded to Kp)
 
     @property
-    def fp8(self) -> bool:
-        return self.values.dtype == torch.float8_e4m3fn
+    def padded(self) -> tuple[int, int]:
+        """(Kp, Np)."""
+        return self.values.shape[1] * TILE_K, self.values.shape[0] * TILE_N
 
     @property
-    def per(self) -> int:
-        return 1 if self.fp8 else 32 // self.bits
-
-    @property
-    def out_features(self) -> int:
-        return self.values.shape[1]
+    def bits(self) -> int:
+        return 4 if self.kind == "int4" else 8
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.values, self.scales, self.zeros, self.x_index) if t is not None]
 
 
 def _unpack_values(words: torch.Tensor, bits: int) -> torch.Tensor:
-    """int32 (rows, cols // per) with value j of a row in bits [bits * (j % per), ...) of word j // per -> int32
+    """int32 (rows, cols // per), value j of a row in bits [bits * (j % per), ...) of word j // per -> int32
     (rows, cols)."""
     shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=words.device)
     return ((words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).reshape(words.shape[0], -1)
 
 
-def _pack_along_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
-    """int32 (K', N) unsigned values, K' a multiple of per -> int32 (K' / per, N): value r in bits
-    [bits * (r % per), ...) of word row r // per."""
-    per = 32 // bits
-    v = values.view(-1, per, values.shape[1])
-    words = torch.zeros((v.shape[0], v.shape[2]), dtype=torch.int32, device=values.device)
-    for j in range(per):
-        words |= v[:, j] << (bits * j)
-    return words
+def _tile_words(v: torch.Tensor, kind: str) -> torch.Tensor:
+    """Unsigned values (or e4m3 bytes) in physical order, (Kp, Np) int32 -> the kernel's words
+    [Np / 64, Kp / 32, 32, words] (see the module docstring)."""
+    kp, np_ = v.shape
+    if kind == "int4":  # k = kb*32 + 8t + 2p + h -> nibble p + 4h of word (g, t, j); n = nb*64 + 8j + g
+        t = v.reshape(kp // 32, 4, 4, 2, np_ // 64, 8, 8).permute(4, 0, 6, 1, 5, 3, 2)  # nb kb g t j h p
+        t = t.reshape(np_ // 64, kp // 32, 32, 8, 8)
+    else:  # k = kb*32 + 8t + 4s + b -> byte b of word (g, t, j, s)
+        t = v.reshape(kp // 32, 4, 2, 4, np_ // 64, 8, 8).permute(4, 0, 6, 1, 5, 2, 3)  # nb kb g t j s b
+        t = t.reshape(np_ // 64, kp // 32, 32, 16, 4)
+    bits = 32 // t.shape[-1]
+    words = torch.zeros(t.shape[:-1], dtype=torch.int32, device=v.device)
+    for i in range(t.shape[-1]):
+        words |= (t[..., i] & ((1 << bits) - 1)) << (bits * i)
+    return words.contiguous()
+
+
+def _physical_order(group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Each input's group (long, (K,)) -> (physical position of each input, the groups used, group width):
+    inputs sorted by group (stable), each group padded to the widest one's count rounded up to TILE_K."""
+    used, local = torch.unique(group, return_inverse=True)
+    counts = torch.bincount(local, minlength=len(used))
+    width = -(-int(counts.max()) // TILE_K) * TILE_K
+    order = torch.sort(local, stable=True).indices
+    first = torch.cumsum(counts, 0) - counts
+    position = torch.empty_like(order)
+    position[order] = local[order] * width + torch.arange(len(order), device=group.device) - first[local[order]]
+    return position, used, width
+
+
+def _finish(values: torch.Tensor, position: torch.Tensor, kp: int, n_out: int, fill: torch.Tensor | int):
+    """(N, K) values -> (Kp, Np) in physical order, padding rows and columns filled with `fill`
+    ((groups, N) per group of width kp // groups, or a constant)."""
+    np_ = -(-n_out // TILE_N) * TILE_N
+    if isinstance(fill, torch.Tensor):
+        base = fill.t().repeat_interleave(kp // fill.shape[1], dim=0)
+    else:
+        base = torch.full((kp, n_out), fill, dtype=torch.int32, device=values.device)
+    base = base.to(torch.int32).clone()
+    base[position] = values.t().to(torch.int32)
+    return F.pad(base, (0, np_ - n_out))
+
+
+def _x_index(position: torch.Tensor, kp: int) -> torch.Tensor | None:
+    k = len(position)
+    if torch.equal(position, torch.arange(k, device=position.device)):
+        return None  # physical order is x's own; the kernel pads x to kp with zeros
+    index = torch.full((kp,), -1, dtype=torch.int32, device=position.device)
+    index[position] = torch.arange(k, dtype=torch.int32, device=position.device)
+    return index
+
+
+def _padded_rows(t: torch.Tensor | None, np_: int) -> torch.Tensor | None:
+    return None if t is None else F.pad(t.float(), (0, np_ - t.shape[1])).contiguous()
 
 
 def pack_int(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, *, bits: int, group_size: int,
-             group_start: int = 0, g_idx: torch.Tensor | None = None) -> KNPacked:
+             group_start: int = 0, g_idx: torch.Tensor | None = None) -> MMAPacked:
     """The IntWeight layout (raytp.model.formats: int32 (N, K / per) packed along the inputs, scales and zeros
-    (N, groups), a column's group g_idx[j] or (j + group_start) // group_size) in the kernel's layout.
-
-    Rows are sorted by group (stable) and each group padded to the widest group's width rounded up to `per`; the
-    padding rows hold the zero point (so they add nothing) and multiply no input."""
-    per = 32 // bits
+    (N, groups), input j in group g_idx[j] or (j + group_start) // group_size) in the kernel's layout. Padding
+    holds the zero point, so it adds nothing even before its zero input."""
     q = _unpack_values(packed, bits)  # (N, K)
     n_out, k_in = q.shape
     if g_idx is not None:
         group = g_idx.long().to(q.device)
     else:
         group = (torch.arange(k_in, device=q.device) + group_start) // group_size
-    used, local = torch.unique(group, return_inverse=True)  # the groups this slice touches, dense ids
-    counts = torch.bincount(local, minlength=len(used)) if k_in else torch.zeros(0, dtype=torch.long)
-    width = -(-int(counts.max()) // per) * per if k_in else per
-    order = torch.sort(local, stable=True).indices  # inputs grouped, each group in column order
-    first = torch.cumsum(counts, 0) - counts  # where each group starts in `order`
-    rank_in_group = torch.arange(k_in, device=q.device) - first[local[order]]
-    row = local[order] * width + rank_in_group  # layout row of input order[i]
-    n_rows = len(used) * width
-    x_index = torch.full((n_rows,), -1, dtype=torch.int32, device=q.device)
-    x_index[row] = order.to(torch.int32)
-    zero_of_group = (zeros[:, used].round().to(torch.int32) if zeros is not None
-                     else torch.full((n_out, len(used)), 1 << (bits - 1), dtype=torch.int32, device=q.device))
-    values = zero_of_group.t().repeat_interleave(width, dim=0).contiguous()  # padding rows: the zero point
-    values[row] = q.t()[order]
-    identity = n_rows >= k_in and torch.equal(x_index[:k_in].long(), torch.arange(k_in, device=q.device)) \
-        and bool((x_index[k_in:] < 0).all())
-    return KNPacked(_pack_along_rows(values, bits), scales[:, used].float().t().contiguous(),
-                    zeros[:, used].float().t().contiguous() if zeros is not None else None, bits, width // per,
-                    k_in, None if identity else x_index)
+    position, used, width = _physical_order(group)
+    kp = len(used) * width
+    zero = zeros[:, used].round() if zeros is not None else 1 << (bits - 1)
+    values = _finish(q, position, kp, n_out, zero)
+    np_ = values.shape[1]
+    return MMAPacked(_tile_words(values, f"int{bits}"), _padded_rows(scales[:, used].t(), np_),
+                     _padded_rows(zeros[:, used].t(), np_) if zeros is not None else None, f"int{bits}",
+                     width // TILE_K, k_in, n_out, _x_index(position, kp))
 
 
-def pack_fp8(weight: torch.Tensor, scale: torch.Tensor) -> KNPacked:
-    """float8 e4m3 (N, K) with float32 scales (N, 1) or () -> the kernel's layout: values (K, N), scales (1, N)."""
+def pack_fp8(weight: torch.Tensor, scale: torch.Tensor) -> MMAPacked:
+    """float8 e4m3 (N, K) with float32 scales (N, 1) per row or () per tensor -> the kernel's layout."""
     n_out, k_in = weight.shape
-    scales = scale.float().reshape(-1, 1).expand(n_out, 1).t().contiguous()
-    return KNPacked(weight.t().contiguous(), scales, None, 8, k_in, k_in, None)
+    kp = -(-k_in // TILE_K) * TILE_K
+    position = torch.arange(k_in, device=weight.device)
+    values = _finish(weight.view(torch.uint8).to(torch.int32), position, kp, n_out, 0)
+    np_ = values.shape[1]
+    scales = scale.float().reshape(-1, 1).expand(n_out, 1).t()
+    return MMAPacked(_tile_words(values, "fp8"), _padded_rows(scales, np_), None, "fp8", kp // TILE_K, k_in, n_out,
+                     None)
 
 
-def dequantize_kn(w: KNPacked, dtype: torch.dtype) -> torch.Tensor:
-    """The weight in the layout's row order, (K', N) in `dtype`: (q - zero) * scale rounded once."""
-    if w.fp8:
-        return (w.values.float() * w.scales).to(dtype)
-    rows = w.values.shape[0] * w.per
-    q = _unpack_values(w.values.t().contiguous(), w.bits).t().float()  # (K', N)
-    group = torch.arange(rows, device=q.device) // (w.group_words * w.per)
-    zero = w.zeros[group] if w.zeros is not None else float(1 << (w.bits - 1))
-    return ((q - zero) * w.scales[group]).to(dtype)
+def _untile(w: MMAPacked) -> torch.Tensor:
+    """The kernel's words -> the values (Kp, Np) int32 in physical order (the inverse of `_tile_words`)."""
+    kp, np_ = w.padded
+    per = 8 if w.kind == "int4" else 4
+    bits = 32 // per
+    vals = (w.values.unsqueeze(-1) >> (torch.arange(per, device=w.values.device) * bits)) & ((1 << bits) - 1)
+    if w.kind == "int4":  # [nb, kb, g, t, j, (h p)]
+        t = vals.reshape(np_ // 64, kp // 32, 8, 4, 8, 2, 4).permute(1, 3, 6, 5, 0, 4, 2)  # kb t p h nb j g
+    else:  # [nb, kb, g, t, (j s), b]
+        t = vals.reshape(np_ // 64, kp // 32, 8, 4, 8, 2, 4).permute(1, 3, 5, 6, 0, 4, 2)  # kb t s b nb j g
+    return t.reshape(kp, np_)
 
 
-def gather_inputs(x: torch.Tensor, w: KNPacked) -> torch.Tensor:
-    """x (..., K) -> (..., K') in the layout's row order, zeros for padding rows."""
-    rows = w.values.shape[0] * w.per
+def dequantize_mma(w: MMAPacked, dtype: torch.dtype) -> torch.Tensor:
+    """The weight in physical input order, (Kp, N) in `dtype`: (q - zero) * scale, e4m3 * scale."""
+    kp, _ = w.padded
+    v = _untile(w)[:, :w.out_features]
+    group = torch.arange(kp, device=v.device) // (w.group_tiles * TILE_K)
+    scale = w.scales[group, :w.out_features]
+    if w.kind == "fp8":
+        return (v.to(torch.uint8).view(torch.float8_e4m3fn).float() * scale).to(dtype)
+    zero = w.zeros[group, :w.out_features] if w.zeros is not None else float(1 << (w.bits - 1))
+    return ((v.float() - zero) * scale).to(dtype)
+
+
+def physical_inputs(x: torch.Tensor, w: MMAPacked) -> torch.Tensor:
+    """x (..., K) -> (..., Kp) in the layout's input order, zeros for padding."""
+    kp, _ = w.padded
     if w.x_index is None:
-        return F.pad(x, (0, rows - x.shape[-1]))
+        return F.pad(x, (0, kp - x.shape[-1]))
     idx = w.x_index.long()
     return torch.where(idx >= 0, x[..., idx.clamp(min=0)], x.new_zeros(()))
 
 
-def kn_linear_torch(x: torch.Tensor, w: KNPacked) -> torch.Tensor:
+def mma_linear_torch(x: torch.Tensor, w: MMAPacked) -> torch.Tensor:
     """The reference and prefill path: dequantize, then one matmul."""
-    return gather_inputs(x, w) @ dequantize_kn(w, x.dtype)
+    return physical_inputs(x, w) @ dequantize_mma(w, x.dtype)
 
 
 @dataclass(frozen=True)
 class Launch:
-    """How one call is cut into programs: a pure function of the shapes (see `launch_for`)."""
+    """How one call is cut into blocks: a pure function of the shapes (see `launch_for`)."""
 
-    block_n: int  # outputs per program (contiguous in memory)
-    block_kw: int  # rows of the layout's values per inner step (packed words for int, inputs for FP8)
-    split_k: int  # programs sharing one output block, each over a contiguous slice of the inputs
-    num_warps: int = 4
-    num_stages: int = 3
+    warps: int  # warps per block, each over its own contiguous slice of the block's inputs
+    split: int  # blocks sharing one 64-output block, each over a contiguous slice of the inputs
 
 
-def launch_for(rows: int, n_out: int, n_rows: int, fp8: bool, sms: int) -> Launch:
-    """Enough programs for ~4 per SM: output blocks of 128 (64 for batched rows, whose dequantized tile feeds
-    tl.dot), then split-K over the value rows, never below 4 steps per slice."""
-    block_n = 128 if rows == 1 else 64
-    block_kw = (64 if rows == 1 else 32) if fp8 else (8 if rows == 1 else 4)
-    n_blocks = -(-n_out // block_n)
-    steps = -(-n_rows // block_kw)
+def launch_for(n_out: int, k_tiles: int, sms: int) -> Launch:
+    """About 16 warps per SM in all (each keeps two 16-byte loads per lane in flight: ~2 KiB a warp, what the
+    memory needs to stay busy), at least two 32-input tiles per warp, the split no larger than needed."""
+    n_blocks = -(-n_out // TILE_N)
+    warps = 8 if n_blocks < 2 * sms else 4
     split = 1
-    while n_blocks * split < 4 * sms and steps // (2 * split) >= 4:
+    while n_blocks * warps * split < 16 * sms and k_tiles // (warps * split * 2) >= 2:
         split *= 2
-    return Launch(block_n, block_kw, split)
+    return Launch(warps, split)
 
 
 class _Workspace:
-    """Per device: the float32 split-K partials and the per-output-block counters (zero between calls, each
-    call's last program resets its own). Grown only outside CUDA-graph capture: `reserve` at load time sizes it
-    for the largest call a weight can make."""
+    """Per device: float32 split partials and per-output-block counters (zero between calls: each call's last
+    block resets its own). Grown only outside CUDA-graph capture: `reserve` at load time sizes it for the largest
+    call a weight can make."""
 
     def __init__(self):
         self.partials: dict[torch.device, torch.Tensor] = {}
         self.counters: dict[torch.device, torch.Tensor] = {}
 
-    def reserve(self, device: torch.device, partials: int, counters: int) -> None:
+    def get(self, device: torch.device, partials: int, counters: int) -> tuple[torch.Tensor, torch.Tensor]:
         for store, size, dtype in ((self.partials, partials, torch.float32), (self.counters, counters, torch.int32)):
             have = store.get(device)
             if have is None or have.numel() < size:
                 if torch.cuda.is_current_stream_capturing():
                     raise RuntimeError("packed GEMV workspace grown during CUDA-graph capture; reserve() it at load")
                 store[device] = torch.zeros(max(size, 1), dtype=dtype, device=device)
-
-    def get(self, device: torch.device, partials: int, counters: int) -> tuple[torch.Tensor, torch.Tensor]:
-        self.reserve(device, partials, counters)
         return self.partials[device], self.counters[device]
 
 
 WORKSPACE = _Workspace()
-_SM_COUNTS: dict[int, int] = {}
 
 
-def sm_count(device: torch.device) -> int:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SM_COUNTS:  # a property lookup per call would cost more than a small GEMV
-        _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SM_COUNTS[index]
+@functools.cache
+def sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _layout_rows(w: KNPacked) -> int:
-    return w.values.shape[0]
+def _device_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
-def reserve(w: KNPacked) -> None:
-    """Size the device's workspace for every call `w` can get (1..MAX_ROWS rows), before any graph capture."""
-    device = w.values.device
-    for rows in (1, MAX_ROWS):
-        launch = launch_for(rows, w.out_features, _layout_rows(w), w.fp8, sm_count(device))
-        if launch.split_k > 1:
-            WORKSPACE.reserve(device, launch.split_k * rows * w.out_features, -(-w.out_features // launch.block_n))
+def _launch_of(w: MMAPacked, launch: Launch | None) -> Launch:
+    return launch or launch_for(w.values.shape[0] * TILE_N, w.values.shape[1], sm_count(_device_index(w.values.device)))
 
 
-if triton is not None:
-    import triton.language as tl
-
-    @triton.jit
-    def _store_or_reduce(acc, out_ptr, ws_ptr, cnt_ptr, pid_n, pid_k, m, n, M, N,
-                         SPLIT_K: tl.constexpr):
-        """acc (BLOCK_M, BLOCK_N) float32 -> y; split: partial into the workspace, the last program adds them."""
-        ok = (m < M)[:, None] & (n < N)[None, :]
-        out = out_ptr + m[:, None] * N + n[None, :]
-        if SPLIT_K == 1:
-            tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=ok)
-        else:
-            mine = ws_ptr + (pid_k * M + m[:, None]) * N + n[None, :]
-            tl.store(mine, acc, mask=ok)
-            tl.debug_barrier()  # every thread's partial is written before the counter moves (release)
-            arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
-            if arrived == SPLIT_K - 1:  # the last slice of this block: sum all slices in slice order
-                total = tl.zeros(acc.shape, dtype=tl.float32)
-                for s in tl.static_range(SPLIT_K):
-                    part = ws_ptr + (s * M + m[:, None]) * N + n[None, :]
-                    total += tl.load(part, mask=ok, other=0.0, cache_modifier=".cg")
-                tl.store(out, total.to(out_ptr.dtype.element_ty), mask=ok)
-                tl.atomic_xchg(cnt_ptr + pid_n, 0)  # ready for the next call (graph replays included)
-
-    @triton.jit
-    def _int_gemv_kernel(x_ptr, xidx_ptr, q_ptr, s_ptr, z_ptr, ws_ptr, cnt_ptr, out_ptr,
-                         M, N, K, n_words, words_per_split, group_words,
-                         BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_XIDX: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
-                         SPLIT_K: tl.constexpr, PRECISION: tl.constexpr):
-        PER: tl.constexpr = 32 // BITS
-        pid_n, pid_k = tl.program_id(0), tl.program_id(1)
-        n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = n < N
-        m = tl.arange(0, BLOCK_M)
-        j = tl.arange(0, PER)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        w_lo = pid_k * words_per_split
-        w_hi = tl.minimum(w_lo + words_per_split, n_words)
-        for w0 in range(w_lo, w_lo + words_per_split, BLOCK_KW):  # a ragged last slice's extra steps load nothing
-            wi = w0 + tl.arange(0, BLOCK_KW)
-            w_ok = wi < w_hi
-            tile_ok = w_ok[:, None] & n_ok[None, :]
-            words = tl.load(q_ptr + wi[:, None] * N + n[None, :], mask=tile_ok, other=0,
-                            eviction_policy="evict_first")
-            # (BLOCK_KW, PER, BLOCK_N): 2**23 + q, exact, without an int-to-float conversion
-            bits = ((words[:, None, :] >> (j * BITS)[None, :, None]) & ((1 << BITS) - 1)) | 0x4B000000
-            f = bits.to(tl.float32, bitcast=True)
-            g = wi // group_words
-            sz = g[:, None] * N + n[None, :]
-            scale = tl.load(s_ptr + sz, mask=tile_ok, other=0.0)
-            if HAS_ZEROS:
-                offset = tl.load(z_ptr + sz, mask=tile_ok, other=0.0) + 8388608.0
-            else:
-                offset = tl.full((BLOCK_KW, BLOCK_N), 8388608.0 + (1 << (BITS - 1)), tl.float32)
-            qz = f - offset[:, None, :]  # q - zero, exact
-            k = wi[:, None] * PER + j[None, :]  # (BLOCK_KW, PER) layout rows
-            if HAS_XIDX:
-                kx = tl.load(xidx_ptr + k, mask=w_ok[:, None], other=-1)
-            else:
-                kx = tl.where(w_ok[:, None] & (k < K), k, -1)
-            if BLOCK_M == 1:
-                x = tl.load(x_ptr + kx, mask=kx >= 0, other=0.0).to(tl.float32)
-                word_sums = tl.sum(qz * x[:, :, None], axis=1)  # (BLOCK_KW, BLOCK_N)
-                acc += tl.sum(word_sums * scale, axis=0)[None, :]
-            else:
-                w = tl.reshape(qz * scale[:, None, :], (BLOCK_KW * PER, BLOCK_N)).to(x_ptr.dtype.element_ty)
-                kx2 = tl.reshape(kx, (BLOCK_KW * PER,))
-                x = tl.load(x_ptr + m[:, None] * K + kx2[None, :], mask=(m < M)[:, None] & (kx2 >= 0)[None, :],
-                            other=0.0)
-                acc += tl.dot(x, w, input_precision=PRECISION)
-        _store_or_reduce(acc, out_ptr, ws_ptr, cnt_ptr, pid_n, pid_k, m, n, M, N, SPLIT_K)
-
-    @triton.jit
-    def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, ws_ptr, cnt_ptr, out_ptr, M, N, K, rows_per_split,
-                         NATIVE_FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_KW: tl.constexpr, SPLIT_K: tl.constexpr, PRECISION: tl.constexpr):
-        pid_n, pid_k = tl.program_id(0), tl.program_id(1)
-        n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = n < N
-        m = tl.arange(0, BLOCK_M)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        k_lo = pid_k * rows_per_split
-        k_hi = tl.minimum(k_lo + rows_per_split, K)
-        for k0 in range(k_lo, k_lo + rows_per_split, BLOCK_KW):
-            k = k0 + tl.arange(0, BLOCK_KW)
-            k_ok = k < k_hi
-            b = tl.load(w_ptr + k[:, None] * N + n[None, :], mask=k_ok[:, None] & n_ok[None, :], other=0,
-                        eviction_policy="evict_first")
-            if NATIVE_FP8:  # compute capability 8.9+: the hardware converts two e4m3 at a time
-                w = b.to(tl.float8e4nv, bitcast=True).to(tl.float32)
-            else:  # s eeee mmm -> the float16 s 0eeee mmm 0000000 is value / 2**8 (normal and subnormal alike)
-                bi = b.to(tl.int32)
-                half = (((bi & 0x7F) << 7) | ((bi & 0x80) << 8)).to(tl.uint16).to(tl.float16, bitcast=True)
-                w = half.to(tl.float32) * 256.0
-            if BLOCK_M == 1:
-                x = tl.load(x_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
-                acc += tl.sum(w * x[:, None], axis=0)[None, :]
-            else:
-                x = tl.load(x_ptr + m[:, None] * K + k[None, :], mask=(m < M)[:, None] & k_ok[None, :], other=0.0)
-                acc += tl.dot(x, w.to(x_ptr.dtype.element_ty), input_precision=PRECISION)
-        scale = tl.load(s_ptr + n, mask=n_ok, other=0.0)
-        _store_or_reduce(acc * scale[None, :], out_ptr, ws_ptr, cnt_ptr, pid_n, pid_k, m, n, M, N, SPLIT_K)
+def reserve(w: MMAPacked) -> None:
+    """Size the device's workspace for every call `w` can get, before any graph capture."""
+    launch = _launch_of(w, None)
+    if launch.split > 1:
+        _, np_ = w.padded
+        WORKSPACE.get(w.values.device, launch.split * MAX_ROWS * np_, np_ // TILE_N)
 
 
-_NATIVE_FP8: dict[int, bool] = {}
+_SOURCE = r"""
+typedef unsigned int u32;
+typedef unsigned short u16;
+
+// KIND 4: int4, 8: int8, 0: e4m3.  BF16 1: x and y bfloat16, 0: float16.
+#if BF16
+#define MMA "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"
+#define FMA2 "fma.rn.bf16x2"
+#define CVT2 "cvt.rn.bf16x2.f32"
+#define MAGIC4 0x43004300u     // bf16 128: 128 + q for a 4-bit q OR'ed into its mantissa
+#define ONE2 0x3F803F80u
+#define FP8_SHIFT 4            // e4m3 s eeee mmm -> bf16 s 0000eeee mmm0000 = value * 2**-120
+#define FP8_MASK 0x07F007F0u
+#define FP8_RESCALE 0x7B807B80u  // 2**120
+#else
+#define MMA "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32"
+#define FMA2 "fma.rn.f16x2"
+#define CVT2 "cvt.rn.f16x2.f32"
+#define MAGIC4 0x64006400u     // fp16 1024
+#define ONE2 0x3C003C00u
+#define FP8_SHIFT 1            // e4m3 -> fp16 s 0eeee mmm0000000 = value * 2**-8
+#define FP8_MASK 0x3F803F80u
+#define FP8_RESCALE 0x5C005C00u  // 2**8
+#endif
+#define WORDS (KIND == 4 ? 8 : 16)   // per lane per 32-input tile
+
+__device__ __forceinline__ u32 fma2(u32 a, u32 b, u32 c) {
+    u32 d;
+    asm(FMA2 " %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+__device__ __forceinline__ u32 lop_or_and(u32 a, u32 mask, u32 magic) {  // (a & mask) | magic
+    u32 d;
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "r"(mask), "r"(magic));
+    return d;
+}
+__device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 sel) {
+    u32 d;
+    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
+    return d;
+}
+__device__ __forceinline__ u32 cvt2(float hi, float lo) {
+    u32 d;
+    asm(CVT2 " %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
+    return d;
+}
+__device__ __forceinline__ void mma(float* c, const u32* a, u32 b0, u32 b1) {
+    asm volatile(MMA " {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ u16 round_half(float f) {
+    u16 h;
+#if BF16
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
+#else
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+#endif
+    return h;
+}
+__device__ __forceinline__ uint4 load16(const void* p) {
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+
+// One 32-input tile of the warp's 64 outputs: 8 n-tiles x 2 k16 steps of mma. a0: rows g, a1: rows g + 8, as
+// 4 pairs of inputs 8t..8t+7 of the tile. neg[j]: minus (magic + zero) of n-tile j's column g, packed.
+__device__ __forceinline__ void tile(float (*acc)[4], const u32* w, const u32* a0, const u32* a1,
+                                     const u32* neg) {
+    const u32 A0[4] = {a0[0], a1[0], a0[1], a1[1]};  // k16 step 0: inputs 8t + 0..3
+    const u32 A1[4] = {a0[2], a1[2], a0[3], a1[3]};  // k16 step 1: inputs 8t + 4..7
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+#if KIND == 4
+        const u32 q = w[j];
+        u32 b[4];
+#pragma unroll
+        for (int p = 0; p < 4; ++p)  // nibbles p and p + 4: inputs 8t + 2p and 8t + 2p + 1
+            b[p] = fma2(lop_or_and(q >> (4 * p), 0x000F000Fu, MAGIC4), ONE2, neg[j]);
+        mma(acc[j], A0, b[0], b[1]);
+        mma(acc[j], A1, b[2], b[3]);
+#elif KIND == 8
+        u32 b[4];
+#pragma unroll
+        for (int s = 0; s < 2; ++s) {  // bytes of word s: inputs 8t + 4s + 0..3; 2**23 + q, exact
+            const u32 q = w[2 * j + s];
+            const float z = __uint_as_float(neg[j]);
+            b[2 * s] = cvt2(__uint_as_float(prmt(q, 0x4B000000u, 0x7651u)) - z,
+                            __uint_as_float(prmt(q, 0x4B000000u, 0x7650u)) - z);
+            b[2 * s + 1] = cvt2(__uint_as_float(prmt(q, 0x4B000000u, 0x7653u)) - z,
+                                __uint_as_float(prmt(q, 0x4B000000u, 0x7652u)) - z);
+        }
+        mma(acc[j], A0, b[0], b[1]);
+        mma(acc[j], A1, b[2], b[3]);
+#else
+        u32 b[4];
+#pragma unroll
+        for (int s = 0; s < 2; ++s) {
+            const u32 q = w[2 * j + s];
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {  // bytes 2h, 2h + 1 at bits 8..15 and 24..31, then into a 16-bit float
+                const u32 v = prmt(q, 0u, h ? 0x3424u : 0x1404u);
+                const u32 f = (v & 0x80008000u) | ((v >> FP8_SHIFT) & FP8_MASK);
+                b[2 * s + h] = fma2(f, FP8_RESCALE, 0x80008000u);
+            }
+        }
+        mma(acc[j], A0, b[0], b[1]);
+        mma(acc[j], A1, b[2], b[3]);
+#endif
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(32 * WARPS) KERNEL_NAME(
+        const u32* __restrict__ x, const u32* __restrict__ w, const float* __restrict__ scales,
+        const float* __restrict__ zeros, float* __restrict__ partials, int* __restrict__ counters,
+        u16* __restrict__ y, int M, int N, int Np, int k_tiles, int tiles_per_split, int group_tiles) {
+    __shared__ float sums[WARPS][16][65];  // +1: no bank conflicts between the rows
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    const int nb = blockIdx.x, split = blockIdx.y;
+    const int lo = split * tiles_per_split;
+    const int hi = min(lo + tiles_per_split, k_tiles);
+    const int per_warp = (hi - lo + WARPS - 1) / WARPS;
+    const int k0 = lo + warp * per_warp, k1 = min(k0 + per_warp, hi);
+    const int n0 = nb * 64;
+
+    float acc[8][4], part[8][4];
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[j][i] = part[j][i] = 0.f;
+
+    const int kp = k_tiles * 32;
+    const bool row0 = g < M, row1 = g + 8 < M;
+    const u32* w_lane = w + ((size_t)nb * k_tiles * 32 + lane) * WORDS;
+    u32 neg[8];
+    int group = -1;
+    for (int kb = k0; kb < k1; ++kb) {
+        if (kb / group_tiles != group) {  // a new group: its zero constants
+            group = kb / group_tiles;
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+#if KIND == 4
+                const float z = HAS_ZEROS ? zeros[(size_t)group * Np + n0 + 8 * j + g] : 8.f;
+                const u32 m = __float_as_uint(-(BF16 ? 128.f : 1024.f) - z);  // minus (magic + zero)
+                const u32 h = BF16 ? (m >> 16) : (u32)round_half(-(1024.f) - z);
+                neg[j] = h | (h << 16);
+#elif KIND == 8
+                const float z = HAS_ZEROS ? zeros[(size_t)group * Np + n0 + 8 * j + g] : 128.f;
+                neg[j] = __float_as_uint(8388608.f + z);
+#else
+                neg[j] = 0u;
+#endif
+            }
+        }
+        u32 wr[WORDS];
+        const uint4* wp = (const uint4*)(w_lane + (size_t)kb * 32 * WORDS);
+#pragma unroll
+        for (int v = 0; v < WORDS / 4; ++v) {
+            const uint4 q = load16(wp + v);
+            wr[4 * v] = q.x; wr[4 * v + 1] = q.y; wr[4 * v + 2] = q.z; wr[4 * v + 3] = q.w;
+        }
+        uint4 xa = make_uint4(0, 0, 0, 0), xb = make_uint4(0, 0, 0, 0);
+        if (row0) xa = *(const uint4*)(x + ((size_t)g * kp + kb * 32 + 8 * t) / 2);
+        if (row1) xb = *(const uint4*)(x + ((size_t)(g + 8) * kp + kb * 32 + 8 * t) / 2);
+        const u32 a0[4] = {xa.x, xa.y, xa.z, xa.w}, a1[4] = {xb.x, xb.y, xb.z, xb.w};
+        tile(part, wr, a0, a1, neg);
+        if ((kb + 1) % group_tiles == 0 || kb + 1 == k1) {  // end of a group (or of the slice): scale it
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                const float2 s = *(const float2*)(scales + (size_t)group * Np + n0 + 8 * j + 2 * t);
+                acc[j][0] += part[j][0] * s.x; acc[j][1] += part[j][1] * s.y;
+                acc[j][2] += part[j][2] * s.x; acc[j][3] += part[j][3] * s.y;
+#pragma unroll
+                for (int i = 0; i < 4; ++i) part[j][i] = 0.f;
+            }
+        }
+    }
+    // c0, c1: row g, outputs 8j + 2t, +1; c2, c3: row g + 8
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+        sums[warp][g][8 * j + 2 * t] = acc[j][0];
+        sums[warp][g][8 * j + 2 * t + 1] = acc[j][1];
+        sums[warp][g + 8][8 * j + 2 * t] = acc[j][2];
+        sums[warp][g + 8][8 * j + 2 * t + 1] = acc[j][3];
+    }
+    __syncthreads();
+    const int splits = gridDim.y;
+    __shared__ int last;
+    for (int e = threadIdx.x; e < M * 64; e += 32 * WARPS) {  // warps added in warp order
+        const int m = e >> 6, n = e & 63;
+        float s = 0.f;
+#pragma unroll
+        for (int v = 0; v < WARPS; ++v) s += sums[v][m][n];
+        if (splits == 1) {
+            if (n0 + n < N) y[(size_t)m * N + n0 + n] = round_half(s);
+        } else {
+            partials[((size_t)split * M + m) * Np + n0 + n] = s;
+        }
+    }
+    if (splits == 1) return;
+    __threadfence();  // this block's partials are visible before its arrival is counted
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(counters + nb, 1) == splits - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    for (int e = threadIdx.x; e < M * 64; e += 32 * WARPS) {  // the last block adds the splits in split order
+        const int m = e >> 6, n = e & 63;
+        float s = 0.f;
+        for (int v = 0; v < splits; ++v) s += __ldcg(partials + ((size_t)v * M + m) * Np + n0 + n);
+        if (n0 + n < N) y[(size_t)m * N + n0 + n] = round_half(s);
+    }
+    if (threadIdx.x == 0) counters[nb] = 0;  // ready for the next call, graph replays included
+}
+"""
 
 
-def _native_fp8(device: torch.device) -> bool:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _NATIVE_FP8:
-        _NATIVE_FP8[index] = torch.cuda.get_device_capability(index) >= (8, 9)
-    return _NATIVE_FP8[index]
+@functools.cache
+def _kernel(kind: str, bf16: bool, has_zeros: bool, warps: int, device: int):
+    name = f"packed_gemv_{kind}_{'bf16' if bf16 else 'f16'}_{'z' if has_zeros else 's'}_{warps}"
+    defines = dict(KERNEL_NAME=name, KIND={"int4": 4, "int8": 8, "fp8": 0}[kind], BF16=int(bf16),
+                   HAS_ZEROS=int(has_zeros), WARPS=warps)
+    source = "".join(f"#define {k} {v}\n" for k, v in defines.items()) + _SOURCE
+    with torch.cuda.device(device):  # a module is loaded into one device's context
+        return torch.cuda._compile_kernel(source, name)
 
 
-def kn_linear(x: torch.Tensor, w: KNPacked, launch: Launch | None = None) -> torch.Tensor:
-    """x (..., K) @ W.T -> (..., N) in x's dtype: the Triton kernel for 1..MAX_ROWS rows of x on CUDA, else
-    dequantize and one matmul. `launch` overrides the shape heuristic (the benchmark's sweep uses it)."""
+def runs_kernel(x: torch.Tensor) -> bool:
+    """Whether `mma_linear` runs the CUDA kernel for x (else dequantize, then one matmul)."""
     rows = x.numel() // x.shape[-1]
-    if triton is None or not x.is_cuda or rows > MAX_ROWS or rows == 0:
-        return kn_linear_torch(x, w)
-    K, N = x.shape[-1], w.out_features
-    x2 = x.reshape(rows, K).contiguous()
-    n_rows = _layout_rows(w)
-    if launch is None:
-        launch = launch_for(rows, N, n_rows, w.fp8, sm_count(x.device))
-    per_split = -(-n_rows // (launch.split_k * launch.block_kw)) * launch.block_kw
-    split = -(-n_rows // per_split)
-    n_blocks = triton.cdiv(N, launch.block_n)
-    out = torch.empty((rows, N), dtype=x.dtype, device=x.device)
-    ws, counters = WORKSPACE.get(x.device, split * rows * N if split > 1 else 0, n_blocks if split > 1 else 0)
-    block_m = 1 if rows == 1 else MAX_ROWS
-    precision = "ieee" if x.dtype == torch.float32 else "tf32"
-    if w.fp8:
-        _fp8_gemv_kernel[(n_blocks, split)](
-            x2, w.values.view(torch.uint8), w.scales, ws, counters, out, rows, N, K, per_split,
-            NATIVE_FP8=_native_fp8(x.device), BLOCK_M=block_m, BLOCK_N=launch.block_n, BLOCK_KW=launch.block_kw,
-            SPLIT_K=split, PRECISION=precision, num_warps=launch.num_warps, num_stages=launch.num_stages)
-    else:
-        _int_gemv_kernel[(n_blocks, split)](
-            x2, w.x_index if w.x_index is not None else w.values, w.values, w.scales,
-            w.zeros if w.zeros is not None else w.scales, ws, counters, out, rows, N, K, n_rows, per_split,
-            w.group_words, BITS=w.bits, HAS_ZEROS=w.zeros is not None, HAS_XIDX=w.x_index is not None,
-            BLOCK_M=block_m, BLOCK_N=launch.block_n, BLOCK_KW=launch.block_kw, SPLIT_K=split,
-            PRECISION=precision, num_warps=launch.num_warps, num_stages=launch.num_stages)
-    return out.view(*x.shape[:-1], N)
+    return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and 0 < rows <= MAX_ROWS
+
+
+def mma_linear(x: torch.Tensor, w: MMAPacked, launch: Launch | None = None) -> torch.Tensor:
+    """x (..., K) @ W.T -> (..., N) in x's dtype. `launch` overrides the shape heuristic (the benchmark's sweep)."""
+    if not runs_kernel(x):
+        return mma_linear_torch(x, w)
+    rows = x.numel() // x.shape[-1]
+    kp, np_ = w.padded
+    x2 = x.reshape(rows, x.shape[-1])
+    x2 = physical_inputs(x2, w).contiguous() if (w.x_index is not None or kp != x.shape[-1]) else x2.contiguous()
+    launch = _launch_of(w, launch)
+    k_tiles = kp // TILE_K
+    per_split = -(-k_tiles // launch.split)
+    split = -(-k_tiles // per_split)
+    n_blocks = np_ // TILE_N
+    y = torch.empty((rows, w.out_features), dtype=x.dtype, device=x.device)
+    partials, counters = WORKSPACE.get(x.device, split * rows * np_ if split > 1 else 0, n_blocks)
+    kernel = _kernel(w.kind, x.dtype == torch.bfloat16, w.zeros is not None, launch.warps, _device_index(x.device))
+    kernel(grid=(n_blocks, split, 1), block=(32 * launch.warps, 1, 1),
+           args=[x2, w.values, w.scales, w.zeros if w.zeros is not None else w.scales, partials, counters, y,
+                 rows, w.out_features, np_, k_tiles, per_split, w.group_tiles])
+    return y.view(*x.shape[:-1], w.out_features)

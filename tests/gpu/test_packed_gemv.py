@@ -10,8 +10,7 @@ from raytp.kernels import dequant_matmul as dm
 from raytp.kernels import packed_gemv as pg
 from tests.test_quant_kernels import random_int_weight
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available() or pg.triton is None,
-                                                 reason="needs CUDA and Triton")]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
 def int_case(out, cols, bits, group_size, group_start=0, sym=True, act_order=False, dtype=torch.bfloat16):
@@ -28,7 +27,9 @@ def int_case(out, cols, bits, group_size, group_start=0, sym=True, act_order=Fal
 def assert_matches(y, x, dense):
     ref = (x.double() @ dense.double().T)
     # the reference's weights are exact; the kernel sums in float32 (ieee for float32 x) and rounds y once
-    tol = dict(rtol=1e-4, atol=1e-4) if x.dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    # bf16/fp16 y is rounded once (2**-8 of its size); the kernel sums in float32 in another order than the reference
+    scale = ref.abs().max().item()
+    tol = dict(rtol=1e-4, atol=1e-4 * scale) if x.dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2 * scale)
     torch.testing.assert_close(y.double(), ref, **tol)
 
 
@@ -41,7 +42,7 @@ SHAPES = [(6144, 4096), (28672, 4096), (4096, 14336), (4096, 1024), (1536, 4096)
 def test_int_kernel_every_shape_class(out, cols, bits, rows):
     w, dense = int_case(out, cols, bits, 128)
     x = torch.randn(rows, cols, device="cuda", dtype=torch.bfloat16)
-    assert_matches(pg.kn_linear(x, w), x, dense)
+    assert_matches(pg.mma_linear(x, w), x, dense)
 
 
 @pytest.mark.parametrize("group_size", [32, 64, 128])
@@ -50,7 +51,7 @@ def test_int_kernel_every_shape_class(out, cols, bits, rows):
 def test_int_kernel_groups_and_zero_points(group_size, sym, rows):
     w, dense = int_case(2048, 4096, 4, group_size, sym=sym)
     x = torch.randn(rows, 4096, device="cuda", dtype=torch.bfloat16)
-    assert_matches(pg.kn_linear(x, w), x, dense)
+    assert_matches(pg.mma_linear(x, w), x, dense)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -62,17 +63,17 @@ def test_int_kernel_mid_group_slices_act_order_and_dtypes(dtype, case):
     w, dense = int_case(300, 1600, sym=False, dtype=dtype, **case)
     for rows in (1, 3, 16):
         x = torch.randn(rows, 1600, device="cuda", dtype=dtype)
-        assert_matches(pg.kn_linear(x, w), x, dense.to(dtype))
+        assert_matches(pg.mma_linear(x, w), x, dense.to(dtype))
 
 
-@pytest.mark.parametrize("launch", [pg.Launch(64, 4, 1), pg.Launch(128, 8, 16), pg.Launch(256, 16, 3),
-                                    pg.Launch(32, 2, 5, num_warps=8)])
+@pytest.mark.parametrize("launch", [pg.Launch(4, 1), pg.Launch(8, 16), pg.Launch(4, 3), pg.Launch(8, 5),
+                                    pg.Launch(1, 64)])
 def test_every_launch_shape_gives_the_same_product(launch):
     """The benchmark's sweep tries these; ragged last slices included."""
     w, dense = int_case(4096, 14336, 4, 128)
     for rows in (1, 8):
         x = torch.randn(rows, 14336, device="cuda", dtype=torch.bfloat16)
-        assert_matches(pg.kn_linear(x, w, launch), x, dense)
+        assert_matches(pg.mma_linear(x, w, launch), x, dense)
 
 
 def test_split_k_is_deterministic_and_graph_replays_equal_eager():
@@ -81,13 +82,13 @@ def test_split_k_is_deterministic_and_graph_replays_equal_eager():
     w, dense = int_case(4096, 14336, 4, 128, sym=False)
     pg.reserve(w)
     x = torch.randn(1, 14336, device="cuda", dtype=torch.bfloat16)
-    first = pg.kn_linear(x, w)
-    assert pg.launch_for(1, 4096, w.values.shape[0], False, pg.sm_count(x.device)).split_k > 1
+    first = pg.mma_linear(x, w)
+    assert pg.launch_for(4096, w.values.shape[1], pg.sm_count(0)).split > 1
     for _ in range(20):
-        assert torch.equal(pg.kn_linear(x, w), first)
+        assert torch.equal(pg.mma_linear(x, w), first)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        y = pg.kn_linear(x, w)
+        y = pg.mma_linear(x, w)
     for _ in range(5):
         graph.replay()
         torch.cuda.synchronize()
@@ -102,7 +103,7 @@ def test_fp8_kernel(out, cols, rows, per_tensor):
     weight = (torch.randn(out, cols, device="cuda") * 0.05).to(torch.float8_e4m3fn)
     scale = (torch.rand(()) + 0.5 if per_tensor else torch.rand(out, 1) + 0.5).cuda()
     x = torch.randn(rows, cols, device="cuda", dtype=torch.bfloat16)
-    assert_matches(pg.kn_linear(x, pg.pack_fp8(weight, scale)), x, weight.float() * scale)
+    assert_matches(pg.mma_linear(x, pg.pack_fp8(weight, scale)), x, weight.float() * scale)
 
 
 def test_fp8_every_code_including_subnormals():
@@ -110,12 +111,12 @@ def test_fp8_every_code_including_subnormals():
     codes = codes[~codes.float().isnan()]
     weight = torch.diag_embed(codes.float()).to(torch.float8_e4m3fn)  # output i reads only code i
     x = torch.ones(1, len(codes), device="cuda", dtype=torch.float32)
-    got = pg.kn_linear(x, pg.pack_fp8(weight, torch.ones(len(codes), 1, device="cuda")))
+    got = pg.mma_linear(x, pg.pack_fp8(weight, torch.ones(len(codes), 1, device="cuda")))
     assert torch.equal(got[0], codes.float())
 
 
 def test_prefill_rows_take_dequantize_then_matmul():
     w, dense = int_case(512, 1024, 4, 64, sym=False, act_order=True)
     x = torch.randn(100, 1024, device="cuda", dtype=torch.bfloat16)
-    assert_matches(pg.kn_linear(x, w), x, dense)
-    torch.testing.assert_close(pg.kn_linear(x, w), F.linear(x, dense), rtol=2e-2, atol=2e-2)
+    assert_matches(pg.mma_linear(x, w), x, dense)
+    torch.testing.assert_close(pg.mma_linear(x, w), F.linear(x, dense), rtol=2e-2, atol=2e-2)
