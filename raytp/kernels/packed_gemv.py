@@ -320,7 +320,7 @@ __device__ __forceinline__ u32 cvt2(float hi, float lo) {
     return d;
 }
 __device__ __forceinline__ void mma(float* c, const u32* a, u32 b0, u32 b1) {
-    asm volatile(MMA " {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+    asm(MMA " {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
                  : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
@@ -335,7 +335,7 @@ __device__ __forceinline__ u16 round_half(float f) {
 }
 __device__ __forceinline__ uint4 load16(const void* p) {
     uint4 v;
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
                  : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
     return v;
 }
@@ -387,6 +387,57 @@ __device__ __forceinline__ void tile(float (*acc)[4], const u32* w, const u32* a
     }
 }
 
+__device__ __forceinline__ void fetch(const u32* w_lane, const u32* x0, const u32* x1, bool row0, bool row1,
+                                      int kb, u32* wr, uint4& xa, uint4& xb) {
+    const uint4* wp = (const uint4*)(w_lane + (size_t)kb * 32 * WORDS);
+#pragma unroll
+    for (int v = 0; v < WORDS / 4; ++v) {
+        const uint4 q = load16(wp + v);
+        wr[4 * v] = q.x; wr[4 * v + 1] = q.y; wr[4 * v + 2] = q.z; wr[4 * v + 3] = q.w;
+    }
+    xa = row0 ? *(const uint4*)(x0 + kb * 16) : make_uint4(0, 0, 0, 0);
+    xb = row1 ? *(const uint4*)(x1 + kb * 16) : make_uint4(0, 0, 0, 0);
+}
+
+// Tile kb: a new group's zero constants first, then the mma, then at a group's (or the slice's) end its scale.
+__device__ __forceinline__ void step(float (*acc)[4], float (*part)[4], u32* neg, int& group,
+                                     const float* __restrict__ zeros, const float* __restrict__ scales, int Np,
+                                     int n0, int g, int t, int group_tiles, int kb, int k1, const u32* wr,
+                                     const uint4& xa, const uint4& xb) {
+    if (kb / group_tiles != group) {
+        group = kb / group_tiles;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+#if KIND == 4
+            const float z = HAS_ZEROS ? zeros[(size_t)group * Np + n0 + 8 * j + g] : 8.f;
+#if BF16
+            const u32 h = __float_as_uint(-128.f - z) >> 16;  // minus (magic + zero), exact in bf16
+#else
+            const u32 h = round_half(-1024.f - z);
+#endif
+            neg[j] = h | (h << 16);
+#elif KIND == 8
+            const float z = HAS_ZEROS ? zeros[(size_t)group * Np + n0 + 8 * j + g] : 128.f;
+            neg[j] = __float_as_uint(8388608.f + z);
+#else
+            neg[j] = 0u;
+#endif
+        }
+    }
+    const u32 a0[4] = {xa.x, xa.y, xa.z, xa.w}, a1[4] = {xb.x, xb.y, xb.z, xb.w};
+    tile(part, wr, a0, a1, neg);
+    if ((kb + 1) % group_tiles == 0 || kb + 1 == k1) {
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            const float2 s = *(const float2*)(scales + (size_t)group * Np + n0 + 8 * j + 2 * t);
+            acc[j][0] += part[j][0] * s.x; acc[j][1] += part[j][1] * s.y;
+            acc[j][2] += part[j][2] * s.x; acc[j][3] += part[j][3] * s.y;
+#pragma unroll
+            for (int i = 0; i < 4; ++i) part[j][i] = 0.f;
+        }
+    }
+}
+
 extern "C" __global__ void __launch_bounds__(32 * WARPS) KERNEL_NAME(
         const u32* __restrict__ x, const u32* __restrict__ w, const float* __restrict__ scales,
         const float* __restrict__ zeros, float* __restrict__ partials, int* __restrict__ counters,
@@ -409,48 +460,21 @@ extern "C" __global__ void __launch_bounds__(32 * WARPS) KERNEL_NAME(
     const int kp = k_tiles * 32;
     const bool row0 = g < M, row1 = g + 8 < M;
     const u32* w_lane = w + ((size_t)nb * k_tiles * 32 + lane) * WORDS;
+    const u32* x0 = x + ((size_t)g * kp + 8 * t) / 2;
+    const u32* x1 = x + ((size_t)(g + 8) * kp + 8 * t) / 2;
     u32 neg[8];
     int group = -1;
-    for (int kb = k0; kb < k1; ++kb) {
-        if (kb / group_tiles != group) {  // a new group: its zero constants
-            group = kb / group_tiles;
-#pragma unroll
-            for (int j = 0; j < 8; ++j) {
-#if KIND == 4
-                const float z = HAS_ZEROS ? zeros[(size_t)group * Np + n0 + 8 * j + g] : 8.f;
-                const u32 m = __float_as_uint(-(BF16 ? 128.f : 1024.f) - z);  // minus (magic + zero)
-                const u32 h = BF16 ? (m >> 16) : (u32)round_half(-(1024.f) - z);
-                neg[j] = h | (h << 16);
-#elif KIND == 8
-                const float z = HAS_ZEROS ? zeros[(size_t)group * Np + n0 + 8 * j + g] : 128.f;
-                neg[j] = __float_as_uint(8388608.f + z);
-#else
-                neg[j] = 0u;
-#endif
-            }
-        }
-        u32 wr[WORDS];
-        const uint4* wp = (const uint4*)(w_lane + (size_t)kb * 32 * WORDS);
-#pragma unroll
-        for (int v = 0; v < WORDS / 4; ++v) {
-            const uint4 q = load16(wp + v);
-            wr[4 * v] = q.x; wr[4 * v + 1] = q.y; wr[4 * v + 2] = q.z; wr[4 * v + 3] = q.w;
-        }
-        uint4 xa = make_uint4(0, 0, 0, 0), xb = make_uint4(0, 0, 0, 0);
-        if (row0) xa = *(const uint4*)(x + ((size_t)g * kp + kb * 32 + 8 * t) / 2);
-        if (row1) xb = *(const uint4*)(x + ((size_t)(g + 8) * kp + kb * 32 + 8 * t) / 2);
-        const u32 a0[4] = {xa.x, xa.y, xa.z, xa.w}, a1[4] = {xb.x, xb.y, xb.z, xb.w};
-        tile(part, wr, a0, a1, neg);
-        if ((kb + 1) % group_tiles == 0 || kb + 1 == k1) {  // end of a group (or of the slice): scale it
-#pragma unroll
-            for (int j = 0; j < 8; ++j) {
-                const float2 s = *(const float2*)(scales + (size_t)group * Np + n0 + 8 * j + 2 * t);
-                acc[j][0] += part[j][0] * s.x; acc[j][1] += part[j][1] * s.y;
-                acc[j][2] += part[j][2] * s.x; acc[j][3] += part[j][3] * s.y;
-#pragma unroll
-                for (int i = 0; i < 4; ++i) part[j][i] = 0.f;
-            }
-        }
+    // Two tiles in registers: the next tile's loads are in flight while this one is dequantized and multiplied
+    // (a warp keeps ~2 KiB in flight, what the memory needs from ~16 warps per SM to stay busy).
+    u32 wa[WORDS], wb[WORDS];
+    uint4 xa0, xa1, xb0, xb1;
+    if (k0 < k1) fetch(w_lane, x0, x1, row0, row1, k0, wa, xa0, xa1);
+    for (int kb = k0; kb < k1; kb += 2) {
+        if (kb + 1 < k1) fetch(w_lane, x0, x1, row0, row1, kb + 1, wb, xb0, xb1);
+        step(acc, part, neg, group, zeros, scales, Np, n0, g, t, group_tiles, kb, k1, wa, xa0, xa1);
+        if (kb + 1 >= k1) break;
+        if (kb + 2 < k1) fetch(w_lane, x0, x1, row0, row1, kb + 2, wa, xa0, xa1);
+        step(acc, part, neg, group, zeros, scales, Np, n0, g, t, group_tiles, kb + 1, k1, wb, xb0, xb1);
     }
     // c0, c1: row g, outputs 8j + 2t, +1; c2, c3: row g + 8
 #pragma unroll
