@@ -51,7 +51,7 @@ def test_tiles_round_trip(kind):
 def test_fp8_layout_holds_the_weight(per_tensor):
     weight = (torch.randn(70, 200) * 0.3).to(torch.float8_e4m3fn)
     scale = torch.tensor(0.7) if per_tensor else torch.rand(70, 1) + 0.5
-    w = pg.pack_fp8(weight, scale)
+    w = pg.pack_fp8(weight, scale, torch.float32)
     dense = weight.float() * scale
     torch.testing.assert_close(pg.dequantize_mma(w, torch.float32)[:200], dense.T, rtol=0, atol=0)
     x = torch.randn(2, 200)

@@ -21,7 +21,7 @@ The layout (`MMAPacked`), made once per rank from its own slice (`pack_int` / `p
              lane 4g + t holds outputs 8j + g (j = 0..7) at inputs 8t..8t+7 of the tile, as the mma's B fragments
              want them (int4: one word per j, nibble p = input 8t + 2p, nibble p + 4 = input 8t + 2p + 1; 8-bit:
              two words per j, byte b of word s = input 8t + 4s + b)
-    scales   float32 (groups, Np); zeros (groups, Np) as the packed-fma constant, or None: symmetric
+    scales   (groups, Np) in the model dtype, as the checkpoint's; zeros likewise (integers), or None: symmetric
     x_index  int32 (Kp,): the input column each physical input is, -1 for padding; None: the identity
 Act-order and mid-group slices need no per-column group lookups: the inputs are sorted by group at load time and
 every group padded to the same width (a multiple of 32) with inputs that multiply zero, so each 32-input tile
@@ -47,6 +47,7 @@ import torch.nn.functional as F
 
 MAX_ROWS = 16  # rows of x one weight pass serves (the mma's M); more (prefill) dequantize once and use cuBLAS
 TILE_N, TILE_K = 64, 32  # one warp's tile: outputs x inputs
+PACK_CHUNK = 2048  # outputs repacked at a time (a multiple of TILE_N): bounds the load-time scratch
 KINDS = ("int4", "int8", "fp8")
 
 
@@ -55,8 +56,8 @@ class MMAPacked:
     """One rank's quantized matrix in the decode kernel's layout (see the module docstring)."""
 
     values: torch.Tensor  # int32 [Np / 64, Kp / 32, 32, words]
-    scales: torch.Tensor  # float32 (groups, Np)
-    zeros: torch.Tensor | None  # float32 (groups, Np) integer zero points; None: symmetric (int: 2 ** (bits - 1))
+    scales: torch.Tensor  # (groups, Np) in the model dtype
+    zeros: torch.Tensor | None  # (groups, Np) integer zero points in the model dtype; None: symmetric (2 ** (bits - 1))
     kind: str  # "int4", "int8" or "fp8"
     group_tiles: int  # 32-input tiles per group
     in_features: int  # K: the inputs x has
@@ -135,40 +136,46 @@ def _x_index(position: torch.Tensor, kp: int) -> torch.Tensor | None:
     return index
 
 
-def _padded_rows(t: torch.Tensor | None, np_: int) -> torch.Tensor | None:
-    return None if t is None else F.pad(t.float(), (0, np_ - t.shape[1])).contiguous()
+def _padded_rows(t: torch.Tensor, np_: int, dtype: torch.dtype) -> torch.Tensor:
+    return F.pad(t.to(dtype), (0, np_ - t.shape[1])).contiguous()
 
 
 def pack_int(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, *, bits: int, group_size: int,
              group_start: int = 0, g_idx: torch.Tensor | None = None) -> MMAPacked:
     """The IntWeight layout (raytp.model.formats: int32 (N, K / per) packed along the inputs, scales and zeros
-    (N, groups), input j in group g_idx[j] or (j + group_start) // group_size) in the kernel's layout. Padding
-    holds the zero point, so it adds nothing even before its zero input."""
-    q = _unpack_values(packed, bits)  # (N, K)
-    n_out, k_in = q.shape
+    (N, groups) in the model dtype, input j in group g_idx[j] or (j + group_start) // group_size) in the kernel's
+    layout. Padding holds the zero point, so it adds nothing even before its zero input. Made CHUNK outputs at a
+    time, so the int32 scratch stays small next to the weight."""
+    n_out, k_in = packed.shape[0], packed.shape[1] * 32 // bits
     if g_idx is not None:
-        group = g_idx.long().to(q.device)
+        group = g_idx.long().to(packed.device)
     else:
-        group = (torch.arange(k_in, device=q.device) + group_start) // group_size
+        group = (torch.arange(k_in, device=packed.device) + group_start) // group_size
     position, used, width = _physical_order(group)
     kp = len(used) * width
-    zero = zeros[:, used].round() if zeros is not None else 1 << (bits - 1)
-    values = _finish(q, position, kp, n_out, zero)
-    np_ = values.shape[1]
-    return MMAPacked(_tile_words(values, f"int{bits}"), _padded_rows(scales[:, used].t(), np_),
-                     _padded_rows(zeros[:, used].t(), np_) if zeros is not None else None, f"int{bits}",
-                     width // TILE_K, k_in, n_out, _x_index(position, kp))
+    chunks = []
+    for lo in range(0, max(n_out, 1), PACK_CHUNK):
+        q = _unpack_values(packed[lo:lo + PACK_CHUNK], bits)  # (chunk, K)
+        zero = zeros[lo:lo + PACK_CHUNK, used].round() if zeros is not None else 1 << (bits - 1)
+        chunks.append(_tile_words(_finish(q, position, kp, q.shape[0], zero), f"int{bits}"))
+    np_ = -(-n_out // TILE_N) * TILE_N
+    return MMAPacked(torch.cat(chunks), _padded_rows(scales[:, used].t(), np_, scales.dtype),
+                     _padded_rows(zeros[:, used].t(), np_, scales.dtype) if zeros is not None else None,
+                     f"int{bits}", width // TILE_K, k_in, n_out, _x_index(position, kp))
 
 
-def pack_fp8(weight: torch.Tensor, scale: torch.Tensor) -> MMAPacked:
-    """float8 e4m3 (N, K) with float32 scales (N, 1) per row or () per tensor -> the kernel's layout."""
+def pack_fp8(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> MMAPacked:
+    """float8 e4m3 (N, K) with float32 scales (N, 1) per row or () per tensor -> the kernel's layout; the scales
+    kept in the model dtype `dtype` (they are applied to float32 sums, and rounding a scale is rounding the
+    weight once, as the fallback's dequantization into the model dtype does)."""
     n_out, k_in = weight.shape
     kp = -(-k_in // TILE_K) * TILE_K
     position = torch.arange(k_in, device=weight.device)
-    values = _finish(weight.view(torch.uint8).to(torch.int32), position, kp, n_out, 0)
-    np_ = values.shape[1]
+    chunks = [_tile_words(_finish(weight[lo:lo + PACK_CHUNK].view(torch.uint8).to(torch.int32), position, kp,
+                                  min(PACK_CHUNK, n_out - lo), 0), "fp8") for lo in range(0, n_out, PACK_CHUNK)]
+    np_ = -(-n_out // TILE_N) * TILE_N
     scales = scale.float().reshape(-1, 1).expand(n_out, 1).t()
-    return MMAPacked(_tile_words(values, "fp8"), _padded_rows(scales, np_), None, "fp8", kp // TILE_K, k_in, n_out,
+    return MMAPacked(torch.cat(chunks), _padded_rows(scales, np_, dtype), None, "fp8", kp // TILE_K, k_in, n_out,
                      None)
 
 
@@ -190,10 +197,10 @@ def dequantize_mma(w: MMAPacked, dtype: torch.dtype) -> torch.Tensor:
     kp, _ = w.padded
     v = _untile(w)[:, :w.out_features]
     group = torch.arange(kp, device=v.device) // (w.group_tiles * TILE_K)
-    scale = w.scales[group, :w.out_features]
+    scale = w.scales[group, :w.out_features].float()
     if w.kind == "fp8":
         return (v.to(torch.uint8).view(torch.float8_e4m3fn).float() * scale).to(dtype)
-    zero = w.zeros[group, :w.out_features] if w.zeros is not None else float(1 << (w.bits - 1))
+    zero = w.zeros[group, :w.out_features].float() if w.zeros is not None else float(1 << (w.bits - 1))
     return ((v.float() - zero) * scale).to(dtype)
 
 
@@ -217,6 +224,7 @@ class Launch:
 
     warps: int  # warps per block, each over its own contiguous slice of the block's inputs
     split: int  # blocks sharing one 64-output block, each over a contiguous slice of the inputs
+    stages: int = 3  # input tiles in each warp's registers at once: STAGES - 1 of them loading
 
 
 def launch_for(n_out: int, k_tiles: int, sms: int) -> Launch:
@@ -333,6 +341,15 @@ __device__ __forceinline__ u16 round_half(float f) {
 #endif
     return h;
 }
+__device__ __forceinline__ float to_float(u16 h) {
+#if BF16
+    return __uint_as_float((u32)h << 16);
+#else
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+#endif
+}
 __device__ __forceinline__ uint4 load16(const void* p) {
     uint4 v;
     asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
@@ -401,7 +418,7 @@ __device__ __forceinline__ void fetch(const u32* w_lane, const u32* x0, const u3
 
 // Tile kb: a new group's zero constants first, then the mma, then at a group's (or the slice's) end its scale.
 __device__ __forceinline__ void step(float (*acc)[4], float (*part)[4], u32* neg, int& group,
-                                     const float* __restrict__ zeros, const float* __restrict__ scales, int Np,
+                                     const u16* __restrict__ zeros, const u16* __restrict__ scales, int Np,
                                      int n0, int g, int t, int group_tiles, int kb, int k1, const u32* wr,
                                      const uint4& xa, const uint4& xb) {
     if (kb / group_tiles != group) {
@@ -409,7 +426,7 @@ __device__ __forceinline__ void step(float (*acc)[4], float (*part)[4], u32* neg
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
 #if KIND == 4
-            const float z = HAS_ZEROS ? zeros[(size_t)group * Np + n0 + 8 * j + g] : 8.f;
+            const float z = HAS_ZEROS ? to_float(zeros[(size_t)group * Np + n0 + 8 * j + g]) : 8.f;
 #if BF16
             const u32 h = __float_as_uint(-128.f - z) >> 16;  // minus (magic + zero), exact in bf16
 #else
@@ -417,7 +434,7 @@ __device__ __forceinline__ void step(float (*acc)[4], float (*part)[4], u32* neg
 #endif
             neg[j] = h | (h << 16);
 #elif KIND == 8
-            const float z = HAS_ZEROS ? zeros[(size_t)group * Np + n0 + 8 * j + g] : 128.f;
+            const float z = HAS_ZEROS ? to_float(zeros[(size_t)group * Np + n0 + 8 * j + g]) : 128.f;
             neg[j] = __float_as_uint(8388608.f + z);
 #else
             neg[j] = 0u;
@@ -429,9 +446,10 @@ __device__ __forceinline__ void step(float (*acc)[4], float (*part)[4], u32* neg
     if ((kb + 1) % group_tiles == 0 || kb + 1 == k1) {
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
-            const float2 s = *(const float2*)(scales + (size_t)group * Np + n0 + 8 * j + 2 * t);
-            acc[j][0] += part[j][0] * s.x; acc[j][1] += part[j][1] * s.y;
-            acc[j][2] += part[j][2] * s.x; acc[j][3] += part[j][3] * s.y;
+            const u32 pair = *(const u32*)(scales + (size_t)group * Np + n0 + 8 * j + 2 * t);
+            const float s0 = to_float(pair & 0xFFFFu), s1 = to_float(pair >> 16);
+            acc[j][0] += part[j][0] * s0; acc[j][1] += part[j][1] * s1;
+            acc[j][2] += part[j][2] * s0; acc[j][3] += part[j][3] * s1;
 #pragma unroll
             for (int i = 0; i < 4; ++i) part[j][i] = 0.f;
         }
@@ -439,8 +457,8 @@ __device__ __forceinline__ void step(float (*acc)[4], float (*part)[4], u32* neg
 }
 
 extern "C" __global__ void __launch_bounds__(32 * WARPS) KERNEL_NAME(
-        const u32* __restrict__ x, const u32* __restrict__ w, const float* __restrict__ scales,
-        const float* __restrict__ zeros, float* __restrict__ partials, int* __restrict__ counters,
+        const u32* __restrict__ x, const u32* __restrict__ w, const u16* __restrict__ scales,
+        const u16* __restrict__ zeros, float* __restrict__ partials, int* __restrict__ counters,
         u16* __restrict__ y, int M, int N, int Np, int k_tiles, int tiles_per_split, int group_tiles) {
     __shared__ float sums[WARPS][16][65];  // +1: no bank conflicts between the rows
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
@@ -464,17 +482,24 @@ extern "C" __global__ void __launch_bounds__(32 * WARPS) KERNEL_NAME(
     const u32* x1 = x + ((size_t)(g + 8) * kp + 8 * t) / 2;
     u32 neg[8];
     int group = -1;
-    // Two tiles in registers: the next tile's loads are in flight while this one is dequantized and multiplied
-    // (a warp keeps ~2 KiB in flight, what the memory needs from ~16 warps per SM to stay busy).
-    u32 wa[WORDS], wb[WORDS];
-    uint4 xa0, xa1, xb0, xb1;
-    if (k0 < k1) fetch(w_lane, x0, x1, row0, row1, k0, wa, xa0, xa1);
-    for (int kb = k0; kb < k1; kb += 2) {
-        if (kb + 1 < k1) fetch(w_lane, x0, x1, row0, row1, kb + 1, wb, xb0, xb1);
-        step(acc, part, neg, group, zeros, scales, Np, n0, g, t, group_tiles, kb, k1, wa, xa0, xa1);
-        if (kb + 1 >= k1) break;
-        if (kb + 2 < k1) fetch(w_lane, x0, x1, row0, row1, kb + 2, wa, xa0, xa1);
-        step(acc, part, neg, group, zeros, scales, Np, n0, g, t, group_tiles, kb + 1, k1, wb, xb0, xb1);
+    // STAGES tiles in registers: the loads of the next STAGES - 1 tiles are in flight while one is dequantized
+    // and multiplied, so a warp keeps ~(STAGES - 1) KiB of int4 in flight: what the memory needs to stay busy.
+    u32 wr[STAGES][WORDS];
+    uint4 xa[STAGES], xb[STAGES];
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s)
+        if (k0 + s < k1) fetch(w_lane, x0, x1, row0, row1, k0 + s, wr[s], xa[s], xb[s]);
+    for (int kb = k0; kb < k1; kb += STAGES) {
+#pragma unroll
+        for (int s = 0; s < STAGES; ++s) {  // unrolled: every buffer index is a constant, the buffers stay registers
+            if (kb + s < k1) {
+                const int ahead = (s + STAGES - 1) % STAGES;
+                if (kb + s + STAGES - 1 < k1)
+                    fetch(w_lane, x0, x1, row0, row1, kb + s + STAGES - 1, wr[ahead], xa[ahead], xb[ahead]);
+                step(acc, part, neg, group, zeros, scales, Np, n0, g, t, group_tiles, kb + s, k1, wr[s], xa[s],
+                     xb[s]);
+            }
+        }
     }
     // c0, c1: row g, outputs 8j + 2t, +1; c2, c3: row g + 8
 #pragma unroll
@@ -517,29 +542,33 @@ extern "C" __global__ void __launch_bounds__(32 * WARPS) KERNEL_NAME(
 
 
 @functools.cache
-def _kernel(kind: str, bf16: bool, has_zeros: bool, warps: int, device: int):
-    name = f"packed_gemv_{kind}_{'bf16' if bf16 else 'f16'}_{'z' if has_zeros else 's'}_{warps}"
+def _kernel(kind: str, bf16: bool, has_zeros: bool, warps: int, stages: int, device: int):
+    name = f"packed_gemv_{kind}_{'bf16' if bf16 else 'f16'}_{'z' if has_zeros else 's'}_{warps}_{stages}"
     defines = dict(KERNEL_NAME=name, KIND={"int4": 4, "int8": 8, "fp8": 0}[kind], BF16=int(bf16),
-                   HAS_ZEROS=int(has_zeros), WARPS=warps)
+                   HAS_ZEROS=int(has_zeros), WARPS=warps, STAGES=stages)
     source = "".join(f"#define {k} {v}\n" for k, v in defines.items()) + _SOURCE
     with torch.cuda.device(device):  # a module is loaded into one device's context
         return torch.cuda._compile_kernel(source, name)
 
 
-def runs_kernel(x: torch.Tensor) -> bool:
-    """Whether `mma_linear` runs the CUDA kernel for x (else dequantize, then one matmul)."""
+def runs_kernel(x: torch.Tensor, w: MMAPacked) -> bool:
+    """Whether `mma_linear` runs the CUDA kernel for x (else dequantize, then one matmul): 1..MAX_ROWS rows of
+    bfloat16 or float16 on CUDA, the layout's scales in the same dtype."""
     rows = x.numel() // x.shape[-1]
-    return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and 0 < rows <= MAX_ROWS
+    return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and w.scales.dtype == x.dtype
+            and 0 < rows <= MAX_ROWS)
 
 
 def mma_linear(x: torch.Tensor, w: MMAPacked, launch: Launch | None = None) -> torch.Tensor:
     """x (..., K) @ W.T -> (..., N) in x's dtype. `launch` overrides the shape heuristic (the benchmark's sweep)."""
-    if not runs_kernel(x):
+    if not runs_kernel(x, w):
         return mma_linear_torch(x, w)
     rows = x.numel() // x.shape[-1]
     kp, np_ = w.padded
     x2 = x.reshape(rows, x.shape[-1])
     x2 = physical_inputs(x2, w).contiguous() if (w.x_index is not None or kp != x.shape[-1]) else x2.contiguous()
+    if x2.data_ptr() % 16:  # the kernel reads x in 16-byte vectors
+        x2 = x2.clone()
     launch = _launch_of(w, launch)
     k_tiles = kp // TILE_K
     per_split = -(-k_tiles // launch.split)
@@ -547,7 +576,8 @@ def mma_linear(x: torch.Tensor, w: MMAPacked, launch: Launch | None = None) -> t
     n_blocks = np_ // TILE_N
     y = torch.empty((rows, w.out_features), dtype=x.dtype, device=x.device)
     partials, counters = WORKSPACE.get(x.device, split * rows * np_ if split > 1 else 0, n_blocks)
-    kernel = _kernel(w.kind, x.dtype == torch.bfloat16, w.zeros is not None, launch.warps, _device_index(x.device))
+    kernel = _kernel(w.kind, x.dtype == torch.bfloat16, w.zeros is not None, launch.warps, launch.stages,
+                     _device_index(x.device))
     kernel(grid=(n_blocks, split, 1), block=(32 * launch.warps, 1, 1),
            args=[x2, w.values, w.scales, w.zeros if w.zeros is not None else w.scales, partials, counters, y,
                  rows, w.out_features, np_, k_tiles, per_split, w.group_tiles])

@@ -31,7 +31,9 @@ import torch
 import torch.nn.functional as F
 
 from raytp.kernels.dequant_matmul import dequantize, int_linear, unpack
+from raytp.kernels.dispatch import use_triton
 from raytp.kernels.fp8_matmul import dequantize_fp8, fp8_linear
+from raytp.kernels.packed_gemv import MMAPacked, mma_linear, pack_fp8, pack_int, reserve
 from raytp.model.config import QuantConfig
 from raytp.model.layout import Slice
 
@@ -39,6 +41,8 @@ ROWS_PER_READ = 256  # rows unpacked at a time while loading: bounds the int32 s
 
 
 class WeightReader(Protocol):
+    dtype: torch.dtype  # the model dtype
+
     def read(self, s: Slice, *, stored: bool = False) -> torch.Tensor:
         """Rows `s.rows` (and columns `s.cols`) of global tensor `s.name`, in the model's dtype (`stored`: in the
         dtype it is stored in, for packed integers, float8 weights and group indices) on the rank's device.
@@ -142,7 +146,37 @@ class ConcatWeight:
         return [t for p in self.parts for t in p.tensors()] + ([self.bias] if self.bias is not None else [])
 
 
-Weight = DenseWeight | IntWeight | FP8Weight | ConcatWeight
+class PackedWeight:
+    """An IntWeight or FP8Weight repacked on its GPU, at load time, into the layout of the decode kernel
+    (raytp.kernels.packed_gemv): tensor cores at 1-16 rows, dequantize-then-cuBLAS for prefill."""
+
+    def __init__(self, packed: MMAPacked, bias: torch.Tensor | None):
+        self.packed, self.bias = packed, bias
+        reserve(packed)  # the kernel's workspace, sized before any CUDA-graph capture
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        y = mma_linear(x, self.packed)
+        return y if self.bias is None else y + self.bias
+
+    def tensors(self) -> list[torch.Tensor]:
+        return self.packed.tensors() + ([self.bias] if self.bias is not None else [])
+
+
+def for_device(weight: Weight, dtype: torch.dtype) -> Weight:
+    """`weight` in the layout its device's kernels read fastest, made from the rank's own slice once at load time:
+    quantized weights on a CUDA rank with the kernels on become PackedWeight; everything else stays as it is."""
+    if isinstance(weight, ConcatWeight):
+        return ConcatWeight([for_device(p, dtype) for p in weight.parts], weight.bias)
+    if isinstance(weight, IntWeight) and use_triton(weight.packed):
+        return PackedWeight(pack_int(weight.packed, weight.scales, weight.zeros, bits=weight.bits,
+                                     group_size=weight.group_size, group_start=weight.group_start,
+                                     g_idx=weight.g_idx), weight.bias)
+    if isinstance(weight, FP8Weight) and use_triton(weight.weight):
+        return PackedWeight(pack_fp8(weight.weight, weight.scale, dtype), weight.bias)
+    return weight
+
+
+Weight = DenseWeight | IntWeight | FP8Weight | ConcatWeight | PackedWeight
 
 
 # The tensors an integer-quantized Linear stores, by layout: packed values, scales, zero points, group index.

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from raytp.model.formats import DenseWeight, WeightReader, fuse, read_linear
+from raytp.model.formats import DenseWeight, WeightReader, for_device, fuse, read_linear
 from raytp.model.layout import Slice
 from raytp.parallel.comm import Communicator
 
@@ -38,7 +38,7 @@ class ColumnParallelLinear:
 
     def load(self, reader: WeightReader) -> ColumnParallelLinear:
         bias = torch.cat([reader.read(p) for p in self.bias_parts]) if self.bias_parts else None
-        self.weight = fuse([read_linear(reader, p) for p in self.parts], bias)
+        self.weight = for_device(fuse([read_linear(reader, p) for p in self.parts], bias), reader.dtype)
         return self
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -57,7 +57,7 @@ class RowParallelLinear:
         self.out_features, self.width = part.shape[0], len(part.cols)
 
     def load(self, reader: WeightReader) -> RowParallelLinear:
-        self.weight = read_linear(reader, self.part)
+        self.weight = for_device(read_linear(reader, self.part), reader.dtype)
         return self
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

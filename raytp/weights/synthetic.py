@@ -165,7 +165,7 @@ class SyntheticReader:
     """
 
     def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device):
-        self.head_dim, self.quant = config.head_dim, config.quant
+        self.head_dim, self.quant, self.dtype = config.head_dim, config.quant, dtype
         self.blocks = _Blocks(dtype, torch.device(device))
 
     def read(self, s: Slice, *, stored: bool = False) -> torch.Tensor:

@@ -103,16 +103,27 @@ def test_fp8_kernel(out, cols, rows, per_tensor):
     weight = (torch.randn(out, cols, device="cuda") * 0.05).to(torch.float8_e4m3fn)
     scale = (torch.rand(()) + 0.5 if per_tensor else torch.rand(out, 1) + 0.5).cuda()
     x = torch.randn(rows, cols, device="cuda", dtype=torch.bfloat16)
-    assert_matches(pg.mma_linear(x, pg.pack_fp8(weight, scale)), x, weight.float() * scale)
+    assert_matches(pg.mma_linear(x, pg.pack_fp8(weight, scale)), x, weight.float() * scale.to(x.dtype).float())
+
+
+def test_fp16_models():
+    w, dense = int_case(2048, 4096, 4, 128, sym=False, dtype=torch.float16)
+    x = torch.randn(4, 4096, device="cuda", dtype=torch.float16)
+    assert_matches(pg.mma_linear(x, w), x, dense)
+    weight = (torch.randn(512, 1024, device="cuda") * 0.05).to(torch.float8_e4m3fn)
+    scale = torch.rand(512, 1, device="cuda") + 0.5
+    x = torch.randn(1, 1024, device="cuda", dtype=torch.float16)
+    assert_matches(pg.mma_linear(x, pg.pack_fp8(weight, scale, torch.float16)), x,
+                   weight.float() * scale.half().float())
 
 
 def test_fp8_every_code_including_subnormals():
     codes = torch.arange(256, dtype=torch.uint8, device="cuda").view(torch.float8_e4m3fn)
     codes = codes[~codes.float().isnan()]
     weight = torch.diag_embed(codes.float()).to(torch.float8_e4m3fn)  # output i reads only code i
-    x = torch.ones(1, len(codes), device="cuda", dtype=torch.float32)
+    x = torch.ones(1, len(codes), device="cuda", dtype=torch.bfloat16)  # every e4m3 value is exact in bf16
     got = pg.mma_linear(x, pg.pack_fp8(weight, torch.ones(len(codes), 1, device="cuda")))
-    assert torch.equal(got[0], codes.float())
+    assert torch.equal(got[0].float(), codes.float())
 
 
 def test_prefill_rows_take_dequantize_then_matmul():
