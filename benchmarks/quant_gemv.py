@@ -139,7 +139,7 @@ def main():
                     best = min(((timed(calls, x, launch, args.iters), launch) for launch in SWEEP),
                                key=lambda t: t[0])
                     row |= dict(best_us=best[0], best_launch=str(best[1]),
-                                heuristic=str(pg.launch_for(out, -(-cols // pg.TILE_K), pg.sm_count(0))))
+                                heuristic=str(pg.launch_for(out, -(-cols // pg.TILE_K), pg.sm_count(0), fmt.split('-')[0])))
                 results.append(row)
                 print(json.dumps(row), flush=True)
             del calls, first

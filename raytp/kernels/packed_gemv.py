@@ -227,15 +227,18 @@ class Launch:
     stages: int = 3  # input tiles in each warp's registers at once: STAGES - 1 of them loading
 
 
-def launch_for(n_out: int, k_tiles: int, sms: int) -> Launch:
-    """About 16 warps per SM in all (each keeps two 16-byte loads per lane in flight: ~2 KiB a warp, what the
-    memory needs to stay busy), at least two 32-input tiles per warp, the split no larger than needed."""
+def launch_for(n_out: int, k_tiles: int, sms: int, kind: str = "int4") -> Launch:
+    """8 warps per block; a split along the inputs while the output blocks are few (at most 4 blocks per output
+    block, at least 3 tiles per warp); tiles in flight per warp by weight width. Fitted to the fastest launches of
+    `benchmarks/quant_gemv.py --sweep` on an H200 (one rank's and 4 ranks' Llama-3.1-8B shapes, batch 1)."""
     n_blocks = -(-n_out // TILE_N)
-    warps = 8 if n_blocks < 2 * sms else 4
-    split = 1
-    while n_blocks * warps * split < 16 * sms and k_tiles // (warps * split * 2) >= 2:
+    warps, split = 8, 1
+    while split < 4 and n_blocks * split * 2 <= 3 * sms and k_tiles // (warps * split * 2) >= 3:
         split *= 2
-    return Launch(warps, split)
+    # int4 tiles are 1 KiB a warp: two in registers keep enough in flight. 8-bit tiles are 2 KiB and cost more
+    # registers; four of them pay where the warps are few and their slices short, two elsewhere
+    stages = 2 if kind == "int4" or k_tiles > 128 or n_blocks * split >= 2 * sms else 4
+    return Launch(warps, split, stages)
 
 
 class _Workspace:
@@ -270,7 +273,8 @@ def _device_index(device: torch.device) -> int:
 
 
 def _launch_of(w: MMAPacked, launch: Launch | None) -> Launch:
-    return launch or launch_for(w.values.shape[0] * TILE_N, w.values.shape[1], sm_count(_device_index(w.values.device)))
+    return launch or launch_for(w.values.shape[0] * TILE_N, w.values.shape[1],
+                                sm_count(_device_index(w.values.device)), w.kind)
 
 
 def reserve(w: MMAPacked) -> None:
