@@ -11,10 +11,11 @@ LOGS=$OUT/sitting7; mkdir -p "$LOGS"
 source benchmarks/gpu_env.sh
 python3 -m ray.scripts.scripts start --head --port=6390 --num-gpus=1 --include-dashboard=false \
   --disable-usage-stats >"$LOGS/ray_start.log" 2>&1 && export RAY_ADDRESS=127.0.0.1:6390
-bench() { local name=$1 limit=$2; shift 2
+bench() { local name=$1 limit=$2; shift 2  # each folder comes back as one tarball (few files)
   timeout "$limit" python3 -m raytp bench "$@" --out "$LOGS/$name" >"$LOGS/$name.log" 2>&1
   echo "$name rc=$?"; grep -E "Traceback|Error" "$LOGS/$name.log" | head -3
   sed -n '/^| devices/,/^$/p' "$LOGS/$name/summary.md" 2>/dev/null | cut -d'|' -f2-12 | head -12
+  tar -czf "$LOGS/$name.tgz" -C "$LOGS" "$name" && rm -r "${LOGS:?}/$name"
 }
 B8=(--model synthetic:llama-3.1-8b --dtype bfloat16 --devices cuda:0 --batch 1,8 --prompt-len 128 --decode-tokens 64
     --allreduce-iters 10)
@@ -25,4 +26,4 @@ bench after8b 260 "${B8[@]}" --quant none,w4a16,fp8,w8a16 --repeats 2 --profile 
 timeout 60 python3 benchmarks/quant_gemv.py --rows 1,8,16 --formats bf16,int4,int4-zp,int8,fp8,torch-int4 \
   --out "$LOGS/quant_gemv.json" >"$LOGS/quant_gemv.log" 2>&1
 sed -n '/one rank: one decoder layer/,$p' "$LOGS/quant_gemv.log"
-sed -n '/^| rank/,/^$/p' "$LOGS/after8b/summary.md" | head -20
+grep "^profile" "$LOGS/after8b.log"

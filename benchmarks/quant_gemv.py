@@ -36,16 +36,6 @@ SWEEP = [pg.Launch(w, s, st) for w in (4, 8) for s in (1, 2, 4, 8) for st in (2,
 def make(fmt: str, out: int, cols: int, group_size: int):
     """One weight of `fmt`: (call(x, launch) -> y, bytes a call reads), or None where this torch lacks it."""
     dev = dict(device="cuda")
-    if fmt in ("int4-v1", "fp8-v1"):  # the kernels this one replaces, for before/after in one sitting
-        from raytp.kernels import dequant_matmul as dm, fp8_matmul as f8
-        if fmt == "fp8-v1":
-            w8 = (torch.randn(out, cols, **dev) * 0.02).to(torch.float8_e4m3fn)
-            s8 = torch.rand(out, 1, **dev) + 0.5
-            return (lambda x, launch=None: f8.fp8_linear(x, w8, s8)), w8.numel() + s8.numel() * 4
-        q = torch.randint(-2 ** 31, 2 ** 31 - 1, (out, cols // 8), dtype=torch.int32, **dev)
-        s4 = torch.rand(out, cols // group_size, dtype=torch.bfloat16, **dev) * 1e-3
-        return ((lambda x, launch=None: dm.int_linear(x, q, s4, None, bits=4, group_size=group_size)),
-                q.numel() * 4 + s4.numel() * 2)
     if fmt == "bf16":
         w = torch.randn(out, cols, dtype=torch.bfloat16, **dev) * 0.02
         return (lambda x, launch=None: F.linear(x, w)), w.numel() * 2

@@ -35,7 +35,7 @@ from raytp.runtime.engine import TokenEvent
     # other GEMM and attention kernels, eager SDPA and quantized GEMMs
     ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize64x64x64", "gemm"),
     ("void gemv2T_kernel_val<int, int, __nv_bfloat16, __nv_bfloat16, float, 128, 16, 4, 4, false>", "gemm"),
-    ("_dequant_matmul_kernel", "gemm"),
+    ("packed_gemv_int4_bf16_s_8_2", "gemm"),
     ("void cutlass::device_kernel<cutlass3x_sm90_tensorop_gemm_e4m3_scaled_mm>", "gemm"),
     ("flash_fwd_splitkv_kernel", "attention"),
     ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3", "attention"),
