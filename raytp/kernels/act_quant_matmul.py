@@ -1,0 +1,121 @@
+"""y = x @ W.T for 8-bit weights applied to activations quantized to 8 bits per token at run time (compressed-tensors'
+FP8_DYNAMIC and W8A8 checkpoints).
+
+Both operands are symmetric with float32 scales. The weight is quantized once, per output channel (the checkpoint
+stores q_w and s_w, shape (out, 1)); x at every call, one scale per token (row), exactly as compressed-tensors'
+`compute_dynamic_scales_and_zp` and `fake_quantize` do it (quantization/utils/helpers.py, lifecycle/forward.py):
+
+    s_x = amax(|x_row|) / Q    Q = 448 for e4m3 (its largest value); 127.5 for int8 (half the range 127 - (-128));
+                               a zero scale (an all-zero row) becomes float32's eps
+    q_x = clamp(x / s_x, lo, hi), then cast to e4m3 (round to nearest even) or torch.round (half to even) for int8
+    y   = (q_x @ q_w.T) * s_x * s_w.T
+
+The scales are float32 whatever the model dtype (compressed-tensors computes them in the activation's dtype; the two
+agree bit for bit in float32).
+
+Tensor parallelism: a row-parallel layer's input is split over ranks along its columns, and a token's scale must be
+the amax of its whole row for every split to compute the one-device model; the caller passes that amax (`amax`,
+gathered over the ranks by raytp.model.layers.RowParallelLinear), else it is taken from x.
+
+Where it runs:
+    CPU, and the fallback  dequantize both operands, one float32 matmul (the arithmetic of the reference)
+    CUDA, e4m3, cc >= 8.9  torch._scaled_mm on the two float8 operands with rowwise float32 scales (cuBLASLt), rows
+                           padded to a multiple of 16
+    CUDA, int8             torch._int_mm (exact int32 accumulation), rows padded to more than 16, scales applied after
+A shape the fused ops refuse (a width or height that is not a multiple of 16, a rank with no columns) takes the
+fallback.
+
+At batch 1 the step is bound by the weight bytes read, and quantizing x costs kernels of its own, so a weight-only
+kernel (x kept in the model dtype, a slightly more accurate model) may be the faster: `WEIGHT_ONLY_MAX_ROWS` says up
+to how many rows of x it runs instead, per weight dtype, to be set from measurements on a GPU (`route` decides, once
+per call, from the shapes alone, so CUDA graphs capture one path). Until measured it is 0: the checkpoint runs as its
+config says. Only e4m3 has a weight-only kernel (raytp.kernels.fp8_matmul); int8 stored signed [out, in] is not the
+int kernel's unsigned packed words, so W8A8 always quantizes its activations.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from raytp.kernels.fp8_matmul import fp8_linear
+
+E4M3 = torch.float8_e4m3fn
+# weight dtype -> (Q: amax / Q is the scale, clamp bounds of the quantized values): compressed-tensors' calculate_range
+LEVELS = {E4M3: (448.0, -448.0, 448.0), torch.int8: (127.5, -128.0, 127.0)}
+PAD = 16  # _scaled_mm's rows, inner and outer sizes in multiples of 16
+INT_MM_MIN_ROWS = 17  # _int_mm needs more than 16 rows
+
+# Rows of x up to which the weight-only kernel runs instead (see the module docstring): set from measurements
+WEIGHT_ONLY_MAX_ROWS = {E4M3: 0}
+
+
+def quantize_per_token(x: torch.Tensor, dtype: torch.dtype,
+                       amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (..., in) -> (q (..., in) in `dtype`, float32 scales (..., 1)); `amax` (..., 1): each row's largest magnitude
+    over the whole row when x holds only some of its columns, else taken from x."""
+    q_div, lo, hi = LEVELS[dtype]
+    xf = x.float()
+    if amax is None:
+        amax = xf.abs().amax(dim=-1, keepdim=True) if x.shape[-1] else xf.new_zeros((*x.shape[:-1], 1))
+    scale = amax.float() / q_div
+    scale = torch.where(scale == 0, torch.finfo(torch.float32).eps, scale)
+    clamped = (xf / scale).clamp_(lo, hi)
+    q = clamped.to(dtype) if dtype == E4M3 else clamped.round_().to(dtype)
+    return q, scale
+
+
+def act_quant_linear_torch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                           amax: torch.Tensor | None = None) -> torch.Tensor:
+    """The reference arithmetic: both operands dequantized to float32, one matmul, the result in x's dtype."""
+    q, s = quantize_per_token(x, weight.dtype, amax)
+    return F.linear(q.float() * s, weight.float() * scale).to(x.dtype)
+
+
+def route(x: torch.Tensor, weight: torch.Tensor) -> str:
+    """Which path a call takes: "weight-only", "scaled_mm", "int_mm" or "torch" (from the device and the shapes)."""
+    rows, (n, k) = x.numel() // max(x.shape[-1], 1), weight.shape
+    if not x.is_cuda or not rows:
+        return "torch"
+    if rows <= WEIGHT_ONLY_MAX_ROWS.get(weight.dtype, 0):
+        return "weight-only"
+    if n % PAD or k % PAD or not k:
+        return "torch"
+    if weight.dtype == E4M3:
+        return "scaled_mm" if torch.cuda.get_device_capability(x.device) >= (8, 9) else "torch"
+    return "int_mm"
+
+
+def act_quant_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                     amax: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., in) @ (weight * scale).T with x quantized per token to weight's dtype (float8_e4m3fn or int8);
+    `scale` float32 (out, 1); `amax` (..., 1) the rows' magnitudes when x holds part of each row. -> (..., out) in
+    x's dtype."""
+    path = route(x, weight)
+    if path == "torch":
+        return act_quant_linear_torch(x, weight, scale, amax)
+    if path == "weight-only":
+        return fp8_linear(x, weight, scale)
+    lead, k = x.shape[:-1], x.shape[-1]
+    q, s = quantize_per_token(x.reshape(-1, k), weight.dtype, None if amax is None else amax.reshape(-1, 1))
+    rows = q.shape[0]
+    padded = -(-rows // PAD) * PAD if path == "scaled_mm" else max(-(-rows // PAD) * PAD, INT_MM_MIN_ROWS)
+    if padded != rows:  # zero rows, dropped after
+        q = torch.cat([q, q.new_zeros((padded - rows, k))])
+        s = torch.cat([s, s.new_ones((padded - rows, 1))])
+    if path == "scaled_mm":
+        y = _scaled_mm(q, weight, s, scale, x.dtype)
+    else:
+        y = (torch._int_mm(q, weight.t()).float() * s * scale.t()).to(x.dtype)
+    return y[:rows].reshape(*lead, weight.shape[0])
+
+
+def _scaled_mm(q: torch.Tensor, weight: torch.Tensor, s: torch.Tensor, scale: torch.Tensor,
+               dtype: torch.dtype) -> torch.Tensor:
+    """cuBLASLt's FP8 GEMM with the rowwise scales in its epilogue; it writes rowwise-scaled results in bfloat16
+    only, so other model dtypes get float32 products of unit scales, scaled after."""
+    if dtype == torch.bfloat16:
+        return torch._scaled_mm(q, weight.t(), scale_a=s, scale_b=scale.t(), out_dtype=dtype)
+    one = torch.ones((), dtype=torch.float32, device=q.device)
+    y = torch._scaled_mm(q, weight.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
+    return (y * s * scale.t()).to(dtype)
