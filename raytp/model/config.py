@@ -60,8 +60,8 @@ class QuantConfig:
 
     def describe(self) -> str:
         if self.dynamic_activations:
-            kind = "fp8 e4m3" if self.kind == "fp8" else "int8"
-            return f"{kind} weights with per-channel scales, {kind} activations with dynamic per-token scales"
+            name, kind = ("fp8-dynamic", "fp8 e4m3") if self.kind == "fp8" else ("w8a8", "int8")
+            return f"{name}: {kind} weights, per-channel scales, activations quantized to {kind} per token at run time"
         if self.kind == "fp8":
             return f"fp8 e4m3 weights, {'per-tensor' if self.per_tensor else 'per-channel'} scales"
         scales = f"groups of {self.group_size}" if self.group_size else "per-channel scales"
