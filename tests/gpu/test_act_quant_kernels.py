@@ -84,3 +84,12 @@ def test_inside_a_cuda_graph(dtype):
     graph.replay()
     torch.testing.assert_close(out, aq.act_quant_linear(x, q, s), rtol=0, atol=0)
     assert not torch.equal(out, eager)
+
+
+@pytest.mark.parametrize("quant", (["fp8-dynamic"] if FP8_OK else []) + ["w8a8"])
+def test_graphed_decode_of_an_activation_quantized_model_matches_eager(quant):
+    """The whole model (synthetic tiny, float32: _scaled_mm with unit scales, _int_mm) in the captured decode steps."""
+    from tests.gpu.test_graphed_decode import generate
+
+    model = f"synthetic:tiny@{quant}"
+    assert generate(True, "hoststaged", model=model) == generate(False, "hoststaged", model=model)
