@@ -23,7 +23,10 @@ Where it runs:
                            padded to a multiple of 16
     CUDA, int8             torch._int_mm (exact int32 accumulation), rows padded to more than 16, scales applied after
 A shape the fused ops refuse (a width or height that is not a multiple of 16, a rank with no columns) takes the
-fallback.
+fallback. With Triton, the quantization of x (amax, scale, divide, clamp, round, and the zero rows of the padding)
+is one kernel instead of about ten small torch ones, and so is int8's epilogue (int32 to float, both scales, the
+model dtype); both do torch's CUDA operations in torch's order (a scalar divisor as its reciprocal, IEEE division
+of tensors, round half to even), so their bits are the torch versions' (tests/gpu).
 
 At batch 1 the step is bound by the weight bytes read, and quantizing x costs kernels of its own, so a weight-only
 kernel (x kept in the model dtype, a slightly more accurate model) may be the faster: `WEIGHT_ONLY_MAX_ROWS` says up
@@ -38,12 +41,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from raytp.kernels.dispatch import triton, use_triton
 from raytp.kernels.fp8_matmul import fp8_linear
 
 E4M3 = torch.float8_e4m3fn
 # weight dtype -> (Q: amax / Q is the scale, clamp bounds of the quantized values): compressed-tensors' calculate_range
 LEVELS = {E4M3: (448.0, -448.0, 448.0), torch.int8: (127.5, -128.0, 127.0)}
+# torch on CUDA divides a tensor by a Python number as a product with the number's float32 reciprocal (a tensor by a
+# tensor it divides exactly): the Triton kernel does the same, for the same bits
+RECIPROCALS = {dtype: float(torch.tensor(1.0) / q) for dtype, (q, _, _) in LEVELS.items()}
 PAD = 16  # _scaled_mm's rows, inner and outer sizes in multiples of 16
+EPS = torch.finfo(torch.float32).eps  # compressed-tensors' stand-in for a zero scale
+ROUND = 1.5 * 2 ** 23  # v + ROUND - ROUND rounds a float32 |v| <= 2**22 to an integer, half to even
+BLOCK = 1024  # columns per step of the Triton kernels
 INT_MM_MIN_ROWS = 17  # _int_mm needs more than 16 rows
 
 # Rows of x up to which the weight-only kernel runs instead (see the module docstring): set from measurements
@@ -59,7 +69,7 @@ def quantize_per_token(x: torch.Tensor, dtype: torch.dtype,
     if amax is None:
         amax = xf.abs().amax(dim=-1, keepdim=True) if x.shape[-1] else xf.new_zeros((*x.shape[:-1], 1))
     scale = amax.float() / q_div
-    scale = torch.where(scale == 0, torch.finfo(torch.float32).eps, scale)
+    scale = torch.where(scale == 0, EPS, scale)
     clamped = (xf / scale).clamp_(lo, hi)
     q = clamped.to(dtype) if dtype == E4M3 else clamped.round_().to(dtype)
     return q, scale
@@ -97,17 +107,94 @@ def act_quant_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     if path == "weight-only":
         return fp8_linear(x, weight, scale)
     lead, k = x.shape[:-1], x.shape[-1]
-    q, s = quantize_per_token(x.reshape(-1, k), weight.dtype, None if amax is None else amax.reshape(-1, 1))
-    rows = q.shape[0]
+    x2 = x.reshape(-1, k)
+    rows = x2.shape[0]
     padded = -(-rows // PAD) * PAD if path == "scaled_mm" else max(-(-rows // PAD) * PAD, INT_MM_MIN_ROWS)
-    if padded != rows:  # zero rows, dropped after
-        q = torch.cat([q, q.new_zeros((padded - rows, k))])
-        s = torch.cat([s, s.new_ones((padded - rows, 1))])
+    q, s = _quantize_padded(x2, weight.dtype, None if amax is None else amax.reshape(-1, 1), padded)
     if path == "scaled_mm":
-        y = _scaled_mm(q, weight, s, scale, x.dtype)
+        y = _scaled_mm(q, weight, s, scale, x.dtype)[:rows]
     else:
-        y = (torch._int_mm(q, weight.t()).float() * s * scale.t()).to(x.dtype)
-    return y[:rows].reshape(*lead, weight.shape[0])
+        y = _int_epilogue(torch._int_mm(q, weight.t()), s, scale, rows, x.dtype)
+    return y.reshape(*lead, weight.shape[0])
+
+
+def _quantize_padded(x2: torch.Tensor, dtype: torch.dtype, amax: torch.Tensor | None,
+                     padded: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_per_token` of x2 (rows, K) into (padded, K) and scales (padded, 1): the rows past x2's are zeros
+    with scale 1, for the matmuls' shape constraints, dropped after."""
+    rows, k = x2.shape
+    if not use_triton(x2):
+        q, s = quantize_per_token(x2, dtype, amax)
+        if padded == rows:
+            return q, s
+        return torch.cat([q, q.new_zeros((padded - rows, k))]), torch.cat([s, s.new_ones((padded - rows, 1))])
+    x2 = x2.contiguous()
+    q = torch.empty((padded, k), dtype=dtype, device=x2.device)
+    s = torch.empty((padded, 1), dtype=torch.float32, device=x2.device)
+    q_div, lo, hi = LEVELS[dtype]
+    _quantize_rows_kernel[(padded,)](x2, x2 if amax is None else amax.contiguous(), q, s, rows, k, RECIPROCALS[dtype],
+                                     lo, hi, HAS_AMAX=amax is not None, FLOAT8=dtype == E4M3, BLOCK=BLOCK)
+    return q, s
+
+
+def _int_epilogue(acc: torch.Tensor, s: torch.Tensor, scale: torch.Tensor, rows: int,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """int32 products (padded, N) -> (rows, N) in `dtype`: acc * s * scale.T in float32, in that order."""
+    if not use_triton(acc):
+        return (acc[:rows].float() * s[:rows] * scale.t()).to(dtype)
+    n = acc.shape[1]
+    y = torch.empty((rows, n), dtype=dtype, device=acc.device)
+    _int_epilogue_kernel[(rows, triton.cdiv(n, BLOCK))](acc, s, scale, y, n, BLOCK=BLOCK)
+    return y
+
+
+if triton is not None:
+    import triton.language as tl
+
+    _EPS, _ROUND = tl.constexpr(EPS), tl.constexpr(ROUND)  # kernels read globals only as constexpr
+
+    @triton.jit
+    def _quantize_rows_kernel(x_ptr, amax_ptr, q_ptr, s_ptr, M, K, RECIPROCAL, LO, HI, HAS_AMAX: tl.constexpr,
+                              FLOAT8: tl.constexpr, BLOCK: tl.constexpr):
+        """One program per row of q: row < M quantizes x's row (amax given or found in a first pass), later rows
+        are the padding's zeros with scale 1."""
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        if row < M:
+            if HAS_AMAX:
+                amax = tl.load(amax_ptr + row).to(tl.float32)
+            else:
+                m = tl.zeros((BLOCK,), dtype=tl.float32)
+                for k0 in range(0, K, BLOCK):
+                    x = tl.load(x_ptr + row * K + k0 + cols, mask=k0 + cols < K, other=0.0)
+                    m = tl.maximum(m, tl.abs(x.to(tl.float32)))
+                amax = tl.max(m, axis=0)
+            scale = amax * RECIPROCAL
+            scale = tl.where(scale == 0, _EPS, scale)
+            for k0 in range(0, K, BLOCK):
+                ok = k0 + cols < K
+                x = tl.load(x_ptr + row * K + k0 + cols, mask=ok, other=0.0).to(tl.float32)
+                v = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), LO), HI)
+                if FLOAT8:
+                    q = v.to(q_ptr.dtype.element_ty, fp_downcast_rounding="rtne")  # as torch's cast
+                else:
+                    q = ((v + _ROUND) - _ROUND).to(q_ptr.dtype.element_ty)
+                tl.store(q_ptr + row * K + k0 + cols, q, mask=ok)
+            tl.store(s_ptr + row, scale)
+        else:
+            for k0 in range(0, K, BLOCK):
+                zero = tl.zeros((BLOCK,), dtype=tl.float32).to(q_ptr.dtype.element_ty)
+                tl.store(q_ptr + row * K + k0 + cols, zero, mask=k0 + cols < K)
+            tl.store(s_ptr + row, 1.0)
+
+    @triton.jit
+    def _int_epilogue_kernel(acc_ptr, s_ptr, w_ptr, y_ptr, N, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        n = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        ok = n < N
+        acc = tl.load(acc_ptr + row * N + n, mask=ok, other=0).to(tl.float32)
+        y = acc * tl.load(s_ptr + row) * tl.load(w_ptr + n, mask=ok, other=0.0)
+        tl.store(y_ptr + row * N + n, y.to(y_ptr.dtype.element_ty), mask=ok)
 
 
 def _scaled_mm(q: torch.Tensor, weight: torch.Tensor, s: torch.Tensor, scale: torch.Tensor,

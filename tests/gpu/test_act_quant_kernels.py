@@ -93,3 +93,24 @@ def test_graphed_decode_of_an_activation_quantized_model_matches_eager(quant):
 
     model = f"synthetic:tiny@{quant}"
     assert generate(True, "hoststaged", model=model) == generate(False, "hoststaged", model=model)
+
+
+@pytest.mark.skipif(aq.triton is None, reason="needs Triton")
+@pytest.mark.parametrize("dtype", [torch.int8] + ([aq.E4M3] if FP8_OK else []))
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32])
+def test_triton_quantization_and_epilogue_give_the_torch_bits(dtype, x_dtype):
+    """Rows of every magnitude, an all-zero row, values on rounding boundaries, a given amax, the padding rows."""
+    x = torch.randn(37, 4096 + 16, device="cuda") * torch.logspace(-3, 3, 37, device="cuda")[:, None]
+    x[5] = 0
+    x[6] = torch.arange(4096 + 16, device="cuda") % 256 - 127.5  # amax 127.5: int8's scale 1, so halves to round
+    x = x.to(x_dtype)
+    for amax in (None, x.float().abs().amax(-1, keepdim=True) * 2):
+        q, s = aq._quantize_padded(x, dtype, amax, 48)
+        want_q, want_s = aq.quantize_per_token(x, dtype, amax)
+        assert torch.equal(s[:37], want_s) and torch.equal(s[37:], torch.ones(11, 1, device="cuda"))
+        assert torch.equal(q[:37].view(torch.int8), want_q.view(torch.int8))
+        assert not q[37:].view(torch.int8).any()
+    acc = torch.randint(-2 ** 24, 2 ** 24, (48, 1000), device="cuda", dtype=torch.int32)
+    w_scale = torch.rand(1000, 1, device="cuda")
+    got = aq._int_epilogue(acc, s, w_scale, 37, x_dtype)
+    assert torch.equal(got, (acc[:37].float() * s[:37] * w_scale.t()).to(x_dtype))
