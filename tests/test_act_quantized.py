@@ -18,8 +18,12 @@ import shutil
 
 import pytest
 import torch
+from compressed_tensors.quantization import QuantizationArgs
+from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+from compressed_tensors.quantization.utils import compute_dynamic_scales_and_zp
 from safetensors.torch import load_file, save_file
 
+from raytp.kernels import act_quant_matmul
 from raytp.model.config import ModelConfig, UnsupportedModelError
 from raytp.model.formats import ActQuantWeight, read_linear
 from raytp.model.layout import Slice
@@ -53,6 +57,20 @@ def references(quantized_smollm2):
 
 def _tokens(model_dir, text=PROMPT):
     return torch.tensor([Tokenizer.from_dir(model_dir).encode(text)])
+
+
+@pytest.mark.parametrize("kind,dtype", [("float", torch.float8_e4m3fn), ("int", torch.int8)])
+def test_per_token_quantization_is_compressed_tensors(kind, dtype):
+    """raytp's quantized values times their scales are compressed-tensors' fake-quantized activations, bit for bit:
+    rows of every magnitude, an all-zero row, halves on int8's rounding boundaries, (batch, seq, hidden) input."""
+    args = QuantizationArgs(num_bits=8, type=kind, strategy="token", symmetric=True, dynamic=True)
+    x = torch.randn(3, 11, 300) * torch.logspace(-4, 4, 11)[:, None]
+    x[1, 2] = 0
+    x[2, 3] = torch.arange(300) % 256 - 127.5  # amax 127.5: int8's scale is 1, every value a half
+    scale, zero_point = compute_dynamic_scales_and_zp(x, args, torch.nn.Linear(1, 1))
+    q, s = act_quant_matmul.quantize_per_token(x, dtype)
+    assert q.dtype == dtype and torch.equal(s, scale)
+    assert torch.equal(q.float() * s, fake_quantize(x, scale, zero_point, args))
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)

@@ -21,7 +21,8 @@ PARAMS = [SamplingParams(max_tokens=20), SamplingParams(temperature=0.8, seed=3,
           SamplingParams(temperature=0.7, top_k=20, repetition_penalty=1.3, seed=5, max_tokens=29)]
 
 
-def generate(graphed: bool, backend: str, kv_dtype: str = "auto", model: str = "synthetic:tiny") -> dict[str, list[int]]:
+def generate(graphed: bool, backend: str, kv_dtype: str = "auto",
+             model: str = "synthetic:tiny") -> dict[str, list[int]]:
     source = ModelSource.parse(model)
     config = source.config()
     device = torch.device("cuda")
