@@ -24,14 +24,14 @@ class UnsupportedModelError(ConfigError):
 
 
 # What `QuantConfig` reads, said in every refusal
-SUPPORTED_QUANTIZATION = ("compressed-tensors checkpoints (llmcompressor) quantizing the Linear layers, weight-only: "
-                          "pack-quantized int4/int8 with group or channel scales, symmetric or with "
+SUPPORTED_QUANTIZATION = ("compressed-tensors checkpoints (llmcompressor) quantizing the Linear layers, "
+                          "weight-only: pack-quantized int4/int8 with group or channel scales, symmetric or with "
                           "zero points, act-order group or none (W4A16, W8A16), or float8 e4m3 weights with "
                           "channel or tensor scales (FP8); or with activations quantized per token at run time "
                           "(dynamic, symmetric, 8 bits: FP8_DYNAMIC and W8A8), float8 e4m3 weights or int8 "
                           "weights (int-quantized) with channel scales; GPTQ checkpoints (GPTQModel/AutoGPTQ, "
-                          "quant_method 'gptq', formats gptq and gptq_v2): 4 or 8 bits, desc_act true or false; AWQ checkpoints "
-                          "(AutoAWQ, quant_method 'awq'): 4 bits with zero points, version 'gemm'")
+                          "quant_method 'gptq', formats gptq and gptq_v2): 4 or 8 bits, desc_act true or false; "
+                          "AWQ checkpoints (AutoAWQ, quant_method 'awq'): 4 bits with zero points, version 'gemm'")
 
 
 @dataclass(frozen=True)
