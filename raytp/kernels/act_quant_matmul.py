@@ -15,7 +15,9 @@ agree bit for bit in float32).
 
 Tensor parallelism: a row-parallel layer's input is split over ranks along its columns, and a token's scale must be
 the amax of its whole row for every split to compute the one-device model; the caller passes that amax (`amax`,
-gathered over the ranks by raytp.model.layers.RowParallelLinear), else it is taken from x.
+gathered over the ranks by raytp.model.layers.RowParallelLinear), else it is taken from x. That gives every split
+one device's arithmetic, not always its bits: the all-reduce sums in another order, and a value that lands on the
+other side of a rounding boundary of the next quantization changes what follows (tests/test_act_quantized.py).
 
 Where it runs:
     CPU, and the fallback  dequantize both operands, one float32 matmul (the arithmetic of the reference)
