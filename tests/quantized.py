@@ -17,7 +17,9 @@ import torch
 import transformers
 from compressed_tensors.compressors import BaseCompressor
 from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
-from compressed_tensors.quantization import QuantizationScheme
+from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+from compressed_tensors.quantization.utils import compute_dynamic_scales_and_zp
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -54,6 +56,30 @@ def reference_model(model_dir: Path) -> transformers.PreTrainedModel:
     model.load_state_dict(sd, assign=True, strict=True)
     model.model.rotary_emb = type(model.model.rotary_emb)(config=model.config)  # its buffers were on meta
     return model.eval()
+
+
+def quantize_activations(model: transformers.PreTrainedModel, model_dir: Path) -> transformers.PreTrainedModel:
+    """`reference_model` with each quantized Linear's input quantized as the checkpoint's `input_activations` say
+    (FP8_DYNAMIC, W8A8), by compressed-tensors' own dynamic quantization: the scales of `compute_dynamic_scales_and_zp`
+    (per token: transformers' Linears see (batch, seq, hidden)), then its `fake_quantize`. transformers' own
+    integration does not do it for a decompressed model (`run_compressed=False` leaves plain nn.Linears)."""
+    q = json.loads((model_dir / "config.json").read_text())["quantization_config"]
+    args = QuantizationArgs.model_validate(next(iter(q["config_groups"].values()))["input_activations"])
+
+    def quantize_input(module, inputs):
+        x = inputs[0]
+        scale, zero_point = compute_dynamic_scales_and_zp(x, args, module)
+        return (fake_quantize(x, scale, zero_point, args),)
+
+    quantized = set()
+    for f in model_dir.glob("*.safetensors"):
+        with safe_open(f, "pt") as st:
+            quantized |= {k.removesuffix(".weight_scale") for k in st.keys() if k.endswith(".weight_scale")}
+    assert quantized
+    for name, module in model.named_modules():
+        if name in quantized:
+            module.register_forward_pre_hook(quantize_input)
+    return model
 
 
 # --- The same weights in the GPTQ and AWQ layouts ------------------------------------------------------------------

@@ -120,7 +120,7 @@ def test_405b_does_not_fit_and_names_every_device():
     assert "short" in message and "KV group" in message
 
 
-QUANTS = ["w4a16", "w8a16", "fp8"]
+QUANTS = ["w4a16", "w8a16", "fp8", "fp8-dynamic", "w8a8"]
 
 
 @pytest.mark.parametrize("quant", QUANTS)
@@ -147,8 +147,9 @@ def test_quantized_shards_concatenate_to_the_one_rank_weights(quant):
     assert embed.quant is None and torch.equal(reader.read(embed), dense.read(embed))  # the embedding stays dense
 
 
-# [1.0, 0.02, 1.0]: a zero-width middle rank
-@pytest.mark.parametrize("quant", QUANTS)
+# [1.0, 0.02, 1.0]: a zero-width middle rank. Weight-only: with activations quantized a split's float sums can move
+# a value across a rounding boundary and the logits part (tests/test_act_quantized.py checks those layer by layer)
+@pytest.mark.parametrize("quant", ["w4a16", "w8a16", "fp8"])
 @pytest.mark.parametrize("weights", [[1.0, 2.0, 3.0], [1.0, 0.02, 1.0]])
 def test_quantized_tiny_logits_match_one_rank(quant, weights):
     tokens = torch.tensor([[1, 17, 999, 512, 3], [42, 0, 7, 640, 64]])
@@ -173,7 +174,8 @@ def test_a_quantized_checkpoints_config_is_drawn_in_its_quantization(tmp_path):
 
 
 @pytest.mark.parametrize("quant,bits,group,scale_bytes", [("w4a16", 4, 128, 2), ("w8a16", 8, None, 2),
-                                                          ("fp8", 8, None, 4)])
+                                                          ("fp8", 8, None, 4), ("fp8-dynamic", 8, None, 4),
+                                                          ("w8a8", 8, None, 4)])
 def test_plan_counts_quantized_bytes(quant, bits, group, scale_bytes):
     """One rank's weights: every attention and MLP matrix at bits/8 per weight plus one scale per output row and
     group, the embedding and lm_head in bfloat16, counted here from the published shapes."""

@@ -24,12 +24,14 @@ class UnsupportedModelError(ConfigError):
 
 
 # What `QuantConfig` reads, said in every refusal
-SUPPORTED_QUANTIZATION = ("compressed-tensors checkpoints (llmcompressor) with weight-only quantization of the "
-                          "Linear layers: pack-quantized int4/int8 with group or channel scales, symmetric or with "
+SUPPORTED_QUANTIZATION = ("compressed-tensors checkpoints (llmcompressor) quantizing the Linear layers, "
+                          "weight-only: pack-quantized int4/int8 with group or channel scales, symmetric or with "
                           "zero points, act-order group or none (W4A16, W8A16), or float8 e4m3 weights with "
-                          "channel or tensor scales (FP8); GPTQ checkpoints (GPTQModel/AutoGPTQ, quant_method "
-                          "'gptq', formats gptq and gptq_v2): 4 or 8 bits, desc_act true or false; AWQ checkpoints "
-                          "(AutoAWQ, quant_method 'awq'): 4 bits with zero points, version 'gemm'")
+                          "channel or tensor scales (FP8); or with activations quantized per token at run time "
+                          "(dynamic, symmetric, 8 bits: FP8_DYNAMIC and W8A8), float8 e4m3 weights or int8 "
+                          "weights (int-quantized) with channel scales; GPTQ checkpoints (GPTQModel/AutoGPTQ, "
+                          "quant_method 'gptq', formats gptq and gptq_v2): 4 or 8 bits, desc_act true or false; "
+                          "AWQ checkpoints (AutoAWQ, quant_method 'awq'): 4 bits with zero points, version 'gemm'")
 
 
 @dataclass(frozen=True)
@@ -48,12 +50,18 @@ class QuantConfig:
     ignore: tuple[str, ...] = ()  # Linear module names (or "re:" patterns) left dense
     layout: str = "compressed-tensors"  # how the tensors are stored: "compressed-tensors", "gptq" or "awq"
     zero_offset: int = 0  # added to every stored zero point: 1 for AutoGPTQ's "gptq" format, which stores zero - 1
+    # Activations quantized at run time too, per token, to the weights' 8-bit type (FP8_DYNAMIC: e4m3; W8A8: int8,
+    # its weights stored unpacked [out, in] in compressed-tensors' int-quantized format), with channel scales
+    dynamic_activations: bool = False
 
     def quantizes(self, module: str) -> bool:
         """Whether the Linear `module` ("model.layers.0.mlp.down_proj") is stored quantized."""
         return not any(re.fullmatch(p[3:], module) if p.startswith("re:") else p == module for p in self.ignore)
 
     def describe(self) -> str:
+        if self.dynamic_activations:
+            name, kind = ("fp8-dynamic", "fp8 e4m3") if self.kind == "fp8" else ("w8a8", "int8")
+            return f"{name}: {kind} weights, per-channel scales, activations quantized to {kind} per token at run time"
         if self.kind == "fp8":
             return f"fp8 e4m3 weights, {'per-tensor' if self.per_tensor else 'per-channel'} scales"
         scales = f"groups of {self.group_size}" if self.group_size else "per-channel scales"
@@ -83,16 +91,24 @@ class QuantConfig:
         w = group.get("weights") or {}
         if group.get("targets") != ["Linear"]:
             raise refuse(f"targets={group.get('targets')} (raytp reads ['Linear'])")
-        for what in ("input_activations", "output_activations"):
-            if group.get(what):
-                raise refuse(f"{what} are quantized (raytp runs weight-only quantization)")
+        if group.get("output_activations"):
+            raise refuse("output_activations are quantized (raytp quantizes weights, and activations only at the "
+                         "inputs of the Linear layers)")
+        dynamic = cls._dynamic_activations(group.get("input_activations"), w, refuse)
         for what in ("kv_cache_scheme", "sparsity_config", "transform_config"):
             if q.get(what):
                 raise refuse(f"{what}={q[what]}")
         fmt = group.get("format") or q.get("format")
         kind, bits, strategy, actorder = w.get("type"), w.get("num_bits"), w.get("strategy"), w.get("actorder")
         ignore = tuple(q.get("ignore") or ())
-        if kind == "int" and fmt == "pack-quantized" and bits in (4, 8) and strategy in ("group", "channel"):
+        if dynamic:
+            if not ((kind, fmt) in (("float", "float-quantized"), ("int", "int-quantized")) and bits == 8
+                    and strategy == "channel" and w.get("symmetric", True)):
+                raise refuse(f"format={fmt!r} with {kind} {bits}-bit weights, strategy={strategy!r}, and quantized "
+                             f"activations (raytp reads them with float-quantized or int-quantized 8-bit symmetric "
+                             f"weights, strategy channel)")
+            config = cls("fp8" if kind == "float" else "int", 8, None, ignore=ignore, dynamic_activations=True)
+        elif kind == "int" and fmt == "pack-quantized" and bits in (4, 8) and strategy in ("group", "channel"):
             if actorder not in (None, "static", "weight", "group", "dynamic"):
                 raise refuse(f"actorder={actorder!r}")
             config = cls("int", bits, w.get("group_size") if strategy == "group" else None,
@@ -108,6 +124,22 @@ class QuantConfig:
         if config.quantizes("lm_head"):
             raise refuse("lm_head is quantized (raytp keeps it dense: add it to ignore)")
         return config
+
+    @staticmethod
+    def _dynamic_activations(a: dict | None, w: dict, refuse) -> bool:
+        """Whether `input_activations` are quantized at run time in the one way raytp runs: per token, symmetric,
+        8 bits of the weights' type (what llmcompressor's FP8_DYNAMIC and W8A8 write)."""
+        if not a:
+            return False
+        what = {"dynamic": True, "strategy": "token", "symmetric": True, "num_bits": 8, "type": w.get("type")}
+        defaults = {"symmetric": True, "num_bits": 8, "type": "int"}  # compressed-tensors' QuantizationArgs'
+        given = {k: a.get(k, defaults.get(k)) for k in what}
+        wrong = {k: v for k, v in given.items() if v != what[k]}
+        if wrong:
+            raise refuse(f"input_activations with {', '.join(f'{k}={v!r}' for k, v in wrong.items())} (raytp "
+                         f"quantizes activations dynamically per token, symmetric, 8 bits of the weights' type; "
+                         f"static or calibrated activation scales are not read)")
+        return True
 
     @classmethod
     def _from_gptq(cls, q: dict) -> QuantConfig:
@@ -149,9 +181,12 @@ class QuantConfig:
 
 # The quantizations a synthetic model takes (`synthetic:NAME@w4a16`, `--quant`), as llmcompressor's presets of the
 # same names: int4 symmetric in groups of 128, int8 symmetric with one scale per output row, float8 e4m3 weights with
-# one scale per output row. The planner counts them like the same quantization read from a checkpoint.
+# one scale per output row; fp8-dynamic (FP8_DYNAMIC) and w8a8 (W8A8) the same 8-bit weights with activations
+# quantized per token at run time. The planner counts them like the same quantization read from a checkpoint.
 QUANT_PRESETS = {"w4a16": QuantConfig("int", 4, 128), "w8a16": QuantConfig("int", 8, None),
-                 "fp8": QuantConfig("fp8", 8, None)}
+                 "fp8": QuantConfig("fp8", 8, None),
+                 "fp8-dynamic": QuantConfig("fp8", 8, None, dynamic_activations=True),
+                 "w8a8": QuantConfig("int", 8, None, dynamic_activations=True)}
 NO_QUANT = "none"  # `raytp bench --quant none`: every weight in the model dtype
 
 

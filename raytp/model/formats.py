@@ -4,6 +4,8 @@
     IntWeight    4- or 8-bit integers packed into int32 words (compressed-tensors `pack-quantized`), with group or
                  channel scales, optional zero points, optional per-column groups (act-order)
     FP8Weight    float8 e4m3 with per-channel or per-tensor float32 scales
+    ActQuantWeight  float8 e4m3 or int8 (compressed-tensors `float-quantized`, `int-quantized`) with per-channel
+                 float32 scales, applied to activations quantized per token at run time (FP8_DYNAMIC, W8A8)
 
 `read_linear` reads a `Slice` in the format its `quant` names, from any of the layouts `INT_TENSORS` lists
 (compressed-tensors, GPTQ, AWQ: each converted to IntWeight at load time), touching only the stored rows and
@@ -30,6 +32,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from raytp.kernels.act_quant_matmul import act_quant_linear
 from raytp.kernels.dequant_matmul import dequantize, int_linear, unpack
 from raytp.kernels.dispatch import use_triton
 from raytp.kernels.fp8_matmul import dequantize_fp8, fp8_linear
@@ -131,6 +134,29 @@ class FP8Weight:
         return [t for t in (self.weight, self.scale, self.bias) if t is not None]
 
 
+@dataclass
+class ActQuantWeight:
+    """8-bit weights (out, in_local), float8 e4m3 or int8, with float32 scales (out, 1) per channel, whose inputs are
+    quantized to the same type per token at every call (raytp.kernels.act_quant_matmul): W = weight.float() * scale.
+
+    `amax` in `apply`: each token's largest magnitude over its whole input row, for a row-parallel slice (the rank
+    holds some of the columns) that must use the same per-token scales as one device."""
+
+    weight: torch.Tensor
+    scale: torch.Tensor
+    bias: torch.Tensor | None = None
+
+    def dequantize(self) -> torch.Tensor:
+        return self.weight.float() * self.scale
+
+    def apply(self, x: torch.Tensor, amax: torch.Tensor | None = None) -> torch.Tensor:
+        y = act_quant_linear(x, self.weight, self.scale, amax)
+        return y if self.bias is None else y + self.bias
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.weight, self.scale, self.bias) if t is not None]
+
+
 class ConcatWeight:
     """Parts of one column-parallel layer that cannot share a matrix (stored in different formats, or act-order
     parts with different column groups): applied one by one, outputs concatenated."""
@@ -176,7 +202,7 @@ def for_device(weight: Weight, dtype: torch.dtype) -> Weight:
     return weight
 
 
-Weight = DenseWeight | IntWeight | FP8Weight | ConcatWeight | PackedWeight
+Weight = DenseWeight | IntWeight | FP8Weight | ActQuantWeight | ConcatWeight | PackedWeight
 
 
 # The tensors an integer-quantized Linear stores, by layout: packed values, scales, zero points, group index.
@@ -193,7 +219,7 @@ def stored_shapes(s: Slice) -> dict[str, tuple[int, ...]]:
     if s.quant is None:
         return {s.name: s.shape}
     q, (out, inp), base = s.quant, s.shape, s.name.removesuffix("weight")
-    if q.kind == "fp8":
+    if q.kind == "fp8" or q.dynamic_activations:  # float-quantized, int-quantized: the 8-bit values unpacked
         return {base + "weight": (out, inp), base + "weight_scale": (1,) if q.per_tensor else (out, 1)}
     per, groups = 32 // q.bits, -(-inp // q.group_size) if q.group_size else 1
     packed, scale, zero, g_idx = (base + t if t else None for t in INT_TENSORS[q.layout])
@@ -210,10 +236,12 @@ def stored_shapes(s: Slice) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def read_linear(reader: WeightReader, s: Slice) -> DenseWeight | IntWeight | FP8Weight:
+def read_linear(reader: WeightReader, s: Slice) -> DenseWeight | IntWeight | FP8Weight | ActQuantWeight:
     """Rank slice `s` of a Linear matrix in the format it is stored in."""
     if s.quant is None:
         return DenseWeight(reader.read(s))
+    if s.quant.dynamic_activations:
+        return _read_act_quant(reader, s)
     return _read_fp8(reader, s) if s.quant.kind == "fp8" else _read_int(reader, s)
 
 
@@ -223,6 +251,8 @@ def fuse(parts: Sequence[Weight], bias: torch.Tensor | None = None) -> Weight:
     first = parts[0]
     if all(isinstance(p, DenseWeight) for p in parts):
         return DenseWeight(torch.cat([p.weight for p in parts]), bias)
+    if all(isinstance(p, ActQuantWeight) for p in parts):
+        return ActQuantWeight(torch.cat([p.weight for p in parts]), torch.cat([p.scale for p in parts]), bias)
     if all(isinstance(p, FP8Weight) for p in parts):  # per-tensor scales become per-row: exact, and fusable
         scales = [p.scale.expand(p.weight.shape[0], 1) for p in parts]
         return FP8Weight(torch.cat([p.weight for p in parts]), torch.cat(scales), bias)
@@ -400,3 +430,14 @@ def _read_fp8(reader: WeightReader, s: Slice) -> FP8Weight:
     else:
         scale = reader.read(Slice(scale_name, shapes[scale_name], s.rows), stored=True)
     return FP8Weight(weight, scale.float())
+
+
+def _read_act_quant(reader: WeightReader, s: Slice) -> ActQuantWeight:
+    base = s.name.removesuffix("weight")
+    weight = reader.read(Slice(base + "weight", s.shape, s.rows, s.cols), stored=True)
+    want = torch.float8_e4m3fn if s.quant.kind == "fp8" else torch.int8
+    if weight.dtype != want:
+        raise ValueError(f"{s.name} is stored as {weight.dtype}; config.json's quantization_config implies {want} "
+                         f"weights: the weights and config.json do not belong together")
+    scale = reader.read(Slice(base + "weight_scale", (s.shape[0], 1), s.rows), stored=True)
+    return ActQuantWeight(weight.contiguous(), scale.float().contiguous())

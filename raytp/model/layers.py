@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from raytp.model.formats import DenseWeight, WeightReader, for_device, fuse, read_linear
+from raytp.model.formats import ActQuantWeight, DenseWeight, WeightReader, for_device, fuse, read_linear
 from raytp.model.layout import Slice
 from raytp.parallel.comm import Communicator
 
@@ -61,11 +61,24 @@ class RowParallelLinear:
         return self
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        amax = self._row_amax(x) if isinstance(self.weight, ActQuantWeight) else None  # every rank joins it
         if self.width:
-            partial = self.weight.apply(x)
+            partial = self.weight.apply(x) if amax is None else self.weight.apply(x, amax)
         else:  # no columns here: this rank's share of the sum is zero
             partial = x.new_zeros((*x.shape[:-1], self.out_features))
         return self.comm.all_reduce(partial)
+
+    def _row_amax(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Each token's largest magnitude over the whole input row (..., 1), whose columns the ranks share: the
+        per-token scale of activation-quantized weights, the one a single device computes. Every rank puts its own
+        maximum in its own slot of zeros and one sum all-reduce gathers them (adding zeros is exact, and a sum is
+        what every backend has, in CUDA graphs too); None on one rank."""
+        if self.comm.world_size == 1:
+            return None
+        mine = x.abs().amax(dim=-1) if self.width else x.new_zeros(x.shape[:-1])
+        slots = x.new_zeros((*x.shape[:-1], self.comm.world_size))
+        slots[..., self.comm.rank] = mine
+        return self.comm.all_reduce(slots).amax(dim=-1, keepdim=True)
 
 
 class VocabParallelEmbedding:

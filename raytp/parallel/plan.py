@@ -172,9 +172,9 @@ def _group_entry(quant: QuantConfig, nbytes: int) -> int:
 
 def _quant_row_bytes(quant: QuantConfig, width: int, nbytes: int) -> int:
     """One output row of a quantized matrix holding all `width` of its input columns (column-parallel): packed
-    values and the row's scales (float8: one float32 scale per row; per-tensor scales become per-row when the
-    q/k/v or gate/up parts fuse)."""
-    if quant.kind == "fp8":
+    values and the row's scales (float8, and int8 with dynamic activations: one byte per value unpacked, one float32
+    scale per row; per-tensor scales become per-row when the q/k/v or gate/up parts fuse)."""
+    if quant.kind == "fp8" or quant.dynamic_activations:
         return width + 4
     groups = -(-width // quant.group_size) if quant.group_size else 1
     return -(-width * quant.bits // 32) * 4 + groups * _group_entry(quant, nbytes)
@@ -191,7 +191,7 @@ def quant_replicated_bytes(config: ModelConfig, dtype: str) -> int:
     q, nbytes, h, L = config.quant, DTYPE_BYTES[dtype], config.hidden_size, config.num_layers
     if q is None:
         return 0
-    if q.kind == "fp8":
+    if q.kind == "fp8" or q.dynamic_activations:
         return L * 2 * (4 if q.per_tensor else 4 * h)
     entry = _group_entry(q, nbytes)
     if q.group_size is None:

@@ -8,6 +8,10 @@ gets each compressed-tensors checkpoint (`save_compressed=True`) and the tokeniz
     w4a16-noactorder  round-to-nearest 4-bit with zero points (asymmetric), groups of 64
     w8a16             round-to-nearest 8-bit symmetric, one scale per output channel
     fp8               round-to-nearest float8 e4m3 weights, one scale per output channel
+    fp8-dynamic       llmcompressor's FP8_DYNAMIC preset: fp8 weights as above, activations quantized to e4m3 per token
+                      at run time (the checkpoint only says so in its config)
+    w8a8              llmcompressor's W8A8 preset: int8 weights stored unpacked, one scale per output channel,
+                      activations quantized to int8 per token at run time
 
 Groups of 64, not 128: SmolLM2's hidden size 576 is not a multiple of 128. The round-to-nearest schemes need no
 calibration and take seconds; GPTQ calibrates on a few sentences held here, so nothing is downloaded.
@@ -32,6 +36,8 @@ SCHEMES = {
                                                         group_size=64)),
     "w8a16": (QuantizationModifier, _weights(num_bits=8, type="int", symmetric=True, strategy="channel")),
     "fp8": (QuantizationModifier, _weights(num_bits=8, type="float", symmetric=True, strategy="channel")),
+    "fp8-dynamic": (QuantizationModifier, {"targets": "Linear", "scheme": "FP8_DYNAMIC", "ignore": ["lm_head"]}),
+    "w8a8": (QuantizationModifier, {"targets": "Linear", "scheme": "W8A8", "ignore": ["lm_head"]}),
 }
 
 # GPTQ's calibration text: varied enough to exercise every layer, small enough to take seconds on two cores.

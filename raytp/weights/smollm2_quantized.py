@@ -21,7 +21,7 @@ from pathlib import Path
 
 from raytp.weights.smollm2 import _is_complete, _say, pull_smollm2, raytp_home
 
-SCHEMES = ("w4a16", "w4a16-noactorder", "w8a16", "fp8")
+SCHEMES = ("w4a16", "w4a16-noactorder", "w8a16", "fp8", "fp8-dynamic", "w8a8")
 LLMCOMPRESSOR = "llmcompressor==0.13.0"
 SCRIPT = Path(__file__).with_name("llmcompressor_script.py")
 

@@ -3,7 +3,8 @@
     synthetic:llama-3.1-8b | synthetic:llama-3.1-70b | synthetic:llama-3.1-405b   the published HF configs
     synthetic:tiny                                                               a small config for tests
     synthetic:PATH/config.json                                                   any supported config.json
-    synthetic:NAME@w4a16 | @w8a16 | @fp8          the attention and MLP matrices quantized (config.QUANT_PRESETS)
+    synthetic:NAME@w4a16 | @w8a16 | @fp8 | @fp8-dynamic | @w8a8
+                                                  the attention and MLP matrices quantized (config.QUANT_PRESETS)
 
 Every weight is cut into fixed global blocks (one head of q/k/v/o, `BLOCK` rows of the MLP and the vocab) and
 each block is drawn from its own generator, seeded from (tensor name, block index). A rank draws only the blocks
@@ -13,7 +14,8 @@ of device. Weights are N(0, 0.02^2), norms 1 + N(0, 0.02^2), so activations stay
 
 Quantized, a matrix is drawn directly as the tensors a compressed-tensors checkpoint stores for it (what
 `raytp.model.formats` reads), each in fixed tiles of TILE x TILE: random packed words (every value equally likely)
-with scales that give the weights the same 0.02 spread, or FP8 values N(0, 1) with a per-row scale near 0.02.
+with scales that give the weights the same 0.02 spread, FP8 values N(0, 1) with a per-row scale near 0.02, or
+(W8A8) unpacked int8 values, every one equally likely, with scales as for packed ones.
 """
 
 from __future__ import annotations
@@ -108,11 +110,12 @@ class _Blocks:
 
     def draw(self, name: str, index: int, shape: tuple[int, ...], mean: float = 0.0, std: float = SCALE,
              dtype: torch.dtype | None = None) -> torch.Tensor:
-        """N(mean, std^2) in `dtype` (the model's by default); for int32, uniformly random words."""
+        """N(mean, std^2) in `dtype` (the model's by default); for int32 and int8, uniformly random values."""
         self.gen.manual_seed(SEED ^ zlib.crc32(f"{name}#{index}".encode()))
-        if dtype == torch.int32:
-            return torch.randint(-1 << 31, 1 << 31, shape, generator=self.gen, device=self.device,
-                                 dtype=torch.int64).int()
+        if dtype in (torch.int32, torch.int8):
+            bits = torch.iinfo(dtype).bits
+            return torch.randint(-1 << (bits - 1), 1 << (bits - 1), shape, generator=self.gen, device=self.device,
+                                 dtype=torch.int64).to(dtype)
         t = torch.randn(shape, generator=self.gen, device=self.device, dtype=torch.float32)
         return t.mul_(std).add_(mean).to(dtype or self.dtype)
 
@@ -193,6 +196,8 @@ class SyntheticReader:
         g, q = self.blocks, self.quant
         if suffix in ("weight_packed", "weight_zero_point"):  # every value (and zero point) equally likely
             return g.tiles(name, s.shape, s.rows, s.cols, dtype=torch.int32)
+        if suffix == "weight" and q.kind == "int":  # int8 unpacked (int-quantized)
+            return g.tiles(name, s.shape, s.rows, s.cols, dtype=torch.int8)
         if q.kind == "int":  # weight_scale: uniform values in [0, 2**bits) less the midpoint have a spread of
             step = SCALE * 12 ** 0.5 / (1 << q.bits)  # 2**bits / sqrt(12) steps
             return g.tiles(name, s.shape, s.rows, s.cols, mean=step, std=step / 8)

@@ -21,8 +21,9 @@ PARAMS = [SamplingParams(max_tokens=20), SamplingParams(temperature=0.8, seed=3,
           SamplingParams(temperature=0.7, top_k=20, repetition_penalty=1.3, seed=5, max_tokens=29)]
 
 
-def generate(graphed: bool, backend: str, kv_dtype: str = "auto") -> dict[str, list[int]]:
-    source = ModelSource.parse("synthetic:tiny")
+def generate(graphed: bool, backend: str, kv_dtype: str = "auto",
+             model: str = "synthetic:tiny") -> dict[str, list[int]]:
+    source = ModelSource.parse(model)
     config = source.config()
     device = torch.device("cuda")
     plan = plan_shards(config, [("cuda", 8 << 30)], max_context=256, max_batch=4, dtype="float32", kv_dtype=kv_dtype)
