@@ -224,7 +224,8 @@ class Launch:
 
     warps: int  # warps per block, each over its own contiguous slice of the block's inputs
     split: int  # blocks sharing one 64-output block, each over a contiguous slice of the inputs
-    stages: int = 3  # input tiles in each warp's registers at once: STAGES - 1 of them loading
+    stages: int = 3  # input tiles a warp holds at once: STAGES - 1 of them loading
+    async_copy: bool = False  # the tiles in shared memory (cp.async) rather than in registers
 
 
 def launch_for(n_out: int, k_tiles: int, sms: int, kind: str = "int4") -> Launch:
@@ -420,6 +421,19 @@ __device__ __forceinline__ void fetch(const u32* w_lane, const u32* x0, const u3
     xb = row1 ? *(const uint4*)(x1 + kb * 16) : make_uint4(0, 0, 0, 0);
 }
 
+__device__ __forceinline__ void copy16(uint4* dst, const void* src, bool real) {  // zeros where !real
+    const u32 d = (u32)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(d), "l"(src), "r"(real ? 16 : 0));
+}
+__device__ __forceinline__ void issue(uint4* slot, const u32* w_lane, const u32* x0, const u32* x1, bool row0,
+                                      bool row1, int kb) {
+    const uint4* wp = (const uint4*)(w_lane + (size_t)kb * 32 * WORDS);
+#pragma unroll
+    for (int v = 0; v < WORDS / 4; ++v) copy16(slot + v, wp + v, true);
+    copy16(slot + WORDS / 4, row0 ? x0 + kb * 16 : x0, row0);
+    copy16(slot + WORDS / 4 + 1, row1 ? x1 + kb * 16 : x0, row1);
+}
+
 // Tile kb: a new group's zero constants first, then the mma, then at a group's (or the slice's) end its scale.
 __device__ __forceinline__ void step(float (*acc)[4], float (*part)[4], u32* neg, int& group,
                                      const u16* __restrict__ zeros, const u16* __restrict__ scales, int Np,
@@ -464,7 +478,12 @@ extern "C" __global__ void __launch_bounds__(32 * WARPS) KERNEL_NAME(
         const u32* __restrict__ x, const u32* __restrict__ w, const u16* __restrict__ scales,
         const u16* __restrict__ zeros, float* __restrict__ partials, int* __restrict__ counters,
         u16* __restrict__ y, int M, int N, int Np, int k_tiles, int tiles_per_split, int group_tiles) {
+#if ASYNC
+    extern __shared__ uint4 smem[];  // the warps' rings of tiles, then (aliased) the sums of the warps
+    float (*sums)[16][65] = reinterpret_cast<float (*)[16][65]>(smem);
+#else
     __shared__ float sums[WARPS][16][65];  // +1: no bank conflicts between the rows
+#endif
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
     const int nb = blockIdx.x, split = blockIdx.y;
     const int lo = split * tiles_per_split;
@@ -486,6 +505,35 @@ extern "C" __global__ void __launch_bounds__(32 * WARPS) KERNEL_NAME(
     const u32* x1 = x + ((size_t)(g + 8) * kp + 8 * t) / 2;
     u32 neg[8];
     int group = -1;
+#if ASYNC
+    // STAGES tiles per warp in shared memory, copied asynchronously (cp.async): STAGES - 1 tiles of weights and x
+    // in flight while one is multiplied, without holding registers for them. Each lane copies and reads back only
+    // its own bytes, so no barrier is needed between the warp's lanes.
+    constexpr int VEC = WORDS / 4 + 2;  // 16-byte vectors per lane per tile: weights, then x rows g and g + 8
+    uint4* ring = smem + ((size_t)warp * STAGES * 32 + lane) * VEC;
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (k0 + s < k1) issue(ring + s * 32 * VEC, w_lane, x0, x1, row0, row1, k0 + s);
+        asm volatile("cp.async.commit_group;");
+    }
+    for (int kb = k0; kb < k1; ++kb) {
+        asm volatile("cp.async.wait_group %0;" :: "n"(STAGES - 2));
+        const uint4* slot = ring + ((kb - k0) % STAGES) * 32 * VEC;
+        u32 wr[WORDS];
+#pragma unroll
+        for (int v = 0; v < WORDS / 4; ++v) {
+            const uint4 q = slot[v];
+            wr[4 * v] = q.x; wr[4 * v + 1] = q.y; wr[4 * v + 2] = q.z; wr[4 * v + 3] = q.w;
+        }
+        const uint4 xa = slot[WORDS / 4], xb = slot[WORDS / 4 + 1];
+        if (kb + STAGES - 1 < k1)  // into the slot read one tile ago
+            issue(ring + ((kb - k0 + STAGES - 1) % STAGES) * 32 * VEC, w_lane, x0, x1, row0, row1, kb + STAGES - 1);
+        asm volatile("cp.async.commit_group;");
+        step(acc, part, neg, group, zeros, scales, Np, n0, g, t, group_tiles, kb, k1, wr, xa, xb);
+    }
+    asm volatile("cp.async.wait_all;");
+    __syncthreads();  // every warp is done with its ring before the sums reuse it
+#else
     // STAGES tiles in registers: the loads of the next STAGES - 1 tiles are in flight while one is dequantized
     // and multiplied, so a warp keeps ~(STAGES - 1) KiB of int4 in flight: what the memory needs to stay busy.
     u32 wr[STAGES][WORDS];
@@ -505,6 +553,7 @@ extern "C" __global__ void __launch_bounds__(32 * WARPS) KERNEL_NAME(
             }
         }
     }
+#endif
     // c0, c1: row g, outputs 8j + 2t, +1; c2, c3: row g + 8
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
@@ -546,13 +595,27 @@ extern "C" __global__ void __launch_bounds__(32 * WARPS) KERNEL_NAME(
 
 
 @functools.cache
-def _kernel(kind: str, bf16: bool, has_zeros: bool, warps: int, stages: int, device: int):
-    name = f"packed_gemv_{kind}_{'bf16' if bf16 else 'f16'}_{'z' if has_zeros else 's'}_{warps}_{stages}"
+def _kernel(kind: str, bf16: bool, has_zeros: bool, warps: int, stages: int, async_copy: bool, device: int):
+    name = (f"packed_gemv_{kind}_{'bf16' if bf16 else 'f16'}_{'z' if has_zeros else 's'}_{warps}_{stages}"
+            f"{'_async' if async_copy else ''}")
     defines = dict(KERNEL_NAME=name, KIND={"int4": 4, "int8": 8, "fp8": 0}[kind], BF16=int(bf16),
-                   HAS_ZEROS=int(has_zeros), WARPS=warps, STAGES=stages)
+                   HAS_ZEROS=int(has_zeros), WARPS=warps, STAGES=stages, ASYNC=int(async_copy))
     source = "".join(f"#define {k} {v}\n" for k, v in defines.items()) + _SOURCE
     with torch.cuda.device(device):  # a module is loaded into one device's context
-        return torch.cuda._compile_kernel(source, name)
+        kernel = torch.cuda._compile_kernel(source, name)
+        shared = shared_bytes(kind, warps, stages, async_copy)
+        if shared >= 48 * 1024:
+            kernel.set_shared_memory_config(shared)
+        return kernel
+
+
+def shared_bytes(kind: str, warps: int, stages: int, async_copy: bool) -> int:
+    """Dynamic shared memory of a launch: the async rings (weights and two x vectors per lane and tile), which the
+    warps' sums reuse afterwards; 0 for the register path (its sums are static)."""
+    if not async_copy:
+        return 0
+    vectors = (8 if kind == "int4" else 16) // 4 + 2
+    return max(warps * stages * 32 * vectors * 16, warps * 16 * 65 * 4)
 
 
 def runs_kernel(x: torch.Tensor, w: MMAPacked) -> bool:
@@ -581,8 +644,9 @@ def mma_linear(x: torch.Tensor, w: MMAPacked, launch: Launch | None = None) -> t
     y = torch.empty((rows, w.out_features), dtype=x.dtype, device=x.device)
     partials, counters = WORKSPACE.get(x.device, split * rows * np_ if split > 1 else 0, n_blocks)
     kernel = _kernel(w.kind, x.dtype == torch.bfloat16, w.zeros is not None, launch.warps, launch.stages,
-                     _device_index(x.device))
+                     launch.async_copy, _device_index(x.device))
     kernel(grid=(n_blocks, split, 1), block=(32 * launch.warps, 1, 1),
+           shared_mem=shared_bytes(w.kind, launch.warps, launch.stages, launch.async_copy),
            args=[x2, w.values, w.scales, w.zeros if w.zeros is not None else w.scales, partials, counters, y,
                  rows, w.out_features, np_, k_tiles, per_split, w.group_tiles])
     return y.view(*x.shape[:-1], w.out_features)
