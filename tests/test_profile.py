@@ -133,3 +133,12 @@ def test_step_profiler_profiles_the_steps_after_the_first_token():
         assert sum(s[f"{c}_share"] for c in CLASSES) == pytest.approx(1)
         assert s["gemm_ms"] > s["small_ms"] > 0 and s["attention_ms"] == s["allreduce_ms"] == 0
     assert sum(result[f"{c}_share"] for c in CLASSES) == pytest.approx(1)
+
+
+def test_step_profiler_waits_for_the_whole_batch():
+    """With several requests the count starts once the last of them got a token: a late request's prefill (and a
+    larger batch's graph capture) stays out of the profiled steps."""
+    profiler = StepProfiler(["a", "b"], 1, "cpu")
+    assert profiler([TokenEvent("a", 1)]) is None and profiler.seen == 0
+    assert profiler([TokenEvent("a", 2)]) is None and profiler.seen == 0
+    assert profiler([TokenEvent("a", 3), TokenEvent("b", 1)]) is None and profiler.seen == 1

@@ -136,20 +136,25 @@ def summarize(steps: list[dict]) -> dict:
 
 
 class StepProfiler:
-    """A `Worker.watch_steps` watcher: profiles `steps` decode steps of the batch whose first token `request_id`
-    gets, after `SKIP_STEPS`, and returns `summarize` of them (plus the gzipped chrome trace if `keep_trace`).
+    """A `Worker.watch_steps` watcher: profiles `steps` decode steps of the batch of `request_ids` (one id or
+    several), counted from the step in which the last of them got its first token (so every request is decoding:
+    no prefill of a late one and no capture of a larger batch's graph in the profiled steps), after `SKIP_STEPS`,
+    and returns `summarize` of them (plus the gzipped chrome trace if `keep_trace`).
 
     Called on the token loop's thread at the end of every step that made events."""
 
-    def __init__(self, request_id: str, steps: int, device: str, keep_trace: bool = False):
-        self.request_id, self.steps, self.device, self.keep_trace = request_id, steps, device, keep_trace
-        self.seen = 0  # steps ended since the request's first token, that one included
+    def __init__(self, request_ids: str | Iterable[str], steps: int, device: str, keep_trace: bool = False):
+        self.waiting = {request_ids} if isinstance(request_ids, str) else set(request_ids)  # no token yet
+        self.steps, self.device, self.keep_trace = steps, device, keep_trace
+        self.seen = 0  # steps ended since the whole batch decodes, the step it began in included
         self.prof: profile | None = None
         self.mark: record_function | None = None
 
     def __call__(self, events) -> dict | None:
-        if not self.seen and not any(e.request_id == self.request_id for e in events):
-            return None
+        if not self.seen:
+            self.waiting -= {e.request_id for e in events}
+            if self.waiting:
+                return None
         self.seen += 1
         if self.seen < SKIP_STEPS:
             return None

@@ -136,9 +136,12 @@ def _profile_decode(group: WorkerGroup, batch: int, prompt_len: int, steps: int,
                     trace_dir: Path | None, name: str) -> list[dict]:
     """One run of `batch` requests in which every rank profiles `steps` decode steps; one summary per rank
     (raytp.bench.profile.summarize), its chrome trace written to `trace_dir` as NAME_rankR.json.gz if given."""
-    requests = random_requests(batch, prompt_len, profile.tokens_for(steps), group.config.vocab_size,
+    # the profile counts from the step in which the last request joined; the first ones are a few steps ahead, so
+    # each gets tokens to spare and the batch stays whole through the profiled steps
+    requests = random_requests(batch, prompt_len, profile.tokens_for(steps) + 2 * batch, group.config.vocab_size,
                                f"profile{batch}")
-    ray.get([w.watch_steps.remote(profile.StepProfiler(requests[0].id, steps, d.kind, trace_dir is not None))
+    ids = [r.id for r in requests]
+    ray.get([w.watch_steps.remote(profile.StepProfiler(ids, steps, d.kind, trace_dir is not None))
              for w, d in zip(group.workers, group.settings.devices)])
     _run_batch(group, requests)
     ranks = ray.get([w.watched.remote() for w in group.workers])
