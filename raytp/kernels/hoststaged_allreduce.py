@@ -246,6 +246,20 @@ def _kernel(dtype: torch.dtype, chunk_bytes: int, device: int):
         return torch.cuda._compile_kernel(source, name)
 
 
+@functools.cache
+def _sms(device: int) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def resident_share(device: int, layout: SegmentLayout) -> int:
+    """Blocks per launch such that every rank's blocks are resident at once even if all `world` ranks share this
+    GPU from one process (a block spins until its peers' blocks have written: one that waits for an SM a spinning
+    peer holds never runs, and the peers time out; seen with 8 and 12 ranks on one H200). One block's worth is
+    kept spare. At 8 ranks or fewer on a 132-SM GPU this is above GRID_CAP: no change where ranks have GPUs."""
+    per_sm = max(1, RESIDENT_THREADS_PER_SM // layout.threads)
+    return max(1, _sms(device) * per_sm // (layout.world + 1))
+
+
 def launch(x: torch.Tensor, out: torch.Tensor, segment: torch.Tensor, counters: torch.Tensor,
            layout: SegmentLayout, *, rank: int, timeout_us: int) -> None:
     """out = sum over ranks of x (flat, contiguous, float32 or bfloat16, 16-byte aligned and a whole number of
@@ -255,7 +269,7 @@ def launch(x: torch.Tensor, out: torch.Tensor, segment: torch.Tensor, counters: 
     nbytes = x.numel() * x.element_size()
     assert 0 < nbytes <= layout.max_bytes and nbytes % VECTOR == 0
     assert x.data_ptr() % VECTOR == 0 and out.data_ptr() % VECTOR == 0
-    blocks = min(-(-nbytes // layout.chunk_bytes), GRID_CAP)
+    blocks = min(-(-nbytes // layout.chunk_bytes), GRID_CAP, resident_share(x.device.index, layout))
     _kernel(x.dtype, layout.chunk_bytes, x.device.index)(
         grid=(blocks, 1, 1), block=(layout.threads, 1, 1),
         args=[x, out, segment, counters, nbytes, rank, layout.world, layout.chunks, timeout_us])
