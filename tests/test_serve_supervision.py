@@ -25,11 +25,11 @@ from tests.util import serve_process
 pytestmark = pytest.mark.slow
 
 @contextmanager
-def serving(log_path: Path):
+def serving(log_path: Path, *extra: str):
     """`raytp serve` up and answering; yields (process, log path). The caller's RAY_AUTH_MODE=disabled (in
     RAYTP_ENV) must not reach the Ray that raytp starts itself."""
     with serve_process(log_path, "--model", "smollm2", "--devices", "cpu@2GiB,cpu@1GiB", "--dtype",
-                       "float32") as (proc, _):
+                       "float32", *extra) as (proc, _):
         yield proc, log_path
 
 
@@ -58,8 +58,11 @@ def wait_for(predicate, timeout: float, what: str):
         time.sleep(0.5)
 
 
-def test_nothing_listens_beyond_loopback_and_sigterm_exits_cleanly(tmp_path):
-    with serving(tmp_path / "serve.log") as (proc, log_path):
+# every backend that runs on one node of CPU ranks (auto is hoststaged there; gloo opens torch.distributed's store
+# and gloo's own connections)
+@pytest.mark.parametrize("comm", ["auto", "gloo"])
+def test_nothing_listens_beyond_loopback_and_sigterm_exits_cleanly(tmp_path, comm):
+    with serving(tmp_path / "serve.log", "--comm", comm) as (proc, log_path):
         procs = {p.pid: p for p in tree(proc)}
         names = {p.name() for p in procs.values()}
         assert {"gcs_server", "raylet"} <= names, names  # Ray's own processes are in the tree we inspect
