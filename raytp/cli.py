@@ -275,6 +275,15 @@ def _check_reachable(address: str) -> None:
                         "start one with `ray start --head` or omit --address to run locally") from None
 
 
+def _token_auth_hint() -> str:
+    """Why a join may have failed that Ray's own error leaves out: a cluster with token authentication refuses a
+    client without a token, and Ray reports that as an unreachable cluster."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
+        return ""
+    return ("; if that cluster uses token authentication (its `ray start` ran with RAY_AUTH_MODE=token), set "
+            "RAY_AUTH_MODE=token here too, with its token in ~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN")
+
+
 def ray_token_file() -> Path:
     """The token of the local Rays raytp starts: made once, mode 0600 from its first byte on."""
     from raytp.weights.smollm2 import raytp_home
@@ -365,8 +374,9 @@ def ray_session(address: str | None, devices_spec: str):
             _check_reachable(address)
             try:
                 ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
-            except (ConnectionError, RuntimeError, ValueError) as e:
-                raise UserError(f"cannot reach the Ray cluster at --address {address!r}: {e}") from None
+            except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as e:
+                raise UserError(f"cannot reach the Ray cluster at --address {address!r}: {_first_line(e)}"
+                                f"{_token_auth_hint()}") from None
         else:
             local.enter_context(local_ray_environment())
             import ray
@@ -740,6 +750,10 @@ def _check_args(args) -> None:
         _check_port(args.host, args.port)
     if args.max_context < 1:
         raise UserError(f"--max-context must be >= 1, got {args.max_context}")
+    if args.max_batch < (0 if args.command == "bench" else 1):  # bench: 0 sizes the cache for each batch it runs
+        raise UserError(f"--max-batch must be >= {0 if args.command == 'bench' else 1}, got {args.max_batch}")
+    if args.command == "generate" and not args.chat and not args.prompt:
+        raise UserError("--prompt is empty: give the text to continue (or --chat to send it as a chat message)")
     if args.kv_dtype == "fp8" and args.command != "plan":  # `plan` only counts bytes; the ranks need float8
         _check_fp8_cache()
     if args.command == "bench":
@@ -767,6 +781,11 @@ def _check_args(args) -> None:
         args.model = _quantized(args.model, args.quant, args.quant)
     for model in getattr(args, "models", [args.model]):
         _check_model(model)
+    if args.command in ("generate", "chat", "serve"):
+        config = _model_config(args.model)
+        if hasattr(args, "top_k"):
+            _check_top_k(args.top_k, config.vocab_size)
+        _check_plan_fits(args, config)
     if getattr(args, "hf_peer", False):
         from raytp.weights.source import ModelSource
 
@@ -775,6 +794,50 @@ def _check_args(args) -> None:
             if quant is not None:
                 raise UserError(f"--hf-peer runs transformers on dense weights; {model!r} is quantized "
                                 f"({quant.describe()})")
+
+
+def _model_config(model: str):
+    from raytp.weights.source import ModelSource
+
+    return ModelSource.parse(model).config()
+
+
+def _check_top_k(top_k: int, vocab_size: int) -> None:
+    from raytp.runtime.requests import check_sampling
+    from raytp.runtime.sampling import SamplingParams
+
+    try:
+        check_sampling(SamplingParams(top_k=top_k), vocab_size)
+    except ValueError as e:
+        raise UserError(f"--top-k: {e}") from None
+
+
+def _check_plan_fits(args, config) -> None:
+    """Refuse devices that cannot hold the model, as `raytp plan` would, where every rank's budget is known before
+    Ray starts: each @MEM cap (an upper bound on a GPU, whose rank plans with at most that), and a local Ray's cpu
+    ranks without one sharing this machine's free memory. The ranks plan again with what they measure."""
+    import psutil
+
+    from raytp.parallel.plan import PlanError, plan_shards
+
+    if is_auto(args.devices):
+        return
+    devices = parse_devices(args.devices)
+    uncapped_cpus = sum(d.kind == "cpu" and d.mem_bytes is None for d in devices)
+    budgets = []
+    for d in devices:
+        if d.mem_bytes is not None:
+            budgets.append((str(d), d.mem_bytes))
+        elif d.kind == "cpu" and not args.address:
+            budgets.append((str(d), psutil.virtual_memory().available // uncapped_cpus))
+        else:
+            return  # a GPU's free memory, or a joined cluster's: only the ranks can tell
+    bandwidths = [d.bandwidth for d in devices] if all(d.bandwidth for d in devices) else None
+    try:
+        plan_shards(config, budgets, max_context=args.max_context, max_batch=args.max_batch, dtype=args.dtype,
+                    bandwidths=bandwidths, split=args.split if bandwidths else "memory", kv_dtype=args.kv_dtype)
+    except PlanError as e:
+        raise UserError(str(e)) from None
 
 
 def _quantized(model: str, quant: str, given: str) -> str:

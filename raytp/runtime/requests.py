@@ -35,15 +35,20 @@ def check_request(prompt_ids: Sequence[int], params: SamplingParams, stop: Seque
         raise RequestError(f"this model's context holds {max_context} tokens (--max-context); the prompt has "
                            f"{len(prompt_ids)} and max_tokens asks for {params.max_tokens} more: lower max_tokens "
                            f"to at most {room}", param="max_tokens", code="context_length_exceeded")
-    if params.top_k > vocab_size:
-        raise RequestError(f"top_k must be at most the vocabulary size {vocab_size} (0 or -1 disable it), got "
-                           f"{params.top_k}", param="top_k")
+    check_sampling(params, vocab_size)
     if len(stop) > STOP_MAX_COUNT:
         raise RequestError(f"stop takes at most {STOP_MAX_COUNT} strings, got {len(stop)}", param="stop")
     long = next((s for s in stop if len(s) > STOP_MAX_CHARS), None)
     if long is not None:
         raise RequestError(f"each stop string may have at most {STOP_MAX_CHARS} characters, one has {len(long)}",
                            param="stop")
+
+
+def check_sampling(params: SamplingParams, vocab_size: int) -> None:
+    """The sampling bounds that need the model (the CLI checks its flags with this before Ray starts)."""
+    if params.top_k > vocab_size:
+        raise RequestError(f"top_k must be at most the vocabulary size {vocab_size} (0 or -1 disable it), got "
+                           f"{params.top_k}", param="top_k")
 
 
 class StopScanner:
