@@ -180,11 +180,12 @@ class Driver:
         if self.tokenizer is None:
             raise RequestError(f"{self.settings.model} has no tokenizer: pass token ids instead of text",
                                param="prompt")
+        if messages is None:
+            return self.tokenizer.encode(prompt)  # a raw prompt is the client's own markup, control tokens included
         try:
-            text = self.tokenizer.apply_chat_template(messages) if messages is not None else prompt
+            return self.tokenizer.encode_chat(messages)  # a message's text is text: no forged control tokens
         except ValueError as e:  # a model without a chat template
             raise RequestError(str(e), param="messages") from None
-        return self.tokenizer.encode(text)
 
     async def submit(self, prompt_ids: Sequence[int], params: SamplingParams, stop: Sequence[str] = (),
                      ignore_eos: bool = False):
