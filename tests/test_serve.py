@@ -282,6 +282,14 @@ BAD_REQUESTS = {
     "token id outside the vocabulary": ("completions", {**GOOD, "prompt": [1, 10**9]}, API_KEY, 400, "prompt"),
     "five stop strings": ("completions", {**GOOD, "stop": list("abcde")}, API_KEY, 400, "stop"),
     "body past 4 MiB": ("completions", json.dumps({**GOOD, "prompt": "a" * (4 << 20)}), API_KEY, 413, None),
+    "body nested 200k levels deep": ("chat/completions", '{"model": "smollm2", "messages": ' + "[" * 200_000
+                                     + "]" * 200_000 + "}", API_KEY, 400, None),
+    "lone surrogate in a message": ("chat/completions", '{"model": "smollm2", "messages": [{"role": "user", '
+                                    '"content": "hi \\ud800"}]}', API_KEY, 400, "messages"),
+    "lone surrogate in a prompt": ("completions", '{"model": "smollm2", "prompt": "\\udfff hi"}', API_KEY, 400,
+                                   "prompt"),
+    "more characters than the context holds": ("chat/completions", {"model": "smollm2", "messages": [
+        {"role": "user", "content": "7" * (2048 * 81 + 1)}]}, API_KEY, 400, "messages"),
     "missing key": ("completions", GOOD, None, 401, None),
     "wrong key": ("completions", GOOD, "sk-wrong", 401, None),
 }
@@ -298,6 +306,12 @@ def test_bad_request_gets_openai_error_and_server_keeps_serving(server, case):
     assert error["param"] == param
     if case == "unknown model":
         assert error["code"] == "model_not_found"
+    if case.startswith("lone surrogate"):
+        assert "lone surrogate" in error["message"] and ("\\ud800" in error["message"]
+                                                         or "\\udfff" in error["message"]), error
+    if case == "more characters than the context holds":
+        assert "no text of more than 165888" in error["message"] and "--max-context" in error["message"], error
+    assert response.headers["X-Request-Id"]  # the id the server logged the error under
     good = post(server, "completions", GOOD)
     assert good.status_code == 200 and good.json()["choices"][0]["text"]
 

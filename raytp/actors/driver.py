@@ -30,10 +30,11 @@ from raytp.actors.group import ClusterError, GroupSettings, WorkerGroup
 from raytp.runtime.engine import Add, Cancel, Request, TokenEvent
 from raytp.parallel.plan import PlanError
 from raytp.runtime.errors import BusyError, RequestError, UnavailableError, error_summary
-from raytp.runtime.requests import StopScanner, check_request
+from raytp.runtime.requests import StopScanner, check_request, check_text
 from raytp.runtime.sampling import SamplingParams
 from raytp.weights.source import ModelSource
 from raytp.weights.tokenizer import StreamDecoder, Tokenizer
+from raytp.weights.tokenizer_pool import TextTooLong, TokenizerPool
 
 log = logging.getLogger("raytp")
 
@@ -61,6 +62,9 @@ class Driver:
         self.config = source.config()
         # synthetic models have no tokenizer: their requests pass token ids and stream no text
         self.tokenizer = None if source.tokenizer_dir is None else Tokenizer.from_dir(source.tokenizer_dir)
+        # prompts are encoded in child processes, never in this event loop (raytp.weights.tokenizer_pool)
+        self.tokenizer_pool = None if self.tokenizer is None else \
+            TokenizerPool(self.tokenizer, source.tokenizer_dir, settings.max_context)
         self.group: WorkerGroup | None = None
         self.streams: dict[str, asyncio.Queue[TokenEvent]] = {}
         self.devices = settings.devices  # the devices the group runs on: fewer after a re-plan over survivors
@@ -79,7 +83,11 @@ class Driver:
     # ---- group lifecycle ---------------------------------------------------------------------------------
 
     async def start(self) -> dict:
+        if self.tokenizer_pool is not None:  # its processes start while the ranks load: the first request is quick
+            warm = asyncio.ensure_future(self.tokenizer_pool.encode(prompt="warm up"))
         await self._build()
+        if self.tokenizer_pool is not None:
+            await warm
         return self.info()
 
     async def _build(self) -> None:
@@ -154,6 +162,8 @@ class Driver:
         if self.group is not None:
             await asyncio.to_thread(self.group.shutdown)
             self.group = None
+        if self.tokenizer_pool is not None:
+            self.tokenizer_pool.close()
         log.removeHandler(self._log_tail)
 
     def take_logs(self) -> list[str]:
@@ -173,19 +183,26 @@ class Driver:
 
     # ---- requests ------------------------------------------------------------------------------------------
 
-    def encode(self, prompt: str | None = None, messages: list[dict] | None = None) -> list[int]:
-        """The token ids of a text prompt, or of chat messages through the model's chat template."""
+    async def encode(self, prompt: str | None = None, messages: list[dict] | None = None) -> list[int]:
+        """The token ids of a text prompt, or of chat messages through the model's chat template, where a message's
+        text is text (no control token can be forged in it). Encoded in a child process, after the text's length
+        in characters is checked against the context: this event loop never tokenizes."""
         if (prompt is None) == (messages is None):
             raise RequestError("give exactly one of prompt or messages")
-        if self.tokenizer is None:
+        param = "prompt" if messages is None else "messages"
+        if self.tokenizer_pool is None:
             raise RequestError(f"{self.settings.model} has no tokenizer: pass token ids instead of text",
                                param="prompt")
-        if messages is None:
-            return self.tokenizer.encode(prompt)  # a raw prompt is the client's own markup, control tokens included
+        for m in messages or []:
+            check_text(m.get("content") or "", param)
+        if prompt is not None:
+            check_text(prompt, param)
         try:
-            return self.tokenizer.encode_chat(messages)  # a message's text is text: no forged control tokens
-        except ValueError as e:  # a model without a chat template
-            raise RequestError(str(e), param="messages") from None
+            return await self.tokenizer_pool.encode(prompt, messages)
+        except TextTooLong as e:
+            raise RequestError(str(e), param=param, code="context_length_exceeded") from None
+        except ValueError as e:  # a model without a chat template, or a template that refuses the messages
+            raise RequestError(str(e), param=param) from None
 
     async def submit(self, prompt_ids: Sequence[int], params: SamplingParams, stop: Sequence[str] = (),
                      ignore_eos: bool = False):

@@ -44,6 +44,16 @@ def check_request(prompt_ids: Sequence[int], params: SamplingParams, stop: Seque
                            param="stop")
 
 
+def check_text(text: str, param: str) -> None:
+    """Refuse text that is not Unicode a tokenizer can read: JSON's "\\ud800" escapes a lone surrogate, which no
+    UTF-8 can carry."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RequestError(f"{param} is not valid Unicode: {text[e.start]!r} at character {e.start} is a lone "
+                           "surrogate (half of a UTF-16 pair); send UTF-8 text", param=param) from None
+
+
 def check_sampling(params: SamplingParams, vocab_size: int) -> None:
     """The sampling bounds that need the model (the CLI checks its flags with this before Ray starts)."""
     if params.top_k > vocab_size:

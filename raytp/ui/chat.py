@@ -121,7 +121,7 @@ def build_ui(driver) -> gr.Blocks:
         try:
             params = SamplingParams(temperature=float(temperature), top_p=float(top_p), max_tokens=int(max_tokens),
                                     seed=int(seed) if seed is not None and seed >= 0 else secrets.randbits(31))
-            async for item in driver.submit(driver.encode(messages=messages), params):
+            async for item in driver.submit(await driver.encode(messages=messages), params):
                 if "finish" in item:
                     answer["stats"] = stats_line(item)
                 else:

@@ -8,6 +8,7 @@ here are byte-identical to those the model was tuned on.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from datetime import datetime
@@ -111,6 +112,12 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self._tokenizer.get_vocab_size(with_added_tokens=True)
+
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """The most characters any one token decodes to: a text of n characters has at least n / this many tokens."""
+        ids = [[i] for i in range(self.vocab_size)]
+        return max(map(len, self._tokenizer.decode_batch(ids, skip_special_tokens=False)))
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         """Token ids of `text`. Special tokens written in the text (<|im_start|>) become their ids either way;
