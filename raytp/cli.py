@@ -93,6 +93,9 @@ def _runtime_args(p: argparse.ArgumentParser) -> None:
                    help="all-reduce backend; auto logs what it chose and why (default: auto)")
     p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
                    help="Ray cluster to join (default: $RAY_ADDRESS, else start a local one)")
+    p.add_argument("--rank-timeout", type=float, default=5.0, metavar="SECONDS",
+                   help="a rank that answers no heartbeat for this long is taken as stopped or stuck: its requests "
+                        "fail and the group is rebuilt, instead of every rank waiting on it (default: 5)")
     _option_args(p)
 
 
@@ -407,7 +410,8 @@ def running_driver(args):
     started = time.monotonic()
     settings = GroupSettings(model=args.model, devices=_devices(args.devices), dtype=args.dtype,
                              kv_dtype=args.kv_dtype, comm=args.comm, max_context=args.max_context,
-                             max_batch=args.max_batch, progress=False, options=args.options, split=args.split)
+                             max_batch=args.max_batch, progress=False, options=args.options, split=args.split,
+                             heartbeat_s=args.rank_timeout)
     # on this node: the HTTP server it runs must listen on this machine, and a lost node must not take it along
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     driver = DriverActor.options(scheduling_strategy=here).remote(settings)
@@ -750,6 +754,8 @@ def _check_args(args) -> None:
         _check_port(args.host, args.port)
     if args.max_context < 1:
         raise UserError(f"--max-context must be >= 1, got {args.max_context}")
+    if hasattr(args, "rank_timeout") and not 0 < args.rank_timeout < float("inf"):
+        raise UserError(f"--rank-timeout must be a number of seconds > 0, got {args.rank_timeout}")
     if args.max_batch < (0 if args.command == "bench" else 1):  # bench: 0 sizes the cache for each batch it runs
         raise UserError(f"--max-batch must be >= {0 if args.command == 'bench' else 1}, got {args.max_batch}")
     if args.command == "generate" and not args.chat and not args.prompt:

@@ -8,6 +8,8 @@ Ray's processes (gcs_server, raylet, agents, workers) are all descendants of the
 from __future__ import annotations
 
 import ipaddress
+import json
+import re
 import signal
 import stat
 import subprocess
@@ -15,6 +17,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import psutil
 import pytest
 
@@ -104,3 +107,65 @@ def test_driver_logs_reach_the_terminal_and_a_dead_driver_ends_serve(tmp_path):
     assert elapsed < 10, f"took {elapsed:.0f} s to notice"
     assert "raytp: error: the driver actor died" in text, text[-3000:]
     assert "Traceback" not in text, text[-3000:]
+
+
+INTERNALS = ("actor_id", "pid", "namespace", "ip:", "Traceback", "class_name", "\n")
+
+
+def long_stream(http: httpx.Client, url: str):
+    body = {"model": "smollm2", "prompt": "Count: 1, 2, 3,", "max_tokens": 1500, "temperature": 0,
+            "ignore_eos": True, "stream": True}
+    return http.stream("POST", f"{url}/v1/completions", json=body)
+
+
+def error_event(lines) -> dict:
+    for line in lines:
+        if line.startswith("data: {") and '"error"' in line:
+            return json.loads(line.removeprefix("data: "))["error"]
+    raise AssertionError("the stream ended without an error event")
+
+
+def test_a_stopped_rank_is_found_by_heartbeat_and_failures_say_503_naming_the_rank(tmp_path):
+    """A rank stopped with SIGSTOP (its peers wait for it in a collective) is found by the driver's heartbeat, not
+    by the collective's 30 s timeout; its requests fail with one line naming the rank; new requests get 503 with
+    Retry-After while the group rebuilds; then it serves again. Killing every rank (the leader too) is reported
+    the same way, without Ray's internals."""
+    log_path = tmp_path / "serve.log"
+    with serve_process(log_path, "--model", "smollm2", "--devices", "cpu@2GiB,cpu@1GiB", "--dtype", "float32") \
+            as (proc, url), httpx.Client(timeout=120) as http:
+        workers = [p for p in tree(proc) if "ray::Worker" in " ".join(p.cmdline())]
+        assert len(workers) == 2, workers
+        with long_stream(http, url) as response:
+            lines = response.iter_lines()
+            assert next(line for line in lines if line).startswith("data: {")  # decoding
+            stopped = workers[1]
+            stopped.suspend()
+            try:
+                error = error_event(lines)
+                busy = http.post(f"{url}/v1/completions", json={"model": "smollm2", "prompt": "Hi", "max_tokens": 2})
+            finally:
+                try:
+                    stopped.resume()  # the driver kills it; were it still here, it must not stay stopped
+                except psutil.NoSuchProcess:
+                    pass
+        assert re.fullmatch(r"rank [01] \(cpu@[12]GiB\) failed: it answered no heartbeat for 5 s \(stopped or "
+                            r"stuck; --rank-timeout\); the group is rebuilding: retry shortly", error["message"]), error
+        assert busy.status_code == 503 and busy.headers["Retry-After"], busy.text
+        assert busy.json()["error"]["code"] == "unavailable" and error["message"] in busy.json()["error"]["message"]
+
+        wait_for(lambda: http.post(f"{url}/v1/completions", json={"model": "smollm2", "prompt": "Hi",
+                                                                   "max_tokens": 2}).status_code == 200,
+                 120, "the group never came back")
+        with long_stream(http, url) as response:
+            lines = response.iter_lines()
+            assert next(line for line in lines if line).startswith("data: {")
+            for worker in [p for p in tree(proc) if "ray::Worker" in " ".join(p.cmdline())]:
+                worker.kill()
+            error = error_event(lines)
+        assert re.fullmatch(r"rank [01] \(cpu@[12]GiB\) failed: .+; the group is rebuilding: retry shortly",
+                            error["message"]), error
+        assert not [x for x in INTERNALS if x in error["message"]], error
+        wait_for(lambda: http.post(f"{url}/v1/completions", json={"model": "smollm2", "prompt": "Hi",
+                                                                   "max_tokens": 2}).status_code == 200,
+                 120, "the group never came back")
+    assert "Traceback" not in log_path.read_text(), log_path.read_text()[-3000:]

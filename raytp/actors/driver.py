@@ -40,6 +40,8 @@ log = logging.getLogger("raytp")
 
 
 MAX_QUEUE = 64  # streams that may wait for a cache slot beyond the max_batch running ones; `serve` sets it
+REBUILDING = "the group is rebuilding: retry shortly"
+HEARTBEAT_EVERY_S = 1.0  # between two heartbeats of every rank (each waits up to settings.heartbeat_s for answers)
 LOG_LINES = 1000  # `raytp` log lines kept for the CLI between two `take_logs`; older ones are dropped
 
 
@@ -113,23 +115,45 @@ class Driver:
                 if q is not None:
                     q.put_nowait(e)
 
+    async def _heartbeat(self, group: WorkerGroup) -> tuple[int, str]:
+        """Return (rank, why) once a rank leaves a heartbeat unanswered for settings.heartbeat_s: a stopped or
+        stuck process, which the other ranks would otherwise wait for until their collective times out. One Ray
+        call per rank per HEARTBEAT_EVERY_S, off the token path; a rank that died is the watcher's to report."""
+        limit = self.settings.heartbeat_s
+        while True:
+            beats = [asyncio.wrap_future(w.heartbeat.remote().future()) for w in group.workers]
+            _, late = await asyncio.wait(beats, timeout=limit)
+            if late:
+                for beat in late:
+                    beat.cancel()
+                rank = min(i for i, beat in enumerate(beats) if beat in late)
+                return rank, f"it answered no heartbeat for {limit:g} s (stopped or stuck; --rank-timeout)"
+            await asyncio.sleep(HEARTBEAT_EVERY_S)
+
     async def _watch(self, group: WorkerGroup) -> None:
-        """Wait for any rank's loop to end; when it ends unasked, fail the requests and rebuild."""
+        """Wait for any rank's loop to end, or to stop answering; when that happens unasked, fail the requests and
+        rebuild."""
         futures = {asyncio.wrap_future(ref.future()): rank for rank, ref in enumerate(group.run_refs)}
-        done, _ = await asyncio.wait(futures, return_when=asyncio.FIRST_COMPLETED)
+        heartbeat = asyncio.ensure_future(self._heartbeat(group))
+        done, _ = await asyncio.wait({*futures, heartbeat}, return_when=asyncio.FIRST_COMPLETED)
+        heartbeat.cancel()
         if self._closing:
             return
-        rank = futures[next(iter(done))]
-        try:
-            next(iter(done)).result()
-            why = "its loop ended"
-        except Exception as e:  # noqa: BLE001 - any failure of a rank is reported, whatever its type
-            why = error_summary(e)
+        ended = next(f for f in done if f is not heartbeat) if done - {heartbeat} else heartbeat
+        if ended is heartbeat:
+            rank, why = heartbeat.result()
+        else:
+            rank = futures[ended]
+            try:
+                ended.result()
+                why = "its loop ended"
+            except Exception as e:  # noqa: BLE001 - any failure of a rank is reported, whatever its type
+                why = rank_error_summary(e)
         self.failure = f"rank {rank} ({self.devices[rank]}) failed: {why}"
         self._record(f"{self.failure}; rebuilding the group", logging.ERROR)
         self.ready.clear()
         for rid, q in self.streams.items():
-            q.put_nowait(TokenEvent(rid, None, "error", error=self.failure))
+            q.put_nowait(TokenEvent(rid, None, "error", error=f"{self.failure}; {REBUILDING}"))
         self._tasks[0].cancel()
         await asyncio.to_thread(group.shutdown, False)
         try:
@@ -165,6 +189,15 @@ class Driver:
         if self.tokenizer_pool is not None:
             self.tokenizer_pool.close()
         log.removeHandler(self._log_tail)
+
+    def unavailable(self) -> str | None:
+        """Why requests cannot run now (the group is rebuilding, or cannot be served any more), else None. The
+        HTTP API answers those 503 with Retry-After at once; `submit` itself waits out a rebuild."""
+        if self.down:
+            return self.down
+        if not self.ready.is_set():
+            return f"{self.failure}; {REBUILDING}" if self.failure else "the ranks are starting; retry shortly"
+        return None
 
     def take_logs(self) -> list[str]:
         """The `raytp` log lines since the last call. The CLI calls it once a second: it is also the liveness ping."""
@@ -235,12 +268,16 @@ class Driver:
             if self.down:
                 raise UnavailableError(self.down)
             request = Request(rid, prompt_ids, params, [] if ignore_eos else sorted(eos))
-            await self.group.leader.submit.remote(Add(request))
+            try:
+                await self.group.leader.submit.remote(Add(request))
+            except ray.exceptions.RayError as e:  # the leader died before the watcher noticed
+                raise UnavailableError(f"rank 0 ({self.devices[0]}) failed: {rank_error_summary(e)}; {REBUILDING}"
+                                       ) from None
             while finish is None:
                 e = await queue.get()
                 ended_on_ranks = e.finish is not None
-                if e.error:
-                    raise RuntimeError(e.error)
+                if e.error:  # a rank failed: the request may run again once the group is back
+                    raise UnavailableError(e.error)
                 text = ""
                 if e.token_id is not None:
                     first = first or time.perf_counter()
@@ -286,6 +323,13 @@ class Driver:
         self.max_queue = max_queue
         self._http = await HTTPServer.start(self, host, port, api_key)
         return self._http.url
+
+
+def rank_error_summary(e: BaseException) -> str:
+    """One line for what ended a rank, without Ray's internals (actor id, pid, namespace, address)."""
+    if isinstance(e, ray.exceptions.RayActorError) and not isinstance(e, ray.exceptions.RayTaskError):
+        return "its process died (killed, crashed or out of memory)"
+    return error_summary(e)
 
 
 def _lost_ranks(group: WorkerGroup, failed: int) -> set[int]:

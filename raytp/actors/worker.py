@@ -167,6 +167,10 @@ class Worker:
         """What the watcher of `watch_steps` returned (or raised), once it has."""
         return self._watched.result(timeout_s)
 
+    def heartbeat(self) -> int:
+        """Answered on a thread of its own while `run` steps: the driver's sign that this process still runs."""
+        return self.rank
+
     def submit(self, command: Command) -> None:
         """Leader only: `Add`, `Cancel` or `Stop`, taken at the next step."""
         self.engine.inbox.put(command)

@@ -81,7 +81,7 @@ def _api_error(e: Exception, chat: bool) -> APIError:
         return APIError(503, str(e), "server_error", code="unavailable", retry_after_s=RETRY_AFTER_S)
     if isinstance(e, RequestError):
         return _request_error(e, chat)
-    return APIError(500, f"the request failed: {e}", "server_error")
+    return APIError(500, f"the request failed: {error_summary(e)}", "server_error")
 
 
 # ---- request bodies ----------------------------------------------------------------------------------------
@@ -233,6 +233,8 @@ async def run_completion(driver, req: ChatCompletionRequest | CompletionRequest)
         prompt_ids = await driver.encode(messages=[m.as_template_input() for m in req.messages])
     else:
         prompt_ids = req.prompt if isinstance(req.prompt, list) else await driver.encode(prompt=req.prompt)
+    if why := driver.unavailable():  # a client retries a 503 on its own; it would only wait out a rebuild here
+        raise UnavailableError(why)
     async with aclosing(driver.submit(prompt_ids, req.sampling(), req.stop, req.ignore_eos)) as pieces:
         async for item in pieces:
             if "finish" in item:
