@@ -407,7 +407,6 @@ def running_driver(args):
     from raytp.actors.driver import DriverActor
     from raytp.actors.group import GroupSettings
 
-    started = time.monotonic()
     settings = GroupSettings(model=args.model, devices=_devices(args.devices), dtype=args.dtype,
                              kv_dtype=args.kv_dtype, comm=args.comm, max_context=args.max_context,
                              max_batch=args.max_batch, progress=False, options=args.options, split=args.split,
@@ -421,7 +420,7 @@ def running_driver(args):
             _print_driver_logs(driver)
         info = ray.get(start)
         _print_driver_logs(driver)
-        print(f"raytp: ready in {time.monotonic() - started:.0f} s: {len(info['ranks'])} ranks, all-reduce "
+        print(f"raytp: ready in {_since_command_start():.0f} s: {len(info['ranks'])} ranks, all-reduce "
               f"{info['backend']}", file=sys.stderr)
         yield driver, info
     finally:
@@ -429,6 +428,13 @@ def running_driver(args):
             ray.get(driver.shutdown.remote(), timeout=30)
         except Exception:  # noqa: BLE001 - the driver may be what failed; ray.shutdown cleans up after it
             pass
+
+
+def _since_command_start() -> float:
+    """Seconds since this process started: what the user waited, Python's and Ray's start-up included."""
+    import psutil
+
+    return time.time() - psutil.Process().create_time()
 
 
 def _print_driver_logs(driver, timeout: float = 60) -> None:
@@ -886,12 +892,25 @@ def _user_message(e: BaseException) -> str | None:
     return None
 
 
+def _no_color_reset_at_exit() -> None:
+    """Ray imports colorama, whose exit handler writes ESC[0m to a terminal's stdout after the command's output;
+    raytp prints no colors to reset."""
+    import atexit
+
+    if "colorama.initialise" in sys.modules:
+        atexit.unregister(sys.modules["colorama.initialise"].reset_all)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="raytp: %(message)s", stream=sys.stderr)
     try:
         _check_args(args)
         COMMANDS[args.command](args)
+        sys.stdout.flush()  # here, where a closed pipe can still be handled
+    except BrokenPipeError:  # `raytp plan --json | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+        return 141  # as a shell reports a command ended by SIGPIPE
     except KeyboardInterrupt:
         return 130
     except DriverDied as e:
@@ -903,6 +922,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"raytp: error: {message}", file=sys.stderr)
         return 2
+    finally:
+        _no_color_reset_at_exit()
     return 0
 
 

@@ -250,3 +250,12 @@ def test_token_auth_hint_when_joining_without_a_token(monkeypatch):
     assert "RAY_AUTH_MODE=token" in cli._token_auth_hint()
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
     assert cli._token_auth_hint() == ""
+
+
+def test_a_reader_that_stops_early_gets_no_traceback():
+    """`raytp plan --json | head`: the reader went away; raytp ends quietly, as a shell reports SIGPIPE."""
+    proc = subprocess.Popen([sys.executable, "-m", "raytp", "plan", "--devices", "cpu@1GiB", "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # gone before raytp writes
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141 and err == "", err

@@ -329,6 +329,20 @@ def test_openai_client_raises_its_own_error_types(server, client):
     assert httpx.get(f"{server}/v1/models", timeout=10).status_code == 401
 
 
+@pytest.mark.slow
+def test_a_get_on_a_post_route_is_405_naming_the_method(server):
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    for path in ("chat/completions", "completions"):
+        response = httpx.get(f"{server}/v1/{path}", headers=auth, timeout=10)
+        assert response.status_code == 405 and response.headers["Allow"] == "POST", response.text
+        error = response.json()["error"]
+        assert error["code"] == "method_not_allowed" and f"/v1/{path} takes POST" in error["message"], error
+    response = httpx.post(f"{server}/v1/models", headers=auth, timeout=10)
+    assert response.status_code == 405 and response.headers["Allow"] == "GET", response.text
+    unknown = httpx.get(f"{server}/v1/embeddings", headers=auth, timeout=10)
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "unknown_url"
+
+
 LONG = {"model": "smollm2", "prompt": "Count to a thousand: 1, 2, 3,", "max_tokens": 1500, "temperature": 0,
         "ignore_eos": True}  # minutes of work unless the slot is freed
 

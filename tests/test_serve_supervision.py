@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import re
 import signal
 import stat
 import subprocess
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,7 +25,7 @@ import pytest
 
 from raytp.cli import TOKEN_FILE
 from raytp.weights.smollm2 import raytp_home
-from tests.util import serve_process
+from tests.util import RAYTP_ENV, serve_process
 
 pytestmark = pytest.mark.slow
 
@@ -93,7 +95,7 @@ def test_nothing_listens_beyond_loopback_and_sigterm_exits_cleanly(tmp_path, com
 
 def test_driver_logs_reach_the_terminal_and_a_dead_driver_ends_serve(tmp_path):
     with serving(tmp_path / "serve.log") as (proc, log_path):
-        ray_process(proc, "ray::Worker.").kill()  # the driver logs the rank's failure and rebuilds
+        ray_process(proc, "ray::Worker").kill()  # the driver logs the rank's failure and rebuilds
         wait_for(lambda: "failed" in log_path.read_text() and "rank" in log_path.read_text(), 30,
                  f"the driver's report of the dead rank never reached the terminal:\n{log_path.read_text()}")
 
@@ -169,3 +171,35 @@ def test_a_stopped_rank_is_found_by_heartbeat_and_failures_say_503_naming_the_ra
                                                                    "max_tokens": 2}).status_code == 200,
                  120, "the group never came back")
     assert "Traceback" not in log_path.read_text(), log_path.read_text()[-3000:]
+
+
+def test_generate_on_a_terminal_prints_no_stray_escape_and_counts_ready_from_the_start(tmp_path):
+    """On a terminal, nothing follows the answer (Ray's colorama used to reset colors raytp never set); "ready in
+    N s" counts the whole wait, Ray's start-up included: at least the time to the line that says Ray started."""
+    import pty
+
+    master, slave = pty.openpty()
+    started = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-m", "raytp", "generate", "--devices", "cpu", "--prompt", "Hi",
+                             "--max-tokens", "3", "--temperature", "0"], stdout=slave, stderr=subprocess.PIPE,
+                            env=RAYTP_ENV, text=True)
+    os.close(slave)
+    out = b""
+    while chunk := _read_pty(master):
+        out += chunk
+    os.close(master)
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 0, err
+    assert b"\x1b" not in out, out
+    ready = re.search(r"ready in (\d+) s", err)
+    assert ready, err
+    placing = err.index("placing 1 ranks")  # after Ray's start-up: the wait includes it
+    assert placing < ready.start()
+    assert int(ready.group(1)) <= time.monotonic() - started + 1  # and nothing before this process started
+
+
+def _read_pty(fd: int) -> bytes:
+    try:
+        return os.read(fd, 4096)
+    except OSError:  # the child closed its end
+        return b""

@@ -85,7 +85,8 @@ def stats_line(final: dict) -> str:
 
 
 def _display(turns: list[dict]) -> list[dict]:
-    """The chatbot's messages: each answer with its stats line below it."""
+    """The chatbot's messages: each answer with its stats line below it, and below a turn that got no answer, why
+    (the turn stays: Regenerate asks again)."""
     shown = []
     for t in turns:
         content = t["content"]
@@ -94,7 +95,15 @@ def _display(turns: list[dict]) -> list[dict]:
                 content += "\n```"
             content += f"\n\n*{t['stats']}*"
         shown.append({"role": t["role"], "content": content})
+        if t.get("failed"):
+            shown.append({"role": "assistant", "content": f"⚠️ *No answer: {t['failed']}. Your message is kept: "
+                                                          "press Regenerate to ask again.*"})
     return shown
+
+
+def _failed(turns: list[dict], why: str) -> list[dict]:
+    """`turns` with its last (the user's) marked as having got no answer, and why."""
+    return turns[:-1] + [turns[-1] | {"failed": why}]
 
 
 def build_ui(driver) -> gr.Blocks:
@@ -115,6 +124,7 @@ def build_ui(driver) -> gr.Blocks:
     async def respond(turns: list[dict], system: str, temperature: float, top_p: float, max_tokens: float, seed):
         if not turns or turns[-1]["role"] != "user":
             return
+        turns = turns[:-1] + [{"role": "user", "content": turns[-1]["content"]}]  # asked again: no failure yet
         messages = ([{"role": "system", "content": system}] if system.strip() else []) + \
             [{"role": t["role"], "content": t["content"]} for t in turns]
         answer = {"role": "assistant", "content": "", "stats": ""}
@@ -130,9 +140,11 @@ def build_ui(driver) -> gr.Blocks:
                 yield _display(done), done, ""
         except BusyError as e:
             gr.Warning(str(e))
+            turns = _failed(turns, str(e))
             yield _display(turns), turns, f"**busy**: {e}"
         except (RequestError, RuntimeError) as e:
             gr.Warning(str(e))
+            turns = _failed(turns, str(e))
             yield _display(turns), turns, f"**error**: {e}"
 
     def cluster_view():
