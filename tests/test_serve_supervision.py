@@ -145,6 +145,7 @@ def test_a_stopped_rank_is_found_by_heartbeat_and_failures_say_503_naming_the_ra
             try:
                 error = error_event(lines)
                 busy = http.post(f"{url}/v1/completions", json={"model": "smollm2", "prompt": "Hi", "max_tokens": 2})
+                unhealthy = http.get(f"{url}/health")
             finally:
                 try:
                     stopped.resume()  # the driver kills it; were it still here, it must not stay stopped
@@ -154,10 +155,13 @@ def test_a_stopped_rank_is_found_by_heartbeat_and_failures_say_503_naming_the_ra
                             r"stuck; --rank-timeout\); the group is rebuilding: retry shortly", error["message"]), error
         assert busy.status_code == 503 and busy.headers["Retry-After"], busy.text
         assert busy.json()["error"]["code"] == "unavailable" and error["message"] in busy.json()["error"]["message"]
+        assert unhealthy.status_code == 503 and unhealthy.headers["Retry-After"], unhealthy.text
 
         wait_for(lambda: http.post(f"{url}/v1/completions", json={"model": "smollm2", "prompt": "Hi",
                                                                    "max_tokens": 2}).status_code == 200,
                  120, "the group never came back")
+        assert http.get(f"{url}/health").status_code == 200
+        assert "raytp_rebuilds_total 1.0" in http.get(f"{url}/metrics").text
         with long_stream(http, url) as response:
             lines = response.iter_lines()
             assert next(line for line in lines if line).startswith("data: {")

@@ -32,6 +32,7 @@ from raytp.parallel.plan import PlanError
 from raytp.runtime.errors import BusyError, RequestError, UnavailableError, error_summary
 from raytp.runtime.requests import StopScanner, check_request, check_text
 from raytp.runtime.sampling import SamplingParams
+from raytp.serving.metrics import ServingMetrics
 from raytp.weights.source import ModelSource
 from raytp.weights.tokenizer import StreamDecoder, Tokenizer
 from raytp.weights.tokenizer_pool import TextTooLong, TokenizerPool
@@ -77,6 +78,10 @@ class Driver:
         self._tasks: list[asyncio.Task] = []
         self._closing = False
         self.max_queue = MAX_QUEUE
+        self.metrics = ServingMetrics()  # what /metrics reports (raytp.serving.metrics)
+        self._answering = 0  # admitted requests that have their first token
+        self.metrics.running.set_function(lambda: self._answering)
+        self.metrics.waiting.set_function(lambda: len(self.streams) - self._answering)
         self._http = None  # the HTTP server `serve` runs in this actor's event loop
         self._log_tail = LogTail()
         log.addHandler(self._log_tail)
@@ -150,6 +155,7 @@ class Driver:
             except Exception as e:  # noqa: BLE001 - any failure of a rank is reported, whatever its type
                 why = rank_error_summary(e)
         self.failure = f"rank {rank} ({self.devices[rank]}) failed: {why}"
+        self.metrics.rebuilds.inc()
         self._record(f"{self.failure}; rebuilding the group", logging.ERROR)
         self.ready.clear()
         for rid, q in self.streams.items():
@@ -237,6 +243,12 @@ class Driver:
         except ValueError as e:  # a model without a chat template, or a template that refuses the messages
             raise RequestError(str(e), param=param) from None
 
+    def decode(self, ids: list[int]) -> str:
+        """The text of token ids, control tokens included (/detokenize)."""
+        if self.tokenizer is None:
+            raise RequestError(f"{self.settings.model} has no tokenizer: it has no text for token ids")
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
     async def submit(self, prompt_ids: Sequence[int], params: SamplingParams, stop: Sequence[str] = (),
                      ignore_eos: bool = False):
         """Run one request; yield {"text", "token_id"} as tokens arrive, then one final {"finish", stats...}.
@@ -259,7 +271,7 @@ class Driver:
         stops = StopScanner(stop)
         eos = self.tokenizer.eos_token_ids if self.tokenizer is not None else self.config.eos_token_ids
         start = time.perf_counter()
-        first = None
+        first = last_t = None  # the first token's arrival here; the leader's clock at the last token's step
         generated: list[int] = []
         finish = None
         ended_on_ranks = False
@@ -280,7 +292,8 @@ class Driver:
                     raise UnavailableError(e.error)
                 text = ""
                 if e.token_id is not None:
-                    first = first or time.perf_counter()
+                    self._observe_token(start, first, last_t, e.t)
+                    first, last_t = first or time.perf_counter(), e.t
                     generated.append(e.token_id)
                     if e.finish != "stop" and decoder:  # the stop token itself is not part of the answer
                         text = decoder.feed(e.token_id)
@@ -297,6 +310,8 @@ class Driver:
             raise
         finally:
             del self.streams[rid]
+            self._answering -= first is not None
+            self.metrics.prompt_tokens.inc(len(prompt_ids))
             live = self.ready.is_set() and not self.down  # not while the group rebuilds: it failed every request
             if not ended_on_ranks and live:  # a stop string, or the caller went away: free the slot
                 self.group.leader.submit.remote(Cancel(rid))
@@ -307,6 +322,30 @@ class Driver:
             "generated_tokens": len(generated), "ttft_s": (first or start) - start, "elapsed_s": elapsed,
             "tokens_per_s": (len(generated) - 1) / decode_s if len(generated) > 1 and decode_s > 0 else 0.0,
         }
+
+    def _observe_token(self, start: float, first: float | None, last_t: float | None, t: float | None) -> None:
+        self.metrics.generation_tokens.inc()
+        if first is None:
+            self._answering += 1
+            self.metrics.ttft.observe(time.perf_counter() - start)
+        elif last_t is not None and t is not None:
+            self.metrics.inter_token.observe(t - last_t)
+
+    async def metrics_text(self) -> bytes:
+        """/metrics: the ranks' step times since the last scrape are fetched now (one Ray call per rank per
+        scrape, never per step), then everything is written in Prometheus' text format."""
+        group = self.group
+        if group is not None and self.ready.is_set() and not self.down:
+            try:
+                taken = await asyncio.wait_for(asyncio.gather(*[w.take_step_seconds.remote() for w in group.workers]),
+                                               timeout=self.settings.heartbeat_s)
+            except (asyncio.TimeoutError, ray.exceptions.RayError):
+                taken = []  # a rank failing now: the watcher reports it; these numbers wait for the next group
+            for rank, seconds in enumerate(taken):
+                histogram = self.metrics.rank_step.labels(rank=str(rank), device=str(self.devices[rank]))
+                for s in seconds:
+                    histogram.observe(s)
+        return self.metrics.exposition()
 
     # ---- HTTP ----------------------------------------------------------------------------------------------
 

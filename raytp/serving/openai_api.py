@@ -34,6 +34,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationEr
 
 from raytp.runtime.errors import BusyError, RequestError, UnavailableError, error_summary
 from raytp.runtime.requests import STOP_MAX_CHARS, STOP_MAX_COUNT, check_text
+from raytp.serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from raytp.runtime.sampling import REPETITION_PENALTY_MAX, SEED_MAX, SEED_MIN, TEMPERATURE_MAX, SamplingParams
 
 log = logging.getLogger("raytp")
@@ -183,6 +184,28 @@ class CompletionRequest(_Body):
                                        and all(type(t) is int for t in prompt)):
             return prompt
         raise ValueError("must be a string or a list of token ids (one prompt per request)")
+
+
+class TokenizeRequest(BaseModel):
+    """POST /tokenize, as vLLM's: a prompt, or chat messages through the template (then add_generation_prompt)."""
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    model: str | None = None  # checked when given
+    prompt: Text | None = None
+    messages: list[Message] | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_of(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt or messages")
+        return self
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    model: str | None = None
+    tokens: list[int]
 
 
 def _validation_error(e: ValidationError) -> APIError:
@@ -439,7 +462,71 @@ def build_app(driver, api_key: str | None = None) -> FastAPI:
     unknown_path = v1.routes[-1].path
 
     app.include_router(v1)
+
+    # Beside /v1, as vLLM has them: /health for load balancers and probes (no key), the others behind the key.
+    @app.get("/health")
+    async def health():
+        why = driver.unavailable()
+        if why:
+            return APIError(503, why, "server_error", code="unavailable", retry_after_s=RETRY_AFTER_S).response()
+        return {"status": "ok", "model": model_id, "ranks": len(driver.devices)}
+
+    extra = APIRouter(dependencies=[Depends(authorized)] if api_key else [])
+
+    @extra.get("/metrics")
+    async def metrics():
+        return Response(await driver.metrics_text(), media_type=METRICS_CONTENT_TYPE)
+
+    @extra.post("/tokenize")
+    async def tokenize(request: Request):
+        req = _parse(TokenizeRequest, await _json_body(request), model_id)
+        try:
+            if req.messages is not None:
+                ids = await driver.encode(messages=[m.as_template_input() for m in req.messages])
+            else:
+                ids = await driver.encode(prompt=req.prompt)
+        except RequestError as e:
+            raise _request_error(e, chat=req.messages is not None) from None
+        return {"count": len(ids), "max_model_len": driver.settings.max_context, "tokens": ids}
+
+    @extra.post("/detokenize")
+    async def detokenize(request: Request):
+        req = _parse(DetokenizeRequest, await _json_body(request), model_id)
+        vocab, context = driver.config.vocab_size, driver.settings.max_context
+        if len(req.tokens) > context:  # no sequence of this server is longer; decoding runs in the event loop
+            raise APIError(400, f"'tokens' has {len(req.tokens)} ids, more than the context holds ({context}, "
+                           "--max-context)", param="tokens")
+        bad = next((i for i, t in enumerate(req.tokens) if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise APIError(400, f"'tokens' must lie in [0, {vocab}) (the vocabulary); position {bad} has "
+                           f"{req.tokens[bad]}", param="tokens")
+        try:
+            return {"prompt": driver.decode(req.tokens)}
+        except RequestError as e:  # a model without a tokenizer
+            raise APIError(400, str(e), param="tokens") from None
+
+    app.include_router(extra)
     return app
+
+
+async def _json_body(request: Request):
+    try:
+        return json.loads(await _read_body(request))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(400, f"the request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise APIError(400, "the request body nests arrays or objects too deeply") from None
+
+
+def _parse(model: type[BaseModel], body, model_id: str):
+    try:
+        req = model.model_validate(body)
+    except ValidationError as e:
+        raise _validation_error(e) from None
+    if req.model is not None and req.model != model_id:
+        raise APIError(404, f"The model {req.model!r} does not exist; this server serves {model_id!r}",
+                       param="model", code="model_not_found")
+    return req
 
 
 def _model_card(driver, model_id: str, created: int) -> dict:
