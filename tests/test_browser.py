@@ -18,7 +18,7 @@ from raytp.runtime.errors import BusyError, RequestError
 from raytp.runtime.sampling import SamplingParams
 from raytp.parallel.plan import plan_shards
 from raytp.weights.source import ModelSource
-from raytp.ui.chat import TABLE_HEADERS, build_ui, cluster_table, memory_use, shard_widths
+from raytp.ui.chat import TABLE_HEADERS, build_ui, cluster_table, live_rates, memory_use, shard_widths
 from tests.test_serve import DEVICES, running_server
 
 CHROMIUM = "/usr/bin/chromium"
@@ -220,3 +220,12 @@ def test_screenshot(page):
     SCREENSHOT.parent.mkdir(exist_ok=True)
     page.screenshot(path=str(SCREENSHOT), full_page=True)
     assert SCREENSHOT.stat().st_size > 20_000
+
+
+def test_live_rates_from_two_snapshots():
+    before = {"t": 10.0, "tokens": 100.0, "ranks": [(0, "cpu@2GiB", 50.0, 1.0), (1, "cpu@1GiB", 50.0, 0.5)]}
+    now = {"t": 12.0, "tokens": 140.0, "ranks": [(0, "cpu@2GiB", 90.0, 3.0), (1, "cpu@1GiB", 50.0, 0.5)]}
+    text = live_rates(before, now)
+    assert "**20.0 tokens/s** over the last 2 s" in text
+    assert "| 0 | cpu@2GiB | 40 | 50.0 ms |" in text and "| 1 | cpu@1GiB | 0 | idle |" in text
+    assert "first refresh" in live_rates(None, now)

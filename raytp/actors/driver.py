@@ -331,21 +331,38 @@ class Driver:
         elif last_t is not None and t is not None:
             self.metrics.inter_token.observe(t - last_t)
 
-    async def metrics_text(self) -> bytes:
-        """/metrics: the ranks' step times since the last scrape are fetched now (one Ray call per rank per
-        scrape, never per step), then everything is written in Prometheus' text format."""
+    async def _collect_rank_steps(self) -> None:
+        """Take the ranks' step times since the last call into the metrics: one Ray call per rank, at a scrape or
+        a refresh of the Cluster panel, never per step."""
         group = self.group
-        if group is not None and self.ready.is_set() and not self.down:
-            try:
-                taken = await asyncio.wait_for(asyncio.gather(*[w.take_step_seconds.remote() for w in group.workers]),
-                                               timeout=self.settings.heartbeat_s)
-            except (asyncio.TimeoutError, ray.exceptions.RayError):
-                taken = []  # a rank failing now: the watcher reports it; these numbers wait for the next group
-            for rank, seconds in enumerate(taken):
-                histogram = self.metrics.rank_step.labels(rank=str(rank), device=str(self.devices[rank]))
-                for s in seconds:
-                    histogram.observe(s)
+        if group is None or not self.ready.is_set() or self.down:
+            return
+        try:
+            taken = await asyncio.wait_for(asyncio.gather(*[w.take_step_seconds.remote() for w in group.workers]),
+                                           timeout=self.settings.heartbeat_s)
+        except (asyncio.TimeoutError, ray.exceptions.RayError):
+            return  # a rank failing now: the watcher reports it
+        for rank, seconds in enumerate(taken):
+            histogram = self.metrics.rank_step.labels(rank=str(rank), device=str(self.devices[rank]))
+            for s in seconds:
+                histogram.observe(s)
+
+    async def metrics_text(self) -> bytes:
+        """/metrics, in Prometheus' text format."""
+        await self._collect_rank_steps()
         return self.metrics.exposition()
+
+    async def live_numbers(self) -> dict:
+        """The running totals the web chat's Cluster panel turns into rates (the same numbers /metrics reports):
+        {"t", "tokens", "ranks": [(rank, device, steps, step seconds)]}."""
+        await self._collect_rank_steps()
+        value = self.metrics.registry.get_sample_value
+        ranks = []
+        for rank, device in enumerate(self.devices):
+            labels = {"rank": str(rank), "device": str(device)}
+            ranks.append((rank, str(device), value("raytp_rank_step_seconds_count", labels) or 0.0,
+                          value("raytp_rank_step_seconds_sum", labels) or 0.0))
+        return {"t": time.monotonic(), "tokens": value("raytp_generation_tokens_total") or 0.0, "ranks": ranks}
 
     # ---- HTTP ----------------------------------------------------------------------------------------------
 
