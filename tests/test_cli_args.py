@@ -259,3 +259,30 @@ def test_a_reader_that_stops_early_gets_no_traceback():
     proc.stdout.close()  # gone before raytp writes
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 141 and err == "", err
+
+
+@pytest.mark.slow
+def test_joining_a_token_cluster_without_a_token_says_so(tmp_path):
+    """A Ray head with token authentication (started here, on loopback), joined without RAY_AUTH_MODE=token: the
+    refusal names the missing setting instead of only 'cannot reach'."""
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": os.urandom(16).hex(),
+           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    head = subprocess.Popen([sys.executable, "-c", "import ray, sys, time\n"
+                             "ray.init(address='local', include_dashboard=False, num_cpus=1)\n"
+                             "print(ray.get_runtime_context().gcs_address, flush=True)\n"
+                             "sys.stdin.read()\n"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            env=env)
+    try:
+        address = head.stdout.readline().strip()
+        assert address, "the token-auth head did not start"
+        run = subprocess.run([sys.executable, "-m", "raytp", "generate", "--prompt", "hi", "--devices", "cpu",
+                              "--address", address], capture_output=True, text=True, timeout=300,
+                             # the head is on loopback: the client needs Ray's loopback switch to reach it there
+                             env={**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
+    finally:
+        head.stdin.close()  # the head's ray.init shuts its cluster down when its process exits
+        head.wait(timeout=120)
+    error = run.stderr.strip().splitlines()[-1]
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-3000:]
+    assert error.startswith(f"raytp: error: cannot reach the Ray cluster at --address {address!r}"), error
+    assert "set RAY_AUTH_MODE=token here too" in error, error
