@@ -452,14 +452,12 @@ def build_app(driver, api_key: str | None = None) -> FastAPI:
     @v1.api_route("/{rest:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"])
     async def unknown(rest: str, request: Request):
         path = f"/v1/{rest}"
-        allowed = sorted({m for r in v1.routes if r.path == path and r.path != unknown_path for m in r.methods})
+        allowed = sorted({m for r in v1.routes if r.path == path for m in r.methods})  # not the catch-all's pattern
         if allowed:
             raise APIError(405, f"{request.method} {path} is not supported: {path} takes {' or '.join(allowed)}",
                            code="method_not_allowed", headers={"Allow": ", ".join(allowed)})
         raise APIError(404, f"no route {request.method} {path}; this server has POST /v1/chat/completions, "
                        "POST /v1/completions and GET /v1/models", code="unknown_url")
-
-    unknown_path = v1.routes[-1].path
 
     app.include_router(v1)
 
