@@ -93,6 +93,9 @@ def _runtime_args(p: argparse.ArgumentParser) -> None:
                    help="all-reduce backend; auto logs what it chose and why (default: auto)")
     p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
                    help="Ray cluster to join (default: $RAY_ADDRESS, else start a local one)")
+    p.add_argument("--rank-timeout", type=float, default=5.0, metavar="SECONDS",
+                   help="a rank that answers no heartbeat for this long is taken as stopped or stuck: its requests "
+                        "fail and the group is rebuilt, instead of every rank waiting on it (default: 5)")
     _option_args(p)
 
 
@@ -275,6 +278,15 @@ def _check_reachable(address: str) -> None:
                         "start one with `ray start --head` or omit --address to run locally") from None
 
 
+def _token_auth_hint() -> str:
+    """Why a join may have failed that Ray's own error leaves out: a cluster with token authentication refuses a
+    client without a token, and Ray reports that as an unreachable cluster."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
+        return ""
+    return ("; if that cluster uses token authentication (its `ray start` ran with RAY_AUTH_MODE=token), set "
+            "RAY_AUTH_MODE=token here too, with its token in ~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN")
+
+
 def ray_token_file() -> Path:
     """The token of the local Rays raytp starts: made once, mode 0600 from its first byte on."""
     from raytp.weights.smollm2 import raytp_home
@@ -365,8 +377,9 @@ def ray_session(address: str | None, devices_spec: str):
             _check_reachable(address)
             try:
                 ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
-            except (ConnectionError, RuntimeError, ValueError) as e:
-                raise UserError(f"cannot reach the Ray cluster at --address {address!r}: {e}") from None
+            except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as e:
+                raise UserError(f"cannot reach the Ray cluster at --address {address!r}: {_first_line(e)}"
+                                f"{_token_auth_hint()}") from None
         else:
             local.enter_context(local_ray_environment())
             import ray
@@ -394,10 +407,10 @@ def running_driver(args):
     from raytp.actors.driver import DriverActor
     from raytp.actors.group import GroupSettings
 
-    started = time.monotonic()
     settings = GroupSettings(model=args.model, devices=_devices(args.devices), dtype=args.dtype,
                              kv_dtype=args.kv_dtype, comm=args.comm, max_context=args.max_context,
-                             max_batch=args.max_batch, progress=False, options=args.options, split=args.split)
+                             max_batch=args.max_batch, progress=False, options=args.options, split=args.split,
+                             heartbeat_s=args.rank_timeout)
     # on this node: the HTTP server it runs must listen on this machine, and a lost node must not take it along
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     driver = DriverActor.options(scheduling_strategy=here).remote(settings)
@@ -407,7 +420,7 @@ def running_driver(args):
             _print_driver_logs(driver)
         info = ray.get(start)
         _print_driver_logs(driver)
-        print(f"raytp: ready in {time.monotonic() - started:.0f} s: {len(info['ranks'])} ranks, all-reduce "
+        print(f"raytp: ready in {_since_command_start():.0f} s: {len(info['ranks'])} ranks, all-reduce "
               f"{info['backend']}", file=sys.stderr)
         yield driver, info
     finally:
@@ -415,6 +428,13 @@ def running_driver(args):
             ray.get(driver.shutdown.remote(), timeout=30)
         except Exception:  # noqa: BLE001 - the driver may be what failed; ray.shutdown cleans up after it
             pass
+
+
+def _since_command_start() -> float:
+    """Seconds since this process started: what the user waited, Python's and Ray's start-up included."""
+    import psutil
+
+    return time.time() - psutil.Process().create_time()
 
 
 def _print_driver_logs(driver, timeout: float = 60) -> None:
@@ -740,6 +760,12 @@ def _check_args(args) -> None:
         _check_port(args.host, args.port)
     if args.max_context < 1:
         raise UserError(f"--max-context must be >= 1, got {args.max_context}")
+    if hasattr(args, "rank_timeout") and not 0 < args.rank_timeout < float("inf"):
+        raise UserError(f"--rank-timeout must be a number of seconds > 0, got {args.rank_timeout}")
+    if args.max_batch < (0 if args.command == "bench" else 1):  # bench: 0 sizes the cache for each batch it runs
+        raise UserError(f"--max-batch must be >= {0 if args.command == 'bench' else 1}, got {args.max_batch}")
+    if args.command == "generate" and not args.chat and not args.prompt:
+        raise UserError("--prompt is empty: give the text to continue (or --chat to send it as a chat message)")
     if args.kv_dtype == "fp8" and args.command != "plan":  # `plan` only counts bytes; the ranks need float8
         _check_fp8_cache()
     if args.command == "bench":
@@ -767,6 +793,11 @@ def _check_args(args) -> None:
         args.model = _quantized(args.model, args.quant, args.quant)
     for model in getattr(args, "models", [args.model]):
         _check_model(model)
+    if args.command in ("generate", "chat", "serve"):
+        config = _model_config(args.model)
+        if hasattr(args, "top_k"):
+            _check_top_k(args.top_k, config.vocab_size)
+        _check_plan_fits(args, config)
     if getattr(args, "hf_peer", False):
         from raytp.weights.source import ModelSource
 
@@ -775,6 +806,50 @@ def _check_args(args) -> None:
             if quant is not None:
                 raise UserError(f"--hf-peer runs transformers on dense weights; {model!r} is quantized "
                                 f"({quant.describe()})")
+
+
+def _model_config(model: str):
+    from raytp.weights.source import ModelSource
+
+    return ModelSource.parse(model).config()
+
+
+def _check_top_k(top_k: int, vocab_size: int) -> None:
+    from raytp.runtime.requests import check_sampling
+    from raytp.runtime.sampling import SamplingParams
+
+    try:
+        check_sampling(SamplingParams(top_k=top_k), vocab_size)
+    except ValueError as e:
+        raise UserError(f"--top-k: {e}") from None
+
+
+def _check_plan_fits(args, config) -> None:
+    """Refuse devices that cannot hold the model, as `raytp plan` would, where every rank's budget is known before
+    Ray starts: each @MEM cap (an upper bound on a GPU, whose rank plans with at most that), and a local Ray's cpu
+    ranks without one sharing this machine's free memory. The ranks plan again with what they measure."""
+    import psutil
+
+    from raytp.parallel.plan import PlanError, plan_shards
+
+    if is_auto(args.devices):
+        return
+    devices = parse_devices(args.devices)
+    uncapped_cpus = sum(d.kind == "cpu" and d.mem_bytes is None for d in devices)
+    budgets = []
+    for d in devices:
+        if d.mem_bytes is not None:
+            budgets.append((str(d), d.mem_bytes))
+        elif d.kind == "cpu" and not args.address:
+            budgets.append((str(d), psutil.virtual_memory().available // uncapped_cpus))
+        else:
+            return  # a GPU's free memory, or a joined cluster's: only the ranks can tell
+    bandwidths = [d.bandwidth for d in devices] if all(d.bandwidth for d in devices) else None
+    try:
+        plan_shards(config, budgets, max_context=args.max_context, max_batch=args.max_batch, dtype=args.dtype,
+                    bandwidths=bandwidths, split=args.split if bandwidths else "memory", kv_dtype=args.kv_dtype)
+    except PlanError as e:
+        raise UserError(str(e)) from None
 
 
 def _quantized(model: str, quant: str, given: str) -> str:
@@ -817,12 +892,25 @@ def _user_message(e: BaseException) -> str | None:
     return None
 
 
+def _no_color_reset_at_exit() -> None:
+    """Ray imports colorama, whose exit handler writes ESC[0m to a terminal's stdout after the command's output;
+    raytp prints no colors to reset."""
+    import atexit
+
+    if "colorama.initialise" in sys.modules:
+        atexit.unregister(sys.modules["colorama.initialise"].reset_all)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="raytp: %(message)s", stream=sys.stderr)
     try:
         _check_args(args)
         COMMANDS[args.command](args)
+        sys.stdout.flush()  # here, where a closed pipe can still be handled
+    except BrokenPipeError:  # `raytp plan --json | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+        return 141  # as a shell reports a command ended by SIGPIPE
     except KeyboardInterrupt:
         return 130
     except DriverDied as e:
@@ -834,6 +922,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"raytp: error: {message}", file=sys.stderr)
         return 2
+    finally:
+        _no_color_reset_at_exit()
     return 0
 
 

@@ -98,7 +98,7 @@ def test_every_package_says_what_it_may_import():
 
 
 # import name -> distribution name, where they differ
-DISTRIBUTION = {"yaml": "pyyaml"}
+DISTRIBUTION = {"yaml": "pyyaml", "prometheus_client": "prometheus-client"}
 # imported inside try/except ImportError or on an optional path only
 OPTIONAL = {"triton": "GPU kernels: every kernel has a torch fallback",
             "transformers": "only `raytp bench --hf-peer`, which says to install it",

@@ -18,7 +18,7 @@ from raytp.runtime.errors import BusyError, RequestError
 from raytp.runtime.sampling import SamplingParams
 from raytp.parallel.plan import plan_shards
 from raytp.weights.source import ModelSource
-from raytp.ui.chat import TABLE_HEADERS, build_ui, cluster_table, memory_use, shard_widths
+from raytp.ui.chat import TABLE_HEADERS, build_ui, cluster_table, live_rates, memory_use, shard_widths
 from tests.test_serve import DEVICES, running_server
 
 CHROMIUM = "/usr/bin/chromium"
@@ -39,7 +39,7 @@ class RefusingDriver:
     def __init__(self, error: Exception):
         self.error = error
 
-    def encode(self, messages):
+    async def encode(self, messages):
         return [1] * len(messages)
 
     async def submit(self, prompt_ids, params):
@@ -61,7 +61,16 @@ def test_chat_says_busy_or_why_it_failed(error, shown):
         outputs = asyncio.run(_outputs(respond(turns, "", 0.0, 1.0, 8, -1)))
     chatbot, kept, status = outputs[-1]
     assert status.startswith(shown) and str(error) in status
-    assert kept == turns and chatbot == turns  # no empty answer left behind
+    # the user's turn stays, marked as unanswered, and the chat says so below it (no empty answer left behind)
+    assert kept == [{"role": "user", "content": "hi", "failed": str(error)}]
+    assert chatbot[0] == turns[0] and chatbot[1]["role"] == "assistant" and len(chatbot) == 2
+    assert f"No answer: {error}" in chatbot[1]["content"] and "Regenerate" in chatbot[1]["content"]
+    # asked again (Regenerate), the turn goes out without its note
+    driver = AnsweringDriver()
+    again = next(f.fn for f in build_ui(driver).fns.values() if f.name == "respond")
+    *_, (chatbot, kept, status) = asyncio.run(_outputs(again(kept, "", 0.0, 1.0, 8, -1)))
+    assert kept == [{"role": "user", "content": "hi"}, kept[1]] and kept[1]["content"] == "Hi"
+    assert len(chatbot) == 2 and "No answer" not in str(chatbot)
 
 
 class AnsweringDriver(RefusingDriver):
@@ -85,7 +94,7 @@ def test_chat_turn_runs_through_submit_and_its_checks():
     assert driver.asked == [SamplingParams(temperature=0.5, top_p=0.9, max_tokens=8, seed=3)]
     with pytest.warns(UserWarning, match="top_p"):  # the same rules as the API's, before anything is submitted
         *_, (chatbot, kept, status) = asyncio.run(_outputs(respond(turns, "", 0.5, 0.0, 8, 3)))
-    assert status.startswith("**error**") and kept == turns and len(driver.asked) == 1
+    assert status.startswith("**error**") and kept[-1]["failed"] and len(driver.asked) == 1
 
 
 def test_cluster_panel_data(smollm2_dir):
@@ -211,3 +220,12 @@ def test_screenshot(page):
     SCREENSHOT.parent.mkdir(exist_ok=True)
     page.screenshot(path=str(SCREENSHOT), full_page=True)
     assert SCREENSHOT.stat().st_size > 20_000
+
+
+def test_live_rates_from_two_snapshots():
+    before = {"t": 10.0, "tokens": 100.0, "ranks": [(0, "cpu@2GiB", 50.0, 1.0), (1, "cpu@1GiB", 50.0, 0.5)]}
+    now = {"t": 12.0, "tokens": 140.0, "ranks": [(0, "cpu@2GiB", 90.0, 3.0), (1, "cpu@1GiB", 50.0, 0.5)]}
+    text = live_rates(before, now)
+    assert "**20.0 tokens/s** over the last 2 s" in text
+    assert "| 0 | cpu@2GiB | 40 | 50.0 ms |" in text and "| 1 | cpu@1GiB | 0 | idle |" in text
+    assert "first refresh" in live_rates(None, now)

@@ -202,3 +202,87 @@ def test_local_ray_environment_is_restored(tmp_path, monkeypatch):
         assert "RAY_AUTH_TOKEN" not in os.environ
     assert os.environ["RAY_AUTH_MODE"] == "disabled" and os.environ["RAY_AUTH_TOKEN"] == "someone-elses"
     assert "RAY_AUTH_TOKEN_PATH" not in os.environ
+
+
+# ---- refused before Ray: each of these used to start Ray (or run out of memory) first ----------------------
+
+def test_a_device_count_past_any_group_is_refused_not_allocated():
+    line = refused("generate", "--prompt", "hi", "--devices", "cpu*99999999999")
+    assert "count must be in 1..1024, got 99999999999" in line, line
+
+
+def test_top_k_beyond_the_vocabulary(torch_import_s):
+    vocab = 49152  # SmolLM2's, which the refusal reads from the model's config.json
+    line = refused("generate", "--prompt", "hi", *SMALL, "--top-k", str(10**12), extra_s=torch_import_s)
+    assert "--top-k" in line and f"vocabulary size {vocab}" in line and str(10**12) in line, line
+    assert cli.build_parser().parse_args(["generate", "--prompt", "hi", "--top-k", str(vocab)]).top_k == vocab
+
+
+@pytest.mark.parametrize("command", [["generate", "--prompt", "hi"], ["chat"], ["serve"]])
+def test_max_batch_zero(command):
+    line = refused(*command, *SMALL, "--max-batch", "0")
+    assert "--max-batch must be >= 1, got 0" in line, line
+
+
+def test_empty_prompt():
+    line = refused("generate", "--prompt", "", *SMALL)
+    assert "--prompt is empty" in line, line
+
+
+def test_devices_the_planner_knows_are_too_small(torch_import_s):
+    """`raytp plan` knows that 1 KiB holds no model: so does every command, before Ray. The planner's message
+    (the need and the budget of each rank) is the refusal."""
+    start = time.monotonic()
+    run = subprocess.run([sys.executable, "-m", "raytp", "generate", "--prompt", "hi", "--devices", "cpu@1KiB"],
+                         capture_output=True, text=True, timeout=60)
+    elapsed = time.monotonic() - start
+    plan = subprocess.run([sys.executable, "-m", "raytp", "plan", "--devices", "cpu@1KiB", "--max-batch", "1"],
+                          capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert run.stderr.startswith("raytp: error: does not fit") and "rank 0 cpu@1KiB" in run.stderr, run.stderr
+    assert "starting Ray" not in run.stderr, run.stderr
+    assert run.stderr == plan.stderr, (run.stderr, plan.stderr)  # the same verdict as `raytp plan`
+    assert elapsed < LIMIT_S + torch_import_s, f"took {elapsed:.1f} s"
+
+
+def test_token_auth_hint_when_joining_without_a_token(monkeypatch):
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    assert "RAY_AUTH_MODE=token" in cli._token_auth_hint()
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    assert cli._token_auth_hint() == ""
+
+
+def test_a_reader_that_stops_early_gets_no_traceback():
+    """`raytp plan --json | head`: the reader went away; raytp ends quietly, as a shell reports SIGPIPE."""
+    proc = subprocess.Popen([sys.executable, "-m", "raytp", "plan", "--devices", "cpu@1GiB", "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # gone before raytp writes
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141 and err == "", err
+
+
+@pytest.mark.slow
+def test_joining_a_token_cluster_without_a_token_says_so(tmp_path):
+    """A Ray head with token authentication (started here, on loopback), joined without RAY_AUTH_MODE=token: the
+    refusal names the missing setting instead of only 'cannot reach'."""
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": os.urandom(16).hex(),
+           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    head = subprocess.Popen([sys.executable, "-c", "import ray, sys, time\n"
+                             "ray.init(address='local', include_dashboard=False, num_cpus=1)\n"
+                             "print(ray.get_runtime_context().gcs_address, flush=True)\n"
+                             "sys.stdin.read()\n"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            env=env)
+    try:
+        address = head.stdout.readline().strip()
+        assert address, "the token-auth head did not start"
+        run = subprocess.run([sys.executable, "-m", "raytp", "generate", "--prompt", "hi", "--devices", "cpu",
+                              "--address", address], capture_output=True, text=True, timeout=300,
+                             # the head is on loopback: the client needs Ray's loopback switch to reach it there
+                             env={**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
+    finally:
+        head.stdin.close()  # the head's ray.init shuts its cluster down when its process exits
+        head.wait(timeout=120)
+    error = run.stderr.strip().splitlines()[-1]
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-3000:]
+    assert error.startswith(f"raytp: error: cannot reach the Ray cluster at --address {address!r}"), error
+    assert "set RAY_AUTH_MODE=token here too" in error, error

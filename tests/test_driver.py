@@ -13,6 +13,7 @@ from raytp.actors.driver import Driver
 from raytp.runtime.engine import Add, Cancel, TokenEvent
 from raytp.runtime.errors import RequestError
 from raytp.runtime.sampling import SamplingParams
+from raytp.serving.metrics import ServingMetrics
 
 
 class FakeLeader:
@@ -38,6 +39,7 @@ def fake_driver(script) -> Driver:
     d.settings = types.SimpleNamespace(model="synthetic:test", max_context=16, max_batch=2)
     d.config = types.SimpleNamespace(vocab_size=100, eos_token_ids={2})
     d.tokenizer, d.streams, d.max_queue, d.ready, d.down = None, {}, 0, asyncio.Event(), None
+    d.metrics, d._answering = ServingMetrics(), 0
     d.ready.set()
     d.group = types.SimpleNamespace(leader=FakeLeader(d, script))
     return d

@@ -4,6 +4,7 @@ loader), pulled once, and never left half-written."""
 import json
 import os
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -144,3 +145,17 @@ def test_resolve_model(smollm2_dir, tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ValueError, match=r"no \*\.safetensors"):
         resolve_model(str(tmp_path))
+
+
+def test_the_first_pull_says_it_converts(smollm2_gguf, tmp_path):
+    """The first run converts the GGUF (seconds of work): it says so, and where the result goes."""
+    home = tmp_path / "home"
+    (home / "downloads").mkdir(parents=True)
+    (home / "downloads" / smollm2_gguf.name).symlink_to(smollm2_gguf)  # downloaded already: only the conversion
+    run = subprocess.run([sys.executable, "-m", "raytp", "pull", "smollm2"], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "RAYTP_HOME": str(home)})
+    assert run.returncode == 0, run.stderr
+    model_dir = home / "models" / "smollm2-135m-instruct-f32"
+    assert run.stdout.strip() == str(model_dir)
+    assert f"raytp: converting {smollm2_gguf.name} (4-bit GGUF) into a float32 Hugging Face directory, once: " \
+           f"{model_dir}" in run.stderr, run.stderr

@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import transformers
 
 from raytp.runtime.requests import StopScanner
 from raytp.serving.openai_api import APIError, parse_completion
@@ -173,6 +174,64 @@ def test_models_lists_the_served_model(client):
     assert [m.id for m in models.data] == ["smollm2"]
 
 
+def scrape(server: str) -> dict:
+    """/metrics parsed by prometheus-client's own parser: {(sample name, labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    response = httpx.get(f"{server}/metrics", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30)
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain"), response.text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(response.text) for s in family.samples}
+
+
+@pytest.mark.slow
+def test_metrics_count_a_request_and_health_says_ok(server):
+    before = scrape(server)
+    response = post(server, "completions", {**GOOD, "max_tokens": 5, "ignore_eos": True})
+    assert response.status_code == 200, response.text
+    prompt_tokens = response.json()["usage"]["prompt_tokens"]
+    after = scrape(server)
+
+    def delta(name, labels=()):
+        return after.get((name, labels), 0) - before.get((name, labels), 0)
+
+    assert delta("raytp_generation_tokens_total") == 5
+    assert delta("raytp_prompt_tokens_total") == prompt_tokens
+    assert delta("raytp_time_to_first_token_seconds_count") == 1
+    assert delta("raytp_inter_token_latency_seconds_count") == 4  # between 5 tokens
+    assert after[("raytp_requests_running", ())] == after[("raytp_requests_waiting", ())] == 0
+    assert after[("raytp_rebuilds_total", ())] == 0
+    for rank, device in enumerate(DEVICES.split(",")):
+        labels = (("device", device), ("rank", str(rank)))
+        assert delta("raytp_rank_step_seconds_count", labels) >= 5, after  # a step per token, at least
+        assert after[("raytp_rank_step_seconds_sum", labels)] > 0
+    assert httpx.get(f"{server}/metrics", timeout=10).status_code == 401  # behind the API key, as /v1 is
+    health = httpx.get(f"{server}/health", timeout=10)  # not: load balancers probe it
+    assert health.status_code == 200 and health.json()["status"] == "ok", health.text
+
+
+@pytest.mark.slow
+def test_tokenize_and_detokenize_agree_with_transformers(server, smollm2_dir):
+    hf = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    text = "The capital of France is Paris. 🤖"
+    got = httpx.post(f"{server}/tokenize", json={"model": "smollm2", "prompt": text}, headers=auth, timeout=30)
+    assert got.status_code == 200, got.text
+    assert got.json() == {"count": len(hf.encode(text)), "max_model_len": 2048, "tokens": hf.encode(text)}
+    messages = [{"role": "user", "content": QUESTION}]
+    chat_ids = httpx.post(f"{server}/tokenize", json={"messages": messages}, headers=auth, timeout=30).json()
+    assert chat_ids["tokens"] == hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
+                                                        return_dict=False)
+    back = httpx.post(f"{server}/detokenize", json={"tokens": chat_ids["tokens"]}, headers=auth, timeout=30)
+    assert back.json() == {"prompt": hf.decode(chat_ids["tokens"])}
+    for body, param in (({"tokens": [1, 10**9]}, "tokens"), ({"prompt": "a", "messages": messages}, None),
+                        ({"prompt": "hi \ud800"}, "prompt")):
+        refused = httpx.post(f"{server}/tokenize" if "tokens" not in body else f"{server}/detokenize",
+                             content=json.dumps(body), headers={**auth, "Content-Type": "application/json"},
+                             timeout=30)  # json.dumps escapes the lone surrogate, as a client's JSON would
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == param, refused.text
+
+
 @pytest.mark.slow
 def test_greedy_chat_matches_generate(client, reference):
     want = reference["text"]
@@ -282,6 +341,14 @@ BAD_REQUESTS = {
     "token id outside the vocabulary": ("completions", {**GOOD, "prompt": [1, 10**9]}, API_KEY, 400, "prompt"),
     "five stop strings": ("completions", {**GOOD, "stop": list("abcde")}, API_KEY, 400, "stop"),
     "body past 4 MiB": ("completions", json.dumps({**GOOD, "prompt": "a" * (4 << 20)}), API_KEY, 413, None),
+    "body nested 200k levels deep": ("chat/completions", '{"model": "smollm2", "messages": ' + "[" * 200_000
+                                     + "]" * 200_000 + "}", API_KEY, 400, None),
+    "lone surrogate in a message": ("chat/completions", '{"model": "smollm2", "messages": [{"role": "user", '
+                                    '"content": "hi \\ud800"}]}', API_KEY, 400, "messages"),
+    "lone surrogate in a prompt": ("completions", '{"model": "smollm2", "prompt": "\\udfff hi"}', API_KEY, 400,
+                                   "prompt"),
+    "more characters than the context holds": ("chat/completions", {"model": "smollm2", "messages": [
+        {"role": "user", "content": "7" * (2048 * 81 + 1)}]}, API_KEY, 400, "messages"),
     "missing key": ("completions", GOOD, None, 401, None),
     "wrong key": ("completions", GOOD, "sk-wrong", 401, None),
 }
@@ -298,6 +365,12 @@ def test_bad_request_gets_openai_error_and_server_keeps_serving(server, case):
     assert error["param"] == param
     if case == "unknown model":
         assert error["code"] == "model_not_found"
+    if case.startswith("lone surrogate"):
+        assert "lone surrogate" in error["message"] and ("\\ud800" in error["message"]
+                                                         or "\\udfff" in error["message"]), error
+    if case == "more characters than the context holds":
+        assert "no text of more than 165888" in error["message"] and "--max-context" in error["message"], error
+    assert response.headers["X-Request-Id"]  # the id the server logged the error under
     good = post(server, "completions", GOOD)
     assert good.status_code == 200 and good.json()["choices"][0]["text"]
 
@@ -313,6 +386,20 @@ def test_openai_client_raises_its_own_error_types(server, client):
     with pytest.raises(openai.AuthenticationError):
         bad_key.models.list()
     assert httpx.get(f"{server}/v1/models", timeout=10).status_code == 401
+
+
+@pytest.mark.slow
+def test_a_get_on_a_post_route_is_405_naming_the_method(server):
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    for path in ("chat/completions", "completions"):
+        response = httpx.get(f"{server}/v1/{path}", headers=auth, timeout=10)
+        assert response.status_code == 405 and response.headers["Allow"] == "POST", response.text
+        error = response.json()["error"]
+        assert error["code"] == "method_not_allowed" and f"/v1/{path} takes POST" in error["message"], error
+    response = httpx.post(f"{server}/v1/models", headers=auth, timeout=10)
+    assert response.status_code == 405 and response.headers["Allow"] == "GET", response.text
+    unknown = httpx.get(f"{server}/v1/embeddings", headers=auth, timeout=10)
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "unknown_url"
 
 
 LONG = {"model": "smollm2", "prompt": "Count to a thousand: 1, 2, 3,", "max_tokens": 1500, "temperature": 0,

@@ -8,28 +8,33 @@ Ray's processes (gcs_server, raylet, agents, workers) are all descendants of the
 from __future__ import annotations
 
 import ipaddress
+import json
+import os
+import re
 import signal
 import stat
 import subprocess
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import psutil
 import pytest
 
 from raytp.cli import TOKEN_FILE
 from raytp.weights.smollm2 import raytp_home
-from tests.util import serve_process
+from tests.util import RAYTP_ENV, serve_process
 
 pytestmark = pytest.mark.slow
 
 @contextmanager
-def serving(log_path: Path):
+def serving(log_path: Path, *extra: str):
     """`raytp serve` up and answering; yields (process, log path). The caller's RAY_AUTH_MODE=disabled (in
     RAYTP_ENV) must not reach the Ray that raytp starts itself."""
     with serve_process(log_path, "--model", "smollm2", "--devices", "cpu@2GiB,cpu@1GiB", "--dtype",
-                       "float32") as (proc, _):
+                       "float32", *extra) as (proc, _):
         yield proc, log_path
 
 
@@ -58,8 +63,11 @@ def wait_for(predicate, timeout: float, what: str):
         time.sleep(0.5)
 
 
-def test_nothing_listens_beyond_loopback_and_sigterm_exits_cleanly(tmp_path):
-    with serving(tmp_path / "serve.log") as (proc, log_path):
+# every backend that runs on one node of CPU ranks (auto is hoststaged there; gloo opens torch.distributed's store
+# and gloo's own connections)
+@pytest.mark.parametrize("comm", ["auto", "gloo"])
+def test_nothing_listens_beyond_loopback_and_sigterm_exits_cleanly(tmp_path, comm):
+    with serving(tmp_path / "serve.log", "--comm", comm) as (proc, log_path):
         procs = {p.pid: p for p in tree(proc)}
         names = {p.name() for p in procs.values()}
         assert {"gcs_server", "raylet"} <= names, names  # Ray's own processes are in the tree we inspect
@@ -87,7 +95,7 @@ def test_nothing_listens_beyond_loopback_and_sigterm_exits_cleanly(tmp_path):
 
 def test_driver_logs_reach_the_terminal_and_a_dead_driver_ends_serve(tmp_path):
     with serving(tmp_path / "serve.log") as (proc, log_path):
-        ray_process(proc, "ray::Worker.").kill()  # the driver logs the rank's failure and rebuilds
+        ray_process(proc, "ray::Worker").kill()  # the driver logs the rank's failure and rebuilds
         wait_for(lambda: "failed" in log_path.read_text() and "rank" in log_path.read_text(), 30,
                  f"the driver's report of the dead rank never reached the terminal:\n{log_path.read_text()}")
 
@@ -101,3 +109,101 @@ def test_driver_logs_reach_the_terminal_and_a_dead_driver_ends_serve(tmp_path):
     assert elapsed < 10, f"took {elapsed:.0f} s to notice"
     assert "raytp: error: the driver actor died" in text, text[-3000:]
     assert "Traceback" not in text, text[-3000:]
+
+
+INTERNALS = ("actor_id", "pid", "namespace", "ip:", "Traceback", "class_name", "\n")
+
+
+def long_stream(http: httpx.Client, url: str):
+    body = {"model": "smollm2", "prompt": "Count: 1, 2, 3,", "max_tokens": 1500, "temperature": 0,
+            "ignore_eos": True, "stream": True}
+    return http.stream("POST", f"{url}/v1/completions", json=body)
+
+
+def error_event(lines) -> dict:
+    for line in lines:
+        if line.startswith("data: {") and '"error"' in line:
+            return json.loads(line.removeprefix("data: "))["error"]
+    raise AssertionError("the stream ended without an error event")
+
+
+def test_a_stopped_rank_is_found_by_heartbeat_and_failures_say_503_naming_the_rank(tmp_path):
+    """A rank stopped with SIGSTOP (its peers wait for it in a collective) is found by the driver's heartbeat, not
+    by the collective's 30 s timeout; its requests fail with one line naming the rank; new requests get 503 with
+    Retry-After while the group rebuilds; then it serves again. Killing every rank (the leader too) is reported
+    the same way, without Ray's internals."""
+    log_path = tmp_path / "serve.log"
+    with serve_process(log_path, "--model", "smollm2", "--devices", "cpu@2GiB,cpu@1GiB", "--dtype", "float32") \
+            as (proc, url), httpx.Client(timeout=120) as http:
+        workers = [p for p in tree(proc) if "ray::Worker" in " ".join(p.cmdline())]
+        assert len(workers) == 2, workers
+        with long_stream(http, url) as response:
+            lines = response.iter_lines()
+            assert next(line for line in lines if line).startswith("data: {")  # decoding
+            stopped = workers[1]
+            stopped.suspend()
+            try:
+                error = error_event(lines)
+                busy = http.post(f"{url}/v1/completions", json={"model": "smollm2", "prompt": "Hi", "max_tokens": 2})
+                unhealthy = http.get(f"{url}/health")
+            finally:
+                try:
+                    stopped.resume()  # the driver kills it; were it still here, it must not stay stopped
+                except psutil.NoSuchProcess:
+                    pass
+        assert re.fullmatch(r"rank [01] \(cpu@[12]GiB\) failed: it answered no heartbeat for 5 s \(stopped or "
+                            r"stuck; --rank-timeout\); the group is rebuilding: retry shortly", error["message"]), error
+        assert busy.status_code == 503 and busy.headers["Retry-After"], busy.text
+        assert busy.json()["error"]["code"] == "unavailable" and error["message"] in busy.json()["error"]["message"]
+        assert unhealthy.status_code == 503 and unhealthy.headers["Retry-After"], unhealthy.text
+
+        wait_for(lambda: http.post(f"{url}/v1/completions", json={"model": "smollm2", "prompt": "Hi",
+                                                                   "max_tokens": 2}).status_code == 200,
+                 120, "the group never came back")
+        assert http.get(f"{url}/health").status_code == 200
+        assert "raytp_rebuilds_total 1.0" in http.get(f"{url}/metrics").text
+        with long_stream(http, url) as response:
+            lines = response.iter_lines()
+            assert next(line for line in lines if line).startswith("data: {")
+            for worker in [p for p in tree(proc) if "ray::Worker" in " ".join(p.cmdline())]:
+                worker.kill()
+            error = error_event(lines)
+        assert re.fullmatch(r"rank [01] \(cpu@[12]GiB\) failed: .+; the group is rebuilding: retry shortly",
+                            error["message"]), error
+        assert not [x for x in INTERNALS if x in error["message"]], error
+        wait_for(lambda: http.post(f"{url}/v1/completions", json={"model": "smollm2", "prompt": "Hi",
+                                                                   "max_tokens": 2}).status_code == 200,
+                 120, "the group never came back")
+    assert "Traceback" not in log_path.read_text(), log_path.read_text()[-3000:]
+
+
+def test_generate_on_a_terminal_prints_no_stray_escape_and_counts_ready_from_the_start(tmp_path):
+    """On a terminal, nothing follows the answer (Ray's colorama used to reset colors raytp never set); "ready in
+    N s" counts the whole wait, Ray's start-up included: at least the time to the line that says Ray started."""
+    import pty
+
+    master, slave = pty.openpty()
+    started = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-m", "raytp", "generate", "--devices", "cpu", "--prompt", "Hi",
+                             "--max-tokens", "3", "--temperature", "0"], stdout=slave, stderr=subprocess.PIPE,
+                            env=RAYTP_ENV, text=True)
+    os.close(slave)
+    out = b""
+    while chunk := _read_pty(master):
+        out += chunk
+    os.close(master)
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 0, err
+    assert b"\x1b" not in out, out
+    ready = re.search(r"ready in (\d+) s", err)
+    assert ready, err
+    placing = err.index("placing 1 ranks")  # after Ray's start-up: the wait includes it
+    assert placing < ready.start()
+    assert int(ready.group(1)) <= time.monotonic() - started + 1  # and nothing before this process started
+
+
+def _read_pty(fd: int) -> bytes:
+    try:
+        return os.read(fd, 4096)
+    except OSError:  # the child closed its end
+        return b""

@@ -2,6 +2,7 @@
 file and the problem. Each case copies the real SmolLM2 directory and breaks one thing."""
 
 import shutil
+import subprocess
 import time
 
 import pytest
@@ -11,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from raytp.model.layout import Slice
 from raytp.weights.checkpoint import SafetensorsReader
 from raytp.weights.source import ModelSource
+from tests.util import RAYTP_ENV, raytp_command
 
 LAYER0_Q = "model.layers.0.self_attn.q_proj.weight"
 
@@ -92,3 +94,36 @@ def test_reader_reads_and_counts_only_the_slice_bytes(tmp_path):
         assert got.tolist() == [[5.0], [8.0]] and reader.bar.n == 2 * 4  # two float32 values read
         with pytest.raises(ValueError, match=r"'w' .* has shape \(4, 3\), config.json implies \(3, 4\)"):
             reader.read(Slice("w", (3, 4), range(3)))
+
+
+def test_reader_refuses_nan_and_inf_naming_the_tensor(tmp_path):
+    w = torch.ones(4, 3)
+    w[2, 1], w[3, 0] = float("nan"), float("inf")
+    save_file({"w": w, "big": torch.full((2, 2), 1e30)}, tmp_path / "model.safetensors")
+    with SafetensorsReader(tmp_path, torch.float32, torch.device("cpu")) as reader:
+        assert reader.read(Slice("w", (4, 3), range(0, 2))).tolist() == [[1.0] * 3] * 2  # this slice is clean
+        with pytest.raises(ValueError, match=r"tensor 'w' in .*model.safetensors holds 1 NaN and 1 Inf values; "
+                                             r"the checkpoint is corrupt"):
+            reader.read(Slice("w", (4, 3), range(0, 4)))
+    with SafetensorsReader(tmp_path, torch.float16, torch.device("cpu")) as reader:
+        with pytest.raises(ValueError, match=r"tensor 'big' .* holds 0 NaN and 4 Inf values; its values overflow "
+                                             r"torch.float16"):
+            reader.read(Slice("big", (2, 2), range(0, 2)))
+
+
+@pytest.mark.slow
+def test_generate_on_nan_weights_prints_one_line(model_copy):
+    """A NaN in one weight: `raytp generate` names the tensor in one line instead of sampling from NaN logits."""
+    def poison(tensors):
+        tensors[LAYER0_Q] = tensors[LAYER0_Q].clone()
+        tensors[LAYER0_Q][5, 7] = float("nan")
+        return tensors
+
+    _rewrite_weights(model_copy, poison)
+    run = subprocess.run(raytp_command("generate", "--model", str(model_copy), "--devices", "cpu@2GiB,cpu@1GiB",
+                                       "--prompt", "Hello", "--max-tokens", "4"),
+                         capture_output=True, text=True, timeout=300, env=RAYTP_ENV)
+    errors = [line for line in run.stderr.splitlines() if "error" in line.lower()]
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-3000:]
+    assert errors == [f"raytp: error: tensor {LAYER0_Q!r} in {model_copy / 'model.safetensors'} holds 1 NaN and 0 "
+                      "Inf values; the checkpoint is corrupt: re-download or re-convert it"], run.stderr[-3000:]

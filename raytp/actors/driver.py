@@ -30,15 +30,19 @@ from raytp.actors.group import ClusterError, GroupSettings, WorkerGroup
 from raytp.runtime.engine import Add, Cancel, Request, TokenEvent
 from raytp.parallel.plan import PlanError
 from raytp.runtime.errors import BusyError, RequestError, UnavailableError, error_summary
-from raytp.runtime.requests import StopScanner, check_request
+from raytp.runtime.requests import StopScanner, check_request, check_text
 from raytp.runtime.sampling import SamplingParams
+from raytp.serving.metrics import ServingMetrics
 from raytp.weights.source import ModelSource
 from raytp.weights.tokenizer import StreamDecoder, Tokenizer
+from raytp.weights.tokenizer_pool import TextTooLong, TokenizerPool
 
 log = logging.getLogger("raytp")
 
 
 MAX_QUEUE = 64  # streams that may wait for a cache slot beyond the max_batch running ones; `serve` sets it
+REBUILDING = "the group is rebuilding: retry shortly"
+HEARTBEAT_EVERY_S = 1.0  # between two heartbeats of every rank (each waits up to settings.heartbeat_s for answers)
 LOG_LINES = 1000  # `raytp` log lines kept for the CLI between two `take_logs`; older ones are dropped
 
 
@@ -61,6 +65,9 @@ class Driver:
         self.config = source.config()
         # synthetic models have no tokenizer: their requests pass token ids and stream no text
         self.tokenizer = None if source.tokenizer_dir is None else Tokenizer.from_dir(source.tokenizer_dir)
+        # prompts are encoded in child processes, never in this event loop (raytp.weights.tokenizer_pool)
+        self.tokenizer_pool = None if self.tokenizer is None else \
+            TokenizerPool(self.tokenizer, source.tokenizer_dir, settings.max_context)
         self.group: WorkerGroup | None = None
         self.streams: dict[str, asyncio.Queue[TokenEvent]] = {}
         self.devices = settings.devices  # the devices the group runs on: fewer after a re-plan over survivors
@@ -71,6 +78,10 @@ class Driver:
         self._tasks: list[asyncio.Task] = []
         self._closing = False
         self.max_queue = MAX_QUEUE
+        self.metrics = ServingMetrics()  # what /metrics reports (raytp.serving.metrics)
+        self._answering = 0  # admitted requests that have their first token
+        self.metrics.running.set_function(lambda: self._answering)
+        self.metrics.waiting.set_function(lambda: len(self.streams) - self._answering)
         self._http = None  # the HTTP server `serve` runs in this actor's event loop
         self._log_tail = LogTail()
         log.addHandler(self._log_tail)
@@ -79,7 +90,11 @@ class Driver:
     # ---- group lifecycle ---------------------------------------------------------------------------------
 
     async def start(self) -> dict:
+        if self.tokenizer_pool is not None:  # its processes start while the ranks load: the first request is quick
+            warm = asyncio.ensure_future(self.tokenizer_pool.encode(prompt="warm up"))
         await self._build()
+        if self.tokenizer_pool is not None:
+            await warm
         return self.info()
 
     async def _build(self) -> None:
@@ -105,23 +120,46 @@ class Driver:
                 if q is not None:
                     q.put_nowait(e)
 
+    async def _heartbeat(self, group: WorkerGroup) -> tuple[int, str]:
+        """Return (rank, why) once a rank leaves a heartbeat unanswered for settings.heartbeat_s: a stopped or
+        stuck process, which the other ranks would otherwise wait for until their collective times out. One Ray
+        call per rank per HEARTBEAT_EVERY_S, off the token path; a rank that died is the watcher's to report."""
+        limit = self.settings.heartbeat_s
+        while True:
+            beats = [asyncio.wrap_future(w.heartbeat.remote().future()) for w in group.workers]
+            _, late = await asyncio.wait(beats, timeout=limit)
+            if late:
+                for beat in late:
+                    beat.cancel()
+                rank = min(i for i, beat in enumerate(beats) if beat in late)
+                return rank, f"it answered no heartbeat for {limit:g} s (stopped or stuck; --rank-timeout)"
+            await asyncio.sleep(HEARTBEAT_EVERY_S)
+
     async def _watch(self, group: WorkerGroup) -> None:
-        """Wait for any rank's loop to end; when it ends unasked, fail the requests and rebuild."""
+        """Wait for any rank's loop to end, or to stop answering; when that happens unasked, fail the requests and
+        rebuild."""
         futures = {asyncio.wrap_future(ref.future()): rank for rank, ref in enumerate(group.run_refs)}
-        done, _ = await asyncio.wait(futures, return_when=asyncio.FIRST_COMPLETED)
+        heartbeat = asyncio.ensure_future(self._heartbeat(group))
+        done, _ = await asyncio.wait({*futures, heartbeat}, return_when=asyncio.FIRST_COMPLETED)
+        heartbeat.cancel()
         if self._closing:
             return
-        rank = futures[next(iter(done))]
-        try:
-            next(iter(done)).result()
-            why = "its loop ended"
-        except Exception as e:  # noqa: BLE001 - any failure of a rank is reported, whatever its type
-            why = error_summary(e)
+        ended = next(f for f in done if f is not heartbeat) if done - {heartbeat} else heartbeat
+        if ended is heartbeat:
+            rank, why = heartbeat.result()
+        else:
+            rank = futures[ended]
+            try:
+                ended.result()
+                why = "its loop ended"
+            except Exception as e:  # noqa: BLE001 - any failure of a rank is reported, whatever its type
+                why = rank_error_summary(e)
         self.failure = f"rank {rank} ({self.devices[rank]}) failed: {why}"
+        self.metrics.rebuilds.inc()
         self._record(f"{self.failure}; rebuilding the group", logging.ERROR)
         self.ready.clear()
         for rid, q in self.streams.items():
-            q.put_nowait(TokenEvent(rid, None, "error", error=self.failure))
+            q.put_nowait(TokenEvent(rid, None, "error", error=f"{self.failure}; {REBUILDING}"))
         self._tasks[0].cancel()
         await asyncio.to_thread(group.shutdown, False)
         try:
@@ -154,7 +192,18 @@ class Driver:
         if self.group is not None:
             await asyncio.to_thread(self.group.shutdown)
             self.group = None
+        if self.tokenizer_pool is not None:
+            self.tokenizer_pool.close()
         log.removeHandler(self._log_tail)
+
+    def unavailable(self) -> str | None:
+        """Why requests cannot run now (the group is rebuilding, or cannot be served any more), else None. The
+        HTTP API answers those 503 with Retry-After at once; `submit` itself waits out a rebuild."""
+        if self.down:
+            return self.down
+        if not self.ready.is_set():
+            return f"{self.failure}; {REBUILDING}" if self.failure else "the ranks are starting; retry shortly"
+        return None
 
     def take_logs(self) -> list[str]:
         """The `raytp` log lines since the last call. The CLI calls it once a second: it is also the liveness ping."""
@@ -173,18 +222,32 @@ class Driver:
 
     # ---- requests ------------------------------------------------------------------------------------------
 
-    def encode(self, prompt: str | None = None, messages: list[dict] | None = None) -> list[int]:
-        """The token ids of a text prompt, or of chat messages through the model's chat template."""
+    async def encode(self, prompt: str | None = None, messages: list[dict] | None = None) -> list[int]:
+        """The token ids of a text prompt, or of chat messages through the model's chat template, where a message's
+        text is text (no control token can be forged in it). Encoded in a child process, after the text's length
+        in characters is checked against the context: this event loop never tokenizes."""
         if (prompt is None) == (messages is None):
             raise RequestError("give exactly one of prompt or messages")
-        if self.tokenizer is None:
+        param = "prompt" if messages is None else "messages"
+        if self.tokenizer_pool is None:
             raise RequestError(f"{self.settings.model} has no tokenizer: pass token ids instead of text",
                                param="prompt")
+        for m in messages or []:
+            check_text(m.get("content") or "", param)
+        if prompt is not None:
+            check_text(prompt, param)
         try:
-            text = self.tokenizer.apply_chat_template(messages) if messages is not None else prompt
-        except ValueError as e:  # a model without a chat template
-            raise RequestError(str(e), param="messages") from None
-        return self.tokenizer.encode(text)
+            return await self.tokenizer_pool.encode(prompt, messages)
+        except TextTooLong as e:
+            raise RequestError(str(e), param=param, code="context_length_exceeded") from None
+        except ValueError as e:  # a model without a chat template, or a template that refuses the messages
+            raise RequestError(str(e), param=param) from None
+
+    def decode(self, ids: list[int]) -> str:
+        """The text of token ids, control tokens included (/detokenize)."""
+        if self.tokenizer is None:
+            raise RequestError(f"{self.settings.model} has no tokenizer: it has no text for token ids")
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
 
     async def submit(self, prompt_ids: Sequence[int], params: SamplingParams, stop: Sequence[str] = (),
                      ignore_eos: bool = False):
@@ -208,7 +271,7 @@ class Driver:
         stops = StopScanner(stop)
         eos = self.tokenizer.eos_token_ids if self.tokenizer is not None else self.config.eos_token_ids
         start = time.perf_counter()
-        first = None
+        first = last_t = None  # the first token's arrival here; the leader's clock at the last token's step
         generated: list[int] = []
         finish = None
         ended_on_ranks = False
@@ -217,15 +280,20 @@ class Driver:
             if self.down:
                 raise UnavailableError(self.down)
             request = Request(rid, prompt_ids, params, [] if ignore_eos else sorted(eos))
-            await self.group.leader.submit.remote(Add(request))
+            try:
+                await self.group.leader.submit.remote(Add(request))
+            except ray.exceptions.RayError as e:  # the leader died before the watcher noticed
+                raise UnavailableError(f"rank 0 ({self.devices[0]}) failed: {rank_error_summary(e)}; {REBUILDING}"
+                                       ) from None
             while finish is None:
                 e = await queue.get()
                 ended_on_ranks = e.finish is not None
-                if e.error:
-                    raise RuntimeError(e.error)
+                if e.error:  # a rank failed: the request may run again once the group is back
+                    raise UnavailableError(e.error)
                 text = ""
                 if e.token_id is not None:
-                    first = first or time.perf_counter()
+                    self._observe_token(start, first, last_t, e.t)
+                    first, last_t = first or time.perf_counter(), e.t
                     generated.append(e.token_id)
                     if e.finish != "stop" and decoder:  # the stop token itself is not part of the answer
                         text = decoder.feed(e.token_id)
@@ -242,6 +310,8 @@ class Driver:
             raise
         finally:
             del self.streams[rid]
+            self._answering -= first is not None
+            self.metrics.prompt_tokens.inc(len(prompt_ids))
             live = self.ready.is_set() and not self.down  # not while the group rebuilds: it failed every request
             if not ended_on_ranks and live:  # a stop string, or the caller went away: free the slot
                 self.group.leader.submit.remote(Cancel(rid))
@@ -252,6 +322,47 @@ class Driver:
             "generated_tokens": len(generated), "ttft_s": (first or start) - start, "elapsed_s": elapsed,
             "tokens_per_s": (len(generated) - 1) / decode_s if len(generated) > 1 and decode_s > 0 else 0.0,
         }
+
+    def _observe_token(self, start: float, first: float | None, last_t: float | None, t: float | None) -> None:
+        self.metrics.generation_tokens.inc()
+        if first is None:
+            self._answering += 1
+            self.metrics.ttft.observe(time.perf_counter() - start)
+        elif last_t is not None and t is not None:
+            self.metrics.inter_token.observe(t - last_t)
+
+    async def _collect_rank_steps(self) -> None:
+        """Take the ranks' step times since the last call into the metrics: one Ray call per rank, at a scrape or
+        a refresh of the Cluster panel, never per step."""
+        group = self.group
+        if group is None or not self.ready.is_set() or self.down:
+            return
+        try:
+            taken = await asyncio.wait_for(asyncio.gather(*[w.take_step_seconds.remote() for w in group.workers]),
+                                           timeout=self.settings.heartbeat_s)
+        except (asyncio.TimeoutError, ray.exceptions.RayError):
+            return  # a rank failing now: the watcher reports it
+        for rank, seconds in enumerate(taken):
+            histogram = self.metrics.rank_step.labels(rank=str(rank), device=str(self.devices[rank]))
+            for s in seconds:
+                histogram.observe(s)
+
+    async def metrics_text(self) -> bytes:
+        """/metrics, in Prometheus' text format."""
+        await self._collect_rank_steps()
+        return self.metrics.exposition()
+
+    async def live_numbers(self) -> dict:
+        """The running totals the web chat's Cluster panel turns into rates (the same numbers /metrics reports):
+        {"t", "tokens", "ranks": [(rank, device, steps, step seconds)]}."""
+        await self._collect_rank_steps()
+        value = self.metrics.registry.get_sample_value
+        ranks = []
+        for rank, device in enumerate(self.devices):
+            labels = {"rank": str(rank), "device": str(device)}
+            ranks.append((rank, str(device), value("raytp_rank_step_seconds_count", labels) or 0.0,
+                          value("raytp_rank_step_seconds_sum", labels) or 0.0))
+        return {"t": time.monotonic(), "tokens": value("raytp_generation_tokens_total") or 0.0, "ranks": ranks}
 
     # ---- HTTP ----------------------------------------------------------------------------------------------
 
@@ -268,6 +379,13 @@ class Driver:
         self.max_queue = max_queue
         self._http = await HTTPServer.start(self, host, port, api_key)
         return self._http.url
+
+
+def rank_error_summary(e: BaseException) -> str:
+    """One line for what ended a rank, without Ray's internals (actor id, pid, namespace, address)."""
+    if isinstance(e, ray.exceptions.RayActorError) and not isinstance(e, ray.exceptions.RayTaskError):
+        return "its process died (killed, crashed or out of memory)"
+    return error_summary(e)
 
 
 def _lost_ranks(group: WorkerGroup, failed: int) -> set[int]:

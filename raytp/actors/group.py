@@ -58,6 +58,9 @@ class GroupSettings:
     max_context: int = 2048
     max_batch: int = 8
     timeout_s: float = 30.0  # a collective waiting longer than this for a peer fails
+    # a rank that leaves a heartbeat unanswered this long is stopped or stuck: the group is rebuilt without waiting
+    # for timeout_s (`--rank-timeout`)
+    heartbeat_s: float = 5.0
     progress: bool = True
     options: RuntimeOptions = RuntimeOptions()  # run-time switches every rank obeys (raytp.runtime.options)
     split: str | None = None  # "memory" | "speed"; None: speed where every rank's bandwidth is known

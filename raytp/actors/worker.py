@@ -10,6 +10,7 @@ may hand any rank a step watcher (`watch_steps`, then `watched`) while `run` is 
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import os
 import platform
@@ -35,6 +36,9 @@ from raytp.parallel.plan import ShardPlan
 from raytp.weights.source import ModelSource
 
 
+STEP_TIMES_KEPT = 10_000  # loop iterations' times a rank keeps for /metrics between two scrapes
+
+
 class MemoryBudgetError(RuntimeError):
     """A rank's shard does not fit the memory it was given."""
 
@@ -56,6 +60,8 @@ class Worker:
         self.events: queue.Queue[TokenEvent] = queue.Queue()
         self._watcher: Callable[[list[TokenEvent]], object] | None = None  # see watch_steps
         self._watched: concurrent.futures.Future = concurrent.futures.Future()
+        # each loop iteration's wall time, kept until the driver takes them for /metrics (bounded: nobody may ask)
+        self.step_seconds: collections.deque[float] = collections.deque(maxlen=STEP_TIMES_KEPT)
 
     def _on_device(self) -> None:
         """Make this rank's GPU the current device of the calling thread. Ray runs the methods of this (threaded)
@@ -142,6 +148,7 @@ class Worker:
 
     def _emit(self, events: list[TokenEvent]) -> None:
         now = time.perf_counter()  # one stamp per step, so benchmarks time steps without Ray's latency
+        self.step_seconds.append(now - self.engine.iteration_started)
         watcher = self._watcher
         if watcher is not None:
             try:
@@ -166,6 +173,15 @@ class Worker:
     def watched(self, timeout_s: float = 300.0):
         """What the watcher of `watch_steps` returned (or raised), once it has."""
         return self._watched.result(timeout_s)
+
+    def take_step_seconds(self) -> list[float]:
+        """The wall time of each loop iteration with work since the last call (at most STEP_TIMES_KEPT)."""
+        kept = self.step_seconds
+        return [kept.popleft() for _ in range(len(kept))]  # popleft: the loop appends from its own thread
+
+    def heartbeat(self) -> int:
+        """Answered on a thread of its own while `run` steps: the driver's sign that this process still runs."""
+        return self.rank
 
     def submit(self, command: Command) -> None:
         """Leader only: `Add`, `Cancel` or `Stop`, taken at the next step."""

@@ -23,6 +23,9 @@ KINDS = ("cpu", "cuda")
 SYNTAX = ("comma-separated KIND[:INDEX][@MEM][~RATE] or KIND*COUNT[@MEM][~RATE], KIND cpu or cuda, MEM like 512MiB, "
           "1.5GiB or 2GB, RATE (memory bandwidth) like 0.94TB/s or 936GB/s")
 EXAMPLE = "cuda:0@24GiB,cuda:1@80GiB"
+# ranks in one spec: far beyond any tensor-parallel group (each rank holds a slice of every layer), and a bound on
+# the list that parsing builds, so `cpu*99999999999` is refused instead of filling memory
+MAX_RANKS = 1024
 
 # Largest first: format picks the first unit that writes a size with at most two decimals.
 _UNITS = {
@@ -79,8 +82,8 @@ def parse_devices(spec: str) -> list[DeviceSpec]:
         kind = kind.lower()
         if kind not in KINDS:
             raise bad(f"unknown kind {kind!r} (known: {', '.join(KINDS)})")
-        if count is not None and int(count) < 1:
-            raise bad(f"count must be at least 1, got {count}")
+        if count is not None and (len(count) > len(str(MAX_RANKS)) or not 1 <= int(count) <= MAX_RANKS):
+            raise bad(f"count must be in 1..{MAX_RANKS}, got {count}")
         if index is not None:
             if kind == "cpu":
                 raise bad("cpu takes no index; use cpu*N for several CPU ranks")
@@ -103,6 +106,9 @@ def parse_devices(spec: str) -> list[DeviceSpec]:
             bandwidth = float(rate_match.group(1)) * {"t": 1e12, "g": 1e9, "m": 1e6}[rate_match.group(2).lower()]
         device = DeviceSpec(kind, None if index is None else int(index), mem_bytes, bandwidth)
         devices.extend([device] * (1 if count is None else int(count)))
+        if len(devices) > MAX_RANKS:
+            raise DeviceSpecError(f"{spec!r} has more than {MAX_RANKS} ranks; a tensor-parallel group of that many "
+                                  "devices would give each a sliver of every layer")
     return devices
 
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import queue
+import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Callable
@@ -130,6 +131,7 @@ class RankEngine:
         self.stale = False  # `decoding` changed since the device batch was loaded
         self.in_flight: deque[Pending] = deque()  # enqueued steps not read yet (at most two)
         self.news = self.news_handled = 0  # the leader's news counter as read back, and as acted on
+        self.iteration_started = 0.0  # perf_counter when this loop iteration's work began (after any wait for work)
         self.pending: deque[Request] = deque()  # leader only: waiting for a free slot
         self.inbox: queue.Queue[Command] = queue.Queue()  # leader only
         self.leader_events: list[TokenEvent] = []  # leader only: events decided without the other ranks
@@ -194,6 +196,7 @@ class RankEngine:
                         step.read()
                     return
                 self._apply(commands, events)
+            self.iteration_started = time.perf_counter()
             self._prefill_chunk(events)
             if self.stale:
                 self._drain(events)

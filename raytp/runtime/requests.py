@@ -35,15 +35,30 @@ def check_request(prompt_ids: Sequence[int], params: SamplingParams, stop: Seque
         raise RequestError(f"this model's context holds {max_context} tokens (--max-context); the prompt has "
                            f"{len(prompt_ids)} and max_tokens asks for {params.max_tokens} more: lower max_tokens "
                            f"to at most {room}", param="max_tokens", code="context_length_exceeded")
-    if params.top_k > vocab_size:
-        raise RequestError(f"top_k must be at most the vocabulary size {vocab_size} (0 or -1 disable it), got "
-                           f"{params.top_k}", param="top_k")
+    check_sampling(params, vocab_size)
     if len(stop) > STOP_MAX_COUNT:
         raise RequestError(f"stop takes at most {STOP_MAX_COUNT} strings, got {len(stop)}", param="stop")
     long = next((s for s in stop if len(s) > STOP_MAX_CHARS), None)
     if long is not None:
         raise RequestError(f"each stop string may have at most {STOP_MAX_CHARS} characters, one has {len(long)}",
                            param="stop")
+
+
+def check_text(text: str, param: str) -> None:
+    """Refuse text that is not Unicode a tokenizer can read: JSON's "\\ud800" escapes a lone surrogate, which no
+    UTF-8 can carry."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RequestError(f"{param} is not valid Unicode: {text[e.start]!r} at character {e.start} is a lone "
+                           "surrogate (half of a UTF-16 pair); send UTF-8 text", param=param) from None
+
+
+def check_sampling(params: SamplingParams, vocab_size: int) -> None:
+    """The sampling bounds that need the model (the CLI checks its flags with this before Ray starts)."""
+    if params.top_k > vocab_size:
+        raise RequestError(f"top_k must be at most the vocabulary size {vocab_size} (0 or -1 disable it), got "
+                           f"{params.top_k}", param="top_k")
 
 
 class StopScanner:

@@ -29,10 +29,12 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
 
-from raytp.runtime.errors import BusyError, RequestError, UnavailableError
-from raytp.runtime.requests import STOP_MAX_CHARS, STOP_MAX_COUNT
+from raytp.runtime.errors import BusyError, RequestError, UnavailableError, error_summary
+from raytp.runtime.requests import STOP_MAX_CHARS, STOP_MAX_COUNT, check_text
+from raytp.serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from raytp.runtime.sampling import REPETITION_PENALTY_MAX, SEED_MAX, SEED_MIN, TEMPERATURE_MAX, SamplingParams
 
 log = logging.getLogger("raytp")
@@ -48,17 +50,27 @@ class APIError(Exception):
     """An OpenAI-style error response: status, message naming the value and the limit, the offending param."""
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, retry_after_s: int | None = None):
+                 code: str | None = None, retry_after_s: int | None = None, headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-        self.retry_after_s = retry_after_s  # sent as Retry-After: when a 503 is worth retrying
+        self.headers = dict(headers or {})
+        if retry_after_s is not None:  # when a 503 is worth retrying
+            self.headers["Retry-After"] = str(retry_after_s)
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
-    def response(self) -> JSONResponse:
-        headers = {"Retry-After": str(self.retry_after_s)} if self.retry_after_s is not None else None
-        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+    def response(self, request_id: str | None = None) -> JSONResponse:
+        """The error as JSON, logged on one line with the request's id (also sent as X-Request-Id)."""
+        request_id = request_id or f"req-{uuid.uuid4().hex}"
+        log.log(logging.ERROR if self.status >= 500 else logging.INFO, "request %s: %d %s", request_id, self.status,
+                self.message)
+        return JSONResponse(self.body(), status_code=self.status, headers={**self.headers, "X-Request-Id": request_id})
+
+
+def _internal_error(_request: Request, e: Exception) -> JSONResponse:
+    """What no handler expected: still JSON, still one logged line, never a traceback or plain text to the client."""
+    return APIError(500, f"internal error ({error_summary(e)}); the server logged it", "server_error").response()
 
 
 def _api_error(e: Exception, chat: bool) -> APIError:
@@ -70,13 +82,21 @@ def _api_error(e: Exception, chat: bool) -> APIError:
         return APIError(503, str(e), "server_error", code="unavailable", retry_after_s=RETRY_AFTER_S)
     if isinstance(e, RequestError):
         return _request_error(e, chat)
-    return APIError(500, f"the request failed: {e}", "server_error")
+    return APIError(500, f"the request failed: {error_summary(e)}", "server_error")
 
 
 # ---- request bodies ----------------------------------------------------------------------------------------
 # Each field's bounds stand beside it; they are the ones raytp.runtime.sampling declares for every front end.
 # What needs the model (top_k against the vocabulary, token ids, prompt + max_tokens against the context) is
 # checked by the driver's `submit`, for the API, the web chat and the CLI alike.
+
+def _unicode(text: str) -> str:
+    check_text(text, "the text")  # the error's location names the field
+    return text
+
+
+Text = Annotated[str, AfterValidator(_unicode)]  # request text a tokenizer can read (no lone surrogates)
+
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
@@ -88,14 +108,14 @@ class TextPart(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
     type: Literal["text"]  # only text parts are supported
-    text: str = ""
+    text: Text = ""
 
 
 class Message(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
+    content: Text | list[TextPart] | None = None
 
     def as_template_input(self) -> dict:
         text = "".join(p.text for p in self.content) if isinstance(self.content, list) else self.content or ""
@@ -113,7 +133,7 @@ class _Body(BaseModel):
     top_k: int = Field(0, ge=-1)  # vLLM's extension, 0 or -1 off; at most the vocabulary (checked by submit)
     repetition_penalty: float = Field(1.0, gt=0, le=REPETITION_PENALTY_MAX, allow_inf_nan=False)
     seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)  # None: every request draws anew, as OpenAI's do
-    stop: Annotated[list[Annotated[str, Field(max_length=STOP_MAX_CHARS)]], Field(max_length=STOP_MAX_COUNT)] = []
+    stop: Annotated[list[Annotated[Text, Field(max_length=STOP_MAX_CHARS)]], Field(max_length=STOP_MAX_COUNT)] = []
     n: Literal[1] = 1  # one choice per request
     best_of: Literal[1] = 1
     logprobs: Literal[False, 0] = False  # not supported
@@ -153,7 +173,7 @@ class ChatCompletionRequest(_Body):
 
 class CompletionRequest(_Body):
     # a string or token ids; a list holding one of those (a batch of one) is taken too
-    prompt: str | Annotated[list[int], Field(min_length=1)]
+    prompt: Text | Annotated[list[int], Field(min_length=1)]
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -166,16 +186,46 @@ class CompletionRequest(_Body):
         raise ValueError("must be a string or a list of token ids (one prompt per request)")
 
 
+class TokenizeRequest(BaseModel):
+    """POST /tokenize, as vLLM's: a prompt, or chat messages through the template (then add_generation_prompt)."""
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    model: str | None = None  # checked when given
+    prompt: Text | None = None
+    messages: list[Message] | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_of(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt or messages")
+        return self
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    model: str | None = None
+    tokens: list[int]
+
+
 def _validation_error(e: ValidationError) -> APIError:
     """The first thing wrong with a request body, naming the field, the rule and the value."""
-    err = e.errors(include_url=False)[0]
-    loc = err["loc"]
+    errors = e.errors(include_url=False)
+    # a field of several types fails once per type: report what is wrong with the value, not that it is not one of
+    # the types it was not meant to be
+    err = next((x for x in errors if not x["type"].endswith("_type")), errors[0])
+    loc = tuple(p for p in err["loc"] if not _is_union_tag(p))
     where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
     message = f"{f'{where!r}' if loc else 'the request body'}: {err['msg'].removeprefix('Value error, ')}"
     if err["type"] != "missing":
         got = json.dumps(err["input"], default=str)
         message += f", got {got if len(got) <= 80 else got[:77] + '...'}"
     return APIError(400, message, param=str(loc[0]) if loc else None)
+
+
+def _is_union_tag(part) -> bool:
+    """pydantic's name for the member of a union in an error's location ('str', 'list[int]', 'function-after[...]')."""
+    return isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool"))
 
 
 def parse_completion(body, chat: bool, model_id: str) -> ChatCompletionRequest | CompletionRequest:
@@ -203,9 +253,11 @@ async def run_completion(driver, req: ChatCompletionRequest | CompletionRequest)
     Tokenizes the prompt once, here; the driver's `submit` checks it against the model. Closing this generator
     (or cancelling its consumer) closes the driver's stream, which cancels the request."""
     if isinstance(req, ChatCompletionRequest):
-        prompt_ids = driver.encode(messages=[m.as_template_input() for m in req.messages])
+        prompt_ids = await driver.encode(messages=[m.as_template_input() for m in req.messages])
     else:
-        prompt_ids = req.prompt if isinstance(req.prompt, list) else driver.encode(prompt=req.prompt)
+        prompt_ids = req.prompt if isinstance(req.prompt, list) else await driver.encode(prompt=req.prompt)
+    if why := driver.unavailable():  # a client retries a 503 on its own; it would only wait out a rebuild here
+        raise UnavailableError(why)
     async with aclosing(driver.submit(prompt_ids, req.sampling(), req.stop, req.ignore_eos)) as pieces:
         async for item in pieces:
             if "finish" in item:
@@ -297,6 +349,9 @@ async def _complete(request: Request, driver, model_id: str, chat: bool) -> Resp
         body = json.loads(await _read_body(request))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         return APIError(400, f"the request body is not valid JSON: {e}").response()
+    except RecursionError:  # Python's parser recurses per level: [[[[... 200k deep would otherwise be a 500
+        return APIError(400, "the request body nests arrays or objects too deeply (a request needs a few levels)"
+                        ).response()
     req = parse_completion(body, chat, model_id)
     answer = _Answer(chat, model_id)
     pieces = run_completion(driver, req)
@@ -308,7 +363,7 @@ async def _complete(request: Request, driver, model_id: str, chat: bool) -> Resp
         return Response(status_code=499)
     except Exception as e:  # noqa: BLE001 - every failure becomes an OpenAI-style error
         await pieces.aclose()
-        return _api_error(e, chat).response()
+        return _api_error(e, chat).response(answer.id)
     if req.stream:
         return StreamingResponse(_stream_body(answer, req.stream_options.include_usage, first, pieces),
                                  media_type="text/event-stream",
@@ -326,7 +381,7 @@ async def _complete(request: Request, driver, model_id: str, chat: bool) -> Resp
     except asyncio.CancelledError:
         return Response(status_code=499)
     except Exception as e:  # noqa: BLE001
-        return _api_error(e, chat).response()
+        return _api_error(e, chat).response(answer.id)
     finally:
         await pieces.aclose()
     return JSONResponse(answer.whole(text, final))
@@ -345,7 +400,9 @@ async def _stream_body(answer: _Answer, include_usage: bool, first, pieces):
                 yield _sse(answer.chunk(item, **extra))
                 item = await anext(pieces)
         except Exception as e:  # noqa: BLE001 - after the 200 went out an error can only travel in the stream
-            yield _sse(_api_error(e, answer.chat).body())
+            error = _api_error(e, answer.chat)
+            log.error("request %s: %d in the stream: %s", answer.id, error.status, error.message)
+            yield _sse(error.body())
             yield "data: [DONE]\n\n"
             return
         yield _sse(answer.chunk(None if answer.chat else "", item["finish_reason"], **extra))
@@ -370,6 +427,7 @@ def build_app(driver, api_key: str | None = None) -> FastAPI:
 
     app = FastAPI(title="raytp", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_exception_handler(APIError, lambda _request, e: e.response())
+    app.add_exception_handler(Exception, _internal_error)
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorized)] if api_key else [])
 
     @v1.get("/models")
@@ -393,11 +451,80 @@ def build_app(driver, api_key: str | None = None) -> FastAPI:
 
     @v1.api_route("/{rest:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"])
     async def unknown(rest: str, request: Request):
-        raise APIError(404, f"no route {request.method} /v1/{rest}; this server has /v1/chat/completions, "
-                       "/v1/completions and /v1/models", code="unknown_url")
+        path = f"/v1/{rest}"
+        allowed = sorted({m for r in v1.routes if r.path == path for m in r.methods})  # not the catch-all's pattern
+        if allowed:
+            raise APIError(405, f"{request.method} {path} is not supported: {path} takes {' or '.join(allowed)}",
+                           code="method_not_allowed", headers={"Allow": ", ".join(allowed)})
+        raise APIError(404, f"no route {request.method} {path}; this server has POST /v1/chat/completions, "
+                       "POST /v1/completions and GET /v1/models", code="unknown_url")
 
     app.include_router(v1)
+
+    # Beside /v1, as vLLM has them: /health for load balancers and probes (no key), the others behind the key.
+    @app.get("/health")
+    async def health():
+        why = driver.unavailable()
+        if why:
+            return APIError(503, why, "server_error", code="unavailable", retry_after_s=RETRY_AFTER_S).response()
+        return {"status": "ok", "model": model_id, "ranks": len(driver.devices)}
+
+    extra = APIRouter(dependencies=[Depends(authorized)] if api_key else [])
+
+    @extra.get("/metrics")
+    async def metrics():
+        return Response(await driver.metrics_text(), media_type=METRICS_CONTENT_TYPE)
+
+    @extra.post("/tokenize")
+    async def tokenize(request: Request):
+        req = _parse(TokenizeRequest, await _json_body(request), model_id)
+        try:
+            if req.messages is not None:
+                ids = await driver.encode(messages=[m.as_template_input() for m in req.messages])
+            else:
+                ids = await driver.encode(prompt=req.prompt)
+        except RequestError as e:
+            raise _request_error(e, chat=req.messages is not None) from None
+        return {"count": len(ids), "max_model_len": driver.settings.max_context, "tokens": ids}
+
+    @extra.post("/detokenize")
+    async def detokenize(request: Request):
+        req = _parse(DetokenizeRequest, await _json_body(request), model_id)
+        vocab, context = driver.config.vocab_size, driver.settings.max_context
+        if len(req.tokens) > context:  # no sequence of this server is longer; decoding runs in the event loop
+            raise APIError(400, f"'tokens' has {len(req.tokens)} ids, more than the context holds ({context}, "
+                           "--max-context)", param="tokens")
+        bad = next((i for i, t in enumerate(req.tokens) if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise APIError(400, f"'tokens' must lie in [0, {vocab}) (the vocabulary); position {bad} has "
+                           f"{req.tokens[bad]}", param="tokens")
+        try:
+            return {"prompt": driver.decode(req.tokens)}
+        except RequestError as e:  # a model without a tokenizer
+            raise APIError(400, str(e), param="tokens") from None
+
+    app.include_router(extra)
     return app
+
+
+async def _json_body(request: Request):
+    try:
+        return json.loads(await _read_body(request))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(400, f"the request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise APIError(400, "the request body nests arrays or objects too deeply") from None
+
+
+def _parse(model: type[BaseModel], body, model_id: str):
+    try:
+        req = model.model_validate(body)
+    except ValidationError as e:
+        raise _validation_error(e) from None
+    if req.model is not None and req.model != model_id:
+        raise APIError(404, f"The model {req.model!r} does not exist; this server serves {model_id!r}",
+                       param="model", code="model_not_found")
+    return req
 
 
 def _model_card(driver, model_id: str, created: int) -> dict:

@@ -76,6 +76,25 @@ def cluster_summary(info: dict) -> str:
             + "".join(f"\n- {event}" for event in info["history"][-5:]))  # rank losses, re-plans
 
 
+LIVE_REFRESH_S = 2.0  # how often an open page refreshes the panel's live numbers
+
+
+def live_rates(before: dict | None, now: dict) -> str:
+    """The panel's live line from two of Driver.live_numbers' snapshots: tokens/s and each rank's mean step time
+    over the interval between them."""
+    if not before:
+        return "*live numbers appear after the first refresh*"
+    seconds = max(now["t"] - before["t"], 1e-9)
+    rows = ["| rank | device | steps | step time |", "|---|---|---|---|"]
+    was = {rank: (steps, total) for rank, _, steps, total in before["ranks"]}
+    for rank, device, steps, total in now["ranks"]:
+        d_steps, d_total = steps - was.get(rank, (0, 0))[0], total - was.get(rank, (0, 0))[1]
+        rows.append(f"| {rank} | {device} | {d_steps:.0f} | "
+                    f"{f'{1000 * d_total / d_steps:.1f} ms' if d_steps > 0 else 'idle'} |")
+    rate = (now["tokens"] - before["tokens"]) / seconds
+    return f"**{rate:.1f} tokens/s** over the last {seconds:.0f} s\n\n" + "\n".join(rows)
+
+
 # ---- chat --------------------------------------------------------------------------------------------------
 
 def stats_line(final: dict) -> str:
@@ -85,7 +104,8 @@ def stats_line(final: dict) -> str:
 
 
 def _display(turns: list[dict]) -> list[dict]:
-    """The chatbot's messages: each answer with its stats line below it."""
+    """The chatbot's messages: each answer with its stats line below it, and below a turn that got no answer, why
+    (the turn stays: Regenerate asks again)."""
     shown = []
     for t in turns:
         content = t["content"]
@@ -94,7 +114,15 @@ def _display(turns: list[dict]) -> list[dict]:
                 content += "\n```"
             content += f"\n\n*{t['stats']}*"
         shown.append({"role": t["role"], "content": content})
+        if t.get("failed"):
+            shown.append({"role": "assistant", "content": f"⚠️ *No answer: {t['failed']}. Your message is kept: "
+                                                          "press Regenerate to ask again.*"})
     return shown
+
+
+def _failed(turns: list[dict], why: str) -> list[dict]:
+    """`turns` with its last (the user's) marked as having got no answer, and why."""
+    return turns[:-1] + [turns[-1] | {"failed": why}]
 
 
 def build_ui(driver) -> gr.Blocks:
@@ -115,13 +143,14 @@ def build_ui(driver) -> gr.Blocks:
     async def respond(turns: list[dict], system: str, temperature: float, top_p: float, max_tokens: float, seed):
         if not turns or turns[-1]["role"] != "user":
             return
+        turns = turns[:-1] + [{"role": "user", "content": turns[-1]["content"]}]  # asked again: no failure yet
         messages = ([{"role": "system", "content": system}] if system.strip() else []) + \
             [{"role": t["role"], "content": t["content"]} for t in turns]
         answer = {"role": "assistant", "content": "", "stats": ""}
         try:
             params = SamplingParams(temperature=float(temperature), top_p=float(top_p), max_tokens=int(max_tokens),
                                     seed=int(seed) if seed is not None and seed >= 0 else secrets.randbits(31))
-            async for item in driver.submit(driver.encode(messages=messages), params):
+            async for item in driver.submit(await driver.encode(messages=messages), params):
                 if "finish" in item:
                     answer["stats"] = stats_line(item)
                 else:
@@ -130,9 +159,11 @@ def build_ui(driver) -> gr.Blocks:
                 yield _display(done), done, ""
         except BusyError as e:
             gr.Warning(str(e))
+            turns = _failed(turns, str(e))
             yield _display(turns), turns, f"**busy**: {e}"
         except (RequestError, RuntimeError) as e:
             gr.Warning(str(e))
+            turns = _failed(turns, str(e))
             yield _display(turns), turns, f"**error**: {e}"
 
     def cluster_view():
@@ -167,6 +198,9 @@ def build_ui(driver) -> gr.Blocks:
                 seed = gr.Number(value=-1, precision=0, label="Seed (-1: a new one each turn)", elem_id="raytp-seed")
         with gr.Accordion("Cluster", open=True, elem_id="raytp-cluster"):
             summary = gr.Markdown()
+            live = gr.Markdown(elem_id="raytp-live")
+            live_state = gr.State(None)
+            timer = gr.Timer(LIVE_REFRESH_S)
             table = gr.Dataframe(headers=TABLE_HEADERS, interactive=False, wrap=True, elem_id="raytp-cluster-table",
                                  column_widths=["5%", "9%", "13%", "8%", "20%", "7%", "7%", "10%", "12%", "9%"])
             with gr.Row():
@@ -185,6 +219,12 @@ def build_ui(driver) -> gr.Blocks:
         stop.click(None, cancels=running)
         clear.click(lambda: ([], [], ""), outputs=[turns, chatbot, status], cancels=running, queue=False)
         demo.load(cluster_view, outputs=[summary, table, widths, memory])
+
+        async def live_view(before):
+            now = await driver.live_numbers()
+            return live_rates(before, now), now
+
+        timer.tick(live_view, inputs=[live_state], outputs=[live, live_state], queue=False, show_progress="hidden")
     _poll_queue_calmly(demo)
     return demo
 

@@ -71,6 +71,15 @@ def check_slice(s: Slice, files: dict[str, Path], shape: tuple[int, ...] | None)
                               f"{s.shape}; the weights and config.json do not belong together")
 
 
+def _check_finite(t: torch.Tensor, s: Slice, path: Path, why: str) -> None:
+    """Refuse NaN or Inf in a floating-point tensor as it loads: one would turn every logit into NaN, and the sampler
+    would fail far from the cause."""
+    if not t.is_floating_point() or bool(torch.isfinite(t).all()):
+        return
+    nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+    raise CheckpointError(f"tensor {s.name!r} in {path} holds {nan} NaN and {inf} Inf values; {why}")
+
+
 class SafetensorsReader:
     """Reads `Slice`s of the checkpoint in `model_dir` in `dtype` onto `device` (the layers' WeightReader).
 
@@ -90,7 +99,10 @@ class SafetensorsReader:
         rows = slice(s.rows.start, s.rows.stop)
         t = sl[rows] if s.cols is None else sl[rows, s.cols.start:s.cols.stop]
         self.bar.update(t.numel() * t.element_size())
-        return t.to(self.device) if stored else t.to(self.device, self.dtype)
+        _check_finite(t, s, self.files[s.name], "the checkpoint is corrupt: re-download or re-convert it")
+        out = t.to(self.device) if stored else t.to(self.device, self.dtype)
+        _check_finite(out, s, self.files[s.name], f"its values overflow {self.dtype}: load it in a wider --dtype")
+        return out
 
     def __enter__(self) -> SafetensorsReader:
         return self

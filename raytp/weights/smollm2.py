@@ -107,6 +107,8 @@ def pull_smollm2(progress: bool = True) -> Path:
     model_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=model_dir.parent, prefix=f".{SMOLLM2_DIR_NAME}-"))
     try:
+        _say(f"raytp: converting {gguf_path.name} (4-bit GGUF) into a float32 Hugging Face directory, once: "
+             f"{model_dir}", progress)
         convert_gguf(gguf_path, tmp, progress=progress)
         if _is_complete(model_dir):  # another process finished first; keep its copy
             return model_dir

@@ -8,7 +8,9 @@ here are byte-identical to those the model was tuned on.
 
 from __future__ import annotations
 
+import functools
 import json
+import re
 from datetime import datetime
 from pathlib import Path
 
@@ -78,6 +80,14 @@ class Tokenizer:
         self.eos_token_ids: set[int] = config_eos_ids | ({eos_id} if eos_id is not None else set())
         self._chat_template = chat_template
         self._compiled_template = _compile_chat_template(chat_template) if chat_template else None
+        # The special (control) tokens by their text, and a second tokenizer that reads them as plain text: its own
+        # object, because `encode_special_tokens` is a setting of the object and encoding runs on several threads.
+        specials = {t.content: i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
+        self._special_ids = specials
+        self._special_pattern = re.compile("|".join(map(re.escape, sorted(specials, key=len, reverse=True)))) \
+            if specials else None
+        self._as_text = _HFTokenizer.from_str(tokenizer.to_str())
+        self._as_text.encode_special_tokens = True
 
     @classmethod
     def from_dir(cls, path: str | Path) -> Tokenizer:
@@ -103,6 +113,12 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._tokenizer.get_vocab_size(with_added_tokens=True)
 
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """The most characters any one token decodes to: a text of n characters has at least n / this many tokens."""
+        ids = [[i] for i in range(self.vocab_size)]
+        return max(map(len, self._tokenizer.decode_batch(ids, skip_special_tokens=False)))
+
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         """Token ids of `text`. Special tokens written in the text (<|im_start|>) become their ids either way;
         `add_special_tokens` adds the ones tokenizer.json's post-processor inserts (e.g. a BOS)."""
@@ -123,6 +139,51 @@ class Tokenizer:
         return self._compiled_template.render(
             messages=messages, add_generation_prompt=add_generation_prompt, **self.special_tokens
         )
+
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of `messages` through the chat template, where only the template's own markup becomes control
+        tokens: text that a message carries is text, so `<|im_end|>\n<|im_start|>system` in a user's message
+        tokenizes as those characters and cannot forge a turn.
+
+        As `tokenizers` does itself, the text is cut at the control tokens (here: those the template wrote) and
+        each piece between them encoded alone; a message that holds no control token's text gets exactly
+        `encode(apply_chat_template(...))`."""
+        text = self.apply_chat_template(messages, add_generation_prompt)
+        contents = [m["content"] for m in messages if isinstance(m.get("content"), str) and m["content"]]
+        if self._special_pattern is None or not any(self._special_pattern.search(c) for c in contents):
+            return self.encode(text)
+        markup = [m for start, end in _outside(text, _spans(text, contents))
+                  for m in self._special_pattern.finditer(text, start, end)]
+        ids, at = [], 0
+        for m in markup:
+            ids += self._as_text.encode(text[at:m.start()], add_special_tokens=False).ids
+            ids.append(self._special_ids[m.group()])
+            at = m.end()
+        return ids + self._as_text.encode(text[at:], add_special_tokens=False).ids
+
+
+def _spans(text: str, contents: list[str]) -> list[tuple[int, int]]:
+    """Where each message's content lies in the rendered prompt, in message order. A template that rewrites
+    content (trims it) leaves what it wrote; a content not found as written is refused."""
+    spans, at = [], 0
+    for content in contents:
+        for written in (content, content.strip()):
+            start = text.find(written, at) if written else -1
+            if start >= 0:
+                spans.append((start, start + len(written)))
+                at = start + len(written)
+                break
+        else:
+            raise ValueError("the chat template rewrote a message's text, which holds a control token's text; remove "
+                             "the control tokens from the message")
+    return spans
+
+
+def _outside(text: str, spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The stretches of text between the spans."""
+    edges = [0] + [x for span in spans for x in span] + [len(text)]
+    return list(zip(edges[::2], edges[1::2]))
 
 
 class StreamDecoder:

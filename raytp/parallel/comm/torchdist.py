@@ -4,12 +4,22 @@ torch allows one default process group per process. The first communicator of a 
 `init_method`, backend gloo: cheap, and never used for collectives); every communicator then runs its collectives
 in its own `dist.new_group` of its backend. So a gloo group and an nccl group can live in one process, as vLLM
 pairs a CPU group with a device group, and closing one never destroys a group the other still uses.
+
+Nothing listens beyond the address the ranks meet at (loopback for a local Ray, the node's own Ray address on
+several nodes): torch's TCPStore binds every interface when left to itself, so rank 0 binds the store's socket
+itself and hands it over; gloo's and NCCL's own connections are pinned to the network interface that carries
+that address (GLOO_SOCKET_IFNAME, NCCL_SOCKET_IFNAME), unless the operator already chose one.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import os
+import socket
 from datetime import timedelta
+from urllib.parse import urlsplit
 
+import psutil
 import torch
 import torch.distributed as dist
 
@@ -29,6 +39,41 @@ def nccl_unavailable() -> str | None:
     return None
 
 
+def _store(init_method: str, rank: int, world_size: int, timeout: timedelta) -> dist.TCPStore:
+    """The TCPStore at init_method (tcp://HOST:PORT), rank 0 its server, listening on HOST alone."""
+    url = urlsplit(init_method)
+    if url.scheme != "tcp" or not url.hostname or not url.port:
+        raise ValueError(f"init_method must be tcp://HOST:PORT, got {init_method!r}")
+    host, port = url.hostname, url.port
+    _pin_interfaces(host, port)
+    if rank != 0:
+        return dist.TCPStore(host, port, world_size, False, timeout)
+    listener = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+    # detach: the store owns the descriptor from here (closing the Python object would close its socket)
+    return dist.TCPStore(host, port, world_size, True, timeout, wait_for_workers=False,
+                         master_listen_fd=listener.detach())
+
+
+def _pin_interfaces(host: str, port: int) -> None:
+    """Have gloo and NCCL listen on the interface this process reaches `host` through (loopback for a loopback
+    `host`), where the operator has not named one."""
+    address = socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)[0][4][0]  # a name such as localhost too
+    ip = address if ipaddress.ip_address(address).is_loopback else _local_address_towards(address, port)
+    interface = next((name for name, addresses in psutil.net_if_addrs().items()
+                      if any(a.address.split("%")[0] == ip for a in addresses)), None)
+    if interface is None:
+        return  # an address no interface lists (a NAT'ed container): the libraries' own choice stands
+    for variable in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+        os.environ.setdefault(variable, interface)
+
+
+def _local_address_towards(host: str, port: int) -> str:
+    """This machine's address on the route to host (a UDP connect sends nothing)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((host, port))
+        return s.getsockname()[0]
+
+
 class TorchDistCommunicator(Communicator):
     """Rank `rank` of `world_size` in a `backend` group, the processes meeting at `init_method` (tcp://HOST:PORT)."""
 
@@ -40,7 +85,8 @@ class TorchDistCommunicator(Communicator):
         self.graph_safe = self.gather_graph_safe = backend == "nccl"
         timeout = timedelta(seconds=timeout_s)
         if not dist.is_initialized():
-            dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size, timeout=timeout)
+            store = _store(init_method, rank, world_size, timeout)
+            dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=timeout)
         elif (dist.get_rank(), dist.get_world_size()) != (rank, world_size):
             raise ValueError(f"this process is rank {dist.get_rank()} of {dist.get_world_size()} in its "
                              f"torch.distributed group; a communicator as rank {rank} of {world_size} cannot share it")
