@@ -3,6 +3,8 @@
 the surplus token, cancellation, requests joining a running batch, long prompts in chunks between decode steps,
 and command broadcasts only when there is news."""
 
+import dataclasses
+
 import pytest
 import torch
 import transformers
@@ -11,6 +13,7 @@ from raytp.parallel.comm import Communicator, InProcessGroup
 from raytp.runtime.engine import Add, Cancel, RankEngine, Request, Stop
 from raytp.runtime.sampling import FIRST_CANDIDATES, SamplingParams, ShardedSampler
 from tests.sharded import LocalGroup
+from tests.test_sampling import reference_logprobs
 
 SPLIT = [3.0, 2.0, 1.0]
 VOCAB = 1000
@@ -177,3 +180,34 @@ def test_long_prompt_is_prefilled_in_chunks_between_decode_steps(tiny):
     assert ids[:first_b].count("a") >= 2 + 4  # a kept decoding while b's chunks went in
     assert tokens_of(seen, "a") == reference(model, [1, 2, 3], params, 24)
     assert tokens_of(seen, "b") == reference(model, long, SamplingParams(max_tokens=8), 8)
+
+
+@pytest.mark.parametrize("params", [CASES[0], CASES[1], CASES[3]], ids=["greedy", "temperature", "top-k-top-p"])
+def test_logprobs_and_prompt_logprobs_are_transformers_log_softmax(tiny, params):
+    """Generated tokens' log-probabilities (of the distribution drawn from) and echo's prompt log-probabilities
+    (a prompt in chunks), with a row that asks for neither in the same batch."""
+    _, model, group = tiny
+    prompt = [(11 * i) % VOCAB for i in range(1, 14)]  # 13 tokens: chunks of 4
+    asking = dataclasses.replace(params, logprobs=3, prompt_logprobs=2)
+    plain = SamplingParams(max_tokens=20)
+    seen, _ = run_loop(group, [Add(Request("a", prompt, asking)), Add(Request("b", [4, 5], plain))], prefill_chunk=4)
+    tokens = tokens_of(seen, "a")
+    assert tokens == reference(model, prompt, params, 20)
+    assert tokens_of(seen, "b") == reference(model, [4, 5], plain, 20)
+    assert all(e.logprob is None and e.prompt_logprobs is None for e in seen if e.request_id == "b")
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + tokens])).logits[0].double()
+
+    def check(chosen, top, want, token, n):
+        assert chosen == pytest.approx(want[token].item(), abs=1e-4)
+        assert [v for _, v in top] == pytest.approx(want.topk(n).values.tolist(), abs=1e-4)
+        assert [want[i].item() for i, _ in top] == pytest.approx([v for _, v in top], abs=1e-4)
+
+    generated = [e for e in seen if e.request_id == "a" and e.token_id is not None]
+    for j, e in enumerate(generated):
+        position = len(prompt) + j - 1  # whose logits drew generated token j
+        check(e.logprob, e.top_logprobs, reference_logprobs(logits[position : position + 1], params)[0], e.token_id, 3)
+    scored = [row for e in seen if e.request_id == "a" and e.prompt_logprobs for row in e.prompt_logprobs]
+    assert len(scored) == len(prompt) - 1
+    for t, (chosen, top) in enumerate(scored):
+        check(chosen, top, torch.log_softmax(logits[t], -1), prompt[t + 1], 2)

@@ -159,11 +159,12 @@ class ShardedLlama:
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-                last: torch.Tensor | None = None, span: int | None = None) -> torch.Tensor:
+                last: torch.Tensor | None = None, span: int | None = None, every: bool = False) -> torch.Tensor:
         """Run tokens (batch, seq) at positions (batch, seq) of cache slots (batch,).
 
         Returns this rank's logits slice (batch, vocab_local) at index `last` (batch,) of each row
-        (default: the last column), in float32.
+        (default: the last column), in float32; with `every`, those of every position (batch, seq, vocab_local),
+        for the log-probabilities of a prompt.
         """
         eps = self.config.rms_norm_eps
         x = self.embed(tokens)  # (batch, seq, hidden): the residual stream, the same on every rank
@@ -174,5 +175,8 @@ class ShardedLlama:
             # residual add fused with the next norm
             x, h = add_rms_norm(x, layer.attention(h, positions, slots, step), layer.mlp_norm, eps)
             x, h = add_rms_norm(x, layer.mlp(h), next_norm, eps)
+        if every:
+            B, T, H = h.shape
+            return self.lm_head(h.reshape(B * T, H)).view(B, T, self.lm_head.width)
         rows = torch.arange(h.shape[0], device=h.device)
         return self.lm_head(h[rows, last if last is not None else -1])  # (batch, hidden) -> (batch, vocab_local)

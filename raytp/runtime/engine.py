@@ -24,7 +24,11 @@ timeout. (A shared-memory word would spare the leader the wait of one step but e
 
 New requests are prefilled eagerly in chunks of at most `prefill_chunk` tokens, one chunk per iteration between
 decode steps, so a long prompt delays running requests by one chunk at a time. A request joins the decode batch
-with the token its last chunk drew.
+with the token its last chunk drew. A request with `prompt_logprobs` (echo) has each chunk's logits at every
+position scored against the prompt's next tokens (`ShardedSampler.prompt_logprobs`, one gather per chunk).
+
+Log-probabilities of generated tokens (`logprobs`) come out of the step's own exchange (raytp.runtime.sampling),
+computed only while a row of the batch asks for them (a graph variant of its own), and ride on each TokenEvent.
 
 Requests arrive checked (`raytp.runtime.requests.check_request`, at the front end): a bad one never reaches a
 rank, so the loop does not check them again.
@@ -44,7 +48,7 @@ from raytp.model.llama import ShardedLlama
 from raytp.parallel.comm import Communicator
 from raytp.parallel.plan import PREFILL_CHUNK
 from raytp.runtime.batch import DecodeBatch, Pending
-from raytp.runtime.sampling import SamplingParams, ShardedSampler
+from raytp.runtime.sampling import Logprobs, SamplingParams, ShardedSampler
 
 
 @dataclass
@@ -65,6 +69,11 @@ class TokenEvent:
     finish: str | None = None
     error: str | None = None
     t: float | None = None  # the leader's perf_counter at the step that made it (set by poll_events; benchmarks)
+    logprob: float | None = None  # the token's log-probability, where the request asked (`logprobs`)
+    top_logprobs: list[tuple[int, float]] | None = None  # the top N (id, log-probability), highest first
+    # echo: (log-probability, top N) of prompt tokens, in order from the second; an event without a token carries
+    # a prefill chunk's
+    prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
 
 
 @dataclass
@@ -226,15 +235,26 @@ class RankEngine:
         seq = self.prefilling[0]
         prompt = seq.request.prompt_ids
         start, end = seq.prefilled, min(len(prompt), seq.prefilled + self.prefill_chunk)
+        params = seq.request.params
         tokens = torch.tensor([prompt[start:end]], device=self.device)
         positions = torch.arange(start, end, device=self.device).view(1, -1)
-        logits = self.model.forward(tokens, positions, torch.tensor([seq.slot], device=self.device), span=end)
+        slots = torch.tensor([seq.slot], device=self.device)
+        echo = params.prompt_logprobs is not None
+        logits = self.model.forward(tokens, positions, slots, span=end, every=echo)
+        if echo:
+            scored = min(end, len(prompt) - 1) - start  # positions whose next token is a prompt token
+            if scored > 0:
+                following = torch.tensor(prompt[start + 1 : start + 1 + scored])
+                lp = self.sampler.prompt_logprobs(logits[0, :scored], following)
+                events.append(TokenEvent(seq.request.id, None, prompt_logprobs=[
+                    lp.rows(t, params.prompt_logprobs) for t in range(scored)]))
+            logits = logits[:, -1]
         seq.prefilled = end
         if end < len(prompt):
             return
         self.prefilling.popleft()
-        token = self.sampler.sample(logits, [seq.request.params], [0], [torch.tensor(prompt)])[0]
-        if self._accept(seq, token, events):
+        draw = self.sampler.draw_exact(logits, [params], [0], [torch.tensor(prompt)], params.logprobs is not None)
+        if self._accept(seq, int(draw.tokens[0]), events, _row_logprobs(draw.logprobs, 0, params)):
             self.decoding.append(seq)
             self.stale = True
 
@@ -247,14 +267,14 @@ class RankEngine:
             self._read(self.in_flight.popleft(), events)
 
     def _read(self, step: Pending, events: list[TokenEvent]) -> None:
-        tokens, exact, news = step.read()
+        tokens, exact, news, lp = step.read()
         self.news = max(self.news, news)
         if not all(exact):
             self._redraw(step, events)
             return
-        for seq, token in zip(step.rows, tokens):
+        for b, (seq, token) in enumerate(zip(step.rows, tokens)):
             if not seq.finished:
-                self._accept(seq, token, events)
+                self._accept(seq, token, events, _row_logprobs(lp, b, seq.request.params))
 
     def _redraw(self, step: Pending, events: list[TokenEvent]) -> None:
         """Step N left rows inexact: forget step N+1 (it ran on their provisional tokens), run step N again from
@@ -268,27 +288,33 @@ class RankEngine:
             return
         self.batch.load(live)
         again, logits = self.batch.step(live)
-        tokens, exact, _ = again.read()
+        tokens, exact, _, lp = again.read()
         for i, (seq, token) in enumerate(zip(live, tokens)):
+            params = seq.request.params
+            row = _row_logprobs(lp, i, params)
             if not exact[i]:
                 history = torch.tensor(seq.tokens)
-                token = self.sampler.sample(logits[i : i + 1], [seq.request.params], [seq.generated], [history])[0]
-            self._accept(seq, token, events)
+                draw = self.sampler.draw_exact(logits[i : i + 1], [params], [seq.generated], [history],
+                                               params.logprobs is not None)
+                token, row = int(draw.tokens[0]), _row_logprobs(draw.logprobs, 0, params)
+            self._accept(seq, token, events, row)
 
-    def _accept(self, seq: _Sequence, token: int, events: list[TokenEvent]) -> bool:
-        """Take a sampled token; returns whether the request goes on."""
+    def _accept(self, seq: _Sequence, token: int, events: list[TokenEvent],
+                logprobs: tuple[float, list[tuple[int, float]]] | None = None) -> bool:
+        """Take a sampled token (with its log-probabilities where asked); returns whether the request goes on."""
         seq.tokens.append(token)
         seq.generated += 1
         if token in seq.request.stop_ids:
-            self._finish(seq, "stop", events, token)
+            self._finish(seq, "stop", events, token, logprobs)
         elif seq.generated == seq.request.params.max_tokens or len(seq.tokens) >= self.model.max_context:
-            self._finish(seq, "length", events, token)
+            self._finish(seq, "length", events, token, logprobs)
         else:
-            events.append(TokenEvent(seq.request.id, token))
+            events.append(_token_event(seq.request.id, token, None, logprobs))
             return True
         return False
 
-    def _finish(self, seq: _Sequence, reason: str, events: list[TokenEvent], token: int | None = None) -> None:
+    def _finish(self, seq: _Sequence, reason: str, events: list[TokenEvent], token: int | None = None,
+                logprobs: tuple[float, list[tuple[int, float]]] | None = None) -> None:
         seq.finished = True
         del self.active[seq.request.id]
         self.free_slots.append(seq.slot)
@@ -297,4 +323,16 @@ class RankEngine:
         if seq in self.decoding:
             self.decoding.remove(seq)
             self.stale = True
-        events.append(TokenEvent(seq.request.id, token, reason))
+        events.append(_token_event(seq.request.id, token, reason, logprobs))
+
+
+def _row_logprobs(lp: Logprobs | None, b: int, params: SamplingParams) -> tuple[float, list[tuple[int, float]]] | None:
+    """Row b's (log-probability, top N) where its request asks for them."""
+    return None if lp is None or params.logprobs is None else lp.rows(b, params.logprobs)
+
+
+def _token_event(request_id: str, token: int | None, finish: str | None,
+                 logprobs: tuple[float, list[tuple[int, float]]] | None) -> TokenEvent:
+    if logprobs is None:
+        return TokenEvent(request_id, token, finish)
+    return TokenEvent(request_id, token, finish, logprob=logprobs[0], top_logprobs=logprobs[1])
