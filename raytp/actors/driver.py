@@ -186,9 +186,25 @@ class Driver:
             raise RequestError(str(e), param="messages") from None
         return self.tokenizer.encode(text)
 
+    def decode(self, ids: Sequence[int]) -> str:
+        """The text of token ids, special tokens included (echo); "" without a tokenizer."""
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False) if self.tokenizer is not None else ""
+
+    def token_strings(self, ids: Sequence[int]) -> list[str]:
+        """Each token's own text (special tokens included), as logprobs show them; "token_id:N" without a
+        tokenizer, as vLLM spells them."""
+        if self.tokenizer is None:
+            return [f"token_id:{i}" for i in ids]
+        return [self.tokenizer.decode([i], skip_special_tokens=False) for i in ids]
+
     async def submit(self, prompt_ids: Sequence[int], params: SamplingParams, stop: Sequence[str] = (),
                      ignore_eos: bool = False):
         """Run one request; yield {"text", "token_id"} as tokens arrive, then one final {"finish", stats...}.
+
+        With `params.logprobs` each token's item also has "logprob" and "top_logprobs" ([(id, logprob)]); every
+        generated token gets an item then (its text may be ""), except a stop token. With
+        `params.prompt_logprobs` items {"prompt_logprobs": [(logprob, top)]} come first, for the prompt's tokens
+        from the second on.
 
         The request is checked here, before anything reaches a rank (RequestError names the field), and
         refused with BusyError past max_batch running + max_queue waiting requests. The text stops before
@@ -223,6 +239,9 @@ class Driver:
                 ended_on_ranks = e.finish is not None
                 if e.error:
                     raise RuntimeError(e.error)
+                if e.prompt_logprobs is not None:
+                    yield {"prompt_logprobs": e.prompt_logprobs}
+                    continue
                 text = ""
                 if e.token_id is not None:
                     first = first or time.perf_counter()
@@ -235,8 +254,10 @@ class Driver:
                 finish = "stop" if hit else e.finish
                 if finish is not None and not hit:
                     text += stops.flush()
-                if text or finish is None:
-                    yield {"text": text, "token_id": e.token_id}
+                scored = e.logprob is not None and e.finish != "stop"  # a stop token is not part of the answer
+                if text or finish is None or scored:
+                    yield {"text": text, "token_id": e.token_id} | (
+                        {"logprob": e.logprob, "top_logprobs": e.top_logprobs} if scored else {})
         except Exception as e:  # noqa: BLE001 - whatever ended an admitted request is logged once, with its id
             log.error("request %s failed: %s", rid, e)
             raise

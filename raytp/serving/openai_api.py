@@ -25,7 +25,8 @@ import socket
 import time
 import uuid
 from contextlib import aclosing
-from typing import Annotated, Literal
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -33,7 +34,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from raytp.runtime.errors import BusyError, RequestError, UnavailableError
 from raytp.runtime.requests import STOP_MAX_CHARS, STOP_MAX_COUNT
-from raytp.runtime.sampling import REPETITION_PENALTY_MAX, SEED_MAX, SEED_MIN, TEMPERATURE_MAX, SamplingParams
+from raytp.runtime.sampling import (
+    REPETITION_PENALTY_MAX,
+    SEED_MAX,
+    SEED_MIN,
+    TEMPERATURE_MAX,
+    TOP_LOGPROBS_MAX,
+    SamplingParams,
+)
 
 log = logging.getLogger("raytp")
 
@@ -116,11 +124,19 @@ class _Body(BaseModel):
     stop: Annotated[list[Annotated[str, Field(max_length=STOP_MAX_CHARS)]], Field(max_length=STOP_MAX_COUNT)] = []
     n: Literal[1] = 1  # one choice per request
     best_of: Literal[1] = 1
-    logprobs: Literal[False, 0] = False  # not supported
-    echo: Literal[False] = False  # not supported
     stream: bool = False
     stream_options: StreamOptions = Field(default_factory=StreamOptions)
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever the model says (benchmarks, tests)
+    # Declared so that they are refused (`unsupported`), never silently ignored: a client relying on one of them
+    # would take an unconstrained answer for a constrained one.
+    response_format: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    logit_bias: Any = None
+    presence_penalty: float = Field(0.0, ge=-2, le=2, allow_inf_nan=False)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2, allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod
@@ -133,16 +149,47 @@ class _Body(BaseModel):
     def _one_stop(cls, stop):
         return [stop] if isinstance(stop, str) else stop
 
+    def unsupported(self) -> tuple[str, str] | None:
+        """(field, why) of the first field asking for what raytp does not do, or None."""
+        kind = self.response_format.get("type") if isinstance(self.response_format, dict) else self.response_format
+        tool_choice = self.tool_choice if self.tool_choice is not None else ("auto" if self.tools else "none")
+        refusals = [
+            ("response_format", self.response_format is not None and kind != "text",
+             f"response_format {json.dumps(kind)} is not supported (no constrained decoding yet); only "
+             '{"type": "text"}'),
+            ("tool_choice", tool_choice != "none",
+             f"tool calls are not supported; send no tools, or tool_choice \"none\" (got {json.dumps(tool_choice)})"),
+            ("functions", bool(self.functions), "functions (tool calls) are not supported"),
+            ("function_call", self.function_call not in (None, "none"), "function_call (tool calls) is not supported"),
+            ("logit_bias", bool(self.logit_bias), "logit_bias is not supported"),
+            ("presence_penalty", self.presence_penalty != 0,
+             "presence_penalty is not supported (0 only); repetition_penalty is"),
+            ("frequency_penalty", self.frequency_penalty != 0,
+             "frequency_penalty is not supported (0 only); repetition_penalty is"),
+        ]
+        return next(((param, why) for param, ok_not, why in refusals if ok_not), None)
+
+    def top_n(self) -> int | None:
+        """How many top alternatives each answer token's logprobs list; None: no logprobs."""
+        return None
+
+    def prompt_top_n(self) -> int | None:
+        """The same for the prompt's tokens (echo); None: none."""
+        return None
+
     def sampling(self) -> SamplingParams:
         return SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
                               repetition_penalty=self.repetition_penalty,
                               seed=self.seed if self.seed is not None else secrets.randbits(31),
-                              max_tokens=self.max_tokens)
+                              max_tokens=self.max_tokens, logprobs=self.top_n(),
+                              prompt_logprobs=self.prompt_top_n())
 
 
 class ChatCompletionRequest(_Body):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens
+    logprobs: bool = False  # each answer token's log-probability
+    top_logprobs: int | None = Field(None, ge=0, le=TOP_LOGPROBS_MAX)  # and the top N alternatives (needs logprobs)
 
     @model_validator(mode="after")
     def _max_tokens(self):
@@ -150,10 +197,32 @@ class ChatCompletionRequest(_Body):
             self.max_tokens = self.max_completion_tokens
         return self
 
+    def unsupported(self) -> tuple[str, str] | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            return "top_logprobs", "top_logprobs needs logprobs: true"
+        return super().unsupported()
+
+    def top_n(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
 
 class CompletionRequest(_Body):
     # a string or token ids; a list holding one of those (a batch of one) is taken too
     prompt: str | Annotated[list[int], Field(min_length=1)]
+    logprobs: int | None = Field(None, ge=0, le=TOP_LOGPROBS_MAX)  # each token's log-probability and the top N
+    echo: bool = False  # the prompt comes back before the answer (with its logprobs, when logprobs is set)
+    suffix: str | None = None  # refused: no insertion
+
+    def unsupported(self) -> tuple[str, str] | None:
+        if self.suffix:
+            return "suffix", "suffix (text insertion) is not supported"
+        return super().unsupported()
+
+    def top_n(self) -> int | None:
+        return self.logprobs
+
+    def prompt_top_n(self) -> int | None:
+        return self.logprobs if self.echo else None
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -187,6 +256,9 @@ def parse_completion(body, chat: bool, model_id: str) -> ChatCompletionRequest |
     if req.model != model_id:
         raise APIError(404, f"The model {req.model!r} does not exist; this server serves {model_id!r}",
                        param="model", code="model_not_found")
+    refused = req.unsupported()
+    if refused is not None:
+        raise APIError(400, refused[1], param=refused[0], code="unsupported")
     return req
 
 
@@ -197,23 +269,48 @@ def _request_error(e: RequestError, chat: bool) -> APIError:
 
 # ---- running a request -------------------------------------------------------------------------------------
 
-async def run_completion(driver, req: ChatCompletionRequest | CompletionRequest):
-    """Yield the answer's text pieces, then one final dict {finish_reason, prompt_tokens, completion_tokens}.
+@dataclass
+class Piece:
+    """A piece of an answer's text and, where asked, the log-probabilities of the tokens that made it."""
 
-    Tokenizes the prompt once, here; the driver's `submit` checks it against the model. Closing this generator
-    (or cancelling its consumer) closes the driver's stream, which cancels the request."""
+    text: str
+    logprobs: list[TokenLogprob] | None = None
+
+
+# (token id, its log-probability or None for a prompt's first token, its top alternatives [(id, logprob)] or None)
+TokenLogprob = tuple[int, float | None, list[tuple[int, float]] | None]
+
+
+async def run_completion(driver, req: ChatCompletionRequest | CompletionRequest):
+    """Yield the answer as Pieces, then one final dict {finish_reason, prompt_tokens, completion_tokens}.
+
+    Tokenizes the prompt once, here; the driver's `submit` checks it against the model. With echo the first piece
+    is the prompt (its tokens' logprobs too, with logprobs). Closing this generator (or cancelling its consumer)
+    closes the driver's stream, which cancels the request."""
     if isinstance(req, ChatCompletionRequest):
         prompt_ids = driver.encode(messages=[m.as_template_input() for m in req.messages])
     else:
         prompt_ids = req.prompt if isinstance(req.prompt, list) else driver.encode(prompt=req.prompt)
-    async with aclosing(driver.submit(prompt_ids, req.sampling(), req.stop, req.ignore_eos)) as pieces:
+    params = req.sampling()
+    echo = isinstance(req, CompletionRequest) and req.echo
+    scored: list[TokenLogprob] = [(prompt_ids[0], None, None)]  # the first prompt token has no logprob
+    async with aclosing(driver.submit(prompt_ids, params, req.stop, req.ignore_eos)) as pieces:
         async for item in pieces:
+            if "prompt_logprobs" in item:
+                scored += [(t, lp, top) for t, (lp, top) in zip(prompt_ids[len(scored):], item["prompt_logprobs"])]
+                continue
+            if echo:  # before the first token or the end, whichever comes first
+                echo = False
+                text = req.prompt if isinstance(req.prompt, str) else driver.decode(prompt_ids)
+                yield Piece(text, scored if params.prompt_logprobs is not None else None)
             if "finish" in item:
                 yield {"finish_reason": "length" if item["finish"] == "length" else "stop",
                        "prompt_tokens": item["prompt_tokens"], "completion_tokens": item["generated_tokens"]}
                 return
-            if item["text"]:
-                yield item["text"]
+            if "logprob" in item:
+                yield Piece(item["text"], [(item["token_id"], item["logprob"], item["top_logprobs"])])
+            elif item["text"]:
+                yield Piece(item["text"])
 
 
 async def _until_disconnected(request: Request) -> None:
@@ -251,30 +348,53 @@ def _sse(obj) -> str:
 
 
 class _Answer:
-    """The response objects of one request, in OpenAI's chat or text-completion shape."""
+    """The response objects of one request, in OpenAI's chat or text-completion shape. `strings(ids)` gives each
+    token's own text, as logprobs show tokens."""
 
-    def __init__(self, chat: bool, model_id: str):
-        self.chat, self.model = chat, model_id
+    def __init__(self, chat: bool, model_id: str, strings):
+        self.chat, self.model, self.strings = chat, model_id, strings
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
+        self.offset = 0  # text completions: the text_offset of the next token, across a stream's chunks
 
     def _envelope(self, object_: str, choices: list, **extra) -> dict:
         return {"id": self.id, "object": object_, "created": self.created, "model": self.model,
                 "choices": choices, **extra}
 
-    def whole(self, text: str, final: dict) -> dict:
-        choice = {"index": 0, "logprobs": None, "finish_reason": final["finish_reason"]}
+    def logprobs(self, scored: list[TokenLogprob] | None) -> dict | None:
+        """OpenAI's logprobs object of these tokens: chat's `content` list, or the legacy parallel lists."""
+        if scored is None:
+            return None
+        ids = sorted({t for t, _, _ in scored} | {i for _, _, top in scored for i, _ in top or ()})
+        text = dict(zip(ids, self.strings(ids)))
+        if self.chat:
+            def entry(t: int, lp: float) -> dict:
+                return {"token": text[t], "logprob": lp, "bytes": list(text[t].encode())}
+            return {"content": [entry(t, lp) | {"top_logprobs": [entry(i, v) for i, v in top]}
+                                for t, lp, top in scored], "refusal": None}
+        offsets = []
+        for t, _, _ in scored:
+            offsets.append(self.offset)
+            self.offset += len(text[t])
+        return {"tokens": [text[t] for t, _, _ in scored], "token_logprobs": [lp for _, lp, _ in scored],
+                "top_logprobs": [None if top is None else {text[i]: v for i, v in top} for _, _, top in scored],
+                "text_offset": offsets}
+
+    def whole(self, text: str, final: dict, scored: list[TokenLogprob] | None = None) -> dict:
+        choice = {"index": 0, "logprobs": self.logprobs(scored), "finish_reason": final["finish_reason"]}
         if self.chat:
             choice["message"] = {"role": "assistant", "content": text}
             return self._envelope("chat.completion", [choice], usage=_usage(final))
         return self._envelope("text_completion", [{"text": text, **choice}], usage=_usage(final))
 
-    def chunk(self, text: str | None, finish_reason: str | None = None, role: bool = False, **extra) -> dict:
+    def chunk(self, text: str | None, finish_reason: str | None = None, role: bool = False,
+              scored: list[TokenLogprob] | None = None, **extra) -> dict:
+        logprobs = self.logprobs(scored)
         if self.chat:
             delta = ({"role": "assistant"} if role else {}) | ({"content": text} if text is not None else {})
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
             return self._envelope("chat.completion.chunk", [choice], **extra)
-        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
         return self._envelope("text_completion", [choice], **extra)
 
     def usage_chunk(self, final: dict) -> dict:
@@ -298,7 +418,7 @@ async def _complete(request: Request, driver, model_id: str, chat: bool) -> Resp
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         return APIError(400, f"the request body is not valid JSON: {e}").response()
     req = parse_completion(body, chat, model_id)
-    answer = _Answer(chat, model_id)
+    answer = _Answer(chat, model_id, driver.token_strings)
     pieces = run_completion(driver, req)
     try:
         # Wait for the first piece before answering 200: a full server or a bad request still gets its status.
@@ -316,20 +436,23 @@ async def _complete(request: Request, driver, model_id: str, chat: bool) -> Resp
 
     async def rest():
         text, item = [], first
-        while isinstance(item, str):
-            text.append(item)
+        scored = None if req.top_n() is None and req.prompt_top_n() is None else []
+        while isinstance(item, Piece):
+            text.append(item.text)
+            if item.logprobs is not None:
+                scored += item.logprobs
             item = await anext(pieces)
-        return "".join(text), item
+        return "".join(text), item, scored
 
     try:
-        text, final = await _unless_disconnected(request, rest())
+        text, final, scored = await _unless_disconnected(request, rest())
     except asyncio.CancelledError:
         return Response(status_code=499)
     except Exception as e:  # noqa: BLE001
         return _api_error(e, chat).response()
     finally:
         await pieces.aclose()
-    return JSONResponse(answer.whole(text, final))
+    return JSONResponse(answer.whole(text, final, scored))
 
 
 async def _stream_body(answer: _Answer, include_usage: bool, first, pieces):
@@ -341,8 +464,8 @@ async def _stream_body(answer: _Answer, include_usage: bool, first, pieces):
             yield _sse(answer.chunk("", role=True, **extra))
         item = first
         try:
-            while isinstance(item, str):
-                yield _sse(answer.chunk(item, **extra))
+            while isinstance(item, Piece):
+                yield _sse(answer.chunk(item.text, scored=item.logprobs, **extra))
                 item = await anext(pieces)
         except Exception as e:  # noqa: BLE001 - after the 200 went out an error can only travel in the stream
             yield _sse(_api_error(e, answer.chat).body())
