@@ -1,0 +1,191 @@
+"""Logprobs and echo through `raytp serve` (SmolLM2, float32) at 1 and 3 uneven CPU ranks, against references
+nobody here wrote: lm-evaluation-harness as the client (its `local-completions` model, which scores multiple choice
+with `echo: true, logprobs: 1, max_tokens: 1`) must give the per-choice loglikelihoods and the accuracy of its own
+`hf` backend on the same weights; the logprobs of /v1/completions and /v1/chat/completions (the official openai
+client, streamed and not) must be transformers' log-softmax."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+import transformers
+
+from raytp.weights.tokenizer import Tokenizer
+from tests.util import serve_process
+
+pytestmark = pytest.mark.slow
+
+TASK = "raytp_multiple_choice"
+TASK_DATA = Path(__file__).parent / "data" / "multiple_choice.jsonl"
+# lm-eval's task config; the data file's path is filled in (a JSONL of question, choices, answer index)
+TASK_YAML = """task: {task}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_choice: choices
+doc_to_target: answer
+metric_list:
+  - metric: acc
+"""
+
+
+@pytest.fixture(scope="module", params=["cpu", "cpu@2GiB,cpu@1GiB,cpu@1GiB"], ids=["1-rank", "3-uneven-ranks"])
+def server(request, tmp_path_factory, smollm2_dir):
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    with serve_process(log, "--model", "smollm2", "--devices", request.param, "--dtype", "float32") as (_, url):
+        yield url
+
+
+@pytest.fixture(scope="module")
+def model(smollm2_dir):
+    return transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2_dir):
+    return Tokenizer.from_dir(smollm2_dir)
+
+
+def log_softmax(model, ids: list[int]) -> torch.Tensor:
+    """(len(ids), vocab) float64: transformers' next-token log-probabilities at each position."""
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), dim=-1)
+
+
+# ---- lm-evaluation-harness ----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def task_manager(tmp_path_factory, offline):
+    from lm_eval.tasks import TaskManager
+
+    folder = tmp_path_factory.mktemp("lm-eval-tasks")
+    (folder / f"{TASK}.yaml").write_text(TASK_YAML.format(task=TASK, data=TASK_DATA.resolve()))
+    return TaskManager(include_path=str(folder))
+
+
+def evaluate(task_manager, model: str, model_args: dict) -> tuple[float, list[list[tuple[float, bool]]]]:
+    """(accuracy, per document the (loglikelihood, is_greedy) of each choice) as lm-eval scores them."""
+    import lm_eval
+
+    results = lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=[TASK], task_manager=task_manager,
+                                      log_samples=True, batch_size=1)
+    samples = sorted(results["samples"][TASK], key=lambda s: s["doc_id"])
+    return results["results"][TASK]["acc,none"], [[tuple(r) for r in s["filtered_resps"]] for s in samples]
+
+
+@pytest.fixture(scope="module")
+def offline():
+    with pytest.MonkeyPatch.context() as mp:  # the task's data and the weights are local files: no hub look-ups
+        mp.setenv("HF_DATASETS_OFFLINE", "1")
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        yield
+
+
+@pytest.fixture(scope="module")
+def hf_scores(task_manager, smollm2_dir):
+    return evaluate(task_manager, "hf", {"pretrained": str(smollm2_dir), "dtype": "float32", "device": "cpu"})
+
+
+def test_lm_eval_through_the_server_scores_as_its_hf_backend(server, task_manager, smollm2_dir, hf_scores):
+    accuracy, scores = evaluate(task_manager, "local-completions", {
+        "model": "smollm2", "base_url": f"{server}/v1/completions", "tokenizer": str(smollm2_dir),
+        "tokenizer_backend": "huggingface", "max_retries": 1})
+    want_accuracy, want = hf_scores
+    assert len(scores) == len(want) == sum(1 for _ in TASK_DATA.open())
+    for doc, (ours, theirs) in enumerate(zip(scores, want)):
+        assert [ll for ll, _ in ours] == pytest.approx([ll for ll, _ in theirs], abs=1e-3), doc
+        assert [greedy for _, greedy in ours] == [greedy for _, greedy in theirs], doc
+    assert accuracy == want_accuracy
+
+
+# ---- /v1/completions ----------------------------------------------------------------------------------------
+
+def completion(server: str, body: dict) -> dict:
+    response = httpx.post(f"{server}/v1/completions", json={"model": "smollm2", **body}, timeout=120)
+    assert response.status_code == 200, response.text
+    return response.json()["choices"][0]
+
+
+@pytest.mark.parametrize("sampling", [{"temperature": 0}, {"temperature": 0.7, "seed": 5}], ids=["greedy", "t0.7"])
+def test_completion_logprobs_with_echo_are_transformers_log_softmax(server, model, tokenizer, sampling):
+    prompt = "The three primary colors are"
+    ids = tokenizer.encode(prompt)
+    choice = completion(server, {"prompt": prompt, "max_tokens": 6, "logprobs": 4, "echo": True, **sampling})
+    lp = choice["logprobs"]
+    assert choice["text"].startswith(prompt)
+    tokens = lp["tokens"]
+    assert len(tokens) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(lp["text_offset"])
+    assert "".join(tokens) == choice["text"]  # SmolLM2's byte-level tokens spell the text
+    assert lp["text_offset"] == [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+    # the generated ids: the prompt's are known; each generated token's string spells one id only
+    strings = [tokenizer.decode([i], skip_special_tokens=False) for i in range(tokenizer.vocab_size)]
+    unique = Counter(strings)
+    vocab = {text: i for i, text in enumerate(strings) if unique[text] == 1}
+    all_ids = ids + [vocab[t] for t in tokens[len(ids):]]
+    assert tokens[: len(ids)] == [tokenizer.decode([i], skip_special_tokens=False) for i in ids]
+    temperature = sampling["temperature"] or 1.0  # greedy: the unscaled distribution
+    with torch.no_grad():
+        logits = model(torch.tensor([all_ids])).logits[0].double()
+    want = torch.log_softmax(logits, dim=-1)
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    for t in range(1, len(all_ids)):
+        dist = want[t - 1] if t < len(ids) else torch.log_softmax(logits[t - 1] / temperature, dim=-1)
+        assert lp["token_logprobs"][t] == pytest.approx(dist[all_ids[t]].item(), abs=1e-4), t
+        values, top_ids = dist.topk(4)
+        top = lp["top_logprobs"][t]
+        assert sorted(top.values(), reverse=True) == pytest.approx(values.tolist(), abs=1e-4), t
+        assert set(top) == {tokenizer.decode([i], skip_special_tokens=False) for i in top_ids.tolist()}, t
+
+
+def test_streamed_completion_logprobs_equal_the_whole_answer(server):
+    body = {"prompt": "Once upon a time", "max_tokens": 8, "logprobs": 2, "temperature": 0}
+    whole = completion(server, body)["logprobs"]
+    chunks = []
+    with httpx.stream("POST", f"{server}/v1/completions", json={"model": "smollm2", "stream": True, **body},
+                      timeout=120) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                chunks.append(json.loads(line[6:])["choices"])
+    streamed = [c[0]["logprobs"] for c in chunks if c and c[0]["logprobs"]]
+    for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+        assert [x for lp in streamed for x in lp[key]] == whole[key], key
+
+
+# ---- /v1/chat/completions -----------------------------------------------------------------------------------
+
+def test_chat_logprobs_are_transformers_log_softmax_streamed_and_not(server, model, tokenizer):
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="none", max_retries=0, timeout=120)
+    messages = [{"role": "user", "content": "Name a fruit."}]
+    kw = {"model": "smollm2", "messages": messages, "max_tokens": 8, "temperature": 0, "logprobs": True,
+          "top_logprobs": 3}
+    answer = client.chat.completions.create(**kw).choices[0]
+    content = answer.logprobs.content
+    streamed = [entry for chunk in client.chat.completions.create(stream=True, **kw)
+                if chunk.choices and chunk.choices[0].logprobs for entry in chunk.choices[0].logprobs.content]
+    assert [e.model_dump() for e in streamed] == [e.model_dump() for e in content]
+    prompt = tokenizer.encode(tokenizer.apply_chat_template(messages))
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False,
+                             eos_token_id=sorted(tokenizer.eos_token_ids))
+    generated = [i for i in out[0, len(prompt):].tolist() if i not in tokenizer.eos_token_ids]
+    want = log_softmax(model, prompt + generated)
+    assert [e.token for e in content] == [tokenizer.decode([i], skip_special_tokens=False) for i in generated]
+    assert "".join(e.token for e in content) == answer.message.content
+    for j, (entry, token) in enumerate(zip(content, generated)):
+        dist = want[len(prompt) + j - 1]
+        assert entry.logprob == pytest.approx(dist[token].item(), abs=1e-4)
+        assert entry.bytes == list(entry.token.encode())
+        values, ids = dist.topk(3)
+        assert [t.logprob for t in entry.top_logprobs] == pytest.approx(values.tolist(), abs=1e-4)
+        assert [t.token for t in entry.top_logprobs] == [tokenizer.decode([i], skip_special_tokens=False)
+                                                          for i in ids.tolist()]
