@@ -11,7 +11,7 @@ import transformers
 
 from raytp.parallel.comm import Communicator, InProcessGroup
 from raytp.runtime.engine import Add, Cancel, RankEngine, Request, Stop
-from raytp.runtime.sampling import FIRST_CANDIDATES, SamplingParams, ShardedSampler
+from raytp.runtime.sampling import SEED_MAX, SEED_MIN, FIRST_CANDIDATES, SamplingParams, ShardedSampler, sample_seed
 from tests.sharded import LocalGroup
 from tests.test_sampling import reference_logprobs
 
@@ -211,3 +211,34 @@ def test_logprobs_and_prompt_logprobs_are_transformers_log_softmax(tiny, params)
     assert len(scored) == len(prompt) - 1
     for t, (chosen, top) in enumerate(scored):
         check(chosen, top, torch.log_softmax(logits[t], -1), prompt[t + 1], 2)
+
+
+def test_n_samples_are_prefilled_once_and_equal_single_requests_with_their_seeds(tiny):
+    """n=3 seeded samples: one prefill (one multi-token forward per rank), then sample i draws what a single
+    request seeded `sample_seed(seed, i)` draws; a request asking for n=1 decodes beside them."""
+    _, model, group = tiny
+    prompt = [3, 141, 59, 26, 535]
+    params = SamplingParams(temperature=0.9, top_p=0.95, seed=SEED_MAX - 1, max_tokens=15, n=3)  # seeds wrap
+    prefills = [0] * len(group.models)
+
+    def counting(rank, forward):
+        def counted(tokens, *args, **kw):
+            prefills[rank] += tokens.shape[1] > 1
+            return forward(tokens, *args, **kw)
+        return counted
+
+    for rank, m in enumerate(group.models):
+        m.forward = counting(rank, m.forward)
+    try:
+        seen, _ = run_loop(group, [Add(Request("a", prompt, params)), Add(Request("b", [8, 9], CASES[1]))])
+    finally:
+        for m in group.models:
+            del m.forward
+    assert prefills == [2] * len(group.models)  # a's prompt once, b's once
+    assert {e.index for e in seen if e.request_id == "a"} == {0, 1, 2}
+    for i in range(3):
+        single = dataclasses.replace(params, seed=sample_seed(params.seed, i), n=1)
+        got = [e.token_id for e in seen if e.request_id == "a" and e.index == i and e.token_id is not None]
+        assert got == reference(model, prompt, single, 15), i
+    assert sample_seed(SEED_MAX - 1, 2) == SEED_MIN
+    assert tokens_of(seen, "b") == reference(model, [8, 9], CASES[1], 20)

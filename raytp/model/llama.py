@@ -150,6 +150,12 @@ class ShardedLlama:
         """The KV cache as allocated, FP8 scales included: what the plan's kv_cache_bytes counts."""
         return [t for t in (self.k_cache, self.v_cache, self.k_scale, self.v_scale) if t is not None]
 
+    def copy_slot(self, src: int, dst: int, length: int) -> None:
+        """Cache positions [0, length) of slot `src` into slot `dst` (FP8 scales too): a prompt prefilled once
+        serves several samples."""
+        for t in self.cache_tensors():  # (layers, slots, kv heads, positions, ...)
+            t[:, dst, :, :length] = t[:, src, :, :length]
+
     def step_inputs(self, positions: torch.Tensor, dtype: torch.dtype, span: int | None = None) -> StepInputs:
         """By default the span ends at the furthest position (one GPU sync); a CUDA graph passes max_context."""
         span = span or int(positions.max()) + 1

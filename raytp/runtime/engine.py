@@ -27,6 +27,10 @@ decode steps, so a long prompt delays running requests by one chunk at a time. A
 with the token its last chunk drew. A request with `prompt_logprobs` (echo) has each chunk's logits at every
 position scored against the prompt's next tokens (`ShardedSampler.prompt_logprobs`, one gather per chunk).
 
+A request for n samples (`params.n`) takes n cache slots: its prompt is prefilled once, in the first, and copied
+into the others (`ShardedLlama.copy_slot`); each sample then draws with its own seed (`sample_seed`) and decodes as
+a row of its own. Its events carry the sample's `index`.
+
 Log-probabilities of generated tokens (`logprobs`) come out of the step's own exchange (raytp.runtime.sampling),
 computed only while a row of the batch asks for them (a graph variant of its own), and ride on each TokenEvent.
 
@@ -36,6 +40,7 @@ rank, so the loop does not check them again.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import queue
 from collections import deque
@@ -48,7 +53,7 @@ from raytp.model.llama import ShardedLlama
 from raytp.parallel.comm import Communicator
 from raytp.parallel.plan import PREFILL_CHUNK
 from raytp.runtime.batch import DecodeBatch, Pending
-from raytp.runtime.sampling import Logprobs, SamplingParams, ShardedSampler
+from raytp.runtime.sampling import Logprobs, SamplingParams, ShardedSampler, sample_seed
 
 
 @dataclass
@@ -74,6 +79,7 @@ class TokenEvent:
     # echo: (log-probability, top N) of prompt tokens, in order from the second; an event without a token carries
     # a prefill chunk's
     prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
+    index: int = 0  # which of the request's n samples
 
 
 @dataclass
@@ -122,6 +128,8 @@ class _Sequence:
     generated: int = 0
     prefilled: int = 0  # prompt tokens already in the cache
     finished: bool = False  # results of steps still in flight for it are dropped
+    index: int = 0  # which of the request's samples; sample 0 prefills for all
+    forks: list[_Sequence] = field(default_factory=list)  # sample 0: the others, waiting for its prefill
 
 
 class RankEngine:
@@ -132,7 +140,7 @@ class RankEngine:
         self.batch = DecodeBatch(model, self.sampler)
         self.device = model.device
         self.heartbeat_s, self.prefill_chunk = heartbeat_s, prefill_chunk
-        self.active: dict[str, _Sequence] = {}
+        self.active: dict[str, list[_Sequence]] = {}  # a request's live samples
         self.free_slots = list(range(model.max_batch))
         self.prefilling: deque[_Sequence] = deque()  # admitted, prompt not yet all in the cache
         self.decoding: list[_Sequence] = []  # the device batch's rows, in order
@@ -167,15 +175,16 @@ class RankEngine:
                 self.leader_events.append(TokenEvent(cmd.request_id, None, "cancelled"))
             else:
                 commands.append(cmd)
-        free = len(self.free_slots) - sum(1 for c in commands if isinstance(c, Cancel) and c.request_id in self.active)
-        while self.pending and free > 0:
+        free = len(self.free_slots) - sum(len(self.active.get(c.request_id, ())) for c in commands
+                                          if isinstance(c, Cancel))
+        while self.pending and free >= self.pending[0].params.n:
+            free -= self.pending[0].params.n
             commands.append(Add(self.pending.popleft()))
-            free -= 1
         return commands
 
     def _has_news(self) -> bool:
         """Leader: whether the group has something to hear (a command, or a waiting request that now fits)."""
-        return not self.inbox.empty() or bool(self.pending and self.free_slots)
+        return not self.inbox.empty() or bool(self.pending and len(self.free_slots) >= self.pending[0].params.n)
 
     def _broadcast_commands(self, commands: list[Command]) -> list[Command]:
         """One int64 collective when idle-ish; a second one carrying the commands when there is news."""
@@ -221,12 +230,16 @@ class RankEngine:
     def _apply(self, commands: list[Command], events: list[TokenEvent]) -> None:
         for cmd in commands:
             if isinstance(cmd, Cancel):
-                if cmd.request_id in self.active:
-                    self._finish(self.active[cmd.request_id], "cancelled", events)
+                for seq in list(self.active.get(cmd.request_id, ())):
+                    self._finish(seq, "cancelled", events)
             else:
-                seq = _Sequence(cmd.request, self.free_slots.pop(0), list(cmd.request.prompt_ids))
-                self.active[cmd.request.id] = seq
-                self.prefilling.append(seq)
+                r = cmd.request
+                samples = [_Sequence(r if i == 0 else dataclasses.replace(r, params=dataclasses.replace(
+                               r.params, seed=sample_seed(r.params.seed, i))), self.free_slots.pop(0),
+                               list(r.prompt_ids), index=i) for i in range(r.params.n)]
+                samples[0].forks = samples[1:]
+                self.active[r.id] = samples
+                self.prefilling.append(samples[0])
 
     def _prefill_chunk(self, events: list[TokenEvent]) -> None:
         """The next chunk of the first waiting prompt; its last chunk draws the request's first token."""
@@ -253,10 +266,18 @@ class RankEngine:
         if end < len(prompt):
             return
         self.prefilling.popleft()
-        draw = self.sampler.draw_exact(logits, [params], [0], [torch.tensor(prompt)], params.logprobs is not None)
-        if self._accept(seq, int(draw.tokens[0]), events, _row_logprobs(draw.logprobs, 0, params)):
-            self.decoding.append(seq)
-            self.stale = True
+        samples = [seq] + [s for s in seq.forks if not s.finished]
+        for fork in samples[1:]:
+            self.model.copy_slot(seq.slot, fork.slot, len(prompt))
+        seq.forks = []
+        history = torch.tensor(prompt)
+        draw = self.sampler.draw_exact(logits.expand(len(samples), -1), [s.request.params for s in samples],
+                                       [0] * len(samples), [history] * len(samples), params.logprobs is not None)
+        tokens = draw.tokens.tolist()
+        for b, sample in enumerate(samples):
+            if self._accept(sample, tokens[b], events, _row_logprobs(draw.logprobs, b, params)):
+                self.decoding.append(sample)
+                self.stale = True
 
     def _enqueue(self) -> None:
         step, _ = self.batch.step(list(self.decoding))
@@ -309,21 +330,24 @@ class RankEngine:
         elif seq.generated == seq.request.params.max_tokens or len(seq.tokens) >= self.model.max_context:
             self._finish(seq, "length", events, token, logprobs)
         else:
-            events.append(_token_event(seq.request.id, token, None, logprobs))
+            events.append(_token_event(seq, token, None, logprobs))
             return True
         return False
 
     def _finish(self, seq: _Sequence, reason: str, events: list[TokenEvent], token: int | None = None,
                 logprobs: tuple[float, list[tuple[int, float]]] | None = None) -> None:
         seq.finished = True
-        del self.active[seq.request.id]
+        samples = self.active[seq.request.id]
+        samples.remove(seq)
+        if not samples:
+            del self.active[seq.request.id]
         self.free_slots.append(seq.slot)
         if seq in self.prefilling:
             self.prefilling.remove(seq)
         if seq in self.decoding:
             self.decoding.remove(seq)
             self.stale = True
-        events.append(_token_event(seq.request.id, token, reason, logprobs))
+        events.append(_token_event(seq, token, reason, logprobs))
 
 
 def _row_logprobs(lp: Logprobs | None, b: int, params: SamplingParams) -> tuple[float, list[tuple[int, float]]] | None:
@@ -331,8 +355,7 @@ def _row_logprobs(lp: Logprobs | None, b: int, params: SamplingParams) -> tuple[
     return None if lp is None or params.logprobs is None else lp.rows(b, params.logprobs)
 
 
-def _token_event(request_id: str, token: int | None, finish: str | None,
+def _token_event(seq: _Sequence, token: int | None, finish: str | None,
                  logprobs: tuple[float, list[tuple[int, float]]] | None) -> TokenEvent:
-    if logprobs is None:
-        return TokenEvent(request_id, token, finish)
-    return TokenEvent(request_id, token, finish, logprob=logprobs[0], top_logprobs=logprobs[1])
+    lp = {} if logprobs is None else {"logprob": logprobs[0], "top_logprobs": logprobs[1]}
+    return TokenEvent(seq.request.id, token, finish, index=seq.index, **lp)

@@ -56,6 +56,7 @@ class SamplingParams:
     max_tokens: int | None = None  # None: until the context is full
     logprobs: int | None = None  # None: none; N in [0, TOP_LOGPROBS_MAX]: each token's log-probability and the top N
     prompt_logprobs: int | None = None  # as `logprobs`, for every prompt token after the first (echo)
+    n: int = 1  # samples of the prompt, prefilled once; sample i draws as a request with `sample_seed(seed, i)`
 
     def __post_init__(self):
         if self.top_k == -1:
@@ -73,6 +74,7 @@ class SamplingParams:
              f"seed must be a whole number in [{SEED_MIN}, {SEED_MAX}], got {self.seed}"),
             ("max_tokens", self.max_tokens is None or isinstance(self.max_tokens, int) and self.max_tokens >= 1,
              f"max_tokens must be a whole number >= 1, got {self.max_tokens}"),
+            ("n", isinstance(self.n, int) and self.n >= 1, f"n must be a whole number >= 1, got {self.n}"),
             *((name, value is None or isinstance(value, int) and 0 <= value <= TOP_LOGPROBS_MAX,
                f"{name} must be a whole number in [0, {TOP_LOGPROBS_MAX}], got {value}")
               for name, value in (("logprobs", self.logprobs), ("prompt_logprobs", self.prompt_logprobs))),
@@ -93,6 +95,12 @@ class SamplingParams:
     @property
     def kind(self) -> int:
         return GREEDY if self.greedy else FILTERED if self.filtered else NOISY
+
+
+def sample_seed(seed: int, i: int) -> int:
+    """The seed of sample i of a request seeded `seed` (n > 1): seed + i, wrapped into the signed 64-bit range, so
+    that sample i draws what a single request with that seed draws."""
+    return (seed + i - SEED_MIN) % 2**64 + SEED_MIN
 
 
 def _mix32(x):
