@@ -199,7 +199,8 @@ class Driver:
 
     async def submit(self, prompt_ids: Sequence[int], params: SamplingParams, stop: Sequence[str] = (),
                      ignore_eos: bool = False):
-        """Run one request; yield {"text", "token_id"} as tokens arrive, then one final {"finish", stats...}.
+        """Run one request; yield {"index", "text", "token_id"} as tokens arrive, then one final {"finish",
+        stats...}. With `params.n` > 1 the samples' items interleave, each with its sample's index.
 
         With `params.logprobs` each token's item also has "logprob" and "top_logprobs" ([(id, logprob)]); every
         generated token gets an item then (its text may be ""), except a stop token. With
@@ -213,50 +214,39 @@ class Driver:
         models) the text pieces are empty and only token ids stream. Closing the generator early cancels
         the request and frees its cache slot at the leader's next step."""
         prompt_ids = list(prompt_ids)
-        check_request(prompt_ids, params, stop, self.config.vocab_size, self.settings.max_context)
+        check_request(prompt_ids, params, stop, self.config.vocab_size, self.settings.max_context,
+                      self.settings.max_batch)
         if len(self.streams) >= self.settings.max_batch + self.max_queue:  # admitted: running or waiting for a slot
             raise BusyError(f"the server is busy: {len(self.streams)} requests are running or waiting "
                             f"(--max-batch {self.settings.max_batch} + --max-queue {self.max_queue}); retry shortly")
         rid = uuid.uuid4().hex
         queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
         self.streams[rid] = queue
-        decoder = StreamDecoder(self.tokenizer) if self.tokenizer is not None else None
-        stops = StopScanner(stop)
+        samples = [_SampleText(self.tokenizer, stop) for _ in range(params.n)]
         eos = self.tokenizer.eos_token_ids if self.tokenizer is not None else self.config.eos_token_ids
         start = time.perf_counter()
         first = None
-        generated: list[int] = []
-        finish = None
-        ended_on_ranks = False
         try:
             await self.ready.wait()  # inside the bound, so requests waiting out a rebuild count as admitted too
             if self.down:
                 raise UnavailableError(self.down)
             request = Request(rid, prompt_ids, params, [] if ignore_eos else sorted(eos))
             await self.group.leader.submit.remote(Add(request))
-            while finish is None:
+            while any(s.finish is None for s in samples):
                 e = await queue.get()
-                ended_on_ranks = e.finish is not None
                 if e.error:
                     raise RuntimeError(e.error)
                 if e.prompt_logprobs is not None:
                     yield {"prompt_logprobs": e.prompt_logprobs}
                     continue
-                text = ""
-                if e.token_id is not None:
-                    first = first or time.perf_counter()
-                    generated.append(e.token_id)
-                    if e.finish != "stop" and decoder:  # the stop token itself is not part of the answer
-                        text = decoder.feed(e.token_id)
-                if e.finish is not None and decoder:
-                    text += decoder.flush()
-                text, hit = stops.feed(text)
-                finish = "stop" if hit else e.finish
-                if finish is not None and not hit:
-                    text += stops.flush()
+                sample = samples[e.index]
+                if sample.finish is not None:  # cut by a stop string: its tokens still on the way are dropped
+                    continue
+                first = first or time.perf_counter()
+                text = sample.take(e)
                 scored = e.logprob is not None and e.finish != "stop"  # a stop token is not part of the answer
-                if text or finish is None or scored:
-                    yield {"text": text, "token_id": e.token_id} | (
+                if text or sample.finish is None or scored:
+                    yield {"index": e.index, "text": text, "token_id": e.token_id} | (
                         {"logprob": e.logprob, "top_logprobs": e.top_logprobs} if scored else {})
         except Exception as e:  # noqa: BLE001 - whatever ended an admitted request is logged once, with its id
             log.error("request %s failed: %s", rid, e)
@@ -264,14 +254,16 @@ class Driver:
         finally:
             del self.streams[rid]
             live = self.ready.is_set() and not self.down  # not while the group rebuilds: it failed every request
-            if not ended_on_ranks and live:  # a stop string, or the caller went away: free the slot
-                self.group.leader.submit.remote(Cancel(rid))
+            if not all(s.ended_on_ranks for s in samples) and live:  # a stop string, or the caller went away
+                self.group.leader.submit.remote(Cancel(rid))  # frees the slots
         elapsed = time.perf_counter() - start
         decode_s = time.perf_counter() - (first or start)
+        generated = sum(len(s.token_ids) for s in samples)
         yield {
-            "finish": finish, "token_ids": generated, "prompt_tokens": len(prompt_ids),
-            "generated_tokens": len(generated), "ttft_s": (first or start) - start, "elapsed_s": elapsed,
-            "tokens_per_s": (len(generated) - 1) / decode_s if len(generated) > 1 and decode_s > 0 else 0.0,
+            "finish": samples[0].finish, "token_ids": samples[0].token_ids, "prompt_tokens": len(prompt_ids),
+            "finishes": [s.finish for s in samples],  # with n > 1: each sample's
+            "generated_tokens": generated, "ttft_s": (first or start) - start, "elapsed_s": elapsed,
+            "tokens_per_s": (generated - params.n) / decode_s if generated > params.n and decode_s > 0 else 0.0,
         }
 
     # ---- HTTP ----------------------------------------------------------------------------------------------
@@ -289,6 +281,33 @@ class Driver:
         self.max_queue = max_queue
         self._http = await HTTPServer.start(self, host, port, api_key)
         return self._http.url
+
+
+class _SampleText:
+    """One sample's text as its tokens arrive: detokenized incrementally, cut at the first stop string."""
+
+    def __init__(self, tokenizer: Tokenizer | None, stop: Sequence[str]):
+        self.decoder = StreamDecoder(tokenizer) if tokenizer is not None else None
+        self.stops = StopScanner(stop)
+        self.token_ids: list[int] = []
+        self.finish: str | None = None
+        self.ended_on_ranks = False  # the ranks finished it: no cancel needed
+
+    def take(self, e: TokenEvent) -> str:
+        """The text `e` adds; sets `finish` when the sample ends."""
+        self.ended_on_ranks = e.finish is not None
+        text = ""
+        if e.token_id is not None:
+            self.token_ids.append(e.token_id)
+            if e.finish != "stop" and self.decoder:  # the stop token itself is not part of the answer
+                text = self.decoder.feed(e.token_id)
+        if e.finish is not None and self.decoder:
+            text += self.decoder.flush()
+        text, hit = self.stops.feed(text)
+        self.finish = "stop" if hit else e.finish
+        if self.finish is not None and not hit:
+            text += self.stops.flush()
+        return text
 
 
 def _lost_ranks(group: WorkerGroup, failed: int) -> set[int]:

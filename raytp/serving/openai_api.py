@@ -122,8 +122,8 @@ class _Body(BaseModel):
     repetition_penalty: float = Field(1.0, gt=0, le=REPETITION_PENALTY_MAX, allow_inf_nan=False)
     seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)  # None: every request draws anew, as OpenAI's do
     stop: Annotated[list[Annotated[str, Field(max_length=STOP_MAX_CHARS)]], Field(max_length=STOP_MAX_COUNT)] = []
-    n: Literal[1] = 1  # one choice per request
-    best_of: Literal[1] = 1
+    n: int = Field(1, ge=1)  # choices: samples of the prompt, prefilled once; at most --max-batch (checked by submit)
+    best_of: int | None = Field(None, ge=1)  # only as many as n: no extra samples to choose from
     stream: bool = False
     stream_options: StreamOptions = Field(default_factory=StreamOptions)
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever the model says (benchmarks, tests)
@@ -151,6 +151,9 @@ class _Body(BaseModel):
 
     def unsupported(self) -> tuple[str, str] | None:
         """(field, why) of the first field asking for what raytp does not do, or None."""
+        if self.best_of not in (None, self.n):
+            return "best_of", (f"best_of {self.best_of} with n {self.n} is not supported: every sample is returned, "
+                               "so best_of may only equal n")
         kind = self.response_format.get("type") if isinstance(self.response_format, dict) else self.response_format
         tool_choice = self.tool_choice if self.tool_choice is not None else ("auto" if self.tools else "none")
         refusals = [
@@ -181,7 +184,7 @@ class _Body(BaseModel):
         return SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
                               repetition_penalty=self.repetition_penalty,
                               seed=self.seed if self.seed is not None else secrets.randbits(31),
-                              max_tokens=self.max_tokens, logprobs=self.top_n(),
+                              max_tokens=self.max_tokens, logprobs=self.top_n(), n=self.n,
                               prompt_logprobs=self.prompt_top_n())
 
 
@@ -275,6 +278,7 @@ class Piece:
 
     text: str
     logprobs: list[TokenLogprob] | None = None
+    index: int = 0  # the choice (sample) it belongs to
 
 
 # (token id, its log-probability or None for a prompt's first token, its top alternatives [(id, logprob)] or None)
@@ -282,18 +286,19 @@ TokenLogprob = tuple[int, float | None, list[tuple[int, float]] | None]
 
 
 async def run_completion(driver, req: ChatCompletionRequest | CompletionRequest):
-    """Yield the answer as Pieces, then one final dict {finish_reason, prompt_tokens, completion_tokens}.
+    """Yield the answer as Pieces, then one final dict {finish_reasons (one per choice), prompt_tokens,
+    completion_tokens}.
 
-    Tokenizes the prompt once, here; the driver's `submit` checks it against the model. With echo the first piece
-    is the prompt (its tokens' logprobs too, with logprobs). Closing this generator (or cancelling its consumer)
-    closes the driver's stream, which cancels the request."""
+    Tokenizes the prompt once, here; the driver's `submit` checks it against the model. With echo each choice's
+    first piece is the prompt (its tokens' logprobs too, with logprobs). Closing this generator (or cancelling its
+    consumer) closes the driver's stream, which cancels the request."""
     if isinstance(req, ChatCompletionRequest):
         prompt_ids = driver.encode(messages=[m.as_template_input() for m in req.messages])
     else:
         prompt_ids = req.prompt if isinstance(req.prompt, list) else driver.encode(prompt=req.prompt)
     params = req.sampling()
     echo = isinstance(req, CompletionRequest) and req.echo
-    scored: list[TokenLogprob] = [(prompt_ids[0], None, None)]  # the first prompt token has no logprob
+    scored: list[TokenLogprob] = [(t, None, None) for t in prompt_ids[:1]]  # the first prompt token has no logprob
     async with aclosing(driver.submit(prompt_ids, params, req.stop, req.ignore_eos)) as pieces:
         async for item in pieces:
             if "prompt_logprobs" in item:
@@ -302,15 +307,16 @@ async def run_completion(driver, req: ChatCompletionRequest | CompletionRequest)
             if echo:  # before the first token or the end, whichever comes first
                 echo = False
                 text = req.prompt if isinstance(req.prompt, str) else driver.decode(prompt_ids)
-                yield Piece(text, scored if params.prompt_logprobs is not None else None)
+                for index in range(params.n):
+                    yield Piece(text, scored if params.prompt_logprobs is not None else None, index)
             if "finish" in item:
-                yield {"finish_reason": "length" if item["finish"] == "length" else "stop",
+                yield {"finish_reasons": ["length" if f == "length" else "stop" for f in item["finishes"]],
                        "prompt_tokens": item["prompt_tokens"], "completion_tokens": item["generated_tokens"]}
                 return
             if "logprob" in item:
-                yield Piece(item["text"], [(item["token_id"], item["logprob"], item["top_logprobs"])])
+                yield Piece(item["text"], [(item["token_id"], item["logprob"], item["top_logprobs"])], item["index"])
             elif item["text"]:
-                yield Piece(item["text"])
+                yield Piece(item["text"], index=item["index"])
 
 
 async def _until_disconnected(request: Request) -> None:
@@ -355,13 +361,13 @@ class _Answer:
         self.chat, self.model, self.strings = chat, model_id, strings
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
-        self.offset = 0  # text completions: the text_offset of the next token, across a stream's chunks
+        self.offsets: dict[int, int] = {}  # text completions: each choice's next text_offset, across a stream
 
     def _envelope(self, object_: str, choices: list, **extra) -> dict:
         return {"id": self.id, "object": object_, "created": self.created, "model": self.model,
                 "choices": choices, **extra}
 
-    def logprobs(self, scored: list[TokenLogprob] | None) -> dict | None:
+    def logprobs(self, scored: list[TokenLogprob] | None, index: int = 0) -> dict | None:
         """OpenAI's logprobs object of these tokens: chat's `content` list, or the legacy parallel lists."""
         if scored is None:
             return None
@@ -374,27 +380,31 @@ class _Answer:
                                 for t, lp, top in scored], "refusal": None}
         offsets = []
         for t, _, _ in scored:
-            offsets.append(self.offset)
-            self.offset += len(text[t])
+            offsets.append(self.offsets.get(index, 0))
+            self.offsets[index] = offsets[-1] + len(text[t])
         return {"tokens": [text[t] for t, _, _ in scored], "token_logprobs": [lp for _, lp, _ in scored],
                 "top_logprobs": [None if top is None else {text[i]: v for i, v in top} for _, _, top in scored],
                 "text_offset": offsets}
 
-    def whole(self, text: str, final: dict, scored: list[TokenLogprob] | None = None) -> dict:
-        choice = {"index": 0, "logprobs": self.logprobs(scored), "finish_reason": final["finish_reason"]}
-        if self.chat:
-            choice["message"] = {"role": "assistant", "content": text}
-            return self._envelope("chat.completion", [choice], usage=_usage(final))
-        return self._envelope("text_completion", [{"text": text, **choice}], usage=_usage(final))
+    def whole(self, texts: list[str], final: dict, scored: list[list[TokenLogprob] | None]) -> dict:
+        """The whole answer: each choice's text and scored tokens."""
+        choices = []
+        for i, (text, finish) in enumerate(zip(texts, final["finish_reasons"])):
+            choice = {"index": i, "logprobs": self.logprobs(scored[i], i), "finish_reason": finish}
+            if self.chat:
+                choices.append(choice | {"message": {"role": "assistant", "content": text}})
+            else:
+                choices.append({"text": text, **choice})
+        return self._envelope("chat.completion" if self.chat else "text_completion", choices, usage=_usage(final))
 
     def chunk(self, text: str | None, finish_reason: str | None = None, role: bool = False,
-              scored: list[TokenLogprob] | None = None, **extra) -> dict:
-        logprobs = self.logprobs(scored)
+              scored: list[TokenLogprob] | None = None, index: int = 0, **extra) -> dict:
+        logprobs = self.logprobs(scored, index)
         if self.chat:
             delta = ({"role": "assistant"} if role else {}) | ({"content": text} if text is not None else {})
-            choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
             return self._envelope("chat.completion.chunk", [choice], **extra)
-        choice = {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
+        choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
         return self._envelope("text_completion", [choice], **extra)
 
     def usage_chunk(self, final: dict) -> dict:
@@ -430,48 +440,51 @@ async def _complete(request: Request, driver, model_id: str, chat: bool) -> Resp
         await pieces.aclose()
         return _api_error(e, chat).response()
     if req.stream:
-        return StreamingResponse(_stream_body(answer, req.stream_options.include_usage, first, pieces),
+        return StreamingResponse(_stream_body(answer, req.stream_options.include_usage, req.n, first, pieces),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     async def rest():
-        text, item = [], first
-        scored = None if req.top_n() is None and req.prompt_top_n() is None else []
+        texts, item = [[] for _ in range(req.n)], first
+        asked = req.top_n() is not None or req.prompt_top_n() is not None
+        scored = [[] if asked else None for _ in range(req.n)]
         while isinstance(item, Piece):
-            text.append(item.text)
+            texts[item.index].append(item.text)
             if item.logprobs is not None:
-                scored += item.logprobs
+                scored[item.index] += item.logprobs
             item = await anext(pieces)
-        return "".join(text), item, scored
+        return ["".join(t) for t in texts], item, scored
 
     try:
-        text, final, scored = await _unless_disconnected(request, rest())
+        texts, final, scored = await _unless_disconnected(request, rest())
     except asyncio.CancelledError:
         return Response(status_code=499)
     except Exception as e:  # noqa: BLE001
         return _api_error(e, chat).response()
     finally:
         await pieces.aclose()
-    return JSONResponse(answer.whole(text, final, scored))
+    return JSONResponse(answer.whole(texts, final, scored))
 
 
-async def _stream_body(answer: _Answer, include_usage: bool, first, pieces):
+async def _stream_body(answer: _Answer, include_usage: bool, n: int, first, pieces):
     """SSE chunks. On a disconnect Starlette cancels this generator mid-await; `aclosing` then closes `pieces`,
     which closes the driver stream and cancels the request."""
     extra = {"usage": None} if include_usage else {}
     async with aclosing(pieces):
         if answer.chat:
-            yield _sse(answer.chunk("", role=True, **extra))
+            for index in range(n):
+                yield _sse(answer.chunk("", role=True, index=index, **extra))
         item = first
         try:
             while isinstance(item, Piece):
-                yield _sse(answer.chunk(item.text, scored=item.logprobs, **extra))
+                yield _sse(answer.chunk(item.text, scored=item.logprobs, index=item.index, **extra))
                 item = await anext(pieces)
         except Exception as e:  # noqa: BLE001 - after the 200 went out an error can only travel in the stream
             yield _sse(_api_error(e, answer.chat).body())
             yield "data: [DONE]\n\n"
             return
-        yield _sse(answer.chunk(None if answer.chat else "", item["finish_reason"], **extra))
+        for index, finish in enumerate(item["finish_reasons"]):
+            yield _sse(answer.chunk(None if answer.chat else "", finish, index=index, **extra))
         if include_usage:
             yield _sse(answer.usage_chunk(item))
         yield "data: [DONE]\n\n"
