@@ -1,8 +1,9 @@
-"""Logprobs and echo through `raytp serve` (SmolLM2, float32) at 1 and 3 uneven CPU ranks, against references
+"""Logprobs, echo and n through `raytp serve` (SmolLM2, float32) at 1 and 3 uneven CPU ranks, against references
 nobody here wrote: lm-evaluation-harness as the client (its `local-completions` model, which scores multiple choice
 with `echo: true, logprobs: 1, max_tokens: 1`) must give the per-choice loglikelihoods and the accuracy of its own
 `hf` backend on the same weights; the logprobs of /v1/completions and /v1/chat/completions (the official openai
-client, streamed and not) must be transformers' log-softmax."""
+client, streamed and not) must be transformers' log-softmax; n seeded samples are the single requests with the
+samples' seeds."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import pytest
 import torch
 import transformers
 
+from raytp.runtime.sampling import sample_seed
 from raytp.weights.tokenizer import Tokenizer
 from tests.util import serve_process
 
@@ -189,3 +191,39 @@ def test_chat_logprobs_are_transformers_log_softmax_streamed_and_not(server, mod
         assert [t.logprob for t in entry.top_logprobs] == pytest.approx(values.tolist(), abs=1e-4)
         assert [t.token for t in entry.top_logprobs] == [tokenizer.decode([i], skip_special_tokens=False)
                                                           for i in ids.tolist()]
+
+
+# ---- n ------------------------------------------------------------------------------------------------------
+
+def test_n_seeded_samples_equal_single_requests_with_their_seeds(server):
+    """Sample i of a request seeded s is the single request seeded sample_seed(s, i) = s + i: text and logprobs,
+    in the whole answer and streamed (chat, by the openai client)."""
+    body = {"prompt": "Once upon a time", "max_tokens": 10, "temperature": 0.9, "top_p": 0.95, "seed": 11,
+            "logprobs": 2}
+    response = httpx.post(f"{server}/v1/completions", json={"model": "smollm2", "n": 3, **body}, timeout=120)
+    assert response.status_code == 200, response.text
+    many = response.json()["choices"]
+    assert [c["index"] for c in many] == [0, 1, 2]
+    singles = [completion(server, {**body, "seed": sample_seed(11, i)}) for i in range(3)]
+    assert len({c["text"] for c in singles}) == 3  # really three different samples
+    for got, want in zip(many, singles):
+        assert got["text"] == want["text"]
+        assert got["logprobs"]["tokens"] == want["logprobs"]["tokens"]
+        assert got["logprobs"]["token_logprobs"] == pytest.approx(want["logprobs"]["token_logprobs"], abs=1e-4)
+
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="none", max_retries=0, timeout=120)
+    kw = {"model": "smollm2", "messages": [{"role": "user", "content": "Tell me a story."}], "max_tokens": 8,
+          "temperature": 1.0, "seed": 5}
+    whole = client.chat.completions.create(n=3, **kw).choices
+    streamed = ["", "", ""]
+    for chunk in client.chat.completions.create(n=3, stream=True, **kw):
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.delta.content or ""
+    alone = [client.chat.completions.create(**{**kw, "seed": 5 + i}).choices[0].message.content for i in range(3)]
+    assert [c.message.content for c in whole] == streamed == alone
+
+
+def test_n_beyond_the_batch_is_refused_naming_n(server):
+    response = httpx.post(f"{server}/v1/completions", json={"model": "smollm2", "prompt": "x", "n": 1000},
+                          timeout=60)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "n"
