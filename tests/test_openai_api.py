@@ -1,6 +1,6 @@
 """The OpenAI request bodies: each bounded field passes just inside its range and gets a 400 naming it just outside;
-token-id prompts are taken in every shape OpenAI allows for one prompt; what raytp does not do (JSON output, tools,
-suffix, best_of beyond n) is refused naming the field, never ignored. No server (tests/test_serve.py runs one)."""
+token-id prompts are taken in every shape OpenAI allows for one prompt; what raytp does not do (tools,
+suffix, best_of beyond n, response formats other than text and JSON) is refused naming the field, never ignored. No server (tests/test_serve.py runs one)."""
 
 from __future__ import annotations
 
@@ -95,8 +95,9 @@ TOOLS = [{"type": "function", "function": {"name": "weather", "parameters": {"ty
 
 
 @pytest.mark.parametrize("extra, param", [
-    ({"response_format": {"type": "json_object"}}, "response_format"),
-    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}, "response_format"),
+    ({"response_format": {"type": "xml"}}, "response_format"),
+    ({"response_format": {"type": "json_schema"}}, "response_format"),  # no schema
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": "{}"}}}, "response_format"),
     ({"tools": TOOLS}, "tool_choice"),  # tool_choice defaults to "auto" with tools
     ({"tools": TOOLS, "tool_choice": "required"}, "tool_choice"),
     ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "weather"}}}, "tool_choice"),
@@ -122,3 +123,12 @@ def test_what_is_supported_reaches_the_sampling_parameters():
     text = parse({**PROMPT, "logprobs": 1, "echo": True, "max_tokens": 1}).sampling()  # lm-eval's request
     assert (text.logprobs, text.prompt_logprobs, text.max_tokens) == (1, 1, 1)
     assert parse({**PROMPT, "echo": True}).sampling().prompt_logprobs is None  # echo alone: the text only
+
+
+def test_json_response_formats_become_grammars():
+    assert parse({**CHAT, "response_format": {"type": "text"}}, chat=True).sampling().grammar is None
+    assert parse({**CHAT, "response_format": {"type": "json_object"}}, chat=True).sampling().grammar
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    grammar = parse({**PROMPT, "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}}
+                    ).sampling().grammar
+    assert '"integer"' in grammar

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 import ray
 
 from raytp.actors.group import ClusterError, GroupSettings, WorkerGroup
+from raytp.runtime.constraints import Grammars
 from raytp.runtime.engine import Add, Cancel, Request, TokenEvent
 from raytp.parallel.plan import PlanError
 from raytp.runtime.errors import BusyError, RequestError, UnavailableError, error_summary
@@ -61,6 +62,8 @@ class Driver:
         self.config = source.config()
         # synthetic models have no tokenizer: their requests pass token ids and stream no text
         self.tokenizer = None if source.tokenizer_dir is None else Tokenizer.from_dir(source.tokenizer_dir)
+        self.tokenizer_dir = source.tokenizer_dir
+        self._grammars: Grammars | None = None  # checks the grammars of constrained requests; built at the first
         self.group: WorkerGroup | None = None
         self.streams: dict[str, asyncio.Queue[TokenEvent]] = {}
         self.devices = settings.devices  # the devices the group runs on: fewer after a re-plan over survivors
@@ -186,6 +189,18 @@ class Driver:
             raise RequestError(str(e), param="messages") from None
         return self.tokenizer.encode(text)
 
+    def _check_grammar(self, grammar: str, ignore_eos: bool) -> None:
+        """RequestError unless the ranks can follow `grammar` (llguidance's, from a JSON schema)."""
+        if self.tokenizer_dir is None:
+            raise RequestError(f"{self.settings.model} has no tokenizer: response_format needs one",
+                               param="response_format")
+        if ignore_eos:
+            raise RequestError("ignore_eos cannot go with response_format: the answer ends where the schema does",
+                               param="ignore_eos")
+        if self._grammars is None:
+            self._grammars = Grammars.for_model(self.tokenizer_dir, self.config)
+        self._grammars.check(grammar)
+
     def decode(self, ids: Sequence[int]) -> str:
         """The text of token ids, special tokens included (echo); "" without a tokenizer."""
         return self.tokenizer.decode(list(ids), skip_special_tokens=False) if self.tokenizer is not None else ""
@@ -216,6 +231,8 @@ class Driver:
         prompt_ids = list(prompt_ids)
         check_request(prompt_ids, params, stop, self.config.vocab_size, self.settings.max_context,
                       self.settings.max_batch)
+        if params.grammar is not None:
+            await asyncio.to_thread(self._check_grammar, params.grammar, ignore_eos)
         if len(self.streams) >= self.settings.max_batch + self.max_queue:  # admitted: running or waiting for a slot
             raise BusyError(f"the server is busy: {len(self.streams)} requests are running or waiting "
                             f"(--max-batch {self.settings.max_batch} + --max-queue {self.max_queue}); retry shortly")

@@ -72,6 +72,7 @@ class DecodeBatch:
         self.flip = 0
         self.kind = GREEDY  # the highest kind of draw among the rows: what the step's sampler must do
         self.logprobs = False  # some row asks for log-probabilities: the step computes them (a variant of its own)
+        self.constrained = False  # some row follows a grammar: its mask is written before every step
         self.span = 0  # cache positions the next eager step's attention reads (known here: no sync to find it)
         self.graphs = None
         self.whole = False  # graphs hold the whole step, not only the forward
@@ -92,11 +93,17 @@ class DecodeBatch:
         prompt and the tokens read back so far, `.generated`, `.slot`, `.request.params`)."""
         self.kind = max(s.request.params.kind for s in seqs)
         self.logprobs = any(s.request.params.logprobs is not None for s in seqs)
+        self.constrained = any(s.request.params.grammar is not None for s in seqs)
         self._write(seqs)
         variant = (self.kind, self.logprobs) if self.whole else None
         if self.graphs is not None and not self.graphs.has(variant):
             self.graphs.capture(variant)
             self._write(seqs)  # the capture's warm-up ran a step on them
+
+    def allow(self, masks: dict[int, torch.Tensor]) -> None:
+        """Write the grammar masks (vocab_local,) bool of the rows in `masks` for the next step."""
+        for b, mask in masks.items():
+            self.rows.allowed[b].copy_(mask, non_blocking=True)
 
     def _write(self, seqs: list) -> None:
         padded = seqs + [seqs[-1]] * (self.model.max_batch - len(seqs))

@@ -31,6 +31,10 @@ A request for n samples (`params.n`) takes n cache slots: its prompt is prefille
 into the others (`ShardedLlama.copy_slot`); each sample then draws with its own seed (`sample_seed`) and decodes as
 a row of its own. Its events carry the sample's `index`.
 
+A request with a grammar (`params.grammar`, from a JSON schema) has a matcher per sample on every rank
+(raytp.runtime.constraints); before each draw its rows' masks of this rank's vocabulary slice are written, and
+the loop reads each step before it enqueues the next (the next mask needs the token).
+
 Log-probabilities of generated tokens (`logprobs`) come out of the step's own exchange (raytp.runtime.sampling),
 computed only while a row of the batch asks for them (a graph variant of its own), and ride on each TokenEvent.
 
@@ -53,6 +57,7 @@ from raytp.model.llama import ShardedLlama
 from raytp.parallel.comm import Communicator
 from raytp.parallel.plan import PREFILL_CHUNK
 from raytp.runtime.batch import DecodeBatch, Pending
+from raytp.runtime.constraints import Grammars
 from raytp.runtime.sampling import Logprobs, SamplingParams, ShardedSampler, sample_seed
 
 
@@ -129,12 +134,13 @@ class _Sequence:
     prefilled: int = 0  # prompt tokens already in the cache
     finished: bool = False  # results of steps still in flight for it are dropped
     index: int = 0  # which of the request's samples; sample 0 prefills for all
+    matcher: object | None = None  # the grammar's state (llguidance), for a constrained request
     forks: list[_Sequence] = field(default_factory=list)  # sample 0: the others, waiting for its prefill
 
 
 class RankEngine:
     def __init__(self, model: ShardedLlama, comm: Communicator, heartbeat_s: float = 1.0,
-                 prefill_chunk: int = PREFILL_CHUNK):
+                 prefill_chunk: int = PREFILL_CHUNK, grammars: Callable[[], Grammars] | None = None):
         self.model, self.comm = model, comm
         self.sampler = ShardedSampler(comm, model.vocab_start)
         self.batch = DecodeBatch(model, self.sampler)
@@ -150,6 +156,7 @@ class RankEngine:
         self.pending: deque[Request] = deque()  # leader only: waiting for a free slot
         self.inbox: queue.Queue[Command] = queue.Queue()  # leader only
         self.leader_events: list[TokenEvent] = []  # leader only: events decided without the other ranks
+        self._make_grammars, self._grammars = grammars, None  # built at the first constrained request
 
     def use_cuda_graphs(self) -> None:
         """Replay decode steps from CUDA graphs (the communicator must be `graph_safe`)."""
@@ -222,7 +229,7 @@ class RankEngine:
                 if self.comm.rank == 0 and self.news == self.news_handled and self._has_news():
                     self.batch.post(self.news + 1)
                 self._enqueue()
-            while len(self.in_flight) > 1:  # step N+1 is queued: now read step N
+            while len(self.in_flight) > (0 if self.batch.constrained else 1):  # step N+1 is queued: read step N
                 self._read(self.in_flight.popleft(), events)
             if events:
                 emit(events)
@@ -238,6 +245,9 @@ class RankEngine:
                                r.params, seed=sample_seed(r.params.seed, i))), self.free_slots.pop(0),
                                list(r.prompt_ids), index=i) for i in range(r.params.n)]
                 samples[0].forks = samples[1:]
+                if r.params.grammar is not None:
+                    for sample in samples:
+                        sample.matcher = self.grammars().matcher(r.params.grammar)
                 self.active[r.id] = samples
                 self.prefilling.append(samples[0])
 
@@ -272,14 +282,28 @@ class RankEngine:
         seq.forks = []
         history = torch.tensor(prompt)
         draw = self.sampler.draw_exact(logits.expand(len(samples), -1), [s.request.params for s in samples],
-                                       [0] * len(samples), [history] * len(samples), params.logprobs is not None)
+                                       [0] * len(samples), [history] * len(samples), params.logprobs is not None,
+                                       self._masks(samples))
         tokens = draw.tokens.tolist()
         for b, sample in enumerate(samples):
             if self._accept(sample, tokens[b], events, _row_logprobs(draw.logprobs, b, params)):
                 self.decoding.append(sample)
                 self.stale = True
 
+    def grammars(self) -> Grammars:
+        if self._grammars is None:
+            if self._make_grammars is None:
+                raise RuntimeError("a constrained request reached a rank without the model's tokenizer")
+            self._grammars = self._make_grammars()
+        return self._grammars
+
+    def _masks(self, seqs: list[_Sequence]) -> dict[int, torch.Tensor]:
+        """The grammar masks of the constrained ones among `seqs`, by row."""
+        return {b: self.grammars().allowed(s.matcher) for b, s in enumerate(seqs) if s.matcher is not None}
+
     def _enqueue(self) -> None:
+        if self.batch.constrained:  # every token of the batch is read: the matchers are up to date
+            self.batch.allow(self._masks(self.decoding))
         step, _ = self.batch.step(list(self.decoding))
         self.in_flight.append(step)
 
@@ -308,6 +332,7 @@ class RankEngine:
         if not live:
             return
         self.batch.load(live)
+        self.batch.allow(self._masks(live))
         again, logits = self.batch.step(live)
         tokens, exact, _, lp = again.read()
         for i, (seq, token) in enumerate(zip(live, tokens)):
@@ -316,7 +341,7 @@ class RankEngine:
             if not exact[i]:
                 history = torch.tensor(seq.tokens)
                 draw = self.sampler.draw_exact(logits[i : i + 1], [params], [seq.generated], [history],
-                                               params.logprobs is not None)
+                                               params.logprobs is not None, self._masks([seq]))
                 token, row = int(draw.tokens[0]), _row_logprobs(draw.logprobs, 0, params)
             self._accept(seq, token, events, row)
 
@@ -325,7 +350,8 @@ class RankEngine:
         """Take a sampled token (with its log-probabilities where asked); returns whether the request goes on."""
         seq.tokens.append(token)
         seq.generated += 1
-        if token in seq.request.stop_ids:
+        refused = seq.matcher is not None and not seq.matcher.consume_token(token)  # the mask allowed it: never
+        if token in seq.request.stop_ids or refused:
             self._finish(seq, "stop", events, token, logprobs)
         elif seq.generated == seq.request.params.max_tokens or len(seq.tokens) >= self.model.max_context:
             self._finish(seq, "length", events, token, logprobs)

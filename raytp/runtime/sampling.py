@@ -57,6 +57,7 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; N in [0, TOP_LOGPROBS_MAX]: each token's log-probability and the top N
     prompt_logprobs: int | None = None  # as `logprobs`, for every prompt token after the first (echo)
     n: int = 1  # samples of the prompt, prefilled once; sample i draws as a request with `sample_seed(seed, i)`
+    grammar: str | None = None  # llguidance's grammar the answer must match (raytp.runtime.constraints), or None
 
     def __post_init__(self):
         if self.top_k == -1:
@@ -147,15 +148,21 @@ class SamplingRows:
     seed: torch.Tensor  # (batch, 1) int64: the seed's low 32 bits
     position: torch.Tensor  # (batch, 1) int64: tokens generated so far, the noise's position
     seen: torch.Tensor  # (batch, vocab_local) bool: this shard's tokens in the history (prompt and generated)
+    allowed: torch.Tensor  # (batch, vocab_local) bool: what a grammar allows next; all true for free rows
 
     @classmethod
     def build(cls, params: list[SamplingParams], positions: list[int], histories: list[torch.Tensor],
-              vocab_start: int, n: int, device: torch.device) -> SamplingRows:
-        """Rows for `params`; `histories` (token ids) count only where a row's repetition penalty is on."""
+              vocab_start: int, n: int, device: torch.device,
+              allowed: dict[int, torch.Tensor] | None = None) -> SamplingRows:
+        """Rows for `params`; `histories` (token ids) count only where a row's repetition penalty is on;
+        `allowed` holds the masks of constrained rows, by row."""
         seen = torch.zeros((len(params), n), dtype=torch.bool)
         for b, (p, history) in enumerate(zip(params, histories)):
             if p.repetition_penalty != 1:
                 seen[b] = seen_mask(history, vocab_start, n)
+        mask = torch.ones((len(params), n), dtype=torch.bool)
+        for b, row in (allowed or {}).items():
+            mask[b] = row
         rows = cls(divisor=torch.tensor([[1.0 if p.greedy else p.temperature] for p in params], dtype=torch.float32),
                    noisy=torch.tensor([[p.kind == NOISY] for p in params]),
                    filtered=torch.tensor([p.kind == FILTERED for p in params]),
@@ -163,7 +170,7 @@ class SamplingRows:
                    top_p=torch.tensor([p.top_p for p in params], dtype=torch.float64),
                    penalty=torch.tensor([[p.repetition_penalty] for p in params], dtype=torch.float32),
                    seed=torch.tensor([[p.seed & M32] for p in params], dtype=torch.int64),
-                   position=torch.tensor([[q] for q in positions], dtype=torch.int64), seen=seen)
+                   position=torch.tensor([[q] for q in positions], dtype=torch.int64), seen=seen, allowed=mask)
         return rows.to(device)
 
     def to(self, device: torch.device) -> SamplingRows:
@@ -265,7 +272,7 @@ class ShardedSampler:
         loop's news, so that it needs no collective of its own). With `logprobs` every row's log-probabilities
         ride along too (fixed shapes: TOP_LOGPROBS_MAX per rank, whatever N the rows want)."""
         B, n = logits.shape
-        scores = apply_repetition_penalty(logits, rows.seen, rows.penalty) / rows.divisor
+        scores = self._scores(logits, rows)
         best = torch.full((B, 2), float("-inf"), dtype=torch.float64, device=logits.device)
         s64 = scores.to(torch.float64)
         if n:
@@ -296,24 +303,32 @@ class ShardedSampler:
                 lp = _where_rows(rows.filtered, kept, lp)
         return Draw(tokens, exact, None if word is None else gathered[0, B, 0], lp)
 
+    @staticmethod
+    def _scores(logits: torch.Tensor, rows: SamplingRows) -> torch.Tensor:
+        """What a row draws from: the penalized logits over the temperature, -inf where a grammar forbids."""
+        scores = apply_repetition_penalty(logits, rows.seen, rows.penalty) / rows.divisor
+        return torch.where(rows.allowed, scores, float("-inf"))
+
     def sample(self, logits: torch.Tensor, params: list[SamplingParams], positions: list[int],
                histories: list[torch.Tensor]) -> list[int]:
         """`draw_exact`'s tokens as a list."""
         return self.draw_exact(logits, params, positions, histories).tokens.tolist()
 
     def draw_exact(self, logits: torch.Tensor, params: list[SamplingParams], positions: list[int],
-                   histories: list[torch.Tensor], logprobs: bool = False) -> Draw:
+                   histories: list[torch.Tensor], logprobs: bool = False,
+                   allowed: dict[int, torch.Tensor] | None = None) -> Draw:
         """`draw`, exact for every row: for prefill and for rows `draw` left inexact (host syncs).
 
         logits: (batch, vocab_local) float32; `positions` are the tokens each row has generated, `histories`
-        its prompt and generated ids (read where a repetition penalty is on). Identical on all ranks."""
+        its prompt and generated ids (read where a repetition penalty is on), `allowed` the grammar masks of
+        constrained rows. Identical on all ranks."""
         B, n = logits.shape
-        rows = SamplingRows.build(params, positions, histories, self.vocab_start, n, logits.device)
+        rows = SamplingRows.build(params, positions, histories, self.vocab_start, n, logits.device, allowed)
         tokens, exact, _, lp = self.draw(logits, rows, max(p.kind for p in params), logprobs=logprobs)
         want = FIRST_CANDIDATES
         while not bool(exact.all()):  # every rank sees the same flags: they come from gathered numbers
             want = max(4 * want, int(rows.top_k[~exact].max()))
-            scores = apply_repetition_penalty(logits, rows.seen, rows.penalty) / rows.divisor
+            scores = self._scores(logits, rows)
             chosen, sure, kept = self._filtered(scores, rows, want)
             tokens = torch.where(exact, tokens, chosen)
             if logprobs:

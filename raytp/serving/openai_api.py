@@ -32,6 +32,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from raytp.runtime.constraints import json_schema_grammar
 from raytp.runtime.errors import BusyError, RequestError, UnavailableError
 from raytp.runtime.requests import STOP_MAX_CHARS, STOP_MAX_COUNT
 from raytp.runtime.sampling import (
@@ -50,6 +51,7 @@ SHUTDOWN_GRACE_S = 2.0  # open streams (the web chat keeps one per tab) get this
 # A request's text is bounded by the context it must fit (a token is a few bytes of text, or a few digits as an id):
 # 4 MiB is room for contexts of several hundred thousand tokens, and keeps a hostile body out of memory.
 MAX_BODY_BYTES = 4 << 20
+RESPONSE_FORMATS = ("text", "json_object", "json_schema")  # OpenAI's; the JSON ones constrain decoding
 
 
 class APIError(Exception):
@@ -155,11 +157,14 @@ class _Body(BaseModel):
             return "best_of", (f"best_of {self.best_of} with n {self.n} is not supported: every sample is returned, "
                                "so best_of may only equal n")
         kind = self.response_format.get("type") if isinstance(self.response_format, dict) else self.response_format
+        schema = self.response_format.get("json_schema") if isinstance(self.response_format, dict) else None
         tool_choice = self.tool_choice if self.tool_choice is not None else ("auto" if self.tools else "none")
         refusals = [
-            ("response_format", self.response_format is not None and kind != "text",
-             f"response_format {json.dumps(kind)} is not supported (no constrained decoding yet); only "
-             '{"type": "text"}'),
+            ("response_format", self.response_format is not None and kind not in RESPONSE_FORMATS,
+             f"response_format type {json.dumps(kind)} is not supported; it takes {', '.join(RESPONSE_FORMATS)}"),
+            ("response_format", kind == "json_schema" and not (isinstance(schema, dict)
+                                                               and isinstance(schema.get("schema"), dict)),
+             'response_format json_schema needs {"json_schema": {"name": ..., "schema": {...}}}'),
             ("tool_choice", tool_choice != "none",
              f"tool calls are not supported; send no tools, or tool_choice \"none\" (got {json.dumps(tool_choice)})"),
             ("functions", bool(self.functions), "functions (tool calls) are not supported"),
@@ -185,7 +190,16 @@ class _Body(BaseModel):
                               repetition_penalty=self.repetition_penalty,
                               seed=self.seed if self.seed is not None else secrets.randbits(31),
                               max_tokens=self.max_tokens, logprobs=self.top_n(), n=self.n,
-                              prompt_logprobs=self.prompt_top_n())
+                              prompt_logprobs=self.prompt_top_n(), grammar=self.grammar())
+
+    def grammar(self) -> str | None:
+        """llguidance's grammar for the response_format, None for text."""
+        kind = self.response_format.get("type") if isinstance(self.response_format, dict) else None
+        if kind == "json_object":
+            return json_schema_grammar({"type": "object"})
+        if kind == "json_schema":
+            return json_schema_grammar(self.response_format["json_schema"]["schema"])
+        return None
 
 
 class ChatCompletionRequest(_Body):
