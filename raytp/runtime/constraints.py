@@ -26,8 +26,9 @@ from raytp.weights.tokenizer import Tokenizer
 
 
 def json_schema_grammar(schema: dict) -> str:
-    """llguidance's grammar for a JSON schema ({"type": "object"} for OpenAI's json_object)."""
-    return llguidance.LLMatcher.grammar_from_json_schema(schema)
+    """llguidance's grammar for a JSON schema ({"type": "object"} for OpenAI's json_object). Compact JSON: with
+    whitespace allowed anywhere, a small model may emit newlines and spaces until max_tokens."""
+    return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults={"whitespace_flexible": False})
 
 
 class Grammars:
