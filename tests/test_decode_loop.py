@@ -4,7 +4,9 @@ the surplus token, cancellation, requests joining a running batch, long prompts 
 and command broadcasts only when there is news."""
 
 import dataclasses
+import json
 
+import jsonschema
 import pytest
 import torch
 import transformers
@@ -12,6 +14,7 @@ import transformers
 from raytp.parallel.comm import Communicator, InProcessGroup
 from raytp.runtime.engine import Add, Cancel, RankEngine, Request, Stop
 from raytp.runtime.sampling import SEED_MAX, SEED_MIN, FIRST_CANDIDATES, SamplingParams, ShardedSampler, sample_seed
+from raytp.weights.tokenizer import Tokenizer
 from tests.sharded import LocalGroup
 from tests.test_sampling import reference_logprobs
 
@@ -242,3 +245,58 @@ def test_n_samples_are_prefilled_once_and_equal_single_requests_with_their_seeds
         assert got == reference(model, prompt, single, 15), i
     assert sample_seed(SEED_MAX - 1, 2) == SEED_MIN
     assert tokens_of(seen, "b") == reference(model, [8, 9], CASES[1], 20)
+
+
+def test_grammar_rows_draw_what_llguidance_masked_transformers_logits_draw(smollm2_dir):
+    """SmolLM2 at 3 uneven ranks: a JSON-schema row (sampled) and a free row side by side. The reference masks
+    transformers' logits with llguidance's own torch helper and draws with a one-rank sampler."""
+    import llguidance.torch
+
+    from raytp.runtime.constraints import Grammars, json_schema_grammar
+
+    group = LocalGroup(smollm2_dir, SPLIT)
+    grammars = Grammars.for_model(smollm2_dir, group.config)
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99},
+                                               "ok": {"type": "boolean"}}, "required": ["n", "ok"],
+              "additionalProperties": False}
+    eos = sorted(Tokenizer.from_dir(smollm2_dir).eos_token_ids)
+    params = SamplingParams(temperature=0.8, seed=4, max_tokens=40, grammar=json_schema_grammar(schema))
+    prompt = [1, 9690, 198, 19556, 28, 6630, 30, 2, 198, 1, 520, 9531, 198]  # a chat turn's shape
+    engines = [RankEngine(m, m.comm, grammars=lambda m=m: Grammars.for_model(smollm2_dir, group.config,
+                                                                               m.vocab_start, m.lm_head.width))
+               for m in group.models]
+    out = {"a": [], "b": []}
+
+    def emit(events):
+        for e in events:
+            if e.token_id is not None:
+                out[e.request_id].append(e.token_id)
+            if e.finish:
+                out[e.request_id + " finish"] = e.finish
+        if "a finish" in out and "b finish" in out:
+            engines[0].inbox.put(Stop())
+
+    engines[0].inbox.put(Add(Request("a", prompt, params, eos)))
+    engines[0].inbox.put(Add(Request("b", prompt, SamplingParams(max_tokens=12), eos)))
+    group.on_all_ranks(lambda r, m: engines[r].run(emit if r == 0 else lambda ev: None))
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    matcher = grammars.matcher(params.grammar)
+    sampler = ShardedSampler(InProcessGroup(1).communicator(0), 0)
+    tokens, want = list(prompt), []
+    for generated in range(params.max_tokens):
+        with torch.no_grad():
+            logits = model(torch.tensor([tokens])).logits[:, -1].float()
+        bitmask = llguidance.torch.allocate_token_bitmask(1, logits.shape[1])
+        llguidance.torch.fill_next_token_bitmask(matcher, bitmask, 0)
+        llguidance.torch.apply_token_bitmask_inplace(logits, bitmask)
+        token = sampler.sample(logits, [params], [generated], [torch.tensor(tokens)])[0]
+        want.append(token)
+        tokens.append(token)
+        assert matcher.consume_token(token)
+        if token in eos:
+            break
+    assert out["a"] == want and out["a finish"] == "stop"
+    text = Tokenizer.from_dir(smollm2_dir).decode(out["a"])
+    jsonschema.validate(json.loads(text), schema)
+    assert out["b"] == reference(model, prompt, SamplingParams(max_tokens=12), 12, eos)
