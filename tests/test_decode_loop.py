@@ -259,9 +259,10 @@ def test_grammar_rows_draw_what_llguidance_masked_transformers_logits_draw(smoll
     schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99},
                                                "ok": {"type": "boolean"}}, "required": ["n", "ok"],
               "additionalProperties": False}
-    eos = sorted(Tokenizer.from_dir(smollm2_dir).eos_token_ids)
+    tokenizer = Tokenizer.from_dir(smollm2_dir)
+    eos = sorted(tokenizer.eos_token_ids)
     params = SamplingParams(temperature=0.8, seed=4, max_tokens=40, grammar=json_schema_grammar(schema))
-    prompt = [1, 9690, 198, 19556, 28, 6630, 30, 2, 198, 1, 520, 9531, 198]  # a chat turn's shape
+    prompt = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": "A number, as JSON."}]))
     engines = [RankEngine(m, m.comm, grammars=lambda m=m: Grammars.for_model(smollm2_dir, group.config,
                                                                                m.vocab_start, m.lm_head.width))
                for m in group.models]
@@ -297,6 +298,6 @@ def test_grammar_rows_draw_what_llguidance_masked_transformers_logits_draw(smoll
         if token in eos:
             break
     assert out["a"] == want and out["a finish"] == "stop"
-    text = Tokenizer.from_dir(smollm2_dir).decode(out["a"])
+    text = tokenizer.decode(out["a"])
     jsonschema.validate(json.loads(text), schema)
     assert out["b"] == reference(model, prompt, SamplingParams(max_tokens=12), 12, eos)

@@ -1,6 +1,7 @@
 """The OpenAI request bodies: each bounded field passes just inside its range and gets a 400 naming it just outside;
-token-id prompts are taken in every shape OpenAI allows for one prompt; what raytp does not do (tools,
-suffix, best_of beyond n, response formats other than text and JSON) is refused naming the field, never ignored. No server (tests/test_serve.py runs one)."""
+token-id prompts are taken in every shape OpenAI allows for one prompt; what raytp does not do (tools, suffix,
+best_of beyond n, response formats other than text and JSON) is refused naming the field, never ignored. No
+server (tests/test_serve.py runs one)."""
 
 from __future__ import annotations
 
@@ -129,6 +130,6 @@ def test_json_response_formats_become_grammars():
     assert parse({**CHAT, "response_format": {"type": "text"}}, chat=True).sampling().grammar is None
     assert parse({**CHAT, "response_format": {"type": "json_object"}}, chat=True).sampling().grammar
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
-    grammar = parse({**PROMPT, "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}}
-                    ).sampling().grammar
+    response_format = {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}
+    grammar = parse({**PROMPT, "response_format": response_format}).sampling().grammar
     assert '"integer"' in grammar
