@@ -129,8 +129,9 @@ class _Body(BaseModel):
     stream: bool = False
     stream_options: StreamOptions = Field(default_factory=StreamOptions)
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever the model says (benchmarks, tests)
-    # Declared so that they are refused (`unsupported`), never silently ignored: a client relying on one of them
-    # would take an unconstrained answer for a constrained one.
+    # Declared so that what raytp does not do with them is refused (`unsupported`), never silently ignored: a
+    # client relying on one would take an unconstrained answer for a constrained one. JSON response formats are
+    # followed (`grammar`).
     response_format: Any = None
     tools: Any = None
     tool_choice: Any = None
@@ -175,7 +176,7 @@ class _Body(BaseModel):
             ("frequency_penalty", self.frequency_penalty != 0,
              "frequency_penalty is not supported (0 only); repetition_penalty is"),
         ]
-        return next(((param, why) for param, ok_not, why in refusals if ok_not), None)
+        return next(((param, why) for param, refused, why in refusals if refused), None)
 
     def top_n(self) -> int | None:
         """How many top alternatives each answer token's logprobs list; None: no logprobs."""
