@@ -259,7 +259,8 @@ class Driver:
                 sample = samples[e.index]
                 if sample.finish is not None:  # cut by a stop string: its tokens still on the way are dropped
                     continue
-                first = first or time.perf_counter()
+                if e.token_id is not None:
+                    first = first or time.perf_counter()
                 text = sample.take(e)
                 scored = e.logprob is not None and e.finish != "stop"  # a stop token is not part of the answer
                 if text or sample.finish is None or scored:
