@@ -92,7 +92,7 @@ def test_chat_bounds_beside_the_fields(field, inside, outside):
     assert field in e.value.message
 
 
-TOOLS = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
+TOOLS = [{"type": "function", "function": {"name": "weather", "description": "", "parameters": {"type": "object"}}}]
 
 
 @pytest.mark.parametrize("extra, param", [
@@ -100,9 +100,10 @@ TOOLS = [{"type": "function", "function": {"name": "weather", "parameters": {"ty
     ({"response_format": {"type": "json_schema"}}, "response_format"),  # no schema
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": "{}"}}}, "response_format"),
     ({"tools": TOOLS}, "tool_choice"),  # tool_choice defaults to "auto" with tools
-    ({"tools": TOOLS, "tool_choice": "required"}, "tool_choice"),
-    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "weather"}}}, "tool_choice"),
-    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tools": TOOLS, "tool_choice": "auto"}, "tool_choice"),  # free-form calls are not parsed
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "other"}}}, "tool_choice"),
+    ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice"),
+    ({"tool_choice": "required"}, "tool_choice"),  # no tools
     ({"functions": [{"name": "weather"}]}, "functions"),
     ({"function_call": "auto"}, "function_call"),
     ({"top_logprobs": 2}, "top_logprobs"),  # without logprobs
@@ -133,3 +134,14 @@ def test_json_response_formats_become_grammars():
     response_format = {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}
     grammar = parse({**PROMPT, "response_format": response_format}).sampling().grammar
     assert '"integer"' in grammar
+
+
+def test_forced_tool_calls_become_grammars_and_reach_the_template():
+    for choice in ("required", {"type": "function", "function": {"name": "weather"}}):
+        req = parse({**CHAT, "tools": TOOLS, "tool_choice": choice}, chat=True)
+        assert '"weather"' in req.sampling().grammar
+        assert req.template_tools() == TOOLS
+    assert parse({**CHAT, "tools": TOOLS, "tool_choice": "none"}, chat=True).template_tools() is None
+    with pytest.raises(APIError) as e:
+        parse({**PROMPT, "tools": TOOLS, "tool_choice": "required"})  # tool calls are chat's
+    assert e.value.param == "tool_choice"

@@ -280,3 +280,43 @@ def test_a_schema_that_cannot_be_used_is_refused_naming_response_format(server):
         "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}},
         timeout=60)
     assert response.status_code == 400 and response.json()["error"]["param"] == "response_format", response.text
+
+
+# ---- tools ----------------------------------------------------------------------------------------------------
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40},
+                                                    "unit": {"enum": ["celsius", "fahrenheit"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}}
+TIME = {"type": "function", "function": {
+    "name": "get_time", "description": "The time in a time zone",
+    "parameters": {"type": "object", "properties": {"zone": {"type": "string", "maxLength": 40}},
+                   "required": ["zone"], "additionalProperties": False}}}
+
+
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_weather"}}],
+                         ids=["required", "named"])
+def test_forced_tool_calls_come_back_as_tool_calls(server, tool_choice):
+    """With the official openai client, whole and streamed: the calls name offered tools and their arguments
+    validate against the tools' parameter schemas (jsonschema)."""
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="none", max_retries=0, timeout=120)
+    kw = {"model": "smollm2", "messages": [{"role": "user", "content": "What is the weather in Paris?"}],
+          "tools": [WEATHER, TIME], "tool_choice": tool_choice, "max_tokens": 100, "temperature": 0.7, "seed": 1}
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, TIME)}
+    choice = client.chat.completions.create(**kw).choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    calls = choice.message.tool_calls
+    assert calls and all(c.type == "function" and c.id.startswith("call_") for c in calls)
+    if isinstance(tool_choice, dict):
+        assert [c.function.name for c in calls] == ["get_weather"]
+    for call in calls:
+        jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
+    streamed, finishes = {}, []
+    for chunk in client.chat.completions.create(stream=True, **kw):
+        for c in chunk.choices:
+            for delta in c.delta.tool_calls or ():
+                streamed[delta.index] = (delta.function.name, delta.function.arguments)
+            finishes.append(c.finish_reason)
+    assert [streamed[k] for k in sorted(streamed)] == [(c.function.name, c.function.arguments) for c in calls]
+    assert finishes[-1] == "tool_calls"

@@ -176,15 +176,17 @@ class Driver:
 
     # ---- requests ------------------------------------------------------------------------------------------
 
-    def encode(self, prompt: str | None = None, messages: list[dict] | None = None) -> list[int]:
-        """The token ids of a text prompt, or of chat messages through the model's chat template."""
+    def encode(self, prompt: str | None = None, messages: list[dict] | None = None,
+               tools: list[dict] | None = None) -> list[int]:
+        """The token ids of a text prompt, or of chat messages (and the tools offered) through the model's chat
+        template."""
         if (prompt is None) == (messages is None):
             raise RequestError("give exactly one of prompt or messages")
         if self.tokenizer is None:
             raise RequestError(f"{self.settings.model} has no tokenizer: pass token ids instead of text",
                                param="prompt")
         try:
-            text = self.tokenizer.apply_chat_template(messages) if messages is not None else prompt
+            text = self.tokenizer.apply_chat_template(messages, tools=tools) if messages is not None else prompt
         except ValueError as e:  # a model without a chat template
             raise RequestError(str(e), param="messages") from None
         return self.tokenizer.encode(text)

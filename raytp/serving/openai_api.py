@@ -159,15 +159,12 @@ class _Body(BaseModel):
                                "so best_of may only equal n")
         kind = self.response_format.get("type") if isinstance(self.response_format, dict) else self.response_format
         schema = self.response_format.get("json_schema") if isinstance(self.response_format, dict) else None
-        tool_choice = self.tool_choice if self.tool_choice is not None else ("auto" if self.tools else "none")
-        refusals = [
+        refusals = [self._tool_refusal(),
             ("response_format", self.response_format is not None and kind not in RESPONSE_FORMATS,
              f"response_format type {json.dumps(kind)} is not supported; it takes {', '.join(RESPONSE_FORMATS)}"),
             ("response_format", kind == "json_schema" and not (isinstance(schema, dict)
                                                                and isinstance(schema.get("schema"), dict)),
              'response_format json_schema needs {"json_schema": {"name": ..., "schema": {...}}}'),
-            ("tool_choice", tool_choice != "none",
-             f"tool calls are not supported; send no tools, or tool_choice \"none\" (got {json.dumps(tool_choice)})"),
             ("functions", bool(self.functions), "functions (tool calls) are not supported"),
             ("function_call", self.function_call not in (None, "none"), "function_call (tool calls) is not supported"),
             ("logit_bias", bool(self.logit_bias), "logit_bias is not supported"),
@@ -177,6 +174,11 @@ class _Body(BaseModel):
              "frequency_penalty is not supported (0 only); repetition_penalty is"),
         ]
         return next(((param, why) for param, refused, why in refusals if refused), None)
+
+    def _tool_refusal(self) -> tuple[str, bool, str]:
+        choice = self.tool_choice if self.tool_choice is not None else ("auto" if self.tools else "none")
+        return ("tool_choice", choice != "none",
+                f"tool calls are chat's; send no tools, or tool_choice \"none\" (got {json.dumps(choice)})")
 
     def top_n(self) -> int | None:
         """How many top alternatives each answer token's logprobs list; None: no logprobs."""
@@ -194,6 +196,10 @@ class _Body(BaseModel):
                               prompt_logprobs=self.prompt_top_n(), grammar=self.grammar())
 
     def grammar(self) -> str | None:
+        """llguidance's grammar of what the answer must be, None for free text."""
+        return self.grammar_of_format()
+
+    def grammar_of_format(self) -> str | None:
         """llguidance's grammar for the response_format, None for text."""
         kind = self.response_format.get("type") if isinstance(self.response_format, dict) else None
         if kind == "json_object":
@@ -203,11 +209,43 @@ class _Body(BaseModel):
         return None
 
 
+class FunctionSpec(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")  # OpenAI's rule for the name
+    description: str = ""
+    parameters: dict = Field(default_factory=lambda: {"type": "object", "properties": {}})  # a JSON schema
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class FunctionName(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    type: Literal["function"]
+    function: FunctionName
+
+
 class ChatCompletionRequest(_Body):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens
     logprobs: bool = False  # each answer token's log-probability
     top_logprobs: int | None = Field(None, ge=0, le=TOP_LOGPROBS_MAX)  # and the top N alternatives (needs logprobs)
+    tools: list[Tool] | None = None
+    # "required" or a named function: the answer is constrained to calls of them; "auto" (the default with tools)
+    # would need each model's own tool-call syntax parsed from free text, and is refused
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
 
     @model_validator(mode="after")
     def _max_tokens(self):
@@ -222,6 +260,45 @@ class ChatCompletionRequest(_Body):
 
     def top_n(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
+
+    def _tool_refusal(self) -> tuple[str, bool, str]:
+        choice = self.tool_choice if self.tool_choice is not None else ("auto" if self.tools else "none")
+        names = [t.function.name for t in self.tools or ()]
+        named = choice.function.name if isinstance(choice, NamedToolChoice) else None
+        refusals = [
+            (choice != "none" and not names, f"tool_choice {json.dumps(choice if named is None else named)} needs "
+                                             "tools"),
+            (choice == "auto", 'tool_choice "auto" (the default with tools) is not supported: raytp does not parse '
+                               'free-form tool calls; send tool_choice "required" or name a function'),
+            (named is not None and named not in names, f"tool_choice names {named!r}, which tools do not define"),
+            (self.calls() is not None and self.grammar_of_format() is not None,
+             "tool_choice forces a tool call, which cannot also follow response_format"),
+        ]
+        return next((("tool_choice", True, why) for refused, why in refusals if refused), ("tool_choice", False, ""))
+
+    def calls(self) -> list[Tool] | None:
+        """The tools the answer must call (tool_choice "required" or a named one), or None: a text answer."""
+        if self.tool_choice == "required":
+            return self.tools
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return [t for t in self.tools or () if t.function.name == self.tool_choice.function.name]
+        return None
+
+    def grammar(self) -> str | None:
+        """A forced tool call's grammar: one call of the named function, or a list of calls of the tools."""
+        tools = self.calls()
+        if tools is None:
+            return super().grammar()
+        calls = [{"type": "object", "properties": {"name": {"enum": [t.function.name]},
+                                                   "arguments": t.function.parameters},
+                  "required": ["name", "arguments"], "additionalProperties": False} for t in tools]
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return json_schema_grammar(calls[0])
+        return json_schema_grammar({"type": "array", "minItems": 1, "items": {"anyOf": calls}})
+
+    def template_tools(self) -> list[dict] | None:
+        """The tools as the chat template takes them, when the answer may call them."""
+        return None if self.calls() is None else [t.model_dump() for t in self.tools]
 
 
 class CompletionRequest(_Body):
@@ -308,7 +385,7 @@ async def run_completion(driver, req: ChatCompletionRequest | CompletionRequest)
     first piece is the prompt (its tokens' logprobs too, with logprobs). Closing this generator (or cancelling its
     consumer) closes the driver's stream, which cancels the request."""
     if isinstance(req, ChatCompletionRequest):
-        prompt_ids = driver.encode(messages=[m.as_template_input() for m in req.messages])
+        prompt_ids = driver.encode(messages=[m.as_template_input() for m in req.messages], tools=req.template_tools())
     else:
         prompt_ids = req.prompt if isinstance(req.prompt, list) else driver.encode(prompt=req.prompt)
     params = req.sampling()
@@ -372,8 +449,9 @@ class _Answer:
     """The response objects of one request, in OpenAI's chat or text-completion shape. `strings(ids)` gives each
     token's own text, as logprobs show tokens."""
 
-    def __init__(self, chat: bool, model_id: str, strings):
+    def __init__(self, chat: bool, model_id: str, strings, calls: str | None = None):
         self.chat, self.model, self.strings = chat, model_id, strings
+        self.calls = calls  # a forced tool call: the answer is "one" call's JSON or a "list" of calls
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.offsets: dict[int, int] = {}  # text completions: each choice's next text_offset, across a stream
@@ -406,17 +484,33 @@ class _Answer:
         choices = []
         for i, (text, finish) in enumerate(zip(texts, final["finish_reasons"])):
             choice = {"index": i, "logprobs": self.logprobs(scored[i], i), "finish_reason": finish}
-            if self.chat:
+            calls = self.tool_calls(text, finish)
+            if calls is not None:
+                message = {"role": "assistant", "content": None, "tool_calls": calls}
+                choices.append(choice | {"finish_reason": "tool_calls", "message": message})
+            elif self.chat:
                 choices.append(choice | {"message": {"role": "assistant", "content": text}})
             else:
                 choices.append({"text": text, **choice})
         return self._envelope("chat.completion" if self.chat else "text_completion", choices, usage=_usage(final))
 
+    def tool_calls(self, text: str, finish: str) -> list[dict] | None:
+        """OpenAI's tool_calls of a forced call's answer; None if there is none (or max_tokens cut it short)."""
+        if self.calls is None or finish != "stop":
+            return None
+        value = json.loads(text)  # the grammar made it JSON, and the model ended it
+        return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                 "function": {"name": call["name"], "arguments": json.dumps(call["arguments"], ensure_ascii=False)}}
+                for call in ([value] if self.calls == "one" else value)]
+
     def chunk(self, text: str | None, finish_reason: str | None = None, role: bool = False,
-              scored: list[TokenLogprob] | None = None, index: int = 0, **extra) -> dict:
+              scored: list[TokenLogprob] | None = None, index: int = 0, tool_calls: list[dict] | None = None,
+              **extra) -> dict:
         logprobs = self.logprobs(scored, index)
         if self.chat:
             delta = ({"role": "assistant"} if role else {}) | ({"content": text} if text is not None else {})
+            if tool_calls is not None:
+                delta["tool_calls"] = [{"index": k, **call} for k, call in enumerate(tool_calls)]
             choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
             return self._envelope("chat.completion.chunk", [choice], **extra)
         choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
@@ -443,7 +537,9 @@ async def _complete(request: Request, driver, model_id: str, chat: bool) -> Resp
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         return APIError(400, f"the request body is not valid JSON: {e}").response()
     req = parse_completion(body, chat, model_id)
-    answer = _Answer(chat, model_id, driver.token_strings)
+    calls = req.calls() if chat else None
+    mode = None if calls is None else "one" if isinstance(req.tool_choice, NamedToolChoice) else "list"
+    answer = _Answer(chat, model_id, driver.token_strings, mode)
     pieces = run_completion(driver, req)
     try:
         # Wait for the first piece before answering 200: a full server or a bad request still gets its status.
@@ -490,15 +586,25 @@ async def _stream_body(answer: _Answer, include_usage: bool, n: int, first, piec
             for index in range(n):
                 yield _sse(answer.chunk("", role=True, index=index, **extra))
         item = first
+        held = [""] * n  # a forced tool call goes out whole, as tool_calls, once its JSON is complete
         try:
             while isinstance(item, Piece):
-                yield _sse(answer.chunk(item.text, scored=item.logprobs, index=item.index, **extra))
+                if answer.calls is None:
+                    yield _sse(answer.chunk(item.text, scored=item.logprobs, index=item.index, **extra))
+                else:
+                    held[item.index] += item.text
                 item = await anext(pieces)
         except Exception as e:  # noqa: BLE001 - after the 200 went out an error can only travel in the stream
             yield _sse(_api_error(e, answer.chat).body())
             yield "data: [DONE]\n\n"
             return
         for index, finish in enumerate(item["finish_reasons"]):
+            calls = answer.tool_calls(held[index], finish)
+            if calls is not None:
+                yield _sse(answer.chunk(None, tool_calls=calls, index=index, **extra))
+                finish = "tool_calls"
+            elif held[index]:
+                yield _sse(answer.chunk(held[index], index=index, **extra))
             yield _sse(answer.chunk(None if answer.chat else "", finish, index=index, **extra))
         if include_usage:
             yield _sse(answer.usage_chunk(item))

@@ -111,9 +111,11 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None) -> str:
         """Prompt text for `messages` ([{"role": "user", "content": "hi"}, ...]), rendered like transformers'
-        `apply_chat_template(..., tokenize=False)`. Encode it with `encode` (no added special tokens: the
+        `apply_chat_template(..., tokenize=False)`; `tools` (OpenAI's function specs) reach templates that take
+        them (Qwen2/3's, Llama 3.1's), others ignore them. Encode it with `encode` (no added special tokens: the
         template already wrote them)."""
         if self._compiled_template is None:
             raise ValueError(
@@ -121,7 +123,7 @@ class Tokenizer:
                 f"chat_template.jinja); use a chat/instruct model, or send raw prompts instead of messages"
             )
         return self._compiled_template.render(
-            messages=messages, add_generation_prompt=add_generation_prompt, **self.special_tokens
+            messages=messages, add_generation_prompt=add_generation_prompt, tools=tools, **self.special_tokens
         )
 
 
