@@ -3,14 +3,20 @@
 the surplus token, cancellation, requests joining a running batch, long prompts in chunks between decode steps,
 and command broadcasts only when there is news."""
 
+import dataclasses
+import json
+
+import jsonschema
 import pytest
 import torch
 import transformers
 
 from raytp.parallel.comm import Communicator, InProcessGroup
 from raytp.runtime.engine import Add, Cancel, RankEngine, Request, Stop
-from raytp.runtime.sampling import FIRST_CANDIDATES, SamplingParams, ShardedSampler
+from raytp.runtime.sampling import SEED_MAX, SEED_MIN, FIRST_CANDIDATES, SamplingParams, ShardedSampler, sample_seed
+from raytp.weights.tokenizer import Tokenizer
 from tests.sharded import LocalGroup
+from tests.test_sampling import reference_logprobs
 
 SPLIT = [3.0, 2.0, 1.0]
 VOCAB = 1000
@@ -177,3 +183,121 @@ def test_long_prompt_is_prefilled_in_chunks_between_decode_steps(tiny):
     assert ids[:first_b].count("a") >= 2 + 4  # a kept decoding while b's chunks went in
     assert tokens_of(seen, "a") == reference(model, [1, 2, 3], params, 24)
     assert tokens_of(seen, "b") == reference(model, long, SamplingParams(max_tokens=8), 8)
+
+
+@pytest.mark.parametrize("params", [CASES[0], CASES[1], CASES[3]], ids=["greedy", "temperature", "top-k-top-p"])
+def test_logprobs_and_prompt_logprobs_are_transformers_log_softmax(tiny, params):
+    """Generated tokens' log-probabilities (of the distribution drawn from) and echo's prompt log-probabilities
+    (a prompt in chunks), with a row that asks for neither in the same batch."""
+    _, model, group = tiny
+    prompt = [(11 * i) % VOCAB for i in range(1, 14)]  # 13 tokens: chunks of 4
+    asking = dataclasses.replace(params, logprobs=3, prompt_logprobs=2)
+    plain = SamplingParams(max_tokens=20)
+    seen, _ = run_loop(group, [Add(Request("a", prompt, asking)), Add(Request("b", [4, 5], plain))], prefill_chunk=4)
+    tokens = tokens_of(seen, "a")
+    assert tokens == reference(model, prompt, params, 20)
+    assert tokens_of(seen, "b") == reference(model, [4, 5], plain, 20)
+    assert all(e.logprob is None and e.prompt_logprobs is None for e in seen if e.request_id == "b")
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + tokens])).logits[0].double()
+
+    def check(chosen, top, want, token, n):
+        assert chosen == pytest.approx(want[token].item(), abs=1e-4)
+        assert [v for _, v in top] == pytest.approx(want.topk(n).values.tolist(), abs=1e-4)
+        assert [want[i].item() for i, _ in top] == pytest.approx([v for _, v in top], abs=1e-4)
+
+    generated = [e for e in seen if e.request_id == "a" and e.token_id is not None]
+    for j, e in enumerate(generated):
+        position = len(prompt) + j - 1  # whose logits drew generated token j
+        check(e.logprob, e.top_logprobs, reference_logprobs(logits[position : position + 1], params)[0], e.token_id, 3)
+    scored = [row for e in seen if e.request_id == "a" and e.prompt_logprobs for row in e.prompt_logprobs]
+    assert len(scored) == len(prompt) - 1
+    for t, (chosen, top) in enumerate(scored):
+        check(chosen, top, torch.log_softmax(logits[t], -1), prompt[t + 1], 2)
+
+
+def test_n_samples_are_prefilled_once_and_equal_single_requests_with_their_seeds(tiny):
+    """n=3 seeded samples: one prefill (one multi-token forward per rank), then sample i draws what a single
+    request seeded `sample_seed(seed, i)` draws; a request asking for n=1 decodes beside them."""
+    _, model, group = tiny
+    prompt = [3, 141, 59, 26, 535]
+    params = SamplingParams(temperature=0.9, top_p=0.95, seed=SEED_MAX - 1, max_tokens=15, n=3)  # seeds wrap
+    prefills = [0] * len(group.models)
+
+    def counting(rank, forward):
+        def counted(tokens, *args, **kw):
+            prefills[rank] += tokens.shape[1] > 1
+            return forward(tokens, *args, **kw)
+        return counted
+
+    for rank, m in enumerate(group.models):
+        m.forward = counting(rank, m.forward)
+    try:
+        seen, _ = run_loop(group, [Add(Request("a", prompt, params)), Add(Request("b", [8, 9], CASES[1]))])
+    finally:
+        for m in group.models:
+            del m.forward
+    assert prefills == [2] * len(group.models)  # a's prompt once, b's once
+    assert {e.index for e in seen if e.request_id == "a"} == {0, 1, 2}
+    for i in range(3):
+        single = dataclasses.replace(params, seed=sample_seed(params.seed, i), n=1)
+        got = [e.token_id for e in seen if e.request_id == "a" and e.index == i and e.token_id is not None]
+        assert got == reference(model, prompt, single, 15), i
+    assert sample_seed(SEED_MAX - 1, 2) == SEED_MIN
+    assert tokens_of(seen, "b") == reference(model, [8, 9], CASES[1], 20)
+
+
+def test_grammar_rows_draw_what_llguidance_masked_transformers_logits_draw(smollm2_dir):
+    """SmolLM2 at 3 uneven ranks: a JSON-schema row (sampled) and a free row side by side. The reference masks
+    transformers' logits with llguidance's own torch helper and draws with a one-rank sampler."""
+    import llguidance.torch
+
+    from raytp.runtime.constraints import Grammars, json_schema_grammar
+
+    group = LocalGroup(smollm2_dir, SPLIT)
+    grammars = Grammars.for_model(smollm2_dir, group.config)
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99},
+                                               "ok": {"type": "boolean"}}, "required": ["n", "ok"],
+              "additionalProperties": False}
+    tokenizer = Tokenizer.from_dir(smollm2_dir)
+    eos = sorted(tokenizer.eos_token_ids)
+    params = SamplingParams(temperature=0.8, seed=4, max_tokens=40, grammar=json_schema_grammar(schema))
+    prompt = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": "A number, as JSON."}]))
+    engines = [RankEngine(m, m.comm, grammars=lambda m=m: Grammars.for_model(smollm2_dir, group.config,
+                                                                               m.vocab_start, m.lm_head.width))
+               for m in group.models]
+    out = {"a": [], "b": []}
+
+    def emit(events):
+        for e in events:
+            if e.token_id is not None:
+                out[e.request_id].append(e.token_id)
+            if e.finish:
+                out[e.request_id + " finish"] = e.finish
+        if "a finish" in out and "b finish" in out:
+            engines[0].inbox.put(Stop())
+
+    engines[0].inbox.put(Add(Request("a", prompt, params, eos)))
+    engines[0].inbox.put(Add(Request("b", prompt, SamplingParams(max_tokens=12), eos)))
+    group.on_all_ranks(lambda r, m: engines[r].run(emit if r == 0 else lambda ev: None))
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    matcher = grammars.matcher(params.grammar)
+    sampler = ShardedSampler(InProcessGroup(1).communicator(0), 0)
+    tokens, want = list(prompt), []
+    for generated in range(params.max_tokens):
+        with torch.no_grad():
+            logits = model(torch.tensor([tokens])).logits[:, -1].float()
+        bitmask = llguidance.torch.allocate_token_bitmask(1, logits.shape[1])
+        llguidance.torch.fill_next_token_bitmask(matcher, bitmask, 0)
+        llguidance.torch.apply_token_bitmask_inplace(logits, bitmask)
+        token = sampler.sample(logits, [params], [generated], [torch.tensor(tokens)])[0]
+        want.append(token)
+        tokens.append(token)
+        assert matcher.consume_token(token)
+        if token in eos:
+            break
+    assert out["a"] == want and out["a finish"] == "stop"
+    text = tokenizer.decode(out["a"])
+    jsonschema.validate(json.loads(text), schema)
+    assert out["b"] == reference(model, prompt, SamplingParams(max_tokens=12), 12, eos)

@@ -1,5 +1,7 @@
 """The OpenAI request bodies: each bounded field passes just inside its range and gets a 400 naming it just outside;
-token-id prompts are taken in every shape OpenAI allows for one prompt. No server (tests/test_serve.py runs one)."""
+token-id prompts are taken in every shape OpenAI allows for one prompt; what raytp does not do (tools, suffix,
+best_of beyond n, response formats other than text and JSON) is refused naming the field, never ignored. No
+server (tests/test_serve.py runs one)."""
 
 from __future__ import annotations
 
@@ -16,8 +18,10 @@ BODY_BOUNDS = [
     *SAMPLING_BOUNDS,
     ("stop", ["x"] * STOP_MAX_COUNT, ["x"] * (STOP_MAX_COUNT + 1)),
     ("stop", "x" * STOP_MAX_CHARS, "x" * (STOP_MAX_CHARS + 1)),
-    ("n", 1, 2), ("best_of", 1, 2), ("max_tokens", 1, True), ("temperature", 1, "1"), ("top_k", 5, 5.0),
-    ("seed", 7, 7.5), ("stream", False, 0),
+    ("n", 2, 0), ("n", 1, True), ("best_of", 1, 2), ("max_tokens", 1, True), ("temperature", 1, "1"),
+    ("top_k", 5, 5.0), ("seed", 7, 7.5), ("stream", False, 0), ("logprobs", 20, 21), ("logprobs", 0, -1),
+    ("logprobs", 1, True), ("echo", True, 1), ("suffix", "", "x"), ("presence_penalty", 0, 0.5),
+    ("frequency_penalty", 0.0, -1.0), ("logit_bias", {}, {"5": 10}),
 ]
 
 
@@ -72,3 +76,72 @@ def test_unknown_model_is_404_and_missing_model_400():
 def test_sampling_defaults_follow_openai():
     params = parse({**PROMPT, "seed": 1}).sampling()
     assert params == SamplingParams(temperature=1.0, seed=1)
+
+
+CHAT_BOUNDS = [("top_logprobs", 20, 21), ("top_logprobs", 0, -1), ("logprobs", True, 1), ("n", 3, 0),
+               ("best_of", None, 4)]
+
+
+@pytest.mark.parametrize("field, inside, outside", CHAT_BOUNDS)
+def test_chat_bounds_beside_the_fields(field, inside, outside):
+    req = parse({**CHAT, "logprobs": True, "n": 3, field: inside}, chat=True)
+    req.sampling()
+    with pytest.raises(APIError) as e:
+        parse({**CHAT, "logprobs": True, "n": 3, field: outside}, chat=True)
+    assert (e.value.status, e.value.param) == (400, field)
+    assert field in e.value.message
+
+
+TOOLS = [{"type": "function", "function": {"name": "weather", "description": "", "parameters": {"type": "object"}}}]
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"response_format": {"type": "xml"}}, "response_format"),
+    ({"response_format": {"type": "json_schema"}}, "response_format"),  # no schema
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": "{}"}}}, "response_format"),
+    ({"tools": TOOLS}, "tool_choice"),  # tool_choice defaults to "auto" with tools
+    ({"tools": TOOLS, "tool_choice": "auto"}, "tool_choice"),  # free-form calls are not parsed
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "other"}}}, "tool_choice"),
+    ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice"),
+    ({"tool_choice": "required"}, "tool_choice"),  # no tools
+    ({"functions": [{"name": "weather"}]}, "functions"),
+    ({"function_call": "auto"}, "function_call"),
+    ({"top_logprobs": 2}, "top_logprobs"),  # without logprobs
+    ({"top_logprobs": 2, "logprobs": False}, "top_logprobs"),
+    ({"n": 2, "best_of": 3}, "best_of"),
+])
+def test_unsupported_fields_are_refused_naming_the_field(extra, param):
+    with pytest.raises(APIError) as e:
+        parse({**CHAT, **extra}, chat=True)
+    assert (e.value.status, e.value.param, e.value.code) == (400, param, "unsupported")
+
+
+def test_what_is_supported_reaches_the_sampling_parameters():
+    chat = parse({**CHAT, "logprobs": True, "top_logprobs": 3, "n": 2, "best_of": 2, "seed": 4,
+                  "response_format": {"type": "text"}, "tools": TOOLS, "tool_choice": "none"}, chat=True)
+    assert (chat.sampling().logprobs, chat.sampling().prompt_logprobs, chat.sampling().n) == (3, None, 2)
+    assert parse({**CHAT, "logprobs": True}, chat=True).sampling().logprobs == 0
+    assert parse(CHAT, chat=True).sampling().logprobs is None
+    text = parse({**PROMPT, "logprobs": 1, "echo": True, "max_tokens": 1}).sampling()  # lm-eval's request
+    assert (text.logprobs, text.prompt_logprobs, text.max_tokens) == (1, 1, 1)
+    assert parse({**PROMPT, "echo": True}).sampling().prompt_logprobs is None  # echo alone: the text only
+
+
+def test_json_response_formats_become_grammars():
+    assert parse({**CHAT, "response_format": {"type": "text"}}, chat=True).sampling().grammar is None
+    assert parse({**CHAT, "response_format": {"type": "json_object"}}, chat=True).sampling().grammar
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    response_format = {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}
+    grammar = parse({**PROMPT, "response_format": response_format}).sampling().grammar
+    assert '"integer"' in grammar
+
+
+def test_forced_tool_calls_become_grammars_and_reach_the_template():
+    for choice in ("required", {"type": "function", "function": {"name": "weather"}}):
+        req = parse({**CHAT, "tools": TOOLS, "tool_choice": choice}, chat=True)
+        assert '"weather"' in req.sampling().grammar
+        assert req.template_tools() == TOOLS
+    assert parse({**CHAT, "tools": TOOLS, "tool_choice": "none"}, chat=True).template_tools() is None
+    with pytest.raises(APIError) as e:
+        parse({**PROMPT, "tools": TOOLS, "tool_choice": "required"})  # tool calls are chat's
+    assert e.value.param == "tool_choice"

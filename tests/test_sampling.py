@@ -9,7 +9,13 @@ from transformers.generation.logits_process import (
 )
 
 from raytp.parallel.comm import InProcessGroup
-from raytp.runtime.sampling import SamplingParams, ShardedSampler, apply_repetition_penalty, seen_mask
+from raytp.runtime.sampling import (
+    TOP_LOGPROBS_MAX,
+    SamplingParams,
+    ShardedSampler,
+    apply_repetition_penalty,
+    seen_mask,
+)
 from tests.test_comm import run_ranks
 
 V = 500
@@ -110,3 +116,86 @@ def test_bad_parameters_name_the_value():
                          ({"top_k": -2}, "top_k"), ({"max_tokens": 0}, "max_tokens")]:
         with pytest.raises(ValueError, match=text):
             SamplingParams(**kwargs)
+
+
+# ---- log-probabilities ---------------------------------------------------------------------------------------
+
+def reference_logprobs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """transformers' warpers, then log-softmax: the distribution a row is drawn from (-inf outside top-k / top-p);
+    greedy rows: the unscaled distribution."""
+    scores = logits.clone() if params.greedy else logits / params.temperature
+    if not params.greedy and params.top_k:
+        scores = TopKLogitsWarper(top_k=params.top_k)(None, scores)
+    if not params.greedy and params.top_p < 1:
+        scores = TopPLogitsWarper(top_p=params.top_p)(None, scores)
+    return torch.log_softmax(scores.double(), dim=-1)
+
+
+def sharded_draw(logits, params, world_size, seed=0):
+    bounds = split_bounds(world_size, seed)
+    group = InProcessGroup(world_size)
+    empty = [torch.empty(0, dtype=torch.int64)] * logits.shape[0]
+
+    def body(comm):
+        lo, hi = bounds[comm.rank]
+        draw = ShardedSampler(comm, lo).draw_exact(logits[:, lo:hi].clone(), params, [0] * len(params), empty,
+                                                   logprobs=True)
+        return draw.tokens.tolist(), [draw.logprobs.rows(b, TOP_LOGPROBS_MAX) for b in range(len(params))]
+
+    results = run_ranks(world_size, group.communicator, body)
+    assert all(r == results[0] for r in results)  # every rank holds the same numbers
+    return results[0]
+
+
+LOGPROB_CASES = CASES[:5] + [SamplingParams(temperature=0.9, top_p=0.95, seed=8)]
+
+
+@pytest.mark.parametrize("world_size", [1, 3, 7])
+def test_logprobs_are_transformers_log_softmax_of_the_drawn_distribution(world_size):
+    g = torch.Generator().manual_seed(10 + world_size)
+    logits = torch.randn(len(LOGPROB_CASES), V, generator=g) * 3
+    tokens, rows = sharded_draw(logits, LOGPROB_CASES, world_size, seed=world_size)
+    for b, (params, token, (chosen, top)) in enumerate(zip(LOGPROB_CASES, tokens, rows)):
+        want = reference_logprobs(logits[b : b + 1], params)[0]
+        assert chosen == pytest.approx(want[token].item(), abs=1e-9)
+        kept = int(torch.isfinite(want).sum())
+        values, ids = want.topk(min(TOP_LOGPROBS_MAX, kept))
+        assert [i for i, _ in top] == ids.tolist()  # random logits: no ties
+        assert [v for _, v in top] == pytest.approx(values.tolist(), abs=1e-9)
+
+
+@pytest.mark.parametrize("world_size", [1, 3])
+def test_prompt_logprobs_are_the_log_softmax_of_the_given_tokens(world_size):
+    g = torch.Generator().manual_seed(world_size)
+    logits = torch.randn(9, V, generator=g) * 2
+    following = torch.randint(0, V, (9,), generator=g)
+    bounds = split_bounds(world_size, 5)
+
+    def body(comm):
+        lo, hi = bounds[comm.rank]
+        lp = ShardedSampler(comm, lo).prompt_logprobs(logits[:, lo:hi].clone(), following)
+        return [lp.rows(t, 3) for t in range(9)]
+
+    results = run_ranks(world_size, InProcessGroup(world_size).communicator, body)
+    assert all(r == results[0] for r in results)
+    want = torch.log_softmax(logits.double(), dim=-1)
+    for t, (chosen, top) in enumerate(results[0]):
+        assert chosen == pytest.approx(want[t, following[t]].item(), abs=1e-9)
+        values, ids = want[t].topk(3)
+        assert [i for i, _ in top] == ids.tolist()
+        assert [v for _, v in top] == pytest.approx(values.tolist(), abs=1e-9)
+
+
+def test_logprobs_ride_along_without_changing_the_draw():
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(len(CASES), V, generator=g) * 3
+    assert sharded_draw(logits, CASES, 3)[0] == sharded_sample(logits, CASES, [0] * len(CASES), 3)
+
+
+def test_flat_top_p_logprobs_stay_exact_when_the_exchange_grows():
+    logits = torch.randn(1, V, generator=torch.Generator().manual_seed(0)) * 0.01
+    params = SamplingParams(temperature=1.0, top_p=0.95, seed=1)
+    (token,), ((chosen, top),) = sharded_draw(logits, [params], 3)
+    want = reference_logprobs(logits, params)[0]
+    assert chosen == pytest.approx(want[token].item(), abs=1e-9)
+    assert [v for _, v in top] == pytest.approx(want.topk(TOP_LOGPROBS_MAX).values.tolist(), abs=1e-9)

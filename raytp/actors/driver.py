@@ -27,6 +27,7 @@ from collections.abc import Sequence
 import ray
 
 from raytp.actors.group import ClusterError, GroupSettings, WorkerGroup
+from raytp.runtime.constraints import Grammars
 from raytp.runtime.engine import Add, Cancel, Request, TokenEvent
 from raytp.parallel.plan import PlanError
 from raytp.runtime.errors import BusyError, RequestError, UnavailableError, error_summary
@@ -68,6 +69,8 @@ class Driver:
         # prompts are encoded in child processes, never in this event loop (raytp.weights.tokenizer_pool)
         self.tokenizer_pool = None if self.tokenizer is None else \
             TokenizerPool(self.tokenizer, source.tokenizer_dir, settings.max_context)
+        self.tokenizer_dir = source.tokenizer_dir
+        self._grammars: Grammars | None = None  # checks the grammars of constrained requests; built at the first
         self.group: WorkerGroup | None = None
         self.streams: dict[str, asyncio.Queue[TokenEvent]] = {}
         self.devices = settings.devices  # the devices the group runs on: fewer after a re-plan over survivors
@@ -222,10 +225,12 @@ class Driver:
 
     # ---- requests ------------------------------------------------------------------------------------------
 
-    async def encode(self, prompt: str | None = None, messages: list[dict] | None = None) -> list[int]:
-        """The token ids of a text prompt, or of chat messages through the model's chat template, where a message's
-        text is text (no control token can be forged in it). Encoded in a child process, after the text's length
-        in characters is checked against the context: this event loop never tokenizes."""
+    async def encode(self, prompt: str | None = None, messages: list[dict] | None = None,
+                     tools: list[dict] | None = None) -> list[int]:
+        """The token ids of a text prompt, or of chat messages (and the tools offered) through the model's chat
+        template, where a message's text is text (no control token can be forged in it). Encoded in a child
+        process, after the text's length in characters is checked against the context: this event loop never
+        tokenizes."""
         if (prompt is None) == (messages is None):
             raise RequestError("give exactly one of prompt or messages")
         param = "prompt" if messages is None else "messages"
@@ -237,21 +242,49 @@ class Driver:
         if prompt is not None:
             check_text(prompt, param)
         try:
-            return await self.tokenizer_pool.encode(prompt, messages)
+            return await self.tokenizer_pool.encode(prompt, messages, tools)
         except TextTooLong as e:
             raise RequestError(str(e), param=param, code="context_length_exceeded") from None
         except ValueError as e:  # a model without a chat template, or a template that refuses the messages
             raise RequestError(str(e), param=param) from None
 
-    def decode(self, ids: list[int]) -> str:
-        """The text of token ids, control tokens included (/detokenize)."""
+    def _check_grammar(self, grammar: str, ignore_eos: bool) -> None:
+        """RequestError unless the ranks can follow `grammar` (llguidance's, from a JSON schema)."""
+        if self.tokenizer_dir is None:
+            raise RequestError(f"{self.settings.model} has no tokenizer: response_format needs one",
+                               param="response_format")
+        if ignore_eos:
+            raise RequestError("ignore_eos cannot go with response_format: the answer ends where the schema does",
+                               param="ignore_eos")
+        if self._grammars is None:
+            self._grammars = Grammars.for_model(self.tokenizer_dir, self.config)
+        self._grammars.check(grammar)
+
+    def decode(self, ids: Sequence[int], strict: bool = False) -> str:
+        """The text of token ids, control tokens included (echo, /detokenize); without a tokenizer "", or with
+        `strict` a RequestError."""
         if self.tokenizer is None:
-            raise RequestError(f"{self.settings.model} has no tokenizer: it has no text for token ids")
-        return self.tokenizer.decode(ids, skip_special_tokens=False)
+            if strict:
+                raise RequestError(f"{self.settings.model} has no tokenizer: it has no text for token ids")
+            return ""
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+
+    def token_strings(self, ids: Sequence[int]) -> list[str]:
+        """Each token's own text (special tokens included), as logprobs show them; "token_id:N" without a
+        tokenizer, as vLLM spells them."""
+        if self.tokenizer is None:
+            return [f"token_id:{i}" for i in ids]
+        return [self.tokenizer.decode([i], skip_special_tokens=False) for i in ids]
 
     async def submit(self, prompt_ids: Sequence[int], params: SamplingParams, stop: Sequence[str] = (),
                      ignore_eos: bool = False):
-        """Run one request; yield {"text", "token_id"} as tokens arrive, then one final {"finish", stats...}.
+        """Run one request; yield {"index", "text", "token_id"} as tokens arrive, then one final {"finish",
+        stats...}. With `params.n` > 1 the samples' items interleave, each with its sample's index.
+
+        With `params.logprobs` each token's item also has "logprob" and "top_logprobs" ([(id, logprob)]); every
+        generated token gets an item then (its text may be ""), except a stop token. With
+        `params.prompt_logprobs` items {"prompt_logprobs": [(logprob, top)]} come first, for the prompt's tokens
+        from the second on.
 
         The request is checked here, before anything reaches a rank (RequestError names the field), and
         refused with BusyError past max_batch running + max_queue waiting requests. The text stops before
@@ -260,21 +293,20 @@ class Driver:
         models) the text pieces are empty and only token ids stream. Closing the generator early cancels
         the request and frees its cache slot at the leader's next step."""
         prompt_ids = list(prompt_ids)
-        check_request(prompt_ids, params, stop, self.config.vocab_size, self.settings.max_context)
+        check_request(prompt_ids, params, stop, self.config.vocab_size, self.settings.max_context,
+                      self.settings.max_batch)
+        if params.grammar is not None:
+            await asyncio.to_thread(self._check_grammar, params.grammar, ignore_eos)
         if len(self.streams) >= self.settings.max_batch + self.max_queue:  # admitted: running or waiting for a slot
             raise BusyError(f"the server is busy: {len(self.streams)} requests are running or waiting "
                             f"(--max-batch {self.settings.max_batch} + --max-queue {self.max_queue}); retry shortly")
         rid = uuid.uuid4().hex
         queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
         self.streams[rid] = queue
-        decoder = StreamDecoder(self.tokenizer) if self.tokenizer is not None else None
-        stops = StopScanner(stop)
+        samples = [_SampleText(self.tokenizer, stop) for _ in range(params.n)]
         eos = self.tokenizer.eos_token_ids if self.tokenizer is not None else self.config.eos_token_ids
         start = time.perf_counter()
         first = last_t = None  # the first token's arrival here; the leader's clock at the last token's step
-        generated: list[int] = []
-        finish = None
-        ended_on_ranks = False
         try:
             await self.ready.wait()  # inside the bound, so requests waiting out a rebuild count as admitted too
             if self.down:
@@ -285,26 +317,24 @@ class Driver:
             except ray.exceptions.RayError as e:  # the leader died before the watcher noticed
                 raise UnavailableError(f"rank 0 ({self.devices[0]}) failed: {rank_error_summary(e)}; {REBUILDING}"
                                        ) from None
-            while finish is None:
+            while any(s.finish is None for s in samples):
                 e = await queue.get()
-                ended_on_ranks = e.finish is not None
                 if e.error:  # a rank failed: the request may run again once the group is back
                     raise UnavailableError(e.error)
-                text = ""
+                if e.prompt_logprobs is not None:
+                    yield {"prompt_logprobs": e.prompt_logprobs}
+                    continue
+                sample = samples[e.index]
+                if sample.finish is not None:  # cut by a stop string: its tokens still on the way are dropped
+                    continue
                 if e.token_id is not None:
                     self._observe_token(start, first, last_t, e.t)
                     first, last_t = first or time.perf_counter(), e.t
-                    generated.append(e.token_id)
-                    if e.finish != "stop" and decoder:  # the stop token itself is not part of the answer
-                        text = decoder.feed(e.token_id)
-                if e.finish is not None and decoder:
-                    text += decoder.flush()
-                text, hit = stops.feed(text)
-                finish = "stop" if hit else e.finish
-                if finish is not None and not hit:
-                    text += stops.flush()
-                if text or finish is None:
-                    yield {"text": text, "token_id": e.token_id}
+                text = sample.take(e)
+                scored = e.logprob is not None and e.finish != "stop"  # a stop token is not part of the answer
+                if text or sample.finish is None or scored:
+                    yield {"index": e.index, "text": text, "token_id": e.token_id} | (
+                        {"logprob": e.logprob, "top_logprobs": e.top_logprobs} if scored else {})
         except Exception as e:  # noqa: BLE001 - whatever ended an admitted request is logged once, with its id
             log.error("request %s failed: %s", rid, e)
             raise
@@ -313,14 +343,16 @@ class Driver:
             self._answering -= first is not None
             self.metrics.prompt_tokens.inc(len(prompt_ids))
             live = self.ready.is_set() and not self.down  # not while the group rebuilds: it failed every request
-            if not ended_on_ranks and live:  # a stop string, or the caller went away: free the slot
-                self.group.leader.submit.remote(Cancel(rid))
+            if not all(s.ended_on_ranks for s in samples) and live:  # a stop string, or the caller went away
+                self.group.leader.submit.remote(Cancel(rid))  # frees the slots
         elapsed = time.perf_counter() - start
         decode_s = time.perf_counter() - (first or start)
+        generated = sum(len(s.token_ids) for s in samples)
         yield {
-            "finish": finish, "token_ids": generated, "prompt_tokens": len(prompt_ids),
-            "generated_tokens": len(generated), "ttft_s": (first or start) - start, "elapsed_s": elapsed,
-            "tokens_per_s": (len(generated) - 1) / decode_s if len(generated) > 1 and decode_s > 0 else 0.0,
+            "finish": samples[0].finish, "token_ids": samples[0].token_ids, "prompt_tokens": len(prompt_ids),
+            "finishes": [s.finish for s in samples],  # with n > 1: each sample's
+            "generated_tokens": generated, "ttft_s": (first or start) - start, "elapsed_s": elapsed,
+            "tokens_per_s": (generated - params.n) / decode_s if generated > params.n and decode_s > 0 else 0.0,
         }
 
     def _observe_token(self, start: float, first: float | None, last_t: float | None, t: float | None) -> None:
@@ -386,6 +418,33 @@ def rank_error_summary(e: BaseException) -> str:
     if isinstance(e, ray.exceptions.RayActorError) and not isinstance(e, ray.exceptions.RayTaskError):
         return "its process died (killed, crashed or out of memory)"
     return error_summary(e)
+
+
+class _SampleText:
+    """One sample's text as its tokens arrive: detokenized incrementally, cut at the first stop string."""
+
+    def __init__(self, tokenizer: Tokenizer | None, stop: Sequence[str]):
+        self.decoder = StreamDecoder(tokenizer) if tokenizer is not None else None
+        self.stops = StopScanner(stop)
+        self.token_ids: list[int] = []
+        self.finish: str | None = None
+        self.ended_on_ranks = False  # the ranks finished it: no cancel needed
+
+    def take(self, e: TokenEvent) -> str:
+        """The text `e` adds; sets `finish` when the sample ends."""
+        self.ended_on_ranks = e.finish is not None
+        text = ""
+        if e.token_id is not None:
+            self.token_ids.append(e.token_id)
+            if e.finish != "stop" and self.decoder:  # the stop token itself is not part of the answer
+                text = self.decoder.feed(e.token_id)
+        if e.finish is not None and self.decoder:
+            text += self.decoder.flush()
+        text, hit = self.stops.feed(text)
+        self.finish = "stop" if hit else e.finish
+        if self.finish is not None and not hit:
+            text += self.stops.flush()
+        return text
 
 
 def _lost_ranks(group: WorkerGroup, failed: int) -> set[int]:

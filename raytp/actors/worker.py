@@ -19,6 +19,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 
 import psutil
 import ray
@@ -29,6 +30,7 @@ from raytp.parallel.comm import CommError, Communicator
 from raytp.parallel.comm.factory import CommPlan, GroupOpening, open_group
 from raytp.model.config import ModelConfig
 from raytp.parallel.devices import DeviceSpec, format_bytes
+from raytp.runtime.constraints import Grammars
 from raytp.runtime.engine import Command, RankEngine, TokenEvent
 from raytp.runtime.options import RuntimeOptions
 from raytp.model.llama import ShardedLlama
@@ -129,7 +131,11 @@ class Worker:
         if used > shard.budget_bytes:
             raise MemoryBudgetError(f"rank {self.rank} ({self.spec}) needs {format_bytes(used)} for weights and "
                                     f"KV cache, its budget is {format_bytes(shard.budget_bytes)}")
-        self.engine = RankEngine(lm, lm.comm)
+        source = ModelSource.parse(model)
+        grammars = None  # constrained decoding needs the tokenizer's vocabulary: built at the first such request
+        if source.tokenizer_dir is not None:
+            grammars = partial(Grammars.for_model, source.tokenizer_dir, config, lm.vocab_start, lm.lm_head.width)
+        self.engine = RankEngine(lm, lm.comm, grammars=grammars)
         return {"rank": self.rank, "used_bytes": used}
 
     # ---- token loop -------------------------------------------------------------------------------------

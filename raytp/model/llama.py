@@ -150,6 +150,12 @@ class ShardedLlama:
         """The KV cache as allocated, FP8 scales included: what the plan's kv_cache_bytes counts."""
         return [t for t in (self.k_cache, self.v_cache, self.k_scale, self.v_scale) if t is not None]
 
+    def copy_slot(self, src: int, dst: int, length: int) -> None:
+        """Cache positions [0, length) of slot `src` into slot `dst` (FP8 scales too): a prompt prefilled once
+        serves several samples."""
+        for t in self.cache_tensors():  # (layers, slots, kv heads, positions, ...)
+            t[:, dst, :, :length] = t[:, src, :, :length]
+
     def step_inputs(self, positions: torch.Tensor, dtype: torch.dtype, span: int | None = None) -> StepInputs:
         """By default the span ends at the furthest position (one GPU sync); a CUDA graph passes max_context."""
         span = span or int(positions.max()) + 1
@@ -159,11 +165,12 @@ class ShardedLlama:
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-                last: torch.Tensor | None = None, span: int | None = None) -> torch.Tensor:
+                last: torch.Tensor | None = None, span: int | None = None, every: bool = False) -> torch.Tensor:
         """Run tokens (batch, seq) at positions (batch, seq) of cache slots (batch,).
 
         Returns this rank's logits slice (batch, vocab_local) at index `last` (batch,) of each row
-        (default: the last column), in float32.
+        (default: the last column), in float32; with `every`, those of every position (batch, seq, vocab_local),
+        for the log-probabilities of a prompt.
         """
         eps = self.config.rms_norm_eps
         x = self.embed(tokens)  # (batch, seq, hidden): the residual stream, the same on every rank
@@ -174,5 +181,8 @@ class ShardedLlama:
             # residual add fused with the next norm
             x, h = add_rms_norm(x, layer.attention(h, positions, slots, step), layer.mlp_norm, eps)
             x, h = add_rms_norm(x, layer.mlp(h), next_norm, eps)
+        if every:
+            B, T, H = h.shape
+            return self.lm_head(h.reshape(B * T, H)).view(B, T, self.lm_head.width)
         rows = torch.arange(h.shape[0], device=h.device)
         return self.lm_head(h[rows, last if last is not None else -1])  # (batch, hidden) -> (batch, vocab_local)

@@ -24,7 +24,19 @@ timeout. (A shared-memory word would spare the leader the wait of one step but e
 
 New requests are prefilled eagerly in chunks of at most `prefill_chunk` tokens, one chunk per iteration between
 decode steps, so a long prompt delays running requests by one chunk at a time. A request joins the decode batch
-with the token its last chunk drew.
+with the token its last chunk drew. A request with `prompt_logprobs` (echo) has each chunk's logits at every
+position scored against the prompt's next tokens (`ShardedSampler.prompt_logprobs`, one gather per chunk).
+
+A request for n samples (`params.n`) takes n cache slots: its prompt is prefilled once, in the first, and copied
+into the others (`ShardedLlama.copy_slot`); each sample then draws with its own seed (`sample_seed`) and decodes as
+a row of its own. Its events carry the sample's `index`.
+
+A request with a grammar (`params.grammar`, from a JSON schema) has a matcher per sample on every rank
+(raytp.runtime.constraints); before each draw its rows' masks of this rank's vocabulary slice are written, and
+the loop reads each step before it enqueues the next (the next mask needs the token).
+
+Log-probabilities of generated tokens (`logprobs`) come out of the step's own exchange (raytp.runtime.sampling),
+computed only while a row of the batch asks for them (a graph variant of its own), and ride on each TokenEvent.
 
 Requests arrive checked (`raytp.runtime.requests.check_request`, at the front end): a bad one never reaches a
 rank, so the loop does not check them again.
@@ -32,6 +44,7 @@ rank, so the loop does not check them again.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import queue
 import time
@@ -45,7 +58,8 @@ from raytp.model.llama import ShardedLlama
 from raytp.parallel.comm import Communicator
 from raytp.parallel.plan import PREFILL_CHUNK
 from raytp.runtime.batch import DecodeBatch, Pending
-from raytp.runtime.sampling import SamplingParams, ShardedSampler
+from raytp.runtime.constraints import Grammars
+from raytp.runtime.sampling import Logprobs, SamplingParams, ShardedSampler, sample_seed
 
 
 @dataclass
@@ -66,6 +80,12 @@ class TokenEvent:
     finish: str | None = None
     error: str | None = None
     t: float | None = None  # the leader's perf_counter at the step that made it (set by poll_events; benchmarks)
+    logprob: float | None = None  # the token's log-probability, where the request asked (`logprobs`)
+    top_logprobs: list[tuple[int, float]] | None = None  # the top N (id, log-probability), highest first
+    # echo: (log-probability, top N) of prompt tokens, in order from the second; an event without a token carries
+    # a prefill chunk's
+    prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
+    index: int = 0  # which of the request's n samples
 
 
 @dataclass
@@ -114,17 +134,20 @@ class _Sequence:
     generated: int = 0
     prefilled: int = 0  # prompt tokens already in the cache
     finished: bool = False  # results of steps still in flight for it are dropped
+    index: int = 0  # which of the request's samples; sample 0 prefills for all
+    matcher: object | None = None  # the grammar's state (llguidance), for a constrained request
+    forks: list[_Sequence] = field(default_factory=list)  # sample 0: the others, waiting for its prefill
 
 
 class RankEngine:
     def __init__(self, model: ShardedLlama, comm: Communicator, heartbeat_s: float = 1.0,
-                 prefill_chunk: int = PREFILL_CHUNK):
+                 prefill_chunk: int = PREFILL_CHUNK, grammars: Callable[[], Grammars] | None = None):
         self.model, self.comm = model, comm
         self.sampler = ShardedSampler(comm, model.vocab_start)
         self.batch = DecodeBatch(model, self.sampler)
         self.device = model.device
         self.heartbeat_s, self.prefill_chunk = heartbeat_s, prefill_chunk
-        self.active: dict[str, _Sequence] = {}
+        self.active: dict[str, list[_Sequence]] = {}  # a request's live samples
         self.free_slots = list(range(model.max_batch))
         self.prefilling: deque[_Sequence] = deque()  # admitted, prompt not yet all in the cache
         self.decoding: list[_Sequence] = []  # the device batch's rows, in order
@@ -135,6 +158,7 @@ class RankEngine:
         self.pending: deque[Request] = deque()  # leader only: waiting for a free slot
         self.inbox: queue.Queue[Command] = queue.Queue()  # leader only
         self.leader_events: list[TokenEvent] = []  # leader only: events decided without the other ranks
+        self._make_grammars, self._grammars = grammars, None  # built at the first constrained request
 
     def use_cuda_graphs(self) -> None:
         """Replay decode steps from CUDA graphs (the communicator must be `graph_safe`)."""
@@ -160,15 +184,16 @@ class RankEngine:
                 self.leader_events.append(TokenEvent(cmd.request_id, None, "cancelled"))
             else:
                 commands.append(cmd)
-        free = len(self.free_slots) - sum(1 for c in commands if isinstance(c, Cancel) and c.request_id in self.active)
-        while self.pending and free > 0:
+        free = len(self.free_slots) - sum(len(self.active.get(c.request_id, ())) for c in commands
+                                          if isinstance(c, Cancel))
+        while self.pending and free >= self.pending[0].params.n:
+            free -= self.pending[0].params.n
             commands.append(Add(self.pending.popleft()))
-            free -= 1
         return commands
 
     def _has_news(self) -> bool:
         """Leader: whether the group has something to hear (a command, or a waiting request that now fits)."""
-        return not self.inbox.empty() or bool(self.pending and self.free_slots)
+        return not self.inbox.empty() or bool(self.pending and len(self.free_slots) >= self.pending[0].params.n)
 
     def _broadcast_commands(self, commands: list[Command]) -> list[Command]:
         """One int64 collective when idle-ish; a second one carrying the commands when there is news."""
@@ -207,7 +232,7 @@ class RankEngine:
                 if self.comm.rank == 0 and self.news == self.news_handled and self._has_news():
                     self.batch.post(self.news + 1)
                 self._enqueue()
-            while len(self.in_flight) > 1:  # step N+1 is queued: now read step N
+            while len(self.in_flight) > (0 if self.batch.constrained else 1):  # step N+1 is queued: read step N
                 self._read(self.in_flight.popleft(), events)
             if events:
                 emit(events)
@@ -215,12 +240,19 @@ class RankEngine:
     def _apply(self, commands: list[Command], events: list[TokenEvent]) -> None:
         for cmd in commands:
             if isinstance(cmd, Cancel):
-                if cmd.request_id in self.active:
-                    self._finish(self.active[cmd.request_id], "cancelled", events)
+                for seq in list(self.active.get(cmd.request_id, ())):
+                    self._finish(seq, "cancelled", events)
             else:
-                seq = _Sequence(cmd.request, self.free_slots.pop(0), list(cmd.request.prompt_ids))
-                self.active[cmd.request.id] = seq
-                self.prefilling.append(seq)
+                r = cmd.request
+                samples = [_Sequence(r if i == 0 else dataclasses.replace(r, params=dataclasses.replace(
+                               r.params, seed=sample_seed(r.params.seed, i))), self.free_slots.pop(0),
+                               list(r.prompt_ids), index=i) for i in range(r.params.n)]
+                samples[0].forks = samples[1:]
+                if r.params.grammar is not None:
+                    for sample in samples:
+                        sample.matcher = self.grammars().matcher(r.params.grammar)
+                self.active[r.id] = samples
+                self.prefilling.append(samples[0])
 
     def _prefill_chunk(self, events: list[TokenEvent]) -> None:
         """The next chunk of the first waiting prompt; its last chunk draws the request's first token."""
@@ -229,19 +261,52 @@ class RankEngine:
         seq = self.prefilling[0]
         prompt = seq.request.prompt_ids
         start, end = seq.prefilled, min(len(prompt), seq.prefilled + self.prefill_chunk)
+        params = seq.request.params
         tokens = torch.tensor([prompt[start:end]], device=self.device)
         positions = torch.arange(start, end, device=self.device).view(1, -1)
-        logits = self.model.forward(tokens, positions, torch.tensor([seq.slot], device=self.device), span=end)
+        slots = torch.tensor([seq.slot], device=self.device)
+        echo = params.prompt_logprobs is not None
+        logits = self.model.forward(tokens, positions, slots, span=end, every=echo)
+        if echo:
+            scored = min(end, len(prompt) - 1) - start  # positions whose next token is a prompt token
+            if scored > 0:
+                following = torch.tensor(prompt[start + 1 : start + 1 + scored])
+                lp = self.sampler.prompt_logprobs(logits[0, :scored], following)
+                events.append(TokenEvent(seq.request.id, None, prompt_logprobs=[
+                    lp.rows(t, params.prompt_logprobs) for t in range(scored)]))
+            logits = logits[:, -1]
         seq.prefilled = end
         if end < len(prompt):
             return
         self.prefilling.popleft()
-        token = self.sampler.sample(logits, [seq.request.params], [0], [torch.tensor(prompt)])[0]
-        if self._accept(seq, token, events):
-            self.decoding.append(seq)
-            self.stale = True
+        samples = [seq] + [s for s in seq.forks if not s.finished]
+        for fork in samples[1:]:
+            self.model.copy_slot(seq.slot, fork.slot, len(prompt))
+        seq.forks = []
+        history = torch.tensor(prompt)
+        draw = self.sampler.draw_exact(logits.expand(len(samples), -1), [s.request.params for s in samples],
+                                       [0] * len(samples), [history] * len(samples), params.logprobs is not None,
+                                       self._masks(samples))
+        tokens = draw.tokens.tolist()
+        for b, sample in enumerate(samples):
+            if self._accept(sample, tokens[b], events, _row_logprobs(draw.logprobs, b, params)):
+                self.decoding.append(sample)
+                self.stale = True
+
+    def grammars(self) -> Grammars:
+        if self._grammars is None:
+            if self._make_grammars is None:
+                raise RuntimeError("a constrained request reached a rank without the model's tokenizer")
+            self._grammars = self._make_grammars()
+        return self._grammars
+
+    def _masks(self, seqs: list[_Sequence]) -> dict[int, torch.Tensor]:
+        """The grammar masks of the constrained ones among `seqs`, by row."""
+        return {b: self.grammars().allowed(s.matcher) for b, s in enumerate(seqs) if s.matcher is not None}
 
     def _enqueue(self) -> None:
+        if self.batch.constrained:  # every token of the batch is read: the matchers are up to date
+            self.batch.allow(self._masks(self.decoding))
         step, _ = self.batch.step(list(self.decoding))
         self.in_flight.append(step)
 
@@ -250,14 +315,14 @@ class RankEngine:
             self._read(self.in_flight.popleft(), events)
 
     def _read(self, step: Pending, events: list[TokenEvent]) -> None:
-        tokens, exact, news = step.read()
+        tokens, exact, news, lp = step.read()
         self.news = max(self.news, news)
         if not all(exact):
             self._redraw(step, events)
             return
-        for seq, token in zip(step.rows, tokens):
+        for b, (seq, token) in enumerate(zip(step.rows, tokens)):
             if not seq.finished:
-                self._accept(seq, token, events)
+                self._accept(seq, token, events, _row_logprobs(lp, b, seq.request.params))
 
     def _redraw(self, step: Pending, events: list[TokenEvent]) -> None:
         """Step N left rows inexact: forget step N+1 (it ran on their provisional tokens), run step N again from
@@ -270,34 +335,56 @@ class RankEngine:
         if not live:
             return
         self.batch.load(live)
+        self.batch.allow(self._masks(live))
         again, logits = self.batch.step(live)
-        tokens, exact, _ = again.read()
+        tokens, exact, _, lp = again.read()
         for i, (seq, token) in enumerate(zip(live, tokens)):
+            params = seq.request.params
+            row = _row_logprobs(lp, i, params)
             if not exact[i]:
                 history = torch.tensor(seq.tokens)
-                token = self.sampler.sample(logits[i : i + 1], [seq.request.params], [seq.generated], [history])[0]
-            self._accept(seq, token, events)
+                draw = self.sampler.draw_exact(logits[i : i + 1], [params], [seq.generated], [history],
+                                               params.logprobs is not None, self._masks([seq]))
+                token, row = int(draw.tokens[0]), _row_logprobs(draw.logprobs, 0, params)
+            self._accept(seq, token, events, row)
 
-    def _accept(self, seq: _Sequence, token: int, events: list[TokenEvent]) -> bool:
-        """Take a sampled token; returns whether the request goes on."""
+    def _accept(self, seq: _Sequence, token: int, events: list[TokenEvent],
+                logprobs: tuple[float, list[tuple[int, float]]] | None = None) -> bool:
+        """Take a sampled token (with its log-probabilities where asked); returns whether the request goes on."""
         seq.tokens.append(token)
         seq.generated += 1
-        if token in seq.request.stop_ids:
-            self._finish(seq, "stop", events, token)
+        refused = seq.matcher is not None and not seq.matcher.consume_token(token)  # the mask allowed it: never
+        if token in seq.request.stop_ids or refused:
+            self._finish(seq, "stop", events, token, logprobs)
         elif seq.generated == seq.request.params.max_tokens or len(seq.tokens) >= self.model.max_context:
-            self._finish(seq, "length", events, token)
+            self._finish(seq, "length", events, token, logprobs)
         else:
-            events.append(TokenEvent(seq.request.id, token))
+            events.append(_token_event(seq, token, None, logprobs))
             return True
         return False
 
-    def _finish(self, seq: _Sequence, reason: str, events: list[TokenEvent], token: int | None = None) -> None:
+    def _finish(self, seq: _Sequence, reason: str, events: list[TokenEvent], token: int | None = None,
+                logprobs: tuple[float, list[tuple[int, float]]] | None = None) -> None:
         seq.finished = True
-        del self.active[seq.request.id]
+        samples = self.active[seq.request.id]
+        samples.remove(seq)
+        if not samples:
+            del self.active[seq.request.id]
         self.free_slots.append(seq.slot)
         if seq in self.prefilling:
             self.prefilling.remove(seq)
         if seq in self.decoding:
             self.decoding.remove(seq)
             self.stale = True
-        events.append(TokenEvent(seq.request.id, token, reason))
+        events.append(_token_event(seq, token, reason, logprobs))
+
+
+def _row_logprobs(lp: Logprobs | None, b: int, params: SamplingParams) -> tuple[float, list[tuple[int, float]]] | None:
+    """Row b's (log-probability, top N) where its request asks for them."""
+    return None if lp is None or params.logprobs is None else lp.rows(b, params.logprobs)
+
+
+def _token_event(seq: _Sequence, token: int | None, finish: str | None,
+                 logprobs: tuple[float, list[tuple[int, float]]] | None) -> TokenEvent:
+    lp = {} if logprobs is None else {"logprob": logprobs[0], "top_logprobs": logprobs[1]}
+    return TokenEvent(seq.request.id, token, finish, index=seq.index, **lp)

@@ -18,8 +18,9 @@ STOP_MAX_CHARS = 256  # per stop string: text is held back while it might be the
 
 
 def check_request(prompt_ids: Sequence[int], params: SamplingParams, stop: Sequence[str], vocab_size: int,
-                  max_context: int) -> None:
-    """Raise RequestError unless the prompt, sampling and stop strings fit this model and its context."""
+                  max_context: int, max_batch: int | None = None) -> None:
+    """Raise RequestError unless the prompt, sampling and stop strings fit this model and its context (and n
+    samples the `max_batch` cache slots)."""
     if not prompt_ids:
         raise RequestError("the prompt is empty", param="prompt")
     bad = next((i for i, t in enumerate(prompt_ids) if not 0 <= t < vocab_size), None)
@@ -36,6 +37,9 @@ def check_request(prompt_ids: Sequence[int], params: SamplingParams, stop: Seque
                            f"{len(prompt_ids)} and max_tokens asks for {params.max_tokens} more: lower max_tokens "
                            f"to at most {room}", param="max_tokens", code="context_length_exceeded")
     check_sampling(params, vocab_size)
+    if max_batch is not None and params.n > max_batch:
+        raise RequestError(f"n asks for {params.n} samples, but they decode side by side and the server holds "
+                           f"{max_batch} sequences at once (--max-batch); lower n to at most {max_batch}", param="n")
     if len(stop) > STOP_MAX_COUNT:
         raise RequestError(f"stop takes at most {STOP_MAX_COUNT} strings, got {len(stop)}", param="stop")
     long = next((s for s in stop if len(s) > STOP_MAX_CHARS), None)

@@ -25,17 +25,26 @@ import socket
 import time
 import uuid
 from contextlib import aclosing
-from typing import Annotated, Literal
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator,
                       model_validator)
 
+from raytp.runtime.constraints import json_schema_grammar
 from raytp.runtime.errors import BusyError, RequestError, UnavailableError, error_summary
 from raytp.runtime.requests import STOP_MAX_CHARS, STOP_MAX_COUNT, check_text
+from raytp.runtime.sampling import (
+    REPETITION_PENALTY_MAX,
+    SEED_MAX,
+    SEED_MIN,
+    TEMPERATURE_MAX,
+    TOP_LOGPROBS_MAX,
+    SamplingParams,
+)
 from raytp.serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from raytp.runtime.sampling import REPETITION_PENALTY_MAX, SEED_MAX, SEED_MIN, TEMPERATURE_MAX, SamplingParams
 
 log = logging.getLogger("raytp")
 
@@ -44,6 +53,7 @@ SHUTDOWN_GRACE_S = 2.0  # open streams (the web chat keeps one per tab) get this
 # A request's text is bounded by the context it must fit (a token is a few bytes of text, or a few digits as an id):
 # 4 MiB is room for contexts of several hundred thousand tokens, and keeps a hostile body out of memory.
 MAX_BODY_BYTES = 4 << 20
+RESPONSE_FORMATS = ("text", "json_object", "json_schema")  # OpenAI's; the JSON ones constrain decoding
 
 
 class APIError(Exception):
@@ -134,13 +144,22 @@ class _Body(BaseModel):
     repetition_penalty: float = Field(1.0, gt=0, le=REPETITION_PENALTY_MAX, allow_inf_nan=False)
     seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)  # None: every request draws anew, as OpenAI's do
     stop: Annotated[list[Annotated[Text, Field(max_length=STOP_MAX_CHARS)]], Field(max_length=STOP_MAX_COUNT)] = []
-    n: Literal[1] = 1  # one choice per request
-    best_of: Literal[1] = 1
-    logprobs: Literal[False, 0] = False  # not supported
-    echo: Literal[False] = False  # not supported
+    n: int = Field(1, ge=1)  # choices: samples of the prompt, prefilled once; at most --max-batch (checked by submit)
+    best_of: int | None = Field(None, ge=1)  # only as many as n: no extra samples to choose from
     stream: bool = False
     stream_options: StreamOptions = Field(default_factory=StreamOptions)
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever the model says (benchmarks, tests)
+    # Declared so that what raytp does not do with them is refused (`unsupported`), never silently ignored: a
+    # client relying on one would take an unconstrained answer for a constrained one. JSON response formats are
+    # followed (`grammar`).
+    response_format: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    logit_bias: Any = None
+    presence_penalty: float = Field(0.0, ge=-2, le=2, allow_inf_nan=False)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2, allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod
@@ -153,16 +172,100 @@ class _Body(BaseModel):
     def _one_stop(cls, stop):
         return [stop] if isinstance(stop, str) else stop
 
+    def unsupported(self) -> tuple[str, str] | None:
+        """(field, why) of the first field asking for what raytp does not do, or None."""
+        if self.best_of not in (None, self.n):
+            return "best_of", (f"best_of {self.best_of} with n {self.n} is not supported: every sample is returned, "
+                               "so best_of may only equal n")
+        kind = self.response_format.get("type") if isinstance(self.response_format, dict) else self.response_format
+        schema = self.response_format.get("json_schema") if isinstance(self.response_format, dict) else None
+        refusals = [self._tool_refusal(),
+            ("response_format", self.response_format is not None and kind not in RESPONSE_FORMATS,
+             f"response_format type {json.dumps(kind)} is not supported; it takes {', '.join(RESPONSE_FORMATS)}"),
+            ("response_format", kind == "json_schema" and not (isinstance(schema, dict)
+                                                               and isinstance(schema.get("schema"), dict)),
+             'response_format json_schema needs {"json_schema": {"name": ..., "schema": {...}}}'),
+            ("functions", bool(self.functions), "functions (tool calls) are not supported"),
+            ("function_call", self.function_call not in (None, "none"), "function_call (tool calls) is not supported"),
+            ("logit_bias", bool(self.logit_bias), "logit_bias is not supported"),
+            ("presence_penalty", self.presence_penalty != 0,
+             "presence_penalty is not supported (0 only); repetition_penalty is"),
+            ("frequency_penalty", self.frequency_penalty != 0,
+             "frequency_penalty is not supported (0 only); repetition_penalty is"),
+        ]
+        return next(((param, why) for param, refused, why in refusals if refused), None)
+
+    def _tool_refusal(self) -> tuple[str, bool, str]:
+        choice = self.tool_choice if self.tool_choice is not None else ("auto" if self.tools else "none")
+        return ("tool_choice", choice != "none",
+                f"tool calls are chat's; send no tools, or tool_choice \"none\" (got {json.dumps(choice)})")
+
+    def top_n(self) -> int | None:
+        """How many top alternatives each answer token's logprobs list; None: no logprobs."""
+        return None
+
+    def prompt_top_n(self) -> int | None:
+        """The same for the prompt's tokens (echo); None: none."""
+        return None
+
     def sampling(self) -> SamplingParams:
         return SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
                               repetition_penalty=self.repetition_penalty,
                               seed=self.seed if self.seed is not None else secrets.randbits(31),
-                              max_tokens=self.max_tokens)
+                              max_tokens=self.max_tokens, logprobs=self.top_n(), n=self.n,
+                              prompt_logprobs=self.prompt_top_n(), grammar=self.grammar())
+
+    def grammar(self) -> str | None:
+        """llguidance's grammar of what the answer must be, None for free text."""
+        return self.grammar_of_format()
+
+    def grammar_of_format(self) -> str | None:
+        """llguidance's grammar for the response_format, None for text."""
+        kind = self.response_format.get("type") if isinstance(self.response_format, dict) else None
+        if kind == "json_object":
+            return json_schema_grammar({"type": "object"})
+        if kind == "json_schema":
+            return json_schema_grammar(self.response_format["json_schema"]["schema"])
+        return None
+
+
+class FunctionSpec(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")  # OpenAI's rule for the name
+    description: str = ""
+    parameters: dict = Field(default_factory=lambda: {"type": "object", "properties": {}})  # a JSON schema
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class FunctionName(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    type: Literal["function"]
+    function: FunctionName
 
 
 class ChatCompletionRequest(_Body):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens
+    logprobs: bool = False  # each answer token's log-probability
+    top_logprobs: int | None = Field(None, ge=0, le=TOP_LOGPROBS_MAX)  # and the top N alternatives (needs logprobs)
+    tools: list[Tool] | None = None
+    # "required" or a named function: the answer is constrained to calls of them; "auto" (the default with tools)
+    # would need each model's own tool-call syntax parsed from free text, and is refused
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
 
     @model_validator(mode="after")
     def _max_tokens(self):
@@ -170,10 +273,71 @@ class ChatCompletionRequest(_Body):
             self.max_tokens = self.max_completion_tokens
         return self
 
+    def unsupported(self) -> tuple[str, str] | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            return "top_logprobs", "top_logprobs needs logprobs: true"
+        return super().unsupported()
+
+    def top_n(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def _tool_refusal(self) -> tuple[str, bool, str]:
+        choice = self.tool_choice if self.tool_choice is not None else ("auto" if self.tools else "none")
+        names = [t.function.name for t in self.tools or ()]
+        named = choice.function.name if isinstance(choice, NamedToolChoice) else None
+        refusals = [
+            (choice != "none" and not names, f"tool_choice {json.dumps(choice if named is None else named)} needs "
+                                             "tools"),
+            (choice == "auto", 'tool_choice "auto" (the default with tools) is not supported: raytp does not parse '
+                               'free-form tool calls; send tool_choice "required" or name a function'),
+            (named is not None and named not in names, f"tool_choice names {named!r}, which tools do not define"),
+            (self.calls() is not None and self.grammar_of_format() is not None,
+             "tool_choice forces a tool call, which cannot also follow response_format"),
+        ]
+        return next((("tool_choice", True, why) for refused, why in refusals if refused), ("tool_choice", False, ""))
+
+    def calls(self) -> list[Tool] | None:
+        """The tools the answer must call (tool_choice "required" or a named one), or None: a text answer."""
+        if self.tool_choice == "required":
+            return self.tools
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return [t for t in self.tools or () if t.function.name == self.tool_choice.function.name]
+        return None
+
+    def grammar(self) -> str | None:
+        """A forced tool call's grammar: one call of the named function, or a list of calls of the tools."""
+        tools = self.calls()
+        if tools is None:
+            return super().grammar()
+        calls = [{"type": "object", "properties": {"name": {"enum": [t.function.name]},
+                                                   "arguments": t.function.parameters},
+                  "required": ["name", "arguments"], "additionalProperties": False} for t in tools]
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return json_schema_grammar(calls[0])
+        return json_schema_grammar({"type": "array", "minItems": 1, "items": {"anyOf": calls}})
+
+    def template_tools(self) -> list[dict] | None:
+        """The tools as the chat template takes them, when the answer may call them."""
+        return None if self.calls() is None else [t.model_dump() for t in self.tools]
+
 
 class CompletionRequest(_Body):
     # a string or token ids; a list holding one of those (a batch of one) is taken too
     prompt: Text | Annotated[list[int], Field(min_length=1)]
+    logprobs: int | None = Field(None, ge=0, le=TOP_LOGPROBS_MAX)  # each token's log-probability and the top N
+    echo: bool = False  # the prompt comes back before the answer (with its logprobs, when logprobs is set)
+    suffix: Text | None = None  # refused: no insertion
+
+    def unsupported(self) -> tuple[str, str] | None:
+        if self.suffix:
+            return "suffix", "suffix (text insertion) is not supported"
+        return super().unsupported()
+
+    def top_n(self) -> int | None:
+        return self.logprobs
+
+    def prompt_top_n(self) -> int | None:
+        return self.logprobs if self.echo else None
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -237,6 +401,9 @@ def parse_completion(body, chat: bool, model_id: str) -> ChatCompletionRequest |
     if req.model != model_id:
         raise APIError(404, f"The model {req.model!r} does not exist; this server serves {model_id!r}",
                        param="model", code="model_not_found")
+    refused = req.unsupported()
+    if refused is not None:
+        raise APIError(400, refused[1], param=refused[0], code="unsupported")
     return req
 
 
@@ -247,25 +414,54 @@ def _request_error(e: RequestError, chat: bool) -> APIError:
 
 # ---- running a request -------------------------------------------------------------------------------------
 
-async def run_completion(driver, req: ChatCompletionRequest | CompletionRequest):
-    """Yield the answer's text pieces, then one final dict {finish_reason, prompt_tokens, completion_tokens}.
+@dataclass
+class Piece:
+    """A piece of an answer's text and, where asked, the log-probabilities of the tokens that made it."""
 
-    Tokenizes the prompt once, here; the driver's `submit` checks it against the model. Closing this generator
-    (or cancelling its consumer) closes the driver's stream, which cancels the request."""
+    text: str
+    logprobs: list[TokenLogprob] | None = None
+    index: int = 0  # the choice (sample) it belongs to
+
+
+# (token id, its log-probability or None for a prompt's first token, its top alternatives [(id, logprob)] or None)
+TokenLogprob = tuple[int, float | None, list[tuple[int, float]] | None]
+
+
+async def run_completion(driver, req: ChatCompletionRequest | CompletionRequest):
+    """Yield the answer as Pieces, then one final dict {finish_reasons (one per choice), prompt_tokens,
+    completion_tokens}.
+
+    Tokenizes the prompt once, here; the driver's `submit` checks it against the model. With echo each choice's
+    first piece is the prompt (its tokens' logprobs too, with logprobs). Closing this generator (or cancelling its
+    consumer) closes the driver's stream, which cancels the request."""
     if isinstance(req, ChatCompletionRequest):
-        prompt_ids = await driver.encode(messages=[m.as_template_input() for m in req.messages])
+        prompt_ids = await driver.encode(messages=[m.as_template_input() for m in req.messages],
+                                         tools=req.template_tools())
     else:
         prompt_ids = req.prompt if isinstance(req.prompt, list) else await driver.encode(prompt=req.prompt)
     if why := driver.unavailable():  # a client retries a 503 on its own; it would only wait out a rebuild here
         raise UnavailableError(why)
-    async with aclosing(driver.submit(prompt_ids, req.sampling(), req.stop, req.ignore_eos)) as pieces:
+    params = req.sampling()
+    echo = isinstance(req, CompletionRequest) and req.echo
+    scored: list[TokenLogprob] = [(t, None, None) for t in prompt_ids[:1]]  # the first prompt token has no logprob
+    async with aclosing(driver.submit(prompt_ids, params, req.stop, req.ignore_eos)) as pieces:
         async for item in pieces:
+            if "prompt_logprobs" in item:
+                scored += [(t, lp, top) for t, (lp, top) in zip(prompt_ids[len(scored):], item["prompt_logprobs"])]
+                continue
+            if echo:  # before the first token or the end, whichever comes first
+                echo = False
+                text = req.prompt if isinstance(req.prompt, str) else driver.decode(prompt_ids)
+                for index in range(params.n):
+                    yield Piece(text, scored if params.prompt_logprobs is not None else None, index)
             if "finish" in item:
-                yield {"finish_reason": "length" if item["finish"] == "length" else "stop",
+                yield {"finish_reasons": ["length" if f == "length" else "stop" for f in item["finishes"]],
                        "prompt_tokens": item["prompt_tokens"], "completion_tokens": item["generated_tokens"]}
                 return
-            if item["text"]:
-                yield item["text"]
+            if "logprob" in item:
+                yield Piece(item["text"], [(item["token_id"], item["logprob"], item["top_logprobs"])], item["index"])
+            elif item["text"]:
+                yield Piece(item["text"], index=item["index"])
 
 
 async def _until_disconnected(request: Request) -> None:
@@ -303,30 +499,74 @@ def _sse(obj) -> str:
 
 
 class _Answer:
-    """The response objects of one request, in OpenAI's chat or text-completion shape."""
+    """The response objects of one request, in OpenAI's chat or text-completion shape. `strings(ids)` gives each
+    token's own text, as logprobs show tokens."""
 
-    def __init__(self, chat: bool, model_id: str):
-        self.chat, self.model = chat, model_id
+    def __init__(self, chat: bool, model_id: str, strings, calls: str | None = None):
+        self.chat, self.model, self.strings = chat, model_id, strings
+        self.calls = calls  # a forced tool call: the answer is "one" call's JSON or a "list" of calls
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
+        self.offsets: dict[int, int] = {}  # text completions: each choice's next text_offset, across a stream
 
     def _envelope(self, object_: str, choices: list, **extra) -> dict:
         return {"id": self.id, "object": object_, "created": self.created, "model": self.model,
                 "choices": choices, **extra}
 
-    def whole(self, text: str, final: dict) -> dict:
-        choice = {"index": 0, "logprobs": None, "finish_reason": final["finish_reason"]}
+    def logprobs(self, scored: list[TokenLogprob] | None, index: int = 0) -> dict | None:
+        """OpenAI's logprobs object of these tokens: chat's `content` list, or the legacy parallel lists."""
+        if scored is None:
+            return None
+        ids = sorted({t for t, _, _ in scored} | {i for _, _, top in scored for i, _ in top or ()})
+        text = dict(zip(ids, self.strings(ids)))
         if self.chat:
-            choice["message"] = {"role": "assistant", "content": text}
-            return self._envelope("chat.completion", [choice], usage=_usage(final))
-        return self._envelope("text_completion", [{"text": text, **choice}], usage=_usage(final))
+            def entry(t: int, lp: float) -> dict:
+                return {"token": text[t], "logprob": lp, "bytes": list(text[t].encode())}
+            return {"content": [entry(t, lp) | {"top_logprobs": [entry(i, v) for i, v in top]}
+                                for t, lp, top in scored], "refusal": None}
+        offsets = []
+        for t, _, _ in scored:
+            offsets.append(self.offsets.get(index, 0))
+            self.offsets[index] = offsets[-1] + len(text[t])
+        return {"tokens": [text[t] for t, _, _ in scored], "token_logprobs": [lp for _, lp, _ in scored],
+                "top_logprobs": [None if top is None else {text[i]: v for i, v in top} for _, _, top in scored],
+                "text_offset": offsets}
 
-    def chunk(self, text: str | None, finish_reason: str | None = None, role: bool = False, **extra) -> dict:
+    def whole(self, texts: list[str], final: dict, scored: list[list[TokenLogprob] | None]) -> dict:
+        """The whole answer: each choice's text and scored tokens."""
+        choices = []
+        for i, (text, finish) in enumerate(zip(texts, final["finish_reasons"])):
+            choice = {"index": i, "logprobs": self.logprobs(scored[i], i), "finish_reason": finish}
+            calls = self.tool_calls(text, finish)
+            if calls is not None:
+                message = {"role": "assistant", "content": None, "tool_calls": calls}
+                choices.append(choice | {"finish_reason": "tool_calls", "message": message})
+            elif self.chat:
+                choices.append(choice | {"message": {"role": "assistant", "content": text}})
+            else:
+                choices.append({"text": text, **choice})
+        return self._envelope("chat.completion" if self.chat else "text_completion", choices, usage=_usage(final))
+
+    def tool_calls(self, text: str, finish: str) -> list[dict] | None:
+        """OpenAI's tool_calls of a forced call's answer; None if there is none (or max_tokens cut it short)."""
+        if self.calls is None or finish != "stop":
+            return None
+        value = json.loads(text)  # the grammar made it JSON, and the model ended it
+        return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                 "function": {"name": call["name"], "arguments": json.dumps(call["arguments"], ensure_ascii=False)}}
+                for call in ([value] if self.calls == "one" else value)]
+
+    def chunk(self, text: str | None, finish_reason: str | None = None, role: bool = False,
+              scored: list[TokenLogprob] | None = None, index: int = 0, tool_calls: list[dict] | None = None,
+              **extra) -> dict:
+        logprobs = self.logprobs(scored, index)
         if self.chat:
             delta = ({"role": "assistant"} if role else {}) | ({"content": text} if text is not None else {})
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            if tool_calls is not None:
+                delta["tool_calls"] = [{"index": k, **call} for k, call in enumerate(tool_calls)]
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
             return self._envelope("chat.completion.chunk", [choice], **extra)
-        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
         return self._envelope("text_completion", [choice], **extra)
 
     def usage_chunk(self, final: dict) -> dict:
@@ -353,7 +593,9 @@ async def _complete(request: Request, driver, model_id: str, chat: bool) -> Resp
         return APIError(400, "the request body nests arrays or objects too deeply (a request needs a few levels)"
                         ).response()
     req = parse_completion(body, chat, model_id)
-    answer = _Answer(chat, model_id)
+    calls = req.calls() if chat else None
+    mode = None if calls is None else "one" if isinstance(req.tool_choice, NamedToolChoice) else "list"
+    answer = _Answer(chat, model_id, driver.token_strings, mode)
     pieces = run_completion(driver, req)
     try:
         # Wait for the first piece before answering 200: a full server or a bad request still gets its status.
@@ -365,39 +607,48 @@ async def _complete(request: Request, driver, model_id: str, chat: bool) -> Resp
         await pieces.aclose()
         return _api_error(e, chat).response(answer.id)
     if req.stream:
-        return StreamingResponse(_stream_body(answer, req.stream_options.include_usage, first, pieces),
+        return StreamingResponse(_stream_body(answer, req.stream_options.include_usage, req.n, first, pieces),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     async def rest():
-        text, item = [], first
-        while isinstance(item, str):
-            text.append(item)
+        texts, item = [[] for _ in range(req.n)], first
+        asked = req.top_n() is not None or req.prompt_top_n() is not None
+        scored = [[] if asked else None for _ in range(req.n)]
+        while isinstance(item, Piece):
+            texts[item.index].append(item.text)
+            if item.logprobs is not None:
+                scored[item.index] += item.logprobs
             item = await anext(pieces)
-        return "".join(text), item
+        return ["".join(t) for t in texts], item, scored
 
     try:
-        text, final = await _unless_disconnected(request, rest())
+        texts, final, scored = await _unless_disconnected(request, rest())
     except asyncio.CancelledError:
         return Response(status_code=499)
     except Exception as e:  # noqa: BLE001
         return _api_error(e, chat).response(answer.id)
     finally:
         await pieces.aclose()
-    return JSONResponse(answer.whole(text, final))
+    return JSONResponse(answer.whole(texts, final, scored))
 
 
-async def _stream_body(answer: _Answer, include_usage: bool, first, pieces):
+async def _stream_body(answer: _Answer, include_usage: bool, n: int, first, pieces):
     """SSE chunks. On a disconnect Starlette cancels this generator mid-await; `aclosing` then closes `pieces`,
     which closes the driver stream and cancels the request."""
     extra = {"usage": None} if include_usage else {}
     async with aclosing(pieces):
         if answer.chat:
-            yield _sse(answer.chunk("", role=True, **extra))
+            for index in range(n):
+                yield _sse(answer.chunk("", role=True, index=index, **extra))
         item = first
+        held = [""] * n  # a forced tool call goes out whole, as tool_calls, once its JSON is complete
         try:
-            while isinstance(item, str):
-                yield _sse(answer.chunk(item, **extra))
+            while isinstance(item, Piece):
+                if answer.calls is None:
+                    yield _sse(answer.chunk(item.text, scored=item.logprobs, index=item.index, **extra))
+                else:
+                    held[item.index] += item.text
                 item = await anext(pieces)
         except Exception as e:  # noqa: BLE001 - after the 200 went out an error can only travel in the stream
             error = _api_error(e, answer.chat)
@@ -405,7 +656,14 @@ async def _stream_body(answer: _Answer, include_usage: bool, first, pieces):
             yield _sse(error.body())
             yield "data: [DONE]\n\n"
             return
-        yield _sse(answer.chunk(None if answer.chat else "", item["finish_reason"], **extra))
+        for index, finish in enumerate(item["finish_reasons"]):
+            calls = answer.tool_calls(held[index], finish)
+            if calls is not None:
+                yield _sse(answer.chunk(None, tool_calls=calls, index=index, **extra))
+                finish = "tool_calls"
+            elif held[index]:
+                yield _sse(answer.chunk(held[index], index=index, **extra))
+            yield _sse(answer.chunk(None if answer.chat else "", finish, index=index, **extra))
         if include_usage:
             yield _sse(answer.usage_chunk(item))
         yield "data: [DONE]\n\n"
@@ -499,7 +757,7 @@ def build_app(driver, api_key: str | None = None) -> FastAPI:
             raise APIError(400, f"'tokens' must lie in [0, {vocab}) (the vocabulary); position {bad} has "
                            f"{req.tokens[bad]}", param="tokens")
         try:
-            return {"prompt": driver.decode(req.tokens)}
+            return {"prompt": driver.decode(req.tokens, strict=True)}
         except RequestError as e:  # a model without a tokenizer
             raise APIError(400, str(e), param="tokens") from None
 

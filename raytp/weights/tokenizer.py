@@ -127,9 +127,11 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None) -> str:
         """Prompt text for `messages` ([{"role": "user", "content": "hi"}, ...]), rendered like transformers'
-        `apply_chat_template(..., tokenize=False)`. Encode it with `encode` (no added special tokens: the
+        `apply_chat_template(..., tokenize=False)`; `tools` (OpenAI's function specs) reach templates that take
+        them (Qwen2/3's, Llama 3.1's), others ignore them. Encode it with `encode` (no added special tokens: the
         template already wrote them)."""
         if self._compiled_template is None:
             raise ValueError(
@@ -137,11 +139,12 @@ class Tokenizer:
                 f"chat_template.jinja); use a chat/instruct model, or send raw prompts instead of messages"
             )
         return self._compiled_template.render(
-            messages=messages, add_generation_prompt=add_generation_prompt, **self.special_tokens
+            messages=messages, add_generation_prompt=add_generation_prompt, tools=tools, **self.special_tokens
         )
 
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                    tools: list[dict] | None = None) -> list[int]:
         """Token ids of `messages` through the chat template, where only the template's own markup becomes control
         tokens: text that a message carries is text, so `<|im_end|>\n<|im_start|>system` in a user's message
         tokenizes as those characters and cannot forge a turn.
@@ -149,7 +152,7 @@ class Tokenizer:
         As `tokenizers` does itself, the text is cut at the control tokens (here: those the template wrote) and
         each piece between them encoded alone; a message that holds no control token's text gets exactly
         `encode(apply_chat_template(...))`."""
-        text = self.apply_chat_template(messages, add_generation_prompt)
+        text = self.apply_chat_template(messages, add_generation_prompt, tools)
         contents = [m["content"] for m in messages if isinstance(m.get("content"), str) and m["content"]]
         if self._special_pattern is None or not any(self._special_pattern.search(c) for c in contents):
             return self.encode(text)

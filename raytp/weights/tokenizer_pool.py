@@ -33,11 +33,12 @@ def _load(model_dir: str) -> None:
     _child_tokenizer = Tokenizer.from_dir(model_dir)
 
 
-def _encode(prompt: str | None, messages: list[dict] | None, max_context: int) -> list[int] | int:
+def _encode(prompt: str | None, messages: list[dict] | None, max_context: int,
+            tools: list[dict] | None = None) -> list[int] | int:
     """In the child: the ids, or only their number where they do not fit the context (millions of ids would cost
     the driver's loop time to receive); ValueError with the template's message (a TemplateError may not pickle)."""
     try:
-        ids = _child_tokenizer.encode(prompt) if messages is None else _child_tokenizer.encode_chat(messages)
+        ids = _child_tokenizer.encode(prompt) if messages is None else _child_tokenizer.encode_chat(messages, tools=tools)
     except jinja2.TemplateError as e:  # the template's own raise_exception: roles that must alternate...
         raise ValueError(f"the model's chat template refused the messages: {e}") from None
     return ids if len(ids) < max_context else len(ids)
@@ -64,17 +65,19 @@ class TokenizerPool:
                               f"context of {self.max_context} tokens (--max-context; no token is longer than "
                               f"{self.max_chars // self.max_context} characters): shorten it")
 
-    async def encode(self, prompt: str | None = None, messages: list[dict] | None = None) -> list[int]:
-        """The ids of `prompt`, or of `messages` through the chat template (Tokenizer.encode_chat), computed in a
+    async def encode(self, prompt: str | None = None, messages: list[dict] | None = None,
+                     tools: list[dict] | None = None) -> list[int]:
+        """The ids of `prompt`, or of `messages` (and the `tools` offered) through the chat template
+        (Tokenizer.encode_chat), computed in a
         child process; TextTooLong past the character bound or the context, ValueError from the template."""
         texts = [prompt] if messages is None else [m.get("content") or "" for m in messages]
         self.check_length(sum(len(t) for t in texts if isinstance(t, str)))
         try:
-            ids = await asyncio.wrap_future(self._pool.submit(_encode, prompt, messages, self.max_context))
+            ids = await asyncio.wrap_future(self._pool.submit(_encode, prompt, messages, self.max_context, tools))
         except concurrent.futures.BrokenExecutor:  # a child died (killed, out of memory): start afresh once
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = self._start()
-            ids = await asyncio.wrap_future(self._pool.submit(_encode, prompt, messages, self.max_context))
+            ids = await asyncio.wrap_future(self._pool.submit(_encode, prompt, messages, self.max_context, tools))
         if isinstance(ids, int):
             raise TextTooLong(f"the prompt has {ids} tokens but the context holds {self.max_context} (--max-context); "
                               "shorten the prompt or raise --max-context")

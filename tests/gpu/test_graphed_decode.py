@@ -1,5 +1,8 @@
 """The device-resident decode loop replayed from CUDA graphs gives the tokens of the eager loop (GPU host only),
-for greedy, temperature, top-p and top-k with repetition penalty, in batch buckets 4, 2 and 1."""
+for greedy, temperature, top-p and top-k with repetition penalty, in batch buckets 4, 2 and 1; and the same
+log-probabilities."""
+
+import dataclasses
 
 import pytest
 import torch
@@ -21,8 +24,9 @@ PARAMS = [SamplingParams(max_tokens=20), SamplingParams(temperature=0.8, seed=3,
           SamplingParams(temperature=0.7, top_k=20, repetition_penalty=1.3, seed=5, max_tokens=29)]
 
 
-def generate(graphed: bool, backend: str, kv_dtype: str = "auto",
-             model: str = "synthetic:tiny") -> dict[str, list[int]]:
+def generate(graphed: bool, backend: str, kv_dtype: str = "auto", model: str = "synthetic:tiny",
+             params: list[SamplingParams] = PARAMS, logprobs: dict | None = None) -> dict[str, list[int]]:
+    """The tokens of PROMPTS drawn with `params`; each token's (log-probability, top) go to `logprobs` if given."""
     source = ModelSource.parse(model)
     config = source.config()
     device = torch.device("cuda")
@@ -42,14 +46,16 @@ def generate(graphed: bool, backend: str, kv_dtype: str = "auto",
         for e in events:
             if e.token_id is not None:
                 out[e.request_id].append(e.token_id)
-        if sum(map(len, out.values())) == sum(p.max_tokens for p in PARAMS):
+                if logprobs is not None:
+                    logprobs.setdefault(e.request_id, []).append((e.logprob, e.top_logprobs))
+        if sum(map(len, out.values())) == sum(p.max_tokens for p in params):
             engine.inbox.put(Stop())
 
-    for i, (p, params) in enumerate(zip(PROMPTS, PARAMS)):
-        engine.inbox.put(Add(Request(f"r{i}", p, params, [])))
+    for i, (p, row) in enumerate(zip(PROMPTS, params)):
+        engine.inbox.put(Add(Request(f"r{i}", p, row, [])))
     engine.run(emit)
     comm.close()
-    assert all(len(out[f"r{i}"]) == p.max_tokens for i, p in enumerate(PARAMS))
+    assert all(len(out[f"r{i}"]) == p.max_tokens for i, p in enumerate(params))
     return out
 
 
@@ -61,3 +67,22 @@ def test_forward_graphs_match_eager_steps():
 def test_whole_step_graphs_match_eager_steps():
     """NCCL: the sampler's exchange is captured too, so one replay is the whole step."""
     assert generate(True, "nccl") == generate(False, "nccl")
+
+
+@pytest.mark.parametrize("backend", ["hoststaged", "nccl"])
+def test_logprobs_in_graphs_match_eager_steps(backend):
+    """Rows asking for logprobs next to rows that do not: the logprob variant of the graphs gives the eager
+    tokens and log-probabilities (fixed TOP_LOGPROBS_MAX buffers, whatever N a row wants)."""
+    params = [dataclasses.replace(p, logprobs=n) for p, n in zip(PARAMS, [5, None, 20, 0])]
+    graphed, eager = {}, {}
+    assert generate(True, backend, params=params, logprobs=graphed) == generate(False, backend, params=params,
+                                                                                logprobs=eager)
+    assert graphed.keys() == eager.keys() == {"r0", "r1", "r2", "r3"}
+    for rid in graphed:
+        for (chosen, top), (want, want_top) in zip(graphed[rid], eager[rid]):
+            if want is None:  # r1 did not ask
+                assert chosen is None and top is None
+                continue
+            assert chosen == pytest.approx(want, abs=1e-4)
+            assert [i for i, _ in top] == [i for i, _ in want_top]
+            assert [v for _, v in top] == pytest.approx([v for _, v in want_top], abs=1e-4)

@@ -1,0 +1,322 @@
+"""Logprobs, echo and n through `raytp serve` (SmolLM2, float32) at 1 and 3 uneven CPU ranks, against references
+nobody here wrote: lm-evaluation-harness as the client (its `local-completions` model, which scores multiple choice
+with `echo: true, logprobs: 1, max_tokens: 1`) must give the per-choice loglikelihoods and the accuracy of its own
+`hf` backend on the same weights; the logprobs of /v1/completions and /v1/chat/completions (the official openai
+client, streamed and not) must be transformers' log-softmax; n seeded samples are the single requests with the
+samples' seeds."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import jsonschema
+import openai
+import pytest
+import torch
+import transformers
+
+from raytp.runtime.sampling import sample_seed
+from raytp.weights.tokenizer import Tokenizer
+from tests.util import serve_process
+
+pytestmark = pytest.mark.slow
+
+TASK = "raytp_multiple_choice"
+TASK_DATA = Path(__file__).parent / "data" / "multiple_choice.jsonl"
+# lm-eval's task config; the data file's path is filled in (a JSONL of question, choices, answer index)
+TASK_YAML = """task: {task}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_choice: choices
+doc_to_target: answer
+metric_list:
+  - metric: acc
+"""
+
+
+@pytest.fixture(scope="module", params=["cpu", "cpu@2GiB,cpu@1GiB,cpu@1GiB"], ids=["1-rank", "3-uneven-ranks"])
+def server(request, tmp_path_factory, smollm2_dir):
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    with serve_process(log, "--model", "smollm2", "--devices", request.param, "--dtype", "float32") as (_, url):
+        yield url
+
+
+@pytest.fixture(scope="module")
+def model(smollm2_dir):
+    return transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2_dir):
+    return Tokenizer.from_dir(smollm2_dir)
+
+
+def log_softmax(model, ids: list[int]) -> torch.Tensor:
+    """(len(ids), vocab) float64: transformers' next-token log-probabilities at each position."""
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), dim=-1)
+
+
+# ---- lm-evaluation-harness ----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def task_manager(tmp_path_factory, offline):
+    from lm_eval.tasks import TaskManager
+
+    folder = tmp_path_factory.mktemp("lm-eval-tasks")
+    (folder / f"{TASK}.yaml").write_text(TASK_YAML.format(task=TASK, data=TASK_DATA.resolve()))
+    return TaskManager(include_path=str(folder))
+
+
+def evaluate(task_manager, model: str, model_args: dict) -> tuple[float, list[list[tuple[float, bool]]]]:
+    """(accuracy, per document the (loglikelihood, is_greedy) of each choice) as lm-eval scores them."""
+    import lm_eval
+
+    results = lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=[TASK], task_manager=task_manager,
+                                      log_samples=True, batch_size=1)
+    samples = sorted(results["samples"][TASK], key=lambda s: s["doc_id"])
+    return results["results"][TASK]["acc,none"], [[tuple(r) for r in s["filtered_resps"]] for s in samples]
+
+
+@pytest.fixture(scope="module")
+def offline():
+    with pytest.MonkeyPatch.context() as mp:  # the task's data and the weights are local files: no hub look-ups
+        mp.setenv("HF_DATASETS_OFFLINE", "1")
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        yield
+
+
+@pytest.fixture(scope="module")
+def hf_scores(task_manager, smollm2_dir):
+    return evaluate(task_manager, "hf", {"pretrained": str(smollm2_dir), "dtype": "float32", "device": "cpu"})
+
+
+def test_lm_eval_through_the_server_scores_as_its_hf_backend(server, task_manager, smollm2_dir, hf_scores):
+    accuracy, scores = evaluate(task_manager, "local-completions", {
+        "model": "smollm2", "base_url": f"{server}/v1/completions", "tokenizer": str(smollm2_dir),
+        "tokenizer_backend": "huggingface", "max_retries": 1})
+    want_accuracy, want = hf_scores
+    assert len(scores) == len(want) == sum(1 for _ in TASK_DATA.open())
+    for doc, (ours, theirs) in enumerate(zip(scores, want)):
+        assert [ll for ll, _ in ours] == pytest.approx([ll for ll, _ in theirs], abs=1e-3), doc
+        assert [greedy for _, greedy in ours] == [greedy for _, greedy in theirs], doc
+    assert accuracy == want_accuracy
+
+
+# ---- /v1/completions ----------------------------------------------------------------------------------------
+
+def completion(server: str, body: dict) -> dict:
+    response = httpx.post(f"{server}/v1/completions", json={"model": "smollm2", **body}, timeout=120)
+    assert response.status_code == 200, response.text
+    return response.json()["choices"][0]
+
+
+@pytest.mark.parametrize("sampling", [{"temperature": 0}, {"temperature": 0.7, "seed": 5}], ids=["greedy", "t0.7"])
+def test_completion_logprobs_with_echo_are_transformers_log_softmax(server, model, tokenizer, sampling):
+    prompt = "The three primary colors are"
+    ids = tokenizer.encode(prompt)
+    choice = completion(server, {"prompt": prompt, "max_tokens": 6, "logprobs": 4, "echo": True, **sampling})
+    lp = choice["logprobs"]
+    assert choice["text"].startswith(prompt)
+    tokens = lp["tokens"]
+    assert len(tokens) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(lp["text_offset"])
+    assert "".join(tokens) == choice["text"]  # SmolLM2's byte-level tokens spell the text
+    assert lp["text_offset"] == [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+    # the generated ids: the prompt's are known; each generated token's string spells one id only
+    strings = [tokenizer.decode([i], skip_special_tokens=False) for i in range(tokenizer.vocab_size)]
+    unique = Counter(strings)
+    vocab = {text: i for i, text in enumerate(strings) if unique[text] == 1}
+    all_ids = ids + [vocab[t] for t in tokens[len(ids):]]
+    assert tokens[: len(ids)] == [tokenizer.decode([i], skip_special_tokens=False) for i in ids]
+    temperature = sampling["temperature"] or 1.0  # greedy: the unscaled distribution
+    with torch.no_grad():
+        logits = model(torch.tensor([all_ids])).logits[0].double()
+    want = torch.log_softmax(logits, dim=-1)
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    for t in range(1, len(all_ids)):
+        dist = want[t - 1] if t < len(ids) else torch.log_softmax(logits[t - 1] / temperature, dim=-1)
+        assert lp["token_logprobs"][t] == pytest.approx(dist[all_ids[t]].item(), abs=1e-4), t
+        values, top_ids = dist.topk(4)
+        top = lp["top_logprobs"][t]
+        assert sorted(top.values(), reverse=True) == pytest.approx(values.tolist(), abs=1e-4), t
+        assert set(top) == {tokenizer.decode([i], skip_special_tokens=False) for i in top_ids.tolist()}, t
+
+
+def test_streamed_completion_logprobs_equal_the_whole_answer(server):
+    body = {"prompt": "Once upon a time", "max_tokens": 8, "logprobs": 2, "temperature": 0}
+    whole = completion(server, body)["logprobs"]
+    chunks = []
+    with httpx.stream("POST", f"{server}/v1/completions", json={"model": "smollm2", "stream": True, **body},
+                      timeout=120) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                chunks.append(json.loads(line[6:])["choices"])
+    streamed = [c[0]["logprobs"] for c in chunks if c and c[0]["logprobs"]]
+    for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+        assert [x for lp in streamed for x in lp[key]] == whole[key], key
+
+
+# ---- /v1/chat/completions -----------------------------------------------------------------------------------
+
+def test_chat_logprobs_are_transformers_log_softmax_streamed_and_not(server, model, tokenizer):
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="none", max_retries=0, timeout=120)
+    messages = [{"role": "user", "content": "Name a fruit."}]
+    kw = {"model": "smollm2", "messages": messages, "max_tokens": 8, "temperature": 0, "logprobs": True,
+          "top_logprobs": 3}
+    answer = client.chat.completions.create(**kw).choices[0]
+    content = answer.logprobs.content
+    streamed = [entry for chunk in client.chat.completions.create(stream=True, **kw)
+                if chunk.choices and chunk.choices[0].logprobs for entry in chunk.choices[0].logprobs.content]
+    assert [e.model_dump() for e in streamed] == [e.model_dump() for e in content]
+    prompt = tokenizer.encode(tokenizer.apply_chat_template(messages))
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False,
+                             eos_token_id=sorted(tokenizer.eos_token_ids))
+    generated = [i for i in out[0, len(prompt):].tolist() if i not in tokenizer.eos_token_ids]
+    want = log_softmax(model, prompt + generated)
+    assert [e.token for e in content] == [tokenizer.decode([i], skip_special_tokens=False) for i in generated]
+    assert "".join(e.token for e in content) == answer.message.content
+    for j, (entry, token) in enumerate(zip(content, generated)):
+        dist = want[len(prompt) + j - 1]
+        assert entry.logprob == pytest.approx(dist[token].item(), abs=1e-4)
+        assert entry.bytes == list(entry.token.encode())
+        values, ids = dist.topk(3)
+        assert [t.logprob for t in entry.top_logprobs] == pytest.approx(values.tolist(), abs=1e-4)
+        assert [t.token for t in entry.top_logprobs] == [tokenizer.decode([i], skip_special_tokens=False)
+                                                          for i in ids.tolist()]
+
+
+# ---- n ------------------------------------------------------------------------------------------------------
+
+def test_n_seeded_samples_equal_single_requests_with_their_seeds(server):
+    """Sample i of a request seeded s is the single request seeded sample_seed(s, i) = s + i: text and logprobs,
+    in the whole answer and streamed (chat, by the openai client)."""
+    body = {"prompt": "Once upon a time", "max_tokens": 10, "temperature": 0.9, "top_p": 0.95, "seed": 11,
+            "logprobs": 2}
+    response = httpx.post(f"{server}/v1/completions", json={"model": "smollm2", "n": 3, **body}, timeout=120)
+    assert response.status_code == 200, response.text
+    many = response.json()["choices"]
+    assert [c["index"] for c in many] == [0, 1, 2]
+    singles = [completion(server, {**body, "seed": sample_seed(11, i)}) for i in range(3)]
+    assert len({c["text"] for c in singles}) == 3  # really three different samples
+    for got, want in zip(many, singles):
+        assert got["text"] == want["text"]
+        assert got["logprobs"]["tokens"] == want["logprobs"]["tokens"]
+        assert got["logprobs"]["token_logprobs"] == pytest.approx(want["logprobs"]["token_logprobs"], abs=1e-4)
+
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="none", max_retries=0, timeout=120)
+    kw = {"model": "smollm2", "messages": [{"role": "user", "content": "Tell me a story."}], "max_tokens": 8,
+          "temperature": 1.0, "seed": 5}
+    whole = client.chat.completions.create(n=3, **kw).choices
+    streamed = ["", "", ""]
+    for chunk in client.chat.completions.create(n=3, stream=True, **kw):
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.delta.content or ""
+    alone = [client.chat.completions.create(**{**kw, "seed": 5 + i}).choices[0].message.content for i in range(3)]
+    assert [c.message.content for c in whole] == streamed == alone
+
+
+def test_n_beyond_the_batch_is_refused_naming_n(server):
+    response = httpx.post(f"{server}/v1/completions", json={"model": "smollm2", "prompt": "x", "n": 1000},
+                          timeout=60)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "n"
+
+
+# ---- response_format ----------------------------------------------------------------------------------------
+
+SCHEMAS = [
+    {"type": "object", "properties": {"name": {"type": "string", "maxLength": 30},
+                                      "age": {"type": "integer", "minimum": 0, "maximum": 150}},
+     "required": ["name", "age"], "additionalProperties": False},
+    {"type": "object", "properties": {"colors": {"type": "array", "items": {"enum": ["red", "green", "blue"]},
+                                                 "minItems": 1, "maxItems": 3}},
+     "required": ["colors"], "additionalProperties": False},
+    {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}, "sunny": {"type": "boolean"},
+                                      "temperature": {"type": "integer", "minimum": -50, "maximum": 60}},
+     "required": ["city", "sunny", "temperature"], "additionalProperties": False},
+]
+
+
+@pytest.mark.parametrize("schema", SCHEMAS, ids=["person", "colors", "weather"])
+def test_json_schema_output_parses_and_validates(server, schema):
+    """Sampled at temperature 0.7 (free text would rarely be JSON), the answer follows the schema: the mask of each
+    rank's vocabulary slice is applied before the sampler's exchange."""
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="none", max_retries=0, timeout=120)
+    for seed in range(2):
+        answer = client.chat.completions.create(
+            model="smollm2", messages=[{"role": "user", "content": "Answer in JSON."}], max_tokens=120,
+            temperature=0.7, seed=seed, response_format={"type": "json_schema",
+                                                         "json_schema": {"name": "answer", "schema": schema}})
+        choice = answer.choices[0]
+        assert choice.finish_reason == "stop", choice.message.content  # the schema's end, then end-of-turn
+        jsonschema.validate(json.loads(choice.message.content), schema)
+
+
+def test_json_object_streamed_and_with_logprobs(server):
+    body = {"model": "smollm2", "messages": [{"role": "user", "content": "Give me a JSON object about a cat."}],
+            "max_tokens": 200, "temperature": 0, "response_format": {"type": "json_object"},
+            "logprobs": True}
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="none", max_retries=0, timeout=120)
+    whole = client.chat.completions.create(**body).choices[0]
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(stream=True, **body)
+                       if c.choices)
+    assert streamed == whole.message.content
+    assert whole.finish_reason == "stop", whole.message.content
+    assert isinstance(json.loads(whole.message.content), dict)
+    assert all(t.logprob <= 0 for t in whole.logprobs.content)
+
+
+def test_a_schema_that_cannot_be_used_is_refused_naming_response_format(server):
+    response = httpx.post(f"{server}/v1/chat/completions", json={
+        "model": "smollm2", "messages": [{"role": "user", "content": "hi"}],
+        "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}},
+        timeout=60)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "response_format", response.text
+
+
+# ---- tools ----------------------------------------------------------------------------------------------------
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40},
+                                                    "unit": {"enum": ["celsius", "fahrenheit"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}}
+TIME = {"type": "function", "function": {
+    "name": "get_time", "description": "The time in a time zone",
+    "parameters": {"type": "object", "properties": {"zone": {"type": "string", "maxLength": 40}},
+                   "required": ["zone"], "additionalProperties": False}}}
+
+
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_weather"}}],
+                         ids=["required", "named"])
+def test_forced_tool_calls_come_back_as_tool_calls(server, tool_choice):
+    """With the official openai client, whole and streamed: the calls name offered tools and their arguments
+    validate against the tools' parameter schemas (jsonschema)."""
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="none", max_retries=0, timeout=120)
+    kw = {"model": "smollm2", "messages": [{"role": "user", "content": "What is the weather in Paris?"}],
+          "tools": [WEATHER, TIME], "tool_choice": tool_choice, "max_tokens": 100, "temperature": 0.7, "seed": 1}
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, TIME)}
+    choice = client.chat.completions.create(**kw).choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    calls = choice.message.tool_calls
+    assert calls and all(c.type == "function" and c.id.startswith("call_") for c in calls)
+    if isinstance(tool_choice, dict):
+        assert [c.function.name for c in calls] == ["get_weather"]
+    for call in calls:
+        jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
+    streamed, finishes = {}, []
+    for chunk in client.chat.completions.create(stream=True, **kw):
+        for c in chunk.choices:
+            for delta in c.delta.tool_calls or ():
+                streamed[delta.index] = (delta.function.name, delta.function.arguments)
+            finishes.append(c.finish_reason)
+    assert [streamed[k] for k in sorted(streamed)] == [(c.function.name, c.function.arguments) for c in calls]
+    assert finishes[-1] == "tool_calls"
