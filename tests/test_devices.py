@@ -64,7 +64,7 @@ def test_str_parses_back(items):
 @pytest.mark.parametrize(
     "spec, bad_item, why",
     [
-        ("cpu*0", "cpu*0", "at least 1"),
+        ("cpu*0", "cpu*0", "count must be in 1.."),
         ("gpu:0@3GiB", "gpu:0@3GiB", "unknown kind 'gpu'"),
         ("cuda:0@8GiB,cuda:1,cuda:0", "cuda:0", "listed twice"),
         ("cpu@0GiB", "cpu@0GiB", "positive"),
