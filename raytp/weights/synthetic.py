@@ -144,8 +144,8 @@ class _Blocks:
         return full[r:r + len(rows), c:c + len(cols)].contiguous()
 
 
-# Hugging Face tensor name -> the name its blocks are seeded from (kept from the first synthetic layout, so that
-# the same model draws the same weights as before)
+# Hugging Face tensor name -> the name its blocks are seeded from, for the tensors of the first synthetic layout
+# (so that the same model draws the same weights as before); any other tensor is seeded from its own name
 _SEED_NAMES = {"model.embed_tokens.weight": "embed", "lm_head.weight": "lm_head", "model.norm.weight": "final_norm"}
 _LAYER_SEED_NAMES = {"input_layernorm.weight": "attn_norm", "post_attention_layernorm.weight": "mlp_norm",
                      "self_attn.o_proj.weight": "o", "mlp.gate_proj.weight": "gate", "mlp.up_proj.weight": "up",
@@ -155,7 +155,9 @@ _LAYER_SEED_NAMES = {"input_layernorm.weight": "attn_norm", "post_attention_laye
 
 def _seed_name(name: str) -> str:
     m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
-    return f"layers.{m[1]}.{_LAYER_SEED_NAMES[m[2]]}" if m else _SEED_NAMES[name]
+    if m:
+        return f"layers.{m[1]}.{_LAYER_SEED_NAMES.get(m[2], m[2])}"
+    return _SEED_NAMES.get(name, name)
 
 
 class SyntheticReader:
@@ -183,7 +185,7 @@ class SyntheticReader:
             name = _seed_name(s.name)
             block = self.head_dim if ".self_attn." in s.name else BLOCK
             if len(s.shape) == 1:
-                if name.endswith("norm"):
+                if s.split is None:  # a tensor every rank holds whole: a norm
                     return g.draw(name, 0, s.shape, mean=1.0)
                 return g.rows(name, s.shape[0], block, s.rows, 1).view(-1)  # a q/k/v bias
             if s.cols is None:
