@@ -22,4 +22,5 @@ ARCHITECTURES = {a.model_type: a for a in (
     Architecture("llama", "LlamaForCausalLM"),
     Architecture("mistral", "MistralForCausalLM"),
     Architecture("qwen2", "Qwen2ForCausalLM", qkv_bias=True),
+    Architecture("qwen3", "Qwen3ForCausalLM", qk_norm=True),
 )}

@@ -256,6 +256,8 @@ def _speed_shares(room: Sequence[int], bandwidths: Sequence[float], pieces) -> l
     M = sum(p.total(p.size) for p in pieces)
     R = sum(p.reads(p.size) for p in pieces)
     caps = [max(r, 0) / M for r in room]
+    if R == 0:  # a step reads nothing: every split is as fast, so fill by room
+        return caps
     rates = [bw / R for bw in bandwidths]  # fraction per second of step time
     # g(T) = sum(min(cap, T * rate)) rises piecewise linearly; walk its breakpoints T_r = cap_r / rate_r.
     capped, free_rate = 0.0, sum(rates)
@@ -279,7 +281,7 @@ def _read_seconds(pieces, blocks, bandwidths: Sequence[float]) -> float:
 def _usage(pieces, blocks, base: Sequence[int]) -> list[int]:
     """Bytes per rank: `base` plus each piece's share (exact, partial last block included)."""
     per_piece = [[p.total(len(r)) for r in p.ranges(b)] for p, b in zip(pieces, blocks)]
-    return [b + sum(rank) for b, rank in zip(base, zip(*per_piece))]
+    return [b + sum(shares[i] for shares in per_piece) for i, b in enumerate(base)]
 
 
 def _relieve(pieces, blocks, base: Sequence[int], budgets: Sequence[int]):
