@@ -292,6 +292,8 @@ def _row_pieces(read: Blocks, n_rows: int, rows: range | torch.Tensor, cols: ran
         for i in range(0, len(rows), ROWS_PER_READ):
             yield read(rows[i:i + ROWS_PER_READ], cols)
         return
+    if not len(rows):  # a rank without MLP columns: `_read_rows` reads the empty block
+        return
     order = rows.argsort()
     wanted, picked = rows[order], []
     for lo in range(0, n_rows, ROWS_PER_READ):
