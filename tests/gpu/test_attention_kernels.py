@@ -78,12 +78,12 @@ def fp8_cache(B, n_kv, ctx, D):
 def test_rope_and_fp8_cache_kernel_equals_torch_bit_for_bit(triton_fp8_kv, dtype, B, T, n_q, n_kv, D):
     """e4m3 values and float32 scales of every written row, the largest, the subnormal and the all-zero rows
     included, equal kv_fp8.quantize's bit for bit."""
-    qkv, cos, sin, positions, slots, _ = rope_inputs(B, T, n_q, n_kv, D, 64, dtype)
+    qkv, cos, sin, positions, slots, _ = rope_inputs(B, T, n_q, n_kv, D, 128, dtype)  # batch 8 reaches position 119
     # rows of very different ranges (e4m3's subnormals at the small end), one value row of zeros (scale 1)
     g = torch.Generator(device="cuda").manual_seed(1)
     qkv = (qkv.float() * torch.rand(qkv.shape, device="cuda", generator=g).pow(8) * 100).to(dtype)
     qkv.view(B, T, -1, D)[0, 0, n_q + n_kv] = 0
-    (k, k_scale), (v, v_scale) = fp8_cache(B + 1, n_kv, 64, D), fp8_cache(B + 1, n_kv, 64, D)
+    (k, k_scale), (v, v_scale) = fp8_cache(B + 1, n_kv, 128, D), fp8_cache(B + 1, n_kv, 128, D)
     ref = [t.clone() for t in (k, v, k_scale, v_scale)]
     q_ref = rope_cache.rope_and_cache_torch(qkv, n_q, n_kv, cos, sin, positions, slots, *ref)
     q = rope_cache.rope_and_cache(qkv, n_q, n_kv, cos, sin, positions, slots, k, v, k_scale, v_scale)
