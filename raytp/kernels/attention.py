@@ -30,6 +30,10 @@ from raytp.kernels import kv_fp8
 from raytp.kernels.dispatch import triton, use_triton, use_triton_fp8_kv
 
 BLOCK_N = 64  # cache positions per inner step
+# An FP8 cache's rows are half as long, and its loads cannot go straight into the dot (they are converted first): on
+# an H200 (8B shapes, 2048 and 8192 positions, batch 1 and 8) twice the positions per step and two pipeline stages
+# ran its split kernel 10-25% faster than the model-dtype cache's launch configuration.
+FP8_BLOCK_N, FP8_STAGES = 128, 2
 MAX_SPLITS = 64
 MIN_SPLIT = 256  # positions: shorter splits would cost more to merge than they save
 
@@ -144,8 +148,9 @@ def cached_attention(q, k_cache, v_cache, slots, step, k_scale=None, v_scale=Non
     _decode_split_kernel[(B, n_kv, splits)](
         q, k_cache, v_cache, k_scale, v_scale, slots, step.lengths, acc, ml, k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), k_scale.stride(0) if fp8 else 0, k_scale.stride(1) if fp8 else 0, n_q, splits, chunk,
-        D ** -0.5, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=D, BLOCK=BLOCK_N,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FP8=fp8)
+        D ** -0.5, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=D,
+        BLOCK=FP8_BLOCK_N if fp8 else BLOCK_N, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FP8=fp8,
+        **({"num_stages": FP8_STAGES} if fp8 else {}))
     out = torch.empty((B, n_q, D), dtype=q.dtype, device=q.device)
     _decode_merge_kernel[(B * n_q,)](acc, ml, out, splits, D=D, SPLITS=triton.next_power_of_2(splits))
     return out.view(B, 1, n_q * D)
