@@ -2,8 +2,9 @@
 process switched Triton off (`set_triton(False)`, which each rank calls once from RuntimeOptions.triton; the
 torch versions then run everywhere: for debugging, and to compare the two on a GPU).
 
-The FP8 KV cache's Triton paths (raytp.kernels.kv_fp8) have a switch of their own, `fp8_kv` (RuntimeOptions.triton_fp8_kv),
-off until they are measured on a GPU, and run only where the GPU converts e4m3 in hardware (compute capability 8.9+)."""
+The FP8 KV cache's Triton paths (raytp.kernels.kv_fp8) have a switch of their own, `fp8_kv`
+(RuntimeOptions.triton_fp8_kv), off until they are measured on a GPU, and run only where the GPU converts e4m3 in
+hardware (compute capability 8.9+)."""
 
 from __future__ import annotations
 

@@ -46,6 +46,14 @@ def test_rope_and_cache_kernel_equals_torch_bit_for_bit(dtype, B, T, n_q, n_kv, 
     assert torch.equal(q, q_ref) and torch.equal(k, k_ref) and torch.equal(v, v_ref)
 
 
+def decode_step(ctx: int, lengths: list[int]) -> SimpleNamespace:
+    """The fields of the model's StepInputs the attention kernels read, for one query token per sequence that
+    sees `lengths` positions of a `ctx`-position cache."""
+    positions = torch.tensor(lengths, device="cuda").view(len(lengths), 1) - 1
+    return SimpleNamespace(span=ctx, lengths=positions[:, -1] + 1,
+                           visible=(torch.arange(ctx, device="cuda").view(1, 1, ctx) <= positions.unsqueeze(-1)).unsqueeze(1))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n_q,n_kv,D", [(32, 8, 128), (8, 1, 128), (3, 3, 64), (9, 3, 64)])
 @pytest.mark.parametrize("ctx,lengths", [(300, [1, 2, 300]), (2048, [255, 256, 257, 1999]),
@@ -56,10 +64,7 @@ def test_decode_attention_kernel_matches_torch(dtype, n_q, n_kv, D, ctx, lengths
     k, v = (torch.randn(B + 2, n_kv, ctx, D, device="cuda", generator=g).to(dtype) for _ in range(2))
     q = torch.randn(B, n_q, 1, D, device="cuda", generator=g).to(dtype)
     slots = torch.arange(B, device="cuda").flip(0) + 1
-    positions = torch.tensor(lengths, device="cuda").view(B, 1) - 1
-    # the kernels read only these fields of the model's StepInputs
-    step = SimpleNamespace(span=ctx, lengths=positions[:, -1] + 1,
-                           visible=(torch.arange(ctx, device="cuda").view(1, 1, ctx) <= positions.unsqueeze(-1)).unsqueeze(1))
+    step = decode_step(ctx, lengths)
     got = attention.cached_attention(q, k, v, slots, step)
     want = attention.cached_attention_torch(q, k, v, slots, step)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
@@ -114,9 +119,7 @@ def test_decode_attention_kernel_over_fp8_cache_matches_torch(triton_fp8_kv, dty
         kv_fp8.write(cache, scales, (slice(None),), rows.to(dtype))
     q = torch.randn(B, n_q, 1, D, device="cuda", generator=g).to(dtype)
     slots = torch.randperm(B + 2, device="cuda", generator=g)[:B]
-    positions = torch.tensor(lengths, device="cuda").view(B, 1) - 1
-    step = SimpleNamespace(span=ctx, lengths=positions[:, -1] + 1,
-                           visible=(torch.arange(ctx, device="cuda").view(1, 1, ctx) <= positions.unsqueeze(-1)).unsqueeze(1))
+    step = decode_step(ctx, lengths)
     got = attention.cached_attention(q, k, v, slots, step, k_scale, v_scale)
     want = attention.cached_attention_torch(q, k, v, slots, step, k_scale, v_scale)
     # float32: e4m3 values are exact in float32, so only the order of roundings differs; bfloat16: the torch
