@@ -39,6 +39,7 @@ result has the same bits on every run and in CUDA graphs, in one launch with no 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -63,6 +64,9 @@ class MMAPacked:
     in_features: int  # K: the inputs x has
     out_features: int  # N
     x_index: torch.Tensor | None  # int32 (Kp,), -1 for padding; None: physical order is x's own (padded to Kp)
+    # The scales can be multiplied into the weights as they are dequantized (Launch.scaled): always for integers;
+    # for e4m3 while scale * 2**120 (bf16's rescaling power) stays finite, checked at packing
+    foldable: bool = True
 
     @property
     def padded(self) -> tuple[int, int]:
@@ -175,8 +179,9 @@ def pack_fp8(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = tor
                                   min(PACK_CHUNK, n_out - lo), 0), "fp8") for lo in range(0, n_out, PACK_CHUNK)]
     np_ = -(-n_out // TILE_N) * TILE_N
     scales = scale.float().reshape(-1, 1).expand(n_out, 1).t()
+    foldable = bool(scales.abs().max() < 2.0 ** 7) if scales.numel() else True
     return MMAPacked(torch.cat(chunks), _padded_rows(scales, np_, dtype), None, "fp8", kp // TILE_K, k_in, n_out,
-                     None)
+                     None, foldable)
 
 
 def _untile(w: MMAPacked) -> torch.Tensor:
@@ -226,6 +231,12 @@ class Launch:
     split: int  # blocks sharing one 64-output block, each over a contiguous slice of the inputs
     stages: int = 3  # input tiles a warp holds at once: STAGES - 1 of them loading
     async_copy: bool = False  # the tiles in shared memory (cp.async) rather than in registers
+    scaled: bool = False  # group scales multiplied into the weights as they are dequantized (see `tile`)
+    min_blocks: int = 1  # blocks per SM the compiler must leave registers for (__launch_bounds__)
+
+    def split_free(self) -> Launch:
+        """The compiled kernel's key: the split is a grid dimension, not code."""
+        return dataclasses.replace(self, split=1)
 
 
 def launch_for(n_out: int, k_tiles: int, sms: int, kind: str = "int4") -> Launch:
@@ -317,6 +328,9 @@ __device__ __forceinline__ u32 fma2(u32 a, u32 b, u32 c) {
     asm(FMA2 " %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
     return d;
 }
+__device__ __forceinline__ u32 mul2(u32 a, u32 b) {  // a * b, rounded once (fma with -0: exact for -0 products)
+    return fma2(a, b, 0x80008000u);
+}
 __device__ __forceinline__ u32 lop_or_and(u32 a, u32 mask, u32 magic) {  // (a & mask) | magic
     u32 d;
     asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "r"(mask), "r"(magic));
@@ -363,9 +377,12 @@ __device__ __forceinline__ uint4 load16(const void* p) {
 }
 
 // One 32-input tile of the warp's 64 outputs: 8 n-tiles x 2 k16 steps of mma. a0: rows g, a1: rows g + 8, as
-// 4 pairs of inputs 8t..8t+7 of the tile. neg[j]: minus (magic + zero) of n-tile j's column g, packed.
+// 4 pairs of inputs 8t..8t+7 of the tile. neg[j]: minus (magic + zero) of n-tile j's column g, packed. sc[j]
+// (SCALED): n-tile j's column g's group scale, packed twice (for fp8 times the rescaling power of two), multiplied
+// into the weights as they are made: the mma then sums dequantized weights, rounded once to the model dtype as the
+// dequantize path rounds them, and no second set of accumulators waits for the group's end.
 __device__ __forceinline__ void tile(float (*acc)[4], const u32* w, const u32* a0, const u32* a1,
-                                     const u32* neg) {
+                                     const u32* neg, const u32* sc) {
     const u32 A0[4] = {a0[0], a1[0], a0[1], a1[1]};  // k16 step 0: inputs 8t + 0..3
     const u32 A1[4] = {a0[2], a1[2], a0[3], a1[3]};  // k16 step 1: inputs 8t + 4..7
 #pragma unroll
@@ -375,7 +392,8 @@ __device__ __forceinline__ void tile(float (*acc)[4], const u32* w, const u32* a
         u32 b[4];
 #pragma unroll
         for (int p = 0; p < 4; ++p)  // nibbles p and p + 4: inputs 8t + 2p and 8t + 2p + 1
-            b[p] = fma2(lop_or_and(q >> (4 * p), 0x000F000Fu, MAGIC4), ONE2, neg[j]);
+            b[p] = SCALED ? mul2(fma2(lop_or_and(q >> (4 * p), 0x000F000Fu, MAGIC4), ONE2, neg[j]), sc[j])
+                          : fma2(lop_or_and(q >> (4 * p), 0x000F000Fu, MAGIC4), ONE2, neg[j]);
         mma(acc[j], A0, b[0], b[1]);
         mma(acc[j], A1, b[2], b[3]);
 #elif KIND == 8
@@ -384,10 +402,11 @@ __device__ __forceinline__ void tile(float (*acc)[4], const u32* w, const u32* a
         for (int s = 0; s < 2; ++s) {  // bytes of word s: inputs 8t + 4s + 0..3; 2**23 + q, exact
             const u32 q = w[2 * j + s];
             const float z = __uint_as_float(neg[j]);
-            b[2 * s] = cvt2(__uint_as_float(prmt(q, 0x4B000000u, 0x7651u)) - z,
-                            __uint_as_float(prmt(q, 0x4B000000u, 0x7650u)) - z);
-            b[2 * s + 1] = cvt2(__uint_as_float(prmt(q, 0x4B000000u, 0x7653u)) - z,
-                                __uint_as_float(prmt(q, 0x4B000000u, 0x7652u)) - z);
+            const float m = SCALED ? __uint_as_float(sc[j]) : 1.f;  // (q - z) * s is exact in float32
+            b[2 * s] = cvt2((__uint_as_float(prmt(q, 0x4B000000u, 0x7651u)) - z) * m,
+                            (__uint_as_float(prmt(q, 0x4B000000u, 0x7650u)) - z) * m);
+            b[2 * s + 1] = cvt2((__uint_as_float(prmt(q, 0x4B000000u, 0x7653u)) - z) * m,
+                                (__uint_as_float(prmt(q, 0x4B000000u, 0x7652u)) - z) * m);
         }
         mma(acc[j], A0, b[0], b[1]);
         mma(acc[j], A1, b[2], b[3]);
@@ -400,7 +419,7 @@ __device__ __forceinline__ void tile(float (*acc)[4], const u32* w, const u32* a
             for (int h = 0; h < 2; ++h) {  // bytes 2h, 2h + 1 at bits 8..15 and 24..31, then into a 16-bit float
                 const u32 v = prmt(q, 0u, h ? 0x3424u : 0x1404u);
                 const u32 f = (v & 0x80008000u) | ((v >> FP8_SHIFT) & FP8_MASK);
-                b[2 * s + h] = fma2(f, FP8_RESCALE, 0x80008000u);
+                b[2 * s + h] = fma2(f, SCALED ? sc[j] : FP8_RESCALE, 0x80008000u);
             }
         }
         mma(acc[j], A0, b[0], b[1]);
@@ -435,7 +454,7 @@ __device__ __forceinline__ void issue(uint4* slot, const u32* w_lane, const u32*
 }
 
 // Tile kb: a new group's zero constants first, then the mma, then at a group's (or the slice's) end its scale.
-__device__ __forceinline__ void step(float (*acc)[4], float (*part)[4], u32* neg, int& group,
+__device__ __forceinline__ void step(float (*acc)[4], float (*part)[4], u32* neg, u32* sc, int& group,
                                      const u16* __restrict__ zeros, const u16* __restrict__ scales, int Np,
                                      int n0, int g, int t, int group_tiles, int kb, int k1, const u32* wr,
                                      const uint4& xa, const uint4& xb) {
@@ -457,11 +476,22 @@ __device__ __forceinline__ void step(float (*acc)[4], float (*part)[4], u32* neg
 #else
             neg[j] = 0u;
 #endif
+#if SCALED
+            const u16 s = scales[(size_t)group * Np + n0 + 8 * j + g];
+#if KIND == 8
+            sc[j] = __float_as_uint(to_float(s));
+#elif KIND == 4
+            sc[j] = (u32)s | ((u32)s << 16);
+#else
+            const u32 r = fma2((u32)s | ((u32)s << 16), FP8_RESCALE, 0x80008000u);  // exact: a power of two
+            sc[j] = r;
+#endif
+#endif
         }
     }
     const u32 a0[4] = {xa.x, xa.y, xa.z, xa.w}, a1[4] = {xb.x, xb.y, xb.z, xb.w};
-    tile(part, wr, a0, a1, neg);
-    if ((kb + 1) % group_tiles == 0 || kb + 1 == k1) {
+    tile(SCALED ? acc : part, wr, a0, a1, neg, sc);
+    if (!SCALED && ((kb + 1) % group_tiles == 0 || kb + 1 == k1)) {
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
             const u32 pair = *(const u32*)(scales + (size_t)group * Np + n0 + 8 * j + 2 * t);
@@ -474,7 +504,7 @@ __device__ __forceinline__ void step(float (*acc)[4], float (*part)[4], u32* neg
     }
 }
 
-extern "C" __global__ void __launch_bounds__(32 * WARPS) KERNEL_NAME(
+extern "C" __global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS) KERNEL_NAME(
         const u32* __restrict__ x, const u32* __restrict__ w, const u16* __restrict__ scales,
         const u16* __restrict__ zeros, float* __restrict__ partials, int* __restrict__ counters,
         u16* __restrict__ y, int M, int N, int Np, int k_tiles, int tiles_per_split, int group_tiles) {
@@ -503,7 +533,7 @@ extern "C" __global__ void __launch_bounds__(32 * WARPS) KERNEL_NAME(
     const u32* w_lane = w + ((size_t)nb * k_tiles * 32 + lane) * WORDS;
     const u32* x0 = x + ((size_t)g * kp + 8 * t) / 2;
     const u32* x1 = x + ((size_t)(g + 8) * kp + 8 * t) / 2;
-    u32 neg[8];
+    u32 neg[8], sc[8];
     int group = -1;
 #if ASYNC
     // STAGES tiles per warp in shared memory, copied asynchronously (cp.async): STAGES - 1 tiles of weights and x
@@ -529,7 +559,7 @@ extern "C" __global__ void __launch_bounds__(32 * WARPS) KERNEL_NAME(
         if (kb + STAGES - 1 < k1)  // into the slot read one tile ago
             issue(ring + ((kb - k0 + STAGES - 1) % STAGES) * 32 * VEC, w_lane, x0, x1, row0, row1, kb + STAGES - 1);
         asm volatile("cp.async.commit_group;");
-        step(acc, part, neg, group, zeros, scales, Np, n0, g, t, group_tiles, kb, k1, wr, xa, xb);
+        step(acc, part, neg, sc, group, zeros, scales, Np, n0, g, t, group_tiles, kb, k1, wr, xa, xb);
     }
     asm volatile("cp.async.wait_all;");
     __syncthreads();  // every warp is done with its ring before the sums reuse it
@@ -548,7 +578,7 @@ extern "C" __global__ void __launch_bounds__(32 * WARPS) KERNEL_NAME(
                 const int ahead = (s + STAGES - 1) % STAGES;
                 if (kb + s + STAGES - 1 < k1)
                     fetch(w_lane, x0, x1, row0, row1, kb + s + STAGES - 1, wr[ahead], xa[ahead], xb[ahead]);
-                step(acc, part, neg, group, zeros, scales, Np, n0, g, t, group_tiles, kb + s, k1, wr[s], xa[s],
+                step(acc, part, neg, sc, group, zeros, scales, Np, n0, g, t, group_tiles, kb + s, k1, wr[s], xa[s],
                      xb[s]);
             }
         }
@@ -595,11 +625,13 @@ extern "C" __global__ void __launch_bounds__(32 * WARPS) KERNEL_NAME(
 
 
 @functools.cache
-def _kernel(kind: str, bf16: bool, has_zeros: bool, warps: int, stages: int, async_copy: bool, device: int):
+def _kernel(kind: str, bf16: bool, has_zeros: bool, launch: Launch, device: int):
+    warps, stages, async_copy = launch.warps, launch.stages, launch.async_copy
     name = (f"packed_gemv_{kind}_{'bf16' if bf16 else 'f16'}_{'z' if has_zeros else 's'}_{warps}_{stages}"
-            f"{'_async' if async_copy else ''}")
+            f"{'_async' if async_copy else ''}{'_scaled' if launch.scaled else ''}_{launch.min_blocks}")
     defines = dict(KERNEL_NAME=name, KIND={"int4": 4, "int8": 8, "fp8": 0}[kind], BF16=int(bf16),
-                   HAS_ZEROS=int(has_zeros), WARPS=warps, STAGES=stages, ASYNC=int(async_copy))
+                   HAS_ZEROS=int(has_zeros), WARPS=warps, STAGES=stages, ASYNC=int(async_copy),
+                   SCALED=int(launch.scaled), MIN_BLOCKS=launch.min_blocks)
     source = "".join(f"#define {k} {v}\n" for k, v in defines.items()) + _SOURCE
     with torch.cuda.device(device):  # a module is loaded into one device's context
         kernel = torch.cuda._compile_kernel(source, name)
@@ -643,8 +675,10 @@ def mma_linear(x: torch.Tensor, w: MMAPacked, launch: Launch | None = None) -> t
     n_blocks = np_ // TILE_N
     y = torch.empty((rows, w.out_features), dtype=x.dtype, device=x.device)
     partials, counters = WORKSPACE.get(x.device, split * rows * np_ if split > 1 else 0, n_blocks)
-    kernel = _kernel(w.kind, x.dtype == torch.bfloat16, w.zeros is not None, launch.warps, launch.stages,
-                     launch.async_copy, _device_index(x.device))
+    if launch.scaled and not w.foldable:
+        launch = dataclasses.replace(launch, scaled=False)
+    kernel = _kernel(w.kind, x.dtype == torch.bfloat16, w.zeros is not None, launch.split_free(),
+                     _device_index(x.device))
     kernel(grid=(n_blocks, split, 1), block=(32 * launch.warps, 1, 1),
            shared_mem=shared_bytes(w.kind, launch.warps, launch.stages, launch.async_copy),
            args=[x2, w.values, w.scales, w.zeros if w.zeros is not None else w.scales, partials, counters, y,
