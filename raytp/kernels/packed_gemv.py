@@ -239,10 +239,12 @@ class Launch:
         return dataclasses.replace(self, split=1)
 
 
-def launch_for(n_out: int, k_tiles: int, sms: int, kind: str = "int4") -> Launch:
+def launch_for(n_out: int, k_tiles: int, sms: int, kind: str = "int4", zero_points: bool = False) -> Launch:
     """8 warps per block; a split along the inputs while the output blocks are few (at most 4 blocks per output
-    block, at least 3 tiles per warp); tiles in flight per warp by weight width. Fitted to the fastest launches of
-    `benchmarks/quant_gemv.py --sweep` on an H200 (one rank's and 4 ranks' Llama-3.1-8B shapes, batch 1)."""
+    block, at least 3 tiles per warp); tiles in flight per warp by weight width; the scales multiplied into the
+    weights except for symmetric int4 (8-bit weights and zero points: 1.2-1.5x faster per layer that way, symmetric
+    int4 3% slower). Fitted to the fastest launches of `benchmarks/quant_gemv.py --sweep` on an H200 (one rank's
+    and 4 ranks' Llama-3.1-8B shapes, batch 1; benchmarks/results/2026-12-04-h200-sitting8)."""
     n_blocks = -(-n_out // TILE_N)
     warps, split = 8, 1
     while split < 4 and n_blocks * split * 2 <= 3 * sms and k_tiles // (warps * split * 2) >= 3:
@@ -250,7 +252,7 @@ def launch_for(n_out: int, k_tiles: int, sms: int, kind: str = "int4") -> Launch
     # int4 tiles are 1 KiB a warp: two in registers keep enough in flight. 8-bit tiles are 2 KiB and cost more
     # registers; four of them pay where the warps are few and their slices short, two elsewhere
     stages = 2 if kind == "int4" or k_tiles > 128 or n_blocks * split >= 2 * sms else 4
-    return Launch(warps, split, stages)
+    return Launch(warps, split, stages, scaled=kind != "int4" or zero_points)
 
 
 class _Workspace:
@@ -286,7 +288,7 @@ def _device_index(device: torch.device) -> int:
 
 def _launch_of(w: MMAPacked, launch: Launch | None) -> Launch:
     return launch or launch_for(w.values.shape[0] * TILE_N, w.values.shape[1],
-                                sm_count(_device_index(w.values.device)), w.kind)
+                                sm_count(_device_index(w.values.device)), w.kind, w.zeros is not None)
 
 
 def reserve(w: MMAPacked) -> None:
