@@ -3,13 +3,12 @@
 #   bash benchmarks/gpu_run8.sh kernels   packed-GEMV GPU tests; every launch of benchmarks/quant_gemv.py's sweep at
 #                                         batch 1 (int4, int4-zp, int8, fp8) and 16 (int4); Nsight Compute's view of
 #                                         the int4 gate_up GEMV; the tables last
-#   bash benchmarks/gpu_run8.sh check     the whole GPU suite (one GPU: the host-staged cases with 8-16 ranks on it
-#                                         included); the sweep again at batch 1, the shipped launches at 1, 8, 16
-#   bash benchmarks/gpu_run8.sh e2e       synthetic Llama-3.1-8B end to end: every weight format at batch 1 and 8
-#                                         with the step profile, a 2048-token prefill, the FP8 KV cache at 2048 and
-#                                         8192 tokens, 70B w4a16 on the one GPU; then the tree at bf7c793 (carried
-#                                         as .prev: git archive bf7c793 | tar -x -C .prev) for before
-# Carry .whl (../shared/gpu/README.md) for e2e. Logs go to $OUT.
+#   bash benchmarks/gpu_run8.sh e2e       the packed GEMV's GPU tests; synthetic Llama-3.1-8B end to end, bf16 and
+#                                         w4a16, fp8, w8a16 at batch 1 and 8 with the step profile; the tree at
+#                                         bf7c793 (before) at batch 1; a 2048-token prompt; 70B w4a16 on the one GPU
+# Carry .whl (../shared/gpu/README.md; the GPU hosts lack llguidance: add its cp312 manylinux wheel with
+# `pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 -d .whl
+# llguidance`). Logs go to $OUT.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/raytp_out}; mkdir -p "$OUT"
@@ -43,16 +42,9 @@ PY
   sed -n '/^| format | rows | layer us/,/^$/p' "$OUT/sweep1.log" "$OUT/sweep16.log"
   sed -n '/one rank: one decoder layer/,$p' "$OUT/sweep1.log"
   ;;
-check)
-  timeout 330 python3 -m pytest -q -p no:cacheprovider tests/gpu >"$OUT/gpu_suite.log" 2>&1
-  echo "gpu suite: $(tail -1 "$OUT/gpu_suite.log")"; grep -E "^(FAILED|ERROR)" "$OUT/gpu_suite.log" | head -20
-  timeout 200 python3 benchmarks/quant_gemv.py --rows 1,8,16 --formats bf16,int4,int4-zp,int8,fp8,torch-int4 \
-    --sweep int4,int4-zp,int8,fp8 --sweep-rows 1 --out "$OUT/sweep.json" >"$OUT/sweep.log" 2>&1
-  echo "sweep rc=$?"
-  sed -n '/^| format | rows | layer us/,/^$/p' "$OUT/sweep.log"
-  sed -n '/one rank: one decoder layer/,$p' "$OUT/sweep.log"
-  ;;
-e2e)
+e2e)  # the weight formats end to end (carry .whl with llguidance's wheel added, and .prev: git archive bf7c793 | tar -x)
+  python3 -m pytest -q -x -p no:cacheprovider tests/gpu/test_packed_gemv.py >"$OUT/gemv_tests.log" 2>&1
+  echo "gemv tests rc=$?: $(tail -1 "$OUT/gemv_tests.log")"
   python3 -m ray.scripts.scripts start --head --port=6390 --num-gpus=1 --include-dashboard=false \
     --disable-usage-stats >"$OUT/ray_start.log" 2>&1 && export RAY_ADDRESS=127.0.0.1:6390
   bench() { local name=$1 limit=$2; shift 2  # each folder comes back as one tarball
@@ -62,17 +54,14 @@ e2e)
     tar -czf "$OUT/$name.tgz" -C "$OUT" "$name" && rm -r "${OUT:?}/$name"
   }
   B8=(--model synthetic:llama-3.1-8b --dtype bfloat16 --devices cuda:0 --allreduce-iters 10)
-  bench quant8b 230 "${B8[@]}" --batch 1,8 --prompt-len 128 --decode-tokens 64 --repeats 2 --profile 3 \
-    --quant none,w4a16,fp8,w8a16,fp8-dynamic,w8a8
-  bench prefill8b 60 "${B8[@]}" --batch 1 --prompt-len 2048 --decode-tokens 8 --repeats 1 --quant none,w4a16,fp8
-  bench kv_bf16 60 "${B8[@]}" --batch 1,8 --prompt-len 2048,8192 --decode-tokens 32 --repeats 1 --max-context 8320
-  bench kv_fp8 60 "${B8[@]}" --batch 1,8 --prompt-len 2048,8192 --decode-tokens 32 --repeats 1 --max-context 8320 \
-    --kv-dtype fp8 --triton-fp8-kv
-  (cd .prev && export PYTHONPATH=/tmp/site:$PWD && bench before8b 80 "${B8[@]}" --batch 1,8 --prompt-len 128 \
-    --decode-tokens 64 --repeats 1 --quant none,w4a16,fp8)
-  bench w4a16_70b 100 --model synthetic:llama-3.1-70b@w4a16 --dtype bfloat16 --devices cuda:0 --batch 1 \
+  bench quant8b 200 "${B8[@]}" --batch 1,8 --prompt-len 128 --decode-tokens 64 --repeats 2 --profile 3 \
+    --quant none,w4a16,fp8,w8a16
+  (cd .prev && export PYTHONPATH=/tmp/site:$PWD && bench before8b 60 "${B8[@]}" --batch 1 --prompt-len 128 \
+    --decode-tokens 64 --repeats 1 --quant none,w4a16)
+  bench prefill8b 60 "${B8[@]}" --batch 1 --prompt-len 2048 --decode-tokens 8 --repeats 1 --quant none,w4a16
+  bench w4a16_70b 70 --model synthetic:llama-3.1-70b@w4a16 --dtype bfloat16 --devices cuda:0 --batch 1 \
     --prompt-len 128 --decode-tokens 32 --repeats 1 --allreduce-iters 10
   grep -h "^profile" "$OUT"/*.log | head -20
   ;;
-*) echo "usage: $0 kernels|check|e2e"; exit 2 ;;
+*) echo "usage: $0 kernels|e2e"; exit 2 ;;
 esac
