@@ -90,6 +90,9 @@ def test_options_come_from_flags_over_the_environment(monkeypatch):
     monkeypatch.delenv("RAYTP_TRITON")
     monkeypatch.delenv("RAYTP_CHECK_IDENTICAL")
     assert build_parser().parse_args(["serve"]).options == RuntimeOptions()
+    assert build_parser().parse_args(["serve", "--triton-fp8-kv"]).options == RuntimeOptions(triton_fp8_kv=True)
+    monkeypatch.setenv("RAYTP_TRITON_FP8_KV", "1")
+    assert build_parser().parse_args(["serve"]).options.flags() == ["--triton-fp8-kv"]
 
 
 def test_triton_switch_is_per_process(monkeypatch):
@@ -98,3 +101,12 @@ def test_triton_switch_is_per_process(monkeypatch):
     assert not dispatch.use_triton(torch.zeros(1))
     dispatch.set_triton(True)
     assert dispatch._enabled == (dispatch.triton is not None)
+
+
+def test_fp8_kv_triton_switch_is_off_unless_asked_and_never_on_cpus(monkeypatch):
+    monkeypatch.setattr(dispatch, "_enabled", dispatch._enabled)  # both restored after the test
+    monkeypatch.setattr(dispatch, "_fp8_kv", dispatch._fp8_kv)
+    dispatch.set_triton(True)
+    assert not dispatch._fp8_kv
+    dispatch.set_triton(True, fp8_kv=True)
+    assert dispatch._fp8_kv and not dispatch.use_triton_fp8_kv(torch.zeros(1))
