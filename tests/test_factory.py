@@ -108,19 +108,12 @@ def test_triton_switch_is_per_process(monkeypatch):
     assert dispatch._enabled == (dispatch.triton is not None)
 
 
-def test_fp8_kv_triton_switch_is_off_unless_asked_and_never_on_cpus(monkeypatch):
+@pytest.mark.parametrize("switch,use", [("fp8_kv", "use_triton_fp8_kv"),
+                                        ("prefill_dequant", "use_triton_prefill_dequant")])
+def test_unmeasured_triton_switches_are_off_unless_asked_and_never_on_cpus(monkeypatch, switch, use):
     monkeypatch.setattr(dispatch, "_enabled", dispatch._enabled)  # both restored after the test
-    monkeypatch.setattr(dispatch, "_fp8_kv", dispatch._fp8_kv)
+    monkeypatch.setattr(dispatch, f"_{switch}", getattr(dispatch, f"_{switch}"))
     dispatch.set_triton(True)
-    assert not dispatch._fp8_kv
-    dispatch.set_triton(True, fp8_kv=True)
-    assert dispatch._fp8_kv and not dispatch.use_triton_fp8_kv(torch.zeros(1))
-
-
-def test_prefill_dequant_switch_is_off_unless_asked_and_never_on_cpus(monkeypatch):
-    monkeypatch.setattr(dispatch, "_enabled", dispatch._enabled)  # both restored after the test
-    monkeypatch.setattr(dispatch, "_prefill_dequant", dispatch._prefill_dequant)
-    dispatch.set_triton(True)
-    assert not dispatch._prefill_dequant
-    dispatch.set_triton(True, prefill_dequant=True)
-    assert dispatch._prefill_dequant and not dispatch.use_triton_prefill_dequant(torch.zeros(1))
+    assert not getattr(dispatch, f"_{switch}")
+    dispatch.set_triton(True, **{switch: True})
+    assert getattr(dispatch, f"_{switch}") and not getattr(dispatch, use)(torch.zeros(1))
