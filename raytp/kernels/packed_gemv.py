@@ -51,6 +51,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from raytp.kernels.dispatch import use_triton_prefill_dequant
+from raytp.kernels.packed_dequant import dequantize_tiles
+
 MAX_ROWS = 16  # rows of x one weight pass serves (the mma's M); more (prefill) dequantize once and use cuBLAS
 TILE_N, TILE_K = 64, 32  # one warp's tile: outputs x inputs
 PACK_CHUNK = 2048  # outputs repacked at a time (a multiple of TILE_N): bounds the load-time scratch
@@ -225,8 +228,12 @@ def physical_inputs(x: torch.Tensor, w: MMAPacked) -> torch.Tensor:
 
 
 def mma_linear_torch(x: torch.Tensor, w: MMAPacked) -> torch.Tensor:
-    """The reference and prefill path: dequantize, then one matmul."""
-    return physical_inputs(x, w) @ dequantize_mma(w, x.dtype)
+    """The reference and prefill path: dequantize (in one Triton pass where switched on), then one matmul."""
+    if use_triton_prefill_dequant(w.values):
+        dense = dequantize_tiles(w.values, w.scales, w.zeros, w.kind, w.group_tiles, w.out_features, x.dtype)
+    else:
+        dense = dequantize_mma(w, x.dtype)
+    return physical_inputs(x, w) @ dense
 
 
 @dataclass(frozen=True)

@@ -155,3 +155,25 @@ def test_prefill_rows_take_dequantize_then_matmul():
     x = torch.randn(100, 1024, device="cuda", dtype=torch.bfloat16)
     assert_matches(pg.mma_linear(x, w), x, dense)
     torch.testing.assert_close(pg.mma_linear(x, w), F.linear(x, dense), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_triton_prefill_dequantization_equals_torch_bit_for_bit(dtype, monkeypatch):
+    """raytp.kernels.packed_dequant against dequantize_mma for every kind, zero points and act-order, and the
+    prefill product it feeds with the switch on against off."""
+    from raytp.kernels import dispatch
+    from raytp.kernels.packed_dequant import dequantize_tiles
+    for case in (dict(bits=4, group_size=128), dict(bits=4, group_size=64, sym=False, group_start=40),
+                 dict(bits=8, group_size=32, act_order=True)):
+        w, _ = int_case(1000, 4096, dtype=dtype, **case)
+        got = dequantize_tiles(w.values, w.scales, w.zeros, w.kind, w.group_tiles, w.out_features, dtype)
+        assert torch.equal(got, pg.dequantize_mma(w, dtype)), case
+    codes = torch.arange(256, dtype=torch.uint8, device="cuda").view(torch.float8_e4m3fn)
+    weight = codes[~codes.float().isnan()].repeat(500, 10)[:, :2000].contiguous()
+    fp8 = pg.pack_fp8(weight, torch.rand(500, 1, device="cuda") + 0.5, dtype)
+    got = dequantize_tiles(fp8.values, fp8.scales, fp8.zeros, fp8.kind, fp8.group_tiles, fp8.out_features, dtype)
+    assert torch.equal(got, pg.dequantize_mma(fp8, dtype))
+    x = torch.randn(100, 4096, device="cuda", dtype=dtype)
+    off = pg.mma_linear(x, w)
+    monkeypatch.setattr(dispatch, "_prefill_dequant", True)  # what --triton-prefill-dequant sets, undone after
+    assert torch.equal(pg.mma_linear(x, w), off)
