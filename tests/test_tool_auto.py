@@ -48,8 +48,9 @@ CALLING = _turns()
 def model_dir(smollm2_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("smollm2-qwen-template")
     for f in smollm2_dir.iterdir():
-        (folder / f.name).symlink_to(f)
-    (folder / "chat_template.jinja").write_text(TEMPLATE.read_text())  # beside tokenizer_config's: read first
+        if f.name != "chat_template.jinja":  # never written through a link into the pulled model
+            (folder / f.name).symlink_to(f)
+    (folder / "chat_template.jinja").write_text(TEMPLATE.read_text())  # read before tokenizer_config.json's
     return folder
 
 
