@@ -136,3 +136,11 @@ def test_what_is_no_call_of_an_offered_tool_is_text(server, client, hf, model_di
     whole, (content, calls, finishes) = asked(client, model, messages, max_tokens, tools=tools, tool_choice=choice)
     assert (whole.message.content, whole.message.tool_calls, whole.finish_reason) == (text, None, finish)
     assert (content, calls, finishes) == (text, {}, [finish])
+
+
+def test_tokenize_counts_the_tools_the_template_writes(server, hf, model_dir):
+    """A client counting a tool request's prompt (vLLM's /tokenize takes tools too) gets transformers' ids."""
+    response = httpx.post(f"{server}/tokenize", json={"model": str(model_dir), "messages": CALLING,
+                                                      "tools": [WEATHER, TIME]}, timeout=60)
+    assert response.status_code == 200, response.text
+    assert response.json()["tokens"] == hf(render(hf, CALLING, [WEATHER, TIME]), add_special_tokens=False)["input_ids"]

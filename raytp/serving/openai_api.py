@@ -408,6 +408,7 @@ class TokenizeRequest(BaseModel):
     model: str | None = None  # checked when given
     prompt: Text | None = None
     messages: list[Message] | None = Field(None, min_length=1)
+    tools: list[Tool] | None = None  # offered with the messages: a template that takes tools writes them too
 
     @model_validator(mode="after")
     def _one_of(self):
@@ -817,7 +818,8 @@ def build_app(driver, api_key: str | None = None) -> FastAPI:
         req = _parse(TokenizeRequest, await _json_body(request), model_id)
         try:
             if req.messages is not None:
-                ids = await driver.encode(messages=[m.as_template_input() for m in req.messages])
+                ids = await driver.encode(messages=[m.as_template_input() for m in req.messages],
+                                          tools=[t.model_dump() for t in req.tools] if req.tools else None)
             else:
                 ids = await driver.encode(prompt=req.prompt)
         except RequestError as e:
