@@ -150,7 +150,7 @@ def test_bench_sweeps_quantizations_side_by_side(tmp_path, monkeypatch):
 
     import matplotlib.figure
 
-    from raytp.parallel.plan import plan_shards
+    from raytp.model.pieces import plan_model
     from raytp.weights.synthetic import synthetic_config
 
     labels: dict[str, list[str]] = {}  # plot file -> its legend entries and axis tick labels
@@ -178,7 +178,7 @@ def test_bench_sweeps_quantizations_side_by_side(tmp_path, monkeypatch):
         reads = {}
         for run in (dense, quantized):  # the planner's own plan for the run's budgets, in its quantization
             p = run["plan"]
-            plan = plan_shards(synthetic_config(run["model"]), [(r["device"], r["budget_bytes"]) for r in p["ranks"]],
+            plan = plan_model(synthetic_config(run["model"]), [(r["device"], r["budget_bytes"]) for r in p["ranks"]],
                                max_context=p["max_context"], max_batch=p["max_batch"], dtype=p["dtype"],
                                split=p["split"])
             assert [r.read_bytes for r in plan.ranks] == [r["read_bytes"] for r in p["ranks"]]

@@ -59,7 +59,8 @@ from raytp.parallel.devices import DeviceSpec
 from raytp.runtime.engine import Add, Request
 from raytp.runtime.errors import error_summary
 from raytp.runtime.options import RuntimeOptions
-from raytp.parallel.plan import DTYPE_BYTES, PlanError, ShardPlan, kv_row_bytes
+from raytp.model.kv_cache import kv_row_bytes
+from raytp.parallel.plan import DTYPE_BYTES, PlanError, ShardPlan
 from raytp.runtime.sampling import SamplingParams
 from raytp.weights.source import ModelSource
 

@@ -37,8 +37,10 @@ from raytp.kernels.dequant_matmul import dequantize, int_linear, unpack
 from raytp.kernels.dispatch import use_triton
 from raytp.kernels.fp8_matmul import dequantize_fp8, fp8_linear
 from raytp.kernels.packed_gemv import MMAPacked, mma_linear, pack_fp8, pack_int, reserve
+from raytp.model import quant_bytes
 from raytp.model.config import QuantConfig
 from raytp.model.layout import Slice
+from raytp.model.quant_bytes import INT_TENSORS
 
 ROWS_PER_READ = 256  # rows unpacked at a time while loading: bounds the int32 scratch of a wide slice
 
@@ -205,35 +207,12 @@ def for_device(weight: Weight, dtype: torch.dtype) -> Weight:
 Weight = DenseWeight | IntWeight | FP8Weight | ActQuantWeight | ConcatWeight | PackedWeight
 
 
-# The tensors an integer-quantized Linear stores, by layout: packed values, scales, zero points, group index.
-# compressed-tensors stores them in IntWeight's orientation (output rows); GPTQ and AWQ store them transposed (rows
-# of inputs or groups, columns of outputs): GPTQ's qweight packs along the inputs in IntWeight's bit order, AWQ's
-# along the outputs in AWQ_ORDER; both pack their zero points along the outputs, as compressed-tensors does.
-INT_TENSORS = {"compressed-tensors": ("weight_packed", "weight_scale", "weight_zero_point", "weight_g_idx"),
-               "gptq": ("qweight", "scales", "qzeros", "g_idx"), "awq": ("qweight", "scales", "qzeros", None)}
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble s of an AWQ word holds output AWQ_ORDER[s] of its 8
 
 
 def stored_shapes(s: Slice) -> dict[str, tuple[int, ...]]:
     """The tensors a checkpoint stores for the matrix of `s` (its global shapes), by name."""
-    if s.quant is None:
-        return {s.name: s.shape}
-    q, (out, inp), base = s.quant, s.shape, s.name.removesuffix("weight")
-    if q.kind == "fp8" or q.dynamic_activations:  # float-quantized, int-quantized: the 8-bit values unpacked
-        return {base + "weight": (out, inp), base + "weight_scale": (1,) if q.per_tensor else (out, 1)}
-    per, groups = 32 // q.bits, -(-inp // q.group_size) if q.group_size else 1
-    packed, scale, zero, g_idx = (base + t if t else None for t in INT_TENSORS[q.layout])
-    if q.layout == "compressed-tensors":
-        shapes = {packed: (out, -(-inp // per)), scale: (out, groups), base + "weight_shape": (2,)}
-        zeros = (-(-out // per), groups)
-    else:
-        shapes = {packed: (-(-inp // per), out) if q.layout == "gptq" else (inp, -(-out // per)), scale: (groups, out)}
-        zeros = (groups, -(-out // per))
-    if not q.symmetric:
-        shapes[zero] = zeros
-    if q.act_order:
-        shapes[g_idx] = (inp,)
-    return shapes
+    return quant_bytes.stored_shapes(s.name, s.shape, s.quant)
 
 
 def read_linear(reader: WeightReader, s: Slice) -> DenseWeight | IntWeight | FP8Weight | ActQuantWeight:
