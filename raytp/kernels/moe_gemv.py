@@ -46,7 +46,7 @@ class Launch:
     warps: int
 
 
-GATE_UP_LAUNCH, DOWN_LAUNCH = Launch(32, 128, 4), Launch(64, 64, 4)
+GATE_UP_LAUNCH, DOWN_LAUNCH = Launch(32, 128, 4), Launch(64, 128, 4)  # benchmarks/moe_gemv.py --sweep, H200
 
 
 def routed_experts_torch(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
