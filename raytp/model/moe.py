@@ -24,6 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from raytp.kernels.moe_gemv import routed_experts
+from raytp.model.config import MoeConfig
+from raytp.model.formats import WeightReader
+from raytp.model.layout import ExpertsLayout
 from raytp.parallel.comm import Communicator
 
 
@@ -51,6 +54,13 @@ class SparseMoeBlock:
         self.router, self.gate_up, self.down = router, gate_up.contiguous(), down.contiguous()
         self.routing, self.comm = routing, comm
         self.width = down.shape[-1]  # this rank's columns of each expert
+
+    @classmethod
+    def load(cls, layout: ExpertsLayout, moe: MoeConfig, reader: WeightReader, comm: Communicator) -> SparseMoeBlock:
+        """The router and this rank's slices of every expert, stacked expert by expert as the kernels read them."""
+        gate_up = torch.stack([torch.cat((reader.read(gate), reader.read(up))) for gate, up, _ in layout.experts])
+        down = torch.stack([reader.read(down) for _, _, down in layout.experts])
+        return cls(reader.read(layout.router), gate_up, down, Routing(moe.top_k, moe.normalize), comm)
 
     def partial(self, h: torch.Tensor) -> torch.Tensor:
         """(..., hidden) normed input -> this rank's partial output (..., hidden), before the all-reduce."""
