@@ -72,6 +72,9 @@ def test_bench_sweep_writes_csv_json_summary_and_plots(smollm2_dir, tmp_path):
     summary = (out / "summary.md").read_text()
     assert "overhead = the measured step - compute - all-reduce" in summary
     assert "`cpu*2` quant none, --comm nccl, prompt 8: **skipped**" in summary
+    # the pieces SmolLM2 declares (3 KV groups of 3 query heads, MLP columns, vocab rows), every rank's range
+    assert "| devices | quant | split | rank | device | query heads | KV heads | MLP columns | vocab rows |" in summary
+    assert "| `cpu,cpu,cpu` | none | memory | 2 | `cpu` | 3 [6:9] | 1 [2:3] |" in summary
     for name in PLOTS:
         image = matplotlib.image.imread(out / name)
         assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100, name

@@ -2,6 +2,7 @@
 loader from a saved directory, at even, uneven and zero-width splits; and a W4A16 checkpoint of it made by
 llmcompressor."""
 
+import json
 import shutil
 
 import pytest
@@ -122,3 +123,20 @@ def test_synthetic_qwen3_presets_have_the_published_sizes():
                                                                      ("cuda:1@6GiB", 6 * GiB)],
                       max_context=4096, max_batch=1)
     assert [len(r.kv_heads) for r in plan.ranks] == [5, 3] and plan.quant.startswith("w4a16")
+
+
+def test_raytp_plan_shows_the_pieces_of_qwen3(capsys):
+    from raytp.cli import main
+
+    devices = "cuda:0@24GiB,cuda:1@16GiB,cuda:2@8GiB"
+    assert main(["plan", "--model", "synthetic:qwen3-8b", "--devices", devices, "--max-batch", "2"]) == 0
+    out = capsys.readouterr().out
+    header = out.splitlines()[0]
+    for title in ("query heads", "KV heads", "MLP columns", "vocab rows"):
+        assert title in header
+    assert "split: 8 KV heads in blocks of 1 (KV group), 12288 MLP columns in blocks of 64 (MLP block), 151936 " \
+           "vocab rows in blocks of 64 (vocab block)" in out
+    assert main(["plan", "--model", "synthetic:qwen3-8b", "--devices", devices, "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert [p["name"] for p in plan["pieces"]] == ["kv_heads", "mlp_cols", "vocab_rows"]
+    assert sum(r["q_heads"] for r in plan["ranks"]) == 32 and plan["ranks"][2]["kv_heads_range"][1] == 8

@@ -14,9 +14,9 @@
     vocab rows   VOCAB_ROWS: embedding and lm_head rows (one table when tied); a decode step reads all of lm_head
                  but one embedding row per token, so the embedding is not counted as read
 
-Replicated: every tensor the layout gives each rank whole (norms, Qwen3's q/k norms, the experts' router), quantization data a split
-leaves whole (`quant_replicated_bytes`) and the working buffers. The bytes of each format come from
-`raytp.model.quant_bytes`.
+Replicated: every tensor the layout gives each rank whole (norms, Qwen3's q/k norms, the experts' routers),
+quantization data a split leaves whole (`quant_replicated_bytes`) and the working buffers. The bytes of each weight
+format come from its object in `raytp.model.formats`.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from raytp.model.config import ModelConfig
 from raytp.model.kv_cache import kv_row_bytes
 from raytp.model.layout import EXPERT_COLS, KV_HEADS, MLP_COLS, Q_HEADS, VOCAB_ROWS, model_layout, whole_model
-from raytp.model.quant_bytes import column_bytes, group_entry_bytes, row_bytes, row_scale_bytes
+from raytp.model.formats import IntFormat, weight_format
 from raytp.parallel.plan import (DTYPE_BYTES, PREFILL_CHUNK, Piece, PlanShape, ShardPlan, Span, plan_shards)
 
 DEFAULT_BLOCK = 64  # MLP columns and vocab rows move between ranks in blocks of this many (the last may be partial)
@@ -52,11 +52,10 @@ def quant_replicated_bytes(config: ModelConfig, dtype: str) -> int:
     group boundaries shares one group's scales between two ranks. (Every decoder Linear is counted as quantized.)
     """
     q, nbytes, h, L = config.quant, DTYPE_BYTES[dtype], config.hidden_size, config.num_layers
-    if q is None:
-        return 0
-    if q.kind == "fp8" or q.dynamic_activations or q.group_size is None:
-        return L * 2 * row_scale_bytes(q, h, nbytes)
-    entry = group_entry_bytes(q, nbytes)
+    fmt = weight_format(q)
+    if not isinstance(fmt, IntFormat) or q.group_size is None:  # one scale per row (or tensor), or none
+        return L * 2 * fmt.row_scale_bytes(h, nbytes)
+    entry = fmt.group_entry_bytes(nbytes)
     o_cols = config.num_heads * config.head_dim
     if q.act_order:
         return L * (2 * h * 4 + h * -(-o_cols // q.group_size) * entry)
@@ -111,11 +110,12 @@ class ModelPieces:
             kv_group = layers * (2 * (q + 1) * d * h * nbytes + bias)
             mlp = 3 * h * layers * nbytes  # gate, up and down per column
         else:
-            row = row_bytes(quant, h, nbytes)  # a q/k/v or gate/up row
-            col = column_bytes(quant, h)  # an o_proj or down_proj column's values
+            fmt = weight_format(quant)
+            row = fmt.row_bytes(h, nbytes)  # a q/k/v or gate/up row
+            col = fmt.column_bytes(h, nbytes)  # an o_proj or down_proj column's values
             o_cols, o_scales, col_extra = q * d, 0, 0  # per-row scales of o_proj and down_proj are replicated
-            if quant.kind == "int" and quant.group_size:
-                entry = group_entry_bytes(quant, nbytes)
+            if isinstance(fmt, IntFormat) and quant.group_size:
+                entry = fmt.group_entry_bytes(nbytes)
                 if quant.act_order:
                     col_extra = 4  # o_proj keeps each column's group (int32); its scales are replicated
                 else:
