@@ -11,7 +11,7 @@ from raytp.model.config import ModelConfig, UnsupportedModelError
 from raytp.model.layout import EXPERT_COLS, model_layout, param_count
 from raytp.model.pieces import plan_model, replicated_tensor_bytes
 from raytp.runtime.sampling import SamplingParams
-from raytp.weights.synthetic import config_dict, synthetic_config
+from raytp.weights.synthetic import SyntheticReader, config_dict, synthetic_config
 from tests.sharded import LocalGroup
 
 # Expert width 40 in blocks of 8: 5 blocks that divide over none of the rank counts; 3 KV groups, 6 or 5 experts
@@ -93,6 +93,26 @@ def test_plan_holds_every_expert_and_reads_the_top_k(tiny_moe, family):
     embedding = 0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size
     assert rank.read_bytes == rank.weight_bytes - 4 * (embedding + unread_experts)
     assert {s.name for s in layout.slices() if s.split is None} >= {s.experts.router.name for s in layout.layers}
+
+
+def test_synthetic_expert_shards_concatenate_to_the_one_rank_weights():
+    config = ModelConfig.from_dict(config_dict("mixtral-8x7b") | dict(
+        vocab_size=256, hidden_size=64, intermediate_size=80, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2))
+
+    def read(shard) -> dict[str, torch.Tensor]:
+        reader = SyntheticReader(config, torch.float32, torch.device("cpu"))
+        return {s.name: reader.read(s) for s in model_layout(config, shard).slices()}
+
+    GiB, shape = 1 << 30, dict(max_context=64, max_batch=1)
+    full = read(plan_model(config, [("cpu", GiB)], **shape).ranks[0])
+    shards = [read(r) for r in plan_model(config, [("a", 3 * GiB), ("b", GiB), ("c", 2 * GiB)], blocks={
+        EXPERT_COLS: 16}, **shape).ranks]
+    moe = "model.layers.0.block_sparse_moe."
+    for name, dim in ((moe + "experts.7.w1.weight", 0), (moe + "experts.7.w3.weight", 0),
+                      (moe + "experts.7.w2.weight", 1), (moe + "experts.0.w2.weight", 1)):
+        assert torch.equal(torch.cat([s[name] for s in shards], dim=dim), full[name]), name
+    assert all(torch.equal(s[moe + "gate.weight"], full[moe + "gate.weight"]) for s in shards)
 
 
 def test_synthetic_presets_have_the_published_sizes():
