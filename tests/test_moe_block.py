@@ -44,7 +44,8 @@ def random_block(make):
 
 def rank_blocks(block, routing: Routing, bounds: list[int], comms) -> list[SparseMoeBlock]:
     """Each rank's block: columns [bounds[r], bounds[r + 1]) of every expert, sliced from transformers' tensors."""
-    gate_up, down = block.experts.gate_up_proj.detach(), block.experts.down_proj.detach()  # (E, 2 COLS, H), (E, H, COLS)
+    gate_up = block.experts.gate_up_proj.detach()  # (experts, 2 * COLS, HIDDEN): gate rows, then up rows
+    down = block.experts.down_proj.detach()  # (experts, HIDDEN, COLS)
     gate, up = gate_up[:, :COLS], gate_up[:, COLS:]
     return [SparseMoeBlock(block.gate.weight.detach(), torch.cat((gate[:, a:b], up[:, a:b]), dim=1), down[:, :, a:b],
                            routing, comm)

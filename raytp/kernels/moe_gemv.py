@@ -95,7 +95,7 @@ if triton is not None:
         return tok, j, tl.max(chosen.to(tl.int32), axis=1) > 0
 
     @triton.jit
-    def _gate_up_kernel(x_ptr, ids_ptr, w_ptr, h_ptr, T, H, C, K: tl.constexpr, KP: tl.constexpr,
+    def _routed_gate_up_gemv(x_ptr, ids_ptr, w_ptr, h_ptr, T, H, C, K: tl.constexpr, KP: tl.constexpr,
                         TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """h[t, j, cols] = swiglu(gate_up[e] @ x[t]) for the tile's tokens t whose choice j is expert e."""
         expert = tl.program_id(1).to(tl.int64)
@@ -123,7 +123,7 @@ if triton is not None:
         tl.store(h_ptr + (tok * K + j)[:, None] * C + cols[None, :], h, mask=live[:, None] & (cols < C)[None, :])
 
     @triton.jit
-    def _down_kernel(h_ptr, ids_ptr, weights_ptr, d_ptr, y_ptr, T, H, C, K: tl.constexpr, KP: tl.constexpr,
+    def _routed_down_gemv(h_ptr, ids_ptr, weights_ptr, d_ptr, y_ptr, T, H, C, K: tl.constexpr, KP: tl.constexpr,
                      TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """y[t, j, rows] = weights[t, j] * (down[e] @ h[t, j])[rows] in float32, for the tile's tokens choosing e."""
         expert = tl.program_id(1).to(tl.int64)
@@ -153,9 +153,9 @@ def _launch(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: 
     h = torch.empty((T, k, C), dtype=x.dtype, device=x.device)  # every (token, choice) row is written once
     y = torch.empty((T, k, H), dtype=torch.float32, device=x.device)
     tiles, kp = triton.cdiv(T, _TILE), triton.next_power_of_2(k)
-    a, b = gate_up_launch, down_launch
-    _gate_up_kernel[(triton.cdiv(C, a.block_n), E, tiles)](x, ids, gate_up, h, T, H, C, K=k, KP=kp, TILE=_TILE,
-                                                           BLOCK_N=a.block_n, BLOCK_K=a.block_k, num_warps=a.warps)
-    _down_kernel[(triton.cdiv(H, b.block_n), E, tiles)](h, ids, weights, down, y, T, H, C, K=k, KP=kp, TILE=_TILE,
-                                                        BLOCK_N=b.block_n, BLOCK_K=b.block_k, num_warps=b.warps)
+    a, b, shape = gate_up_launch, down_launch, dict(K=k, KP=kp, TILE=_TILE)
+    _routed_gate_up_gemv[(triton.cdiv(C, a.block_n), E, tiles)](x, ids, gate_up, h, T, H, C, **shape, BLOCK_N=a.block_n,
+                                                                BLOCK_K=a.block_k, num_warps=a.warps)
+    _routed_down_gemv[(triton.cdiv(H, b.block_n), E, tiles)](h, ids, weights, down, y, T, H, C, **shape,
+                                                             BLOCK_N=b.block_n, BLOCK_K=b.block_k, num_warps=b.warps)
     return y.sum(dim=1).to(x.dtype)  # the choices in order, in float32
