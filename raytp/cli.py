@@ -234,7 +234,7 @@ def cmd_pull(args) -> None:
 
 
 def cmd_plan(args) -> None:
-    from raytp.parallel.plan import plan_shards
+    from raytp.model.pieces import plan_model
     from raytp.weights.source import ModelSource
 
     devices = _devices(args.devices)
@@ -250,7 +250,7 @@ def cmd_plan(args) -> None:
     config = ModelSource.parse(args.model).config()
 
     def plan_for(split: str | None):
-        return plan_shards(config, [(str(d), d.mem_bytes) for d in devices],
+        return plan_model(config, [(str(d), d.mem_bytes) for d in devices],
                            max_context=args.max_context, max_batch=args.max_batch, dtype=args.dtype,
                            bandwidths=bandwidths, split=split, kv_dtype=args.kv_dtype)
 
@@ -259,6 +259,7 @@ def cmd_plan(args) -> None:
         print(json.dumps(plan.to_dict(), indent=2))
         return
     print(plan.format_table())
+    print(plan.describe_pieces())
     if bandwidths is not None:  # both splits' predicted batch-1 decode step, side by side
         for split in ("memory", "speed"):
             other = plan_for(split)
@@ -830,7 +831,8 @@ def _check_plan_fits(args, config) -> None:
     ranks without one sharing this machine's free memory. The ranks plan again with what they measure."""
     import psutil
 
-    from raytp.parallel.plan import PlanError, plan_shards
+    from raytp.model.pieces import plan_model
+    from raytp.parallel.plan import PlanError
 
     if is_auto(args.devices):
         return
@@ -846,7 +848,7 @@ def _check_plan_fits(args, config) -> None:
             return  # a GPU's free memory, or a joined cluster's: only the ranks can tell
     bandwidths = [d.bandwidth for d in devices] if all(d.bandwidth for d in devices) else None
     try:
-        plan_shards(config, budgets, max_context=args.max_context, max_batch=args.max_batch, dtype=args.dtype,
+        plan_model(config, budgets, max_context=args.max_context, max_batch=args.max_batch, dtype=args.dtype,
                     bandwidths=bandwidths, split=args.split if bandwidths else "memory", kv_dtype=args.kv_dtype)
     except PlanError as e:
         raise UserError(str(e)) from None

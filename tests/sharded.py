@@ -13,7 +13,8 @@ from raytp.model.config import ModelConfig
 from raytp.runtime.engine import Add, RankEngine, Request, Stop
 from raytp.weights.checkpoint import SafetensorsReader
 from raytp.model.llama import ShardedLlama
-from raytp.parallel.plan import PREFILL_CHUNK, plan_shards
+from raytp.parallel.plan import PREFILL_CHUNK
+from raytp.model.pieces import plan_model
 from raytp.runtime.sampling import SamplingParams
 
 GiB = 1 << 30
@@ -28,7 +29,7 @@ class LocalGroup:
                  dtype=torch.float32, bandwidths: list[float] | None = None, kv_dtype: str = "auto"):
         self.config = ModelConfig.from_file(model_dir)
         budgets = [(f"cpu{r}", int(w * GiB)) for r, w in enumerate(weights)]
-        self.plan = plan_shards(self.config, budgets, max_context=max_context, max_batch=max_batch,
+        self.plan = plan_model(self.config, budgets, max_context=max_context, max_batch=max_batch,
                                 dtype=str(dtype).removeprefix("torch."), bandwidths=bandwidths, kv_dtype=kv_dtype)
         group = InProcessGroup(len(weights))
         self.models = []

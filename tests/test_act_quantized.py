@@ -27,7 +27,7 @@ from raytp.kernels import act_quant_matmul
 from raytp.model.config import ModelConfig, UnsupportedModelError
 from raytp.model.formats import ActQuantWeight, read_linear
 from raytp.model.layout import Slice
-from raytp.parallel.plan import plan_shards, quant_replicated_bytes
+from raytp.model.pieces import plan_model, quant_replicated_bytes
 from raytp.runtime.sampling import SamplingParams
 from raytp.weights.checkpoint import SafetensorsReader
 from raytp.weights.source import ModelSource
@@ -170,7 +170,7 @@ def test_planned_bytes_are_the_bytes_each_rank_holds(quantized_smollm2, scheme):
                    for linear in (layer.qkv, layer.o_proj, layer.gate_up, layer.down) for t in linear.weight.tensors())
         held += model.embed.table.numel() * 4
         assert held == shard.weight_bytes + replicated, (shard.rank, held)
-    dense = plan_shards(dataclasses.replace(config, quant=None), [("a", 3 * GiB)], max_context=256, max_batch=4,
+    dense = plan_model(dataclasses.replace(config, quant=None), [("a", 3 * GiB)], max_context=256, max_batch=4,
                         dtype="float32")
     assert group.plan.ranks[0].weight_bytes < dense.ranks[0].weight_bytes
 

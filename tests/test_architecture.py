@@ -12,7 +12,7 @@ ROOT = Path(raytp.__file__).parent
 ALLOWED = {
     "kernels": set(),
     "model": {"parallel", "kernels"},
-    "parallel": {"model.config", "kernels"},
+    "parallel": {"kernels"},  # the planner knows pieces, not models
     "weights": {"model", "parallel"},
     "runtime": {"model", "parallel", "weights", "kernels"},
     "ui": {"runtime", "parallel"},

@@ -72,6 +72,9 @@ def test_bench_sweep_writes_csv_json_summary_and_plots(smollm2_dir, tmp_path):
     summary = (out / "summary.md").read_text()
     assert "overhead = the measured step - compute - all-reduce" in summary
     assert "`cpu*2` quant none, --comm nccl, prompt 8: **skipped**" in summary
+    # the pieces SmolLM2 declares (3 KV groups of 3 query heads, MLP columns, vocab rows), every rank's range
+    assert "| devices | quant | split | rank | device | query heads | KV heads | MLP columns | vocab rows |" in summary
+    assert "| `cpu,cpu,cpu` | none | memory | 2 | `cpu` | 3 [6:9] | 1 [2:3] |" in summary
     for name in PLOTS:
         image = matplotlib.image.imread(out / name)
         assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100, name
@@ -150,7 +153,7 @@ def test_bench_sweeps_quantizations_side_by_side(tmp_path, monkeypatch):
 
     import matplotlib.figure
 
-    from raytp.parallel.plan import plan_shards
+    from raytp.model.pieces import plan_model
     from raytp.weights.synthetic import synthetic_config
 
     labels: dict[str, list[str]] = {}  # plot file -> its legend entries and axis tick labels
@@ -178,7 +181,7 @@ def test_bench_sweeps_quantizations_side_by_side(tmp_path, monkeypatch):
         reads = {}
         for run in (dense, quantized):  # the planner's own plan for the run's budgets, in its quantization
             p = run["plan"]
-            plan = plan_shards(synthetic_config(run["model"]), [(r["device"], r["budget_bytes"]) for r in p["ranks"]],
+            plan = plan_model(synthetic_config(run["model"]), [(r["device"], r["budget_bytes"]) for r in p["ranks"]],
                                max_context=p["max_context"], max_batch=p["max_batch"], dtype=p["dtype"],
                                split=p["split"])
             assert [r.read_bytes for r in plan.ranks] == [r["read_bytes"] for r in p["ranks"]]

@@ -16,7 +16,7 @@ import pytest
 
 from raytp.runtime.errors import BusyError, RequestError
 from raytp.runtime.sampling import SamplingParams
-from raytp.parallel.plan import plan_shards
+from raytp.model.pieces import plan_model
 from raytp.weights.source import ModelSource
 from raytp.ui.chat import TABLE_HEADERS, build_ui, cluster_table, live_rates, memory_use, shard_widths
 from tests.test_serve import DEVICES, running_server
@@ -99,12 +99,14 @@ def test_chat_turn_runs_through_submit_and_its_checks():
 
 def test_cluster_panel_data(smollm2_dir):
     config = ModelSource.parse("smollm2").config()
-    plan = plan_shards(config, [("cpu@2GiB", 2 << 30), ("cpu@1GiB", 1 << 30)], max_context=256, max_batch=4,
+    plan = plan_model(config, [("cpu@2GiB", 2 << 30), ("cpu@1GiB", 1 << 30)], max_context=256, max_batch=4,
                        dtype="float32")
     info = {"backend": "hoststaged", "plan": plan.to_dict(),
             "ranks": [{"device_name": "x86_64", "ip": "10.0.0.1"}, {"device_name": "x86_64", "ip": "10.0.0.1"}]}
     table = cluster_table(info)
-    assert list(table.columns) == TABLE_HEADERS and list(table["device"]) == ["cpu@2GiB", "cpu@1GiB"]
+    # the model's pieces after the fixed columns: a Llama's query heads with their KV heads, MLP columns, vocab rows
+    assert list(table.columns) == [*TABLE_HEADERS, "query heads", "KV heads", "MLP columns", "vocab rows", "backend"]
+    assert list(table["device"]) == ["cpu@2GiB", "cpu@1GiB"]
     assert list(table["KV heads"]) == [f"{len(r.kv_heads)} [{r.kv_heads.start}:{r.kv_heads.stop}]"
                                        for r in plan.ranks]
     widths = shard_widths(info)
@@ -194,7 +196,7 @@ def test_stop_ends_an_answer(page):
 def test_cluster_panel_lists_every_rank(page):
     """One table row per rank (Gradio draws rows as role=row divs of cells `cell-ROW-COLUMN`), and the charts."""
     def cell(row: int, header: str) -> str:
-        column = TABLE_HEADERS.index(header)
+        column = [*TABLE_HEADERS, "query heads", "KV heads", "MLP columns", "vocab rows", "backend"].index(header)
         return page.locator(f"#raytp-cluster-table [data-testid='cell-{row}-{column}']").first.inner_text().strip()
 
     page.locator("#raytp-cluster-table [data-testid='cell-0-0']").wait_for()

@@ -15,7 +15,8 @@ from raytp import cli
 from raytp.actors.worker import _tensor_bytes
 from raytp.kernels import kv_fp8
 from raytp.model.config import ModelConfig
-from raytp.parallel.plan import DTYPE_BYTES, PlanError, plan_shards
+from raytp.parallel.plan import DTYPE_BYTES, PlanError
+from raytp.model.pieces import plan_model
 from raytp.runtime.sampling import SamplingParams
 from raytp.weights.tokenizer import Tokenizer
 from tests.sharded import LocalGroup
@@ -119,8 +120,8 @@ def smollm2_config() -> ModelConfig:
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_planner_counts_one_byte_per_element_and_a_float32_scale_per_row(dtype):
     config, budgets = smollm2_config(), [("cpu", 4 * GiB), ("cpu", 2 * GiB)]
-    auto = plan_shards(config, budgets, max_context=1000, max_batch=3, dtype=dtype)
-    fp8 = plan_shards(config, budgets, max_context=1000, max_batch=3, dtype=dtype, kv_dtype="fp8")
+    auto = plan_model(config, budgets, max_context=1000, max_batch=3, dtype=dtype)
+    fp8 = plan_model(config, budgets, max_context=1000, max_batch=3, dtype=dtype, kv_dtype="fp8")
     d, nbytes = config.head_dim, DTYPE_BYTES[dtype]
     total = sum(r.kv_cache_bytes for r in auto.ranks)
     # exactly (1 + 4/head_dim) / dtype bytes of the auto figure, in integers
@@ -142,11 +143,11 @@ def test_each_rank_allocates_the_cache_bytes_its_plan_counts(tiny, kv_dtype):
 def test_a_cache_that_does_not_fit_in_bfloat16_fits_in_fp8():
     config, shape = smollm2_config(), dict(max_context=8192, max_batch=4)
     need = {kv: (lambda r: r.weight_bytes + r.kv_cache_bytes + r.overhead_bytes)(
-        plan_shards(config, [("cpu", 64 * GiB)], **shape, kv_dtype=kv).ranks[0]) for kv in ("auto", "fp8")}
+        plan_model(config, [("cpu", 64 * GiB)], **shape, kv_dtype=kv).ranks[0]) for kv in ("auto", "fp8")}
     budget = [("cpu", (need["auto"] + need["fp8"]) // 2)]
     with pytest.raises(PlanError, match="--kv-dtype fp8"):
-        plan_shards(config, budget, **shape)
-    plan = plan_shards(config, budget, **shape, kv_dtype="fp8")
+        plan_model(config, budget, **shape)
+    plan = plan_model(config, budget, **shape, kv_dtype="fp8")
     assert plan.ranks[0].headroom_bytes >= 0
 
 

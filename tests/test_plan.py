@@ -5,8 +5,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from raytp.model.layout import param_count
 from raytp.model.config import ModelConfig
-from raytp.parallel.plan import DTYPE_BYTES, PlanError, plan_shards, replicated_overhead_bytes
+from raytp.parallel.plan import DTYPE_BYTES, PlanError
+from raytp.model.pieces import plan_model, replicated_overhead_bytes
 
 GiB, MiB = 2**30, 2**20
 SMOLLM2 = ModelConfig(arch="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
@@ -27,16 +29,17 @@ def configs(draw):
 # wildly uneven: a 1..16-rank cluster whose largest device can be a million times the smallest
 weights = st.lists(st.one_of(st.integers(1, 10), st.integers(1, 10**6)), min_size=1, max_size=16)
 shapes = st.fixed_dictionaries({"max_context": st.integers(1, 4096), "max_batch": st.integers(1, 8),
-                                "dtype": st.sampled_from(sorted(DTYPE_BYTES)), "mlp_block": st.sampled_from([1, 32, 64, 128]),
-                                "vocab_block": st.sampled_from([1, 64, 256])})
+                                "dtype": st.sampled_from(sorted(DTYPE_BYTES)),
+                                "blocks": st.fixed_dictionaries({"mlp_cols": st.sampled_from([1, 32, 64, 128]),
+                                                                 "vocab_rows": st.sampled_from([1, 64, 256])})})
 
 
 def model_bytes(config, max_context, max_batch, dtype, **_):
-    """Sharded bytes from ModelConfig.param_count, independent of the planner's per-unit arithmetic."""
+    """Sharded bytes from the layout's param_count, independent of the planner's per-unit arithmetic."""
     nbytes = DTYPE_BYTES[dtype]
     norms = (2 * config.num_layers + 1) * config.hidden_size
     cache = 2 * config.num_layers * max_batch * max_context * config.head_dim * config.num_kv_heads
-    return (config.param_count() - norms) * nbytes, cache * nbytes
+    return (param_count(config) - norms) * nbytes, cache * nbytes
 
 
 def check_invariants(config, plan, budgets, shape):
@@ -69,7 +72,7 @@ def test_any_budgets_give_a_valid_plan_or_plan_error(config, ws, shape, scale):
     need = sum(model_bytes(config, **shape))
     budgets = [(f"cuda:{i}", overhead + int(need * scale * w / sum(ws))) for i, w in enumerate(ws)]
     try:
-        plan = plan_shards(config, budgets, **shape)
+        plan = plan_model(config, budgets, **shape)
     except PlanError as e:
         message = str(e)
         for i, (name, _) in enumerate(budgets):
@@ -90,25 +93,26 @@ def test_generous_budgets_split_in_proportion_within_one_block(config, ws, shape
                                          dtype=shape["dtype"])
     unit = 2 * sum(model_bytes(config, **shape))
     budgets = [(f"cpu@{w}", overhead + w * unit) for w in ws]
-    plan = plan_shards(config, budgets, **shape)
+    plan = plan_model(config, budgets, **shape)
     check_invariants(config, plan, budgets, shape)
     for r, w in zip(plan.ranks, ws):
         share = w / sum(ws)
         assert abs(len(r.kv_heads) - config.num_kv_heads * share) <= 1
-        assert abs(len(r.mlp_cols) - config.intermediate_size * share) <= shape["mlp_block"]
-        assert abs(len(r.vocab_rows) - config.vocab_size * share) <= shape["vocab_block"]
+        assert abs(len(r.mlp_cols) - config.intermediate_size * share) <= shape["blocks"]["mlp_cols"]
+        assert abs(len(r.vocab_rows) - config.vocab_size * share) <= shape["blocks"]["vocab_rows"]
 
 
 @settings(max_examples=300, deadline=None)
 @given(configs(), weights, shapes, st.floats(1.0, 2.0))
 def test_fails_only_when_kv_groups_cannot_be_placed_or_the_margin_is_under_a_block(config, ws, shape, scale):
-    # Unit sizes from ModelConfig.param_count by subtraction, not from the planner's own arithmetic.
+    # Unit sizes from the layout's param_count by subtraction, not from the planner's own arithmetic.
     nbytes, h, layers = DTYPE_BYTES[shape["dtype"]], config.hidden_size, config.num_layers
     rows = config.vocab_size * h * (1 if config.tie_word_embeddings else 2)
-    attention = config.param_count() - 3 * h * config.intermediate_size * layers - rows - (2 * layers + 1) * h
+    attention = param_count(config) - 3 * h * config.intermediate_size * layers - rows - (2 * layers + 1) * h
     cache = 2 * layers * shape["max_batch"] * shape["max_context"] * config.head_dim
     group = (attention // config.num_kv_heads + cache) * nbytes
-    blocks = (shape["mlp_block"] * 3 * h * layers + shape["vocab_block"] * rows // config.vocab_size) * nbytes
+    mlp_block, vocab_block = shape["blocks"]["mlp_cols"], shape["blocks"]["vocab_rows"]
+    blocks = (mlp_block * 3 * h * layers + vocab_block * rows // config.vocab_size) * nbytes
     overhead = replicated_overhead_bytes(config, max_context=shape["max_context"], max_batch=shape["max_batch"],
                                          dtype=shape["dtype"])
     need = sum(model_bytes(config, **shape))
@@ -116,7 +120,7 @@ def test_fails_only_when_kv_groups_cannot_be_placed_or_the_margin_is_under_a_blo
     if sum(r // group for r in room) < config.num_kv_heads or sum(room) - need < len(ws) * blocks:
         return
     budgets = [(f"cuda:{i}", overhead + r) for i, r in enumerate(room)]
-    check_invariants(config, plan_shards(config, budgets, **shape), budgets, shape)
+    check_invariants(config, plan_model(config, budgets, **shape), budgets, shape)
 
 
 def test_kv_groups_are_placed_before_the_finer_pieces_fill_the_room():
@@ -124,19 +128,19 @@ def test_kv_groups_are_placed_before_the_finer_pieces_fill_the_room():
     # rank 4 can take that group, and only while its MLP columns and vocab rows have not yet filled it.
     config = ModelConfig(arch="qwen2", vocab_size=165, hidden_size=256, intermediate_size=1299, num_layers=1,
                          num_heads=12, num_kv_heads=4, head_dim=64, tie_word_embeddings=True, attention_bias=True)
-    shape = dict(max_context=4096, max_batch=8, dtype="bfloat16", mlp_block=128, vocab_block=256)
+    shape = dict(max_context=4096, max_batch=8, dtype="bfloat16", blocks={"mlp_cols": 128, "vocab_rows": 256})
     overhead = replicated_overhead_bytes(config, max_context=4096, max_batch=8, dtype="bfloat16")
     room = [168739, 37497, 6730838, 18748, 36429024]
     budgets = [(f"cuda:{i}", overhead + r) for i, r in enumerate(room)]
-    plan = plan_shards(config, budgets, **shape)
+    plan = plan_model(config, budgets, **shape)
     check_invariants(config, plan, budgets, shape)
     assert [len(r.kv_heads) for r in plan.ranks] == [0, 0, 0, 0, 4]
 
 
 def test_smollm2_on_3_2_1_gib():
     budgets = [("cpu@3GiB", 3 * GiB), ("cpu@2GiB", 2 * GiB), ("cpu@1GiB", GiB)]
-    shape = dict(max_context=2048, max_batch=4, dtype="bfloat16", mlp_block=64, vocab_block=64)
-    plan = plan_shards(SMOLLM2, budgets, **shape)
+    shape = dict(max_context=2048, max_batch=4, dtype="bfloat16", blocks={"mlp_cols": 64, "vocab_rows": 64})
+    plan = plan_model(SMOLLM2, budgets, **shape)
     check_invariants(SMOLLM2, plan, budgets, shape)
     overhead = plan.ranks[0].overhead_bytes
     assert overhead < 32 * MiB  # small next to the budgets, so the split stays close to 3:2:1
@@ -153,7 +157,7 @@ def test_smollm2_on_3_2_1_gib():
 
 def test_twelve_ranks_three_kv_heads_leaves_nine_zero_width_attention_ranks():
     budgets = [(f"cuda:{i}", GiB // 4) for i in range(12)]
-    plan = plan_shards(SMOLLM2, budgets, max_context=2048, max_batch=4)
+    plan = plan_model(SMOLLM2, budgets, max_context=2048, max_batch=4)
     heads = [len(r.kv_heads) for r in plan.ranks]
     assert sorted(heads) == [0] * 9 + [1] * 3  # no replication: every KV head lives on exactly one rank
     for r in plan.ranks:
@@ -168,11 +172,11 @@ def test_rank_over_budget_after_rounding_hands_blocks_to_ranks_with_room():
     # columns and vocab rows to rank 1 rather than exceed its budget.
     config = ModelConfig(arch="llama", vocab_size=512, hidden_size=64, intermediate_size=256, num_layers=2,
                          num_heads=2, num_kv_heads=1, head_dim=16)
-    shape = dict(max_context=4096, max_batch=1, dtype="bfloat16", mlp_block=64, vocab_block=64)
+    shape = dict(max_context=4096, max_batch=1, dtype="bfloat16", blocks={"mlp_cols": 64, "vocab_rows": 64})
     overhead = replicated_overhead_bytes(config, max_context=4096, max_batch=1, dtype="bfloat16")
     room = int(0.7 * sum(model_bytes(config, **shape)))
     budgets = [("cpu", overhead + room), ("cpu", overhead + room)]
-    plan = plan_shards(config, budgets, **shape)
+    plan = plan_model(config, budgets, **shape)
     check_invariants(config, plan, budgets, shape)
     first, second = plan.ranks
     assert len(first.kv_heads) == 1
@@ -187,14 +191,14 @@ def test_indivisible_kv_group_too_big_for_any_device():
     overhead = replicated_overhead_bytes(config, max_context=16384, max_batch=1, dtype="bfloat16")
     room = sum(model_bytes(config, **shape)) // 2 + 1
     with pytest.raises(PlanError, match="indivisible pieces, although the total would") as info:
-        plan_shards(config, [("cuda:0@1GiB", overhead + room), ("cuda:1@1GiB", overhead + room)], **shape)
+        plan_model(config, [("cuda:0@1GiB", overhead + room), ("cuda:1@1GiB", overhead + room)], **shape)
     assert "one KV group 2.0 MiB" in str(info.value)
 
 
 def test_impossible_fit_names_every_device_with_figures():
     budgets = [("cpu@200MiB", 200 * MiB), ("cpu@100MiB", 100 * MiB), ("cpu@50MiB", 50 * MiB)]
     with pytest.raises(PlanError) as info:
-        plan_shards(SMOLLM2, budgets, max_context=2048, max_batch=4)
+        plan_model(SMOLLM2, budgets, max_context=2048, max_batch=4)
     message = str(info.value)
     for i, (name, _) in enumerate(budgets):
         line = re.search(rf"rank {i} {re.escape(name)}: needs ([\d.]+) MiB, has ([\d.]+) MiB \(short ([\d.]+) MiB\)",
@@ -209,22 +213,22 @@ def test_impossible_fit_names_every_device_with_figures():
 
 def test_device_that_cannot_hold_the_replicated_part_is_short_even_if_others_have_room():
     with pytest.raises(PlanError) as info:
-        plan_shards(SMOLLM2, [("cuda:0@80GiB", 80 * GiB), ("cuda:1@1MiB", MiB)], max_context=2048, max_batch=4)
+        plan_model(SMOLLM2, [("cuda:0@80GiB", 80 * GiB), ("cuda:1@1MiB", MiB)], max_context=2048, max_batch=4)
     assert re.search(r"rank 0 cuda:0@80GiB: needs [\d.]+ MiB, has 80.00 GiB\n", str(info.value))
     assert re.search(r"rank 1 cuda:1@1MiB: needs [\d.]+ MiB, has 1.0 MiB \(short", str(info.value))
 
 
 def test_float32_doubles_weights_and_cache():
     budgets = [("cpu", 4 * GiB), ("cpu", 2 * GiB)]
-    half = plan_shards(SMOLLM2, budgets, max_context=1024, max_batch=2, dtype="bfloat16")
-    full = plan_shards(SMOLLM2, budgets, max_context=1024, max_batch=2, dtype="float32")
+    half = plan_model(SMOLLM2, budgets, max_context=1024, max_batch=2, dtype="bfloat16")
+    full = plan_model(SMOLLM2, budgets, max_context=1024, max_batch=2, dtype="float32")
     assert sum(r.weight_bytes for r in full.ranks) == 2 * sum(r.weight_bytes for r in half.ranks)
     assert sum(r.kv_cache_bytes for r in full.ranks) == 2 * sum(r.kv_cache_bytes for r in half.ranks)
 
 
 def test_to_dict_and_table():
     budgets = [("cuda:0@24GiB", 24 * GiB), ("cuda:1@8GiB", 8 * GiB)]
-    plan = plan_shards(SMOLLM2, budgets, max_context=2048, max_batch=4)
+    plan = plan_model(SMOLLM2, budgets, max_context=2048, max_batch=4)
     d = json.loads(json.dumps(plan.to_dict()))
     assert [r["device"] for r in d["ranks"]] == ["cuda:0@24GiB", "cuda:1@8GiB"]
     for r, shard in zip(d["ranks"], plan.ranks):
@@ -232,7 +236,7 @@ def test_to_dict_and_table():
         assert r["mlp_cols"] == len(shard.mlp_cols) and r["vocab_rows"] == len(shard.vocab_rows)
         assert r["budget_bytes"] == shard.budget_bytes and r["weight_bytes"] == shard.weight_bytes
         assert r["kv_cache_bytes"] == shard.kv_cache_bytes
-        assert r["mlp_col_range"] == [shard.mlp_cols.start, shard.mlp_cols.stop]
+        assert r["mlp_cols_range"] == [shard.mlp_cols.start, shard.mlp_cols.stop]
     assert sum(r["vocab_rows"] for r in d["ranks"]) == 49152
     table = plan.format_table()
     header, *rows = table.splitlines()
@@ -247,13 +251,14 @@ def test_to_dict_and_table():
     [(dict(max_context=0, max_batch=1), "max_context must be at least 1"),
      (dict(max_context=8, max_batch=0), "max_batch must be at least 1"),
      (dict(max_context=8, max_batch=1, dtype="int3"), "unsupported dtype 'int3'"),
-     (dict(max_context=8, max_batch=1, mlp_block=0), "mlp_block must be at least 1")],
+     (dict(max_context=8, max_batch=1, blocks={"mlp_cols": 0}), "the block of mlp_cols must be at least 1"),
+     (dict(max_context=8, max_batch=1, blocks={"experts": 4}), "no piece named experts")],
 )
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        plan_shards(SMOLLM2, [("cpu", GiB)], **kwargs)
+        plan_model(SMOLLM2, [("cpu", GiB)], **kwargs)
 
 
 def test_no_devices():
     with pytest.raises(ValueError, match="number of devices must be at least 1"):
-        plan_shards(SMOLLM2, [], max_context=8, max_batch=1)
+        plan_model(SMOLLM2, [], max_context=8, max_batch=1)

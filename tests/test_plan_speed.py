@@ -4,7 +4,9 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from raytp.parallel.plan import DTYPE_BYTES, PlanError, plan_shards, replicated_overhead_bytes
+from raytp.parallel.plan import DTYPE_BYTES, PlanError
+from raytp.model.layout import param_count
+from raytp.model.pieces import plan_model, replicated_overhead_bytes
 from raytp.weights.synthetic import synthetic_config
 from tests.test_plan import check_invariants, configs, model_bytes, shapes
 
@@ -25,7 +27,7 @@ def _read_bytes(config, dtype):
     """Bytes a batch-1 step streams: every weight but the norms and the embedding table (from param_count)."""
     h, layers = config.hidden_size, config.num_layers
     embedding = config.vocab_size * h if not config.tie_word_embeddings else 0
-    return (config.param_count() - embedding - (2 * layers + 1) * h) * DTYPE_BYTES[dtype]
+    return (param_count(config) - embedding - (2 * layers + 1) * h) * DTYPE_BYTES[dtype]
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -34,10 +36,10 @@ def test_speed_split_fits_and_is_never_slower_than_memory_split(config, gbs, ws,
     budgets = _budgets(config, shape, scale, ws[: len(gbs)])
     bw = [g * 1e9 for g in gbs]
     try:
-        memory = plan_shards(config, budgets, **shape, bandwidths=bw, split="memory")
+        memory = plan_model(config, budgets, **shape, bandwidths=bw, split="memory")
     except PlanError:
         return
-    speed = plan_shards(config, budgets, **shape, bandwidths=bw)
+    speed = plan_model(config, budgets, **shape, bandwidths=bw)
     assert speed.split == "speed"
     check_invariants(config, speed, budgets, shape)
     assert speed.step_seconds <= memory.step_seconds
@@ -48,8 +50,8 @@ def test_speed_split_fits_and_is_never_slower_than_memory_split(config, gbs, ws,
 @given(configs(), shapes, st.integers(1, 12), st.floats(1.0, 3.0))
 def test_identical_devices_that_fit_get_the_even_split(config, shape, n, scale):
     budgets = _budgets(config, shape, scale * n, [1] * n)  # each device could hold the model `scale` times
-    memory = plan_shards(config, budgets, **shape)
-    speed = plan_shards(config, budgets, **shape, bandwidths=[1e12] * n)
+    memory = plan_model(config, budgets, **shape)
+    speed = plan_model(config, budgets, **shape, bandwidths=[1e12] * n)
     assert [(r.kv_heads, r.mlp_cols, r.vocab_rows) for r in speed.ranks] == \
            [(r.kv_heads, r.mlp_cols, r.vocab_rows) for r in memory.ranks]
 
@@ -76,14 +78,15 @@ def test_speed_split_is_within_one_block_of_the_continuous_optimum(config, gbs, 
     h, layers, nbytes = config.hidden_size, config.num_layers, DTYPE_BYTES[shape["dtype"]]
     rows = config.vocab_size * h * (1 if config.tie_word_embeddings else 2)
     cache = 2 * layers * shape["max_batch"] * shape["max_context"] * config.head_dim * nbytes
-    kv_read = (config.param_count() - 3 * h * config.intermediate_size * layers - rows - (2 * layers + 1) * h) \
+    kv_read = (param_count(config) - 3 * h * config.intermediate_size * layers - rows - (2 * layers + 1) * h) \
         // config.num_kv_heads * nbytes
-    mlp_block, vocab_block = shape["mlp_block"] * 3 * h * layers * nbytes, shape["vocab_block"] * h * nbytes
+    mlp_block = shape["blocks"]["mlp_cols"] * 3 * h * layers * nbytes
+    vocab_block = shape["blocks"]["vocab_rows"] * h * nbytes
     held_blocks = kv_read + cache + mlp_block + vocab_block * (1 if config.tie_word_embeddings else 2)
     if any(r < f * held + held_blocks for r, f in zip(room, shares)):
         event("skipped: tight room")
         return  # some rank could not take one more block of each: rebalancing may move more than a block
-    plan = plan_shards(config, budgets, **shape, bandwidths=bw)
+    plan = plan_model(config, budgets, **shape, bandwidths=bw)
     assert plan.step_seconds <= hi + (kv_read + mlp_block + vocab_block) / min(bw) * 1.000001
 
 
@@ -93,8 +96,8 @@ def test_a_small_card_beside_a_big_one_fills_up_when_both_read_as_fast():
     config = synthetic_config("synthetic:llama-3.1-70b")
     budgets = [("cuda:0@48GiB", 48 * GiB), ("cuda:1@141GiB", 141 * GiB)]
     shape = dict(max_context=2048, max_batch=8, dtype="bfloat16")
-    memory = plan_shards(config, budgets, **shape, bandwidths=[4.8e12] * 2, split="memory")
-    speed = plan_shards(config, budgets, **shape, bandwidths=[4.8e12] * 2)
+    memory = plan_model(config, budgets, **shape, bandwidths=[4.8e12] * 2, split="memory")
+    speed = plan_model(config, budgets, **shape, bandwidths=[4.8e12] * 2)
     assert memory.pacing_rank == speed.pacing_rank == 1
     assert speed.step_seconds < 0.95 * memory.step_seconds
     assert speed.ranks[0].headroom_bytes < memory.ranks[0].headroom_bytes / 4
@@ -103,7 +106,7 @@ def test_a_small_card_beside_a_big_one_fills_up_when_both_read_as_fast():
 def test_a_fast_card_gets_more_than_its_memory_share():
     config = synthetic_config("synthetic:llama-3.1-8b")
     budgets = [("cuda:0@24GiB", 24 * GiB), ("cuda:1@24GiB", 24 * GiB)]
-    plan = plan_shards(config, budgets, max_context=2048, max_batch=1, bandwidths=[2.0e12, 1.0e12])
+    plan = plan_model(config, budgets, max_context=2048, max_batch=1, bandwidths=[2.0e12, 1.0e12])
     assert len(plan.ranks[0].mlp_cols) > 1.8 * len(plan.ranks[1].mlp_cols)
     assert plan.ranks[0].step_seconds == pytest.approx(plan.ranks[1].step_seconds, rel=0.1)
 
@@ -117,7 +120,7 @@ def test_a_fast_card_gets_more_than_its_memory_share():
 def test_bad_split_arguments(kwargs, match):
     config = synthetic_config("synthetic:tiny")
     with pytest.raises(ValueError, match=match):
-        plan_shards(config, [("cpu", GiB)], max_context=64, max_batch=1, **kwargs)
+        plan_model(config, [("cpu", GiB)], max_context=64, max_batch=1, **kwargs)
 
 
 def test_raytp_plan_shows_both_splits_and_the_pacing_rank(capsys):
@@ -125,7 +128,7 @@ def test_raytp_plan_shows_both_splits_and_the_pacing_rank(capsys):
 
     assert main(["plan", "--model", "synthetic:llama-3.1-8b", "--devices", "cuda:0@24GiB~2TB/s,cuda:1@24GiB~1TB/s"]) == 0
     out = capsys.readouterr().out
-    memory = plan_shards(synthetic_config("synthetic:llama-3.1-8b"), [("a", 24 * GiB), ("b", 24 * GiB)],
+    memory = plan_model(synthetic_config("synthetic:llama-3.1-8b"), [("a", 24 * GiB), ("b", 24 * GiB)],
                          max_context=2048, max_batch=8, bandwidths=[2e12, 1e12], split="memory")
     assert f"memory split: predicted step {1000 * memory.step_seconds:.2f} ms" in out
     assert "speed split: predicted step" in out and "<- this plan" in out.split("speed split")[1]

@@ -16,7 +16,7 @@ from raytp.model.config import ModelConfig, QuantConfig, UnsupportedModelError
 from raytp.model.formats import IntWeight, read_linear
 from raytp.model.layout import Slice
 from raytp.parallel.comm.base import Communicator
-from raytp.parallel.plan import plan_shards, quant_replicated_bytes
+from raytp.model.pieces import plan_model, quant_replicated_bytes
 from raytp.runtime.sampling import SamplingParams
 from raytp.weights.checkpoint import SafetensorsReader
 from raytp.weights.source import ModelSource
@@ -188,7 +188,7 @@ def test_planned_bytes_are_the_bytes_each_rank_holds(checkpoint, scheme):
         assert held == planned if exact else held <= planned, (shard.rank, held, planned)
         if config.quant.group_size:
             assert shard.mlp_cols.start % config.quant.group_size == 0
-    dense = plan_shards(dataclasses.replace(config, quant=None), [("a", 3 * GiB)], max_context=256, max_batch=4,
+    dense = plan_model(dataclasses.replace(config, quant=None), [("a", 3 * GiB)], max_context=256, max_batch=4,
                         dtype="float32")
     assert group.plan.ranks[0].weight_bytes < dense.ranks[0].weight_bytes
 
@@ -197,7 +197,7 @@ def test_zero_width_ranks_still_allowed(quantized_smollm2):
     """12 ranks on 3 KV heads and 24 groups of MLP columns: most hold no heads, some no MLP columns, all agree."""
     model_dir = quantized_smollm2["w4a16"]
     config = ModelConfig.from_file(model_dir)
-    plan = plan_shards(config, [(f"cpu{i}", GiB) for i in range(12)], max_context=256, max_batch=4, dtype="float32")
+    plan = plan_model(config, [(f"cpu{i}", GiB) for i in range(12)], max_context=256, max_batch=4, dtype="float32")
     assert sum(1 for r in plan.ranks if not r.kv_heads) == 9
     assert all(len(r.mlp_cols) % 64 == 0 for r in plan.ranks)
     tokens = torch.tensor([[1, 504, 3458, 282]])
@@ -251,5 +251,5 @@ def test_plan_shows_bytes_per_rank_for_a_quantized_model(quantized_smollm2, caps
     main(["plan", "--model", str(quantized_smollm2["w4a16"]), "--devices", "cpu@3GiB,cpu@2GiB,cpu@1GiB",
           "--dtype", "float32", "--json"])
     plan = json.loads(capsys.readouterr().out)
-    assert plan["quant"].startswith("w4a16") and plan["mlp_block"] == 64
+    assert plan["quant"].startswith("w4a16") and {p["name"]: p["block"] for p in plan["pieces"]}["mlp_cols"] == 64
     assert all(r["weight_bytes"] > 0 for r in plan["ranks"])

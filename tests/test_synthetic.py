@@ -11,10 +11,11 @@ import torch
 from raytp.parallel.comm import InProcessGroup
 from raytp.parallel.comm.base import IdentityCheckingCommunicator
 from raytp.parallel.devices import parse_devices
-from raytp.model.layout import model_layout
+from raytp.model.layout import model_layout, param_count
 from raytp.model.llama import ShardedLlama
 from raytp.model.formats import read_linear
-from raytp.parallel.plan import PlanError, plan_shards, quant_replicated_bytes
+from raytp.parallel.plan import PlanError
+from raytp.model.pieces import plan_model, quant_replicated_bytes
 from raytp.weights.source import ModelSource
 from raytp.weights.synthetic import CONFIGS, SyntheticReader, synthetic_config
 
@@ -23,7 +24,7 @@ MIXED = "cuda:0@24GiB,cuda:1@24GiB,cuda:2@48GiB,cuda:3@80GiB"
 
 
 def _plan(config, weights, **kw):
-    return plan_shards(config, [(f"cpu{r}", int(w * GiB)) for r, w in enumerate(weights)],
+    return plan_model(config, [(f"cpu{r}", int(w * GiB)) for r, w in enumerate(weights)],
                        max_context=64, max_batch=2, dtype="float32", **kw)
 
 
@@ -54,9 +55,9 @@ def test_named_configs_have_the_published_shapes():
     assert (c.hidden_size, c.intermediate_size, c.num_layers, c.num_heads, c.num_kv_heads, c.vocab_size) == \
         (8192, 28672, 80, 64, 8, 128256)
     assert c.rope_scaling["rope_type"] == "llama3" and c.rope_theta == 500000.0
-    assert 7.9e9 < synthetic_config("synthetic:llama-3.1-8b").param_count() < 8.1e9
-    assert 70e9 < c.param_count() < 71e9
-    assert 405e9 < synthetic_config("synthetic:llama-3.1-405b").param_count() < 406.5e9
+    assert 7.9e9 < param_count(synthetic_config("synthetic:llama-3.1-8b")) < 8.1e9
+    assert 70e9 < param_count(c) < 71e9
+    assert 405e9 < param_count(synthetic_config("synthetic:llama-3.1-405b")) < 406.5e9
 
 
 def test_config_from_a_path(tmp_path):
@@ -77,7 +78,7 @@ def _read(config, shard) -> dict[str, torch.Tensor]:
 def test_shards_concatenate_to_the_one_rank_weights(weights):
     config = synthetic_config("synthetic:tiny")
     full = _read(config, _plan(config, [1.0]).ranks[0])
-    shards = [_read(config, s) for s in _plan(config, weights, mlp_block=32).ranks]
+    shards = [_read(config, s) for s in _plan(config, weights, blocks={"mlp_cols": 32}).ranks]
     for name, dim in [("model.embed_tokens.weight", 0), ("lm_head.weight", 0),
                       ("model.layers.1.self_attn.k_proj.weight", 0), ("model.layers.1.self_attn.o_proj.weight", 1),
                       ("model.layers.2.mlp.gate_proj.weight", 0), ("model.layers.2.mlp.up_proj.weight", 0),
@@ -98,7 +99,7 @@ def test_tiny_logits_match_one_rank(weights):
 
 def _mixed_plan(name: str, dtype: str):
     devices = parse_devices(MIXED)
-    return plan_shards(synthetic_config(f"synthetic:{name}"), [(str(d), d.mem_bytes) for d in devices],
+    return plan_model(synthetic_config(f"synthetic:{name}"), [(str(d), d.mem_bytes) for d in devices],
                        max_context=4096, max_batch=8, dtype=dtype)
 
 
@@ -133,9 +134,9 @@ def test_quantized_shards_concatenate_to_the_one_rank_weights(quant):
         return {s.name: read_linear(reader, s) for s in model_layout(config, shard).slices() if s.quant is not None}
 
     full = linears(_plan(config, [1.0]).ranks[0])
-    plan = _plan(config, [1.0, 2.0, 3.0], mlp_block=32)
+    plan = _plan(config, [1.0, 2.0, 3.0], blocks={"mlp_cols": 32})
     if quant == "w4a16":  # the planner widens MLP blocks to whole groups of down_proj
-        assert plan.mlp_block == 128 and all(r.mlp_cols.start % 128 == 0 for r in plan.ranks)
+        assert plan.block("mlp_cols") == 128 and all(r.mlp_cols.start % 128 == 0 for r in plan.ranks)
     shards = [linears(s) for s in plan.ranks]
     for name, dim in [("model.layers.1.self_attn.q_proj.weight", 0), ("model.layers.1.self_attn.o_proj.weight", 1),
                       ("model.layers.2.mlp.up_proj.weight", 0), ("model.layers.0.mlp.down_proj.weight", 1)]:
@@ -184,11 +185,11 @@ def test_plan_counts_quantized_bytes(quant, bits, group, scale_bytes):
     matrices = [(h, h), (kv, h), (kv, h), (h, h), (i, h), (i, h), (h, i)]  # (out, in): q k v o gate up down
     layer = sum(o * n * bits // 8 + o * (n // group if group else 1) * scale_bytes for o, n in matrices)
     expected = 32 * layer + 2 * 128256 * h * 2
-    plan = plan_shards(config, [("cuda:0", 80 * GiB)], max_context=1024, max_batch=1, dtype="bfloat16")
+    plan = plan_model(config, [("cuda:0", 80 * GiB)], max_context=1024, max_batch=1, dtype="bfloat16")
     # the scales every rank keeps whole (row-parallel layers' per-row scales) count in the replicated overhead
     assert plan.ranks[0].weight_bytes + quant_replicated_bytes(config, "bfloat16") == expected
     assert plan.quant == config.quant.describe() and plan.quant.startswith(quant)
-    bf16 = plan_shards(synthetic_config("synthetic:llama-3.1-8b"), [("cuda:0", 80 * GiB)], max_context=1024,
+    bf16 = plan_model(synthetic_config("synthetic:llama-3.1-8b"), [("cuda:0", 80 * GiB)], max_context=1024,
                        max_batch=1, dtype="bfloat16")
     assert bf16.ranks[0].read_bytes > plan.ranks[0].read_bytes
 
@@ -196,9 +197,9 @@ def test_plan_counts_quantized_bytes(quant, bits, group, scale_bytes):
 def test_70b_w4a16_fits_three_24gib_cards_that_bf16_does_not():
     devices = [(f"cuda:{r}@24GiB", 24 * GiB) for r in range(3)]
     with pytest.raises(PlanError):
-        plan_shards(synthetic_config("synthetic:llama-3.1-70b"), devices, max_context=4096, max_batch=1,
+        plan_model(synthetic_config("synthetic:llama-3.1-70b"), devices, max_context=4096, max_batch=1,
                     dtype="bfloat16")
-    plan = plan_shards(synthetic_config("synthetic:llama-3.1-70b@w4a16"), devices, max_context=4096, max_batch=1,
+    plan = plan_model(synthetic_config("synthetic:llama-3.1-70b@w4a16"), devices, max_context=4096, max_batch=1,
                        dtype="bfloat16")
     assert [len(r.kv_heads) for r in plan.ranks] == [3, 2, 3] and all(r.headroom_bytes > 0 for r in plan.ranks)
 

@@ -18,7 +18,8 @@ from raytp.parallel.comm.factory import CommPlan
 from raytp.parallel.comm.hierarchical import node_layout
 from raytp.model.config import ModelConfig
 from raytp.parallel.devices import DeviceSpec, format_bytes
-from raytp.parallel.plan import ShardPlan, plan_shards
+from raytp.model.pieces import plan_model
+from raytp.parallel.plan import ShardPlan
 from raytp.runtime.bandwidth import CACHE_FILE, cached_bandwidths, copy_bandwidth, remember_bandwidths
 from raytp.runtime.engine import Stop
 from raytp.runtime.options import RuntimeOptions
@@ -137,7 +138,7 @@ class WorkerGroup:
             for i, d in enumerate(s.devices)
         ]
         self.ranks = ray.get([w.describe.remote() for w in self.workers])
-        self.plan = plan_shards(self.config, self._budgets(), max_context=s.max_context, max_batch=s.max_batch,
+        self.plan = plan_model(self.config, self._budgets(), max_context=s.max_context, max_batch=s.max_batch,
                                 dtype=s.dtype, bandwidths=self._bandwidths(), split=s.split, kv_dtype=s.kv_dtype)
         if self.plan.step_seconds is not None:
             log.info("%s split: predicted decode step %.2f ms (weights / bandwidth), rank %d paces it",

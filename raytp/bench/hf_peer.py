@@ -26,7 +26,7 @@ from raytp.model.layout import model_layout, whole_model
 
 
 def hf_state_dict(config: ModelConfig, reader: WeightReader) -> dict[str, torch.Tensor]:
-    """The whole model read through `reader` as a Hugging Face Llama/Mistral/Qwen2 state dict: raytp's layout
+    """The whole model read through `reader` as a Hugging Face Llama/Mistral/Qwen2/Qwen3 state dict: raytp's layout
     names HF's tensors, and a one-rank slice of each is the whole tensor."""
     layout = model_layout(config, whole_model(config))
     sd = {s.name: reader.read(s) for s in layout.slices()}

@@ -4,8 +4,9 @@
                    in order; skipped and failed configurations too, with the reason
     results.json   the same rows, the full measurements of every group (plan, per-rank figures, all-reduce latency
                    per size, greedy tokens) and how the sweep was run
-    summary.md     the table, the quantizations side by side (when several ran), what was skipped and why, the
-                   per-rank step profiles (`raytp bench --profile`), how each figure is obtained, the plots
+    summary.md     the table, the quantizations side by side (when several ran), what was skipped and why, how each
+                   group split the model's pieces (whichever the model declares), the per-rank step profiles
+                   (`raytp bench --profile`), how each figure is obtained, the plots
     scaling.png    decode tokens/s against rank count, with ideal linear scaling and the memory roofline, one series
                    per (quantization, backend)
     breakdown.png  ms per decode step split into compute, all-reduce and overhead (estimated, see `NOTES`)
@@ -191,6 +192,8 @@ def summary_markdown(rows: list[dict], sweep: dict, meta: dict) -> str:
                 seen.add(key)
                 lines.append(f"- `{r['devices']}` quant {r['quant']}, --comm {r['comm']}, prompt {r['prompt_len']}: "
                              f"**{r['status']}**: {r['reason']}")
+    if sweep["runs"]:
+        lines += ["", "## How each group split the model", ""] + _pieces_table(sweep)
     if any("profile" in d for run in sweep["runs"] for d in run["decode"]):
         lines += ["", "## Decode step profile (torch.profiler, per rank; ms per step and share)", ""]
         lines += _profile_table(sweep)
@@ -227,6 +230,25 @@ def _quant_table(ok: list[dict]) -> list[str]:
         row = [f"`{spec}`", str(ranks), setup, str(prompt), str(batch),
                *(_fmt(by[q]["tokens_per_s"]) if q in by else "-" for q in quants), *(ratio(by, q) for q in others)]
         lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def _pieces_table(sweep: dict) -> list[str]:
+    """Every rank's range of every piece the model declared (ShardPlan.to_dict), once per device set, quantization
+    and split."""
+    plans = {(",".join(run["devices"]), run["plan"]["quant"], run["plan"]["split"]): run["plan"]
+             for run in sweep["runs"]}
+    first = next(iter(plans.values()))
+    spans = [s for p in first["pieces"] for s in (*p["spans"][1:], p["spans"][0])]
+    blocks = ", ".join(f"{p['spans'][0]['title']} in blocks of {p['block']}" for p in first["pieces"])
+    head = ["devices", "quant", "split", "rank", "device"] + [s["title"] for s in spans]
+    lines = [f"Split: {blocks}; a cell is the rank's count [start:stop).", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (devices, quant, split), plan in plans.items():
+        for r in plan["ranks"]:
+            cells = [f"`{devices}`", quant or "none", split, str(r["rank"]), f"`{r['device']}`"]
+            cells += [f"{r[s['name']]} [{r[s['name'] + '_range'][0]}:{r[s['name'] + '_range'][1]}]" for s in spans]
+            lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 

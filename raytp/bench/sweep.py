@@ -59,7 +59,7 @@ from raytp.parallel.devices import DeviceSpec
 from raytp.runtime.engine import Add, Request
 from raytp.runtime.errors import error_summary
 from raytp.runtime.options import RuntimeOptions
-from raytp.parallel.plan import DTYPE_BYTES, PlanError, ShardPlan, kv_row_bytes
+from raytp.parallel.plan import PlanError, ShardPlan
 from raytp.runtime.sampling import SamplingParams
 from raytp.weights.source import ModelSource
 
@@ -154,12 +154,12 @@ def _profile_decode(group: WorkerGroup, batch: int, prompt_len: int, steps: int,
     return ranks
 
 
-def _read_bytes_per_step(config: ModelConfig, plan: ShardPlan, batch: int, context: float) -> list[int]:
+def _read_bytes_per_step(plan: ShardPlan, batch: int, context: float) -> list[int]:
     """Bytes each rank reads in one decode step: the weights the planner says a step streams (all but the embedding
-    table; quantized ones as stored: packed values, scales, zero points), plus its KV cache as stored (--kv-dtype)."""
-    nbytes = DTYPE_BYTES[plan.dtype]
-    row = kv_row_bytes(config.head_dim, nbytes, plan.kv_dtype)  # one head's keys (or values) at one position
-    return [r.read_bytes + int(batch * context * 2 * config.num_layers * len(r.kv_heads) * row) for r in plan.ranks]
+    table; quantized ones as stored: packed values, scales, zero points), plus the part of its KV cache (as stored,
+    --kv-dtype) that `batch` sequences of `context` tokens fill."""
+    used = batch * context / (plan.max_batch * plan.max_context)
+    return [r.read_bytes + int(r.kv_cache_bytes * used) for r in plan.ranks]
 
 
 def allreduces_per_step(config: ModelConfig) -> int:
@@ -193,7 +193,7 @@ def run_bench(settings: GroupSettings, config: ModelConfig, *, batches: list[int
             runs = [_run_batch(group, random_requests(batch, prompt_len, decode_tokens, vocab, f"b{batch}r{k}"))
                     for k in range(repeats)]
             ms = statistics.median(1000 * r["seconds"] / r["steps"] for r in runs if r["steps"])
-            reads = _read_bytes_per_step(config, group.plan, batch, prompt_len + decode_tokens / 2)
+            reads = _read_bytes_per_step(group.plan, batch, prompt_len + decode_tokens / 2)
             roofline_ms = max(1000 * b / bw for b, bw in zip(reads, group.bandwidth))
             allreduce_ms = n_allreduce * slowest[step_sizes[batch]] / 1000
             decode.append({

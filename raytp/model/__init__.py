@@ -1,8 +1,12 @@
 """The model: one rank's shard of a Llama-family decoder.
 
+    architecture.py  one declaration per model family (q/k/v bias, q/k norms)
     config.py   ModelConfig, read from a Hugging Face config.json
     layout.py   which Hugging Face tensors, rows and columns each rank holds (the one place that says so)
-    formats.py  how a Linear slice is stored, read and applied: dense, packed int4/int8, float8
+    pieces.py   what the model can split, and what each rank holds whole: its declaration to the planner
+    kv_cache.py the KV cache (model dtype or FP8): write, attend, bytes per row
+    formats/    one object per weight format: how a Linear slice is stored, counted, read and applied (dense,
+                packed int4/int8, float8, activation-quantized)
     layers.py   parallel layers that own their uneven slice (column/row-parallel linear, vocab-parallel
                 embedding and head)
     llama.py    the decoder forward of one rank

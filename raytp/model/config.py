@@ -1,7 +1,7 @@
 """Model configuration, read from a Hugging Face `config.json`.
 
 Only decoder-only Llama-family models are supported: they share one forward (RMSNorm, RoPE, grouped-query
-attention, SwiGLU MLP) and differ in a few flags that live here.
+attention, SwiGLU MLP) and differ in what `raytp.model.architecture` declares for each.
 """
 
 from __future__ import annotations
@@ -11,8 +11,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# model_type in config.json -> whether q/k/v projections carry a bias
-SUPPORTED_ARCHITECTURES = {"llama": False, "mistral": False, "qwen2": True}
+from raytp.model.architecture import ARCHITECTURES, Architecture
 
 
 class ConfigError(ValueError):
@@ -200,7 +199,7 @@ def quant_name(quant: QuantConfig | None) -> str:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: str  # "llama", "mistral" or "qwen2"
+    arch: str  # config.json's model_type, a key of ARCHITECTURES
     vocab_size: int
     hidden_size: int
     intermediate_size: int  # SwiGLU inner width
@@ -214,10 +213,18 @@ class ModelConfig:
     rope_scaling: dict | None = None
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
-    attention_bias: bool = False  # q/k/v bias (Qwen2)
+    attention_bias: bool = False  # q/k/v bias (always with Qwen2)
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
     quant: QuantConfig | None = None  # quantized Linear weights, or None: every weight in the model dtype
+
+    @property
+    def architecture(self) -> Architecture:
+        return ARCHITECTURES[self.arch]
+
+    @property
+    def qkv_bias(self) -> bool:
+        return self.attention_bias or self.architecture.qkv_bias
 
     @property
     def q_per_kv(self) -> int:
@@ -226,10 +233,10 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
         arch = d.get("model_type")
-        if arch not in SUPPORTED_ARCHITECTURES:
+        if arch not in ARCHITECTURES:
             raise UnsupportedModelError(
                 f"unsupported architecture model_type={arch!r} (architectures={d.get('architectures')}); "
-                f"raytp runs {', '.join(sorted(SUPPORTED_ARCHITECTURES))}"
+                f"raytp runs {', '.join(sorted(ARCHITECTURES))}"
             )
         num_heads = d["num_attention_heads"]
         num_kv_heads = d.get("num_key_value_heads") or num_heads
@@ -264,7 +271,7 @@ class ModelConfig:
             rope_scaling=rope_scaling,
             max_position_embeddings=d.get("max_position_embeddings", 4096),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            attention_bias=SUPPORTED_ARCHITECTURES[arch] or bool(d.get("attention_bias", False)),
+            attention_bias=bool(d.get("attention_bias", False)),
             bos_token_id=d.get("bos_token_id"),
             eos_token_ids=eos_ids,
             quant=QuantConfig.from_dict(d["quantization_config"]) if d.get("quantization_config") else None,
@@ -288,13 +295,3 @@ class ModelConfig:
             raise UnsupportedModelError(f"{path}: {e}") from None
         except (KeyError, TypeError) as e:
             raise ConfigError(f"{path} is not a Llama-family config.json: {e} is missing or malformed") from None
-
-    def param_count(self) -> int:
-        """Parameters of the whole model (embedding counted once when tied)."""
-        h, i, d = self.hidden_size, self.intermediate_size, self.head_dim
-        attn = h * d * (self.num_heads * 2 + self.num_kv_heads * 2)
-        if self.attention_bias:
-            attn += d * (self.num_heads + 2 * self.num_kv_heads)
-        per_layer = attn + 3 * h * i + 2 * h
-        embed = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
-        return self.num_layers * per_layer + embed + h

@@ -1,8 +1,10 @@
 """Which Hugging Face tensors a rank holds, and which of their rows and columns: written here once.
 
 The layers load these slices (`raytp.model.layers`), the model check compares them with a checkpoint's headers
-(`raytp.weights.source`) and the transformers peer turns a one-rank weight set back into a state dict
-(`raytp.bench.hf_peer`); none of them spells a tensor name or a fused order itself.
+(`raytp.weights.source`), the synthetic weights draw them (`raytp.weights.synthetic`), the planner's bytes count
+them (`raytp.model.pieces`: what is replicated is what the layout gives every rank whole) and the transformers
+peer turns a one-rank weight set back into a state dict (`raytp.bench.hf_peer`); none of them spells a tensor name
+or a fused order itself. Each slice names the piece whose range it follows (`Slice.split`, None: held whole).
 
 A quantized Linear keeps its logical slice here (rows and columns of the dense matrix, named `...weight`) with the
 `QuantConfig` it is stored in; `raytp.model.formats` maps that onto the stored tensors (weight_packed,
@@ -13,11 +15,16 @@ see `model_layout`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from raytp.model.config import ModelConfig, QuantConfig
 from raytp.parallel.plan import RankShard
+
+# The pieces a Llama-family model splits (`raytp.model.pieces` declares their bytes): the names of their ranges on
+# a RankShard. Query heads follow the KV heads, q_per_kv to a KV group.
+KV_HEADS, Q_HEADS, MLP_COLS, VOCAB_ROWS = "kv_heads", "q_heads", "mlp_cols", "vocab_rows"
 
 
 @dataclass(frozen=True)
@@ -26,7 +33,9 @@ class Slice:
 
     `quant`: the matrix is stored quantized in that format. `order`: the sliced dimension (rows, or columns when
     `cols` is given) counts positions in the stable sort of the group index of the Linear named `order` (its
-    act-order weight_g_idx or g_idx), not stored indices.
+    act-order weight_g_idx or g_idx), not stored indices. `split`: the piece whose range the sliced dimension
+    follows (a KV_HEADS slice of q_proj holds the rows of the rank's KV groups' query heads), None for a tensor
+    every rank holds whole.
     """
 
     name: str
@@ -35,6 +44,7 @@ class Slice:
     cols: range | None = None
     quant: QuantConfig | None = None
     order: str | None = None
+    split: str | None = None
 
 
 def whole(name: str, shape: tuple[int, ...]) -> Slice:
@@ -46,13 +56,15 @@ class LayerLayout:
     attn_norm: Slice
     qkv: tuple[Slice, ...]  # fused in this order: q rows, k rows, v rows of this rank's heads
     qkv_bias: tuple[Slice, ...]  # empty unless the config has attention bias (Qwen2)
+    qk_norm: tuple[Slice, ...]  # q_norm, k_norm (head_dim,) shared by every head; empty unless declared (Qwen3)
     o_proj: Slice  # input columns of this rank's query heads
     mlp_norm: Slice
     gate_up: tuple[Slice, ...]  # fused in this order: gate rows, up rows of this rank's MLP columns
     down: Slice  # input columns of this rank's MLP columns
 
     def slices(self) -> Iterator[Slice]:
-        yield from (self.attn_norm, *self.qkv, *self.qkv_bias, self.o_proj, self.mlp_norm, *self.gate_up, self.down)
+        yield from (self.attn_norm, *self.qkv, *self.qkv_bias, *self.qk_norm, self.o_proj, self.mlp_norm,
+                    *self.gate_up, self.down)
 
 
 @dataclass(frozen=True)
@@ -75,10 +87,16 @@ class ModelLayout:
 
 def whole_model(config: ModelConfig) -> RankShard:
     """One rank holding all of the model: the layout of a whole checkpoint (its byte counts are not planned)."""
-    return RankShard(rank=0, device="whole", budget_bytes=0, kv_heads=range(config.num_kv_heads),
-                     q_heads=range(config.num_heads), mlp_cols=range(config.intermediate_size),
-                     vocab_rows=range(config.vocab_size), weight_bytes=0, kv_cache_bytes=0, overhead_bytes=0,
-                     read_bytes=0)
+    spans = {KV_HEADS: config.num_kv_heads, Q_HEADS: config.num_heads, MLP_COLS: config.intermediate_size,
+             VOCAB_ROWS: config.vocab_size}
+    return RankShard(rank=0, device="whole", budget_bytes=0, spans={k: range(n) for k, n in spans.items()},
+                     weight_bytes=0, kv_cache_bytes=0, overhead_bytes=0, read_bytes=0)
+
+
+def param_count(config: ModelConfig) -> int:
+    """Parameters of the whole model, counted from its layout (a tied embedding once)."""
+    layout = model_layout(config, whole_model(config))
+    return sum(math.prod(s.shape) for s in layout.slices())
 
 
 def model_layout(config: ModelConfig, shard: RankShard) -> ModelLayout:
@@ -92,9 +110,10 @@ def model_layout(config: ModelConfig, shard: RankShard) -> ModelLayout:
     kv_rows = range(shard.kv_heads.start * D, shard.kv_heads.stop * D)
     nq, nkv, I = c.num_heads * D, c.num_kv_heads * D, c.intermediate_size
 
-    def linear(name: str, shape: tuple[int, int], rows: range, cols: range | None = None, order: str | None = None):
+    def linear(name: str, shape: tuple[int, int], rows: range, cols: range | None = None, order: str | None = None,
+               split: str | None = None):
         quant = c.quant if c.quant is not None and c.quant.quantizes(name) else None
-        return Slice(name + ".weight", shape, rows, cols, quant, order)
+        return Slice(name + ".weight", shape, rows, cols, quant, order, split)
 
     def layer(i: int) -> LayerLayout:
         p, a, m = f"model.layers.{i}.", f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
@@ -104,17 +123,21 @@ def model_layout(config: ModelConfig, shard: RankShard) -> ModelLayout:
         order = down if permuted else None
         return LayerLayout(
             attn_norm=whole(p + "input_layernorm.weight", (H,)),
-            qkv=tuple(linear(a + n, (size, H), rows) for n, size, rows in heads),
-            qkv_bias=tuple(Slice(f"{a}{n}.bias", (size,), rows) for n, size, rows in heads) if c.attention_bias
-            else (),
-            o_proj=linear(a + "o_proj", (H, nq), range(H), q_rows),
+            qkv=tuple(linear(a + n, (size, H), rows, split=KV_HEADS) for n, size, rows in heads),
+            qkv_bias=tuple(Slice(f"{a}{n}.bias", (size,), rows, split=KV_HEADS) for n, size, rows in heads)
+            if c.qkv_bias else (),
+            qk_norm=tuple(whole(f"{a}{n}.weight", (D,)) for n in ("q_norm", "k_norm"))
+            if c.architecture.qk_norm else (),
+            o_proj=linear(a + "o_proj", (H, nq), range(H), q_rows, split=KV_HEADS),
             mlp_norm=whole(p + "post_attention_layernorm.weight", (H,)),
-            gate_up=tuple(linear(m + n, (I, H), shard.mlp_cols, order=order) for n in ("gate_proj", "up_proj")),
-            down=linear(down, (H, I), range(H), shard.mlp_cols, order),
+            gate_up=tuple(linear(m + n, (I, H), shard.mlp_cols, order=order, split=MLP_COLS)
+                          for n in ("gate_proj", "up_proj")),
+            down=linear(down, (H, I), range(H), shard.mlp_cols, order, MLP_COLS),
         )
 
-    return ModelLayout(embed=Slice("model.embed_tokens.weight", (c.vocab_size, H), shard.vocab_rows),
+    vocab = (c.vocab_size, H)
+    return ModelLayout(embed=Slice("model.embed_tokens.weight", vocab, shard.vocab_rows, split=VOCAB_ROWS),
                        layers=tuple(layer(i) for i in range(c.num_layers)),
                        final_norm=whole("model.norm.weight", (H,)),
-                       lm_head=Slice("lm_head.weight", (c.vocab_size, H), shard.vocab_rows),
+                       lm_head=Slice("lm_head.weight", vocab, shard.vocab_rows, split=VOCAB_ROWS),
                        tied=c.tie_word_embeddings)

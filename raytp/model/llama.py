@@ -1,4 +1,4 @@
-"""One rank's shard of a Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM).
+"""One rank's shard of a Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM).
 
 Parallel layout (Megatron-style, widths from the ShardPlan, never `size // world_size`; the slices are named in
 `raytp.model.layout`, and the layers of `raytp.model.layers` hold them and own their collectives):
@@ -12,7 +12,8 @@ Parallel layout (Megatron-style, widths from the ShardPlan, never `size // world
     lm_head     vocab-parallel: rank r returns logits of vocab_rows[r] only (the sampler gathers
                 candidates, never full logits)
 
-A rank with zero heads or zero columns still joins every all-reduce, contributing zeros.
+A rank with zero heads or zero columns still joins every all-reduce, contributing zeros. Qwen3's q_norm and
+k_norm (one head_dim weight each, every rank holds them whole) normalize each query and key head before RoPE.
 The math follows Hugging Face's LlamaForCausalLM step for step (float32 RMSNorm, rotate-half RoPE) so
 that float32 logits match it closely.
 """
@@ -24,11 +25,9 @@ from dataclasses import dataclass
 
 import torch
 
-from raytp.kernels import kv_fp8
-from raytp.kernels.attention import cached_attention
 from raytp.kernels.norm import add_rms_norm, rms_norm, swiglu
-from raytp.kernels.rope_cache import rope_and_cache
 from raytp.model.config import ModelConfig
+from raytp.model.kv_cache import LayerCache, make_kv_cache
 from raytp.model.layers import (ColumnParallelLinear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding,
                                 WeightReader)
 from raytp.model.layout import LayerLayout, model_layout
@@ -69,16 +68,15 @@ class DecoderLayer:
     """One transformer block's slice: this rank's heads of attention and columns of the MLP."""
 
     def __init__(self, config: ModelConfig, layout: LayerLayout, comm: Communicator, reader: WeightReader,
-                 k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor | None = None,
-                 v_scale: torch.Tensor | None = None):
+                 cache: LayerCache):
         self.attn_norm, self.mlp_norm = reader.read(layout.attn_norm), reader.read(layout.mlp_norm)  # (hidden,)
+        self.qk_norm = tuple(reader.read(s) for s in layout.qk_norm)  # (head_dim,) for q and k, or none
         self.qkv = ColumnParallelLinear(layout.qkv, layout.qkv_bias).load(reader)
         self.o_proj = RowParallelLinear(layout.o_proj, comm).load(reader)
         self.gate_up = ColumnParallelLinear(layout.gate_up).load(reader)
         self.down = RowParallelLinear(layout.down, comm).load(reader)
-        self.n_q, self.n_kv = self.o_proj.width // config.head_dim, k_cache.shape[1]
-        self.k_cache, self.v_cache = k_cache, v_cache  # (batch slots, local kv heads, positions, head_dim)
-        self.k_scale, self.v_scale = k_scale, v_scale  # FP8 cache: (batch slots, local kv heads, positions)
+        self.n_q, self.head_dim, self.eps = self.o_proj.width // config.head_dim, config.head_dim, config.rms_norm_eps
+        self.cache = cache
 
     def attention(self, h: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
                   step: StepInputs) -> torch.Tensor:
@@ -86,10 +84,18 @@ class DecoderLayer:
         if not self.n_q:  # no heads here: o_proj adds zeros
             return self.o_proj(h[..., :0])
         qkv = self.qkv(h)  # (batch, seq, (n_q + 2 n_kv) * head_dim)
-        q = rope_and_cache(qkv, self.n_q, self.n_kv, step.cos, step.sin, positions, slots, self.k_cache,
-                           self.v_cache, self.k_scale, self.v_scale)  # (batch, n_q, seq, head_dim)
-        out = cached_attention(q, self.k_cache, self.v_cache, slots, step, self.k_scale, self.v_scale)
-        return self.o_proj(out)  # out: (batch, seq, n_q * head_dim)
+        if self.qk_norm:
+            qkv = self._norm_heads(qkv)
+        q = self.cache.write(qkv, self.n_q, step.cos, step.sin, positions, slots)  # (batch, n_q, seq, head_dim)
+        return self.o_proj(self.cache.attend(q, slots, step))  # attended: (batch, seq, n_q * head_dim)
+
+    def _norm_heads(self, qkv: torch.Tensor) -> torch.Tensor:
+        """Each query head by q_norm and each key head by k_norm (RMSNorm over head_dim); values as they are."""
+        B, T, _ = qkv.shape
+        n_kv = self.cache.heads
+        q, k, v = qkv.view(B, T, -1, self.head_dim).split([self.n_q, n_kv, n_kv], dim=2)
+        q_norm, k_norm = self.qk_norm
+        return torch.cat((rms_norm(q, q_norm, self.eps), rms_norm(k, k_norm, self.eps), v), dim=2).view(B, T, -1)
 
     def mlp(self, h: torch.Tensor) -> torch.Tensor:
         """(batch, seq, hidden) normed input -> MLP output (batch, seq, hidden), summed over ranks."""
@@ -98,14 +104,14 @@ class DecoderLayer:
         return self.down(swiglu(self.gate_up(h)))  # gate/up: (batch, seq, 2 * local cols)
 
     def weights(self) -> list[torch.Tensor]:
-        return [self.attn_norm, self.mlp_norm] + [t for linear in (self.qkv, self.o_proj, self.gate_up, self.down)
-                                                  for t in linear.weight.tensors()]
+        linears = (self.qkv, self.o_proj, self.gate_up, self.down)
+        return [self.attn_norm, self.mlp_norm, *self.qk_norm] + [t for x in linears for t in x.weight.tensors()]
 
 
 class ShardedLlama:
     """One rank's layers and KV cache, read through `reader` in the slices `raytp.model.layout` gives `shard`;
-    `forward` runs them with the group's collectives. `kv_dtype` "fp8" stores the KV cache as float8 e4m3 with a
-    float32 scale per (slot, head, position) (raytp.kernels.kv_fp8); "auto" in the model dtype."""
+    `forward` runs them with the group's collectives. `kv_dtype` picks the cache (raytp.model.kv_cache): "auto" in
+    the model dtype, "fp8" as float8 e4m3 with a float32 scale per (slot, head, position)."""
 
     def __init__(self, config: ModelConfig, shard: RankShard, comm: Communicator, reader: WeightReader, *,
                  max_batch: int, max_context: int, kv_dtype: str = "auto"):
@@ -115,24 +121,10 @@ class ShardedLlama:
         layout = model_layout(config, shard)
         self.final_norm = reader.read(layout.final_norm)  # (hidden,)
         self.dtype, self.device = self.final_norm.dtype, self.final_norm.device
-        # KV cache: (layers, batch slots, local kv heads, positions, head_dim), filled per slot; FP8 adds the
-        # scales, (layers, batch slots, local kv heads, positions)
         shape = (config.num_layers, max_batch, len(shard.kv_heads), max_context, config.head_dim)
-        self.k_scale = self.v_scale = None
-        if kv_dtype == "fp8":
-            kv_fp8.check_supported()
-            self.k_cache, self.v_cache = kv_fp8.zeros(shape, self.device), kv_fp8.zeros(shape, self.device)
-            self.k_scale, self.v_scale = (torch.ones(shape[:-1], dtype=torch.float32, device=self.device)
-                                          for _ in range(2))
-        elif kv_dtype == "auto":
-            self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        else:
-            raise ValueError(f"unknown kv_dtype {kv_dtype!r}; choose auto or fp8")
+        self.cache = make_kv_cache(kv_dtype, shape, self.dtype, self.device)
         self.embed = VocabParallelEmbedding(layout.embed, comm).load(reader)
-        fp8 = self.k_scale is not None
-        self.layers = [DecoderLayer(config, layer, comm, reader, self.k_cache[i], self.v_cache[i],
-                                    self.k_scale[i] if fp8 else None, self.v_scale[i] if fp8 else None)
+        self.layers = [DecoderLayer(config, layer, comm, reader, self.cache.layer(i))
                        for i, layer in enumerate(layout.layers)]
         head = ParallelLMHead(layout.lm_head)
         self.lm_head = head.tie(self.embed) if layout.tied else head.load(reader)
@@ -148,13 +140,12 @@ class ShardedLlama:
 
     def cache_tensors(self) -> list[torch.Tensor]:
         """The KV cache as allocated, FP8 scales included: what the plan's kv_cache_bytes counts."""
-        return [t for t in (self.k_cache, self.v_cache, self.k_scale, self.v_scale) if t is not None]
+        return self.cache.tensors()
 
     def copy_slot(self, src: int, dst: int, length: int) -> None:
-        """Cache positions [0, length) of slot `src` into slot `dst` (FP8 scales too): a prompt prefilled once
-        serves several samples."""
-        for t in self.cache_tensors():  # (layers, slots, kv heads, positions, ...)
-            t[:, dst, :, :length] = t[:, src, :, :length]
+        """Cache positions [0, length) of slot `src` into slot `dst`: a prompt prefilled once serves several
+        samples."""
+        self.cache.copy_slot(src, dst, length)
 
     def step_inputs(self, positions: torch.Tensor, dtype: torch.dtype, span: int | None = None) -> StepInputs:
         """By default the span ends at the furthest position (one GPU sync); a CUDA graph passes max_context."""

@@ -4,5 +4,6 @@
     plan.py     the pure uneven planner and its frozen ShardPlan
     comm/       the Communicator interface, its backends and the factory that opens a group
 
-May import: raytp.model.config (a leaf), raytp.kernels. Never raytp.model's layers, weights, runtime or above.
+May import: raytp.kernels. Never raytp.model (a model declares its pieces to the planner), weights, runtime or
+above.
 """

@@ -1,16 +1,12 @@
-"""The uneven tensor-parallel split: which slice of every layer each rank holds, proportional to its memory.
+"""The uneven tensor-parallel split: which slice of every split dimension each rank holds, proportional to its memory.
 
-`plan_shards` is a pure function of the model config and one memory budget per rank; its `ShardPlan` is computed
-once and only read afterwards. What rank r holds, in every layer:
+`plan_shards` is a pure function of a model's declaration and one memory budget per rank; its `ShardPlan` is
+computed once and only read afterwards. The model declares its `Piece`s, the dimensions it can split (for a Llama:
+KV groups with their query heads, MLP columns, vocab rows; `raytp.model.pieces` says so), each with its block unit
+and the bytes one unit costs a rank; and what every rank holds whole (norms, working buffers). The planner knows
+no piece by name: it deals each one out in whole blocks and gives every rank a range of each.
 
-    attention  q/k/v columns of its KV heads `kv_heads` and of their query heads `q_heads` (column-parallel),
-               o_proj input columns of those query heads (row-parallel, partial sums all-reduced)
-    MLP        gate/up output columns `mlp_cols` (column-parallel), down_proj input columns `mlp_cols`
-               (row-parallel, partial sums all-reduced)
-    vocab      embedding rows and lm_head rows `vocab_rows` (masked lookup all-reduced; local logits gathered)
-    replicated RMSNorm weights and working buffers (`overhead_bytes`)
-
-Each slice is contiguous, in rank order, and the slices of all ranks cover their dimension exactly once. Any slice
+Each range is contiguous, in rank order, and the ranges of all ranks cover their dimension exactly once. Any range
 may be empty: with more ranks than KV heads (12 ranks, 3 KV heads) most ranks are zero-width for attention and add
 nothing to the o_proj all-reduce. That beats replicating KV heads, which would store their weights and cache twice
 and need the replicas excluded from the sum.
@@ -18,12 +14,11 @@ and need the replicas excluded from the sum.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-import math
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from itertools import accumulate
+from typing import Protocol
 
-from raytp.model.config import ModelConfig, QuantConfig
 from raytp.parallel.devices import format_bytes
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -40,19 +35,109 @@ class PlanError(ValueError):
 
 
 @dataclass(frozen=True)
+class Span:
+    """A range a rank holds that follows a piece's range: `per_unit` items per unit of the piece (a KV group's
+    query heads), named `name` on the RankShard and `title` in tables."""
+
+    name: str
+    title: str
+    per_unit: int = 1
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One dimension dealt out to ranks: `size` units (KV groups, MLP columns, vocab rows, ...) in blocks of `block`.
+
+    A unit costs a rank `weight_bytes` of weights (all layers, as held in memory), `cache_bytes` of cache, and a
+    batch-1 decode step reads `read_bytes` of it. Quantized row-parallel weights add `group_bytes` (their scales and
+    zero points) per started group of `group` units; `group` divides `block`, so every rank's range starts on a
+    group boundary and the count is exact. `spans` name the ranges a rank holds of it: the first is the piece's own
+    range (`RankShard.<name>`), the others follow it (`per_unit` items per unit).
+    """
+
+    spans: tuple[Span, ...]
+    size: int
+    block: int
+    weight_bytes: int
+    read_bytes: int
+    cache_bytes: int = 0
+    group: int = 1
+    group_bytes: int = 0
+    unit: str = ""  # what one block is called in messages: "KV group", "MLP block"
+
+    @property
+    def name(self) -> str:
+        return self.spans[0].name
+
+    def weights(self, n: int) -> int:
+        """Weight bytes of n units starting on a block boundary."""
+        return n * self.weight_bytes + -(-n // self.group) * self.group_bytes
+
+    def reads(self, n: int) -> int:
+        return n * self.read_bytes + -(-n // self.group) * self.group_bytes
+
+    def total(self, n: int) -> int:
+        return self.weights(n) + n * self.cache_bytes
+
+    @property
+    def block_bytes(self) -> int:
+        return self.total(self.block)
+
+    def ranges(self, blocks: Sequence[int]) -> list[range]:
+        """Block counts per rank -> contiguous unit ranges; the last block of the dimension may be partial."""
+        bounds = [min(self.size, self.block * b) for b in accumulate(blocks, initial=0)]
+        return [range(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+@dataclass(frozen=True)
+class PlanShape:
+    """What the declared bytes depend on besides the model: the cache's extent and storage, the dtype, and the
+    block (in units) asked of each piece by name (a declaration may widen it, e.g. to whole quantization groups)."""
+
+    max_context: int
+    max_batch: int
+    dtype: str
+    kv_dtype: str = "auto"
+    blocks: Mapping[str, int] = field(default_factory=dict)
+
+    def block(self, piece: str, default: int) -> int:
+        return self.blocks.get(piece, default)
+
+
+class Splittable(Protocol):
+    """What the planner needs of a model: its pieces and what every rank holds whole, for one shape."""
+
+    def pieces(self, shape: PlanShape) -> Sequence[Piece]: ...
+
+    def replicated_bytes(self, shape: PlanShape) -> int:
+        """Bytes every rank holds whatever its share: norms, quantization data kept whole, working buffers."""
+
+    def describe(self, shape: PlanShape) -> str:
+        """How its weights are stored, for messages: "bfloat16", "bfloat16, w4a16 int, groups of 128, ..."."""
+
+    @property
+    def quant(self) -> str | None:
+        """The quantized weights' format, when the model has one."""
+
+
+@dataclass(frozen=True)
 class RankShard:
     rank: int
     device: str  # the DeviceSpec string, e.g. "cuda:1@24GiB"
     budget_bytes: int  # memory this rank may use
-    kv_heads: range  # global KV head indices
-    q_heads: range  # the query heads served by those KV heads
-    mlp_cols: range  # slice of intermediate_size
-    vocab_rows: range  # slice of vocab_size
+    spans: Mapping[str, range]  # every piece's range (and the ranges that follow one), by name
     weight_bytes: int  # sharded weights only; the replicated norms count in overhead_bytes
-    kv_cache_bytes: int  # K and V of its KV heads for max_batch x max_context tokens (FP8: their scales too)
+    kv_cache_bytes: int  # the cache of its units (K and V of its KV heads for max_batch x max_context tokens)
     overhead_bytes: int  # replicated on every rank: norms and working buffers
     read_bytes: int  # weight bytes one batch-1 decode step streams: all but the embedding table
     bandwidth: float | None = None  # device memory bandwidth, bytes/s, when known
+
+    def __getattr__(self, name: str) -> range:
+        """A span by name, `shard.kv_heads`: the model's layers read their ranges so."""
+        spans = self.__dict__.get("spans")  # absent while unpickling
+        if spans is None or name not in spans:
+            raise AttributeError(f"RankShard has no attribute or span {name!r}")
+        return spans[name]
 
     @property
     def headroom_bytes(self) -> int:
@@ -70,11 +155,23 @@ class ShardPlan:
     dtype: str  # weights, activations and (kv_dtype auto) the KV cache
     max_context: int  # tokens per sequence the KV cache holds
     max_batch: int  # sequences the KV cache holds
-    mlp_block: int  # MLP columns move between ranks in blocks of this many (the last may be partial)
-    vocab_block: int  # vocab rows likewise
+    pieces: tuple[Piece, ...]  # what was split, as the model declared it (blocks as widened)
     split: str = "memory"  # what the shares follow: "memory" (budgets) or "speed" (bandwidths, within budgets)
     quant: str | None = None  # the quantized weights' format, when the model has one
     kv_dtype: str = "auto"  # the KV cache's storage, one of KV_DTYPES
+
+    @property
+    def spans(self) -> tuple[Span, ...]:
+        """Every range a rank holds, in table order: of each piece, its following spans, then its own."""
+        return tuple(s for p in self.pieces for s in (*p.spans[1:], p.spans[0]))
+
+    def block(self, piece: str) -> int:
+        return next(p.block for p in self.pieces if p.name == piece)
+
+    def describe_pieces(self) -> str:
+        """One line naming what was split and in which blocks."""
+        return "split: " + ", ".join(f"{p.size} {p.spans[0].title} in blocks of {p.block} ({p.unit})"
+                                     for p in self.pieces)
 
     @property
     def step_seconds(self) -> float | None:
@@ -89,21 +186,24 @@ class ShardPlan:
         return None if None in times else max(range(len(times)), key=times.__getitem__)
 
     def to_dict(self) -> dict:
-        """JSON-ready summary: counts as integers, with the [start, stop) of each range alongside."""
+        """JSON-ready summary: per rank, the count and [start, stop) of every span (`kv_heads`,
+        `kv_heads_range`, ...); `pieces` lists the split dimensions with their size, block and unit."""
         ranks = []
         for r in self.ranks:
-            spans = {"q_head": r.q_heads, "kv_head": r.kv_heads, "mlp_col": r.mlp_cols, "vocab_row": r.vocab_rows}
             ranks.append(
                 {"rank": r.rank, "device": r.device, "budget_bytes": r.budget_bytes}
-                | {f"{key}s": len(span) for key, span in spans.items()}
-                | {f"{key}_range": [span.start, span.stop] for key, span in spans.items()}
+                | {s.name: len(r.spans[s.name]) for s in self.spans}
+                | {f"{s.name}_range": [r.spans[s.name].start, r.spans[s.name].stop] for s in self.spans}
                 | {"weight_bytes": r.weight_bytes, "kv_cache_bytes": r.kv_cache_bytes,
                    "overhead_bytes": r.overhead_bytes, "headroom_bytes": r.headroom_bytes,
                    "read_bytes": r.read_bytes, "bandwidth": r.bandwidth, "step_seconds": r.step_seconds}
             )
+        pieces = [{"name": p.name, "unit": p.unit, "size": p.size, "block": p.block,
+                   "spans": [{"name": s.name, "title": s.title, "per_unit": s.per_unit} for s in p.spans]}
+                  for p in self.pieces]
         return {"dtype": self.dtype, "quant": self.quant, "kv_dtype": self.kv_dtype, "max_context": self.max_context,
-                "max_batch": self.max_batch, "mlp_block": self.mlp_block, "vocab_block": self.vocab_block,
-                "split": self.split, "step_seconds": self.step_seconds, "pacing_rank": self.pacing_rank, "ranks": ranks}
+                "max_batch": self.max_batch, "pieces": pieces, "split": self.split,
+                "step_seconds": self.step_seconds, "pacing_rank": self.pacing_rank, "ranks": ranks}
 
     def format_table(self) -> str:
         def span(s: range) -> str:
@@ -114,12 +214,13 @@ class ShardPlan:
             return f"{1000 * r.step_seconds:.2f} ms{pace}"
 
         timed = self.step_seconds is not None  # the predicted step needs every rank's bandwidth
-        header = ("rank", "device", "budget", "query heads", "KV heads", "MLP columns", "vocab rows", "weights",
-                  "KV cache", "headroom") + (("step (weights / bandwidth)",) if timed else ())
+        spans = self.spans
+        header = (("rank", "device", "budget") + tuple(s.title for s in spans) + ("weights", "KV cache", "headroom")
+                  + (("step (weights / bandwidth)",) if timed else ()))
         rows = [header] + [
-            (str(r.rank), r.device, format_bytes(r.budget_bytes), span(r.q_heads), span(r.kv_heads),
-             span(r.mlp_cols), span(r.vocab_rows), format_bytes(r.weight_bytes), format_bytes(r.kv_cache_bytes),
-             format_bytes(r.headroom_bytes)) + ((step(r),) if timed else ())
+            (str(r.rank), r.device, format_bytes(r.budget_bytes)) + tuple(span(r.spans[s.name]) for s in spans)
+            + (format_bytes(r.weight_bytes), format_bytes(r.kv_cache_bytes), format_bytes(r.headroom_bytes))
+            + ((step(r),) if timed else ())
             for r in self.ranks
         ]
         widths = [max(len(row[c]) for row in rows) for c in range(len(header))]
@@ -129,141 +230,7 @@ class ShardPlan:
         return "\n".join(title + ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows])
 
 
-@dataclass(frozen=True)
-class _Piece:
-    """One dimension dealt out to ranks: `size` items (KV heads, MLP columns, vocab rows) in blocks of `block`.
-
-    Quantized row-parallel weights add `group_bytes` (their scales and zero points) per started group of `group`
-    items; `group` divides `block`, so every rank's range starts on a group boundary and the count is exact.
-    """
-
-    size: int
-    block: int
-    weight_bytes: int  # per item, all layers
-    read_bytes: int  # per item: what a batch-1 decode step streams of its weights
-    cache_bytes: int = 0  # per item, all layers (KV heads only)
-    group: int = 1
-    group_bytes: int = 0  # per group of `group` items, all layers (streamed too)
-
-    def weights(self, n: int) -> int:
-        """Weight bytes of n items starting on a block boundary."""
-        return n * self.weight_bytes + -(-n // self.group) * self.group_bytes
-
-    def reads(self, n: int) -> int:
-        return n * self.read_bytes + -(-n // self.group) * self.group_bytes
-
-    def total(self, n: int) -> int:
-        return self.weights(n) + n * self.cache_bytes
-
-    @property
-    def block_bytes(self) -> int:
-        return self.total(self.block)
-
-    def ranges(self, blocks: Sequence[int]) -> list[range]:
-        """Block counts per rank -> contiguous item ranges; the last block of the dimension may be partial."""
-        bounds = [min(self.size, self.block * b) for b in accumulate(blocks, initial=0)]
-        return [range(a, b) for a, b in zip(bounds, bounds[1:])]
-
-
-def _group_entry(quant: QuantConfig, nbytes: int) -> int:
-    """Bytes per output row and group of an integer-quantized matrix: its scale (and zero point), model dtype."""
-    return nbytes * (1 if quant.symmetric else 2)
-
-
-def _quant_row_bytes(quant: QuantConfig, width: int, nbytes: int) -> int:
-    """One output row of a quantized matrix holding all `width` of its input columns (column-parallel): packed
-    values and the row's scales (float8, and int8 with dynamic activations: one byte per value unpacked, one float32
-    scale per row; per-tensor scales become per-row when the q/k/v or gate/up parts fuse)."""
-    if quant.kind == "fp8" or quant.dynamic_activations:
-        return width + 4
-    groups = -(-width // quant.group_size) if quant.group_size else 1
-    return -(-width * quant.bits // 32) * 4 + groups * _group_entry(quant, nbytes)
-
-
-def quant_replicated_bytes(config: ModelConfig, dtype: str) -> int:
-    """Quantization data every rank holding a share of the layers keeps whole, whatever its share.
-
-    Row-parallel layers (o_proj, down_proj) with one scale per output row hold all of them on every rank; act-order
-    checkpoints keep the column groups of q/k/v and gate/up (their input is every column) and, for o_proj, whose
-    columns stay in head order, scales for up to every group; and an o_proj split at head boundaries that are not
-    group boundaries shares one group's scales between two ranks. (Every decoder Linear is counted as quantized.)
-    """
-    q, nbytes, h, L = config.quant, DTYPE_BYTES[dtype], config.hidden_size, config.num_layers
-    if q is None:
-        return 0
-    if q.kind == "fp8" or q.dynamic_activations:
-        return L * 2 * (4 if q.per_tensor else 4 * h)
-    entry = _group_entry(q, nbytes)
-    if q.group_size is None:
-        return L * 2 * h * entry
-    o_cols = config.num_heads * config.head_dim
-    if q.act_order:
-        return L * (2 * h * 4 + h * -(-o_cols // q.group_size) * entry)
-    return L * h * entry if (config.q_per_kv * config.head_dim) % q.group_size else 0
-
-
-def _mlp_block(config: ModelConfig, mlp_block: int) -> int:
-    """MLP columns move in blocks of whole quantization groups of down_proj."""
-    q = config.quant
-    return math.lcm(mlp_block, q.group_size) if q is not None and q.group_size else mlp_block
-
-
-def kv_row_bytes(head_dim: int, nbytes: int, kv_dtype: str) -> int:
-    """Bytes of one cached row, the keys (or the values) of one KV head at one position: head_dim elements in the
-    model dtype (`nbytes` each), or with fp8 one byte each plus the row's float32 scale."""
-    return head_dim + 4 if kv_dtype == "fp8" else head_dim * nbytes
-
-
-def _pieces(config: ModelConfig, max_context: int, max_batch: int, nbytes: int, mlp_block: int, vocab_block: int,
-            kv_dtype: str):
-    h, d, q, layers = config.hidden_size, config.head_dim, config.q_per_kv, config.num_layers
-    bias = (q + 2) * d * config.attention_bias * nbytes
-    cache = 2 * layers * max_batch * max_context * kv_row_bytes(d, nbytes, kv_dtype)
-    quant, group, group_bytes = config.quant, 1, 0
-    if quant is None:
-        # One KV group: q and o_proj slices of its q query heads, its k and v rows (+ q/k/v biases), and its cache.
-        kv_group = layers * (2 * (q + 1) * d * h * nbytes + bias)
-        mlp = 3 * h * layers * nbytes  # gate, up and down per column
-    else:
-        row = _quant_row_bytes(quant, h, nbytes)  # a q/k/v or gate/up row
-        col = h if quant.kind == "fp8" else h * quant.bits // 8  # an o_proj or down_proj column's packed values
-        o_cols, o_scales, col_extra = q * d, 0, 0  # per-row scales of o_proj and down_proj are replicated
-        if quant.kind == "int" and quant.group_size:
-            if quant.act_order:
-                col_extra = 4  # o_proj keeps each column's group (int32); its scales are replicated
-            else:
-                o_scales = -(-o_cols // quant.group_size) * h * _group_entry(quant, nbytes)
-            group, group_bytes = quant.group_size, layers * h * _group_entry(quant, nbytes)  # down_proj's scales
-        kv_group = layers * ((q + 2) * d * row + o_cols * (col + col_extra) + o_scales + bias)
-        mlp = layers * (2 * row + col)
-    # A step reads all of lm_head but only one embedding row per token: the embedding table is not streamed.
-    vocab = (1 if config.tie_word_embeddings else 2) * h * nbytes
-    return (
-        _Piece(config.num_kv_heads, 1, kv_group, kv_group, cache),
-        _Piece(config.intermediate_size, _mlp_block(config, mlp_block), mlp, mlp, group=group,
-               group_bytes=group_bytes),
-        _Piece(config.vocab_size, vocab_block, vocab, h * nbytes),
-    )
-
-
-def replicated_overhead_bytes(config: ModelConfig, *, max_context: int, max_batch: int, dtype: str) -> int:
-    """What every rank holds whatever its share: norm weights plus working buffers.
-
-    Quantized models add what `quant_replicated_bytes` lists. The buffers are one layer's activations for a prefill
-    chunk of max_batch * min(max_context, PREFILL_CHUNK) tokens at full width (residual, normed input, attention and
-    MLP outputs, q/k/v, gate and up), an upper bound of the local slices so that the overhead does not depend on the
-    split it feeds, plus the gathered float32 logits of one step. Attention scores are not counted: torch's fused
-    SDPA kernels never materialise them.
-    """
-    nbytes = DTYPE_BYTES[dtype]
-    tokens = max_batch * min(max_context, PREFILL_CHUNK)
-    width = 4 * config.hidden_size + (config.num_heads + 2 * config.num_kv_heads) * config.head_dim
-    norms = (2 * config.num_layers + 1) * config.hidden_size * nbytes
-    return (norms + quant_replicated_bytes(config, dtype) + tokens * (width + 2 * config.intermediate_size) * nbytes
-            + max_batch * config.vocab_size * 4)
-
-
-def _split(piece: _Piece, weights: Sequence[int]) -> list[int]:
+def _split(piece: Piece, weights: Sequence[int]) -> list[int]:
     """Blocks per rank in proportion to `weights`, summing exactly to the piece's block count.
 
     Like exllamav2's integer_split the parts are exact integers that add up to the whole, but instead of handing
@@ -289,6 +256,8 @@ def _speed_shares(room: Sequence[int], bandwidths: Sequence[float], pieces) -> l
     M = sum(p.total(p.size) for p in pieces)
     R = sum(p.reads(p.size) for p in pieces)
     caps = [max(r, 0) / M for r in room]
+    if R == 0:  # a step reads nothing: every split is as fast, so fill by room
+        return caps
     rates = [bw / R for bw in bandwidths]  # fraction per second of step time
     # g(T) = sum(min(cap, T * rate)) rises piecewise linearly; walk its breakpoints T_r = cap_r / rate_r.
     capped, free_rate = 0.0, sum(rates)
@@ -312,7 +281,7 @@ def _read_seconds(pieces, blocks, bandwidths: Sequence[float]) -> float:
 def _usage(pieces, blocks, base: Sequence[int]) -> list[int]:
     """Bytes per rank: `base` plus each piece's share (exact, partial last block included)."""
     per_piece = [[p.total(len(r)) for r in p.ranges(b)] for p, b in zip(pieces, blocks)]
-    return [b + sum(rank) for b, rank in zip(base, zip(*per_piece))]
+    return [b + sum(shares[i] for shares in per_piece) for i, b in enumerate(base)]
 
 
 def _relieve(pieces, blocks, base: Sequence[int], budgets: Sequence[int]):
@@ -352,26 +321,25 @@ def _improves(new: Sequence[int], use: Sequence[int], budgets: Sequence[int], r:
 
 
 def plan_shards(
-    config: ModelConfig,
+    model: Splittable,
     budgets: Sequence[tuple[str, int]],
     *,
     max_context: int,
     max_batch: int,
     dtype: str = "bfloat16",
-    mlp_block: int = 64,
-    vocab_block: int = 64,
+    blocks: Mapping[str, int] | None = None,
     bandwidths: Sequence[float] | None = None,
     split: str | None = None,
     kv_dtype: str = "auto",
 ) -> ShardPlan:
-    """Split `config` over ranks with `budgets` = (device, bytes) per rank; raise PlanError if it cannot fit.
+    """Split `model`'s pieces over ranks with `budgets` = (device, bytes) per rank; raise PlanError if it cannot fit.
 
-    Every rank first pays the replicated overhead; what is left of each budget is its room. KV heads are split
-    first (a unit is one KV group: its query heads' q/o weights, its k/v weights and its cache share), then MLP
-    columns in blocks of `mlp_block` (widened to whole quantization groups of down_proj), then vocab rows in blocks
-    of `vocab_block`, each in proportion to the rank's share. Rounding can leave a rank one block of each piece over
-    its ideal share, which for KV groups may be more than it has; such ranks hand blocks to ranks with headroom (see
-    `_relieve`), KV groups first, so that the finer MLP and vocab blocks can then fill the space the KV groups leave.
+    Every rank first pays the replicated overhead; what is left of each budget is its room. The piece with the
+    largest block (for a Llama, the KV group: its query heads' q/o weights, its k/v weights and its cache share) is
+    split first, then the finer pieces together, each in proportion to the rank's share. Rounding can leave a rank
+    one block of each piece over its ideal share, which for the coarse piece may be more than it has; such ranks
+    hand blocks to ranks with headroom (see `_relieve`), the coarse piece first, so that the finer blocks can then
+    fill the space it leaves. `blocks` asks a block (in units) of pieces by name; the declaration has defaults.
 
     The shares follow `split`:
       memory  in proportion to each rank's room, so every device fills alike;
@@ -379,9 +347,6 @@ def plan_shards(
               to every rank's room (`_speed_shares`, exact in the continuous limit); of this and the memory split
               the one predicting the faster step after rounding to blocks is kept, so it is never slower.
     The default is speed when `bandwidths` (bytes/s per rank) are given, else memory.
-
-    `kv_dtype` fp8 counts the KV cache at 1 + 4/head_dim bytes per element (e4m3 values and a float32 scale per row)
-    instead of the dtype's bytes.
     """
     split = split or ("speed" if bandwidths is not None else "memory")
     if split not in SPLITS:
@@ -394,18 +359,23 @@ def plan_shards(
         raise ValueError(f"unsupported dtype {dtype!r}; choose one of {', '.join(DTYPE_BYTES)}")
     if kv_dtype not in KV_DTYPES:
         raise ValueError(f"unsupported kv_dtype {kv_dtype!r}; choose one of {', '.join(KV_DTYPES)}")
-    for what, value in (("max_context", max_context), ("max_batch", max_batch), ("mlp_block", mlp_block),
-                        ("vocab_block", vocab_block), ("number of devices", len(budgets))):
+    blocks = dict(blocks or {})
+    for what, value in (("max_context", max_context), ("max_batch", max_batch), ("number of devices", len(budgets)),
+                        *((f"the block of {name}", b) for name, b in blocks.items())):
         if value < 1:
             raise ValueError(f"{what} must be at least 1, got {value}")
+    shape = PlanShape(max_context, max_batch, dtype, kv_dtype, blocks)
+    pieces = tuple(model.pieces(shape))
+    unknown = set(blocks) - {p.name for p in pieces}
+    if unknown:
+        raise ValueError(f"no piece named {', '.join(sorted(unknown))} to set a block of; this model splits "
+                         f"{', '.join(p.name for p in pieces)}")
     names, caps = [name for name, _ in budgets], [cap for _, cap in budgets]
-    pieces = _pieces(config, max_context, max_batch, DTYPE_BYTES[dtype], mlp_block, vocab_block, kv_dtype)
-    overhead = replicated_overhead_bytes(config, max_context=max_context, max_batch=max_batch, dtype=dtype)
+    overhead = model.replicated_bytes(shape)
     room = [cap - overhead for cap in caps]
     sharded = sum(p.total(p.size) for p in pieces)
-    cache = pieces[0].size * pieces[0].cache_bytes
-    stored = f"{dtype}, {config.quant.describe()}" if config.quant else dtype
-    stored += ", fp8 KV cache" if kv_dtype == "fp8" else ""
+    cache = sum(p.size * p.cache_bytes for p in pieces)
+    stored = model.describe(shape) + (", fp8 KV cache" if kv_dtype == "fp8" else "")
     summary = (f"the model needs {format_bytes(sharded - cache)} of weights and {format_bytes(cache)} of KV cache "
                f"(max_context={max_context}, max_batch={max_batch}, {stored}), plus {format_bytes(overhead)} of norms "
                f"and working buffers on every device")
@@ -416,43 +386,47 @@ def plan_shards(
                  for u in usable]
         raise _plan_error(f"does not fit: {summary}", names, caps, needs, pieces, kv_dtype)
     base = [overhead] * len(caps)
-    blocks = _deal(pieces, room, base, caps)
+    dealt = _deal(pieces, room, base, caps)
     if split == "speed":
         fractions = _speed_shares(room, bandwidths, pieces)
         fast = _deal(pieces, [round(f * SHARE_SCALE) for f in fractions], base, caps)
         fits = all(n <= c for n, c in zip(_usage(pieces, fast, base), caps))
-        if fits and _read_seconds(pieces, fast, bandwidths) <= _read_seconds(pieces, blocks, bandwidths):
-            blocks = fast
-    needs = _usage(pieces, blocks, base)
+        if fits and _read_seconds(pieces, fast, bandwidths) <= _read_seconds(pieces, dealt, bandwidths):
+            dealt = fast
+    needs = _usage(pieces, dealt, base)
     if any(need > cap for need, cap in zip(needs, caps)):
         raise _plan_error(f"does not fit in indivisible pieces, although the total would: {summary}",
                           names, caps, needs, pieces, kv_dtype)
-    kv, mlp, vocab = (p.ranges(b) for p, b in zip(pieces, blocks))
-    q = config.q_per_kv
+    ranges = [p.ranges(b) for p, b in zip(pieces, dealt)]  # per piece, per rank
     return ShardPlan(
         ranks=tuple(
             RankShard(
-                rank=i, device=names[i], budget_bytes=caps[i], kv_heads=kv[i],
-                q_heads=range(kv[i].start * q, kv[i].stop * q), mlp_cols=mlp[i], vocab_rows=vocab[i],
-                weight_bytes=sum(p.weights(len(r[i])) for p, r in zip(pieces, (kv, mlp, vocab))),
-                kv_cache_bytes=len(kv[i]) * pieces[0].cache_bytes, overhead_bytes=overhead,
-                read_bytes=sum(p.reads(len(r[i])) for p, r in zip(pieces, (kv, mlp, vocab))),
+                rank=i, device=names[i], budget_bytes=caps[i],
+                spans={s.name: range(r[i].start * s.per_unit, r[i].stop * s.per_unit)
+                       for p, r in zip(pieces, ranges) for s in p.spans},
+                weight_bytes=sum(p.weights(len(r[i])) for p, r in zip(pieces, ranges)),
+                kv_cache_bytes=sum(len(r[i]) * p.cache_bytes for p, r in zip(pieces, ranges)),
+                overhead_bytes=overhead,
+                read_bytes=sum(p.reads(len(r[i])) for p, r in zip(pieces, ranges)),
                 bandwidth=bandwidths[i] if bandwidths is not None else None,
             )
             for i in range(len(caps))
         ),
-        dtype=dtype, max_context=max_context, max_batch=max_batch, mlp_block=pieces[1].block,
-        vocab_block=vocab_block, split=split, quant=config.quant.describe() if config.quant else None,
+        dtype=dtype, max_context=max_context, max_batch=max_batch, pieces=pieces, split=split, quant=model.quant,
         kv_dtype=kv_dtype,
     )
 
 
 def _deal(pieces, shares: Sequence[int], base: Sequence[int], caps: Sequence[int]):
-    """Blocks of every piece per rank in proportion to `shares`, KV groups first, then relieved of overflows."""
-    kv_piece, fine = pieces[0], pieces[1:]
-    kv_blocks = _relieve((kv_piece,), (tuple(_split(kv_piece, shares)),), base, caps)
-    with_kv = _usage((kv_piece,), kv_blocks, base)
-    return kv_blocks + _relieve(fine, tuple(tuple(_split(p, shares)) for p in fine), with_kv, caps)
+    """Blocks of every piece per rank in proportion to `shares`: the coarsest piece first, relieved of overflows
+    alone, then the finer ones together in the room it leaves. Returned in the order of `pieces`."""
+    coarse = max(range(len(pieces)), key=lambda i: pieces[i].block_bytes)
+    fine = [i for i in range(len(pieces)) if i != coarse]
+    first = _relieve((pieces[coarse],), (tuple(_split(pieces[coarse], shares)),), base, caps)
+    rest = _relieve(tuple(pieces[i] for i in fine), tuple(tuple(_split(pieces[i], shares)) for i in fine),
+                    _usage((pieces[coarse],), first, base), caps)
+    dealt = dict(zip(fine, rest)) | {coarse: first[0]}
+    return tuple(dealt[i] for i in range(len(pieces)))
 
 
 def _plan_error(reason: str, names: Sequence[str], caps: Sequence[int], needs: Sequence[int], pieces,
@@ -461,9 +435,9 @@ def _plan_error(reason: str, names: Sequence[str], caps: Sequence[int], needs: S
     for i, (name, cap, need) in enumerate(zip(names, caps, needs)):
         short = f" (short {format_bytes(need - cap)})" if need > cap else ""
         lines.append(f"  rank {i} {name}: needs {format_bytes(need)}, has {format_bytes(cap)}{short}")
-    kv, mlp, vocab = (format_bytes(p.block_bytes) for p in pieces)
+    units = ", ".join(f"one {p.unit} {format_bytes(p.block_bytes)}" + (" (weights and cache)" if p.cache_bytes else "")
+                      for p in pieces)
     fp8 = ", --kv-dtype fp8 (a KV cache of about 1 byte per element)" if kv_dtype != "fp8" else ""
-    lines.append(f"Indivisible pieces: one KV group {kv} (weights and cache), one MLP block {mlp}, one vocab block "
-                 f"{vocab}. Try more devices, more memory per device, a smaller --max-context or --max-batch{fp8}, "
-                 f"or a lower --dtype.")
+    lines.append(f"Indivisible pieces: {units}. Try more devices, more memory per device, a smaller --max-context "
+                 f"or --max-batch{fp8}, or a lower --dtype.")
     return PlanError("\n".join(lines))

@@ -17,10 +17,14 @@ from raytp.runtime.errors import BusyError, RequestError
 from raytp.runtime.sampling import TEMPERATURE_MAX, SamplingParams
 from raytp.parallel.devices import format_bytes
 
-TABLE_HEADERS = ["rank", "device", "device name (node)", "memory budget", "used (weights + KV cache)",
-                 "query heads", "KV heads", "MLP columns", "vocab rows", "backend"]
-# the sharded dimensions, as ShardPlan.to_dict names them, and how the panel labels them
-DIMENSIONS = {"q_head": "query heads", "kv_head": "KV heads", "mlp_col": "MLP columns", "vocab_row": "vocab rows"}
+TABLE_HEADERS = ["rank", "device", "device name (node)", "memory budget", "used (weights + KV cache)"]
+
+
+def _dimensions(info: dict) -> dict[str, str]:
+    """The sharded dimensions of whichever model runs, as ShardPlan.to_dict names them -> how the panel labels
+    them: of each piece the ranges that follow it, then its own."""
+    spans = [s for p in info["plan"]["pieces"] for s in (*p["spans"][1:], p["spans"][0])]
+    return {s["name"]: s["title"] for s in spans}
 
 
 # ---- the Cluster panel -------------------------------------------------------------------------------------
@@ -43,18 +47,18 @@ def cluster_table(info: dict) -> pd.DataFrame:
             format_bytes(shard["budget_bytes"]),
             f"{format_bytes(shard['weight_bytes'] + shard['kv_cache_bytes'])} ({format_bytes(shard['weight_bytes'])}"
             f" + {format_bytes(shard['kv_cache_bytes'])})",
-            *(_span(shard, key) for key in DIMENSIONS), info["backend"],
+            *(_span(shard, key) for key in _dimensions(info)), info["backend"],
         ])
-    return pd.DataFrame(rows, columns=TABLE_HEADERS)
+    return pd.DataFrame(rows, columns=[*TABLE_HEADERS, *_dimensions(info).values(), "backend"])
 
 
 def shard_widths(info: dict) -> pd.DataFrame:
     """Each rank's share (%) of every sharded dimension: the bars show at a glance how the model was split."""
     ranks = info["plan"]["ranks"]
     rows = []
-    for key, name in DIMENSIONS.items():
-        total = sum(r[f"{key}s"] for r in ranks) or 1
-        rows += [{"dimension": name, "share (%)": round(100 * r[f"{key}s"] / total, 1), "rank": _label(r)}
+    for key, name in _dimensions(info).items():
+        total = sum(r[key] for r in ranks) or 1
+        rows += [{"dimension": name, "share (%)": round(100 * r[key] / total, 1), "rank": _label(r)}
                  for r in ranks]
     return pd.DataFrame(rows)
 

@@ -55,6 +55,12 @@ def llmcompressor_python(progress: bool = True) -> Path:
     return python
 
 
+def quantize_with_llmcompressor(source: Path, out: Path, *schemes: str, progress: bool = True) -> None:
+    """The float Hugging Face directory `source` (tokenizer files included) quantized into out/SCHEME for each of
+    `schemes` (llmcompressor_script.py's), in one run of llmcompressor's own environment."""
+    _run([llmcompressor_python(progress), SCRIPT, source, out, *schemes], "quantizing with llmcompressor", progress)
+
+
 def pull_quantized_smollm2(*schemes: str, progress: bool = True) -> list[Path]:
     """The quantized SmolLM2 directories of `schemes`, making the missing ones in one llmcompressor run."""
     unknown = [s for s in schemes if s not in SCHEMES]
@@ -62,11 +68,11 @@ def pull_quantized_smollm2(*schemes: str, progress: bool = True) -> list[Path]:
         raise ValueError(f"unknown quantization {unknown[0]!r}; choose one of {', '.join(SCHEMES)}")
     missing = [s for s in schemes if not _is_complete(quantized_dir(s))]
     if missing:
-        source, python = pull_smollm2(progress), llmcompressor_python(progress)
+        source = pull_smollm2(progress)
         parent = quantized_dir(missing[0]).parent
         with tempfile.TemporaryDirectory(dir=parent, prefix=".quantize-") as tmp:
             _say(f"raytp: quantizing SmolLM2 ({', '.join(missing)}) with {LLMCOMPRESSOR} ...", progress)
-            _run([python, SCRIPT, source, tmp, *missing], "quantizing SmolLM2", progress)
+            quantize_with_llmcompressor(source, Path(tmp), *missing, progress=progress)
             for s in missing:
                 if not _is_complete(quantized_dir(s)):  # else another process finished first: keep its copy
                     shutil.rmtree(quantized_dir(s), ignore_errors=True)

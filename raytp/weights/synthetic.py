@@ -1,6 +1,7 @@
 """Synthetic models: a real config's shapes with random weights made on each rank, no checkpoint, no disk.
 
     synthetic:llama-3.1-8b | synthetic:llama-3.1-70b | synthetic:llama-3.1-405b   the published HF configs
+    synthetic:qwen3-8b | synthetic:qwen3-32b                                     (Qwen3: q/k norms, no bias)
     synthetic:tiny                                                               a small config for tests
     synthetic:PATH/config.json                                                   any supported config.json
     synthetic:NAME@w4a16 | @w8a16 | @fp8 | @fp8-dynamic | @w8a8
@@ -43,7 +44,11 @@ _LLAMA31 = {"model_type": "llama", "vocab_size": 128256, "num_key_value_heads": 
             "rope_theta": 500000.0, "rope_scaling": _LLAMA3_ROPE, "max_position_embeddings": 131072,
             "tie_word_embeddings": False, "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009]}
 
-# Shapes from meta-llama/Llama-3.1-{8B,70B,405B}/config.json.
+_QWEN3 = {"model_type": "qwen3", "vocab_size": 151936, "num_key_value_heads": 8, "head_dim": 128,
+          "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "max_position_embeddings": 40960,
+          "tie_word_embeddings": False, "attention_bias": False, "bos_token_id": 151643, "eos_token_id": 151645}
+
+# Shapes from meta-llama/Llama-3.1-{8B,70B,405B}/config.json and Qwen/Qwen3-{8B,32B}/config.json.
 CONFIGS: dict[str, dict] = {
     "llama-3.1-8b": _LLAMA31 | {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
                                 "num_attention_heads": 32},
@@ -51,6 +56,10 @@ CONFIGS: dict[str, dict] = {
                                  "num_attention_heads": 64},
     "llama-3.1-405b": _LLAMA31 | {"hidden_size": 16384, "intermediate_size": 53248, "num_hidden_layers": 126,
                                   "num_attention_heads": 128},
+    "qwen3-8b": _QWEN3 | {"hidden_size": 4096, "intermediate_size": 12288, "num_hidden_layers": 36,
+                          "num_attention_heads": 32},
+    "qwen3-32b": _QWEN3 | {"hidden_size": 5120, "intermediate_size": 25600, "num_hidden_layers": 64,
+                           "num_attention_heads": 64},
     # Small but awkward on purpose: 4 KV groups split 2/1/1 over 3 ranks (and zero-width ranks beyond 4), 1408 MLP
     # columns = 22 blocks, a vocab of 1000 ending in a partial block, and llama3 RoPE scaling. No EOS: runs go on.
     "tiny": {"model_type": "llama", "vocab_size": 1000, "hidden_size": 512, "intermediate_size": 1408,
@@ -144,8 +153,8 @@ class _Blocks:
         return full[r:r + len(rows), c:c + len(cols)].contiguous()
 
 
-# Hugging Face tensor name -> the name its blocks are seeded from (kept from the first synthetic layout, so that
-# the same model draws the same weights as before)
+# Hugging Face tensor name -> the name its blocks are seeded from, for the tensors of the first synthetic layout
+# (so that the same model draws the same weights as before); any other tensor is seeded from its own name
 _SEED_NAMES = {"model.embed_tokens.weight": "embed", "lm_head.weight": "lm_head", "model.norm.weight": "final_norm"}
 _LAYER_SEED_NAMES = {"input_layernorm.weight": "attn_norm", "post_attention_layernorm.weight": "mlp_norm",
                      "self_attn.o_proj.weight": "o", "mlp.gate_proj.weight": "gate", "mlp.up_proj.weight": "up",
@@ -155,7 +164,9 @@ _LAYER_SEED_NAMES = {"input_layernorm.weight": "attn_norm", "post_attention_laye
 
 def _seed_name(name: str) -> str:
     m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
-    return f"layers.{m[1]}.{_LAYER_SEED_NAMES[m[2]]}" if m else _SEED_NAMES[name]
+    if m:
+        return f"layers.{m[1]}.{_LAYER_SEED_NAMES.get(m[2], m[2])}"
+    return _SEED_NAMES.get(name, name)
 
 
 class SyntheticReader:
@@ -183,7 +194,7 @@ class SyntheticReader:
             name = _seed_name(s.name)
             block = self.head_dim if ".self_attn." in s.name else BLOCK
             if len(s.shape) == 1:
-                if name.endswith("norm"):
+                if s.split is None:  # a tensor every rank holds whole: a norm
                     return g.draw(name, 0, s.shape, mean=1.0)
                 return g.rows(name, s.shape[0], block, s.rows, 1).view(-1)  # a q/k/v bias
             if s.cols is None:

@@ -10,7 +10,7 @@ import torch
 from raytp.parallel.comm.factory import PHASES, CommPlan, open_group
 from raytp.runtime.engine import Add, RankEngine, Request, Stop
 from raytp.model.llama import ShardedLlama
-from raytp.parallel.plan import plan_shards
+from raytp.model.pieces import plan_model
 from raytp.runtime.sampling import SamplingParams
 from raytp.weights.source import ModelSource
 from tests.util import free_port
@@ -30,7 +30,7 @@ def generate(graphed: bool, backend: str, kv_dtype: str = "auto", model: str = "
     source = ModelSource.parse(model)
     config = source.config()
     device = torch.device("cuda")
-    plan = plan_shards(config, [("cuda", 8 << 30)], max_context=256, max_batch=4, dtype="float32", kv_dtype=kv_dtype)
+    plan = plan_model(config, [("cuda", 8 << 30)], max_context=256, max_batch=4, dtype="float32", kv_dtype=kv_dtype)
     opening = open_group(CommPlan.make(backend, [[0]], f"tcp://127.0.0.1:{free_port()}", timeout_s=60), 0, device)
     for phase in PHASES:
         opening.step(phase)

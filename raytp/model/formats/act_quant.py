@@ -1,0 +1,50 @@
+"""8-bit weights whose inputs are quantized per token at run time (FP8_DYNAMIC, W8A8): float8 e4m3 or int8 stored
+unpacked (compressed-tensors `float-quantized`, `int-quantized`) with per-channel float32 scales."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from raytp.kernels.act_quant_matmul import act_quant_linear
+from raytp.model.formats.base import WeightReader
+from raytp.model.formats.fp8 import FP8Format
+from raytp.model.layout import Slice
+
+
+@dataclass
+class ActQuantWeight:
+    """8-bit weights (out, in_local), float8 e4m3 or int8, with float32 scales (out, 1) per channel, whose inputs are
+    quantized to the same type per token at every call (raytp.kernels.act_quant_matmul): W = weight.float() * scale.
+
+    `amax` in `apply`: each token's largest magnitude over its whole input row, for a row-parallel slice (the rank
+    holds some of the columns) that must use the same per-token scales as one device."""
+
+    weight: torch.Tensor
+    scale: torch.Tensor
+    bias: torch.Tensor | None = None
+
+    def dequantize(self) -> torch.Tensor:
+        return self.weight.float() * self.scale
+
+    def apply(self, x: torch.Tensor, amax: torch.Tensor | None = None) -> torch.Tensor:
+        y = act_quant_linear(x, self.weight, self.scale, amax)
+        return y if self.bias is None else y + self.bias
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.weight, self.scale, self.bias) if t is not None]
+
+
+class ActQuantFormat(FP8Format):
+    """Stored and counted as FP8Format's per-channel case (int8 values are one byte too); read as ActQuantWeight."""
+
+    def read(self, reader: WeightReader, s: Slice) -> ActQuantWeight:
+        base = s.name.removesuffix("weight")
+        weight = reader.read(Slice(base + "weight", s.shape, s.rows, s.cols), stored=True)
+        want = torch.float8_e4m3fn if s.quant.kind == "fp8" else torch.int8
+        if weight.dtype != want:
+            raise ValueError(f"{s.name} is stored as {weight.dtype}; config.json's quantization_config implies {want} "
+                             f"weights: the weights and config.json do not belong together")
+        scale = reader.read(Slice(base + "weight_scale", (s.shape[0], 1), s.rows), stored=True)
+        return ActQuantWeight(weight.contiguous(), scale.float().contiguous())

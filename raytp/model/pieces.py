@@ -1,0 +1,130 @@
+"""What a Llama-family model can split, and what every rank holds whole: its declaration to the planner.
+
+`ModelPieces(config)` is the `raytp.parallel.plan.Splittable` of a model config. Its pieces, with the ranges of
+`raytp.model.layout` they set (the layout's `Slice.split`):
+
+    KV groups    KV_HEADS (and Q_HEADS, q_per_kv per group): q/k/v rows (and biases) of the group's heads and
+                 o_proj input columns of its query heads (column- and row-parallel), plus their KV cache
+    MLP columns  MLP_COLS: gate/up output rows, down_proj input columns; in blocks of whole quantization groups of
+                 down_proj
+    vocab rows   VOCAB_ROWS: embedding and lm_head rows (one table when tied); a decode step reads all of lm_head
+                 but one embedding row per token, so the embedding is not counted as read
+
+Replicated: every tensor the layout gives each rank whole (norms, Qwen3's q/k norms), quantization data a split
+leaves whole (`quant_replicated_bytes`) and the working buffers. The bytes of each weight format come from its
+object in `raytp.model.formats`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from raytp.model.config import ModelConfig
+from raytp.model.kv_cache import kv_row_bytes
+from raytp.model.layout import KV_HEADS, MLP_COLS, Q_HEADS, VOCAB_ROWS, model_layout, whole_model
+from raytp.model.formats import IntFormat, weight_format
+from raytp.parallel.plan import (DTYPE_BYTES, PREFILL_CHUNK, Piece, PlanShape, ShardPlan, Span, plan_shards)
+
+DEFAULT_BLOCK = 64  # MLP columns and vocab rows move between ranks in blocks of this many (the last may be partial)
+
+
+def replicated_tensor_bytes(config: ModelConfig, dtype: str) -> int:
+    """The tensors every rank holds whole, as the layout lists them (norms), in `dtype`."""
+    layout = model_layout(config, whole_model(config))
+    return sum(math.prod(s.shape) for s in layout.slices() if s.split is None) * DTYPE_BYTES[dtype]
+
+
+def quant_replicated_bytes(config: ModelConfig, dtype: str) -> int:
+    """Quantization data every rank holding a share of the layers keeps whole, whatever its share.
+
+    Row-parallel layers (o_proj, down_proj) with one scale per output row hold all of them on every rank; act-order
+    checkpoints keep the column groups of q/k/v and gate/up (their input is every column) and, for o_proj, whose
+    columns stay in head order, scales for up to every group; and an o_proj split at head boundaries that are not
+    group boundaries shares one group's scales between two ranks. (Every decoder Linear is counted as quantized.)
+    """
+    q, nbytes, h, L = config.quant, DTYPE_BYTES[dtype], config.hidden_size, config.num_layers
+    fmt = weight_format(q)
+    if not isinstance(fmt, IntFormat) or q.group_size is None:  # one scale per row (or tensor), or none
+        return L * 2 * fmt.row_scale_bytes(h, nbytes)
+    entry = fmt.group_entry_bytes(nbytes)
+    o_cols = config.num_heads * config.head_dim
+    if q.act_order:
+        return L * (2 * h * 4 + h * -(-o_cols // q.group_size) * entry)
+    return L * h * entry if (config.q_per_kv * config.head_dim) % q.group_size else 0
+
+
+def replicated_overhead_bytes(config: ModelConfig, *, max_context: int, max_batch: int, dtype: str) -> int:
+    """What every rank holds whatever its share: the layout's whole tensors plus working buffers.
+
+    Quantized models add what `quant_replicated_bytes` lists. The buffers are one layer's activations for a prefill
+    chunk of max_batch * min(max_context, PREFILL_CHUNK) tokens at full width (residual, normed input, attention and
+    MLP outputs, q/k/v, gate and up), an upper bound of the local slices so that the overhead does not depend on the
+    split it feeds, plus the gathered float32 logits of one step. Attention scores are not counted: torch's fused
+    SDPA kernels never materialise them.
+    """
+    nbytes = DTYPE_BYTES[dtype]
+    tokens = max_batch * min(max_context, PREFILL_CHUNK)
+    width = 4 * config.hidden_size + (config.num_heads + 2 * config.num_kv_heads) * config.head_dim
+    return (replicated_tensor_bytes(config, dtype) + quant_replicated_bytes(config, dtype)
+            + tokens * (width + 2 * config.intermediate_size) * nbytes + max_batch * config.vocab_size * 4)
+
+
+@dataclass(frozen=True)
+class ModelPieces:
+    """A model config as the planner sees it (`raytp.parallel.plan.Splittable`)."""
+
+    config: ModelConfig
+
+    @property
+    def quant(self) -> str | None:
+        return self.config.quant.describe() if self.config.quant else None
+
+    def describe(self, shape: PlanShape) -> str:
+        return f"{shape.dtype}, {self.quant}" if self.quant else shape.dtype
+
+    def replicated_bytes(self, shape: PlanShape) -> int:
+        return replicated_overhead_bytes(self.config, max_context=shape.max_context, max_batch=shape.max_batch,
+                                         dtype=shape.dtype)
+
+    def pieces(self, shape: PlanShape) -> Sequence[Piece]:
+        c, nbytes = self.config, DTYPE_BYTES[shape.dtype]
+        h, d, q, layers = c.hidden_size, c.head_dim, c.q_per_kv, c.num_layers
+        bias = (q + 2) * d * c.qkv_bias * nbytes
+        cache = 2 * layers * shape.max_batch * shape.max_context * kv_row_bytes(d, nbytes, shape.kv_dtype)
+        quant, group, group_bytes = c.quant, 1, 0
+        mlp_block = shape.block(MLP_COLS, DEFAULT_BLOCK)
+        if quant is None:
+            # One KV group: q and o_proj slices of its q query heads, its k and v rows (+ q/k/v biases), its cache.
+            kv_group = layers * (2 * (q + 1) * d * h * nbytes + bias)
+            mlp = 3 * h * layers * nbytes  # gate, up and down per column
+        else:
+            fmt = weight_format(quant)
+            row = fmt.row_bytes(h, nbytes)  # a q/k/v or gate/up row
+            col = fmt.column_bytes(h, nbytes)  # an o_proj or down_proj column's values
+            o_cols, o_scales, col_extra = q * d, 0, 0  # per-row scales of o_proj and down_proj are replicated
+            if isinstance(fmt, IntFormat) and quant.group_size:
+                entry = fmt.group_entry_bytes(nbytes)
+                if quant.act_order:
+                    col_extra = 4  # o_proj keeps each column's group (int32); its scales are replicated
+                else:
+                    o_scales = -(-o_cols // quant.group_size) * h * entry
+                group, group_bytes = quant.group_size, layers * h * entry  # down_proj's scales
+                mlp_block = math.lcm(mlp_block, quant.group_size)  # whole groups of down_proj
+            kv_group = layers * ((q + 2) * d * row + o_cols * (col + col_extra) + o_scales + bias)
+            mlp = layers * (2 * row + col)
+        vocab = (1 if c.tie_word_embeddings else 2) * h * nbytes
+        return (
+            Piece((Span(KV_HEADS, "KV heads"), Span(Q_HEADS, "query heads", q)), c.num_kv_heads, 1, kv_group,
+                  kv_group, cache, unit="KV group"),
+            Piece((Span(MLP_COLS, "MLP columns"),), c.intermediate_size, mlp_block, mlp, mlp, group=group,
+                  group_bytes=group_bytes, unit="MLP block"),
+            Piece((Span(VOCAB_ROWS, "vocab rows"),), c.vocab_size, shape.block(VOCAB_ROWS, DEFAULT_BLOCK), vocab,
+                  h * nbytes, unit="vocab block"),
+        )
+
+
+def plan_model(config: ModelConfig, budgets: Sequence[tuple[str, int]], **kwargs) -> ShardPlan:
+    """`plan_shards` of a model config (keyword arguments as there)."""
+    return plan_shards(ModelPieces(config), budgets, **kwargs)
