@@ -30,8 +30,8 @@ from raytp.kernels import packed_gemv as pg
 SHAPES = [("qkv", 6144, 4096), ("o_proj", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336),
           ("qkv/4", 1536, 4096), ("o_proj/4", 4096, 1024), ("gate_up/4", 7168, 4096), ("down/4", 4096, 3584)]
 LAYERS = 32
-SWEEP = ([pg.Launch(w, s, st) for w in (4, 8) for s in (1, 2, 4) for st in (2, 3)]
-         + [pg.Launch(w, s, st, True) for w in (4, 8) for s in (1, 2, 4) for st in (3, 4, 6)])
+SWEEP = [pg.Launch(w, s, st, sc, mb) for w in (4, 8) for s in (1, 2, 4) for st in (2, 3) for sc in (False, True)
+         for mb in (1, 2)]
 
 
 def make(fmt: str, out: int, cols: int, group_size: int):
@@ -127,10 +127,11 @@ def main():
                     continue
                 row = dict(shape=name, out=out, cols=cols, format=fmt, rows=rows, us=us, gbps=nbytes / us / 1e3)
                 if fmt in args.sweep.split(",") and str(rows) in args.sweep_rows.split(","):
-                    best = min(((timed(calls, x, launch, args.iters), launch) for launch in SWEEP),
-                               key=lambda t: t[0])
-                    row |= dict(best_us=best[0], best_launch=str(best[1]),
-                                heuristic=str(pg.launch_for(out, -(-cols // pg.TILE_K), pg.sm_count(0), fmt.split('-')[0])))
+                    swept = {launch: timed(calls, x, launch, args.iters) for launch in SWEEP}
+                    best = min(((us, launch) for launch, us in swept.items()), key=lambda t: t[0])
+                    row |= dict(best_us=best[0], best_launch=str(best[1]), sweep={str(k): v for k, v in swept.items()},
+                                heuristic=str(pg.launch_for(out, -(-cols // pg.TILE_K), pg.sm_count(0), fmt.split('-')[0],
+                                                               fmt.endswith("-zp"))))
                 results.append(row)
                 print(json.dumps(row), flush=True)
             del calls, first
@@ -146,6 +147,18 @@ def main():
         ratio = f"{ref / r['us']:.2f}x" if ref else "-"
         print(f"| {r['shape']} {r['out']}x{r['cols']} | {r['rows']} | {r['format']} | {r['us']:.1f} | "
               f"{r['gbps']:.0f} | {ratio} | {best} |")
+    swept = [r for r in results if "sweep" in r]
+    if swept:  # one launch for every shape of a (format, rows), and the best launch per shape, against the heuristic
+        print("\n| format | rows | layer us, heuristic | best per shape | best single launch (us) | 4-rank layer: "
+              "heuristic / best per shape |\n|---|---|---|---|---|---|")
+        for fmt, rows in sorted({(r["format"], r["rows"]) for r in swept}):
+            mine = [r for r in swept if (r["format"], r["rows"]) == (fmt, rows)]
+            one = [r for r in mine if not r["shape"].endswith("/4")]
+            four = [r for r in mine if r["shape"].endswith("/4")]
+            single = min(SWEEP, key=lambda launch: sum(r["sweep"][str(launch)] for r in one))
+            print(f"| {fmt} | {rows} | {sum(r['us'] for r in one):.1f} | {sum(r['best_us'] for r in one):.1f} | "
+                  f"{single} ({sum(r['sweep'][str(single)] for r in one):.1f}) | "
+                  f"{sum(r['us'] for r in four):.1f} / {sum(r['best_us'] for r in four):.1f} |")
     for suffix, title in (("", "one rank"), ("/4", "each of 4 ranks")):
         print(f"\n{title}: one decoder layer\n\n| rows | format | layer us | {LAYERS} layers ms | vs bf16 |"
               "\n|---|---|---|---|---|")

@@ -1,7 +1,7 @@
 """The OpenAI request bodies: each bounded field passes just inside its range and gets a 400 naming it just outside;
-token-id prompts are taken in every shape OpenAI allows for one prompt; what raytp does not do (tools, suffix,
-best_of beyond n, response formats other than text and JSON) is refused naming the field, never ignored. No
-server (tests/test_serve.py runs one)."""
+token-id prompts are taken in every shape OpenAI allows for one prompt; what raytp does not do (tool_choice auto
+for a model without a tool-call syntax, suffix, best_of beyond n, response formats other than text and JSON) is
+refused naming the field, never ignored. No server (tests/test_serve.py runs one)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 from raytp.runtime.requests import STOP_MAX_CHARS, STOP_MAX_COUNT
 from raytp.runtime.sampling import SamplingParams
 from raytp.serving.openai_api import APIError, parse_completion
+from raytp.serving.tool_calls import HermesCalls
 from tests.test_requests import SAMPLING_BOUNDS
 
 PROMPT = {"model": "m", "prompt": "x"}
@@ -99,8 +100,8 @@ TOOLS = [{"type": "function", "function": {"name": "weather", "description": "",
     ({"response_format": {"type": "xml"}}, "response_format"),
     ({"response_format": {"type": "json_schema"}}, "response_format"),  # no schema
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": "{}"}}}, "response_format"),
-    ({"tools": TOOLS}, "tool_choice"),  # tool_choice defaults to "auto" with tools
-    ({"tools": TOOLS, "tool_choice": "auto"}, "tool_choice"),  # free-form calls are not parsed
+    ({"tools": TOOLS}, "tool_choice"),  # tool_choice defaults to "auto" with tools: this model has no call syntax
+    ({"tools": TOOLS, "tool_choice": "auto"}, "tool_choice"),
     ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "other"}}}, "tool_choice"),
     ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice"),
     ({"tool_choice": "required"}, "tool_choice"),  # no tools
@@ -134,6 +135,45 @@ def test_json_response_formats_become_grammars():
     response_format = {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}
     grammar = parse({**PROMPT, "response_format": response_format}).sampling().grammar
     assert '"integer"' in grammar
+
+
+def test_auto_tool_calls_are_read_in_the_models_syntax():
+    for body in ({**CHAT, "tools": TOOLS}, {**CHAT, "tools": TOOLS, "tool_choice": "auto"}):
+        req = parse_completion(body, chat=True, model_id="m", tool_syntax=HermesCalls)
+        assert req.sampling().grammar is None  # the model decodes freely
+        assert req.template_tools() == TOOLS
+        assert isinstance(req.call_parser(HermesCalls), HermesCalls)
+    none = parse_completion({**CHAT, "tools": TOOLS, "tool_choice": "none"}, chat=True, model_id="m",
+                            tool_syntax=HermesCalls)
+    assert none.call_parser(HermesCalls) is None and none.template_tools() is None
+    with pytest.raises(APIError) as e:
+        parse_completion({**CHAT, "tools": TOOLS, "response_format": {"type": "json_object"}}, chat=True,
+                         model_id="m", tool_syntax=HermesCalls)
+    assert (e.value.status, e.value.param) == (400, "tool_choice")
+
+
+CALL = {"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Paris"}'}}
+
+
+def test_tool_results_reach_the_template_as_transformers_takes_them():
+    """An agent sends back the assistant's calls (arguments as a JSON string) and the tools' results."""
+    messages = [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": None, "tool_calls": [CALL]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
+    req = parse({**CHAT, "messages": messages}, chat=True)
+    assert [m.as_template_input() for m in req.messages] == [
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": "", "tool_calls": [{**CALL, "function": {"name": "weather",
+                                                                                   "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "content": "sunny", "tool_call_id": "call_1"}]
+
+
+@pytest.mark.parametrize("arguments", ["{", "[1]", '"x"'])
+def test_a_calls_arguments_must_be_a_json_object(arguments):
+    call = {**CALL, "function": {"name": "weather", "arguments": arguments}}
+    with pytest.raises(APIError) as e:
+        parse({**CHAT, "messages": [{"role": "assistant", "tool_calls": [call]}]}, chat=True)
+    assert (e.value.status, e.value.param) == (400, "messages")
+    assert "arguments" in e.value.message and "JSON object" in e.value.message
 
 
 def test_forced_tool_calls_become_grammars_and_reach_the_template():

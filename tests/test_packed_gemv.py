@@ -3,12 +3,20 @@ it was made from. The reference is the IntWeight dequantization (raytp.kernels.d
 checked per element against the format's contract in tests/test_quant_kernels.py; the kernel itself is checked
 against this on a GPU (tests/gpu/test_packed_gemv.py)."""
 
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from raytp.kernels import packed_gemv as pg
 from raytp.kernels.dequant_matmul import dequantize
 from tests.test_quant_kernels import random_int_weight
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -64,3 +72,36 @@ def test_launches_cover_every_input_tile(n_out, k_tiles):
     assert launch.warps in (4, 8) and launch.split >= 1
     per_split = -(-k_tiles // launch.split)
     assert per_split * launch.split >= k_tiles
+
+
+INTERPRETED_DEQUANT = r"""
+import sys, torch
+from raytp.kernels import packed_gemv as pg
+from raytp.kernels.packed_dequant import dequantize_tiles
+from tests.test_quant_kernels import random_int_weight
+cases = [(4, 128, True, False, 0, torch.float32), (4, 64, False, False, 40, torch.float16),
+         (8, 32, True, True, 0, torch.float32), (8, 128, False, False, 0, torch.float16)]
+for bits, group_size, sym, act_order, start, dtype in cases:
+    packed, scales, zeros, g_idx = random_int_weight(70, 256, bits, group_size, start, sym, act_order, dtype)
+    w = pg.pack_int(packed, scales, zeros, bits=bits, group_size=group_size, group_start=start, g_idx=g_idx)
+    got = dequantize_tiles(w.values, w.scales, w.zeros, w.kind, w.group_tiles, w.out_features, dtype)
+    assert torch.equal(got, pg.dequantize_mma(w, dtype)), (bits, group_size, sym, act_order, dtype)
+codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn)
+weight = codes[~codes.float().isnan()].repeat(70, 2)[:, :300].contiguous()  # every code, subnormals included
+w = pg.pack_fp8(weight, torch.rand(70, 1) + 0.5, torch.float32)
+got = dequantize_tiles(w.values, w.scales, w.zeros, w.kind, w.group_tiles, w.out_features, torch.float32)
+assert torch.equal(got, pg.dequantize_mma(w, torch.float32))
+print("equal")
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (its CPU interpreter)")
+def test_triton_prefill_dequantization_equals_the_torch_one_in_the_interpreter():
+    """raytp.kernels.packed_dequant under Triton's CPU interpreter (TRITON_INTERPRET=1, read when the kernel is
+    defined, hence a process of its own) against dequantize_mma, bit for bit: the tile's index arithmetic for every
+    kind, zero points, act-order and a slice starting mid-group. float32 and float16 outputs: the interpreter rounds
+    to bfloat16 otherwise than a GPU (tests/gpu/test_packed_gemv.py checks bfloat16 there)."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, "-c", INTERPRETED_DEQUANT], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0 and done.stdout.strip() == "equal", done.stderr[-3000:]

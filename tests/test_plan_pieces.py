@@ -75,7 +75,7 @@ def check_plan(model: Declared, plan, budgets):
 weights = st.lists(st.one_of(st.integers(1, 10), st.integers(1, 10**6)), min_size=1, max_size=12)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(piece_lists(), weights, st.floats(0.5, 3.0))
 def test_any_pieces_give_a_valid_plan_or_a_plan_error_naming_every_device(model, ws, scale):
     need = sum(map(total_bytes, model.declared))
@@ -95,7 +95,7 @@ def test_any_pieces_give_a_valid_plan_or_a_plan_error_naming_every_device(model,
     check_plan(model, plan, budgets)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(piece_lists(), weights)
 def test_generous_budgets_give_every_piece_in_proportion_within_one_block(model, ws):
     unit = 2 * sum(map(total_bytes, model.declared))  # room for each rank's share plus a block of every piece
@@ -107,7 +107,7 @@ def test_generous_budgets_give_every_piece_in_proportion_within_one_block(model,
             assert abs(len(r.spans[p.name]) - p.size * w / sum(ws)) <= p.block
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(piece_lists(), st.lists(st.integers(100, 5000), min_size=1, max_size=8), st.floats(1.0, 4.0))
 def test_speed_split_of_any_pieces_fits_and_is_never_slower(model, gbs, scale):
     need = sum(map(total_bytes, model.declared))

@@ -34,6 +34,7 @@ from raytp.runtime.errors import BusyError, RequestError, UnavailableError, erro
 from raytp.runtime.requests import StopScanner, check_request, check_text
 from raytp.runtime.sampling import SamplingParams
 from raytp.serving.metrics import ServingMetrics
+from raytp.serving.tool_calls import template_syntax
 from raytp.weights.source import ModelSource
 from raytp.weights.tokenizer import StreamDecoder, Tokenizer
 from raytp.weights.tokenizer_pool import TextTooLong, TokenizerPool
@@ -70,6 +71,10 @@ class Driver:
         self.tokenizer_pool = None if self.tokenizer is None else \
             TokenizerPool(self.tokenizer, source.tokenizer_dir, settings.max_context)
         self.tokenizer_dir = source.tokenizer_dir
+        # how the model writes a tool call by itself (tool_choice "auto"), read off its chat template; None: it
+        # has no syntax raytp parses, and "auto" is refused
+        self.tool_syntax = None if self.tokenizer is None else template_syntax(
+            lambda messages: self.tokenizer.apply_chat_template(messages, add_generation_prompt=False))
         self._grammars: Grammars | None = None  # checks the grammars of constrained requests; built at the first
         self.group: WorkerGroup | None = None
         self.streams: dict[str, asyncio.Queue[TokenEvent]] = {}

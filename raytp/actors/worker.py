@@ -49,7 +49,8 @@ class Worker:
     def __init__(self, rank: int, device: DeviceSpec, local_ranks: int = 1,
                  options: RuntimeOptions = RuntimeOptions()):
         self.rank, self.spec, self.options = rank, device, options
-        set_triton(options.triton)  # once for this process, before any kernel runs
+        # once for this process, before any kernel runs
+        set_triton(options.triton, options.triton_fp8_kv, options.triton_prefill_dequant)
         self.device = assigned_gpu() if device.kind == "cuda" else torch.device("cpu")
         if device.kind == "cuda":
             self._on_device()  # before anything else touches CUDA

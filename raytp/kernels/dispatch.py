@@ -1,8 +1,15 @@
 """When a Triton kernel runs instead of its torch version: on CUDA tensors, with Triton installed, unless this
 process switched Triton off (`set_triton(False)`, which each rank calls once from RuntimeOptions.triton; the
-torch versions then run everywhere: for debugging, and to compare the two on a GPU)."""
+torch versions then run everywhere: for debugging, and to compare the two on a GPU).
+
+The FP8 KV cache's Triton paths (raytp.kernels.kv_fp8) have a switch of their own, `fp8_kv`
+(RuntimeOptions.triton_fp8_kv), off until they are measured on a GPU, and run only where the GPU converts e4m3 in
+hardware (compute capability 8.9+). So has the Triton dequantization of packed weights for prefill
+(raytp.kernels.packed_dequant), `prefill_dequant` (RuntimeOptions.triton_prefill_dequant), off until measured."""
 
 from __future__ import annotations
+
+from functools import cache
 
 import torch
 
@@ -14,13 +21,36 @@ except ImportError:  # CPU-only installs: every kernel's torch version runs
 # Per process, not per call: a rank sets it once before its first forward, and a kernel call must not pay for a
 # lookup (the decode step makes hundreds of them).
 _enabled = triton is not None
+_fp8_kv = False
+_prefill_dequant = False
+
+FP8_CAPABILITY = (8, 9)  # Ada and Hopper convert e4m3 in hardware; before them Triton would emulate it per element
 
 
-def set_triton(enabled: bool) -> None:
-    """Use the Triton kernels in this process (where Triton is installed) or the torch versions everywhere."""
-    global _enabled
+def set_triton(enabled: bool, fp8_kv: bool = False, prefill_dequant: bool = False) -> None:
+    """Use the Triton kernels in this process (where Triton is installed) or the torch versions everywhere; with
+    `fp8_kv` also for the FP8 KV cache's write and decode attention, with `prefill_dequant` also to dequantize
+    packed weights for prefill."""
+    global _enabled, _fp8_kv, _prefill_dequant
     _enabled = enabled and triton is not None
+    _fp8_kv = fp8_kv
+    _prefill_dequant = prefill_dequant
 
 
 def use_triton(t: torch.Tensor) -> bool:
     return _enabled and t.is_cuda
+
+
+def use_triton_prefill_dequant(t: torch.Tensor) -> bool:
+    """Whether packed weights like t are dequantized for prefill by raytp.kernels.packed_dequant."""
+    return _prefill_dequant and use_triton(t)
+
+
+def use_triton_fp8_kv(t: torch.Tensor) -> bool:
+    """Whether the FP8 KV cache's Triton kernels run for tensors like t."""
+    return _fp8_kv and use_triton(t) and _converts_fp8(t.device.index)
+
+
+@cache  # a device's capability does not change; asking CUDA every call would cost each decode step's kernels
+def _converts_fp8(index: int | None) -> bool:
+    return torch.cuda.get_device_capability(index) >= FP8_CAPABILITY

@@ -11,10 +11,12 @@ their own range (an outlier token does not flatten the others). The cost is 1 + 
 mantissa bits: an element rounds to within 1/16 of itself, down to 1/28672 (2**-6 / 448) of its row's largest
 (coarser below, where e4m3 is subnormal).
 
-Only torch versions exist: on every device the cache is written by raytp.kernels.rope_cache's torch version and read
-by raytp.kernels.attention's, which dequantizes the span it gathers (the Triton kernels handle model-dtype caches
-only). So on a GPU an FP8 cache saves memory, not time. The cache is indexed through a uint8 view of the same
-bytes: torch's advanced indexing does not take float8 tensors on every device and version.
+The torch versions here serve every device: raytp.kernels.rope_cache's torch version writes the cache and
+raytp.kernels.attention's reads it, dequantizing the span it gathers (prefill always). On GPUs that convert e4m3 in
+hardware (compute capability 8.9+), with RuntimeOptions.triton_fp8_kv on, the Triton RoPE kernel writes the rows by the
+same arithmetic (bit for bit) and the Triton decode attention reads the e4m3 bytes in place, applying each row's scale
+to its scores and probabilities. The cache is indexed through a uint8 view of the same bytes: torch's advanced
+indexing does not take float8 tensors on every device and version, and the Triton kernels read and write bytes.
 """
 
 from __future__ import annotations
@@ -40,7 +42,10 @@ def zeros(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
 def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x (..., head_dim) -> (e4m3 values (..., head_dim), float32 scales (...))."""
     x = x.float()
-    scale = x.abs().amax(-1) / FP8_MAX
+    amax = x.abs().amax(-1)
+    # Divided by a tensor, not by the number: CUDA torch turns a division by a Python number into a multiplication by
+    # its reciprocal, which rounds differently from the division done on CPUs and by the Triton write.
+    scale = amax / torch.full_like(amax, FP8_MAX)
     # An all-zero row has no range: any scale stores its zeros exactly. (1 also guards a row so small that its scale
     # underflows to 0; the clamp below keeps x / s finite whatever the scale's rounding did.)
     scale = torch.where(scale > 0, scale, 1.0)

@@ -5,22 +5,27 @@ and spend as few instructions per weight as it can: on an H200 a 4-bit weight ar
 instructions per weight for the whole SM, and a plain dequantize-then-multiply spends more than that (the integer-
 to-float conversion alone is a quarter-rate instruction). So the kernel (CUDA, compiled at run time with NVRTC):
 
-- multiplies on the tensor cores: `mma.m16n8k16` with x as the 16-row operand (rows past the batch are zeros), so
-  the multiply-adds cost a fraction of an instruction per weight and batch 16 costs what batch 1 does;
+- multiplies on the tensor cores: `mma.m16n8k16` with the weights as the 16 x 16 operand A, made in registers by
+  the dequantization exactly where the mma wants them, and x as the 8-column operand B, two registers of the
+  16-byte vector each lane loads (rows past the batch are zeros): one mma per 256 weights up to 8 rows of x, two
+  up to 16, and no register moves to assemble fragments (x as the A operand cost ~60% more instructions a tile);
 - dequantizes without conversions: a 4-bit value OR'ed into the mantissa of bf16 128 (fp16 1024) is 128 + q, and
   one packed fma subtracts 128 + zero exactly, two values per instruction (`lop3`, `fma.rn.bf16x2`); int8 goes
   through the float32 2**23 trick and one packed convert; e4m3 moves its bits into a bf16 (fp16) and one packed
   multiply by 2**120 (2**8) rescales, subnormals included;
-- applies the group scale once per group on the float32 accumulators (exact linear algebra: W = (q - z) * s);
+- applies the group scale once per group on float32 accumulators (exact linear algebra: W = (q - z) * s), or
+  (`Launch.scaled`, faster for 8-bit weights and zero points) multiplies it into the weights as they are made,
+  rounding each weight once to the model dtype as the dequantize path does;
 - reads each weight once with 16-byte loads that a warp issues as one contiguous 1 KiB run: the layout is made
   for the mma fragments, so no shuffles, no shared memory on the weights' path.
 
 The layout (`MMAPacked`), made once per rank from its own slice (`pack_int` / `pack_fp8`). Inputs are in `Kp`
 ("physical") order, a multiple of 32, outputs padded to a multiple of 64:
     values   int32 [Np / 64][Kp / 32][32 lanes][words]: one warp's tile of 64 outputs x 32 inputs is 1 KiB,
-             lane 4g + t holds outputs 8j + g (j = 0..7) at inputs 8t..8t+7 of the tile, as the mma's B fragments
-             want them (int4: one word per j, nibble p = input 8t + 2p, nibble p + 4 = input 8t + 2p + 1; 8-bit:
-             two words per j, byte b of word s = input 8t + 4s + b)
+             lane 4g + t holds outputs 16i + g and 16i + g + 8 (i = 0..3) at inputs 8t..8t+7 of the tile, as the
+             mma's A fragments want them: register r of m-tile i's fragment at k16 step s holds output
+             16i + g + 8 (r & 1) at inputs 8t + 4s + 2 (r >> 1) + {0, 1} (int4: word 2i + s, nibbles r and r + 4;
+             8-bit: word 4i + 2s + (r >> 1), bytes 2 (r & 1) and 2 (r & 1) + 1)
     scales   (groups, Np) in the model dtype, as the checkpoint's; zeros likewise (integers), or None: symmetric
     x_index  int32 (Kp,): the input column each physical input is, -1 for padding; None: the identity
 Act-order and mid-group slices need no per-column group lookups: the inputs are sorted by group at load time and
@@ -39,11 +44,15 @@ result has the same bits on every run and in CUDA graphs, in one launch with no 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from raytp.kernels.dispatch import use_triton_prefill_dequant
+from raytp.kernels.packed_dequant import dequantize_tiles
 
 MAX_ROWS = 16  # rows of x one weight pass serves (the mma's M); more (prefill) dequantize once and use cuBLAS
 TILE_N, TILE_K = 64, 32  # one warp's tile: outputs x inputs
@@ -63,6 +72,9 @@ class MMAPacked:
     in_features: int  # K: the inputs x has
     out_features: int  # N
     x_index: torch.Tensor | None  # int32 (Kp,), -1 for padding; None: physical order is x's own (padded to Kp)
+    # The scales can be multiplied into the weights as they are dequantized (Launch.scaled): always for integers;
+    # for e4m3 while scale * 2**120 (bf16's rescaling power) stays finite, checked at packing
+    foldable: bool = True
 
     @property
     def padded(self) -> tuple[int, int]:
@@ -88,12 +100,12 @@ def _tile_words(v: torch.Tensor, kind: str) -> torch.Tensor:
     """Unsigned values (or e4m3 bytes) in physical order, (Kp, Np) int32 -> the kernel's words
     [Np / 64, Kp / 32, 32, words] (see the module docstring)."""
     kp, np_ = v.shape
-    if kind == "int4":  # k = kb*32 + 8t + 2p + h -> nibble p + 4h of word (g, t, j); n = nb*64 + 8j + g
-        t = v.reshape(kp // 32, 4, 4, 2, np_ // 64, 8, 8).permute(4, 0, 6, 1, 5, 3, 2)  # nb kb g t j h p
-        t = t.reshape(np_ // 64, kp // 32, 32, 8, 8)
-    else:  # k = kb*32 + 8t + 4s + b -> byte b of word (g, t, j, s)
-        t = v.reshape(kp // 32, 4, 2, 4, np_ // 64, 8, 8).permute(4, 0, 6, 1, 5, 2, 3)  # nb kb g t j s b
-        t = t.reshape(np_ // 64, kp // 32, 32, 16, 4)
+    # k = kb*32 + 8t + 4s + 2a + h, n = nb*64 + 16i + 8b + g: A register r = 2a + b of m-tile i, k16 step s
+    t = v.reshape(kp // 32, 4, 2, 2, 2, np_ // 64, 4, 2, 8)  # kb t s a h nb i b g
+    if kind == "int4":  # nibble r + 4h of word 2i + s
+        t = t.permute(5, 0, 8, 1, 6, 2, 4, 3, 7).reshape(np_ // 64, kp // 32, 32, 8, 8)  # nb kb g t i s h a b
+    else:  # byte 2b + h of word 4i + 2s + a
+        t = t.permute(5, 0, 8, 1, 6, 2, 3, 7, 4).reshape(np_ // 64, kp // 32, 32, 16, 4)  # nb kb g t i s a b h
     bits = 32 // t.shape[-1]
     words = torch.zeros(t.shape[:-1], dtype=torch.int32, device=v.device)
     for i in range(t.shape[-1]):
@@ -175,8 +187,9 @@ def pack_fp8(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = tor
                                   min(PACK_CHUNK, n_out - lo), 0), "fp8") for lo in range(0, n_out, PACK_CHUNK)]
     np_ = -(-n_out // TILE_N) * TILE_N
     scales = scale.float().reshape(-1, 1).expand(n_out, 1).t()
+    foldable = bool(scales.abs().max() < 2.0 ** 7) if scales.numel() else True
     return MMAPacked(torch.cat(chunks), _padded_rows(scales, np_, dtype), None, "fp8", kp // TILE_K, k_in, n_out,
-                     None)
+                     None, foldable)
 
 
 def _untile(w: MMAPacked) -> torch.Tensor:
@@ -185,10 +198,11 @@ def _untile(w: MMAPacked) -> torch.Tensor:
     per = 8 if w.kind == "int4" else 4
     bits = 32 // per
     vals = (w.values.unsqueeze(-1) >> (torch.arange(per, device=w.values.device) * bits)) & ((1 << bits) - 1)
-    if w.kind == "int4":  # [nb, kb, g, t, j, (h p)]
-        t = vals.reshape(np_ // 64, kp // 32, 8, 4, 8, 2, 4).permute(1, 3, 6, 5, 0, 4, 2)  # kb t p h nb j g
-    else:  # [nb, kb, g, t, (j s), b]
-        t = vals.reshape(np_ // 64, kp // 32, 8, 4, 8, 2, 4).permute(1, 3, 5, 6, 0, 4, 2)  # kb t s b nb j g
+    t = vals.reshape(np_ // 64, kp // 32, 8, 4, 4, 2, 2, 2, 2)
+    if w.kind == "int4":  # nb kb g t i s h a b
+        t = t.permute(1, 3, 5, 7, 6, 0, 4, 8, 2)  # kb t s a h nb i b g
+    else:  # nb kb g t i s a b h
+        t = t.permute(1, 3, 5, 6, 8, 0, 4, 7, 2)
     return t.reshape(kp, np_)
 
 
@@ -214,8 +228,12 @@ def physical_inputs(x: torch.Tensor, w: MMAPacked) -> torch.Tensor:
 
 
 def mma_linear_torch(x: torch.Tensor, w: MMAPacked) -> torch.Tensor:
-    """The reference and prefill path: dequantize, then one matmul."""
-    return physical_inputs(x, w) @ dequantize_mma(w, x.dtype)
+    """The reference and prefill path: dequantize (in one Triton pass where switched on), then one matmul."""
+    if use_triton_prefill_dequant(w.values):
+        dense = dequantize_tiles(w.values, w.scales, w.zeros, w.kind, w.group_tiles, w.out_features, x.dtype)
+    else:
+        dense = dequantize_mma(w, x.dtype)
+    return physical_inputs(x, w) @ dense
 
 
 @dataclass(frozen=True)
@@ -225,13 +243,20 @@ class Launch:
     warps: int  # warps per block, each over its own contiguous slice of the block's inputs
     split: int  # blocks sharing one 64-output block, each over a contiguous slice of the inputs
     stages: int = 3  # input tiles a warp holds at once: STAGES - 1 of them loading
-    async_copy: bool = False  # the tiles in shared memory (cp.async) rather than in registers
+    scaled: bool = False  # group scales multiplied into the weights as they are dequantized (see `tile`)
+    min_blocks: int = 1  # blocks per SM the compiler must leave registers for (__launch_bounds__)
+
+    def split_free(self) -> Launch:
+        """The compiled kernel's key: the split is a grid dimension, not code."""
+        return dataclasses.replace(self, split=1)
 
 
-def launch_for(n_out: int, k_tiles: int, sms: int, kind: str = "int4") -> Launch:
+def launch_for(n_out: int, k_tiles: int, sms: int, kind: str = "int4", zero_points: bool = False) -> Launch:
     """8 warps per block; a split along the inputs while the output blocks are few (at most 4 blocks per output
-    block, at least 3 tiles per warp); tiles in flight per warp by weight width. Fitted to the fastest launches of
-    `benchmarks/quant_gemv.py --sweep` on an H200 (one rank's and 4 ranks' Llama-3.1-8B shapes, batch 1)."""
+    block, at least 3 tiles per warp); tiles in flight per warp by weight width; the scales multiplied into the
+    weights except for symmetric int4 (8-bit weights and zero points: 1.2-1.5x faster per layer that way, symmetric
+    int4 3% slower). Fitted to the fastest launches of `benchmarks/quant_gemv.py --sweep` on an H200 (one rank's
+    and 4 ranks' Llama-3.1-8B shapes, batch 1; benchmarks/results/2026-12-04-h200-sitting8)."""
     n_blocks = -(-n_out // TILE_N)
     warps, split = 8, 1
     while split < 4 and n_blocks * split * 2 <= 3 * sms and k_tiles // (warps * split * 2) >= 3:
@@ -239,7 +264,7 @@ def launch_for(n_out: int, k_tiles: int, sms: int, kind: str = "int4") -> Launch
     # int4 tiles are 1 KiB a warp: two in registers keep enough in flight. 8-bit tiles are 2 KiB and cost more
     # registers; four of them pay where the warps are few and their slices short, two elsewhere
     stages = 2 if kind == "int4" or k_tiles > 128 or n_blocks * split >= 2 * sms else 4
-    return Launch(warps, split, stages)
+    return Launch(warps, split, stages, scaled=kind != "int4" or zero_points)
 
 
 class _Workspace:
@@ -275,7 +300,7 @@ def _device_index(device: torch.device) -> int:
 
 def _launch_of(w: MMAPacked, launch: Launch | None) -> Launch:
     return launch or launch_for(w.values.shape[0] * TILE_N, w.values.shape[1],
-                                sm_count(_device_index(w.values.device)), w.kind)
+                                sm_count(_device_index(w.values.device)), w.kind, w.zeros is not None)
 
 
 def reserve(w: MMAPacked) -> None:
@@ -316,6 +341,9 @@ __device__ __forceinline__ u32 fma2(u32 a, u32 b, u32 c) {
     u32 d;
     asm(FMA2 " %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
     return d;
+}
+__device__ __forceinline__ u32 mul2(u32 a, u32 b) {  // a * b, rounded once (fma with -0: exact for -0 products)
+    return fma2(a, b, 0x80008000u);
 }
 __device__ __forceinline__ u32 lop_or_and(u32 a, u32 mask, u32 magic) {  // (a & mask) | magic
     u32 d;
@@ -362,128 +390,130 @@ __device__ __forceinline__ uint4 load16(const void* p) {
     return v;
 }
 
-// One 32-input tile of the warp's 64 outputs: 8 n-tiles x 2 k16 steps of mma. a0: rows g, a1: rows g + 8, as
-// 4 pairs of inputs 8t..8t+7 of the tile. neg[j]: minus (magic + zero) of n-tile j's column g, packed.
-__device__ __forceinline__ void tile(float (*acc)[4], const u32* w, const u32* a0, const u32* a1,
-                                     const u32* neg) {
-    const u32 A0[4] = {a0[0], a1[0], a0[1], a1[1]};  // k16 step 0: inputs 8t + 0..3
-    const u32 A1[4] = {a0[2], a1[2], a0[3], a1[3]};  // k16 step 1: inputs 8t + 4..7
+// The weights are the mma's A operand (16 outputs x 16 inputs), x its B operand (16 inputs x 8 rows of x): one
+// mma covers 256 weights, each register of A is made by the dequantization where the mma wants it, and x's
+// fragment is two registers of the 16-byte vector the lane loaded. Register r of an A fragment holds output row
+// g + 8 * (r & 1) of the m-tile at inputs 8t + 4s + 2 * (r >> 1) + {0, 1} of the tile (s: the k16 step); x's
+// fragment holds row g of x at inputs 8t + 4s + {0, 1} and {2, 3}: the same inputs, so the products pair up.
+// z[i][b], sc[i][b]: minus (magic + zero) and the scale of row 16i + g + 8b (packed twice where the dequantization
+// works on pairs).
+__device__ __forceinline__ void tile(float (*acc)[4][4], const u32* w, const uint4* xv, const u32 (*z)[2],
+                                     const u32 (*sc)[2]) {
 #pragma unroll
-    for (int j = 0; j < 8; ++j) {
-#if KIND == 4
-        const u32 q = w[j];
-        u32 b[4];
-#pragma unroll
-        for (int p = 0; p < 4; ++p)  // nibbles p and p + 4: inputs 8t + 2p and 8t + 2p + 1
-            b[p] = fma2(lop_or_and(q >> (4 * p), 0x000F000Fu, MAGIC4), ONE2, neg[j]);
-        mma(acc[j], A0, b[0], b[1]);
-        mma(acc[j], A1, b[2], b[3]);
-#elif KIND == 8
-        u32 b[4];
-#pragma unroll
-        for (int s = 0; s < 2; ++s) {  // bytes of word s: inputs 8t + 4s + 0..3; 2**23 + q, exact
-            const u32 q = w[2 * j + s];
-            const float z = __uint_as_float(neg[j]);
-            b[2 * s] = cvt2(__uint_as_float(prmt(q, 0x4B000000u, 0x7651u)) - z,
-                            __uint_as_float(prmt(q, 0x4B000000u, 0x7650u)) - z);
-            b[2 * s + 1] = cvt2(__uint_as_float(prmt(q, 0x4B000000u, 0x7653u)) - z,
-                                __uint_as_float(prmt(q, 0x4B000000u, 0x7652u)) - z);
-        }
-        mma(acc[j], A0, b[0], b[1]);
-        mma(acc[j], A1, b[2], b[3]);
-#else
-        u32 b[4];
+    for (int i = 0; i < 4; ++i) {
 #pragma unroll
         for (int s = 0; s < 2; ++s) {
-            const u32 q = w[2 * j + s];
+            u32 a[4];
+#if KIND == 4
+            const u32 q = w[2 * i + s];
 #pragma unroll
-            for (int h = 0; h < 2; ++h) {  // bytes 2h, 2h + 1 at bits 8..15 and 24..31, then into a 16-bit float
-                const u32 v = prmt(q, 0u, h ? 0x3424u : 0x1404u);
-                const u32 f = (v & 0x80008000u) | ((v >> FP8_SHIFT) & FP8_MASK);
-                b[2 * s + h] = fma2(f, FP8_RESCALE, 0x80008000u);
+            for (int r = 0; r < 4; ++r) {  // nibbles r and r + 4: the register's two inputs
+                const u32 v = fma2(lop_or_and(q >> (4 * r), 0x000F000Fu, MAGIC4), ONE2, z[i][r & 1]);
+                a[r] = SCALED ? mul2(v, sc[i][r & 1]) : v;
+            }
+#else
+#pragma unroll
+            for (int c = 0; c < 2; ++c) {  // word c: registers 2c (bytes 0, 1) and 2c + 1 (bytes 2, 3)
+                const u32 q = w[4 * i + 2 * s + c];
+#if KIND == 8
+#pragma unroll
+                for (int b = 0; b < 2; ++b) {  // 2**23 + q, exact; (q - z) * s is exact in float32
+                    const float zf = __uint_as_float(z[i][b]);
+                    const float m = SCALED ? __uint_as_float(sc[i][b]) : 1.f;
+                    a[2 * c + b] = cvt2((__uint_as_float(prmt(q, 0x4B000000u, 0x7651u + 2 * b)) - zf) * m,
+                                        (__uint_as_float(prmt(q, 0x4B000000u, 0x7650u + 2 * b)) - zf) * m);
+                }
+#else
+#pragma unroll
+                for (int b = 0; b < 2; ++b) {  // bytes 2b, 2b + 1 to bits 8..15 and 24..31, then a 16-bit float
+                    const u32 v = prmt(q, 0u, b ? 0x3424u : 0x1404u);
+                    const u32 f = (v & 0x80008000u) | ((v >> FP8_SHIFT) & FP8_MASK);
+                    a[2 * c + b] = fma2(f, SCALED ? sc[i][b] : FP8_RESCALE, 0x80008000u);
+                }
+#endif
+            }
+#endif
+#pragma unroll
+            for (int h = 0; h < HALVES; ++h) {  // rows 0-7 of x, then 8-15
+                const uint4 x = xv[h];
+                mma(acc[h][i], a, s ? x.z : x.x, s ? x.w : x.y);
             }
         }
-        mma(acc[j], A0, b[0], b[1]);
-        mma(acc[j], A1, b[2], b[3]);
-#endif
     }
 }
 
-__device__ __forceinline__ void fetch(const u32* w_lane, const u32* x0, const u32* x1, bool row0, bool row1,
-                                      int kb, u32* wr, uint4& xa, uint4& xb) {
-    const uint4* wp = (const uint4*)(w_lane + (size_t)kb * 32 * WORDS);
+__device__ __forceinline__ void fetch(const u32* w_tile, const u32* x0, const u32* x1, bool row0, bool row1,
+                                      int kb, u32* wr, uint4* xv) {
+    const uint4* wp = (const uint4*)(w_tile + kb * 32 * WORDS);
 #pragma unroll
     for (int v = 0; v < WORDS / 4; ++v) {
         const uint4 q = load16(wp + v);
         wr[4 * v] = q.x; wr[4 * v + 1] = q.y; wr[4 * v + 2] = q.z; wr[4 * v + 3] = q.w;
     }
-    xa = row0 ? *(const uint4*)(x0 + kb * 16) : make_uint4(0, 0, 0, 0);
-    xb = row1 ? *(const uint4*)(x1 + kb * 16) : make_uint4(0, 0, 0, 0);
+    xv[0] = row0 ? *(const uint4*)(x0 + kb * 16) : make_uint4(0, 0, 0, 0);
+    if (HALVES == 2) xv[1] = row1 ? *(const uint4*)(x1 + kb * 16) : make_uint4(0, 0, 0, 0);
 }
 
-__device__ __forceinline__ void copy16(uint4* dst, const void* src, bool real) {  // zeros where !real
-    const u32 d = (u32)__cvta_generic_to_shared(dst);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(d), "l"(src), "r"(real ? 16 : 0));
-}
-__device__ __forceinline__ void issue(uint4* slot, const u32* w_lane, const u32* x0, const u32* x1, bool row0,
-                                      bool row1, int kb) {
-    const uint4* wp = (const uint4*)(w_lane + (size_t)kb * 32 * WORDS);
+// A group's constants for this lane's 8 output rows (16i + g + 8b): minus (magic + zero), and the scale.
+__device__ __forceinline__ void group_constants(const u16* __restrict__ zeros, const u16* __restrict__ scales,
+                                                size_t row0, u32 (*z)[2], u32 (*sc)[2], float (*sf)[2]) {
 #pragma unroll
-    for (int v = 0; v < WORDS / 4; ++v) copy16(slot + v, wp + v, true);
-    copy16(slot + WORDS / 4, row0 ? x0 + kb * 16 : x0, row0);
-    copy16(slot + WORDS / 4 + 1, row1 ? x1 + kb * 16 : x0, row1);
-}
-
-// Tile kb: a new group's zero constants first, then the mma, then at a group's (or the slice's) end its scale.
-__device__ __forceinline__ void step(float (*acc)[4], float (*part)[4], u32* neg, int& group,
-                                     const u16* __restrict__ zeros, const u16* __restrict__ scales, int Np,
-                                     int n0, int g, int t, int group_tiles, int kb, int k1, const u32* wr,
-                                     const uint4& xa, const uint4& xb) {
-    if (kb / group_tiles != group) {
-        group = kb / group_tiles;
+    for (int i = 0; i < 4; ++i) {
 #pragma unroll
-        for (int j = 0; j < 8; ++j) {
+        for (int b = 0; b < 2; ++b) {
+            const size_t n = row0 + 16 * i + 8 * b;
+            const u16 s = scales[n];
+            sf[i][b] = to_float(s);
 #if KIND == 4
-            const float z = HAS_ZEROS ? to_float(zeros[(size_t)group * Np + n0 + 8 * j + g]) : 8.f;
+            const float zero = HAS_ZEROS ? to_float(zeros[n]) : 8.f;
 #if BF16
-            const u32 h = __float_as_uint(-128.f - z) >> 16;  // minus (magic + zero), exact in bf16
+            const u32 h = __float_as_uint(-128.f - zero) >> 16;  // minus (magic + zero), exact in bf16
 #else
-            const u32 h = round_half(-1024.f - z);
+            const u32 h = round_half(-1024.f - zero);
 #endif
-            neg[j] = h | (h << 16);
+            z[i][b] = h | (h << 16);
+            sc[i][b] = (u32)s | ((u32)s << 16);
 #elif KIND == 8
-            const float z = HAS_ZEROS ? to_float(zeros[(size_t)group * Np + n0 + 8 * j + g]) : 128.f;
-            neg[j] = __float_as_uint(8388608.f + z);
+            const float zero = HAS_ZEROS ? to_float(zeros[n]) : 128.f;
+            z[i][b] = __float_as_uint(8388608.f + zero);
+            sc[i][b] = __float_as_uint(sf[i][b]);
 #else
-            neg[j] = 0u;
+            z[i][b] = 0u;
+            sc[i][b] = fma2((u32)s | ((u32)s << 16), FP8_RESCALE, 0x80008000u);  // exact: a power of two
 #endif
-        }
-    }
-    const u32 a0[4] = {xa.x, xa.y, xa.z, xa.w}, a1[4] = {xb.x, xb.y, xb.z, xb.w};
-    tile(part, wr, a0, a1, neg);
-    if ((kb + 1) % group_tiles == 0 || kb + 1 == k1) {
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-            const u32 pair = *(const u32*)(scales + (size_t)group * Np + n0 + 8 * j + 2 * t);
-            const float s0 = to_float(pair & 0xFFFFu), s1 = to_float(pair >> 16);
-            acc[j][0] += part[j][0] * s0; acc[j][1] += part[j][1] * s1;
-            acc[j][2] += part[j][2] * s0; acc[j][3] += part[j][3] * s1;
-#pragma unroll
-            for (int i = 0; i < 4; ++i) part[j][i] = 0.f;
         }
     }
 }
 
-extern "C" __global__ void __launch_bounds__(32 * WARPS) KERNEL_NAME(
+// Tile kb: a new group's constants first, then the mma, then (unscaled) at a group's or the slice's end its scale.
+__device__ __forceinline__ void step(float (*acc)[4][4], float (*part)[4][4], u32 (*z)[2], u32 (*sc)[2],
+                                     float (*sf)[2], int& group_end, const u16* __restrict__ zeros,
+                                     const u16* __restrict__ scales, int Np, int row, int group_tiles, int kb,
+                                     int k1, const u32* wr, const uint4* xv) {
+    if (kb == group_end) {  // the slice's first tile, or a group's: the one division per group
+        const int group = kb / group_tiles;
+        group_constants(zeros, scales, (size_t)group * Np + row, z, sc, sf);
+        group_end = (group + 1) * group_tiles;
+    }
+    tile(SCALED ? acc : part, wr, xv, z, sc);
+    if (!SCALED && (kb + 1 == group_end || kb + 1 == k1)) {
+#pragma unroll
+        for (int h = 0; h < HALVES; ++h)
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+#pragma unroll
+                for (int c = 0; c < 4; ++c) {  // c0, c1: row 16i + g; c2, c3: row 16i + g + 8
+                    acc[h][i][c] += part[h][i][c] * sf[i][c >> 1];
+                    part[h][i][c] = 0.f;
+                }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS) KERNEL_NAME(
         const u32* __restrict__ x, const u32* __restrict__ w, const u16* __restrict__ scales,
         const u16* __restrict__ zeros, float* __restrict__ partials, int* __restrict__ counters,
         u16* __restrict__ y, int M, int N, int Np, int k_tiles, int tiles_per_split, int group_tiles) {
-#if ASYNC
-    extern __shared__ uint4 smem[];  // the warps' rings of tiles, then (aliased) the sums of the warps
-    float (*sums)[16][65] = reinterpret_cast<float (*)[16][65]>(smem);
-#else
     __shared__ float sums[WARPS][16][65];  // +1: no bank conflicts between the rows
-#endif
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
     const int nb = blockIdx.x, split = blockIdx.y;
     const int lo = split * tiles_per_split;
@@ -492,76 +522,51 @@ extern "C" __global__ void __launch_bounds__(32 * WARPS) KERNEL_NAME(
     const int k0 = lo + warp * per_warp, k1 = min(k0 + per_warp, hi);
     const int n0 = nb * 64;
 
-    float acc[8][4], part[8][4];
+    float acc[HALVES][4][4], part[HALVES][4][4];
 #pragma unroll
-    for (int j = 0; j < 8; ++j)
+    for (int h = 0; h < HALVES; ++h)
 #pragma unroll
-        for (int i = 0; i < 4; ++i) acc[j][i] = part[j][i] = 0.f;
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) acc[h][i][c] = part[h][i][c] = 0.f;
 
     const int kp = k_tiles * 32;
     const bool row0 = g < M, row1 = g + 8 < M;
-    const u32* w_lane = w + ((size_t)nb * k_tiles * 32 + lane) * WORDS;
+    const u32* w_tile = w + ((size_t)nb * k_tiles * 32 + lane) * WORDS;
     const u32* x0 = x + ((size_t)g * kp + 8 * t) / 2;
     const u32* x1 = x + ((size_t)(g + 8) * kp + 8 * t) / 2;
-    u32 neg[8];
-    int group = -1;
-#if ASYNC
-    // STAGES tiles per warp in shared memory, copied asynchronously (cp.async): STAGES - 1 tiles of weights and x
-    // in flight while one is multiplied, without holding registers for them. Each lane copies and reads back only
-    // its own bytes, so no barrier is needed between the warp's lanes.
-    constexpr int VEC = WORDS / 4 + 2;  // 16-byte vectors per lane per tile: weights, then x rows g and g + 8
-    uint4* ring = smem + ((size_t)warp * STAGES * 32 + lane) * VEC;
-#pragma unroll
-    for (int s = 0; s < STAGES - 1; ++s) {
-        if (k0 + s < k1) issue(ring + s * 32 * VEC, w_lane, x0, x1, row0, row1, k0 + s);
-        asm volatile("cp.async.commit_group;");
-    }
-    for (int kb = k0; kb < k1; ++kb) {
-        asm volatile("cp.async.wait_group %0;" :: "n"(STAGES - 2));
-        const uint4* slot = ring + ((kb - k0) % STAGES) * 32 * VEC;
-        u32 wr[WORDS];
-#pragma unroll
-        for (int v = 0; v < WORDS / 4; ++v) {
-            const uint4 q = slot[v];
-            wr[4 * v] = q.x; wr[4 * v + 1] = q.y; wr[4 * v + 2] = q.z; wr[4 * v + 3] = q.w;
-        }
-        const uint4 xa = slot[WORDS / 4], xb = slot[WORDS / 4 + 1];
-        if (kb + STAGES - 1 < k1)  // into the slot read one tile ago
-            issue(ring + ((kb - k0 + STAGES - 1) % STAGES) * 32 * VEC, w_lane, x0, x1, row0, row1, kb + STAGES - 1);
-        asm volatile("cp.async.commit_group;");
-        step(acc, part, neg, group, zeros, scales, Np, n0, g, t, group_tiles, kb, k1, wr, xa, xb);
-    }
-    asm volatile("cp.async.wait_all;");
-    __syncthreads();  // every warp is done with its ring before the sums reuse it
-#else
+    u32 z[4][2], sc[4][2];
+    float sf[4][2];
+    int group_end = k0;  // the first tile reads its group's constants
     // STAGES tiles in registers: the loads of the next STAGES - 1 tiles are in flight while one is dequantized
     // and multiplied, so a warp keeps ~(STAGES - 1) KiB of int4 in flight: what the memory needs to stay busy.
     u32 wr[STAGES][WORDS];
-    uint4 xa[STAGES], xb[STAGES];
+    uint4 xv[STAGES][2];
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s)
-        if (k0 + s < k1) fetch(w_lane, x0, x1, row0, row1, k0 + s, wr[s], xa[s], xb[s]);
+        if (k0 + s < k1) fetch(w_tile, x0, x1, row0, row1, k0 + s, wr[s], xv[s]);
     for (int kb = k0; kb < k1; kb += STAGES) {
 #pragma unroll
         for (int s = 0; s < STAGES; ++s) {  // unrolled: every buffer index is a constant, the buffers stay registers
             if (kb + s < k1) {
                 const int ahead = (s + STAGES - 1) % STAGES;
                 if (kb + s + STAGES - 1 < k1)
-                    fetch(w_lane, x0, x1, row0, row1, kb + s + STAGES - 1, wr[ahead], xa[ahead], xb[ahead]);
-                step(acc, part, neg, group, zeros, scales, Np, n0, g, t, group_tiles, kb + s, k1, wr[s], xa[s],
-                     xb[s]);
+                    fetch(w_tile, x0, x1, row0, row1, kb + s + STAGES - 1, wr[ahead], xv[ahead]);
+                step(acc, part, z, sc, sf, group_end, zeros, scales, Np, n0 + g, group_tiles, kb + s, k1, wr[s],
+                     xv[s]);
             }
         }
     }
-#endif
-    // c0, c1: row g, outputs 8j + 2t, +1; c2, c3: row g + 8
+    // acc[h][i]: c0, c1 at output 16i + g, rows 8h + 2t, + 1 of x; c2, c3 at output 16i + g + 8
 #pragma unroll
-    for (int j = 0; j < 8; ++j) {
-        sums[warp][g][8 * j + 2 * t] = acc[j][0];
-        sums[warp][g][8 * j + 2 * t + 1] = acc[j][1];
-        sums[warp][g + 8][8 * j + 2 * t] = acc[j][2];
-        sums[warp][g + 8][8 * j + 2 * t + 1] = acc[j][3];
-    }
+    for (int h = 0; h < HALVES; ++h)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            sums[warp][8 * h + 2 * t][16 * i + g] = acc[h][i][0];
+            sums[warp][8 * h + 2 * t + 1][16 * i + g] = acc[h][i][1];
+            sums[warp][8 * h + 2 * t][16 * i + g + 8] = acc[h][i][2];
+            sums[warp][8 * h + 2 * t + 1][16 * i + g + 8] = acc[h][i][3];
+        }
     __syncthreads();
     const int splits = gridDim.y;
     __shared__ int last;
@@ -595,27 +600,16 @@ extern "C" __global__ void __launch_bounds__(32 * WARPS) KERNEL_NAME(
 
 
 @functools.cache
-def _kernel(kind: str, bf16: bool, has_zeros: bool, warps: int, stages: int, async_copy: bool, device: int):
-    name = (f"packed_gemv_{kind}_{'bf16' if bf16 else 'f16'}_{'z' if has_zeros else 's'}_{warps}_{stages}"
-            f"{'_async' if async_copy else ''}")
+def _kernel(kind: str, bf16: bool, has_zeros: bool, launch: Launch, halves: int, device: int):
+    """The kernel for one launch shape; `halves`: x's rows fit one mma's 8 columns (1) or need two (2)."""
+    name = (f"packed_gemv_{kind}_{'bf16' if bf16 else 'f16'}_{'z' if has_zeros else 's'}_{launch.warps}"
+            f"_{launch.stages}{'_scaled' if launch.scaled else ''}_{launch.min_blocks}_{halves}")
     defines = dict(KERNEL_NAME=name, KIND={"int4": 4, "int8": 8, "fp8": 0}[kind], BF16=int(bf16),
-                   HAS_ZEROS=int(has_zeros), WARPS=warps, STAGES=stages, ASYNC=int(async_copy))
+                   HAS_ZEROS=int(has_zeros), WARPS=launch.warps, STAGES=launch.stages, SCALED=int(launch.scaled),
+                   MIN_BLOCKS=launch.min_blocks, HALVES=halves)
     source = "".join(f"#define {k} {v}\n" for k, v in defines.items()) + _SOURCE
     with torch.cuda.device(device):  # a module is loaded into one device's context
-        kernel = torch.cuda._compile_kernel(source, name)
-        shared = shared_bytes(kind, warps, stages, async_copy)
-        if shared >= 48 * 1024:
-            kernel.set_shared_memory_config(shared)
-        return kernel
-
-
-def shared_bytes(kind: str, warps: int, stages: int, async_copy: bool) -> int:
-    """Dynamic shared memory of a launch: the async rings (weights and two x vectors per lane and tile), which the
-    warps' sums reuse afterwards; 0 for the register path (its sums are static)."""
-    if not async_copy:
-        return 0
-    vectors = (8 if kind == "int4" else 16) // 4 + 2
-    return max(warps * stages * 32 * vectors * 16, warps * 16 * 65 * 4)
+        return torch.cuda._compile_kernel(source, name)
 
 
 def runs_kernel(x: torch.Tensor, w: MMAPacked) -> bool:
@@ -643,10 +637,11 @@ def mma_linear(x: torch.Tensor, w: MMAPacked, launch: Launch | None = None) -> t
     n_blocks = np_ // TILE_N
     y = torch.empty((rows, w.out_features), dtype=x.dtype, device=x.device)
     partials, counters = WORKSPACE.get(x.device, split * rows * np_ if split > 1 else 0, n_blocks)
-    kernel = _kernel(w.kind, x.dtype == torch.bfloat16, w.zeros is not None, launch.warps, launch.stages,
-                     launch.async_copy, _device_index(x.device))
+    if launch.scaled and not w.foldable:
+        launch = dataclasses.replace(launch, scaled=False)
+    kernel = _kernel(w.kind, x.dtype == torch.bfloat16, w.zeros is not None, launch.split_free(),
+                     1 if rows <= 8 else 2, _device_index(x.device))
     kernel(grid=(n_blocks, split, 1), block=(32 * launch.warps, 1, 1),
-           shared_mem=shared_bytes(w.kind, launch.warps, launch.stages, launch.async_copy),
            args=[x2, w.values, w.scales, w.zeros if w.zeros is not None else w.scales, partials, counters, y,
                  rows, w.out_features, np_, k_tiles, per_split, w.group_tiles])
     return y.view(*x.shape[:-1], w.out_features)

@@ -7,8 +7,11 @@ tensor, key heads are rotated straight into their cache cell (slot, head, positi
 into theirs. It rounds to the model dtype after each multiply and add exactly where torch does, so bfloat16
 results match the torch version bit for bit.
 
-An FP8 cache (k_scale and v_scale given) is written by the torch version on every device: each key and value row
-stored as e4m3 with its float32 scale (raytp.kernels.kv_fp8). The Triton kernel writes only model-dtype caches.
+An FP8 cache (k_scale and v_scale given) stores each key and value row as e4m3 with its float32 scale
+(raytp.kernels.kv_fp8). The kernel writes it where dispatch.use_triton_fp8_kv allows, by kv_fp8.quantize's arithmetic
+in the same order (the row's amax, a correctly rounded division by 448, x / scale correctly rounded, clamped, rounded to
+nearest even in e4m3), so its values and scales equal the torch version's bit for bit; elsewhere the torch version
+writes it.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from raytp.kernels import kv_fp8
-from raytp.kernels.dispatch import triton, use_triton
+from raytp.kernels.dispatch import triton, use_triton, use_triton_fp8_kv
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -51,8 +54,28 @@ if triton is not None:
     import triton.language as tl
 
     @triton.jit
+    def _store_row(dst, scale_dst, x1, x2, lo, HALF: tl.constexpr, FP8: tl.constexpr):
+        """A row (its halves x1, x2 in the model dtype) into a cache cell: as it is, or as e4m3 bytes with its scale
+        (FP8), exactly as kv_fp8.quantize computes them."""
+        if FP8:
+            f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
+            amax = tl.maximum(tl.max(tl.abs(f1), 0), tl.max(tl.abs(f2), 0))
+            # div_rn: Triton's `/` on float32 is an approximate division, torch's is correctly rounded
+            scale = tl.math.div_rn(amax, 448.0)
+            scale = tl.where(scale > 0, scale, 1.0)
+            e1 = tl.clamp(tl.math.div_rn(f1, scale), -448.0, 448.0).to(tl.float8e4nv, fp_downcast_rounding="rtne")
+            e2 = tl.clamp(tl.math.div_rn(f2, scale), -448.0, 448.0).to(tl.float8e4nv, fp_downcast_rounding="rtne")
+            tl.store(dst + lo, e1.to(tl.uint8, bitcast=True))
+            tl.store(dst + HALF + lo, e2.to(tl.uint8, bitcast=True))
+            tl.store(scale_dst, scale)
+        else:
+            tl.store(dst + lo, x1)
+            tl.store(dst + HALF + lo, x2)
+
+    @triton.jit
     def _rope_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, slots_ptr, q_ptr, k_cache_ptr, v_cache_ptr,
-                           T, n_q, n_kv, s_slot, s_head, s_pos, HALF: tl.constexpr):
+                           k_scale_ptr, v_scale_ptr, T, n_q, n_kv, s_slot, s_head, s_pos, ss_slot, ss_head,
+                           HALF: tl.constexpr, FP8: tl.constexpr):
         row = tl.program_id(0)  # token: batch * T + seq
         head = tl.program_id(1)  # query heads, then key heads, then value heads
         D = 2 * HALF
@@ -74,29 +97,38 @@ if triton is not None:
             o2 = ((f2 * c2).to(dt).to(tl.float32) + (f1 * s2).to(dt).to(tl.float32)).to(dt)
             if head < n_q:
                 dst = q_ptr + (row * n_q + head) * D
+                tl.store(dst + lo, o1)
+                tl.store(dst + HALF + lo, o2)
             else:
-                dst = k_cache_ptr + slot * s_slot + (head - n_q) * s_head + pos * s_pos
-            tl.store(dst + lo, o1)
-            tl.store(dst + HALF + lo, o2)
+                kv_head = head - n_q
+                _store_row(k_cache_ptr + slot * s_slot + kv_head * s_head + pos * s_pos,
+                           k_scale_ptr + slot * ss_slot + kv_head * ss_head + pos, o1, o2, lo, HALF, FP8)
         else:
-            dst = v_cache_ptr + slot * s_slot + (head - n_q - n_kv) * s_head + pos * s_pos
-            tl.store(dst + lo, x1)
-            tl.store(dst + HALF + lo, x2)
+            kv_head = head - n_q - n_kv
+            _store_row(v_cache_ptr + slot * s_slot + kv_head * s_head + pos * s_pos,
+                       v_scale_ptr + slot * ss_slot + kv_head * ss_head + pos, x1, x2, lo, HALF, FP8)
 
 
 def rope_and_cache(qkv, n_q, n_kv, cos, sin, positions, slots, k_cache, v_cache, k_scale=None,
                    v_scale=None) -> torch.Tensor:
-    """As rope_and_cache_torch; one Triton kernel on CUDA when head_dim is a power of two and the cache is in the
-    model dtype."""
+    """As rope_and_cache_torch; one Triton kernel on CUDA when head_dim is a power of two, for a model-dtype cache
+    or (where dispatch.use_triton_fp8_kv allows) an FP8 one."""
     D = k_cache.shape[-1]
-    if k_scale is not None or not use_triton(qkv) or D & (D - 1):
+    fp8 = k_scale is not None
+    if not (use_triton_fp8_kv(qkv) if fp8 else use_triton(qkv)) or D & (D - 1):
         return rope_and_cache_torch(qkv, n_q, n_kv, cos, sin, positions, slots, k_cache, v_cache, k_scale, v_scale)
     B, T, _ = qkv.shape
     qkv = qkv.contiguous()
     q = torch.empty((B, T, n_q, D), dtype=qkv.dtype, device=qkv.device)
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1
+    if fp8:  # bytes in, bytes out: the kernel bitcasts them to e4m3
+        k_cache, v_cache = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
+        assert k_scale.stride() == v_scale.stride() and k_scale.stride(-1) == 1
+    else:  # the kernel does not read them
+        k_scale = v_scale = k_cache
     _rope_cache_kernel[(B * T, n_q + 2 * n_kv)](
         qkv, cos.contiguous(), sin.contiguous(), positions.contiguous(), slots.contiguous(), q, k_cache, v_cache,
-        T, n_q, n_kv, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), HALF=D // 2,
+        k_scale, v_scale, T, n_q, n_kv, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        k_scale.stride(0) if fp8 else 0, k_scale.stride(1) if fp8 else 0, HALF=D // 2, FP8=fp8,
         enable_fp_fusion=False)  # no fused multiply-add: float32 rounds as torch's separate ops do
     return q.transpose(1, 2)

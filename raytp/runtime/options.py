@@ -1,10 +1,13 @@
 """Run-time switches every rank obeys: one frozen `RuntimeOptions`, carried to each rank inside GroupSettings.
 
-The CLI sets them with flags (`--no-triton`, `--no-cuda-graphs`, `--no-gpu-hoststaged`, `--check-identical`).
+The CLI sets them with flags (`--no-triton`, `--triton-fp8-kv`, `--triton-prefill-dequant`, `--no-cuda-graphs`,
+`--no-gpu-hoststaged`, `--check-identical`).
 `RuntimeOptions.from_env` is the one place where raytp reads RAYTP_* environment variables at run time, as the
 flags' defaults in the process that starts the group (scripts and CI jobs that export them keep working):
 
     RAYTP_TRITON=0            triton=False
+    RAYTP_TRITON_FP8_KV=1     triton_fp8_kv=True
+    RAYTP_TRITON_PREFILL_DEQUANT=1  triton_prefill_dequant=True
     RAYTP_CUDA_GRAPHS=0       cuda_graphs=False
     RAYTP_GPU_HOSTSTAGED=0    gpu_hoststaged=False
     RAYTP_CHECK_IDENTICAL=1   check_identical=True
@@ -24,6 +27,12 @@ from dataclasses import dataclass, fields
 class RuntimeOptions:
     # Triton kernels on CUDA ranks; off runs the torch versions everywhere (debugging, A/B on one GPU).
     triton: bool = True
+    # The FP8 KV cache (--kv-dtype fp8) written and read by Triton kernels on GPUs of compute capability 8.9+
+    # (raytp.kernels.kv_fp8); off, torch code dequantizes it. Off by default until it has been measured on a GPU.
+    triton_fp8_kv: bool = False
+    # Prefill with packed quantized weights dequantizes each matrix with one Triton kernel (raytp.kernels.
+    # packed_dequant) instead of torch ops (0.14x the bf16 prefill on an H200). Off until measured on a GPU.
+    triton_prefill_dequant: bool = False
     # Decode replayed from CUDA graphs where the communicator allows capture; off to debug or profile eager steps.
     cuda_graphs: bool = True
     # GPU ranks run the host-staged all-reduce as a kernel polling mapped host memory; off keeps the CPU-driven
@@ -37,6 +46,8 @@ class RuntimeOptions:
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> RuntimeOptions:
         """The options the RAYTP_* variables in `environ` ask for (see the module docstring); defaults elsewhere."""
         return cls(triton=environ.get("RAYTP_TRITON", "1") != "0",
+                   triton_fp8_kv=environ.get("RAYTP_TRITON_FP8_KV", "0") == "1",
+                   triton_prefill_dequant=environ.get("RAYTP_TRITON_PREFILL_DEQUANT", "0") == "1",
                    cuda_graphs=environ.get("RAYTP_CUDA_GRAPHS", "1") != "0",
                    gpu_hoststaged=environ.get("RAYTP_GPU_HOSTSTAGED", "1") != "0",
                    check_identical=environ.get("RAYTP_CHECK_IDENTICAL", "0") == "1")
@@ -49,6 +60,10 @@ class RuntimeOptions:
 # Each field's CLI flag, which sets it to the opposite of its default, and the flag's help.
 FLAGS = {
     "triton": ("--no-triton", "run the torch version of every kernel, also on GPUs (debugging, comparing the two)"),
+    "triton_fp8_kv": ("--triton-fp8-kv", "write and read the FP8 KV cache with Triton kernels on GPUs of compute "
+                      "capability 8.9+ (--kv-dtype fp8; off: torch code dequantizes it)"),
+    "triton_prefill_dequant": ("--triton-prefill-dequant", "prefill with quantized weights dequantizes each "
+                               "matrix with one Triton kernel on GPUs (off: torch ops, several times slower)"),
     "cuda_graphs": ("--no-cuda-graphs", "decode eagerly on GPUs instead of replaying CUDA graphs"),
     "gpu_hoststaged": ("--no-gpu-hoststaged", "GPU ranks drive the host-staged all-reduce from the CPU, not a kernel"),
     "check_identical": ("--check-identical", "check after every all-reduce that all ranks hold identical bits "

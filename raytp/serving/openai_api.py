@@ -45,6 +45,7 @@ from raytp.runtime.sampling import (
     SamplingParams,
 )
 from raytp.serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from raytp.serving.tool_calls import CallParser, ForcedCalls, ToolSyntax, answer_calls
 
 log = logging.getLogger("raytp")
 
@@ -121,15 +122,51 @@ class TextPart(BaseModel):
     text: Text = ""
 
 
+class CalledFunction(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    name: Text
+    arguments: Text  # a JSON object, as a string (as the answer gave it)
+
+    @field_validator("arguments")
+    @classmethod
+    def _an_object(cls, arguments: str) -> str:
+        try:
+            value = json.loads(arguments)
+        except json.JSONDecodeError:
+            value = None
+        if not isinstance(value, dict):
+            raise ValueError("must be a JSON object written as a string, as answers' tool_calls give it")
+        return arguments
+
+
+class ToolCall(BaseModel):
+    """A call the assistant made earlier in the conversation, sent back with its result."""
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    id: str = ""
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class Message(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | list[TextPart] | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's calls
+    tool_call_id: str | None = None  # a tool message's: the call it answers
 
     def as_template_input(self) -> dict:
         text = "".join(p.text for p in self.content) if isinstance(self.content, list) else self.content or ""
-        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+        message = {"role": "system" if self.role == "developer" else self.role, "content": text}
+        if self.tool_calls:  # only then: Llama 3.1's template tests whether the key is there at all
+            # templates write the arguments with tojson, so they take them as an object, as transformers' do
+            message["tool_calls"] = [{"id": c.id, "type": c.type, "function": {
+                "name": c.function.name, "arguments": json.loads(c.function.arguments)}} for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
 
 
 class _Body(BaseModel):
@@ -263,8 +300,8 @@ class ChatCompletionRequest(_Body):
     logprobs: bool = False  # each answer token's log-probability
     top_logprobs: int | None = Field(None, ge=0, le=TOP_LOGPROBS_MAX)  # and the top N alternatives (needs logprobs)
     tools: list[Tool] | None = None
-    # "required" or a named function: the answer is constrained to calls of them; "auto" (the default with tools)
-    # would need each model's own tool-call syntax parsed from free text, and is refused
+    # "required" or a named function: the answer is constrained to calls of them; "auto" (the default with tools):
+    # the model may write calls in its own syntax (raytp.serving.tool_calls), "none": it is not told of the tools
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
 
     @model_validator(mode="after")
@@ -281,23 +318,26 @@ class ChatCompletionRequest(_Body):
     def top_n(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
 
+    def choice(self) -> str | NamedToolChoice:
+        """The tool_choice in effect: OpenAI's default is "auto" with tools, "none" without."""
+        return self.tool_choice if self.tool_choice is not None else ("auto" if self.tools else "none")
+
     def _tool_refusal(self) -> tuple[str, bool, str]:
-        choice = self.tool_choice if self.tool_choice is not None else ("auto" if self.tools else "none")
+        choice = self.choice()
         names = [t.function.name for t in self.tools or ()]
         named = choice.function.name if isinstance(choice, NamedToolChoice) else None
         refusals = [
             (choice != "none" and not names, f"tool_choice {json.dumps(choice if named is None else named)} needs "
                                              "tools"),
-            (choice == "auto", 'tool_choice "auto" (the default with tools) is not supported: raytp does not parse '
-                               'free-form tool calls; send tool_choice "required" or name a function'),
             (named is not None and named not in names, f"tool_choice names {named!r}, which tools do not define"),
-            (self.calls() is not None and self.grammar_of_format() is not None,
-             "tool_choice forces a tool call, which cannot also follow response_format"),
+            (choice != "none" and self.grammar_of_format() is not None,
+             f"tool_choice {json.dumps(choice if named is None else 'function')} (a tool call) cannot also follow "
+             "a JSON response_format: send one or the other"),
         ]
         return next((("tool_choice", True, why) for refused, why in refusals if refused), ("tool_choice", False, ""))
 
     def calls(self) -> list[Tool] | None:
-        """The tools the answer must call (tool_choice "required" or a named one), or None: a text answer."""
+        """The tools the answer must call (tool_choice "required" or a named one), or None: the model decides."""
         if self.tool_choice == "required":
             return self.tools
         if isinstance(self.tool_choice, NamedToolChoice):
@@ -317,8 +357,19 @@ class ChatCompletionRequest(_Body):
         return json_schema_grammar({"type": "array", "minItems": 1, "items": {"anyOf": calls}})
 
     def template_tools(self) -> list[dict] | None:
-        """The tools as the chat template takes them, when the answer may call them."""
-        return None if self.calls() is None else [t.model_dump() for t in self.tools]
+        """The tools as the chat template takes them, when the answer may call them (not with "none": a model
+        that is not told of tools writes no call)."""
+        return None if self.choice() == "none" else [t.model_dump() for t in self.tools]
+
+    def call_parser(self, tool_syntax: ToolSyntax | None) -> CallParser | None:
+        """What reads tool calls out of the answer: the forced call's JSON, the model's own syntax ("auto"), or
+        nothing ("none")."""
+        if self.calls() is not None:
+            return ForcedCalls(one=isinstance(self.tool_choice, NamedToolChoice))
+        if self.choice() == "auto":
+            assert tool_syntax is not None, "parse_completion refuses auto without a syntax"
+            return tool_syntax([t.function.name for t in self.tools])
+        return None
 
 
 class CompletionRequest(_Body):
@@ -357,6 +408,7 @@ class TokenizeRequest(BaseModel):
     model: str | None = None  # checked when given
     prompt: Text | None = None
     messages: list[Message] | None = Field(None, min_length=1)
+    tools: list[Tool] | None = None  # offered with the messages: a template that takes tools writes them too
 
     @model_validator(mode="after")
     def _one_of(self):
@@ -392,8 +444,11 @@ def _is_union_tag(part) -> bool:
     return isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool"))
 
 
-def parse_completion(body, chat: bool, model_id: str) -> ChatCompletionRequest | CompletionRequest:
-    """Validate a /v1/chat/completions or /v1/completions body; raise APIError naming the bad field."""
+def parse_completion(body, chat: bool, model_id: str,
+                     tool_syntax: ToolSyntax | None = None) -> ChatCompletionRequest | CompletionRequest:
+    """Validate a /v1/chat/completions or /v1/completions body; raise APIError naming the bad field.
+    `tool_syntax`: how the served model writes tool calls (raytp.serving.tool_calls), None if raytp cannot read
+    them, which refuses tool_choice "auto"."""
     try:
         req = (ChatCompletionRequest if chat else CompletionRequest).model_validate(body)
     except ValidationError as e:
@@ -404,6 +459,11 @@ def parse_completion(body, chat: bool, model_id: str) -> ChatCompletionRequest |
     refused = req.unsupported()
     if refused is not None:
         raise APIError(400, refused[1], param=refused[0], code="unsupported")
+    if chat and req.choice() == "auto" and tool_syntax is None:
+        raise APIError(400, 'tool_choice "auto" (the default with tools) needs a model whose chat template takes '
+                       "tools and writes calls as Qwen2/2.5/3's (<tool_call>) or Llama 3.1's (JSON) do; this "
+                       'model\'s does not: send tool_choice "required" or name a function', param="tool_choice",
+                       code="unsupported")
     return req
 
 
@@ -502,9 +562,9 @@ class _Answer:
     """The response objects of one request, in OpenAI's chat or text-completion shape. `strings(ids)` gives each
     token's own text, as logprobs show tokens."""
 
-    def __init__(self, chat: bool, model_id: str, strings, calls: str | None = None):
+    def __init__(self, chat: bool, model_id: str, strings, calls: CallParser | None = None):
         self.chat, self.model, self.strings = chat, model_id, strings
-        self.calls = calls  # a forced tool call: the answer is "one" call's JSON or a "list" of calls
+        self.calls = calls  # reads tool calls out of the answer's text; None: the answer is text
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.offsets: dict[int, int] = {}  # text completions: each choice's next text_offset, across a stream
@@ -537,24 +597,15 @@ class _Answer:
         choices = []
         for i, (text, finish) in enumerate(zip(texts, final["finish_reasons"])):
             choice = {"index": i, "logprobs": self.logprobs(scored[i], i), "finish_reason": finish}
-            calls = self.tool_calls(text, finish)
-            if calls is not None:
-                message = {"role": "assistant", "content": None, "tool_calls": calls}
+            content, calls = (text, []) if self.calls is None else answer_calls(self.calls, text, finish)
+            if calls:
+                message = {"role": "assistant", "content": content, "tool_calls": calls}
                 choices.append(choice | {"finish_reason": "tool_calls", "message": message})
             elif self.chat:
                 choices.append(choice | {"message": {"role": "assistant", "content": text}})
             else:
                 choices.append({"text": text, **choice})
         return self._envelope("chat.completion" if self.chat else "text_completion", choices, usage=_usage(final))
-
-    def tool_calls(self, text: str, finish: str) -> list[dict] | None:
-        """OpenAI's tool_calls of a forced call's answer; None if there is none (or max_tokens cut it short)."""
-        if self.calls is None or finish != "stop":
-            return None
-        value = json.loads(text)  # the grammar made it JSON, and the model ended it
-        return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-                 "function": {"name": call["name"], "arguments": json.dumps(call["arguments"], ensure_ascii=False)}}
-                for call in ([value] if self.calls == "one" else value)]
 
     def chunk(self, text: str | None, finish_reason: str | None = None, role: bool = False,
               scored: list[TokenLogprob] | None = None, index: int = 0, tool_calls: list[dict] | None = None,
@@ -592,10 +643,8 @@ async def _complete(request: Request, driver, model_id: str, chat: bool) -> Resp
     except RecursionError:  # Python's parser recurses per level: [[[[... 200k deep would otherwise be a 500
         return APIError(400, "the request body nests arrays or objects too deeply (a request needs a few levels)"
                         ).response()
-    req = parse_completion(body, chat, model_id)
-    calls = req.calls() if chat else None
-    mode = None if calls is None else "one" if isinstance(req.tool_choice, NamedToolChoice) else "list"
-    answer = _Answer(chat, model_id, driver.token_strings, mode)
+    req = parse_completion(body, chat, model_id, driver.tool_syntax)
+    answer = _Answer(chat, model_id, driver.token_strings, req.call_parser(driver.tool_syntax) if chat else None)
     pieces = run_completion(driver, req)
     try:
         # Wait for the first piece before answering 200: a full server or a bad request still gets its status.
@@ -633,6 +682,37 @@ async def _complete(request: Request, driver, model_id: str, chat: bool) -> Resp
     return JSONResponse(answer.whole(texts, final, scored))
 
 
+class _HeldAnswer:
+    """One streamed choice whose text may hold tool calls: what is surely text goes out as it comes (with its
+    tokens' logprobs); from where a call may begin, the rest waits for the answer's end, then goes out as one
+    tool_calls delta, or as the text it turned out to be."""
+
+    def __init__(self, calls: CallParser):
+        self.calls = calls
+        self.text, self.sent = "", 0  # the answer so far; how much of it went out as content
+        self.scored: list[tuple[int, list[TokenLogprob]]] = []  # logprobs not yet sent, after the text they end
+
+    def add(self, piece: Piece) -> tuple[str, list[TokenLogprob] | None] | None:
+        """The content and logprobs that may go out now, or None."""
+        self.text += piece.text
+        if piece.logprobs is not None:
+            self.scored.append((len(self.text), piece.logprobs))
+        cut = max(self.sent, self.calls.streamable(self.text))
+        text, self.sent = self.text[self.sent:cut], cut
+        scored = self._release(cut)
+        return (text, scored) if text or scored else None
+
+    def end(self, finish: str) -> tuple[str, list[dict], list[TokenLogprob] | None]:
+        """(the content still to send, the calls, the logprobs still to send) once the answer is whole."""
+        content, calls = answer_calls(self.calls, self.text, finish)
+        return (content or "")[self.sent:], calls, self._release(len(self.text))
+
+    def _release(self, upto: int) -> list[TokenLogprob] | None:
+        ready = [lp for end, lps in self.scored if end <= upto for lp in lps]
+        self.scored = [(end, lps) for end, lps in self.scored if end > upto]
+        return ready or None
+
+
 async def _stream_body(answer: _Answer, include_usage: bool, n: int, first, pieces):
     """SSE chunks. On a disconnect Starlette cancels this generator mid-await; `aclosing` then closes `pieces`,
     which closes the driver stream and cancels the request."""
@@ -642,13 +722,13 @@ async def _stream_body(answer: _Answer, include_usage: bool, n: int, first, piec
             for index in range(n):
                 yield _sse(answer.chunk("", role=True, index=index, **extra))
         item = first
-        held = [""] * n  # a forced tool call goes out whole, as tool_calls, once its JSON is complete
+        held = [_HeldAnswer(answer.calls) for _ in range(n)] if answer.calls is not None else None
         try:
             while isinstance(item, Piece):
-                if answer.calls is None:
+                if held is None:
                     yield _sse(answer.chunk(item.text, scored=item.logprobs, index=item.index, **extra))
-                else:
-                    held[item.index] += item.text
+                elif (out := held[item.index].add(item)) is not None:
+                    yield _sse(answer.chunk(out[0], scored=out[1], index=item.index, **extra))
                 item = await anext(pieces)
         except Exception as e:  # noqa: BLE001 - after the 200 went out an error can only travel in the stream
             error = _api_error(e, answer.chat)
@@ -657,12 +737,12 @@ async def _stream_body(answer: _Answer, include_usage: bool, n: int, first, piec
             yield "data: [DONE]\n\n"
             return
         for index, finish in enumerate(item["finish_reasons"]):
-            calls = answer.tool_calls(held[index], finish)
-            if calls is not None:
-                yield _sse(answer.chunk(None, tool_calls=calls, index=index, **extra))
-                finish = "tool_calls"
-            elif held[index]:
-                yield _sse(answer.chunk(held[index], index=index, **extra))
+            if held is not None:
+                text, calls, scored = held[index].end(finish)
+                if text or calls or scored:
+                    yield _sse(answer.chunk(text or None, scored=scored, index=index, tool_calls=calls or None,
+                                            **extra))
+                finish = "tool_calls" if calls else finish
             yield _sse(answer.chunk(None if answer.chat else "", finish, index=index, **extra))
         if include_usage:
             yield _sse(answer.usage_chunk(item))
@@ -738,7 +818,8 @@ def build_app(driver, api_key: str | None = None) -> FastAPI:
         req = _parse(TokenizeRequest, await _json_body(request), model_id)
         try:
             if req.messages is not None:
-                ids = await driver.encode(messages=[m.as_template_input() for m in req.messages])
+                ids = await driver.encode(messages=[m.as_template_input() for m in req.messages],
+                                          tools=[t.model_dump() for t in req.tools] if req.tools else None)
             else:
                 ids = await driver.encode(prompt=req.prompt)
         except RequestError as e:

@@ -1,18 +1,27 @@
-"""The fused RoPE + cache write and the decode attention kernels against their torch versions, and a whole
-model's tokens with every Triton kernel on against all of them off, and the FP8 KV cache's tokens in CUDA graphs
-against eager steps (GPU host only)."""
+"""The fused RoPE + cache write and the decode attention kernels against their torch versions, over model-dtype and
+FP8 caches, and a whole model's tokens with every Triton kernel on against all of them off, and the FP8 KV cache's
+tokens in CUDA graphs against eager steps, with its torch and its Triton paths (GPU host only)."""
 
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from raytp.kernels import attention, dispatch, rope_cache
+from raytp.kernels import attention, dispatch, kv_fp8, rope_cache
 from raytp.kernels.dispatch import triton
 from tests.gpu.test_graphed_decode import generate
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available() or triton is None,
                                                  reason="needs CUDA and Triton")]
+needs_fp8 = pytest.mark.skipif(not torch.cuda.is_available() or
+                               torch.cuda.get_device_capability() < dispatch.FP8_CAPABILITY,
+                               reason="the FP8 KV cache's Triton paths need compute capability 8.9+")
+
+
+@pytest.fixture
+def triton_fp8_kv(monkeypatch):
+    """What set_triton(True, fp8_kv=True) does, undone after the test."""
+    monkeypatch.setattr(dispatch, "_fp8_kv", True)
 
 
 def rope_inputs(B, T, n_q, n_kv, D, ctx, dtype, seed=0):
@@ -37,6 +46,14 @@ def test_rope_and_cache_kernel_equals_torch_bit_for_bit(dtype, B, T, n_q, n_kv, 
     assert torch.equal(q, q_ref) and torch.equal(k, k_ref) and torch.equal(v, v_ref)
 
 
+def decode_step(ctx: int, lengths: list[int]) -> SimpleNamespace:
+    """The fields of the model's StepInputs the attention kernels read, for one query token per sequence that
+    sees `lengths` positions of a `ctx`-position cache."""
+    positions = torch.tensor(lengths, device="cuda").view(len(lengths), 1) - 1
+    return SimpleNamespace(span=ctx, lengths=positions[:, -1] + 1,
+                           visible=(torch.arange(ctx, device="cuda").view(1, 1, ctx) <= positions.unsqueeze(-1)).unsqueeze(1))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n_q,n_kv,D", [(32, 8, 128), (8, 1, 128), (3, 3, 64), (9, 3, 64)])
 @pytest.mark.parametrize("ctx,lengths", [(300, [1, 2, 300]), (2048, [255, 256, 257, 1999]),
@@ -47,12 +64,66 @@ def test_decode_attention_kernel_matches_torch(dtype, n_q, n_kv, D, ctx, lengths
     k, v = (torch.randn(B + 2, n_kv, ctx, D, device="cuda", generator=g).to(dtype) for _ in range(2))
     q = torch.randn(B, n_q, 1, D, device="cuda", generator=g).to(dtype)
     slots = torch.arange(B, device="cuda").flip(0) + 1
-    positions = torch.tensor(lengths, device="cuda").view(B, 1) - 1
-    # the kernels read only these fields of the model's StepInputs
-    step = SimpleNamespace(span=ctx, lengths=positions[:, -1] + 1,
-                           visible=(torch.arange(ctx, device="cuda").view(1, 1, ctx) <= positions.unsqueeze(-1)).unsqueeze(1))
+    step = decode_step(ctx, lengths)
     got = attention.cached_attention(q, k, v, slots, step)
     want = attention.cached_attention_torch(q, k, v, slots, step)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(got, want, **tol)
+
+
+def fp8_cache(B, n_kv, ctx, D):
+    """An FP8 cache's values and scales, made as the model makes them (raytp.model.llama)."""
+    return (kv_fp8.zeros((B, n_kv, ctx, D), torch.device("cuda")),
+            torch.ones((B, n_kv, ctx), dtype=torch.float32, device="cuda"))
+
+
+@needs_fp8
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B,T,n_q,n_kv,D", [(1, 1, 32, 8, 128), (8, 1, 8, 2, 128), (2, 7, 3, 1, 64), (3, 1, 2, 2, 64)])
+def test_rope_and_fp8_cache_kernel_equals_torch_bit_for_bit(triton_fp8_kv, dtype, B, T, n_q, n_kv, D):
+    """e4m3 values and float32 scales of every written row, the largest, the subnormal and the all-zero rows
+    included, equal kv_fp8.quantize's bit for bit, up to the sign of a zero: in float16 the RoPE kernel and torch can
+    round a rotated element that underflows to zeros of opposite signs (the model-dtype kernel does too; the values
+    are equal), and e4m3 keeps that sign. Every other e4m3 value has one encoding, so equal values are equal bytes."""
+    qkv, cos, sin, positions, slots, _ = rope_inputs(B, T, n_q, n_kv, D, 128, dtype)  # batch 8 reaches position 119
+    # rows of very different ranges (e4m3's subnormals at the small end), one value row of zeros (scale 1)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    qkv = (qkv.float() * torch.rand(qkv.shape, device="cuda", generator=g).pow(8) * 100).to(dtype)
+    qkv.view(B, T, -1, D)[0, 0, n_q + n_kv] = 0
+    (k, k_scale), (v, v_scale) = fp8_cache(B + 1, n_kv, 128, D), fp8_cache(B + 1, n_kv, 128, D)
+    ref = [t.clone() for t in (k, v, k_scale, v_scale)]
+    q_ref = rope_cache.rope_and_cache_torch(qkv, n_q, n_kv, cos, sin, positions, slots, *ref)
+    q = rope_cache.rope_and_cache(qkv, n_q, n_kv, cos, sin, positions, slots, k, v, k_scale, v_scale)
+    assert torch.equal(q, q_ref)
+    assert torch.equal(k.float(), ref[0].float()) and torch.equal(v.float(), ref[1].float())
+    if dtype != torch.float16:
+        assert torch.equal(k.view(torch.uint8), ref[0].view(torch.uint8))
+        assert torch.equal(v.view(torch.uint8), ref[1].view(torch.uint8))
+    assert torch.equal(k_scale, ref[2]) and torch.equal(v_scale, ref[3])
+    assert v_scale[slots[0], 0, positions[0, 0]] == 1  # the all-zero row
+
+
+@needs_fp8
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n_q,n_kv,D", [(32, 8, 128), (8, 1, 64), (3, 3, 64)])
+@pytest.mark.parametrize("ctx,lengths", [(300, [17]), (2048, [1, 17, 255, 256, 257, 1024, 1999, 2048]),
+                                         (8192, [8192]), (8192, [1, 64, 4097, 8192, 17, 513, 8000, 3])])
+def test_decode_attention_kernel_over_fp8_cache_matches_torch(triton_fp8_kv, dtype, n_q, n_kv, D, ctx, lengths):
+    """Batch 1 and 8, lengths on both sides of the split boundaries (256 positions each up to 8192)."""
+    B = len(lengths)
+    g = torch.Generator(device="cuda").manual_seed(ctx + n_q + B)
+    (k, k_scale), (v, v_scale) = fp8_cache(B + 2, n_kv, ctx, D), fp8_cache(B + 2, n_kv, ctx, D)
+    for cache, scales in ((k, k_scale), (v, v_scale)):
+        rows = torch.randn(B + 2, n_kv, ctx, D, device="cuda", generator=g)
+        rows *= 0.5 + torch.rand(B + 2, n_kv, ctx, 1, device="cuda", generator=g) / 2  # rows of different scales
+        kv_fp8.write(cache, scales, (slice(None),), rows.to(dtype))
+    q = torch.randn(B, n_q, 1, D, device="cuda", generator=g).to(dtype)
+    slots = torch.randperm(B + 2, device="cuda", generator=g)[:B]
+    step = decode_step(ctx, lengths)
+    got = attention.cached_attention(q, k, v, slots, step, k_scale, v_scale)
+    want = attention.cached_attention_torch(q, k, v, slots, step, k_scale, v_scale)
+    # float32: e4m3 values are exact in float32, so only the order of roundings differs; bfloat16: the torch
+    # version rounds each dequantized element to bfloat16, the kernel applies the scale in float32
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(got, want, **tol)
 
@@ -63,6 +134,18 @@ def test_tokens_with_triton_kernels_equal_the_torch_path(monkeypatch):
     assert generate(False, "hoststaged") == fused
 
 
-def test_fp8_cache_tokens_in_cuda_graphs_equal_eager_steps():
-    """The FP8 cache (torch code on every device) replayed from CUDA graphs gives the eager steps' tokens."""
+@pytest.mark.parametrize("fp8_kernels", [False, pytest.param(True, marks=needs_fp8)], ids=["torch", "triton"])
+def test_fp8_cache_tokens_in_cuda_graphs_equal_eager_steps(monkeypatch, fp8_kernels):
+    """The FP8 cache, written and read by torch code or by the Triton kernels, replayed from CUDA graphs gives the
+    eager steps' tokens."""
+    monkeypatch.setattr(dispatch, "_fp8_kv", fp8_kernels)
     assert generate(True, "hoststaged", kv_dtype="fp8") == generate(False, "hoststaged", kv_dtype="fp8")
+
+
+@needs_fp8
+def test_fp8_cache_tokens_with_triton_kernels_equal_the_torch_path(monkeypatch):
+    """float32: the write is bit-exact, the attention within float32 rounding, so greedy and sampled tokens agree."""
+    monkeypatch.setattr(dispatch, "_fp8_kv", True)
+    fused = generate(True, "hoststaged", kv_dtype="fp8")
+    monkeypatch.setattr(dispatch, "_fp8_kv", False)
+    assert generate(True, "hoststaged", kv_dtype="fp8") == fused

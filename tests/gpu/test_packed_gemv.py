@@ -67,13 +67,14 @@ def test_int_kernel_mid_group_slices_act_order_and_dtypes(dtype, case):
 
 
 @pytest.mark.parametrize("launch", [pg.Launch(4, 1), pg.Launch(8, 16), pg.Launch(4, 3), pg.Launch(8, 5),
-                                    pg.Launch(1, 64), pg.Launch(8, 2, 4, True), pg.Launch(4, 3, 6, True),
-                                    pg.Launch(8, 1, 3, True)])
+                                    pg.Launch(1, 64), pg.Launch(8, 2, 4), pg.Launch(4, 3, 2, scaled=True),
+                                    pg.Launch(8, 1, 3, scaled=True), pg.Launch(8, 2, 2, scaled=True, min_blocks=3),
+                                    pg.Launch(8, 4, 3, min_blocks=2)])
 def test_every_launch_shape_gives_the_same_product(launch):
     """The benchmark's sweep tries these; ragged last slices included, every kind and zero points."""
     for bits, sym in ((4, True), (4, False), (8, True)):
         w, dense = int_case(4096, 14336, bits, 128, sym=sym)
-        for rows in (1, 8):
+        for rows in (1, 8, 11):
             x = torch.randn(rows, 14336, device="cuda", dtype=torch.bfloat16)
             assert_matches(pg.mma_linear(x, w, launch), x, dense)
     weight = (torch.randn(1000, 4096, device="cuda") * 0.05).to(torch.float8_e4m3fn)
@@ -112,24 +113,41 @@ def test_fp8_kernel(out, cols, rows, per_tensor):
     assert_matches(pg.mma_linear(x, pg.pack_fp8(weight, scale)), x, weight.float() * scale.to(x.dtype).float())
 
 
-def test_fp16_models():
-    w, dense = int_case(2048, 4096, 4, 128, sym=False, dtype=torch.float16)
-    x = torch.randn(4, 4096, device="cuda", dtype=torch.float16)
-    assert_matches(pg.mma_linear(x, w), x, dense)
+@pytest.mark.parametrize("launch", [None, pg.Launch(8, 1, 2, scaled=True)])
+def test_fp16_models(launch):
+    for bits in (4, 8):
+        w, dense = int_case(2048, 4096, bits, 128, sym=False, dtype=torch.float16)
+        x = torch.randn(4, 4096, device="cuda", dtype=torch.float16)
+        assert_matches(pg.mma_linear(x, w, launch), x, dense)
     weight = (torch.randn(512, 1024, device="cuda") * 0.05).to(torch.float8_e4m3fn)
     scale = torch.rand(512, 1, device="cuda") + 0.5
     x = torch.randn(1, 1024, device="cuda", dtype=torch.float16)
-    assert_matches(pg.mma_linear(x, pg.pack_fp8(weight, scale, torch.float16)), x,
+    assert_matches(pg.mma_linear(x, pg.pack_fp8(weight, scale, torch.float16), launch), x,
                    weight.float() * scale.half().float())
 
 
-def test_fp8_every_code_including_subnormals():
+@pytest.mark.parametrize("launch", [None, pg.Launch(8, 1, 2, scaled=True)])
+@pytest.mark.parametrize("scale", [1.0, 2.0 ** -9])
+def test_fp8_every_code_including_subnormals(launch, scale):
+    """Each e4m3 code times a power-of-two scale is exact in bf16, so the product must be too (the scaled launch
+    folds the scale into the rescaling multiplier: products that land among bf16's subnormals included)."""
     codes = torch.arange(256, dtype=torch.uint8, device="cuda").view(torch.float8_e4m3fn)
     codes = codes[~codes.float().isnan()]
     weight = torch.diag_embed(codes.float()).to(torch.float8_e4m3fn)  # output i reads only code i
     x = torch.ones(1, len(codes), device="cuda", dtype=torch.bfloat16)  # every e4m3 value is exact in bf16
-    got = pg.mma_linear(x, pg.pack_fp8(weight, torch.ones(len(codes), 1, device="cuda")))
-    assert torch.equal(got[0].float(), codes.float())
+    got = pg.mma_linear(x, pg.pack_fp8(weight, torch.full((len(codes), 1), scale, device="cuda")), launch)
+    assert torch.equal(got[0].float(), codes.float() * scale)
+
+
+def test_scaled_launch_keeps_fp8_scales_that_would_overflow_out_of_the_weights():
+    """scale * 2**120 overflows bf16 from scale 2**8 on: such a weight runs the unscaled kernel, still exact."""
+    weight = (torch.randn(1000, 4096, device="cuda") * 0.05).to(torch.float8_e4m3fn)
+    scale = torch.rand(1000, 1, device="cuda") * 1000 + 300
+    packed = pg.pack_fp8(weight, scale)
+    assert not packed.foldable
+    x = torch.randn(2, 4096, device="cuda", dtype=torch.bfloat16)
+    assert_matches(pg.mma_linear(x, packed, pg.Launch(8, 1, 2, scaled=True)), x,
+                   weight.float() * scale.bfloat16().float())
 
 
 def test_prefill_rows_take_dequantize_then_matmul():
@@ -137,3 +155,25 @@ def test_prefill_rows_take_dequantize_then_matmul():
     x = torch.randn(100, 1024, device="cuda", dtype=torch.bfloat16)
     assert_matches(pg.mma_linear(x, w), x, dense)
     torch.testing.assert_close(pg.mma_linear(x, w), F.linear(x, dense), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_triton_prefill_dequantization_equals_torch_bit_for_bit(dtype, monkeypatch):
+    """raytp.kernels.packed_dequant against dequantize_mma for every kind, zero points and act-order, and the
+    prefill product it feeds with the switch on against off."""
+    from raytp.kernels import dispatch
+    from raytp.kernels.packed_dequant import dequantize_tiles
+    for case in (dict(bits=4, group_size=128), dict(bits=4, group_size=64, sym=False, group_start=40),
+                 dict(bits=8, group_size=32, act_order=True)):
+        w, _ = int_case(1000, 4096, dtype=dtype, **case)
+        got = dequantize_tiles(w.values, w.scales, w.zeros, w.kind, w.group_tiles, w.out_features, dtype)
+        assert torch.equal(got, pg.dequantize_mma(w, dtype)), case
+    codes = torch.arange(256, dtype=torch.uint8, device="cuda").view(torch.float8_e4m3fn)
+    weight = codes[~codes.float().isnan()].repeat(500, 10)[:, :2000].contiguous()
+    fp8 = pg.pack_fp8(weight, torch.rand(500, 1, device="cuda") + 0.5, dtype)
+    got = dequantize_tiles(fp8.values, fp8.scales, fp8.zeros, fp8.kind, fp8.group_tiles, fp8.out_features, dtype)
+    assert torch.equal(got, pg.dequantize_mma(fp8, dtype))
+    x = torch.randn(100, 4096, device="cuda", dtype=dtype)
+    off = pg.mma_linear(x, w)
+    monkeypatch.setattr(dispatch, "_prefill_dequant", True)  # what --triton-prefill-dequant sets, undone after
+    assert torch.equal(pg.mma_linear(x, w), off)
