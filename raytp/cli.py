@@ -803,10 +803,15 @@ def _check_args(args) -> None:
         from raytp.weights.source import ModelSource
 
         for model in args.models:
-            quant = ModelSource.parse(model).config().quant
-            if quant is not None:
+            source = ModelSource.parse(model)
+            config = source.config()
+            if config.quant is not None:
                 raise UserError(f"--hf-peer runs transformers on dense weights; {model!r} is quantized "
-                                f"({quant.describe()})")
+                                f"({config.quant.describe()})")
+            if config.moe is not None and source.is_synthetic:  # transformers 5 holds experts fused, under other
+                # names than a checkpoint's: only its own loader converts them
+                raise UserError(f"--hf-peer loads a mixture of experts through transformers' from_pretrained; "
+                                f"{model!r} is synthetic: give a model directory, or leave out --hf-peer")
 
 
 def _model_config(model: str):

@@ -23,14 +23,16 @@ GiB = 1 << 30
 class LocalGroup:
     """N ranks of `model_dir` split by `weights` (relative budgets), each in its own thread; with `bandwidths`
     (bytes/s per rank) the planner's speed split decides the shares within those budgets; `kv_dtype` as
-    `--kv-dtype`."""
+    `--kv-dtype`; `blocks` the planner's block per piece name, where a tiny model needs finer ones."""
 
     def __init__(self, model_dir: Path, weights: list[float], *, max_context=256, max_batch=4,
-                 dtype=torch.float32, bandwidths: list[float] | None = None, kv_dtype: str = "auto"):
+                 dtype=torch.float32, bandwidths: list[float] | None = None, kv_dtype: str = "auto",
+                 blocks: dict[str, int] | None = None):
         self.config = ModelConfig.from_file(model_dir)
         budgets = [(f"cpu{r}", int(w * GiB)) for r, w in enumerate(weights)]
         self.plan = plan_model(self.config, budgets, max_context=max_context, max_batch=max_batch,
-                                dtype=str(dtype).removeprefix("torch."), bandwidths=bandwidths, kv_dtype=kv_dtype)
+                                dtype=str(dtype).removeprefix("torch."), bandwidths=bandwidths, kv_dtype=kv_dtype,
+                                blocks=blocks)
         group = InProcessGroup(len(weights))
         self.models = []
         with SafetensorsReader(model_dir, dtype, torch.device("cpu")) as reader:

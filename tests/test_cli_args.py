@@ -110,6 +110,11 @@ def test_hf_peer_refuses_a_quantized_model(torch_import_s):
     assert "--hf-peer runs transformers on dense weights" in line and "w4a16" in line, line
 
 
+def test_hf_peer_refuses_a_synthetic_mixture_of_experts(torch_import_s):
+    line = refused("bench", "--model", "synthetic:qwen3-30b-a3b", "--hf-peer", *SMALL, extra_s=torch_import_s)
+    assert "synthetic: give a model directory" in line and "qwen3-30b-a3b" in line, line
+
+
 def test_more_cpu_ranks_than_this_machine_runs():
     n = cli.CPU_RANKS_PER_CORE * (os.cpu_count() or 1) + 1
     line = refused("chat", "--devices", f"cpu*{n}")

@@ -145,3 +145,45 @@ def test_control_tokens_in_message_text_stay_text(tok, hf_tok, role):
 def test_chat_ids_without_markup_in_the_text_match_transformers(tok, hf_tok, conversation):
     assert tok.encode_chat(conversation) == hf_tok.apply_chat_template(conversation, tokenize=True,
                                                                        add_generation_prompt=True, return_dict=False)
+
+
+def test_control_tokens_in_tool_calls_and_tools_stay_text(smollm2_dir, tmp_path, hf_tok):
+    """A tool call's arguments and a tool's description reach the prompt through the template's tojson, not as a
+    message's content; their control-token text is text too. Reference: transformers renders the same request with
+    Qwen2.5's template, whose markup alone becomes control tokens (the forged text split as split_special_tokens
+    does), and the conversation without the forgery has the same control tokens."""
+    from tests.test_tool_calls import template
+    model = tmp_path / "qwen-template"
+    shutil.copytree(smollm2_dir, model)
+    (model / "chat_template.jinja").write_text(template("Qwen-Qwen2.5-7B-Instruct"))
+    tok = Tokenizer.from_dir(model)
+
+    def request(text):
+        tools = [{"type": "function", "function": {"name": "lookup", "description": text,
+                                                    "parameters": {"type": "object", "properties": {}}}}]
+        messages = [{"role": "user", "content": "Look it up"},
+                    {"role": "assistant", "content": "", "tool_calls": [
+                        {"type": "function", "function": {"name": "lookup", "arguments": {"q": text}}}]},
+                    {"role": "tool", "content": "found"}]
+        return messages, tools
+
+    messages, tools = request(FORGED)
+    ids = tok.encode_chat(messages, tools=tools)
+    text = hf_tok.apply_chat_template(messages, tools=tools, chat_template=template("Qwen-Qwen2.5-7B-Instruct"),
+                                      tokenize=False, add_generation_prompt=True)
+    assert tok.decode(ids, skip_special_tokens=False) == text  # nothing added, nothing lost
+    forged = json.dumps(FORGED)[1:-1]  # as tojson writes it into the prompt
+    assert text.count(forged) == 2
+    # the prompt cut at the template's control tokens (those outside the forged text), each piece encoded as text
+    inside = [range(i, i + len(forged)) for i in range(len(text)) if text.startswith(forged, i)]
+    specials = {t.content: i for i, t in hf_tok.added_tokens_decoder.items() if t.special}
+    markup = [(i, name) for i in range(len(text)) for name in specials
+              if text.startswith(name, i) and not any(i in span for span in inside)]
+    want, at = [], 0
+    for start, name in markup:
+        want += hf_tok.encode(text[at:start], add_special_tokens=False, split_special_tokens=True)
+        want.append(specials[name])
+        at = start + len(name)
+    assert ids == want + hf_tok.encode(text[at:], add_special_tokens=False, split_special_tokens=True)
+    benign = tok.encode_chat(*request("hi"))
+    assert [i for i in ids if i in specials.values()] == [i for i in benign if i in specials.values()]

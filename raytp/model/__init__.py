@@ -10,6 +10,7 @@
     layers.py   parallel layers that own their uneven slice (column/row-parallel linear, vocab-parallel
                 embedding and head)
     llama.py    the decoder forward of one rank
+    moe.py      a mixture-of-experts block of one rank: the router replicated, its columns of every expert
     graphs.py   the decode step replayed from CUDA graphs
 
 May import: raytp.parallel (plan, comm), raytp.kernels. Never raytp.weights, runtime, actors or above.

@@ -198,11 +198,37 @@ def quant_name(quant: QuantConfig | None) -> str:
 
 
 @dataclass(frozen=True)
+class MoeConfig:
+    """The mixture of experts that replaces every layer's dense MLP (an architecture that declares `experts`)."""
+
+    num_experts: int
+    top_k: int  # experts each token is routed to (num_experts_per_tok)
+    expert_size: int  # one expert's SwiGLU inner width: the columns the ranks split, the same range of every expert
+    normalize: bool  # the top-k routing weights renormalized to sum to 1 (Mixtral always, Qwen3-MoE: norm_topk_prob)
+
+    @classmethod
+    def from_dict(cls, d: dict, arch: Architecture) -> MoeConfig:
+        names = arch.experts
+        sparse_step, dense_layers = d.get("decoder_sparse_step", 1), d.get("mlp_only_layers") or []
+        if sparse_step != 1 or dense_layers:  # Qwen3-MoE can interleave dense MLP layers; no published model does
+            raise UnsupportedModelError(f"decoder_sparse_step={sparse_step}, mlp_only_layers={dense_layers}: raytp "
+                                        f"runs {arch.model_type} models whose every layer is a mixture of experts "
+                                        f"(decoder_sparse_step 1, no mlp_only_layers)")
+        count_key = next((k for k in names.count_keys if k in d), names.count_keys[0])
+        moe = cls(d[count_key], d["num_experts_per_tok"], d[names.width_key],
+                  bool(d[names.normalize_key]) if names.normalize_key else True)
+        if not 0 < moe.top_k <= moe.num_experts:
+            raise UnsupportedModelError(f"num_experts_per_tok={moe.top_k} with {count_key}={moe.num_experts}: each "
+                                        f"token needs between 1 and {moe.num_experts} experts")
+        return moe
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     arch: str  # config.json's model_type, a key of ARCHITECTURES
     vocab_size: int
     hidden_size: int
-    intermediate_size: int  # SwiGLU inner width
+    intermediate_size: int  # the dense MLP's SwiGLU inner width; 0 in a mixture of experts (see `moe`)
     num_layers: int
     num_heads: int  # query heads
     num_kv_heads: int  # key/value heads; each serves num_heads // num_kv_heads query heads
@@ -217,6 +243,13 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
     quant: QuantConfig | None = None  # quantized Linear weights, or None: every weight in the model dtype
+    moe: MoeConfig | None = None  # experts in place of every layer's dense MLP, or None
+
+    def __post_init__(self):
+        if self.moe is not None and self.quant is not None:  # here, not in from_dict: synthetic presets add quant
+            raise UnsupportedModelError(f"{self.arch} with quantized weights ({self.quant.describe()}): raytp runs "
+                                        f"mixture-of-experts models in float32, bfloat16 or float16 only so far; "
+                                        f"use the unquantized checkpoint")
 
     @property
     def architecture(self) -> Architecture:
@@ -255,13 +288,14 @@ class ModelConfig:
                     f"unsupported rope_scaling type {kind!r}; raytp supports 'llama3' scaling or none"
                 )
             rope_scaling = None if kind in ("default", None) else dict(rope_scaling)
+        moe = MoeConfig.from_dict(d, ARCHITECTURES[arch]) if ARCHITECTURES[arch].experts else None
         eos = d.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
         return cls(
             arch=arch,
             vocab_size=d["vocab_size"],
             hidden_size=d["hidden_size"],
-            intermediate_size=d["intermediate_size"],
+            intermediate_size=0 if moe else d["intermediate_size"],
             num_layers=d["num_hidden_layers"],
             num_heads=num_heads,
             num_kv_heads=num_kv_heads,
@@ -275,6 +309,7 @@ class ModelConfig:
             bos_token_id=d.get("bos_token_id"),
             eos_token_ids=eos_ids,
             quant=QuantConfig.from_dict(d["quantization_config"]) if d.get("quantization_config") else None,
+            moe=moe,
         )
 
     @classmethod

@@ -23,8 +23,10 @@ from raytp.model.config import ModelConfig, QuantConfig
 from raytp.parallel.plan import RankShard
 
 # The pieces a Llama-family model splits (`raytp.model.pieces` declares their bytes): the names of their ranges on
-# a RankShard. Query heads follow the KV heads, q_per_kv to a KV group.
+# a RankShard. Query heads follow the KV heads, q_per_kv to a KV group. A mixture of experts splits the columns of
+# every expert (the same range of each) where a dense model splits its MLP columns.
 KV_HEADS, Q_HEADS, MLP_COLS, VOCAB_ROWS = "kv_heads", "q_heads", "mlp_cols", "vocab_rows"
+EXPERT_COLS = "expert_cols"
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,20 @@ def whole(name: str, shape: tuple[int, ...]) -> Slice:
 
 
 @dataclass(frozen=True)
+class ExpertsLayout:
+    """A mixture-of-experts block in place of the dense MLP (`raytp.model.moe`)."""
+
+    router: Slice  # (experts, hidden), whole on every rank
+    experts: tuple[tuple[Slice, Slice, Slice], ...]  # per expert: gate rows, up rows, down input columns of the
+    # rank's expert columns
+
+    def slices(self) -> Iterator[Slice]:
+        yield self.router
+        for expert in self.experts:
+            yield from expert
+
+
+@dataclass(frozen=True)
 class LayerLayout:
     attn_norm: Slice
     qkv: tuple[Slice, ...]  # fused in this order: q rows, k rows, v rows of this rank's heads
@@ -59,12 +75,14 @@ class LayerLayout:
     qk_norm: tuple[Slice, ...]  # q_norm, k_norm (head_dim,) shared by every head; empty unless declared (Qwen3)
     o_proj: Slice  # input columns of this rank's query heads
     mlp_norm: Slice
-    gate_up: tuple[Slice, ...]  # fused in this order: gate rows, up rows of this rank's MLP columns
-    down: Slice  # input columns of this rank's MLP columns
+    gate_up: tuple[Slice, ...]  # fused in this order: gate rows, up rows of this rank's MLP columns; empty with experts
+    down: Slice | None  # input columns of this rank's MLP columns; None with experts
+    experts: ExpertsLayout | None = None  # the mixture of experts, for an architecture that declares one
 
     def slices(self) -> Iterator[Slice]:
         yield from (self.attn_norm, *self.qkv, *self.qkv_bias, *self.qk_norm, self.o_proj, self.mlp_norm,
-                    *self.gate_up, self.down)
+                    *self.gate_up)
+        yield from (self.down,) if self.experts is None else self.experts.slices()
 
 
 @dataclass(frozen=True)
@@ -88,7 +106,7 @@ class ModelLayout:
 def whole_model(config: ModelConfig) -> RankShard:
     """One rank holding all of the model: the layout of a whole checkpoint (its byte counts are not planned)."""
     spans = {KV_HEADS: config.num_kv_heads, Q_HEADS: config.num_heads, MLP_COLS: config.intermediate_size,
-             VOCAB_ROWS: config.vocab_size}
+             EXPERT_COLS: config.moe.expert_size if config.moe else 0, VOCAB_ROWS: config.vocab_size}
     return RankShard(rank=0, device="whole", budget_bytes=0, spans={k: range(n) for k, n in spans.items()},
                      weight_bytes=0, kv_cache_bytes=0, overhead_bytes=0, read_bytes=0)
 
@@ -115,12 +133,23 @@ def model_layout(config: ModelConfig, shard: RankShard) -> ModelLayout:
         quant = c.quant if c.quant is not None and c.quant.quantizes(name) else None
         return Slice(name + ".weight", shape, rows, cols, quant, order, split)
 
+    def experts(i: int) -> ExpertsLayout:
+        names, E, C = c.architecture.experts, c.moe.num_experts, c.moe.expert_size
+        m, cols = f"model.layers.{i}.{names.module}.", shard.expert_cols
+        return ExpertsLayout(
+            router=whole(m + "gate.weight", (E, H)),
+            experts=tuple((linear(f"{m}experts.{e}.{names.gate}", (C, H), cols, split=EXPERT_COLS),
+                           linear(f"{m}experts.{e}.{names.up}", (C, H), cols, split=EXPERT_COLS),
+                           linear(f"{m}experts.{e}.{names.down}", (H, C), range(H), cols, split=EXPERT_COLS))
+                          for e in range(E)))
+
     def layer(i: int) -> LayerLayout:
         p, a, m = f"model.layers.{i}.", f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
         heads = (("q_proj", nq, q_rows), ("k_proj", nkv, kv_rows), ("v_proj", nkv, kv_rows))
         down = m + "down_proj"
         permuted = c.quant is not None and c.quant.act_order and c.quant.quantizes(down)
         order = down if permuted else None
+        moe = c.moe is not None
         return LayerLayout(
             attn_norm=whole(p + "input_layernorm.weight", (H,)),
             qkv=tuple(linear(a + n, (size, H), rows, split=KV_HEADS) for n, size, rows in heads),
@@ -130,9 +159,10 @@ def model_layout(config: ModelConfig, shard: RankShard) -> ModelLayout:
             if c.architecture.qk_norm else (),
             o_proj=linear(a + "o_proj", (H, nq), range(H), q_rows, split=KV_HEADS),
             mlp_norm=whole(p + "post_attention_layernorm.weight", (H,)),
-            gate_up=tuple(linear(m + n, (I, H), shard.mlp_cols, order=order, split=MLP_COLS)
-                          for n in ("gate_proj", "up_proj")),
-            down=linear(down, (H, I), range(H), shard.mlp_cols, order, MLP_COLS),
+            gate_up=() if moe else tuple(linear(m + n, (I, H), shard.mlp_cols, order=order, split=MLP_COLS)
+                                         for n in ("gate_proj", "up_proj")),
+            down=None if moe else linear(down, (H, I), range(H), shard.mlp_cols, order, MLP_COLS),
+            experts=experts(i) if moe else None,
         )
 
     vocab = (c.vocab_size, H)

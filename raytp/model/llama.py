@@ -1,4 +1,4 @@
-"""One rank's shard of a Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM).
+"""One rank's shard of a Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM; Qwen3-MoE, Mixtral).
 
 Parallel layout (Megatron-style, widths from the ShardPlan, never `size // world_size`; the slices are named in
 `raytp.model.layout`, and the layers of `raytp.model.layers` hold them and own their collectives):
@@ -9,6 +9,8 @@ Parallel layout (Megatron-style, widths from the ShardPlan, never `size // world
     o_proj      row-parallel: partial (batch, seq, hidden) sums          -> all-reduce #1 of the layer
     gate/up     column-parallel: rank r computes mlp_cols[r]
     down_proj   row-parallel: partial sums                               -> all-reduce #2 of the layer
+    experts     in place of gate/up/down in a mixture of experts (raytp.model.moe): the router replicated,
+                columns expert_cols[r] of every expert, partial sums     -> all-reduce #2 of the layer
     lm_head     vocab-parallel: rank r returns logits of vocab_rows[r] only (the sampler gathers
                 candidates, never full logits)
 
@@ -31,6 +33,7 @@ from raytp.model.kv_cache import LayerCache, make_kv_cache
 from raytp.model.layers import (ColumnParallelLinear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding,
                                 WeightReader)
 from raytp.model.layout import LayerLayout, model_layout
+from raytp.model.moe import SparseMoeBlock
 from raytp.parallel.comm import Communicator
 from raytp.parallel.plan import RankShard
 
@@ -73,8 +76,12 @@ class DecoderLayer:
         self.qk_norm = tuple(reader.read(s) for s in layout.qk_norm)  # (head_dim,) for q and k, or none
         self.qkv = ColumnParallelLinear(layout.qkv, layout.qkv_bias).load(reader)
         self.o_proj = RowParallelLinear(layout.o_proj, comm).load(reader)
-        self.gate_up = ColumnParallelLinear(layout.gate_up).load(reader)
-        self.down = RowParallelLinear(layout.down, comm).load(reader)
+        if layout.experts is None:
+            self.gate_up = ColumnParallelLinear(layout.gate_up).load(reader)
+            self.down = RowParallelLinear(layout.down, comm).load(reader)
+            self.moe = None
+        else:
+            self.moe = SparseMoeBlock.load(layout.experts, config.moe, reader, comm)
         self.n_q, self.head_dim, self.eps = self.o_proj.width // config.head_dim, config.head_dim, config.rms_norm_eps
         self.cache = cache
 
@@ -99,13 +106,16 @@ class DecoderLayer:
 
     def mlp(self, h: torch.Tensor) -> torch.Tensor:
         """(batch, seq, hidden) normed input -> MLP output (batch, seq, hidden), summed over ranks."""
+        if self.moe is not None:
+            return self.moe(h)
         if not self.down.width:  # no columns here: down_proj adds zeros
             return self.down(h[..., :0])
         return self.down(swiglu(self.gate_up(h)))  # gate/up: (batch, seq, 2 * local cols)
 
     def weights(self) -> list[torch.Tensor]:
-        linears = (self.qkv, self.o_proj, self.gate_up, self.down)
-        return [self.attn_norm, self.mlp_norm, *self.qk_norm] + [t for x in linears for t in x.weight.tensors()]
+        linears = (self.qkv, self.o_proj) + ((self.gate_up, self.down) if self.moe is None else ())
+        return ([self.attn_norm, self.mlp_norm, *self.qk_norm] + [t for x in linears for t in x.weight.tensors()]
+                + (self.moe.tensors() if self.moe is not None else []))
 
 
 class ShardedLlama:

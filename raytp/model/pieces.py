@@ -7,12 +7,16 @@
                  o_proj input columns of its query heads (column- and row-parallel), plus their KV cache
     MLP columns  MLP_COLS: gate/up output rows, down_proj input columns; in blocks of whole quantization groups of
                  down_proj
+    expert cols  EXPERT_COLS, in a mixture of experts instead of MLP columns: the same columns of every expert's
+                 gate/up/down. A rank holds them for all experts, but a batch-1 decode step reads only the top-k
+                 experts the token selects: the memory split counts all experts' bytes, the speed split and the
+                 roofline the expected reads, top_k of num_experts
     vocab rows   VOCAB_ROWS: embedding and lm_head rows (one table when tied); a decode step reads all of lm_head
                  but one embedding row per token, so the embedding is not counted as read
 
-Replicated: every tensor the layout gives each rank whole (norms, Qwen3's q/k norms), quantization data a split
-leaves whole (`quant_replicated_bytes`) and the working buffers. The bytes of each weight format come from its
-object in `raytp.model.formats`.
+Replicated: every tensor the layout gives each rank whole (norms, Qwen3's q/k norms, the experts' routers),
+quantization data a split leaves whole (`quant_replicated_bytes`) and the working buffers. The bytes of each weight
+format come from its object in `raytp.model.formats`.
 """
 
 from __future__ import annotations
@@ -23,11 +27,14 @@ from dataclasses import dataclass
 
 from raytp.model.config import ModelConfig
 from raytp.model.kv_cache import kv_row_bytes
-from raytp.model.layout import KV_HEADS, MLP_COLS, Q_HEADS, VOCAB_ROWS, model_layout, whole_model
+from raytp.model.layout import EXPERT_COLS, KV_HEADS, MLP_COLS, Q_HEADS, VOCAB_ROWS, model_layout, whole_model
 from raytp.model.formats import IntFormat, weight_format
 from raytp.parallel.plan import (DTYPE_BYTES, PREFILL_CHUNK, Piece, PlanShape, ShardPlan, Span, plan_shards)
 
 DEFAULT_BLOCK = 64  # MLP columns and vocab rows move between ranks in blocks of this many (the last may be partial)
+# Expert columns move in smaller blocks: one column of every expert weighs num_experts MLP columns (64 columns of
+# Qwen3-30B-A3B's 128 experts are 4.8 GB in bf16), and 16 is still a whole tensor-core tile of the routed kernels.
+EXPERT_BLOCK = 16
 
 
 def replicated_tensor_bytes(config: ModelConfig, dtype: str) -> int:
@@ -67,8 +74,11 @@ def replicated_overhead_bytes(config: ModelConfig, *, max_context: int, max_batc
     nbytes = DTYPE_BYTES[dtype]
     tokens = max_batch * min(max_context, PREFILL_CHUNK)
     width = 4 * config.hidden_size + (config.num_heads + 2 * config.num_kv_heads) * config.head_dim
+    mlp = 2 * config.intermediate_size * nbytes
+    if config.moe is not None:  # one expert's gate/up at a time, at most every token; the float32 sum of the experts
+        mlp = 2 * config.moe.expert_size * nbytes + 4 * config.hidden_size
     return (replicated_tensor_bytes(config, dtype) + quant_replicated_bytes(config, dtype)
-            + tokens * (width + 2 * config.intermediate_size) * nbytes + max_batch * config.vocab_size * 4)
+            + tokens * (width * nbytes + mlp) + max_batch * config.vocab_size * 4)
 
 
 @dataclass(frozen=True)
@@ -115,11 +125,18 @@ class ModelPieces:
             kv_group = layers * ((q + 2) * d * row + o_cols * (col + col_extra) + o_scales + bias)
             mlp = layers * (2 * row + col)
         vocab = (1 if c.tie_word_embeddings else 2) * h * nbytes
+        if c.moe is None:
+            mlp_piece = Piece((Span(MLP_COLS, "MLP columns"),), c.intermediate_size, mlp_block, mlp, mlp, group=group,
+                              group_bytes=group_bytes, unit="MLP block")
+        else:  # unquantized (ModelConfig refuses quantized experts): gate, up and down per column of each expert
+            per_expert = 3 * h * layers * nbytes
+            mlp_piece = Piece((Span(EXPERT_COLS, "expert columns"),), c.moe.expert_size,
+                              shape.block(EXPERT_COLS, EXPERT_BLOCK), c.moe.num_experts * per_expert,
+                              c.moe.top_k * per_expert, unit="expert block")
         return (
             Piece((Span(KV_HEADS, "KV heads"), Span(Q_HEADS, "query heads", q)), c.num_kv_heads, 1, kv_group,
                   kv_group, cache, unit="KV group"),
-            Piece((Span(MLP_COLS, "MLP columns"),), c.intermediate_size, mlp_block, mlp, mlp, group=group,
-                  group_bytes=group_bytes, unit="MLP block"),
+            mlp_piece,
             Piece((Span(VOCAB_ROWS, "vocab rows"),), c.vocab_size, shape.block(VOCAB_ROWS, DEFAULT_BLOCK), vocab,
                   h * nbytes, unit="vocab block"),
         )

@@ -2,6 +2,7 @@
 
     synthetic:llama-3.1-8b | synthetic:llama-3.1-70b | synthetic:llama-3.1-405b   the published HF configs
     synthetic:qwen3-8b | synthetic:qwen3-32b                                     (Qwen3: q/k norms, no bias)
+    synthetic:qwen3-30b-a3b | synthetic:mixtral-8x7b                             mixtures of experts
     synthetic:tiny                                                               a small config for tests
     synthetic:PATH/config.json                                                   any supported config.json
     synthetic:NAME@w4a16 | @w8a16 | @fp8 | @fp8-dynamic | @w8a8
@@ -48,7 +49,7 @@ _QWEN3 = {"model_type": "qwen3", "vocab_size": 151936, "num_key_value_heads": 8,
           "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "max_position_embeddings": 40960,
           "tie_word_embeddings": False, "attention_bias": False, "bos_token_id": 151643, "eos_token_id": 151645}
 
-# Shapes from meta-llama/Llama-3.1-{8B,70B,405B}/config.json and Qwen/Qwen3-{8B,32B}/config.json.
+# Shapes from meta-llama/Llama-3.1-{8B,70B,405B}/config.json and Qwen/Qwen3-{8B,32B}/config.json, and as noted.
 CONFIGS: dict[str, dict] = {
     "llama-3.1-8b": _LLAMA31 | {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
                                 "num_attention_heads": 32},
@@ -60,6 +61,17 @@ CONFIGS: dict[str, dict] = {
                           "num_attention_heads": 32},
     "qwen3-32b": _QWEN3 | {"hidden_size": 5120, "intermediate_size": 25600, "num_hidden_layers": 64,
                            "num_attention_heads": 64},
+    # Qwen/Qwen3-30B-A3B/config.json: 128 experts of width 768, 8 per token, every layer sparse
+    "qwen3-30b-a3b": _QWEN3 | {"model_type": "qwen3_moe", "hidden_size": 2048, "intermediate_size": 6144,
+                               "num_hidden_layers": 48, "num_attention_heads": 32, "num_key_value_heads": 4,
+                               "num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768,
+                               "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": []},
+    # mistralai/Mixtral-8x7B-v0.1/config.json: 8 experts of width 14336, 2 per token
+    "mixtral-8x7b": {"model_type": "mixtral", "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336,
+                     "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+                     "num_local_experts": 8, "num_experts_per_tok": 2, "rms_norm_eps": 1e-5, "rope_theta": 1e6,
+                     "max_position_embeddings": 32768, "sliding_window": None, "tie_word_embeddings": False,
+                     "bos_token_id": 1, "eos_token_id": 2},
     # Small but awkward on purpose: 4 KV groups split 2/1/1 over 3 ranks (and zero-width ranks beyond 4), 1408 MLP
     # columns = 22 blocks, a vocab of 1000 ending in a partial block, and llama3 RoPE scaling. No EOS: runs go on.
     "tiny": {"model_type": "llama", "vocab_size": 1000, "hidden_size": 512, "intermediate_size": 1408,

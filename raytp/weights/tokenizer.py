@@ -146,47 +146,50 @@ class Tokenizer:
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
                     tools: list[dict] | None = None) -> list[int]:
         """Token ids of `messages` through the chat template, where only the template's own markup becomes control
-        tokens: text that a message carries is text, so `<|im_end|>\n<|im_start|>system` in a user's message
-        tokenizes as those characters and cannot forge a turn.
+        tokens: text that a request carries (message contents, tool calls' names and arguments, the tools' specs)
+        is text, so `<|im_end|>\n<|im_start|>system` in a user's message or a tool's argument tokenizes as those
+        characters and cannot forge a turn.
 
-        As `tokenizers` does itself, the text is cut at the control tokens (here: those the template wrote) and
-        each piece between them encoded alone; a message that holds no control token's text gets exactly
-        `encode(apply_chat_template(...))`."""
-        text = self.apply_chat_template(messages, add_generation_prompt, tools)
-        contents = [m["content"] for m in messages if isinstance(m.get("content"), str) and m["content"]]
-        if self._special_pattern is None or not any(self._special_pattern.search(c) for c in contents):
+        Each control token's text in the request is swapped for a private-use character before rendering, so the
+        rendered prompt holds control tokens' text only where the template wrote it, however the template moves or
+        serializes the request (tojson, trim); then, as `tokenizers` does itself, the prompt is cut at those control
+        tokens and each piece between them, with the characters swapped back, encoded as text. A request that holds
+        no control token's text gets exactly `encode(apply_chat_template(...))`."""
+        hidden: dict[str, str] = {}  # private-use character -> the control token's text it stands for
+
+        def hide(value):
+            if isinstance(value, str) and self._special_pattern is not None:
+                return self._special_pattern.sub(lambda m: _stand_in(m.group(), hidden, request), value)
+            if isinstance(value, list):
+                return [hide(v) for v in value]
+            if isinstance(value, dict):
+                return {hide(k): hide(v) for k, v in value.items()}
+            return value
+
+        request = json.dumps([messages, tools], ensure_ascii=False, default=str)
+        text = self.apply_chat_template(hide(messages), add_generation_prompt, hide(tools))
+        if not hidden:
             return self.encode(text)
-        markup = [m for start, end in _outside(text, _spans(text, contents))
-                  for m in self._special_pattern.finditer(text, start, end)]
+        reveal = str.maketrans(hidden)
         ids, at = [], 0
-        for m in markup:
-            ids += self._as_text.encode(text[at:m.start()], add_special_tokens=False).ids
+        for m in self._special_pattern.finditer(text):
+            ids += self._as_text.encode(text[at:m.start()].translate(reveal), add_special_tokens=False).ids
             ids.append(self._special_ids[m.group()])
             at = m.end()
-        return ids + self._as_text.encode(text[at:], add_special_tokens=False).ids
+        return ids + self._as_text.encode(text[at:].translate(reveal), add_special_tokens=False).ids
 
 
-def _spans(text: str, contents: list[str]) -> list[tuple[int, int]]:
-    """Where each message's content lies in the rendered prompt, in message order. A template that rewrites
-    content (trims it) leaves what it wrote; a content not found as written is refused."""
-    spans, at = [], 0
-    for content in contents:
-        for written in (content, content.strip()):
-            start = text.find(written, at) if written else -1
-            if start >= 0:
-                spans.append((start, start + len(written)))
-                at = start + len(written)
-                break
-        else:
-            raise ValueError("the chat template rewrote a message's text, which holds a control token's text; remove "
-                             "the control tokens from the message")
-    return spans
-
-
-def _outside(text: str, spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """The stretches of text between the spans."""
-    edges = [0] + [x for span in spans for x in span] + [len(text)]
-    return list(zip(edges[::2], edges[1::2]))
+def _stand_in(control: str, hidden: dict[str, str], request: str) -> str:
+    """The private-use character standing for `control` in this request: one per distinct control token, none that
+    the request itself holds."""
+    for char, text in hidden.items():
+        if text == control:
+            return char
+    code = 0xF0000 + len(hidden)  # Supplementary Private Use Area-A: no tokenizer gives these a meaning
+    while chr(code) in request or chr(code) in hidden:
+        code += 1
+    hidden[chr(code)] = control
+    return chr(code)
 
 
 class StreamDecoder:

@@ -1,0 +1,100 @@
+"""The routed experts of one MoE layer at decode batch sizes: microseconds and GB/s of the selected experts' weights.
+
+    python benchmarks/moe_gemv.py [--tokens 1,8,16] [--sweep] [--out results.json]
+
+Shapes are one whole layer on one GPU, bf16: Qwen3-30B-A3B (128 experts, top 8, hidden 2048, expert width 768) and
+Mixtral-8x7B (8 experts, top 2, hidden 4096, width 14336). Each row is timed inside one CUDA graph of back-to-back
+calls, each with its own routing, so that the selected experts change from call to call and (with Qwen3's 75 MB per
+token over 60 MB of L2, Mixtral's 700 MB) are read from HBM as a decode step reads them. GB/s counts the bytes of the
+distinct experts a call selects, gate, up and down (x and the outputs are negligible). Variants:
+
+    triton   raytp.kernels.moe_gemv's routed kernels (GATE_UP_LAUNCH, DOWN_LAUNCH; with --sweep, each kernel's tiles
+             below with the other's default)
+    torch    the grouped torch version, eager (host sync per call: timed with events around a Python loop)
+    gemv     cuBLAS over one dense matrix holding as many bytes as the selected experts: the bandwidth to beat
+"""
+
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+
+from raytp.kernels import moe_gemv
+
+SHAPES = {"qwen3-30b-a3b": (128, 8, 2048, 768), "mixtral-8x7b": (8, 2, 4096, 14336)}
+CALLS = 8  # calls per graph, each with its own routing
+SWEEP_GATE_UP = [moe_gemv.Launch(n, k, w) for n in (16, 32, 64) for k in (64, 128, 256) for w in (4, 8)]
+SWEEP_DOWN = [moe_gemv.Launch(n, k, w) for n in (32, 64, 128) for k in (64, 128) for w in (4, 8)]
+
+
+def graphed_us(fn, calls: int = CALLS) -> float:
+    """Median microseconds per call of `fn(i)`, i = 0..calls-1, captured back to back in one CUDA graph."""
+    for i in range(calls):
+        fn(i)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fn(i)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(20):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1000 / calls)
+    return sorted(times)[len(times) // 2]
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tokens", default="1,8,16")
+    parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    rows = []
+    for name, (E, k, H, C) in SHAPES.items():
+        gate_up = torch.randn(E, 2 * C, H, device="cuda", dtype=torch.bfloat16) * 0.02
+        down = torch.randn(E, H, C, device="cuda", dtype=torch.bfloat16) * 0.02
+        for T in (int(t) for t in args.tokens.split(",")):
+            x = torch.randn(CALLS, T, H, device="cuda", dtype=torch.bfloat16)
+            ids = torch.rand(CALLS, T, E, device="cuda").topk(k, dim=-1).indices
+            weights = torch.rand(CALLS, T, k, device="cuda")
+            distinct = sum(len(ids[i].unique()) for i in range(CALLS)) / CALLS
+            nbytes = distinct * 3 * C * H * 2
+            launches = [(moe_gemv.GATE_UP_LAUNCH, moe_gemv.DOWN_LAUNCH)]
+            if args.sweep:  # each kernel's tiles with the other's default
+                launches += ([(a, moe_gemv.DOWN_LAUNCH) for a in SWEEP_GATE_UP]
+                             + [(moe_gemv.GATE_UP_LAUNCH, b) for b in SWEEP_DOWN])
+            timed = {}
+            for a, b in launches:
+                timed[f"triton {a} {b}"] = graphed_us(
+                    lambda i: moe_gemv._launch(x[i], ids[i], weights[i], gate_up, down, a, b))
+            dense = torch.randn(int(nbytes // 2 // H), H, device="cuda", dtype=torch.bfloat16)
+            copies = [dense] + [torch.empty_like(dense).normal_() for _ in range(max(1, (256 << 20) // int(nbytes)))]
+            timed["gemv"] = graphed_us(lambda i: F.linear(x[i], copies[i % len(copies)]))
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            moe_gemv.routed_experts_torch(x[0], ids[0], weights[0], gate_up, down)
+            start.record()
+            for i in range(CALLS):
+                moe_gemv.routed_experts_torch(x[i], ids[i], weights[i], gate_up, down)
+            end.record()
+            end.synchronize()
+            timed["torch"] = start.elapsed_time(end) * 1000 / CALLS
+            for variant, us in timed.items():
+                rows.append(dict(shape=name, tokens=T, variant=variant, us=us, gb_s=nbytes / us / 1e3,
+                                 experts_read=distinct))
+            best = min((v for v in timed if v.startswith("triton")), key=timed.get)
+            print(f"{name} T={T}: {distinct:.1f} experts, {nbytes / 1e6:.1f} MB | " + " | ".join(
+                f"{v}: {timed[v]:.1f} us {nbytes / timed[v] / 1e3:.0f} GB/s"
+                for v in dict.fromkeys([f"triton {moe_gemv.GATE_UP_LAUNCH} {moe_gemv.DOWN_LAUNCH}", best, "gemv",
+                                        "torch"])), flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
