@@ -17,6 +17,7 @@ from raytp.weights.smollm2_quantized import quantize_with_llmcompressor
 from raytp.weights.synthetic import synthetic_config
 from tests.quantized import reference_model
 from tests.sharded import LocalGroup
+from tests.test_synthetic import _logits
 
 # Head counts that do not divide the rank counts: 3 KV groups over 2 and 5 ranks (5: zero-width attention ranks)
 TINY = {
@@ -140,3 +141,17 @@ def test_raytp_plan_shows_the_pieces_of_qwen3(capsys):
     plan = json.loads(capsys.readouterr().out)
     assert [p["name"] for p in plan["pieces"]] == ["kv_heads", "mlp_cols", "vocab_rows"]
     assert sum(r["q_heads"] for r in plan["ranks"]) == 32 and plan["ranks"][2]["kv_heads_range"][1] == 8
+
+
+@pytest.mark.parametrize("quant", ["w4a16", "w8a16", "fp8"])  # weight-only: see test_synthetic
+def test_synthetic_qwen3_in_every_quantization_is_the_same_at_uneven_and_zero_width_splits(tmp_path, quant):
+    """synthetic:PATH/config.json of a small Qwen3 (q/k norms drawn like the other norms), quantized as the presets
+    say: 3 uneven ranks, one of them nearly empty, give the one-rank logits."""
+    config = dict(model_type="qwen3", vocab_size=512, hidden_size=256, intermediate_size=640, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=64, rms_norm_eps=1e-6, rope_theta=1e6,
+                  tie_word_embeddings=True)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    model = f"synthetic:{tmp_path / 'config.json'}@{quant}"
+    tokens = torch.tensor([[1, 17, 511, 300, 3]])
+    reference = _logits(model, [1.0], tokens)
+    torch.testing.assert_close(_logits(model, [1.0, 0.02, 1.0], tokens), reference, rtol=1e-4, atol=1e-4)
