@@ -648,7 +648,7 @@ def cmd_bench(args) -> None:
 
 def _check_port(host: str, port: int) -> None:
     """Fail in seconds, not after loading the model, when the host is not this machine's or the port is taken."""
-    from raytp.serving.openai_api import listen_socket
+    from raytp.serving.sockets import listen_socket
 
     if not 0 < port < 65536:
         raise UserError(f"--port must be in 1..65535, got {port}")

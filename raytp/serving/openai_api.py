@@ -21,7 +21,6 @@ import hmac
 import json
 import logging
 import secrets
-import socket
 import time
 import uuid
 from contextlib import aclosing
@@ -45,6 +44,7 @@ from raytp.runtime.sampling import (
     SamplingParams,
 )
 from raytp.serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from raytp.serving.sockets import display_url, listen_socket
 from raytp.serving.tool_calls import CallParser, ForcedCalls, ToolSyntax, answer_calls
 
 log = logging.getLogger("raytp")
@@ -872,28 +872,6 @@ def _model_card(driver, model_id: str, created: int) -> dict:
 
 
 # ---- the server --------------------------------------------------------------------------------------------
-
-def listen_socket(host: str, port: int) -> socket.socket:
-    """A bound socket for host:port, or OSError. Uvicorn's own bind would sys.exit() inside the actor instead."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does; a listening port still fails
-        sock.bind((host, port))
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
-def display_url(host: str, port: int) -> str:
-    if host in ("0.0.0.0", "::", ""):  # every interface: show one that others can reach
-        try:
-            host = socket.gethostbyname(socket.gethostname())
-        except OSError:
-            pass
-    return f"http://{f'[{host}]' if ':' in host else host}:{port}/"
-
 
 class HTTPServer:
     """Uvicorn running the API and the web chat as a task of the current event loop."""

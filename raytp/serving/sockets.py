@@ -1,0 +1,28 @@
+"""The HTTP server's listening socket, bound before uvicorn starts; light enough for the CLI's argument checks,
+which must refuse a taken port before importing the server (FastAPI, torch)."""
+
+from __future__ import annotations
+
+import socket
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A bound socket for host:port, or OSError. Uvicorn's own bind would sys.exit() inside the actor instead."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does; a listening port still fails
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def display_url(host: str, port: int) -> str:
+    if host in ("0.0.0.0", "::", ""):  # every interface: show one that others can reach
+        try:
+            host = socket.gethostbyname(socket.gethostname())
+        except OSError:
+            pass
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}/"
