@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -45,9 +46,11 @@ def decompressed_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def reference_model(model_dir: Path) -> transformers.PreTrainedModel:
-    """transformers' float32 Llama holding the decompressed weights."""
+    """transformers' float32 model (Llama, Qwen3, ...) holding the decompressed weights."""
     config = transformers.AutoConfig.from_pretrained(model_dir)
     del config.quantization_config
+    if getattr(config, "num_experts_per_tok", None):
+        return _reference_moe(config, model_dir)
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     sd = decompressed_state_dict(model_dir)
@@ -55,6 +58,17 @@ def reference_model(model_dir: Path) -> transformers.PreTrainedModel:
         sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
     model.load_state_dict(sd, assign=True, strict=True)
     model.model.rotary_emb = type(model.model.rotary_emb)(config=model.config)  # its buffers were on meta
+    return model.eval()
+
+
+def _reference_moe(config: transformers.PretrainedConfig, model_dir: Path) -> transformers.PreTrainedModel:
+    """A mixture of experts: the checkpoint stores each expert's Linears apart and transformers' model fuses them,
+    so the decompressed weights go through transformers' own loader (and its key conversion) from a directory."""
+    with tempfile.TemporaryDirectory() as tmp:
+        config.save_pretrained(tmp)
+        save_file({k: v.contiguous() for k, v in decompressed_state_dict(model_dir).items()},
+                  Path(tmp) / "model.safetensors", metadata={"format": "pt"})
+        model = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
     return model.eval()
 
 

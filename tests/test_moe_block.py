@@ -6,7 +6,7 @@ import pytest
 import torch
 import transformers
 
-from raytp.model.moe import Routing, SparseMoeBlock
+from raytp.model.moe import Routing, SparseMoeBlock, StackedExperts
 from raytp.parallel.comm import InProcessGroup
 from raytp.parallel.comm.base import IdentityCheckingCommunicator
 
@@ -47,8 +47,9 @@ def rank_blocks(block, routing: Routing, bounds: list[int], comms) -> list[Spars
     gate_up = block.experts.gate_up_proj.detach()  # (experts, 2 * COLS, HIDDEN): gate rows, then up rows
     down = block.experts.down_proj.detach()  # (experts, HIDDEN, COLS)
     gate, up = gate_up[:, :COLS], gate_up[:, COLS:]
-    return [SparseMoeBlock(block.gate.weight.detach(), torch.cat((gate[:, a:b], up[:, a:b]), dim=1), down[:, :, a:b],
-                           routing, comm)
+    return [SparseMoeBlock(block.gate.weight.detach(),
+                           StackedExperts(torch.cat((gate[:, a:b], up[:, a:b]), dim=1), down[:, :, a:b]) if b > a
+                           else None, routing, comm)
             for a, b, comm in zip(bounds, bounds[1:], comms)]
 
 
@@ -61,7 +62,7 @@ def test_partials_sum_to_transformers_block(family, ranks, shape):
     with torch.no_grad():
         expected = block(x)
     parts = rank_blocks(block, routing, SPLITS[ranks], [None] * ranks)
-    assert any(not p.width for p in parts) == (ranks >= 3)
+    assert any(p.experts is None for p in parts) == (ranks >= 3)
     torch.testing.assert_close(sum(p.partial(x) for p in parts), expected, rtol=1e-5, atol=1e-5)
 
 

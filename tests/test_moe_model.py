@@ -131,7 +131,8 @@ def test_unsupported_mixtures_are_refused_with_the_values():
     qwen = config_dict("qwen3-30b-a3b")
     with pytest.raises(UnsupportedModelError, match=r"mlp_only_layers=\[0, 3\]"):
         ModelConfig.from_dict(qwen | {"mlp_only_layers": [0, 3]})
-    with pytest.raises(UnsupportedModelError, match="quantized weights.*unquantized checkpoint"):
-        synthetic_config("synthetic:qwen3-30b-a3b@w4a16")
+    for quant in ("fp8-dynamic", "w8a8"):  # experts quantized with 16-bit activations only
+        with pytest.raises(UnsupportedModelError, match=f"{quant}: .*w4a16, w8a16"):
+            synthetic_config(f"synthetic:qwen3-30b-a3b@{quant}")
     with pytest.raises(UnsupportedModelError, match="num_experts_per_tok=9 with num_local_experts=8"):
         ModelConfig.from_dict(config_dict("mixtral-8x7b") | {"num_experts_per_tok": 9})

@@ -1,6 +1,7 @@
 """The planner over pieces it has never heard of: any list a model declares is split exactly, within budgets, in
 whole blocks; a new kind of piece needs nothing in plan.py."""
 
+import dataclasses
 import re
 from dataclasses import dataclass
 
@@ -21,8 +22,7 @@ class Declared:
 
     def pieces(self, shape: PlanShape):
         # a block asked by name replaces the declared one, as a model's declaration does
-        return tuple(Piece(p.spans, p.size, shape.block(p.name, p.block), p.weight_bytes, p.read_bytes,
-                           p.cache_bytes, p.group, p.group_bytes, p.unit) for p in self.declared)
+        return tuple(dataclasses.replace(p, block=shape.block(p.name, p.block)) for p in self.declared)
 
     def replicated_bytes(self, shape: PlanShape) -> int:
         return self.replicated

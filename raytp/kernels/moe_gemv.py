@@ -23,6 +23,7 @@ product) and accumulate the weighted expert outputs in float32.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -52,10 +53,19 @@ GATE_UP_LAUNCH, DOWN_LAUNCH = Launch(32, 128, 4), Launch(64, 128, 4)  # benchmar
 def routed_experts_torch(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
                          down: torch.Tensor) -> torch.Tensor:
     """x (tokens, hidden), ids (tokens, k) int64, weights (tokens, k) float32 -> (tokens, hidden) in x's dtype."""
+    return grouped_experts(x, ids, weights, gate_up.shape[0], lambda e, t: F.linear(t, gate_up[e]),
+                           lambda e, h: F.linear(h, down[e]))
+
+
+def grouped_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, num_experts: int,
+                    gate_up: Callable[[int, torch.Tensor], torch.Tensor],
+                    down: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """`routed_experts_torch` with each expert's projections given as functions (expert, input) -> output, for
+    experts in any weight format (`raytp.model.moe.QuantizedExperts`)."""
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-    for expert, tokens, w in _groups(ids, weights, gate_up.shape[0]):
-        h = swiglu_torch(F.linear(x[tokens], gate_up[expert]))  # (n, cols)
-        out.index_add_(0, tokens, F.linear(h, down[expert]).float() * w[:, None])
+    for expert, tokens, w in _groups(ids, weights, num_experts):
+        h = swiglu_torch(gate_up(expert, x[tokens]))  # (n, cols)
+        out.index_add_(0, tokens, down(expert, h).float() * w[:, None])
     return out.to(x.dtype)
 
 

@@ -246,10 +246,12 @@ class ModelConfig:
     moe: MoeConfig | None = None  # experts in place of every layer's dense MLP, or None
 
     def __post_init__(self):
-        if self.moe is not None and self.quant is not None:  # here, not in from_dict: synthetic presets add quant
-            raise UnsupportedModelError(f"{self.arch} with quantized weights ({self.quant.describe()}): raytp runs "
-                                        f"mixture-of-experts models in float32, bfloat16 or float16 only so far; "
-                                        f"use the unquantized checkpoint")
+        if self.moe is not None and self.quant is not None and self.quant.dynamic_activations:
+            # here, not in from_dict: synthetic presets add quant. An expert's down_proj input is split over the
+            # ranks, so its per-token activation scale would need an exchange per expert and layer
+            raise UnsupportedModelError(f"{self.arch} with activations quantized at run time ({self.quant.describe()})"
+                                        f": raytp runs quantized experts with 16-bit activations (w4a16, w8a16, "
+                                        f"GPTQ, AWQ, fp8 weights); use one of those checkpoints")
 
     @property
     def architecture(self) -> Architecture:

@@ -133,22 +133,28 @@ def model_layout(config: ModelConfig, shard: RankShard) -> ModelLayout:
         quant = c.quant if c.quant is not None and c.quant.quantizes(name) else None
         return Slice(name + ".weight", shape, rows, cols, quant, order, split)
 
+    def permuted(down: str) -> str | None:
+        """The order of an MLP's (or expert's) columns: sorting `down`'s group index with act-order, else stored."""
+        return down if c.quant is not None and c.quant.act_order and c.quant.quantizes(down) else None
+
     def experts(i: int) -> ExpertsLayout:
         names, E, C = c.architecture.experts, c.moe.num_experts, c.moe.expert_size
         m, cols = f"model.layers.{i}.{names.module}.", shard.expert_cols
-        return ExpertsLayout(
-            router=whole(m + "gate.weight", (E, H)),
-            experts=tuple((linear(f"{m}experts.{e}.{names.gate}", (C, H), cols, split=EXPERT_COLS),
-                           linear(f"{m}experts.{e}.{names.up}", (C, H), cols, split=EXPERT_COLS),
-                           linear(f"{m}experts.{e}.{names.down}", (H, C), range(H), cols, split=EXPERT_COLS))
-                          for e in range(E)))
+
+        def expert(e: int) -> tuple[Slice, Slice, Slice]:
+            p, down = f"{m}experts.{e}.", f"{m}experts.{e}.{names.down}"
+            order = permuted(down)  # each expert's columns in its own down_proj's group order
+            return (linear(p + names.gate, (C, H), cols, order=order, split=EXPERT_COLS),
+                    linear(p + names.up, (C, H), cols, order=order, split=EXPERT_COLS),
+                    linear(down, (H, C), range(H), cols, order, EXPERT_COLS))
+
+        return ExpertsLayout(router=whole(m + "gate.weight", (E, H)), experts=tuple(expert(e) for e in range(E)))
 
     def layer(i: int) -> LayerLayout:
         p, a, m = f"model.layers.{i}.", f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
         heads = (("q_proj", nq, q_rows), ("k_proj", nkv, kv_rows), ("v_proj", nkv, kv_rows))
         down = m + "down_proj"
-        permuted = c.quant is not None and c.quant.act_order and c.quant.quantizes(down)
-        order = down if permuted else None
+        order = permuted(down)
         moe = c.moe is not None
         return LayerLayout(
             attn_norm=whole(p + "input_layernorm.weight", (H,)),

@@ -5,7 +5,9 @@
              communication
     experts  rank r holds columns `expert_cols[r]` of EVERY expert (gate/up rows, down input columns): the same
              uneven range in each expert, like the dense MLP's columns, so each token's work is shared by the ranks
-             as their memory is, whichever experts it selects; a rank may hold no columns at all
+             as their memory is, whichever experts it selects; a rank may hold no columns at all. Quantized experts
+             keep their checkpoint's format, each expert's slice read like a dense MLP's (act-order checkpoints
+             permute each expert's columns by its own down_proj groups, `raytp.model.layout`)
     output   sum over each token's k experts of weight * down(swiglu(gate_up(x))) over the rank's columns: a
              partial sum, all-reduced once per layer as down_proj's is
 
@@ -23,9 +25,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from raytp.kernels.moe_gemv import routed_experts
+from raytp.kernels.moe_gemv import grouped_experts, routed_experts
 from raytp.model.config import MoeConfig
-from raytp.model.formats import WeightReader
+from raytp.model.formats import Weight, WeightReader, for_device, fuse, read_linear
 from raytp.model.layout import ExpertsLayout
 from raytp.parallel.comm import Communicator
 
@@ -42,36 +44,79 @@ class Routing:
         return (weights / weights.sum(dim=-1, keepdim=True) if self.normalize else weights), ids
 
 
+class StackedExperts:
+    """Every expert's slice in the model dtype, stacked as the routed kernels read them: gate_up (experts,
+    2 * cols, hidden), each expert's gate rows of the rank's columns then its up rows; down (experts, hidden, cols),
+    the same columns of each expert's down_proj."""
+
+    def __init__(self, gate_up: torch.Tensor, down: torch.Tensor):
+        self.gate_up, self.down = gate_up.contiguous(), down.contiguous()
+
+    @classmethod
+    def load(cls, layout: ExpertsLayout, reader: WeightReader) -> StackedExperts:
+        gate_up = torch.stack([torch.cat((reader.read(gate), reader.read(up))) for gate, up, _ in layout.experts])
+        return cls(gate_up, torch.stack([reader.read(down) for _, _, down in layout.experts]))
+
+    def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return routed_experts(x, ids, weights, self.gate_up, self.down)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.gate_up, self.down]
+
+
+class QuantizedExperts:
+    """Every expert's slice in its checkpoint's weight format (`raytp.model.formats`: GPTQ, AWQ, compressed-tensors
+    int4/int8, fp8), gate and up fused per expert like a dense MLP's, each applied by its format's kernel to the
+    tokens that chose the expert (`grouped_experts`): only the selected experts' weights are read."""
+
+    def __init__(self, gate_up: list[Weight], down: list[Weight]):
+        self.gate_up, self.down = gate_up, down
+
+    @classmethod
+    def load(cls, layout: ExpertsLayout, reader: WeightReader) -> QuantizedExperts:
+        held = lambda w: for_device(w, reader.dtype)  # noqa: E731
+        return cls([held(fuse([read_linear(reader, gate), read_linear(reader, up)])) for gate, up, _ in layout.experts],
+                   [held(read_linear(reader, down)) for _, _, down in layout.experts])
+
+    def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return grouped_experts(x, ids, weights, len(self.down), lambda e, t: self.gate_up[e].apply(t),
+                               lambda e, h: self.down[e].apply(h))
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for w in self.gate_up + self.down for t in w.tensors()]
+
+
 class SparseMoeBlock:
     """y = all_reduce(routed experts over this rank's columns): the MoE layer of one rank.
 
-    router (experts, hidden); gate_up (experts, 2 * cols, hidden): each expert's gate rows of the rank's columns,
-    then its up rows; down (experts, hidden, cols): the same columns of each expert's down_proj.
+    router (experts, hidden), whole; experts: this rank's columns of every expert (StackedExperts or
+    QuantizedExperts), or None where the rank holds no columns.
     """
 
-    def __init__(self, router: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, routing: Routing,
+    def __init__(self, router: torch.Tensor, experts: StackedExperts | QuantizedExperts | None, routing: Routing,
                  comm: Communicator):
-        self.router, self.gate_up, self.down = router, gate_up.contiguous(), down.contiguous()
-        self.routing, self.comm = routing, comm
-        self.width = down.shape[-1]  # this rank's columns of each expert
+        self.router, self.experts, self.routing, self.comm = router, experts, routing, comm
 
     @classmethod
     def load(cls, layout: ExpertsLayout, moe: MoeConfig, reader: WeightReader, comm: Communicator) -> SparseMoeBlock:
-        """The router and this rank's slices of every expert, stacked expert by expert as the kernels read them."""
-        gate_up = torch.stack([torch.cat((reader.read(gate), reader.read(up))) for gate, up, _ in layout.experts])
-        down = torch.stack([reader.read(down) for _, _, down in layout.experts])
-        return cls(reader.read(layout.router), gate_up, down, Routing(moe.top_k, moe.normalize), comm)
+        """The router and this rank's slices of every expert."""
+        gate, _, down = layout.experts[0]
+        if not down.cols:
+            experts = None
+        else:
+            experts = (QuantizedExperts if gate.quant is not None else StackedExperts).load(layout, reader)
+        return cls(reader.read(layout.router), experts, Routing(moe.top_k, moe.normalize), comm)
 
     def partial(self, h: torch.Tensor) -> torch.Tensor:
         """(..., hidden) normed input -> this rank's partial output (..., hidden), before the all-reduce."""
-        if not self.width:  # no columns here: this rank's share of the sum is zero
+        if self.experts is None:  # no columns here: this rank's share of the sum is zero
             return torch.zeros_like(h)
         x = h.reshape(-1, h.shape[-1])  # (tokens, hidden)
         weights, ids = self.routing.route(F.linear(x, self.router))
-        return routed_experts(x, ids, weights, self.gate_up, self.down).view(h.shape)
+        return self.experts(x, ids, weights).view(h.shape)
 
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
         return self.comm.all_reduce(self.partial(h))
 
     def tensors(self) -> list[torch.Tensor]:
-        return [self.router, self.gate_up, self.down]
+        return [self.router] + (self.experts.tensors() if self.experts is not None else [])

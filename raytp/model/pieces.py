@@ -49,16 +49,18 @@ def quant_replicated_bytes(config: ModelConfig, dtype: str) -> int:
     Row-parallel layers (o_proj, down_proj) with one scale per output row hold all of them on every rank; act-order
     checkpoints keep the column groups of q/k/v and gate/up (their input is every column) and, for o_proj, whose
     columns stay in head order, scales for up to every group; and an o_proj split at head boundaries that are not
-    group boundaries shares one group's scales between two ranks. (Every decoder Linear is counted as quantized.)
+    group boundaries shares one group's scales between two ranks. A mixture of experts has a gate/up and a
+    down_proj per expert. (Every decoder Linear is counted as quantized.)
     """
     q, nbytes, h, L = config.quant, DTYPE_BYTES[dtype], config.hidden_size, config.num_layers
+    mlps = config.moe.num_experts if config.moe else 1
     fmt = weight_format(q)
     if not isinstance(fmt, IntFormat) or q.group_size is None:  # one scale per row (or tensor), or none
-        return L * 2 * fmt.row_scale_bytes(h, nbytes)
+        return L * (1 + mlps) * fmt.row_scale_bytes(h, nbytes)
     entry = fmt.group_entry_bytes(nbytes)
     o_cols = config.num_heads * config.head_dim
     if q.act_order:
-        return L * (2 * h * 4 + h * -(-o_cols // q.group_size) * entry)
+        return L * ((1 + mlps) * h * 4 + h * -(-o_cols // q.group_size) * entry)
     return L * h * entry if (config.q_per_kv * config.head_dim) % q.group_size else 0
 
 
@@ -104,11 +106,11 @@ class ModelPieces:
         bias = (q + 2) * d * c.qkv_bias * nbytes
         cache = 2 * layers * shape.max_batch * shape.max_context * kv_row_bytes(d, nbytes, shape.kv_dtype)
         quant, group, group_bytes = c.quant, 1, 0
-        mlp_block = shape.block(MLP_COLS, DEFAULT_BLOCK)
+        mlp_block = shape.block(MLP_COLS, DEFAULT_BLOCK) if c.moe is None else shape.block(EXPERT_COLS, EXPERT_BLOCK)
         if quant is None:
             # One KV group: q and o_proj slices of its q query heads, its k and v rows (+ q/k/v biases), its cache.
             kv_group = layers * (2 * (q + 1) * d * h * nbytes + bias)
-            mlp = 3 * h * layers * nbytes  # gate, up and down per column
+            mlp = 3 * h * layers * nbytes  # gate, up and down per column (of each expert)
         else:
             fmt = weight_format(quant)
             row = fmt.row_bytes(h, nbytes)  # a q/k/v or gate/up row
@@ -120,7 +122,7 @@ class ModelPieces:
                     col_extra = 4  # o_proj keeps each column's group (int32); its scales are replicated
                 else:
                     o_scales = -(-o_cols // quant.group_size) * h * entry
-                group, group_bytes = quant.group_size, layers * h * entry  # down_proj's scales
+                group, group_bytes = quant.group_size, layers * h * entry  # down_proj's scales (of each expert)
                 mlp_block = math.lcm(mlp_block, quant.group_size)  # whole groups of down_proj
             kv_group = layers * ((q + 2) * d * row + o_cols * (col + col_extra) + o_scales + bias)
             mlp = layers * (2 * row + col)
@@ -128,11 +130,11 @@ class ModelPieces:
         if c.moe is None:
             mlp_piece = Piece((Span(MLP_COLS, "MLP columns"),), c.intermediate_size, mlp_block, mlp, mlp, group=group,
                               group_bytes=group_bytes, unit="MLP block")
-        else:  # unquantized (ModelConfig refuses quantized experts): gate, up and down per column of each expert
-            per_expert = 3 * h * layers * nbytes
-            mlp_piece = Piece((Span(EXPERT_COLS, "expert columns"),), c.moe.expert_size,
-                              shape.block(EXPERT_COLS, EXPERT_BLOCK), c.moe.num_experts * per_expert,
-                              c.moe.top_k * per_expert, unit="expert block")
+        else:  # a column of every expert held, of the top-k read
+            E, k = c.moe.num_experts, c.moe.top_k
+            mlp_piece = Piece((Span(EXPERT_COLS, "expert columns"),), c.moe.expert_size, mlp_block, E * mlp, k * mlp,
+                              group=group, group_bytes=E * group_bytes, group_read_bytes=k * group_bytes,
+                              unit="expert block")
         return (
             Piece((Span(KV_HEADS, "KV heads"), Span(Q_HEADS, "query heads", q)), c.num_kv_heads, 1, kv_group,
                   kv_group, cache, unit="KV group"),

@@ -50,7 +50,8 @@ class Piece:
 
     A unit costs a rank `weight_bytes` of weights (all layers, as held in memory), `cache_bytes` of cache, and a
     batch-1 decode step reads `read_bytes` of it. Quantized row-parallel weights add `group_bytes` (their scales and
-    zero points) per started group of `group` units; `group` divides `block`, so every rank's range starts on a
+    zero points) per started group of `group` units, of which a step reads `group_read_bytes` (None: all; a mixture
+    of experts reads only its selected experts' scales); `group` divides `block`, so every rank's range starts on a
     group boundary and the count is exact. `spans` name the ranges a rank holds of it: the first is the piece's own
     range (`RankShard.<name>`), the others follow it (`per_unit` items per unit).
     """
@@ -63,6 +64,7 @@ class Piece:
     cache_bytes: int = 0
     group: int = 1
     group_bytes: int = 0
+    group_read_bytes: int | None = None
     unit: str = ""  # what one block is called in messages: "KV group", "MLP block"
 
     @property
@@ -74,7 +76,8 @@ class Piece:
         return n * self.weight_bytes + -(-n // self.group) * self.group_bytes
 
     def reads(self, n: int) -> int:
-        return n * self.read_bytes + -(-n // self.group) * self.group_bytes
+        group_reads = self.group_bytes if self.group_read_bytes is None else self.group_read_bytes
+        return n * self.read_bytes + -(-n // self.group) * group_reads
 
     def total(self, n: int) -> int:
         return self.weights(n) + n * self.cache_bytes

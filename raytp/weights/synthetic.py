@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from raytp.model.config import QUANT_PRESETS, ModelConfig
-from raytp.model.layout import Slice
+from raytp.model.layout import Slice, model_layout, whole_model
 
 PREFIX = "synthetic:"
 BLOCK = 64  # MLP columns and vocab rows are drawn in blocks of this many (the last may be partial)
@@ -193,14 +193,15 @@ class SyntheticReader:
     def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device):
         self.head_dim, self.quant, self.dtype = config.head_dim, config.quant, dtype
         self.blocks = _Blocks(dtype, torch.device(device))
+        self.quantized = {s.name.removesuffix(".weight") for s in model_layout(config, whole_model(config)).slices()
+                          if s.quant is not None}  # the Linear modules whose stored tensors are drawn quantized
 
     def read(self, s: Slice, *, stored: bool = False) -> torch.Tensor:
         module, _, suffix = s.name.rpartition(".")
         g = self.blocks
         # outside inference mode: a peer may hand these tensors to a torch module as parameters
         with torch.inference_mode(False), torch.no_grad():
-            quantized = self.quant is not None and module.endswith("_proj") and self.quant.quantizes(module)
-            if quantized and suffix != "bias":
+            if module in self.quantized and suffix != "bias":
                 t = self._stored(f"{_seed_name(module + '.weight')}.{suffix}", s, suffix)
                 return t if stored else t.to(g.dtype)
             name = _seed_name(s.name)

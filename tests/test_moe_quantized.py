@@ -1,0 +1,163 @@
+"""Quantized experts: tiny Qwen3-MoE and Mixtral checkpoints quantized by llmcompressor's GPTQ (w4a16, groups of
+64, act-order: every expert with its own column order; and without act-order, with zero points) and rewritten in
+GPTQ's and AWQ's layouts, against
+transformers' Qwen3MoeForCausalLM / MixtralForCausalLM holding compressed-tensors' own decompression of the same
+weights, at 1 to 5 ranks whose expert columns leave some ranks none; and the synthetic presets in every weight-only
+quantization, the same at uneven and zero-width splits as on one rank."""
+
+import json
+import shutil
+
+import pytest
+import torch
+import transformers
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from raytp.model.layout import EXPERT_COLS
+from raytp.model.moe import QuantizedExperts
+from raytp.model.pieces import quant_replicated_bytes
+from raytp.runtime.sampling import SamplingParams
+from raytp.weights.smollm2 import pull_smollm2
+from raytp.weights.smollm2_quantized import quantize_with_llmcompressor
+from tests.quantized import awq_checkpoint, gptq_checkpoint, reference_model
+from tests.sharded import LocalGroup
+from tests.test_synthetic import _logits
+
+VOCAB = 49152  # SmolLM2's tokenizer calibrates the quantization
+# Expert width 192: three groups of 64, so 1, 2, 3 and 5 ranks split them unevenly and 5 ranks leave two with none
+ATTENTION = dict(hidden_size=128, num_attention_heads=6, num_key_value_heads=3, head_dim=32)
+TINY = {
+    "qwen3-moe": lambda: transformers.Qwen3MoeConfig(**ATTENTION, moe_intermediate_size=192, num_experts=6,
+                                                     num_experts_per_tok=2, norm_topk_prob=True),
+    "mixtral": lambda: transformers.MixtralConfig(**ATTENTION, intermediate_size=192, num_local_experts=5,
+                                                  num_experts_per_tok=2),
+}
+# llmcompressor 0.13 under transformers 5 writes Mixtral's experts under Qwen's names; published Mixtral checkpoints
+# (and transformers' own) name them w1 (gate), w3 (up) and w2 (down)
+MIXTRAL_NAMES = {".gate_proj.": ".w1.", ".up_proj.": ".w3.", ".down_proj.": ".w2."}
+SPLITS = {1: [1.0], 2: [2.0, 1.0], 3: [3.0, 2.0, 1.0], 5: [1.0, 4.0, 1.0, 2.0, 3.0]}
+GREEDY_TOKENS = 32
+
+
+@pytest.fixture(scope="module")
+def quantized_moe(tmp_path_factory):
+    """(family, scheme) -> its directory made by llmcompressor (w4a16 or w4a16-noactorder), each family's schemes
+    made in one run on first use."""
+    built = {}
+
+    def get(family: str, scheme: str = "w4a16"):
+        if family not in built:
+            config = TINY[family]()
+            config.update(dict(vocab_size=VOCAB, num_hidden_layers=2, max_position_embeddings=512,
+                               tie_word_embeddings=False))
+            torch.manual_seed(0)
+            model = transformers.AutoModelForCausalLM.from_config(config)
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if ".experts." in name:  # experts as large as the residual: a wrong one shows in the logits
+                        p.normal_(0, 0.2)
+                    elif name.endswith(".gate.weight"):  # routers with clear winners
+                        p.normal_(0, 1.0)
+            source = tmp_path_factory.mktemp(f"{family}-float")
+            model.save_pretrained(source, safe_serialization=True)
+            for f in pull_smollm2(progress=False).iterdir():
+                if f.name.startswith(("tokenizer", "special_tokens")):
+                    shutil.copy(f, source / f.name)
+            out = tmp_path_factory.mktemp(f"{family}-quantized")
+            schemes = ("w4a16", "w4a16-noactorder")
+            quantize_with_llmcompressor(source, out, *schemes, progress=False)
+            if family == "mixtral":
+                for made in schemes:
+                    _rename_tensors(out / made, MIXTRAL_NAMES)
+            built[family] = out
+        return built[family] / scheme
+    return get
+
+
+def _rename_tensors(model_dir, names: dict[str, str]) -> None:
+    for f in model_dir.glob("*.safetensors"):
+        with safe_open(f, "pt") as st:
+            tensors = {k: st.get_tensor(k) for k in st.keys()}
+        renamed = {}
+        for k, v in tensors.items():
+            for old, new in names.items():
+                k = k.replace(old, new) if ".experts." in k else k
+            renamed[k] = v
+        save_file(renamed, f, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("ranks", list(SPLITS))
+@pytest.mark.parametrize("family", list(TINY))
+def test_w4a16_experts_match_transformers(quantized_moe, family, ranks):
+    path = quantized_moe(family)
+    reference = reference_model(path)  # compressed-tensors' decompression, loaded by transformers' MoE model
+    assert type(reference).__name__ == transformers.AutoConfig.from_pretrained(path).architectures[0]
+    group = LocalGroup(path, SPLITS[ranks], blocks={EXPERT_COLS: 16})
+    assert group.config.quant.act_order and group.config.quant.group_size == 64
+    widths = [len(r.expert_cols) for r in group.plan.ranks]
+    assert sum(widths) == 192 and all(w % 64 == 0 for w in widths) and (ranks < 5 or 0 in widths)
+    held = [m.layers[0].moe.experts for m in group.models]
+    assert all(isinstance(e, QuantizedExperts) if w else e is None for e, w in zip(held, widths))
+    # each expert's columns permuted into its down_proj's group order: plain contiguous groups, no per-column index
+    assert all(d.g_idx is None for e in held if e is not None for d in e.down)
+    tokens = torch.randint(0, VOCAB, (2, 13), generator=torch.Generator().manual_seed(ranks))
+    with torch.no_grad():
+        expected = reference(tokens).logits[:, -1]
+    torch.testing.assert_close(group.logits(tokens), expected, rtol=1e-4, atol=1e-4)
+    prompt = tokens[0, :7]
+    with torch.no_grad():
+        greedy = reference.generate(prompt[None], max_new_tokens=GREEDY_TOKENS, do_sample=False, eos_token_id=None,
+                                    pad_token_id=0)[0, 7:].tolist()
+    assert group.generate([prompt.tolist()], SamplingParams(max_tokens=GREEDY_TOKENS))["r0"] == greedy
+
+
+@pytest.mark.parametrize("scheme", ["w4a16", "w4a16-noactorder"])
+def test_planned_bytes_are_the_bytes_each_rank_holds(quantized_moe, scheme):
+    """Each rank's share of attention, experts and vocabulary plus the quantization data every rank keeps whole (and
+    the routers) are exactly what it loads (act-order: at most, o_proj's scales being counted for every group)."""
+    group = LocalGroup(quantized_moe("qwen3-moe", scheme), SPLITS[3], blocks={EXPERT_COLS: 16})
+    config = group.config
+    replicated = quant_replicated_bytes(config, "float32")
+    for model, shard in zip(group.models, group.plan.ranks):
+        held = sum(t.numel() * t.element_size() for layer in model.layers
+                   for t in [*layer.qkv.weight.tensors(), *layer.o_proj.weight.tensors(), *layer.moe.tensors()])
+        held += (model.embed.table.numel() + model.lm_head.weight.weight.numel()) * 4
+        routers = sum(layer.moe.router.numel() * 4 for layer in model.layers)  # whole: not in weight_bytes
+        planned = shard.weight_bytes + replicated + routers
+        exact = shard.kv_heads and not config.quant.act_order
+        assert held == planned if exact else held <= planned, (shard.rank, held, planned)
+
+
+# GPTQ's layout of the act-order checkpoint, AWQ's of the one with zero points (AWQ has no act-order)
+LAYOUTS = {"gptq": ("w4a16", gptq_checkpoint), "awq": ("w4a16-noactorder", awq_checkpoint)}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_experts_in_gptq_and_awq_layouts_match_transformers(quantized_moe, layout, tmp_path):
+    scheme, convert = LAYOUTS[layout]
+    path = quantized_moe("qwen3-moe", scheme)
+    reference = reference_model(path)
+    group = LocalGroup(convert(path, tmp_path / layout), SPLITS[3], blocks={EXPERT_COLS: 16})
+    assert group.config.quant.layout == layout
+    tokens = torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = reference(tokens).logits[:, -1]
+    torch.testing.assert_close(group.logits(tokens), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("quant", ["w4a16", "w8a16", "fp8"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_synthetic_quantized_experts_are_the_same_at_uneven_and_zero_width_splits(tmp_path, family, quant):
+    """synthetic:PATH/config.json of a small Qwen3-MoE or Mixtral, quantized as the presets say: 3 uneven ranks,
+    one of them holding no expert columns, give the one-rank logits."""
+    config = dict(model_type=family, vocab_size=512, hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=64, rms_norm_eps=1e-6, rope_theta=1e6, num_experts_per_tok=2,
+                  tie_word_embeddings=True)
+    config |= (dict(num_experts=6, moe_intermediate_size=384, norm_topk_prob=True) if family == "qwen3_moe"
+               else dict(num_local_experts=4, intermediate_size=384))
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    model = f"synthetic:{tmp_path / 'config.json'}@{quant}"
+    tokens = torch.tensor([[1, 17, 511, 300, 3]])
+    reference = _logits(model, [1.0], tokens)
+    torch.testing.assert_close(_logits(model, [1.0, 0.02, 1.0], tokens), reference, rtol=1e-4, atol=1e-4)
