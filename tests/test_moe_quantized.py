@@ -7,13 +7,19 @@ quantization, the same at uneven and zero-width splits as on one rank."""
 
 import json
 import shutil
+from functools import partial
 
 import pytest
 import torch
+import torch.nn.functional as F
 import transformers
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from raytp.kernels.dequant_matmul import dequantize
+from raytp.kernels.moe_gemv import grouped_experts
+from raytp.kernels.moe_int_gemv import StackedInt
+from raytp.model import moe
 from raytp.model.layout import EXPERT_COLS
 from raytp.model.moe import QuantizedExperts
 from raytp.model.pieces import quant_replicated_bytes
@@ -127,6 +133,32 @@ def test_planned_bytes_are_the_bytes_each_rank_holds(quantized_moe, scheme):
         planned = shard.weight_bytes + replicated + routers
         exact = shard.kv_heads and not config.quant.act_order
         assert held == planned if exact else held <= planned, (shard.rank, held, planned)
+
+
+def test_experts_stacked_for_the_routed_kernels_match_transformers(quantized_moe, monkeypatch):
+    """With --triton-routed-int-experts a rank stacks its experts (each expert's weights then views of the stacks):
+    the stacks, dequantized expert by expert where the routed kernels would read them (the kernels themselves are
+    checked in tests/test_moe_int_gemv.py), give transformers' logits, and nothing is held twice."""
+    def stacked_torch(x, ids, weights, gate_up: StackedInt, down: StackedInt):
+        def linear(s: StackedInt, e: int, t: torch.Tensor) -> torch.Tensor:
+            zeros, g_idx = (None if a is None else a[e] for a in (s.zeros, s.g_idx))
+            w = dequantize(s.packed[e], s.scales[e], zeros, bits=s.bits, group_size=s.group_size, g_idx=g_idx)
+            return F.linear(t, w.to(t.dtype))
+        return grouped_experts(x, ids, weights, len(down.packed), partial(linear, gate_up), partial(linear, down))
+
+    monkeypatch.setattr(moe, "use_triton_routed_int_experts", lambda t: True)
+    monkeypatch.setattr(moe, "routed_int_experts", stacked_torch)
+    path = quantized_moe("qwen3-moe")
+    group = LocalGroup(path, SPLITS[3], blocks={EXPERT_COLS: 16})
+    held = [m.layers[0].moe.experts for m in group.models if m.layers[0].moe.experts is not None]
+    assert held and all(e.routed is not None for e in held)
+    for e in held:  # the per-expert weights (prefill's) are views of the stacks
+        assert e.down[1].packed.data_ptr() == e.routed[1].packed[1].data_ptr()
+        assert len(e.tensors()) == len(e.routed[0].tensors()) + len(e.routed[1].tensors())
+    tokens = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        expected = reference_model(path)(tokens).logits[:, -1]
+    torch.testing.assert_close(group.logits(tokens), expected, rtol=1e-4, atol=1e-4)
 
 
 # GPTQ's layout of the act-order checkpoint, AWQ's of the one with zero points (AWQ has no act-order)

@@ -50,7 +50,8 @@ class Worker:
                  options: RuntimeOptions = RuntimeOptions()):
         self.rank, self.spec, self.options = rank, device, options
         # once for this process, before any kernel runs
-        set_triton(options.triton, options.triton_fp8_kv, options.triton_prefill_dequant)
+        set_triton(options.triton, options.triton_fp8_kv, options.triton_prefill_dequant,
+                   options.triton_routed_int_experts)
         self.device = assigned_gpu() if device.kind == "cuda" else torch.device("cpu")
         if device.kind == "cuda":
             self._on_device()  # before anything else touches CUDA

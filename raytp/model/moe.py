@@ -25,9 +25,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from raytp.kernels.moe_gemv import grouped_experts, routed_experts
+from raytp.kernels.dispatch import use_triton_routed_int_experts
+from raytp.kernels.moe_gemv import ROUTED_ROWS, grouped_experts, routed_experts
+from raytp.kernels.moe_int_gemv import StackedInt, routed_int_experts
 from raytp.model.config import MoeConfig
-from raytp.model.formats import Weight, WeightReader, for_device, fuse, read_linear
+from raytp.model.formats import IntWeight, Weight, WeightReader, for_device, fuse, read_linear
 from raytp.model.layout import ExpertsLayout
 from raytp.parallel.comm import Communicator
 
@@ -67,22 +69,37 @@ class StackedExperts:
 class QuantizedExperts:
     """Every expert's slice in its checkpoint's weight format (`raytp.model.formats`: GPTQ, AWQ, compressed-tensors
     int4/int8, fp8), gate and up fused per expert like a dense MLP's, each applied by its format's kernel to the
-    tokens that chose the expert (`grouped_experts`): only the selected experts' weights are read."""
+    tokens that chose the expert (`grouped_experts`): only the selected experts' weights are read.
 
-    def __init__(self, gate_up: list[Weight], down: list[Weight]):
-        self.gate_up, self.down = gate_up, down
+    With RuntimeOptions.triton_routed_int_experts on a CUDA rank, integer experts are stacked instead (`routed`,
+    the per-expert weights then being views of the stacks) and decode batches take the routed Triton kernels.
+    """
+
+    def __init__(self, gate_up: list[Weight], down: list[Weight],
+                 routed: tuple[StackedInt, StackedInt] | None = None):
+        self.gate_up, self.down, self.routed = gate_up, down, routed
 
     @classmethod
     def load(cls, layout: ExpertsLayout, reader: WeightReader) -> QuantizedExperts:
+        gate_up = [fuse([read_linear(reader, gate), read_linear(reader, up)]) for gate, up, _ in layout.experts]
+        down = [read_linear(reader, down) for _, _, down in layout.experts]
+        if isinstance(down[0], IntWeight) and use_triton_routed_int_experts(down[0].packed):
+            routed = StackedInt.stack(gate_up), StackedInt.stack(down)
+            if None not in routed:
+                return cls(routed[0].experts(gate_up), routed[1].experts(down), routed)
         held = lambda w: for_device(w, reader.dtype)  # noqa: E731
-        return cls([held(fuse([read_linear(reader, gate), read_linear(reader, up)])) for gate, up, _ in layout.experts],
-                   [held(read_linear(reader, down)) for _, _, down in layout.experts])
+        return cls([held(w) for w in gate_up], [held(w) for w in down])
 
     def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+        if self.routed is not None and (x.shape[0] <= ROUTED_ROWS or capturing):
+            return routed_int_experts(x, ids, weights, *self.routed)
         return grouped_experts(x, ids, weights, len(self.down), lambda e, t: self.gate_up[e].apply(t),
                                lambda e, h: self.down[e].apply(h))
 
     def tensors(self) -> list[torch.Tensor]:
+        if self.routed is not None:  # the per-expert weights are views of these
+            return [t for stacked in self.routed for t in stacked.tensors()]
         return [t for w in self.gate_up + self.down for t in w.tensors()]
 
 
