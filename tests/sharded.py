@@ -88,3 +88,17 @@ class LocalGroup:
         for m in self.models:
             assert m.comm.checked > 0  # every all-reduce was checked for identical bits
         return out
+
+
+def assert_matches_reference(group: LocalGroup, reference, tokens: torch.Tensor, prompt_len: int,
+                             greedy_tokens: int) -> None:
+    """The group's last-position logits on `tokens` are the transformers `reference`'s within float32 tolerance, and
+    its greedy continuation of tokens[0, :prompt_len] is the reference's, token for token."""
+    with torch.no_grad():
+        expected = reference(tokens).logits[:, -1]
+    torch.testing.assert_close(group.logits(tokens), expected, rtol=1e-4, atol=1e-4)
+    prompt = tokens[0, :prompt_len]
+    with torch.no_grad():
+        greedy = reference.generate(prompt[None], max_new_tokens=greedy_tokens, do_sample=False, eos_token_id=None,
+                                    pad_token_id=0)[0, prompt_len:].tolist()
+    assert group.generate([prompt.tolist()], SamplingParams(max_tokens=greedy_tokens))["r0"] == greedy

@@ -23,11 +23,10 @@ from raytp.model import moe
 from raytp.model.layout import EXPERT_COLS
 from raytp.model.moe import QuantizedExperts
 from raytp.model.pieces import quant_replicated_bytes
-from raytp.runtime.sampling import SamplingParams
 from raytp.weights.smollm2 import pull_smollm2
 from raytp.weights.smollm2_quantized import quantize_with_llmcompressor
 from tests.quantized import awq_checkpoint, gptq_checkpoint, reference_model
-from tests.sharded import LocalGroup
+from tests.sharded import LocalGroup, assert_matches_reference
 from tests.test_synthetic import _logits
 
 VOCAB = 49152  # SmolLM2's tokenizer calibrates the quantization
@@ -108,14 +107,7 @@ def test_w4a16_experts_match_transformers(quantized_moe, family, ranks):
     # each expert's columns permuted into its down_proj's group order: plain contiguous groups, no per-column index
     assert all(d.g_idx is None for e in held if e is not None for d in e.down)
     tokens = torch.randint(0, VOCAB, (2, 13), generator=torch.Generator().manual_seed(ranks))
-    with torch.no_grad():
-        expected = reference(tokens).logits[:, -1]
-    torch.testing.assert_close(group.logits(tokens), expected, rtol=1e-4, atol=1e-4)
-    prompt = tokens[0, :7]
-    with torch.no_grad():
-        greedy = reference.generate(prompt[None], max_new_tokens=GREEDY_TOKENS, do_sample=False, eos_token_id=None,
-                                    pad_token_id=0)[0, 7:].tolist()
-    assert group.generate([prompt.tolist()], SamplingParams(max_tokens=GREEDY_TOKENS))["r0"] == greedy
+    assert_matches_reference(group, reference, tokens, prompt_len=7, greedy_tokens=GREEDY_TOKENS)
 
 
 @pytest.mark.parametrize("scheme", ["w4a16", "w4a16-noactorder"])

@@ -16,7 +16,7 @@ from raytp.weights.smollm2 import pull_smollm2
 from raytp.weights.smollm2_quantized import quantize_with_llmcompressor
 from raytp.weights.synthetic import synthetic_config
 from tests.quantized import reference_model
-from tests.sharded import LocalGroup
+from tests.sharded import LocalGroup, assert_matches_reference
 from tests.test_synthetic import _logits
 
 # Head counts that do not divide the rank counts: 3 KV groups over 2 and 5 ranks (5: zero-width attention ranks)
@@ -106,14 +106,7 @@ def test_w4a16_qwen3_made_by_llmcompressor_matches_transformers(w4a16_qwen3, ran
     group = LocalGroup(w4a16_qwen3, SPLITS[ranks])
     assert group.config.quant.act_order and group.config.quant.group_size == 64
     tokens = torch.randint(0, 49152, (2, 13), generator=torch.Generator().manual_seed(ranks))
-    with torch.no_grad():
-        expected = reference(tokens).logits[:, -1]
-    torch.testing.assert_close(group.logits(tokens), expected, rtol=1e-4, atol=1e-4)
-    prompt = tokens[0, :7]
-    with torch.no_grad():
-        greedy = reference.generate(prompt[None], max_new_tokens=GREEDY_TOKENS, do_sample=False, eos_token_id=None,
-                                    pad_token_id=0)[0, 7:].tolist()
-    assert group.generate([prompt.tolist()], SamplingParams(max_tokens=GREEDY_TOKENS))["r0"] == greedy
+    assert_matches_reference(group, reference, tokens, prompt_len=7, greedy_tokens=GREEDY_TOKENS)
 
 
 def test_synthetic_qwen3_presets_have_the_published_sizes():
