@@ -7,6 +7,7 @@ quantization, the same at uneven and zero-width splits as on one rank."""
 
 import json
 import shutil
+import subprocess
 from functools import partial
 
 import pytest
@@ -22,12 +23,14 @@ from raytp.kernels.moe_int_gemv import StackedInt
 from raytp.model import moe
 from raytp.model.layout import EXPERT_COLS
 from raytp.model.moe import QuantizedExperts
+from raytp.weights.tokenizer import Tokenizer
 from raytp.model.pieces import quant_replicated_bytes
 from raytp.weights.smollm2 import pull_smollm2
 from raytp.weights.smollm2_quantized import quantize_with_llmcompressor
 from tests.quantized import awq_checkpoint, gptq_checkpoint, reference_model
 from tests.sharded import LocalGroup, assert_matches_reference
 from tests.test_synthetic import _logits
+from tests.util import RAYTP_ENV, raytp_command
 
 VOCAB = 49152  # SmolLM2's tokenizer calibrates the quantization
 # Expert width 192: three groups of 64, so 1, 2, 3 and 5 ranks split them unevenly and 5 ranks leave two with none
@@ -151,6 +154,28 @@ def test_experts_stacked_for_the_routed_kernels_match_transformers(quantized_moe
     with torch.no_grad():
         expected = reference_model(path)(tokens).logits[:, -1]
     torch.testing.assert_close(group.logits(tokens), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_raytp_generate_on_the_directory_over_mismatched_devices(quantized_moe):
+    """What a user runs: `raytp generate --model DIR` over three unequal devices (Ray, one actor per rank, the
+    driver's tokenizer), greedy, gives transformers' tokens for the chat-free prompt."""
+    path = quantized_moe("mixtral")
+    prompt = "Once upon a time"
+    tokenizer = Tokenizer.from_dir(path)
+    ids = tokenizer.encode(prompt)
+    with torch.no_grad():
+        expected = reference_model(path).generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False,
+                                                  eos_token_id=sorted(tokenizer.eos_token_ids))[0, len(ids):]
+    run = subprocess.run(raytp_command("generate", "--model", str(path), "--devices", "cpu@2GiB,cpu@1GiB,cpu@1GiB",
+                                       "--prompt", prompt, "--temperature", "0", "--dtype", "float32",
+                                       "--max-tokens", "16", "--json"),
+                         capture_output=True, text=True, timeout=600, env=RAYTP_ENV)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout)
+    assert result["token_ids"] == expected.tolist()
+    widths = [r["expert_cols"] for r in result["plan"]["ranks"]]
+    assert sum(widths) == 192 and all(w % 64 == 0 for w in widths) and widths[0] == max(widths), widths
 
 
 # GPTQ's layout of the act-order checkpoint, AWQ's of the one with zero points (AWQ has no act-order)

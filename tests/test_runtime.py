@@ -48,7 +48,11 @@ def ray_head(tmp_path_factory):
     yield {"address": address, "dashboard": f"http://127.0.0.1:{dash}"}
     ray.shutdown()
     os.killpg(head.pid, signal.SIGTERM)
-    head.wait(timeout=60)
+    try:
+        head.wait(timeout=10)
+    except subprocess.TimeoutExpired:  # Ray's own shutdown can wait ~30 s on idle workers: end its session now
+        os.killpg(head.pid, signal.SIGKILL)
+        head.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +66,12 @@ def raytp_cli(*args, env_extra=None, timeout=300):
                           timeout=timeout)
 
 
-@pytest.mark.parametrize("comm", ["hoststaged", "gloo"])
-@pytest.mark.parametrize("devices", ["cpu*1", "cpu@3GiB,cpu@2GiB,cpu@1GiB", "cpu*5", "cpu*12"])
+# Both backends on the uneven split; beyond it one backend per size (12 ranks on 2 CI cores cost gloo 2 minutes):
+# host-staged past the 8 ranks a peer group allows, gloo at 5 (tests/test_comm.py: the host-staged all-reduce alone at
+# 1 to 12 ranks).
+@pytest.mark.parametrize("devices, comm", [("cpu*1", "hoststaged"), ("cpu@3GiB,cpu@2GiB,cpu@1GiB", "hoststaged"),
+                                           ("cpu@3GiB,cpu@2GiB,cpu@1GiB", "gloo"), ("cpu*5", "gloo"),
+                                           ("cpu*12", "hoststaged")])
 def test_generate_matches_transformers(ray_head, expected_greedy, devices, comm):
     before = raytp_segments()
     # RAYTP_CHECK_IDENTICAL makes every rank compare its bits after every all-reduce; a mismatch fails the run
