@@ -6,17 +6,11 @@
 #   bash benchmarks/gpu_moe.sh   carry .whl (../shared/gpu/README.md); logs and bench folders go to $OUT
 set -u
 cd "$(dirname "$0")/.."
-OUT=${OUT:-/tmp/raytp_out}; mkdir -p "$OUT"
-LOGS=$OUT/moe; mkdir -p "$LOGS"
+OUT=${OUT:-/tmp/raytp_out}/moe; mkdir -p "$OUT"
+LOGS=$OUT
 source benchmarks/gpu_env.sh
 python3 -m ray.scripts.scripts start --head --port=6390 --num-gpus=1 --include-dashboard=false \
   --disable-usage-stats >"$LOGS/ray_start.log" 2>&1 && export RAY_ADDRESS=127.0.0.1:6390
-bench() { local name=$1 limit=$2; shift 2  # each folder comes back as one tarball (few files)
-  timeout "$limit" python3 -m raytp bench "$@" --out "$LOGS/$name" >"$LOGS/$name.log" 2>&1
-  echo "$name rc=$?"; grep -E "Traceback|Error" "$LOGS/$name.log" | head -3
-  sed -n '/^| devices/,/^$/p' "$LOGS/$name/summary.md" 2>/dev/null | cut -d'|' -f2-12 | head -12
-  tar -czf "$LOGS/$name.tgz" -C "$LOGS" "$name" && rm -r "${LOGS:?}/$name"
-}
 timeout 120 python3 -m pytest -q -x -p no:cacheprovider tests/gpu/test_moe_gemv.py tests/gpu/test_moe_decode.py \
   tests/gpu/test_moe_int_gemv.py \
   >"$LOGS/gpu_tests.log" 2>&1

@@ -47,12 +47,6 @@ e2e)  # the weight formats end to end (carry .whl with llguidance's wheel added,
   echo "gemv tests rc=$?: $(tail -1 "$OUT/gemv_tests.log")"
   python3 -m ray.scripts.scripts start --head --port=6390 --num-gpus=1 --include-dashboard=false \
     --disable-usage-stats >"$OUT/ray_start.log" 2>&1 && export RAY_ADDRESS=127.0.0.1:6390
-  bench() { local name=$1 limit=$2; shift 2  # each folder comes back as one tarball
-    timeout "$limit" python3 -m raytp bench "$@" --out "$OUT/$name" >"$OUT/$name.log" 2>&1
-    echo "$name rc=$?"; grep -E "Traceback|Error" "$OUT/$name.log" | head -3
-    sed -n '/^| devices/,/^$/p' "$OUT/$name/summary.md" 2>/dev/null | cut -d'|' -f2-12 | head -14
-    tar -czf "$OUT/$name.tgz" -C "$OUT" "$name" && rm -r "${OUT:?}/$name"
-  }
   B8=(--model synthetic:llama-3.1-8b --dtype bfloat16 --devices cuda:0 --allreduce-iters 10)
   bench quant8b 200 "${B8[@]}" --batch 1,8 --prompt-len 128 --decode-tokens 64 --repeats 2 --profile 3 \
     --quant none,w4a16,fp8,w8a16
