@@ -1,9 +1,9 @@
 """Quantized experts: tiny Qwen3-MoE and Mixtral checkpoints quantized by llmcompressor's GPTQ (w4a16, groups of
 64, act-order: every expert with its own column order; and without act-order, with zero points) and rewritten in
-GPTQ's and AWQ's layouts, against
-transformers' Qwen3MoeForCausalLM / MixtralForCausalLM holding compressed-tensors' own decompression of the same
-weights, at 1 to 5 ranks whose expert columns leave some ranks none; and the synthetic presets in every weight-only
-quantization, the same at uneven and zero-width splits as on one rank."""
+GPTQ's and AWQ's layouts, against transformers' Qwen3MoeForCausalLM / MixtralForCausalLM holding compressed-tensors'
+own decompression of the same weights, at 1 to 5 ranks whose expert columns leave some ranks none, and through
+`raytp generate`; and the synthetic presets in every weight-only quantization, the same at uneven and zero-width
+splits as on one rank."""
 
 import json
 import shutil
@@ -23,10 +23,10 @@ from raytp.kernels.moe_int_gemv import StackedInt
 from raytp.model import moe
 from raytp.model.layout import EXPERT_COLS
 from raytp.model.moe import QuantizedExperts
-from raytp.weights.tokenizer import Tokenizer
 from raytp.model.pieces import quant_replicated_bytes
 from raytp.weights.smollm2 import pull_smollm2
 from raytp.weights.smollm2_quantized import quantize_with_llmcompressor
+from raytp.weights.tokenizer import Tokenizer
 from tests.quantized import awq_checkpoint, gptq_checkpoint, reference_model
 from tests.sharded import LocalGroup, assert_matches_reference
 from tests.test_synthetic import _logits
