@@ -42,12 +42,13 @@ class StackedInt:
     @classmethod
     def stack(cls, weights: Sequence) -> StackedInt | None:
         """IntWeights of one projection, one per expert, stacked; None unless all share one format and shape."""
+        def form(w) -> tuple | None:  # what must agree; None: not an IntWeight the kernels read
+            if not hasattr(w, "bits") or w.group_start or w.bias is not None:
+                return None
+            return w.bits, w.group_size, w.packed.shape, w.scales.shape, w.zeros is None, w.g_idx is None
+
         first = weights[0]
-        same = lambda w: (w.bits, w.group_size, w.group_start, w.packed.shape, w.scales.shape, w.zeros is None,  # noqa: E731
-                          w.g_idx is None, w.bias is None) == (first.bits, first.group_size, 0, first.packed.shape,
-                                                               first.scales.shape, first.zeros is None,
-                                                               first.g_idx is None, True)
-        if not all(hasattr(w, "bits") and same(w) for w in weights):
+        if form(first) is None or any(form(w) != form(first) for w in weights):
             return None
         stacked = lambda name: torch.stack([getattr(w, name) for w in weights]).contiguous()  # noqa: E731
         return cls(stacked("packed"), stacked("scales"), None if first.zeros is None else stacked("zeros"),

@@ -1,8 +1,7 @@
 """Run-time switches every rank obeys: one frozen `RuntimeOptions`, carried to each rank inside GroupSettings.
 
-The CLI sets them with flags (`--no-triton`, `--triton-fp8-kv`, `--triton-prefill-dequant`, `--triton-routed-int-experts`,
-`--no-cuda-graphs`,
-`--no-gpu-hoststaged`, `--check-identical`).
+The CLI sets them with flags (`--no-triton`, `--triton-fp8-kv`, `--triton-prefill-dequant`,
+`--triton-routed-int-experts`, `--no-cuda-graphs`, `--no-gpu-hoststaged`, `--check-identical`).
 `RuntimeOptions.from_env` is the one place where raytp reads RAYTP_* environment variables at run time, as the
 flags' defaults in the process that starts the group (scripts and CI jobs that export them keep working):
 
