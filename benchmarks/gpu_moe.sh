@@ -24,4 +24,4 @@ bench qwen3_30b_a3b_w4a16_routed 240 --model synthetic:qwen3-30b-a3b --quant w4a
 bench llama8b 150 --model synthetic:llama-3.1-8b "${COMMON[@]}"
 bench qwen3_8b 150 --model synthetic:qwen3-8b "${COMMON[@]}"
 grep "^profile" "$LOGS"/*.log
-timeout 60 python3 benchmarks/moe_gemv.py --out "$LOGS/moe_gemv.json" 2>&1 | tee "$LOGS/moe_gemv.log"
+timeout 120 python3 benchmarks/moe_gemv.py --int4 --out "$LOGS/moe_gemv.json" 2>&1 | tee "$LOGS/moe_gemv.log"

@@ -1,6 +1,6 @@
 """The routed experts of one MoE layer at decode batch sizes: microseconds and GB/s of the selected experts' weights.
 
-    python benchmarks/moe_gemv.py [--tokens 1,8,16] [--sweep] [--out results.json]
+    python benchmarks/moe_gemv.py [--tokens 1,8,16] [--sweep] [--int4] [--out results.json]
 
 Shapes are one whole layer on one GPU, bf16: Qwen3-30B-A3B (128 experts, top 8, hidden 2048, expert width 768) and
 Mixtral-8x7B (8 experts, top 2, hidden 4096, width 14336). Each row is timed inside one CUDA graph of back-to-back
@@ -12,6 +12,12 @@ distinct experts a call selects, gate, up and down (x and the outputs are neglig
              below with the other's default)
     torch    the grouped torch version, eager (host sync per call: timed with events around a Python loop)
     gemv     cuBLAS over one dense matrix holding as many bytes as the selected experts: the bandwidth to beat
+
+With --int4 the same shapes in w4a16 (groups of 128, symmetric), GB/s of the selected experts' int4 bytes and scales:
+
+    int4 routed      raytp.kernels.moe_int_gemv (--triton-routed-int-experts; with --sweep, its tiles as above)
+    int4 per-expert  each expert repacked for raytp.kernels.packed_gemv, inside a CUDA graph as decode runs it
+                     there without the switch: every expert on every token
 """
 
 import argparse
@@ -21,6 +27,9 @@ import torch
 import torch.nn.functional as F
 
 from raytp.kernels import moe_gemv
+from raytp.kernels.moe_int_gemv import StackedInt, routed_int_experts
+from raytp.kernels.norm import swiglu_torch
+from raytp.kernels.packed_gemv import mma_linear, pack_int, reserve
 
 SHAPES = {"qwen3-30b-a3b": (128, 8, 2048, 768), "mixtral-8x7b": (8, 2, 4096, 14336)}
 CALLS = 8  # calls per graph, each with its own routing
@@ -52,6 +61,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens", default="1,8,16")
     parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--int4", action="store_true", help="also the w4a16 experts, routed and per expert")
     parser.add_argument("--out")
     args = parser.parse_args()
     rows = []
@@ -91,9 +101,60 @@ def main():
                 f"{v}: {timed[v]:.1f} us {nbytes / timed[v] / 1e3:.0f} GB/s"
                 for v in dict.fromkeys([f"triton {moe_gemv.GATE_UP_LAUNCH} {moe_gemv.DOWN_LAUNCH}", best, "gemv",
                                         "torch"])), flush=True)
+    if args.int4:
+        rows += int4_rows([int(t) for t in args.tokens.split(",")], args.sweep)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)
+
+
+def int4_rows(tokens: list[int], sweep: bool) -> list[dict]:
+    from raytp.model.formats import IntWeight
+
+    rows = []
+    for name, (E, k, H, C) in SHAPES.items():
+        def weight(out: int, inp: int) -> IntWeight:
+            packed = torch.randint(-(1 << 31), 1 << 31, (out, inp // 8), device="cuda", dtype=torch.int32)
+            return IntWeight(packed, torch.rand(out, inp // 128, device="cuda", dtype=torch.bfloat16) * 1e-3,
+                             None, 4, 128)
+
+        gate_up, down = [weight(2 * C, H) for _ in range(E)], [weight(H, C) for _ in range(E)]
+        stacked = StackedInt.stack(gate_up), StackedInt.stack(down)
+        packed = [pack_int(w.packed, w.scales, None, bits=4, group_size=128) for w in gate_up + down]
+        for p in packed:
+            reserve(p)
+        for T in tokens:
+            x = torch.randn(CALLS, T, H, device="cuda", dtype=torch.bfloat16)
+            ids = torch.rand(CALLS, T, E, device="cuda").topk(k, dim=-1).indices
+            weights = torch.rand(CALLS, T, k, device="cuda")
+            distinct = sum(len(ids[i].unique()) for i in range(CALLS)) / CALLS
+            nbytes = distinct * 3 * C * H * (0.5 + 2 / 128)
+            launches = [(moe_gemv.GATE_UP_LAUNCH, moe_gemv.DOWN_LAUNCH)]
+            if sweep:
+                launches += ([(a, moe_gemv.DOWN_LAUNCH) for a in SWEEP_GATE_UP]
+                             + [(moe_gemv.GATE_UP_LAUNCH, b) for b in SWEEP_DOWN])
+            timed = {f"int4 routed {a} {b}": graphed_us(
+                lambda i: routed_int_experts(x[i], ids[i], weights[i], *stacked, a, b)) for a, b in launches}
+
+            def per_expert(i):  # what a captured step runs without the switch: every expert, weighted 0 if unchosen
+                every = torch.arange(T, device="cuda")
+                dense = torch.zeros(T, E, device="cuda").scatter_(1, ids[i], weights[i])
+                out = torch.zeros(T, H, device="cuda")
+                for e in range(E):
+                    h = swiglu_torch(mma_linear(x[i][every], packed[e]))
+                    out += mma_linear(h, packed[E + e]).float() * dense[:, e, None]
+                return out
+
+            timed["int4 per-expert"] = graphed_us(per_expert, calls=2)
+            for variant, us in timed.items():
+                rows.append(dict(shape=name, tokens=T, variant=variant, us=us, gb_s=nbytes / us / 1e3,
+                                 experts_read=distinct))
+            best = min((v for v in timed if v.startswith("int4 routed")), key=timed.get)
+            print(f"{name} w4a16 T={T}: {distinct:.1f} experts, {nbytes / 1e6:.1f} MB | " + " | ".join(
+                f"{v}: {timed[v]:.1f} us {nbytes / timed[v] / 1e3:.0f} GB/s"
+                for v in dict.fromkeys([f"int4 routed {moe_gemv.GATE_UP_LAUNCH} {moe_gemv.DOWN_LAUNCH}", best,
+                                        "int4 per-expert"])), flush=True)
+    return rows
 
 
 if __name__ == "__main__":
