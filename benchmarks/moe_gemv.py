@@ -57,6 +57,35 @@ def graphed_us(fn, calls: int = CALLS) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def routing(T: int, E: int, k: int, H: int):
+    """CALLS calls' inputs (x, expert ids, routing weights) and the distinct experts a call selects, on average."""
+    x = torch.randn(CALLS, T, H, device="cuda", dtype=torch.bfloat16)
+    ids = torch.rand(CALLS, T, E, device="cuda").topk(k, dim=-1).indices
+    weights = torch.rand(CALLS, T, k, device="cuda")
+    return x, ids, weights, sum(len(ids[i].unique()) for i in range(CALLS)) / CALLS
+
+
+def launches(sweep: bool) -> list[tuple[moe_gemv.Launch, moe_gemv.Launch]]:
+    """The default tiles, and with `sweep` each kernel's tiles with the other's default."""
+    default = [(moe_gemv.GATE_UP_LAUNCH, moe_gemv.DOWN_LAUNCH)]
+    if not sweep:
+        return default
+    return (default + [(a, moe_gemv.DOWN_LAUNCH) for a in SWEEP_GATE_UP]
+            + [(moe_gemv.GATE_UP_LAUNCH, b) for b in SWEEP_DOWN])
+
+
+def report(shape: str, T: int, timed: dict[str, float], nbytes: float, distinct: float, kernel: str,
+           others: list[str]) -> list[dict]:
+    """One row per variant; prints the default and best tiles of `kernel` and the `others` on one line."""
+    best = min((v for v in timed if v.startswith(kernel)), key=timed.get)
+    default = f"{kernel} {moe_gemv.GATE_UP_LAUNCH} {moe_gemv.DOWN_LAUNCH}"
+    print(f"{shape} T={T}: {distinct:.1f} experts, {nbytes / 1e6:.1f} MB | " + " | ".join(
+        f"{v}: {timed[v]:.1f} us {nbytes / timed[v] / 1e3:.0f} GB/s"
+        for v in dict.fromkeys([default, best, *others])), flush=True)
+    return [dict(shape=shape, tokens=T, variant=v, us=us, gb_s=nbytes / us / 1e3, experts_read=distinct)
+            for v, us in timed.items()]
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens", default="1,8,16")
@@ -69,19 +98,11 @@ def main():
         gate_up = torch.randn(E, 2 * C, H, device="cuda", dtype=torch.bfloat16) * 0.02
         down = torch.randn(E, H, C, device="cuda", dtype=torch.bfloat16) * 0.02
         for T in (int(t) for t in args.tokens.split(",")):
-            x = torch.randn(CALLS, T, H, device="cuda", dtype=torch.bfloat16)
-            ids = torch.rand(CALLS, T, E, device="cuda").topk(k, dim=-1).indices
-            weights = torch.rand(CALLS, T, k, device="cuda")
-            distinct = sum(len(ids[i].unique()) for i in range(CALLS)) / CALLS
+            x, ids, weights, distinct = routing(T, E, k, H)
             nbytes = distinct * 3 * C * H * 2
-            launches = [(moe_gemv.GATE_UP_LAUNCH, moe_gemv.DOWN_LAUNCH)]
-            if args.sweep:  # each kernel's tiles with the other's default
-                launches += ([(a, moe_gemv.DOWN_LAUNCH) for a in SWEEP_GATE_UP]
-                             + [(moe_gemv.GATE_UP_LAUNCH, b) for b in SWEEP_DOWN])
-            timed = {}
-            for a, b in launches:
-                timed[f"triton {a} {b}"] = graphed_us(
-                    lambda i: moe_gemv._launch(x[i], ids[i], weights[i], gate_up, down, a, b))
+            timed = {f"triton {a} {b}": graphed_us(lambda i: moe_gemv._launch(x[i], ids[i], weights[i], gate_up,
+                                                                               down, a, b))
+                     for a, b in launches(args.sweep)}
             dense = torch.randn(int(nbytes // 2 // H), H, device="cuda", dtype=torch.bfloat16)
             copies = [dense] + [torch.empty_like(dense).normal_() for _ in range(max(1, (256 << 20) // int(nbytes)))]
             timed["gemv"] = graphed_us(lambda i: F.linear(x[i], copies[i % len(copies)]))
@@ -93,14 +114,7 @@ def main():
             end.record()
             end.synchronize()
             timed["torch"] = start.elapsed_time(end) * 1000 / CALLS
-            for variant, us in timed.items():
-                rows.append(dict(shape=name, tokens=T, variant=variant, us=us, gb_s=nbytes / us / 1e3,
-                                 experts_read=distinct))
-            best = min((v for v in timed if v.startswith("triton")), key=timed.get)
-            print(f"{name} T={T}: {distinct:.1f} experts, {nbytes / 1e6:.1f} MB | " + " | ".join(
-                f"{v}: {timed[v]:.1f} us {nbytes / timed[v] / 1e3:.0f} GB/s"
-                for v in dict.fromkeys([f"triton {moe_gemv.GATE_UP_LAUNCH} {moe_gemv.DOWN_LAUNCH}", best, "gemv",
-                                        "torch"])), flush=True)
+            rows += report(name, T, timed, nbytes, distinct, "triton", ["gemv", "torch"])
     if args.int4:
         rows += int4_rows([int(t) for t in args.tokens.split(",")], args.sweep)
     if args.out:
@@ -124,36 +138,21 @@ def int4_rows(tokens: list[int], sweep: bool) -> list[dict]:
         for p in packed:
             reserve(p)
         for T in tokens:
-            x = torch.randn(CALLS, T, H, device="cuda", dtype=torch.bfloat16)
-            ids = torch.rand(CALLS, T, E, device="cuda").topk(k, dim=-1).indices
-            weights = torch.rand(CALLS, T, k, device="cuda")
-            distinct = sum(len(ids[i].unique()) for i in range(CALLS)) / CALLS
+            x, ids, weights, distinct = routing(T, E, k, H)
             nbytes = distinct * 3 * C * H * (0.5 + 2 / 128)
-            launches = [(moe_gemv.GATE_UP_LAUNCH, moe_gemv.DOWN_LAUNCH)]
-            if sweep:
-                launches += ([(a, moe_gemv.DOWN_LAUNCH) for a in SWEEP_GATE_UP]
-                             + [(moe_gemv.GATE_UP_LAUNCH, b) for b in SWEEP_DOWN])
             timed = {f"int4 routed {a} {b}": graphed_us(
-                lambda i: routed_int_experts(x[i], ids[i], weights[i], *stacked, a, b)) for a, b in launches}
+                lambda i: routed_int_experts(x[i], ids[i], weights[i], *stacked, a, b)) for a, b in launches(sweep)}
 
             def per_expert(i):  # what a captured step runs without the switch: every expert, weighted 0 if unchosen
-                every = torch.arange(T, device="cuda")
                 dense = torch.zeros(T, E, device="cuda").scatter_(1, ids[i], weights[i])
                 out = torch.zeros(T, H, device="cuda")
                 for e in range(E):
-                    h = swiglu_torch(mma_linear(x[i][every], packed[e]))
+                    h = swiglu_torch(mma_linear(x[i], packed[e]))
                     out += mma_linear(h, packed[E + e]).float() * dense[:, e, None]
                 return out
 
             timed["int4 per-expert"] = graphed_us(per_expert, calls=2)
-            for variant, us in timed.items():
-                rows.append(dict(shape=name, tokens=T, variant=variant, us=us, gb_s=nbytes / us / 1e3,
-                                 experts_read=distinct))
-            best = min((v for v in timed if v.startswith("int4 routed")), key=timed.get)
-            print(f"{name} w4a16 T={T}: {distinct:.1f} experts, {nbytes / 1e6:.1f} MB | " + " | ".join(
-                f"{v}: {timed[v]:.1f} us {nbytes / timed[v] / 1e3:.0f} GB/s"
-                for v in dict.fromkeys([f"int4 routed {moe_gemv.GATE_UP_LAUNCH} {moe_gemv.DOWN_LAUNCH}", best,
-                                        "int4 per-expert"])), flush=True)
+            rows += report(f"{name} w4a16", T, timed, nbytes, distinct, "int4 routed", ["int4 per-expert"])
     return rows
 
 

@@ -91,8 +91,8 @@ class QuantizedExperts:
         return cls([held(w) for w in gate_up], [held(w) for w in down])
 
     def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
-        if self.routed is not None and (x.shape[0] <= ROUTED_ROWS or capturing):
+        if self.routed is not None and (x.shape[0] <= ROUTED_ROWS
+                                        or x.is_cuda and torch.cuda.is_current_stream_capturing()):
             return routed_int_experts(x, ids, weights, *self.routed)
         return grouped_experts(x, ids, weights, len(self.down), lambda e, t: self.gate_up[e].apply(t),
                                lambda e, h: self.down[e].apply(h))
