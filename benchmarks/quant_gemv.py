@@ -30,7 +30,7 @@ from raytp.kernels import packed_gemv as pg
 SHAPES = [("qkv", 6144, 4096), ("o_proj", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336),
           ("qkv/4", 1536, 4096), ("o_proj/4", 4096, 1024), ("gate_up/4", 7168, 4096), ("down/4", 4096, 3584)]
 LAYERS = 32
-SWEEP = [pg.Launch(w, s, st, sc, mb) for w in (4, 8) for s in (1, 2, 4) for st in (2, 3) for sc in (False, True)
+SWEEP = [pg.Launch(w, s, st, sc, mb) for w in (4, 8) for s in (1, 2, 4, 8) for st in (2, 3) for sc in (False, True)
          for mb in (1, 2)]
 
 
