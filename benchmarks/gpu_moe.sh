@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Mixture of experts on one H200 (issue 21): the MoE GPU tests, then synthetic Qwen3-30B-A3B in bf16 and w4a16 (the
-# w4a16 experts as per-expert GEMVs and with --triton-routed-int-experts) against the dense Llama-3.1-8B and Qwen3-8B
+# w4a16 experts as per-expert GEMVs and with --routed-quantized-experts) against the dense Llama-3.1-8B and Qwen3-8B
 # at batch 1 and 8 (tokens/s and the roofline of the bytes each reads per token), with the step profile; the routed
 # kernels' table last.
 #   bash benchmarks/gpu_moe.sh   carry .whl (../shared/gpu/README.md); logs and bench folders go to $OUT
@@ -19,7 +19,7 @@ COMMON=(--dtype bfloat16 --devices cuda:0 --batch 1,8 --prompt-len 128 --decode-
         --repeats 2 --profile 3)
 bench qwen3_30b_a3b 240 --model synthetic:qwen3-30b-a3b "${COMMON[@]}"
 bench qwen3_30b_a3b_w4a16 240 --model synthetic:qwen3-30b-a3b --quant w4a16 "${COMMON[@]}"
-bench qwen3_30b_a3b_w4a16_routed 240 --model synthetic:qwen3-30b-a3b --quant w4a16 --triton-routed-int-experts \
+bench qwen3_30b_a3b_w4a16_routed 240 --model synthetic:qwen3-30b-a3b --quant w4a16 --routed-quantized-experts \
   "${COMMON[@]}"
 bench llama8b 150 --model synthetic:llama-3.1-8b "${COMMON[@]}"
 bench qwen3_8b 150 --model synthetic:qwen3-8b "${COMMON[@]}"

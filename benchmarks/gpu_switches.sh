@@ -5,7 +5,7 @@
 #   bash benchmarks/gpu_switches.sh ab       synthetic Llama-3.1-8B: --triton-prefill-dequant on a 2048-token w4a16
 #                                            prefill; --triton-fp8-kv at 2048 and 8192 tokens, batch 1, against the
 #                                            bf16 cache; fp8-dynamic and w8a8 against bf16 at batch 1
-#                                            (--triton-routed-int-experts: benchmarks/gpu_moe.sh)
+#                                            (--routed-quantized-experts: benchmarks/gpu_moe.sh)
 # Carry .whl (../shared/gpu/README.md, llguidance's wheel added as benchmarks/gpu_run8.sh says). Logs go to $OUT.
 set -u
 cd "$(dirname "$0")/.."

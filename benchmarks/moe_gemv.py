@@ -1,6 +1,6 @@
 """The routed experts of one MoE layer at decode batch sizes: microseconds and GB/s of the selected experts' weights.
 
-    python benchmarks/moe_gemv.py [--tokens 1,8,16] [--sweep] [--int4] [--out results.json]
+    python benchmarks/moe_gemv.py [--tokens 1,8,16] [--sweep] [--int4 | --int4-only] [--out results.json]
 
 Shapes are one whole layer on one GPU, bf16: Qwen3-30B-A3B (128 experts, top 8, hidden 2048, expert width 768) and
 Mixtral-8x7B (8 experts, top 2, hidden 4096, width 14336). Each row is timed inside one CUDA graph of back-to-back
@@ -13,9 +13,9 @@ distinct experts a call selects, gate, up and down (x and the outputs are neglig
     torch    the grouped torch version, eager (host sync per call: timed with events around a Python loop)
     gemv     cuBLAS over one dense matrix holding as many bytes as the selected experts: the bandwidth to beat
 
-With --int4 the same shapes in w4a16 (groups of 128, symmetric), GB/s of the selected experts' int4 bytes and scales:
+With --int4 (--int4-only: without the bf16 rows) the same shapes in w4a16 (groups of 128, symmetric), GB/s of the selected experts' int4 bytes and scales:
 
-    int4 routed      raytp.kernels.moe_int_gemv (--triton-routed-int-experts; with --sweep, its tiles as above)
+    int4 routed      raytp.kernels.routed_packed_gemv (--routed-quantized-experts): the packed GEMV's routed launch
     int4 per-expert  each expert repacked for raytp.kernels.packed_gemv, inside a CUDA graph as decode runs it
                      there without the switch: every expert on every token
 """
@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 
 from raytp.kernels import moe_gemv
-from raytp.kernels.moe_int_gemv import StackedInt, routed_int_experts
 from raytp.kernels.norm import swiglu_torch
 from raytp.kernels.packed_gemv import mma_linear, pack_int, reserve
+from raytp.kernels.routed_packed_gemv import StackedMMA, routed_packed_experts
 
 SHAPES = {"qwen3-30b-a3b": (128, 8, 2048, 768), "mixtral-8x7b": (8, 2, 4096, 14336)}
 CALLS = 8  # calls per graph, each with its own routing
@@ -78,7 +78,7 @@ def report(shape: str, T: int, timed: dict[str, float], nbytes: float, distinct:
            others: list[str]) -> list[dict]:
     """One row per variant; prints the default and best tiles of `kernel` and the `others` on one line."""
     best = min((v for v in timed if v.startswith(kernel)), key=timed.get)
-    default = f"{kernel} {moe_gemv.GATE_UP_LAUNCH} {moe_gemv.DOWN_LAUNCH}"
+    default = next(v for v in timed if v.startswith(kernel))  # the first timed: the default launch
     print(f"{shape} T={T}: {distinct:.1f} experts, {nbytes / 1e6:.1f} MB | " + " | ".join(
         f"{v}: {timed[v]:.1f} us {nbytes / timed[v] / 1e3:.0f} GB/s"
         for v in dict.fromkeys([default, best, *others])), flush=True)
@@ -91,10 +91,11 @@ def main():
     parser.add_argument("--tokens", default="1,8,16")
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--int4", action="store_true", help="also the w4a16 experts, routed and per expert")
+    parser.add_argument("--int4-only", action="store_true", help="only the w4a16 experts")
     parser.add_argument("--out")
     args = parser.parse_args()
     rows = []
-    for name, (E, k, H, C) in SHAPES.items():
+    for name, (E, k, H, C) in ({} if args.int4_only else SHAPES).items():
         gate_up = torch.randn(E, 2 * C, H, device="cuda", dtype=torch.bfloat16) * 0.02
         down = torch.randn(E, H, C, device="cuda", dtype=torch.bfloat16) * 0.02
         for T in (int(t) for t in args.tokens.split(",")):
@@ -115,14 +116,14 @@ def main():
             end.synchronize()
             timed["torch"] = start.elapsed_time(end) * 1000 / CALLS
             rows += report(name, T, timed, nbytes, distinct, "triton", ["gemv", "torch"])
-    if args.int4:
-        rows += int4_rows([int(t) for t in args.tokens.split(",")], args.sweep)
+    if args.int4 or args.int4_only:
+        rows += int4_rows([int(t) for t in args.tokens.split(",")])
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)
 
 
-def int4_rows(tokens: list[int], sweep: bool) -> list[dict]:
+def int4_rows(tokens: list[int]) -> list[dict]:
     from raytp.model.formats import IntWeight
 
     rows = []
@@ -133,15 +134,14 @@ def int4_rows(tokens: list[int], sweep: bool) -> list[dict]:
                              None, 4, 128)
 
         gate_up, down = [weight(2 * C, H) for _ in range(E)], [weight(H, C) for _ in range(E)]
-        stacked = StackedInt.stack(gate_up), StackedInt.stack(down)
         packed = [pack_int(w.packed, w.scales, None, bits=4, group_size=128) for w in gate_up + down]
         for p in packed:
             reserve(p)
+        stacked = StackedMMA.stack(packed[:E]), StackedMMA.stack(packed[E:])
         for T in tokens:
             x, ids, weights, distinct = routing(T, E, k, H)
             nbytes = distinct * 3 * C * H * (0.5 + 2 / 128)
-            timed = {f"int4 routed {a} {b}": graphed_us(
-                lambda i: routed_int_experts(x[i], ids[i], weights[i], *stacked, a, b)) for a, b in launches(sweep)}
+            timed = {"int4 routed": graphed_us(lambda i: routed_packed_experts(x[i], ids[i], weights[i], *stacked))}
 
             def per_expert(i):  # what a captured step runs without the switch: every expert, weighted 0 if unchosen
                 dense = torch.zeros(T, E, device="cuda").scatter_(1, ids[i], weights[i])

@@ -110,7 +110,7 @@ def test_triton_switch_is_per_process(monkeypatch):
 
 @pytest.mark.parametrize("switch,use", [("fp8_kv", "use_triton_fp8_kv"),
                                         ("prefill_dequant", "use_triton_prefill_dequant"),
-                                        ("routed_int_experts", "use_triton_routed_int_experts")])
+                                        ("routed_experts", "use_routed_quantized_experts")])
 def test_unmeasured_triton_switches_are_off_unless_asked_and_never_on_cpus(monkeypatch, switch, use):
     monkeypatch.setattr(dispatch, "_enabled", dispatch._enabled)  # both restored after the test
     monkeypatch.setattr(dispatch, f"_{switch}", getattr(dispatch, f"_{switch}"))

@@ -8,19 +8,15 @@ splits as on one rank."""
 import json
 import shutil
 import subprocess
-from functools import partial
 
 import pytest
 import torch
-import torch.nn.functional as F
 import transformers
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from raytp.kernels.dequant_matmul import dequantize
-from raytp.kernels.moe_gemv import grouped_experts
-from raytp.kernels.moe_int_gemv import StackedInt
 from raytp.model import moe
+from raytp.model.formats import fused
 from raytp.model.layout import EXPERT_COLS
 from raytp.model.moe import QuantizedExperts
 from raytp.model.pieces import quant_replicated_bytes
@@ -130,30 +126,27 @@ def test_planned_bytes_are_the_bytes_each_rank_holds(quantized_moe, scheme):
         assert held == planned if exact else held <= planned, (shard.rank, held, planned)
 
 
-def test_experts_stacked_for_the_routed_kernels_match_transformers(quantized_moe, monkeypatch):
-    """With --triton-routed-int-experts a rank stacks its experts (each expert's weights then views of the stacks):
-    the stacks, dequantized expert by expert where the routed kernels would read them (the kernels themselves are
-    checked in tests/test_moe_int_gemv.py), give transformers' logits, and nothing is held twice."""
-    def stacked_torch(x, ids, weights, gate_up: StackedInt, down: StackedInt):
-        def linear(s: StackedInt, e: int, t: torch.Tensor) -> torch.Tensor:
-            zeros, g_idx = (None if a is None else a[e] for a in (s.zeros, s.g_idx))
-            w = dequantize(s.packed[e], s.scales[e], zeros, bits=s.bits, group_size=s.group_size, g_idx=g_idx)
-            return F.linear(t, w.to(t.dtype))
-        return grouped_experts(x, ids, weights, len(down.packed), partial(linear, gate_up), partial(linear, down))
-
-    monkeypatch.setattr(moe, "use_triton_routed_int_experts", lambda t: True)
-    monkeypatch.setattr(moe, "routed_int_experts", stacked_torch)
-    path = quantized_moe("qwen3-moe")
+@pytest.mark.parametrize("family,scheme", [("qwen3-moe", "w4a16"), ("mixtral", "w4a16-noactorder")])
+def test_experts_stacked_for_the_routed_gemv_match_transformers(quantized_moe, monkeypatch, family, scheme):
+    """With --routed-quantized-experts a CUDA rank repacks its experts for the packed GEMV and stacks them (each
+    expert's weights then views of the stacks). Here on the CPU, the same load path (packing forced) and the routed
+    orchestration (pairs, act-order gathers, SwiGLU, the weighted sum; the products one pair at a time by the
+    kernel's torch version, the CUDA kernel itself is checked in tests/gpu/test_routed_packed_gemv.py) give
+    transformers' logits, and nothing is held twice."""
+    monkeypatch.setattr(fused, "use_triton", lambda t: True)  # repack as a CUDA rank does
+    monkeypatch.setattr(fused, "reserve", lambda packed: None)  # the CUDA kernel's workspace: none on a CPU
+    monkeypatch.setattr(moe, "use_routed_quantized_experts", lambda t: True)
+    path = quantized_moe(family, scheme)
     group = LocalGroup(path, SPLITS[3], blocks={EXPERT_COLS: 16})
     held = [m.layers[0].moe.experts for m in group.models if m.layers[0].moe.experts is not None]
     assert held and all(e.routed is not None for e in held)
+    assert all((e.routed[0].x_index is not None) == (scheme == "w4a16") for e in held)  # act-order: own orders
     for e in held:  # the per-expert weights (prefill's) are views of the stacks
-        assert e.down[1].packed.data_ptr() == e.routed[1].packed[1].data_ptr()
+        assert e.down[1].packed.values.data_ptr() == e.routed[1].values[1].data_ptr()
         assert len(e.tensors()) == len(e.routed[0].tensors()) + len(e.routed[1].tensors())
-    tokens = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(11))
-    with torch.no_grad():
-        expected = reference_model(path)(tokens).logits[:, -1]
-    torch.testing.assert_close(group.logits(tokens), expected, rtol=1e-4, atol=1e-4)
+    # 2 x 7 tokens: within ROUTED_ROWS, so the logits come through the routed path too, as every decode step does
+    tokens = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(11))
+    assert_matches_reference(group, reference_model(path), tokens, prompt_len=5, greedy_tokens=8)
 
 
 @pytest.mark.slow

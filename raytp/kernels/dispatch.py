@@ -5,9 +5,9 @@ torch versions then run everywhere: for debugging, and to compare the two on a G
 The FP8 KV cache's Triton paths (raytp.kernels.kv_fp8) have a switch of their own, `fp8_kv`
 (RuntimeOptions.triton_fp8_kv), off until they are measured on a GPU, and run only where the GPU converts e4m3 in
 hardware (compute capability 8.9+). So has the Triton dequantization of packed weights for prefill
-(raytp.kernels.packed_dequant), `prefill_dequant` (RuntimeOptions.triton_prefill_dequant), and the routed kernels
-of integer-quantized experts (raytp.kernels.moe_int_gemv), `routed_int_experts`
-(RuntimeOptions.triton_routed_int_experts): off until measured."""
+(raytp.kernels.packed_dequant), `prefill_dequant` (RuntimeOptions.triton_prefill_dequant), and the routed GEMV
+of quantized experts (raytp.kernels.routed_packed_gemv), `routed_experts` (RuntimeOptions.routed_quantized_experts):
+off until measured."""
 
 from __future__ import annotations
 
@@ -25,21 +25,21 @@ except ImportError:  # CPU-only installs: every kernel's torch version runs
 _enabled = triton is not None
 _fp8_kv = False
 _prefill_dequant = False
-_routed_int_experts = False
+_routed_experts = False
 
 FP8_CAPABILITY = (8, 9)  # Ada and Hopper convert e4m3 in hardware; before them Triton would emulate it per element
 
 
 def set_triton(enabled: bool, fp8_kv: bool = False, prefill_dequant: bool = False,
-               routed_int_experts: bool = False) -> None:
+               routed_experts: bool = False) -> None:
     """Use the Triton kernels in this process (where Triton is installed) or the torch versions everywhere; with
     `fp8_kv` also for the FP8 KV cache's write and decode attention, with `prefill_dequant` also to dequantize
-    packed weights for prefill, with `routed_int_experts` also for integer-quantized experts."""
-    global _enabled, _fp8_kv, _prefill_dequant, _routed_int_experts
+    packed weights for prefill, with `routed_experts` also for quantized experts."""
+    global _enabled, _fp8_kv, _prefill_dequant, _routed_experts
     _enabled = enabled and triton is not None
     _fp8_kv = fp8_kv
     _prefill_dequant = prefill_dequant
-    _routed_int_experts = routed_int_experts
+    _routed_experts = routed_experts
 
 
 def use_triton(t: torch.Tensor) -> bool:
@@ -51,9 +51,9 @@ def use_triton_prefill_dequant(t: torch.Tensor) -> bool:
     return _prefill_dequant and use_triton(t)
 
 
-def use_triton_routed_int_experts(t: torch.Tensor) -> bool:
-    """Whether integer-quantized experts held like t are stacked for raytp.kernels.moe_int_gemv."""
-    return _routed_int_experts and use_triton(t)
+def use_routed_quantized_experts(t: torch.Tensor) -> bool:
+    """Whether quantized experts held like t are stacked for raytp.kernels.routed_packed_gemv."""
+    return _routed_experts and use_triton(t)
 
 
 def use_triton_fp8_kv(t: torch.Tensor) -> bool:

@@ -512,9 +512,21 @@ __device__ __forceinline__ void step(float (*acc)[4][4], float (*part)[4][4], u3
 extern "C" __global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS) KERNEL_NAME(
         const u32* __restrict__ x, const u32* __restrict__ w, const u16* __restrict__ scales,
         const u16* __restrict__ zeros, float* __restrict__ partials, int* __restrict__ counters,
-        u16* __restrict__ y, int M, int N, int Np, int k_tiles, int tiles_per_split, int group_tiles) {
+        u16* __restrict__ y, int M, int N, int Np, int k_tiles, int tiles_per_split, int group_tiles,
+        const long long* __restrict__ ids, int w_stride, int s_stride, int x_div) {
     __shared__ float sums[WARPS][16][65];  // +1: no bank conflicts between the rows
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+#if ROUTED
+    {  // blockIdx.z: one (token, choice) pair, one row of x times the chosen expert's matrix of the stack
+        const int pair = blockIdx.z;
+        const long long e = ids[pair];
+        w += e * w_stride;  // int arguments (the launcher passes C ints), offsets in 64 bits
+        scales += e * s_stride;
+        if (HAS_ZEROS) zeros += e * s_stride;
+        x += (size_t)(pair / x_div) * k_tiles * 16;  // a row of x: kp 16-bit values, 16 words a 32-input tile
+        y += (size_t)pair * N;
+    }
+#endif
     const int nb = blockIdx.x, split = blockIdx.y;
     const int lo = split * tiles_per_split;
     const int hi = min(lo + tiles_per_split, k_tiles);
@@ -600,13 +612,15 @@ extern "C" __global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS) KERNEL_NAME
 
 
 @functools.cache
-def _kernel(kind: str, bf16: bool, has_zeros: bool, launch: Launch, halves: int, device: int):
-    """The kernel for one launch shape; `halves`: x's rows fit one mma's 8 columns (1) or need two (2)."""
+def _kernel(kind: str, bf16: bool, has_zeros: bool, launch: Launch, halves: int, device: int, routed: bool = False):
+    """The kernel for one launch shape; `halves`: x's rows fit one mma's 8 columns (1) or need two (2); `routed`:
+    the grid's third dimension picks each block's expert and row of x (`raytp.kernels.routed_packed_gemv`)."""
     name = (f"packed_gemv_{kind}_{'bf16' if bf16 else 'f16'}_{'z' if has_zeros else 's'}_{launch.warps}"
-            f"_{launch.stages}{'_scaled' if launch.scaled else ''}_{launch.min_blocks}_{halves}")
+            f"_{launch.stages}{'_scaled' if launch.scaled else ''}_{launch.min_blocks}_{halves}"
+            f"{'_routed' if routed else ''}")
     defines = dict(KERNEL_NAME=name, KIND={"int4": 4, "int8": 8, "fp8": 0}[kind], BF16=int(bf16),
                    HAS_ZEROS=int(has_zeros), WARPS=launch.warps, STAGES=launch.stages, SCALED=int(launch.scaled),
-                   MIN_BLOCKS=launch.min_blocks, HALVES=halves)
+                   MIN_BLOCKS=launch.min_blocks, HALVES=halves, ROUTED=int(routed))
     source = "".join(f"#define {k} {v}\n" for k, v in defines.items()) + _SOURCE
     with torch.cuda.device(device):  # a module is loaded into one device's context
         return torch.cuda._compile_kernel(source, name)
@@ -643,5 +657,5 @@ def mma_linear(x: torch.Tensor, w: MMAPacked, launch: Launch | None = None) -> t
                      1 if rows <= 8 else 2, _device_index(x.device))
     kernel(grid=(n_blocks, split, 1), block=(32 * launch.warps, 1, 1),
            args=[x2, w.values, w.scales, w.zeros if w.zeros is not None else w.scales, partials, counters, y,
-                 rows, w.out_features, np_, k_tiles, per_split, w.group_tiles])
+                 rows, w.out_features, np_, k_tiles, per_split, w.group_tiles, counters, 0, 0, 1])
     return y.view(*x.shape[:-1], w.out_features)

@@ -25,11 +25,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from raytp.kernels.dispatch import use_triton_routed_int_experts
+from raytp.kernels.dispatch import use_routed_quantized_experts
 from raytp.kernels.moe_gemv import ROUTED_ROWS, grouped_experts, routed_experts
-from raytp.kernels.moe_int_gemv import StackedInt, routed_int_experts
+from raytp.kernels.routed_packed_gemv import StackedMMA, routed_packed_experts
 from raytp.model.config import MoeConfig
-from raytp.model.formats import IntWeight, Weight, WeightReader, for_device, fuse, read_linear
+from raytp.model.formats import PackedWeight, Weight, WeightReader, for_device, fuse, read_linear
 from raytp.model.layout import ExpertsLayout
 from raytp.parallel.comm import Communicator
 
@@ -71,29 +71,32 @@ class QuantizedExperts:
     int4/int8, fp8), gate and up fused per expert like a dense MLP's, each applied by its format's kernel to the
     tokens that chose the expert (`grouped_experts`): only the selected experts' weights are read.
 
-    With RuntimeOptions.triton_routed_int_experts on a CUDA rank, integer experts are stacked instead (`routed`,
-    the per-expert weights then being views of the stacks) and decode batches take the routed Triton kernels.
+    With RuntimeOptions.routed_quantized_experts on a CUDA rank, experts repacked for the GEMV kernel are stacked
+    (`routed`, the per-expert weights then being views of the stacks) and decode batches take its routed launch
+    (`raytp.kernels.routed_packed_gemv`), which reads only the selected experts inside CUDA graphs too.
     """
 
     def __init__(self, gate_up: list[Weight], down: list[Weight],
-                 routed: tuple[StackedInt, StackedInt] | None = None):
+                 routed: tuple[StackedMMA, StackedMMA] | None = None):
         self.gate_up, self.down, self.routed = gate_up, down, routed
 
     @classmethod
     def load(cls, layout: ExpertsLayout, reader: WeightReader) -> QuantizedExperts:
         gate_up = [fuse([read_linear(reader, gate), read_linear(reader, up)]) for gate, up, _ in layout.experts]
         down = [read_linear(reader, down) for _, _, down in layout.experts]
-        if isinstance(down[0], IntWeight) and use_triton_routed_int_experts(down[0].packed):
-            routed = StackedInt.stack(gate_up), StackedInt.stack(down)
+        gate_up, down = ([for_device(w, reader.dtype) for w in ws] for ws in (gate_up, down))
+        packed = lambda ws: all(isinstance(w, PackedWeight) and w.bias is None for w in ws)  # noqa: E731
+        if packed(gate_up) and packed(down) and use_routed_quantized_experts(down[0].packed.values):
+            routed = StackedMMA.stack([w.packed for w in gate_up]), StackedMMA.stack([w.packed for w in down])
             if None not in routed:
-                return cls(routed[0].experts(gate_up), routed[1].experts(down), routed)
-        held = lambda w: for_device(w, reader.dtype)  # noqa: E731
-        return cls([held(w) for w in gate_up], [held(w) for w in down])
+                del gate_up, down  # the stacks replace them: views of the stacks serve prefill
+                return cls(*([PackedWeight(p, None) for p in s.experts()] for s in routed), routed)
+        return cls(gate_up, down)
 
     def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         if self.routed is not None and (x.shape[0] <= ROUTED_ROWS
                                         or x.is_cuda and torch.cuda.is_current_stream_capturing()):
-            return routed_int_experts(x, ids, weights, *self.routed)
+            return routed_packed_experts(x, ids, weights, *self.routed)
         return grouped_experts(x, ids, weights, len(self.down), lambda e, t: self.gate_up[e].apply(t),
                                lambda e, h: self.down[e].apply(h))
 

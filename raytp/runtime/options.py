@@ -1,14 +1,14 @@
 """Run-time switches every rank obeys: one frozen `RuntimeOptions`, carried to each rank inside GroupSettings.
 
 The CLI sets them with flags (`--no-triton`, `--triton-fp8-kv`, `--triton-prefill-dequant`,
-`--triton-routed-int-experts`, `--no-cuda-graphs`, `--no-gpu-hoststaged`, `--check-identical`).
+`--routed-quantized-experts`, `--no-cuda-graphs`, `--no-gpu-hoststaged`, `--check-identical`).
 `RuntimeOptions.from_env` is the one place where raytp reads RAYTP_* environment variables at run time, as the
 flags' defaults in the process that starts the group (scripts and CI jobs that export them keep working):
 
     RAYTP_TRITON=0            triton=False
     RAYTP_TRITON_FP8_KV=1     triton_fp8_kv=True
     RAYTP_TRITON_PREFILL_DEQUANT=1  triton_prefill_dequant=True
-    RAYTP_TRITON_ROUTED_INT_EXPERTS=1  triton_routed_int_experts=True
+    RAYTP_ROUTED_QUANTIZED_EXPERTS=1  routed_quantized_experts=True
     RAYTP_CUDA_GRAPHS=0       cuda_graphs=False
     RAYTP_GPU_HOSTSTAGED=0    gpu_hoststaged=False
     RAYTP_CHECK_IDENTICAL=1   check_identical=True
@@ -34,10 +34,10 @@ class RuntimeOptions:
     # Prefill with packed quantized weights dequantizes each matrix with one Triton kernel (raytp.kernels.
     # packed_dequant) instead of torch ops (0.14x the bf16 prefill on an H200). Off until measured on a GPU.
     triton_prefill_dequant: bool = False
-    # Integer-quantized experts of a mixture of experts stacked and decoded by the routed Triton kernels (raytp.
-    # kernels.moe_int_gemv), which read only the selected experts also inside CUDA graphs; off, each expert is
-    # repacked for the GEMV kernel and a CUDA graph runs every expert. Off until measured on a GPU.
-    triton_routed_int_experts: bool = False
+    # Quantized experts of a mixture of experts (int4, int8, FP8) stacked in the packed GEMV's layout and decoded
+    # by its routed launch (raytp.kernels.routed_packed_gemv), which reads only the selected experts also inside
+    # CUDA graphs; off, each expert is its own GEMV and a CUDA graph runs every expert. Off until measured on a GPU.
+    routed_quantized_experts: bool = False
     # Decode replayed from CUDA graphs where the communicator allows capture; off to debug or profile eager steps.
     cuda_graphs: bool = True
     # GPU ranks run the host-staged all-reduce as a kernel polling mapped host memory; off keeps the CPU-driven
@@ -53,7 +53,7 @@ class RuntimeOptions:
         return cls(triton=environ.get("RAYTP_TRITON", "1") != "0",
                    triton_fp8_kv=environ.get("RAYTP_TRITON_FP8_KV", "0") == "1",
                    triton_prefill_dequant=environ.get("RAYTP_TRITON_PREFILL_DEQUANT", "0") == "1",
-                   triton_routed_int_experts=environ.get("RAYTP_TRITON_ROUTED_INT_EXPERTS", "0") == "1",
+                   routed_quantized_experts=environ.get("RAYTP_ROUTED_QUANTIZED_EXPERTS", "0") == "1",
                    cuda_graphs=environ.get("RAYTP_CUDA_GRAPHS", "1") != "0",
                    gpu_hoststaged=environ.get("RAYTP_GPU_HOSTSTAGED", "1") != "0",
                    check_identical=environ.get("RAYTP_CHECK_IDENTICAL", "0") == "1")
@@ -70,9 +70,9 @@ FLAGS = {
                       "capability 8.9+ (--kv-dtype fp8; off: torch code dequantizes it)"),
     "triton_prefill_dequant": ("--triton-prefill-dequant", "prefill with quantized weights dequantizes each "
                                "matrix with one Triton kernel on GPUs (off: torch ops, several times slower)"),
-    "triton_routed_int_experts": ("--triton-routed-int-experts", "decode integer-quantized experts (GPTQ, AWQ, "
-                                  "int4/int8) with routed Triton kernels that read only the selected experts, also "
-                                  "in CUDA graphs (off: per-expert GEMVs; a CUDA graph then runs every expert)"),
+    "routed_quantized_experts": ("--routed-quantized-experts", "decode quantized experts (GPTQ, AWQ, int4/int8, "
+                                 "FP8) with one routed GEMV that reads only the selected experts, also in CUDA "
+                                 "graphs (off: per-expert GEMVs; a CUDA graph then runs every expert)"),
     "cuda_graphs": ("--no-cuda-graphs", "decode eagerly on GPUs instead of replaying CUDA graphs"),
     "gpu_hoststaged": ("--no-gpu-hoststaged", "GPU ranks drive the host-staged all-reduce from the CPU, not a kernel"),
     "check_identical": ("--check-identical", "check after every all-reduce that all ranks hold identical bits "

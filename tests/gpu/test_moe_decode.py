@@ -1,6 +1,6 @@
 """A mixture of experts in the GPU decode loop (GPU host only): replayed from CUDA graphs, the routed Triton kernels
 give the eager loop's tokens for greedy and sampled rows in batch buckets 4, 2 and 1; w4a16 experts likewise, as
-per-expert GEMVs (every expert inside a graph) and with --triton-routed-int-experts."""
+per-expert GEMVs (every expert inside a graph) and with --routed-quantized-experts."""
 
 import json
 
@@ -32,6 +32,6 @@ def test_graphed_moe_decode_matches_eager_steps(tmp_path):
 def test_graphed_w4a16_moe_decode_matches_eager_steps(tmp_path, monkeypatch, routed):
     config = tmp_path / "config.json"
     config.write_text(json.dumps(TINY_MOE | {"moe_intermediate_size": 128}))  # whole groups of 128
-    monkeypatch.setattr(dispatch, "_routed_int_experts", routed)  # what --triton-routed-int-experts sets
+    monkeypatch.setattr(dispatch, "_routed_experts", routed)  # what --routed-quantized-experts sets
     model = f"synthetic:{config}@w4a16"
     assert generate(True, "nccl", model=model) == generate(False, "nccl", model=model)

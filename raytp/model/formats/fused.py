@@ -77,10 +77,11 @@ def for_device(weight: Weight, dtype: torch.dtype) -> Weight:
     quantized weights on a CUDA rank with the kernels on become PackedWeight; everything else stays as it is."""
     if isinstance(weight, ConcatWeight):
         return ConcatWeight([for_device(p, dtype) for p in weight.parts], weight.bias)
-    if isinstance(weight, IntWeight) and use_triton(weight.packed):
+    # a rank with no heads or columns has an empty slice: nothing to repack, its checkpoint format serves
+    if isinstance(weight, IntWeight) and use_triton(weight.packed) and weight.packed.numel():
         return PackedWeight(pack_int(weight.packed, weight.scales, weight.zeros, bits=weight.bits,
                                      group_size=weight.group_size, group_start=weight.group_start,
                                      g_idx=weight.g_idx), weight.bias)
-    if isinstance(weight, FP8Weight) and use_triton(weight.weight):
+    if isinstance(weight, FP8Weight) and use_triton(weight.weight) and weight.weight.numel():
         return PackedWeight(pack_fp8(weight.weight, weight.scale, dtype), weight.bias)
     return weight
