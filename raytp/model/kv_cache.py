@@ -41,11 +41,13 @@ class LayerCache:
         return self.k.shape[1]
 
     def write(self, qkv: torch.Tensor, n_q: int, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-              slots: torch.Tensor) -> torch.Tensor:
-        """RoPE on the q and k heads of the fused projection qkv (batch, seq, (n_q + 2 heads) * head_dim), k and v
-        stored at (slots, positions); returns the rotated queries (batch, n_q, seq, head_dim)."""
+              slots: torch.Tensor, q_norm: torch.Tensor | None = None, k_norm: torch.Tensor | None = None,
+              eps: float = 0.0) -> torch.Tensor:
+        """RoPE on the q and k heads of the fused projection qkv (batch, seq, (n_q + 2 heads) * head_dim), each
+        RMS-normalized first by q_norm or k_norm (head_dim,) if given, k and v stored at (slots, positions); returns
+        the rotated queries (batch, n_q, seq, head_dim)."""
         return rope_and_cache(qkv, n_q, self.heads, cos, sin, positions, slots, self.k, self.v, self.k_scale,
-                              self.v_scale)
+                              self.v_scale, q_norm, k_norm, eps)
 
     def attend(self, q: torch.Tensor, slots: torch.Tensor, step) -> torch.Tensor:
         """Causal attention of q over the cached positions `step` lets each query see -> (batch, seq, n_q *

@@ -15,7 +15,8 @@ Parallel layout (Megatron-style, widths from the ShardPlan, never `size // world
                 candidates, never full logits)
 
 A rank with zero heads or zero columns still joins every all-reduce, contributing zeros. Qwen3's q_norm and
-k_norm (one head_dim weight each, every rank holds them whole) normalize each query and key head before RoPE.
+k_norm (one head_dim weight each, every rank holds them whole) normalize each query and key head before RoPE, in
+the RoPE kernel (raytp.kernels.rope_cache).
 The math follows Hugging Face's LlamaForCausalLM step for step (float32 RMSNorm, rotate-half RoPE) so
 that float32 logits match it closely.
 """
@@ -82,7 +83,7 @@ class DecoderLayer:
             self.moe = None
         else:
             self.moe = SparseMoeBlock.load(layout.experts, config.moe, reader, comm)
-        self.n_q, self.head_dim, self.eps = self.o_proj.width // config.head_dim, config.head_dim, config.rms_norm_eps
+        self.n_q, self.eps = self.o_proj.width // config.head_dim, config.rms_norm_eps
         self.cache = cache
 
     def attention(self, h: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
@@ -91,18 +92,10 @@ class DecoderLayer:
         if not self.n_q:  # no heads here: o_proj adds zeros
             return self.o_proj(h[..., :0])
         qkv = self.qkv(h)  # (batch, seq, (n_q + 2 n_kv) * head_dim)
-        if self.qk_norm:
-            qkv = self._norm_heads(qkv)
-        q = self.cache.write(qkv, self.n_q, step.cos, step.sin, positions, slots)  # (batch, n_q, seq, head_dim)
+        q_norm, k_norm = self.qk_norm or (None, None)  # applied by the RoPE kernel, not by kernels of their own
+        # q: (batch, n_q, seq, head_dim)
+        q = self.cache.write(qkv, self.n_q, step.cos, step.sin, positions, slots, q_norm, k_norm, self.eps)
         return self.o_proj(self.cache.attend(q, slots, step))  # attended: (batch, seq, n_q * head_dim)
-
-    def _norm_heads(self, qkv: torch.Tensor) -> torch.Tensor:
-        """Each query head by q_norm and each key head by k_norm (RMSNorm over head_dim); values as they are."""
-        B, T, _ = qkv.shape
-        n_kv = self.cache.heads
-        q, k, v = qkv.view(B, T, -1, self.head_dim).split([self.n_q, n_kv, n_kv], dim=2)
-        q_norm, k_norm = self.qk_norm
-        return torch.cat((rms_norm(q, q_norm, self.eps), rms_norm(k, k_norm, self.eps), v), dim=2).view(B, T, -1)
 
     def mlp(self, h: torch.Tensor) -> torch.Tensor:
         """(batch, seq, hidden) normed input -> MLP output (batch, seq, hidden), summed over ranks."""

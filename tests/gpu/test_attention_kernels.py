@@ -1,6 +1,7 @@
-"""The fused RoPE + cache write and the decode attention kernels against their torch versions, over model-dtype and
-FP8 caches, and a whole model's tokens with every Triton kernel on against all of them off, and the FP8 KV cache's
-tokens in CUDA graphs against eager steps, with its torch and its Triton paths (GPU host only)."""
+"""The fused RoPE + cache write (Qwen3's q_norm and k_norm included) and the decode attention kernels against their
+torch versions, over model-dtype and FP8 caches, and a whole model's tokens with every Triton kernel on against all
+of them off, and the FP8 KV cache's tokens in CUDA graphs against eager steps, with its torch and its Triton paths
+(GPU host only)."""
 
 from types import SimpleNamespace
 
@@ -9,6 +10,7 @@ import torch
 
 from raytp.kernels import attention, dispatch, kv_fp8, rope_cache
 from raytp.kernels.dispatch import triton
+from tests import test_rope_cache
 from tests.gpu.test_graphed_decode import generate
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available() or triton is None,
@@ -44,6 +46,50 @@ def test_rope_and_cache_kernel_equals_torch_bit_for_bit(dtype, B, T, n_q, n_kv, 
     q_ref = rope_cache.rope_and_cache_torch(qkv, n_q, n_kv, cos, sin, positions, slots, k_ref, v_ref)
     q = rope_cache.rope_and_cache(qkv, n_q, n_kv, cos, sin, positions, slots, k, v)
     assert torch.equal(q, q_ref) and torch.equal(k, k_ref) and torch.equal(v, v_ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fp8", [False, pytest.param(True, marks=needs_fp8)], ids=["cache", "fp8_cache"])
+@pytest.mark.parametrize("B,T,n_q,n_kv,D", [(1, 1, 32, 8, 128), (4, 1, 8, 2, 128), (2, 7, 3, 1, 64)])
+def test_rope_and_cache_kernel_with_qk_norms_equals_torch_bit_for_bit(monkeypatch, dtype, fp8, B, T, n_q, n_kv, D):
+    """q_norm and k_norm (Qwen3) in the kernel against rms_norm_torch and then RoPE, on rows whose sums of squares are
+    exact in any order (tests.test_rope_cache.rope_inputs): what the kernel computes after that sum, rsqrt included,
+    rounds as torch's ops do. The reference runs with Triton off, rms_norm would run its own kernel."""
+    monkeypatch.setattr(dispatch, "_fp8_kv", True)
+    g = torch.Generator().manual_seed(B * T + n_q)
+    qkv, cos, sin, positions, slots, norms, cache = test_rope_cache.rope_inputs(B, T, n_q, n_kv, D, 64, dtype, fp8, g)
+    qkv, cos, sin, positions, slots = (t.cuda() for t in (qkv, cos, sin, positions, slots))
+    (q_norm, k_norm), cache = [t.cuda() for t in norms], [t.cuda() for t in cache]
+    ref = [t.clone() for t in cache]
+    with monkeypatch.context() as m:
+        m.setattr(dispatch, "_enabled", False)
+        q_ref = rope_cache.rope_and_cache_torch(qkv, n_q, n_kv, cos, sin, positions, slots, *ref, q_norm=q_norm,
+                                                k_norm=k_norm, eps=1e-6)
+    q = rope_cache.rope_and_cache(qkv, n_q, n_kv, cos, sin, positions, slots, *cache, q_norm=q_norm, k_norm=k_norm,
+                                  eps=1e-6)
+    assert torch.equal(q, q_ref)
+    assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(cache, ref))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,T,n_q,n_kv,D", [(1, 1, 32, 8, 128), (2, 7, 3, 1, 64)])
+def test_rope_and_cache_kernel_with_qk_norms_on_random_rows_matches_torch(monkeypatch, dtype, B, T, n_q, n_kv, D):
+    """Random rows: the kernel adds a row's squares in another order than torch, so a row whose float32 sum rounds
+    otherwise can differ in its last bits."""
+    qkv, cos, sin, positions, slots, (k, v) = rope_inputs(B, T, n_q, n_kv, D, 64, dtype)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    q_norm, k_norm = ((torch.rand(D, device="cuda", generator=g) + 0.5).to(dtype) for _ in range(2))
+    k_ref, v_ref = k.clone(), v.clone()
+    with monkeypatch.context() as m:
+        m.setattr(dispatch, "_enabled", False)
+        q_ref = rope_cache.rope_and_cache_torch(qkv, n_q, n_kv, cos, sin, positions, slots, k_ref, v_ref,
+                                                q_norm=q_norm, k_norm=k_norm, eps=1e-6)
+    q = rope_cache.rope_and_cache(qkv, n_q, n_kv, cos, sin, positions, slots, k, v, q_norm=q_norm, k_norm=k_norm,
+                                  eps=1e-6)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(q, q_ref, **tol)
+    torch.testing.assert_close(k, k_ref, **tol)
+    assert torch.equal(v, v_ref)
 
 
 def decode_step(ctx: int, lengths: list[int]) -> SimpleNamespace:
