@@ -78,9 +78,10 @@ def routed_linear(x: torch.Tensor, w: StackedMMA, ids: torch.Tensor, x_div: int)
     """y[p] = x[p // x_div] @ w[ids[p]].T for every pair p: x (rows, K), ids (pairs,) int64 -> (pairs, N)."""
     like = w.like
     pairs = ids.numel()
-    if not runs_kernel(x[:1], like):  # CPU, float32: the same products one pair at a time
-        return torch.cat([mma_linear_torch(x[p // x_div:p // x_div + 1], w.expert(e))
-                          for p, e in enumerate(ids.tolist())])
+    if not runs_kernel(x[:1], like):
+        # CPU, float32 models: every expert on every row, then each pair's (no host sync: CUDA graphs too)
+        every = torch.stack([mma_linear_torch(x, w.expert(e)) for e in range(w.values.shape[0])])  # (E, rows, N)
+        return every[ids, torch.arange(pairs, device=x.device) // x_div]
     kp, np_ = like.padded
     if w.x_index is not None:  # each pair's row in its expert's input order; -1 (padding) reads an appended zero
         index = w.x_index[ids].long()  # (pairs, Kp)
