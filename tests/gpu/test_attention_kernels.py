@@ -51,10 +51,12 @@ def test_rope_and_cache_kernel_equals_torch_bit_for_bit(dtype, B, T, n_q, n_kv, 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("fp8", [False, pytest.param(True, marks=needs_fp8)], ids=["cache", "fp8_cache"])
 @pytest.mark.parametrize("B,T,n_q,n_kv,D", [(1, 1, 32, 8, 128), (4, 1, 8, 2, 128), (2, 7, 3, 1, 64)])
-def test_rope_and_cache_kernel_with_qk_norms_equals_torch_bit_for_bit(monkeypatch, dtype, fp8, B, T, n_q, n_kv, D):
+def test_rope_and_cache_kernel_with_qk_norms_equals_torch_up_to_the_rsqrt(monkeypatch, dtype, fp8, B, T, n_q, n_kv, D):
     """q_norm and k_norm (Qwen3) in the kernel against rms_norm_torch and then RoPE, on rows whose sums of squares are
-    exact in any order (tests.test_rope_cache.rope_inputs): what the kernel computes after that sum, rsqrt included,
-    rounds as torch's ops do. The reference runs with Triton off, rms_norm would run its own kernel."""
+    exact in any order (tests.test_rope_cache.rope_inputs), so that only the rsqrt can differ: Triton's and torch's
+    disagree in the last bit for some inputs on an H200 (2026-12-05: the cache rows of the first shape), so queries
+    and keys match within one rounding of it and values bit for bit. The reference runs with Triton off, rms_norm would
+    run its own kernel."""
     monkeypatch.setattr(dispatch, "_fp8_kv", True)
     g = torch.Generator().manual_seed(B * T + n_q)
     qkv, cos, sin, positions, slots, norms, cache = test_rope_cache.rope_inputs(B, T, n_q, n_kv, D, 64, dtype, fp8, g)
@@ -67,8 +69,17 @@ def test_rope_and_cache_kernel_with_qk_norms_equals_torch_bit_for_bit(monkeypatc
                                                 k_norm=k_norm, eps=1e-6)
     q = rope_cache.rope_and_cache(qkv, n_q, n_kv, cos, sin, positions, slots, *cache, q_norm=q_norm, k_norm=k_norm,
                                   eps=1e-6)
-    assert torch.equal(q, q_ref)
-    assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(cache, ref))
+    tol = dict(rtol=2e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=8e-3, atol=1e-3)  # ~one rounding
+    torch.testing.assert_close(q, q_ref, **tol)
+    if fp8:  # the keys as e4m3 bytes with their scales: compare what they hold
+        (k, v, k_scale, v_scale), (k_r, v_r, k_scale_r, v_scale_r) = cache, ref
+        torch.testing.assert_close(k.float() * k_scale[..., None], k_r.float() * k_scale_r[..., None],
+                                   rtol=0.13, atol=1e-2)  # one e4m3 step where a rounding tips it
+        assert torch.equal(v.view(torch.uint8), v_r.view(torch.uint8)) and torch.equal(v_scale, v_scale_r)
+    else:
+        (k, v), (k_r, v_r) = cache, ref
+        torch.testing.assert_close(k, k_r, **tol)
+        assert torch.equal(v, v_r)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
