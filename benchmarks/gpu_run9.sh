@@ -3,7 +3,8 @@
 # (GPU tests, the w4a16 layer table, Qwen3-30B-A3B w4a16 end to end with --routed-quantized-experts), Qwen3's q/k
 # norms inside the RoPE kernel (GPU tests, Qwen3-8B end to end), then synthetic Llama-3.1-8B: fp8-dynamic and w8a8
 # against bf16, the FP8 KV cache's Triton paths against the bf16 cache at 2048 and 8192 tokens, and a 2048-token
-# w4a16 prefill with --triton-prefill-dequant. Carry .whl (../shared/gpu/README.md, with llguidance's wheel as
+# w4a16 prefill with the Triton dequantization (both switches were off by default when this ran: --triton-fp8-kv and
+# --triton-prefill-dequant then; both are on now). Carry .whl (../shared/gpu/README.md, with llguidance's wheel as
 # benchmarks/gpu_run8.sh says); logs and bench folders go to $OUT.
 #   bash benchmarks/gpu_run9.sh
 set -u
@@ -19,7 +20,7 @@ bench moe_w4a16_routed 100 --model synthetic:qwen3-30b-a3b --quant w4a16 --route
 bench qwen3_8b 60 --model synthetic:qwen3-8b --batch 1 --prompt-len 128 --decode-tokens 64 --profile 3 "${C[@]}"
 B8=(--model synthetic:llama-3.1-8b "${C[@]}")
 bench act_quant 70 "${B8[@]}" --quant none,fp8-dynamic,w8a8 --batch 1 --prompt-len 128 --decode-tokens 64
-bench kv_fp8_on 60 "${B8[@]}" --batch 1 --prompt-len 2048,8192 --decode-tokens 32 --max-context 8448 --kv-dtype fp8 --triton-fp8-kv
+bench kv_fp8_on 60 "${B8[@]}" --batch 1 --prompt-len 2048,8192 --decode-tokens 32 --max-context 8448 --kv-dtype fp8
 bench kv_bf16 50 "${B8[@]}" --batch 1 --prompt-len 2048,8192 --decode-tokens 32 --max-context 8448
-bench prefill_on 60 "${B8[@]}" --quant none,w4a16 --batch 1 --prompt-len 2048 --decode-tokens 8 --triton-prefill-dequant
+bench prefill_on 60 "${B8[@]}" --quant none,w4a16 --batch 1 --prompt-len 2048 --decode-tokens 8
 grep -h "^profile" $OUT/*.log

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The switches that are off until measured, each off and on in one sitting on one H200 (issues 19 and 21), and the
-# whole GPU suite on a one-GPU host (issue 19, item 6). Flip a default only where "on" wins in its own table.
+# The kernel switches, each off and on in one sitting on one H200 (issues 19 and 21), and the whole GPU suite on a
+# one-GPU host (issue 19, item 6). A default is on only where "on" wins in its own table.
 #   bash benchmarks/gpu_switches.sh suite    every test under tests/gpu (many host-staged ranks share the one GPU)
-#   bash benchmarks/gpu_switches.sh ab       synthetic Llama-3.1-8B: --triton-prefill-dequant on a 2048-token w4a16
-#                                            prefill; --triton-fp8-kv at 2048 and 8192 tokens, batch 1, against the
+#   bash benchmarks/gpu_switches.sh ab       synthetic Llama-3.1-8B: the prefill dequantization on a 2048-token w4a16
+#                                            prefill; the FP8 KV cache at 2048 and 8192 tokens, batch 1, against the
 #                                            bf16 cache; fp8-dynamic and w8a8 against bf16 at batch 1
 #                                            (--routed-quantized-experts: benchmarks/gpu_moe.sh)
 # Carry .whl (../shared/gpu/README.md, llguidance's wheel added as benchmarks/gpu_run8.sh says). Logs go to $OUT.
@@ -20,12 +20,12 @@ ab)  # one call of ~8 minutes: each bench one timed repeat, batch 1 (batch 8 whe
   python3 -m ray.scripts.scripts start --head --port=6390 --num-gpus=1 --include-dashboard=false \
     --disable-usage-stats >"$OUT/ray_start.log" 2>&1 && export RAY_ADDRESS=127.0.0.1:6390
   B8=(--model synthetic:llama-3.1-8b --dtype bfloat16 --devices cuda:0 --allreduce-iters 10 --repeats 1)
-  bench prefill_off 70 "${B8[@]}" --quant none,w4a16 --batch 1 --prompt-len 2048 --decode-tokens 8
-  bench prefill_on 60 "${B8[@]}" --quant w4a16 --batch 1 --prompt-len 2048 --decode-tokens 8 --triton-prefill-dequant
+  bench prefill_off 70 "${B8[@]}" --quant none,w4a16 --batch 1 --prompt-len 2048 --decode-tokens 8 --no-triton-prefill-dequant
+  bench prefill_on 60 "${B8[@]}" --quant w4a16 --batch 1 --prompt-len 2048 --decode-tokens 8
   LONG=(--batch 1 --prompt-len 2048,8192 --decode-tokens 32 --max-context 8448)
   bench kv_bf16 60 "${B8[@]}" "${LONG[@]}"
-  bench kv_fp8_off 60 "${B8[@]}" "${LONG[@]}" --kv-dtype fp8
-  bench kv_fp8_on 60 "${B8[@]}" "${LONG[@]}" --kv-dtype fp8 --triton-fp8-kv
+  bench kv_fp8_off 60 "${B8[@]}" "${LONG[@]}" --kv-dtype fp8 --no-triton-fp8-kv
+  bench kv_fp8_on 60 "${B8[@]}" "${LONG[@]}" --kv-dtype fp8
   bench act_quant 80 "${B8[@]}" --quant none,fp8-dynamic,w8a8 --batch 1 --prompt-len 128 --decode-tokens 64
   ;;
 *) echo "usage: $0 suite|ab"; exit 2 ;;

@@ -114,8 +114,9 @@ def _option_args(p: argparse.ArgumentParser) -> None:
         def __call__(self, parser, namespace, values, option_string=None):
             namespace.options = replace(namespace.options, **{self.field: self.value})
 
-    g = p.add_argument_group("run-time options (defaults from RAYTP_TRITON, RAYTP_TRITON_FP8_KV, RAYTP_CUDA_GRAPHS, "
-                             "RAYTP_GPU_HOSTSTAGED, RAYTP_CHECK_IDENTICAL)")
+    g = p.add_argument_group("run-time options (defaults from RAYTP_TRITON, RAYTP_TRITON_FP8_KV, RAYTP_TRITON_PREFILL_DEQUANT, "
+                             "RAYTP_ROUTED_QUANTIZED_EXPERTS, RAYTP_CUDA_GRAPHS, RAYTP_GPU_HOSTSTAGED, "
+                             "RAYTP_CHECK_IDENTICAL)")
     for f in fields(RuntimeOptions):
         flag, why = FLAGS[f.name]
         g.add_argument(flag, action=Switch, dest=f.name, value=not f.default, help=why)

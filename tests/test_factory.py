@@ -90,14 +90,14 @@ def test_options_come_from_flags_over_the_environment(monkeypatch):
     monkeypatch.delenv("RAYTP_TRITON")
     monkeypatch.delenv("RAYTP_CHECK_IDENTICAL")
     assert build_parser().parse_args(["serve"]).options == RuntimeOptions()
-    assert build_parser().parse_args(["serve", "--triton-fp8-kv"]).options == RuntimeOptions(triton_fp8_kv=True)
-    monkeypatch.setenv("RAYTP_TRITON_FP8_KV", "1")
-    assert build_parser().parse_args(["serve"]).options.flags() == ["--triton-fp8-kv"]
-    monkeypatch.setenv("RAYTP_TRITON_PREFILL_DEQUANT", "1")
-    assert build_parser().parse_args(["bench"]).options.flags() == ["--triton-fp8-kv", "--triton-prefill-dequant"]
-    monkeypatch.delenv("RAYTP_TRITON_PREFILL_DEQUANT")
-    assert (build_parser().parse_args(["generate", "--prompt", "x", "--triton-prefill-dequant"]).options
-            == RuntimeOptions(triton_fp8_kv=True, triton_prefill_dequant=True))
+    assert build_parser().parse_args(["serve", "--no-triton-fp8-kv"]).options == RuntimeOptions(triton_fp8_kv=False)
+    monkeypatch.setenv("RAYTP_TRITON_FP8_KV", "0")
+    assert build_parser().parse_args(["serve"]).options.flags() == ["--no-triton-fp8-kv"]
+    monkeypatch.setenv("RAYTP_ROUTED_QUANTIZED_EXPERTS", "1")
+    assert build_parser().parse_args(["bench"]).options.flags() == ["--no-triton-fp8-kv", "--routed-quantized-experts"]
+    monkeypatch.delenv("RAYTP_ROUTED_QUANTIZED_EXPERTS")
+    assert (build_parser().parse_args(["generate", "--prompt", "x", "--no-triton-prefill-dequant"]).options
+            == RuntimeOptions(triton_fp8_kv=False, triton_prefill_dequant=False))
 
 
 def test_triton_switch_is_per_process(monkeypatch):
@@ -108,13 +108,17 @@ def test_triton_switch_is_per_process(monkeypatch):
     assert dispatch._enabled == (dispatch.triton is not None)
 
 
-@pytest.mark.parametrize("switch,use", [("fp8_kv", "use_triton_fp8_kv"),
-                                        ("prefill_dequant", "use_triton_prefill_dequant"),
-                                        ("routed_experts", "use_routed_quantized_experts")])
-def test_unmeasured_triton_switches_are_off_unless_asked_and_never_on_cpus(monkeypatch, switch, use):
+@pytest.mark.parametrize("switch,use,default", [("fp8_kv", "use_triton_fp8_kv", True),
+                                                ("prefill_dequant", "use_triton_prefill_dequant", True),
+                                                ("routed_experts", "use_routed_quantized_experts", False)])
+def test_kernel_switches_have_their_defaults_and_never_run_on_cpus(monkeypatch, switch, use, default):
+    """Measured switches are on unless switched off, the unmeasured one off unless asked; none runs a kernel on a
+    CPU tensor."""
     monkeypatch.setattr(dispatch, "_enabled", dispatch._enabled)  # both restored after the test
     monkeypatch.setattr(dispatch, f"_{switch}", getattr(dispatch, f"_{switch}"))
     dispatch.set_triton(True)
-    assert not getattr(dispatch, f"_{switch}")
+    assert getattr(dispatch, f"_{switch}") == default
+    dispatch.set_triton(True, **{switch: not default})
+    assert getattr(dispatch, f"_{switch}") != default
     dispatch.set_triton(True, **{switch: True})
-    assert getattr(dispatch, f"_{switch}") and not getattr(dispatch, use)(torch.zeros(1))
+    assert not getattr(dispatch, use)(torch.zeros(1))

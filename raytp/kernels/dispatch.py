@@ -2,12 +2,12 @@
 process switched Triton off (`set_triton(False)`, which each rank calls once from RuntimeOptions.triton; the
 torch versions then run everywhere: for debugging, and to compare the two on a GPU).
 
-The FP8 KV cache's Triton paths (raytp.kernels.kv_fp8) have a switch of their own, `fp8_kv`
-(RuntimeOptions.triton_fp8_kv), off until they are measured on a GPU, and run only where the GPU converts e4m3 in
-hardware (compute capability 8.9+). So has the Triton dequantization of packed weights for prefill
-(raytp.kernels.packed_dequant), `prefill_dequant` (RuntimeOptions.triton_prefill_dequant), and the routed GEMV
-of quantized experts (raytp.kernels.routed_packed_gemv), `routed_experts` (RuntimeOptions.routed_quantized_experts):
-off until measured."""
+Some kernels have a switch of their own, so one GPU can compare them with their torch versions: the FP8 KV cache's
+Triton paths (raytp.kernels.kv_fp8), `fp8_kv` (RuntimeOptions.triton_fp8_kv), which run only where the GPU converts
+e4m3 in hardware (compute capability 8.9+), and the Triton dequantization of packed weights for prefill
+(raytp.kernels.packed_dequant), `prefill_dequant` (RuntimeOptions.triton_prefill_dequant): both on, since measured
+on an H200. The routed GEMV of quantized experts (raytp.kernels.routed_packed_gemv), `routed_experts`
+(RuntimeOptions.routed_quantized_experts), is off until measured end to end."""
 
 from __future__ import annotations
 
@@ -23,14 +23,14 @@ except ImportError:  # CPU-only installs: every kernel's torch version runs
 # Per process, not per call: a rank sets it once before its first forward, and a kernel call must not pay for a
 # lookup (the decode step makes hundreds of them).
 _enabled = triton is not None
-_fp8_kv = False
-_prefill_dequant = False
+_fp8_kv = True
+_prefill_dequant = True
 _routed_experts = False
 
 FP8_CAPABILITY = (8, 9)  # Ada and Hopper convert e4m3 in hardware; before them Triton would emulate it per element
 
 
-def set_triton(enabled: bool, fp8_kv: bool = False, prefill_dequant: bool = False,
+def set_triton(enabled: bool, fp8_kv: bool = True, prefill_dequant: bool = True,
                routed_experts: bool = False) -> None:
     """Use the Triton kernels in this process (where Triton is installed) or the torch versions everywhere; with
     `fp8_kv` also for the FP8 KV cache's write and decode attention, with `prefill_dequant` also to dequantize
