@@ -175,5 +175,5 @@ def test_triton_prefill_dequantization_equals_torch_bit_for_bit(dtype, monkeypat
     assert torch.equal(got, pg.dequantize_mma(fp8, dtype))
     x = torch.randn(100, 4096, device="cuda", dtype=dtype)
     off = pg.mma_linear(x, w)
-    monkeypatch.setattr(dispatch, "_prefill_dequant", True)  # what --triton-prefill-dequant sets, undone after
+    monkeypatch.setattr(dispatch, "_prefill_dequant", True)  # the default (--no-triton-prefill-dequant unsets it)
     assert torch.equal(pg.mma_linear(x, w), off)
