@@ -15,8 +15,10 @@ import transformers
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from raytp.kernels.packed_gemv import pack_int
+from raytp.kernels.routed_packed_gemv import StackedMMA
 from raytp.model import moe
-from raytp.model.formats import fused
+from raytp.model.formats import fused, pack
 from raytp.model.layout import EXPERT_COLS
 from raytp.model.moe import QuantizedExperts
 from raytp.model.pieces import quant_replicated_bytes
@@ -124,6 +126,25 @@ def test_planned_bytes_are_the_bytes_each_rank_holds(quantized_moe, scheme):
         planned = shard.weight_bytes + replicated + routers
         exact = shard.kv_heads and not config.quant.act_order
         assert held == planned if exact else held <= planned, (shard.rank, held, planned)
+
+
+@pytest.mark.parametrize("zeros", [False, True])
+def test_experts_packed_in_one_pass_equal_experts_packed_one_by_one(zeros):
+    """A layer's experts repacked as one matrix of their rows one after another, then split (what a load does where
+    they share a format), hold exactly what repacking each expert and stacking them holds."""
+    g = torch.Generator().manual_seed(3)
+    experts, rows, cols, group = 5, 128, 256, 64
+    q = torch.randint(0, 16, (experts * rows, cols), generator=g)
+    scales = torch.rand(experts * rows, cols // group, generator=g).bfloat16()
+    zero = torch.randint(0, 16, scales.shape, generator=g).bfloat16() if zeros else None
+    packed = pack(q, 4)
+    at = lambda t, e: None if t is None else t[e * rows:(e + 1) * rows]  # noqa: E731
+    one = StackedMMA.split(pack_int(packed, scales, zero, bits=4, group_size=group), experts)
+    each = StackedMMA.stack([pack_int(at(packed, e), at(scales, e), at(zero, e), bits=4, group_size=group)
+                             for e in range(experts)])
+    for a, b in zip(one.tensors(), each.tensors()):
+        assert torch.equal(a, b)
+    assert one.like.out_features == each.like.out_features == rows
 
 
 @pytest.mark.parametrize("family,scheme", [("qwen3-moe", "w4a16"), ("mixtral", "w4a16-noactorder")])

@@ -10,9 +10,10 @@ and arithmetic as a dense quantized GEMV, for int4, int8 and FP8 experts alike.
     sum       out[token] = sum over its choices, in order, of weight * down, in float32, rounded once
 
 Act-order experts read x each in their own input order: each pair's row is gathered into its expert's order
-first (one gather over the stacked indices, on the GPU). Two tokens that chose one expert each read it (L2 may keep it): at batch 1 nothing is read twice, at batch 8 of
-Qwen3-30B-A3B about 64 pairs share ~53 experts. No split along the inputs (a split would need a workspace per pair):
-the pairs already give the grid its blocks.
+first (one gather over the stacked indices, on the GPU). Two tokens that chose one expert each read it (L2 may keep
+it): at batch 1 nothing is read twice, at batch 8 of Qwen3-30B-A3B about 64 pairs share ~53 experts; Mixtral's 8
+experts are read 2-4 times over at 8-16 tokens, where running every expert once is faster. No split along the
+inputs (a split would need a workspace per pair): the pairs already give the grid its blocks.
 """
 
 from __future__ import annotations
@@ -56,6 +57,23 @@ class StackedMMA:
         values, scales, zeros, x_index = (stacked(name) for name in ("values", "scales", "zeros", "x_index"))
         return cls(values, scales, zeros, x_index, cls._expert(first, values, scales, zeros, x_index, 0,
                                                               all(w.foldable for w in weights)))
+
+    @classmethod
+    def split(cls, packed: MMAPacked, experts: int) -> StackedMMA:
+        """The stack of `experts` matrices packed as one, their rows one after another, each expert's rows a whole
+        number of the kernel's 64-row blocks and every expert in one column order: one packing pass for a whole
+        layer's experts instead of one per expert (a model's load makes thousands)."""
+        groups = packed.scales.shape[0]
+        rows = packed.out_features // experts
+        assert rows % TILE_N == 0 and rows * experts == packed.out_features
+        per_expert = lambda t: t.view(groups, experts, rows).transpose(0, 1).contiguous()  # noqa: E731
+        values = packed.values.view(experts, -1, *packed.values.shape[1:])
+        scales = per_expert(packed.scales)
+        zeros = None if packed.zeros is None else per_expert(packed.zeros)
+        x_index = None if packed.x_index is None else packed.x_index.expand(experts, -1)  # one order: one copy
+        like = dataclasses.replace(packed, out_features=rows)
+        first = cls._expert(like, values, scales, zeros, x_index, 0, packed.foldable)
+        return cls(values, scales, zeros, x_index, first)
 
     @staticmethod
     def _expert(like: MMAPacked, values, scales, zeros, x_index, e: int, foldable: bool) -> MMAPacked:

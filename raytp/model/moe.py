@@ -27,9 +27,11 @@ import torch.nn.functional as F
 
 from raytp.kernels.dispatch import use_routed_quantized_experts
 from raytp.kernels.moe_gemv import ROUTED_ROWS, grouped_experts, routed_experts
+from raytp.kernels.packed_gemv import TILE_N
 from raytp.kernels.routed_packed_gemv import StackedMMA, routed_packed_experts
 from raytp.model.config import MoeConfig
-from raytp.model.formats import PackedWeight, Weight, WeightReader, for_device, fuse, read_linear
+from raytp.model.formats import (FP8Weight, IntWeight, PackedWeight, Weight, WeightReader, for_device, fuse,
+                                 read_linear)
 from raytp.model.layout import ExpertsLayout
 from raytp.parallel.comm import Communicator
 
@@ -84,14 +86,12 @@ class QuantizedExperts:
     def load(cls, layout: ExpertsLayout, reader: WeightReader) -> QuantizedExperts:
         gate_up = [fuse([read_linear(reader, gate), read_linear(reader, up)]) for gate, up, _ in layout.experts]
         down = [read_linear(reader, down) for _, _, down in layout.experts]
-        gate_up, down = ([for_device(w, reader.dtype) for w in ws] for ws in (gate_up, down))
-        packed = lambda ws: all(isinstance(w, PackedWeight) and w.bias is None for w in ws)  # noqa: E731
-        if packed(gate_up) and packed(down) and use_routed_quantized_experts(down[0].packed.values):
-            routed = StackedMMA.stack([w.packed for w in gate_up]), StackedMMA.stack([w.packed for w in down])
-            if None not in routed:
-                del gate_up, down  # the stacks replace them: views of the stacks serve prefill
+        if use_routed_quantized_experts(down[0].tensors()[0]):
+            routed = _stacked(gate_up, reader.dtype), _stacked(down, reader.dtype)
+            if None not in routed:  # views of the stacks serve prefill: nothing is held twice
                 return cls(*([PackedWeight(p, None) for p in s.experts()] for s in routed), routed)
-        return cls(gate_up, down)
+        held = lambda w: for_device(w, reader.dtype)  # noqa: E731
+        return cls([held(w) for w in gate_up], [held(w) for w in down])
 
     def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         if self.routed is not None and (x.shape[0] <= ROUTED_ROWS
@@ -104,6 +104,22 @@ class QuantizedExperts:
         if self.routed is not None:  # the per-expert weights are views of these
             return [t for stacked in self.routed for t in stacked.tensors()]
         return [t for w in self.gate_up + self.down for t in w.tensors()]
+
+
+def _stacked(weights: list[Weight], dtype: torch.dtype) -> StackedMMA | None:
+    """One projection of every expert stacked for the routed GEMV: repacked in one pass over their rows one after
+    another where they share a format and column order and each has whole 64-row blocks of the kernel, else expert
+    by expert; None where some expert's weight is not one the kernel reads."""
+    one = fuse(weights)
+    matrix = one.packed if isinstance(one, IntWeight) else one.weight if isinstance(one, FP8Weight) else None
+    if matrix is not None and matrix.shape[0] % (len(weights) * TILE_N) == 0:
+        held = for_device(one, dtype)
+        if isinstance(held, PackedWeight) and held.bias is None:
+            return StackedMMA.split(held.packed, len(weights))
+    held = [for_device(w, dtype) for w in weights]
+    if all(isinstance(w, PackedWeight) and w.bias is None for w in held):
+        return StackedMMA.stack([w.packed for w in held])
+    return None
 
 
 class SparseMoeBlock:
