@@ -122,3 +122,15 @@ def test_kernel_switches_have_their_defaults_and_never_run_on_cpus(monkeypatch, 
     assert getattr(dispatch, f"_{switch}") != default
     dispatch.set_triton(True, **{switch: True})
     assert not getattr(dispatch, use)(torch.zeros(1))
+
+
+
+def test_weight_only_act_quant_is_off_unless_asked_and_then_on_every_rank(monkeypatch):
+    """Unmeasured: off by default. On, it holds for CPU ranks too, so that a group mixing CPUs and GPUs computes
+    alike and joins the same collectives."""
+    monkeypatch.setattr(dispatch, "_weight_only_act_quant", dispatch._weight_only_act_quant)  # restored after
+    dispatch.set_triton(True)
+    assert not dispatch.weight_only_act_quant()
+    dispatch.set_triton(True, weight_only_act_quant=True)
+    assert dispatch.weight_only_act_quant()
+    assert RuntimeOptions(weight_only_act_quant=True).flags() == ["--weight-only-act-quant"]

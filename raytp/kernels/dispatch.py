@@ -7,7 +7,9 @@ Triton paths (raytp.kernels.kv_fp8), `fp8_kv` (RuntimeOptions.triton_fp8_kv), wh
 e4m3 in hardware (compute capability 8.9+), and the Triton dequantization of packed weights for prefill
 (raytp.kernels.packed_dequant), `prefill_dequant` (RuntimeOptions.triton_prefill_dequant): both on, since measured
 on an H200. The routed GEMV of quantized experts (raytp.kernels.routed_packed_gemv), `routed_experts`
-(RuntimeOptions.routed_quantized_experts), is off until measured end to end."""
+(RuntimeOptions.routed_quantized_experts), is off until measured end to end, and so is the weight-only packed GEMV for checkpoints that quantize
+activations (FP8_DYNAMIC, W8A8), `weight_only_act_quant` (RuntimeOptions.weight_only_act_quant), which applies on
+every rank, CPUs included, so that all ranks run one arithmetic and join the same collectives."""
 
 from __future__ import annotations
 
@@ -26,20 +28,23 @@ _enabled = triton is not None
 _fp8_kv = True
 _prefill_dequant = True
 _routed_experts = False
+_weight_only_act_quant = False
 
 FP8_CAPABILITY = (8, 9)  # Ada and Hopper convert e4m3 in hardware; before them Triton would emulate it per element
 
 
 def set_triton(enabled: bool, fp8_kv: bool = True, prefill_dequant: bool = True,
-               routed_experts: bool = False) -> None:
+               routed_experts: bool = False, weight_only_act_quant: bool = False) -> None:
     """Use the Triton kernels in this process (where Triton is installed) or the torch versions everywhere; with
     `fp8_kv` also for the FP8 KV cache's write and decode attention, with `prefill_dequant` also to dequantize
-    packed weights for prefill, with `routed_experts` also for quantized experts."""
-    global _enabled, _fp8_kv, _prefill_dequant, _routed_experts
+    packed weights for prefill, with `routed_experts` also for quantized experts, with `weight_only_act_quant` also
+    to repack activation-quantized weights for the weight-only packed GEMV."""
+    global _enabled, _fp8_kv, _prefill_dequant, _routed_experts, _weight_only_act_quant
     _enabled = enabled and triton is not None
     _fp8_kv = fp8_kv
     _prefill_dequant = prefill_dequant
     _routed_experts = routed_experts
+    _weight_only_act_quant = weight_only_act_quant
 
 
 def use_triton(t: torch.Tensor) -> bool:
@@ -54,6 +59,13 @@ def use_triton_prefill_dequant(t: torch.Tensor) -> bool:
 def use_routed_quantized_experts(t: torch.Tensor) -> bool:
     """Whether quantized experts held like t are stacked for raytp.kernels.routed_packed_gemv."""
     return _routed_experts and use_triton(t)
+
+
+def weight_only_act_quant() -> bool:
+    """Whether activation-quantized weights run as weight-only ones, their inputs left unquantized: on every rank, so
+    that all of them compute alike and join the same collectives (a CUDA rank then repacks them for
+    raytp.kernels.packed_gemv, a CPU rank keeps them as e4m3 or int8 weights for torch)."""
+    return _weight_only_act_quant
 
 
 def use_triton_fp8_kv(t: torch.Tensor) -> bool:

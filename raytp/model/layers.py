@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from raytp.kernels.dispatch import weight_only_act_quant
 from raytp.model.formats import ActQuantWeight, DenseWeight, WeightReader, for_device, fuse, read_linear
 from raytp.model.layout import Slice
 from raytp.parallel.comm import Communicator
@@ -58,10 +59,13 @@ class RowParallelLinear:
 
     def load(self, reader: WeightReader) -> RowParallelLinear:
         self.weight = for_device(read_linear(reader, self.part), reader.dtype)
+        # Whether the ranks exchange each token's amax, which all must agree on: a rank without columns keeps its
+        # empty slice as read, though the others hold theirs repacked for the weight-only kernel.
+        self.row_amax = isinstance(self.weight, ActQuantWeight) and not weight_only_act_quant()
         return self
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        amax = self._row_amax(x) if isinstance(self.weight, ActQuantWeight) else None  # every rank joins it
+        amax = self._row_amax(x) if self.row_amax else None  # every rank joins it
         if self.width:
             partial = self.weight.apply(x) if amax is None else self.weight.apply(x, amax)
         else:  # no columns here: this rank's share of the sum is zero

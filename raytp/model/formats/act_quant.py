@@ -9,7 +9,8 @@ import torch
 
 from raytp.kernels.act_quant_matmul import act_quant_linear
 from raytp.model.formats.base import WeightReader
-from raytp.model.formats.fp8 import FP8Format
+from raytp.model.formats.fp8 import FP8Format, FP8Weight
+from raytp.model.formats.int_packed import IntWeight, pack
 from raytp.model.layout import Slice
 
 
@@ -31,6 +32,15 @@ class ActQuantWeight:
     def apply(self, x: torch.Tensor, amax: torch.Tensor | None = None) -> torch.Tensor:
         y = act_quant_linear(x, self.weight, self.scale, amax)
         return y if self.bias is None else y + self.bias
+
+    def weight_only(self, dtype: torch.dtype) -> FP8Weight | IntWeight:
+        """The same weights in the weight-only format of their type (inputs left in the model dtype `dtype`): e4m3 as
+        FP8Weight; int8 as IntWeight's symmetric 8-bit words (value + 128 around its zero point 128, one group of
+        all inputs, scales in the model dtype as IntWeight holds them)."""
+        if self.weight.dtype == torch.int8:
+            return IntWeight(pack(self.weight.int() + 128, 8), self.scale.to(dtype), None, 8, self.weight.shape[1],
+                             bias=self.bias)
+        return FP8Weight(self.weight, self.scale, self.bias)
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.weight, self.scale, self.bias) if t is not None]

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-from raytp.kernels.dispatch import use_triton
+from raytp.kernels.dispatch import use_triton, weight_only_act_quant
 from raytp.kernels.packed_gemv import MMAPacked, mma_linear, pack_fp8, pack_int, reserve
 from raytp.model.formats.act_quant import ActQuantWeight
 from raytp.model.formats.dense import DenseWeight
@@ -31,8 +31,9 @@ class ConcatWeight:
 
 
 class PackedWeight:
-    """An IntWeight or FP8Weight repacked on its GPU, at load time, into the layout of the decode kernel
-    (raytp.kernels.packed_gemv): tensor cores at 1-16 rows, dequantize-then-cuBLAS for prefill."""
+    """An IntWeight or FP8Weight (or an ActQuantWeight held as one of them) repacked on its GPU, at load time, into
+    the layout of the decode kernel (raytp.kernels.packed_gemv): tensor cores at 1-16 rows, dequantize-then-cuBLAS
+    for prefill."""
 
     def __init__(self, packed: MMAPacked, bias: torch.Tensor | None):
         self.packed, self.bias = packed, bias
@@ -74,10 +75,13 @@ def fuse(parts: Sequence[Weight], bias: torch.Tensor | None = None) -> Weight:
 
 def for_device(weight: Weight, dtype: torch.dtype) -> Weight:
     """`weight` in the layout its device's kernels read fastest, made from the rank's own slice once at load time:
-    quantized weights on a CUDA rank with the kernels on become PackedWeight; everything else stays as it is."""
+    quantized weights on a CUDA rank with the kernels on become PackedWeight (activation-quantized ones only with
+    RuntimeOptions.weight_only_act_quant); everything else stays as it is."""
     if isinstance(weight, ConcatWeight):
         return ConcatWeight([for_device(p, dtype) for p in weight.parts], weight.bias)
     # a rank with no heads or columns has an empty slice: nothing to repack, its checkpoint format serves
+    if isinstance(weight, ActQuantWeight) and weight_only_act_quant() and weight.weight.numel():
+        return for_device(weight.weight_only(dtype), dtype)
     if isinstance(weight, IntWeight) and use_triton(weight.packed) and weight.packed.numel():
         return PackedWeight(pack_int(weight.packed, weight.scales, weight.zeros, bits=weight.bits,
                                      group_size=weight.group_size, group_start=weight.group_start,
