@@ -35,8 +35,9 @@ kernel (x kept in the model dtype, a slightly more accurate model) may be the fa
 to how many rows of x it runs instead, per weight dtype, to be set from measurements on a GPU (`route` decides, once
 per call, from the shapes alone, so CUDA graphs capture one path). It is 0: the checkpoint runs as its config says.
 (On an H200 the packed weight-only FP8 kernel, raytp.kernels.packed_gemv, takes 102 us per 8B layer at batch 1
-against 138 for _scaled_mm and 122 for _int_mm: benchmarks/results/2026-12-02-h200-sitting7; routing to it would
-change the model's arithmetic, which is the user's choice to make, not yet offered.)
+against 138 for _scaled_mm and 122 for _int_mm: benchmarks/results/2026-12-02-h200-sitting7; running it changes the
+model's arithmetic, which is the user's choice to make: RuntimeOptions.weight_only_act_quant repacks the weights for it
+at load time, raytp.model.formats.fused.for_device.)
 """
 
 from __future__ import annotations

@@ -1,10 +1,14 @@
 """The activation-quantized matmul's cuBLAS paths (torch._scaled_mm for e4m3, torch._int_mm for int8) against its
-torch path, eager and inside a CUDA graph (GPU host only)."""
+torch path, eager and inside a CUDA graph, and the same weights repacked for the weight-only packed GEMV
+(--weight-only-act-quant) against it (GPU host only)."""
 
 import pytest
 import torch
 
 from raytp.kernels import act_quant_matmul as aq
+from raytp.kernels import dispatch
+from raytp.kernels.packed_gemv import runs_kernel
+from raytp.model.formats import ActQuantWeight, PackedWeight, for_device
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 FP8_OK = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
@@ -114,3 +118,27 @@ def test_triton_quantization_and_epilogue_give_the_torch_bits(dtype, x_dtype):
     w_scale = torch.rand(1000, 1, device="cuda")
     got = aq._int_epilogue(acc, s, w_scale, 37, x_dtype)
     assert torch.equal(got, (acc[:37].float() * s[:37] * w_scale.t()).to(x_dtype))
+
+
+@pytest.mark.skipif(dispatch.triton is None, reason="CUDA ranks repack only with the kernels on (Triton installed)")
+@pytest.mark.parametrize("dtype", [torch.int8] + ([aq.E4M3] if FP8_OK else []))
+@pytest.mark.parametrize("rows", [1, 3, 8, 16])
+def test_weight_only_repacking_matches_the_act_quant_path(monkeypatch, dtype, rows):
+    """--weight-only-act-quant: for_device repacks an ActQuantWeight on its GPU for the packed GEMV, whose CUDA kernel
+    (x left in bfloat16) gives the act-quant path's product within what quantizing x changes, and the float product
+    of the same weights within bfloat16's rounding."""
+    monkeypatch.setattr(dispatch, "_weight_only_act_quant", True)  # restored after the test
+    q, s = weight(1024, 4096, dtype)
+    act_quant = ActQuantWeight(q, s)
+    packed = for_device(act_quant, torch.bfloat16)
+    assert isinstance(packed, PackedWeight) and packed.packed.kind == ("int8" if dtype == torch.int8 else "fp8")
+    x = torch.randn(rows, 4096, device="cuda", dtype=torch.bfloat16)
+    assert runs_kernel(x, packed.packed)
+    got, quantized = packed.apply(x).float(), act_quant.apply(x).float()
+    exact = x.float() @ act_quant.dequantize().t()
+    error = lambda y: ((y - exact).norm() / exact.norm()).item()  # noqa: E731
+    # quantizing x per token moves the product by about 2.6% of its norm for e4m3 (3 mantissa bits), 0.9% for int8
+    # (127 steps to a row's largest magnitude); the weight-only product only by bfloat16's roundings, 0.3%
+    assert error(quantized) < (0.06 if dtype == aq.E4M3 else 0.02)
+    assert error(got) < 0.01 and error(got) < error(quantized)
+    torch.testing.assert_close(got, quantized, rtol=0, atol=(0.4 if dtype == aq.E4M3 else 0.15))
