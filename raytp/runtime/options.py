@@ -41,8 +41,8 @@ class RuntimeOptions:
     # by its routed launch (raytp.kernels.routed_packed_gemv), which reads only the selected experts also inside
     # CUDA graphs; off, each expert is its own GEMV and a CUDA graph runs every expert. Off until measured on a GPU.
     routed_quantized_experts: bool = False
-    # FP8_DYNAMIC and W8A8 layers on CUDA ranks repacked for the weight-only packed GEMV (raytp.kernels.packed_gemv),
-    # their inputs left in the model dtype: on an H200 the same weight bytes decode at 1.31x (fp8) and 1.33x (int8)
+    # FP8_DYNAMIC and W8A8 layers run weight-only, their inputs left in the model dtype, on every rank (CUDA ranks
+    # repack them for the packed GEMV, raytp.kernels.packed_gemv; CPU ranks use torch): on an H200 the same weight bytes decode at 1.31x (fp8) and 1.33x (int8)
     # the bf16 speed that way, against 0.94x and 1.03x with the activations quantized. It changes the arithmetic
     # from what the checkpoint's config says (slightly more accurate). Off until measured per batch size on a GPU.
     weight_only_act_quant: bool = False
@@ -82,8 +82,8 @@ FLAGS = {
     "routed_quantized_experts": ("--routed-quantized-experts", "decode quantized experts (GPTQ, AWQ, int4/int8, "
                                  "FP8) with one routed GEMV that reads only the selected experts, also in CUDA "
                                  "graphs (off: per-expert GEMVs; a CUDA graph then runs every expert)"),
-    "weight_only_act_quant": ("--weight-only-act-quant", "run FP8_DYNAMIC and W8A8 checkpoints on GPUs with the "
-                              "weight-only packed GEMV, activations left unquantized (off: quantized per token, as "
+    "weight_only_act_quant": ("--weight-only-act-quant", "run FP8_DYNAMIC and W8A8 checkpoints weight-only (on "
+                              "GPUs the packed GEMV), activations left unquantized (off: quantized per token, as "
                               "their config says)"),
     "cuda_graphs": ("--no-cuda-graphs", "decode eagerly on GPUs instead of replaying CUDA graphs"),
     "gpu_hoststaged": ("--no-gpu-hoststaged", "GPU ranks drive the host-staged all-reduce from the CPU, not a kernel"),
