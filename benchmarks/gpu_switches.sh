@@ -4,7 +4,8 @@
 #   bash benchmarks/gpu_switches.sh suite    every test under tests/gpu (many host-staged ranks share the one GPU)
 #   bash benchmarks/gpu_switches.sh ab       synthetic Llama-3.1-8B: the prefill dequantization on a 2048-token w4a16
 #                                            prefill; the FP8 KV cache at 2048 and 8192 tokens, batch 1, against the
-#                                            bf16 cache; fp8-dynamic and w8a8 against bf16 at batch 1
+#                                            bf16 cache; fp8-dynamic and w8a8 against bf16 at batch 1 and 8, with
+#                                            and without --weight-only-act-quant
 #                                            (--routed-quantized-experts: benchmarks/gpu_moe.sh)
 # Carry .whl (../shared/gpu/README.md, llguidance's wheel added as benchmarks/gpu_run8.sh says). Logs go to $OUT.
 set -u
@@ -26,7 +27,9 @@ ab)  # one call of ~8 minutes: each bench one timed repeat, batch 1 (batch 8 whe
   bench kv_bf16 60 "${B8[@]}" "${LONG[@]}"
   bench kv_fp8_off 60 "${B8[@]}" "${LONG[@]}" --kv-dtype fp8 --no-triton-fp8-kv
   bench kv_fp8_on 60 "${B8[@]}" "${LONG[@]}" --kv-dtype fp8
-  bench act_quant 80 "${B8[@]}" --quant none,fp8-dynamic,w8a8 --batch 1 --prompt-len 128 --decode-tokens 64
+  bench act_quant 80 "${B8[@]}" --quant none,fp8-dynamic,w8a8 --batch 1,8 --prompt-len 128 --decode-tokens 64
+  bench act_quant_weight_only 80 "${B8[@]}" --quant fp8-dynamic,w8a8 --batch 1,8 --prompt-len 128 --decode-tokens 64 \
+    --weight-only-act-quant
   ;;
 *) echo "usage: $0 suite|ab"; exit 2 ;;
 esac
