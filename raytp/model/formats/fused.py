@@ -75,8 +75,9 @@ def fuse(parts: Sequence[Weight], bias: torch.Tensor | None = None) -> Weight:
 
 def for_device(weight: Weight, dtype: torch.dtype) -> Weight:
     """`weight` in the layout its device's kernels read fastest, made from the rank's own slice once at load time:
-    quantized weights on a CUDA rank with the kernels on become PackedWeight (activation-quantized ones only with
-    RuntimeOptions.weight_only_act_quant); everything else stays as it is."""
+    quantized weights on a CUDA rank with the kernels on become PackedWeight; with RuntimeOptions
+    .weight_only_act_quant activation-quantized ones first become their weight-only format, on every device;
+    everything else stays as it is."""
     if isinstance(weight, ConcatWeight):
         return ConcatWeight([for_device(p, dtype) for p in weight.parts], weight.bias)
     # a rank with no heads or columns has an empty slice: nothing to repack, its checkpoint format serves
