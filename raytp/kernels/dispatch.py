@@ -9,7 +9,10 @@ e4m3 in hardware (compute capability 8.9+), and the Triton dequantization of pac
 on an H200. The routed GEMV of quantized experts (raytp.kernels.routed_packed_gemv), `routed_experts`
 (RuntimeOptions.routed_quantized_experts), is off until measured end to end, and so is the weight-only packed GEMV for checkpoints that quantize
 activations (FP8_DYNAMIC, W8A8), `weight_only_act_quant` (RuntimeOptions.weight_only_act_quant), which applies on
-every rank, CPUs included, so that all ranks run one arithmetic and join the same collectives."""
+every rank, CPUs included, so that all ranks run one arithmetic and join the same collectives. The one-launch routing
+and combining of a mixture of experts (raytp.kernels.moe_routing), `moe_routing` (RuntimeOptions.fused_moe_routing),
+is off until measured too, and so is prefill of model-dtype experts by torch._grouped_mm on GPUs where it runs
+without a host sync (Hopper and later), `grouped_mm_experts` (RuntimeOptions.grouped_mm_experts)."""
 
 from __future__ import annotations
 
@@ -29,22 +32,31 @@ _fp8_kv = True
 _prefill_dequant = True
 _routed_experts = False
 _weight_only_act_quant = False
+_moe_routing = False
+_grouped_mm_experts = False
 
-FP8_CAPABILITY = (8, 9)  # Ada and Hopper convert e4m3 in hardware; before them Triton would emulate it per element
+FP8_CAPABILITY = (8, 9)
+GROUPED_MM_CAPABILITY = (9, 0)  # Ada and Hopper convert e4m3 in hardware; before them Triton would emulate it per element
 
 
 def set_triton(enabled: bool, fp8_kv: bool = True, prefill_dequant: bool = True,
-               routed_experts: bool = False, weight_only_act_quant: bool = False) -> None:
+               routed_experts: bool = False, weight_only_act_quant: bool = False, moe_routing: bool = False,
+               grouped_mm_experts: bool = False) -> None:
     """Use the Triton kernels in this process (where Triton is installed) or the torch versions everywhere; with
     `fp8_kv` also for the FP8 KV cache's write and decode attention, with `prefill_dequant` also to dequantize
     packed weights for prefill, with `routed_experts` also for quantized experts, with `weight_only_act_quant` also
-    to repack activation-quantized weights for the weight-only packed GEMV."""
-    global _enabled, _fp8_kv, _prefill_dequant, _routed_experts, _weight_only_act_quant
+    to repack activation-quantized weights for the weight-only packed GEMV, with `moe_routing` also to route and
+    combine a mixture of experts' choices, with `grouped_mm_experts` also to prefill model-dtype experts by
+    torch._grouped_mm."""
+    global _enabled, _fp8_kv, _prefill_dequant, _routed_experts, _weight_only_act_quant, _moe_routing
+    global _grouped_mm_experts
     _enabled = enabled and triton is not None
     _fp8_kv = fp8_kv
     _prefill_dequant = prefill_dequant
     _routed_experts = routed_experts
     _weight_only_act_quant = weight_only_act_quant
+    _moe_routing = moe_routing
+    _grouped_mm_experts = grouped_mm_experts
 
 
 def use_triton(t: torch.Tensor) -> bool:
@@ -61,6 +73,19 @@ def use_routed_quantized_experts(t: torch.Tensor) -> bool:
     return _routed_experts and use_triton(t)
 
 
+def use_fused_moe_routing(t: torch.Tensor) -> bool:
+    """Whether a mixture of experts' routing and combining run as raytp.kernels.moe_routing's kernels for t."""
+    return _moe_routing and use_triton(t)
+
+
+def use_grouped_mm_experts(t: torch.Tensor) -> bool:
+    """Whether model-dtype experts prefill tokens like t by torch._grouped_mm: bfloat16 on a GPU of compute
+    capability 9.0 or later, where torch runs it as one CUTLASS kernel without a host sync (before Hopper torch
+    loops over the experts and syncs, as raytp's own torch code does)."""
+    return (_grouped_mm_experts and t.is_cuda and t.dtype == torch.bfloat16
+            and _capability(t.device.index) >= GROUPED_MM_CAPABILITY)
+
+
 def weight_only_act_quant() -> bool:
     """Whether activation-quantized weights run as weight-only ones, their inputs left unquantized: on every rank, so
     that all of them compute alike and join the same collectives (a CUDA rank then repacks them for
@@ -70,9 +95,9 @@ def weight_only_act_quant() -> bool:
 
 def use_triton_fp8_kv(t: torch.Tensor) -> bool:
     """Whether the FP8 KV cache's Triton kernels run for tensors like t."""
-    return _fp8_kv and use_triton(t) and _converts_fp8(t.device.index)
+    return _fp8_kv and use_triton(t) and _capability(t.device.index) >= FP8_CAPABILITY
 
 
 @cache  # a device's capability does not change; asking CUDA every call would cost each decode step's kernels
-def _converts_fp8(index: int | None) -> bool:
-    return torch.cuda.get_device_capability(index) >= FP8_CAPABILITY
+def _capability(index: int | None) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)

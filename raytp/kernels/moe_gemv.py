@@ -13,6 +13,10 @@ formulation would stream 16 times the bytes.
         The first computes gate and up of its columns for the tile's tokens and applies SwiGLU; the second
         multiplies by down and the routing weights, one float32 row per (token, choice), summed over the choices
         in a fixed order afterwards (no atomics: the same inputs give the same bits).
+    torch._grouped_mm (prefill in bfloat16 on GPUs of compute capability 9.0+, with RuntimeOptions.
+        grouped_mm_experts): the (token, choice) pairs sorted by expert on the GPU, gate/up and down each one
+        grouped GEMM over every expert's rows, the pairs put back in order and summed over the choices; no host
+        sync, so also inside a CUDA graph.
     torch (CPU, prefill, Triton off; the reference the kernels are tested against): tokens sorted by expert, one
         matmul per selected expert. Sorting needs the counts on the host, which a CUDA graph cannot wait for, so
         inside a capture (Triton off) every expert runs on every token, with weight zero where it was not chosen.
@@ -29,8 +33,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from raytp.kernels.dispatch import triton, use_triton
-from raytp.kernels.norm import swiglu_torch
+from raytp.kernels.dispatch import triton, use_grouped_mm_experts, use_triton
+from raytp.kernels.moe_routing import combine_choices
+from raytp.kernels.norm import swiglu, swiglu_torch
 
 # Up to this many tokens the Triton kernels run eagerly too (decode batches); more go through the grouped matmuls,
 # whose tensor-core tiles pay off once each expert has many tokens (prefill).
@@ -83,12 +88,37 @@ def _groups(ids: torch.Tensor, weights: torch.Tensor, num_experts: int):
     return [(e, t, w) for e, t, w in by_expert if len(t)]
 
 
+def grouped_mm_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
+                       down: torch.Tensor) -> torch.Tensor:
+    """`routed_experts_torch`'s result from two torch._grouped_mm calls over the (token, choice) pairs sorted by
+    expert, the choices then summed in order. Needs the hidden size and the columns in whole 16-byte vectors."""
+    tokens, k = ids.shape
+    flat = ids.reshape(-1)
+    order = flat.argsort(stable=True)  # the pairs grouped by expert
+    counts = torch.zeros(gate_up.shape[0], dtype=torch.int32, device=x.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))  # bincount would sync to size its output
+    ends = counts.cumsum(0, dtype=torch.int32)  # each expert's last pair + 1
+    h = swiglu(torch._grouped_mm(x[order // k], gate_up.transpose(1, 2), offs=ends))  # (pairs, cols)
+    by_expert = torch._grouped_mm(h, down.transpose(1, 2), offs=ends)  # (pairs, hidden)
+    y = torch.empty_like(by_expert)
+    y[order] = by_expert  # back in (token, choice) order
+    return combine_choices(y.view(tokens, k, -1), weights, x.dtype)
+
+
 def routed_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
                    down: torch.Tensor) -> torch.Tensor:
     """`routed_experts_torch`'s result, from the Triton kernels where they run (see the module docstring)."""
+    if x.shape[0] > ROUTED_ROWS and use_grouped_mm_experts(x) and _whole_vectors(x, down):
+        return grouped_mm_experts(x, ids, weights, gate_up, down)
     if not use_triton(x) or (x.shape[0] > ROUTED_ROWS and not torch.cuda.is_current_stream_capturing()):
         return routed_experts_torch(x, ids, weights, gate_up, down)
     return _launch(x.contiguous(), ids.contiguous(), weights.float().contiguous(), gate_up, down)
+
+
+def _whole_vectors(x: torch.Tensor, down: torch.Tensor) -> bool:
+    """Whether the hidden size and the columns are whole 16-byte vectors, as torch._grouped_mm's kernels read
+    them (any real model's are; a rank's uneven share of the columns may not be)."""
+    return all(n * x.element_size() % 16 == 0 for n in down.shape[1:])
 
 
 if triton is not None:
@@ -168,4 +198,4 @@ def _launch(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: 
                                                                 BLOCK_K=a.block_k, num_warps=a.warps)
     _routed_down_gemv[(triton.cdiv(H, b.block_n), E, tiles)](h, ids, weights, down, y, T, H, C, **shape,
                                                              BLOCK_N=b.block_n, BLOCK_K=b.block_k, num_warps=b.warps)
-    return y.sum(dim=1).to(x.dtype)  # the choices in order, in float32
+    return combine_choices(y, None, x.dtype)  # the choices in order, in float32

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from raytp.kernels.moe_routing import combine_choices
 from raytp.kernels.norm import swiglu
 from raytp.kernels.packed_gemv import (TILE_K, TILE_N, MMAPacked, _device_index, _kernel, launch_for, mma_linear_torch,
                                        physical_inputs, runs_kernel, sm_count)
@@ -130,4 +131,4 @@ def routed_packed_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Ten
     flat = ids.reshape(-1).contiguous()
     h = swiglu(routed_linear(x.contiguous(), gate_up, flat, x_div=k))  # (pairs, cols)
     y = routed_linear(h, down, flat, x_div=1)  # (pairs, hidden)
-    return (y.view(tokens, k, -1).float() * weights.float().unsqueeze(-1)).sum(dim=1).to(x.dtype)
+    return combine_choices(y.view(tokens, k, -1), weights, x.dtype)

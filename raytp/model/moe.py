@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from raytp.kernels.dispatch import use_routed_quantized_experts
 from raytp.kernels.moe_gemv import ROUTED_ROWS, grouped_experts, routed_experts
+from raytp.kernels.moe_routing import top_k_routing
 from raytp.kernels.packed_gemv import TILE_N
 from raytp.kernels.routed_packed_gemv import StackedMMA, routed_packed_experts
 from raytp.model.config import MoeConfig
@@ -43,9 +44,7 @@ class Routing:
 
     def route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """logits (tokens, experts) -> weights (tokens, top_k) float32, expert ids (tokens, top_k) int64."""
-        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-        weights, ids = torch.topk(probs, self.top_k, dim=-1)
-        return (weights / weights.sum(dim=-1, keepdim=True) if self.normalize else weights), ids
+        return top_k_routing(logits, self.top_k, self.normalize)
 
 
 class StackedExperts:

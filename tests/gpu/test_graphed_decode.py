@@ -24,19 +24,25 @@ PARAMS = [SamplingParams(max_tokens=20), SamplingParams(temperature=0.8, seed=3,
           SamplingParams(temperature=0.7, top_k=20, repetition_penalty=1.3, seed=5, max_tokens=29)]
 
 
-def generate(graphed: bool, backend: str, kv_dtype: str = "auto", model: str = "synthetic:tiny",
-             params: list[SamplingParams] = PARAMS, logprobs: dict | None = None) -> dict[str, list[int]]:
-    """The tokens of PROMPTS drawn with `params`; each token's (log-probability, top) go to `logprobs` if given."""
+def load(model: str, backend: str, kv_dtype: str = "auto", dtype: str = "float32") -> tuple[ShardedLlama, object]:
+    """`model` on one GPU (4 slots of 256 positions) and its one-rank communicator."""
     source = ModelSource.parse(model)
     config = source.config()
     device = torch.device("cuda")
-    plan = plan_model(config, [("cuda", 8 << 30)], max_context=256, max_batch=4, dtype="float32", kv_dtype=kv_dtype)
+    plan = plan_model(config, [("cuda", 8 << 30)], max_context=256, max_batch=4, dtype=dtype, kv_dtype=kv_dtype)
     opening = open_group(CommPlan.make(backend, [[0]], f"tcp://127.0.0.1:{free_port()}", timeout_s=60), 0, device)
     for phase in PHASES:
         opening.step(phase)
-    comm = opening.comm
-    with source.reader(torch.float32, device) as reader:
-        lm = ShardedLlama(config, plan.ranks[0], comm, reader, max_batch=4, max_context=256, kv_dtype=kv_dtype)
+    with source.reader(getattr(torch, dtype), device) as reader:
+        lm = ShardedLlama(config, plan.ranks[0], opening.comm, reader, max_batch=4, max_context=256,
+                          kv_dtype=kv_dtype)
+    return lm, opening.comm
+
+
+def generate(graphed: bool, backend: str, kv_dtype: str = "auto", model: str = "synthetic:tiny",
+             params: list[SamplingParams] = PARAMS, logprobs: dict | None = None) -> dict[str, list[int]]:
+    """The tokens of PROMPTS drawn with `params`; each token's (log-probability, top) go to `logprobs` if given."""
+    lm, comm = load(model, backend, kv_dtype)
     engine = RankEngine(lm, comm)
     if graphed:
         engine.use_cuda_graphs()

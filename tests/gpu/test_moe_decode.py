@@ -1,6 +1,7 @@
 """A mixture of experts in the GPU decode loop (GPU host only): replayed from CUDA graphs, the routed Triton kernels
 give the eager loop's tokens for greedy and sampled rows in batch buckets 4, 2 and 1; w4a16 experts likewise, as
-per-expert GEMVs (every expert inside a graph) and with --routed-quantized-experts."""
+per-expert GEMVs (every expert inside a graph) and with --routed-quantized-experts; and both with
+--fused-moe-routing, against the same loop without it; prefill with --grouped-mm-experts likewise."""
 
 import json
 
@@ -9,7 +10,7 @@ import torch
 
 from raytp.kernels import dispatch
 
-from tests.gpu.test_graphed_decode import generate
+from tests.gpu.test_graphed_decode import generate, load
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -35,3 +36,35 @@ def test_graphed_w4a16_moe_decode_matches_eager_steps(tmp_path, monkeypatch, rou
     monkeypatch.setattr(dispatch, "_routed_experts", routed)  # what --routed-quantized-experts sets
     model = f"synthetic:{config}@w4a16"
     assert generate(True, "nccl", model=model) == generate(False, "nccl", model=model)
+
+
+@pytest.mark.parametrize("quant", ["", "@w4a16"])
+def test_fused_moe_routing_gives_the_torch_routings_tokens(tmp_path, monkeypatch, quant):
+    """--fused-moe-routing (routing and combining as one kernel each) against torch's ops, in graphs: the same
+    greedy and sampled tokens (float32 weights may differ in the last bit, far below bfloat16's rounding)."""
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(TINY_MOE | {"moe_intermediate_size": 128}))
+    monkeypatch.setattr(dispatch, "_routed_experts", True)
+    model = f"synthetic:{config}{quant}"
+    monkeypatch.setattr(dispatch, "_moe_routing", False)
+    want = generate(True, "nccl", model=model)
+    monkeypatch.setattr(dispatch, "_moe_routing", True)  # what --fused-moe-routing sets
+    assert generate(True, "nccl", model=model) == want
+
+
+def test_grouped_mm_prefill_gives_the_per_expert_prefills_logits(tmp_path, monkeypatch):
+    """--grouped-mm-experts (bfloat16, Hopper and later) prefills 4 prompts of 40 tokens: every position's logits as
+    with one matmul per selected expert, up to bfloat16 rounding (the GEMMs add in other orders)."""
+    if torch.cuda.get_device_capability() < dispatch.GROUPED_MM_CAPABILITY:
+        pytest.skip("not used before compute capability 9.0")
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(TINY_MOE))
+    lm, comm = load(f"synthetic:{config}", "nccl", dtype="bfloat16")
+    tokens = torch.randint(0, 1000, (4, 40), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    positions, slots = torch.arange(40, device="cuda").expand(4, 40), torch.arange(4, device="cuda")
+    want = lm.forward(tokens, positions, slots, every=True)
+    monkeypatch.setattr(dispatch, "_grouped_mm_experts", True)
+    got = lm.forward(tokens, positions, slots, every=True)
+    comm.close()
+    assert got.shape == (4, 40, 1000)
+    torch.testing.assert_close(got, want, rtol=0.05, atol=0.05)

@@ -60,3 +60,21 @@ def test_captured_step_matches_torch(shape, tokens, triton_on):
     finally:
         dispatch.set_triton(True)
     torch.testing.assert_close(out, moe_gemv.routed_experts_torch(*fresh[:3], *args[3:]), **TOL[torch.bfloat16])
+
+
+@pytest.mark.parametrize("capture", [False, True])
+@pytest.mark.parametrize("tokens", [17, 64, 300])
+@pytest.mark.parametrize("shape", [(128, 8, 256, 96), (8, 2, 512, 200)])
+def test_grouped_mm_prefill_matches_torch(monkeypatch, shape, tokens, capture):
+    """--grouped-mm-experts (bfloat16, compute capability 9.0+) past ROUTED_ROWS, eagerly and replayed from a graph
+    (no host sync)."""
+    if torch.cuda.get_device_capability() < dispatch.GROUPED_MM_CAPABILITY:
+        pytest.skip("torch._grouped_mm syncs with the host before compute capability 9.0: not used there")
+    monkeypatch.setattr(dispatch, "_grouped_mm_experts", True)  # what --grouped-mm-experts sets
+    args = inputs(tokens, *shape, torch.bfloat16, seed=tokens)
+    if capture:
+        fresh = inputs(tokens, *shape, torch.bfloat16, seed=tokens + 1)
+        out, args = replay(args, fresh), fresh[:3] + args[3:]
+    else:
+        out = moe_gemv.routed_experts(*args)
+    torch.testing.assert_close(out, moe_gemv.routed_experts_torch(*args), **TOL[torch.bfloat16])
