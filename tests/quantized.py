@@ -177,3 +177,34 @@ def awq_checkpoint(src: Path, dst: Path) -> Path:
     config["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": w["group_size"],
                                      "zero_point": True, "version": "gemm", "modules_to_not_convert": None}
     return _write(dst, src, config, tensors)
+
+
+def fp8_blocks_checkpoint(source: Path, out: Path, block: tuple[int, int] = (128, 128)) -> Path:
+    """The float checkpoint at `source` as transformers' fine-grained FP8 (what Qwen publishes as Qwen3-*-FP8):
+    every decoder Linear's weight in e4m3, scaled per block of `block` rows x columns by `weight_scale_inv`
+    (amax / 448, so each block's largest value is e4m3's largest), written to `out` with the config that says so.
+    transformers dequantizes it by itself on a CPU: the reference the tests compare with."""
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for f in source.glob("*.safetensors"):
+        with safe_open(f, "pt") as st:
+            tensors |= {k: st.get_tensor(k) for k in st.keys()}
+    rows, cols = block
+    stored = {}
+    for name, t in tensors.items():
+        if not (name.startswith("model.layers.") and name.endswith("_proj.weight")):
+            stored[name] = t
+            continue
+        n, k = t.shape
+        padded = torch.zeros(-(-n // rows) * rows, -(-k // cols) * cols)
+        padded[:n, :k] = t.float()
+        blocks = padded.view(padded.shape[0] // rows, rows, padded.shape[1] // cols, cols)
+        scale = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448.0
+        values = (blocks / scale[:, None, :, None]).view(padded.shape)[:n, :k]
+        stored[name], stored[name + "_scale_inv"] = values.to(torch.float8_e4m3fn).contiguous(), scale
+    save_file(stored, out / "model.safetensors")
+    config = json.loads((source / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
+                                     "weight_block_size": list(block)}
+    (out / "config.json").write_text(json.dumps(config))
+    return out

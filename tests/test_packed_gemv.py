@@ -66,6 +66,22 @@ def test_fp8_layout_holds_the_weight(per_tensor):
     torch.testing.assert_close(pg.mma_linear(x, w), x @ dense.T, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("group_size,k_in", [(128, 384), (32, 200), (64, 300)])
+def test_fp8_layout_holds_block_scaled_weights(group_size, k_in):
+    """Fine-grained FP8 (one scale per row and group of inputs, as FP8Weight holds Qwen's block scales): groups of
+    whole 32-input tiles, the last one partial where the inputs stop mid-group."""
+    from raytp.model.formats import FP8Weight
+
+    weight = (torch.randn(70, k_in) * 0.3).to(torch.float8_e4m3fn)
+    scale = torch.rand(70, -(-k_in // group_size)) + 0.5
+    held = FP8Weight(weight, scale, group_size=group_size)
+    assert pg.fp8_packs(group_size) and not pg.fp8_packs(group_size, group_start=16) and not pg.fp8_packs(48)
+    w = pg.pack_fp8(weight, scale, torch.float32, group_size)
+    torch.testing.assert_close(pg.dequantize_mma(w, torch.float32)[:k_in], held.dequantize().T, rtol=0, atol=0)
+    x = torch.randn(2, k_in)
+    torch.testing.assert_close(pg.mma_linear(x, w), held.apply(x), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("n_out,k_tiles", [(28672, 128), (4096, 448), (4096, 32), (1536, 128), (100, 1)])
 def test_launches_cover_every_input_tile(n_out, k_tiles):
     launch = pg.launch_for(n_out, k_tiles, 132)
@@ -89,6 +105,9 @@ for bits, group_size, sym, act_order, start, dtype in cases:
 codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn)
 weight = codes[~codes.float().isnan()].repeat(70, 2)[:, :300].contiguous()  # every code, subnormals included
 w = pg.pack_fp8(weight, torch.rand(70, 1) + 0.5, torch.float32)
+got = dequantize_tiles(w.values, w.scales, w.zeros, w.kind, w.group_tiles, w.out_features, torch.float32)
+assert torch.equal(got, pg.dequantize_mma(w, torch.float32))
+w = pg.pack_fp8(weight, torch.rand(70, 3) + 0.5, torch.float32, group_size=128)  # block scales: a group per 128
 got = dequantize_tiles(w.values, w.scales, w.zeros, w.kind, w.group_tiles, w.out_features, torch.float32)
 assert torch.equal(got, pg.dequantize_mma(w, torch.float32))
 print("equal")

@@ -176,19 +176,29 @@ def pack_int(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | N
                      f"int{bits}", width // TILE_K, k_in, n_out, _x_index(position, kp))
 
 
-def pack_fp8(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> MMAPacked:
-    """float8 e4m3 (N, K) with float32 scales (N, 1) per row or () per tensor -> the kernel's layout; the scales
-    kept in the model dtype `dtype` (they are applied to float32 sums, and rounding a scale is rounding the
-    weight once, as the fallback's dequantization into the model dtype does)."""
+def fp8_packs(group_size: int | None, group_start: int = 0) -> bool:
+    """Whether `pack_fp8` takes float8 weights with these groups: whole 32-input tiles per group, starting on one."""
+    return group_size is None or group_size % TILE_K == 0 and group_start == 0
+
+
+def pack_fp8(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.bfloat16,
+             group_size: int | None = None) -> MMAPacked:
+    """float8 e4m3 (N, K) with float32 scales (N, 1) per row or () per tensor, or (N, groups) per row and group of
+    `group_size` inputs (`fp8_packs`) -> the kernel's layout; the scales kept in the model dtype `dtype` (they are
+    applied to float32 sums, and rounding a scale is rounding the weight once, as the fallback's dequantization
+    into the model dtype does)."""
     n_out, k_in = weight.shape
     kp = -(-k_in // TILE_K) * TILE_K
     position = torch.arange(k_in, device=weight.device)
     chunks = [_tile_words(_finish(weight[lo:lo + PACK_CHUNK].view(torch.uint8).to(torch.int32), position, kp,
                                   min(PACK_CHUNK, n_out - lo), 0), "fp8") for lo in range(0, n_out, PACK_CHUNK)]
     np_ = -(-n_out // TILE_N) * TILE_N
-    scales = scale.float().reshape(-1, 1).expand(n_out, 1).t()
+    if group_size is None:
+        scales, group_tiles = scale.float().reshape(-1, 1).expand(n_out, 1).t(), kp // TILE_K
+    else:
+        scales, group_tiles = scale.float().t(), group_size // TILE_K
     foldable = bool(scales.abs().max() < 2.0 ** 7) if scales.numel() else True
-    return MMAPacked(torch.cat(chunks), _padded_rows(scales, np_, dtype), None, "fp8", kp // TILE_K, k_in, n_out,
+    return MMAPacked(torch.cat(chunks), _padded_rows(scales, np_, dtype), None, "fp8", group_tiles, k_in, n_out,
                      None, foldable)
 
 

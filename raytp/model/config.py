@@ -30,7 +30,9 @@ SUPPORTED_QUANTIZATION = ("compressed-tensors checkpoints (llmcompressor) quanti
                           "(dynamic, symmetric, 8 bits: FP8_DYNAMIC and W8A8), float8 e4m3 weights or int8 "
                           "weights (int-quantized) with channel scales; GPTQ checkpoints (GPTQModel/AutoGPTQ, "
                           "quant_method 'gptq', formats gptq and gptq_v2): 4 or 8 bits, desc_act true or false; "
-                          "AWQ checkpoints (AutoAWQ, quant_method 'awq'): 4 bits with zero points, version 'gemm'")
+                          "AWQ checkpoints (AutoAWQ, quant_method 'awq'): 4 bits with zero points, version 'gemm'; "
+                          "fine-grained FP8 checkpoints (quant_method 'fp8', e4m3 weights with weight_block_size "
+                          "scales, as Qwen and DeepSeek publish them), run weight-only")
 
 
 @dataclass(frozen=True)
@@ -44,10 +46,12 @@ class QuantConfig:
     bits: int  # 4 or 8 ("int"); 8 ("fp8")
     group_size: int | None  # input columns sharing one scale; None: one scale per output row (or per tensor)
     per_tensor: bool = False  # fp8 only: one scale for the whole matrix
+    block_rows: int | None = None  # fp8 only: output rows sharing one scale (with group_size: block scales)
     symmetric: bool = True  # False: an integer zero point per scale
     act_order: bool = False  # the checkpoint gives every input column its group (weight_g_idx, GPTQ's g_idx)
     ignore: tuple[str, ...] = ()  # Linear module names (or "re:" patterns) left dense
-    layout: str = "compressed-tensors"  # how the tensors are stored: "compressed-tensors", "gptq" or "awq"
+    layout: str = "compressed-tensors"  # how the tensors are stored: "compressed-tensors", "gptq", "awq" or
+    # "fp8-blocks" (transformers' fine-grained FP8)
     zero_offset: int = 0  # added to every stored zero point: 1 for AutoGPTQ's "gptq" format, which stores zero - 1
     # Activations quantized at run time too, per token, to the weights' 8-bit type (FP8_DYNAMIC: e4m3; W8A8: int8,
     # its weights stored unpacked [out, in] in compressed-tensors' int-quantized format), with channel scales
@@ -62,6 +66,8 @@ class QuantConfig:
             name, kind = ("fp8-dynamic", "fp8 e4m3") if self.kind == "fp8" else ("w8a8", "int8")
             return f"{name}: {kind} weights, per-channel scales, activations quantized to {kind} per token at run time"
         if self.kind == "fp8":
+            if self.block_rows:
+                return f"fp8 e4m3 weights, {self.block_rows}x{self.group_size} block scales"
             return f"fp8 e4m3 weights, {'per-tensor' if self.per_tensor else 'per-channel'} scales"
         scales = f"groups of {self.group_size}" if self.group_size else "per-channel scales"
         return (f"w{self.bits}a16 int, {scales}, {'symmetric' if self.symmetric else 'zero points'}"
@@ -75,6 +81,8 @@ class QuantConfig:
             return cls._from_gptq(q)
         if method == "awq":
             return cls._from_awq(q)
+        if method == "fp8":
+            return cls._from_fp8_blocks(q)
         if method != "compressed-tensors":
             raise UnsupportedModelError(f"unsupported quantization quant_method={method!r}; raytp reads "
                                         f"{SUPPORTED_QUANTIZATION}")
@@ -164,6 +172,26 @@ class QuantConfig:
                    zero_offset=int(fmt == "gptq"))
 
     @classmethod
+    def _from_fp8_blocks(cls, q: dict) -> QuantConfig:
+        """transformers' fine-grained FP8 (Qwen3-*-FP8, DeepSeek-V3): e4m3 weights, one float scale
+        (`weight_scale_inv`, what the weight is multiplied by) per block of rows x columns. Their config quantizes
+        activations per token and group at run time ("dynamic"); raytp leaves them in the model dtype, as
+        transformers does where it dequantizes the weights (CPUs), a little more accurate. `modules_to_not_convert`
+        names modules left dense."""
+        block, scheme, fmt = q.get("weight_block_size"), q.get("activation_scheme", "dynamic"), q.get("fmt", "e4m3")
+        what = None
+        if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+            what = f"weight_block_size={block!r} (raytp reads two positive ints: rows, columns)"
+        elif fmt != "e4m3":
+            what = f"fmt={fmt!r}"
+        elif scheme != "dynamic":
+            what = f"activation_scheme={scheme!r} (static activation scales are not read)"
+        if what:
+            raise UnsupportedModelError(f"unsupported fp8 quantization: {what}; raytp reads {SUPPORTED_QUANTIZATION}")
+        ignore = tuple(f"re:.*{re.escape(m)}.*" for m in q.get("modules_to_not_convert") or ())
+        return cls("fp8", 8, block[1], block_rows=block[0], ignore=ignore, layout="fp8-blocks")
+
+    @classmethod
     def _from_awq(cls, q: dict) -> QuantConfig:
         """AutoAWQ's GEMM layout: 4 bits with zero points; `modules_to_not_convert` names modules left dense."""
         bits, version = q.get("bits", q.get("w_bit", 4)), str(q.get("version", "gemm")).lower()
@@ -180,10 +208,11 @@ class QuantConfig:
 
 # The quantizations a synthetic model takes (`synthetic:NAME@w4a16`, `--quant`), as llmcompressor's presets of the
 # same names: int4 symmetric in groups of 128, int8 symmetric with one scale per output row, float8 e4m3 weights with
-# one scale per output row; fp8-dynamic (FP8_DYNAMIC) and w8a8 (W8A8) the same 8-bit weights with activations
+# one scale per output row (fp8-blocks: per block of 128 x 128, as Qwen's FP8 checkpoints); fp8-dynamic (FP8_DYNAMIC) and w8a8 (W8A8) the same 8-bit weights with activations
 # quantized per token at run time. The planner counts them like the same quantization read from a checkpoint.
 QUANT_PRESETS = {"w4a16": QuantConfig("int", 4, 128), "w8a16": QuantConfig("int", 8, None),
                  "fp8": QuantConfig("fp8", 8, None),
+                 "fp8-blocks": QuantConfig("fp8", 8, 128, block_rows=128, layout="fp8-blocks"),
                  "fp8-dynamic": QuantConfig("fp8", 8, None, dynamic_activations=True),
                  "w8a8": QuantConfig("int", 8, None, dynamic_activations=True)}
 NO_QUANT = "none"  # `raytp bench --quant none`: every weight in the model dtype

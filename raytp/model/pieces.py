@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from raytp.model.config import ModelConfig
 from raytp.model.kv_cache import kv_row_bytes
 from raytp.model.layout import EXPERT_COLS, KV_HEADS, MLP_COLS, Q_HEADS, VOCAB_ROWS, model_layout, whole_model
-from raytp.model.formats import IntFormat, weight_format
+from raytp.model.formats import weight_format
 from raytp.parallel.plan import (DTYPE_BYTES, PREFILL_CHUNK, Piece, PlanShape, ShardPlan, Span, plan_shards)
 
 DEFAULT_BLOCK = 64  # MLP columns and vocab rows move between ranks in blocks of this many (the last may be partial)
@@ -55,7 +55,7 @@ def quant_replicated_bytes(config: ModelConfig, dtype: str) -> int:
     q, nbytes, h, L = config.quant, DTYPE_BYTES[dtype], config.hidden_size, config.num_layers
     mlps = config.moe.num_experts if config.moe else 1
     fmt = weight_format(q)
-    if not isinstance(fmt, IntFormat) or q.group_size is None:  # one scale per row (or tensor), or none
+    if q is None or q.group_size is None:  # one scale per row (or tensor), or none
         return L * (1 + mlps) * fmt.row_scale_bytes(h, nbytes)
     entry = fmt.group_entry_bytes(nbytes)
     o_cols = config.num_heads * config.head_dim
@@ -116,7 +116,7 @@ class ModelPieces:
             row = fmt.row_bytes(h, nbytes)  # a q/k/v or gate/up row
             col = fmt.column_bytes(h, nbytes)  # an o_proj or down_proj column's values
             o_cols, o_scales, col_extra = q * d, 0, 0  # per-row scales of o_proj and down_proj are replicated
-            if isinstance(fmt, IntFormat) and quant.group_size:
+            if quant.group_size:
                 entry = fmt.group_entry_bytes(nbytes)
                 if quant.act_order:
                     col_extra = 4  # o_proj keeps each column's group (int32); its scales are replicated

@@ -5,7 +5,7 @@
     synthetic:qwen3-30b-a3b | synthetic:mixtral-8x7b                             mixtures of experts
     synthetic:tiny                                                               a small config for tests
     synthetic:PATH/config.json                                                   any supported config.json
-    synthetic:NAME@w4a16 | @w8a16 | @fp8 | @fp8-dynamic | @w8a8
+    synthetic:NAME@w4a16 | @w8a16 | @fp8 | @fp8-blocks | @fp8-dynamic | @w8a8
                                                   the attention and MLP matrices quantized (config.QUANT_PRESETS)
 
 Every weight is cut into fixed global blocks (one head of q/k/v/o, `BLOCK` rows of the MLP and the vocab) and
@@ -16,7 +16,8 @@ of device. Weights are N(0, 0.02^2), norms 1 + N(0, 0.02^2), so activations stay
 
 Quantized, a matrix is drawn directly as the tensors a compressed-tensors checkpoint stores for it (what
 `raytp.model.formats` reads), each in fixed tiles of TILE x TILE: random packed words (every value equally likely)
-with scales that give the weights the same 0.02 spread, FP8 values N(0, 1) with a per-row scale near 0.02, or
+with scales that give the weights the same 0.02 spread, FP8 values N(0, 1) with a per-row (or per-block) scale
+near 0.02, or
 (W8A8) unpacked int8 values, every one equally likely, with scales as for packed ones.
 """
 

@@ -113,6 +113,17 @@ def test_fp8_kernel(out, cols, rows, per_tensor):
     assert_matches(pg.mma_linear(x, pg.pack_fp8(weight, scale)), x, weight.float() * scale.to(x.dtype).float())
 
 
+@pytest.mark.parametrize("out,cols", SHAPES)
+@pytest.mark.parametrize("rows", [1, 4, 16])
+def test_fp8_kernel_with_block_scales(out, cols, rows):
+    """Fine-grained FP8 (Qwen3-*-FP8): one scale per row and 128 inputs, as FP8Weight holds them."""
+    weight = (torch.randn(out, cols, device="cuda") * 0.05).to(torch.float8_e4m3fn)
+    scale = torch.rand(out, -(-cols // 128), device="cuda") * 0.01 + 0.001
+    x = torch.randn(rows, cols, device="cuda", dtype=torch.bfloat16)
+    per_column = scale.to(x.dtype).float().repeat_interleave(128, dim=1)[:, :cols]
+    assert_matches(pg.mma_linear(x, pg.pack_fp8(weight, scale, group_size=128)), x, weight.float() * per_column)
+
+
 @pytest.mark.parametrize("launch", [None, pg.Launch(8, 1, 2, scaled=True)])
 def test_fp16_models(launch):
     for bits in (4, 8):

@@ -5,7 +5,8 @@ calls the format's kernel in `raytp.kernels` (Triton or CUDA on GPUs, dequantize
     dense.py       DenseFormat / DenseWeight: the model dtype, applied with F.linear
     int_packed.py  IntFormat / IntWeight: 4- or 8-bit integers packed into int32 words (compressed-tensors
                    `pack-quantized`, GPTQ, AWQ), group or channel scales, optional zero points and act-order groups
-    fp8.py         FP8Format / FP8Weight: float8 e4m3 with per-channel or per-tensor float32 scales
+    fp8.py         FP8Format / FP8Weight: float8 e4m3 with per-channel or per-tensor float32 scales, or per block
+                   (transformers' fine-grained FP8)
     act_quant.py   ActQuantFormat / ActQuantWeight: float8 e4m3 or int8 with per-channel float32 scales, applied to
                    activations quantized per token at run time (FP8_DYNAMIC, W8A8)
     fused.py       ConcatWeight (parts that cannot share a matrix), PackedWeight (repacked for the GPU decode GEMV),

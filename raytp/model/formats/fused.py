@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from raytp.kernels.dispatch import use_triton, weight_only_act_quant
-from raytp.kernels.packed_gemv import MMAPacked, mma_linear, pack_fp8, pack_int, reserve
+from raytp.kernels.packed_gemv import MMAPacked, fp8_packs, mma_linear, pack_fp8, pack_int, reserve
 from raytp.model.formats.act_quant import ActQuantWeight
 from raytp.model.formats.dense import DenseWeight
 from raytp.model.formats.fp8 import FP8Weight
@@ -58,9 +58,13 @@ def fuse(parts: Sequence[Weight], bias: torch.Tensor | None = None) -> Weight:
         return DenseWeight(torch.cat([p.weight for p in parts]), bias)
     if all(isinstance(p, ActQuantWeight) for p in parts):
         return ActQuantWeight(torch.cat([p.weight for p in parts]), torch.cat([p.scale for p in parts]), bias)
-    if all(isinstance(p, FP8Weight) for p in parts):  # per-tensor scales become per-row: exact, and fusable
-        scales = [p.scale.expand(p.weight.shape[0], 1) for p in parts]
+    if all(isinstance(p, FP8Weight) and p.group_size is None for p in parts):  # per-tensor scales become per-row:
+        scales = [p.scale.expand(p.weight.shape[0], 1) for p in parts]  # exact, and fusable
         return FP8Weight(torch.cat([p.weight for p in parts]), torch.cat(scales), bias)
+    if all(isinstance(p, FP8Weight) and (p.group_size, p.group_start, p.scale.shape[1])
+           == (first.group_size, first.group_start, first.scale.shape[1]) for p in parts):  # block scales, per row
+        return FP8Weight(torch.cat([p.weight for p in parts]), torch.cat([p.scale for p in parts]), bias,
+                         first.group_size, first.group_start)
     same = lambda p: (isinstance(p, IntWeight) and (p.bits, p.in_features, p.group_size, p.group_start)  # noqa: E731
                       == (first.bits, first.in_features, first.group_size, first.group_start)
                       and (p.zeros is None) == (first.zeros is None) and p.scales.shape[1] == first.scales.shape[1]
@@ -87,6 +91,7 @@ def for_device(weight: Weight, dtype: torch.dtype) -> Weight:
         return PackedWeight(pack_int(weight.packed, weight.scales, weight.zeros, bits=weight.bits,
                                      group_size=weight.group_size, group_start=weight.group_start,
                                      g_idx=weight.g_idx), weight.bias)
-    if isinstance(weight, FP8Weight) and use_triton(weight.weight) and weight.weight.numel():
-        return PackedWeight(pack_fp8(weight.weight, weight.scale, dtype), weight.bias)
+    if (isinstance(weight, FP8Weight) and use_triton(weight.weight) and weight.weight.numel()
+            and fp8_packs(weight.group_size, weight.group_start)):
+        return PackedWeight(pack_fp8(weight.weight, weight.scale, dtype, weight.group_size), weight.bias)
     return weight
