@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from raytp.kernels.fp8_matmul import dequantize_fp8, fp8_linear
 from raytp.model.config import QuantConfig
@@ -25,18 +26,21 @@ class FP8Weight:
     group_size: int | None = None
     group_start: int = 0
 
-    def column_scales(self) -> torch.Tensor:
-        """The scales broadcastable over the weight: (out, 1), (), or each column's group's (out, in_local)."""
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         if self.group_size is None:
-            return self.scale
-        group = (torch.arange(self.weight.shape[1], device=self.scale.device) + self.group_start) // self.group_size
-        return self.scale[:, group]
-
-    def dequantize(self) -> torch.Tensor:
-        return dequantize_fp8(self.weight, self.column_scales(), torch.float32)
+            return dequantize_fp8(self.weight, self.scale, dtype)
+        (out, k), groups = self.weight.shape, self.scale.shape[1]
+        if self.group_start == 0 and k == groups * self.group_size:  # whole groups: scale them as they lie
+            grouped = self.weight.float().view(out, groups, self.group_size) * self.scale[:, :, None]
+            return grouped.view(out, k).to(dtype)
+        group = (torch.arange(k, device=self.scale.device) + self.group_start) // self.group_size
+        return dequantize_fp8(self.weight, self.scale[:, group], dtype)
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
-        y = fp8_linear(x, self.weight, self.column_scales())
+        if self.group_size is None:
+            y = fp8_linear(x, self.weight, self.scale)
+        else:
+            y = F.linear(x, self.dequantize(x.dtype))
         return y if self.bias is None else y + self.bias
 
     def tensors(self) -> list[torch.Tensor]:
