@@ -7,6 +7,9 @@
 #                                            bf16 cache; fp8-dynamic and w8a8 against bf16 at batch 1 and 8, with
 #                                            and without --weight-only-act-quant
 #                                            (--routed-quantized-experts: benchmarks/gpu_moe.sh)
+#   bash benchmarks/gpu_switches.sh blocks   fine-grained FP8 (Qwen's 128 x 128 block scales, never run on a GPU):
+#                                            its GPU tests, then synthetic Llama-3.1-8B in fp8 against fp8-blocks and
+#                                            bf16 at batch 1 and 8, and Qwen3-30B-A3B in fp8-blocks, routed
 # Carry .whl (../shared/gpu/README.md, llguidance's wheel added as benchmarks/gpu_run8.sh says). Logs go to $OUT.
 set -u
 cd "$(dirname "$0")/.."
@@ -31,5 +34,16 @@ ab)  # one call of ~8 minutes: each bench one timed repeat, batch 1 (batch 8 whe
   bench act_quant_weight_only 80 "${B8[@]}" --quant fp8-dynamic,w8a8 --batch 1,8 --prompt-len 128 --decode-tokens 64 \
     --weight-only-act-quant
   ;;
-*) echo "usage: $0 suite|ab"; exit 2 ;;
+blocks)
+  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_packed_gemv.py -k "block or fp8" \
+    >"$OUT/blocks_tests.log" 2>&1
+  echo "block tests: $(tail -1 "$OUT/blocks_tests.log")"; grep -E "^(FAILED|ERROR)" "$OUT/blocks_tests.log" | head -10
+  python3 -m ray.scripts.scripts start --head --port=6390 --num-gpus=1 --include-dashboard=false \
+    --disable-usage-stats >"$OUT/ray_start.log" 2>&1 && export RAY_ADDRESS=127.0.0.1:6390
+  B8=(--dtype bfloat16 --devices cuda:0 --allreduce-iters 10 --repeats 1 --prompt-len 128 --decode-tokens 64)
+  bench fp8_blocks 120 --model synthetic:llama-3.1-8b --quant none,fp8,fp8-blocks --batch 1,8 "${B8[@]}"
+  bench moe_fp8_blocks 240 --model synthetic:qwen3-30b-a3b --quant fp8-blocks --batch 1,8 \
+    --routed-quantized-experts "${B8[@]}"
+  ;;
+*) echo "usage: $0 suite|ab|blocks"; exit 2 ;;
 esac
