@@ -10,6 +10,8 @@ distinct experts a call selects, gate, up and down (x and the outputs are neglig
 
     triton   raytp.kernels.moe_gemv's routed kernels (GATE_UP_LAUNCH, DOWN_LAUNCH; with --sweep, each kernel's tiles
              below with the other's default)
+    one-token  at one token, --fused-moe's GEMVs over the token's choices (PAIR_GATE_UP_LAUNCH, TOKEN_DOWN_LAUNCH;
+             with --sweep, their tiles likewise): the fastest one printed
     torch    the grouped torch version, eager (host sync per call: timed with events around a Python loop)
     gemv     cuBLAS over one dense matrix holding as many bytes as the selected experts: the bandwidth to beat
 
@@ -35,6 +37,8 @@ SHAPES = {"qwen3-30b-a3b": (128, 8, 2048, 768), "mixtral-8x7b": (8, 2, 4096, 143
 CALLS = 8  # calls per graph, each with its own routing
 SWEEP_GATE_UP = [moe_gemv.Launch(n, k, w) for n in (16, 32, 64) for k in (64, 128, 256) for w in (4, 8)]
 SWEEP_DOWN = [moe_gemv.Launch(n, k, w) for n in (32, 64, 128) for k in (64, 128) for w in (4, 8)]
+SWEEP_PAIR_GATE_UP = [moe_gemv.Launch(n, k, w) for n in (8, 16, 32) for k in (128, 256, 512) for w in (2, 4, 8)]
+SWEEP_TOKEN_DOWN = [moe_gemv.Launch(n, k, w) for n in (4, 8, 16, 32) for k in (128, 256, 512) for w in (2, 4, 8)]
 
 
 def graphed_us(fn, calls: int = CALLS) -> float:
@@ -74,6 +78,15 @@ def launches(sweep: bool) -> list[tuple[moe_gemv.Launch, moe_gemv.Launch]]:
             + [(moe_gemv.GATE_UP_LAUNCH, b) for b in SWEEP_DOWN])
 
 
+def one_token_launches(sweep: bool) -> list[tuple[moe_gemv.Launch, moe_gemv.Launch]]:
+    """`launches` of the one-token GEMVs."""
+    default = [(moe_gemv.PAIR_GATE_UP_LAUNCH, moe_gemv.TOKEN_DOWN_LAUNCH)]
+    if not sweep:
+        return default
+    return (default + [(a, moe_gemv.TOKEN_DOWN_LAUNCH) for a in SWEEP_PAIR_GATE_UP]
+            + [(moe_gemv.PAIR_GATE_UP_LAUNCH, b) for b in SWEEP_TOKEN_DOWN])
+
+
 def report(shape: str, T: int, timed: dict[str, float], nbytes: float, distinct: float, kernel: str,
            others: list[str]) -> list[dict]:
     """One row per variant; prints the default and best tiles of `kernel` and the `others` on one line."""
@@ -104,6 +117,9 @@ def main():
             timed = {f"triton {a} {b}": graphed_us(lambda i: moe_gemv._launch(x[i], ids[i], weights[i], gate_up,
                                                                                down, a, b))
                      for a, b in launches(args.sweep)}
+            if T == 1:
+                timed |= {f"one-token {a} {b}": graphed_us(lambda i: moe_gemv._launch_one_token(
+                    x[i], ids[i], weights[i], gate_up, down, a, b)) for a, b in one_token_launches(args.sweep)}
             dense = torch.randn(int(nbytes // 2 // H), H, device="cuda", dtype=torch.bfloat16)
             copies = [dense] + [torch.empty_like(dense).normal_() for _ in range(max(1, (256 << 20) // int(nbytes)))]
             timed["gemv"] = graphed_us(lambda i: F.linear(x[i], copies[i % len(copies)]))
@@ -115,7 +131,8 @@ def main():
             end.record()
             end.synchronize()
             timed["torch"] = start.elapsed_time(end) * 1000 / CALLS
-            rows += report(name, T, timed, nbytes, distinct, "triton", ["gemv", "torch"])
+            one_token = [min((v for v in timed if v.startswith("one-token")), key=timed.get)] if T == 1 else []
+            rows += report(name, T, timed, nbytes, distinct, "triton", one_token + ["gemv", "torch"])
     if args.int4 or args.int4_only:
         rows += int4_rows([int(t) for t in args.tokens.split(",")])
     if args.out:

@@ -2,7 +2,8 @@
 Triton kernels under Triton's CPU interpreter (TRITON_INTERPRET=1, read when a kernel is defined, hence a process of
 its own) against the torch versions: the same experts in the same order, weights within float32 rounding, the
 combined output bit for bit (the interpreter adds in the kernel's order without fusing multiply and add; a GPU may
-fuse them: tests/gpu/test_moe_routing.py allows for it)."""
+fuse them: tests/gpu/test_moe_routing.py allows for it); and --fused-moe's one-token expert GEMVs against the
+per-expert matmuls; --grouped-mm-experts' prefill likewise."""
 
 import importlib.util
 import os
@@ -55,7 +56,7 @@ def test_torch_routing_equals_transformers_routers(tokens, experts, top_k, norma
         torch.testing.assert_close(weights, mixtral_weights.float(), rtol=2e-7, atol=0)
 
 
-@pytest.mark.parametrize("switch,use,flag", [("moe_routing", "use_fused_moe_routing", "--fused-moe-routing"),
+@pytest.mark.parametrize("switch,use,flag", [("fused_moe", "use_fused_moe", "--fused-moe"),
                                               ("grouped_mm_experts", "use_grouped_mm_experts", "--grouped-mm-experts")])
 def test_moe_kernels_are_behind_their_switches(monkeypatch, switch, use, flag):
     """Off by default (unmeasured on a GPU), and never on CPU tensors even when switched on."""
@@ -67,9 +68,8 @@ def test_moe_kernels_are_behind_their_switches(monkeypatch, switch, use, flag):
     assert not getattr(dispatch, f"_{switch}")
     dispatch.set_triton(True, **{switch: True})
     assert getattr(dispatch, f"_{switch}") and not getattr(dispatch, use)(torch.zeros(1, dtype=torch.bfloat16))
-    options = {"moe_routing": "fused_moe_routing"}.get(switch, switch)
-    assert RuntimeOptions(**{options: True}).flags() == [flag]
-    assert getattr(RuntimeOptions.from_env({f"RAYTP_{options.upper()}": "1"}), options)
+    assert RuntimeOptions(**{switch: True}).flags() == [flag]
+    assert getattr(RuntimeOptions.from_env({f"RAYTP_{switch.upper()}": "1"}), switch)
 
 
 INTERPRETED = """
@@ -79,7 +79,7 @@ from raytp.kernels import moe_routing
 from tests.test_moe_routing import CASES, logits_for
 
 # the dispatch asks for CUDA tensors; the interpreter runs the kernels on CPU ones
-moe_routing.use_fused_moe_routing = lambda t: True
+moe_routing.use_fused_moe = lambda t: True
 for dtype in (torch.float32, torch.float16):
     for seed, (tokens, experts, top_k, normalize) in enumerate(CASES):
         logits = logits_for(tokens, experts, dtype, seed)
@@ -93,6 +93,22 @@ for dtype in (torch.float32, torch.float16):
             for w in (want_weights, None):
                 got = moe_routing.combine_choices(y, w, dtype)
                 assert torch.equal(got, moe_routing.combine_choices_torch(y, w, dtype)), (case, y_dtype, w is None)
+
+# one token's experts as GEMVs over its choices (the sum inside the down projection's program), against the
+# per-expert matmuls: float32 accumulation order aside, the same rounding (each projection to the model dtype)
+from raytp.kernels import moe_gemv
+for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 2e-3)):
+    for experts, top_k, hidden, cols in ((128, 8, 96, 40), (8, 2, 200, 72), (6, 3, 64, 1)):
+        g = torch.Generator().manual_seed(experts)
+        x = torch.randn(1, hidden, generator=g).to(dtype)
+        ids = torch.rand(1, experts, generator=g).topk(top_k, dim=-1).indices
+        w = torch.rand(1, top_k, generator=g)
+        gate_up = (torch.randn(experts, 2 * cols, hidden, generator=g) / hidden ** 0.5).to(dtype)
+        down = (torch.randn(experts, hidden, cols, generator=g) / cols ** 0.5).to(dtype)
+        got = moe_gemv._launch_one_token(x, ids, w, gate_up, down, moe_gemv.Launch(16, 32, 4),
+                                         moe_gemv.Launch(8, 64, 4))
+        want = moe_gemv.routed_experts_torch(x, ids, w, gate_up, down)
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
 
 # equal probabilities: the lowest expert ids first
 tied = torch.tensor([[0.0, 3.0, 1.0, 3.0, 3.0, 1.0]])

@@ -51,7 +51,7 @@ class Worker:
         self.rank, self.spec, self.options = rank, device, options
         # once for this process, before any kernel runs
         set_triton(options.triton, options.triton_fp8_kv, options.triton_prefill_dequant,
-                   options.routed_quantized_experts, options.weight_only_act_quant, options.fused_moe_routing,
+                   options.routed_quantized_experts, options.weight_only_act_quant, options.fused_moe,
                    options.grouped_mm_experts)
         self.device = assigned_gpu() if device.kind == "cuda" else torch.device("cpu")
         if device.kind == "cuda":

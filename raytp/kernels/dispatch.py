@@ -10,7 +10,8 @@ on an H200. The routed GEMV of quantized experts (raytp.kernels.routed_packed_ge
 (RuntimeOptions.routed_quantized_experts), is off until measured end to end, and so is the weight-only packed GEMV for checkpoints that quantize
 activations (FP8_DYNAMIC, W8A8), `weight_only_act_quant` (RuntimeOptions.weight_only_act_quant), which applies on
 every rank, CPUs included, so that all ranks run one arithmetic and join the same collectives. The one-launch routing
-and combining of a mixture of experts (raytp.kernels.moe_routing), `moe_routing` (RuntimeOptions.fused_moe_routing),
+and combining of a mixture of experts and its one-token expert GEMVs (raytp.kernels.moe_routing, moe_gemv),
+`fused_moe` (RuntimeOptions.fused_moe),
 is off until measured too, and so is prefill of model-dtype experts by torch._grouped_mm on GPUs where it runs
 without a host sync (Hopper and later), `grouped_mm_experts` (RuntimeOptions.grouped_mm_experts)."""
 
@@ -32,30 +33,30 @@ _fp8_kv = True
 _prefill_dequant = True
 _routed_experts = False
 _weight_only_act_quant = False
-_moe_routing = False
+_fused_moe = False
 _grouped_mm_experts = False
 
-FP8_CAPABILITY = (8, 9)
-GROUPED_MM_CAPABILITY = (9, 0)  # Ada and Hopper convert e4m3 in hardware; before them Triton would emulate it per element
+FP8_CAPABILITY = (8, 9)  # Ada and Hopper convert e4m3 in hardware; before them Triton would emulate it per element
+GROUPED_MM_CAPABILITY = (9, 0)  # torch._grouped_mm's CUTLASS kernel; before Hopper torch loops and syncs
 
 
 def set_triton(enabled: bool, fp8_kv: bool = True, prefill_dequant: bool = True,
-               routed_experts: bool = False, weight_only_act_quant: bool = False, moe_routing: bool = False,
+               routed_experts: bool = False, weight_only_act_quant: bool = False, fused_moe: bool = False,
                grouped_mm_experts: bool = False) -> None:
     """Use the Triton kernels in this process (where Triton is installed) or the torch versions everywhere; with
     `fp8_kv` also for the FP8 KV cache's write and decode attention, with `prefill_dequant` also to dequantize
     packed weights for prefill, with `routed_experts` also for quantized experts, with `weight_only_act_quant` also
-    to repack activation-quantized weights for the weight-only packed GEMV, with `moe_routing` also to route and
+    to repack activation-quantized weights for the weight-only packed GEMV, with `fused_moe` also to route and
     combine a mixture of experts' choices, with `grouped_mm_experts` also to prefill model-dtype experts by
     torch._grouped_mm."""
-    global _enabled, _fp8_kv, _prefill_dequant, _routed_experts, _weight_only_act_quant, _moe_routing
+    global _enabled, _fp8_kv, _prefill_dequant, _routed_experts, _weight_only_act_quant, _fused_moe
     global _grouped_mm_experts
     _enabled = enabled and triton is not None
     _fp8_kv = fp8_kv
     _prefill_dequant = prefill_dequant
     _routed_experts = routed_experts
     _weight_only_act_quant = weight_only_act_quant
-    _moe_routing = moe_routing
+    _fused_moe = fused_moe
     _grouped_mm_experts = grouped_mm_experts
 
 
@@ -73,9 +74,9 @@ def use_routed_quantized_experts(t: torch.Tensor) -> bool:
     return _routed_experts and use_triton(t)
 
 
-def use_fused_moe_routing(t: torch.Tensor) -> bool:
+def use_fused_moe(t: torch.Tensor) -> bool:
     """Whether a mixture of experts' routing and combining run as raytp.kernels.moe_routing's kernels for t."""
-    return _moe_routing and use_triton(t)
+    return _fused_moe and use_triton(t)
 
 
 def use_grouped_mm_experts(t: torch.Tensor) -> bool:

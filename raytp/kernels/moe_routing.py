@@ -9,7 +9,7 @@ torch spends four kernels on routing (softmax, topk, sum, divide) and up to four
 cast); inside a CUDA graph each still costs ~2 us of GPU time plus a gap, 48 layers a step in Qwen3-30B-A3B, where
 the profile put 1.43 ms of a 4.72 ms step in small kernels (benchmarks/results/2026-12-05-h200-moe). The Triton
 kernels do each end in one launch, one program per token (routing) or per token and block of the hidden size
-(combining), behind RuntimeOptions.fused_moe_routing until measured.
+(combining), behind RuntimeOptions.fused_moe until measured.
 
 Top-k as transformers does it (torch.topk of the float32 probabilities): the kernel takes the largest probability k
 times, the lowest expert id first among equal ones. Equal probabilities are the one case where its choice may differ
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from raytp.kernels.dispatch import triton, use_fused_moe_routing
+from raytp.kernels.dispatch import triton, use_fused_moe
 
 
 def top_k_routing_torch(logits: torch.Tensor, top_k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,7 +93,7 @@ _COMBINE_BLOCK = 1024  # hidden columns per program: Qwen3-30B-A3B's 2048 in two
 
 def top_k_routing(logits: torch.Tensor, top_k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """`top_k_routing_torch`'s result, from one Triton launch where it runs (see the module docstring)."""
-    if not use_fused_moe_routing(logits):
+    if not use_fused_moe(logits):
         return top_k_routing_torch(logits, top_k, normalize)
     tokens, experts = logits.shape
     weights = torch.empty((tokens, top_k), dtype=torch.float32, device=logits.device)
@@ -106,7 +106,7 @@ def top_k_routing(logits: torch.Tensor, top_k: int, normalize: bool) -> tuple[to
 
 def combine_choices(y: torch.Tensor, weights: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
     """`combine_choices_torch`'s result, from one Triton launch where it runs."""
-    if not use_fused_moe_routing(y):
+    if not use_fused_moe(y):
         return combine_choices_torch(y, weights, dtype)
     tokens, k, hidden = y.shape
     out = torch.empty((tokens, hidden), dtype=dtype, device=y.device)

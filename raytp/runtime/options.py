@@ -1,7 +1,7 @@
 """Run-time switches every rank obeys: one frozen `RuntimeOptions`, carried to each rank inside GroupSettings.
 
 The CLI sets them with flags (`--no-triton`, `--no-triton-fp8-kv`, `--no-triton-prefill-dequant`,
-`--routed-quantized-experts`, `--weight-only-act-quant`, `--fused-moe-routing`,
+`--routed-quantized-experts`, `--weight-only-act-quant`, `--fused-moe`,
 `--grouped-mm-experts`, `--no-cuda-graphs`, `--no-gpu-hoststaged`, `--check-identical`).
 `RuntimeOptions.from_env` is the one place where raytp reads RAYTP_* environment variables at run time, as the
 flags' defaults in the process that starts the group (scripts and CI jobs that export them keep working):
@@ -11,7 +11,7 @@ flags' defaults in the process that starts the group (scripts and CI jobs that e
     RAYTP_TRITON_PREFILL_DEQUANT=0  triton_prefill_dequant=False
     RAYTP_ROUTED_QUANTIZED_EXPERTS=1  routed_quantized_experts=True
     RAYTP_WEIGHT_ONLY_ACT_QUANT=1  weight_only_act_quant=True
-    RAYTP_FUSED_MOE_ROUTING=1  fused_moe_routing=True
+    RAYTP_FUSED_MOE=1  fused_moe=True
     RAYTP_GROUPED_MM_EXPERTS=1  grouped_mm_experts=True
     RAYTP_CUDA_GRAPHS=0       cuda_graphs=False
     RAYTP_GPU_HOSTSTAGED=0    gpu_hoststaged=False
@@ -50,9 +50,10 @@ class RuntimeOptions:
     # from what the checkpoint's config says (slightly more accurate). Off until measured per batch size on a GPU.
     weight_only_act_quant: bool = False
     # A mixture of experts' routing (softmax, top-k, renormalization) and the weighted sum of each token's choices
-    # run as one Triton launch each (raytp.kernels.moe_routing) instead of up to eight torch kernels per layer.
-    # Off until measured on a GPU.
-    fused_moe_routing: bool = False
+    # run as one Triton launch each (raytp.kernels.moe_routing) instead of up to eight torch kernels per layer, and a
+    # one-token decode step's model-dtype experts as GEMVs over its k choices, the sum inside the down projection's
+    # (raytp.kernels.moe_gemv). Off until measured on a GPU.
+    fused_moe: bool = False
     # Prefill of a mixture of experts in the model dtype as two torch._grouped_mm calls over the tokens sorted by
     # expert (raytp.kernels.moe_gemv.grouped_mm_experts) on bfloat16 GPUs of compute capability 9.0+, instead of one
     # matmul per selected expert after a host sync: Qwen3-30B-A3B prefilled 128 tokens at 406 tokens/s on an H200
@@ -75,7 +76,7 @@ class RuntimeOptions:
                    triton_prefill_dequant=environ.get("RAYTP_TRITON_PREFILL_DEQUANT", "1") != "0",
                    routed_quantized_experts=environ.get("RAYTP_ROUTED_QUANTIZED_EXPERTS", "0") == "1",
                    weight_only_act_quant=environ.get("RAYTP_WEIGHT_ONLY_ACT_QUANT", "0") == "1",
-                   fused_moe_routing=environ.get("RAYTP_FUSED_MOE_ROUTING", "0") == "1",
+                   fused_moe=environ.get("RAYTP_FUSED_MOE", "0") == "1",
                    grouped_mm_experts=environ.get("RAYTP_GROUPED_MM_EXPERTS", "0") == "1",
                    cuda_graphs=environ.get("RAYTP_CUDA_GRAPHS", "1") != "0",
                    gpu_hoststaged=environ.get("RAYTP_GPU_HOSTSTAGED", "1") != "0",
@@ -99,8 +100,9 @@ FLAGS = {
     "weight_only_act_quant": ("--weight-only-act-quant", "run FP8_DYNAMIC and W8A8 checkpoints weight-only (on "
                               "GPUs the packed GEMV), activations left unquantized (off: quantized per token, as "
                               "their config says)"),
-    "fused_moe_routing": ("--fused-moe-routing", "route a mixture of experts' tokens (softmax, top-k) and sum "
-                          "their choices' outputs with one Triton kernel each (off: torch ops)"),
+    "fused_moe": ("--fused-moe", "route a mixture of experts' tokens (softmax, top-k) and sum their choices' "
+                  "outputs with one Triton kernel each, and decode one token's experts as GEMVs over its choices "
+                  "(off: torch ops, and the experts' tiled kernels)"),
     "grouped_mm_experts": ("--grouped-mm-experts", "prefill a mixture of experts in bfloat16 with torch's grouped "
                            "GEMM on GPUs of compute capability 9.0+ (off: one matmul per selected expert)"),
     "cuda_graphs": ("--no-cuda-graphs", "decode eagerly on GPUs instead of replaying CUDA graphs"),

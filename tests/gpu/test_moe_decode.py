@@ -1,7 +1,7 @@
 """A mixture of experts in the GPU decode loop (GPU host only): replayed from CUDA graphs, the routed Triton kernels
 give the eager loop's tokens for greedy and sampled rows in batch buckets 4, 2 and 1; w4a16 experts likewise, as
 per-expert GEMVs (every expert inside a graph) and with --routed-quantized-experts; and both with
---fused-moe-routing, against the same loop without it; prefill with --grouped-mm-experts likewise."""
+--fused-moe, against the same loop without it; prefill with --grouped-mm-experts likewise."""
 
 import json
 
@@ -39,16 +39,16 @@ def test_graphed_w4a16_moe_decode_matches_eager_steps(tmp_path, monkeypatch, rou
 
 
 @pytest.mark.parametrize("quant", ["", "@w4a16"])
-def test_fused_moe_routing_gives_the_torch_routings_tokens(tmp_path, monkeypatch, quant):
-    """--fused-moe-routing (routing and combining as one kernel each) against torch's ops, in graphs: the same
+def test_fused_moe_gives_the_torch_routings_tokens(tmp_path, monkeypatch, quant):
+    """--fused-moe (routing and combining as one kernel each) against torch's ops, in graphs: the same
     greedy and sampled tokens (float32 weights may differ in the last bit, far below bfloat16's rounding)."""
     config = tmp_path / "config.json"
     config.write_text(json.dumps(TINY_MOE | {"moe_intermediate_size": 128}))
     monkeypatch.setattr(dispatch, "_routed_experts", True)
     model = f"synthetic:{config}{quant}"
-    monkeypatch.setattr(dispatch, "_moe_routing", False)
+    monkeypatch.setattr(dispatch, "_fused_moe", False)
     want = generate(True, "nccl", model=model)
-    monkeypatch.setattr(dispatch, "_moe_routing", True)  # what --fused-moe-routing sets
+    monkeypatch.setattr(dispatch, "_fused_moe", True)  # what --fused-moe sets
     assert generate(True, "nccl", model=model) == want
 
 

@@ -1,5 +1,6 @@
 """The routed-experts Triton kernels against the torch version (GPU host only): 1-16 tokens, several expert counts and
-top-k, eagerly and replayed from a CUDA graph; and the torch version's graph-safe path (Triton off) likewise."""
+top-k, eagerly and replayed from a CUDA graph; and the torch version's graph-safe path (Triton off) likewise; the
+one-token GEMVs of --fused-moe and the grouped GEMM prefill of --grouped-mm-experts."""
 
 import pytest
 import torch
@@ -78,3 +79,18 @@ def test_grouped_mm_prefill_matches_torch(monkeypatch, shape, tokens, capture):
     else:
         out = moe_gemv.routed_experts(*args)
     torch.testing.assert_close(out, moe_gemv.routed_experts_torch(*args), **TOL[torch.bfloat16])
+
+
+@pytest.mark.parametrize("capture", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_one_token_gemvs_match_torch(monkeypatch, shape, dtype, capture):
+    """--fused-moe's one-token path: GEMVs over the token's choices, the weighted sum inside the down projection."""
+    monkeypatch.setattr(dispatch, "_fused_moe", True)  # what --fused-moe sets
+    args = inputs(1, *shape, dtype, seed=3)
+    if capture:
+        fresh = inputs(1, *shape, dtype, seed=4)
+        out, args = replay(args, fresh), fresh[:3] + args[3:]
+    else:
+        out = moe_gemv.routed_experts(*args)
+    torch.testing.assert_close(out, moe_gemv.routed_experts_torch(*args), **TOL[dtype])

@@ -15,7 +15,7 @@ CASES = [(1, 128, 8, True), (16, 128, 8, False), (8, 8, 2, True), (3, 60, 4, Fal
 
 @pytest.fixture(autouse=True)
 def switched_on(monkeypatch):
-    monkeypatch.setattr(dispatch, "_moe_routing", True)  # what --fused-moe-routing sets, undone after the test
+    monkeypatch.setattr(dispatch, "_fused_moe", True)  # what --fused-moe sets, undone after the test
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
