@@ -12,6 +12,7 @@ from raytp.model.formats import FP8Weight
 from raytp.model.pieces import plan_model, quant_replicated_bytes
 from raytp.weights.synthetic import synthetic_config
 from tests.quantized import fp8_blocks_checkpoint
+from tests.test_moe_model import with_telling_experts
 from tests.sharded import LocalGroup, assert_matches_reference
 from tests.test_qwen3 import GREEDY_TOKENS, SPLITS, _tiny_qwen3
 
@@ -53,14 +54,7 @@ def fp8_qwen3_moe(tmp_path_factory):
                                          norm_topk_prob=True, vocab_size=1000, num_hidden_layers=2,
                                          max_position_embeddings=512)
     torch.manual_seed(0)
-    model = transformers.Qwen3MoeForCausalLM(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".experts." in name:  # experts as large as the residual: a wrong one shows in the logits
-                p.normal_(0, 0.2)
-            elif name.endswith(".gate.weight"):  # routers with clear winners: rounding never flips a choice
-                p.normal_(0, 1.0)
-    model.save_pretrained(source, safe_serialization=True)
+    with_telling_experts(transformers.Qwen3MoeForCausalLM(config)).save_pretrained(source, safe_serialization=True)
     return fp8_blocks_checkpoint(source, tmp_path_factory.mktemp("qwen3-moe-fp8"), block=(32, 32))
 
 

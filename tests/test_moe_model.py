@@ -30,6 +30,18 @@ SPLITS = {1: [1.0], 2: [2.0, 1.0], 3: [3.0, 2.0, 1.0], 5: [1.0, 4.0, 1.0, 2.0, 3
 GREEDY_TOKENS = 32
 
 
+def with_telling_experts(model: transformers.PreTrainedModel) -> transformers.PreTrainedModel:
+    """`model` with experts as large as the residual (a wrong one shows in the logits) and routers with clear
+    winners (rounding never flips a choice)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".experts." in name:
+                p.normal_(0, 0.2)
+            elif name.endswith(".gate.weight"):
+                p.normal_(0, 1.0)
+    return model
+
+
 @pytest.fixture(scope="module")
 def tiny_moe(tmp_path_factory):
     """family -> (saved directory, transformers model), each built once on first use."""
@@ -40,13 +52,7 @@ def tiny_moe(tmp_path_factory):
             config = TINY[family]()
             config.update(dict(vocab_size=1000, num_hidden_layers=2, max_position_embeddings=512))
             torch.manual_seed(0)
-            model = getattr(transformers, ARCHITECTURES[config.model_type].hf_class)(config)
-            with torch.no_grad():
-                for name, p in model.named_parameters():
-                    if ".experts." in name:  # experts as large as the residual: a wrong one shows in the logits
-                        p.normal_(0, 0.2)
-                    elif name.endswith(".gate.weight"):  # routers with clear winners: rounding never flips a choice
-                        p.normal_(0, 1.0)
+            model = with_telling_experts(getattr(transformers, ARCHITECTURES[config.model_type].hf_class)(config))
             path = tmp_path_factory.mktemp(family)
             model.eval().save_pretrained(path, safe_serialization=True)
             built[family] = path, model
