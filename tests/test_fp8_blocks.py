@@ -94,6 +94,23 @@ def test_fp8_blocks_qwen3_moe_matches_transformers(fp8_qwen3_moe, weights):
     assert_matches_reference(group, reference(fp8_qwen3_moe), tokens, prompt_len=7, greedy_tokens=GREEDY_TOKENS)
 
 
+def test_fp8_blocks_experts_stacked_for_the_routed_gemv_match_transformers(fp8_qwen3_moe, monkeypatch):
+    """--routed-quantized-experts' load path on a CPU (packing forced, as a CUDA rank packs): the experts' block
+    scales become the packed GEMV's groups, stacked; the routed orchestration gives transformers' logits."""
+    from raytp.model import moe
+    from raytp.model.formats import fused
+
+    monkeypatch.setattr(fused, "use_triton", lambda t: True)
+    monkeypatch.setattr(fused, "reserve", lambda packed: None)  # the CUDA kernel's workspace: none on a CPU
+    monkeypatch.setattr(moe, "use_routed_quantized_experts", lambda t: True)
+    group = LocalGroup(fp8_qwen3_moe, [3.0, 2.0, 1.0], blocks={"expert_cols": 32})
+    held = [m.layers[0].moe.experts for m in group.models if m.layers[0].moe.experts is not None]
+    assert held and all(e.routed is not None and e.routed[0].like.kind == "fp8" for e in held)
+    assert all(e.routed[1].like.group_tiles == 1 for e in held)  # blocks of 32 inputs: one 32-input tile a group
+    tokens = torch.randint(0, 1000, (2, 7), generator=torch.Generator().manual_seed(11))
+    assert_matches_reference(group, reference(fp8_qwen3_moe), tokens, prompt_len=5, greedy_tokens=8)
+
+
 def test_fp8_blocks_config_is_read_and_refused_with_the_reason():
     q = QuantConfig.from_dict({"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
                                "weight_block_size": [128, 128], "modules_to_not_convert": ["mlp.gate"]})
