@@ -40,8 +40,9 @@ def test_graphed_w4a16_moe_decode_matches_eager_steps(tmp_path, monkeypatch, rou
 
 @pytest.mark.parametrize("quant", ["", "@w4a16"])
 def test_fused_moe_gives_the_torch_routings_tokens(tmp_path, monkeypatch, quant):
-    """--fused-moe (routing and combining as one kernel each) against torch's ops, in graphs: the same
-    greedy and sampled tokens (float32 weights may differ in the last bit, far below bfloat16's rounding)."""
+    """--fused-moe (routing and combining as one kernel each, one-token steps' experts as GEMVs over the choices)
+    against torch's ops and the tiled expert kernels, in graphs: the same greedy and sampled tokens (float32 sums
+    may differ in the last bit)."""
     config = tmp_path / "config.json"
     config.write_text(json.dumps(TINY_MOE | {"moe_intermediate_size": 128}))
     monkeypatch.setattr(dispatch, "_routed_experts", True)
