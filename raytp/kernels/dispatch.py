@@ -75,7 +75,8 @@ def use_routed_quantized_experts(t: torch.Tensor) -> bool:
 
 
 def use_fused_moe(t: torch.Tensor) -> bool:
-    """Whether a mixture of experts' routing and combining run as raytp.kernels.moe_routing's kernels for t."""
+    """Whether a mixture of experts' routing and combining run as raytp.kernels.moe_routing's kernels for t, and a
+    one-token step's model-dtype experts as raytp.kernels.moe_gemv's GEMVs over its choices."""
     return _fused_moe and use_triton(t)
 
 

@@ -208,8 +208,9 @@ class QuantConfig:
 
 # The quantizations a synthetic model takes (`synthetic:NAME@w4a16`, `--quant`), as llmcompressor's presets of the
 # same names: int4 symmetric in groups of 128, int8 symmetric with one scale per output row, float8 e4m3 weights with
-# one scale per output row (fp8-blocks: per block of 128 x 128, as Qwen's FP8 checkpoints); fp8-dynamic (FP8_DYNAMIC) and w8a8 (W8A8) the same 8-bit weights with activations
-# quantized per token at run time. The planner counts them like the same quantization read from a checkpoint.
+# one scale per output row (fp8-blocks: per block of 128 x 128, as Qwen's FP8 checkpoints); fp8-dynamic
+# (FP8_DYNAMIC) and w8a8 (W8A8) the same 8-bit weights with activations quantized per token at run time. The planner
+# counts them like the same quantization read from a checkpoint.
 QUANT_PRESETS = {"w4a16": QuantConfig("int", 4, 128), "w8a16": QuantConfig("int", 8, None),
                  "fp8": QuantConfig("fp8", 8, None),
                  "fp8-blocks": QuantConfig("fp8", 8, 128, block_rows=128, layout="fp8-blocks"),
