@@ -7,13 +7,13 @@ Triton paths (raytp.kernels.kv_fp8), `fp8_kv` (RuntimeOptions.triton_fp8_kv), wh
 e4m3 in hardware (compute capability 8.9+), and the Triton dequantization of packed weights for prefill
 (raytp.kernels.packed_dequant), `prefill_dequant` (RuntimeOptions.triton_prefill_dequant): both on, since measured
 on an H200. The routed GEMV of quantized experts (raytp.kernels.routed_packed_gemv), `routed_experts`
-(RuntimeOptions.routed_quantized_experts), is off until measured end to end, and so is the weight-only packed GEMV for checkpoints that quantize
-activations (FP8_DYNAMIC, W8A8), `weight_only_act_quant` (RuntimeOptions.weight_only_act_quant), which applies on
-every rank, CPUs included, so that all ranks run one arithmetic and join the same collectives. The one-launch routing
-and combining of a mixture of experts and its one-token expert GEMVs (raytp.kernels.moe_routing, moe_gemv),
-`fused_moe` (RuntimeOptions.fused_moe),
-is off until measured too, and so is prefill of model-dtype experts by torch._grouped_mm on GPUs where it runs
-without a host sync (Hopper and later), `grouped_mm_experts` (RuntimeOptions.grouped_mm_experts)."""
+(RuntimeOptions.routed_quantized_experts), is off until measured end to end, and so is the weight-only packed GEMV
+for checkpoints that quantize activations (FP8_DYNAMIC, W8A8), `weight_only_act_quant` (RuntimeOptions.
+weight_only_act_quant), which applies on every rank, CPUs included, so that all ranks run one arithmetic and join
+the same collectives. The one-launch routing and combining of a mixture of experts and its one-token expert GEMVs
+(raytp.kernels.moe_routing, moe_gemv), `fused_moe` (RuntimeOptions.fused_moe), is off until measured too, and so is
+prefill of model-dtype experts by torch._grouped_mm on GPUs where it runs without a host sync (Hopper and later),
+`grouped_mm_experts` (RuntimeOptions.grouped_mm_experts)."""
 
 from __future__ import annotations
 

@@ -45,8 +45,9 @@ class RuntimeOptions:
     # CUDA graphs; off, each expert is its own GEMV and a CUDA graph runs every expert. Off until measured on a GPU.
     routed_quantized_experts: bool = False
     # FP8_DYNAMIC and W8A8 layers run weight-only, their inputs left in the model dtype, on every rank (CUDA ranks
-    # repack them for the packed GEMV, raytp.kernels.packed_gemv; CPU ranks use torch): on an H200 the same weight bytes decode at 1.31x (fp8) and 1.33x (int8)
-    # the bf16 speed that way, against 0.94x and 1.03x with the activations quantized. It changes the arithmetic
+    # repack them for the packed GEMV, raytp.kernels.packed_gemv; CPU ranks use torch): on an H200 the same weight
+    # bytes decode at 1.31x (fp8) and 1.33x (int8) the bf16 speed that way, against 0.94x and 1.03x with the
+    # activations quantized. It changes the arithmetic
     # from what the checkpoint's config says (slightly more accurate). Off until measured per batch size on a GPU.
     weight_only_act_quant: bool = False
     # A mixture of experts' routing (softmax, top-k, renormalization) and the weighted sum of each token's choices
