@@ -1,6 +1,7 @@
 """The routed experts of one MoE layer at decode batch sizes: microseconds and GB/s of the selected experts' weights.
 
-    python benchmarks/moe_gemv.py [--tokens 1,8,16] [--sweep] [--int4 | --int4-only] [--out results.json]
+    python benchmarks/moe_gemv.py [--tokens 1,8,16] [--sweep | --one-token-sweep] [--int4 | --int4-only]
+                                  [--out results.json]
 
 Shapes are one whole layer on one GPU, bf16: Qwen3-30B-A3B (128 experts, top 8, hidden 2048, expert width 768) and
 Mixtral-8x7B (8 experts, top 2, hidden 4096, width 14336). Each row is timed inside one CUDA graph of back-to-back
@@ -11,7 +12,7 @@ distinct experts a call selects, gate, up and down (x and the outputs are neglig
     triton   raytp.kernels.moe_gemv's routed kernels (GATE_UP_LAUNCH, DOWN_LAUNCH; with --sweep, each kernel's tiles
              below with the other's default)
     one-token  at one token, --fused-moe's GEMVs over the token's choices (PAIR_GATE_UP_LAUNCH, TOKEN_DOWN_LAUNCH;
-             with --sweep, their tiles likewise): the fastest one printed
+             with --sweep or --one-token-sweep, their tiles likewise): the fastest one printed
     torch    the grouped torch version, eager (host sync per call: timed with events around a Python loop)
     gemv     cuBLAS over one dense matrix holding as many bytes as the selected experts: the bandwidth to beat
 
@@ -103,6 +104,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens", default="1,8,16")
     parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--one-token-sweep", action="store_true", help="sweep only the one-token GEMVs' tiles")
     parser.add_argument("--int4", action="store_true", help="also the w4a16 experts, routed and per expert")
     parser.add_argument("--int4-only", action="store_true", help="only the w4a16 experts")
     parser.add_argument("--out")
@@ -119,7 +121,7 @@ def main():
                      for a, b in launches(args.sweep)}
             if T == 1:
                 timed |= {f"one-token {a} {b}": graphed_us(lambda i: moe_gemv._launch_one_token(
-                    x[i], ids[i], weights[i], gate_up, down, a, b)) for a, b in one_token_launches(args.sweep)}
+                    x[i], ids[i], weights[i], gate_up, down, a, b)) for a, b in one_token_launches(args.sweep or args.one_token_sweep)}
             dense = torch.randn(int(nbytes // 2 // H), H, device="cuda", dtype=torch.bfloat16)
             copies = [dense] + [torch.empty_like(dense).normal_() for _ in range(max(1, (256 << 20) // int(nbytes)))]
             timed["gemv"] = graphed_us(lambda i: F.linear(x[i], copies[i % len(copies)]))
