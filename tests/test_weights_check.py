@@ -117,6 +117,16 @@ def test_reader_refuses_nan_and_inf_naming_the_tensor(tmp_path):
             reader.read(Slice("big", (2, 2), range(0, 2)))
 
 
+def test_reader_refuses_float8_where_the_config_says_unquantized(tmp_path):
+    """A module the quantization_config does not name (a fine-grained FP8 router, say) read as a dense weight would
+    lose its scales: refused, naming the tensor."""
+    save_file({"gate": torch.ones(4, 3).to(torch.float8_e4m3fn)}, tmp_path / "model.safetensors")
+    with SafetensorsReader(tmp_path, torch.float32, torch.device("cpu")) as reader:
+        assert reader.read(Slice("gate", (4, 3), range(4)), stored=True).dtype == torch.float8_e4m3fn
+        with pytest.raises(ValueError, match=r"tensor 'gate' in .* is stored in torch.float8_e4m3fn, but config.json"):
+            reader.read(Slice("gate", (4, 3), range(4)))
+
+
 @pytest.mark.slow
 def test_generate_on_nan_weights_prints_one_line(model_copy):
     """A NaN in one weight: `raytp generate` names the tensor in one line instead of sampling from NaN logits."""

@@ -103,6 +103,11 @@ class SafetensorsReader:
         rows = slice(s.rows.start, s.rows.stop)
         t = sl[rows] if s.cols is None else sl[rows, s.cols.start:s.cols.stop]
         self.bar.update(t.numel() * t.element_size())
+        if not stored and t.is_floating_point() and t.element_size() == 1:
+            raise CheckpointError(f"tensor {s.name!r} in {self.files[s.name]} is stored in {t.dtype}, but "
+                                  f"config.json's quantization_config leaves its module unquantized (raytp would "
+                                  f"read the values without their scales); the weights and config.json do not "
+                                  f"belong together")
         _check_finite(t, s, self.files[s.name], "the checkpoint is corrupt: re-download or re-convert it")
         out = t.to(self.device) if stored else t.to(self.device, self.dtype)
         _check_finite(out, s, self.files[s.name], f"its values overflow {self.dtype}: load it in a wider --dtype")
