@@ -153,7 +153,7 @@ def test_experts_stacked_for_the_routed_gemv_match_transformers(quantized_moe, m
     expert's weights then views of the stacks). Here on the CPU, the same load path (packing forced) and the routed
     orchestration (pairs, act-order gathers, SwiGLU, the weighted sum; the products one pair at a time by the
     kernel's torch version, the CUDA kernel itself is checked in tests/gpu/test_routed_packed_gemv.py) give
-    transformers' logits, and nothing is held twice."""
+    transformers' logits, at decode sizes and in a prefill (pairs sorted by expert), and nothing is held twice."""
     monkeypatch.setattr(fused, "use_triton", lambda t: True)  # repack as a CUDA rank does
     monkeypatch.setattr(fused, "reserve", lambda packed: None)  # the CUDA kernel's workspace: none on a CPU
     monkeypatch.setattr(moe, "use_routed_quantized_experts", lambda t: True)
@@ -165,9 +165,20 @@ def test_experts_stacked_for_the_routed_gemv_match_transformers(quantized_moe, m
     for e in held:  # the per-expert weights (prefill's) are views of the stacks
         assert e.down[1].packed.values.data_ptr() == e.routed[1].values[1].data_ptr()
         assert len(e.tensors()) == len(e.routed[0].tensors()) + len(e.routed[1].tensors())
+    reference = reference_model(path)
     # 2 x 7 tokens: within ROUTED_ROWS, so the logits come through the routed path too, as every decode step does
     tokens = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(11))
-    assert_matches_reference(group, reference_model(path), tokens, prompt_len=5, greedy_tokens=8)
+    assert_matches_reference(group, reference, tokens, prompt_len=5, greedy_tokens=8)
+    # 3 x 9 tokens: a prefill, its pairs sorted by expert
+    sorted_calls = []
+    routed = moe.routed_packed_experts
+    monkeypatch.setattr(moe, "routed_packed_experts",
+                        lambda *a, by_expert=False: sorted_calls.append(by_expert) or routed(*a, by_expert=by_expert))
+    tokens = torch.randint(0, VOCAB, (3, 9), generator=torch.Generator().manual_seed(12))
+    with torch.no_grad():
+        expected = reference(tokens).logits[:, -1]
+    torch.testing.assert_close(group.logits(tokens), expected, rtol=1e-4, atol=1e-4)
+    assert sorted_calls and all(sorted_calls)
 
 
 @pytest.mark.slow

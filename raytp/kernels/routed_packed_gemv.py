@@ -14,6 +14,12 @@ first (one gather over the stacked indices, on the GPU). Two tokens that chose o
 it): at batch 1 nothing is read twice, at batch 8 of Qwen3-30B-A3B about 64 pairs share ~53 experts; Mixtral's 8
 experts are read 2-4 times over at 8-16 tokens, where running every expert once is faster. No split along the
 inputs (a split would need a workspace per pair): the pairs already give the grid its blocks.
+
+Prefill (`by_expert`) sorts the pairs by expert first, so that the blocks reading one expert run one after another
+and find it in L2: each selected expert comes from HBM about once, in a handful of launches per layer, where one
+matmul per expert costs several launches each and a host sync (launch-bound at a few hundred tokens: 406 tokens/s
+for Qwen3-30B-A3B in bf16 at 128 tokens on an H200). Up to ROUTED_PREFILL_PAIRS pairs: blockIdx.z stops at 65535,
+and the grouped matmuls' tensor-core tiles win once each expert has many tokens. Never run on a GPU yet.
 """
 
 from __future__ import annotations
@@ -124,11 +130,22 @@ def routed_linear(x: torch.Tensor, w: StackedMMA, ids: torch.Tensor, x_div: int)
     return y
 
 
+ROUTED_PREFILL_PAIRS = 32768  # at most this many (token, choice) pairs take the routed launch `by_expert`
+
+
 def routed_packed_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: StackedMMA,
-                          down: StackedMMA) -> torch.Tensor:
-    """x (tokens, hidden), ids (tokens, k) int64, weights (tokens, k) float32 -> (tokens, hidden) in x's dtype."""
+                          down: StackedMMA, by_expert: bool = False) -> torch.Tensor:
+    """x (tokens, hidden), ids (tokens, k) int64, weights (tokens, k) float32 -> (tokens, hidden) in x's dtype;
+    `by_expert` runs the pairs sorted by expert (prefill, see the module docstring)."""
     tokens, k = ids.shape
     flat = ids.reshape(-1).contiguous()
-    h = swiglu(routed_linear(x.contiguous(), gate_up, flat, x_div=k))  # (pairs, cols)
-    y = routed_linear(h, down, flat, x_div=1)  # (pairs, hidden)
+    if not by_expert:
+        h = swiglu(routed_linear(x.contiguous(), gate_up, flat, x_div=k))  # (pairs, cols)
+        y = routed_linear(h, down, flat, x_div=1)  # (pairs, hidden)
+    else:
+        order = flat.argsort(stable=True)
+        sorted_ids = flat[order].contiguous()
+        h = swiglu(routed_linear(x[order // k].contiguous(), gate_up, sorted_ids, x_div=1))
+        y = torch.empty((len(flat), x.shape[-1]), dtype=x.dtype, device=x.device)
+        y[order] = routed_linear(h, down, sorted_ids, x_div=1)  # back in (token, choice) order
     return combine_choices(y.view(tokens, k, -1), weights, x.dtype)

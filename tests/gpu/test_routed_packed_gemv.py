@@ -69,6 +69,16 @@ def test_routed_gemv_matches_grouped_experts(tokens, shape):
     torch.testing.assert_close(got, grouped(x, ids, weights, gate_up, down), **TOL)
 
 
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[4]}-e{s[0]}k{s[1]}-z{int(s[6])}-act{int(s[7])}")
+@pytest.mark.parametrize("tokens", [17, 200])
+def test_prefill_sorted_by_expert_matches_grouped_experts(tokens, shape):
+    """Prefill's routed launch, the pairs sorted by expert and put back (the module docstring)."""
+    gate_up, down = experts(shape, seed=0)
+    x, ids, weights = routing(tokens, shape, seed=tokens)
+    got = routed_packed_experts(x, ids, weights, *stacked(gate_up, down), by_expert=True)
+    torch.testing.assert_close(got, grouped(x, ids, weights, gate_up, down), **TOL)
+
+
 @pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[4]], ids=["int4", "int4-act-order"])
 def test_captured_step_matches_grouped_experts(shape):
     gate_up, down = experts(shape, seed=0)
