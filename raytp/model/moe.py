@@ -29,7 +29,7 @@ from raytp.kernels.dispatch import use_routed_quantized_experts
 from raytp.kernels.moe_gemv import ROUTED_ROWS, grouped_experts, routed_experts
 from raytp.kernels.moe_routing import top_k_routing
 from raytp.kernels.packed_gemv import TILE_N
-from raytp.kernels.routed_packed_gemv import ROUTED_PREFILL_PAIRS, StackedMMA, routed_packed_experts
+from raytp.kernels.routed_packed_gemv import StackedMMA, routed_packed_experts, routes_prefill
 from raytp.model.config import MoeConfig
 from raytp.model.formats import (FP8Weight, IntWeight, PackedWeight, Weight, WeightReader, for_device, fuse,
                                  read_linear)
@@ -75,7 +75,7 @@ class QuantizedExperts:
     With RuntimeOptions.routed_quantized_experts on a CUDA rank, experts repacked for the GEMV kernel are stacked
     (`routed`, the per-expert weights then being views of the stacks) and decode batches take its routed launch
     (`raytp.kernels.routed_packed_gemv`), which reads only the selected experts inside CUDA graphs too; so does
-    prefill up to ROUTED_PREFILL_PAIRS (token, choice) pairs, sorted by expert.
+    prefill of up to a few thousand (token, choice) pairs (`routes_prefill`), sorted by expert.
     """
 
     def __init__(self, gate_up: list[Weight], down: list[Weight],
@@ -97,7 +97,7 @@ class QuantizedExperts:
         if self.routed is not None:
             if x.shape[0] <= ROUTED_ROWS or x.is_cuda and torch.cuda.is_current_stream_capturing():
                 return routed_packed_experts(x, ids, weights, *self.routed)
-            if ids.numel() <= ROUTED_PREFILL_PAIRS:
+            if routes_prefill(ids.numel(), self.routed[0]):
                 return routed_packed_experts(x, ids, weights, *self.routed, by_expert=True)
         return grouped_experts(x, ids, weights, len(self.down), lambda e, t: self.gate_up[e].apply(t),
                                lambda e, h: self.down[e].apply(h))
