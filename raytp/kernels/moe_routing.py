@@ -3,7 +3,7 @@ weights, from the router's logits) and combining (each token's output, the weigh
 
     route     weights, ids = top-k of softmax(logits) over the experts, in float32; renormalized to sum to 1 where
               the model says so
-    combine   out[t] = sum over j in order of weights[t, j] * y[t, j], in float32, rounded once to the model dtype
+    combine   out[t] = sum over j of weights[t, j] * y[t, j], in float32, rounded once to the model dtype
 
 torch spends four kernels on routing (softmax, topk, sum, divide) and up to four on combining (cast, multiply, sum,
 cast); inside a CUDA graph each still costs ~2 us of GPU time plus a gap, 48 layers a step in Qwen3-30B-A3B, where
@@ -15,7 +15,8 @@ Top-k as transformers does it (torch.topk of the float32 probabilities): the ker
 times, the lowest expert id first among equal ones. Equal probabilities are the one case where its choice may differ
 from torch.topk's (whose order among ties is unspecified); every rank runs the same code on the same all-reduced
 input, so the ranks still agree with each other. The exponentials and the sums may differ from torch's in the last
-bit of a float32 weight (~6e-8 relative), far below the model dtype's rounding of the block's output.
+bit of a float32 weight (~6e-8 relative), and the combined sum in the order of its additions, far below the model
+dtype's rounding of the block's output.
 """
 
 from __future__ import annotations
@@ -35,15 +36,12 @@ def top_k_routing_torch(logits: torch.Tensor, top_k: int, normalize: bool) -> tu
 
 def combine_choices_torch(y: torch.Tensor, weights: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
     """y (tokens, k, hidden) any dtype, weights (tokens, k) float32 or None (y already weighted) -> (tokens, hidden)
-    in `dtype`: the choices summed in order j = 0, 1, ... in float32 (torch's own sum over a dimension adds in an
-    order of its choosing, which differs between CPUs and GPUs)."""
+    in `dtype`: the choices summed in float32, in the order torch's sum over a dimension picks (one kernel; CPUs and
+    GPUs add in different orders, the Triton kernel in choice order)."""
     y = y.float()
     if weights is not None:
         y = y * weights.float().unsqueeze(-1)
-    out = y[:, 0]
-    for j in range(1, y.shape[1]):
-        out = out + y[:, j]
-    return out.to(dtype)
+    return y.sum(dim=1).to(dtype)
 
 
 if triton is not None:
