@@ -70,22 +70,12 @@ def routing(T: int, E: int, k: int, H: int):
     return x, ids, weights, sum(len(ids[i].unique()) for i in range(CALLS)) / CALLS
 
 
-def launches(sweep: bool) -> list[tuple[moe_gemv.Launch, moe_gemv.Launch]]:
-    """The default tiles, and with `sweep` each kernel's tiles with the other's default."""
-    default = [(moe_gemv.GATE_UP_LAUNCH, moe_gemv.DOWN_LAUNCH)]
+def launches(default: tuple[moe_gemv.Launch, moe_gemv.Launch], sweeps: tuple[list, list],
+             sweep: bool) -> list[tuple[moe_gemv.Launch, moe_gemv.Launch]]:
+    """A kernel pair's default tiles, and with `sweep` each kernel's tiles of `sweeps` with the other's default."""
     if not sweep:
-        return default
-    return (default + [(a, moe_gemv.DOWN_LAUNCH) for a in SWEEP_GATE_UP]
-            + [(moe_gemv.GATE_UP_LAUNCH, b) for b in SWEEP_DOWN])
-
-
-def one_token_launches(sweep: bool) -> list[tuple[moe_gemv.Launch, moe_gemv.Launch]]:
-    """`launches` of the one-token GEMVs."""
-    default = [(moe_gemv.PAIR_GATE_UP_LAUNCH, moe_gemv.TOKEN_DOWN_LAUNCH)]
-    if not sweep:
-        return default
-    return (default + [(a, moe_gemv.TOKEN_DOWN_LAUNCH) for a in SWEEP_PAIR_GATE_UP]
-            + [(moe_gemv.PAIR_GATE_UP_LAUNCH, b) for b in SWEEP_TOKEN_DOWN])
+        return [default]
+    return [default] + [(a, default[1]) for a in sweeps[0]] + [(default[0], b) for b in sweeps[1]]
 
 
 def report(shape: str, T: int, timed: dict[str, float], nbytes: float, distinct: float, kernel: str,
@@ -118,10 +108,13 @@ def main():
             nbytes = distinct * 3 * C * H * 2
             timed = {f"triton {a} {b}": graphed_us(lambda i: moe_gemv._launch(x[i], ids[i], weights[i], gate_up,
                                                                                down, a, b))
-                     for a, b in launches(args.sweep)}
+                     for a, b in launches((moe_gemv.GATE_UP_LAUNCH, moe_gemv.DOWN_LAUNCH),
+                                          (SWEEP_GATE_UP, SWEEP_DOWN), args.sweep)}
             if T == 1:
                 timed |= {f"one-token {a} {b}": graphed_us(lambda i: moe_gemv._launch_one_token(
-                    x[i], ids[i], weights[i], gate_up, down, a, b)) for a, b in one_token_launches(args.sweep or args.one_token_sweep)}
+                    x[i], ids[i], weights[i], gate_up, down, a, b))
+                    for a, b in launches((moe_gemv.PAIR_GATE_UP_LAUNCH, moe_gemv.TOKEN_DOWN_LAUNCH),
+                                         (SWEEP_PAIR_GATE_UP, SWEEP_TOKEN_DOWN), args.sweep or args.one_token_sweep)}
             dense = torch.randn(int(nbytes // 2 // H), H, device="cuda", dtype=torch.bfloat16)
             copies = [dense] + [torch.empty_like(dense).normal_() for _ in range(max(1, (256 << 20) // int(nbytes)))]
             timed["gemv"] = graphed_us(lambda i: F.linear(x[i], copies[i % len(copies)]))
