@@ -104,7 +104,7 @@ def _option_args(p: argparse.ArgumentParser) -> None:
     each flag's default comes from its RAYTP_* variable (raytp.runtime.options)."""
     from dataclasses import fields, replace
 
-    from raytp.runtime.options import FLAGS, RuntimeOptions
+    from raytp.runtime.options import FLAGS, RuntimeOptions, env_name
 
     class Switch(argparse.Action):
         def __init__(self, option_strings, dest, value, **kw):
@@ -114,9 +114,8 @@ def _option_args(p: argparse.ArgumentParser) -> None:
         def __call__(self, parser, namespace, values, option_string=None):
             namespace.options = replace(namespace.options, **{self.field: self.value})
 
-    g = p.add_argument_group("run-time options (defaults from RAYTP_TRITON, RAYTP_TRITON_FP8_KV, RAYTP_TRITON_PREFILL_DEQUANT, "
-                             "RAYTP_ROUTED_QUANTIZED_EXPERTS, RAYTP_CUDA_GRAPHS, RAYTP_GPU_HOSTSTAGED, "
-                             "RAYTP_CHECK_IDENTICAL)")
+    names = ", ".join(env_name(f.name) for f in fields(RuntimeOptions))
+    g = p.add_argument_group(f"run-time options (defaults from {names})")
     for f in fields(RuntimeOptions):
         flag, why = FLAGS[f.name]
         g.add_argument(flag, action=Switch, dest=f.name, value=not f.default, help=why)

@@ -173,7 +173,7 @@ def test_experts_stacked_for_the_routed_gemv_match_transformers(quantized_moe, m
     sorted_calls = []
     routed = moe.routed_packed_experts
     monkeypatch.setattr(moe, "routed_packed_experts",
-                        lambda *a, by_expert=False: sorted_calls.append(by_expert) or routed(*a, by_expert=by_expert))
+                        lambda *a, sort=False: sorted_calls.append(sort) or routed(*a, sort=sort))
     tokens = torch.randint(0, VOCAB, (3, 9), generator=torch.Generator().manual_seed(12))
     with torch.no_grad():
         expected = reference(tokens).logits[:, -1]

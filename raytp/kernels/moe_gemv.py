@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from raytp.kernels.dispatch import triton, use_fused_moe, use_grouped_mm_experts, use_triton
-from raytp.kernels.moe_routing import combine_choices
+from raytp.kernels.moe_routing import by_expert, combine_choices
 from raytp.kernels.norm import swiglu, swiglu_torch
 
 # Up to this many tokens the Triton kernels run eagerly too (decode batches); more go through the grouped matmuls,
@@ -91,25 +91,22 @@ def _groups(ids: torch.Tensor, weights: torch.Tensor, num_experts: int):
         return [(e, every, dense[:, e]) for e in range(num_experts)]
     order = ids.flatten().argsort(stable=True)  # (token, choice) pairs grouped by expert
     counts = torch.bincount(ids.flatten(), minlength=num_experts).tolist()
-    by_expert = zip(range(num_experts), (order // k).split(counts), weights.flatten()[order].split(counts))
-    return [(e, t, w) for e, t, w in by_expert if len(t)]
+    grouped = zip(range(num_experts), (order // k).split(counts), weights.flatten()[order].split(counts))
+    return [(e, t, w) for e, t, w in grouped if len(t)]
 
 
 def grouped_mm_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
                        down: torch.Tensor) -> torch.Tensor:
     """`routed_experts_torch`'s result from two torch._grouped_mm calls over the (token, choice) pairs sorted by
     expert, the choices then summed in order. Needs the hidden size and the columns in whole 16-byte vectors."""
-    tokens, k = ids.shape
-    flat = ids.reshape(-1)
-    order = flat.argsort(stable=True)  # the pairs grouped by expert
-    counts = torch.zeros(gate_up.shape[0], dtype=torch.int32, device=x.device)
-    counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))  # bincount would sync to size its output
-    ends = counts.cumsum(0, dtype=torch.int32)  # each expert's last pair + 1
-    h = swiglu(torch._grouped_mm(x[order // k], gate_up.transpose(1, 2), offs=ends))  # (pairs, cols)
-    by_expert = torch._grouped_mm(h, down.transpose(1, 2), offs=ends)  # (pairs, hidden)
-    y = torch.empty_like(by_expert)
-    y[order] = by_expert  # back in (token, choice) order
-    return combine_choices(y.view(tokens, k, -1), weights, x.dtype)
+    def grouped(rows: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        counts = torch.zeros(gate_up.shape[0], dtype=torch.int32, device=x.device)
+        counts.scatter_add_(0, experts, torch.ones_like(experts, dtype=torch.int32))  # bincount syncs to size it
+        ends = counts.cumsum(0, dtype=torch.int32)  # each expert's last pair + 1
+        h = swiglu(torch._grouped_mm(rows, gate_up.transpose(1, 2), offs=ends))  # (pairs, cols)
+        return torch._grouped_mm(h, down.transpose(1, 2), offs=ends)  # (pairs, hidden)
+
+    return combine_choices(by_expert(x, ids, grouped).view(*ids.shape, -1), weights, x.dtype)
 
 
 def routed_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,

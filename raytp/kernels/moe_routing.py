@@ -21,6 +21,8 @@ dtype's rounding of the block's output.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from raytp.kernels.dispatch import triton, use_fused_moe
@@ -32,6 +34,19 @@ def top_k_routing_torch(logits: torch.Tensor, top_k: int, normalize: bool) -> tu
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
     weights, ids = torch.topk(probs, top_k, dim=-1)
     return (weights / weights.sum(dim=-1, keepdim=True) if normalize else weights), ids
+
+
+def by_expert(x: torch.Tensor, ids: torch.Tensor, run: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+              ) -> torch.Tensor:
+    """`run(rows, experts)` over the (token, choice) pairs grouped by expert (rows: each pair's token's row of x,
+    experts: each pair's expert id, ascending), its per-pair outputs put back in (token, choice) order: (pairs, n).
+    On the GPU throughout: no host sync."""
+    flat = ids.reshape(-1)
+    order = flat.argsort(stable=True)
+    by = run(x[order // ids.shape[1]].contiguous(), flat[order].contiguous())
+    out = torch.empty_like(by)
+    out[order] = by
+    return out
 
 
 def combine_choices_torch(y: torch.Tensor, weights: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:

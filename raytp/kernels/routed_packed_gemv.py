@@ -15,7 +15,7 @@ it): at batch 1 nothing is read twice, at batch 8 of Qwen3-30B-A3B about 64 pair
 experts are read 2-4 times over at 8-16 tokens, where running every expert once is faster. No split along the
 inputs (a split would need a workspace per pair): the pairs already give the grid its blocks.
 
-Prefill (`by_expert`) sorts the pairs by expert first, so that the blocks reading one expert run one after another
+Prefill (`sort`) sorts the pairs by expert first, so that the blocks reading one expert run one after another
 and find it in L2: each selected expert comes from HBM about once, in a handful of launches per layer, where one
 matmul per expert costs several launches each and a host sync (launch-bound at a few hundred tokens: 406 tokens/s
 for Qwen3-30B-A3B in bf16 at 128 tokens on an H200). Up to `routes_prefill`'s pairs: beyond, the grouped matmuls'
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from raytp.kernels.moe_routing import combine_choices
+from raytp.kernels.moe_routing import by_expert, combine_choices
 from raytp.kernels.norm import swiglu
 from raytp.kernels.packed_gemv import (TILE_K, TILE_N, MMAPacked, _device_index, _kernel, launch_for, mma_linear_torch,
                                        physical_inputs, runs_kernel, sm_count)
@@ -130,7 +130,7 @@ def routed_linear(x: torch.Tensor, w: StackedMMA, ids: torch.Tensor, x_div: int)
     return y
 
 
-# At most this many (token, choice) pairs take the routed launch `by_expert`: blockIdx.z stops at 65535; act-order
+# At most this many (token, choice) pairs take the routed launch sorted by expert: blockIdx.z stops at 65535; act-order
 # experts gather each pair's row through an int64 index of its expert's input order (16 KB a pair at 2048 inputs)
 ROUTED_PREFILL_PAIRS, ACT_ORDER_PREFILL_PAIRS = 32768, 4096
 
@@ -141,18 +141,15 @@ def routes_prefill(pairs: int, gate_up: StackedMMA) -> bool:
 
 
 def routed_packed_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: StackedMMA,
-                          down: StackedMMA, by_expert: bool = False) -> torch.Tensor:
+                          down: StackedMMA, sort: bool = False) -> torch.Tensor:
     """x (tokens, hidden), ids (tokens, k) int64, weights (tokens, k) float32 -> (tokens, hidden) in x's dtype;
-    `by_expert` runs the pairs sorted by expert (prefill, see the module docstring)."""
-    tokens, k = ids.shape
-    flat = ids.reshape(-1).contiguous()
-    if not by_expert:
-        h = swiglu(routed_linear(x.contiguous(), gate_up, flat, x_div=k))  # (pairs, cols)
-        y = routed_linear(h, down, flat, x_div=1)  # (pairs, hidden)
+    `sort` runs the pairs sorted by expert (prefill, see the module docstring)."""
+    def experts(rows: torch.Tensor, pair_ids: torch.Tensor, x_div: int) -> torch.Tensor:
+        h = swiglu(routed_linear(rows, gate_up, pair_ids, x_div))  # (pairs, cols)
+        return routed_linear(h, down, pair_ids, x_div=1)  # (pairs, hidden)
+
+    if sort:
+        y = by_expert(x, ids, lambda rows, pair_ids: experts(rows, pair_ids, 1))
     else:
-        order = flat.argsort(stable=True)
-        sorted_ids = flat[order].contiguous()
-        h = swiglu(routed_linear(x[order // k].contiguous(), gate_up, sorted_ids, x_div=1))
-        y = torch.empty((len(flat), x.shape[-1]), dtype=x.dtype, device=x.device)
-        y[order] = routed_linear(h, down, sorted_ids, x_div=1)  # back in (token, choice) order
-    return combine_choices(y.view(tokens, k, -1), weights, x.dtype)
+        y = experts(x.contiguous(), ids.reshape(-1).contiguous(), ids.shape[1])
+    return combine_choices(y.view(*ids.shape, -1), weights, x.dtype)

@@ -98,7 +98,7 @@ class QuantizedExperts:
             if x.shape[0] <= ROUTED_ROWS or x.is_cuda and torch.cuda.is_current_stream_capturing():
                 return routed_packed_experts(x, ids, weights, *self.routed)
             if routes_prefill(ids.numel(), self.routed[0]):
-                return routed_packed_experts(x, ids, weights, *self.routed, by_expert=True)
+                return routed_packed_experts(x, ids, weights, *self.routed, sort=True)
         return grouped_experts(x, ids, weights, len(self.down), lambda e, t: self.gate_up[e].apply(t),
                                lambda e, h: self.down[e].apply(h))
 

@@ -71,21 +71,22 @@ class RuntimeOptions:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> RuntimeOptions:
-        """The options the RAYTP_* variables in `environ` ask for (see the module docstring); defaults elsewhere."""
-        return cls(triton=environ.get("RAYTP_TRITON", "1") != "0",
-                   triton_fp8_kv=environ.get("RAYTP_TRITON_FP8_KV", "1") != "0",
-                   triton_prefill_dequant=environ.get("RAYTP_TRITON_PREFILL_DEQUANT", "1") != "0",
-                   routed_quantized_experts=environ.get("RAYTP_ROUTED_QUANTIZED_EXPERTS", "0") == "1",
-                   weight_only_act_quant=environ.get("RAYTP_WEIGHT_ONLY_ACT_QUANT", "0") == "1",
-                   fused_moe=environ.get("RAYTP_FUSED_MOE", "0") == "1",
-                   grouped_mm_experts=environ.get("RAYTP_GROUPED_MM_EXPERTS", "0") == "1",
-                   cuda_graphs=environ.get("RAYTP_CUDA_GRAPHS", "1") != "0",
-                   gpu_hoststaged=environ.get("RAYTP_GPU_HOSTSTAGED", "1") != "0",
-                   check_identical=environ.get("RAYTP_CHECK_IDENTICAL", "0") == "1")
+        """The options the RAYTP_* variables in `environ` ask for (see the module docstring); defaults elsewhere:
+        a switch that is on by default goes off only at "0", one that is off goes on only at "1"."""
+        def value(f) -> bool:
+            given = environ.get(env_name(f.name))
+            return given != "0" if f.default else given == "1"
+
+        return cls(**{f.name: value(f) for f in fields(cls)})
 
     def flags(self) -> list[str]:
         """The CLI flags that give these options whatever the environment says (for reproducible commands)."""
         return [FLAGS[f.name][0] for f in fields(self) if getattr(self, f.name) != f.default]
+
+
+def env_name(field: str) -> str:
+    """The RAYTP_* variable that gives a RuntimeOptions field its default: RAYTP_ and the field's name."""
+    return "RAYTP_" + field.upper()
 
 
 # Each field's CLI flag, which sets it to the opposite of its default, and the flag's help.

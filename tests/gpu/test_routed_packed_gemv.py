@@ -75,7 +75,7 @@ def test_prefill_sorted_by_expert_matches_grouped_experts(tokens, shape):
     """Prefill's routed launch, the pairs sorted by expert and put back (the module docstring)."""
     gate_up, down = experts(shape, seed=0)
     x, ids, weights = routing(tokens, shape, seed=tokens)
-    got = routed_packed_experts(x, ids, weights, *stacked(gate_up, down), by_expert=True)
+    got = routed_packed_experts(x, ids, weights, *stacked(gate_up, down), sort=True)
     torch.testing.assert_close(got, grouped(x, ids, weights, gate_up, down), **TOL)
 
 
