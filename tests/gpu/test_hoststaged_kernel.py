@@ -5,6 +5,7 @@ the GPUs round-robin: with fewer GPUs than ranks several ranks share a GPU, thei
 they meet in host memory as ranks on separate GPUs do.
 """
 
+import multiprocessing
 import threading
 import time
 
@@ -12,7 +13,9 @@ import pytest
 import torch
 
 from raytp.parallel.comm import CommError
+from raytp.parallel.comm.hoststaged import HostStagedCommunicator, segment_bytes
 from raytp.parallel.comm.hoststaged_gpu import GpuHostStagedCommunicator
+from raytp.parallel.comm.shm import SharedSegment, new_segment_name
 from tests.test_comm import hoststaged_factory, run_ranks
 
 pytestmark = [pytest.mark.gpu,
@@ -72,12 +75,51 @@ def test_kernel_sums_in_rank_order_with_identical_bits(world, dtype, n):
         assert ((r.double() - exact).abs() <= torch.finfo(dtype).eps * exact.abs() + world * f32_error).all()
 
 
+def shared_gpu_rank(name: str, size: int, rank: int, world: int, results) -> None:
+    """One rank in a process of its own, as raytp's actors are: attach the CPU segment, reduce, report the sum."""
+    cpu = HostStagedCommunicator(SharedSegment.attach(name, size), rank, world, slot_bytes=1 << 16, timeout_s=60.0)
+    device = torch.device("cuda", rank % torch.cuda.device_count())
+    torch.cuda.set_device(device)
+    comm = GpuHostStagedCommunicator(cpu, device, max_elems=MAX_ELEMS, timeout_s=60.0)
+    try:
+        t = shared_gpu_inputs(world)[rank].cuda()
+        comm.reduce_in_place(t)
+        torch.cuda.synchronize()
+        comm.check()
+        results.put((rank, t.cpu()))
+    finally:
+        comm.close()
+
+
+def shared_gpu_inputs(world: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(world)
+    return [torch.randn(8192 + 5, generator=g).to(torch.bfloat16) for _ in range(world)]
+
+
 @pytest.mark.parametrize("world", [12, 16])
 def test_twelve_and_sixteen_ranks_sharing_gpus(world):
-    g = torch.Generator().manual_seed(world)
-    inputs = [torch.randn(8192 + 5, generator=g).to(torch.bfloat16) for _ in range(world)]
-    for r in reduce_each_rank(world, inputs):
-        assert torch.equal(r, rank_order_sum(inputs, torch.bfloat16))
+    """More ranks than GPUs, each rank a process as in raytp: the GPU time-slices their contexts, so a rank spinning
+    for its peers is preempted and they run. (Rank threads of one process would share CUDA's hardware queues, where a
+    kernel can wait behind a spinning one forever: the thread-based tests above stay at 8 ranks.)"""
+    ctx = multiprocessing.get_context("spawn")
+    name, size = new_segment_name(), segment_bytes(world, 1 << 16)
+    leader = SharedSegment.create(name, size)
+    results = ctx.Queue()
+    ranks = [ctx.Process(target=shared_gpu_rank, args=(name, size, r, world, results)) for r in range(world)]
+    try:
+        for p in ranks:
+            p.start()
+        got = dict(results.get(timeout=240) for _ in range(world))
+    finally:
+        for p in ranks:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+        leader.unlink()
+        leader.close()
+    expected = rank_order_sum(shared_gpu_inputs(world), torch.bfloat16)
+    for rank in range(world):
+        assert torch.equal(got[rank], expected)
 
 
 def test_kernel_writes_where_the_layout_says():
