@@ -7,20 +7,21 @@ A sitting file (benchmarks/sittings/*.yaml):
     about: what the sitting measures and on which machine
     bench_defaults: --dtype bfloat16 --devices cuda:0     # prepended to every bench run's arguments
     runs:
-      - name: llama8b_formats     # OUT/NAME.log, and for a bench run the results folder OUT/NAME/
+      - name: llama8b_formats     # OUT/SITTING/NAME.log, and for a bench run its results in OUT/SITTING/NAME/
         limit: 200                # seconds; a run past it is stopped and the sitting goes on
         bench: --model synthetic:llama-3.1-8b --quant none,w4a16 --batch 1,8    # `raytp bench` arguments
       - name: gpu_tests
         limit: 540
         script: python3 -m pytest -q tests/gpu   # any command, run by bash from the repository root; its own
-                                                 # files go to $RUN_OUT (OUT/NAME/)
+                                                 # files go to $RUN_OUT (OUT/SITTING/NAME/)
 
 Every run is checked before the first one starts (bench arguments by raytp's own parser), so a typo costs no
 device time. Bench runs share one local Ray (loopback only, token authentication with a token made for the
 sitting), started once. The environment is a GPU host's (NVLink multicast off: it can take a shared host's GPUs
-out of service) and, where Ray is not installed and the repository holds a `.whl` wheelhouse
-(../shared/gpu/README.md), Ray from those wheels. The table printed last has one line per run: its status, its
-time, and for a bench run each configuration's ms/token, tokens/s, roofline fraction and prefill tokens/s.
+out of service) and, where Ray is not installed and the repository holds a `.whl` folder of wheels (a GPU host
+without a package registry), Ray from those wheels. The table printed last has one line per run: its status, its
+time, and for a bench run each configuration's ms/token, tokens/s, roofline fraction and prefill tokens/s; it is
+also written to OUT/SITTING/SITTING.md (with --tar: OUT/SITTING.md beside OUT/SITTING.tgz).
 """
 
 from __future__ import annotations
