@@ -9,8 +9,8 @@ ranks started together by a barrier). This is the setting of a decode step. Befo
 in a graph of one all-reduce: the host-staged kernel must give every rank the float32 sum in rank order bit for
 bit, NCCL (which sums in bf16) must come within bf16 rounding of it. Backends: `p2p` (exact like host-staged),
 `hoststaged` (`hoststaged:CHUNK` sets the kernel's chunk bytes), `nccl`, `nccl-nop2p` (NCCL_P2P_DISABLE=1:
-through host memory, as on a host without P2P). With a PYTHONPATH that leads to another raytp tree first, `hoststaged` times that tree's kernel
-(benchmarks/gpu_hoststaged_check.sh's "old" rows). More ranks than GPUs: checked, not timed (hoststaged only;
+through host memory, as on a host without P2P). With a PYTHONPATH that leads to another raytp tree first, `hoststaged`
+times that tree's kernel (`--label old` names its rows). More ranks than GPUs: checked, not timed (hoststaged only;
 NCCL refuses two ranks on one GPU).
 """
 

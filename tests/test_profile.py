@@ -15,7 +15,7 @@ from raytp.runtime.engine import TokenEvent
 
 
 @pytest.mark.parametrize("name, cls", [
-    # kernels of the one-GPU 8B step (benchmarks/results/2026-11-21-h200-sitting4/profile_8b.log)
+    # kernel names from a traced one-GPU 8B decode step (torch 2.11, CUDA 13)
     ("nvjet_sm90_tst_128x8_64x12_2x1_v_bz_splitK_TNT", "gemm"),
     ("void cublasLt::splitKreduce_kernel<32, 16, int, float, __nv_bfloat16>", "gemm"),
     ("_decode_split_kernel", "attention"),

@@ -29,12 +29,12 @@ log = logging.getLogger("raytp")
 COMM_BACKENDS = ("auto", "hoststaged", "gloo", "nccl", "p2p", "hierarchical")
 GPU_RESERVE = 0.92  # of a GPU's free memory: the rest is CUDA context, allocator slack, other tenants
 # of an @MEM cap on a GPU: the cap bounds PyTorch's allocator, whose fragmentation, CUDA-graph pool and cuBLAS
-# workspaces the plan does not itemize (a 70B speed split that filled a 48 GiB cap to the plan's last MiB ran out
-# of memory by 310 MiB, with 877 MiB held by the allocator but unused)
+# workspaces the plan does not itemize (a plan that fills a cap to its last MiB runs out of memory while the
+# allocator holds hundreds of MiB it cannot use)
 GPU_CAP_RESERVE = 0.96
 # Keep NVLink multicast off in every rank: on shared hosts it can take GPUs out of service. Expandable segments:
-# loading leaves differently sized temporaries behind, and without them the allocator held 3.2 GiB it could not
-# reuse when a 48 GiB card was planned full (benchmarks/results/2026-11-22-h200x2-sitting5).
+# loading leaves differently sized temporaries behind, and without them the allocator holds gigabytes it cannot
+# reuse on a card planned full.
 RANK_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1",
             "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
 # GPU ranks see every GPU of their node: Ray leaves CUDA_VISIBLE_DEVICES alone and each rank selects the GPU Ray

@@ -20,8 +20,7 @@ GPU waiting for the host, or a CPU rank's loop thread in Python between ops. Whe
 ops on a CPU rank, kernels of two streams), the time belongs to the event that started first: a parent op's
 class covers its children. So the classes and idle add up to the step exactly.
 
-With CUDA graphs, CUPTI traces the kernels of a graph replay one by one (on the GPU hosts' torch 2.11 + CUDA 13 the
-earlier step profile listed them individually: benchmarks/results/2026-11-21-h200-sitting4/profile_8b.log). Each
+With CUDA graphs, CUPTI traces the kernels of a graph replay one by one (it does with torch 2.11 and CUDA 13). Each
 rank's row says whether its steps replayed graphs ("graph") or launched kernels ("eager"); graph steps in which no
 kernel was traced are flagged (`kernels_unseen`: their time would all read as idle), and `--no-cuda-graphs`
 profiles eager steps instead.

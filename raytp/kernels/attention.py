@@ -30,9 +30,9 @@ from raytp.kernels import kv_fp8
 from raytp.kernels.dispatch import triton, use_triton, use_triton_fp8_kv
 
 BLOCK_N = 64  # cache positions per inner step
-# An FP8 cache's rows are half as long, and its loads cannot go straight into the dot (they are converted first): on
-# an H200 (8B shapes, 2048 and 8192 positions, batch 1 and 8) twice the positions per step and two pipeline stages
-# ran its split kernel 10-25% faster than the model-dtype cache's launch configuration.
+# An FP8 cache's rows are half as long, and its loads cannot go straight into the dot (they are converted first):
+# twice the positions per step and two pipeline stages hide the conversion, where the model-dtype cache's launch
+# configuration leaves its split kernel 10-25% slower at 8B shapes.
 FP8_BLOCK_N, FP8_STAGES = 128, 2
 MAX_SPLITS = 64
 MIN_SPLIT = 256  # positions: shorter splits would cost more to merge than they save

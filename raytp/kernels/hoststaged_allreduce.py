@@ -33,13 +33,12 @@ import torch
 
 VECTOR = 16  # bytes per thread per chunk: one 128-bit load or store
 LINE = 64  # a flag gets a cache line of its own: the host never merges it with a neighbour's write
-# 256 threads; 8192 bf16 elements are 4 chunks, each on its own SM. Measured on 2 H200 in a graph, 2 ranks, 512 to
-# 65536 bf16 elements (benchmarks/results/2026-11-22-h200x2-hoststaged): 6.8-11.2 us, steady over replays and in
-# both sittings. 2048 bytes is 0.5 us faster up to 8192 elements but 14 us at 65536, and with smaller chunks
-# some replays (every one, in the first sitting, at 64 blocks of 128 threads) take 20-80 us.
+# 256 threads; 8192 bf16 elements are 4 chunks, each on its own SM. Smaller chunks save half a microsecond on
+# decode-sized messages but cost more than they save at 65536 elements, and with them some graph replays take
+# 20-80 us instead of ~10: this size is steady over replays.
 DEFAULT_CHUNK_BYTES = 4096
 # At most this many blocks per launch (messages over 32 chunks, 65536 bf16 elements, give a block several: at 64
-# blocks, and at 32 of 64 threads, the first sitting saw those slow replays), and registers capped so that RESIDENT_THREADS_PER_SM
+# blocks, and at 32 of 64 threads, replays turn slow as above), and registers capped so that RESIDENT_THREADS_PER_SM
 # threads of the kernel fit on an SM (it needs ~85: eight peers' vectors in flight): 8 ranks sharing one GPU in
 # one process keep all their blocks resident (8 x 32 blocks of 256 threads = 2 per SM on 132 SMs), so none waits
 # for an SM that a spinning peer holds.
@@ -254,7 +253,7 @@ def _sms(device: int) -> int:
 def resident_share(device: int, layout: SegmentLayout) -> int:
     """Blocks per launch such that every rank's blocks are resident at once even if all `world` ranks share this
     GPU from one process (a block spins until its peers' blocks have written: one that waits for an SM a spinning
-    peer holds never runs, and the peers time out; seen with 8 and 12 ranks on one H200). One block's worth is
+    peer holds never runs, and the peers time out, as 8 or 12 ranks sharing one GPU can). One block's worth is
     kept spare. At 8 ranks or fewer on a 132-SM GPU this is above GRID_CAP: no change where ranks have GPUs."""
     per_sm = max(1, RESIDENT_THREADS_PER_SM // layout.threads)
     return max(1, _sms(device) * per_sm // (layout.world + 1))

@@ -36,7 +36,7 @@ import torch
 VECTOR = 16  # bytes each thread moves per access: messages must be whole vectors, 16-byte aligned
 ONE_CHUNK, ONE_THREADS = 2048, 128  # one 16-byte vector per thread; 4 blocks at 4096 bf16 elements, 8 at 8192
 TWO_CHUNK, TWO_THREADS = 16384, 256
-ONE_MAX_BYTES = 128 << 10  # larger messages take the two-shot kernel (measured crossover on H200: 64-128 KiB)
+ONE_MAX_BYTES = 128 << 10  # larger messages take the two-shot kernel, faster beyond 64-128 KiB over NVLink
 TWO_MAX_BYTES = 2 << 20  # per two-shot launch; larger messages take several launches
 LINE = 128
 

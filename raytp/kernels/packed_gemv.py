@@ -265,8 +265,8 @@ def launch_for(n_out: int, k_tiles: int, sms: int, kind: str = "int4", zero_poin
     """8 warps per block; a split along the inputs while the output blocks are few (at most 4 blocks per output
     block, at least 3 tiles per warp); tiles in flight per warp by weight width; the scales multiplied into the
     weights except for symmetric int4 (8-bit weights and zero points: 1.2-1.5x faster per layer that way, symmetric
-    int4 3% slower). Fitted to the fastest launches of `benchmarks/quant_gemv.py --sweep` on an H200 (one rank's
-    and 4 ranks' Llama-3.1-8B shapes, batch 1; benchmarks/results/2026-12-04-h200-sitting8)."""
+    int4 3% slower). Fitted to the fastest launches of `benchmarks/quant_gemv.py --sweep` (one rank's and 4 ranks'
+    Llama-3.1-8B shapes, batch 1); a GPU of another kind may want the sweep run again."""
     n_blocks = -(-n_out // TILE_N)
     warps, split = 8, 1
     while split < 4 and n_blocks * split * 2 <= 3 * sms and k_tiles // (warps * split * 2) >= 3:

@@ -11,7 +11,7 @@ Qwen3's q_norm and k_norm (q_norm, k_norm given) RMS-normalize each query and ke
 their own they cost ~3 more per layer (two norms and a concatenation). The kernel normalizes the row it already
 holds by rms_norm_torch's arithmetic in the same order (float32 rsqrt of the mean square plus eps, the product
 rounded to the model dtype, times the weight) and rotates the result. The sum of squares adds in another order than
-torch's, and Triton's rsqrt is not torch's: on an H200 a few rows differ in their last bits even where the sums are
+torch's, and Triton's rsqrt is not torch's: on a GPU a few rows differ in their last bits even where the sums are
 exact (raytp.kernels.norm's kernels are no closer to torch: they are tested within the same tolerance). Without
 norms the kernel compiles as before (QK_NORM is a constexpr). The torch version normalizes by
 raytp.kernels.norm.rms_norm, so where it runs on a GPU with Triton on (an FP8 cache the kernel does not write, a

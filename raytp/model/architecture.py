@@ -3,7 +3,7 @@
 All of them share one forward (RMSNorm, RoPE, grouped-query attention, SwiGLU MLP or a mixture of SwiGLU experts)
 and one layout (`raytp.model.layout`); a declaration says which optional tensors the layout has and, for a
 mixture of experts, what its tensors and config.json keys are called. Adding a family that fits
-this shape is one entry here (see the README's "Adding an architecture").
+this shape is one entry here (see docs/architecture.md, "Adding a model family").
 """
 
 from __future__ import annotations

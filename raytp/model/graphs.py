@@ -1,7 +1,7 @@
 """A decode step replayed from CUDA graphs: Python launch cost leaves the critical path.
 
-An eager decode step of an 8B-shaped model launches ~1450 kernels; at ~12 us of host time each that is
-several times the ~4 ms the GPU needs to stream the weights (benchmarks/results/2026-11-21-h200/). Here
+An eager decode step of an 8B-shaped model launches ~1450 kernels, and their host time adds up to several
+times what the GPU needs to stream the weights. Here
 a step function over static buffers (raytp.runtime.batch: forward, sampling and the write of the next
 step's inputs) is captured once per batch-size bucket (1, 2, 4, ... max_batch) and per variant (the kind
 of sampling the batch needs), all-reduces included, and a step is one graph replay.

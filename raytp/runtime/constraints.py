@@ -7,10 +7,10 @@ step depends on the token of the step before, so while a constrained row decodes
 before it enqueues the next (raytp.runtime.engine).
 
 The matcher is llguidance's (the Rust library behind OpenAI's structured outputs; JSON schema, regex, Lark).
-Measured by benchmarks/grammar_mask_cost.py at SmolLM2's 49152 tokens on a CPU core: a mask takes 10-21 us
-(median) per token and a schema compiles in under 1 ms; xgrammar's masks take 2-7 us and compiles 2-7 ms. Both
-are far below a decode step's milliseconds; llguidance builds its tokenizer from `tokenizer.json` and has no
-dependencies, where xgrammar needs transformers and triton, which raytp otherwise does without.
+Its masks cost microseconds per token (benchmarks/grammar_mask_cost.py compares it with xgrammar, whose masks are
+a little faster; docs/performance.md), far below a decode step's milliseconds, and llguidance builds its tokenizer
+from `tokenizer.json` with no dependencies, where xgrammar needs transformers and triton, which raytp otherwise
+does without.
 """
 
 from __future__ import annotations
