@@ -23,7 +23,7 @@ import httpx
 import psutil
 import pytest
 
-from raytp.cli import TOKEN_FILE
+from raytp.cli.session import TOKEN_FILE
 from raytp.weights.smollm2 import raytp_home
 from tests.util import RAYTP_ENV, serve_process
 
