@@ -142,7 +142,7 @@ def test_cpu_caps_beyond_this_machines_memory():
 
 def test_a_joined_cluster_is_not_measured_against_this_machine(monkeypatch):
     """With --address the ranks may live on other nodes: only the syntax is checked here."""
-    args = cli.build_parser().parse_args(["generate", "--prompt", "hi", "--devices", "cpu*999", "--address",
+    args = cli.build_parser().parse_args(["generate", "--prompt-ids", "1", "--devices", "cpu*999", "--address",
                                           "10.0.0.1:6379", "--model", "synthetic:tiny"])
     monkeypatch.setattr(checks, "_check_model", lambda model: None)
     checks.check_args(args)

@@ -7,21 +7,24 @@ from __future__ import annotations
 import os
 
 from raytp.cli.common import CPU_RANKS_PER_CORE, UserError
-from raytp.cli.sampling import sampling_params
+from raytp.cli.prompt import check_prompt, prompt_ids
+from raytp.cli.sampling import model_defaults, sampling_params
 from raytp.cli.serving_checks import check_serve_args
 from raytp.model.config import NO_QUANT, QUANT_PRESETS
 from raytp.parallel.devices import format_bytes, is_auto, parse_devices
+from raytp.weights.generation_defaults import SamplingDefaults
 
 
 def check_args(args) -> None:
     """Refuse the first bad argument of `args` with a UserError; fills in what the checks derive (args.models for
-    bench, args.model with --quant's suffix, args.api_key from --api-key-file)."""
+    bench, args.model with --quant's suffix, args.api_key from --api-key-file, args.sampling_defaults, and for
+    generate args.prompt_ids)."""
     if not hasattr(args, "devices"):  # `pull`
         return
     if args.command == "serve":
         check_serve_args(args)
     _check_sizes(args)
-    if args.command == "generate" and not args.chat and not args.prompt:
+    if args.command == "generate" and args.prompt_ids is None and not args.prompt:
         raise UserError("--prompt is empty: give the text to continue (or --chat to send it as a chat message)")
     if args.kv_dtype == "fp8" and args.command != "plan":  # `plan` only counts bytes; the ranks need float8
         _check_fp8_cache()
@@ -33,8 +36,12 @@ def check_args(args) -> None:
     _check_models(args)
     if args.command in ("generate", "chat", "serve"):
         config = _model_config(args.model)
+        args.sampling_defaults = model_defaults(args.model)
         if hasattr(args, "top_k"):
-            _check_top_k(args.top_k, config.vocab_size)
+            _check_top_k(sampling_params(args, args.sampling_defaults).top_k, config.vocab_size)
+        if args.command == "generate":
+            args.prompt_ids = prompt_ids(args)
+            check_prompt(args.prompt_ids, sampling_params(args, args.sampling_defaults), config, args)
         _check_plan_fits(args, config)
     if getattr(args, "hf_peer", False):
         _check_hf_peer(args.models)
@@ -70,7 +77,8 @@ def _check_sampling(args) -> None:
         raise UserError(f"--max-tokens {args.max_tokens} does not fit in --max-context {args.max_context}, "
                         "which also holds the prompt; lower --max-tokens or raise --max-context")
     try:
-        sampling_params(args)  # the rules live in SamplingParams alone; its message names the value
+        sampling_params(args, SamplingDefaults())  # the rules live in SamplingParams alone; its message names the
+        # value (the model's own defaults are checked once the model is)
     except ValueError as e:
         raise UserError(str(e)) from None
 
@@ -115,11 +123,23 @@ def _check_devices_fit_here(spec: str) -> None:
         raise UserError(f"--devices {spec!r} asks for {len(cpus)} cpu ranks; this machine has {cores} CPU cores and "
                         f"a local Ray runs at most {CPU_RANKS_PER_CORE} ranks per core ({CPU_RANKS_PER_CORE * cores}); "
                         "use fewer cpu ranks, or --address to join a cluster with more")
+    gpus = [d for d in devices if d.kind == "cuda"]
+    if gpus and _local_gpu_count() == 0:
+        raise UserError(f"--devices {spec!r} asks for {len(gpus)} cuda ranks; this machine has no GPU (torch sees "
+                        f"none); use cpu ranks, e.g. --devices cpu*{len(gpus)}, or --address to join a cluster with "
+                        "GPUs")
     capped = sum(d.mem_bytes for d in cpus if d.mem_bytes is not None)
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if capped > total:
         raise UserError(f"--devices {spec!r} gives its cpu ranks {format_bytes(capped)} in all, this machine has "
                         f"{format_bytes(total)} of memory; lower the @MEM caps")
+
+
+def _local_gpu_count() -> int:
+    """The GPUs a local Ray would find (both honour CUDA_VISIBLE_DEVICES); more cuda ranks than GPUs share them."""
+    import torch
+
+    return torch.cuda.device_count()
 
 
 def _model_config(model: str):

@@ -96,12 +96,16 @@ def _option_args(p: argparse.ArgumentParser) -> None:
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
+    """Sampling flags; each one left out takes the model's own default, from its generation_config.json (as vLLM
+    does), else greedy with every filter off. The command prints the defaults it took and their file."""
+    model = "the model's generation_config.json"
     p.add_argument("--max-tokens", type=int, default=None,
                    help=f"tokens to generate at most (default: {DEFAULT_MAX_TOKENS}, or half of --max-context if less)")
-    p.add_argument("--temperature", type=float, default=0.7, help="0 is greedy (default: 0.7)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1, off)")
-    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (default: 0, off)")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="(default: 1, off)")
+    p.add_argument("--temperature", type=float, default=None, help=f"0 is greedy (default: {model}, else 0)")
+    p.add_argument("--top-p", type=float, default=None, help=f"nucleus sampling mass (default: {model}, else 1: off)")
+    p.add_argument("--top-k", type=int, default=None,
+                   help=f"sample among the k likeliest tokens (default: {model}, else 0: off)")
+    p.add_argument("--repetition-penalty", type=float, default=None, help=f"(default: {model}, else 1: off)")
     p.add_argument("--seed", type=int, default=0, help="fixes the random draws (default: 0)")
 
 
@@ -124,7 +128,10 @@ def _add_generate(sub, **kw) -> None:
     _model_args(p, max_batch=1)
     _runtime_args(p)
     _sampling_args(p)
-    p.add_argument("--prompt", required=True, help="the prompt text")
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="the prompt text")
+    prompt.add_argument("--prompt-ids", metavar="ID,ID,...", help="the prompt as comma-separated token ids, e.g. "
+                        "1,2,3 (a synthetic model has no tokenizer: it takes only these)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
 

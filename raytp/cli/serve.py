@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+from raytp.cli.generate import announce_defaults
 from raytp.cli.session import print_driver_logs, ray_session, running_driver
 
 
@@ -20,6 +21,7 @@ def cmd_serve(args) -> None:
 
     # until the server is up, SIGTERM interrupts start-up the way Ctrl-C does, so the cleanup below still runs
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    announce_defaults(args, "a request's own values override each")
     with ray_session(args.address, args.devices), running_driver(args) as (driver, info):
         import ray
 
