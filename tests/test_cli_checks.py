@@ -162,3 +162,49 @@ def test_help_says_where_the_defaults_come_from(capsys):
     for flag in ("--temperature", "--top-p", "--top-k", "--repetition-penalty"):
         help_text = text[text.index(flag + " "):]
         assert "generation_config.json" in help_text[:200], (flag, help_text[:200])
+
+
+# ---- smaller frictions --------------------------------------------------------------------------------------
+
+def test_raytp_alone_prints_the_help(capsys):
+    assert cli.main([]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: raytp") and "generate" in out and "device SPEC" in out
+
+
+def test_plan_with_no_arguments_plans_this_machine_as_generate_would(capsys):
+    """`raytp plan` alone: auto is this machine (here one cpu rank with its available memory), at generate's
+    --max-batch, so both show the same split."""
+    import psutil
+
+    parser = build_parser()
+    assert parser.parse_args(["plan"]).max_batch == parser.parse_args(["generate", "--prompt", "x"]).max_batch
+    before = psutil.virtual_memory().available
+    assert cli.main(["plan", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    (rank,) = plan["ranks"]  # no GPU here
+    assert rank["device"].startswith("cpu@") and abs(rank["budget_bytes"] - before) < 2 << 30
+    assert plan["max_batch"] == 1 and not ray.is_initialized()
+
+
+def test_the_help_lists_every_synthetic_model_and_quantization(capsys):
+    from raytp.cli.parser import EPILOG, SYNTHETIC_DENSE, SYNTHETIC_MOE, SYNTHETIC_TEST
+    from raytp.model.config import QUANT_PRESETS
+    from raytp.weights.synthetic import CONFIGS
+
+    assert sorted((*SYNTHETIC_DENSE, *SYNTHETIC_MOE, SYNTHETIC_TEST)) == sorted(CONFIGS)
+    text = " ".join(EPILOG.split())
+    assert all(name in text for name in CONFIGS) and all(q in text for q in QUANT_PRESETS)
+    assert "(also" not in text and "~RATE" in text and "huggingface-cli download" in text
+
+
+def test_a_hub_id_says_how_to_get_the_directory(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no such directory here
+    line = refused(capsys, "generate", "--prompt", "hi", "--model", "HuggingFaceTB/SmolLM2-135M-Instruct", *SMALL)
+    assert "does not download from the Hub" in line, line
+    assert "huggingface-cli download HuggingFaceTB/SmolLM2-135M-Instruct --local-dir DIR" in line, line
+
+
+def test_one_rank_is_one_rank(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert "asks for 1 cuda rank;" in refused(capsys, "generate", "--prompt", "hi", "--devices", "cuda")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 
 from raytp.cli.bench import cmd_bench
 from raytp.cli.checks import check_args
@@ -38,7 +39,14 @@ def _no_color_reset_at_exit() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    started = time.monotonic()
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:  # `raytp` alone: what it can do
+        parser.print_help()
+        return 0
+    args = parser.parse_args(argv)
+    args.started = started  # "ready in N s" counts from here
     logging.basicConfig(level=logging.INFO, format="raytp: %(message)s", stream=sys.stderr)
     try:
         check_args(args)

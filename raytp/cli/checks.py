@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 
-from raytp.cli.common import CPU_RANKS_PER_CORE, UserError
+from raytp.cli.common import CPU_RANKS_PER_CORE, UserError, plural
 from raytp.cli.prompt import check_prompt, prompt_ids
 from raytp.cli.sampling import model_defaults, sampling_params
 from raytp.cli.serving_checks import check_serve_args
@@ -125,9 +125,9 @@ def _check_devices_fit_here(spec: str) -> None:
                         "use fewer cpu ranks, or --address to join a cluster with more")
     gpus = [d for d in devices if d.kind == "cuda"]
     if gpus and _local_gpu_count() == 0:
-        raise UserError(f"--devices {spec!r} asks for {len(gpus)} cuda ranks; this machine has no GPU (torch sees "
-                        f"none); use cpu ranks, e.g. --devices cpu*{len(gpus)}, or --address to join a cluster with "
-                        "GPUs")
+        raise UserError(f"--devices {spec!r} asks for {plural(len(gpus), 'cuda rank')}; this machine has no GPU "
+                        f"(torch sees none); use cpu ranks, e.g. --devices cpu*{len(gpus)}, or --address to join a "
+                        "cluster with GPUs")
     capped = sum(d.mem_bytes for d in cpus if d.mem_bytes is not None)
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if capped > total:

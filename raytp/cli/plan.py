@@ -4,14 +4,32 @@ from __future__ import annotations
 
 import json
 
-from raytp.cli.common import UserError, resolve_devices
+from raytp.cli.common import UserError
+from raytp.parallel.devices import DeviceSpec, is_auto, parse_devices
+
+
+def _this_machine() -> list[DeviceSpec]:
+    """`--devices auto` without Ray: every GPU here with the free memory its rank would plan with, else one cpu rank
+    with this machine's available memory."""
+    import psutil
+    import torch
+
+    from raytp.actors.group import GPU_RESERVE
+
+    def mib(n: float) -> int:  # whole MiB: the table names the budget it used, e.g. cpu@19957MiB
+        return int(n) // 2**20 * 2**20
+
+    gpus = torch.cuda.device_count()
+    if gpus == 0:
+        return [DeviceSpec("cpu", None, mib(psutil.virtual_memory().available))]
+    return [DeviceSpec("cuda", i, mib(torch.cuda.mem_get_info(i)[0] * GPU_RESERVE)) for i in range(gpus)]
 
 
 def cmd_plan(args) -> None:
     from raytp.model.pieces import plan_model
     from raytp.weights.source import ModelSource
 
-    devices = resolve_devices(args.devices)
+    devices = _this_machine() if is_auto(args.devices) else parse_devices(args.devices)
     missing = [str(d) for d in devices if d.mem_bytes is None]
     if missing:
         raise UserError(f"`raytp plan` reads no hardware: give every device a budget (@MEM), e.g. cpu@2GiB; "

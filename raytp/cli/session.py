@@ -12,7 +12,7 @@ import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-from raytp.cli.common import DriverDied, UserError, first_line, resolve_devices
+from raytp.cli.common import DriverDied, UserError, first_line, plural, resolve_devices
 from raytp.parallel.devices import is_auto, parse_devices
 
 TOKEN_FILE = "ray-auth-token"  # under $RAYTP_HOME: the token of every local Ray that raytp starts
@@ -174,21 +174,14 @@ def running_driver(args):
             print_driver_logs(driver)
         info = ray.get(start)
         print_driver_logs(driver)
-        print(f"raytp: ready in {_since_command_start():.0f} s: {len(info['ranks'])} ranks, all-reduce "
-              f"{info['backend']}", file=sys.stderr)
+        print(f"raytp: ready in {time.monotonic() - args.started:.0f} s: {plural(len(info['ranks']), 'rank')}, "
+              f"all-reduce {info['backend']}", file=sys.stderr)
         yield driver, info
     finally:
         try:
             ray.get(driver.shutdown.remote(), timeout=30)
         except Exception:  # noqa: BLE001 - the driver may be what failed; ray.shutdown cleans up after it
             pass
-
-
-def _since_command_start() -> float:
-    """Seconds since this process started: what the user waited, Python's and Ray's start-up included."""
-    import psutil
-
-    return time.time() - psutil.Process().create_time()
 
 
 def print_driver_logs(driver, timeout: float = 60) -> None:
