@@ -208,3 +208,21 @@ def test_a_hub_id_says_how_to_get_the_directory(capsys, tmp_path, monkeypatch):
 def test_one_rank_is_one_rank(capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     assert "asks for 1 cuda rank;" in refused(capsys, "generate", "--prompt", "hi", "--devices", "cuda")
+
+
+def test_pull_quant_prints_a_line_per_step_and_keeps_the_output_in_a_file(capfd, tmp_path, monkeypatch):
+    """`raytp pull smollm2 --quant` runs pip and llmcompressor (hundreds of lines): the terminal gets one line per
+    step naming the file that keeps their output; a failure ends with the end of that output."""
+    import sys
+
+    from raytp.weights import smollm2_quantized
+
+    monkeypatch.setenv("RAYTP_HOME", str(tmp_path))
+    smollm2_quantized._run([sys.executable, "-c", "for i in range(800): print('step line', i)"], "a step", True)
+    log = smollm2_quantized.log_file()
+    assert capfd.readouterr().err.splitlines() == [f"raytp: a step (its output: {log}) ..."]
+    assert "step line 799" in log.read_text()
+    ending = r"exited with 3; the end of its output \(.*llmcompressor.log\):\n(.|\n)*boom"
+    with pytest.raises(RuntimeError, match=ending):
+        smollm2_quantized._run([sys.executable, "-c", "print('boom'); raise SystemExit(3)"], "a failing step", False)
+    assert capfd.readouterr().err == ""
