@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import textwrap
 
 from raytp.cli.common import DTYPES, SPLITS
 from raytp.cli.sampling import DEFAULT_MAX_TOKENS
@@ -32,6 +33,11 @@ model: smollm2 (the embedded SmolLM2-135M-Instruct, pulled on first use) or a Hu
                                {", ".join(SYNTHETIC_MOE)} (mixtures of experts), {SYNTHETIC_TEST} (for tests)
   synthetic:NAME@QUANT         the same with its attention and MLP weights quantized (or --quant QUANT), QUANT
                                one of {", ".join(QUANT_PRESETS)}"""
+
+
+def _paragraph(text: str) -> str:
+    """A description wrapped as the help's other text is (the raw formatter that keeps EPILOG's layout wraps none)."""
+    return textwrap.fill(text, 100)
 
 
 def _model_args(p: argparse.ArgumentParser, max_batch: int, sweep: bool = False) -> None:
@@ -130,9 +136,10 @@ def _add_pull(sub, **kw) -> None:
 
 
 def _add_plan(sub, **kw) -> None:
-    p = sub.add_parser("plan", help="show how a model would be split over devices (no Ray, no weights read); "
-                       "--devices auto is this machine's GPUs at the free memory a rank would plan with, else one "
-                       "cpu rank with its free memory", **kw)
+    what = "show how a model would be split over devices (no Ray, no weights read)"
+    p = sub.add_parser("plan", help=what, description=_paragraph(
+                       f"{what}. --devices auto is this machine's GPUs at the free memory a rank would plan with, "
+                       "else one cpu rank with its free memory."), **kw)
     _model_args(p, max_batch=GENERATE_MAX_BATCH)
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
 
@@ -151,7 +158,8 @@ def _add_generate(sub, **kw) -> None:
 
 
 def _add_chat(sub, **kw) -> None:
-    p = sub.add_parser("chat", help="chat in the terminal (/reset clears the history, /exit quits)", **kw)
+    p = sub.add_parser("chat", help="chat in the terminal (Ctrl-C stops an answer, /reset clears the history, "
+                       "/exit quits)", **kw)
     _model_args(p, max_batch=1)
     _runtime_args(p)
     _sampling_args(p)
@@ -159,7 +167,11 @@ def _add_chat(sub, **kw) -> None:
 
 
 def _add_serve(sub, **kw) -> None:
-    p = sub.add_parser("serve", help="serve an OpenAI-compatible API and a web chat on one port", **kw)
+    what = "serve an OpenAI-compatible API and a web chat on one port"
+    p = sub.add_parser("serve", help=what, description=_paragraph(
+                       f"{what}. A request that omits temperature, top_p, top_k or repetition_penalty gets the "
+                       "model's own (its generation_config.json), else greedy with the filters off; the web chat's "
+                       "sliders start there."), **kw)
     _model_args(p, max_batch=8)
     _runtime_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for every interface "
