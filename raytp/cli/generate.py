@@ -44,6 +44,8 @@ def announce_defaults(args, overrides: str = "flags override each") -> None:
 
 
 def cmd_generate(args) -> None:
+    from raytp.weights.synthetic import is_synthetic
+
     announce_defaults(args)
     with ray_session(args.address, args.devices), running_driver(args) as (driver, info):
         text, stats = stream_answer(driver, not args.json, sampling_params(args, args.sampling_defaults),
@@ -54,7 +56,7 @@ def cmd_generate(args) -> None:
                               "ttft_s": stats["ttft_s"], "finish": stats["finish"], "backend": info["backend"],
                               "plan": info["plan"]}))
             return
-        if args.prompt is None:  # ids in, ids out: a synthetic model streams no text
+        if is_synthetic(args.model):  # no tokenizer, so no text streamed: the ids are the answer
             print(",".join(map(str, stats["token_ids"])), end="")
         print(f"\n[{stats['generated_tokens']} tokens, {stats['tokens_per_s']:.1f} tokens/s, "
               f"first token {stats['ttft_s'] * 1000:.0f} ms]", file=sys.stderr)
