@@ -17,6 +17,7 @@ import pytest
 from raytp.runtime.errors import BusyError, RequestError
 from raytp.runtime.sampling import SamplingParams
 from raytp.model.pieces import plan_model
+from raytp.weights.generation_defaults import SamplingDefaults
 from raytp.weights.source import ModelSource
 from raytp.ui.chat import TABLE_HEADERS, build_ui, cluster_table, live_rates, memory_use, shard_widths
 from tests.test_serve import DEVICES, running_server
@@ -35,6 +36,7 @@ class RefusingDriver:
     """Stands in for the Driver: every request fails the way `error` says."""
 
     settings = types.SimpleNamespace(model="smollm2", max_context=64)
+    sampling_defaults = SamplingDefaults()  # the model's generation_config.json: none, so greedy
 
     def __init__(self, error: Exception):
         self.error = error
@@ -95,6 +97,23 @@ def test_chat_turn_runs_through_submit_and_its_checks():
     with pytest.warns(UserWarning, match="top_p"):  # the same rules as the API's, before anything is submitted
         *_, (chatbot, kept, status) = asyncio.run(_outputs(respond(turns, "", 0.5, 0.0, 8, 3)))
     assert status.startswith("**error**") and kept[-1]["failed"] and len(driver.asked) == 1
+
+
+def test_sliders_start_at_the_models_defaults():
+    """The web chat samples as the API and the CLI do when nothing is set: the model's generation_config.json
+    (top_k and the repetition penalty, which have no slider, too)."""
+    driver = AnsweringDriver()
+    driver.sampling_defaults = SamplingDefaults(temperature=0.6, top_p=0.95, top_k=20, repetition_penalty=1.1)
+    demo = build_ui(driver)
+    sliders = {b.elem_id: b.value for b in demo.blocks.values() if getattr(b, "elem_id", None) in
+               ("raytp-temperature", "raytp-top-p")}
+    assert sliders == {"raytp-temperature": 0.6, "raytp-top-p": 0.95}
+    respond = next(f.fn for f in demo.fns.values() if f.name == "respond")
+    asyncio.run(_outputs(respond([{"role": "user", "content": "hi"}], "", 0.6, 0.95, 8, 3)))
+    assert driver.asked == [SamplingParams(temperature=0.6, top_p=0.95, top_k=20, repetition_penalty=1.1,
+                                           max_tokens=8, seed=3)]
+    assert [b.value for b in build_ui(AnsweringDriver()).blocks.values()
+            if getattr(b, "elem_id", None) == "raytp-temperature"] == [0.0]  # none given: greedy
 
 
 def test_cluster_panel_data(smollm2_dir):

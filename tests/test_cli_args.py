@@ -15,6 +15,7 @@ import sys
 import pytest
 
 from raytp import cli
+from raytp.cli import checks, common, serving_checks, session
 
 SMALL = ["--devices", "cpu@1GiB"]
 
@@ -90,13 +91,13 @@ def test_bench_refuses_a_quantization_it_does_not_know(quant, named):
 
 
 def test_bench_quant_list_becomes_one_model_spec_per_quantization():
-    assert cli._bench_models("synthetic:tiny", None) == ["synthetic:tiny"]
-    assert cli._bench_models("synthetic:tiny@w8a16", None) == ["synthetic:tiny@w8a16"]  # the @ suffix alone
-    assert cli._bench_models("synthetic:tiny", "w4a16") == ["synthetic:tiny@w4a16"]
-    assert cli._bench_models("synthetic:tiny", " none, w4a16,none") == ["synthetic:tiny", "synthetic:tiny@w4a16"]
+    assert checks.bench_models("synthetic:tiny", None) == ["synthetic:tiny"]
+    assert checks.bench_models("synthetic:tiny@w8a16", None) == ["synthetic:tiny@w8a16"]  # the @ suffix alone
+    assert checks.bench_models("synthetic:tiny", "w4a16") == ["synthetic:tiny@w4a16"]
+    assert checks.bench_models("synthetic:tiny", " none, w4a16,none") == ["synthetic:tiny", "synthetic:tiny@w4a16"]
     for model in ("synthetic:tiny@w4a16", "smollm2"):
-        with pytest.raises(cli.UserError, match="applies to a synthetic model without an @ suffix"):
-            cli._bench_models(model, "none,w4a16")
+        with pytest.raises(common.UserError, match="applies to a synthetic model without an @ suffix"):
+            checks.bench_models(model, "none,w4a16")
 
 
 @pytest.mark.parametrize("command", [["plan"], ["generate", "--prompt", "hi"], ["chat"], ["serve"], ["bench"]])
@@ -127,7 +128,7 @@ def test_hf_peer_refuses_a_synthetic_mixture_of_experts():
 
 
 def test_more_cpu_ranks_than_this_machine_runs():
-    n = cli.CPU_RANKS_PER_CORE * (os.cpu_count() or 1) + 1
+    n = common.CPU_RANKS_PER_CORE * (os.cpu_count() or 1) + 1
     line = refused("chat", "--devices", f"cpu*{n}")
     assert f"{n} cpu ranks" in line and f"{os.cpu_count()} CPU cores" in line, line
 
@@ -141,10 +142,10 @@ def test_cpu_caps_beyond_this_machines_memory():
 
 def test_a_joined_cluster_is_not_measured_against_this_machine(monkeypatch):
     """With --address the ranks may live on other nodes: only the syntax is checked here."""
-    args = cli.build_parser().parse_args(["generate", "--prompt", "hi", "--devices", "cpu*999", "--address",
+    args = cli.build_parser().parse_args(["generate", "--prompt-ids", "1", "--devices", "cpu*999", "--address",
                                           "10.0.0.1:6379", "--model", "synthetic:tiny"])
-    monkeypatch.setattr(cli, "_check_model", lambda model: None)
-    cli._check_args(args)
+    monkeypatch.setattr(checks, "_check_model", lambda model: None)
+    checks.check_args(args)
 
 
 @pytest.mark.parametrize("host", ["999.1.1.1", "no-such-host.invalid"])
@@ -182,28 +183,28 @@ def test_api_key_file(tmp_path):
     assert "is empty" in refused("serve", *SMALL, "--api-key-file", str(tmp_path / "empty"))
     (tmp_path / "key").write_text("sk-from-file\n")
     args = cli.build_parser().parse_args(["serve", "--api-key-file", str(tmp_path / "key")])
-    assert cli._api_key(args) == "sk-from-file"
+    assert serving_checks.api_key(args) == "sk-from-file"
 
 
 def test_token_file_is_made_once_private(tmp_path, monkeypatch):
     monkeypatch.setenv("RAYTP_HOME", str(tmp_path / "home"))
     old = os.umask(0)  # the file must be 0600 whatever the umask
     try:
-        path = cli.ray_token_file()
+        path = session.ray_token_file()
     finally:
         os.umask(old)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     token = path.read_text()
-    assert len(token) == 64 and cli.ray_token_file().read_text() == token  # made once, then reused
-    assert [p.name for p in path.parent.iterdir()] == [cli.TOKEN_FILE]  # no temporary file left behind
+    assert len(token) == 64 and session.ray_token_file().read_text() == token  # made once, then reused
+    assert [p.name for p in path.parent.iterdir()] == [session.TOKEN_FILE]  # no temporary file left behind
 
 
 def test_token_file_readable_by_others_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("RAYTP_HOME", str(tmp_path))
-    (tmp_path / cli.TOKEN_FILE).write_text("x" * 64)
-    (tmp_path / cli.TOKEN_FILE).chmod(0o644)
-    with pytest.raises(cli.UserError, match="chmod 600"):
-        cli.ray_token_file()
+    (tmp_path / session.TOKEN_FILE).write_text("x" * 64)
+    (tmp_path / session.TOKEN_FILE).chmod(0o644)
+    with pytest.raises(common.UserError, match="chmod 600"):
+        session.ray_token_file()
 
 
 def test_local_ray_environment_is_restored(tmp_path, monkeypatch):
@@ -212,9 +213,9 @@ def test_local_ray_environment_is_restored(tmp_path, monkeypatch):
     monkeypatch.setenv("RAYTP_HOME", str(tmp_path))
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     monkeypatch.setenv("RAY_AUTH_TOKEN", "someone-elses")
-    with cli.local_ray_environment():
+    with session.local_ray_environment():
         assert os.environ["RAY_AUTH_MODE"] == "token"
-        assert os.environ["RAY_AUTH_TOKEN_PATH"] == str(tmp_path / cli.TOKEN_FILE)
+        assert os.environ["RAY_AUTH_TOKEN_PATH"] == str(tmp_path / session.TOKEN_FILE)
         assert "RAY_AUTH_TOKEN" not in os.environ
     assert os.environ["RAY_AUTH_MODE"] == "disabled" and os.environ["RAY_AUTH_TOKEN"] == "someone-elses"
     assert "RAY_AUTH_TOKEN_PATH" not in os.environ
@@ -259,9 +260,9 @@ def test_devices_the_planner_knows_are_too_small():
 
 def test_token_auth_hint_when_joining_without_a_token(monkeypatch):
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    assert "RAY_AUTH_MODE=token" in cli._token_auth_hint()
+    assert "RAY_AUTH_MODE=token" in session.token_auth_hint()
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
-    assert cli._token_auth_hint() == ""
+    assert session.token_auth_hint() == ""
 
 
 def test_a_reader_that_stops_early_gets_no_traceback():

@@ -11,6 +11,7 @@ from raytp.runtime.requests import STOP_MAX_CHARS, STOP_MAX_COUNT
 from raytp.runtime.sampling import SamplingParams
 from raytp.serving.openai_api import APIError, parse_completion
 from raytp.serving.tool_calls import HermesCalls
+from raytp.weights.generation_defaults import SamplingDefaults
 from tests.test_requests import SAMPLING_BOUNDS
 
 PROMPT = {"model": "m", "prompt": "x"}
@@ -50,7 +51,7 @@ def test_max_completion_tokens_is_chat_max_tokens():
 
 def test_null_means_the_default():
     req = parse({**PROMPT, "temperature": None, "stop": None, "max_tokens": None, "seed": None})
-    assert (req.temperature, req.stop, req.max_tokens) == (1.0, [], None)
+    assert (req.temperature, req.stop, req.max_tokens) == (None, [], None)  # None: the model's default
 
 
 @pytest.mark.parametrize("prompt, want", [("hi", "hi"), ([1, 2], [1, 2]), (["hi"], "hi"), ([[1, 2]], [1, 2])])
@@ -74,9 +75,13 @@ def test_unknown_model_is_404_and_missing_model_400():
     assert (e.value.status, e.value.param) == (400, "model")
 
 
-def test_sampling_defaults_follow_openai():
-    params = parse({**PROMPT, "seed": 1}).sampling()
-    assert params == SamplingParams(temperature=1.0, seed=1)
+def test_sampling_defaults_are_the_models():
+    """What a request omits comes from the model's generation_config.json (tests/test_cli_checks.py reads real
+    files), else greedy with every filter off."""
+    assert parse({**PROMPT, "seed": 1}).sampling() == SamplingParams(temperature=0.0, seed=1)
+    defaults = SamplingDefaults(temperature=0.6, top_p=0.9, top_k=20, repetition_penalty=1.1)
+    assert parse({**PROMPT, "seed": 1, "top_p": 0.5}).sampling(defaults) == SamplingParams(
+        temperature=0.6, top_p=0.5, top_k=20, repetition_penalty=1.1, seed=1)
 
 
 CHAT_BOUNDS = [("top_logprobs", 20, 21), ("top_logprobs", 0, -1), ("logprobs", True, 1), ("n", 3, 0),

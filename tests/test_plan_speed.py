@@ -129,7 +129,7 @@ def test_raytp_plan_shows_both_splits_and_the_pacing_rank(capsys):
     assert main(["plan", "--model", "synthetic:llama-3.1-8b", "--devices", "cuda:0@24GiB~2TB/s,cuda:1@24GiB~1TB/s"]) == 0
     out = capsys.readouterr().out
     memory = plan_model(synthetic_config("synthetic:llama-3.1-8b"), [("a", 24 * GiB), ("b", 24 * GiB)],
-                         max_context=2048, max_batch=8, bandwidths=[2e12, 1e12], split="memory")
+                         max_context=2048, max_batch=1, bandwidths=[2e12, 1e12], split="memory")  # generate's
     assert f"memory split: predicted step {1000 * memory.step_seconds:.2f} ms" in out
     assert "speed split: predicted step" in out and "<- this plan" in out.split("speed split")[1]
     assert "<- paces" in out

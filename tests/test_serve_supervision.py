@@ -23,7 +23,7 @@ import httpx
 import psutil
 import pytest
 
-from raytp.cli import TOKEN_FILE
+from raytp.cli.session import TOKEN_FILE
 from raytp.weights.smollm2 import raytp_home
 from tests.util import RAYTP_ENV, serve_process
 
@@ -197,7 +197,8 @@ def test_generate_on_a_terminal_prints_no_stray_escape_and_counts_ready_from_the
     assert b"\x1b" not in out, out
     ready = re.search(r"ready in (\d+) s", err)
     assert ready, err
-    placing = err.index("placing 1 ranks")  # after Ray's start-up: the wait includes it
+    placing = err.index("placing 1 rank\n")  # after Ray's start-up: the wait includes it
+    assert ": 1 rank, all-reduce" in err, err
     assert placing < ready.start()
     assert int(ready.group(1)) <= time.monotonic() - started + 1  # and nothing before this process started
 

@@ -35,6 +35,7 @@ from raytp.runtime.requests import StopScanner, check_request, check_text
 from raytp.runtime.sampling import SamplingParams
 from raytp.serving.metrics import ServingMetrics
 from raytp.serving.tool_calls import template_syntax
+from raytp.weights.generation_defaults import SamplingDefaults
 from raytp.weights.source import ModelSource
 from raytp.weights.tokenizer import StreamDecoder, Tokenizer
 from raytp.weights.tokenizer_pool import TextTooLong, TokenizerPool
@@ -71,6 +72,8 @@ class Driver:
         self.tokenizer_pool = None if self.tokenizer is None else \
             TokenizerPool(self.tokenizer, source.tokenizer_dir, settings.max_context)
         self.tokenizer_dir = source.tokenizer_dir
+        # what a request that names no temperature, top_p, top_k or repetition penalty samples with
+        self.sampling_defaults = SamplingDefaults.read(source.path)
         # how the model writes a tool call by itself (tool_choice "auto"), read off its chat template; None: it
         # has no syntax raytp parses, and "auto" is refused
         self.tool_syntax = None if self.tokenizer is None else template_syntax(

@@ -122,7 +122,7 @@ class WorkerGroup:
         self._check_resources()
         gpu = self.gpu_share = self._gpu_share()
         bundles = [{"GPU": gpu} if d.kind == "cuda" else {"CPU": 1} for d in s.devices]
-        log.info("placing %d ranks", len(bundles))
+        log.info("placing %d rank%s", len(bundles), "" if len(bundles) == 1 else "s")
         self.pg = placement_group(bundles, strategy="PACK")
         try:
             ray.get(self.pg.ready(), timeout=60)

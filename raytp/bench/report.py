@@ -24,6 +24,7 @@ from pathlib import Path
 
 from raytp.bench.profile import CLASSES, LABELS
 from raytp.model.config import NO_QUANT
+from raytp.parallel.devices import is_auto, parse_devices
 from raytp.parallel.plan import DTYPE_BYTES
 
 COLUMNS = [
@@ -103,9 +104,23 @@ def build_rows(sweep: dict, peer: dict | None = None) -> list[dict]:
     return rows
 
 
-def _setup(row: dict) -> str:
-    """The --comm asked for, and the split where one was chosen."""
-    return f"{row['comm']}, {row['split']} split" if row["split"] else row["comm"]
+def _setup(row: dict, comm: str | None = None) -> str:
+    """The --comm asked for (or `comm`), and the split where one was chosen."""
+    comm = comm or row["comm"]
+    return f"{comm}, {row['split']} split" if row["split"] else comm
+
+
+def _series_label(rows: list[dict]) -> str:
+    """A series' name in a legend: its variant, with `auto` followed by the backends it chose, which are what ran."""
+    r = rows[0]
+    ran = "/".join(sorted({x["backend"] for x in rows}))
+    return f"{r['quant']}, {_setup(r, f'auto: {ran}' if r['comm'] == 'auto' else None)}"
+
+
+def _rank_axis(rows: list[dict]) -> str:
+    """The x axis of a plot over ranks, naming their kind where every device set given is of one."""
+    kinds = {d.kind for r in rows if not is_auto(r["devices"]) for d in parse_devices(r["devices"])}
+    return {frozenset({"cuda"}): "ranks (GPUs)", frozenset({"cpu"}): "cpu ranks"}.get(frozenset(kinds), "ranks")
 
 
 def _variant(row: dict) -> str:
@@ -358,10 +373,11 @@ def _plot_scaling(plt, path: Path, ok: list[dict]) -> None:
                 continue
             c = colors[i % len(colors)]
             x = [r["ranks"] for r in mine]
-            ax.plot(x, [r["tokens_per_s"] for r in mine], "o-", color=c, label=f"{variant} measured")
-            ax.plot(x, [r["ideal_tokens_per_s"] for r in mine], ":", color=c, label=f"{variant} ideal linear")
+            name = _series_label(mine)
+            ax.plot(x, [r["tokens_per_s"] for r in mine], "o-", color=c, label=f"{name} measured")
+            ax.plot(x, [r["ideal_tokens_per_s"] for r in mine], ":", color=c, label=f"{name} ideal linear")
             ax.plot(x, [r["roofline_tokens_per_s"] for r in mine], "--", color=c, alpha=0.6,
-                    label=f"{variant} roofline")
+                    label=f"{name} roofline")
             for r in mine:
                 if sum(p["ranks"] == r["ranks"] for p in mine) > 1:  # several device sets of one size: name them
                     ax.annotate(r["devices"], (r["ranks"], r["tokens_per_s"]), fontsize=6, xytext=(3, 3),
@@ -372,7 +388,7 @@ def _plot_scaling(plt, path: Path, ok: list[dict]) -> None:
                     markersize=9, label="HF transformers, one device")
         ax.set_yscale("log")
         ax.set_xticks(sorted({r["ranks"] for r in rs}))
-        ax.set_xlabel("ranks (GPUs)")
+        ax.set_xlabel(_rank_axis(rs))
         ax.set_ylabel("decode tokens/s")
         ax.set_title(f"prompt {prompt}, batch {batch}")
         ax.grid(True, alpha=0.3)
@@ -383,7 +399,7 @@ def _plot_scaling(plt, path: Path, ok: list[dict]) -> None:
 
 def _plot_breakdown(plt, path: Path, ok: list[dict]) -> None:
     labels = [f"{r['devices']} {r['quant']} {r['backend']} p{r['prompt_len']} b{r['batch']}" for r in ok]
-    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.35 * max(len(ok), 1)))
+    fig, ax = plt.subplots(figsize=(11, 1.6 + 0.35 * max(len(ok), 1)))
     if not ok:
         _empty(ax, "decode run")
     else:
@@ -399,7 +415,8 @@ def _plot_breakdown(plt, path: Path, ok: list[dict]) -> None:
         ax.invert_yaxis()
         ax.set_xlabel("ms per decode step (= ms/token per request)")
         ax.set_title("where a decode step goes (estimated: see summary.md)")
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)  # beside: on the
+        # axes it would cover a bar
         ax.grid(True, axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -436,11 +453,11 @@ def _plot_prefill(plt, path: Path, ok: list[dict]) -> None:
         _empty(ax, "prefill run")
     for (variant, prompt), rs in sorted(series.items()):
         ax.plot([r["ranks"] for r in rs], [r["prefill_tokens_per_s"] for r in rs], "o-",
-                label=f"{variant}, prompt {prompt}")
+                label=f"{_series_label(rs)}, prompt {prompt}")
     if series:
         ax.set_xticks(sorted({r["ranks"] for r in firsts.values()}))
         ax.set_yscale("log")
-        ax.set_xlabel("ranks (GPUs)")
+        ax.set_xlabel(_rank_axis(ok))
         ax.set_ylabel("prefill tokens/s")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)

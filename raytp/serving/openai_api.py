@@ -175,10 +175,11 @@ class _Body(BaseModel):
 
     model: str = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)  # None: what the context has room for
-    temperature: float = Field(1.0, ge=0, le=TEMPERATURE_MAX, allow_inf_nan=False)
-    top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
-    top_k: int = Field(0, ge=-1)  # vLLM's extension, 0 or -1 off; at most the vocabulary (checked by submit)
-    repetition_penalty: float = Field(1.0, gt=0, le=REPETITION_PENALTY_MAX, allow_inf_nan=False)
+    # None: the model's default (its generation_config.json, as the driver read it), else greedy / off
+    temperature: float | None = Field(None, ge=0, le=TEMPERATURE_MAX, allow_inf_nan=False)
+    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
+    top_k: int | None = Field(None, ge=-1)  # vLLM's extension, 0 or -1 off; at most the vocabulary (checked by submit)
+    repetition_penalty: float | None = Field(None, gt=0, le=REPETITION_PENALTY_MAX, allow_inf_nan=False)
     seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)  # None: every request draws anew, as OpenAI's do
     stop: Annotated[list[Annotated[Text, Field(max_length=STOP_MAX_CHARS)]], Field(max_length=STOP_MAX_COUNT)] = []
     n: int = Field(1, ge=1)  # choices: samples of the prompt, prefilled once; at most --max-batch (checked by submit)
@@ -245,9 +246,14 @@ class _Body(BaseModel):
         """The same for the prompt's tokens (echo); None: none."""
         return None
 
-    def sampling(self) -> SamplingParams:
-        return SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
-                              repetition_penalty=self.repetition_penalty,
+    def sampling(self, defaults=None) -> SamplingParams:
+        """The request's sampling. What it omits of temperature, top_p, top_k and repetition_penalty comes from
+        `defaults` (the model's generation_config.json: raytp.weights.generation_defaults), else from SamplingParams
+        (greedy, every filter off)."""
+        named = {name: getattr(self, name) for name in ("temperature", "top_p", "top_k", "repetition_penalty")}
+        chosen = {name: getattr(defaults, name) if value is None else value for name, value in named.items()
+                  if value is not None or defaults is not None}
+        return SamplingParams(**chosen,
                               seed=self.seed if self.seed is not None else secrets.randbits(31),
                               max_tokens=self.max_tokens, logprobs=self.top_n(), n=self.n,
                               prompt_logprobs=self.prompt_top_n(), grammar=self.grammar())
@@ -501,7 +507,7 @@ async def run_completion(driver, req: ChatCompletionRequest | CompletionRequest)
         prompt_ids = req.prompt if isinstance(req.prompt, list) else await driver.encode(prompt=req.prompt)
     if why := driver.unavailable():  # a client retries a 503 on its own; it would only wait out a rebuild here
         raise UnavailableError(why)
-    params = req.sampling()
+    params = req.sampling(driver.sampling_defaults)
     echo = isinstance(req, CompletionRequest) and req.echo
     scored: list[TokenLogprob] = [(t, None, None) for t in prompt_ids[:1]]  # the first prompt token has no logprob
     async with aclosing(driver.submit(prompt_ids, params, req.stop, req.ignore_eos)) as pieces:

@@ -153,7 +153,9 @@ def build_ui(driver) -> gr.Blocks:
         answer = {"role": "assistant", "content": "", "stats": ""}
         try:
             params = SamplingParams(temperature=float(temperature), top_p=float(top_p), max_tokens=int(max_tokens),
-                                    seed=int(seed) if seed is not None and seed >= 0 else secrets.randbits(31))
+                                    seed=int(seed) if seed is not None and seed >= 0 else secrets.randbits(31),
+                                    top_k=driver.sampling_defaults.top_k,  # no slider: the model's own
+                                    repetition_penalty=driver.sampling_defaults.repetition_penalty)
             async for item in driver.submit(await driver.encode(messages=messages), params):
                 if "finish" in item:
                     answer["stats"] = stats_line(item)
@@ -194,9 +196,11 @@ def build_ui(driver) -> gr.Blocks:
             with gr.Column(scale=2):
                 system = gr.Textbox(label="System prompt", lines=3, placeholder="You are a helpful assistant.",
                                     elem_id="raytp-system")
-                temperature = gr.Slider(0, TEMPERATURE_MAX, value=0.7, step=0.05, label="Temperature (0 = greedy)",
-                                        elem_id="raytp-temperature")
-                top_p = gr.Slider(0.05, 1, value=1.0, step=0.05, label="Top-p", elem_id="raytp-top-p")
+                # the model's own defaults (its generation_config.json), as the API's and the CLI's
+                temperature = gr.Slider(0, TEMPERATURE_MAX, value=driver.sampling_defaults.temperature, step=0.05,
+                                        label="Temperature (0 = greedy)", elem_id="raytp-temperature")
+                top_p = gr.Slider(0.05, 1, value=driver.sampling_defaults.top_p, step=0.05, label="Top-p",
+                                  elem_id="raytp-top-p")
                 max_tokens = gr.Slider(1, max_new, value=min(256, max_new), step=1, label="Max tokens",
                                        elem_id="raytp-max-tokens")
                 seed = gr.Number(value=-1, precision=0, label="Seed (-1: a new one each turn)", elem_id="raytp-seed")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -140,6 +141,10 @@ def resolve_model(name: str) -> Path:
     path = Path(name).expanduser()
     if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
         return path
+    if not path.exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not name.startswith("."):
+        raise ValueError(f"--model {name!r} is no directory here; if it is a Hugging Face Hub id: raytp does not "
+                         f"download from the Hub, so fetch it first with `huggingface-cli download {name} --local-dir "
+                         f"DIR` and give --model DIR")
     raise ValueError(
         f"--model {name!r}: {path} {_why_not_model_dir(path)}. Accepted: 'smollm2' (the built-in "
         f"SmolLM2-135M-Instruct, downloaded on first use) or a Hugging Face model directory containing "

@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from importlib.metadata import version
 from pathlib import Path
 
@@ -30,13 +31,26 @@ def quantized_dir(scheme: str) -> Path:
     return raytp_home() / "models" / f"smollm2-135m-instruct-{scheme}"
 
 
+def log_file() -> Path:
+    """Where llmcompressor's own output goes (hundreds of lines a run, its warnings and GPTQ's per-layer errors
+    included): kept for whoever wants it, out of the terminal."""
+    return raytp_home() / "logs" / "llmcompressor.log"
+
+
 def _run(cmd: list, what: str, progress: bool) -> None:
+    """Run `cmd`, its output appended to log_file(); with `progress`, one line says what runs and where that goes."""
+    log = log_file()
+    log.parent.mkdir(parents=True, exist_ok=True)
+    _say(f"raytp: {what} (its output: {log}) ...", progress)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # nothing of this process's path leaks in
-    result = subprocess.run([str(c) for c in cmd], stdout=sys.stderr if progress else subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env)
-    if result.returncode != 0:
-        tail = result.stdout.strip()[-3000:] if result.stdout else "(its output is above)"
-        raise RuntimeError(f"{what} failed: `{' '.join(map(str, cmd))}` exited with {result.returncode}:\n{tail}")
+    with open(log, "a") as out:
+        out.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(map(str, cmd))}\n")
+        out.flush()
+        returncode = subprocess.run([str(c) for c in cmd], stdout=out, stderr=subprocess.STDOUT, env=env).returncode
+    if returncode != 0:
+        tail = log.read_text()[-3000:].strip()
+        raise RuntimeError(f"{what} failed: `{' '.join(map(str, cmd))}` exited with {returncode}; the end of its "
+                           f"output ({log}):\n{tail}")
 
 
 def llmcompressor_python(progress: bool = True) -> Path:
@@ -46,8 +60,7 @@ def llmcompressor_python(progress: bool = True) -> Path:
     if done.is_file():
         return python
     shutil.rmtree(venv, ignore_errors=True)  # a half-made environment from an interrupted pull
-    _say(f"raytp: installing {LLMCOMPRESSOR} into {venv} (once) ...", progress)
-    _run([sys.executable, "-m", "venv", venv], "making llmcompressor's virtual environment", progress)
+    _run([sys.executable, "-m", "venv", venv], f"making {venv} for {LLMCOMPRESSOR} (once)", progress)
     torch_version = version("torch").split("+")[0]  # the one installed here: pip finds it cached or local
     _run([python, "-m", "pip", "install", "--disable-pip-version-check", f"torch=={torch_version}", LLMCOMPRESSOR],
          f"installing {LLMCOMPRESSOR}", progress)
@@ -58,7 +71,8 @@ def llmcompressor_python(progress: bool = True) -> Path:
 def quantize_with_llmcompressor(source: Path, out: Path, *schemes: str, progress: bool = True) -> None:
     """The float Hugging Face directory `source` (tokenizer files included) quantized into out/SCHEME for each of
     `schemes` (llmcompressor_script.py's), in one run of llmcompressor's own environment."""
-    _run([llmcompressor_python(progress), SCRIPT, source, out, *schemes], "quantizing with llmcompressor", progress)
+    _run([llmcompressor_python(progress), SCRIPT, source, out, *schemes],
+         f"quantizing {source.name} ({', '.join(schemes)}) with {LLMCOMPRESSOR}", progress)
 
 
 def pull_quantized_smollm2(*schemes: str, progress: bool = True) -> list[Path]:
@@ -71,7 +85,6 @@ def pull_quantized_smollm2(*schemes: str, progress: bool = True) -> list[Path]:
         source = pull_smollm2(progress)
         parent = quantized_dir(missing[0]).parent
         with tempfile.TemporaryDirectory(dir=parent, prefix=".quantize-") as tmp:
-            _say(f"raytp: quantizing SmolLM2 ({', '.join(missing)}) with {LLMCOMPRESSOR} ...", progress)
             quantize_with_llmcompressor(source, Path(tmp), *missing, progress=progress)
             for s in missing:
                 if not _is_complete(quantized_dir(s)):  # else another process finished first: keep its copy

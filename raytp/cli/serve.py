@@ -1,0 +1,36 @@
+"""`raytp serve`: the OpenAI-compatible API and the web chat on one port, until Ctrl-C or SIGTERM."""
+
+from __future__ import annotations
+
+import sys
+
+from raytp.cli.generate import announce_defaults
+from raytp.cli.session import print_driver_logs, ray_session, running_driver
+
+
+def cmd_serve(args) -> None:
+    import signal
+    import threading
+
+    stop = threading.Event()
+
+    def on_signal(*_):
+        if stop.is_set():  # a second Ctrl-C: stop waiting for the clean shutdown
+            raise KeyboardInterrupt
+        stop.set()
+
+    # until the server is up, SIGTERM interrupts start-up the way Ctrl-C does, so the cleanup below still runs
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    announce_defaults(args, "a request's own values override each")
+    with ray_session(args.address, args.devices), running_driver(args) as (driver, info):
+        import ray
+
+        url = ray.get(driver.serve.remote(args.host, args.port, args.api_key, args.max_queue))
+        print(info["plan_table"], file=sys.stderr)
+        print(f"raytp: serving {args.model}: web chat {url} , OpenAI API {url}v1 ; Ctrl-C stops", file=sys.stderr)
+        print(url, flush=True)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, on_signal)
+        while not stop.wait(1.0):
+            print_driver_logs(driver)  # also the liveness check: a dead driver ends `serve` within seconds
+        print("raytp: shutting down", file=sys.stderr)
