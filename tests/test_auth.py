@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import re
 import types
+from pathlib import Path
 
 import httpx
 import pytest
@@ -211,3 +212,40 @@ def test_failed_attempts_forgotten_and_bounded():
                                           ("2001:db8::ffff:1", "2001:db8::/64"), ("::ffff:192.0.2.7", "192.0.2.7")])
 def test_clients_are_addresses_or_ipv6_64s(host, client):
     assert client_of({"client": (host, 1)}) == client
+
+
+@pytest.mark.slow
+def test_the_login_form_takes_the_key_with_an_empty_user_name(tmp_path):
+    """In a real browser (as tests/test_browser.py drives one): a wrong key says so; the key alone opens the chat."""
+    import threading
+
+    import uvicorn
+
+    from tests.test_browser import CHROMIUM, CHROMIUM_ARGS
+    from tests.util import free_port
+
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install -y chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(build_app(StandInDriver(), KEY), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            page = browser.new_page()
+            page.set_default_timeout(60_000)
+            page.goto(f"http://127.0.0.1:{port}/", wait_until="domcontentloaded")
+            page.locator("input[type=password]").fill("sk-wrong")
+            page.get_by_role("button", name="Login").click()
+            page.get_by_text("Incorrect Credentials", exact=False).wait_for()
+            assert "the user name may stay empty" in page.inner_text("body")
+            page.locator("input[type=password]").fill(KEY)
+            page.get_by_role("button", name="Login").click()
+            page.wait_for_selector("#raytp-input textarea, #raytp-input input")
+            browser.close()
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
