@@ -19,7 +19,8 @@ from raytp.runtime.sampling import SamplingParams
 from raytp.model.pieces import plan_model
 from raytp.weights.generation_defaults import SamplingDefaults
 from raytp.weights.source import ModelSource
-from raytp.ui.chat import TABLE_HEADERS, build_ui, cluster_table, live_rates, memory_use, shard_widths
+from raytp.ui.chat import (QUEUED_NOTE, TABLE_HEADERS, Conversation, build_ui, cluster_table, live_rates,
+                           memory_use, shard_widths)
 from tests.test_serve import DEVICES, running_server
 
 CHROMIUM = "/usr/bin/chromium"
@@ -28,6 +29,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "screenshot.png"
 STATS = re.compile(r"[\d.]+ tokens/s · first token \d+ ms · \d+ tokens")
 BOT = "#raytp-chat [data-testid='bot']"
+USER = "#raytp-chat [data-testid='user']"
 
 
 # ---- no browser --------------------------------------------------------------------------------------------
@@ -53,25 +55,27 @@ async def _outputs(gen) -> list:
     return [out async for out in gen]
 
 
+def handler(demo, name: str):
+    return next(f.fn for f in demo.fns.values() if f.name == name)
+
+
 @pytest.mark.parametrize("error, shown", [(BusyError("the server is busy: 8 requests are running"), "**busy**"),
                                           (RequestError("the prompt has 99 tokens"), "**error**")])
 def test_chat_says_busy_or_why_it_failed(error, shown):
-    demo = build_ui(RefusingDriver(error))
-    respond = next(f.fn for f in demo.fns.values() if f.name == "respond")
-    turns = [{"role": "user", "content": "hi"}]
+    respond = handler(build_ui(RefusingDriver(error)), "respond")
+    chat = Conversation([{"role": "user", "content": "hi"}])
     with pytest.warns(UserWarning, match=str(error)):  # outside a page, gr.Warning is a Python warning
-        outputs = asyncio.run(_outputs(respond(turns, "", 0.0, 1.0, 8, -1)))
-    chatbot, kept, status = outputs[-1]
+        outputs = asyncio.run(_outputs(respond(chat, "", 0.0, 1.0, 8, -1)))
+    chatbot, status = outputs[-1]
     assert status.startswith(shown) and str(error) in status
     # the user's turn stays, marked as unanswered, and the chat says so below it (no empty answer left behind)
-    assert kept == [{"role": "user", "content": "hi", "failed": str(error)}]
-    assert chatbot[0] == turns[0] and chatbot[1]["role"] == "assistant" and len(chatbot) == 2
+    assert chat.turns == [{"role": "user", "content": "hi", "failed": str(error)}] and not chat.answering
+    assert chatbot[0] == {"role": "user", "content": "hi"} and chatbot[1]["role"] == "assistant" and len(chatbot) == 2
     assert f"No answer: {error}" in chatbot[1]["content"] and "Regenerate" in chatbot[1]["content"]
     # asked again (Regenerate), the turn goes out without its note
-    driver = AnsweringDriver()
-    again = next(f.fn for f in build_ui(driver).fns.values() if f.name == "respond")
-    *_, (chatbot, kept, status) = asyncio.run(_outputs(again(kept, "", 0.0, 1.0, 8, -1)))
-    assert kept == [{"role": "user", "content": "hi"}, kept[1]] and kept[1]["content"] == "Hi"
+    again = handler(build_ui(AnsweringDriver()), "respond")
+    *_, (chatbot, status) = asyncio.run(_outputs(again(chat, "", 0.0, 1.0, 8, -1)))
+    assert chat.turns[0] == {"role": "user", "content": "hi"} and chat.turns[1]["content"] == "Hi"
     assert len(chatbot) == 2 and "No answer" not in str(chatbot)
 
 
@@ -89,14 +93,92 @@ class AnsweringDriver(RefusingDriver):
 
 def test_chat_turn_runs_through_submit_and_its_checks():
     driver = AnsweringDriver()
-    respond = next(f.fn for f in build_ui(driver).fns.values() if f.name == "respond")
-    turns = [{"role": "user", "content": "hi"}]
-    *_, (chatbot, kept, status) = asyncio.run(_outputs(respond(turns, "", 0.5, 0.9, 8, 3)))
-    assert kept[-1]["content"] == "Hi" and status == ""
+    respond = handler(build_ui(driver), "respond")
+    chat = Conversation([{"role": "user", "content": "hi"}])
+    *_, (chatbot, status) = asyncio.run(_outputs(respond(chat, "", 0.5, 0.9, 8, 3)))
+    assert chat.turns[-1]["content"] == "Hi" and status == ""
     assert driver.asked == [SamplingParams(temperature=0.5, top_p=0.9, max_tokens=8, seed=3)]
+    chat.turns.pop()
     with pytest.warns(UserWarning, match="top_p"):  # the same rules as the API's, before anything is submitted
-        *_, (chatbot, kept, status) = asyncio.run(_outputs(respond(turns, "", 0.5, 0.0, 8, 3)))
-    assert status.startswith("**error**") and kept[-1]["failed"] and len(driver.asked) == 1
+        *_, (chatbot, status) = asyncio.run(_outputs(respond(chat, "", 0.5, 0.0, 8, 3)))
+    assert status.startswith("**error**") and chat.turns[-1]["failed"] and len(driver.asked) == 1
+
+
+class StreamingDriver(AnsweringDriver):
+    """Stands in for the Driver: answers each request with the words of `answer`, one per step, each step waiting
+    for the test to let it go."""
+
+    def __init__(self, answer: str):
+        super().__init__()
+        self.words, self.step, self.prompts = answer.split(), asyncio.Event(), []
+
+    async def encode(self, messages):
+        self.prompts.append([m["content"] for m in messages])
+        return [1] * len(messages)
+
+    async def submit(self, prompt_ids, params):
+        for word in self.words:
+            await self.step.wait()
+            self.step.clear()
+            yield {"text": f"{word} ", "token_id": 5}
+        yield {"finish": "stop", "generated_tokens": len(self.words), "tokens_per_s": 1.0, "ttft_s": 0.01}
+
+
+def test_a_message_sent_while_an_answer_streams_is_queued_and_answered_next():
+    """As the page chains them: Send runs add_user, then respond; a second Send while the first answer streams."""
+    driver = StreamingDriver("one two three")
+    demo = build_ui(driver)
+    add_user, respond = handler(demo, "add_user"), handler(demo, "respond")
+    chat = Conversation()
+
+    async def run():
+        await add_user("Write a long essay.", chat)
+        first = respond(chat, "", 0.0, 1.0, 8, -1)
+        driver.step.set()
+        chatbot, _ = await anext(first)
+        assert chatbot[-1] == {"role": "assistant", "content": "one "}
+        box, chatbot = await add_user("And a haiku?", chat)  # while the answer streams
+        assert box == "" and chatbot[-1]["content"] == f"And a haiku?\n\n{QUEUED_NOTE}"
+        assert await _outputs(respond(chat, "", 0.0, 1.0, 8, -1)) == []  # the running turn answers it
+        updates = []
+        while True:
+            driver.step.set()
+            try:
+                updates.append(await anext(first))
+            except StopAsyncIteration:
+                break
+        return updates
+
+    updates = asyncio.run(run())
+    shown = [[m["content"] for m in chatbot] for chatbot, _ in updates]
+    # the first answer kept updating, with the queued message below it
+    assert shown[0] == ["Write a long essay.", "one two ", f"And a haiku?\n\n{QUEUED_NOTE}"]
+    assert STATS.search(shown[2][1]) and shown[2][1].startswith("one two three")
+    # then the queued message was answered, with the first answer in its context
+    assert driver.prompts == [["Write a long essay."], ["Write a long essay.", "one two three ", "And a haiku?"]]
+    assert shown[-1][:3] == ["Write a long essay.", shown[2][1], "And a haiku?"]
+    assert shown[-1][3].startswith("one two three") and STATS.search(shown[-1][3])
+    assert [t["role"] for t in chat.turns] == ["user", "assistant", "user", "assistant"] and not chat.answering
+    assert not any("queued" in t for t in chat.turns)
+
+
+def test_stop_leaves_a_queued_message_marked_unanswered():
+    driver = StreamingDriver("one two three")
+    demo = build_ui(driver)
+    add_user, respond = handler(demo, "add_user"), handler(demo, "respond")
+    chat = Conversation()
+
+    async def run():
+        await add_user("First", chat)
+        first = respond(chat, "", 0.0, 1.0, 8, -1)
+        driver.step.set()
+        await anext(first)
+        await add_user("Second", chat)
+        await first.aclose()  # Stop cancels the running turn
+
+    asyncio.run(run())
+    assert chat.turns[-1] == {"role": "user", "content": "Second", "failed": "stopped before its turn came"}
+    assert not chat.answering and len(driver.prompts) == 1
 
 
 def test_sliders_start_at_the_models_defaults():
@@ -194,7 +276,7 @@ def test_answer_streams_with_a_stats_line(page):
     assert all(b.startswith(a) for a, b in zip(seen, seen[1:])), seen  # each piece extends the text before
     answer = STATS.split(text)[0].strip(" *\n")
     assert len(answer) > 10, text
-    assert page.locator("#raytp-chat [data-testid='user']").first.inner_text().startswith("Write a short poem")
+    assert page.locator(USER).first.inner_text().startswith("Write a short poem")
 
 
 @pytest.mark.slow
@@ -209,6 +291,32 @@ def test_stop_ends_an_answer(page):
     time.sleep(2.0)
     assert last_answer(page) == stopped, "the answer kept growing after Stop"
     assert not STATS.search(stopped)
+
+
+@pytest.mark.slow
+def test_a_message_sent_while_an_answer_streams_is_answered_next(page):
+    page.click("#raytp-clear")
+    set_number(page, "raytp-temperature", 0)
+    set_number(page, "raytp-max-tokens", 400)  # still streaming when the second message comes
+    ask(page, "Write a long essay about the history of Rome.")
+    page.wait_for_function(f"[...document.querySelectorAll(\"{BOT}\")].pop()?.innerText.length > 20")
+    box = page.locator("#raytp-input textarea, #raytp-input input").first
+    box.fill("What is the capital of France?")
+    box.press("Enter")
+    # the second message shows at once, marked queued, and the first answer keeps streaming above it
+    page.wait_for_function(f"document.querySelectorAll(\"{USER}\").length == 2")
+    users, answers = page.locator(USER), page.locator(BOT)
+    assert users.nth(0).inner_text().startswith("Write a long essay")
+    assert users.nth(1).inner_text().startswith("What is the capital of France?")
+    assert "queued" in users.nth(1).inner_text()
+    before = answers.nth(0).inner_text()
+    page.wait_for_function(f"document.querySelector(\"{BOT}\").innerText.length > {len(before)}")
+    assert answers.nth(0).inner_text().startswith(before)
+    # then the second gets its answer, below the first one's
+    page.wait_for_function(f"[...document.querySelectorAll(\"{BOT}\")].filter(e => e.innerText.includes('tokens/s'))"
+                           ".length == 2", timeout=300_000)
+    assert users.count() == 2 and answers.count() == 2 and "queued" not in users.nth(1).inner_text()
+    assert STATS.search(answers.nth(0).inner_text()) and len(STATS.split(answers.nth(1).inner_text())[0]) > 2
 
 
 @pytest.mark.slow

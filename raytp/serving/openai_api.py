@@ -5,6 +5,8 @@
     GET  /v1/models             the one served model; its id is the --model string
     /                           the Gradio web chat and Cluster panel (raytp.ui.chat)
 
+With an API key, every route but /health and the login form wants it (raytp.serving.auth).
+
 The handlers run in the same event loop as `Driver.submit` and call it directly: a request costs one Ray call
 (its submission to the leader rank) and its tokens arrive through the driver's batched event pump, never a Ray
 call per token. Batching happens in the ranks: requests join and leave the running batch between decode steps.
@@ -27,7 +29,7 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator,
                       model_validator)
@@ -43,6 +45,7 @@ from raytp.runtime.sampling import (
     TOP_LOGPROBS_MAX,
     SamplingParams,
 )
+from raytp.serving.auth import FailedAttempts, KeyGate, WebSessions
 from raytp.serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from raytp.serving.sockets import display_url, listen_socket
 from raytp.serving.tool_calls import CallParser, ForcedCalls, ToolSyntax, answer_calls
@@ -756,23 +759,15 @@ async def _stream_body(answer: _Answer, include_usage: bool, n: int, first, piec
 
 
 def build_app(driver, api_key: str | None = None) -> FastAPI:
-    """The API routes over `driver` (the plain Driver object, running in this event loop)."""
+    """The API routes and the web chat over `driver` (the plain Driver object, running in this event loop); with
+    an `api_key`, every route behind it (raytp.serving.auth)."""
     model_id = driver.settings.model
     created = int(time.time())
-
-    async def authorized(request: Request) -> None:
-        """With an --api-key, every /v1 route wants it as 'Authorization: Bearer KEY'; else 401."""
-        given = request.headers.get("authorization", "")
-        scheme, _, token = given.partition(" ")
-        if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key.encode()):
-            return
-        why = "wrong API key" if given else "missing API key: send the header 'Authorization: Bearer KEY'"
-        raise APIError(401, f"{why} (the server's --api-key)", code="invalid_api_key")
 
     app = FastAPI(title="raytp", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_exception_handler(APIError, lambda _request, e: e.response())
     app.add_exception_handler(Exception, _internal_error)
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorized)] if api_key else [])
+    v1 = APIRouter(prefix="/v1")
 
     @v1.get("/models")
     async def models():
@@ -813,7 +808,7 @@ def build_app(driver, api_key: str | None = None) -> FastAPI:
             return APIError(503, why, "server_error", code="unavailable", retry_after_s=RETRY_AFTER_S).response()
         return {"status": "ok", "model": model_id, "ranks": len(driver.devices)}
 
-    extra = APIRouter(dependencies=[Depends(authorized)] if api_key else [])
+    extra = APIRouter()
 
     @extra.get("/metrics")
     async def metrics():
@@ -849,7 +844,28 @@ def build_app(driver, api_key: str | None = None) -> FastAPI:
             raise APIError(400, str(e), param="tokens") from None
 
     app.include_router(extra)
+    web_chat = _mount_web_chat(app, driver, api_key)
+    if api_key:
+        app.state.failed_attempts = FailedAttempts()
+        app.add_middleware(KeyGate, key=api_key, sessions=WebSessions(web_chat), attempts=app.state.failed_attempts)
     return app
+
+
+def _mount_web_chat(app: FastAPI, driver, api_key: str | None):
+    """The Gradio web chat at /, beside the API; returns Gradio's app. Its routes stay out of the OpenAPI schema,
+    as the API's do."""
+    import gradio as gr
+    from starlette.routing import Mount
+
+    from raytp.ui.chat import build_ui
+
+    auth = None
+    if api_key:  # Gradio then shows its login form to a browser without a session (KeyGate answers its POST)
+        auth = lambda _user, password: hmac.compare_digest(password.encode(), api_key.encode())  # noqa: E731
+    gr.mount_gradio_app(app, build_ui(driver), path="/", auth=auth, footer_links=[],
+                        app_kwargs={"openapi_url": None, "docs_url": None, "redoc_url": None},
+                        auth_message="Log in with the server's API key as password; the user name may stay empty.")
+    return next(r.app for r in app.routes if isinstance(r, Mount) and r.path == "")
 
 
 async def _json_body(request: Request):
@@ -887,21 +903,13 @@ class HTTPServer:
 
     @classmethod
     async def start(cls, driver, host: str, port: int, api_key: str | None = None) -> HTTPServer:
-        import gradio as gr
         import uvicorn
-
-        from raytp.ui.chat import build_ui
 
         try:
             sock = listen_socket(host, port)
         except OSError as e:
             raise RequestError(f"cannot listen on {host}:{port}: {e.strerror}; choose another --port") from None
         app = build_app(driver, api_key)
-        auth = None
-        if api_key:  # the web chat is as protected as the API: any user name, the API key as password
-            auth = lambda _user, password: hmac.compare_digest(password.encode(), api_key.encode())  # noqa: E731
-        gr.mount_gradio_app(app, build_ui(driver), path="/", auth=auth, footer_links=[],
-                            auth_message="Log in with any user name and the server's --api-key as password.")
         config = uvicorn.Config(app, host=host, port=port, loop="none", log_level="warning",
                                 timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
         server = uvicorn.Server(config)

@@ -2,13 +2,16 @@
 
 `build_ui(driver)` takes the plain `Driver` object and runs in the driver actor's event loop (mounted next to the
 OpenAI API by raytp.serving.openai_api), so a chat turn iterates `driver.submit` directly, like an API request does,
-joins the same continuous batch and meets the same checks. Stopping a turn cancels the Gradio task, which closes the
-stream and frees the request's cache slot.
+joins the same continuous batch and meets the same checks. A message sent while an answer streams shows at once,
+marked queued, and is answered next. Stopping a turn cancels the Gradio task, which closes the stream and frees the
+request's cache slot.
 """
 
 from __future__ import annotations
 
 import secrets
+from contextlib import aclosing
+from dataclasses import dataclass, field
 
 import gradio as gr
 import pandas as pd
@@ -107,9 +110,21 @@ def stats_line(final: dict) -> str:
     return line + (" · hit max tokens" if final["finish"] == "length" else "")
 
 
+QUEUED_NOTE = "⏳ *queued: answered after the answer being written*"
+
+
+@dataclass
+class Conversation:
+    """One browser tab's chat. Every event of the tab gets this same object (Gradio keeps a State's value per
+    session and passes it, not a copy), so a message sent while an answer streams joins `turns` at once, marked
+    queued, and the turn being answered picks it up next."""
+    turns: list[dict] = field(default_factory=list)  # {"role", "content"} and, on user turns, "queued"/"failed"
+    answering: bool = False  # an answer is being written: new messages wait for it
+
+
 def _display(turns: list[dict]) -> list[dict]:
-    """The chatbot's messages: each answer with its stats line below it, and below a turn that got no answer, why
-    (the turn stays: Regenerate asks again)."""
+    """The chatbot's messages: each answer with its stats line below it, a queued message marked so, and below a
+    turn that got no answer, why (the turn stays: Regenerate asks again)."""
     shown = []
     for t in turns:
         content = t["content"]
@@ -117,6 +132,8 @@ def _display(turns: list[dict]) -> list[dict]:
             if content.count("```") % 2:  # an answer cut inside a code block: close it so the stats show
                 content += "\n```"
             content += f"\n\n*{t['stats']}*"
+        if t.get("queued"):
+            content += f"\n\n{QUEUED_NOTE}"
         shown.append({"role": t["role"], "content": content})
         if t.get("failed"):
             shown.append({"role": "assistant", "content": f"⚠️ *No answer: {t['failed']}. Your message is kept: "
@@ -124,53 +141,78 @@ def _display(turns: list[dict]) -> list[dict]:
     return shown
 
 
-def _failed(turns: list[dict], why: str) -> list[dict]:
-    """`turns` with its last (the user's) marked as having got no answer, and why."""
-    return turns[:-1] + [turns[-1] | {"failed": why}]
-
-
 def build_ui(driver) -> gr.Blocks:
     """The chat and Cluster panel over `driver`, a plain Driver running in the same event loop."""
     max_new = max(1, driver.settings.max_context - 1)
 
-    def add_user(text: str, turns: list[dict]):
+    async def add_user(text: str, chat: Conversation):
         if not text.strip():
-            return text, turns, _display(turns)
-        turns = turns + [{"role": "user", "content": text}]
-        return "", turns, _display(turns)
+            return text, _display(chat.turns)
+        chat.turns.append({"role": "user", "content": text} | ({"queued": True} if chat.answering else {}))
+        return "", _display(chat.turns)
 
-    def drop_answer(turns: list[dict]):
-        if turns and turns[-1]["role"] == "assistant":
-            turns = turns[:-1]
-        return turns, _display(turns)
+    async def drop_answer(chat: Conversation):
+        if chat.answering:
+            gr.Warning("An answer is being written: wait for it, or press Stop, before Regenerate.")
+        elif chat.turns and chat.turns[-1]["role"] == "assistant":
+            chat.turns.pop()
+        return _display(chat.turns)
 
-    async def respond(turns: list[dict], system: str, temperature: float, top_p: float, max_tokens: float, seed):
-        if not turns or turns[-1]["role"] != "user":
-            return
-        turns = turns[:-1] + [{"role": "user", "content": turns[-1]["content"]}]  # asked again: no failure yet
+    async def clear_chat(chat: Conversation):
+        chat.turns, chat.answering = [], False  # a new list: an answer still being cancelled writes to the old one
+        return [], ""
+
+    async def respond(chat: Conversation, system: str, temperature: float, top_p: float, max_tokens: float, seed):
+        """Answer the last turn, then each message queued meanwhile, in order. Stop (or Clear) ends them all: a
+        message still queued is then marked as not answered."""
+        turns = chat.turns
+        if chat.answering or not turns or turns[-1]["role"] != "user":
+            return  # an answer is being written: the message just added is queued and answered after it
+        chat.answering = True
+        turns[-1].pop("failed", None)  # asked again: no failure yet
+        index = len(turns) - 1
+        try:
+            while index is not None:
+                async with aclosing(_answer(turns, index, system, temperature, top_p, max_tokens, seed)) as shown:
+                    async for update in shown:
+                        if turns is not chat.turns:
+                            return  # cleared
+                        yield update
+                index = next((i for i, t in enumerate(turns) if t.get("queued")), None)
+                if index is not None:
+                    del turns[index]["queued"]
+        finally:
+            if turns is chat.turns:
+                chat.answering = False
+            for t in turns:
+                if t.pop("queued", False):
+                    t["failed"] = "stopped before its turn came"
+
+    async def _answer(turns: list[dict], index: int, system: str, temperature: float, top_p: float,
+                      max_tokens: float, seed):
+        """Stream the answer to turns[index] (a user turn) into `turns` right after it; yields (chatbot, status)."""
         messages = ([{"role": "system", "content": system}] if system.strip() else []) + \
-            [{"role": t["role"], "content": t["content"]} for t in turns]
+            [{"role": t["role"], "content": t["content"]} for t in turns[:index + 1]]
         answer = {"role": "assistant", "content": "", "stats": ""}
         try:
             params = SamplingParams(temperature=float(temperature), top_p=float(top_p), max_tokens=int(max_tokens),
                                     seed=int(seed) if seed is not None and seed >= 0 else secrets.randbits(31),
                                     top_k=driver.sampling_defaults.top_k,  # no slider: the model's own
                                     repetition_penalty=driver.sampling_defaults.repetition_penalty)
-            async for item in driver.submit(await driver.encode(messages=messages), params):
-                if "finish" in item:
-                    answer["stats"] = stats_line(item)
-                else:
-                    answer["content"] += item["text"]
-                done = turns + [dict(answer)]
-                yield _display(done), done, ""
-        except BusyError as e:
+            async with aclosing(driver.submit(await driver.encode(messages=messages), params)) as items:
+                async for item in items:
+                    if "finish" in item:
+                        answer["stats"] = stats_line(item)
+                    else:
+                        answer["content"] += item["text"]
+                    if len(turns) == index + 1 or turns[index + 1] is not answer:  # shown from its first piece
+                        turns.insert(index + 1, answer)
+                    yield _display(turns), ""
+        except (BusyError, RequestError, RuntimeError) as e:
             gr.Warning(str(e))
-            turns = _failed(turns, str(e))
-            yield _display(turns), turns, f"**busy**: {e}"
-        except (RequestError, RuntimeError) as e:
-            gr.Warning(str(e))
-            turns = _failed(turns, str(e))
-            yield _display(turns), turns, f"**error**: {e}"
+            turns[:] = [t for t in turns if t is not answer]
+            turns[index]["failed"] = str(e)
+            yield _display(turns), f"**{'busy' if isinstance(e, BusyError) else 'error'}**: {e}"
 
     def cluster_view():
         info = driver.info()
@@ -178,7 +220,7 @@ def build_ui(driver) -> gr.Blocks:
 
     model = driver.settings.model
     with gr.Blocks(title=f"raytp · {model}", analytics_enabled=False, fill_width=True) as demo:
-        turns = gr.State([])
+        chat = gr.State(Conversation())
         gr.Markdown(f"## raytp · {model}\nTensor-parallel inference, one Ray actor per device. The same server "
                     f"answers the OpenAI API at `/v1`.")
         with gr.Row():
@@ -219,13 +261,13 @@ def build_ui(driver) -> gr.Blocks:
                                     title="Memory budget per rank", elem_id="raytp-memory")
         sampling = [system, temperature, top_p, max_tokens, seed]
         running = []
-        for trigger in (box.submit, send.click):
-            running.append(trigger(add_user, [box, turns], [box, turns, chatbot], queue=False).then(
-                respond, [turns, *sampling], [chatbot, turns, status], concurrency_limit=None))
-        running.append(regenerate.click(drop_answer, [turns], [turns, chatbot], queue=False).then(
-            respond, [turns, *sampling], [chatbot, turns, status], concurrency_limit=None))
+        for trigger in (box.submit, send.click):  # "multiple": a message sent while an answer streams is queued
+            running.append(trigger(add_user, [box, chat], [box, chatbot], queue=False, trigger_mode="multiple").then(
+                respond, [chat, *sampling], [chatbot, status], concurrency_limit=None))
+        running.append(regenerate.click(drop_answer, [chat], [chatbot], queue=False).then(
+            respond, [chat, *sampling], [chatbot, status], concurrency_limit=None))
         stop.click(None, cancels=running)
-        clear.click(lambda: ([], [], ""), outputs=[turns, chatbot, status], cancels=running, queue=False)
+        clear.click(clear_chat, [chat], [chatbot, status], cancels=running, queue=False)
         demo.load(cluster_view, outputs=[summary, table, widths, memory])
 
         async def live_view(before):
