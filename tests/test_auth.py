@@ -16,6 +16,7 @@ from starlette.routing import Mount
 
 from raytp.serving.auth import FailedAttempts, client_of
 from raytp.serving.openai_api import build_app
+from raytp.weights.generation_defaults import SamplingDefaults
 
 KEY = "sk-raytp-auth-test"
 # What answers without the key: the login form (Gradio's page at "/" without a session, its scripts, styles and
@@ -29,6 +30,7 @@ class StandInDriver:
 
     settings = types.SimpleNamespace(model="smollm2", max_context=64)
     devices = ["cpu@1GiB"]
+    sampling_defaults = SamplingDefaults()  # no generation_config.json: greedy
 
     def unavailable(self):
         return None
