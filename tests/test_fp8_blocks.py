@@ -7,8 +7,9 @@ import pytest
 import torch
 import transformers
 
-from raytp.model.config import QuantConfig, UnsupportedModelError
+from raytp.model.config import UnsupportedModelError
 from raytp.model.formats import FP8Weight
+from raytp.model.quant import quant_config
 from raytp.model.pieces import plan_model, quant_replicated_bytes
 from raytp.weights.synthetic import synthetic_config
 from tests.quantized import fp8_blocks_checkpoint
@@ -112,7 +113,7 @@ def test_fp8_blocks_experts_stacked_for_the_routed_gemv_match_transformers(fp8_q
 
 
 def test_fp8_blocks_config_is_read_and_refused_with_the_reason():
-    q = QuantConfig.from_dict({"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
+    q = quant_config({"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
                                "weight_block_size": [128, 128], "modules_to_not_convert": ["mlp.gate"]})
     assert (q.kind, q.group_size, q.block_rows) == ("fp8", 128, 128)
     assert not q.quantizes("model.layers.3.mlp.gate") and q.quantizes("model.layers.3.mlp.down_proj")
@@ -120,7 +121,7 @@ def test_fp8_blocks_config_is_read_and_refused_with_the_reason():
                       ({"activation_scheme": "static"}, "activation_scheme='static'"),
                       ({"fmt": "e5m2"}, "fmt='e5m2'")]:
         with pytest.raises(UnsupportedModelError, match=what):
-            QuantConfig.from_dict({"quant_method": "fp8", "weight_block_size": [128, 128]} | bad)
+            quant_config({"quant_method": "fp8", "weight_block_size": [128, 128]} | bad)
 
 
 @pytest.mark.parametrize("fixture,weights", [("fp8_qwen3", [3.0, 2.0, 1.0]), ("fp8_llama_mid_block", [1.0, 1.0])])
