@@ -9,7 +9,7 @@ import transformers
 
 from raytp.model.config import UnsupportedModelError
 from raytp.model.formats import FP8Weight
-from raytp.model.quant import quant_config
+from raytp.model.quant.registry import quant_config
 from raytp.model.pieces import plan_model, quant_replicated_bytes
 from raytp.weights.synthetic import synthetic_config
 from tests.quantized import fp8_blocks_checkpoint

@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 from raytp.model.config import UnsupportedModelError
 from raytp.model.formats import read_linear
 from raytp.model.layout import Slice
-from raytp.model.quant import quant_config
+from raytp.model.quant.registry import quant_config
 from raytp.weights.checkpoint import SafetensorsReader
 from tests.quant_reference import dequantize_gemm, gptq_dequantize_weight
 

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from raytp.model.config import ModelConfig, UnsupportedModelError
 from raytp.model.formats import IntWeight, read_linear
 from raytp.model.layout import Slice
-from raytp.model.quant import CompressedTensors
+from raytp.model.quant.compressed_tensors import CompressedTensors
 from raytp.parallel.comm.base import Communicator
 from raytp.model.pieces import plan_model, quant_replicated_bytes
 from raytp.runtime.sampling import SamplingParams

@@ -12,7 +12,10 @@ from pathlib import Path
 
 from raytp.model.architecture import ARCHITECTURES, Architecture
 from raytp.model.errors import ConfigError, UnsupportedModelError
-from raytp.model.quant import CompressedTensors, FP8Blocks, QuantConfig, quant_config
+from raytp.model.quant.base import QuantConfig
+from raytp.model.quant.compressed_tensors import CompressedTensors
+from raytp.model.quant.fp8_blocks import FP8Blocks
+from raytp.model.quant.registry import quant_config
 
 __all__ = ["NO_QUANT", "QUANT_PRESETS", "ConfigError", "ModelConfig", "MoeConfig", "QuantConfig",
            "UnsupportedModelError", "quant_name"]
