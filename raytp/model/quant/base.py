@@ -27,14 +27,14 @@ class StoredTensor(NamedTuple):
 @dataclass(frozen=True)
 class QuantConfig:
     """How the decoder's Linear layers are stored, from config.json's `quantization_config`; one subclass per
-    checkpoint method, registered by its `quant_method` in `raytp.model.quant`.
+    checkpoint method, registered by its `quant_method` in `raytp.model.quant.registry`.
 
     The fields say what a rank holds once a slice is read (shared by every method); a method adds what only its
     tensors need. Embeddings, norms and the (tied or separate) lm_head stay dense; so does any Linear named in
     `ignore`.
     """
 
-    kind: str  # "int": integers packed 32 // bits to an int32 word along the input; "fp8": float8 e4m3 weights
+    kind: str  # "int": integers (packed 32 // bits to an int32 word, or int8 with dynamic activations); "fp8": e4m3
     bits: int  # 4 or 8 ("int"); 8 ("fp8")
     group_size: int | None  # input columns sharing one scale; None: one scale per output row (or per tensor)
     per_tensor: bool = False  # fp8 only: one scale for the whole matrix

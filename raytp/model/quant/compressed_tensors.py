@@ -27,7 +27,8 @@ from raytp.model.formats.int_packed import Blocks, IntFormat, IntWeight, read_pa
 from raytp.model.quant.base import QuantConfig, StoredTensor
 from raytp.model.slice import Slice
 
-ACT_ORDERS = (None, "static", "weight", "group", "dynamic")  # actorder values; the last two give columns groups
+ACT_ORDERS = (None, "static", "weight", "group", "dynamic")  # the actorder values raytp reads
+GROUP_ORDERS = ("group", "dynamic")  # those that give each input column its group (weight_g_idx)
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,7 @@ class CompressedTensors(QuantConfig):
             if actorder not in ACT_ORDERS:
                 raise refuse(f"actorder={actorder!r}")
             config = cls("int", bits, w.get("group_size") if strategy == "group" else None,
-                         symmetric=bool(w.get("symmetric", True)), act_order=actorder in ACT_ORDERS[3:],
+                         symmetric=bool(w.get("symmetric", True)), act_order=actorder in GROUP_ORDERS,
                          ignore=ignore)
             if strategy == "group" and not (isinstance(config.group_size, int) and config.group_size > 0):
                 raise refuse(f"group strategy with group_size={w.get('group_size')!r}")
