@@ -130,8 +130,8 @@ def main():
                     swept = {launch: timed(calls, x, launch, args.iters) for launch in SWEEP}
                     best = min(((us, launch) for launch, us in swept.items()), key=lambda t: t[0])
                     row |= dict(best_us=best[0], best_launch=str(best[1]), sweep={str(k): v for k, v in swept.items()},
-                                heuristic=str(pg.launch_for(out, -(-cols // pg.TILE_K), pg.sm_count(0), fmt.split('-')[0],
-                                                               fmt.endswith("-zp"))))
+                                heuristic=str(pg.launch_for(out, -(-cols // pg.TILE_K), pg.sm_count(0),
+                                                            pg.KINDS[fmt.split('-')[0]], fmt.endswith("-zp"))))
                 results.append(row)
                 print(json.dumps(row), flush=True)
             del calls, first

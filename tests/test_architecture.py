@@ -98,6 +98,36 @@ def test_every_package_says_what_it_may_import():
 
 
 
+# Spelled only by a checkpoint method's own file (raytp.model.quant): its quant_method, formats and layouts
+METHOD_STRINGS = {"compressed-tensors", "pack-quantized", "float-quantized", "int-quantized", "naive-quantized",
+                  "gptq", "gptq_v2", "awq", "gemm", "fp8-blocks"}
+
+
+def test_weight_formats_and_checkpoint_methods_are_told_apart_only_in_their_own_files():
+    """A weight says itself how it fuses, repacks and applies (no isinstance on its class elsewhere), and a
+    checkpoint method is one file (no comparison with its names elsewhere): a new format or method is one file."""
+    import inspect
+
+    from raytp.model import formats
+    from raytp.model.quant.registry import METHODS
+
+    weights = {name: Path(inspect.getfile(getattr(formats, name))) for name in
+               ("DenseWeight", "IntWeight", "FP8Weight", "ActQuantWeight", "ConcatWeight", "PackedWeight")}
+    method_files = {Path(inspect.getfile(m)) for m in METHODS.values()}
+    wrong = []
+    for path in ROOT.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "isinstance":
+                classes = node.args[1].elts if isinstance(node.args[1], ast.Tuple) else [node.args[1]]
+                wrong += [f"{path}:{node.lineno} isinstance(..., {c.id})" for c in classes
+                          if isinstance(c, ast.Name) and weights.get(c.id, path) != path]
+            elif isinstance(node, ast.Compare) and path not in method_files:
+                sides = [node.left, *node.comparators]
+                sides += [e for side in sides if isinstance(side, (ast.Tuple, ast.List, ast.Set)) for e in side.elts]
+                wrong += [f"{path}:{node.lineno} compares {side.value!r}" for side in sides
+                          if isinstance(side, ast.Constant) and side.value in METHOD_STRINGS]
+    assert not wrong, "\n".join(wrong)
+
 # import name -> distribution name, where they differ
 DISTRIBUTION = {"yaml": "pyyaml", "prometheus_client": "prometheus-client"}
 # imported inside try/except ImportError or on an optional path only

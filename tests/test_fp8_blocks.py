@@ -7,8 +7,9 @@ import pytest
 import torch
 import transformers
 
-from raytp.model.config import QuantConfig, UnsupportedModelError
+from raytp.model.config import UnsupportedModelError
 from raytp.model.formats import FP8Weight
+from raytp.model.quant.registry import quant_config
 from raytp.model.pieces import plan_model, quant_replicated_bytes
 from raytp.weights.synthetic import synthetic_config
 from tests.quantized import fp8_blocks_checkpoint
@@ -105,14 +106,14 @@ def test_fp8_blocks_experts_stacked_for_the_routed_gemv_match_transformers(fp8_q
     monkeypatch.setattr(moe, "use_routed_quantized_experts", lambda t: True)
     group = LocalGroup(fp8_qwen3_moe, [3.0, 2.0, 1.0], blocks={"expert_cols": 32})
     held = [m.layers[0].moe.experts for m in group.models if m.layers[0].moe.experts is not None]
-    assert held and all(e.routed is not None and e.routed[0].like.kind == "fp8" for e in held)
+    assert held and all(e.routed is not None and e.routed[0].like.kind.is_float for e in held)
     assert all(e.routed[1].like.group_tiles == 1 for e in held)  # blocks of 32 inputs: one 32-input tile a group
     tokens = torch.randint(0, 1000, (2, 7), generator=torch.Generator().manual_seed(11))
     assert_matches_reference(group, reference(fp8_qwen3_moe), tokens, prompt_len=5, greedy_tokens=8)
 
 
 def test_fp8_blocks_config_is_read_and_refused_with_the_reason():
-    q = QuantConfig.from_dict({"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
+    q = quant_config({"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
                                "weight_block_size": [128, 128], "modules_to_not_convert": ["mlp.gate"]})
     assert (q.kind, q.group_size, q.block_rows) == ("fp8", 128, 128)
     assert not q.quantizes("model.layers.3.mlp.gate") and q.quantizes("model.layers.3.mlp.down_proj")
@@ -120,7 +121,7 @@ def test_fp8_blocks_config_is_read_and_refused_with_the_reason():
                       ({"activation_scheme": "static"}, "activation_scheme='static'"),
                       ({"fmt": "e5m2"}, "fmt='e5m2'")]:
         with pytest.raises(UnsupportedModelError, match=what):
-            QuantConfig.from_dict({"quant_method": "fp8", "weight_block_size": [128, 128]} | bad)
+            quant_config({"quant_method": "fp8", "weight_block_size": [128, 128]} | bad)
 
 
 @pytest.mark.parametrize("fixture,weights", [("fp8_qwen3", [3.0, 2.0, 1.0]), ("fp8_llama_mid_block", [1.0, 1.0])])

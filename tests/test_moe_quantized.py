@@ -213,7 +213,7 @@ def test_experts_in_gptq_and_awq_layouts_match_transformers(quantized_moe, layou
     path = quantized_moe("qwen3-moe", scheme)
     reference = reference_model(path)
     group = LocalGroup(convert(path, tmp_path / layout), SPLITS[3], blocks={EXPERT_COLS: 16})
-    assert group.config.quant.layout == layout
+    assert group.config.quant.quant_method == layout
     tokens = torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         expected = reference(tokens).logits[:, -1]

@@ -49,9 +49,9 @@ def test_int_layouts_hold_the_weight(bits, out, cols, group_size, group_start, a
 def test_tiles_round_trip(kind):
     bits = 4 if kind == "int4" else 8
     values = torch.randint(0, 1 << bits, (96, 192), dtype=torch.int32)
-    tiled = pg._tile_words(values, kind)
+    tiled = pg._tile_words(values, pg.KINDS[kind])
     assert tiled.shape == (3, 3, 32, 8 if kind == "int4" else 16)
-    w = pg.MMAPacked(tiled, torch.ones(1, 192), None, kind, 3, 96, 192, None)
+    w = pg.MMAPacked(tiled, torch.ones(1, 192), None, pg.KINDS[kind], 3, 96, 192, None)
     assert torch.equal(pg._untile(w), values)
 
 

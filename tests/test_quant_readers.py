@@ -5,9 +5,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from raytp.model.config import QuantConfig, UnsupportedModelError
+from raytp.model.config import UnsupportedModelError
 from raytp.model.formats import read_linear
 from raytp.model.layout import Slice
+from raytp.model.quant.registry import METHODS, quant_config
 from raytp.weights.checkpoint import SafetensorsReader
 from tests.quant_reference import dequantize_gemm, gptq_dequantize_weight
 
@@ -58,7 +59,7 @@ def read(tmp_path, tensors, s: Slice):
 @pytest.mark.parametrize("sym", [False, True])
 def test_gptq_slices_dequantize_like_gptqmodel(tmp_path, bits, desc_act, checkpoint_format, sym):
     tensors = gptq_tensors(bits, 64, desc_act, checkpoint_format, sym)
-    quant = QuantConfig.from_dict({"quant_method": "gptq", "bits": bits, "group_size": 64, "desc_act": desc_act,
+    quant = quant_config({"quant_method": "gptq", "bits": bits, "group_size": 64, "desc_act": desc_act,
                                    "sym": sym, "checkpoint_format": checkpoint_format})
     reference = gptq_dequantize_weight(tensors["m.qweight"], tensors["m.qzeros"], tensors["m.scales"],
                                        tensors["m.g_idx"], bits, checkpoint_format).t()  # (out, in)
@@ -74,11 +75,11 @@ def test_gptq_slices_dequantize_like_gptqmodel(tmp_path, bits, desc_act, checkpo
 
 def test_gptq_refuses_what_it_cannot_read():
     with pytest.raises(UnsupportedModelError, match="bits=3.*raytp reads"):
-        QuantConfig.from_dict({"quant_method": "gptq", "bits": 3, "group_size": 128})
+        quant_config({"quant_method": "gptq", "bits": 3, "group_size": 128})
     with pytest.raises(UnsupportedModelError, match="checkpoint_format='marlin'"):
-        QuantConfig.from_dict({"quant_method": "gptq", "bits": 4, "checkpoint_format": "marlin"})
+        quant_config({"quant_method": "gptq", "bits": 4, "checkpoint_format": "marlin"})
     with pytest.raises(UnsupportedModelError, match="quantized lm_head"):
-        QuantConfig.from_dict({"quant_method": "gptq", "bits": 4, "lm_head": True})
+        quant_config({"quant_method": "gptq", "bits": 4, "lm_head": True})
 
 
 AWQ_OUT, AWQ_IN, AWQ_GROUP = 64, 384, 128
@@ -91,7 +92,7 @@ def test_awq_slices_dequantize_like_autoawq(tmp_path):
                "m.qzeros": random_words((n_groups, AWQ_OUT // 8), g, 4),
                "m.scales": (torch.rand(n_groups, AWQ_OUT, generator=g) * 0.02 + 1e-3).half()}
     reference = dequantize_gemm(tensors["m.qweight"], tensors["m.qzeros"], tensors["m.scales"], 4, AWQ_GROUP).t()
-    quant = QuantConfig.from_dict({"quant_method": "awq", "bits": 4, "group_size": AWQ_GROUP, "version": "GEMM",
+    quant = quant_config({"quant_method": "awq", "bits": 4, "group_size": AWQ_GROUP, "version": "GEMM",
                                    "zero_point": True})
     for rows, cols in [(range(AWQ_OUT), None), (range(12, 52), None), (range(AWQ_OUT), range(136, 384)),
                        (range(3, 9), range(0, 128)), (range(3, 9), range(4, 100))]:
@@ -102,6 +103,60 @@ def test_awq_slices_dequantize_like_autoawq(tmp_path):
 
 def test_awq_refuses_other_layouts():
     with pytest.raises(UnsupportedModelError, match="version='gemv'"):
-        QuantConfig.from_dict({"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemv"})
-    assert not QuantConfig.from_dict({"quant_method": "awq", "modules_to_not_convert": ["down_proj"]}).quantizes(
+        quant_config({"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemv"})
+    assert not quant_config({"quant_method": "awq", "modules_to_not_convert": ["down_proj"]}).quantizes(
         "model.layers.3.mlp.down_proj")
+
+
+def compressed_tensors(fmt: str, weights: dict, **group) -> dict:
+    return {"quant_method": "compressed-tensors", "format": fmt, "ignore": ["lm_head"],
+            "config_groups": {"g": {"targets": ["Linear"], "weights": weights, **group}}}
+
+
+# A config of every checkpoint method raytp reads, with zero points and act-order where the method has them
+EVERY_METHOD = [
+    compressed_tensors("pack-quantized", {"type": "int", "num_bits": 4, "strategy": "group", "group_size": 64,
+                                          "symmetric": False, "actorder": "group"}),
+    compressed_tensors("float-quantized", {"type": "float", "num_bits": 8, "strategy": "tensor"}),
+    compressed_tensors("int-quantized", {"type": "int", "num_bits": 8, "strategy": "channel"},
+                       input_activations={"type": "int", "num_bits": 8, "strategy": "token", "dynamic": True}),
+    {"quant_method": "gptq", "bits": 4, "group_size": 64, "desc_act": True, "sym": False},
+    {"quant_method": "awq", "bits": 4, "group_size": 64, "version": "gemm"},
+    {"quant_method": "fp8", "weight_block_size": [32, 64]},
+]
+
+
+def test_every_method_is_covered():
+    assert {c["quant_method"] for c in EVERY_METHOD} == set(METHODS)
+
+
+@pytest.mark.parametrize("config", EVERY_METHOD, ids=lambda c: c["quant_method"] + "-" + str(c.get("format", "")))
+def test_every_method_reads_only_the_tensors_it_declares(config):
+    """What `raytp check` compares with a checkpoint's headers (`stored_tensors`) is what reading a slice touches,
+    in the declared shapes, rows and columns within them (a recording reader of random values of each declared
+    dtype; the group index a valid one)."""
+    quant = quant_config(config)
+    assert quant.quant_method == config["quant_method"]
+    declared = quant.stored_tensors("m.weight", (OUT, IN))
+    touched = set()
+
+    class Recording:
+        dtype = torch.float32
+
+        def read(self, s: Slice, *, stored: bool = False) -> torch.Tensor:
+            assert s.name in declared and s.shape == declared[s.name].shape, (s.name, s.shape)
+            cols = s.cols if s.cols is not None else range(s.shape[1]) if len(s.shape) > 1 else None
+            assert s.rows.stop <= s.shape[0] and (cols is None or cols.stop <= s.shape[1])
+            touched.add(s.name)
+            shape, dtype = (len(s.rows),) + ((len(cols),) if cols is not None else ()), declared[s.name].dtype
+            if len(s.shape) == 1:  # the act-order group index
+                return (torch.arange(IN) // 64).int()[s.rows.start:s.rows.stop]
+            if dtype in (torch.int32, torch.int8):
+                return torch.randint(-100, 100, shape, dtype=dtype)
+            values = torch.rand(shape) + 0.5
+            return values.to(dtype) if stored else values
+
+    for part in SLICES:
+        weight = read_linear(Recording(), Slice("m.weight", (OUT, IN), part["rows"], part["cols"], quant))
+        assert weight.dequantize().shape == (len(part["rows"]), len(part["cols"] or range(IN)))
+    assert touched == {name for name, t in declared.items() if name != "m.weight_shape"}

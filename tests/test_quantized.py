@@ -12,9 +12,10 @@ from compressed_tensors.quantization import QuantizationScheme
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from raytp.model.config import ModelConfig, QuantConfig, UnsupportedModelError
+from raytp.model.config import ModelConfig, UnsupportedModelError
 from raytp.model.formats import IntWeight, read_linear
 from raytp.model.layout import Slice
+from raytp.model.quant.compressed_tensors import CompressedTensors
 from raytp.parallel.comm.base import Communicator
 from raytp.model.pieces import plan_model, quant_replicated_bytes
 from raytp.runtime.sampling import SamplingParams
@@ -124,7 +125,7 @@ def test_fp8_per_tensor_scales_equal_compressed_tensors_unpacking(tmp_path):
     dense = compressor.decompress(dict(stored), scheme)["weight"].float()
     with SafetensorsReader(tmp_path, torch.float32, CPU) as reader:
         got = read_linear(reader, Slice("m.weight", (40, 24), range(7, 31), range(5, 19),
-                                        QuantConfig("fp8", 8, None, per_tensor=True))).dequantize()
+                                        CompressedTensors("fp8", 8, None, per_tensor=True))).dequantize()
     assert torch.equal(got, dense[7:31, 5:19])
 
 

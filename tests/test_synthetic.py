@@ -160,15 +160,18 @@ def test_quantized_tiny_logits_match_one_rank(quant, weights):
     torch.testing.assert_close(_logits(f"synthetic:tiny@{quant}", weights, tokens), reference, rtol=1e-4, atol=1e-4)
 
 
-def test_a_quantized_checkpoints_config_is_drawn_in_its_quantization(tmp_path):
-    """synthetic:PATH/config.json of an act-order GPTQ checkpoint with zero points: drawn in compressed-tensors'
-    layout with the same bits, groups and zero points (groups in order), the same at every split."""
-    gptq = {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": True, "sym": False}
-    (tmp_path / "config.json").write_text(json.dumps(CONFIGS["tiny"] | {"quantization_config": gptq}))
+@pytest.mark.parametrize("method", [{"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": True,
+                                      "sym": False},
+                                     {"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemm"}])
+def test_a_quantized_checkpoints_config_is_drawn_in_its_quantization(tmp_path, method):
+    """synthetic:PATH/config.json of an act-order GPTQ checkpoint with zero points, and of an AWQ one: drawn as
+    their method's own tensors with the same bits, groups and zero points (groups in order), the same at every
+    split."""
+    (tmp_path / "config.json").write_text(json.dumps(CONFIGS["tiny"] | {"quantization_config": method}))
     model = f"synthetic:{tmp_path / 'config.json'}"
     quant = synthetic_config(model).quant
-    assert (quant.layout, quant.bits, quant.group_size, quant.symmetric, quant.act_order) == (
-        "compressed-tensors", 4, 128, False, False)
+    assert (quant.quant_method, quant.bits, quant.group_size, quant.symmetric, quant.act_order) == (
+        method["quant_method"], 4, 128, False, False)
     tokens = torch.tensor([[1, 17, 999, 512, 3]])
     torch.testing.assert_close(_logits(model, [1.0, 2.0, 3.0], tokens), _logits(model, [1.0], tokens),
                                rtol=1e-4, atol=1e-4)

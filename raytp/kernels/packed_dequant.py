@@ -62,13 +62,14 @@ if triton is not None:
         tl.store(out_ptr + (kb * 32 + k) * N + col, out, mask=col < N)
 
 
-def dequantize_tiles(values: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, kind: str,
+def dequantize_tiles(values: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, kind,
                      group_tiles: int, out_features: int, dtype: torch.dtype) -> torch.Tensor:
-    """The packed weight in physical input order, (Kp, out_features) in `dtype`: what `dequantize_mma` returns."""
+    """The packed weight in physical input order, (Kp, out_features) in `dtype`: what `dequantize_mma` returns
+    (`kind`: the weight's `packed_gemv.PackKind`)."""
     n_blocks, k_tiles = values.shape[0], values.shape[1]
     out = torch.empty((k_tiles * 32, out_features), dtype=dtype, device=values.device)
     _dequant_tile_kernel[(n_blocks, k_tiles)](values, scales, zeros if zeros is not None else scales, out,
                                               out_features, scales.shape[1], k_tiles, group_tiles,
-                                              KIND={"int4": 4, "int8": 8, "fp8": 0}[kind],
+                                              KIND=kind.code,
                                               HAS_ZEROS=zeros is not None)
     return out

@@ -57,7 +57,25 @@ from raytp.kernels.packed_dequant import dequantize_tiles
 MAX_ROWS = 16  # rows of x one weight pass serves (the mma's M); more (prefill) dequantize once and use cuBLAS
 TILE_N, TILE_K = 64, 32  # one warp's tile: outputs x inputs
 PACK_CHUNK = 2048  # outputs repacked at a time (a multiple of TILE_N): bounds the load-time scratch
-KINDS = ("int4", "int8", "fp8")
+
+
+@dataclass(frozen=True)
+class PackKind:
+    """What a packed weight's values are: `bits` each, unsigned integers or float8 e4m3 bytes (`is_float`); `code`
+    is the kernels' KIND (the bits, 0 for e4m3) and `name` goes into compiled kernels' names."""
+
+    name: str
+    bits: int
+    is_float: bool
+    code: int
+
+    @property
+    def per_word(self) -> int:
+        return 32 // self.bits
+
+
+INT4, INT8, FP8 = PackKind("int4", 4, False, 4), PackKind("int8", 8, False, 8), PackKind("fp8", 8, True, 0)
+KINDS = {k.name: k for k in (INT4, INT8, FP8)}
 
 
 @dataclass
@@ -67,7 +85,7 @@ class MMAPacked:
     values: torch.Tensor  # int32 [Np / 64, Kp / 32, 32, words]
     scales: torch.Tensor  # (groups, Np) in the model dtype
     zeros: torch.Tensor | None  # (groups, Np) integer zero points in the model dtype; None: symmetric (2 ** (bits - 1))
-    kind: str  # "int4", "int8" or "fp8"
+    kind: PackKind
     group_tiles: int  # 32-input tiles per group
     in_features: int  # K: the inputs x has
     out_features: int  # N
@@ -83,7 +101,7 @@ class MMAPacked:
 
     @property
     def bits(self) -> int:
-        return 4 if self.kind == "int4" else 8
+        return self.kind.bits
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.values, self.scales, self.zeros, self.x_index) if t is not None]
@@ -96,13 +114,13 @@ def _unpack_values(words: torch.Tensor, bits: int) -> torch.Tensor:
     return ((words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).reshape(words.shape[0], -1)
 
 
-def _tile_words(v: torch.Tensor, kind: str) -> torch.Tensor:
+def _tile_words(v: torch.Tensor, kind: PackKind) -> torch.Tensor:
     """Unsigned values (or e4m3 bytes) in physical order, (Kp, Np) int32 -> the kernel's words
     [Np / 64, Kp / 32, 32, words] (see the module docstring)."""
     kp, np_ = v.shape
     # k = kb*32 + 8t + 4s + 2a + h, n = nb*64 + 16i + 8b + g: A register r = 2a + b of m-tile i, k16 step s
     t = v.reshape(kp // 32, 4, 2, 2, 2, np_ // 64, 4, 2, 8)  # kb t s a h nb i b g
-    if kind == "int4":  # nibble r + 4h of word 2i + s
+    if kind.bits == 4:  # nibble r + 4h of word 2i + s
         t = t.permute(5, 0, 8, 1, 6, 2, 4, 3, 7).reshape(np_ // 64, kp // 32, 32, 8, 8)  # nb kb g t i s h a b
     else:  # byte 2b + h of word 4i + 2s + a
         t = t.permute(5, 0, 8, 1, 6, 2, 3, 7, 4).reshape(np_ // 64, kp // 32, 32, 16, 4)  # nb kb g t i s a b h
@@ -169,11 +187,11 @@ def pack_int(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | N
     for lo in range(0, max(n_out, 1), PACK_CHUNK):
         q = _unpack_values(packed[lo:lo + PACK_CHUNK], bits)  # (chunk, K)
         zero = zeros[lo:lo + PACK_CHUNK, used].round() if zeros is not None else 1 << (bits - 1)
-        chunks.append(_tile_words(_finish(q, position, kp, q.shape[0], zero), f"int{bits}"))
+        chunks.append(_tile_words(_finish(q, position, kp, q.shape[0], zero), KINDS[f"int{bits}"]))
     np_ = -(-n_out // TILE_N) * TILE_N
     return MMAPacked(torch.cat(chunks), _padded_rows(scales[:, used].t(), np_, scales.dtype),
                      _padded_rows(zeros[:, used].t(), np_, scales.dtype) if zeros is not None else None,
-                     f"int{bits}", width // TILE_K, k_in, n_out, _x_index(position, kp))
+                     KINDS[f"int{bits}"], width // TILE_K, k_in, n_out, _x_index(position, kp))
 
 
 def fp8_packs(group_size: int | None, group_start: int = 0) -> bool:
@@ -191,25 +209,24 @@ def pack_fp8(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = tor
     kp = -(-k_in // TILE_K) * TILE_K
     position = torch.arange(k_in, device=weight.device)
     chunks = [_tile_words(_finish(weight[lo:lo + PACK_CHUNK].view(torch.uint8).to(torch.int32), position, kp,
-                                  min(PACK_CHUNK, n_out - lo), 0), "fp8") for lo in range(0, n_out, PACK_CHUNK)]
+                                  min(PACK_CHUNK, n_out - lo), 0), FP8) for lo in range(0, n_out, PACK_CHUNK)]
     np_ = -(-n_out // TILE_N) * TILE_N
     if group_size is None:
         scales, group_tiles = scale.float().reshape(-1, 1).expand(n_out, 1).t(), kp // TILE_K
     else:
         scales, group_tiles = scale.float().t(), group_size // TILE_K
     foldable = bool(scales.abs().max() < 2.0 ** 7) if scales.numel() else True
-    return MMAPacked(torch.cat(chunks), _padded_rows(scales, np_, dtype), None, "fp8", group_tiles, k_in, n_out,
+    return MMAPacked(torch.cat(chunks), _padded_rows(scales, np_, dtype), None, FP8, group_tiles, k_in, n_out,
                      None, foldable)
 
 
 def _untile(w: MMAPacked) -> torch.Tensor:
     """The kernel's words -> the values (Kp, Np) int32 in physical order (the inverse of `_tile_words`)."""
     kp, np_ = w.padded
-    per = 8 if w.kind == "int4" else 4
-    bits = 32 // per
+    per, bits = w.kind.per_word, w.kind.bits
     vals = (w.values.unsqueeze(-1) >> (torch.arange(per, device=w.values.device) * bits)) & ((1 << bits) - 1)
     t = vals.reshape(np_ // 64, kp // 32, 8, 4, 4, 2, 2, 2, 2)
-    if w.kind == "int4":  # nb kb g t i s h a b
+    if w.kind.bits == 4:  # nb kb g t i s h a b
         t = t.permute(1, 3, 5, 7, 6, 0, 4, 8, 2)  # kb t s a h nb i b g
     else:  # nb kb g t i s a b h
         t = t.permute(1, 3, 5, 6, 8, 0, 4, 7, 2)
@@ -222,7 +239,7 @@ def dequantize_mma(w: MMAPacked, dtype: torch.dtype) -> torch.Tensor:
     v = _untile(w)[:, :w.out_features]
     group = torch.arange(kp, device=v.device) // (w.group_tiles * TILE_K)
     scale = w.scales[group, :w.out_features].float()
-    if w.kind == "fp8":
+    if w.kind.is_float:
         return (v.to(torch.uint8).view(torch.float8_e4m3fn).float() * scale).to(dtype)
     zero = w.zeros[group, :w.out_features].float() if w.zeros is not None else float(1 << (w.bits - 1))
     return ((v.float() - zero) * scale).to(dtype)
@@ -261,7 +278,7 @@ class Launch:
         return dataclasses.replace(self, split=1)
 
 
-def launch_for(n_out: int, k_tiles: int, sms: int, kind: str = "int4", zero_points: bool = False) -> Launch:
+def launch_for(n_out: int, k_tiles: int, sms: int, kind: PackKind = INT4, zero_points: bool = False) -> Launch:
     """8 warps per block; a split along the inputs while the output blocks are few (at most 4 blocks per output
     block, at least 3 tiles per warp); tiles in flight per warp by weight width; the scales multiplied into the
     weights except for symmetric int4 (8-bit weights and zero points: 1.2-1.5x faster per layer that way, symmetric
@@ -273,8 +290,8 @@ def launch_for(n_out: int, k_tiles: int, sms: int, kind: str = "int4", zero_poin
         split *= 2
     # int4 tiles are 1 KiB a warp: two in registers keep enough in flight. 8-bit tiles are 2 KiB and cost more
     # registers; four of them pay where the warps are few and their slices short, two elsewhere
-    stages = 2 if kind == "int4" or k_tiles > 128 or n_blocks * split >= 2 * sms else 4
-    return Launch(warps, split, stages, scaled=kind != "int4" or zero_points)
+    stages = 2 if kind.bits == 4 or k_tiles > 128 or n_blocks * split >= 2 * sms else 4
+    return Launch(warps, split, stages, scaled=kind.bits != 4 or zero_points)
 
 
 class _Workspace:
@@ -622,13 +639,14 @@ extern "C" __global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS) KERNEL_NAME
 
 
 @functools.cache
-def _kernel(kind: str, bf16: bool, has_zeros: bool, launch: Launch, halves: int, device: int, routed: bool = False):
+def _kernel(kind: PackKind, bf16: bool, has_zeros: bool, launch: Launch, halves: int, device: int,
+            routed: bool = False):
     """The kernel for one launch shape; `halves`: x's rows fit one mma's 8 columns (1) or need two (2); `routed`:
     the grid's third dimension picks each block's expert and row of x (`raytp.kernels.routed_packed_gemv`)."""
-    name = (f"packed_gemv_{kind}_{'bf16' if bf16 else 'f16'}_{'z' if has_zeros else 's'}_{launch.warps}"
+    name = (f"packed_gemv_{kind.name}_{'bf16' if bf16 else 'f16'}_{'z' if has_zeros else 's'}_{launch.warps}"
             f"_{launch.stages}{'_scaled' if launch.scaled else ''}_{launch.min_blocks}_{halves}"
             f"{'_routed' if routed else ''}")
-    defines = dict(KERNEL_NAME=name, KIND={"int4": 4, "int8": 8, "fp8": 0}[kind], BF16=int(bf16),
+    defines = dict(KERNEL_NAME=name, KIND=kind.code, BF16=int(bf16),
                    HAS_ZEROS=int(has_zeros), WARPS=launch.warps, STAGES=launch.stages, SCALED=int(launch.scaled),
                    MIN_BLOCKS=launch.min_blocks, HALVES=halves, ROUTED=int(routed))
     source = "".join(f"#define {k} {v}\n" for k, v in defines.items()) + _SOURCE

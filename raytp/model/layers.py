@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from raytp.kernels.dispatch import weight_only_act_quant
-from raytp.model.formats import ActQuantWeight, DenseWeight, WeightReader, for_device, fuse, read_linear
+from raytp.model.formats import DenseWeight, WeightReader, for_device, fuse, read_linear
 from raytp.model.layout import Slice
 from raytp.parallel.comm import Communicator
 
@@ -61,7 +61,7 @@ class RowParallelLinear:
         self.weight = for_device(read_linear(reader, self.part), reader.dtype)
         # Whether the ranks exchange each token's amax, which all must agree on: a rank without columns keeps its
         # empty slice as read, though the others hold theirs repacked for the weight-only kernel.
-        self.row_amax = isinstance(self.weight, ActQuantWeight) and not weight_only_act_quant()
+        self.row_amax = self.weight.takes_amax and not weight_only_act_quant()
         return self
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

@@ -7,10 +7,10 @@ peer turns a one-rank weight set back into a state dict (`raytp.bench.hf_peer`);
 or a fused order itself. Each slice names the piece whose range it follows (`Slice.split`, None: held whole).
 
 A quantized Linear keeps its logical slice here (rows and columns of the dense matrix, named `...weight`) with the
-`QuantConfig` it is stored in; `raytp.model.formats` maps that onto the stored tensors (weight_packed,
-weight_scale, ... or GPTQ's qweight, scales, ...). With act-order, a rank's MLP columns are positions in the order
-that sorts down_proj's group index (`order`), so that each rank's down_proj columns are whole contiguous groups:
-see `model_layout`.
+`QuantConfig` it is stored in; that checkpoint method (`raytp.model.quant`) maps it onto the stored tensors
+(weight_packed, weight_scale, ... or GPTQ's qweight, scales, ...). With act-order, a rank's MLP columns are
+positions in the order that sorts down_proj's group index (`order`), so that each rank's down_proj columns are
+whole contiguous groups: see `model_layout`. `Slice` itself is in `raytp.model.slice`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from raytp.model.config import ModelConfig, QuantConfig
+from raytp.model.config import ModelConfig
+from raytp.model.slice import Slice, whole
 from raytp.parallel.plan import RankShard
 
 # The pieces a Llama-family model splits (`raytp.model.pieces` declares their bytes): the names of their ranges on
@@ -27,30 +28,6 @@ from raytp.parallel.plan import RankShard
 # every expert (the same range of each) where a dense model splits its MLP columns.
 KV_HEADS, Q_HEADS, MLP_COLS, VOCAB_ROWS = "kv_heads", "q_heads", "mlp_cols", "vocab_rows"
 EXPERT_COLS = "expert_cols"
-
-
-@dataclass(frozen=True)
-class Slice:
-    """Rows `rows` (and columns `cols`, None = all of them) of the global tensor `name` of shape `shape`.
-
-    `quant`: the matrix is stored quantized in that format. `order`: the sliced dimension (rows, or columns when
-    `cols` is given) counts positions in the stable sort of the group index of the Linear named `order` (its
-    act-order weight_g_idx or g_idx), not stored indices. `split`: the piece whose range the sliced dimension
-    follows (a KV_HEADS slice of q_proj holds the rows of the rank's KV groups' query heads), None for a tensor
-    every rank holds whole.
-    """
-
-    name: str
-    shape: tuple[int, ...]
-    rows: range
-    cols: range | None = None
-    quant: QuantConfig | None = None
-    order: str | None = None
-    split: str | None = None
-
-
-def whole(name: str, shape: tuple[int, ...]) -> Slice:
-    return Slice(name, shape, range(shape[0]))
 
 
 @dataclass(frozen=True)

@@ -31,8 +31,7 @@ from raytp.kernels.moe_routing import top_k_routing
 from raytp.kernels.packed_gemv import TILE_N
 from raytp.kernels.routed_packed_gemv import StackedMMA, routed_packed_experts, routes_prefill
 from raytp.model.config import MoeConfig
-from raytp.model.formats import (FP8Weight, IntWeight, PackedWeight, Weight, WeightReader, for_device, fuse,
-                                 read_linear)
+from raytp.model.formats import PackedWeight, Weight, WeightReader, for_device, fuse, read_linear
 from raytp.model.layout import ExpertsLayout
 from raytp.parallel.comm import Communicator
 
@@ -113,14 +112,13 @@ def _stacked(weights: list[Weight], dtype: torch.dtype) -> StackedMMA | None:
     another where they share a format and column order and each has whole 64-row blocks of the kernel, else expert
     by expert; None where some expert's weight is not one the kernel reads."""
     one = fuse(weights)
-    matrix = one.packed if isinstance(one, IntWeight) else one.weight if isinstance(one, FP8Weight) else None
-    if matrix is not None and matrix.shape[0] % (len(weights) * TILE_N) == 0:
+    if one.out_features % (len(weights) * TILE_N) == 0:
         held = for_device(one, dtype)
-        if isinstance(held, PackedWeight) and held.bias is None:
-            return StackedMMA.split(held.packed, len(weights))
+        if held.decode_layout is not None and held.bias is None:
+            return StackedMMA.split(held.decode_layout, len(weights))
     held = [for_device(w, dtype) for w in weights]
-    if all(isinstance(w, PackedWeight) and w.bias is None for w in held):
-        return StackedMMA.stack([w.packed for w in held])
+    if all(w.decode_layout is not None and w.bias is None for w in held):
+        return StackedMMA.stack([w.decode_layout for w in held])
     return None
 
 

@@ -16,7 +16,7 @@
 
 Replicated: every tensor the layout gives each rank whole (norms, Qwen3's q/k norms, the experts' routers),
 quantization data a split leaves whole (`quant_replicated_bytes`) and the working buffers. The bytes of each weight
-format come from its object in `raytp.model.formats`.
+format (the model dtype's too) come from its object in `raytp.model.formats`.
 """
 
 from __future__ import annotations
@@ -107,25 +107,22 @@ class ModelPieces:
         cache = 2 * layers * shape.max_batch * shape.max_context * kv_row_bytes(d, nbytes, shape.kv_dtype)
         quant, group, group_bytes = c.quant, 1, 0
         mlp_block = shape.block(MLP_COLS, DEFAULT_BLOCK) if c.moe is None else shape.block(EXPERT_COLS, EXPERT_BLOCK)
-        if quant is None:
-            # One KV group: q and o_proj slices of its q query heads, its k and v rows (+ q/k/v biases), its cache.
-            kv_group = layers * (2 * (q + 1) * d * h * nbytes + bias)
-            mlp = 3 * h * layers * nbytes  # gate, up and down per column (of each expert)
-        else:
-            fmt = weight_format(quant)
-            row = fmt.row_bytes(h, nbytes)  # a q/k/v or gate/up row
-            col = fmt.column_bytes(h, nbytes)  # an o_proj or down_proj column's values
-            o_cols, o_scales, col_extra = q * d, 0, 0  # per-row scales of o_proj and down_proj are replicated
-            if quant.group_size:
-                entry = fmt.group_entry_bytes(nbytes)
-                if quant.act_order:
-                    col_extra = 4  # o_proj keeps each column's group (int32); its scales are replicated
-                else:
-                    o_scales = -(-o_cols // quant.group_size) * h * entry
-                group, group_bytes = quant.group_size, layers * h * entry  # down_proj's scales (of each expert)
-                mlp_block = math.lcm(mlp_block, quant.group_size)  # whole groups of down_proj
-            kv_group = layers * ((q + 2) * d * row + o_cols * (col + col_extra) + o_scales + bias)
-            mlp = layers * (2 * row + col)
+        # One KV group: q and o_proj slices of its q query heads, its k and v rows (+ q/k/v biases), its cache; one
+        # MLP column: gate, up and down (of each expert); in the bytes of the format the Linear layers are held in
+        fmt = weight_format(quant)
+        row = fmt.row_bytes(h, nbytes)  # a q/k/v or gate/up row
+        col = fmt.column_bytes(h, nbytes)  # an o_proj or down_proj column's values
+        o_cols, o_scales, col_extra = q * d, 0, 0  # per-row scales of o_proj and down_proj are replicated
+        if quant is not None and quant.group_size:
+            entry = fmt.group_entry_bytes(nbytes)
+            if quant.act_order:
+                col_extra = 4  # o_proj keeps each column's group (int32); its scales are replicated
+            else:
+                o_scales = -(-o_cols // quant.group_size) * h * entry
+            group, group_bytes = quant.group_size, layers * h * entry  # down_proj's scales (of each expert)
+            mlp_block = math.lcm(mlp_block, quant.group_size)  # whole groups of down_proj
+        kv_group = layers * ((q + 2) * d * row + o_cols * (col + col_extra) + o_scales + bias)
+        mlp = layers * (2 * row + col)
         vocab = (1 if c.tie_word_embeddings else 2) * h * nbytes
         if c.moe is None:
             mlp_piece = Piece((Span(MLP_COLS, "MLP columns"),), c.intermediate_size, mlp_block, mlp, mlp, group=group,

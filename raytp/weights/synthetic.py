@@ -14,11 +14,11 @@ that cover its slices, on its own device, so the concatenation over ranks is exa
 whatever the split. Values depend on the device type (CPU and CUDA generators differ): compare splits on one kind
 of device. Weights are N(0, 0.02^2), norms 1 + N(0, 0.02^2), so activations stay in range at any depth.
 
-Quantized, a matrix is drawn directly as the tensors a compressed-tensors checkpoint stores for it (what
-`raytp.model.formats` reads), each in fixed tiles of TILE x TILE: random packed words (every value equally likely)
-with scales that give the weights the same 0.02 spread, FP8 values N(0, 1) with a per-row (or per-block) scale
-near 0.02, or
-(W8A8) unpacked int8 values, every one equally likely, with scales as for packed ones.
+Quantized, a matrix is drawn directly as the tensors its checkpoint method stores for it (what
+`raytp.model.quant` reads; a preset's are compressed-tensors'), each in fixed tiles of TILE x TILE: random packed
+words (every value equally likely) with scales that give the weights the same 0.02 spread, FP8 values N(0, 1) with a
+per-row (or per-block) scale near 0.02, or (W8A8) unpacked int8 values, every one equally likely, with scales as for
+packed ones.
 """
 
 from __future__ import annotations
@@ -111,10 +111,8 @@ def synthetic_config(model: str) -> ModelConfig:
                          f"or synthetic:PATH/config.json")
     if quant:
         return dataclasses.replace(config, quant=QUANT_PRESETS[quant])
-    if config.quant is not None:  # a quantized checkpoint's config.json: drawn in compressed-tensors' layout, groups
-        # in order (a random act-order index would not be a valid one)
-        quant = dataclasses.replace(config.quant, layout="compressed-tensors", zero_offset=0, act_order=False)
-        return dataclasses.replace(config, quant=quant)
+    if config.quant is not None:  # a quantized checkpoint's config.json: drawn in its own method's tensors
+        return dataclasses.replace(config, quant=config.quant.drawable())
     return config
 
 
@@ -187,23 +185,26 @@ class SyntheticReader:
 
     Attention tensors are cut in blocks of one head, the MLP and vocab in blocks of `BLOCK` rows. Row-parallel
     matrices (o_proj, down_proj, sliced by columns) are drawn as their transposes, so the blocks are rows there too.
-    A quantized matrix's stored tensors (weight_packed, weight_scale, weight_zero_point; float8 weight) are drawn in
-    tiles instead.
+    The tensors a quantized matrix's checkpoint method stores (`QuantConfig.stored_tensors`) are drawn in tiles
+    instead, by what their values are: integers (packed words, zero points, int8 values) every value equally likely,
+    float8 values N(0, 1), and scales that give the weights the same 0.02 spread (`WeightFormat.synthetic_scale`).
     """
 
     def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device):
-        self.head_dim, self.quant, self.dtype = config.head_dim, config.quant, dtype
+        self.head_dim, self.dtype = config.head_dim, dtype
         self.blocks = _Blocks(dtype, torch.device(device))
-        self.quantized = {s.name.removesuffix(".weight") for s in model_layout(config, whole_model(config)).slices()
-                          if s.quant is not None}  # the Linear modules whose stored tensors are drawn quantized
+        # every stored tensor of a quantized matrix -> its values' dtype and the scale of its matrix's format
+        self.stored = {name: (t.dtype, s.quant.format.synthetic_scale(SCALE))
+                       for s in model_layout(config, whole_model(config)).slices() if s.quant is not None
+                       for name, t in s.quant.stored_tensors(s.name, s.shape).items()}
 
     def read(self, s: Slice, *, stored: bool = False) -> torch.Tensor:
-        module, _, suffix = s.name.rpartition(".")
         g = self.blocks
         # outside inference mode: a peer may hand these tensors to a torch module as parameters
         with torch.inference_mode(False), torch.no_grad():
-            if module in self.quantized and suffix != "bias":
-                t = self._stored(f"{_seed_name(module + '.weight')}.{suffix}", s, suffix)
+            if s.name in self.stored:
+                module, _, suffix = s.name.rpartition(".")
+                t = self._stored(f"{_seed_name(module + '.weight')}.{suffix}", s, *self.stored[s.name])
                 return t if stored else t.to(g.dtype)
             name = _seed_name(s.name)
             block = self.head_dim if ".self_attn." in s.name else BLOCK
@@ -216,16 +217,11 @@ class SyntheticReader:
             assert len(s.rows) == s.shape[0], "row-parallel slices hold every output row"
             return g.rows(name, s.shape[1], block, s.cols, s.shape[0]).t().contiguous()
 
-    def _stored(self, name: str, s: Slice, suffix: str) -> torch.Tensor:
-        """A block of one tensor a compressed-tensors checkpoint stores for a quantized matrix, in its stored dtype."""
-        g, q = self.blocks, self.quant
-        if suffix in ("weight_packed", "weight_zero_point"):  # every value (and zero point) equally likely
-            return g.tiles(name, s.shape, s.rows, s.cols, dtype=torch.int32)
-        if suffix == "weight" and q.kind == "int":  # int8 unpacked (int-quantized)
-            return g.tiles(name, s.shape, s.rows, s.cols, dtype=torch.int8)
-        if q.kind == "int":  # weight_scale: uniform values in [0, 2**bits) less the midpoint have a spread of
-            step = SCALE * 12 ** 0.5 / (1 << q.bits)  # 2**bits / sqrt(12) steps
-            return g.tiles(name, s.shape, s.rows, s.cols, mean=step, std=step / 8)
-        if suffix == "weight":
-            return g.tiles(name, s.shape, s.rows, s.cols, std=1.0, dtype=torch.float32).to(torch.float8_e4m3fn)
-        return g.tiles(name, s.shape, s.rows, s.cols, mean=SCALE, std=SCALE / 8, dtype=torch.float32)
+    def _stored(self, name: str, s: Slice, dtype: torch.dtype, scale: float) -> torch.Tensor:
+        """A block of one tensor a checkpoint stores for a quantized matrix, in its stored dtype."""
+        g = self.blocks
+        if dtype in (torch.int32, torch.int8):  # every value (and zero point) equally likely
+            return g.tiles(name, s.shape, s.rows, s.cols, dtype=dtype)
+        if dtype == torch.float8_e4m3fn:
+            return g.tiles(name, s.shape, s.rows, s.cols, std=1.0, dtype=torch.float32).to(dtype)
+        return g.tiles(name, s.shape, s.rows, s.cols, mean=scale, std=scale / 8, dtype=torch.float32)

@@ -3,15 +3,14 @@ unpacked (compressed-tensors `float-quantized`, `int-quantized`) with per-channe
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from raytp.kernels.act_quant_matmul import act_quant_linear
-from raytp.model.formats.base import WeightReader
 from raytp.model.formats.fp8 import FP8Format, FP8Weight
-from raytp.model.formats.int_packed import IntWeight, pack
-from raytp.model.layout import Slice
+from raytp.model.formats.int_packed import IntFormat, IntWeight, pack
 
 
 @dataclass
@@ -45,16 +44,25 @@ class ActQuantWeight:
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.weight, self.scale, self.bias) if t is not None]
 
+    takes_amax = True  # a row-parallel slice's `apply` takes the whole row's per-token amax
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    def fused(self, parts: Sequence[ActQuantWeight], bias: torch.Tensor | None) -> ActQuantWeight:
+        return ActQuantWeight(torch.cat([p.weight for p in parts]), torch.cat([p.scale for p in parts]), bias)
+
+    decode_layout = None  # not held in the GPU decode kernel's layout (PackedWeight is)
+
+    def repacked(self, dtype: torch.dtype) -> None:
+        """Applied as read (its kernel quantizes the activations), on every device."""
+        return None
+
 
 class ActQuantFormat(FP8Format):
-    """Stored and counted as FP8Format's per-channel case (int8 values are one byte too); read as ActQuantWeight."""
+    """Counted as FP8Format's per-channel case (int8 values are one byte too); int8 values drawn like packed
+    integers' by a synthetic model."""
 
-    def read(self, reader: WeightReader, s: Slice) -> ActQuantWeight:
-        base = s.name.removesuffix("weight")
-        weight = reader.read(Slice(base + "weight", s.shape, s.rows, s.cols), stored=True)
-        want = torch.float8_e4m3fn if s.quant.kind == "fp8" else torch.int8
-        if weight.dtype != want:
-            raise ValueError(f"{s.name} is stored as {weight.dtype}; config.json's quantization_config implies {want} "
-                             f"weights: the weights and config.json do not belong together")
-        scale = reader.read(Slice(base + "weight_scale", (s.shape[0], 1), s.rows), stored=True)
-        return ActQuantWeight(weight.contiguous(), scale.float().contiguous())
+    def synthetic_scale(self, std: float) -> float:
+        return IntFormat(self.quant).synthetic_scale(std) if self.quant.kind == "int" else std

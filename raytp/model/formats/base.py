@@ -6,7 +6,7 @@ from typing import Protocol
 
 import torch
 
-from raytp.model.layout import Slice
+from raytp.model.slice import Slice
 
 
 class WeightReader(Protocol):
@@ -19,12 +19,9 @@ class WeightReader(Protocol):
 
 
 class WeightFormat(Protocol):
-    """How a Linear matrix is stored and held in one format: the tensors a checkpoint stores for it, the bytes a
-    rank holds once it is read (what the planner counts, `raytp.model.pieces`), and the reading of a rank's slice
-    into the weight object whose `apply` runs the format's kernel."""
-
-    def stored_shapes(self, name: str, shape: tuple[int, int]) -> dict[str, tuple[int, ...]]:
-        """The tensors a checkpoint stores for the matrix `name` ("...weight") of global `shape`, by name."""
+    """How a rank holds a Linear matrix in one format once its checkpoint method (`raytp.model.quant`) has read it:
+    the bytes it weighs (what the planner counts, `raytp.model.pieces`) and the scales a synthetic model draws for
+    it."""
 
     def row_bytes(self, width: int, nbytes: int) -> int:
         """One output row holding all `width` of its input columns (column-parallel), scales included, in memory
@@ -36,5 +33,9 @@ class WeightFormat(Protocol):
     def row_scale_bytes(self, height: int, nbytes: int) -> int:
         """Scales of a matrix of `height` rows that a row-parallel split leaves whole on every rank."""
 
-    def read(self, reader: WeightReader, s: Slice):
-        """Rank slice `s` of the matrix, touching only its stored rows and columns."""
+    def group_entry_bytes(self, nbytes: int) -> int:
+        """Bytes per output row and group of input columns held in memory: its scale (and zero point)."""
+
+    def synthetic_scale(self, std: float) -> float:
+        """The scale that gives the weights a spread of `std` where a synthetic model draws its stored values
+        uniformly (packed integers) or N(0, 1) (float8)."""

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
-
-from raytp.model.formats.base import WeightReader
-from raytp.model.layout import Slice
 
 
 class DenseWeight:
@@ -21,12 +20,24 @@ class DenseWeight:
     def tensors(self) -> list[torch.Tensor]:
         return [self.weight] + ([self.bias] if self.bias is not None else [])
 
+    takes_amax = False  # `apply` takes no activation statistics
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    def fused(self, parts: Sequence[DenseWeight], bias: torch.Tensor | None) -> DenseWeight:
+        return DenseWeight(torch.cat([p.weight for p in parts]), bias)
+
+    decode_layout = None  # not held in the GPU decode kernel's layout (PackedWeight is)
+
+    def repacked(self, dtype: torch.dtype) -> None:
+        """F.linear reads it as it is on every device."""
+        return None
+
 
 class DenseFormat:
     """Every weight in the model dtype, as the checkpoint stores it."""
-
-    def stored_shapes(self, name: str, shape: tuple[int, int]) -> dict[str, tuple[int, ...]]:
-        return {name: shape}
 
     def row_bytes(self, width: int, nbytes: int) -> int:
         return width * nbytes
@@ -37,5 +48,8 @@ class DenseFormat:
     def row_scale_bytes(self, height: int, nbytes: int) -> int:
         return 0
 
-    def read(self, reader: WeightReader, s: Slice) -> DenseWeight:
-        return DenseWeight(reader.read(s))
+    def group_entry_bytes(self, nbytes: int) -> int:
+        return 0
+
+    def synthetic_scale(self, std: float) -> float:
+        return std

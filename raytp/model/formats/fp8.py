@@ -1,17 +1,18 @@
 """float8 e4m3 weights with per-channel or per-tensor float32 scales (compressed-tensors `float-quantized`), or with
-one scale per block of rows x columns (transformers' fine-grained FP8: Qwen3-*-FP8, DeepSeek-V3)."""
+one scale per row and group of columns (from the block scales of transformers' fine-grained FP8: Qwen3-*-FP8,
+DeepSeek-V3), as their checkpoint methods (`raytp.model.quant`) read them."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from raytp.kernels.fp8_matmul import dequantize_fp8, fp8_linear
-from raytp.model.config import QuantConfig
-from raytp.model.formats.base import WeightReader
-from raytp.model.layout import Slice
+from raytp.kernels.packed_gemv import MMAPacked, fp8_packs, pack_fp8
+from raytp.model.quant.base import QuantConfig
 
 
 @dataclass
@@ -46,25 +47,43 @@ class FP8Weight:
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.weight, self.scale, self.bias) if t is not None]
 
+    takes_amax = False  # `apply` takes no activation statistics
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    def fused(self, parts: Sequence[FP8Weight], bias: torch.Tensor | None) -> FP8Weight | None:
+        """Row slices `parts` (this one first) as one matrix: per-tensor scales become per-row (exact, and fusable);
+        block scales fuse where the parts share their groups. Else None."""
+        if all(p.group_size is None for p in parts):
+            scales = [p.scale.expand(p.weight.shape[0], 1) for p in parts]
+            return FP8Weight(torch.cat([p.weight for p in parts]), torch.cat(scales), bias)
+        if all((p.group_size, p.group_start, p.scale.shape[1])
+               == (self.group_size, self.group_start, self.scale.shape[1]) for p in parts):
+            return FP8Weight(torch.cat([p.weight for p in parts]), torch.cat([p.scale for p in parts]), bias,
+                             self.group_size, self.group_start)
+        return None
+
+    decode_layout = None  # not held in the GPU decode kernel's layout (PackedWeight is)
+
+    def repacked(self, dtype: torch.dtype) -> MMAPacked | None:
+        """The weight in the GPU decode kernel's layout (`raytp.kernels.packed_gemv`) where the kernel takes its
+        groups, else None."""
+        if not fp8_packs(self.group_size, self.group_start):
+            return None
+        return pack_fp8(self.weight, self.scale, dtype, self.group_size)
+
 
 class FP8Format:
-    """8-bit values stored unpacked (out, in) with float32 scales per row or per tensor, held with one float32
-    scale per row (per-tensor scales become per-row when the q/k/v or gate/up parts fuse); or, fine-grained, with
-    `weight_scale_inv` (ceil(out / block_rows), ceil(in / group_size)) per block, held as one scale per row and
-    group of columns, so that any split of the rows is exact."""
+    """8-bit values stored unpacked (out, in), held with one float32 scale per row (per-tensor scales become
+    per-row when the q/k/v or gate/up parts fuse), or per row and group of columns (block scales), so that any split
+    of the rows is exact."""
 
     def __init__(self, quant: QuantConfig):
         self.quant = quant
 
-    def stored_shapes(self, name: str, shape: tuple[int, int]) -> dict[str, tuple[int, ...]]:
-        base, q = name.removesuffix("weight"), self.quant
-        if q.block_rows:
-            return {base + "weight": shape,
-                    base + "weight_scale_inv": (-(-shape[0] // q.block_rows), -(-shape[1] // q.group_size))}
-        return {base + "weight": shape, base + "weight_scale": (1,) if q.per_tensor else (shape[0], 1)}
-
     def group_entry_bytes(self, nbytes: int) -> int:
-        """Bytes per output row and group held in memory: its float32 scale."""
         return 4
 
     def row_bytes(self, width: int, nbytes: int) -> int:
@@ -76,26 +95,5 @@ class FP8Format:
     def row_scale_bytes(self, height: int, nbytes: int) -> int:
         return 4 if self.quant.per_tensor else 4 * height
 
-    def read(self, reader: WeightReader, s: Slice) -> FP8Weight:
-        shapes, base = self.stored_shapes(s.name, s.shape), s.name.removesuffix("weight")
-        weight = reader.read(Slice(base + "weight", s.shape, s.rows, s.cols), stored=True)
-        if s.quant.block_rows:
-            return self._read_blocks(reader, s, weight, base + "weight_scale_inv", shapes)
-        scale_name = base + "weight_scale"
-        if s.quant.per_tensor:
-            scale = reader.read(Slice(scale_name, shapes[scale_name], range(1)), stored=True).reshape(())
-        else:
-            scale = reader.read(Slice(scale_name, shapes[scale_name], s.rows), stored=True)
-        return FP8Weight(weight, scale.float())
-
-    def _read_blocks(self, reader: WeightReader, s: Slice, weight: torch.Tensor, name: str,
-                     shapes: dict[str, tuple[int, ...]]) -> FP8Weight:
-        """The block scales covering the slice, one row of them per weight row: only the slice's blocks are read."""
-        rows_per, group_size = self.quant.block_rows, self.quant.group_size
-        cols = s.cols if s.cols is not None else range(s.shape[1])
-        row_blocks = range(s.rows.start // rows_per, -(-s.rows.stop // rows_per)) if s.rows else range(0)
-        groups = range(cols.start // group_size, -(-cols.stop // group_size)) if cols else range(0)
-        blocks = reader.read(Slice(name, shapes[name], row_blocks, groups), stored=True).float()
-        local = torch.arange(s.rows.start, s.rows.stop) // rows_per - row_blocks.start
-        scale = blocks[local.to(blocks.device)].contiguous()  # (rows, groups)
-        return FP8Weight(weight, scale, group_size=group_size, group_start=cols.start - groups.start * group_size)
+    def synthetic_scale(self, std: float) -> float:
+        return std  # values drawn N(0, 1)

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from raytp.kernels.dispatch import use_triton, weight_only_act_quant
-from raytp.kernels.packed_gemv import MMAPacked, fp8_packs, mma_linear, pack_fp8, pack_int, reserve
+from raytp.kernels.packed_gemv import MMAPacked, mma_linear, reserve
 from raytp.model.formats.act_quant import ActQuantWeight
 from raytp.model.formats.dense import DenseWeight
 from raytp.model.formats.fp8 import FP8Weight
@@ -29,6 +29,20 @@ class ConcatWeight:
     def tensors(self) -> list[torch.Tensor]:
         return [t for p in self.parts for t in p.tensors()] + ([self.bias] if self.bias is not None else [])
 
+    takes_amax = False  # column-parallel: its input is whole on every rank
+
+    @property
+    def out_features(self) -> int:
+        return sum(p.out_features for p in self.parts)
+
+    def fused(self, parts: Sequence[ConcatWeight], bias: torch.Tensor | None) -> None:
+        return None  # its parts could not share a matrix
+
+    decode_layout = None  # `for_device` repacks its parts
+
+    def repacked(self, dtype: torch.dtype) -> None:
+        return None
+
 
 class PackedWeight:
     """An IntWeight or FP8Weight (or an ActQuantWeight held as one of them) repacked on its GPU, at load time, into
@@ -46,6 +60,12 @@ class PackedWeight:
     def tensors(self) -> list[torch.Tensor]:
         return self.packed.tensors() + ([self.bias] if self.bias is not None else [])
 
+    @property
+    def decode_layout(self) -> MMAPacked:
+        return self.packed
+
+    takes_amax = False  # the decode kernel applies weights with 16-bit activations
+
 
 Weight = DenseWeight | IntWeight | FP8Weight | ActQuantWeight | ConcatWeight | PackedWeight
 
@@ -54,26 +74,9 @@ def fuse(parts: Sequence[Weight], bias: torch.Tensor | None = None) -> Weight:
     """Row slices of several matrices (q, k, v or gate, up) as one matrix when their formats allow, else a
     ConcatWeight."""
     first = parts[0]
-    if all(isinstance(p, DenseWeight) for p in parts):
-        return DenseWeight(torch.cat([p.weight for p in parts]), bias)
-    if all(isinstance(p, ActQuantWeight) for p in parts):
-        return ActQuantWeight(torch.cat([p.weight for p in parts]), torch.cat([p.scale for p in parts]), bias)
-    if all(isinstance(p, FP8Weight) and p.group_size is None for p in parts):  # per-tensor scales become per-row:
-        scales = [p.scale.expand(p.weight.shape[0], 1) for p in parts]  # exact, and fusable
-        return FP8Weight(torch.cat([p.weight for p in parts]), torch.cat(scales), bias)
-    if all(isinstance(p, FP8Weight) and (p.group_size, p.group_start, p.scale.shape[1])
-           == (first.group_size, first.group_start, first.scale.shape[1]) for p in parts):  # block scales, per row
-        return FP8Weight(torch.cat([p.weight for p in parts]), torch.cat([p.scale for p in parts]), bias,
-                         first.group_size, first.group_start)
-    same = lambda p: (isinstance(p, IntWeight) and (p.bits, p.in_features, p.group_size, p.group_start)  # noqa: E731
-                      == (first.bits, first.in_features, first.group_size, first.group_start)
-                      and (p.zeros is None) == (first.zeros is None) and p.scales.shape[1] == first.scales.shape[1]
-                      and (p.g_idx is None if first.g_idx is None else p.g_idx is not None
-                           and torch.equal(p.g_idx, first.g_idx)))
-    if all(same(p) for p in parts):
-        cat = lambda name: torch.cat([getattr(p, name) for p in parts])  # noqa: E731
-        return IntWeight(cat("packed"), cat("scales"), None if first.zeros is None else cat("zeros"), first.bits,
-                         first.group_size, first.group_start, first.g_idx, bias)
+    fused = first.fused(parts, bias) if all(type(p) is type(first) for p in parts) else None
+    if fused is not None:
+        return fused
     return ConcatWeight(parts, bias)
 
 
@@ -85,13 +88,8 @@ def for_device(weight: Weight, dtype: torch.dtype) -> Weight:
     if isinstance(weight, ConcatWeight):
         return ConcatWeight([for_device(p, dtype) for p in weight.parts], weight.bias)
     # a rank with no heads or columns has an empty slice: nothing to repack, its checkpoint format serves
-    if isinstance(weight, ActQuantWeight) and weight_only_act_quant() and weight.weight.numel():
+    if weight.takes_amax and weight_only_act_quant() and weight.weight.numel():
         return for_device(weight.weight_only(dtype), dtype)
-    if isinstance(weight, IntWeight) and use_triton(weight.packed) and weight.packed.numel():
-        return PackedWeight(pack_int(weight.packed, weight.scales, weight.zeros, bits=weight.bits,
-                                     group_size=weight.group_size, group_start=weight.group_start,
-                                     g_idx=weight.g_idx), weight.bias)
-    if (isinstance(weight, FP8Weight) and use_triton(weight.weight) and weight.weight.numel()
-            and fp8_packs(weight.group_size, weight.group_start)):
-        return PackedWeight(pack_fp8(weight.weight, weight.scale, dtype, weight.group_size), weight.bias)
-    return weight
+    values = weight.tensors()[0]
+    packed = weight.repacked(dtype) if use_triton(values) and values.numel() else None  # None: read as it is
+    return weight if packed is None else PackedWeight(packed, weight.bias)

@@ -1,0 +1,35 @@
+"""A rank's rows and columns of one Hugging Face tensor: what every weight source reads and every layer is given.
+
+Apart from `raytp.model.layout`, which decides the slices, so that the checkpoint methods (`raytp.model.quant`),
+which read them, need nothing of the model config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from raytp.model.quant.base import QuantConfig
+
+
+@dataclass(frozen=True)
+class Slice:
+    """Rows `rows` (and columns `cols`, None = all of them) of the global tensor `name` of shape `shape`.
+
+    `quant`: the matrix is stored quantized by that checkpoint method. `order`: the sliced dimension (rows, or
+    columns when `cols` is given) counts positions in the stable sort of the group index of the Linear named `order`
+    (its act-order weight_g_idx or g_idx), not stored indices. `split`: the piece whose range the sliced dimension
+    follows (a KV_HEADS slice of q_proj holds the rows of the rank's KV groups' query heads), None for a tensor
+    every rank holds whole.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    rows: range
+    cols: range | None = None
+    quant: QuantConfig | None = None
+    order: str | None = None
+    split: str | None = None
+
+
+def whole(name: str, shape: tuple[int, ...]) -> Slice:
+    return Slice(name, shape, range(shape[0]))
