@@ -1,12 +1,10 @@
 #!/usr/bin/env bash
 # Mixture of experts on one H200 (issue 21), two calls of under 10 minutes:
-#   bash benchmarks/gpu_moe.sh bf16    the MoE GPU tests; synthetic Qwen3-30B-A3B in bf16 without and with
-#                                      --fused-moe --grouped-mm-experts (prompts of 128 and 2048 tokens), against
-#                                      the dense Llama-3.1-8B, at batch 1 and 8 with the step profile
-#   bash benchmarks/gpu_moe.sh w4a16   Qwen3-30B-A3B in w4a16 with --routed-quantized-experts, without and with
-#                                      --fused-moe; the routed kernels' table last
+#   bash benchmarks/gpu_moe.sh bf16    the MoE GPU tests; synthetic Qwen3-30B-A3B in bf16 (prompts of 128 and 2048
+#                                      tokens), against the dense Llama-3.1-8B, at batch 1 and 8 with the step profile
+#   bash benchmarks/gpu_moe.sh w4a16   Qwen3-30B-A3B in w4a16; the routed kernels' table last
 #   bash benchmarks/gpu_moe.sh kernels one layer's routed kernels at 1, 8 and 16 tokens with --sweep (the tiles of
-#                                      the expert-grid kernels and of --fused-moe's one-token GEMVs), then int4
+#                                      the expert-grid kernels), then int4
 # Tokens/s against the roofline of the bytes each reads per token. Carry .whl (../shared/gpu/README.md); logs and
 # bench folders go to $OUT.
 set -u
@@ -24,17 +22,12 @@ bf16)
     tests/gpu/test_moe_routing.py tests/gpu/test_routed_packed_gemv.py >"$LOGS/gpu_tests.log" 2>&1
   echo "gpu tests: $(tail -1 "$LOGS/gpu_tests.log")"; grep -E "^(FAILED|ERROR)" "$LOGS/gpu_tests.log" | head -10
   bench qwen3_30b_a3b 140 --model synthetic:qwen3-30b-a3b --prompt-len 128,2048 --max-context 2176 "${COMMON[@]}"
-  bench qwen3_30b_a3b_fused 140 --model synthetic:qwen3-30b-a3b --prompt-len 128,2048 --max-context 2176 \
-    --fused-moe \
-    --grouped-mm-experts "${COMMON[@]}"
   bench llama8b 100 --model synthetic:llama-3.1-8b --prompt-len 128,2048 --max-context 2176 "${COMMON[@]}"
   ;;
 w4a16)
   # loading 30B of w4a16 experts (each repacked, then stacked) took over 100 s on 2026-12-05: generous limits
   bench qwen3_30b_a3b_w4a16_routed 240 --model synthetic:qwen3-30b-a3b --quant w4a16 --prompt-len 128 \
-    --routed-quantized-experts "${COMMON[@]}"
-  bench qwen3_30b_a3b_w4a16_routed_fused 240 --model synthetic:qwen3-30b-a3b --quant w4a16 --prompt-len 128 \
-    --routed-quantized-experts --fused-moe "${COMMON[@]}"
+    "${COMMON[@]}"
   timeout 100 python3 benchmarks/moe_gemv.py --int4 --out "$LOGS/moe_gemv.json" 2>&1 | tee "$LOGS/moe_gemv.log"
   ;;
 kernels)

@@ -24,8 +24,5 @@ python3 -m ray.scripts.scripts start --head --port=6390 --num-gpus=1 --include-d
 C=(--dtype bfloat16 --devices cuda:0 --allreduce-iters 10 --repeats 1 --decode-tokens 64)
 MOE=(--model synthetic:qwen3-30b-a3b --batch 1,8 --prompt-len 128,2048 --max-context 2176 --profile 3 "${C[@]}")
 bench moe_bf16 120 "${MOE[@]}"
-bench moe_bf16_fused 120 "${MOE[@]}" --fused-moe --grouped-mm-experts
 bench fp8_blocks 90 --model synthetic:llama-3.1-8b --quant none,fp8,fp8-blocks --batch 1 --prompt-len 128 "${C[@]}"
-timeout 100 python3 benchmarks/moe_gemv.py --tokens 1 --one-token-sweep --out "$OUT/moe_gemv_one_token.json" 2>&1 \
-  | tee "$OUT/moe_gemv_one_token.log" | grep -v Warn
 grep -h "^profile" "$OUT"/*.log

@@ -50,9 +50,7 @@ before)
 split)
   bench split70b 420 --model synthetic:llama-3.1-70b --dtype bfloat16 --batch 1,8 --prompt-len 128 --decode-tokens 48 \
     --repeats 1 --allreduce-iters 20 --devices "cuda:0@48GiB,cuda:1@141GiB" --comm nccl --split memory,speed
-  # the CPU-driven host-staged path: the GPU kernel's polling would hold the shared GPU from the rank beside it
-  bench split8b_shared 150 "${B8[@]}" --batch 1 --devices "cuda*3" --share-gpus --comm hoststaged --split memory,speed \
-    --no-gpu-hoststaged
+  bench split8b_shared 150 "${B8[@]}" --batch 1 --devices "cuda*3" --share-gpus --comm hoststaged --split memory,speed
   grep -h "split: predicted" "$LOGS"/split*.log | sort -u
   bench tiny_graphs 150 "${TINY[@]}" --devices-sweep "cuda*1;cuda*2" --comm hoststaged,nccl  # graphs still capture
   ;;

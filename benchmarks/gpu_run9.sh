@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Ninth sitting, one H200 (issues 19 and 21), one call of at most ~8 minutes: the routed GEMV of quantized experts
-# (GPU tests, the w4a16 layer table, Qwen3-30B-A3B w4a16 end to end with --routed-quantized-experts), Qwen3's q/k
+# (GPU tests, the w4a16 layer table, Qwen3-30B-A3B w4a16 end to end, routed), Qwen3's q/k
 # norms inside the RoPE kernel (GPU tests, Qwen3-8B end to end), then synthetic Llama-3.1-8B: fp8-dynamic and w8a8
 # against bf16, the FP8 KV cache's Triton paths against the bf16 cache at 2048 and 8192 tokens, and a 2048-token
 # w4a16 prefill with the Triton dequantization (both switches were off by default when this ran: --triton-fp8-kv and
@@ -16,7 +16,7 @@ timeout 75 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_routed_packed
 timeout 40 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_attention_kernels.py -k "qk_norm" >$OUT/qknorm_tests.log 2>&1; echo "qk-norm tests: $(tail -1 $OUT/qknorm_tests.log)"; grep -E "^(FAILED|ERROR)" $OUT/qknorm_tests.log | head -5
 timeout 60 python3 benchmarks/moe_gemv.py --int4-only --out $OUT/moe_int4.json 2>&1 | tee $OUT/moe_int4.log | grep -v Warn
 C=(--dtype bfloat16 --devices cuda:0 --allreduce-iters 10 --repeats 1)
-bench moe_w4a16_routed 100 --model synthetic:qwen3-30b-a3b --quant w4a16 --routed-quantized-experts --batch 1,8 --prompt-len 128 --decode-tokens 64 --profile 3 "${C[@]}"
+bench moe_w4a16_routed 100 --model synthetic:qwen3-30b-a3b --quant w4a16 --batch 1,8 --prompt-len 128 --decode-tokens 64 --profile 3 "${C[@]}"
 bench qwen3_8b 60 --model synthetic:qwen3-8b --batch 1 --prompt-len 128 --decode-tokens 64 --profile 3 "${C[@]}"
 B8=(--model synthetic:llama-3.1-8b "${C[@]}")
 bench act_quant 70 "${B8[@]}" --quant none,fp8-dynamic,w8a8 --batch 1 --prompt-len 128 --decode-tokens 64

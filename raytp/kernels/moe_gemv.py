@@ -66,7 +66,7 @@ def grouped_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, n
                     gate_up: Callable[[int, torch.Tensor], torch.Tensor],
                     down: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """`routed_experts_torch` with each expert's projections given as functions (expert, input) -> output, for
-    experts in any weight format (`raytp.model.moe.QuantizedExperts`)."""
+    experts in any weight format (`raytp.model.experts.TorchExperts`)."""
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     for expert, tokens, w in _groups(ids, weights, num_experts):
         h = swiglu_torch(gate_up(expert, x[tokens]))  # (n, cols)
