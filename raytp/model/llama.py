@@ -77,15 +77,14 @@ class DecoderLayer:
                  cache: LayerCache, act_quant_weight_only: bool):
         self.attn_norm, self.mlp_norm = reader.read(layout.attn_norm), reader.read(layout.mlp_norm)  # (hidden,)
         self.qk_norm = tuple(reader.read(s) for s in layout.qk_norm)  # (head_dim,) for q and k, or none
-        weight_only = act_quant_weight_only
-        self.qkv = ColumnParallelLinear(layout.qkv, layout.qkv_bias).load(reader, weight_only)
-        self.o_proj = RowParallelLinear(layout.o_proj, comm).load(reader, weight_only)
+        self.qkv = ColumnParallelLinear(layout.qkv, layout.qkv_bias).load(reader, act_quant_weight_only)
+        self.o_proj = RowParallelLinear(layout.o_proj, comm).load(reader, act_quant_weight_only)
         if layout.experts is None:
-            self.gate_up = ColumnParallelLinear(layout.gate_up).load(reader, weight_only)
-            self.down = RowParallelLinear(layout.down, comm).load(reader, weight_only)
+            self.gate_up = ColumnParallelLinear(layout.gate_up).load(reader, act_quant_weight_only)
+            self.down = RowParallelLinear(layout.down, comm).load(reader, act_quant_weight_only)
             self.moe = None
         else:
-            self.moe = SparseMoeBlock.load(layout.experts, config.moe, reader, comm, weight_only)
+            self.moe = SparseMoeBlock.load(layout.experts, config.moe, reader, comm, act_quant_weight_only)
         self.n_q, self.eps = self.o_proj.width // config.head_dim, config.rms_norm_eps
         self.cache = cache
 
