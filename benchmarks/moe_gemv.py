@@ -1,7 +1,6 @@
 """The routed experts of one MoE layer at decode batch sizes: microseconds and GB/s of the selected experts' weights.
 
-    python benchmarks/moe_gemv.py [--tokens 1,8,16] [--sweep | --one-token-sweep] [--int4 | --int4-only]
-                                  [--out results.json]
+    python benchmarks/moe_gemv.py [--tokens 1,8,16] [--sweep] [--int4 | --int4-only] [--out results.json]
 
 Shapes are one whole layer on one GPU, bf16: Qwen3-30B-A3B (128 experts, top 8, hidden 2048, expert width 768) and
 Mixtral-8x7B (8 experts, top 2, hidden 4096, width 14336). Each row is timed inside one CUDA graph of back-to-back
@@ -11,16 +10,11 @@ distinct experts a call selects, gate, up and down (x and the outputs are neglig
 
     triton   raytp.kernels.moe_gemv's routed kernels (GATE_UP_LAUNCH, DOWN_LAUNCH; with --sweep, each kernel's tiles
              below with the other's default)
-    one-token  at one token, --fused-moe's GEMVs over the token's choices (PAIR_GATE_UP_LAUNCH, TOKEN_DOWN_LAUNCH;
-             with --sweep or --one-token-sweep, their tiles likewise): the fastest one printed
     torch    the grouped torch version, eager (host sync per call: timed with events around a Python loop)
     gemv     cuBLAS over one dense matrix holding as many bytes as the selected experts: the bandwidth to beat
 
-With --int4 (--int4-only: without the bf16 rows) the same shapes in w4a16 (groups of 128, symmetric), GB/s of the selected experts' int4 bytes and scales:
-
-    int4 routed      raytp.kernels.routed_packed_gemv (--routed-quantized-experts): the packed GEMV's routed launch
-    int4 per-expert  each expert repacked for raytp.kernels.packed_gemv, inside a CUDA graph as decode runs it
-                     there without the switch: every expert on every token
+With --int4 (--int4-only: without the bf16 rows) the same shapes in w4a16 (groups of 128, symmetric), GB/s of the
+selected experts' int4 bytes and scales, through raytp.kernels.routed_packed_gemv (the packed GEMV's routed launch).
 """
 
 import argparse
@@ -30,16 +24,13 @@ import torch
 import torch.nn.functional as F
 
 from raytp.kernels import moe_gemv
-from raytp.kernels.norm import swiglu_torch
-from raytp.kernels.packed_gemv import mma_linear, pack_int, reserve
+from raytp.kernels.packed_gemv import pack_int, reserve
 from raytp.kernels.routed_packed_gemv import StackedMMA, routed_packed_experts
 
 SHAPES = {"qwen3-30b-a3b": (128, 8, 2048, 768), "mixtral-8x7b": (8, 2, 4096, 14336)}
 CALLS = 8  # calls per graph, each with its own routing
 SWEEP_GATE_UP = [moe_gemv.Launch(n, k, w) for n in (16, 32, 64) for k in (64, 128, 256) for w in (4, 8)]
 SWEEP_DOWN = [moe_gemv.Launch(n, k, w) for n in (32, 64, 128) for k in (64, 128) for w in (4, 8)]
-SWEEP_PAIR_GATE_UP = [moe_gemv.Launch(n, k, w) for n in (8, 16, 32) for k in (128, 256, 512) for w in (2, 4, 8)]
-SWEEP_TOKEN_DOWN = [moe_gemv.Launch(n, k, w) for n in (4, 8, 16, 32) for k in (128, 256, 512) for w in (2, 4, 8)]
 
 
 def graphed_us(fn, calls: int = CALLS) -> float:
@@ -94,8 +85,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens", default="1,8,16")
     parser.add_argument("--sweep", action="store_true")
-    parser.add_argument("--one-token-sweep", action="store_true", help="sweep only the one-token GEMVs' tiles")
-    parser.add_argument("--int4", action="store_true", help="also the w4a16 experts, routed and per expert")
+    parser.add_argument("--int4", action="store_true", help="also the w4a16 experts")
     parser.add_argument("--int4-only", action="store_true", help="only the w4a16 experts")
     parser.add_argument("--out")
     args = parser.parse_args()
@@ -106,15 +96,10 @@ def main():
         for T in (int(t) for t in args.tokens.split(",")):
             x, ids, weights, distinct = routing(T, E, k, H)
             nbytes = distinct * 3 * C * H * 2
-            timed = {f"triton {a} {b}": graphed_us(lambda i: moe_gemv._launch(x[i], ids[i], weights[i], gate_up,
-                                                                               down, a, b))
+            timed = {f"triton {a} {b}": graphed_us(lambda i: moe_gemv.routed_experts(x[i], ids[i], weights[i],
+                                                                                       gate_up, down, a, b))
                      for a, b in launches((moe_gemv.GATE_UP_LAUNCH, moe_gemv.DOWN_LAUNCH),
                                           (SWEEP_GATE_UP, SWEEP_DOWN), args.sweep)}
-            if T == 1:
-                timed |= {f"one-token {a} {b}": graphed_us(lambda i: moe_gemv._launch_one_token(
-                    x[i], ids[i], weights[i], gate_up, down, a, b))
-                    for a, b in launches((moe_gemv.PAIR_GATE_UP_LAUNCH, moe_gemv.TOKEN_DOWN_LAUNCH),
-                                         (SWEEP_PAIR_GATE_UP, SWEEP_TOKEN_DOWN), args.sweep or args.one_token_sweep)}
             dense = torch.randn(int(nbytes // 2 // H), H, device="cuda", dtype=torch.bfloat16)
             copies = [dense] + [torch.empty_like(dense).normal_() for _ in range(max(1, (256 << 20) // int(nbytes)))]
             timed["gemv"] = graphed_us(lambda i: F.linear(x[i], copies[i % len(copies)]))
@@ -126,8 +111,7 @@ def main():
             end.record()
             end.synchronize()
             timed["torch"] = start.elapsed_time(end) * 1000 / CALLS
-            one_token = [min((v for v in timed if v.startswith("one-token")), key=timed.get)] if T == 1 else []
-            rows += report(name, T, timed, nbytes, distinct, "triton", one_token + ["gemv", "torch"])
+            rows += report(name, T, timed, nbytes, distinct, "triton", ["gemv", "torch"])
     if args.int4 or args.int4_only:
         rows += int4_rows([int(t) for t in args.tokens.split(",")])
     if args.out:
@@ -154,17 +138,7 @@ def int4_rows(tokens: list[int]) -> list[dict]:
             x, ids, weights, distinct = routing(T, E, k, H)
             nbytes = distinct * 3 * C * H * (0.5 + 2 / 128)
             timed = {"int4 routed": graphed_us(lambda i: routed_packed_experts(x[i], ids[i], weights[i], *stacked))}
-
-            def per_expert(i):  # what a captured step runs without the switch: every expert, weighted 0 if unchosen
-                dense = torch.zeros(T, E, device="cuda").scatter_(1, ids[i], weights[i])
-                out = torch.zeros(T, H, device="cuda")
-                for e in range(E):
-                    h = swiglu_torch(mma_linear(x[i], packed[e]))
-                    out += mma_linear(h, packed[E + e]).float() * dense[:, e, None]
-                return out
-
-            timed["int4 per-expert"] = graphed_us(per_expert, calls=2)
-            rows += report(f"{name} w4a16", T, timed, nbytes, distinct, "int4 routed", ["int4 per-expert"])
+            rows += report(f"{name} w4a16", T, timed, nbytes, distinct, "int4 routed", [])
     return rows
 
 

@@ -23,11 +23,12 @@ GiB = 1 << 30
 class LocalGroup:
     """N ranks of `model_dir` split by `weights` (relative budgets), each in its own thread; with `bandwidths`
     (bytes/s per rank) the planner's speed split decides the shares within those budgets; `kv_dtype` as
-    `--kv-dtype`; `blocks` the planner's block per piece name, where a tiny model needs finer ones."""
+    `--kv-dtype`; `blocks` the planner's block per piece name, where a tiny model needs finer ones;
+    `act_quant_weight_only` as ShardedLlama takes it (None: as a group of CPU ranks runs)."""
 
     def __init__(self, model_dir: Path, weights: list[float], *, max_context=256, max_batch=4,
                  dtype=torch.float32, bandwidths: list[float] | None = None, kv_dtype: str = "auto",
-                 blocks: dict[str, int] | None = None):
+                 blocks: dict[str, int] | None = None, act_quant_weight_only: bool | None = None):
         self.config = ModelConfig.from_file(model_dir)
         budgets = [(f"cpu{r}", int(w * GiB)) for r, w in enumerate(weights)]
         self.plan = plan_model(self.config, budgets, max_context=max_context, max_batch=max_batch,
@@ -39,7 +40,8 @@ class LocalGroup:
             for shard in self.plan.ranks:
                 comm = IdentityCheckingCommunicator(group.communicator(shard.rank))
                 self.models.append(ShardedLlama(self.config, shard, comm, reader, max_batch=max_batch,
-                                                max_context=max_context, kv_dtype=kv_dtype))
+                                                max_context=max_context, kv_dtype=kv_dtype,
+                                                act_quant_weight_only=act_quant_weight_only))
 
     def on_all_ranks(self, fn):
         """fn(rank, model) on every rank concurrently; returns the per-rank results."""

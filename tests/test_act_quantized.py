@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from raytp.kernels import act_quant_matmul, dispatch
 from raytp.model.config import ModelConfig, UnsupportedModelError
 from raytp.model.formats import ActQuantWeight, FP8Weight, IntWeight, PackedWeight, fused, read_linear
+from raytp.model.formats.act_quant import runs_weight_only
 from raytp.model.layout import Slice
 from raytp.model.pieces import plan_model, quant_replicated_bytes
 from raytp.runtime.sampling import SamplingParams
@@ -89,22 +90,22 @@ def test_logits_match_transformers_with_quantized_activations(quantized_smollm2,
 @pytest.mark.parametrize("ranks,repacked", [(1, True), (3, True), (5, True), (3, False)])
 def test_weight_only_repacking_gives_the_unquantized_activations_logits(quantized_smollm2, references, monkeypatch,
                                                                          scheme, ranks, repacked):
-    """With --weight-only-act-quant a CUDA rank repacks its e4m3 or int8 slices for the weight-only packed GEMV and
-    leaves the activations in the model dtype. Here on the CPU, the same load path (packing forced; the products by
-    the kernel's torch version, the CUDA kernel itself is checked in tests/gpu/test_act_quant_kernels.py) gives the
-    logits of transformers on the dequantized weights without activation quantization, at uneven splits and with
-    ranks without heads (which keep their empty slices and, like the others, exchange no amax). Not repacked: what CPU
-    ranks run with the switch on, the weights as e4m3 or int8 weight-only formats."""
+    """A group with a GPU rank runs these checkpoints weight-only: a CUDA rank repacks its e4m3 or int8 slices for
+    the weight-only packed GEMV and leaves the activations in the model dtype. Here on the CPU, the same load path
+    (packing forced; the products by the kernel's torch version, the CUDA kernel itself is checked in
+    tests/gpu/test_act_quant_kernels.py) gives the logits of transformers on the dequantized weights without
+    activation quantization, at uneven splits and with ranks without heads (which keep their empty slices and, like
+    the others, exchange no amax). Not repacked: what CPU ranks of such a group run, the weights as e4m3 or int8
+    weight-only formats."""
     if repacked:
         monkeypatch.setattr(fused, "use_triton", lambda t: True)  # repack as a CUDA rank does
         monkeypatch.setattr(fused, "reserve", lambda packed: None)  # the CUDA kernel's workspace: none on a CPU
-    monkeypatch.setattr(dispatch, "_weight_only_act_quant", True)  # what --weight-only-act-quant sets
     model_dir = quantized_smollm2[scheme]
     reference, unquantized = references(scheme)
     tokens = _tokens(model_dir)
     with torch.no_grad():
         expected, quantized = unquantized(tokens).logits[:, -1], reference(tokens).logits[:, -1]
-    group = LocalGroup(model_dir, [1.0] if ranks == 1 else SPLITS[ranks])
+    group = LocalGroup(model_dir, [1.0] if ranks == 1 else SPLITS[ranks], act_quant_weight_only=True)
     kind = "fp8" if scheme == "fp8-dynamic" else "int8"
     for model in group.models:
         for layer in model.layers:
@@ -119,6 +120,14 @@ def test_weight_only_repacking_gives_the_unquantized_activations_logits(quantize
     assert (got - quantized).abs().max() > 0.3  # the activations really are left unquantized
     if ranks == 5:
         assert sum(not len(m.layers[0].o_proj.part.cols) for m in group.models) == 2
+
+
+def test_the_group_runs_weight_only_where_it_has_a_gpu_rank_with_the_kernels():
+    """All of a group's ranks decide alike: CPU ranks alone, or --no-triton, quantize activations as the checkpoint
+    says (the compressed-tensors reference above); a GPU rank with the kernels makes every rank run weight-only."""
+    assert not runs_weight_only(["cpu", "cpu"], triton=True)
+    assert not runs_weight_only(["cuda", "cpu"], triton=False)
+    assert runs_weight_only(["cpu", "cuda"], triton=True) == (dispatch.triton is not None)
 
 
 def _captured(reference, tokens):

@@ -1,6 +1,7 @@
 """The communicator factory's phases, its fall-backs, and the typed run-time options (CPU only, no Ray)."""
 
 import os
+from dataclasses import fields
 
 import pytest
 import torch
@@ -83,21 +84,25 @@ def test_options_come_from_flags_over_the_environment(monkeypatch):
     monkeypatch.setenv("RAYTP_CHECK_IDENTICAL", "1")
     assert RuntimeOptions.from_env() == RuntimeOptions(triton=False, check_identical=True)
     for command in ("generate --prompt x", "chat", "serve", "bench"):
-        args = build_parser().parse_args([*command.split(), "--no-cuda-graphs", "--no-gpu-hoststaged"])
-        assert args.options == RuntimeOptions(triton=False, cuda_graphs=False, gpu_hoststaged=False,
-                                              check_identical=True), command
-    assert args.options.flags() == ["--no-triton", "--no-cuda-graphs", "--no-gpu-hoststaged", "--check-identical"]
+        args = build_parser().parse_args([*command.split(), "--no-cuda-graphs"])
+        assert args.options == RuntimeOptions(triton=False, cuda_graphs=False, check_identical=True), command
+    assert args.options.flags() == ["--no-triton", "--no-cuda-graphs", "--check-identical"]
     monkeypatch.delenv("RAYTP_TRITON")
     monkeypatch.delenv("RAYTP_CHECK_IDENTICAL")
     assert build_parser().parse_args(["serve"]).options == RuntimeOptions()
-    assert build_parser().parse_args(["serve", "--no-triton-fp8-kv"]).options == RuntimeOptions(triton_fp8_kv=False)
-    monkeypatch.setenv("RAYTP_TRITON_FP8_KV", "0")
-    assert build_parser().parse_args(["serve"]).options.flags() == ["--no-triton-fp8-kv"]
-    monkeypatch.setenv("RAYTP_ROUTED_QUANTIZED_EXPERTS", "1")
-    assert build_parser().parse_args(["bench"]).options.flags() == ["--no-triton-fp8-kv", "--routed-quantized-experts"]
-    monkeypatch.delenv("RAYTP_ROUTED_QUANTIZED_EXPERTS")
-    assert (build_parser().parse_args(["generate", "--prompt", "x", "--no-triton-prefill-dequant"]).options
-            == RuntimeOptions(triton_fp8_kv=False, triton_prefill_dequant=False))
+    monkeypatch.setenv("RAYTP_CUDA_GRAPHS", "0")
+    assert build_parser().parse_args(["serve"]).options.flags() == ["--no-cuda-graphs"]
+
+
+@pytest.mark.parametrize("flag", ["--routed-quantized-experts", "--weight-only-act-quant", "--fused-moe",
+                                  "--grouped-mm-experts", "--no-triton-fp8-kv", "--no-triton-prefill-dequant",
+                                  "--no-gpu-hoststaged"])
+def test_kernel_choices_are_no_flags(flag, capsys):
+    """Which kernel runs is chosen by measurement, per device, at load: only debugging switches are options."""
+    assert [f.name for f in fields(RuntimeOptions)] == ["triton", "cuda_graphs", "check_identical"]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", flag])
+    assert f"unrecognized arguments: {flag}" in capsys.readouterr().err
 
 
 def test_triton_switch_is_per_process(monkeypatch):
@@ -108,29 +113,6 @@ def test_triton_switch_is_per_process(monkeypatch):
     assert dispatch._enabled == (dispatch.triton is not None)
 
 
-@pytest.mark.parametrize("switch,use,default", [("fp8_kv", "use_triton_fp8_kv", True),
-                                                ("prefill_dequant", "use_triton_prefill_dequant", True),
-                                                ("routed_experts", "use_routed_quantized_experts", False)])
-def test_kernel_switches_have_their_defaults_and_never_run_on_cpus(monkeypatch, switch, use, default):
-    """Measured switches are on unless switched off, the unmeasured one off unless asked; none runs a kernel on a
-    CPU tensor."""
-    monkeypatch.setattr(dispatch, "_enabled", dispatch._enabled)  # both restored after the test
-    monkeypatch.setattr(dispatch, f"_{switch}", getattr(dispatch, f"_{switch}"))
-    dispatch.set_triton(True)
-    assert getattr(dispatch, f"_{switch}") == default
-    dispatch.set_triton(True, **{switch: not default})
-    assert getattr(dispatch, f"_{switch}") != default
-    dispatch.set_triton(True, **{switch: True})
-    assert not getattr(dispatch, use)(torch.zeros(1))
-
-
-
-def test_weight_only_act_quant_is_off_unless_asked_and_then_on_every_rank(monkeypatch):
-    """Unmeasured: off by default. On, it holds for CPU ranks too, so that a group mixing CPUs and GPUs computes
-    alike and joins the same collectives."""
-    monkeypatch.setattr(dispatch, "_weight_only_act_quant", dispatch._weight_only_act_quant)  # restored after
-    dispatch.set_triton(True)
-    assert not dispatch.weight_only_act_quant()
-    dispatch.set_triton(True, weight_only_act_quant=True)
-    assert dispatch.weight_only_act_quant()
-    assert RuntimeOptions(weight_only_act_quant=True).flags() == ["--weight-only-act-quant"]
+def test_no_kernel_runs_on_cpu_tensors():
+    t = torch.zeros(1, dtype=torch.bfloat16)
+    assert not dispatch.use_triton(t) and not dispatch.use_triton_fp8_kv(t) and not dispatch.grouped_mm_runs(t)

@@ -96,18 +96,18 @@ def test_fp8_blocks_qwen3_moe_matches_transformers(fp8_qwen3_moe, weights):
 
 
 def test_fp8_blocks_experts_stacked_for_the_routed_gemv_match_transformers(fp8_qwen3_moe, monkeypatch):
-    """--routed-quantized-experts' load path on a CPU (packing forced, as a CUDA rank packs): the experts' block
-    scales become the packed GEMV's groups, stacked; the routed orchestration gives transformers' logits."""
-    from raytp.model import moe
+    """A CUDA rank's load path on a CPU (packing forced, as a CUDA rank packs): the experts' block scales become the
+    packed GEMV's groups, stacked (PackedExperts); the routed orchestration gives transformers' logits."""
+    from raytp.model import experts
     from raytp.model.formats import fused
 
     monkeypatch.setattr(fused, "use_triton", lambda t: True)
     monkeypatch.setattr(fused, "reserve", lambda packed: None)  # the CUDA kernel's workspace: none on a CPU
-    monkeypatch.setattr(moe, "use_routed_quantized_experts", lambda t: True)
+    monkeypatch.setattr(experts, "use_triton", lambda t: True)  # choose the backend a CUDA rank does
     group = LocalGroup(fp8_qwen3_moe, [3.0, 2.0, 1.0], blocks={"expert_cols": 32})
     held = [m.layers[0].moe.experts for m in group.models if m.layers[0].moe.experts is not None]
-    assert held and all(e.routed is not None and e.routed[0].like.kind.is_float for e in held)
-    assert all(e.routed[1].like.group_tiles == 1 for e in held)  # blocks of 32 inputs: one 32-input tile a group
+    assert held and all(isinstance(e, experts.PackedExperts) and e.gate_up.like.kind.is_float for e in held)
+    assert all(e.down.like.group_tiles == 1 for e in held)  # blocks of 32 inputs: one 32-input tile a group
     tokens = torch.randint(0, 1000, (2, 7), generator=torch.Generator().manual_seed(11))
     assert_matches_reference(group, reference(fp8_qwen3_moe), tokens, prompt_len=5, greedy_tokens=8)
 

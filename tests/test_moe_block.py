@@ -6,7 +6,9 @@ import pytest
 import torch
 import transformers
 
-from raytp.model.moe import Routing, SparseMoeBlock, StackedExperts
+from raytp.model.experts import TorchExperts
+from raytp.model.formats import DenseWeight
+from raytp.model.moe import Routing, SparseMoeBlock
 from raytp.parallel.comm import InProcessGroup
 from raytp.parallel.comm.base import IdentityCheckingCommunicator
 
@@ -47,9 +49,11 @@ def rank_blocks(block, routing: Routing, bounds: list[int], comms) -> list[Spars
     gate_up = block.experts.gate_up_proj.detach()  # (experts, 2 * COLS, HIDDEN): gate rows, then up rows
     down = block.experts.down_proj.detach()  # (experts, HIDDEN, COLS)
     gate, up = gate_up[:, :COLS], gate_up[:, COLS:]
-    return [SparseMoeBlock(block.gate.weight.detach(),
-                           StackedExperts(torch.cat((gate[:, a:b], up[:, a:b]), dim=1), down[:, :, a:b]) if b > a
-                           else None, routing, comm)
+    def experts(a: int, b: int) -> TorchExperts:
+        gate_up_ab = torch.cat((gate[:, a:b], up[:, a:b]), dim=1)
+        return TorchExperts([DenseWeight(w) for w in gate_up_ab], [DenseWeight(w) for w in down[:, :, a:b]])
+
+    return [SparseMoeBlock(block.gate.weight.detach(), experts(a, b) if b > a else None, routing, comm)
             for a, b, comm in zip(bounds, bounds[1:], comms)]
 
 

@@ -17,10 +17,10 @@ from safetensors.torch import save_file
 
 from raytp.kernels.packed_gemv import pack_int
 from raytp.kernels.routed_packed_gemv import StackedMMA
-from raytp.model import moe
+from raytp.model import experts
 from raytp.model.formats import fused, pack
 from raytp.model.layout import EXPERT_COLS
-from raytp.model.moe import QuantizedExperts
+from raytp.model.experts import PackedExperts, TorchExperts
 from raytp.model.pieces import quant_replicated_bytes
 from raytp.weights.smollm2 import pull_smollm2
 from raytp.weights.smollm2_quantized import quantize_with_llmcompressor
@@ -104,7 +104,7 @@ def test_w4a16_experts_match_transformers(quantized_moe, family, ranks):
     widths = [len(r.expert_cols) for r in group.plan.ranks]
     assert sum(widths) == 192 and all(w % 64 == 0 for w in widths) and (ranks < 5 or 0 in widths)
     held = [m.layers[0].moe.experts for m in group.models]
-    assert all(isinstance(e, QuantizedExperts) if w else e is None for e, w in zip(held, widths))
+    assert all(isinstance(e, TorchExperts) if w else e is None for e, w in zip(held, widths))
     # each expert's columns permuted into its down_proj's group order: plain contiguous groups, no per-column index
     assert all(d.g_idx is None for e in held if e is not None for d in e.down)
     tokens = torch.randint(0, VOCAB, (2, 13), generator=torch.Generator().manual_seed(ranks))
@@ -149,36 +149,35 @@ def test_experts_packed_in_one_pass_equal_experts_packed_one_by_one(zeros):
 
 @pytest.mark.parametrize("family,scheme", [("qwen3-moe", "w4a16"), ("mixtral", "w4a16-noactorder")])
 def test_experts_stacked_for_the_routed_gemv_match_transformers(quantized_moe, monkeypatch, family, scheme):
-    """With --routed-quantized-experts a CUDA rank repacks its experts for the packed GEMV and stacks them (each
-    expert's weights then views of the stacks). Here on the CPU, the same load path (packing forced) and the routed
-    orchestration (pairs, act-order gathers, SwiGLU, the weighted sum; the products one pair at a time by the
-    kernel's torch version, the CUDA kernel itself is checked in tests/gpu/test_routed_packed_gemv.py) give
-    transformers' logits, at decode sizes and in a prefill (pairs sorted by expert), and nothing is held twice."""
+    """A CUDA rank repacks its quantized experts for the packed GEMV and stacks them (PackedExperts). Here on the
+    CPU, the same load path (packing forced) and the routed orchestration (pairs, act-order gathers, SwiGLU, the
+    weighted sum; the products one pair at a time by the kernel's torch version, the CUDA kernel itself is checked
+    in tests/gpu/test_routed_packed_gemv.py) give transformers' logits, at decode sizes and in a prefill (pairs
+    sorted by expert, in chunks of tokens), and only the stacks are held."""
     monkeypatch.setattr(fused, "use_triton", lambda t: True)  # repack as a CUDA rank does
     monkeypatch.setattr(fused, "reserve", lambda packed: None)  # the CUDA kernel's workspace: none on a CPU
-    monkeypatch.setattr(moe, "use_routed_quantized_experts", lambda t: True)
+    monkeypatch.setattr(experts, "use_triton", lambda t: True)  # choose the backend a CUDA rank does
     path = quantized_moe(family, scheme)
     group = LocalGroup(path, SPLITS[3], blocks={EXPERT_COLS: 16})
     held = [m.layers[0].moe.experts for m in group.models if m.layers[0].moe.experts is not None]
-    assert held and all(e.routed is not None for e in held)
-    assert all((e.routed[0].x_index is not None) == (scheme == "w4a16") for e in held)  # act-order: own orders
-    for e in held:  # the per-expert weights (prefill's) are views of the stacks
-        assert e.down[1].packed.values.data_ptr() == e.routed[1].values[1].data_ptr()
-        assert len(e.tensors()) == len(e.routed[0].tensors()) + len(e.routed[1].tensors())
+    assert held and all(isinstance(e, PackedExperts) for e in held)
+    assert all((e.gate_up.x_index is not None) == (scheme == "w4a16") for e in held)  # act-order: own orders
+    assert all(len(e.tensors()) == len(e.gate_up.tensors()) + len(e.down.tensors()) for e in held)
     reference = reference_model(path)
-    # 2 x 7 tokens: within ROUTED_ROWS, so the logits come through the routed path too, as every decode step does
+    # 2 x 7 tokens: within ROUTED_ROWS, so the logits come through the routed decode too, as every decode step does
     tokens = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(11))
     assert_matches_reference(group, reference, tokens, prompt_len=5, greedy_tokens=8)
-    # 3 x 9 tokens: a prefill, its pairs sorted by expert
-    sorted_calls = []
-    routed = moe.routed_packed_experts
-    monkeypatch.setattr(moe, "routed_packed_experts",
-                        lambda *a, sort=False: sorted_calls.append(sort) or routed(*a, sort=sort))
+    # 3 x 9 tokens: a prefill, its pairs sorted by expert, in launches of at most 8 pairs (4 tokens of 2 choices)
+    calls = []
+    routed = experts.routed_packed_experts
+    monkeypatch.setattr(experts, "routed_packed_experts",
+                        lambda x, *a, sort=False: calls.append((sort, x.shape[0])) or routed(x, *a, sort=sort))
+    monkeypatch.setattr(experts, "prefill_pairs", lambda gate_up: 8)
     tokens = torch.randint(0, VOCAB, (3, 9), generator=torch.Generator().manual_seed(12))
     with torch.no_grad():
         expected = reference(tokens).logits[:, -1]
     torch.testing.assert_close(group.logits(tokens), expected, rtol=1e-4, atol=1e-4)
-    assert sorted_calls and all(sorted_calls)
+    assert calls and all(sort and rows <= 4 for sort, rows in calls) and 3 in {rows for _, rows in calls}
 
 
 @pytest.mark.slow

@@ -1,8 +1,8 @@
 """raytp.kernels.moe_routing on CPU: the torch routing equals transformers' routers (Qwen3-MoE and Mixtral), and the
 Triton kernels under Triton's CPU interpreter (TRITON_INTERPRET=1, read when a kernel is defined, hence a process of
 its own) against the torch versions: the same experts in the same order, weights and the combined output within
-float32 rounding (torch's sum over the choices adds in an order of its own); and --fused-moe's one-token expert
-GEMVs against the per-expert matmuls; --grouped-mm-experts' prefill likewise."""
+float32 rounding (torch's sum over the choices adds in an order of its own); and the routed experts' tiled kernels
+against the per-expert matmuls; the grouped-GEMM prefill likewise."""
 
 import importlib.util
 import os
@@ -55,22 +55,6 @@ def test_torch_routing_equals_transformers_routers(tokens, experts, top_k, norma
         torch.testing.assert_close(weights, mixtral_weights.float(), rtol=2e-7, atol=0)
 
 
-@pytest.mark.parametrize("switch,use,flag", [("fused_moe", "use_fused_moe", "--fused-moe"),
-                                              ("grouped_mm_experts", "use_grouped_mm_experts", "--grouped-mm-experts")])
-def test_moe_kernels_are_behind_their_switches(monkeypatch, switch, use, flag):
-    """Off by default (unmeasured on a GPU), and never on CPU tensors even when switched on."""
-    from raytp.kernels import dispatch
-    from raytp.runtime.options import RuntimeOptions
-
-    monkeypatch.setattr(dispatch, f"_{switch}", getattr(dispatch, f"_{switch}"))  # restored after the test
-    dispatch.set_triton(True)
-    assert not getattr(dispatch, f"_{switch}")
-    dispatch.set_triton(True, **{switch: True})
-    assert getattr(dispatch, f"_{switch}") and not getattr(dispatch, use)(torch.zeros(1, dtype=torch.bfloat16))
-    assert RuntimeOptions(**{switch: True}).flags() == [flag]
-    assert getattr(RuntimeOptions.from_env({f"RAYTP_{switch.upper()}": "1"}), switch)
-
-
 INTERPRETED = """
 import torch
 
@@ -78,7 +62,7 @@ from raytp.kernels import moe_routing
 from tests.test_moe_routing import CASES, logits_for
 
 # the dispatch asks for CUDA tensors; the interpreter runs the kernels on CPU ones
-moe_routing.use_fused_moe = lambda t: True
+moe_routing.use_triton = lambda t: True
 for dtype in (torch.float32, torch.float16):
     for seed, (tokens, experts, top_k, normalize) in enumerate(CASES):
         logits = logits_for(tokens, experts, dtype, seed)
@@ -94,19 +78,18 @@ for dtype in (torch.float32, torch.float16):
                 want = moe_routing.combine_choices_torch(y, w, dtype)
                 torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6, msg=str((case, y_dtype, w is None)))
 
-# one token's experts as GEMVs over its choices (the sum inside the down projection's program), against the
-# per-expert matmuls: float32 accumulation order aside, the same rounding (each projection to the model dtype)
+# the routed experts' tiled kernels (every decode step's, and prefill's before Hopper) against the per-expert
+# matmuls: float32 accumulation order aside, the same rounding (each projection to the model dtype)
 from raytp.kernels import moe_gemv
 for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 2e-3)):
-    for experts, top_k, hidden, cols in ((128, 8, 96, 40), (8, 2, 200, 72), (6, 3, 64, 1)):
+    for tokens, experts, top_k, hidden, cols in ((1, 128, 8, 96, 40), (3, 8, 2, 200, 72), (17, 6, 3, 64, 1)):
         g = torch.Generator().manual_seed(experts)
-        x = torch.randn(1, hidden, generator=g).to(dtype)
-        ids = torch.rand(1, experts, generator=g).topk(top_k, dim=-1).indices
-        w = torch.rand(1, top_k, generator=g)
+        x = torch.randn(tokens, hidden, generator=g).to(dtype)
+        ids = torch.rand(tokens, experts, generator=g).topk(top_k, dim=-1).indices
+        w = torch.rand(tokens, top_k, generator=g)
         gate_up = (torch.randn(experts, 2 * cols, hidden, generator=g) / hidden ** 0.5).to(dtype)
         down = (torch.randn(experts, hidden, cols, generator=g) / cols ** 0.5).to(dtype)
-        got = moe_gemv._launch_one_token(x, ids, w, gate_up, down, moe_gemv.Launch(16, 32, 4),
-                                         moe_gemv.Launch(8, 64, 4))
+        got = moe_gemv.routed_experts(x, ids, w, gate_up, down, moe_gemv.Launch(16, 32, 4), moe_gemv.Launch(16, 64, 4))
         want = moe_gemv.routed_experts_torch(x, ids, w, gate_up, down)
         torch.testing.assert_close(got, want, rtol=tol, atol=tol)
 
@@ -131,7 +114,7 @@ def test_routing_kernels_equal_the_torch_versions_in_the_interpreter():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tokens,experts,top_k", [(20, 16, 4), (33, 8, 2), (17, 128, 8)])
 def test_grouped_mm_experts_equal_one_matmul_per_expert(tokens, experts, top_k, dtype):
-    """--grouped-mm-experts' prefill (torch._grouped_mm, which has a CPU version too) against the per-expert
+    """The bfloat16 prefill of Hopper GPUs (torch._grouped_mm, which has a CPU version too) against the per-expert
     matmuls, experts nobody chose included: the same rows up to float32 accumulation order."""
     from raytp.kernels import moe_gemv
 

@@ -230,7 +230,7 @@ class WorkerGroup:
         if len(layout) > 1:
             log.info("nodes and their ranks: %s", "; ".join(
                 f"{self.ranks[ranks[0]]['ip']} ({self.ranks[ranks[0]]['node_id'][:8]}): {ranks}" for ranks in layout))
-        plan = CommPlan.make(backend, layout, init, s.timeout_s, gpu_hoststaged=s.options.gpu_hoststaged,
+        plan = CommPlan.make(backend, layout, init, s.timeout_s, gpu_hoststaged=self.gpu_share == 1,
                              check_identical=s.options.check_identical, dtype=s.dtype, time_backends=time_backends)
 
         def on(ranks: list[int], phase: str) -> list:

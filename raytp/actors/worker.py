@@ -29,6 +29,7 @@ from raytp.kernels.dispatch import set_triton
 from raytp.parallel.comm import CommError, Communicator
 from raytp.parallel.comm.factory import CommPlan, GroupOpening, open_group
 from raytp.model.config import ModelConfig
+from raytp.model.formats.act_quant import runs_weight_only
 from raytp.parallel.devices import DeviceSpec, format_bytes
 from raytp.runtime.constraints import Grammars
 from raytp.runtime.engine import Command, RankEngine, TokenEvent
@@ -50,9 +51,7 @@ class Worker:
                  options: RuntimeOptions = RuntimeOptions()):
         self.rank, self.spec, self.options = rank, device, options
         # once for this process, before any kernel runs
-        set_triton(options.triton, options.triton_fp8_kv, options.triton_prefill_dequant,
-                   options.routed_quantized_experts, options.weight_only_act_quant, options.fused_moe,
-                   options.grouped_mm_experts)
+        set_triton(options.triton)
         self.device = assigned_gpu() if device.kind == "cuda" else torch.device("cpu")
         if device.kind == "cuda":
             self._on_device()  # before anything else touches CUDA
@@ -128,8 +127,10 @@ class Worker:
             torch.cuda.set_per_process_memory_fraction(min(1.0, self.spec.mem_bytes / total))
         with ModelSource.parse(model).reader(dtype, self.device, progress=progress,
                                              desc=f"rank {self.rank} loading") as reader:
+            kinds = ["cuda" if r.device.startswith("cuda") else "cpu" for r in plan.ranks]  # every rank's, alike
             lm = ShardedLlama(config, shard, self.comm, reader, max_batch=plan.max_batch,
-                              max_context=plan.max_context, kv_dtype=plan.kv_dtype)
+                              max_context=plan.max_context, kv_dtype=plan.kv_dtype,
+                              act_quant_weight_only=runs_weight_only(kinds, self.options.triton))
         used = _tensor_bytes(lm.weights()) + _tensor_bytes(lm.cache_tensors())
         if used > shard.budget_bytes:
             raise MemoryBudgetError(f"rank {self.rank} ({self.spec}) needs {format_bytes(used)} for weights and "

@@ -13,10 +13,10 @@ mantissa bits: an element rounds to within 1/16 of itself, down to 1/28672 (2**-
 
 The torch versions here serve every device: raytp.kernels.rope_cache's torch version writes the cache and
 raytp.kernels.attention's reads it, dequantizing the span it gathers (prefill always). On GPUs that convert e4m3 in
-hardware (compute capability 8.9+), with RuntimeOptions.triton_fp8_kv on, the Triton RoPE kernel writes the rows by the
-same arithmetic (bit for bit) and the Triton decode attention reads the e4m3 bytes in place, applying each row's scale
-to its scores and probabilities. The cache is indexed through a uint8 view of the same bytes: torch's advanced
-indexing does not take float8 tensors on every device and version, and the Triton kernels read and write bytes.
+hardware (compute capability 8.9+) the Triton RoPE kernel writes the rows by the same arithmetic (bit for bit) and
+the Triton decode attention reads the e4m3 bytes in place, applying each row's scale to its scores and probabilities.
+The cache is indexed through a uint8 view of the same bytes: torch's advanced indexing does not take float8 tensors
+on every device and version, and the Triton kernels read and write bytes.
 """
 
 from __future__ import annotations

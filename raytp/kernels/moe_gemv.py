@@ -7,24 +7,22 @@ the matching input columns: the rank's column slice of every expert, so `out` is
 all-reduces. An MoE decode step must read only the selected experts' weights (8 of 128 in Qwen3-30B-A3B): a dense
 formulation would stream 16 times the bytes.
 
-    Triton, one token (with RuntimeOptions.fused_moe): GEMVs over the token's k choices, two launches. The first
-        has a program per block of columns and choice, the expert read from the routing on the GPU, and applies
-        SwiGLU; the second a program per block of hidden rows, which runs the down projection of every choice in
-        order and sums them weighted: the combine is inside it, and no program is launched for an expert nobody
-        chose (the grid below launches one per expert, 128 in Qwen3-30B-A3B, to read 8).
-    Triton (CUDA, up to ROUTED_ROWS tokens, and always inside a CUDA graph): two launches over a grid of
-        (column block, expert, tile of 16 tokens); a program whose expert no token of its tile selected returns at
-        once, so only the selected experts' slices are read, each once per tile however many tokens share it.
+    Triton (`routed_experts`: decode, every step inside a CUDA graph, prefill before Hopper): two launches over a
+        grid of (column block, expert, tile of 16 tokens); a program whose expert no token of its tile selected
+        returns at once, so only the selected experts' slices are read, each once per tile however many tokens
+        share it.
         The first computes gate and up of its columns for the tile's tokens and applies SwiGLU; the second
         multiplies by down and the routing weights, one float32 row per (token, choice), summed over the choices
         in a fixed order afterwards (no atomics: the same inputs give the same bits).
-    torch._grouped_mm (prefill in bfloat16 on GPUs of compute capability 9.0+, with RuntimeOptions.
-        grouped_mm_experts): the (token, choice) pairs sorted by expert on the GPU, gate/up and down each one
-        grouped GEMM over every expert's rows, the pairs put back in order and summed over the choices; no host
-        sync, so also inside a CUDA graph.
-    torch (CPU, prefill, Triton off; the reference the kernels are tested against): tokens sorted by expert, one
-        matmul per selected expert. Sorting needs the counts on the host, which a CUDA graph cannot wait for, so
-        inside a capture (Triton off) every expert runs on every token, with weight zero where it was not chosen.
+    torch._grouped_mm (`grouped_mm_experts`: prefill in bfloat16 on GPUs of compute capability 9.0+): the (token,
+        choice) pairs sorted by expert on the GPU, gate/up and down each one grouped GEMM over every expert's rows,
+        the pairs put back in order and summed over the choices; no host sync, so also inside a CUDA graph.
+    torch (`routed_experts_torch`, `grouped_experts`: CPU, Triton off; the reference the kernels are tested
+        against): tokens sorted by expert, one matmul per selected expert. Sorting needs the counts on the host,
+        which a CUDA graph cannot wait for, so inside a capture (Triton off) every expert runs on every token, with
+        weight zero where it was not chosen.
+
+Which of them a rank runs is chosen at load (raytp.model.experts).
 
 Both round where torch's step-by-step version does (each projection's output to the model dtype, silu before the
 product) and accumulate the weighted expert outputs in float32.
@@ -38,13 +36,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from raytp.kernels.dispatch import triton, use_fused_moe, use_grouped_mm_experts, use_triton
+from raytp.kernels.dispatch import triton
 from raytp.kernels.moe_routing import by_expert, combine_choices
 from raytp.kernels.norm import swiglu, swiglu_torch
 
-# Up to this many tokens the Triton kernels run eagerly too (decode batches); more go through the grouped matmuls,
-# whose tensor-core tiles pay off once each expert has many tokens (prefill).
-ROUTED_ROWS = 16
 _TILE = 16  # tokens per program: the smallest M of a tensor-core tile
 
 
@@ -58,8 +53,6 @@ class Launch:
 
 
 GATE_UP_LAUNCH, DOWN_LAUNCH = Launch(32, 128, 4), Launch(64, 128, 4)  # benchmarks/moe_gemv.py --sweep, H200
-# The one-token GEMVs' tiles: guesses, never run on a GPU (benchmarks/moe_gemv.py --sweep compares them)
-PAIR_GATE_UP_LAUNCH, TOKEN_DOWN_LAUNCH = Launch(16, 128, 4), Launch(8, 256, 4)
 
 
 def routed_experts_torch(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
@@ -73,7 +66,7 @@ def grouped_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, n
                     gate_up: Callable[[int, torch.Tensor], torch.Tensor],
                     down: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """`routed_experts_torch` with each expert's projections given as functions (expert, input) -> output, for
-    experts in any weight format (`raytp.model.moe.QuantizedExperts`)."""
+    experts in any weight format (`raytp.model.experts.TorchExperts`)."""
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     for expert, tokens, w in _groups(ids, weights, num_experts):
         h = swiglu_torch(gate_up(expert, x[tokens]))  # (n, cols)
@@ -109,21 +102,11 @@ def grouped_mm_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
     return combine_choices(by_expert(x, ids, grouped).view(*ids.shape, -1), weights, x.dtype)
 
 
-def routed_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
-                   down: torch.Tensor) -> torch.Tensor:
-    """`routed_experts_torch`'s result, from the Triton kernels where they run (see the module docstring)."""
-    if x.shape[0] > ROUTED_ROWS and use_grouped_mm_experts(x) and _whole_vectors(x, down):
-        return grouped_mm_experts(x, ids, weights, gate_up, down)
-    if not use_triton(x) or (x.shape[0] > ROUTED_ROWS and not torch.cuda.is_current_stream_capturing()):
-        return routed_experts_torch(x, ids, weights, gate_up, down)
-    args = x.contiguous(), ids.contiguous(), weights.float().contiguous(), gate_up, down
-    return _launch_one_token(*args) if x.shape[0] == 1 and use_fused_moe(x) else _launch(*args)
-
-
-def _whole_vectors(x: torch.Tensor, down: torch.Tensor) -> bool:
-    """Whether the hidden size and the columns are whole 16-byte vectors, as torch._grouped_mm's kernels read
-    them (any real model's are; a rank's uneven share of the columns may not be)."""
-    return all(n * x.element_size() % 16 == 0 for n in down.shape[1:])
+def grouped_mm_reads(down: torch.Tensor) -> bool:
+    """Whether the hidden size and the columns of experts like `down` (experts, hidden, cols) are whole 16-byte
+    vectors, as torch._grouped_mm's kernels read them (any real model's are; a rank's uneven share of the columns may
+    not be)."""
+    return all(n * down.element_size() % 16 == 0 for n in down.shape[1:])
 
 
 if triton is not None:
@@ -191,56 +174,12 @@ if triton is not None:
         tl.store(y_ptr + pair[:, None] * H + rows[None, :], out * w[:, None],
                  mask=live[:, None] & (rows < H)[None, :])
 
-    @triton.jit
-    def _pair_gate_up_gemv(x_ptr, ids_ptr, w_ptr, h_ptr, H, C, K: tl.constexpr, BLOCK_N: tl.constexpr,
-                           BLOCK_K: tl.constexpr):
-        """h[p, cols] = swiglu(gate_up[e] @ x[p // K]) for the program's (token, choice) pair p, e = ids[p]."""
-        pair = tl.program_id(1)
-        expert = tl.load(ids_ptr + pair).to(tl.int64)
-        token = (pair // K).to(tl.int64)
-        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        ks = tl.arange(0, BLOCK_K)
-        gate_ptrs = w_ptr + expert * 2 * C * H + cols[:, None] * H + ks[None, :]  # (BLOCK_N, BLOCK_K)
-        gate = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
-        up = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
-        for k0 in range(0, H, BLOCK_K):
-            in_k = ks + k0 < H
-            xk = tl.load(x_ptr + token * H + k0 + ks, mask=in_k, other=0.0).to(tl.float32)[None, :]
-            mask = (cols < C)[:, None] & in_k[None, :]
-            gate += tl.load(gate_ptrs + k0, mask=mask, other=0.0).to(tl.float32) * xk
-            up += tl.load(gate_ptrs + C * H + k0, mask=mask, other=0.0).to(tl.float32) * xk
-        dtype = h_ptr.dtype.element_ty
-        g = tl.sum(gate, axis=1).to(dtype).to(tl.float32)  # each projection rounded to the model dtype
-        silu = (g / (1.0 + tl.exp(-g))).to(dtype)
-        h = (silu.to(tl.float32) * tl.sum(up, axis=1).to(dtype).to(tl.float32)).to(dtype)
-        tl.store(h_ptr + pair * C + cols, h, mask=cols < C)
 
-    @triton.jit
-    def _token_down_gemv(h_ptr, ids_ptr, weights_ptr, d_ptr, out_ptr, H, C, K: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_K: tl.constexpr):
-        """out[t, rows] = sum over the token's choices j, in order, of weights[t, j] * (down[e_j] @ h[t, j])[rows]:
-        the down projections and the weighted sum of one token in one program, in float32, rounded once."""
-        token = tl.program_id(1).to(tl.int64)
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        ks = tl.arange(0, BLOCK_K)
-        dtype = out_ptr.dtype.element_ty
-        acc = tl.zeros((BLOCK_N,), tl.float32)
-        for j in tl.static_range(K):
-            pair = token * K + j
-            expert = tl.load(ids_ptr + pair).to(tl.int64)
-            d_ptrs = d_ptr + expert * H * C + rows[:, None] * C + ks[None, :]
-            part = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
-            for k0 in range(0, C, BLOCK_K):
-                in_k = ks + k0 < C
-                hk = tl.load(h_ptr + pair * C + k0 + ks, mask=in_k, other=0.0).to(tl.float32)[None, :]
-                part += tl.load(d_ptrs + k0, mask=(rows < H)[:, None] & in_k[None, :], other=0.0).to(tl.float32) * hk
-            y = tl.sum(part, axis=1).to(dtype).to(tl.float32)  # down's output in the model dtype, then weighted
-            acc += y * tl.load(weights_ptr + pair)
-        tl.store(out_ptr + token * H + rows, acc.to(dtype), mask=rows < H)
-
-
-def _launch(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
-            gate_up_launch: Launch = GATE_UP_LAUNCH, down_launch: Launch = DOWN_LAUNCH) -> torch.Tensor:
+def routed_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
+                   down: torch.Tensor, gate_up_launch: Launch = GATE_UP_LAUNCH,
+                   down_launch: Launch = DOWN_LAUNCH) -> torch.Tensor:
+    """`routed_experts_torch`'s result from the Triton kernels (CUDA tensors, or the interpreter's CPU ones)."""
+    x, ids, weights = x.contiguous(), ids.contiguous(), weights.float().contiguous()
     (T, H), k, (E, C) = x.shape, ids.shape[1], (down.shape[0], down.shape[2])
     h = torch.empty((T, k, C), dtype=x.dtype, device=x.device)  # every (token, choice) row is written once
     y = torch.empty((T, k, H), dtype=torch.float32, device=x.device)
@@ -251,17 +190,3 @@ def _launch(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: 
     _routed_down_gemv[(triton.cdiv(H, b.block_n), E, tiles)](h, ids, weights, down, y, T, H, C, **shape,
                                                              BLOCK_N=b.block_n, BLOCK_K=b.block_k, num_warps=b.warps)
     return combine_choices(y, None, x.dtype)  # the choices in order, in float32
-
-
-def _launch_one_token(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
-                      down: torch.Tensor, gate_up_launch: Launch = PAIR_GATE_UP_LAUNCH,
-                      down_launch: Launch = TOKEN_DOWN_LAUNCH) -> torch.Tensor:
-    (T, H), k, C = x.shape, ids.shape[1], down.shape[2]
-    h = torch.empty((T * k, C), dtype=x.dtype, device=x.device)
-    out = torch.empty((T, H), dtype=x.dtype, device=x.device)
-    a, b = gate_up_launch, down_launch
-    _pair_gate_up_gemv[(triton.cdiv(C, a.block_n), T * k)](x, ids, gate_up, h, H, C, K=k, BLOCK_N=a.block_n,
-                                                           BLOCK_K=a.block_k, num_warps=a.warps)
-    _token_down_gemv[(triton.cdiv(H, b.block_n), T)](h, ids, weights, down, out, H, C, K=k, BLOCK_N=b.block_n,
-                                                     BLOCK_K=b.block_k, num_warps=b.warps)
-    return out

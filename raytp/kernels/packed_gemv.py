@@ -51,7 +51,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from raytp.kernels.dispatch import use_triton_prefill_dequant
+from raytp.kernels.dispatch import use_triton
 from raytp.kernels.packed_dequant import dequantize_tiles
 
 MAX_ROWS = 16  # rows of x one weight pass serves (the mma's M); more (prefill) dequantize once and use cuBLAS
@@ -255,8 +255,8 @@ def physical_inputs(x: torch.Tensor, w: MMAPacked) -> torch.Tensor:
 
 
 def mma_linear_torch(x: torch.Tensor, w: MMAPacked) -> torch.Tensor:
-    """The reference and prefill path: dequantize (in one Triton pass where switched on), then one matmul."""
-    if use_triton_prefill_dequant(w.values):
+    """The reference and prefill path: dequantize (in one Triton pass on GPUs), then one matmul."""
+    if use_triton(w.values):
         dense = dequantize_tiles(w.values, w.scales, w.zeros, w.kind, w.group_tiles, w.out_features, x.dtype)
     else:
         dense = dequantize_mma(w, x.dtype)

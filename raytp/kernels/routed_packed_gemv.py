@@ -17,9 +17,8 @@ inputs (a split would need a workspace per pair): the pairs already give the gri
 
 Prefill (`sort`) sorts the pairs by expert first, so that the blocks reading one expert run one after another
 and find it in L2: each selected expert comes from HBM about once, in a handful of launches per layer, where one
-matmul per expert costs several launches each and a host sync (launch-bound at a few hundred tokens). Up to
-`routes_prefill`'s pairs: beyond, the grouped matmuls' tensor-core tiles win anyway, each expert having many tokens.
-Never run on a GPU yet.
+matmul per expert costs several launches each and a host sync. Up to `prefill_pairs` pairs a launch; the caller
+runs longer prefills in chunks of tokens (raytp.model.experts).
 """
 
 from __future__ import annotations
@@ -135,9 +134,9 @@ def routed_linear(x: torch.Tensor, w: StackedMMA, ids: torch.Tensor, x_div: int)
 ROUTED_PREFILL_PAIRS, ACT_ORDER_PREFILL_PAIRS = 32768, 4096
 
 
-def routes_prefill(pairs: int, gate_up: StackedMMA) -> bool:
-    """Whether a prefill of `pairs` (token, choice) pairs takes the routed launch, sorted by expert."""
-    return pairs <= (ROUTED_PREFILL_PAIRS if gate_up.x_index is None else ACT_ORDER_PREFILL_PAIRS)
+def prefill_pairs(gate_up: StackedMMA) -> int:
+    """The most (token, choice) pairs one routed launch over experts like `gate_up` takes."""
+    return ROUTED_PREFILL_PAIRS if gate_up.x_index is None else ACT_ORDER_PREFILL_PAIRS
 
 
 def routed_packed_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: StackedMMA,

@@ -9,9 +9,9 @@ of sampling the batch needs), all-reduces included, and a step is one graph repl
 Capturing needs a communicator whose collectives are kernels on the current stream (`graph_safe`); the
 CPU-driven host-staged path is not, and its ranks stay eager. A bucket is padded by repeating the last
 row: it writes the same keys/values to the same cache cell, and its outputs are dropped. The Triton decode
-attention (over an FP8 cache too, with RuntimeOptions.triton_fp8_kv) reads each sequence's length from device
-memory, so a replay reads only the live part of the cache; the torch attention (no Triton, or an FP8 cache without
-its switch) reads the whole `max_context` span with a mask.
+attention (over an FP8 cache too, on GPUs of compute capability 8.9+) reads each sequence's length from device
+memory, so a replay reads only the live part of the cache; the torch attention (no Triton, or an FP8 cache on an older
+GPU) reads the whole `max_context` span with a mask.
 
 Every rank captures the same graphs in the same order (the token loop asks for them at the same step), so
 the collectives inside stay matched. Capture runs the step once for real first (warm-up): the caller

@@ -21,7 +21,6 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from raytp.kernels.dispatch import weight_only_act_quant
 from raytp.model.formats import DenseWeight, WeightReader, for_device, fuse, read_linear
 from raytp.model.layout import Slice
 from raytp.parallel.comm import Communicator
@@ -37,9 +36,11 @@ class ColumnParallelLinear:
     def __init__(self, parts: Sequence[Slice], bias: Sequence[Slice] = ()):
         self.parts, self.bias_parts = tuple(parts), tuple(bias)
 
-    def load(self, reader: WeightReader) -> ColumnParallelLinear:
+    def load(self, reader: WeightReader, act_quant_weight_only: bool) -> ColumnParallelLinear:
+        """`act_quant_weight_only`: the group runs activation-quantized weights weight-only (formats.for_device)."""
         bias = torch.cat([reader.read(p) for p in self.bias_parts]) if self.bias_parts else None
-        self.weight = for_device(fuse([read_linear(reader, p) for p in self.parts], bias), reader.dtype)
+        self.weight = for_device(fuse([read_linear(reader, p) for p in self.parts], bias), reader.dtype,
+                                 act_quant_weight_only)
         return self
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -57,11 +58,12 @@ class RowParallelLinear:
         self.part, self.comm = part, comm
         self.out_features, self.width = part.shape[0], len(part.cols)
 
-    def load(self, reader: WeightReader) -> RowParallelLinear:
-        self.weight = for_device(read_linear(reader, self.part), reader.dtype)
+    def load(self, reader: WeightReader, act_quant_weight_only: bool) -> RowParallelLinear:
+        """`act_quant_weight_only`: the group runs activation-quantized weights weight-only (formats.for_device)."""
+        self.weight = for_device(read_linear(reader, self.part), reader.dtype, act_quant_weight_only)
         # Whether the ranks exchange each token's amax, which all must agree on: a rank without columns keeps its
         # empty slice as read, though the others hold theirs repacked for the weight-only kernel.
-        self.row_amax = self.weight.takes_amax and not weight_only_act_quant()
+        self.row_amax = self.weight.takes_amax and not act_quant_weight_only
         return self
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

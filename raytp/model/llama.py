@@ -28,8 +28,10 @@ from dataclasses import dataclass
 
 import torch
 
+from raytp.kernels import dispatch
 from raytp.kernels.norm import add_rms_norm, rms_norm, swiglu
 from raytp.model.config import ModelConfig
+from raytp.model.formats.act_quant import runs_weight_only
 from raytp.model.kv_cache import LayerCache, make_kv_cache
 from raytp.model.layers import (ColumnParallelLinear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding,
                                 WeightReader)
@@ -72,17 +74,17 @@ class DecoderLayer:
     """One transformer block's slice: this rank's heads of attention and columns of the MLP."""
 
     def __init__(self, config: ModelConfig, layout: LayerLayout, comm: Communicator, reader: WeightReader,
-                 cache: LayerCache):
+                 cache: LayerCache, act_quant_weight_only: bool):
         self.attn_norm, self.mlp_norm = reader.read(layout.attn_norm), reader.read(layout.mlp_norm)  # (hidden,)
         self.qk_norm = tuple(reader.read(s) for s in layout.qk_norm)  # (head_dim,) for q and k, or none
-        self.qkv = ColumnParallelLinear(layout.qkv, layout.qkv_bias).load(reader)
-        self.o_proj = RowParallelLinear(layout.o_proj, comm).load(reader)
+        self.qkv = ColumnParallelLinear(layout.qkv, layout.qkv_bias).load(reader, act_quant_weight_only)
+        self.o_proj = RowParallelLinear(layout.o_proj, comm).load(reader, act_quant_weight_only)
         if layout.experts is None:
-            self.gate_up = ColumnParallelLinear(layout.gate_up).load(reader)
-            self.down = RowParallelLinear(layout.down, comm).load(reader)
+            self.gate_up = ColumnParallelLinear(layout.gate_up).load(reader, act_quant_weight_only)
+            self.down = RowParallelLinear(layout.down, comm).load(reader, act_quant_weight_only)
             self.moe = None
         else:
-            self.moe = SparseMoeBlock.load(layout.experts, config.moe, reader, comm)
+            self.moe = SparseMoeBlock.load(layout.experts, config.moe, reader, comm, act_quant_weight_only)
         self.n_q, self.eps = self.o_proj.width // config.head_dim, config.rms_norm_eps
         self.cache = cache
 
@@ -114,20 +116,24 @@ class DecoderLayer:
 class ShardedLlama:
     """One rank's layers and KV cache, read through `reader` in the slices `raytp.model.layout` gives `shard`;
     `forward` runs them with the group's collectives. `kv_dtype` picks the cache (raytp.model.kv_cache): "auto" in
-    the model dtype, "fp8" as float8 e4m3 with a float32 scale per (slot, head, position)."""
+    the model dtype, "fp8" as float8 e4m3 with a float32 scale per (slot, head, position). `act_quant_weight_only`:
+    whether the group runs activation-quantized weights weight-only, the same on every rank
+    (raytp.model.formats.act_quant.runs_weight_only); by default as a group of this rank's device would."""
 
     def __init__(self, config: ModelConfig, shard: RankShard, comm: Communicator, reader: WeightReader, *,
-                 max_batch: int, max_context: int, kv_dtype: str = "auto"):
+                 max_batch: int, max_context: int, kv_dtype: str = "auto", act_quant_weight_only: bool | None = None):
         self.config, self.shard, self.comm = config, shard, comm
         self.max_batch, self.max_context = max_batch, max_context
         self.vocab_start = shard.vocab_rows.start  # the sampler's offset of local token ids
         layout = model_layout(config, shard)
         self.final_norm = reader.read(layout.final_norm)  # (hidden,)
         self.dtype, self.device = self.final_norm.dtype, self.final_norm.device
+        if act_quant_weight_only is None:
+            act_quant_weight_only = runs_weight_only([self.device.type], dispatch.use_triton(self.final_norm))
         shape = (config.num_layers, max_batch, len(shard.kv_heads), max_context, config.head_dim)
         self.cache = make_kv_cache(kv_dtype, shape, self.dtype, self.device)
         self.embed = VocabParallelEmbedding(layout.embed, comm).load(reader)
-        self.layers = [DecoderLayer(config, layer, comm, reader, self.cache.layer(i))
+        self.layers = [DecoderLayer(config, layer, comm, reader, self.cache.layer(i), act_quant_weight_only)
                        for i, layer in enumerate(layout.layers)]
         head = ParallelLMHead(layout.lm_head)
         self.lm_head = head.tie(self.embed) if layout.tied else head.load(reader)

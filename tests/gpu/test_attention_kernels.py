@@ -20,12 +20,6 @@ needs_fp8 = pytest.mark.skipif(not torch.cuda.is_available() or
                                reason="the FP8 KV cache's Triton paths need compute capability 8.9+")
 
 
-@pytest.fixture
-def triton_fp8_kv(monkeypatch):
-    """What set_triton(True, fp8_kv=True) does, undone after the test."""
-    monkeypatch.setattr(dispatch, "_fp8_kv", True)
-
-
 def rope_inputs(B, T, n_q, n_kv, D, ctx, dtype, seed=0):
     g = torch.Generator(device="cuda").manual_seed(seed)
     qkv = torch.randn(B, T, (n_q + 2 * n_kv) * D, device="cuda", generator=g).to(dtype)
@@ -57,7 +51,6 @@ def test_rope_and_cache_kernel_with_qk_norms_equals_torch_up_to_the_rsqrt(monkey
     disagree in the last bit for some inputs on an H200 (2026-12-05: the cache rows of the first shape), so queries
     and keys match within one rounding of it and values bit for bit. The reference runs with Triton off, rms_norm would
     run its own kernel."""
-    monkeypatch.setattr(dispatch, "_fp8_kv", True)
     g = torch.Generator().manual_seed(B * T + n_q)
     qkv, cos, sin, positions, slots, norms, cache = test_rope_cache.rope_inputs(B, T, n_q, n_kv, D, 64, dtype, fp8, g)
     qkv, cos, sin, positions, slots = (t.cuda() for t in (qkv, cos, sin, positions, slots))
@@ -137,7 +130,7 @@ def fp8_cache(B, n_kv, ctx, D):
 @needs_fp8
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("B,T,n_q,n_kv,D", [(1, 1, 32, 8, 128), (8, 1, 8, 2, 128), (2, 7, 3, 1, 64), (3, 1, 2, 2, 64)])
-def test_rope_and_fp8_cache_kernel_equals_torch_bit_for_bit(triton_fp8_kv, dtype, B, T, n_q, n_kv, D):
+def test_rope_and_fp8_cache_kernel_equals_torch_bit_for_bit(dtype, B, T, n_q, n_kv, D):
     """e4m3 values and float32 scales of every written row, the largest, the subnormal and the all-zero rows
     included, equal kv_fp8.quantize's bit for bit, up to the sign of a zero: in float16 the RoPE kernel and torch can
     round a rotated element that underflows to zeros of opposite signs (the model-dtype kernel does too; the values
@@ -165,7 +158,7 @@ def test_rope_and_fp8_cache_kernel_equals_torch_bit_for_bit(triton_fp8_kv, dtype
 @pytest.mark.parametrize("n_q,n_kv,D", [(32, 8, 128), (8, 1, 64), (3, 3, 64)])
 @pytest.mark.parametrize("ctx,lengths", [(300, [17]), (2048, [1, 17, 255, 256, 257, 1024, 1999, 2048]),
                                          (8192, [8192]), (8192, [1, 64, 4097, 8192, 17, 513, 8000, 3])])
-def test_decode_attention_kernel_over_fp8_cache_matches_torch(triton_fp8_kv, dtype, n_q, n_kv, D, ctx, lengths):
+def test_decode_attention_kernel_over_fp8_cache_matches_torch(dtype, n_q, n_kv, D, ctx, lengths):
     """Batch 1 and 8, lengths on both sides of the split boundaries (256 positions each up to 8192)."""
     B = len(lengths)
     g = torch.Generator(device="cuda").manual_seed(ctx + n_q + B)
@@ -195,14 +188,16 @@ def test_tokens_with_triton_kernels_equal_the_torch_path(monkeypatch):
 def test_fp8_cache_tokens_in_cuda_graphs_equal_eager_steps(monkeypatch, fp8_kernels):
     """The FP8 cache, written and read by torch code or by the Triton kernels, replayed from CUDA graphs gives the
     eager steps' tokens."""
-    monkeypatch.setattr(dispatch, "_fp8_kv", fp8_kernels)
+    if not fp8_kernels:  # the torch code, as --no-triton or a GPU before compute capability 8.9 runs it
+        monkeypatch.setattr(attention, "use_triton_fp8_kv", lambda t: False)
+        monkeypatch.setattr(rope_cache, "use_triton_fp8_kv", lambda t: False)
     assert generate(True, "hoststaged", kv_dtype="fp8") == generate(False, "hoststaged", kv_dtype="fp8")
 
 
 @needs_fp8
 def test_fp8_cache_tokens_with_triton_kernels_equal_the_torch_path(monkeypatch):
     """float32: the write is bit-exact, the attention within float32 rounding, so greedy and sampled tokens agree."""
-    monkeypatch.setattr(dispatch, "_fp8_kv", True)
     fused = generate(True, "hoststaged", kv_dtype="fp8")
-    monkeypatch.setattr(dispatch, "_fp8_kv", False)
+    monkeypatch.setattr(attention, "use_triton_fp8_kv", lambda t: False)  # the torch code for the FP8 cache only
+    monkeypatch.setattr(rope_cache, "use_triton_fp8_kv", lambda t: False)
     assert generate(True, "hoststaged", kv_dtype="fp8") == fused

@@ -5,17 +5,12 @@ from a CUDA graph."""
 import pytest
 import torch
 
-from raytp.kernels import dispatch, moe_routing
+from raytp.kernels import moe_routing
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available() or moe_routing.triton is None,
                                                  reason="needs CUDA and Triton")]
 
 CASES = [(1, 128, 8, True), (16, 128, 8, False), (8, 8, 2, True), (3, 60, 4, False)]
-
-
-@pytest.fixture(autouse=True)
-def switched_on(monkeypatch):
-    monkeypatch.setattr(dispatch, "_fused_moe", True)  # what --fused-moe sets, undone after the test
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -1,13 +1,14 @@
-"""The routed launch of the packed GEMV (raytp.kernels.routed_packed_gemv, behind RuntimeOptions
-.routed_quantized_experts until measured) against the grouped experts, each expert its own packed GEMV (the dense
-kernel, tested in test_packed_gemv.py), on the same weights (GPU host only): int4 with and without zero points and
-act-order, int8 per channel, FP8; bfloat16; 1-16 tokens; eagerly and replayed from a CUDA graph."""
+"""The routed launch of the packed GEMV (raytp.kernels.routed_packed_gemv, every GPU rank's quantized experts:
+raytp.model.experts.PackedExperts) against the grouped experts, each expert its own packed GEMV (the dense kernel,
+tested in test_packed_gemv.py), on the same weights (GPU host only): int4 with and without zero points and act-order,
+int8 per channel, FP8; bfloat16; 1-16 tokens; eagerly and replayed from a CUDA graph; prefill in chunks of tokens."""
 
 import pytest
 import torch
 
 from raytp.kernels.moe_gemv import grouped_experts
 from raytp.kernels.routed_packed_gemv import StackedMMA, routed_packed_experts
+from raytp.model import experts as experts_backends
 from raytp.model.formats import FP8Weight, IntWeight, for_device, pack
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -37,7 +38,7 @@ def experts(shape, seed: int):
     E, k, H, C, fmt, group, zeros, act_order = shape
     g = torch.Generator(device="cuda").manual_seed(seed)
     held = lambda rows, cols: for_device(weight(rows, cols, fmt, group, zeros, act_order, g),  # noqa: E731
-                                         torch.bfloat16)
+                                         torch.bfloat16, False)
     return [held(2 * C, H) for _ in range(E)], [held(H, C) for _ in range(E)]
 
 
@@ -77,6 +78,16 @@ def test_prefill_sorted_by_expert_matches_grouped_experts(tokens, shape):
     x, ids, weights = routing(tokens, shape, seed=tokens)
     got = routed_packed_experts(x, ids, weights, *stacked(gate_up, down), sort=True)
     torch.testing.assert_close(got, grouped(x, ids, weights, gate_up, down), **TOL)
+
+
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[4]], ids=["int4", "int4-act-order"])
+def test_prefill_in_chunks_of_tokens_matches_grouped_experts(monkeypatch, shape):
+    """PackedExperts runs a prefill longer than one launch takes as launches over chunks of tokens."""
+    gate_up, down = experts(shape, seed=0)
+    backend = experts_backends.PackedExperts(*stacked(gate_up, down))
+    monkeypatch.setattr(experts_backends, "prefill_pairs", lambda stack: 5 * shape[1])  # 5 tokens a launch
+    x, ids, weights = routing(37, shape, seed=5)
+    torch.testing.assert_close(backend(x, ids, weights), grouped(x, ids, weights, gate_up, down), **TOL)
 
 
 @pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[4]], ids=["int4", "int4-act-order"])

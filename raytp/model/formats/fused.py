@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-from raytp.kernels.dispatch import use_triton, weight_only_act_quant
+from raytp.kernels.dispatch import use_triton
 from raytp.kernels.packed_gemv import MMAPacked, mma_linear, reserve
 from raytp.model.formats.act_quant import ActQuantWeight
 from raytp.model.formats.dense import DenseWeight
@@ -80,16 +80,16 @@ def fuse(parts: Sequence[Weight], bias: torch.Tensor | None = None) -> Weight:
     return ConcatWeight(parts, bias)
 
 
-def for_device(weight: Weight, dtype: torch.dtype) -> Weight:
+def for_device(weight: Weight, dtype: torch.dtype, act_quant_weight_only: bool) -> Weight:
     """`weight` in the layout its device's kernels read fastest, made from the rank's own slice once at load time:
-    quantized weights on a CUDA rank with the kernels on become PackedWeight; with RuntimeOptions
-    .weight_only_act_quant activation-quantized ones first become their weight-only format, on every device;
-    everything else stays as it is."""
+    with `act_quant_weight_only` (the group's choice: raytp.model.formats.act_quant.runs_weight_only)
+    activation-quantized ones first become their weight-only format; quantized weights on a CUDA rank with the kernels
+    on become PackedWeight; everything else stays as it is."""
     if isinstance(weight, ConcatWeight):
-        return ConcatWeight([for_device(p, dtype) for p in weight.parts], weight.bias)
+        return ConcatWeight([for_device(p, dtype, act_quant_weight_only) for p in weight.parts], weight.bias)
     # a rank with no heads or columns has an empty slice: nothing to repack, its checkpoint format serves
-    if weight.takes_amax and weight_only_act_quant() and weight.weight.numel():
-        return for_device(weight.weight_only(dtype), dtype)
+    if weight.takes_amax and act_quant_weight_only and weight.weight.numel():
+        return for_device(weight.weight_only(dtype), dtype, act_quant_weight_only)
     values = weight.tensors()[0]
     packed = weight.repacked(dtype) if use_triton(values) and values.numel() else None  # None: read as it is
     return weight if packed is None else PackedWeight(packed, weight.bias)

@@ -48,8 +48,10 @@ class CommPlan:
     segments: tuple[str, ...]  # one shared-memory name per node, where host-staged is opened (or timed)
     init_method: str | None  # tcp://HOST:PORT where torch.distributed groups meet, if any is opened
     timeout_s: float  # a collective waiting longer than this for a peer fails
-    gpu_hoststaged: bool = True  # see raytp.runtime.options.RuntimeOptions
-    check_identical: bool = False  # likewise
+    # GPU ranks run host-staged as a kernel polling mapped host memory (raytp.parallel.comm.hoststaged_gpu); not
+    # where ranks share GPUs, whose spinning kernels would hold a GPU from the rank beside them: the CPU drives it
+    gpu_hoststaged: bool = True
+    check_identical: bool = False  # see raytp.runtime.options.RuntimeOptions
     dtype: str = "bfloat16"  # what `measured` times, the model's own activations
     # time every backend that can run here at AUTO_SIZES, as `measured` does, and report them (`raytp bench`); the
     # group still uses `backend`
