@@ -287,7 +287,7 @@ class Driver:
         stats...}. With `params.n` > 1 the samples' items interleave, each with its sample's index.
 
         With `params.logprobs` each token's item also has "logprob" and "top_logprobs" ([(id, logprob)]); every
-        generated token gets an item then (its text may be ""), except a stop token. With
+        generated token gets an item then (its text may be ""), the end token too ("end_token" is true). With
         `params.prompt_logprobs` items {"prompt_logprobs": [(logprob, top)]} come first, for the prompt's tokens
         from the second on.
 
@@ -336,10 +336,12 @@ class Driver:
                     self._observe_token(start, first, last_t, e.t)
                     first, last_t = first or time.perf_counter(), e.t
                 text = sample.take(e)
-                scored = e.logprob is not None and e.finish != "stop"  # a stop token is not part of the answer
+                scored = e.logprob is not None
                 if text or sample.finish is None or scored:
-                    yield {"index": e.index, "text": text, "token_id": e.token_id} | (
-                        {"logprob": e.logprob, "top_logprobs": e.top_logprobs} if scored else {})
+                    # an end token is scored too (its text is empty, as vLLM's and OpenAI's completions give it):
+                    # lm-eval reads one logprob per generated token
+                    yield {"index": e.index, "text": text, "token_id": e.token_id, "end_token": e.finish == "stop"
+                           } | ({"logprob": e.logprob, "top_logprobs": e.top_logprobs} if scored else {})
         except Exception as e:  # noqa: BLE001 - whatever ended an admitted request is logged once, with its id
             log.error("request %s failed: %s", rid, e)
             raise

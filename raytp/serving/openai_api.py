@@ -494,7 +494,7 @@ async def run_completion(driver, req: ChatCompletionRequest | CompletionRequest)
     Tokenizes the prompt once, here; the driver's `submit` checks it against the model. With echo each choice's
     first piece is the prompt (its tokens' logprobs too, with logprobs). Closing this generator (or cancelling its
     consumer) closes the driver's stream, which cancels the request."""
-    if isinstance(req, ChatCompletionRequest):
+    if chat := isinstance(req, ChatCompletionRequest):
         prompt_ids = await driver.encode(messages=[m.as_template_input() for m in req.messages],
                                          tools=req.template_tools())
     else:
@@ -502,7 +502,7 @@ async def run_completion(driver, req: ChatCompletionRequest | CompletionRequest)
     if why := driver.unavailable():  # a client retries a 503 on its own; it would only wait out a rebuild here
         raise UnavailableError(why)
     params = req.sampling()
-    echo = isinstance(req, CompletionRequest) and req.echo
+    echo = not chat and req.echo
     scored: list[TokenLogprob] = [(t, None, None) for t in prompt_ids[:1]]  # the first prompt token has no logprob
     async with aclosing(driver.submit(prompt_ids, params, req.stop, req.ignore_eos)) as pieces:
         async for item in pieces:
@@ -518,7 +518,7 @@ async def run_completion(driver, req: ChatCompletionRequest | CompletionRequest)
                 yield {"finish_reasons": ["length" if f == "length" else "stop" for f in item["finishes"]],
                        "prompt_tokens": item["prompt_tokens"], "completion_tokens": item["generated_tokens"]}
                 return
-            if "logprob" in item:
+            if "logprob" in item and not (chat and item["end_token"]):  # chat's logprobs are the message's tokens
                 yield Piece(item["text"], [(item["token_id"], item["logprob"], item["top_logprobs"])], item["index"])
             elif item["text"]:
                 yield Piece(item["text"], index=item["index"])
