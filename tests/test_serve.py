@@ -21,6 +21,7 @@ import openai
 import pytest
 import transformers
 
+from raytp.runtime.errors import RequestError
 from raytp.runtime.requests import StopScanner
 from raytp.serving.openai_api import APIError, parse_completion
 from raytp.runtime.sampling import SamplingParams
@@ -74,6 +75,42 @@ def test_parse_completion_rejects(body, status, param):
     with pytest.raises(APIError) as e:
         parse_completion(body, chat=False, model_id="m")
     assert (e.value.status, e.value.param) == (status, param)
+
+
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+DEEP = "[" * 100000 + "]" * 100000
+
+
+@pytest.mark.parametrize("body, param", [
+    # a call sent back with arguments nested 100000 deep (as a string: the body itself is shallow)
+    ({"messages": [{"role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {
+        "name": "get_weather", "arguments": DEEP}}]}, {"role": "user", "content": "hi"}]}, "messages"),
+    # a lone surrogate in a tool's parameters, which the template and the grammar would read
+    ({"messages": [{"role": "user", "content": "hi"}], "tool_choice": "required", "tools": [{
+        "type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+            "\ud800": {"type": "string"}}}}}]}, "tools"),
+])
+def test_bodies_that_would_fail_later_are_refused_at_parse(body, param):
+    with pytest.raises(APIError) as e:
+        parse_completion({"model": "m", **body}, chat=True, model_id="m")
+    assert (e.value.status, e.value.param) == (400, param), e.value.message
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": {
+        "type": "integer", "maximum": 10**30}}}}, "response_format"),
+    ({"tool_choice": "required", "tools": [{**WEATHER_TOOL, "function": {**WEATHER_TOOL["function"], "parameters": {
+        "type": "object", "properties": {"n": {"type": "integer", "minimum": -(10**30)}}}}}]}, "tools"),
+])
+def test_a_schema_llguidance_cannot_take_in_is_a_request_error_naming_the_field(body, param):
+    """An integer beyond 64 bits in a schema: llguidance refuses it with a ValueError, which must reach the client
+    as a 400 naming the field (the API turns RequestError into one), not a 500."""
+    req = parse_completion({"model": "m", "messages": [{"role": "user", "content": "hi"}], **body}, chat=True,
+                           model_id="m")
+    with pytest.raises(RequestError) as e:
+        req.sampling()
+    assert e.value.param == param and "cannot be used" in str(e.value), e.value
 
 
 def test_parse_completion_accepts_openai_shapes():
