@@ -128,8 +128,8 @@ def error_event(lines) -> dict:
 
 
 def test_a_stopped_rank_is_found_by_heartbeat_and_failures_say_503_naming_the_rank(tmp_path):
-    """A rank stopped with SIGSTOP (its peers wait for it in a collective) is found by the driver's heartbeat, not
-    by the collective's 30 s timeout; its requests fail with one line naming the rank; new requests get 503 with
+    """A rank stopped with SIGSTOP (its peers wait for it in a collective) makes /health answer 503 at once, and is
+    found by the driver's heartbeat, not by the collective's 30 s timeout; its requests fail with one line naming the rank; new requests get 503 with
     Retry-After while the group rebuilds; then it serves again. Killing every rank (the leader too) is reported
     the same way, without Ray's internals."""
     log_path = tmp_path / "serve.log"
@@ -143,6 +143,9 @@ def test_a_stopped_rank_is_found_by_heartbeat_and_failures_say_503_naming_the_ra
             stopped = workers[1]
             stopped.suspend()
             try:
+                asked = time.monotonic()
+                at_once = http.get(f"{url}/health")  # before the heartbeat gives up on the rank (5 s)
+                asked = time.monotonic() - asked
                 error = error_event(lines)
                 busy = http.post(f"{url}/v1/completions", json={"model": "smollm2", "prompt": "Hi", "max_tokens": 2})
                 unhealthy = http.get(f"{url}/health")
@@ -153,6 +156,9 @@ def test_a_stopped_rank_is_found_by_heartbeat_and_failures_say_503_naming_the_ra
                     pass
         assert re.fullmatch(r"rank [01] \(cpu@[12]GiB\) failed: it answered no heartbeat for 5 s \(stopped or "
                             r"stuck; --rank-timeout\); the group is rebuilding: retry shortly", error["message"]), error
+        assert at_once.status_code == 503 and asked < 4, (asked, at_once.text)
+        assert re.fullmatch(r"rank [01] \(cpu@[12]GiB\) did not answer within 1 s",
+                            at_once.json()["error"]["message"]), at_once.text
         assert busy.status_code == 503 and busy.headers["Retry-After"], busy.text
         assert busy.json()["error"]["code"] == "unavailable" and error["message"] in busy.json()["error"]["message"]
         assert unhealthy.status_code == 503 and unhealthy.headers["Retry-After"], unhealthy.text
