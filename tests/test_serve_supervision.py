@@ -25,7 +25,7 @@ import pytest
 
 from raytp.cli import TOKEN_FILE
 from raytp.weights.smollm2 import raytp_home
-from tests.util import RAYTP_ENV, serve_process
+from tests.util import RAYTP_ENV, raytp_segments, serve_process
 
 pytestmark = pytest.mark.slow
 
@@ -94,6 +94,8 @@ def test_nothing_listens_beyond_loopback_and_sigterm_exits_cleanly(tmp_path, com
 
 
 def test_driver_logs_reach_the_terminal_and_a_dead_driver_ends_serve(tmp_path):
+    """Also: the driver killed with SIGKILL leaves nothing in /dev/shm (its tokenizer processes' included)."""
+    before = raytp_segments()
     with serving(tmp_path / "serve.log") as (proc, log_path):
         ray_process(proc, "ray::Worker").kill()  # the driver logs the rank's failure and rebuilds
         wait_for(lambda: "failed" in log_path.read_text() and "rank" in log_path.read_text(), 30,
@@ -109,6 +111,8 @@ def test_driver_logs_reach_the_terminal_and_a_dead_driver_ends_serve(tmp_path):
     assert elapsed < 10, f"took {elapsed:.0f} s to notice"
     assert "raytp: error: the driver actor died" in text, text[-3000:]
     assert "Traceback" not in text, text[-3000:]
+    left = raytp_segments() - before
+    assert not left, f"left behind in /dev/shm: {sorted(left)}"
 
 
 INTERNALS = ("actor_id", "pid", "namespace", "ip:", "Traceback", "class_name", "\n")

@@ -22,9 +22,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# What raytp's processes may create in /dev/shm: its own segments, and what Python's multiprocessing makes (POSIX
+# semaphores `sem.mp-*` of its locks and queues, `psm_*` of multiprocessing.shared_memory).
+SHM_PREFIXES = ("raytp-", "sem.mp-", "psm_")
+
+
 def raytp_segments() -> set[str]:
-    """raytp's shared-memory segments now in /dev/shm (there should be none left behind)."""
-    return {n for n in os.listdir("/dev/shm") if n.startswith("raytp-")}
+    """The files in /dev/shm that raytp's processes could have left behind (there should be none), for a before /
+    after comparison. Filtered by name rather than every file: other test runs on the machine create and remove
+    their own files in /dev/shm meanwhile, and a file cannot be traced to its creator once that process is gone;
+    the names cover everything raytp and the libraries it drives (multiprocessing) create there."""
+    return {n for n in os.listdir("/dev/shm") if n.startswith(SHM_PREFIXES)}
 
 
 def transformers_greedy(model_dir, prompt: str, max_tokens: int) -> list[int]:
