@@ -31,11 +31,11 @@ pytestmark = pytest.mark.slow
 
 @contextmanager
 def serving(log_path: Path, *extra: str):
-    """`raytp serve` up and answering; yields (process, log path). The caller's RAY_AUTH_MODE=disabled (in
+    """`raytp serve` up and answering; yields (process, log path, base URL). The caller's RAY_AUTH_MODE=disabled (in
     RAYTP_ENV) must not reach the Ray that raytp starts itself."""
     with serve_process(log_path, "--model", "smollm2", "--devices", "cpu@2GiB,cpu@1GiB", "--dtype",
-                       "float32", *extra) as (proc, _):
-        yield proc, log_path
+                       "float32", *extra) as (proc, url):
+        yield proc, log_path, url
 
 
 def tree(proc: subprocess.Popen) -> list[psutil.Process]:
@@ -67,7 +67,8 @@ def wait_for(predicate, timeout: float, what: str):
 # and gloo's own connections)
 @pytest.mark.parametrize("comm", ["auto", "gloo"])
 def test_nothing_listens_beyond_loopback_and_sigterm_exits_cleanly(tmp_path, comm):
-    with serving(tmp_path / "serve.log", "--comm", comm) as (proc, log_path):
+    """SIGTERM also tells an open stream, with an error event and [DONE], before serve exits."""
+    with serving(tmp_path / "serve.log", "--comm", comm) as (proc, log_path, url):
         procs = {p.pid: p for p in tree(proc)}
         names = {p.name() for p in procs.values()}
         assert {"gcs_server", "raylet"} <= names, names  # Ray's own processes are in the tree we inspect
@@ -88,15 +89,21 @@ def test_nothing_listens_beyond_loopback_and_sigterm_exits_cleanly(tmp_path, com
                       "ready in"):
             assert phase in text, f"no {phase!r} line:\n{text}"
 
-        proc.send_signal(signal.SIGTERM)
+        with httpx.Client(timeout=120) as http, long_stream(http, url) as response:
+            lines = response.iter_lines()
+            assert next(line for line in lines if line).startswith("data: {")  # decoding
+            proc.send_signal(signal.SIGTERM)
+            rest = [line for line in lines if line]
         assert proc.wait(timeout=90) == 0, log_path.read_text()[-3000:]
+    # the open stream is told, not cut
+    assert rest[-1] == "data: [DONE]" and "shutting down" in error_event(rest)["message"], rest[-3:]
     assert "Traceback" not in log_path.read_text(), log_path.read_text()[-3000:]
 
 
 def test_driver_logs_reach_the_terminal_and_a_dead_driver_ends_serve(tmp_path):
     """Also: the driver killed with SIGKILL leaves nothing in /dev/shm (its tokenizer processes' included)."""
     before = raytp_segments()
-    with serving(tmp_path / "serve.log") as (proc, log_path):
+    with serving(tmp_path / "serve.log") as (proc, log_path, _):
         ray_process(proc, "ray::Worker").kill()  # the driver logs the rank's failure and rebuilds
         wait_for(lambda: "failed" in log_path.read_text() and "rank" in log_path.read_text(), 30,
                  f"the driver's report of the dead rank never reached the terminal:\n{log_path.read_text()}")

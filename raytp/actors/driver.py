@@ -44,6 +44,7 @@ log = logging.getLogger("raytp")
 
 MAX_QUEUE = 64  # streams that may wait for a cache slot beyond the max_batch running ones; `serve` sets it
 REBUILDING = "the group is rebuilding: retry shortly"
+SHUTTING_DOWN = "the server is shutting down: the request was not finished"
 HEALTH_DEADLINE_S = 1.0  # /health's wait for every rank's answer: a stopped rank shows at once, not after heartbeat_s
 HEARTBEAT_EVERY_S = 1.0  # between two heartbeats of every rank (each waits up to settings.heartbeat_s for answers)
 LOG_LINES = 1000  # `raytp` log lines kept for the CLI between two `take_logs`; older ones are dropped
@@ -194,7 +195,12 @@ class Driver:
         self.history.append(f"{time.strftime('%H:%M:%S')} {event}")
 
     async def shutdown(self) -> None:
+        """Stop serving: every open request first fails with UnavailableError (a stream's client gets an error event
+        and [DONE], a whole answer a 503), then the HTTP server stops, then the ranks and the tokenizer's
+        processes."""
         self._closing = True
+        for q in self.streams.values():
+            q.put_nowait(UnavailableError(SHUTTING_DOWN))
         if self._http is not None:
             await self._http.stop()
             self._http = None
