@@ -359,3 +359,49 @@ def test_forced_tool_calls_come_back_as_tool_calls(server, tool_choice):
             finishes.append(c.finish_reason)
     assert [streamed[k] for k in sorted(streamed)] == [(c.function.name, c.function.arguments) for c in calls]
     assert finishes[-1] == "tool_calls"
+
+
+# ---- failures that must not pass for answers --------------------------------------------------------------------
+
+# A string whose automaton outgrows llguidance's lexer a token or two in: it compiles and its first mask is fine, so
+# only decoding finds it out.
+FAILING_SCHEMA = {"type": "string", "pattern": "^(.{1,1000}){1,1000}$"}
+
+
+def sse_events(server: str, path: str, body: dict) -> list:
+    """The `data:` events of a streamed request, decoded ("[DONE]" as it is); an error before the first token
+    (an HTTP status other than 200) as one event of its own."""
+    with httpx.stream("POST", f"{server}{path}", json={"model": "smollm2", "stream": True, **body},
+                      timeout=120) as response:
+        if response.status_code != 200:
+            return [json.loads(response.read())]
+        return [line[6:] if line == "data: [DONE]" else json.loads(line[6:])
+                for line in response.iter_lines() if line.startswith("data: ")]
+
+
+def test_a_grammar_that_fails_while_decoding_is_an_error_whole_streamed_and_as_a_forced_call(server):
+    """Never a 200 "stop" with a cut answer, nor a 500 from parsing the cut call; streamed, an error event and
+    [DONE] (or the error status, where it fails before the first token)."""
+    chat = {"messages": [{"role": "user", "content": "Say something."}], "max_tokens": 30, "temperature": 0}
+    formats = {"response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": FAILING_SCHEMA}}}
+    tools = {"tool_choice": "required", "tools": [{"type": "function", "function": {
+        "name": "say", "parameters": {"type": "object", "properties": {"text": FAILING_SCHEMA}, "required": ["text"]}}}]}
+    for constraint in (formats, tools):
+        response = httpx.post(f"{server}/v1/chat/completions", json={"model": "smollm2", **chat, **constraint},
+                              timeout=120)
+        assert response.status_code == 400, response.text
+        assert "failed while decoding" in response.json()["error"]["message"], response.text
+        events = sse_events(server, "/v1/chat/completions", {**chat, **constraint})
+        error = events[-2] if events[-1] == "[DONE]" else events[-1]
+        assert "failed while decoding" in error["error"]["message"], events
+        assert not any(c["finish_reason"] for e in events for c in e.get("choices", ())), events
+
+
+def test_a_tiny_temperature_is_greedy_with_finite_logprobs_whole_and_streamed(server):
+    body = {"prompt": "The capital of France is", "max_tokens": 5, "logprobs": 1}
+    greedy = completion(server, {**body, "temperature": 0})
+    tiny = completion(server, {**body, "temperature": 1e-40})
+    assert tiny["text"] == greedy["text"] and tiny["logprobs"] == greedy["logprobs"]
+    events = sse_events(server, "/v1/completions", {**body, "temperature": 1e-40})
+    assert events[-1] == "[DONE]"
+    json.dumps(events[:-1], allow_nan=False)  # no NaN came (json.loads takes a literal NaN; this refuses it)
