@@ -8,6 +8,7 @@ batch slot.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import httpx
 import openai
+import psutil
 import pytest
 import transformers
 
@@ -27,7 +29,7 @@ from raytp.serving.openai_api import APIError, parse_completion
 from raytp.runtime.sampling import SamplingParams
 from raytp.weights.source import ModelSource
 from raytp.weights.tokenizer import Tokenizer
-from tests.util import RAYTP_ENV, raytp_command, raytp_segments, serve_process
+from tests.util import RAYTP_ENV, raytp_command, raytp_segments, serve_process, shm_files_mapped_by
 
 DEVICES = "cpu@2GiB,cpu@1GiB"
 MAX_BATCH = 8
@@ -143,7 +145,7 @@ def test_serve_refuses_a_taken_port_at_once():
 @contextmanager
 def running_server(log_path: Path, *extra: str, stop_signal=signal.SIGTERM, api_key: str | None = None):
     """`raytp serve` as a subprocess on a free port; yields its base URL. On exit: stop it with `stop_signal`,
-    expect a clean exit, and no shared-memory segment left behind."""
+    expect a clean exit, and nothing left in /dev/shm: no raytp segment, no file its processes mapped."""
     segments = raytp_segments()
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     with serve_process(log_path, "--model", "smollm2", "--devices", DEVICES, "--dtype", "float32", *extra,
@@ -151,6 +153,8 @@ def running_server(log_path: Path, *extra: str, stop_signal=signal.SIGTERM, api_
         try:
             yield url
         finally:
+            root = psutil.Process(proc.pid)
+            ours = shm_files_mapped_by([root, *root.children(recursive=True)])
             proc.send_signal(stop_signal)
             try:
                 rc = proc.wait(timeout=90)
@@ -158,7 +162,7 @@ def running_server(log_path: Path, *extra: str, stop_signal=signal.SIGTERM, api_
                 proc.kill()
                 rc = proc.wait()
     assert rc == 0, f"raytp serve exited with {rc} on {stop_signal.name}:\n{log_path.read_text()[-3000:]}"
-    left = raytp_segments() - segments
+    left = (raytp_segments() - segments) | (ours & set(os.listdir("/dev/shm")))
     assert not left, f"shared memory left behind in /dev/shm: {sorted(left)}"
 
 

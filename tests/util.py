@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 import torch
 import transformers
@@ -22,17 +23,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-# What raytp's processes may create in /dev/shm: its own segments, and what Python's multiprocessing makes (POSIX
-# semaphores `sem.mp-*` of its locks and queues, `psm_*` of multiprocessing.shared_memory).
-SHM_PREFIXES = ("raytp-", "sem.mp-", "psm_")
-
-
 def raytp_segments() -> set[str]:
-    """The files in /dev/shm that raytp's processes could have left behind (there should be none), for a before /
-    after comparison. Filtered by name rather than every file: other test runs on the machine create and remove
-    their own files in /dev/shm meanwhile, and a file cannot be traced to its creator once that process is gone;
-    the names cover everything raytp and the libraries it drives (multiprocessing) create there."""
-    return {n for n in os.listdir("/dev/shm") if n.startswith(SHM_PREFIXES)}
+    """raytp's shared-memory segments now in /dev/shm, by their name (there should be none left behind). Files of
+    other names (multiprocessing's `sem.mp-*`...) are told apart by `shm_files_mapped_by` instead: other test runs
+    on the machine create such files meanwhile."""
+    return {n for n in os.listdir("/dev/shm") if n.startswith("raytp-")}
+
+
+def shm_files_mapped_by(processes) -> set[str]:
+    """Every file in /dev/shm that these psutil processes map now (any name: raytp's segments, multiprocessing's
+    semaphores...). Taken while they run, it tells which of the files appearing in /dev/shm are theirs: other test
+    runs on the machine create files there meanwhile, and a file cannot be traced to its creator once it is gone."""
+    names = set()
+    for process in processes:
+        try:
+            maps = process.memory_maps(grouped=False)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        names |= {m.path.removeprefix("/dev/shm/") for m in maps if m.path.startswith("/dev/shm/")
+                  and not m.path.endswith("(deleted)")}
+    return names
 
 
 def transformers_greedy(model_dir, prompt: str, max_tokens: int) -> list[int]:
