@@ -45,9 +45,17 @@ def tree(proc: subprocess.Popen) -> list[psutil.Process]:
 
 def ray_process(proc: subprocess.Popen, title: str) -> psutil.Process:
     """The descendant whose command line (Ray's process title, e.g. `ray::Worker.run`) contains `title`."""
-    found = [p for p in tree(proc) if title in " ".join(p.cmdline())]
-    assert found, f"no process {title!r} among {[' '.join(p.cmdline())[:60] for p in tree(proc)]}"
+    found = [p for p in tree(proc) if title in command_line(p)]
+    assert found, f"no process {title!r} among {[command_line(p)[:60] for p in tree(proc)]}"
     return found[0]
+
+
+def command_line(process: psutil.Process) -> str:
+    """Its command line; "" for one that is gone or a zombie (a rank the test killed, not yet reaped)."""
+    try:
+        return " ".join(process.cmdline())
+    except psutil.Error:
+        return ""
 
 
 def is_loopback(ip: str) -> bool:
@@ -148,7 +156,7 @@ def test_a_stopped_rank_is_found_by_heartbeat_and_failures_say_503_naming_the_ra
     log_path = tmp_path / "serve.log"
     with serve_process(log_path, "--model", "smollm2", "--devices", "cpu@2GiB,cpu@1GiB", "--dtype", "float32") \
             as (proc, url), httpx.Client(timeout=120) as http:
-        workers = [p for p in tree(proc) if "ray::Worker" in " ".join(p.cmdline())]
+        workers = [p for p in tree(proc) if "ray::Worker" in command_line(p)]
         assert len(workers) == 2, workers
         with long_stream(http, url) as response:
             lines = response.iter_lines()
@@ -184,7 +192,7 @@ def test_a_stopped_rank_is_found_by_heartbeat_and_failures_say_503_naming_the_ra
         with long_stream(http, url) as response:
             lines = response.iter_lines()
             assert next(line for line in lines if line).startswith("data: {")
-            for worker in [p for p in tree(proc) if "ray::Worker" in " ".join(p.cmdline())]:
+            for worker in [p for p in tree(proc) if "ray::Worker" in command_line(p)]:
                 worker.kill()
             error = error_event(lines)
         assert re.fullmatch(r"rank [01] \(cpu@[12]GiB\) failed: .+; the group is rebuilding: retry shortly",
