@@ -301,3 +301,33 @@ def test_grammar_rows_draw_what_llguidance_masked_transformers_logits_draw(smoll
     text = tokenizer.decode(out["a"])
     jsonschema.validate(json.loads(text), schema)
     assert out["b"] == reference(model, prompt, SamplingParams(max_tokens=12), 12, eos)
+
+
+def test_a_grammar_that_fails_while_decoding_ends_its_row_in_an_error_not_a_stop(smollm2_dir):
+    """A schema that refers only to itself fails at its first mask (llguidance then allows an end token only): the
+    row ends with finish "error" and llguidance's reason, never "stop" with an empty answer; the row beside it runs
+    on. The driver refuses such a schema before admission (Grammars.check); the loop must not trust that alone."""
+    from raytp.runtime.constraints import Grammars, json_schema_grammar
+    from raytp.runtime.errors import RequestError
+
+    group = LocalGroup(smollm2_dir, SPLIT)
+    grammar = json_schema_grammar({"$ref": "#"})
+    with pytest.raises(RequestError, match="cannot be used: NoExtensionBias"):
+        Grammars.for_model(smollm2_dir, group.config).check(grammar)
+    eos = sorted(Tokenizer.from_dir(smollm2_dir).eos_token_ids)
+    engines = [RankEngine(m, m.comm, grammars=lambda m=m: Grammars.for_model(smollm2_dir, group.config,
+                                                                               m.vocab_start, m.lm_head.width))
+               for m in group.models]
+    ends = {}
+
+    def emit(events):
+        ends.update({e.request_id: (e.finish, e.error) for e in events if e.finish})
+        if len(ends) == 2:
+            engines[0].inbox.put(Stop())
+
+    engines[0].inbox.put(Add(Request("bad", [1, 2, 3], SamplingParams(max_tokens=8, grammar=grammar), eos)))
+    engines[0].inbox.put(Add(Request("free", [1, 2, 3], SamplingParams(max_tokens=4), [])))
+    group.on_all_ranks(lambda r, m: engines[r].run(emit if r == 0 else lambda ev: None))
+    finish, error = ends["bad"]
+    assert finish == "error" and "failed while decoding: NoExtensionBias" in error, ends
+    assert ends["free"] == ("length", None)

@@ -24,22 +24,46 @@ from tests.util import serve_process
 
 pytestmark = pytest.mark.slow
 
-TASK = "raytp_multiple_choice"
-TASK_DATA = Path(__file__).parent / "data" / "multiple_choice.jsonl"
-# lm-eval's task config; the data file's path is filled in (a JSONL of question, choices, answer index)
+# lm-eval's tasks over one JSONL of (question, choices, answer index): multiple choice (each choice scored with
+# `echo: true, logprobs: 1, max_tokens: 1`, after lm-eval's " " delimiter) and generate_until (greedy, to a newline)
+TASKS = {"raytp_multiple_choice": """output_type: multiple_choice
+doc_to_choice: choices
+doc_to_target: answer
+metric_list:
+  - metric: acc
+""", "raytp_generate_until": """output_type: generate_until
+doc_to_target: "{{choices[answer]}}"
+generation_kwargs:
+  until: ["\\n"]
+  max_gen_toks: 12
+  do_sample: false
+metric_list:
+  - metric: exact_match
+"""}
 TASK_YAML = """task: {task}
 dataset_path: json
 dataset_kwargs:
   data_files:
     test: {data}
 test_split: test
-output_type: multiple_choice
 doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
-doc_to_choice: choices
-doc_to_target: answer
-metric_list:
-  - metric: acc
 """
+QUESTIONS = [
+    ("What is the capital of France?", ["Paris", "Berlin", "Madrid", "Rome"], 0),
+    ("How many legs does a spider have?", ["six", "eight", "ten", "four"], 1),
+    ("Which planet is known as the red planet?", ["Venus", "Jupiter", "Mars", "Saturn"], 2),
+    ("What is frozen water called?", ["steam", "ice", "fog", "sand"], 1),
+    ("What is 3 + 4?", ["6", "7", "8", "12"], 1),
+    # after these answers the model's greedy next token is its end token: the one generated token lm-eval asks for
+    # (max_tokens 1) is a stop token, whose logprob entry lm-eval's slice counts on
+    ("What is the boiling point of water at sea level in Celsius?",
+     ["100 degrees.", "50 degrees.", "0 degrees.", "212 degrees."], 0),
+    ("What is the capital of Italy?", ["Rome.", "Paris.", "Oslo.", "Lima."], 0),
+    ("What is 2 + 2?", ["4.", "5.", "22.", "3."], 0),
+    ("What is the largest ocean?", ["The Pacific Ocean.", "The Atlantic Ocean.", "The Indian Ocean.",
+                                    "The Arctic Ocean."], 0),
+    ("How many continents are there?", ["Seven.", "Five.", "Nine.", "Three."], 0),
+]
 
 
 @pytest.fixture(scope="module")
@@ -75,18 +99,26 @@ def task_manager(tmp_path_factory, offline):
     from lm_eval.tasks import TaskManager
 
     folder = tmp_path_factory.mktemp("lm-eval-tasks")
-    (folder / f"{TASK}.yaml").write_text(TASK_YAML.format(task=TASK, data=TASK_DATA.resolve()))
+    data = folder / "questions.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "choices": c, "answer": a}) + "\n" for q, c, a in QUESTIONS))
+    for task, kind in TASKS.items():
+        (folder / f"{task}.yaml").write_text(TASK_YAML.format(task=task, data=data) + kind)
     return TaskManager(include_path=str(folder))
 
 
-def evaluate(task_manager, model: str, model_args: dict) -> tuple[float, list[list[tuple[float, bool]]]]:
-    """(accuracy, per document the (loglikelihood, is_greedy) of each choice) as lm-eval scores them."""
+def evaluate(task_manager, model: str, model_args: dict) -> dict[str, tuple[float, list]]:
+    """Per task (its metric, per document lm-eval's filtered responses): for multiple choice the (loglikelihood,
+    is_greedy) of each choice, for generate_until the generated text."""
     import lm_eval
 
-    results = lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=[TASK], task_manager=task_manager,
-                                      log_samples=True, batch_size=1)
-    samples = sorted(results["samples"][TASK], key=lambda s: s["doc_id"])
-    return results["results"][TASK]["acc,none"], [[tuple(r) for r in s["filtered_resps"]] for s in samples]
+    results = lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=list(TASKS),
+                                      task_manager=task_manager, log_samples=True, batch_size=1)
+    scores = {}
+    for task in TASKS:
+        metric = next(v for k, v in results["results"][task].items() if k.endswith(",none") and "stderr" not in k)
+        samples = sorted(results["samples"][task], key=lambda s: s["doc_id"])
+        scores[task] = metric, [s["filtered_resps"] for s in samples]
+    return scores
 
 
 @pytest.fixture(scope="module")
@@ -103,15 +135,19 @@ def hf_scores(task_manager, smollm2_dir):
 
 
 def test_lm_eval_through_the_server_scores_as_its_hf_backend(server, task_manager, smollm2_dir, hf_scores):
-    accuracy, scores = evaluate(task_manager, "local-completions", {
+    """Loglikelihoods (answers the end token follows among them), greedy flags, generations and both metrics."""
+    ours = evaluate(task_manager, "local-completions", {
         "model": "smollm2", "base_url": f"{server}/v1/completions", "tokenizer": str(smollm2_dir),
         "tokenizer_backend": "huggingface", "max_retries": 1})
-    want_accuracy, want = hf_scores
-    assert len(scores) == len(want) == sum(1 for _ in TASK_DATA.open())
-    for doc, (ours, theirs) in enumerate(zip(scores, want)):
-        assert [ll for ll, _ in ours] == pytest.approx([ll for ll, _ in theirs], abs=1e-3), doc
-        assert [greedy for _, greedy in ours] == [greedy for _, greedy in theirs], doc
+    (accuracy, scores), (want_accuracy, want) = ours["raytp_multiple_choice"], hf_scores["raytp_multiple_choice"]
+    assert len(scores) == len(want) == len(QUESTIONS)
+    for doc, (got, theirs) in enumerate(zip(scores, want)):
+        assert [ll for ll, _ in got] == pytest.approx([ll for ll, _ in theirs], abs=1e-3), doc
+        assert [greedy for _, greedy in got] == [greedy for _, greedy in theirs], doc
     assert accuracy == want_accuracy
+    (matched, texts), (want_matched, want_texts) = ours["raytp_generate_until"], hf_scores["raytp_generate_until"]
+    assert texts == want_texts and matched == want_matched
+    assert any(text[0].strip() for text in texts)  # the model answered something
 
 
 # ---- /v1/completions ----------------------------------------------------------------------------------------
@@ -323,3 +359,50 @@ def test_forced_tool_calls_come_back_as_tool_calls(server, tool_choice):
             finishes.append(c.finish_reason)
     assert [streamed[k] for k in sorted(streamed)] == [(c.function.name, c.function.arguments) for c in calls]
     assert finishes[-1] == "tool_calls"
+
+
+# ---- failures that must not pass for answers --------------------------------------------------------------------
+
+# A string whose automaton outgrows llguidance's lexer a token or two in: it compiles and its first mask is fine, so
+# only decoding finds it out.
+FAILING_SCHEMA = {"type": "string", "pattern": "^(.{1,1000}){1,1000}$"}
+
+
+def sse_events(server: str, path: str, body: dict) -> list:
+    """The `data:` events of a streamed request, decoded ("[DONE]" as it is); an error before the first token
+    (an HTTP status other than 200) as one event of its own."""
+    with httpx.stream("POST", f"{server}{path}", json={"model": "smollm2", "stream": True, **body},
+                      timeout=120) as response:
+        if response.status_code != 200:
+            return [json.loads(response.read())]
+        return [line[6:] if line == "data: [DONE]" else json.loads(line[6:])
+                for line in response.iter_lines() if line.startswith("data: ")]
+
+
+def test_a_grammar_that_fails_while_decoding_is_an_error_whole_streamed_and_as_a_forced_call(server):
+    """Never a 200 "stop" with a cut answer, nor a 500 from parsing the cut call; streamed, an error event and
+    [DONE] (or the error status, where it fails before the first token)."""
+    chat = {"messages": [{"role": "user", "content": "Say something."}], "max_tokens": 30, "temperature": 0}
+    formats = {"response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": FAILING_SCHEMA}}}
+    tools = {"tool_choice": "required", "tools": [{"type": "function", "function": {
+        "name": "say", "parameters": {"type": "object", "properties": {"text": FAILING_SCHEMA}, "required": ["text"]}}}]}
+    for constraint in (formats, tools):
+        response = httpx.post(f"{server}/v1/chat/completions", json={"model": "smollm2", **chat, **constraint},
+                              timeout=120)
+        assert response.status_code == 400, response.text
+        assert "failed while decoding" in response.json()["error"]["message"], response.text
+        events = sse_events(server, "/v1/chat/completions", {**chat, **constraint})
+        if len(events) > 1:  # a 200 stream: it ends in the error event and [DONE], and no choice finished
+            assert events[-1] == "[DONE]", events
+            assert not any(c["finish_reason"] for e in events[:-1] for c in e.get("choices", ())), events
+        assert "failed while decoding" in events[-2 if len(events) > 1 else -1]["error"]["message"], events
+
+
+def test_a_tiny_temperature_is_greedy_with_finite_logprobs_whole_and_streamed(server):
+    body = {"prompt": "The capital of France is", "max_tokens": 5, "logprobs": 1}
+    greedy = completion(server, {**body, "temperature": 0})
+    tiny = completion(server, {**body, "temperature": 1e-40})
+    assert tiny["text"] == greedy["text"] and tiny["logprobs"] == greedy["logprobs"]
+    events = sse_events(server, "/v1/completions", {**body, "temperature": 1e-40})
+    assert events[-1] == "[DONE]"
+    json.dumps(events[:-1], allow_nan=False)  # no NaN came (json.loads takes a literal NaN; this refuses it)

@@ -1,5 +1,7 @@
 """Sampling over vocab shards: same draw at every split, Hugging Face filter semantics, right distribution."""
 
+import math
+
 import pytest
 import torch
 from transformers.generation.logits_process import (
@@ -116,6 +118,18 @@ def test_bad_parameters_name_the_value():
                          ({"top_k": -2}, "top_k"), ({"max_tokens": 0}, "max_tokens")]:
         with pytest.raises(ValueError, match=text):
             SamplingParams(**kwargs)
+
+def test_a_tiny_temperature_draws_greedily_with_finite_logprobs():
+    """1e-40 is inside [0, 2] but divides float32 logits to inf: it draws as temperature 0 does, and its
+    log-probabilities are the unscaled distribution's, as greedy rows report them."""
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, V, generator=g) * 3
+    tiny, zero = SamplingParams(temperature=1e-40, seed=2), SamplingParams()
+    tokens, rows = sharded_draw(logits, [tiny, zero], 3)
+    assert tokens == [logits[0].argmax().item(), logits[1].argmax().item()]
+    want = torch.log_softmax(logits[0].double(), dim=-1)
+    assert rows[0][0] == pytest.approx(want[tokens[0]].item(), abs=1e-6)
+    assert all(math.isfinite(v) for _, v in rows[0][1])
 
 
 # ---- log-probabilities ---------------------------------------------------------------------------------------

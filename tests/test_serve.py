@@ -8,6 +8,7 @@ batch slot.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -18,15 +19,17 @@ from pathlib import Path
 
 import httpx
 import openai
+import psutil
 import pytest
 import transformers
 
+from raytp.runtime.errors import RequestError
 from raytp.runtime.requests import StopScanner
 from raytp.serving.openai_api import APIError, parse_completion
 from raytp.runtime.sampling import SamplingParams
 from raytp.weights.source import ModelSource
 from raytp.weights.tokenizer import Tokenizer
-from tests.util import RAYTP_ENV, raytp_command, raytp_segments, serve_process
+from tests.util import RAYTP_ENV, raytp_command, raytp_segments, serve_process, shm_files_mapped_by
 
 DEVICES = "cpu@2GiB,cpu@1GiB"
 MAX_BATCH = 8
@@ -76,6 +79,42 @@ def test_parse_completion_rejects(body, status, param):
     assert (e.value.status, e.value.param) == (status, param)
 
 
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+DEEP = "[" * 100000 + "]" * 100000
+
+
+@pytest.mark.parametrize("body, param", [
+    # a call sent back with arguments nested 100000 deep (as a string: the body itself is shallow)
+    ({"messages": [{"role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {
+        "name": "get_weather", "arguments": DEEP}}]}, {"role": "user", "content": "hi"}]}, "messages"),
+    # a lone surrogate in a tool's parameters, which the template and the grammar would read
+    ({"messages": [{"role": "user", "content": "hi"}], "tool_choice": "required", "tools": [{
+        "type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+            "\ud800": {"type": "string"}}}}}]}, "tools"),
+])
+def test_bodies_that_would_fail_later_are_refused_at_parse(body, param):
+    with pytest.raises(APIError) as e:
+        parse_completion({"model": "m", **body}, chat=True, model_id="m")
+    assert (e.value.status, e.value.param) == (400, param), e.value.message
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": {
+        "type": "integer", "maximum": 10**30}}}}, "response_format"),
+    ({"tool_choice": "required", "tools": [{**WEATHER_TOOL, "function": {**WEATHER_TOOL["function"], "parameters": {
+        "type": "object", "properties": {"n": {"type": "integer", "minimum": -(10**30)}}}}}]}, "tools"),
+])
+def test_a_schema_llguidance_cannot_take_in_is_a_request_error_naming_the_field(body, param):
+    """An integer beyond 64 bits in a schema: llguidance refuses it with a ValueError, which must reach the client
+    as a 400 naming the field (the API turns RequestError into one), not a 500."""
+    req = parse_completion({"model": "m", "messages": [{"role": "user", "content": "hi"}], **body}, chat=True,
+                           model_id="m")
+    with pytest.raises(RequestError) as e:
+        req.sampling()
+    assert e.value.param == param and "cannot be used" in str(e.value), e.value
+
+
 def test_parse_completion_accepts_openai_shapes():
     req = parse_completion({"model": "m", "messages": [{"role": "developer", "content": [{"type": "text", "text": "a"},
                             {"type": "text", "text": "b"}]}, {"role": "user", "content": "hi"}],
@@ -106,7 +145,7 @@ def test_serve_refuses_a_taken_port_at_once():
 @contextmanager
 def running_server(log_path: Path, *extra: str, stop_signal=signal.SIGTERM, api_key: str | None = None):
     """`raytp serve` as a subprocess on a free port; yields its base URL. On exit: stop it with `stop_signal`,
-    expect a clean exit, and no shared-memory segment left behind."""
+    expect a clean exit, and nothing left in /dev/shm: no raytp segment, no file its processes mapped."""
     segments = raytp_segments()
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     with serve_process(log_path, "--model", "smollm2", "--devices", DEVICES, "--dtype", "float32", *extra,
@@ -114,6 +153,8 @@ def running_server(log_path: Path, *extra: str, stop_signal=signal.SIGTERM, api_
         try:
             yield url
         finally:
+            root = psutil.Process(proc.pid)
+            ours = shm_files_mapped_by([root, *root.children(recursive=True)])
             proc.send_signal(stop_signal)
             try:
                 rc = proc.wait(timeout=90)
@@ -121,7 +162,7 @@ def running_server(log_path: Path, *extra: str, stop_signal=signal.SIGTERM, api_
                 proc.kill()
                 rc = proc.wait()
     assert rc == 0, f"raytp serve exited with {rc} on {stop_signal.name}:\n{log_path.read_text()[-3000:]}"
-    left = raytp_segments() - segments
+    left = (raytp_segments() - segments) | (ours & set(os.listdir("/dev/shm")))
     assert not left, f"shared memory left behind in /dev/shm: {sorted(left)}"
 
 

@@ -25,17 +25,17 @@ import pytest
 
 from raytp.cli.session import TOKEN_FILE
 from raytp.weights.smollm2 import raytp_home
-from tests.util import RAYTP_ENV, serve_process
+from tests.util import RAYTP_ENV, raytp_segments, serve_process, shm_files_mapped_by
 
 pytestmark = pytest.mark.slow
 
 @contextmanager
 def serving(log_path: Path, *extra: str):
-    """`raytp serve` up and answering; yields (process, log path). The caller's RAY_AUTH_MODE=disabled (in
+    """`raytp serve` up and answering; yields (process, log path, base URL). The caller's RAY_AUTH_MODE=disabled (in
     RAYTP_ENV) must not reach the Ray that raytp starts itself."""
     with serve_process(log_path, "--model", "smollm2", "--devices", "cpu@2GiB,cpu@1GiB", "--dtype",
-                       "float32", *extra) as (proc, _):
-        yield proc, log_path
+                       "float32", *extra) as (proc, url):
+        yield proc, log_path, url
 
 
 def tree(proc: subprocess.Popen) -> list[psutil.Process]:
@@ -45,9 +45,17 @@ def tree(proc: subprocess.Popen) -> list[psutil.Process]:
 
 def ray_process(proc: subprocess.Popen, title: str) -> psutil.Process:
     """The descendant whose command line (Ray's process title, e.g. `ray::Worker.run`) contains `title`."""
-    found = [p for p in tree(proc) if title in " ".join(p.cmdline())]
-    assert found, f"no process {title!r} among {[' '.join(p.cmdline())[:60] for p in tree(proc)]}"
+    found = [p for p in tree(proc) if title in command_line(p)]
+    assert found, f"no process {title!r} among {[command_line(p)[:60] for p in tree(proc)]}"
     return found[0]
+
+
+def command_line(process: psutil.Process) -> str:
+    """Its command line; "" for one that is gone or a zombie (a rank the test killed, not yet reaped)."""
+    try:
+        return " ".join(process.cmdline())
+    except psutil.Error:
+        return ""
 
 
 def is_loopback(ip: str) -> bool:
@@ -67,7 +75,8 @@ def wait_for(predicate, timeout: float, what: str):
 # and gloo's own connections)
 @pytest.mark.parametrize("comm", ["auto", "gloo"])
 def test_nothing_listens_beyond_loopback_and_sigterm_exits_cleanly(tmp_path, comm):
-    with serving(tmp_path / "serve.log", "--comm", comm) as (proc, log_path):
+    """SIGTERM also tells an open stream, with an error event and [DONE], before serve exits."""
+    with serving(tmp_path / "serve.log", "--comm", comm) as (proc, log_path, url):
         procs = {p.pid: p for p in tree(proc)}
         names = {p.name() for p in procs.values()}
         assert {"gcs_server", "raylet"} <= names, names  # Ray's own processes are in the tree we inspect
@@ -88,17 +97,27 @@ def test_nothing_listens_beyond_loopback_and_sigterm_exits_cleanly(tmp_path, com
                       "ready in"):
             assert phase in text, f"no {phase!r} line:\n{text}"
 
-        proc.send_signal(signal.SIGTERM)
+        with httpx.Client(timeout=120) as http, long_stream(http, url) as response:
+            lines = response.iter_lines()
+            assert next(line for line in lines if line).startswith("data: {")  # decoding
+            proc.send_signal(signal.SIGTERM)
+            rest = [line for line in lines if line]
         assert proc.wait(timeout=90) == 0, log_path.read_text()[-3000:]
+    # the open stream is told, not cut
+    assert rest[-1] == "data: [DONE]" and "shutting down" in error_event(rest)["message"], rest[-3:]
     assert "Traceback" not in log_path.read_text(), log_path.read_text()[-3000:]
 
 
 def test_driver_logs_reach_the_terminal_and_a_dead_driver_ends_serve(tmp_path):
-    with serving(tmp_path / "serve.log") as (proc, log_path):
+    """Also: the driver killed with SIGKILL leaves nothing in /dev/shm: no raytp segment, and no file that serve's
+    processes mapped before the kill (the tokenizer processes' semaphores were such files)."""
+    before = raytp_segments()
+    with serving(tmp_path / "serve.log") as (proc, log_path, _):
         ray_process(proc, "ray::Worker").kill()  # the driver logs the rank's failure and rebuilds
         wait_for(lambda: "failed" in log_path.read_text() and "rank" in log_path.read_text(), 30,
                  f"the driver's report of the dead rank never reached the terminal:\n{log_path.read_text()}")
 
+        ours = shm_files_mapped_by(tree(proc))
         ray_process(proc, "ray::Driver").kill()
         start = time.monotonic()
         rc = proc.wait(timeout=30)
@@ -109,6 +128,8 @@ def test_driver_logs_reach_the_terminal_and_a_dead_driver_ends_serve(tmp_path):
     assert elapsed < 10, f"took {elapsed:.0f} s to notice"
     assert "raytp: error: the driver actor died" in text, text[-3000:]
     assert "Traceback" not in text, text[-3000:]
+    left = (raytp_segments() - before) | (ours & set(os.listdir("/dev/shm")))
+    assert not left, f"left behind in /dev/shm: {sorted(left)}"
 
 
 INTERNALS = ("actor_id", "pid", "namespace", "ip:", "Traceback", "class_name", "\n")
@@ -128,14 +149,14 @@ def error_event(lines) -> dict:
 
 
 def test_a_stopped_rank_is_found_by_heartbeat_and_failures_say_503_naming_the_rank(tmp_path):
-    """A rank stopped with SIGSTOP (its peers wait for it in a collective) is found by the driver's heartbeat, not
-    by the collective's 30 s timeout; its requests fail with one line naming the rank; new requests get 503 with
+    """A rank stopped with SIGSTOP (its peers wait for it in a collective) makes /health answer 503 at once, and is
+    found by the driver's heartbeat, not by the collective's 30 s timeout; its requests fail with one line naming the rank; new requests get 503 with
     Retry-After while the group rebuilds; then it serves again. Killing every rank (the leader too) is reported
     the same way, without Ray's internals."""
     log_path = tmp_path / "serve.log"
     with serve_process(log_path, "--model", "smollm2", "--devices", "cpu@2GiB,cpu@1GiB", "--dtype", "float32") \
             as (proc, url), httpx.Client(timeout=120) as http:
-        workers = [p for p in tree(proc) if "ray::Worker" in " ".join(p.cmdline())]
+        workers = [p for p in tree(proc) if "ray::Worker" in command_line(p)]
         assert len(workers) == 2, workers
         with long_stream(http, url) as response:
             lines = response.iter_lines()
@@ -143,6 +164,9 @@ def test_a_stopped_rank_is_found_by_heartbeat_and_failures_say_503_naming_the_ra
             stopped = workers[1]
             stopped.suspend()
             try:
+                asked = time.monotonic()
+                at_once = http.get(f"{url}/health")  # before the heartbeat gives up on the rank (5 s)
+                asked = time.monotonic() - asked
                 error = error_event(lines)
                 busy = http.post(f"{url}/v1/completions", json={"model": "smollm2", "prompt": "Hi", "max_tokens": 2})
                 unhealthy = http.get(f"{url}/health")
@@ -153,6 +177,9 @@ def test_a_stopped_rank_is_found_by_heartbeat_and_failures_say_503_naming_the_ra
                     pass
         assert re.fullmatch(r"rank [01] \(cpu@[12]GiB\) failed: it answered no heartbeat for 5 s \(stopped or "
                             r"stuck; --rank-timeout\); the group is rebuilding: retry shortly", error["message"]), error
+        assert at_once.status_code == 503 and asked < 4, (asked, at_once.text)
+        assert re.fullmatch(r"rank [01] \(cpu@[12]GiB\) did not answer within 1 s",
+                            at_once.json()["error"]["message"]), at_once.text
         assert busy.status_code == 503 and busy.headers["Retry-After"], busy.text
         assert busy.json()["error"]["code"] == "unavailable" and error["message"] in busy.json()["error"]["message"]
         assert unhealthy.status_code == 503 and unhealthy.headers["Retry-After"], unhealthy.text
@@ -165,7 +192,7 @@ def test_a_stopped_rank_is_found_by_heartbeat_and_failures_say_503_naming_the_ra
         with long_stream(http, url) as response:
             lines = response.iter_lines()
             assert next(line for line in lines if line).startswith("data: {")
-            for worker in [p for p in tree(proc) if "ray::Worker" in " ".join(p.cmdline())]:
+            for worker in [p for p in tree(proc) if "ray::Worker" in command_line(p)]:
                 worker.kill()
             error = error_event(lines)
         assert re.fullmatch(r"rank [01] \(cpu@[12]GiB\) failed: .+; the group is rebuilding: retry shortly",

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 import torch
 import transformers
@@ -23,8 +24,25 @@ def free_port() -> int:
 
 
 def raytp_segments() -> set[str]:
-    """raytp's shared-memory segments now in /dev/shm (there should be none left behind)."""
+    """raytp's shared-memory segments now in /dev/shm, by their name (there should be none left behind). Files of
+    other names (multiprocessing's `sem.mp-*`...) are told apart by `shm_files_mapped_by` instead: other test runs
+    on the machine create such files meanwhile."""
     return {n for n in os.listdir("/dev/shm") if n.startswith("raytp-")}
+
+
+def shm_files_mapped_by(processes) -> set[str]:
+    """Every file in /dev/shm that these psutil processes map now (any name: raytp's segments, multiprocessing's
+    semaphores...). Taken while they run, it tells which of the files appearing in /dev/shm are theirs: other test
+    runs on the machine create files there meanwhile, and a file cannot be traced to its creator once it is gone."""
+    names = set()
+    for process in processes:
+        try:
+            maps = process.memory_maps(grouped=False)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        names |= {m.path.removeprefix("/dev/shm/") for m in maps if m.path.startswith("/dev/shm/")
+                  and not m.path.endswith("(deleted)")}
+    return names
 
 
 def transformers_greedy(model_dir, prompt: str, max_tokens: int) -> list[int]:

@@ -45,6 +45,8 @@ log = logging.getLogger("raytp")
 
 MAX_QUEUE = 64  # streams that may wait for a cache slot beyond the max_batch running ones; `serve` sets it
 REBUILDING = "the group is rebuilding: retry shortly"
+SHUTTING_DOWN = "the server is shutting down: the request was not finished"
+HEALTH_DEADLINE_S = 1.0  # /health's wait for every rank's answer: a stopped rank shows at once, not after heartbeat_s
 HEARTBEAT_EVERY_S = 1.0  # between two heartbeats of every rank (each waits up to settings.heartbeat_s for answers)
 LOG_LINES = 1000  # `raytp` log lines kept for the CLI between two `take_logs`; older ones are dropped
 
@@ -80,7 +82,8 @@ class Driver:
             lambda messages: self.tokenizer.apply_chat_template(messages, add_generation_prompt=False))
         self._grammars: Grammars | None = None  # checks the grammars of constrained requests; built at the first
         self.group: WorkerGroup | None = None
-        self.streams: dict[str, asyncio.Queue[TokenEvent]] = {}
+        # each request's events; an UnavailableError instead when the group failed under it
+        self.streams: dict[str, asyncio.Queue[TokenEvent | UnavailableError]] = {}
         self.devices = settings.devices  # the devices the group runs on: fewer after a re-plan over survivors
         self.ready = asyncio.Event()
         self.failure: str | None = None
@@ -94,6 +97,7 @@ class Driver:
         self.metrics.running.set_function(lambda: self._answering)
         self.metrics.waiting.set_function(lambda: len(self.streams) - self._answering)
         self._http = None  # the HTTP server `serve` runs in this actor's event loop
+        self._probe: asyncio.Future | None = None  # /health's question to the ranks, while one is asked
         self._log_tail = LogTail()
         log.addHandler(self._log_tail)
         log.setLevel(logging.INFO)  # the phases are INFO: made whatever level Ray gave this process's root logger
@@ -169,8 +173,8 @@ class Driver:
         self.metrics.rebuilds.inc()
         self._record(f"{self.failure}; rebuilding the group", logging.ERROR)
         self.ready.clear()
-        for rid, q in self.streams.items():
-            q.put_nowait(TokenEvent(rid, None, "error", error=f"{self.failure}; {REBUILDING}"))
+        for q in self.streams.values():
+            q.put_nowait(UnavailableError(f"{self.failure}; {REBUILDING}"))
         self._tasks[0].cancel()
         await asyncio.to_thread(group.shutdown, False)
         try:
@@ -194,7 +198,12 @@ class Driver:
         self.history.append(f"{time.strftime('%H:%M:%S')} {event}")
 
     async def shutdown(self) -> None:
+        """Stop serving: every open request first fails with UnavailableError (a stream's client gets an error event
+        and [DONE], a whole answer a 503), then the HTTP server stops, then the ranks and the tokenizer's
+        processes."""
         self._closing = True
+        for q in self.streams.values():
+            q.put_nowait(UnavailableError(SHUTTING_DOWN))
         if self._http is not None:
             await self._http.stop()
             self._http = None
@@ -215,6 +224,28 @@ class Driver:
         if not self.ready.is_set():
             return f"{self.failure}; {REBUILDING}" if self.failure else "the ranks are starting; retry shortly"
         return None
+
+    async def health(self) -> str | None:
+        """Why requests cannot run now, asking every rank too: None only when all answer within HEALTH_DEADLINE_S
+        (a stopped or stuck rank shows here before the watcher's heartbeat gives up on it). Concurrent callers
+        share one probe: /health needs no key, so callers must not multiply the Ray calls."""
+        if why := self.unavailable():
+            return why
+        if self._probe is None:
+            self._probe = asyncio.ensure_future(self._probe_ranks(self.group))
+            self._probe.add_done_callback(lambda _: setattr(self, "_probe", None))
+        return await asyncio.shield(self._probe)
+
+    async def _probe_ranks(self, group: WorkerGroup) -> str | None:
+        deadline = min(HEALTH_DEADLINE_S, self.settings.heartbeat_s)
+        beats = [asyncio.wrap_future(w.heartbeat.remote().future()) for w in group.workers]
+        done, late = await asyncio.wait(beats, timeout=deadline)
+        for beat in late:
+            beat.cancel()
+        silent = [rank for rank, beat in enumerate(beats) if beat in late or beat.exception() is not None]
+        if silent:
+            return f"rank {silent[0]} ({self.devices[silent[0]]}) did not answer within {deadline:g} s"
+        return self.unavailable()
 
     def take_logs(self) -> list[str]:
         """The `raytp` log lines since the last call. The CLI calls it once a second: it is also the liveness ping."""
@@ -290,7 +321,7 @@ class Driver:
         stats...}. With `params.n` > 1 the samples' items interleave, each with its sample's index.
 
         With `params.logprobs` each token's item also has "logprob" and "top_logprobs" ([(id, logprob)]); every
-        generated token gets an item then (its text may be ""), except a stop token. With
+        generated token gets an item then (its text may be ""), the end token too ("end_token" is true). With
         `params.prompt_logprobs` items {"prompt_logprobs": [(logprob, top)]} come first, for the prompt's tokens
         from the second on.
 
@@ -309,7 +340,7 @@ class Driver:
             raise BusyError(f"the server is busy: {len(self.streams)} requests are running or waiting "
                             f"(--max-batch {self.settings.max_batch} + --max-queue {self.max_queue}); retry shortly")
         rid = uuid.uuid4().hex
-        queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
+        queue: asyncio.Queue[TokenEvent | UnavailableError] = asyncio.Queue()
         self.streams[rid] = queue
         samples = [_SampleText(self.tokenizer, stop) for _ in range(params.n)]
         eos = self.tokenizer.eos_token_ids if self.tokenizer is not None else self.config.eos_token_ids
@@ -327,8 +358,10 @@ class Driver:
                                        ) from None
             while any(s.finish is None for s in samples):
                 e = await queue.get()
-                if e.error:  # a rank failed: the request may run again once the group is back
-                    raise UnavailableError(e.error)
+                if isinstance(e, UnavailableError):  # a rank failed: the request may run again once the group is back
+                    raise e
+                if e.error:  # the ranks cannot go on with this request: its grammar failed while decoding
+                    raise RequestError(e.error)
                 if e.prompt_logprobs is not None:
                     yield {"prompt_logprobs": e.prompt_logprobs}
                     continue
@@ -339,10 +372,12 @@ class Driver:
                     self._observe_token(start, first, last_t, e.t)
                     first, last_t = first or time.perf_counter(), e.t
                 text = sample.take(e)
-                scored = e.logprob is not None and e.finish != "stop"  # a stop token is not part of the answer
+                scored = e.logprob is not None
                 if text or sample.finish is None or scored:
-                    yield {"index": e.index, "text": text, "token_id": e.token_id} | (
-                        {"logprob": e.logprob, "top_logprobs": e.top_logprobs} if scored else {})
+                    # an end token is scored too (its text is empty, as vLLM's and OpenAI's completions give it):
+                    # lm-eval reads one logprob per generated token
+                    yield {"index": e.index, "text": text, "token_id": e.token_id, "end_token": e.finish == "stop"
+                           } | ({"logprob": e.logprob, "top_logprobs": e.top_logprobs} if scored else {})
         except Exception as e:  # noqa: BLE001 - whatever ended an admitted request is logged once, with its id
             log.error("request %s failed: %s", rid, e)
             raise

@@ -25,10 +25,14 @@ from raytp.runtime.errors import RequestError
 from raytp.weights.tokenizer import Tokenizer
 
 
-def json_schema_grammar(schema: dict) -> str:
+def json_schema_grammar(schema: dict, param: str = "response_format") -> str:
     """llguidance's grammar for a JSON schema ({"type": "object"} for OpenAI's json_object). Compact JSON: with
-    whitespace allowed anywhere, a small model may emit newlines and spaces until max_tokens."""
-    return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults={"whitespace_flexible": False})
+    whitespace allowed anywhere, a small model may emit newlines and spaces until max_tokens. RequestError naming
+    `param` for a schema llguidance cannot take in (a number beyond 64 bits, text that is no Unicode)."""
+    try:
+        return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults={"whitespace_flexible": False})
+    except ValueError as e:
+        raise RequestError(f"{param}: the JSON schema cannot be used: {e}", param=param) from None
 
 
 class Grammars:
@@ -51,6 +55,10 @@ class Grammars:
     def check(self, grammar: str) -> None:
         """RequestError naming response_format unless `grammar` compiles (an invalid or unsupported schema)."""
         error = llguidance.LLMatcher.validate_grammar(grammar, self.tokenizer)
+        if not error:  # a grammar may also fail at its first token (a schema that refers only to itself)
+            first = self.matcher(grammar)
+            first.compute_bitmask()
+            error = first.get_error().strip().split("\n")[0] if first.is_error() else ""
         if error:
             raise RequestError(f"response_format: the JSON schema cannot be used: {error.strip()}",
                                param="response_format")
@@ -62,3 +70,14 @@ class Grammars:
         """(n,) bool: which tokens of this rank's slice the matcher allows next."""
         words = torch.frombuffer(bytearray(matcher.compute_bitmask()), dtype=torch.int32)
         return ((words[self.word] >> self.bit) & 1).bool()
+
+
+def grammar_failure(matcher: llguidance.LLMatcher, token: int) -> str | None:
+    """Why `matcher` cannot take `token`, the token its mask allowed, or None. A grammar can fail while decoding
+    (a schema that refers only to itself, a pattern whose automaton outgrows llguidance's limits): the mask then
+    allows at most an end token, which must not pass for the answer's end."""
+    if not matcher.is_error() and matcher.consume_token(token) and not matcher.is_error():
+        return None
+    why = matcher.get_error().strip().splitlines()
+    return (f"the answer's grammar (response_format or the forced tool call's parameters) failed while decoding: "
+            f"{why[0] if why else 'the token was refused'}; simplify the schema")

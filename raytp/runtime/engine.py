@@ -58,7 +58,7 @@ from raytp.model.llama import ShardedLlama
 from raytp.parallel.comm import Communicator
 from raytp.parallel.plan import PREFILL_CHUNK
 from raytp.runtime.batch import DecodeBatch, Pending
-from raytp.runtime.constraints import Grammars
+from raytp.runtime.constraints import Grammars, grammar_failure
 from raytp.runtime.sampling import Logprobs, SamplingParams, ShardedSampler, sample_seed
 
 
@@ -73,7 +73,7 @@ class Request:
 @dataclass
 class TokenEvent:
     """One sampled token of a request; `finish` is set on its last event ("stop", "length", "cancelled", or
-    "error" with `error` saying why)."""
+    "error" with `error` saying why: its grammar failed while decoding)."""
 
     request_id: str
     token_id: int | None
@@ -353,8 +353,10 @@ class RankEngine:
         """Take a sampled token (with its log-probabilities where asked); returns whether the request goes on."""
         seq.tokens.append(token)
         seq.generated += 1
-        refused = seq.matcher is not None and not seq.matcher.consume_token(token)  # the mask allowed it: never
-        if token in seq.request.stop_ids or refused:
+        failed = seq.matcher is not None and grammar_failure(seq.matcher, token)
+        if failed:  # the answer cannot go on as the schema says: an error, never a "stop" that cuts it short
+            self._finish(seq, "error", events, token, logprobs, error=failed)
+        elif token in seq.request.stop_ids:
             self._finish(seq, "stop", events, token, logprobs)
         elif seq.generated == seq.request.params.max_tokens or len(seq.tokens) >= self.model.max_context:
             self._finish(seq, "length", events, token, logprobs)
@@ -364,7 +366,7 @@ class RankEngine:
         return False
 
     def _finish(self, seq: _Sequence, reason: str, events: list[TokenEvent], token: int | None = None,
-                logprobs: tuple[float, list[tuple[int, float]]] | None = None) -> None:
+                logprobs: tuple[float, list[tuple[int, float]]] | None = None, error: str | None = None) -> None:
         seq.finished = True
         samples = self.active[seq.request.id]
         samples.remove(seq)
@@ -376,7 +378,7 @@ class RankEngine:
         if seq in self.decoding:
             self.decoding.remove(seq)
             self.stale = True
-        events.append(_token_event(seq, token, reason, logprobs))
+        events.append(_token_event(seq, token, reason, logprobs, error))
 
 
 def _row_logprobs(lp: Logprobs | None, b: int, params: SamplingParams) -> tuple[float, list[tuple[int, float]]] | None:
@@ -385,6 +387,6 @@ def _row_logprobs(lp: Logprobs | None, b: int, params: SamplingParams) -> tuple[
 
 
 def _token_event(seq: _Sequence, token: int | None, finish: str | None,
-                 logprobs: tuple[float, list[tuple[int, float]]] | None) -> TokenEvent:
+                 logprobs: tuple[float, list[tuple[int, float]]] | None, error: str | None = None) -> TokenEvent:
     lp = {} if logprobs is None else {"logprob": logprobs[0], "top_logprobs": logprobs[1]}
-    return TokenEvent(seq.request.id, token, finish, index=seq.index, **lp)
+    return TokenEvent(seq.request.id, token, finish, error=error, index=seq.index, **lp)

@@ -44,11 +44,14 @@ TEMPERATURE_MAX = 2.0  # OpenAI's range is [0, 2]: hotter is noise, and 1e308 or
 REPETITION_PENALTY_MAX = 10.0  # 1 is off, Hugging Face's examples stay below 2; beyond 10 every seen token is gone
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # a signed 64-bit integer, as OpenAI's seed; the draws use its low 32 bits
 TOP_LOGPROBS_MAX = 20  # OpenAI's bound on top_logprobs: every rank sends this many candidates when a row asks
+# Below this a temperature draws greedily (vLLM's _SAMPLING_EPS): logits divided by 1e-40 overflow float32 to inf and
+# NaN, while at 1e-5 the softmax is already an argmax.
+GREEDY_BELOW = 1e-5
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    temperature: float = 0.0  # 0 means greedy; at most TEMPERATURE_MAX
+    temperature: float = 0.0  # below GREEDY_BELOW (0 too) greedy; at most TEMPERATURE_MAX
     top_k: int = 0  # 0 (or -1, as vLLM spells it) disables; at most the vocabulary size (checked by check_request)
     top_p: float = 1.0  # in (0, 1]; 1 disables
     repetition_penalty: float = 1.0  # Hugging Face semantics (CTRL paper), in (0, REPETITION_PENALTY_MAX]; 1 disables
@@ -86,7 +89,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        return self.temperature < GREEDY_BELOW or self.top_k == 1
 
     @property
     def filtered(self) -> bool:

@@ -138,6 +138,8 @@ class CalledFunction(BaseModel):
             value = json.loads(arguments)
         except json.JSONDecodeError:
             value = None
+        except RecursionError:  # Python's parser recurses per level
+            raise ValueError("nests arrays or objects too deeply (arguments need a few levels)") from None
         if not isinstance(value, dict):
             raise ValueError("must be a JSON object written as a string, as answers' tool_calls give it")
         return arguments
@@ -279,8 +281,15 @@ class FunctionSpec(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")  # OpenAI's rule for the name
-    description: str = ""
+    description: Text = ""
     parameters: dict = Field(default_factory=lambda: {"type": "object", "properties": {}})  # a JSON schema
+
+    @field_validator("parameters")
+    @classmethod
+    def _readable(cls, parameters: dict) -> dict:
+        """Its text goes to the chat template and the grammar: no lone surrogates in names or values."""
+        _unicode(json.dumps(parameters, ensure_ascii=False))
+        return parameters
 
 
 class Tool(BaseModel):
@@ -362,8 +371,8 @@ class ChatCompletionRequest(_Body):
                                                    "arguments": t.function.parameters},
                   "required": ["name", "arguments"], "additionalProperties": False} for t in tools]
         if isinstance(self.tool_choice, NamedToolChoice):
-            return json_schema_grammar(calls[0])
-        return json_schema_grammar({"type": "array", "minItems": 1, "items": {"anyOf": calls}})
+            return json_schema_grammar(calls[0], param="tools")
+        return json_schema_grammar({"type": "array", "minItems": 1, "items": {"anyOf": calls}}, param="tools")
 
     def template_tools(self) -> list[dict] | None:
         """The tools as the chat template takes them, when the answer may call them (not with "none": a model
@@ -503,7 +512,7 @@ async def run_completion(driver, req: ChatCompletionRequest | CompletionRequest)
     Tokenizes the prompt once, here; the driver's `submit` checks it against the model. With echo each choice's
     first piece is the prompt (its tokens' logprobs too, with logprobs). Closing this generator (or cancelling its
     consumer) closes the driver's stream, which cancels the request."""
-    if isinstance(req, ChatCompletionRequest):
+    if chat := isinstance(req, ChatCompletionRequest):
         prompt_ids = await driver.encode(messages=[m.as_template_input() for m in req.messages],
                                          tools=req.template_tools())
     else:
@@ -511,7 +520,7 @@ async def run_completion(driver, req: ChatCompletionRequest | CompletionRequest)
     if why := driver.unavailable():  # a client retries a 503 on its own; it would only wait out a rebuild here
         raise UnavailableError(why)
     params = req.sampling(driver.sampling_defaults)
-    echo = isinstance(req, CompletionRequest) and req.echo
+    echo = not chat and req.echo
     scored: list[TokenLogprob] = [(t, None, None) for t in prompt_ids[:1]]  # the first prompt token has no logprob
     async with aclosing(driver.submit(prompt_ids, params, req.stop, req.ignore_eos)) as pieces:
         async for item in pieces:
@@ -527,7 +536,7 @@ async def run_completion(driver, req: ChatCompletionRequest | CompletionRequest)
                 yield {"finish_reasons": ["length" if f == "length" else "stop" for f in item["finishes"]],
                        "prompt_tokens": item["prompt_tokens"], "completion_tokens": item["generated_tokens"]}
                 return
-            if "logprob" in item:
+            if "logprob" in item and not (chat and item["end_token"]):  # chat's logprobs are the message's tokens
                 yield Piece(item["text"], [(item["token_id"], item["logprob"], item["top_logprobs"])], item["index"])
             elif item["text"]:
                 yield Piece(item["text"], index=item["index"])
@@ -727,34 +736,32 @@ async def _stream_body(answer: _Answer, include_usage: bool, n: int, first, piec
     which closes the driver stream and cancels the request."""
     extra = {"usage": None} if include_usage else {}
     async with aclosing(pieces):
-        if answer.chat:
-            for index in range(n):
-                yield _sse(answer.chunk("", role=True, index=index, **extra))
-        item = first
-        held = [_HeldAnswer(answer.calls) for _ in range(n)] if answer.calls is not None else None
         try:
+            if answer.chat:
+                for index in range(n):
+                    yield _sse(answer.chunk("", role=True, index=index, **extra))
+            item = first
+            held = [_HeldAnswer(answer.calls) for _ in range(n)] if answer.calls is not None else None
             while isinstance(item, Piece):
                 if held is None:
                     yield _sse(answer.chunk(item.text, scored=item.logprobs, index=item.index, **extra))
                 elif (out := held[item.index].add(item)) is not None:
                     yield _sse(answer.chunk(out[0], scored=out[1], index=item.index, **extra))
                 item = await anext(pieces)
+            for index, finish in enumerate(item["finish_reasons"]):
+                if held is not None:
+                    text, calls, scored = held[index].end(finish)
+                    if text or calls or scored:
+                        yield _sse(answer.chunk(text or None, scored=scored, index=index, tool_calls=calls or None,
+                                                **extra))
+                    finish = "tool_calls" if calls else finish
+                yield _sse(answer.chunk(None if answer.chat else "", finish, index=index, **extra))
+            if include_usage:
+                yield _sse(answer.usage_chunk(item))
         except Exception as e:  # noqa: BLE001 - after the 200 went out an error can only travel in the stream
             error = _api_error(e, answer.chat)
             log.error("request %s: %d in the stream: %s", answer.id, error.status, error.message)
             yield _sse(error.body())
-            yield "data: [DONE]\n\n"
-            return
-        for index, finish in enumerate(item["finish_reasons"]):
-            if held is not None:
-                text, calls, scored = held[index].end(finish)
-                if text or calls or scored:
-                    yield _sse(answer.chunk(text or None, scored=scored, index=index, tool_calls=calls or None,
-                                            **extra))
-                finish = "tool_calls" if calls else finish
-            yield _sse(answer.chunk(None if answer.chat else "", finish, index=index, **extra))
-        if include_usage:
-            yield _sse(answer.usage_chunk(item))
         yield "data: [DONE]\n\n"
 
 
@@ -803,7 +810,7 @@ def build_app(driver, api_key: str | None = None) -> FastAPI:
     # Beside /v1, as vLLM has them: /health for load balancers and probes (no key), the others behind the key.
     @app.get("/health")
     async def health():
-        why = driver.unavailable()
+        why = await driver.health()
         if why:
             return APIError(503, why, "server_error", code="unavailable", retry_after_s=RETRY_AFTER_S).response()
         return {"status": "ok", "model": model_id, "ranks": len(driver.devices)}

@@ -145,7 +145,10 @@ class ForcedCalls:
         return 0
 
     def parse(self, text: str) -> tuple[str | None, list[dict]]:
-        value = json.loads(text)  # the grammar made it JSON (a cut answer is not parsed: see `answer_calls`)
+        try:  # the grammar made it JSON, unless a stop string cut it (a cut answer is not parsed: `answer_calls`)
+            value = json.loads(text)
+        except (json.JSONDecodeError, RecursionError):
+            raise Malformed("the forced call was cut short (by a stop string?)") from None
         return None, [openai_call(call["name"], call["arguments"]) for call in ([value] if self.one else value)]
 
 

@@ -13,8 +13,8 @@ unread, in microseconds, whatever it holds.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import multiprocessing
+import multiprocessing.connection
 from pathlib import Path
 
 import jinja2
@@ -22,26 +22,56 @@ import jinja2
 from raytp.weights.tokenizer import Tokenizer
 
 WORKERS = 2  # processes: one long tokenization (up to the bound) leaves another for the next request
-
-# The tokenizer of this child process, loaded once by `_load` (a process pool's initializer can only leave its state
-# in the child's globals).
-_child_tokenizer: Tokenizer | None = None
+CLOSE_WAIT_S = 2.0  # a child busy with a long text is terminated after this long
 
 
-def _load(model_dir: str) -> None:
-    global _child_tokenizer
-    _child_tokenizer = Tokenizer.from_dir(model_dir)
-
-
-def _encode(prompt: str | None, messages: list[dict] | None, max_context: int,
+def _encode(tokenizer: Tokenizer, prompt: str | None, messages: list[dict] | None, max_context: int,
             tools: list[dict] | None = None) -> list[int] | int:
-    """In the child: the ids, or only their number where they do not fit the context (millions of ids would cost
-    the driver's loop time to receive); ValueError with the template's message (a TemplateError may not pickle)."""
-    try:
-        ids = _child_tokenizer.encode(prompt) if messages is None else _child_tokenizer.encode_chat(messages, tools=tools)
-    except jinja2.TemplateError as e:  # the template's own raise_exception: roles that must alternate...
-        raise ValueError(f"the model's chat template refused the messages: {e}") from None
+    """The ids, or only their number where they do not fit the context (millions of ids would cost the driver's
+    loop time to receive)."""
+    ids = tokenizer.encode(prompt) if messages is None else tokenizer.encode_chat(messages, tools=tools)
     return ids if len(ids) < max_context else len(ids)
+
+
+def _serve(model_dir: str, conn: multiprocessing.connection.Connection) -> None:
+    """A child's loop: answer each job with ("ok", ids or their number) or ("refused", why) (the template's own
+    raise_exception: roles that must alternate...), until the driver closes its end or dies (EOFError)."""
+    tokenizer = Tokenizer.from_dir(model_dir)
+    while True:
+        try:
+            job = conn.recv()
+        except EOFError:
+            return
+        try:
+            conn.send(("ok", _encode(tokenizer, *job)))
+        except jinja2.TemplateError as e:  # a TemplateError may not pickle: its message travels
+            conn.send(("refused", f"the model's chat template refused the messages: {e}"))
+        except Exception as e:  # noqa: BLE001 - whatever else failed is the request's, with its message
+            conn.send(("refused", f"the text cannot be tokenized: {type(e).__name__}: {e}"))
+
+
+class _Child:
+    """One spawned tokenizer process and the driver's end of its pipe (a socket pair: no semaphore, so nothing is
+    left in /dev/shm whichever way the driver ends; the child sees EOF when the driver's end closes)."""
+
+    def __init__(self, model_dir: str):
+        self.conn, theirs = multiprocessing.Pipe()
+        self.process = multiprocessing.get_context("spawn").Process(target=_serve, args=(model_dir, theirs),
+                                                                    daemon=True, name="raytp-tokenizer")
+        self.process.start()
+        theirs.close()
+
+    def call(self, job: tuple) -> tuple[str, object]:
+        """The child's answer to `job` (blocking: run in a thread); EOFError or OSError if the child died."""
+        self.conn.send(job)
+        return self.conn.recv()
+
+    def close(self) -> None:
+        self.conn.close()
+        self.process.join(CLOSE_WAIT_S)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
 
 
 class TextTooLong(ValueError):
@@ -52,12 +82,12 @@ class TokenizerPool:
     def __init__(self, tokenizer: Tokenizer, model_dir: Path, max_context: int, workers: int = WORKERS):
         self.max_chars = max_context * tokenizer.max_token_chars
         self.max_context = max_context
-        self._model_dir, self._workers = str(model_dir), workers
-        self._pool = self._start()
-
-    def _start(self) -> concurrent.futures.ProcessPoolExecutor:
-        return concurrent.futures.ProcessPoolExecutor(self._workers, multiprocessing.get_context("spawn"),
-                                                      initializer=_load, initargs=(self._model_dir,))
+        self._model_dir = str(model_dir)
+        self._children = [_Child(self._model_dir) for _ in range(workers)]
+        self._idle: asyncio.Queue[_Child] = asyncio.Queue()
+        for child in self._children:
+            self._idle.put_nowait(child)
+        self._closed = False
 
     def check_length(self, chars: int) -> None:
         if chars > self.max_chars:
@@ -68,20 +98,48 @@ class TokenizerPool:
     async def encode(self, prompt: str | None = None, messages: list[dict] | None = None,
                      tools: list[dict] | None = None) -> list[int]:
         """The ids of `prompt`, or of `messages` (and the `tools` offered) through the chat template
-        (Tokenizer.encode_chat), computed in a
-        child process; TextTooLong past the character bound or the context, ValueError from the template."""
+        (Tokenizer.encode_chat), computed in a child process; TextTooLong past the character bound or the context,
+        ValueError from the template."""
         texts = [prompt] if messages is None else [m.get("content") or "" for m in messages]
         self.check_length(sum(len(t) for t in texts if isinstance(t, str)))
+        job = (prompt, messages, self.max_context, tools)
         try:
-            ids = await asyncio.wrap_future(self._pool.submit(_encode, prompt, messages, self.max_context, tools))
-        except concurrent.futures.BrokenExecutor:  # a child died (killed, out of memory): start afresh once
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = self._start()
-            ids = await asyncio.wrap_future(self._pool.submit(_encode, prompt, messages, self.max_context, tools))
+            status, ids = await self._run(job)
+        except (EOFError, OSError):  # the child died (killed, out of memory): once more, on a fresh one
+            status, ids = await self._run(job)
+        if status == "refused":
+            raise ValueError(ids)
         if isinstance(ids, int):
             raise TextTooLong(f"the prompt has {ids} tokens but the context holds {self.max_context} (--max-context); "
                               "shorten the prompt or raise --max-context")
         return ids
 
+    async def _run(self, job: tuple) -> tuple[str, object]:
+        """`job` on an idle child. The child goes back to the idle ones only once it has answered, even when the
+        caller is cancelled first: its answer must not reach the next job's caller."""
+        child = await self._idle.get()
+        if not child.process.is_alive():  # it died while idle
+            child = self._replace(child)
+        answer = asyncio.get_running_loop().run_in_executor(None, child.call, job)
+        answer.add_done_callback(lambda done: self._release(child, done))
+        return await asyncio.shield(answer)
+
+    def _release(self, child: _Child, done: asyncio.Future) -> None:
+        if self._closed:
+            return
+        if not done.cancelled() and done.exception() is not None:  # it died mid-job
+            child = self._replace(child)
+        self._idle.put_nowait(child)
+
+    def _replace(self, child: _Child) -> _Child:
+        child.close()
+        fresh = _Child(self._model_dir)
+        self._children[self._children.index(child)] = fresh
+        return fresh
+
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        """End the children (idempotent)."""
+        self._closed = True
+        for child in self._children:
+            child.close()
+        self._children = []
