@@ -35,6 +35,9 @@ class StandInDriver:
     def unavailable(self):
         return None
 
+    async def health(self):
+        return None  # every rank answered
+
 
 def exposed(routes, prefix: str = ""):
     """(method, path pattern) of every route under `routes`, through mounted apps and included routers."""
