@@ -263,9 +263,10 @@ def test_grammar_rows_draw_what_llguidance_masked_transformers_logits_draw(smoll
     eos = sorted(tokenizer.eos_token_ids)
     params = SamplingParams(temperature=0.8, seed=4, max_tokens=40, grammar=json_schema_grammar(schema))
     prompt = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": "A number, as JSON."}]))
-    engines = [RankEngine(m, m.comm, grammars=lambda m=m: Grammars.for_model(smollm2_dir, group.config,
-                                                                               m.vocab_start, m.lm_head.width))
-               for m in group.models]
+    engines = [RankEngine(m, m.comm, grammars=Grammars.for_model(smollm2_dir, group.config, m.vocab_start,
+                                                                 m.lm_head.width)) for m in group.models]
+    for engine in engines:
+        engine.prepare_grammar("a", params.grammar)
     out = {"a": [], "b": []}
 
     def emit(events):
@@ -282,7 +283,7 @@ def test_grammar_rows_draw_what_llguidance_masked_transformers_logits_draw(smoll
     group.on_all_ranks(lambda r, m: engines[r].run(emit if r == 0 else lambda ev: None))
 
     model = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
-    matcher = grammars.matcher(params.grammar)
+    matcher = grammars.compile(params.grammar)
     sampler = ShardedSampler(InProcessGroup(1).communicator(0), 0)
     tokens, want = list(prompt), []
     for generated in range(params.max_tokens):
@@ -301,3 +302,84 @@ def test_grammar_rows_draw_what_llguidance_masked_transformers_logits_draw(smoll
     text = tokenizer.decode(out["a"])
     jsonschema.validate(json.loads(text), schema)
     assert out["b"] == reference(model, prompt, SamplingParams(max_tokens=12), 12, eos)
+
+
+def test_a_small_request_is_admitted_while_one_for_every_slot_waits(tiny):
+    """max_batch 4: "a" decodes, "big" (n=4) must wait for it; "small", sent after big, goes in at once and ends
+    before a does. Big runs once a has ended."""
+    _, model, group = tiny
+    long, short = SamplingParams(max_tokens=40), SamplingParams(max_tokens=3)
+
+    def send(event, submit, seen):
+        if event.request_id == "a" and len(tokens_of(seen, "a")) == 2:
+            submit(Add(Request("big", [4, 5], dataclasses.replace(short, n=4))))
+            submit(Add(Request("small", [6, 7], short)))
+
+    seen, _ = run_loop(group, [Add(Request("a", [1, 2, 3], long))], send)
+    order = [(e.request_id, e.finish) for e in seen]
+    assert order.index(("small", "length")) < order.index(("a", "length")) < order.index(("big", None))
+    assert tokens_of(seen, "small") == reference(model, [6, 7], short, 3)
+    assert tokens_of(seen, "a") == reference(model, [1, 2, 3], long, 40)
+
+
+def test_a_grammar_compiles_once_per_request_beside_the_loop_which_never_waits_for_it(smollm2_dir):
+    """While "c"'s grammar compiles on every rank (held until "a" has finished), "a" decodes all its tokens: the
+    loop never waits for a compile. Then c (n=3) is sent: its samples share the one compile of each rank and
+    each answers JSON of the schema."""
+    import threading
+
+    from raytp.runtime.constraints import Grammars, json_schema_grammar
+
+    group = LocalGroup(smollm2_dir, SPLIT)
+    tokenizer = Tokenizer.from_dir(smollm2_dir)
+    eos = sorted(tokenizer.eos_token_ids)
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"],
+              "additionalProperties": False}
+    grammar = json_schema_grammar(schema)
+    engines = [RankEngine(m, m.comm, grammars=Grammars.for_model(smollm2_dir, group.config, m.vocab_start,
+                                                                 m.lm_head.width)) for m in group.models]
+    a_done, loops, compiles = threading.Event(), set(), []
+
+    def held(compile_):
+        def compile_after_a(g):
+            assert a_done.wait(120), "the loop did not finish a while a grammar compiled"
+            compiles.append(threading.get_ident())
+            return compile_(g)
+        return compile_after_a
+
+    for engine in engines:
+        engine.grammars.compile = held(engine.grammars.compile)
+
+    def prepare_then_send():
+        for engine in engines:
+            engine.prepare_grammar("c", grammar)
+        engines[0].inbox.put(Add(Request("c", [1, 2], SamplingParams(max_tokens=30, n=3, temperature=0.7, seed=1,
+                                                                     grammar=grammar), eos)))
+
+    out: dict[tuple[str, int], list[int]] = {}
+    finished = set()
+
+    def emit(events):
+        for e in events:
+            if e.token_id is not None:
+                out.setdefault((e.request_id, e.index), []).append(e.token_id)
+            if e.finish:
+                finished.add((e.request_id, e.index))
+        if ("a", 0) in finished:
+            a_done.set()
+        if len(finished) == 4:
+            engines[0].inbox.put(Stop())
+
+    def run(r, m):
+        loops.add(threading.get_ident())
+        engines[r].run(emit if r == 0 else lambda ev: None)
+
+    engines[0].inbox.put(Add(Request("a", [1, 2, 3], SamplingParams(max_tokens=20))))  # no stop token: 20 tokens
+    sender = threading.Thread(target=prepare_then_send)
+    sender.start()
+    group.on_all_ranks(run)
+    sender.join()
+    assert len(out[("a", 0)]) == 20
+    assert len(compiles) == len(engines) and not loops & set(compiles)  # one per rank, none on a loop
+    for i in range(3):
+        jsonschema.validate(json.loads(tokenizer.decode(out[("c", i)])), schema)
