@@ -383,3 +383,31 @@ def test_a_grammar_compiles_once_per_request_beside_the_loop_which_never_waits_f
     assert len(compiles) == len(engines) and not loops & set(compiles)  # one per rank, none on a loop
     for i in range(3):
         jsonschema.validate(json.loads(tokenizer.decode(out[("c", i)])), schema)
+
+
+def test_an_echo_prompt_is_scored_in_chunks_of_bounded_size_between_decode_steps(tiny, monkeypatch):
+    """Echo's chunks hold at most PROMPT_SCORES_PER_CHUNK scores (here 6 positions of the 1000-token vocabulary),
+    whatever prefill_chunk is: a running request decodes between them, and the prompt's log-probabilities are
+    transformers' log_softmax."""
+    from raytp.runtime import engine
+
+    _, model, group = tiny
+    monkeypatch.setattr(engine, "PROMPT_SCORES_PER_CHUNK", 6 * VOCAB + 5)
+    prompt = [(13 * i) % VOCAB for i in range(1, 21)]  # 20 tokens: chunks of 6, 6, 6, 2
+    params = SamplingParams(max_tokens=30)
+
+    def join(event, submit, seen):
+        if event.request_id == "a" and len(tokens_of(seen, "a")) == 2:
+            submit(Add(Request("echo", prompt, SamplingParams(max_tokens=1, prompt_logprobs=1))))
+
+    seen, _ = run_loop(group, [Add(Request("a", [1, 2, 3], params))], join)
+    chunks = [e.prompt_logprobs for e in seen if e.request_id == "echo" and e.prompt_logprobs]
+    assert [len(c) for c in chunks] == [6, 6, 6, 1]  # 19 scored: every position whose next token is the prompt's
+    ids = [e.request_id for e in seen if e.token_id is not None or e.prompt_logprobs]
+    first, last = ids.index("echo"), len(ids) - 1 - ids[::-1].index("echo")
+    assert ids[first:last].count("a") >= 3  # a decoded between the chunks
+    assert tokens_of(seen, "a") == reference(model, [1, 2, 3], params, 30)
+    with torch.no_grad():
+        want = torch.log_softmax(model(torch.tensor([prompt])).logits[0].double(), -1)
+    scored = [chosen for c in chunks for chosen, _ in c]
+    assert scored == pytest.approx([want[t, prompt[t + 1]].item() for t in range(len(prompt) - 1)], abs=1e-4)

@@ -25,7 +25,8 @@ timeout. (A shared-memory word would spare the leader the wait of one step but e
 New requests are prefilled eagerly in chunks of at most `prefill_chunk` tokens, one chunk per iteration between
 decode steps, so a long prompt delays running requests by one chunk at a time. A request joins the decode batch
 with the token its last chunk drew. A request with `prompt_logprobs` (echo) has each chunk's logits at every
-position scored against the prompt's next tokens (`ShardedSampler.prompt_logprobs`, one gather per chunk).
+position scored against the prompt's next tokens (`ShardedSampler.prompt_logprobs`, one gather per chunk); its
+chunks are shorter (PROMPT_SCORES_PER_CHUNK), so that one costs the running requests no more than a plain one.
 
 A request for n samples (`params.n`) takes n cache slots: its prompt is prefilled once, in the first, and copied
 into the others (`ShardedLlama.copy_slot`); each sample then draws with its own seed (`sample_seed`) and decodes as
@@ -66,6 +67,12 @@ from raytp.runtime.admission import AdmissionQueue
 from raytp.runtime.batch import DecodeBatch, Pending
 from raytp.runtime.constraints import Grammars
 from raytp.runtime.sampling import Logprobs, SamplingParams, ShardedSampler, sample_seed
+
+# echo: prompt positions x vocabulary scored in one prefill chunk (85 positions of a 49152-token vocabulary). Each
+# position costs its lm_head columns and its scores over the whole vocabulary in float64 (summed, searched for the
+# top ones) on top of its layers: fewer positions a chunk keep an echo chunk's delay to the running requests within
+# a plain chunk's.
+PROMPT_SCORES_PER_CHUNK = 1 << 22
 
 
 @dataclass
@@ -153,6 +160,7 @@ class RankEngine:
         self.batch = DecodeBatch(model, self.sampler)
         self.device = model.device
         self.heartbeat_s, self.prefill_chunk = heartbeat_s, prefill_chunk
+        self.echo_chunk = max(1, min(prefill_chunk, PROMPT_SCORES_PER_CHUNK // model.config.vocab_size))
         self.active: dict[str, list[_Sequence]] = {}  # a request's live samples
         self.free_slots = list(range(model.max_batch))
         self.prefilling: deque[_Sequence] = deque()  # admitted, prompt not yet all in the cache
@@ -265,12 +273,13 @@ class RankEngine:
             return
         seq = self.prefilling[0]
         prompt = seq.request.prompt_ids
-        start, end = seq.prefilled, min(len(prompt), seq.prefilled + self.prefill_chunk)
         params = seq.request.params
+        echo = params.prompt_logprobs is not None
+        start = seq.prefilled
+        end = min(len(prompt), start + (self.echo_chunk if echo else self.prefill_chunk))
         tokens = torch.tensor([prompt[start:end]], device=self.device)
         positions = torch.arange(start, end, device=self.device).view(1, -1)
         slots = torch.tensor([seq.slot], device=self.device)
-        echo = params.prompt_logprobs is not None
         logits = self.model.forward(tokens, positions, slots, span=end, every=echo)
         if echo:
             scored = min(end, len(prompt) - 1) - start  # positions whose next token is a prompt token
