@@ -89,6 +89,7 @@ class Grammars:
                 self._prepared[request_id] = grammar
                 return
         matcher = self.compile(grammar)
+        matcher.compute_bitmask()  # builds the lexer's first states, which the copies then share: not on the loop
         with self._lock:
             shared = self._compiled.get(grammar)
             self._compiled[grammar] = (matcher, 1) if shared is None else (shared[0], shared[1] + 1)
