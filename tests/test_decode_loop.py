@@ -263,9 +263,10 @@ def test_grammar_rows_draw_what_llguidance_masked_transformers_logits_draw(smoll
     eos = sorted(tokenizer.eos_token_ids)
     params = SamplingParams(temperature=0.8, seed=4, max_tokens=40, grammar=json_schema_grammar(schema))
     prompt = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": "A number, as JSON."}]))
-    engines = [RankEngine(m, m.comm, grammars=lambda m=m: Grammars.for_model(smollm2_dir, group.config,
-                                                                               m.vocab_start, m.lm_head.width))
-               for m in group.models]
+    engines = [RankEngine(m, m.comm, grammars=Grammars.for_model(smollm2_dir, group.config, m.vocab_start,
+                                                                 m.lm_head.width)) for m in group.models]
+    for engine in engines:
+        engine.prepare_grammar("a", params.grammar)
     out = {"a": [], "b": []}
 
     def emit(events):
@@ -282,7 +283,7 @@ def test_grammar_rows_draw_what_llguidance_masked_transformers_logits_draw(smoll
     group.on_all_ranks(lambda r, m: engines[r].run(emit if r == 0 else lambda ev: None))
 
     model = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
-    matcher = grammars.matcher(params.grammar)
+    matcher = grammars.compile(params.grammar)
     sampler = ShardedSampler(InProcessGroup(1).communicator(0), 0)
     tokens, want = list(prompt), []
     for generated in range(params.max_tokens):
@@ -306,18 +307,26 @@ def test_grammar_rows_draw_what_llguidance_masked_transformers_logits_draw(smoll
 def test_a_grammar_that_fails_while_decoding_ends_its_row_in_an_error_not_a_stop(smollm2_dir):
     """A schema that refers only to itself fails at its first mask (llguidance then allows an end token only): the
     row ends with finish "error" and llguidance's reason, never "stop" with an empty answer; the row beside it runs
-    on. The driver refuses such a schema before admission (Grammars.check); the loop must not trust that alone."""
+    on. Compiling refuses such a schema before admission (Grammars.compile); the loop must not trust that alone, so
+    here the ranks compile without that check."""
+    import llguidance
+
     from raytp.runtime.constraints import Grammars, json_schema_grammar
     from raytp.runtime.errors import RequestError
+
+    class Unchecked(Grammars):
+        def compile(self, grammar):
+            return llguidance.LLMatcher(self.tokenizer, grammar, log_level=0)
 
     group = LocalGroup(smollm2_dir, SPLIT)
     grammar = json_schema_grammar({"$ref": "#"})
     with pytest.raises(RequestError, match="cannot be used: NoExtensionBias"):
-        Grammars.for_model(smollm2_dir, group.config).check(grammar)
+        Grammars.for_model(smollm2_dir, group.config).compile(grammar)
     eos = sorted(Tokenizer.from_dir(smollm2_dir).eos_token_ids)
-    engines = [RankEngine(m, m.comm, grammars=lambda m=m: Grammars.for_model(smollm2_dir, group.config,
-                                                                               m.vocab_start, m.lm_head.width))
-               for m in group.models]
+    engines = [RankEngine(m, m.comm, grammars=Unchecked.for_model(smollm2_dir, group.config, m.vocab_start,
+                                                                  m.lm_head.width)) for m in group.models]
+    for engine in engines:
+        engine.prepare_grammar("bad", grammar)
     ends = {}
 
     def emit(events):
@@ -331,3 +340,112 @@ def test_a_grammar_that_fails_while_decoding_ends_its_row_in_an_error_not_a_stop
     finish, error = ends["bad"]
     assert finish == "error" and "failed while decoding: NoExtensionBias" in error, ends
     assert ends["free"] == ("length", None)
+
+
+def test_a_small_request_is_admitted_while_one_for_every_slot_waits(tiny):
+    """max_batch 4: "a" decodes, "big" (n=4) must wait for it; "small", sent after big, goes in at once and ends
+    before a does. Big runs once a has ended."""
+    _, model, group = tiny
+    long, short = SamplingParams(max_tokens=40), SamplingParams(max_tokens=3)
+
+    def send(event, submit, seen):
+        if event.request_id == "a" and len(tokens_of(seen, "a")) == 2:
+            submit(Add(Request("big", [4, 5], dataclasses.replace(short, n=4))))
+            submit(Add(Request("small", [6, 7], short)))
+
+    seen, _ = run_loop(group, [Add(Request("a", [1, 2, 3], long))], send)
+    order = [(e.request_id, e.finish) for e in seen]
+    assert order.index(("small", "length")) < order.index(("a", "length")) < order.index(("big", None))
+    assert tokens_of(seen, "small") == reference(model, [6, 7], short, 3)
+    assert tokens_of(seen, "a") == reference(model, [1, 2, 3], long, 40)
+
+
+def test_a_grammar_compiles_once_per_request_beside_the_loop_which_never_waits_for_it(smollm2_dir):
+    """While "c"'s grammar compiles on every rank (held until "a" has finished), "a" decodes all its tokens: the
+    loop never waits for a compile. Then c (n=3) is sent: its samples share the one compile of each rank and
+    each answers JSON of the schema."""
+    import threading
+
+    from raytp.runtime.constraints import Grammars, json_schema_grammar
+
+    group = LocalGroup(smollm2_dir, SPLIT)
+    tokenizer = Tokenizer.from_dir(smollm2_dir)
+    eos = sorted(tokenizer.eos_token_ids)
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"],
+              "additionalProperties": False}
+    grammar = json_schema_grammar(schema)
+    engines = [RankEngine(m, m.comm, grammars=Grammars.for_model(smollm2_dir, group.config, m.vocab_start,
+                                                                 m.lm_head.width)) for m in group.models]
+    a_done, loops, compiles = threading.Event(), set(), []
+
+    def held(compile_):
+        def compile_after_a(g):
+            assert a_done.wait(120), "the loop did not finish a while a grammar compiled"
+            compiles.append(threading.get_ident())
+            return compile_(g)
+        return compile_after_a
+
+    for engine in engines:
+        engine.grammars.compile = held(engine.grammars.compile)
+
+    def prepare_then_send():
+        for engine in engines:
+            engine.prepare_grammar("c", grammar)
+        engines[0].inbox.put(Add(Request("c", [1, 2], SamplingParams(max_tokens=30, n=3, temperature=0.7, seed=1,
+                                                                     grammar=grammar), eos)))
+
+    out: dict[tuple[str, int], list[int]] = {}
+    finished = set()
+
+    def emit(events):
+        for e in events:
+            if e.token_id is not None:
+                out.setdefault((e.request_id, e.index), []).append(e.token_id)
+            if e.finish:
+                finished.add((e.request_id, e.index))
+        if ("a", 0) in finished:
+            a_done.set()
+        if len(finished) == 4:
+            engines[0].inbox.put(Stop())
+
+    def run(r, m):
+        loops.add(threading.get_ident())
+        engines[r].run(emit if r == 0 else lambda ev: None)
+
+    engines[0].inbox.put(Add(Request("a", [1, 2, 3], SamplingParams(max_tokens=20))))  # no stop token: 20 tokens
+    sender = threading.Thread(target=prepare_then_send)
+    sender.start()
+    group.on_all_ranks(run)
+    sender.join()
+    assert len(out[("a", 0)]) == 20
+    assert len(compiles) == len(engines) and not loops & set(compiles)  # one per rank, none on a loop
+    for i in range(3):
+        jsonschema.validate(json.loads(tokenizer.decode(out[("c", i)])), schema)
+
+
+def test_an_echo_prompt_is_scored_in_chunks_of_bounded_size_between_decode_steps(tiny, monkeypatch):
+    """Echo's chunks hold at most PROMPT_SCORES_PER_CHUNK scores (here 6 positions of the 1000-token vocabulary),
+    whatever prefill_chunk is: a running request decodes between them, and the prompt's log-probabilities are
+    transformers' log_softmax."""
+    from raytp.runtime import engine
+
+    _, model, group = tiny
+    monkeypatch.setattr(engine, "PROMPT_SCORES_PER_CHUNK", 6 * VOCAB + 5)
+    prompt = [(13 * i) % VOCAB for i in range(1, 21)]  # 20 tokens: chunks of 6, 6, 6, 2
+    params = SamplingParams(max_tokens=30)
+
+    def join(event, submit, seen):
+        if event.request_id == "a" and len(tokens_of(seen, "a")) == 2:
+            submit(Add(Request("echo", prompt, SamplingParams(max_tokens=1, prompt_logprobs=1))))
+
+    seen, _ = run_loop(group, [Add(Request("a", [1, 2, 3], params))], join)
+    chunks = [e.prompt_logprobs for e in seen if e.request_id == "echo" and e.prompt_logprobs]
+    assert [len(c) for c in chunks] == [6, 6, 6, 1]  # 19 scored: every position whose next token is the prompt's
+    ids = [e.request_id for e in seen if e.token_id is not None or e.prompt_logprobs]
+    first, last = ids.index("echo"), len(ids) - 1 - ids[::-1].index("echo")
+    assert ids[first:last].count("a") >= 3  # a decoded between the chunks
+    assert tokens_of(seen, "a") == reference(model, [1, 2, 3], params, 30)
+    with torch.no_grad():
+        want = torch.log_softmax(model(torch.tensor([prompt])).logits[0].double(), -1)
+    scored = [chosen for c in chunks for chosen, _ in c]
+    assert scored == pytest.approx([want[t, prompt[t + 1]].item() for t in range(len(prompt) - 1)], abs=1e-4)

@@ -82,3 +82,69 @@ def test_finish_and_token_ids_come_through():
     d, out = asyncio.run(run())
     assert out[-1]["finish"] == "length" and out[-1]["token_ids"] == [5, 6, 7] and out[-1]["prompt_tokens"] == 2
     assert not any(isinstance(c, Cancel) for c in d.group.leader.commands)  # it ended on the ranks: nothing to free
+
+
+class FakeRank:
+    """Records `prepare_grammar` calls, as a rank compiles a grammar before the request is sent."""
+
+    def __init__(self, leader: FakeLeader):
+        self.leader, self.prepared = leader, []
+        self.prepare_grammar = types.SimpleNamespace(remote=self._prepare)
+
+    async def _prepare(self, request_id, grammar):
+        self.prepared.append((request_id, len(self.leader.commands)))  # what the leader had got by then
+        return None
+
+
+def constrained_driver(model_dir, script) -> Driver:
+    """`fake_driver` on a model with a tokenizer, and two ranks that take grammars."""
+    from raytp.model.config import ModelConfig
+
+    d = fake_driver(script)
+    d.settings.max_context = 256
+    d.config, d.tokenizer_dir = ModelConfig.from_file(model_dir), model_dir
+    d._grammars, d._grammar_pool, d._compiling = None, None, 0
+    d.group.workers = [FakeRank(d.group.leader), FakeRank(d.group.leader)]
+    return d
+
+
+def optional_integers(n: int) -> str:
+    from raytp.runtime.constraints import json_schema_grammar
+
+    return json_schema_grammar({"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(n)}})
+
+
+def test_every_rank_compiles_a_grammar_before_its_request_is_sent(smollm2_dir):
+    async def run():
+        d = constrained_driver(smollm2_dir, lambda rid: [TokenEvent(rid, 90, "stop")])
+        await items(d, [1, 2], SamplingParams(max_tokens=4, grammar=optional_integers(3)))
+        return d
+    d = asyncio.run(run())
+    rid = d.group.leader.commands[0].request.id
+    assert [rank.prepared for rank in d.group.workers] == [[(rid, 0)], [(rid, 0)]]  # before the Add, once each
+
+
+@pytest.mark.parametrize("case", ["time", "size", "invalid"])
+def test_a_grammar_past_a_bound_or_invalid_is_refused_and_never_reaches_a_rank(smollm2_dir, monkeypatch, case):
+    from raytp.actors import driver
+    from raytp.runtime import constraints
+
+    grammar = optional_integers(1500 if case != "invalid" else 1)
+    if case == "time":
+        monkeypatch.setattr(driver, "GRAMMAR_COMPILE_S", 0.01)  # the schema takes seconds to compile
+    elif case == "size":
+        monkeypatch.setattr(constraints, "GRAMMAR_MAX_CHARS", len(grammar) - 1)
+    else:
+        grammar = grammar.replace('"type":"integer"', '"type":"nonsense"')
+        assert "nonsense" in grammar
+
+    async def run():
+        d = constrained_driver(smollm2_dir, lambda rid: [TokenEvent(rid, 90, "stop")])
+        with pytest.raises(RequestError) as e:
+            await items(d, [1, 2], SamplingParams(max_tokens=4, grammar=grammar))
+        return d, e.value
+    d, error = asyncio.run(run())
+    assert error.param == "response_format" and "\n" not in str(error)
+    assert {"time": "within 0.01 s", "size": f"more than the {len(grammar) - 1}",
+            "invalid": "nonsense"}[case] in str(error)
+    assert d.group.leader.commands == [] and all(rank.prepared == [] for rank in d.group.workers)

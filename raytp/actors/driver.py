@@ -12,12 +12,17 @@ again (its node or GPU is gone), the group is re-planned over the devices that r
 fits on them, the error says how much memory is missing and requests get UnavailableError (HTTP 503) until
 the server is restarted. New requests wait out a rebuild. Every request that fails after it was admitted is
 logged here, once, on one line carrying its id.
+
+A constrained request's grammar is compiled before the request is sent: here first, on a thread, bounded in size
+and time (past either bound the request is refused, and never reaches a rank), then on every rank beside its token
+loop (`prepare_grammar`); the request goes to the leader once every rank has it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import dataclasses
 import logging
 import time
@@ -27,7 +32,7 @@ from collections.abc import Sequence
 import ray
 
 from raytp.actors.group import ClusterError, GroupSettings, WorkerGroup
-from raytp.runtime.constraints import Grammars
+from raytp.runtime.constraints import GRAMMAR_COMPILE_S, Grammars
 from raytp.runtime.engine import Add, Cancel, Request, TokenEvent
 from raytp.parallel.plan import PlanError
 from raytp.runtime.errors import BusyError, RequestError, UnavailableError, error_summary
@@ -49,6 +54,7 @@ SHUTTING_DOWN = "the server is shutting down: the request was not finished"
 HEALTH_DEADLINE_S = 1.0  # /health's wait for every rank's answer: a stopped rank shows at once, not after heartbeat_s
 HEARTBEAT_EVERY_S = 1.0  # between two heartbeats of every rank (each waits up to settings.heartbeat_s for answers)
 LOG_LINES = 1000  # `raytp` log lines kept for the CLI between two `take_logs`; older ones are dropped
+GRAMMAR_THREADS = 2  # grammars the driver compiles at once; a compile past its time bound keeps its thread until done
 
 
 class LogTail(logging.Handler):
@@ -80,7 +86,9 @@ class Driver:
         # has no syntax raytp parses, and "auto" is refused
         self.tool_syntax = None if self.tokenizer is None else template_syntax(
             lambda messages: self.tokenizer.apply_chat_template(messages, add_generation_prompt=False))
-        self._grammars: Grammars | None = None  # checks the grammars of constrained requests; built at the first
+        self._grammars: asyncio.Future[Grammars] | None = None  # checks constrained requests' grammars (`start`)
+        self._grammar_pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._compiling = 0  # grammars compiling in `_grammar_pool`, those past their time bound included
         self.group: WorkerGroup | None = None
         # each request's events; an UnavailableError instead when the group failed under it
         self.streams: dict[str, asyncio.Queue[TokenEvent | UnavailableError]] = {}
@@ -107,9 +115,11 @@ class Driver:
     async def start(self) -> dict:
         if self.tokenizer_pool is not None:  # its processes start while the ranks load: the first request is quick
             warm = asyncio.ensure_future(self.tokenizer_pool.encode(prompt="warm up"))
+            self._start_grammars()
         await self._build()
         if self.tokenizer_pool is not None:
             await warm
+            await self._grammars
         return self.info()
 
     async def _build(self) -> None:
@@ -214,6 +224,8 @@ class Driver:
             self.group = None
         if self.tokenizer_pool is not None:
             self.tokenizer_pool.close()
+        if self._grammar_pool is not None:
+            self._grammar_pool.shutdown(wait=False, cancel_futures=True)
         log.removeHandler(self._log_tail)
 
     def unavailable(self) -> str | None:
@@ -287,8 +299,16 @@ class Driver:
         except ValueError as e:  # a model without a chat template, or a template that refuses the messages
             raise RequestError(str(e), param=param) from None
 
-    def _check_grammar(self, grammar: str, ignore_eos: bool) -> None:
-        """RequestError unless the ranks can follow `grammar` (llguidance's, from a JSON schema)."""
+    def _start_grammars(self) -> None:
+        """Read the tokenizer for grammars on a thread (llguidance holds the GIL meanwhile: at start-up, not at the
+        first constrained request, when it would stall every stream)."""
+        self._grammar_pool = concurrent.futures.ThreadPoolExecutor(GRAMMAR_THREADS, "raytp-grammar")
+        self._grammars = asyncio.get_running_loop().run_in_executor(
+            self._grammar_pool, Grammars.for_model, self.tokenizer_dir, self.config)
+
+    async def _check_grammar(self, grammar: str, ignore_eos: bool) -> None:
+        """RequestError unless the ranks can follow `grammar` (llguidance's, from a JSON schema): it must compile
+        here within GRAMMAR_COMPILE_S; BusyError while GRAMMAR_THREADS grammars are compiling."""
         if self.tokenizer_dir is None:
             raise RequestError(f"{self.settings.model} has no tokenizer: response_format needs one",
                                param="response_format")
@@ -296,8 +316,38 @@ class Driver:
             raise RequestError("ignore_eos cannot go with response_format: the answer ends where the schema does",
                                param="ignore_eos")
         if self._grammars is None:
-            self._grammars = Grammars.for_model(self.tokenizer_dir, self.config)
-        self._grammars.check(grammar)
+            self._start_grammars()
+        grammars = await self._grammars
+        if self._compiling >= GRAMMAR_THREADS:
+            raise BusyError(f"the server is busy compiling {self._compiling} other JSON schemas; retry shortly")
+        self._compiling += 1
+        compiled = asyncio.get_running_loop().run_in_executor(self._grammar_pool, grammars.compile, grammar)
+        compiled.add_done_callback(self._compiled)
+        try:
+            await asyncio.wait_for(asyncio.shield(compiled), GRAMMAR_COMPILE_S)
+        except asyncio.TimeoutError:
+            raise RequestError(f"response_format: the JSON schema's grammar did not compile within "
+                               f"{GRAMMAR_COMPILE_S:g} s, raytp's bound; use a simpler schema (fewer optional "
+                               "properties)", param="response_format") from None
+
+    def _compiled(self, _: asyncio.Future) -> None:
+        self._compiling -= 1
+
+    async def _prepare_grammar(self, request_id: str, grammar: str) -> None:
+        """Have every rank compile the grammar of `request_id`, beside its token loop, before the request is sent."""
+        group = self.group
+        prepared = asyncio.ensure_future(asyncio.gather(*[w.prepare_grammar.remote(request_id, grammar)
+                                                          for w in group.workers]))
+        try:
+            errors = await asyncio.shield(prepared)
+        except asyncio.CancelledError:  # the caller went away: the ranks forget the grammar once they have it
+            prepared.add_done_callback(lambda _: group.leader.submit.remote(Cancel(request_id)))
+            raise
+        except ray.exceptions.RayError as e:  # a rank died: the watcher rebuilds the group
+            raise UnavailableError(f"a rank failed: {rank_error_summary(e)}; {REBUILDING}") from None
+        error = next((e for e in errors if e), None)
+        if error:
+            raise RequestError(error, param="response_format")
 
     def decode(self, ids: Sequence[int], strict: bool = False) -> str:
         """The text of token ids, control tokens included (echo, /detokenize); without a tokenizer "", or with
@@ -335,7 +385,7 @@ class Driver:
         check_request(prompt_ids, params, stop, self.config.vocab_size, self.settings.max_context,
                       self.settings.max_batch)
         if params.grammar is not None:
-            await asyncio.to_thread(self._check_grammar, params.grammar, ignore_eos)
+            await self._check_grammar(params.grammar, ignore_eos)
         if len(self.streams) >= self.settings.max_batch + self.max_queue:  # admitted: running or waiting for a slot
             raise BusyError(f"the server is busy: {len(self.streams)} requests are running or waiting "
                             f"(--max-batch {self.settings.max_batch} + --max-queue {self.max_queue}); retry shortly")
@@ -351,6 +401,8 @@ class Driver:
             if self.down:
                 raise UnavailableError(self.down)
             request = Request(rid, prompt_ids, params, [] if ignore_eos else sorted(eos))
+            if params.grammar is not None:
+                await self._prepare_grammar(rid, params.grammar)
             try:
                 await self.group.leader.submit.remote(Add(request))
             except ray.exceptions.RayError as e:  # the leader died before the watcher noticed

@@ -4,8 +4,9 @@ The device is touched only inside the worker's own process. A GPU rank sees ever
 Ray not to narrow CUDA_VISIBLE_DEVICES: P2P needs the peers' devices) and selects the one Ray assigned it before
 anything else touches CUDA (`assigned_gpu`). The driver calls, in order: `describe` (what
 this device really has), `open_comm` (once per phase), `load` (the shard of the plan), `run` (the token
-loop; blocks until stopped) and, on the leader only, `submit` and `poll_events` while `run` is going. A benchmark
-may hand any rank a step watcher (`watch_steps`, then `watched`) while `run` is going.
+loop; blocks until stopped) and, on the leader only, `submit` and `poll_events` while `run` is going. Before a
+constrained request's `submit`, every rank compiles its grammar (`prepare_grammar`, on a thread of its own). A
+benchmark may hand any rank a step watcher (`watch_steps`, then `watched`) while `run` is going.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from functools import partial
 
 import psutil
 import ray
@@ -33,6 +33,7 @@ from raytp.model.formats.act_quant import runs_weight_only
 from raytp.parallel.devices import DeviceSpec, format_bytes
 from raytp.runtime.constraints import Grammars
 from raytp.runtime.engine import Command, RankEngine, TokenEvent
+from raytp.runtime.errors import RequestError
 from raytp.runtime.options import RuntimeOptions
 from raytp.model.llama import ShardedLlama
 from raytp.parallel.plan import ShardPlan
@@ -136,9 +137,10 @@ class Worker:
             raise MemoryBudgetError(f"rank {self.rank} ({self.spec}) needs {format_bytes(used)} for weights and "
                                     f"KV cache, its budget is {format_bytes(shard.budget_bytes)}")
         source = ModelSource.parse(model)
-        grammars = None  # constrained decoding needs the tokenizer's vocabulary: built at the first such request
-        if source.tokenizer_dir is not None:
-            grammars = partial(Grammars.for_model, source.tokenizer_dir, config, lm.vocab_start, lm.lm_head.width)
+        # constrained decoding needs the tokenizer's vocabulary, read here: llguidance holds the GIL while it reads
+        # it (seconds for a large vocabulary), which would stall the token loop at the first constrained request
+        grammars = None if source.tokenizer_dir is None else \
+            Grammars.for_model(source.tokenizer_dir, config, lm.vocab_start, lm.lm_head.width)
         self.engine = RankEngine(lm, lm.comm, grammars=grammars)
         return {"rank": self.rank, "used_bytes": used}
 
@@ -192,6 +194,17 @@ class Worker:
     def heartbeat(self) -> int:
         """Answered on a thread of its own while `run` steps: the driver's sign that this process still runs."""
         return self.rank
+
+    @ray.method(concurrency_group="grammars")
+    def prepare_grammar(self, request_id: str, grammar: str) -> str | None:
+        """Compile a request's grammar before it is submitted (seconds for a large schema, beside the token loop, in
+        a concurrency group of its own so that heartbeats and polls never wait for it); the error's message if it
+        cannot be compiled."""
+        try:
+            self.engine.prepare_grammar(request_id, grammar)
+        except RequestError as e:
+            return str(e)
+        return None
 
     def submit(self, command: Command) -> None:
         """Leader only: `Add`, `Cancel` or `Stop`, taken at the next step."""
@@ -252,5 +265,6 @@ def _node_ip() -> str:
     return ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
 
 
-# max_concurrency: `run` occupies one thread for the actor's life; submit/poll need others.
-WorkerActor = ray.remote(max_concurrency=4)(Worker)
+# max_concurrency: `run` occupies one thread for the actor's life; submit/poll need others. Grammars compile one at
+# a time, on a thread of their own: a compile takes one core from the rank, never more.
+WorkerActor = ray.remote(max_concurrency=4, concurrency_groups={"grammars": 1})(Worker)

@@ -11,10 +11,17 @@ Its masks cost microseconds per token (benchmarks/grammar_mask_cost.py compares 
 a little faster; docs/performance.md), far below a decode step's milliseconds, and llguidance builds its tokenizer
 from `tokenizer.json` with no dependencies, where xgrammar needs transformers and triton, which raytp otherwise
 does without.
+
+Compiling a grammar is another matter: it grows with the schema (a JSON schema of 2000 optional properties takes
+seconds, 16000 take minutes), so it never happens in the token loop. A request's grammar is compiled once, before
+the request is admitted: first by the driver, bounded by GRAMMAR_MAX_CHARS and GRAMMAR_COMPILE_S (past either the
+request is refused), then by every rank on a thread beside its loop (`Grammars.prepare`). Admitting the request,
+the loop only copies the compiled matcher for each of its samples (`Grammars.matchers`), which takes microseconds.
 """
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import llguidance
@@ -23,6 +30,9 @@ import torch
 from raytp.model.config import ModelConfig
 from raytp.runtime.errors import RequestError
 from raytp.weights.tokenizer import Tokenizer
+
+GRAMMAR_MAX_CHARS = 256 * 1024  # a grammar's text (from its JSON schema): bounds the work of one compile
+GRAMMAR_COMPILE_S = 5.0  # the driver's compile of a request's grammar; past it the request is refused
 
 
 def json_schema_grammar(schema: dict, param: str = "response_format") -> str:
@@ -36,7 +46,11 @@ def json_schema_grammar(schema: dict, param: str = "response_format") -> str:
 
 
 class Grammars:
-    """Matchers over one tokenizer, and the masks of this rank's vocabulary slice [vocab_start, vocab_start + n)."""
+    """Matchers over one tokenizer, and the masks of this rank's vocabulary slice [vocab_start, vocab_start + n).
+
+    `prepare` (any thread) compiles the grammars of requests not yet admitted and keeps them by request id until
+    `matchers` (the token loop, at admission) takes them or `release` drops them; requests with the same grammar
+    share one compiled matcher."""
 
     def __init__(self, tokenizer_dir: Path, vocab_size: int, eos_ids: list[int], vocab_start: int = 0,
                  n: int | None = None):
@@ -44,6 +58,9 @@ class Grammars:
                                                 n_vocab=vocab_size, eos_token=eos_ids)
         local = torch.arange(vocab_start, vocab_start + (vocab_size - vocab_start if n is None else n))
         self.word, self.bit = local // 32, (local % 32).to(torch.int32)
+        self._lock = threading.Lock()  # `prepare` runs beside the token loop
+        self._compiled: dict[str, tuple[llguidance.LLMatcher, int]] = {}  # grammar -> (fresh matcher, requests)
+        self._prepared: dict[str, str] = {}  # request id -> its grammar, compiled and not yet admitted
 
     @classmethod
     def for_model(cls, tokenizer_dir: Path, config: ModelConfig, vocab_start: int = 0,
@@ -52,19 +69,59 @@ class Grammars:
         eos = Tokenizer.from_dir(tokenizer_dir).eos_token_ids | set(config.eos_token_ids)
         return cls(tokenizer_dir, config.vocab_size, sorted(eos), vocab_start, n)
 
-    def check(self, grammar: str) -> None:
-        """RequestError naming response_format unless `grammar` compiles (an invalid or unsupported schema)."""
-        error = llguidance.LLMatcher.validate_grammar(grammar, self.tokenizer)
-        if not error:  # a grammar may also fail at its first token (a schema that refers only to itself)
-            first = self.matcher(grammar)
-            first.compute_bitmask()
-            error = first.get_error().strip().split("\n")[0] if first.is_error() else ""
-        if error:
-            raise RequestError(f"response_format: the JSON schema cannot be used: {error.strip()}",
+    def compile(self, grammar: str) -> llguidance.LLMatcher:
+        """A matcher at the grammar's start; RequestError naming response_format for a grammar past
+        GRAMMAR_MAX_CHARS or one llguidance cannot compile (an invalid or unsupported schema). Slow for large
+        grammars (llguidance releases the GIL meanwhile): never call it on the token loop."""
+        if len(grammar) > GRAMMAR_MAX_CHARS:
+            raise RequestError(f"response_format: the JSON schema makes a grammar of {len(grammar)} characters, more "
+                               f"than the {GRAMMAR_MAX_CHARS} raytp compiles; use a smaller schema",
                                param="response_format")
+        matcher = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0)
+        if not matcher.is_error():  # a grammar may also fail at its first token (a schema that refers only to itself)
+            matcher.compute_bitmask()  # builds the lexer's first states, which the copies then share: not on the loop
+        if matcher.is_error():
+            error = matcher.get_error().strip().splitlines()[0]
+            raise RequestError(f"response_format: the JSON schema cannot be used: {error}", param="response_format")
+        return matcher
 
-    def matcher(self, grammar: str) -> llguidance.LLMatcher:
-        return llguidance.LLMatcher(self.tokenizer, grammar)
+    def prepare(self, request_id: str, grammar: str) -> None:
+        """Compile `grammar` for the request `request_id` unless a prepared request shares it (RequestError as
+        `compile`)."""
+        with self._lock:
+            shared = self._compiled.get(grammar)
+            if shared is not None:
+                self._compiled[grammar] = (shared[0], shared[1] + 1)
+                self._prepared[request_id] = grammar
+                return
+        matcher = self.compile(grammar)
+        with self._lock:
+            shared = self._compiled.get(grammar)
+            self._compiled[grammar] = (matcher, 1) if shared is None else (shared[0], shared[1] + 1)
+            self._prepared[request_id] = grammar
+
+    def matchers(self, request_id: str, n: int) -> list[llguidance.LLMatcher]:
+        """n matchers at the start of the prepared request's grammar (copies of the compiled one); the request is
+        no longer prepared."""
+        with self._lock:
+            compiled = self._compiled[self._prepared[request_id]][0]
+            self._forget(request_id)
+        return [compiled.deep_copy() for _ in range(n)]
+
+    def release(self, request_id: str) -> None:
+        """Forget a prepared request (cancelled or refused before admission); nothing if it is not prepared."""
+        with self._lock:
+            self._forget(request_id)
+
+    def _forget(self, request_id: str) -> None:
+        grammar = self._prepared.pop(request_id, None)
+        if grammar is None:
+            return
+        matcher, requests = self._compiled[grammar]
+        if requests == 1:
+            del self._compiled[grammar]
+        else:
+            self._compiled[grammar] = (matcher, requests - 1)
 
     def allowed(self, matcher: llguidance.LLMatcher) -> torch.Tensor:
         """(n,) bool: which tokens of this rank's slice the matcher allows next."""

@@ -25,7 +25,8 @@ timeout. (A shared-memory word would spare the leader the wait of one step but e
 New requests are prefilled eagerly in chunks of at most `prefill_chunk` tokens, one chunk per iteration between
 decode steps, so a long prompt delays running requests by one chunk at a time. A request joins the decode batch
 with the token its last chunk drew. A request with `prompt_logprobs` (echo) has each chunk's logits at every
-position scored against the prompt's next tokens (`ShardedSampler.prompt_logprobs`, one gather per chunk).
+position scored against the prompt's next tokens (`ShardedSampler.prompt_logprobs`, one gather per chunk); its
+chunks are shorter (PROMPT_SCORES_PER_CHUNK), so that one costs the running requests no more than a plain one.
 
 A request for n samples (`params.n`) takes n cache slots: its prompt is prefilled once, in the first, and copied
 into the others (`ShardedLlama.copy_slot`); each sample then draws with its own seed (`sample_seed`) and decodes as
@@ -33,7 +34,12 @@ a row of its own. Its events carry the sample's `index`.
 
 A request with a grammar (`params.grammar`, from a JSON schema) has a matcher per sample on every rank
 (raytp.runtime.constraints); before each draw its rows' masks of this rank's vocabulary slice are written, and
-the loop reads each step before it enqueues the next (the next mask needs the token).
+the loop reads each step before it enqueues the next (the next mask needs the token). The grammar was compiled
+before the request was sent (`prepare_grammar`, on a thread beside the loop, on every rank): admitting it, the loop
+only copies the compiled matcher for each sample, so a large schema never stalls the other requests' tokens.
+
+Waiting requests are admitted where they fit, in arrival order, a large one (many samples) passed over by at most
+max_batch later ones before the slots that free up are kept for it (raytp.runtime.admission).
 
 Log-probabilities of generated tokens (`logprobs`) come out of the step's own exchange (raytp.runtime.sampling),
 computed only while a row of the batch asks for them (a graph variant of its own), and ride on each TokenEvent.
@@ -57,9 +63,16 @@ import torch
 from raytp.model.llama import ShardedLlama
 from raytp.parallel.comm import Communicator
 from raytp.parallel.plan import PREFILL_CHUNK
+from raytp.runtime.admission import AdmissionQueue
 from raytp.runtime.batch import DecodeBatch, Pending
 from raytp.runtime.constraints import Grammars, grammar_failure
 from raytp.runtime.sampling import Logprobs, SamplingParams, ShardedSampler, sample_seed
+
+# echo: prompt positions x vocabulary scored in one prefill chunk (85 positions of a 49152-token vocabulary). Each
+# position costs its lm_head columns and its scores over the whole vocabulary in float64 (summed, searched for the
+# top ones) on top of its layers: fewer positions a chunk keep an echo chunk's delay to the running requests within
+# a plain chunk's.
+PROMPT_SCORES_PER_CHUNK = 1 << 22
 
 
 @dataclass
@@ -141,12 +154,13 @@ class _Sequence:
 
 class RankEngine:
     def __init__(self, model: ShardedLlama, comm: Communicator, heartbeat_s: float = 1.0,
-                 prefill_chunk: int = PREFILL_CHUNK, grammars: Callable[[], Grammars] | None = None):
+                 prefill_chunk: int = PREFILL_CHUNK, grammars: Grammars | None = None):
         self.model, self.comm = model, comm
         self.sampler = ShardedSampler(comm, model.vocab_start)
         self.batch = DecodeBatch(model, self.sampler)
         self.device = model.device
         self.heartbeat_s, self.prefill_chunk = heartbeat_s, prefill_chunk
+        self.echo_chunk = max(1, min(prefill_chunk, PROMPT_SCORES_PER_CHUNK // model.config.vocab_size))
         self.active: dict[str, list[_Sequence]] = {}  # a request's live samples
         self.free_slots = list(range(model.max_batch))
         self.prefilling: deque[_Sequence] = deque()  # admitted, prompt not yet all in the cache
@@ -155,10 +169,10 @@ class RankEngine:
         self.in_flight: deque[Pending] = deque()  # enqueued steps not read yet (at most two)
         self.news = self.news_handled = 0  # the leader's news counter as read back, and as acted on
         self.iteration_started = 0.0  # perf_counter when this loop iteration's work began (after any wait for work)
-        self.pending: deque[Request] = deque()  # leader only: waiting for a free slot
+        self.pending = AdmissionQueue(model.max_batch)  # leader only: requests waiting for free slots
         self.inbox: queue.Queue[Command] = queue.Queue()  # leader only
         self.leader_events: list[TokenEvent] = []  # leader only: events decided without the other ranks
-        self._make_grammars, self._grammars = grammars, None  # built at the first constrained request
+        self.grammars = grammars  # the tokenizer's, built before the loop (it holds the GIL for a second or more)
 
     def use_cuda_graphs(self) -> None:
         """Replay decode steps from CUDA graphs (the communicator must be `graph_safe`)."""
@@ -178,22 +192,19 @@ class RankEngine:
                 break
             wait = False
             if isinstance(cmd, Add):
-                self.pending.append(cmd.request)
-            elif isinstance(cmd, Cancel) and any(r.id == cmd.request_id for r in self.pending):
-                self.pending = deque(r for r in self.pending if r.id != cmd.request_id)
+                self.pending.push(cmd.request)
+                continue
+            if isinstance(cmd, Cancel) and self.pending.remove(cmd.request_id):
                 self.leader_events.append(TokenEvent(cmd.request_id, None, "cancelled"))
-            else:
-                commands.append(cmd)
+            commands.append(cmd)  # a cancel of a waiting request too: every rank forgets its prepared grammar
         free = len(self.free_slots) - sum(len(self.active.get(c.request_id, ())) for c in commands
                                           if isinstance(c, Cancel))
-        while self.pending and free >= self.pending[0].params.n:
-            free -= self.pending[0].params.n
-            commands.append(Add(self.pending.popleft()))
+        commands += [Add(r) for r in self.pending.admit(free)]
         return commands
 
     def _has_news(self) -> bool:
         """Leader: whether the group has something to hear (a command, or a waiting request that now fits)."""
-        return not self.inbox.empty() or bool(self.pending and len(self.free_slots) >= self.pending[0].params.n)
+        return not self.inbox.empty() or self.pending.can_admit(len(self.free_slots))
 
     def _broadcast_commands(self, commands: list[Command]) -> list[Command]:
         """One int64 collective when idle-ish; a second one carrying the commands when there is news."""
@@ -242,6 +253,8 @@ class RankEngine:
             if isinstance(cmd, Cancel):
                 for seq in list(self.active.get(cmd.request_id, ())):
                     self._finish(seq, "cancelled", events)
+                if self.grammars is not None:
+                    self.grammars.release(cmd.request_id)
             else:
                 r = cmd.request
                 samples = [_Sequence(r if i == 0 else dataclasses.replace(r, params=dataclasses.replace(
@@ -249,8 +262,8 @@ class RankEngine:
                                list(r.prompt_ids), index=i) for i in range(r.params.n)]
                 samples[0].forks = samples[1:]
                 if r.params.grammar is not None:
-                    for sample in samples:
-                        sample.matcher = self.grammars().matcher(r.params.grammar)
+                    for sample, matcher in zip(samples, self.grammars.matchers(r.id, len(samples))):
+                        sample.matcher = matcher
                 self.active[r.id] = samples
                 self.prefilling.append(samples[0])
 
@@ -260,12 +273,13 @@ class RankEngine:
             return
         seq = self.prefilling[0]
         prompt = seq.request.prompt_ids
-        start, end = seq.prefilled, min(len(prompt), seq.prefilled + self.prefill_chunk)
         params = seq.request.params
+        echo = params.prompt_logprobs is not None
+        start = seq.prefilled
+        end = min(len(prompt), start + (self.echo_chunk if echo else self.prefill_chunk))
         tokens = torch.tensor([prompt[start:end]], device=self.device)
         positions = torch.arange(start, end, device=self.device).view(1, -1)
         slots = torch.tensor([seq.slot], device=self.device)
-        echo = params.prompt_logprobs is not None
         logits = self.model.forward(tokens, positions, slots, span=end, every=echo)
         if echo:
             scored = min(end, len(prompt) - 1) - start  # positions whose next token is a prompt token
@@ -293,16 +307,16 @@ class RankEngine:
                 self.decoding.append(sample)
                 self.stale = True
 
-    def grammars(self) -> Grammars:
-        if self._grammars is None:
-            if self._make_grammars is None:
-                raise RuntimeError("a constrained request reached a rank without the model's tokenizer")
-            self._grammars = self._make_grammars()
-        return self._grammars
+    def prepare_grammar(self, request_id: str, grammar: str) -> None:
+        """Compile the grammar of a request about to be sent, on the calling thread (not the loop's): every rank
+        does this before the request's `Add` (RequestError if it cannot be compiled)."""
+        if self.grammars is None:
+            raise RuntimeError("a constrained request reached a rank without the model's tokenizer")
+        self.grammars.prepare(request_id, grammar)
 
     def _masks(self, seqs: list[_Sequence]) -> dict[int, torch.Tensor]:
         """The grammar masks of the constrained ones among `seqs`, by row."""
-        return {b: self.grammars().allowed(s.matcher) for b, s in enumerate(seqs) if s.matcher is not None}
+        return {b: self.grammars.allowed(s.matcher) for b, s in enumerate(seqs) if s.matcher is not None}
 
     def _enqueue(self) -> None:
         if self.batch.constrained:  # every token of the batch is read: the matchers are up to date
