@@ -59,7 +59,7 @@ def test_weight_only_repacking_matches_the_act_quant_path(dtype, rows):
     q, s = weight(1024, 4096, dtype)
     act_quant = ActQuantWeight(q, s)
     packed = for_device(act_quant, torch.bfloat16, act_quant_weight_only=True)
-    assert isinstance(packed, PackedWeight) and packed.packed.kind == ("int8" if dtype == torch.int8 else "fp8")
+    assert isinstance(packed, PackedWeight) and packed.packed.kind.name == ("int8" if dtype == torch.int8 else "fp8")
     x = torch.randn(rows, 4096, device="cuda", dtype=torch.bfloat16)
     assert runs_kernel(x, packed.packed)
     got, quantized = packed.apply(x).float(), act_quant.apply(x).float()
