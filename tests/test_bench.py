@@ -1,4 +1,5 @@
-"""`raytp bench` end to end on two CPU ranks: results.json has every figure, and every figure is positive."""
+"""`raytp bench` end to end on two CPU ranks: results.json has every figure, and every figure is positive. Each run
+joins the run's Ray head (tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,11 @@ import pytest
 from raytp.cli import main
 
 
-def test_bench_smollm2_on_two_cpu_ranks(smollm2_dir, tmp_path, capsys):
+def test_bench_smollm2_on_two_cpu_ranks(ray_head, smollm2_dir, tmp_path, capsys):
     out = tmp_path / "bench"
     rc = main(["bench", "--model", str(smollm2_dir), "--devices", "cpu*2", "--dtype", "float32", "--batch", "1,2",
                "--prompt-len", "8", "--decode-tokens", "6", "--repeats", "1", "--allreduce-sizes", "576,4096",
-               "--allreduce-iters", "5", "--comm", "hoststaged", "--out", str(out)])
+               "--allreduce-iters", "5", "--comm", "hoststaged", "--out", str(out), "--address", ray_head.address])
     assert rc == 0
     res = json.loads((out / "results.json").read_text())["runs"][0]
     assert res["backend"] == "hoststaged" and res["devices"] == ["cpu", "cpu"]
@@ -32,7 +33,7 @@ def test_bench_smollm2_on_two_cpu_ranks(smollm2_dir, tmp_path, capsys):
     assert "of roofline" in capsys.readouterr().out
 
 
-def test_bench_sweep_writes_csv_json_summary_and_plots(smollm2_dir, tmp_path):
+def test_bench_sweep_writes_csv_json_summary_and_plots(ray_head, smollm2_dir, tmp_path):
     import csv
 
     import matplotlib.image
@@ -43,7 +44,8 @@ def test_bench_sweep_writes_csv_json_summary_and_plots(smollm2_dir, tmp_path):
     # nccl on cpu ranks cannot run: those configurations are skipped (at once, before any actor starts)
     rc = main(["bench", "--model", str(smollm2_dir), "--devices-sweep", "cpu*1;cpu*2;cpu*3", "--comm",
                "hoststaged,nccl", "--dtype", "float32", "--batch", "1,2", "--prompt-len", "8", "--decode-tokens", "4",
-               "--repeats", "1", "--allreduce-sizes", "576", "--allreduce-iters", "5", "--hf-peer", "--out", str(out)])
+               "--repeats", "1", "--allreduce-sizes", "576", "--allreduce-iters", "5", "--hf-peer", "--out", str(out),
+               "--address", ray_head.address])
     assert rc == 0
     with open(out / "results.csv", newline="") as f:
         reader = csv.DictReader(f)
@@ -80,7 +82,7 @@ def test_bench_sweep_writes_csv_json_summary_and_plots(smollm2_dir, tmp_path):
         assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100, name
 
 
-def test_sweep_cut_short_keeps_the_configurations_it_finished(smollm2_dir, tmp_path, monkeypatch):
+def test_sweep_cut_short_keeps_the_configurations_it_finished(ray_head, smollm2_dir, tmp_path, monkeypatch):
     import csv
 
     import raytp.bench.sweep
@@ -97,7 +99,7 @@ def test_sweep_cut_short_keeps_the_configurations_it_finished(smollm2_dir, tmp_p
     out = tmp_path / "sweep"
     rc = main(["bench", "--model", str(smollm2_dir), "--devices-sweep", "cpu*1;cpu*2;cpu*3", "--comm", "hoststaged",
                "--dtype", "float32", "--batch", "1", "--prompt-len", "8", "--decode-tokens", "4", "--repeats", "1",
-               "--allreduce-sizes", "576", "--allreduce-iters", "5", "--out", str(out)])
+               "--allreduce-sizes", "576", "--allreduce-iters", "5", "--out", str(out), "--address", ray_head.address])
     assert rc == 130 and len(calls) == 2
     with open(out / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -106,7 +108,7 @@ def test_sweep_cut_short_keeps_the_configurations_it_finished(smollm2_dir, tmp_p
     assert "(in progress or cut short: 2 more planned)" in (out / "summary.md").read_text()
 
 
-def test_bench_profile_on_two_cpu_ranks(tmp_path):
+def test_bench_profile_on_two_cpu_ranks(ray_head, tmp_path):
     """`--profile`: each rank's profiled steps split into the classes of raytp.bench.profile, adding up to the step;
     the two ranks sum their partial results, so there is all-reduce time; the traces are saved."""
     import gzip
@@ -116,7 +118,8 @@ def test_bench_profile_on_two_cpu_ranks(tmp_path):
     out = tmp_path / "profiled"
     rc = main(["bench", "--model", "synthetic:tiny", "--devices", "cpu*2", "--dtype", "float32", "--batch", "1",
                "--prompt-len", "8", "--decode-tokens", "4", "--repeats", "1", "--allreduce-sizes", "512",
-               "--allreduce-iters", "5", "--profile", "3", "--profile-traces", "--out", str(out)])
+               "--allreduce-iters", "5", "--profile", "3", "--profile-traces", "--out", str(out),
+               "--address", ray_head.address])
     assert rc == 0
     decode = json.loads((out / "results.json").read_text())["runs"][0]["decode"][0]
     assert len(decode["profile"]) == 2
@@ -146,7 +149,7 @@ def test_every_backends_latency_table_has_a_row_per_group_and_backend():
     assert _backends_table({"runs": runs[2:]}) == ["(no group of several GPUs on one node)"]
 
 
-def test_bench_sweeps_quantizations_side_by_side(tmp_path, monkeypatch):
+def test_bench_sweeps_quantizations_side_by_side(ray_head, tmp_path, monkeypatch):
     """`--quant none,w4a16` at 1 and 2 CPU ranks: a row per (device set, quantization), each plot and the summary
     show both series, and the w4a16 rows' roofline reads less by exactly what the planner counts."""
     import csv
@@ -168,7 +171,8 @@ def test_bench_sweeps_quantizations_side_by_side(tmp_path, monkeypatch):
     out = tmp_path / "quant"
     rc = main(["bench", "--model", "synthetic:tiny", "--quant", "none,w4a16", "--devices-sweep", "cpu*1;cpu*2",
                "--comm", "hoststaged", "--dtype", "float32", "--batch", "1", "--prompt-len", "8", "--decode-tokens",
-               "4", "--repeats", "1", "--allreduce-sizes", "512", "--allreduce-iters", "5", "--out", str(out)])
+               "4", "--repeats", "1", "--allreduce-sizes", "512", "--allreduce-iters", "5", "--out", str(out),
+               "--address", ray_head.address])
     assert rc == 0
     with open(out / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import signal
 import types
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ from raytp.weights.generation_defaults import SamplingDefaults
 from raytp.weights.source import ModelSource
 from raytp.ui.chat import (QUEUED_NOTE, TABLE_HEADERS, Conversation, build_ui, cluster_table, live_rates,
                            memory_use, shard_widths)
-from tests.test_serve import DEVICES, running_server
+from tests.util import SERVED_API_KEY, SERVED_DEVICES as DEVICES
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -220,13 +219,13 @@ def test_cluster_panel_data(smollm2_dir):
 # ---- one real server and a browser ----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def server(smollm2_dir, tmp_path_factory):
+def server(request):
+    """The run's shared server (tests/conftest.py): behind its --api-key, so the page logs in first."""
     if not Path(CHROMIUM).exists():
         pytest.skip(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install -y chromium)")
     pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
-    log = tmp_path_factory.mktemp("serve") / "serve.log"
-    with running_server(log, stop_signal=signal.SIGINT) as url:  # Ctrl-C, as a person stops it
-        yield url
+    _, url = request.getfixturevalue("shared_server")
+    return url
 
 
 @pytest.fixture(scope="module")
@@ -238,6 +237,10 @@ def page(server):
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.set_default_timeout(60_000)
         page.goto(server + "/", wait_until="domcontentloaded")
+        # Gradio's login form: any user name, the API key as password
+        page.locator("input[type=password]").fill(SERVED_API_KEY)
+        page.locator("input:not([type=password])").first.fill("tester")
+        page.get_by_role("button", name="Login").click()
         page.wait_for_selector("#raytp-input textarea, #raytp-input input")
         yield page
         browser.close()

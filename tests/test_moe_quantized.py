@@ -8,6 +8,8 @@ splits as on one rank."""
 import json
 import shutil
 import subprocess
+from functools import partial
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,9 +24,8 @@ from raytp.model.formats import fused, pack
 from raytp.model.layout import EXPERT_COLS
 from raytp.model.experts import PackedExperts, TorchExperts
 from raytp.model.pieces import quant_replicated_bytes
-from raytp.weights.smollm2 import pull_smollm2
-from raytp.weights.smollm2_quantized import quantize_with_llmcompressor
 from raytp.weights.tokenizer import Tokenizer
+from tests.llmcompressed import Checkpoint, add_smollm2_tokenizer
 from tests.quantized import awq_checkpoint, gptq_checkpoint, reference_model
 from tests.sharded import LocalGroup, assert_matches_reference
 from tests.test_synthetic import _logits
@@ -46,38 +47,40 @@ SPLITS = {1: [1.0], 2: [2.0, 1.0], 3: [3.0, 2.0, 1.0], 5: [1.0, 4.0, 1.0, 2.0, 3
 GREEDY_TOKENS = 32
 
 
+def _float_moe(family: str, out: Path) -> None:
+    """A tiny seeded `family` checkpoint with SmolLM2's tokenizer (which calibrates the quantization)."""
+    config = TINY[family]()
+    config.update(dict(vocab_size=VOCAB, num_hidden_layers=2, max_position_embeddings=512, tie_word_embeddings=False))
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".experts." in name:  # experts as large as the residual: a wrong one shows in the logits
+                p.normal_(0, 0.2)
+            elif name.endswith(".gate.weight"):  # routers with clear winners
+                p.normal_(0, 1.0)
+    model.save_pretrained(out, safe_serialization=True)
+    add_smollm2_tokenizer(out)
+
+
+# made by llmcompressor in the run's one llmcompressor invocation (tests/llmcompressed.py)
+LLMCOMPRESSED = {family: Checkpoint(partial(_float_moe, family), ("w4a16", "w4a16-noactorder")) for family in TINY}
+
+
 @pytest.fixture(scope="module")
-def quantized_moe(tmp_path_factory):
-    """(family, scheme) -> its directory made by llmcompressor (w4a16 or w4a16-noactorder), each family's schemes
-    made in one run on first use."""
-    built = {}
+def quantized_moe(llmcompressed, tmp_path_factory):
+    """(family, scheme) -> its directory made by llmcompressor (w4a16 or w4a16-noactorder); Mixtral's a copy with
+    its experts renamed as published checkpoints name them."""
+    renamed = {}
 
     def get(family: str, scheme: str = "w4a16"):
-        if family not in built:
-            config = TINY[family]()
-            config.update(dict(vocab_size=VOCAB, num_hidden_layers=2, max_position_embeddings=512,
-                               tie_word_embeddings=False))
-            torch.manual_seed(0)
-            model = transformers.AutoModelForCausalLM.from_config(config)
-            with torch.no_grad():
-                for name, p in model.named_parameters():
-                    if ".experts." in name:  # experts as large as the residual: a wrong one shows in the logits
-                        p.normal_(0, 0.2)
-                    elif name.endswith(".gate.weight"):  # routers with clear winners
-                        p.normal_(0, 1.0)
-            source = tmp_path_factory.mktemp(f"{family}-float")
-            model.save_pretrained(source, safe_serialization=True)
-            for f in pull_smollm2(progress=False).iterdir():
-                if f.name.startswith(("tokenizer", "special_tokens")):
-                    shutil.copy(f, source / f.name)
-            out = tmp_path_factory.mktemp(f"{family}-quantized")
-            schemes = ("w4a16", "w4a16-noactorder")
-            quantize_with_llmcompressor(source, out, *schemes, progress=False)
-            if family == "mixtral":
-                for made in schemes:
-                    _rename_tensors(out / made, MIXTRAL_NAMES)
-            built[family] = out
-        return built[family] / scheme
+        made = llmcompressed[family] / scheme
+        if family != "mixtral":
+            return made
+        if scheme not in renamed:
+            renamed[scheme] = shutil.copytree(made, tmp_path_factory.mktemp(f"mixtral-{scheme}"), dirs_exist_ok=True)
+            _rename_tensors(renamed[scheme], MIXTRAL_NAMES)
+        return renamed[scheme]
     return get
 
 
@@ -181,7 +184,7 @@ def test_experts_stacked_for_the_routed_gemv_match_transformers(quantized_moe, m
 
 
 @pytest.mark.slow
-def test_raytp_generate_on_the_directory_over_mismatched_devices(quantized_moe):
+def test_raytp_generate_on_the_directory_over_mismatched_devices(ray_head, quantized_moe):
     """What a user runs: `raytp generate --model DIR` over three unequal devices (Ray, one actor per rank, the
     driver's tokenizer), greedy, gives transformers' tokens for the chat-free prompt."""
     path = quantized_moe("mixtral")
@@ -193,7 +196,7 @@ def test_raytp_generate_on_the_directory_over_mismatched_devices(quantized_moe):
                                                   eos_token_id=sorted(tokenizer.eos_token_ids))[0, len(ids):]
     run = subprocess.run(raytp_command("generate", "--model", str(path), "--devices", "cpu@2GiB,cpu@1GiB,cpu@1GiB",
                                        "--prompt", prompt, "--temperature", "0", "--dtype", "float32",
-                                       "--max-tokens", "16", "--json"),
+                                       "--max-tokens", "16", "--json", "--address", ray_head.address),
                          capture_output=True, text=True, timeout=600, env=RAYTP_ENV)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout)

@@ -5,17 +5,12 @@ float32 rounding (torch's sum over the choices adds in an order of its own); and
 against the per-expert matmuls; the grouped-GEMM prefill likewise."""
 
 import importlib.util
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from raytp.kernels import moe_routing
 
-ROOT = Path(__file__).resolve().parents[1]
 
 # (tokens, experts, top_k, normalize): Qwen3-30B-A3B (128, 8, renormalized), Qwen1.5-MoE-like (60, 4, not),
 # Mixtral (8, 2, renormalized), a power of two of choices and not
@@ -103,12 +98,12 @@ print("equal")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (its CPU interpreter)")
-def test_routing_kernels_equal_the_torch_versions_in_the_interpreter():
+@pytest.mark.triton_interpreter(INTERPRETED)
+def test_routing_kernels_equal_the_torch_versions_in_the_interpreter(interpreted):
     """float32 and float16 logits and outputs: the interpreter rounds to bfloat16 by truncation, unlike a GPU and
     torch."""
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    done = subprocess.run([sys.executable, "-c", INTERPRETED], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0 and done.stdout.strip() == "equal", done.stderr[-3000:]
+    printed, error = interpreted
+    assert not error and printed.strip() == "equal", error[-3000:]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from pathlib import Path
 
 import httpx
 import jsonschema
@@ -67,12 +66,13 @@ QUESTIONS = [
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, smollm2_dir):
+def server(ray_head, tmp_path_factory, smollm2_dir):
     """One server over 3 uneven ranks: every feature meets the sharded vocabulary (on one rank the same code runs
     with a group of one; 2 CI cores cannot afford a second server for it)."""
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     devices = "cpu@2GiB,cpu@1GiB,cpu@1GiB"
-    with serve_process(log, "--model", "smollm2", "--devices", devices, "--dtype", "float32") as (_, url):
+    with serve_process(log, "--model", "smollm2", "--devices", devices, "--dtype", "float32",
+                       "--address", ray_head.address) as (_, url):
         yield url
 
 

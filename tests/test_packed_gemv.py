@@ -4,10 +4,6 @@ checked per element against the format's contract in tests/test_quant_kernels.py
 against this on a GPU (tests/gpu/test_packed_gemv.py)."""
 
 import importlib.util
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,8 +11,6 @@ import torch
 from raytp.kernels import packed_gemv as pg
 from raytp.kernels.dequant_matmul import dequantize
 from tests.test_quant_kernels import random_int_weight
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -115,12 +109,11 @@ print("equal")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (its CPU interpreter)")
-def test_triton_prefill_dequantization_equals_the_torch_one_in_the_interpreter():
+@pytest.mark.triton_interpreter(INTERPRETED_DEQUANT)
+def test_triton_prefill_dequantization_equals_the_torch_one_in_the_interpreter(interpreted):
     """raytp.kernels.packed_dequant under Triton's CPU interpreter (TRITON_INTERPRET=1, read when the kernel is
     defined, hence a process of its own) against dequantize_mma, bit for bit: the tile's index arithmetic for every
     kind, zero points, act-order and a slice starting mid-group. float32 and float16 outputs: the interpreter rounds
     to bfloat16 otherwise than a GPU (tests/gpu/test_packed_gemv.py checks bfloat16 there)."""
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    done = subprocess.run([sys.executable, "-c", INTERPRETED_DEQUANT], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0 and done.stdout.strip() == "equal", done.stderr[-3000:]
+    printed, error = interpreted
+    assert not error and printed.strip() == "equal", error[-3000:]

@@ -3,7 +3,7 @@ loader from a saved directory, at even, uneven and zero-width splits; and a W4A1
 llmcompressor."""
 
 import json
-import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,9 +12,8 @@ import transformers
 from raytp.model.layout import model_layout, param_count
 from raytp.model.pieces import plan_model
 from raytp.runtime.sampling import SamplingParams
-from raytp.weights.smollm2 import pull_smollm2
-from raytp.weights.smollm2_quantized import quantize_with_llmcompressor
 from raytp.weights.synthetic import synthetic_config
+from tests.llmcompressed import Checkpoint, add_smollm2_tokenizer
 from tests.quantized import reference_model
 from tests.sharded import LocalGroup, assert_matches_reference
 from tests.test_synthetic import _logits
@@ -83,20 +82,23 @@ def test_layout_and_plan_count_the_qk_norms_as_replicated(tiny_qwen3):
     assert "model.layers.2.self_attn.q_norm.weight" in names and "model.layers.2.self_attn.k_norm.weight" in names
 
 
-@pytest.fixture(scope="module")
-def w4a16_qwen3(tmp_path_factory):
-    """A tiny untied Qwen3 quantized by llmcompressor's GPTQ (w4a16: 4-bit, groups of 64, act-order), calibrated
-    with SmolLM2's tokenizer (so the vocabulary is its 49152 tokens); widths in whole groups of 64."""
-    source = tmp_path_factory.mktemp("qwen3-float")
+def _float_qwen3_for_w4a16(out: Path) -> None:
+    """A tiny untied Qwen3 with SmolLM2's tokenizer (so the vocabulary is its 49152 tokens); widths in whole groups
+    of 64."""
     _tiny_qwen3(49152, hidden_size=128, num_attention_heads=6, num_key_value_heads=3, head_dim=32,
-                intermediate_size=320, tie_word_embeddings=False).save_pretrained(source, safe_serialization=True)
-    smollm2 = pull_smollm2(progress=False)
-    for f in smollm2.iterdir():
-        if f.name.startswith(("tokenizer", "special_tokens")):
-            shutil.copy(f, source / f.name)
-    out = tmp_path_factory.mktemp("qwen3-quantized")
-    quantize_with_llmcompressor(source, out, "w4a16", progress=False)
-    return out / "w4a16"
+                intermediate_size=320, tie_word_embeddings=False).save_pretrained(out, safe_serialization=True)
+    add_smollm2_tokenizer(out)
+
+
+# made by llmcompressor in the run's one llmcompressor invocation (tests/llmcompressed.py)
+LLMCOMPRESSED = {"qwen3": Checkpoint(_float_qwen3_for_w4a16, ("w4a16",))}
+
+
+@pytest.fixture(scope="module")
+def w4a16_qwen3(llmcompressed):
+    """The tiny Qwen3 quantized by llmcompressor's GPTQ (w4a16: 4-bit, groups of 64, act-order), calibrated with
+    SmolLM2's tokenizer."""
+    return llmcompressed["qwen3"] / "w4a16"
 
 
 @pytest.mark.parametrize("ranks", list(SPLITS))

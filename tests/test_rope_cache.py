@@ -5,18 +5,12 @@ with and without the norms, over model-dtype and FP8 caches (tests/gpu/test_atte
 bfloat16 included)."""
 
 import importlib.util
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from raytp.kernels import kv_fp8, rope_cache
 from raytp.kernels.norm import rms_norm_torch
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def rope_inputs(B, T, n_q, n_kv, D, ctx, dtype, fp8, g):
@@ -89,8 +83,8 @@ print("equal")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (its CPU interpreter)")
-def test_rope_cache_kernel_equals_the_torch_version_in_the_interpreter():
+@pytest.mark.triton_interpreter(INTERPRETED)
+def test_rope_cache_kernel_equals_the_torch_version_in_the_interpreter(interpreted):
     """float32 and float16: the interpreter rounds to bfloat16 by truncation, unlike a GPU and torch."""
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    done = subprocess.run([sys.executable, "-c", INTERPRETED], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0 and done.stdout.strip() == "equal", done.stderr[-3000:]
+    printed, error = interpreted
+    assert not error and printed.strip() == "equal", error[-3000:]

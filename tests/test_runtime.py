@@ -1,13 +1,12 @@
 """The Ray runtime end to end on CPU: real actors, real shared memory, the real CLI.
 
-One Ray head (started here, 16 CPU slots so 12 ranks fit on a 2-core machine) serves every test.
+The run's Ray head (tests/conftest.py: 16 CPU slots, so 12 ranks fit on a 2-core machine) serves every test.
 """
 
 import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,40 +18,18 @@ from raytp.actors.driver import DriverActor
 from raytp.actors.group import GroupSettings
 from raytp.parallel.devices import parse_devices
 from raytp.runtime.sampling import SamplingParams
-from tests.util import free_port, raytp_segments, transformers_greedy
+from tests.util import raytp_segments, transformers_greedy
 
 pytestmark = pytest.mark.slow
 PROMPT = "The capital of France is"
 
 
 @pytest.fixture(scope="module")
-def ray_head(tmp_path_factory):
-    """A Ray head of our own. `ray start --block` in its own session, ended by signal: `ray stop` would end
-    every Ray cluster on the machine, other people's included."""
-    port, dash = free_port(), free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    head = subprocess.Popen(["ray", "start", "--head", "--block", f"--port={port}", "--num-cpus=16",
-                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    address = f"127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", dash), timeout=1).close()
-            break
-        except OSError:
-            if time.monotonic() > deadline or head.poll() is not None:
-                raise RuntimeError("the test's Ray head did not come up") from None
-            time.sleep(0.5)
-    ray.init(address=address, logging_level="WARNING", log_to_driver=False)
-    yield {"address": address, "dashboard": f"http://127.0.0.1:{dash}"}
+def connected(ray_head):
+    """This process joined to the run's Ray head (tests/conftest.py), as the driver actor's tests need."""
+    ray.init(address=ray_head.address, logging_level="WARNING", log_to_driver=False)
+    yield
     ray.shutdown()
-    os.killpg(head.pid, signal.SIGTERM)
-    try:
-        head.wait(timeout=10)
-    except subprocess.TimeoutExpired:  # Ray's own shutdown can wait ~30 s on idle workers: end its session now
-        os.killpg(head.pid, signal.SIGKILL)
-        head.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +54,7 @@ def test_generate_matches_transformers(ray_head, expected_greedy, devices, comm)
     # RAYTP_CHECK_IDENTICAL makes every rank compare its bits after every all-reduce; a mismatch fails the run
     r = raytp_cli("generate", "--model", "smollm2", "--devices", devices, "--comm", comm, "--prompt", PROMPT,
                   "--temperature", "0", "--dtype", "float32", "--max-tokens", "32", "--json",
-                  "--address", ray_head["address"], env_extra={"RAYTP_CHECK_IDENTICAL": "1"})
+                  "--address", ray_head.address, env_extra={"RAYTP_CHECK_IDENTICAL": "1"})
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout)
     assert result["token_ids"] == expected_greedy
@@ -87,7 +64,7 @@ def test_generate_matches_transformers(ray_head, expected_greedy, devices, comm)
 
 
 @pytest.fixture(scope="module")
-def driver(ray_head, smollm2_dir):
+def driver(connected, smollm2_dir):
     settings = GroupSettings(model="smollm2", devices=tuple(parse_devices("cpu@3GiB,cpu@2GiB,cpu@1GiB")),
                              dtype="float32", max_batch=4, max_context=512, timeout_s=10, progress=False)
     d = DriverActor.remote(settings)
@@ -144,7 +121,7 @@ def test_prompt_longer_than_the_context_is_refused(driver):
 def test_ray_job_submit_runs_generate(ray_head, expected_greedy, smollm2_dir):
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     r = subprocess.run(
-        ["ray", "job", "submit", "--address", ray_head["dashboard"], "--working-dir", repo, "--",
+        ["ray", "job", "submit", "--address", ray_head.dashboard, "--working-dir", repo, "--",
          "python", "-m", "raytp", "generate", "--model", "smollm2", "--devices", "cpu*2", "--prompt", PROMPT,
          "--temperature", "0", "--dtype", "float32", "--max-tokens", "32", "--json"],
         capture_output=True, text=True, timeout=300, env={**os.environ, "RAY_AUTH_MODE": "disabled"}, cwd=repo)
@@ -161,7 +138,7 @@ def test_ray_job_submit_runs_generate(ray_head, expected_greedy, smollm2_dir):
     (["--model", "/nonexistent/model"], "/nonexistent/model"),
 ])
 def test_bad_input_is_one_clear_line(ray_head, args, message):
-    base = {"--devices": "cpu", "--address": ray_head["address"], "--model": "smollm2"}
+    base = {"--devices": "cpu", "--address": ray_head.address, "--model": "smollm2"}
     for flag, value in zip(args[::2], args[1::2]):
         base[flag] = value
     flat = [x for kv in base.items() for x in kv]

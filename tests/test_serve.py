@@ -8,18 +8,15 @@ batch slot.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import socket
 import subprocess
 import threading
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
 import openai
-import psutil
 import pytest
 import transformers
 
@@ -29,11 +26,11 @@ from raytp.serving.openai_api import APIError, parse_completion
 from raytp.runtime.sampling import SamplingParams
 from raytp.weights.source import ModelSource
 from raytp.weights.tokenizer import Tokenizer
-from tests.util import RAYTP_ENV, raytp_command, raytp_segments, serve_process, shm_files_mapped_by
+from tests.util import RAYTP_ENV, SERVED_API_KEY, SERVED_DEVICES, raytp_command
 
-DEVICES = "cpu@2GiB,cpu@1GiB"
+DEVICES = SERVED_DEVICES
 MAX_BATCH = 8
-API_KEY = "sk-raytp-test"
+API_KEY = SERVED_API_KEY
 QUESTION = "What is the capital of France? Answer in one sentence."
 REFERENCE_TOKENS = 24
 # Eight different requests for the batching test: (chat question, max_tokens).
@@ -142,40 +139,18 @@ def test_serve_refuses_a_taken_port_at_once():
 
 # ---- one real server ---------------------------------------------------------------------------------------
 
-@contextmanager
-def running_server(log_path: Path, *extra: str, stop_signal=signal.SIGTERM, api_key: str | None = None):
-    """`raytp serve` as a subprocess on a free port; yields its base URL. On exit: stop it with `stop_signal`,
-    expect a clean exit, and nothing left in /dev/shm: no raytp segment, no file its processes mapped."""
-    segments = raytp_segments()
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    with serve_process(log_path, "--model", "smollm2", "--devices", DEVICES, "--dtype", "float32", *extra,
-                       headers=headers) as (proc, url):
-        try:
-            yield url
-        finally:
-            root = psutil.Process(proc.pid)
-            ours = shm_files_mapped_by([root, *root.children(recursive=True)])
-            proc.send_signal(stop_signal)
-            try:
-                rc = proc.wait(timeout=90)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                rc = proc.wait()
-    assert rc == 0, f"raytp serve exited with {rc} on {stop_signal.name}:\n{log_path.read_text()[-3000:]}"
-    left = (raytp_segments() - segments) | (ours & set(os.listdir("/dev/shm")))
-    assert not left, f"shared memory left behind in /dev/shm: {sorted(left)}"
-
-
 @pytest.fixture(scope="module")
-def reference_run(tmp_path_factory):
-    """`raytp generate --json` for QUESTION, started first so that its startup overlaps the server's.
+def reference_run(ray_head, tmp_path_factory):
+    """`raytp generate --json` for QUESTION on the session's Ray head, started first so that its startup overlaps
+    the server's.
 
     Same devices, dtype and --max-batch as the server: the same plan, so the same arithmetic in every rank."""
     log = tmp_path_factory.mktemp("generate") / "stderr.log"
     with open(log, "w") as err:
         proc = subprocess.Popen(raytp_command("generate", "--json", "--chat", "--prompt", QUESTION, "--temperature",
                                               "0", "--dtype", "float32", "--devices", DEVICES, "--max-batch",
-                                              str(MAX_BATCH), "--max-tokens", str(REFERENCE_TOKENS)),
+                                              str(MAX_BATCH), "--max-tokens", str(REFERENCE_TOKENS),
+                                              "--address", ray_head.address),
                                 stdout=subprocess.PIPE, stderr=err, text=True, env=RAYTP_ENV)
     yield proc, log
     if proc.poll() is None:
@@ -184,11 +159,11 @@ def reference_run(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(reference_run, smollm2_dir, tmp_path_factory):
-    log = tmp_path_factory.mktemp("serve") / "serve.log"
-    # --max-queue 0: the 9th concurrent request is already one too many, so busy is cheap to test
-    with running_server(log, "--api-key", API_KEY, "--max-queue", "0", api_key=API_KEY) as url:
-        yield url
+def server(reference_run, shared_server):
+    """The run's shared server (tests/conftest.py), after the reference's start: --max-queue 0 makes busy cheap to
+    test."""
+    _, url = shared_server
+    return url
 
 
 @pytest.fixture(scope="module")

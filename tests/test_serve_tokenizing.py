@@ -15,7 +15,8 @@ import threading
 import httpx
 import pytest
 
-from tests.test_serve import next_event, running_server
+from tests.test_serve import next_event
+from tests.util import running_server
 
 pytestmark = pytest.mark.slow
 
@@ -23,9 +24,10 @@ MAX_CONTEXT = 65536
 
 
 @pytest.fixture(scope="module")
-def server(smollm2_dir, tmp_path_factory):
+def server(ray_head, smollm2_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve") / "serve.log"
-    with running_server(log, "--max-context", str(MAX_CONTEXT), "--max-batch", "2", "--kv-dtype", "fp8") as url:
+    with running_server(log, "--max-context", str(MAX_CONTEXT), "--max-batch", "2", "--kv-dtype", "fp8",
+                        "--address", ray_head.address) as (_, url):
         yield url
 
 

@@ -55,9 +55,9 @@ def model_dir(smollm2_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(model_dir, tmp_path_factory):
+def server(ray_head, model_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve") / "serve.log"
-    with serve_process(log, "--model", str(model_dir), "--devices", "cpu") as (_, url):
+    with serve_process(log, "--model", str(model_dir), "--devices", "cpu", "--address", ray_head.address) as (_, url):
         yield url
 
 

@@ -128,7 +128,7 @@ def test_reader_refuses_float8_where_the_config_says_unquantized(tmp_path):
 
 
 @pytest.mark.slow
-def test_generate_on_nan_weights_prints_one_line(model_copy):
+def test_generate_on_nan_weights_prints_one_line(ray_head, model_copy):
     """A NaN in one weight: `raytp generate` names the tensor in one line instead of sampling from NaN logits."""
     def poison(tensors):
         tensors[LAYER0_Q] = tensors[LAYER0_Q].clone()
@@ -137,7 +137,7 @@ def test_generate_on_nan_weights_prints_one_line(model_copy):
 
     _rewrite_weights(model_copy, poison)
     run = subprocess.run(raytp_command("generate", "--model", str(model_copy), "--devices", "cpu@2GiB,cpu@1GiB",
-                                       "--prompt", "Hello", "--max-tokens", "4"),
+                                       "--prompt", "Hello", "--max-tokens", "4", "--address", ray_head.address),
                          capture_output=True, text=True, timeout=300, env=RAYTP_ENV)
     errors = [line for line in run.stderr.splitlines() if "error" in line.lower()]
     assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-3000:]

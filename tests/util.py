@@ -1,11 +1,13 @@
 """Helpers shared by the tests that start Ray clusters and servers."""
 
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -56,6 +58,9 @@ def transformers_greedy(model_dir, prompt: str, max_tokens: int) -> list[int]:
     return out[0, len(ids):].tolist()
 
 
+SERVED_DEVICES = "cpu@2GiB,cpu@1GiB"
+SERVED_API_KEY = "sk-raytp-test"
+
 # The caller's RAY_AUTH_MODE=disabled: a Ray the tests start themselves; one that raytp starts ignores it.
 RAYTP_ENV = {**os.environ, "RAY_AUTH_MODE": "disabled"}
 
@@ -96,3 +101,90 @@ def serve_process(log_path: Path, *args: str, headers: dict | None = None, timeo
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+@dataclass(frozen=True)
+class RayHead:
+    """A Ray head the tests started: `address` for --address and ray.init, `dashboard` for `ray job submit`."""
+
+    address: str
+    dashboard: str
+    pid: int
+
+    def processes(self) -> list[psutil.Process]:
+        """Its processes: gcs_server, raylet, agents and the workers that hold actors."""
+        root = psutil.Process(self.pid)
+        return [root, *root.children(recursive=True)]
+
+
+def _start_ray_head(log_path: Path) -> tuple[subprocess.Popen, RayHead] | None:
+    """`ray start --head --block` in its own session, once it says it started; None if it gave up."""
+    port, dash = free_port(), free_port()
+    others = [f"--{name}={free_port()}" for name in ("ray-client-server-port", "dashboard-agent-listen-port",
+                                                      "dashboard-agent-grpc-port", "runtime-env-agent-port",
+                                                      "metrics-export-port")]
+    with open(log_path, "w") as log:
+        head = subprocess.Popen(["ray", "start", "--head", "--block", f"--port={port}", "--num-cpus=16",
+                                 "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", *others,
+                                 "--disable-usage-stats"],
+                                env=RAYTP_ENV, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 180
+    while "Ray runtime started." not in log_path.read_text():
+        if head.poll() is not None:
+            return None
+        if time.monotonic() > deadline:
+            _stop_ray_head(head)
+            raise RuntimeError(f"the test's Ray head did not start in 180 s:\n{log_path.read_text()[-3000:]}")
+        time.sleep(0.5)
+    return head, RayHead(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}", head.pid)
+
+
+def _stop_ray_head(head: subprocess.Popen) -> None:
+    os.killpg(head.pid, signal.SIGTERM)
+    try:
+        head.wait(timeout=10)
+    except subprocess.TimeoutExpired:  # Ray's own shutdown can wait ~30 s on idle workers: end its session now
+        os.killpg(head.pid, signal.SIGKILL)
+        head.wait(timeout=30)
+
+
+@contextmanager
+def ray_head_process(log_path: Path):
+    """A Ray head of the tests' own (16 CPU slots, so 12 ranks fit on 2 cores; auth off, as RAYTP_ENV), ended by
+    signal: `ray stop` would end every Ray cluster on the machine, other people's included. Every port is a free
+    one: another Ray on the machine may hold a default (the dashboard agent's 52365, the client server's 10001),
+    and `--block` ends the whole head when one of its processes cannot bind. Ray gives its raylet 30 s to register
+    (ray._private.node), which a loaded machine can miss: a start that gives up is tried once more."""
+    started = _start_ray_head(log_path) or _start_ray_head(log_path)
+    if started is None:
+        raise RuntimeError(f"the test's Ray head did not start, twice:\n{log_path.read_text()[-3000:]}")
+    head, info = started
+    try:
+        yield info
+    finally:
+        _stop_ray_head(head)
+
+
+@contextmanager
+def running_server(log_path: Path, *extra: str, stop_signal=signal.SIGTERM, api_key: str | None = None):
+    """`raytp serve` of SmolLM2 in float32 over SERVED_DEVICES, as a subprocess on a free port; yields (process,
+    base URL). On exit: stop it with `stop_signal`, expect a clean exit, and nothing left in /dev/shm: no raytp
+    segment, no file that serve's processes mapped (with a Ray it started itself, its actors are among them)."""
+    segments = raytp_segments()
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    with serve_process(log_path, "--model", "smollm2", "--devices", SERVED_DEVICES, "--dtype", "float32", *extra,
+                       headers=headers) as (proc, url):
+        try:
+            yield proc, url
+        finally:
+            root = psutil.Process(proc.pid)
+            ours = shm_files_mapped_by([root, *root.children(recursive=True)])
+            proc.send_signal(stop_signal)
+            try:
+                rc = proc.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                rc = proc.wait()
+    assert rc == 0, f"raytp serve exited with {rc} on {stop_signal.name}:\n{log_path.read_text()[-3000:]}"
+    left = (raytp_segments() - segments) | (ours & set(os.listdir("/dev/shm")))
+    assert not left, f"shared memory left behind in /dev/shm: {sorted(left)}"

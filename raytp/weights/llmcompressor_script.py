@@ -1,8 +1,10 @@
-"""Quantize a float Hugging Face model directory with llmcompressor: `python llmcompressor_script.py SRC OUT SCHEME...`.
+"""Quantize float Hugging Face model directories with llmcompressor:
+`python llmcompressor_script.py SRC OUT SCHEME[,SCHEME...] [SRC OUT SCHEMES ...]`.
 
 Run by `raytp pull smollm2 --quant SCHEME` (raytp.weights.smollm2_quantized) with the python of its own virtual
-environment, because llmcompressor pins its own transformers; so this file imports nothing from raytp. OUT/SCHEME
-gets each compressed-tensors checkpoint (`save_compressed=True`) and the tokenizer files.
+environment, because llmcompressor pins its own transformers; so this file imports nothing from raytp. For each
+(SRC, OUT, SCHEMES), OUT/SCHEME gets each compressed-tensors checkpoint (`save_compressed=True`) and the tokenizer
+files; several directories in one run pay the environment's start-up and imports once.
 
     w4a16             GPTQ, 4-bit symmetric, groups of 64 input columns, act-order "group" (writes weight_g_idx)
     w4a16-noactorder  round-to-nearest 4-bit with zero points (asymmetric), groups of 64
@@ -93,6 +95,9 @@ def quantize(src: str, dst: str, scheme: str) -> None:
 
 
 if __name__ == "__main__":
-    source, out, *schemes = sys.argv[1:]
-    for name in schemes:
-        quantize(source, f"{out}/{name}", name)
+    jobs = sys.argv[1:]
+    if not jobs or len(jobs) % 3:
+        sys.exit(f"usage: {sys.argv[0]} SRC OUT SCHEME[,SCHEME...] [SRC OUT SCHEMES ...]")
+    for source, out, schemes in zip(jobs[0::3], jobs[1::3], jobs[2::3]):
+        for name in schemes.split(","):
+            quantize(source, f"{out}/{name}", name)

@@ -15,8 +15,10 @@ import os
 import shutil
 import subprocess
 import sys
+import fcntl
 import tempfile
 import time
+from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 
@@ -59,35 +61,66 @@ def llmcompressor_python(progress: bool = True) -> Path:
     python, done = venv / "bin" / "python", venv / ".complete"
     if done.is_file():
         return python
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    with open(venv.parent / f"{venv.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process making it: wait for it, then use what it made
+        if not done.is_file():
+            _make_llmcompressor_venv(venv, progress)
+    return python
+
+
+def _make_llmcompressor_venv(venv: Path, progress: bool) -> None:
+    python = venv / "bin" / "python"
     shutil.rmtree(venv, ignore_errors=True)  # a half-made environment from an interrupted pull
     _run([sys.executable, "-m", "venv", venv], f"making {venv} for {LLMCOMPRESSOR} (once)", progress)
     torch_version = version("torch").split("+")[0]  # the one installed here: pip finds it cached or local
     _run([python, "-m", "pip", "install", "--disable-pip-version-check", f"torch=={torch_version}", LLMCOMPRESSOR],
          f"installing {LLMCOMPRESSOR}", progress)
-    done.touch()
-    return python
+    (venv / ".complete").touch()
 
 
-def quantize_with_llmcompressor(source: Path, out: Path, *schemes: str, progress: bool = True) -> None:
-    """The float Hugging Face directory `source` (tokenizer files included) quantized into out/SCHEME for each of
-    `schemes` (llmcompressor_script.py's), in one run of llmcompressor's own environment."""
-    _run([llmcompressor_python(progress), SCRIPT, source, out, *schemes],
-         f"quantizing {source.name} ({', '.join(schemes)}) with {LLMCOMPRESSOR}", progress)
+@dataclass(frozen=True)
+class Quantization:
+    """The float Hugging Face directory `source` (tokenizer files included), to be quantized into out/SCHEME for
+    each of `schemes` (llmcompressor_script.py's)."""
+
+    source: Path
+    out: Path
+    schemes: tuple[str, ...]
+
+
+def quantize_with_llmcompressor(*jobs: Quantization, progress: bool = True) -> None:
+    """Every job in one run of llmcompressor's own environment: its start-up and imports cost tens of seconds."""
+    args = [arg for job in jobs for arg in (job.source, job.out, ",".join(job.schemes))]
+    _run([llmcompressor_python(progress), SCRIPT, *args],
+         f"quantizing {', '.join(job.source.name for job in jobs)} with {LLMCOMPRESSOR}", progress)
+
+
+def smollm2_quantization(schemes: tuple[str, ...], scratch: Path, progress: bool = True) -> Quantization | None:
+    """The job that makes those of `schemes` not pulled yet, into `scratch` (on the file system of raytp_home(), so
+    that install_smollm2 can rename them into place); None when every one is there."""
+    unknown = [s for s in schemes if s not in SCHEMES]
+    if unknown:
+        raise ValueError(f"unknown quantization {unknown[0]!r}; choose one of {', '.join(SCHEMES)}")
+    missing = tuple(s for s in schemes if not _is_complete(quantized_dir(s)))
+    return Quantization(pull_smollm2(progress), scratch, missing) if missing else None
+
+
+def install_smollm2(job: Quantization) -> None:
+    """Move a finished smollm2_quantization's directories into place."""
+    for s in job.schemes:
+        if not _is_complete(quantized_dir(s)):  # else another process finished first: keep its copy
+            shutil.rmtree(quantized_dir(s), ignore_errors=True)
+            os.rename(job.out / s, quantized_dir(s))
 
 
 def pull_quantized_smollm2(*schemes: str, progress: bool = True) -> list[Path]:
     """The quantized SmolLM2 directories of `schemes`, making the missing ones in one llmcompressor run."""
-    unknown = [s for s in schemes if s not in SCHEMES]
-    if unknown:
-        raise ValueError(f"unknown quantization {unknown[0]!r}; choose one of {', '.join(SCHEMES)}")
-    missing = [s for s in schemes if not _is_complete(quantized_dir(s))]
-    if missing:
-        source = pull_smollm2(progress)
-        parent = quantized_dir(missing[0]).parent
-        with tempfile.TemporaryDirectory(dir=parent, prefix=".quantize-") as tmp:
-            quantize_with_llmcompressor(source, Path(tmp), *missing, progress=progress)
-            for s in missing:
-                if not _is_complete(quantized_dir(s)):  # else another process finished first: keep its copy
-                    shutil.rmtree(quantized_dir(s), ignore_errors=True)
-                    os.rename(Path(tmp) / s, quantized_dir(s))
+    parent = raytp_home() / "models"
+    parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=parent, prefix=".quantize-") as tmp:
+        job = smollm2_quantization(schemes, Path(tmp), progress)
+        if job:
+            quantize_with_llmcompressor(job, progress=progress)
+            install_smollm2(job)
     return [quantized_dir(s) for s in schemes]
