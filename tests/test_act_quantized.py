@@ -111,7 +111,7 @@ def test_weight_only_repacking_gives_the_unquantized_activations_logits(quantize
         for layer in model.layers:
             for linear in (layer.qkv, layer.o_proj, layer.gate_up, layer.down):
                 w = linear.weight
-                held = (isinstance(w, PackedWeight) and w.packed.kind == kind if repacked
+                held = (isinstance(w, PackedWeight) and w.packed.kind.name == kind if repacked
                         else isinstance(w, FP8Weight if kind == "fp8" else IntWeight))
                 assert held or isinstance(w, ActQuantWeight) and not w.weight.numel()
             assert not layer.o_proj.row_amax and not layer.down.row_amax
