@@ -189,8 +189,14 @@ def test_sliders_start_at_the_models_defaults():
     sliders = {b.elem_id: b.value for b in demo.blocks.values() if getattr(b, "elem_id", None) in
                ("raytp-temperature", "raytp-top-p")}
     assert sliders == {"raytp-temperature": 0.6, "raytp-top-p": 0.95}
-    respond = next(f.fn for f in demo.fns.values() if f.name == "respond")
-    asyncio.run(_outputs(respond([{"role": "user", "content": "hi"}], "", 0.6, 0.95, 8, 3)))
+    add_user, respond = handler(demo, "add_user"), handler(demo, "respond")
+    chat = Conversation()
+
+    async def run():
+        await add_user("hi", chat)
+        await _outputs(respond(chat, "", 0.6, 0.95, 8, 3))
+
+    asyncio.run(run())
     assert driver.asked == [SamplingParams(temperature=0.6, top_p=0.95, top_k=20, repetition_penalty=1.1,
                                            max_tokens=8, seed=3)]
     assert [b.value for b in build_ui(AnsweringDriver()).blocks.values()
