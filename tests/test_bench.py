@@ -209,9 +209,9 @@ def test_bench_sweeps_quantizations_side_by_side(ray_head, tmp_path, monkeypatch
 
 
 def test_rows_name_a_checkpoints_own_quantization_not_a_preset_it_does_not_match():
-    from raytp.model.config import QUANT_PRESETS, quant_name
+    from raytp.model.config import quant_name, quant_preset
     from raytp.model.quant.compressed_tensors import CompressedTensors
 
-    assert quant_name(None) == "none" and quant_name(QUANT_PRESETS["w4a16"]) == "w4a16"
+    assert quant_name(None) == "none" and quant_name(quant_preset("w4a16")) == "w4a16"
     own = CompressedTensors("int", 4, 128, ignore=("lm_head",))  # llmcompressor's W4A16 as a checkpoint states it
     assert quant_name(own) == own.describe() == "w4a16 int, groups of 128, symmetric"

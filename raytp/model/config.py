@@ -6,18 +6,19 @@ attention, SwiGLU MLP) and differ in what `raytp.model.architecture` declares fo
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from raytp.model.architecture import ARCHITECTURES, Architecture
 from raytp.model.errors import ConfigError, UnsupportedModelError
-from raytp.model.quant.base import QuantConfig
-from raytp.model.quant.compressed_tensors import CompressedTensors
-from raytp.model.quant.fp8_blocks import FP8Blocks
-from raytp.model.quant.registry import quant_config
 
-__all__ = ["NO_QUANT", "QUANT_PRESETS", "ConfigError", "ModelConfig", "MoeConfig", "QuantConfig",
+if TYPE_CHECKING:  # the checkpoint methods import torch, which the CLI's argument checks do without
+    from raytp.model.quant.base import QuantConfig
+
+__all__ = ["NO_QUANT", "QUANT_PRESETS", "ConfigError", "ModelConfig", "MoeConfig", "quant_preset",
            "UnsupportedModelError", "quant_name"]
 
 
@@ -26,11 +27,22 @@ __all__ = ["NO_QUANT", "QUANT_PRESETS", "ConfigError", "ModelConfig", "MoeConfig
 # one scale per output row (fp8-blocks: per block of 128 x 128, as Qwen's FP8 checkpoints); fp8-dynamic
 # (FP8_DYNAMIC) and w8a8 (W8A8) the same 8-bit weights with activations quantized per token at run time. The planner
 # counts them like the same quantization read from a checkpoint.
-QUANT_PRESETS = {"w4a16": CompressedTensors("int", 4, 128), "w8a16": CompressedTensors("int", 8, None),
-                 "fp8": CompressedTensors("fp8", 8, None),
-                 "fp8-blocks": FP8Blocks("fp8", 8, 128, block_rows=128),
-                 "fp8-dynamic": CompressedTensors("fp8", 8, None, dynamic_activations=True),
-                 "w8a8": CompressedTensors("int", 8, None, dynamic_activations=True)}
+QUANT_PRESETS = ("w4a16", "w8a16", "fp8", "fp8-blocks", "fp8-dynamic", "w8a8")
+
+
+@functools.cache
+def quant_preset(name: str) -> QuantConfig:
+    """The method config of the preset `name` (one of QUANT_PRESETS)."""
+    from raytp.model.quant.compressed_tensors import CompressedTensors
+    from raytp.model.quant.fp8_blocks import FP8Blocks
+
+    return {"w4a16": CompressedTensors("int", 4, 128), "w8a16": CompressedTensors("int", 8, None),
+            "fp8": CompressedTensors("fp8", 8, None),
+            "fp8-blocks": FP8Blocks("fp8", 8, 128, block_rows=128),
+            "fp8-dynamic": CompressedTensors("fp8", 8, None, dynamic_activations=True),
+            "w8a8": CompressedTensors("int", 8, None, dynamic_activations=True)}[name]
+
+
 NO_QUANT = "none"  # `raytp bench --quant none`: every weight in the model dtype
 
 
@@ -39,7 +51,7 @@ def quant_name(quant: QuantConfig | None) -> str:
     description, so that a row never claims a preset it does not match."""
     if quant is None:
         return NO_QUANT
-    return next((name for name, preset in QUANT_PRESETS.items() if preset == quant), quant.describe())
+    return next((name for name in QUANT_PRESETS if quant_preset(name) == quant), quant.describe())
 
 
 @dataclass(frozen=True)
@@ -155,7 +167,7 @@ class ModelConfig:
             attention_bias=bool(d.get("attention_bias", False)),
             bos_token_id=d.get("bos_token_id"),
             eos_token_ids=eos_ids,
-            quant=quant_config(d["quantization_config"]) if d.get("quantization_config") else None,
+            quant=_quant_config(d["quantization_config"]) if d.get("quantization_config") else None,
             moe=moe,
         )
 
@@ -177,3 +189,9 @@ class ModelConfig:
             raise UnsupportedModelError(f"{path}: {e}") from None
         except (KeyError, TypeError) as e:
             raise ConfigError(f"{path} is not a Llama-family config.json: {e} is missing or malformed") from None
+
+
+def _quant_config(q: dict) -> QuantConfig:
+    from raytp.model.quant.registry import quant_config
+
+    return quant_config(q)

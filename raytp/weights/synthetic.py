@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from raytp.model.config import QUANT_PRESETS, ModelConfig
+from raytp.model.config import QUANT_PRESETS, ModelConfig, quant_preset
 from raytp.model.layout import Slice, model_layout, whole_model
 
 PREFIX = "synthetic:"
@@ -110,7 +110,7 @@ def synthetic_config(model: str) -> ModelConfig:
         raise ValueError(f"unknown synthetic model {model!r}: use synthetic:{', synthetic:'.join(CONFIGS)} "
                          f"or synthetic:PATH/config.json")
     if quant:
-        return dataclasses.replace(config, quant=QUANT_PRESETS[quant])
+        return dataclasses.replace(config, quant=quant_preset(quant))
     if config.quant is not None:  # a quantized checkpoint's config.json: drawn in its own method's tensors
         return dataclasses.replace(config, quant=config.quant.drawable())
     return config
