@@ -51,14 +51,15 @@ async def items(driver: Driver, *args, **kw) -> list[dict]:
 
 def test_a_request_that_fails_on_the_ranks_is_logged_once_with_its_id(caplog):
     async def run():
-        d = fake_driver(lambda rid: [TokenEvent(rid, 5), TokenEvent(rid, None, "error", error="rank 1 died")])
-        with pytest.raises(RuntimeError, match="rank 1 died"):
+        # the one error a rank reports inside a request's events: its grammar failed while decoding
+        d = fake_driver(lambda rid: [TokenEvent(rid, 5), TokenEvent(rid, None, "error", error="grammar failed")])
+        with pytest.raises(RequestError, match="grammar failed"):
             await items(d, [1, 2], SamplingParams(max_tokens=4))
         return d.group.leader.commands[0].request.id
     with caplog.at_level(logging.INFO, logger="raytp"):
         rid = asyncio.run(run())
     failed = [r for r in caplog.records if r.name == "raytp" and r.levelno >= logging.WARNING]
-    assert len(failed) == 1 and rid in failed[0].getMessage() and "rank 1 died" in failed[0].getMessage()
+    assert len(failed) == 1 and rid in failed[0].getMessage() and "grammar failed" in failed[0].getMessage()
     assert "\n" not in failed[0].getMessage()
 
 
