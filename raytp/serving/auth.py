@@ -189,9 +189,12 @@ class _BodyTooLarge(Exception):
 
 
 def _error(status: int, message: str, code: str, headers: dict | None = None) -> JSONResponse:
-    """An OpenAI-style error, as the API's other errors are."""
+    """An OpenAI-style error, as the API's other errors are: logged on one line with a request id, also sent as
+    X-Request-Id."""
+    request_id = f"req-{secrets.token_hex(16)}"
+    log.info("request %s: %d %s", request_id, status, message)
     return JSONResponse({"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}},
-                        status_code=status, headers=headers)
+                        status_code=status, headers={**(headers or {}), "X-Request-Id": request_id})
 
 
 def _too_many(e: TooManyAttempts) -> JSONResponse:
