@@ -124,7 +124,7 @@ def _start_ray_head(log_path: Path) -> tuple[subprocess.Popen, RayHead] | None:
                                                       "dashboard-agent-grpc-port", "runtime-env-agent-port",
                                                       "metrics-export-port")]
     with open(log_path, "w") as log:
-        head = subprocess.Popen(["ray", "start", "--head", "--block", f"--port={port}", "--num-cpus=16",
+        head = subprocess.Popen(["ray", "start", "--head", "--block", f"--port={port}", "--num-cpus=32",
                                  "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", *others,
                                  "--disable-usage-stats"],
                                 env=RAYTP_ENV, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -150,11 +150,11 @@ def _stop_ray_head(head: subprocess.Popen) -> None:
 
 @contextmanager
 def ray_head_process(log_path: Path):
-    """A Ray head of the tests' own (16 CPU slots, so 12 ranks fit on 2 cores; auth off, as RAYTP_ENV), ended by
-    signal: `ray stop` would end every Ray cluster on the machine, other people's included. Every port is a free
-    one: another Ray on the machine may hold a default (the dashboard agent's 52365, the client server's 10001),
-    and `--block` ends the whole head when one of its processes cannot bind. Ray gives its raylet 30 s to register
-    (ray._private.node), which a loaded machine can miss: a start that gives up is tried once more."""
+    """A Ray head of the tests' own (32 CPU slots: 12 ranks fit on 2 cores beside the shared server; auth off, as
+    RAYTP_ENV), ended by signal: `ray stop` would end every Ray cluster on the machine, other people's included.
+    Every port is a free one: another Ray on the machine may hold a default (the dashboard agent's 52365, the client
+    server's 10001), and `--block` ends the whole head when one of its processes cannot bind. Ray gives its raylet
+    30 s to register (ray._private.node), which a loaded machine can miss: a start that gives up is tried once more."""
     started = _start_ray_head(log_path) or _start_ray_head(log_path)
     if started is None:
         raise RuntimeError(f"the test's Ray head did not start, twice:\n{log_path.read_text()[-3000:]}")

@@ -102,8 +102,10 @@ def local_ray_environment():
 
 
 def _drop_ray_worker_died_lines() -> None:
-    """Keep Ray's error stream but drop its RAY_WORKER_DIED reports. Ray prints that stream from a thread of its
-    own with no filter hook, so its printer is wrapped (once per process: main() may run more than once)."""
+    """Keep Ray's error stream but drop its RAY_WORKER_DIED reports, and send everything Ray prints to stderr:
+    stdout is the answer's (`generate --json` is one JSON document), where the raylet's warnings would land. Ray
+    prints from a thread of its own with no filter hook, so its printer is wrapped (once per process: main() may
+    run more than once)."""
     from ray._private import worker
 
     if getattr(worker.print_to_stdstream, "drops_worker_died", False):
@@ -113,7 +115,7 @@ def _drop_ray_worker_died_lines() -> None:
     def print_to_stdstream(data, ignore_prefix):
         lines = [line for line in data["lines"] if not line.startswith(RAY_WORKER_DIED)]
         if lines:
-            original({**data, "lines": lines}, ignore_prefix)
+            original({**data, "lines": lines, "is_err": True}, ignore_prefix)
 
     print_to_stdstream.drops_worker_died = True
     worker.print_to_stdstream = print_to_stdstream
