@@ -132,6 +132,7 @@ def test_weight_formats_and_checkpoint_methods_are_told_apart_only_in_their_own_
 DISTRIBUTION = {"yaml": "pyyaml", "prometheus_client": "prometheus-client"}
 # imported inside try/except ImportError or on an optional path only
 OPTIONAL = {"triton": "GPU kernels: every kernel has a torch fallback",
+            "fla": "fla-core, the `fla` extra: the gated delta rule's GPU kernels, with a torch fallback",
             "transformers": "only `raytp bench --hf-peer`, which says to install it",
             "llmcompressor": "only weights/llmcompressor_script.py, run in llmcompressor's own virtual environment",
             "datasets": "likewise (llmcompressor's calibration data)"}
