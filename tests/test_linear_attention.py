@@ -7,7 +7,8 @@ from transformers.models.qwen3_5 import Qwen3_5TextConfig
 from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5GatedDeltaNet, torch_recurrent_gated_delta_rule
 
 from raytp.kernels.gated_delta_rule import CHUNK, chunk_gated_delta_rule, recurrent_gated_delta_rule
-from raytp.model.linear_attention import (GatedDeltaNet, LinearAttentionDims, LinearAttentionState,
+from raytp.model.config_fields import LinearAttentionDims
+from raytp.model.linear_attention import (GatedDeltaNet, LinearAttentionState,
                                           linear_attention_layout)
 from raytp.model.slice import Slice
 from raytp.parallel.comm import InProcessGroup

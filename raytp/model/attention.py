@@ -52,6 +52,33 @@ class FullView:
     visible: torch.Tensor  # (batch, 1, seq, span) which of those positions each query may see
 
 
+def head_dims(head_dim: int, rotary_fraction: float) -> torch.Tensor:
+    """The order of a query or key head's dims that turns RoPE on its first `rotary_fraction` into the RoPE kernel's
+    rotate-half over the whole head (raytp.model.rope gives the other dims angle 0): the rotated dims' halves at
+    the starts of the head's halves, the others after them. q . k is the same in any order of the dims both share."""
+    rotary = int(head_dim * rotary_fraction)
+    half, rest = rotary // 2, head_dim // 2 - rotary // 2
+    return torch.cat([torch.arange(half), torch.arange(rotary, rotary + rest), torch.arange(half, rotary),
+                      torch.arange(rotary + rest, head_dim)])
+
+
+def qkv_columns(n_q: int, n_kv: int, head_dim: int, dims: torch.Tensor, gated: bool,
+                device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Where the fused projection's columns go: (the columns in the order RoPE and the cache take them, q heads then
+    k then v, each q and k head's dims in the order `dims`; each query head's gate columns), None where the
+    projection is already in that order or has no gates. A gated q_proj gives each head its query then its gate."""
+    D, q_width = head_dim, n_q * head_dim * (2 if gated else 1)
+    q_starts = torch.arange(n_q) * D * (2 if gated else 1)
+    q = (q_starts[:, None] + dims).flatten()
+    k = (q_width + torch.arange(n_kv)[:, None] * D + dims).flatten()
+    v = q_width + n_kv * D + torch.arange(n_kv * D)
+    order = torch.cat([q, k, v])
+    gates = (q_starts[:, None] + D + torch.arange(D)).flatten() if gated else None
+    if not gated and torch.equal(order, torch.arange(len(order))):
+        order = None
+    return (None if order is None else order.to(device)), (None if gates is None else gates.to(device))
+
+
 class Attention:
     """One layer's attention on one rank: (batch, seq, hidden) normed input -> output summed over ranks."""
 
@@ -60,17 +87,25 @@ class Attention:
         self.kind, self.cache = kind.name, cache
         self.qkv = ColumnParallelLinear(layout.qkv, layout.qkv_bias).load(reader, act_quant_weight_only)
         self.o_proj = RowParallelLinear(layout.o_proj, comm).load(reader, act_quant_weight_only)
-        q_norm, k_norm = (config.norm(reader.read(s)) for s in layout.qk_norm) if layout.qk_norm else (None, None)
-        self.norm = QKNorm(q_norm, k_norm, config.rms_norm_eps)
         self.n_q, self.scale = self.o_proj.width // config.head_dim, config.attention_scale
+        n_kv = len(layout.qkv[1].rows) // config.head_dim
+        dims = head_dims(config.head_dim, config.rotary_fraction)
+        self.order, self.gates = qkv_columns(self.n_q, n_kv, config.head_dim, dims, config.attention_gate,
+                                             self.o_proj.weight.tensors()[0].device)
+        q_norm, k_norm = ((config.norm(reader.read(s))[dims] for s in layout.qk_norm) if layout.qk_norm
+                          else (None, None))
+        self.norm = QKNorm(q_norm, k_norm, config.rms_norm_eps)
 
     def __call__(self, h: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, step) -> torch.Tensor:
         if not self.n_q:  # no heads here: o_proj adds zeros
             return self.o_proj(h[..., :0])
-        qkv = self.qkv(h)  # (batch, seq, (n_q + 2 n_kv) * head_dim)
+        qkv = self.qkv(h)  # (batch, seq, (n_q + 2 n_kv) * head_dim), and each query head's gate where gated
+        gates = None if self.gates is None else qkv[..., self.gates]  # (batch, seq, n_q * head_dim)
+        if self.order is not None:
+            qkv = qkv[..., self.order]
         attended = self.cache.attention(qkv, self.n_q, step.rope[self.kind], positions, slots, step.views[self.kind],
-                                        self.norm, self.scale)
-        return self.o_proj(attended)  # attended: (batch, seq, n_q * head_dim)
+                                        self.norm, self.scale)  # (batch, seq, n_q * head_dim)
+        return self.o_proj(attended if gates is None else attended * torch.sigmoid(gates))
 
     def tensors(self) -> list[torch.Tensor]:
         norms = [t for t in (self.norm.q, self.norm.k) if t is not None]
@@ -96,8 +131,10 @@ class AttentionKind:
     def layout(self, config, shard, prefix: str) -> AttentionLayout:
         c, D, H = config, config.head_dim, config.hidden_size
         q_rows = range(shard.q_heads.start * D, shard.q_heads.stop * D)
+        g = 2 if c.attention_gate else 1  # a gated q_proj's rows: each head's query, then its gate
+        q_proj_rows = range(q_rows.start * g, q_rows.stop * g)
         kv_rows = range(shard.kv_heads.start * D, shard.kv_heads.stop * D)
-        heads = (("q_proj", c.num_heads * D, q_rows), ("k_proj", c.num_kv_heads * D, kv_rows),
+        heads = (("q_proj", c.num_heads * D * g, q_proj_rows), ("k_proj", c.num_kv_heads * D, kv_rows),
                  ("v_proj", c.num_kv_heads * D, kv_rows))
         return AttentionLayout(
             qkv=tuple(linear(c.quant, prefix + n, (size, H), rows, split=KV_HEADS) for n, size, rows in heads),
@@ -117,8 +154,9 @@ class AttentionKind:
                 col_extra = 4  # o_proj keeps each column's group (int32); its scales are replicated
             else:
                 o_scales = -(-o_cols // b.group) * c.hidden_size * b.group_entry
-        bias = (q + 2) * d * c.qkv_bias * b.nbytes
-        weights = (q + 2) * d * b.row + o_cols * (b.column + col_extra) + o_scales + bias
+        g = 2 if c.attention_gate else 1  # q_proj rows per query head
+        bias = (g * q + 2) * d * c.qkv_bias * b.nbytes
+        weights = (g * q + 2) * d * b.row + o_cols * (b.column + col_extra) + o_scales + bias
         cache = 2 * shape.max_batch * self.positions(c, shape.max_context) * kv_row_bytes(d, b.nbytes, shape.kv_dtype)
         return (Piece((Span(KV_HEADS, "KV heads"), Span(Q_HEADS, "query heads", q)), c.num_kv_heads, 1, weights,
                       weights, cache, unit="KV group"),)
@@ -138,7 +176,8 @@ class AttentionKind:
         c, b = config, LinearBytes.of(config, shape)
         tokens = shape.max_batch * min(shape.max_context, PREFILL_CHUNK)
         ring = 2 * shape.max_batch * c.num_kv_heads * self.positions(c, shape.max_context) * c.head_dim * self.windowed
-        return (tokens * (c.num_heads + 2 * c.num_kv_heads) * c.head_dim + ring) * b.nbytes
+        q = c.num_heads * (2 if c.attention_gate else 1)
+        return (tokens * (q + 2 * c.num_kv_heads) * c.head_dim + ring) * b.nbytes
 
     def state(self, config, shard, *, max_batch: int, max_context: int, kv_dtype: str, dtype: torch.dtype,
               device: torch.device) -> KVCache:

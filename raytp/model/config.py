@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from raytp.model.config_fields import HIDDEN_ACTS, ROPE_TYPES, ExpertNames, MoeConfig, common_fields
+from raytp.model.config_fields import (HIDDEN_ACTS, ROPE_TYPES, ExpertNames, LinearAttentionDims, MoeConfig,
+                                      common_fields)
 from raytp.model.errors import ConfigError, UnsupportedModelError
 from raytp.model.families import FAMILIES, Family
 
@@ -86,6 +87,12 @@ class ModelConfig:
     hidden_act: str = "silu"  # the MLP's gate activation, a key of raytp.model.mlp.ACTIVATIONS
     norm_offset: float = 0.0  # every RMSNorm scales by (offset + weight): Gemma stores 1 + its weights' values as 0
     embed_scale: float | None = None  # the embedding rows are multiplied by this (Gemma: sqrt(hidden_size))
+    linear_attention: LinearAttentionDims | None = None  # the linear_attention layers' sizes (Qwen3.5), or None
+    rotary_fraction: float = 1.0  # the share of each head's dims RoPE rotates, the first ones (Qwen3.5: 0.25)
+    attention_gate: bool = False  # q_proj also gives each query head an output gate, sigmoid-applied (Qwen3.5)
+    shared_expert_size: int = 0  # a mixture of experts' always-on SwiGLU expert, its width; gated by a sigmoid
+    text_prefix: str = "model."  # the decoder's tensors' prefix; a multimodal checkpoint's: "model.language_model."
+    mtp_layers: int = 0  # multi-token-prediction layers stored under mtp.* (Qwen3.5), loaded and kept
 
     def __post_init__(self):
         if self.layer_types and len(self.layer_types) != self.num_layers:
@@ -127,6 +134,7 @@ class ModelConfig:
                 f"unsupported architecture model_type={arch!r} (architectures={d.get('architectures')}); "
                 f"raytp runs {', '.join(sorted(FAMILIES))}"
             )
+        d = FAMILIES[arch].unwrap(d)
         return cls(**FAMILIES[arch].read(d, common_fields(d)))
 
     @classmethod

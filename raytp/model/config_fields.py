@@ -59,6 +59,41 @@ class MoeConfig:
         return moe
 
 
+@dataclass(frozen=True)
+class LinearAttentionDims:
+    """A Gated DeltaNet's sizes (Qwen3.5's linear attention, `raytp.model.linear_attention`), from config.json's
+    linear_* keys."""
+
+    key_heads: int  # linear_num_key_heads: the split's unit, each with its query head
+    value_heads: int  # linear_num_value_heads, a multiple of key_heads
+    key_dim: int  # linear_key_head_dim
+    value_dim: int  # linear_value_head_dim
+    conv_kernel: int  # linear_conv_kernel_dim
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LinearAttentionDims:
+        dims = cls(d["linear_num_key_heads"], d["linear_num_value_heads"], d["linear_key_head_dim"],
+                   d["linear_value_head_dim"], d["linear_conv_kernel_dim"])
+        if dims.value_heads % dims.key_heads:
+            raise UnsupportedModelError(f"linear_num_value_heads={dims.value_heads} is not a multiple of "
+                                        f"linear_num_key_heads={dims.key_heads}")
+        return dims
+
+    @property
+    def values_per_key(self) -> int:
+        return self.value_heads // self.key_heads
+
+    def conv_channels(self, key_heads: int) -> int:
+        """q, k and v channels of `key_heads` key heads with their value heads: what the convolution mixes."""
+        return key_heads * (2 * self.key_dim + self.values_per_key * self.value_dim)
+
+    def state_bytes(self, key_heads: int, nbytes: int) -> int:
+        """One sequence's state of `key_heads` key heads in one layer: the conv inputs in the model dtype (`nbytes`
+        each) and the float32 recurrent state of their value heads."""
+        conv = self.conv_channels(key_heads) * (self.conv_kernel - 1) * nbytes
+        return conv + key_heads * self.values_per_key * self.key_dim * self.value_dim * 4
+
+
 def common_fields(d: dict) -> dict:
     """ModelConfig's fields that every decoder's config.json gives alike, by their names there."""
     num_heads = d["num_attention_heads"]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -40,11 +41,15 @@ class ExpertsLayout:
     router: Slice  # (experts, hidden), whole on every rank
     experts: tuple[tuple[Slice, Slice, Slice], ...]  # per expert: gate rows, up rows, down input columns of the
     # rank's expert columns
+    shared: Any = None  # the shared expert's raytp.model.mlp.MLPLayout (Qwen3.5-MoE), or None
+    shared_gate: Slice | None = None  # (1, hidden), whole: the shared expert's sigmoid gate
 
     def slices(self) -> Iterator[Slice]:
         yield self.router
         for expert in self.experts:
             yield from expert
+        if self.shared is not None:
+            yield from (*self.shared.slices(), self.shared_gate)
 
 
 # Up to this many tokens a step is a decode step (a batch of sequences); more is a prefill, where each expert has

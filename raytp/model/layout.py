@@ -32,18 +32,25 @@ from raytp.model.config import ModelConfig
 from raytp.model.errors import UnsupportedModelError
 from raytp.model.kinds import LayerKind
 from raytp.model.layers import VOCAB_ROWS, vocab_piece
+from raytp.model.linear_attention import LINEAR_ATTENTION
 from raytp.model.mlp import DENSE_MLP
 from raytp.model.moe import EXPERTS
-from raytp.model.slice import Slice, whole
+from raytp.model.slice import Slice, linear, whole
 from raytp.parallel.plan import PlanShape, RankShard
 
 # config.json's layer_types -> the token mixer of such a layer
-MIXERS: dict[str, LayerKind] = {k.name: k for k in (FULL_ATTENTION, SLIDING_ATTENTION)}
+MIXERS: dict[str, LayerKind] = {k.name: k for k in (FULL_ATTENTION, SLIDING_ATTENTION, LINEAR_ATTENTION)}
+
+
+def layer_count(config: ModelConfig) -> int:
+    """The decoder's layers and the multi-token-prediction layers after them (config.mtp_layers): every layer a rank
+    holds a share of."""
+    return config.num_layers + config.mtp_layers
 
 
 def layer_kinds(config: ModelConfig, i: int) -> tuple[LayerKind, LayerKind]:
-    """Layer i's token mixer and feed-forward block."""
-    mixer = config.mixers[i]
+    """Layer i's token mixer and feed-forward block; past the decoder's layers, an MTP layer's: full attention."""
+    mixer = config.mixers[i] if i < config.num_layers else FULL_ATTENTION.name
     if mixer not in MIXERS:
         raise UnsupportedModelError(f"layer_types[{i}] is {mixer!r}; raytp runs layers of {', '.join(MIXERS)}")
     return MIXERS[mixer], EXPERTS if config.moe is not None else DENSE_MLP
@@ -69,12 +76,29 @@ class LayerLayout:
 
 
 @dataclass(frozen=True)
+class MtpLayout:
+    """A multi-token-prediction layer (`mtp.*`, Qwen3.5): the next token's embedding and the decoder's hidden state,
+    each normed, concatenated and projected by fc, then a full-attention layer and a norm before the shared lm_head.
+    fc and the norms are held whole, the layer split as the decoder's are."""
+
+    embed_norm: Slice  # (hidden,)
+    hidden_norm: Slice  # (hidden,)
+    fc: Slice  # (hidden, 2 hidden)
+    layer: LayerLayout
+    norm: Slice  # (hidden,)
+
+    def slices(self) -> Iterator[Slice]:
+        yield from (self.embed_norm, self.hidden_norm, self.fc, *self.layer.slices(), self.norm)
+
+
+@dataclass(frozen=True)
 class ModelLayout:
     embed: Slice  # rows of this rank's vocabulary
     layers: tuple[LayerLayout, ...]
     final_norm: Slice
     lm_head: Slice  # rows of this rank's vocabulary
     tied: bool  # lm_head is the embedding tensor: a checkpoint need not (and HF's does not) store it
+    mtp: tuple[MtpLayout, ...] = ()  # the multi-token-prediction layers, kept for speculative decoding
 
     def slices(self) -> Iterator[Slice]:
         """Every tensor the checkpoint must hold for this rank (a tied lm_head is read as the embedding)."""
@@ -84,6 +108,8 @@ class ModelLayout:
         yield self.final_norm
         if not self.tied:
             yield self.lm_head
+        for mtp in self.mtp:
+            yield from mtp.slices()
 
 
 def whole_model(config: ModelConfig) -> RankShard:
@@ -99,26 +125,33 @@ def whole_model(config: ModelConfig) -> RankShard:
 def param_count(config: ModelConfig) -> int:
     """Parameters of the whole model, counted from its layout (a tied embedding once)."""
     layout = model_layout(config, whole_model(config))
-    return sum(math.prod(s.shape) for s in layout.slices())
+    shapes = {s.name: s.shape for s in layout.slices()}  # a tensor read in several slices (q, k, v rows) once
+    return sum(math.prod(shape) for shape in shapes.values())
 
 
 def model_layout(config: ModelConfig, shard: RankShard) -> ModelLayout:
     """Rank `shard`'s slices."""
     c, H, names = config, config.hidden_size, config.family.names
 
-    def layer(i: int) -> LayerLayout:
-        p = f"model.layers.{i}."
+    def layer(i: int, p: str) -> LayerLayout:
         mixer, mlp = layer_kinds(c, i)
         norm = lambda name: whole(f"{p}{name}.weight", (H,)) if name else None  # noqa: E731
         return LayerLayout(mixer=mixer.name, attn_norm=norm(names.attn_norm),
-                           attention=mixer.layout(c, shard, p + names.attention),
+                           attention=mixer.layout(c, shard, p + names.mixer(mixer.name)),
                            attn_out_norm=norm(names.attn_out_norm), mlp_norm=norm(names.mlp_norm),
                            mlp=mlp.layout(c, shard, p + (names.mlp if c.moe is None else c.moe.names.module + ".")),
                            mlp_out_norm=norm(names.mlp_out_norm))
 
     vocab = (c.vocab_size, H)
-    return ModelLayout(embed=Slice("model.embed_tokens.weight", vocab, shard.vocab_rows, split=VOCAB_ROWS),
-                       layers=tuple(layer(i) for i in range(c.num_layers)),
-                       final_norm=whole("model.norm.weight", (H,)),
+    embed = Slice(f"{c.text_prefix}embed_tokens.weight", vocab, shard.vocab_rows, split=VOCAB_ROWS)
+    return ModelLayout(embed=embed,
+                       layers=tuple(layer(i, f"{c.text_prefix}layers.{i}.") for i in range(c.num_layers)),
+                       final_norm=whole(f"{c.text_prefix}norm.weight", (H,)),
                        lm_head=Slice("lm_head.weight", vocab, shard.vocab_rows, split=VOCAB_ROWS),
-                       tied=c.tie_word_embeddings)
+                       tied=c.tie_word_embeddings,
+                       mtp=tuple(MtpLayout(embed_norm=whole("mtp.pre_fc_norm_embedding.weight", (H,)),
+                                           hidden_norm=whole("mtp.pre_fc_norm_hidden.weight", (H,)),
+                                           fc=linear(c.quant, "mtp.fc", (H, 2 * H), range(H)),
+                                           layer=layer(c.num_layers + j, f"mtp.layers.{j}."),
+                                           norm=whole("mtp.norm.weight", (H,)))
+                                 for j in range(c.mtp_layers)))

@@ -19,54 +19,24 @@ slot needs no reset when it passes to a new request. The math follows transforme
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from raytp.kernels.gated_delta_rule import chunk_gated_delta_rule, recurrent_gated_delta_rule
+from raytp.kernels.gated_delta_rule import CHUNK, chunk_gated_delta_rule, recurrent_gated_delta_rule
+from raytp.model.config_fields import LinearAttentionDims
 from raytp.model.formats import WeightReader
 from raytp.model.layers import ColumnParallelLinear, RowParallelLinear
-from raytp.model.slice import Slice, whole
+from raytp.model.slice import Slice, linear, whole
+from raytp.model.kinds import LinearBytes
+from raytp.model.quant.base import QuantConfig
 from raytp.parallel.comm import Communicator
+from raytp.parallel.plan import PREFILL_CHUNK, Piece, PlanShape, Span
 
 # The piece a linear-attention layer splits, and the value heads that follow it (value_heads / key_heads a unit)
 LINEAR_KEY_HEADS, LINEAR_VALUE_HEADS = "linear_key_heads", "linear_value_heads"
-
-
-@dataclass(frozen=True)
-class LinearAttentionDims:
-    """A Gated DeltaNet's sizes, from config.json's linear_* keys."""
-
-    key_heads: int  # linear_num_key_heads: the split's unit, each with its query head
-    value_heads: int  # linear_num_value_heads, a multiple of key_heads
-    key_dim: int  # linear_key_head_dim
-    value_dim: int  # linear_value_head_dim
-    conv_kernel: int  # linear_conv_kernel_dim
-
-    @property
-    def values_per_key(self) -> int:
-        return self.value_heads // self.key_heads
-
-    def conv_channels(self, key_heads: int) -> int:
-        """q, k and v channels of `key_heads` key heads with their value heads: what the convolution mixes."""
-        return key_heads * (2 * self.key_dim + self.values_per_key * self.value_dim)
-
-    def state_bytes(self, key_heads: int, nbytes: int) -> int:
-        """One sequence's state of `key_heads` key heads in one layer: the conv inputs in the model dtype (`nbytes`
-        each) and the float32 recurrent state of their value heads."""
-        conv = self.conv_channels(key_heads) * (self.conv_kernel - 1) * nbytes
-        return conv + key_heads * self.values_per_key * self.key_dim * self.value_dim * 4
-
-
-LinearSlice = Callable[..., Slice]  # (name, shape, rows, cols=None, split=None) -> a Linear's Slice, quantized or not
-
-
-def plain_linear(name: str, shape: tuple[int, int], rows: range, cols: range | None = None,
-                 split: str | None = None) -> Slice:
-    """A dense Linear's slice (`LinearSlice` of an unquantized model)."""
-    return Slice(name + ".weight", shape, rows, cols, split=split)
 
 
 @dataclass(frozen=True)
@@ -86,9 +56,9 @@ class LinearAttentionLayout:
 
 
 def linear_attention_layout(prefix: str, dims: LinearAttentionDims, hidden: int, key_heads: range,
-                            linear: LinearSlice = plain_linear) -> LinearAttentionLayout:
-    """The slices of `key_heads` of the Gated DeltaNet whose tensors are `<prefix>in_proj_qkv.weight`, ...;
-    `linear` makes each Linear's slice (the quantization of the checkpoint)."""
+                            quant: QuantConfig | None = None) -> LinearAttentionLayout:
+    """The slices of `key_heads` of the Gated DeltaNet whose tensors are `<prefix>in_proj_qkv.weight`, ...; its
+    Linear layers stored quantized where `quant` quantizes them."""
     d = dims
     K, V, r = d.key_dim, d.value_dim, d.values_per_key
     key_all, value_all = d.key_heads * K, d.value_heads * V
@@ -100,15 +70,15 @@ def linear_attention_layout(prefix: str, dims: LinearAttentionDims, hidden: int,
     split = LINEAR_KEY_HEADS
     return LinearAttentionLayout(
         key_heads=key_heads,
-        in_proj=(*(linear(prefix + "in_proj_qkv", (conv_all, hidden), rows, split=split) for rows in qkv),
-                 linear(prefix + "in_proj_z", (value_all, hidden), v, split=split),
-                 linear(prefix + "in_proj_b", (d.value_heads, hidden), heads, split=split),
-                 linear(prefix + "in_proj_a", (d.value_heads, hidden), heads, split=split)),
+        in_proj=(*(linear(quant, prefix + "in_proj_qkv", (conv_all, hidden), rows, split=split) for rows in qkv),
+                 linear(quant, prefix + "in_proj_z", (value_all, hidden), v, split=split),
+                 linear(quant, prefix + "in_proj_b", (d.value_heads, hidden), heads, split=split),
+                 linear(quant, prefix + "in_proj_a", (d.value_heads, hidden), heads, split=split)),
         conv=tuple(Slice(prefix + "conv1d.weight", (conv_all, 1, d.conv_kernel), rows, split=split) for rows in qkv),
         A_log=Slice(prefix + "A_log", (d.value_heads,), heads, split=split),
         dt_bias=Slice(prefix + "dt_bias", (d.value_heads,), heads, split=split),
         norm=whole(prefix + "norm.weight", (V,)),
-        out_proj=linear(prefix + "out_proj", (hidden, value_all), range(hidden), v, split=split),
+        out_proj=linear(quant, prefix + "out_proj", (hidden, value_all), range(hidden), v, split=split),
     )
 
 
@@ -131,8 +101,9 @@ class LinearAttentionState:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
-    def copy_slot(self, src: int, dst: int) -> None:
-        """Slot `src`'s state into `dst`: a prompt prefilled once serves several samples."""
+    def copy_slot(self, src: int, dst: int, length: int = 0) -> None:
+        """Slot `src`'s state into `dst`: a prompt prefilled once serves several samples. The state is that of
+        every position `src` has run, `length` of them, whatever `length` is."""
         for t in self.tensors():
             t[dst] = t[src]
 
@@ -156,9 +127,9 @@ class GatedDeltaNet:
         self.A_log, self.dt_bias = reader.read(layout.A_log), reader.read(layout.dt_bias)  # (value heads,)
         self.norm = reader.read(layout.norm)  # (value dim,)
 
-    def __call__(self, h: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    def __call__(self, h: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, step=None) -> torch.Tensor:
         """(batch, seq, hidden) normed input at positions (batch, seq) of slots (batch,) -> the layer's output
-        (batch, seq, hidden), summed over ranks."""
+        (batch, seq, hidden), summed over ranks. It reads nothing of the step the attention layers share."""
         if not self.n_key:  # no heads here: out_proj adds zeros
             return self.out_proj(h[..., :0])
         d, (B, T, _) = self.dims, h.shape
@@ -194,6 +165,71 @@ class GatedDeltaNet:
         x = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + self.eps)
         return (self.norm * x.to(dtype) * F.silu(gate.float())).to(dtype)
 
-    def weights(self) -> list[torch.Tensor]:
+    def tensors(self) -> list[torch.Tensor]:
         return ([self.conv_weight, self.A_log, self.dt_bias, self.norm] + self.in_proj.weight.tensors()
                 + self.out_proj.weight.tensors())
+
+
+@dataclass(frozen=True)
+class LinearAttentionKind:
+    """The Gated DeltaNet as a layer kind (`raytp.model.kinds`), for config.json's "linear_attention" layers.
+
+    Declared to the planner: key heads, one block each. A key head costs a rank its q and k rows and its value heads'
+    v, z, b and a rows of in_proj (column-parallel), its value channels' out_proj columns (row-parallel), their conv
+    taps, A_log and dt_bias, and per sequence slot its state; a decode step reads its weights and reads and writes
+    one sequence's state."""
+
+    name: str = "linear_attention"
+
+    def layout(self, config, shard, prefix: str) -> LinearAttentionLayout:
+        return linear_attention_layout(prefix, config.linear_attention, config.hidden_size, shard.linear_key_heads,
+                                       config.quant)
+
+    def pieces(self, config, shape: PlanShape) -> tuple[Piece, ...]:
+        d, b = config.linear_attention, LinearBytes.of(config, shape)
+        r, K, V = d.values_per_key, d.key_dim, d.value_dim
+        out_cols, out_scales = r * V, 0
+        if b.group is not None and not b.act_order:  # out_proj's scales of the groups of its columns
+            out_scales = -(-out_cols // b.group) * config.hidden_size * b.group_entry
+        rows = 2 * K + 2 * r * V + 2 * r  # q, k, v, z, b, a
+        small = (d.conv_channels(1) * d.conv_kernel + 2 * r) * b.nbytes  # conv taps, A_log, dt_bias
+        weights = rows * b.row + out_cols * b.column + out_scales + small
+        state = d.state_bytes(1, b.nbytes)
+        spans = (Span(LINEAR_KEY_HEADS, "linear key heads"), Span(LINEAR_VALUE_HEADS, "linear value heads", r))
+        return (Piece(spans, d.key_heads, 1, weights, weights + 2 * state, shape.max_batch * state,
+                      unit="linear key head"),)
+
+    def replicated_bytes(self, config, shape: PlanShape) -> int:
+        """out_proj's per-row scales, or with act-order the scales of all its column groups (its columns stay in
+        head order)."""
+        b = LinearBytes.of(config, shape)
+        if b.group is None:
+            return b.row_scales(config, shape)
+        if b.act_order:
+            cols = config.linear_attention.value_heads * config.linear_attention.value_dim
+            return config.hidden_size * 4 + config.hidden_size * -(-cols // b.group) * b.group_entry
+        return 0
+
+    def buffer_bytes(self, config, shape: PlanShape) -> int:
+        """in_proj's output of a prefill chunk at full width, and the torch delta rule's float32 work: per value head
+        and token its q, k, v, deltas and decayed keys, and per chunk its (CHUNK, CHUNK) matrices."""
+        d = config.linear_attention
+        tokens = shape.max_batch * min(shape.max_context, PREFILL_CHUNK)
+        width = d.conv_channels(d.key_heads) + d.value_heads * (d.value_dim + 2)
+        work = tokens * d.value_heads * (6 * max(d.key_dim, d.value_dim) + 3 * CHUNK) * 4
+        return tokens * width * LinearBytes.of(config, shape).nbytes + work
+
+    def state(self, config, shard, *, max_batch: int, dtype: torch.dtype, device: torch.device,
+              **_) -> LinearAttentionState:
+        return LinearAttentionState(config.linear_attention, len(shard.linear_key_heads), max_batch, dtype, device)
+
+    def view(self, config, positions, span: int, max_context: int) -> None:
+        return None
+
+    def load(self, config, layout: LinearAttentionLayout, comm, reader, state: LinearAttentionState,
+             act_quant_weight_only: bool) -> GatedDeltaNet:
+        return GatedDeltaNet(layout, config.linear_attention, comm, reader, state, config.rms_norm_eps,
+                             act_quant_weight_only)
+
+
+LINEAR_ATTENTION = LinearAttentionKind()

@@ -33,7 +33,8 @@ from raytp.model.config import ModelConfig
 from raytp.model.formats.act_quant import runs_weight_only
 from raytp.model.kv_cache import Rope
 from raytp.model.layers import ParallelLMHead, VocabParallelEmbedding, WeightReader
-from raytp.model.layout import LayerLayout, layer_kinds, model_layout
+from raytp.model.formats import read_linear
+from raytp.model.layout import LayerLayout, MtpLayout, layer_count, layer_kinds, model_layout
 from raytp.model.rope import RopeTables
 from raytp.model.state import LayerState
 from raytp.parallel.comm import Communicator
@@ -69,6 +70,21 @@ class DecoderLayer:
         return [t for t in norms if t is not None] + self.attention.tensors() + self.mlp.tensors()
 
 
+class MtpLayer:
+    """A multi-token-prediction layer on this rank (`raytp.model.layout.MtpLayout`): its norms and fc whole, its
+    full-attention layer's share and KV cache, held for speculative decoding, whose drafter runs it."""
+
+    def __init__(self, config: ModelConfig, index: int, layout: MtpLayout, comm: Communicator, reader: WeightReader,
+                 state: LayerState, act_quant_weight_only: bool):
+        norms = (layout.embed_norm, layout.hidden_norm, layout.norm)
+        self.embed_norm, self.hidden_norm, self.norm = (config.norm(reader.read(s)) for s in norms)
+        self.fc = read_linear(reader, layout.fc)  # (hidden, 2 hidden): [normed embedding | normed hidden state]
+        self.layer = DecoderLayer(config, index, layout.layer, comm, reader, state, act_quant_weight_only)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.embed_norm, self.hidden_norm, self.norm] + self.fc.tensors() + self.layer.weights()
+
+
 class ShardedLlama:
     """One rank's layers and their states, read through `reader` in the slices `raytp.model.layout` gives `shard`;
     `forward` runs them with the group's collectives. `kv_dtype` picks the caches (raytp.model.kv_cache): "auto" in
@@ -87,7 +103,7 @@ class ShardedLlama:
         if act_quant_weight_only is None:
             act_quant_weight_only = runs_weight_only([self.device.type], dispatch.use_triton(self.final_norm))
         self.final_norm = config.norm(self.final_norm)
-        mixers = [layer_kinds(config, i)[0] for i in range(config.num_layers)]
+        mixers = [layer_kinds(config, i)[0] for i in range(layer_count(config))]
         self.mixers = {kind.name: kind for kind in mixers}
         states = [kind.state(config, shard, max_batch=max_batch, max_context=max_context, kv_dtype=kv_dtype,
                              dtype=self.dtype, device=self.device) for kind in mixers]
@@ -97,6 +113,8 @@ class ShardedLlama:
         self.embed_scale = None if scale is None else torch.tensor(scale, dtype=self.dtype, device=self.device)
         self.layers = [DecoderLayer(config, i, layer, comm, reader, states[i], act_quant_weight_only)
                        for i, layer in enumerate(layout.layers)]
+        self.mtp = [MtpLayer(config, config.num_layers + j, mtp, comm, reader, states[config.num_layers + j],
+                             act_quant_weight_only) for j, mtp in enumerate(layout.mtp)]
         head = ParallelLMHead(layout.lm_head)
         self.lm_head = head.tie(self.embed) if layout.tied else head.load(reader)
         self.rope = RopeTables(config, max_context, self.device)
@@ -104,7 +122,7 @@ class ShardedLlama:
     def weights(self) -> list[torch.Tensor]:
         """Every weight tensor this rank holds (a tied lm_head is the embedding's tensor, listed twice)."""
         return ([self.embed.table, self.final_norm] + self.lm_head.weight.tensors()
-                + [t for layer in self.layers for t in layer.weights()])
+                + [t for layer in self.layers for t in layer.weights()] + [t for m in self.mtp for t in m.tensors()])
 
     def cache_tensors(self) -> list[torch.Tensor]:
         """Every layer's state as allocated (KV and window caches, FP8 scales included): what the plan's

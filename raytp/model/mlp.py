@@ -60,6 +60,13 @@ class MLP:
             return self.down(h[..., :0])
         return self.down(self.act(self.gate_up(h)))  # gate/up: (batch, seq, 2 * local cols)
 
+    def partial(self, h: torch.Tensor) -> torch.Tensor:
+        """This rank's share of the output before the all-reduce, for a block that sums it with others first (a
+        shared expert beside the routed ones). Weights with activations quantized at run time are not held so."""
+        if not self.down.width:
+            return torch.zeros_like(h)
+        return self.down.weight.apply(self.act(self.gate_up(h)))
+
     def tensors(self) -> list[torch.Tensor]:
         return [t for x in (self.gate_up, self.down) for t in x.weight.tensors()]
 

@@ -26,6 +26,7 @@ num_experts.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -35,8 +36,9 @@ import torch.nn.functional as F
 from raytp.kernels.moe_routing import top_k_routing
 from raytp.model.config import MoeConfig
 from raytp.model.experts import Experts, ExpertsLayout, load_experts
-from raytp.model.formats import WeightReader
+from raytp.model.formats import Weight, WeightReader, read_linear
 from raytp.model.kinds import LinearBytes
+from raytp.model.mlp import DENSE_MLP, MLP
 from raytp.model.slice import linear, permuted, whole
 from raytp.parallel.comm import Communicator
 from raytp.parallel.plan import PREFILL_CHUNK, Piece, PlanShape, Span
@@ -64,19 +66,33 @@ class SparseMoeBlock:
     where the rank holds no columns.
     """
 
-    def __init__(self, router: torch.Tensor, experts: Experts | None, routing: Routing, comm: Communicator):
+    def __init__(self, router: torch.Tensor, experts: Experts | None, routing: Routing, comm: Communicator,
+                 shared: MLP | None = None, shared_gate: Weight | None = None):
         self.router, self.experts, self.routing, self.comm = router, experts, routing, comm
+        self.shared, self.shared_gate = shared, shared_gate
 
     @classmethod
-    def load(cls, layout: ExpertsLayout, moe: MoeConfig, reader: WeightReader, comm: Communicator,
+    def load(cls, config, layout: ExpertsLayout, reader: WeightReader, comm: Communicator,
              act_quant_weight_only: bool) -> SparseMoeBlock:
-        """The router and this rank's slices of every expert (`act_quant_weight_only`: formats.for_device)."""
+        """The router and this rank's slices of every expert, and of the shared expert where the model has one
+        (`act_quant_weight_only`: formats.for_device)."""
+        moe = config.moe
         _, _, down = layout.experts[0]
         experts = load_experts(layout, reader, act_quant_weight_only) if down.cols else None
-        return cls(reader.read(layout.router), experts, Routing(moe.top_k, moe.normalize), comm)
+        shared = shared_gate = None
+        if layout.shared is not None:
+            shared = MLP(config, layout.shared, comm, reader, act_quant_weight_only)
+            shared_gate = read_linear(reader, layout.shared_gate)
+        return cls(reader.read(layout.router), experts, Routing(moe.top_k, moe.normalize), comm, shared, shared_gate)
 
     def partial(self, h: torch.Tensor) -> torch.Tensor:
         """(..., hidden) normed input -> this rank's partial output (..., hidden), before the all-reduce."""
+        out = self._routed(h)
+        if self.shared is not None:  # every rank's gate is the same: the gated partial sums add up to the gated sum
+            out = out + torch.sigmoid(self.shared_gate.apply(h)) * self.shared.partial(h)
+        return out
+
+    def _routed(self, h: torch.Tensor) -> torch.Tensor:
         if self.experts is None:  # no columns here: this rank's share of the sum is zero
             return torch.zeros_like(h)
         x = h.reshape(-1, h.shape[-1])  # (tokens, hidden)
@@ -87,7 +103,8 @@ class SparseMoeBlock:
         return self.comm.all_reduce(self.partial(h))
 
     def tensors(self) -> list[torch.Tensor]:
-        return [self.router] + (self.experts.tensors() if self.experts is not None else [])
+        shared = [] if self.shared is None else self.shared.tensors() + self.shared_gate.tensors()
+        return [self.router] + (self.experts.tensors() if self.experts is not None else []) + shared
 
 
 @dataclass(frozen=True)
@@ -106,7 +123,12 @@ class ExpertsKind:
                     linear(c.quant, p + names.up, (C, H), cols, order=order, split=EXPERT_COLS),
                     linear(c.quant, down, (H, C), range(H), cols, order, EXPERT_COLS))
 
-        return ExpertsLayout(router=whole(m + "gate.weight", (E, H)), experts=tuple(expert(e) for e in range(E)))
+        shared = {}
+        if c.shared_expert_size:
+            shared = dict(shared=DENSE_MLP.layout(shared_mlp(c), shard, m + "shared_expert."),
+                          shared_gate=linear(c.quant, m + "shared_expert_gate", (1, H), range(1)))
+        return ExpertsLayout(router=whole(m + "gate.weight", (E, H)), experts=tuple(expert(e) for e in range(E)),
+                             **shared)
 
     def pieces(self, config, shape: PlanShape) -> tuple[Piece, ...]:
         """A column of every expert held (gate, up rows and a down column each), of the top-k read."""
@@ -115,16 +137,18 @@ class ExpertsKind:
         if b.group is not None:  # each expert's down_proj scales, per started group; blocks of whole groups
             block, group, group_bytes = math.lcm(block, b.group), b.group, config.hidden_size * b.group_entry
         column = 2 * b.row + b.column
+        shared = DENSE_MLP.pieces(shared_mlp(config), shape) if config.shared_expert_size else ()
         return (Piece((Span(EXPERT_COLS, "expert columns"),), config.moe.expert_size, block, E * column, k * column,
                       group=group, group_bytes=E * group_bytes, group_read_bytes=k * group_bytes,
-                      unit="expert block"),)
+                      unit="expert block"), *shared)
 
     def replicated_bytes(self, config, shape: PlanShape) -> int:
         """Every expert's down_proj per-row scales; with act-order every expert's gate/up group index (int32)."""
         b, E = LinearBytes.of(config, shape), config.moe.num_experts
+        shared = DENSE_MLP.replicated_bytes(shared_mlp(config), shape) if config.shared_expert_size else 0
         if b.group is None:
-            return E * b.row_scales(config, shape)
-        return E * config.hidden_size * 4 if b.act_order else 0
+            return E * b.row_scales(config, shape) + shared
+        return (E * config.hidden_size * 4 if b.act_order else 0) + shared
 
     def buffer_bytes(self, config, shape: PlanShape) -> int:
         """One expert's gate/up at a time for at most every token of a prefill chunk, and the float32 sum."""
@@ -135,7 +159,12 @@ class ExpertsKind:
         return None
 
     def load(self, config, layout: ExpertsLayout, comm, reader, state, act_quant_weight_only: bool) -> SparseMoeBlock:
-        return SparseMoeBlock.load(layout, config.moe, reader, comm, act_quant_weight_only)
+        return SparseMoeBlock.load(config, layout, reader, comm, act_quant_weight_only)
+
+
+def shared_mlp(config):
+    """The config a shared expert is a dense MLP of: its width as the MLP's."""
+    return dataclasses.replace(config, intermediate_size=config.shared_expert_size)
 
 
 EXPERTS = ExpertsKind()

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from raytp.model.config import ModelConfig
 from raytp.model.layers import vocab_piece
-from raytp.model.layout import layer_kinds, model_layout, whole_model
+from raytp.model.layout import layer_count, layer_kinds, model_layout, whole_model
 from raytp.parallel.plan import (DTYPE_BYTES, PREFILL_CHUNK, Piece, PlanShape, ShardPlan, plan_shards,
                                  sum_pieces)
 
@@ -41,7 +41,8 @@ def quant_replicated_bytes(config: ModelConfig, dtype: str) -> int:
     each layer's kinds declare (per-row scales of row-parallel layers, act-order group indices, a group two ranks'
     head ranges share)."""
     shape = _shape(1, 1, dtype)
-    return sum(kind.replicated_bytes(config, shape) for i in range(config.num_layers) for kind in layer_kinds(config, i))
+    return sum(kind.replicated_bytes(config, shape) for i in range(layer_count(config))
+               for kind in layer_kinds(config, i))
 
 
 def replicated_overhead_bytes(config: ModelConfig, *, max_context: int, max_batch: int, dtype: str) -> int:
@@ -49,7 +50,7 @@ def replicated_overhead_bytes(config: ModelConfig, *, max_context: int, max_batc
     working buffers (see the module's docstring)."""
     shape = _shape(max_context, max_batch, dtype)
     tokens = max_batch * min(max_context, PREFILL_CHUNK)
-    kinds = [layer_kinds(config, i) for i in range(config.num_layers)]
+    kinds = [layer_kinds(config, i) for i in range(layer_count(config))]
     buffers = (max(mixer.buffer_bytes(config, shape) for mixer, _ in kinds)
                + max(mlp.buffer_bytes(config, shape) for _, mlp in kinds))
     return (replicated_tensor_bytes(config, dtype) + quant_replicated_bytes(config, dtype)
@@ -75,7 +76,7 @@ class ModelPieces:
 
     def pieces(self, shape: PlanShape) -> Sequence[Piece]:
         c = self.config
-        layers = (p for i in range(c.num_layers) for kind in layer_kinds(c, i) for p in kind.pieces(c, shape))
+        layers = (p for i in range(layer_count(c)) for kind in layer_kinds(c, i) for p in kind.pieces(c, shape))
         return sum_pieces((*layers, vocab_piece(c, shape)))
 
 

@@ -2,7 +2,10 @@
 
 Frequencies follow transformers' ROPE_INIT_FUNCTIONS for the scalings of `raytp.model.config.ROPE_TYPES`: llama3's
 (high frequencies kept, low ones divided by `factor`, interpolated in between) and linear (every position divided by
-`factor`). Sliding-window layers take config.local_rope_theta, unscaled, where the config has one (Gemma 3).
+`factor`). Sliding-window layers take config.local_rope_theta, unscaled, where the config has one (Gemma 3). RoPE on
+a share of each head's dims (config.rotary_fraction, Qwen3.5's partial_rotary_factor) has frequencies of that many
+dims, and angle 0 on the others, which the attention puts where the kernel's rotate-half pairs them with each other
+(raytp.model.attention.head_dims).
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from raytp.model.config import ModelConfig
 from raytp.model.kv_cache import Rope
@@ -40,6 +44,9 @@ def rope_parameters(config: ModelConfig, mixer: str) -> tuple[float, dict | None
     return config.rope_theta, config.rope_scaling
 
 
+ROTARY_MIXERS = ("full_attention", "sliding_attention")  # the mixer kinds that rotate queries and keys
+
+
 class RopeTables:
     """cos and sin (positions, head_dim) of every mixer kind the config lists, in float32, rotate-half layout; kinds
     with the same parameters share one table."""
@@ -48,11 +55,14 @@ class RopeTables:
         positions = torch.arange(max_context, dtype=torch.float32, device=device)
         tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self.tables = {}
-        for mixer in dict.fromkeys(config.mixers):
+        for mixer in dict.fromkeys(m for m in config.mixers if m in ROTARY_MIXERS):
             theta, scaling = rope_parameters(config, mixer)
             key = (theta, repr(scaling))
             if key not in tables:
-                angles = torch.outer(positions, rope_inv_freq(config.head_dim, theta, scaling).to(device))
+                rotary = int(config.head_dim * config.rotary_fraction)
+                angles = torch.outer(positions, rope_inv_freq(rotary, theta, scaling).to(device))
+                # dims RoPE leaves alone turn by angle 0 (raytp.model.attention.head_dims puts them there)
+                angles = F.pad(angles, (0, (config.head_dim - rotary) // 2))
                 angles = torch.cat((angles, angles), dim=-1)
                 tables[key] = angles.cos(), angles.sin()
             self.tables[mixer] = tables[key]

@@ -4,6 +4,7 @@
     synthetic:qwen3-8b | synthetic:qwen3-32b                                     (Qwen3: q/k norms, no bias)
     synthetic:qwen3-30b-a3b | synthetic:mixtral-8x7b                             mixtures of experts
     synthetic:gemma-3-27b                                           Gemma 3: five sliding-window layers per full one
+    synthetic:qwen3.5-27b | synthetic:qwen3.5-35b-a3b                Qwen3.5: Gated DeltaNet and full attention
     synthetic:tiny                                                               a small config for tests
     synthetic:PATH/config.json                                                   any supported config.json
     synthetic:NAME@w4a16 | @w8a16 | @fp8 | @fp8-blocks | @fp8-dynamic | @w8a8
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import zlib
 from pathlib import Path
@@ -51,6 +53,12 @@ _LLAMA31 = {"model_type": "llama", "vocab_size": 128256, "num_key_value_heads": 
 _QWEN3 = {"model_type": "qwen3", "vocab_size": 151936, "num_key_value_heads": 8, "head_dim": 128,
           "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "max_position_embeddings": 40960,
           "tie_word_embeddings": False, "attention_bias": False, "bos_token_id": 151643, "eos_token_id": 151645}
+
+_QWEN3_5 = {"model_type": "qwen3_5_text", "vocab_size": 248320, "head_dim": 256, "linear_num_key_heads": 16,
+            "linear_key_head_dim": 128, "linear_value_head_dim": 128, "linear_conv_kernel_dim": 4,
+            "full_attention_interval": 4, "rms_norm_eps": 1e-6, "max_position_embeddings": 262144,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000000, "partial_rotary_factor": 0.25},
+            "tie_word_embeddings": False, "attention_bias": False, "mtp_num_hidden_layers": 1}
 
 # Shapes from meta-llama/Llama-3.1-{8B,70B,405B}/config.json and Qwen/Qwen3-{8B,32B}/config.json, and as noted.
 CONFIGS: dict[str, dict] = {
@@ -85,6 +93,15 @@ CONFIGS: dict[str, dict] = {
                     "max_position_embeddings": 131072, "hidden_activation": "gelu_pytorch_tanh",
                     "final_logit_softcapping": None, "attn_logit_softcapping": None, "tie_word_embeddings": True,
                     "bos_token_id": 2, "eos_token_id": [1, 106]},
+    # Qwen/Qwen3.5-27B/config.json's text_config: 3 Gated DeltaNet layers to 1 full-attention layer, 16 linear key
+    # heads with 3 value heads each, RoPE on a quarter of each head, one MTP layer
+    "qwen3.5-27b": _QWEN3_5 | {"hidden_size": 5120, "intermediate_size": 17408, "num_hidden_layers": 64,
+                               "num_attention_heads": 24, "num_key_value_heads": 4, "linear_num_value_heads": 48},
+    # Qwen/Qwen3.5-35B-A3B/config.json's text_config: 256 experts of width 512, 8 per token, and a shared expert
+    "qwen3.5-35b-a3b": _QWEN3_5 | {"model_type": "qwen3_5_moe_text", "hidden_size": 2048, "num_hidden_layers": 40,
+                                   "num_attention_heads": 16, "num_key_value_heads": 2, "linear_num_value_heads": 32,
+                                   "num_experts": 256, "num_experts_per_tok": 8, "moe_intermediate_size": 512,
+                                   "shared_expert_intermediate_size": 512},
     # Small but awkward on purpose: 4 KV groups split 2/1/1 over 3 ranks (and zero-width ranks beyond 4), 1408 MLP
     # columns = 22 blocks, a vocab of 1000 ending in a partial block, and llama3 RoPE scaling. No EOS: runs go on.
     "tiny": {"model_type": "llama", "vocab_size": 1000, "hidden_size": 512, "intermediate_size": 1408,
@@ -224,8 +241,9 @@ class SyntheticReader:
                 if s.split is None:  # a tensor every rank holds whole: a norm
                     return g.draw(name, 0, s.shape, mean=self.norm_mean)
                 return g.rows(name, s.shape[0], block, s.rows, 1).view(-1)  # a q/k/v bias
-            if s.cols is None:
-                return g.rows(name, s.shape[0], block, s.rows, s.shape[1])
+            if s.cols is None:  # a matrix's rows, or a depthwise convolution's channels (channels, 1, taps)
+                width = math.prod(s.shape[1:])
+                return g.rows(name, s.shape[0], block, s.rows, width).view(len(s.rows), *s.shape[1:])
             assert len(s.rows) == s.shape[0], "row-parallel slices hold every output row"
             return g.rows(name, s.shape[1], block, s.cols, s.shape[0]).t().contiguous()
 

@@ -13,6 +13,7 @@ from raytp.model.families.llama import LLAMA, MISTRAL
 from raytp.model.families.mixtral import MIXTRAL
 from raytp.model.families.qwen2 import QWEN2
 from raytp.model.families.qwen3 import QWEN3
+from raytp.model.families.qwen3_5 import QWEN3_5, QWEN3_5_MOE, QWEN3_5_MOE_TEXT, QWEN3_5_TEXT
 from raytp.model.families.qwen3_moe import QWEN3_MOE
 
 __all__ = ["FAMILIES", "Family", "LayerNames"]
@@ -25,4 +26,8 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     QWEN3_MOE,
     MIXTRAL,
     GEMMA3,
+    QWEN3_5,
+    QWEN3_5_TEXT,
+    QWEN3_5_MOE,
+    QWEN3_5_MOE_TEXT,
 )}

@@ -17,7 +17,12 @@ class LayerNames:
     attn_out_norm: str | None = None  # on the mixer's output, before the residual add (Gemma's sandwich norms)
     mlp_out_norm: str | None = None  # on the feed-forward block's output, before the residual add
     attention: str = "self_attn."
+    linear_attention: str = "linear_attn."
     mlp: str = "mlp."
+
+    def mixer(self, kind: str) -> str:
+        """The module of a token mixer of `kind` (a key of raytp.model.layout.MIXERS)."""
+        return self.linear_attention if kind == "linear_attention" else self.attention
 
 
 def plain(d: dict, fields: dict) -> dict:
@@ -32,3 +37,5 @@ class Family:
     # (config.json, its common fields) -> raytp.model.config.ModelConfig's fields: the common ones, added to or changed
     read: Callable[[dict, dict], dict] = plain
     names: LayerNames = LayerNames()
+    # config.json -> the decoder's keys (a multimodal config.json nests them), before the common fields are read
+    unwrap: Callable[[dict], dict] = lambda d: d
