@@ -1,4 +1,4 @@
-"""A sparse mixture-of-experts block (Qwen3-MoE, Mixtral) in place of the dense MLP: a layer kind
+"""A sparse mixture-of-experts block (Qwen3-MoE, Mixtral, Qwen3.5-MoE) in place of the dense MLP: a layer kind
 (`raytp.model.kinds`) and one rank's forward.
 
     router   replicated: every rank holds the whole (experts, hidden) matrix and computes the same logits from the
@@ -9,8 +9,10 @@
              as their memory is, whichever experts it selects; a rank may hold no columns at all. How they are held
              and run is raytp.model.experts' (act-order checkpoints permute each expert's columns by its own
              down_proj groups, `raytp.model.layout`)
-    output   sum over each token's k experts of weight * down(swiglu(gate_up(x))) over the rank's columns: a
-             partial sum, all-reduced once per layer as down_proj's is
+    shared   (Qwen3.5-MoE) an always-on SwiGLU expert, its columns split as a dense MLP's (mlp_cols), times
+             sigmoid(shared_expert_gate . x), which every rank computes alike from its whole (1, hidden) gate
+    output   sum over each token's k experts of weight * down(swiglu(gate_up(x))) over the rank's columns, plus the
+             gated shared expert's columns: a partial sum, all-reduced once per layer as down_proj's is
 
 Routing follows transformers' Qwen3MoeTopKRouter and MixtralTopKRouter: softmax over all experts in float32, the
 top k of those probabilities by torch.topk (so ties fall as they do there), renormalized to sum to 1 where the model
