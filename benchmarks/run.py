@@ -173,10 +173,8 @@ def _launch_ray_head(env: dict[str, str], log_path: Path) -> tuple[subprocess.Po
                                 start_new_session=True)
     deadline = time.monotonic() + RAY_HEAD_START_S
     while "Ray runtime started." not in log_path.read_text(errors="replace"):
-        if head.poll() is not None:
-            return None
-        if time.monotonic() > deadline:
-            stop_ray_head(head)
+        if head.poll() is not None or time.monotonic() > deadline:
+            stop_ray_head(head)  # and whatever the failed start left running
             return None
         time.sleep(0.5)
     return head, f"127.0.0.1:{port}"
@@ -203,18 +201,20 @@ def start_ray_head(env: dict[str, str], workdir: Path) -> RayHead:
 
 
 def stop_ray_head(head: subprocess.Popen) -> None:
-    """End the head and every process of its session by signal: `ray stop` would end every Ray on the host, other
-    people's included."""
+    """End the head and every process of its session by signal (`ray stop` would end every Ray on the host, other
+    people's included); returns once none is left, or after 40 s."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(head.pid, signal.SIGTERM)
-    try:
+    with contextlib.suppress(subprocess.TimeoutExpired):  # Ray's own shutdown can wait ~30 s on idle workers: not all
         head.wait(timeout=10)
-    except subprocess.TimeoutExpired:  # Ray's own shutdown can wait ~30 s on idle workers: end its session now
-        with contextlib.suppress(ProcessLookupError):
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # what outlived the head, or the head itself still shutting down
+        try:
             os.killpg(head.pid, signal.SIGKILL)
-        head.wait(timeout=30)
-    with contextlib.suppress(ProcessLookupError):  # processes of the session that outlived the head itself
-        os.killpg(head.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        head.poll()  # reaps the head, which would otherwise stay in its session as a zombie
+        time.sleep(0.2)
 
 
 def run_one(run: Run, out: Path, env: dict[str, str], head: RayHead | None) -> tuple[str, float]:

@@ -102,7 +102,7 @@ def test_bench_runs_join_the_sittings_ray_head_which_ends_with_the_sitting(tmp_p
                             "runs:\n"
                             "  - name: tiny\n"
                             "    limit: 400\n"
-                            "    bench: --model synthetic:tiny --batch 1 --prompt-len 8 --decode-tokens 2 "
+                            "    bench: --model synthetic:tiny --batch 1 --prompt-len 8 --decode-tokens 4 "
                             "--allreduce-sizes 64 --allreduce-iters 2\n"
                             "  - {name: interrupted, limit: 20, script: 'true'}\n")
     heads, start_head, run_one = [], runner.start_ray_head, runner.run_one
@@ -117,7 +117,8 @@ def test_bench_runs_join_the_sittings_ray_head_which_ends_with_the_sitting(tmp_p
     with pytest.raises(KeyboardInterrupt):
         runner.main([str(path), "--out", str(tmp_path / "out")])
     out = tmp_path / "out" / "sitting"
-    (head,) = heads
+    assert heads, (out / "ray-head.log").read_text()[-3000:]
+    head = heads[0]
     assert head.process.poll() is not None
     with pytest.raises(ProcessLookupError):
         os.killpg(head.process.pid, 0)  # no process of the head's session is left
