@@ -215,3 +215,48 @@ def test_rows_name_a_checkpoints_own_quantization_not_a_preset_it_does_not_match
     assert quant_name(None) == "none" and quant_name(quant_preset("w4a16")) == "w4a16"
     own = CompressedTensors("int", 4, 128, ignore=("lm_head",))  # llmcompressor's W4A16 as a checkpoint states it
     assert quant_name(own) == own.describe() == "w4a16 int, groups of 128, symmetric"
+
+
+# ---- --share-gpus, decided before any actor starts (in process: the cluster's resources stand in for Ray) --------
+
+@pytest.mark.parametrize("gpus, share_gpus, ran, reason", [
+    (0, True, ["cpu"], "ClusterError: needs 2 GPUs, the Ray cluster has 0"),  # nothing to share: no hint either
+    (0, False, ["cpu"], "ClusterError: needs 2 GPUs, the Ray cluster has 0 (--share-gpus lets ranks share them)"),
+    (1, True, ["cpu", "cuda*2"], None),
+    (1, False, ["cpu"], "ClusterError: needs 2 GPUs, the Ray cluster has 1 (--share-gpus lets ranks share them)"),
+])
+def test_share_gpus_runs_more_cuda_ranks_than_gpus_and_leaves_cpu_ranks_alone(monkeypatch, gpus, share_gpus, ran,
+                                                                               reason):
+    """A sweep over a cpu and a cuda*2 set: the cpu set always runs; the cuda set runs on fewer GPUs only with
+    --share-gpus, and on a cluster without GPUs is skipped (not failed) whatever the flag, at once."""
+    import ray
+
+    from raytp.bench import sweep
+    from raytp.parallel.devices import parse_devices
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0, "GPU": float(gpus)})
+    started = []
+    monkeypatch.setattr(sweep, "run_bench", lambda settings, *args, **kwargs: started.append(settings) or
+                        {"plan": {"split": "memory"}})
+    device_sets = tuple((spec, parse_devices(spec)) for spec in ("cpu", "cuda*2"))
+    result = sweep.run_sweep(sweep.Sweep(models=("synthetic:tiny",), device_sets=device_sets, comms=("hoststaged",),
+                                         batches=(1,), prompt_lens=(8,), share_gpus=share_gpus))
+    assert [o["devices"] for o in result["outcomes"] if o["status"] == "ok"] == ran
+    assert [tuple(s.devices) for s in started] == [tuple(parse_devices(s)) for s in ran]
+    skipped = [o for o in result["outcomes"] if o["status"] != "ok"]
+    assert [(o["devices"], o["status"], o["reason"]) for o in skipped] == ([] if reason is None else
+                                                                           [("cuda*2", "skipped", reason)])
+
+
+@pytest.mark.parametrize("ranks, gpus, share", [(3, 2, 0.5), (4, 1, 0.25), (2, 2, 1), (2, 0, 1)])
+def test_cuda_ranks_beyond_the_gpus_are_packed_onto_them(monkeypatch, ranks, gpus, share):
+    """What a shared GPU gives each rank: 1/k of it for k ranks per GPU; a whole one where every rank has its own,
+    or where the cluster has none (Ray then refuses the cuda ranks by name, raytp.actors.group._check_resources)."""
+    import ray
+
+    from raytp.actors.group import GroupSettings, WorkerGroup
+    from raytp.parallel.devices import parse_devices
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0, "GPU": float(gpus)})
+    group = WorkerGroup(GroupSettings(model="synthetic:tiny", devices=parse_devices(f"cuda*{ranks}")), config=None)
+    assert group._gpu_share() == share
