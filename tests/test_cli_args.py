@@ -111,8 +111,9 @@ def test_max_tokens_beyond_the_context_is_refused_not_clamped(capsys):
     (["--profile", "-1"], "got -1"),
     (["--profile-traces", "--out", "x"], "--profile-traces saves the traces of --profile"),
     (["--profile", "--profile-traces"], "give --profile and --out DIR"),
+    (["--decode-tokens", "3"], "--decode-tokens must be at least 4 to time whole-batch steps, got 3"),
 ])
-def test_bad_profile_arguments(capsys, args, named):
+def test_bad_bench_arguments(capsys, args, named):
     line = refused(capsys, "bench", "--model", "synthetic:tiny", *SMALL, *args)
     assert named in line, line
 
