@@ -52,6 +52,7 @@ START_GAIN = 1.0
 GAIN_DECAY = 0.5
 MIN_GAIN = 0.3
 PAUSE_TOKENS = 8
+SPECULATE_RULE = f'speculate must be "off", "ngram" or "ngram:K" with K in [1, {SPECULATE_MAX_K}]'
 
 
 def drafted_tokens(spec: str) -> int:
@@ -62,8 +63,7 @@ def drafted_tokens(spec: str) -> int:
         return 0
     if kind == NGRAM and (not k or k.isdigit() and 1 <= int(k) <= SPECULATE_MAX_K):
         return int(k) if k else NGRAM_K
-    raise RequestError(f"speculate must be \"off\", \"ngram\" or \"ngram:K\" with K in [1, {SPECULATE_MAX_K}], "
-                       f"got {spec!r}", param="speculate")
+    raise RequestError(f"{SPECULATE_RULE}, got {spec!r}", param="speculate")
 
 
 class NgramDrafter:
