@@ -96,11 +96,11 @@ def test_ngram_drafter_proposes_what_followed_the_latest_occurrence_of_the_longe
 def test_greedy_and_seeded_tokens_are_those_of_plain_decoding_in_a_mixed_batch(group, prompts):
     """Four rows: greedy n=2 drafting 4, greedy without drafting, seeded top-k/top-p drafting 3 with a repetition
     penalty and logprobs, seeded plain temperature drafting 8; run again with drafting off everywhere."""
-    params = [SamplingParams(max_tokens=48, n=2, speculate="ngram:4"),
-              SamplingParams(max_tokens=40),
-              SamplingParams(temperature=0.7, top_k=40, top_p=0.9, repetition_penalty=1.1, seed=7, max_tokens=40,
+    params = [SamplingParams(max_tokens=40, n=2, speculate="ngram:4"),
+              SamplingParams(max_tokens=32),
+              SamplingParams(temperature=0.7, top_k=40, top_p=0.9, repetition_penalty=1.1, seed=7, max_tokens=32,
                              logprobs=2, speculate="ngram:3")]
-    joining = SamplingParams(temperature=0.5, seed=3, max_tokens=30, speculate="ngram:8")
+    joining = SamplingParams(temperature=0.5, seed=3, max_tokens=24, speculate="ngram:8")
 
     def run(params, late):
         def join(event, submit, seen):  # a fourth request arrives mid-run
