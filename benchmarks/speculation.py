@@ -17,6 +17,7 @@ import ray
 from raytp.actors.driver import DriverActor
 from raytp.actors.group import GroupSettings
 from raytp.cli.generate import stream_answer
+from raytp.cli.session import ray_session
 from raytp.parallel.devices import parse_devices
 from raytp.runtime.sampling import SamplingParams
 from raytp.weights.smollm2 import pull_smollm2
@@ -32,7 +33,12 @@ def main() -> None:
     p.add_argument("--dtype", default="float32")
     args = p.parse_args()
     pull_smollm2()
-    ray.init(num_cpus=16, include_dashboard=False, log_to_driver=False)
+    with ray_session(None, args.devices):  # a local Ray of its own, as `raytp generate` starts
+        rows = measure(args)
+    report(args, rows)
+
+
+def measure(args) -> list[tuple]:
     settings = GroupSettings(model="smollm2", devices=tuple(parse_devices(args.devices)), dtype=args.dtype,
                              max_context=1024, max_batch=1, progress=False)
     driver = DriverActor.remote(settings)
@@ -57,7 +63,10 @@ def main() -> None:
                          accepted / drafted if drafted else 0.0, generated / (generated - accepted), same))
     finally:
         ray.get(driver.shutdown.remote())
-        ray.shutdown()
+    return rows
+
+
+def report(args, rows: list[tuple]) -> None:
     print(f"SmolLM2-135M {args.dtype}, --devices {args.devices}, greedy, max_tokens {args.max_tokens}, ngram:{args.k}")
     print("| prompts | n | plain tokens/s | ngram tokens/s | speed-up | acceptance | tokens/step | same text |")
     print("|---|---|---|---|---|---|---|---|")
