@@ -41,6 +41,12 @@ only copies the compiled matcher for each sample, so a large schema never stalls
 Waiting requests are admitted where they fit, in arrival order, a large one (many samples) passed over by at most
 max_batch later ones before the slots that free up are kept for it (raytp.runtime.admission).
 
+A request that asks for `speculate` (raytp.runtime.speculation) has its rows draft tokens from its own text; while
+any row of a small batch may draft, the loop reads each step before it queues the next, and a step in which some
+row has a draft is a verify step (`_verify`): every row's last token and draft in one forward, the target's token
+at each position drawn exactly on the host, the drafted ones accepted up to the first that differs, every accepted
+token passing `_accept` in order. It leaves the device batch stale: the next plain step reloads it.
+
 Log-probabilities of generated tokens (`logprobs`) come out of the step's own exchange (raytp.runtime.sampling),
 computed only while a row of the batch asks for them (a graph variant of its own), and ride on each TokenEvent.
 
@@ -393,7 +399,6 @@ class RankEngine:
                     break
             if draft:
                 events[first].drafted, events[first].accepted = len(draft), taken - 1
-            if draft:
                 seq.speculation.record(taken - 1, seq.generated)
             row += len(draft) + 1
         self.stale = True
