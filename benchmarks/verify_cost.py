@@ -10,6 +10,7 @@ Prints ms per step and the ratio to k = 0 for each batch; --out writes them as J
 
 import argparse
 import json
+import socket
 import time
 
 import torch
@@ -17,6 +18,7 @@ import torch
 from raytp.model.llama import ShardedLlama
 from raytp.model.pieces import plan_model
 from raytp.parallel.comm import InProcessGroup
+from raytp.parallel.comm.factory import PHASES, CommPlan, open_group
 from raytp.weights.source import ModelSource
 
 CONTEXT = 512  # positions cached per sequence; the verified ones sit at its middle
@@ -36,6 +38,19 @@ def timed(fn, iters: int, cuda: bool) -> float:
     return 1000 * (time.perf_counter() - start) / iters
 
 
+def one_rank_comm(device: torch.device):
+    """NCCL on a GPU (its all-reduce of one rank is what a one-GPU group captures), in-process threads on CPU."""
+    if device.type != "cuda":
+        return InProcessGroup(1).communicator(0)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    opening = open_group(CommPlan.make("nccl", [[0]], f"tcp://127.0.0.1:{port}", timeout_s=60), 0, device)
+    for phase in PHASES:
+        opening.step(phase)
+    return opening.comm
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="synthetic:llama-3.1-8b")
@@ -51,7 +66,7 @@ def main() -> None:
     source = ModelSource.parse(args.model)
     config = source.config()
     plan = plan_model(config, [(args.device, 1 << 40)], max_context=CONTEXT, max_batch=max(batches), dtype=args.dtype)
-    comm = InProcessGroup(1).communicator(0)
+    comm = one_rank_comm(device)
     with source.reader(getattr(torch, args.dtype), device) as reader:
         lm = ShardedLlama(config, plan.ranks[0], comm, reader, max_batch=max(batches), max_context=CONTEXT)
     results = []
