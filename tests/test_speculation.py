@@ -7,12 +7,14 @@ import dataclasses
 
 import pytest
 import torch
+import transformers
 
 from raytp.actors.driver import _SampleText
 from raytp.runtime.engine import Add, Request
 from raytp.runtime.errors import RequestError
 from raytp.runtime.sampling import SamplingParams
-from raytp.runtime.speculation import SPECULATE_MAX_K, NgramDrafter, drafted_tokens
+from raytp.runtime.speculation import (PAUSE_TOKENS, SPECULATE_MAX_BATCH, SPECULATE_MAX_K, START_GAIN, NgramDrafter,
+                                       RowSpeculation, drafted_tokens)
 from raytp.weights.tokenizer import Tokenizer
 from tests.sharded import LocalGroup
 from tests.test_decode_loop import run_loop, tokens_of
@@ -83,7 +85,8 @@ def test_ngram_drafter_proposes_what_followed_the_latest_occurrence_of_the_longe
             suffix = tokens[-n:]
             for i in range(len(tokens) - n - 1, -1, -1):
                 if tokens[i : i + n] == suffix:
-                    return tokens[i + n : i + n + k]
+                    period = tokens[i + n :]  # what followed; where it runs out the text repeats it
+                    return (period * k)[:k]
         return []
 
     torch.manual_seed(0)
@@ -194,3 +197,34 @@ def test_a_stop_string_inside_a_drafted_run_cuts_the_text_where_plain_decoding_d
 
     plain, _ = run_loop(group, [Add(Request("r0", prompts[0], SamplingParams(max_tokens=60), [2]))])
     assert text(seen) == text(plain) and text(plain)[1] == "stop"
+
+
+def test_a_row_whose_drafts_keep_failing_pauses_then_tries_again():
+    row = RowSpeculation(k=4)
+    tokens = [1, 2, 3, 1, 2, 3, 1, 2]  # (1, 2) was followed by 3: always a draft
+    assert row.draft(tokens, generated=0, room=8) == [3, 1, 2, 3]  # the period (3, 1, 2) goes on
+    row.record(0, generated=1)  # gain 1 -> 0.5
+    assert row.draft(tokens, generated=1, room=8)
+    row.record(0, generated=2)  # 0.25, below MIN_GAIN
+    assert [bool(row.draft(tokens, g, room=8)) for g in range(2, 2 + PAUSE_TOKENS + 1)] == \
+        [False] * PAUSE_TOKENS + [True]
+    assert row.gain == START_GAIN
+    assert row.draft(tokens, generated=20, room=2) == [3, 1]  # never past the room left
+
+
+def test_a_batch_above_the_threshold_takes_plain_steps(tmp_path):
+    """SPECULATE_MAX_BATCH + 1 drafting rows of a tiny random model (repetitive prompts: drafts always found): no
+    verify step while all of them decode, verify steps while fewer do."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=256, hidden_size=32, num_attention_heads=2, num_key_value_heads=1,
+                                      intermediate_size=64, num_hidden_layers=1, max_position_embeddings=128)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path, safe_serialization=True)
+    rows = SPECULATE_MAX_BATCH + 1
+    group = LocalGroup(tmp_path, [1.0, 1.0], max_context=128, max_batch=rows)
+    params = SamplingParams(max_tokens=30, speculate="ngram:4")
+    seen, _ = run_loop(group, [Add(Request(f"r{i}", [7, 8, 9 + i] * 4, params)) for i in range(rows)])
+    ids = [e.request_id for e in seen]
+    all_in = max(ids.index(f"r{i}") for i in range(rows))  # the last row's first token: the batch is whole
+    first_out = next(i for i, e in enumerate(seen) if e.finish)
+    assert all_in < first_out and not any(e.drafted for e in seen[all_in:first_out])
+    assert any(e.drafted for e in seen[:all_in] + seen[first_out:])

@@ -21,8 +21,9 @@ A row with a shorter draft than the step's widest is padded with copies of its l
 same position): those write the very keys and values of that position again.
 
 Drafter (a), prompt lookup (`ngram[:k]`): the longest suffix of NGRAM_MAX down to NGRAM_MIN tokens that occurred
-earlier in the prompt or the text so far; the k tokens that followed its latest occurrence are the draft. It needs
-no weights and pays where the answer copies its input (edits, code, summaries, retrieval).
+earlier in the prompt or the text so far; the k tokens that followed its latest occurrence are the draft (where they
+run into the end of the text, the text is repeating itself with that period, and the draft goes on repeating it).
+It needs no weights and pays where the answer copies its input (edits, code, summaries, retrieval).
 
 Stepping aside, where drafting loses:
   - a decode batch of more than SPECULATE_MAX_BATCH rows takes plain steps: a wide batch is no longer bound by
@@ -75,7 +76,8 @@ class NgramDrafter:
         self.indexed = 0  # tokens[:indexed] are in `follower`
 
     def propose(self, tokens: list[int], k: int) -> list[int]:
-        """Up to k tokens that followed the latest earlier occurrence of the longest matching suffix of `tokens`."""
+        """k tokens that followed the latest earlier occurrence of the longest matching suffix of `tokens`, the
+        period from there to the end repeated if they run out; none without a match."""
         for i in range(max(self.indexed, NGRAM_MIN), len(tokens)):  # n-grams ending at i - 1, followed by tokens[i]
             for n in range(NGRAM_MIN, min(NGRAM_MAX, i) + 1):
                 self.follower[tuple(tokens[i - n : i])] = i
@@ -85,7 +87,7 @@ class NgramDrafter:
         for n in range(min(NGRAM_MAX, len(tokens)), NGRAM_MIN - 1, -1):
             i = self.follower.get(tuple(tokens[-n:]))
             if i is not None:
-                return tokens[i : i + k]
+                return [tokens[i + j % (len(tokens) - i)] for j in range(k)]
         return []
 
 
