@@ -48,11 +48,13 @@ NGRAM = "ngram"
 SPECULATE_MAX_K = 8  # tokens drafted per step at most: a request may not widen every row's verify step further
 NGRAM_K = 4  # `ngram` without a k
 NGRAM_MAX, NGRAM_MIN = 3, 2  # suffix lengths the prompt lookup tries, longest first; one token matches too loosely
-SPECULATE_MAX_BATCH = 4
-START_GAIN = 1.0
-GAIN_DECAY = 0.5
-MIN_GAIN = 0.3
-PAUSE_TOKENS = 8
+# The step-aside rule (module docstring). Chosen by reasoning, not yet by measurement: the next GPU sitting times a
+# verify step against a plain one (benchmarks/sittings/speculation.yaml) and sets them from that.
+SPECULATE_MAX_BATCH = 4  # decode rows above which every step is plain
+START_GAIN = 1.0  # a new row's (and a row back from a pause's) accepted tokens per verify step, before it has any
+GAIN_DECAY = 0.5  # the weight of the past in that average: two failed drafts in a row pause a new row
+MIN_GAIN = 0.3  # below this a verify step costs more than its accepted tokens save, roughly, on CPUs
+PAUSE_TOKENS = 8  # tokens a row then decodes without drafting
 SPECULATE_RULE = f'speculate must be "off", "ngram" or "ngram:K" with K in [1, {SPECULATE_MAX_K}]'
 
 
