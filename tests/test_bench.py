@@ -28,6 +28,7 @@ def test_bench_smollm2_on_two_cpu_ranks(ray_head, smollm2_dir, tmp_path, capsys)
         for key in ("ms_per_step", "tokens_per_s", "roofline_ms", "roofline_fraction"):
             assert d[key] > 0, key
         assert len(d["greedy_tokens"]) == 6
+        assert (d["speculate"], d["tokens_per_step"], d["acceptance"]) == ("off", 1, None)  # a token per step
     # the same first prompt, greedy: batching must not change its tokens
     assert res["decode"][0]["greedy_tokens"] == res["decode"][1]["greedy_tokens"]
     assert "of roofline" in capsys.readouterr().out

@@ -214,6 +214,27 @@ def test_metrics_count_a_request_and_health_says_ok(server):
 
 
 @pytest.mark.slow
+def test_a_speculating_request_answers_as_a_plain_one_and_metrics_count_its_drafts(client, server):
+    """The openai client's extra_body carries raytp's `speculate`; the server's default (--speculate) is off."""
+    question = "Repeat exactly: red, green, blue, cyan, magenta, yellow, black, white."
+    before = scrape(server)
+    fast = chat(client, question, 40, extra_body={"speculate": "ngram:4"})
+    between = scrape(server)
+    plain = chat(client, question, 40)
+    after = scrape(server)
+    assert fast.choices[0].message.content == plain.choices[0].message.content
+    assert fast.usage.completion_tokens == plain.usage.completion_tokens
+
+    def delta(name, a, b):
+        return b.get((name, ()), 0) - a.get((name, ()), 0)
+
+    drafted = delta("raytp_speculative_drafted_tokens_total", before, between)
+    accepted = delta("raytp_speculative_accepted_tokens_total", before, between)
+    assert 0 < accepted <= drafted
+    assert delta("raytp_speculative_drafted_tokens_total", between, after) == 0
+
+
+@pytest.mark.slow
 def test_tokenize_and_detokenize_agree_with_transformers(server, smollm2_dir):
     hf = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
     auth = {"Authorization": f"Bearer {API_KEY}"}

@@ -33,6 +33,8 @@ def check_args(args) -> None:
     _check_device_specs(args)
     if hasattr(args, "temperature"):
         _check_sampling(args)
+    elif hasattr(args, "speculate"):
+        _check_speculate(args.speculate)
     _check_models(args)
     if args.command in ("generate", "chat", "serve"):
         config = _model_config(args.model)
@@ -83,6 +85,15 @@ def _check_sampling(args) -> None:
         # value (the model's own defaults are checked once the model is)
     except ValueError as e:
         raise UserError(str(e)) from None
+
+
+def _check_speculate(spec: str) -> None:
+    from raytp.runtime.speculation import drafted_tokens
+
+    try:
+        drafted_tokens(spec)
+    except ValueError as e:
+        raise UserError(f"--{e}") from None
 
 
 def _check_models(args) -> None:
