@@ -39,6 +39,7 @@ def check_args(args) -> None:
     if args.command in ("generate", "chat", "serve"):
         config = _model_config(args.model)
         args.sampling_defaults = model_defaults(args.model)
+        _check_speculation_fits(args, config)
         if hasattr(args, "top_k"):
             _check_top_k(sampling_params(args, args.sampling_defaults).top_k, config.vocab_size)
         if args.command == "generate":
@@ -94,6 +95,13 @@ def _check_speculate(spec: str) -> None:
         drafted_tokens(spec)
     except ValueError as e:
         raise UserError(f"--{e}") from None
+
+
+def _check_speculation_fits(args, config) -> None:
+    from raytp.runtime.speculation import OFF, unsupported_reason
+
+    if getattr(args, "speculate", OFF) != OFF and (why := unsupported_reason(config)):
+        raise UserError(f"--speculate {args.speculate}: {why}; leave --speculate out")
 
 
 def _check_models(args) -> None:

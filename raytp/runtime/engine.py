@@ -279,7 +279,8 @@ class RankEngine:
                                list(r.prompt_ids), index=i) for i in range(r.params.n)]
                 samples[0].forks = samples[1:]
                 for sample in samples:
-                    sample.speculation = row_speculation(r.params.speculate, r.params.grammar is not None)
+                    sample.speculation = row_speculation(r.params.speculate, r.params.grammar is not None,
+                                                         self.model.config)
                 if r.params.grammar is not None:
                     for sample, matcher in zip(samples, self.grammars.matchers(r.id, len(samples))):
                         sample.matcher = matcher

@@ -120,7 +120,22 @@ class RowSpeculation:
             self.paused_until = generated + PAUSE_TOKENS
 
 
-def row_speculation(spec: str, constrained: bool) -> RowSpeculation | None:
+def rolls_back(config) -> bool:
+    """Whether a model's state can drop the positions after a rejected draft. A KV cache can (later steps overwrite
+    them, and no query reads past a sequence's length); the recurrent state of linear-attention layers has already
+    taken every drafted token in, so a model with them does not draft."""
+    return config.linear_attention is None
+
+
+def unsupported_reason(config) -> str | None:
+    """Why a model cannot speculate, in words for an error; None where it can."""
+    if rolls_back(config):
+        return None
+    return ("the model has linear-attention layers, whose recurrent state cannot drop a rejected draft's tokens: "
+            "speculate is off for it")
+
+
+def row_speculation(spec: str, constrained: bool, config) -> RowSpeculation | None:
     """The drafting state of a row whose request asks `spec`; None where it drafts nothing."""
     k = drafted_tokens(spec)
-    return RowSpeculation(k) if k and not constrained else None
+    return RowSpeculation(k) if k and not constrained and rolls_back(config) else None

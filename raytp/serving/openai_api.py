@@ -45,7 +45,7 @@ from raytp.runtime.sampling import (
     TOP_LOGPROBS_MAX,
     SamplingParams,
 )
-from raytp.runtime.speculation import OFF, SPECULATE_RULE, drafted_tokens
+from raytp.runtime.speculation import OFF, SPECULATE_RULE, drafted_tokens, unsupported_reason
 from raytp.serving.auth import FailedAttempts, KeyGate, WebSessions
 from raytp.serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from raytp.serving.sockets import display_url, listen_socket
@@ -533,6 +533,8 @@ async def run_completion(driver, req: ChatCompletionRequest | CompletionRequest)
     if why := driver.unavailable():  # a client retries a 503 on its own; it would only wait out a rebuild here
         raise UnavailableError(why)
     params = req.sampling(driver.sampling_defaults, driver.settings.speculate)
+    if params.speculate != OFF and (why := unsupported_reason(driver.config)):
+        raise RequestError(f"speculate {params.speculate!r}: {why}", param="speculate")
     echo = not chat and req.echo
     scored: list[TokenLogprob] = [(t, None, None) for t in prompt_ids[:1]]  # the first prompt token has no logprob
     async with aclosing(driver.submit(prompt_ids, params, req.stop, req.ignore_eos)) as pieces:
