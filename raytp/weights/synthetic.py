@@ -18,13 +18,15 @@ Quantized, a matrix is drawn directly as the tensors its checkpoint method store
 `raytp.model.quant` reads; a preset's are compressed-tensors'), each in fixed tiles of TILE x TILE: random packed
 words (every value equally likely) with scales that give the weights the same 0.02 spread, FP8 values N(0, 1) with a
 per-row (or per-block) scale near 0.02, or (W8A8) unpacked int8 values, every one equally likely, with scales as for
-packed ones.
+packed ones; MXFP4 (gpt-oss's experts) random bytes with power-of-two scales within a factor of two of the one
+that gives that spread.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import zlib
 from pathlib import Path
@@ -207,6 +209,11 @@ class SyntheticReader:
                 t = self._stored(f"{_seed_name(module + '.weight')}.{suffix}", s, *self.stored[s.name])
                 return t if stored else t.to(g.dtype)
             name = _seed_name(s.name)
+            if s.stacked:  # every expert's matrix (experts, out, in) or bias (experts, out), each a tensor of its own
+                matrix = len(s.shape) == 3
+                drawn = [g.tiles(f"{name}.{e}", s.shape[1:] if matrix else (s.shape[1], 1), s.rows, s.cols)
+                         for e in range(s.shape[0])]
+                return torch.stack(drawn if matrix else [d.view(-1) for d in drawn])
             block = self.head_dim if ".self_attn." in s.name else BLOCK
             if len(s.shape) == 1:
                 if s.split is None:  # a tensor every rank holds whole: a norm
@@ -218,8 +225,23 @@ class SyntheticReader:
             return g.rows(name, s.shape[1], block, s.cols, s.shape[0]).t().contiguous()
 
     def _stored(self, name: str, s: Slice, dtype: torch.dtype, scale: float) -> torch.Tensor:
-        """A block of one tensor a checkpoint stores for a quantized matrix, in its stored dtype."""
+        """A block of one tensor a checkpoint stores for a quantized matrix, in its stored dtype; a stacked tensor's
+        (experts, rows, cols, bytes...) expert by expert, each 2-D with its bytes in the columns."""
         g = self.blocks
+        if s.stacked:
+            inner = math.prod(s.shape[3:])  # bytes of one column of the slice (an MXFP4 group's 16)
+            cols = s.cols if s.cols is not None else range(s.shape[2])
+            expert = Slice(s.name, (s.shape[1], s.shape[2] * inner), s.rows, range(cols.start * inner,
+                                                                                   cols.stop * inner))
+            return torch.stack([self._stored(f"{name}.{e}", expert, dtype, scale).view(len(s.rows), len(cols),
+                                                                                      *s.shape[3:])
+                                for e in range(s.shape[0])])
+        if dtype == torch.uint8:  # bytes of packed values: every value equally likely
+            return g.tiles(name, s.shape, s.rows, s.cols, dtype=torch.int32).to(torch.uint8)
+        if dtype == torch.float8_e8m0fnu:  # powers of two around the scale, as their bytes
+            exponent = round(math.log2(scale)) + 127
+            drawn = g.tiles(name, s.shape, s.rows, s.cols, dtype=torch.int32)
+            return (exponent - 1 + torch.remainder(drawn, 3)).to(torch.uint8)
         if dtype in (torch.int32, torch.int8):  # every value (and zero point) equally likely
             return g.tiles(name, s.shape, s.rows, s.cols, dtype=dtype)
         if dtype == torch.float8_e4m3fn:

@@ -67,8 +67,9 @@ class MXFP4(QuantConfig):
             raise UnsupportedModelError(f"{name}: {inp} input columns are not whole groups of {GROUP}, as MXFP4 "
                                         f"stores them")
         groups = inp // GROUP
+        # the scales are e8m0 values, stored (and read) as their bytes
         return {name + "_blocks": StoredTensor((experts, out, groups, BYTES_PER_GROUP), torch.uint8),
-                name + "_scales": StoredTensor((experts, out, groups), torch.uint8)}
+                name + "_scales": StoredTensor((experts, out, groups), torch.float8_e8m0fnu)}
 
     def read(self, reader: WeightReader, s: Slice) -> MXFP4Weight:
         """Rows `s.rows` and input columns `s.cols` of every expert, the columns in whole groups of 32: only their
