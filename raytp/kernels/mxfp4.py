@@ -80,18 +80,28 @@ if triton is not None:
     from raytp.kernels.moe_gemv import _tile_choices
 
     @triton.jit
-    def _fp4_tile(blocks_ptr, scales_ptr, rows, row_ok, n_in, k0, j, HIGH: tl.constexpr, DTYPE: tl.constexpr):
-        """Rows `rows` of one expert at inputs k0 + 2j (+ 1 if HIGH), decoded: (rows, BLOCK_K / 2) in DTYPE."""
-        ok = row_ok[:, None] & (k0 + 2 * j < n_in)[None, :]
-        byte = tl.load(blocks_ptr + rows[:, None] * (n_in // 2) + (k0 // 2 + j)[None, :], mask=ok, other=0)
-        q = ((byte >> 4) if HIGH else byte).to(tl.int32) & 15
+    def _fp4_value(q, scale):
+        """e2m1 codes q (int32) times their scales (float32): sign, then m / 2 for e = 0, else (1 + m / 2) 2 ** (e - 1)."""
         e, m = (q >> 1) & 3, (q & 1).to(tl.float32)
         power = ((tl.maximum(e, 1) + 126) << 23).to(tl.float32, bitcast=True)  # 2 ** (e - 1), exact
-        magnitude = tl.where(e == 0, 0.5 * m, (1.0 + 0.5 * m) * power)
-        value = tl.where((q >> 3) == 1, -magnitude, magnitude)
-        s = tl.load(scales_ptr + rows[:, None] * (n_in // 32) + ((k0 + 2 * j) // 32)[None, :], mask=ok, other=127)
+        magnitude = tl.where(e == 0, 0.5 * m, (1.0 + 0.5 * m) * power) * scale
+        return tl.where((q >> 3) == 1, -magnitude, magnitude)
+
+    @triton.jit
+    def _fp4_pair(blocks_ptr, scales_ptr, rows, row_ok, n_in, k0, BLOCK_K: tl.constexpr, DTYPE: tl.constexpr):
+        """Rows `rows` of one expert at its inputs k0 + 2j and k0 + 2j + 1 (j < BLOCK_K / 2), decoded from each byte's
+        low and high nibble: two (rows, BLOCK_K / 2) tiles in DTYPE. Each byte and each scale is loaded once."""
+        j = tl.arange(0, BLOCK_K // 2)
+        ok = row_ok[:, None] & (k0 + 2 * j < n_in)[None, :]
+        byte = tl.load(blocks_ptr + rows[:, None] * (n_in // 2) + (k0 // 2 + j)[None, :], mask=ok, other=0)
+        byte = byte.to(tl.int32)
+        g = tl.arange(0, BLOCK_K // 32)
+        g_ok = row_ok[:, None] & (k0 + 32 * g < n_in)[None, :]
+        s = tl.load(scales_ptr + rows[:, None] * (n_in // 32) + (k0 // 32 + g)[None, :], mask=g_ok, other=127)
         scale = (s.to(tl.int32) << 23).to(tl.float32, bitcast=True)  # 2 ** (s - 127); a zero byte reads as 0.0
-        return (value * scale).to(DTYPE)
+        scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (scale.shape[0], BLOCK_K // 32, 16)),
+                           (scale.shape[0], BLOCK_K // 2))  # each group's scale over its 16 bytes
+        return _fp4_value(byte & 15, scale).to(DTYPE), _fp4_value(byte >> 4, scale).to(DTYPE)
 
     @triton.jit
     def _mxfp4_gate_up(x_ptr, ids_ptr, blocks_ptr, scales_ptr, bias_ptr, h_ptr, T, H, C, alpha, limit,
@@ -115,9 +125,7 @@ if triton is not None:
             x_even = tl.load(x_ptr + tok[:, None] * H + (k0 + 2 * j)[None, :], mask=x_ok, other=0.0)
             x_odd = tl.load(x_ptr + tok[:, None] * H + (k0 + 2 * j + 1)[None, :], mask=x_ok, other=0.0)
             for r in tl.static_range(2):  # gate rows 2c, up rows 2c + 1
-                rows = 2 * cols + r
-                lo = _fp4_tile(blocks, scales, rows, col_ok, H, k0, j, False, dtype)
-                hi = _fp4_tile(blocks, scales, rows, col_ok, H, k0, j, True, dtype)
+                lo, hi = _fp4_pair(blocks, scales, 2 * cols + r, col_ok, H, k0, BLOCK_K, dtype)
                 part = tl.dot(x_even, tl.trans(lo), input_precision=PRECISION)
                 part = tl.dot(x_odd, tl.trans(hi), part, input_precision=PRECISION)
                 if r == 0:
@@ -156,8 +164,7 @@ if triton is not None:
             h_ok = live[:, None] & (k0 + 2 * j < C)[None, :]
             h_even = tl.load(h_ptr + pair[:, None] * C + (k0 + 2 * j)[None, :], mask=h_ok, other=0.0)
             h_odd = tl.load(h_ptr + pair[:, None] * C + (k0 + 2 * j + 1)[None, :], mask=h_ok, other=0.0)
-            lo = _fp4_tile(blocks, scales, rows, row_ok, C, k0, j, False, dtype)
-            hi = _fp4_tile(blocks, scales, rows, row_ok, C, k0, j, True, dtype)
+            lo, hi = _fp4_pair(blocks, scales, rows, row_ok, C, k0, BLOCK_K, dtype)
             acc = tl.dot(h_even, tl.trans(lo), acc, input_precision=PRECISION)
             acc = tl.dot(h_odd, tl.trans(hi), acc, input_precision=PRECISION)
         if HAS_BIAS:
