@@ -109,17 +109,17 @@ def test_weight_only_repacking_gives_the_unquantized_activations_logits(quantize
     kind = "fp8" if scheme == "fp8-dynamic" else "int8"
     for model in group.models:
         for layer in model.layers:
-            for linear in (layer.qkv, layer.o_proj, layer.gate_up, layer.down):
+            for linear in (layer.attention.qkv, layer.attention.o_proj, layer.mlp.gate_up, layer.mlp.down):
                 w = linear.weight
                 held = (isinstance(w, PackedWeight) and w.packed.kind.name == kind if repacked
                         else isinstance(w, FP8Weight if kind == "fp8" else IntWeight))
                 assert held or isinstance(w, ActQuantWeight) and not w.weight.numel()
-            assert not layer.o_proj.row_amax and not layer.down.row_amax
+            assert not layer.attention.o_proj.row_amax and not layer.mlp.down.row_amax
     got = group.logits(tokens)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=2e-4)
     assert (got - quantized).abs().max() > 0.3  # the activations really are left unquantized
     if ranks == 5:
-        assert sum(not len(m.layers[0].o_proj.part.cols) for m in group.models) == 2
+        assert sum(not len(m.layers[0].attention.o_proj.part.cols) for m in group.models) == 2
 
 
 def test_the_group_runs_weight_only_where_it_has_a_gpu_rank_with_the_kernels():
@@ -159,14 +159,14 @@ def test_every_sharded_layer_computes_the_references_product(quantized_smollm2, 
     def check(r, model):
         for i, layer in enumerate(model.layers):
             p = f"model.layers.{i}."
-            assert isinstance(layer.o_proj.weight, ActQuantWeight) and isinstance(layer.gate_up.weight, ActQuantWeight)
-            for row_parallel, name in ((layer.o_proj, "self_attn.o_proj"), (layer.down, "mlp.down_proj")):
+            assert isinstance(layer.attention.o_proj.weight, ActQuantWeight) and isinstance(layer.mlp.gate_up.weight, ActQuantWeight)
+            for row_parallel, name in ((layer.attention.o_proj, "self_attn.o_proj"), (layer.mlp.down, "mlp.down_proj")):
                 x, y = seen[p + name]["x"], seen[p + name]["y"]
                 cols = row_parallel.part.cols
                 torch.testing.assert_close(row_parallel(x[..., cols.start:cols.stop].contiguous()), y,
                                            rtol=1e-4, atol=1e-4)
-            for column_parallel, names in ((layer.qkv, ("q_proj", "k_proj", "v_proj")),
-                                           (layer.gate_up, ("gate_proj", "up_proj"))):
+            for column_parallel, names in ((layer.attention.qkv, ("q_proj", "k_proj", "v_proj")),
+                                           (layer.mlp.gate_up, ("gate_proj", "up_proj"))):
                 module = "self_attn." if names[0] == "q_proj" else "mlp."
                 want = torch.cat([seen[p + module + n]["y"][..., s.rows.start:s.rows.stop]
                                   for n, s in zip(names, column_parallel.parts)], dim=-1)
@@ -176,7 +176,7 @@ def test_every_sharded_layer_computes_the_references_product(quantized_smollm2, 
 
     assert all(group.on_all_ranks(check))
     if ranks == 5:
-        assert sum(not len(m.layers[0].o_proj.part.cols) for m in group.models) == 2
+        assert sum(not len(m.layers[0].attention.o_proj.part.cols) for m in group.models) == 2
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
@@ -212,7 +212,7 @@ def test_planned_bytes_are_the_bytes_each_rank_holds(quantized_smollm2, scheme):
     config, replicated = group.config, quant_replicated_bytes(group.config, "float32")
     for model, shard in zip(group.models, group.plan.ranks):
         held = sum(t.numel() * t.element_size() for layer in model.layers
-                   for linear in (layer.qkv, layer.o_proj, layer.gate_up, layer.down) for t in linear.weight.tensors())
+                   for linear in (layer.attention.qkv, layer.attention.o_proj, layer.mlp.gate_up, layer.mlp.down) for t in linear.weight.tensors())
         held += model.embed.table.numel() * 4
         assert held == shard.weight_bytes + replicated, (shard.rank, held)
     dense = plan_model(dataclasses.replace(config, quant=None), [("a", 3 * GiB)], max_context=256, max_batch=4,

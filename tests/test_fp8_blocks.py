@@ -78,7 +78,7 @@ def test_fp8_blocks_qwen3_matches_transformers(fp8_qwen3, ranks):
 def test_fp8_blocks_split_inside_a_block_match_transformers(fp8_llama_mid_block, weights):
     group = LocalGroup(fp8_llama_mid_block, weights, blocks={"mlp_cols": 32})
     ranks = len(weights)
-    o_proj = [m.layers[0].o_proj.weight for m in group.models if m.layers[0].n_q]
+    o_proj = [m.layers[0].attention.o_proj.weight for m in group.models if m.layers[0].attention.n_q]
     assert any(isinstance(w, FP8Weight) and w.group_start for w in o_proj)  # a split inside a block of columns
     tokens = torch.randint(0, 1000, (2, 13), generator=torch.Generator().manual_seed(ranks))
     assert_matches_reference(group, reference(fp8_llama_mid_block), tokens, prompt_len=7,
@@ -105,7 +105,7 @@ def test_fp8_blocks_experts_stacked_for_the_routed_gemv_match_transformers(fp8_q
     monkeypatch.setattr(fused, "reserve", lambda packed: None)  # the CUDA kernel's workspace: none on a CPU
     monkeypatch.setattr(experts, "use_triton", lambda t: True)  # choose the backend a CUDA rank does
     group = LocalGroup(fp8_qwen3_moe, [3.0, 2.0, 1.0], blocks={"expert_cols": 32})
-    held = [m.layers[0].moe.experts for m in group.models if m.layers[0].moe.experts is not None]
+    held = [m.layers[0].mlp.experts for m in group.models if m.layers[0].mlp.experts is not None]
     assert held and all(isinstance(e, experts.PackedExperts) and e.gate_up.like.kind.is_float for e in held)
     assert all(e.down.like.group_tiles == 1 for e in held)  # blocks of 32 inputs: one 32-input tile a group
     tokens = torch.randint(0, 1000, (2, 7), generator=torch.Generator().manual_seed(11))
@@ -133,7 +133,7 @@ def test_planned_bytes_are_the_bytes_each_rank_holds(request, fixture, weights):
     config, replicated = group.config, quant_replicated_bytes(group.config, "float32")
     for model, shard in zip(group.models, group.plan.ranks):
         held = sum(t.numel() * t.element_size() for layer in model.layers
-                   for linear in (layer.qkv, layer.o_proj, layer.gate_up, layer.down) for t in linear.weight.tensors())
+                   for linear in (layer.attention.qkv, layer.attention.o_proj, layer.mlp.gate_up, layer.mlp.down) for t in linear.weight.tensors())
         held += model.embed.table.numel() * 4 + model.lm_head.weight.weight.numel() * 4
         assert held <= shard.weight_bytes + replicated, (shard.rank, held)
         if (config.q_per_kv * config.head_dim) % config.quant.group_size == 0:  # no o_proj block shared

@@ -6,7 +6,7 @@ import pytest
 import torch
 import transformers
 
-from raytp.model.architecture import ARCHITECTURES
+from raytp.model.families import FAMILIES
 from raytp.model.config import ModelConfig, UnsupportedModelError
 from raytp.model.layout import EXPERT_COLS, model_layout, param_count
 from raytp.model.pieces import plan_model, replicated_tensor_bytes
@@ -52,7 +52,7 @@ def tiny_moe(tmp_path_factory):
             config = TINY[family]()
             config.update(dict(vocab_size=1000, num_hidden_layers=2, max_position_embeddings=512))
             torch.manual_seed(0)
-            model = with_telling_experts(getattr(transformers, ARCHITECTURES[config.model_type].hf_class)(config))
+            model = with_telling_experts(getattr(transformers, FAMILIES[config.model_type].hf_class)(config))
             path = tmp_path_factory.mktemp(family)
             model.eval().save_pretrained(path, safe_serialization=True)
             built[family] = path, model
@@ -98,7 +98,7 @@ def test_plan_holds_every_expert_and_reads_the_top_k(tiny_moe, family):
     unread_experts = (moe.num_experts - moe.top_k) * 3 * config.hidden_size * moe.expert_size * config.num_layers
     embedding = 0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size
     assert rank.read_bytes == rank.weight_bytes - 4 * (embedding + unread_experts)
-    assert {s.name for s in layout.slices() if s.split is None} >= {s.experts.router.name for s in layout.layers}
+    assert {s.name for s in layout.slices() if s.split is None} >= {s.mlp.router.name for s in layout.layers}
 
 
 def test_synthetic_expert_shards_concatenate_to_the_one_rank_weights():

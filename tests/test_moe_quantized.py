@@ -106,7 +106,7 @@ def test_w4a16_experts_match_transformers(quantized_moe, family, ranks):
     assert group.config.quant.act_order and group.config.quant.group_size == 64
     widths = [len(r.expert_cols) for r in group.plan.ranks]
     assert sum(widths) == 192 and all(w % 64 == 0 for w in widths) and (ranks < 5 or 0 in widths)
-    held = [m.layers[0].moe.experts for m in group.models]
+    held = [m.layers[0].mlp.experts for m in group.models]
     assert all(isinstance(e, TorchExperts) if w else e is None for e, w in zip(held, widths))
     # each expert's columns permuted into its down_proj's group order: plain contiguous groups, no per-column index
     assert all(d.g_idx is None for e in held if e is not None for d in e.down)
@@ -123,9 +123,9 @@ def test_planned_bytes_are_the_bytes_each_rank_holds(quantized_moe, scheme):
     replicated = quant_replicated_bytes(config, "float32")
     for model, shard in zip(group.models, group.plan.ranks):
         held = sum(t.numel() * t.element_size() for layer in model.layers
-                   for t in [*layer.qkv.weight.tensors(), *layer.o_proj.weight.tensors(), *layer.moe.tensors()])
+                   for t in [*layer.attention.qkv.weight.tensors(), *layer.attention.o_proj.weight.tensors(), *layer.mlp.tensors()])
         held += (model.embed.table.numel() + model.lm_head.weight.weight.numel()) * 4
-        routers = sum(layer.moe.router.numel() * 4 for layer in model.layers)  # whole: not in weight_bytes
+        routers = sum(layer.mlp.router.numel() * 4 for layer in model.layers)  # whole: not in weight_bytes
         planned = shard.weight_bytes + replicated + routers
         exact = shard.kv_heads and not config.quant.act_order
         assert held == planned if exact else held <= planned, (shard.rank, held, planned)
@@ -162,7 +162,7 @@ def test_experts_stacked_for_the_routed_gemv_match_transformers(quantized_moe, m
     monkeypatch.setattr(experts, "use_triton", lambda t: True)  # choose the backend a CUDA rank does
     path = quantized_moe(family, scheme)
     group = LocalGroup(path, SPLITS[3], blocks={EXPERT_COLS: 16})
-    held = [m.layers[0].moe.experts for m in group.models if m.layers[0].moe.experts is not None]
+    held = [m.layers[0].mlp.experts for m in group.models if m.layers[0].mlp.experts is not None]
     assert held and all(isinstance(e, PackedExperts) for e in held)
     assert all((e.gate_up.x_index is not None) == (scheme == "w4a16") for e in held)  # act-order: own orders
     assert all(len(e.tensors()) == len(e.gate_up.tensors()) + len(e.down.tensors()) for e in held)

@@ -157,7 +157,7 @@ def test_act_order_mlp_is_permuted_at_load_time_with_two_all_reduces_per_layer(c
     for model in group.models:
         model.comm = CountingCommunicator(model.comm)
         for layer in model.layers:
-            layer.o_proj.comm = layer.down.comm = model.comm
+            layer.attention.o_proj.comm = layer.mlp.down.comm = model.comm
         model.embed.comm = model.comm
     group.logits(torch.tensor([[1, 504, 3458, 282]]))
     for model in group.models:
@@ -170,10 +170,10 @@ def test_act_order_mlp_is_permuted_at_load_time_with_two_all_reduces_per_layer(c
     for model, shard in zip(group.models, group.plan.ranks):
         cols = perm[shard.mlp_cols.start:shard.mlp_cols.stop]
         layer = model.layers[2]
-        assert isinstance(layer.down.weight, IntWeight) and layer.down.weight.g_idx is None
+        assert isinstance(layer.mlp.down.weight, IntWeight) and layer.mlp.down.weight.g_idx is None
         assert shard.mlp_cols.start % 64 == 0
-        assert torch.equal(layer.down.weight.dequantize(), down[:, cols])
-        assert torch.equal(layer.gate_up.weight.dequantize()[:len(cols)], gate[cols])
+        assert torch.equal(layer.mlp.down.weight.dequantize(), down[:, cols])
+        assert torch.equal(layer.mlp.gate_up.weight.dequantize()[:len(cols)], gate[cols])
 
 
 @pytest.mark.parametrize("scheme", SCHEMES + tuple(LAYOUTS))
@@ -184,7 +184,7 @@ def test_planned_bytes_are_the_bytes_each_rank_holds(checkpoint, scheme):
     config, replicated = group.config, quant_replicated_bytes(group.config, "float32")
     for model, shard in zip(group.models, group.plan.ranks):
         held = sum(t.numel() * t.element_size() for layer in model.layers
-                   for linear in (layer.qkv, layer.o_proj, layer.gate_up, layer.down) for t in linear.weight.tensors())
+                   for linear in (layer.attention.qkv, layer.attention.o_proj, layer.mlp.gate_up, layer.mlp.down) for t in linear.weight.tensors())
         held += model.embed.table.numel() * 4
         planned = shard.weight_bytes + replicated  # a rank without heads holds less of the replicated part
         exact = shard.kv_heads and not config.quant.act_order

@@ -56,7 +56,7 @@ def test_logits_match_qwen3_for_causal_lm(tiny_qwen3, ranks):
     with torch.no_grad():
         expected = reference(tokens).logits[:, -1]
     group = LocalGroup(path, SPLITS[ranks])
-    assert group.config.architecture.qk_norm
+    assert group.config.qk_norm
     if ranks == 5:
         assert any(not r.kv_heads for r in group.plan.ranks)  # some ranks hold no attention at all
     torch.testing.assert_close(group.logits(tokens), expected, rtol=1e-4, atol=1e-4)

@@ -39,18 +39,19 @@ MAX_SPLITS = 64
 MIN_SPLIT = 256  # positions: shorter splits would cost more to merge than they save
 
 
-def cached_attention_torch(q, k_cache, v_cache, slots, step, k_scale=None, v_scale=None,
+def cached_attention_torch(q, k_cache, v_cache, slots, step, k_scale=None, v_scale=None, scale=None,
                            sinks=None) -> torch.Tensor:
     """q (batch, n_q, seq, head_dim) over one layer's cache (slots, kv_heads, positions, head_dim), each row
     seeing the positions step.visible allows within step.span; an FP8 cache's scales are (slots, kv_heads,
-    positions); `sinks` (n_q,): see `attention_with_sinks`. Returns (batch, seq, n_q * head_dim)."""
+    positions); scores scaled by `scale` (None: head_dim ** -0.5); `sinks` (n_q,): see `attention_with_sinks`.
+    Returns (batch, seq, n_q * head_dim)."""
     B, n_q, T, D = q.shape
     span = (slots, slice(None), slice(None, step.span))
     if k_scale is None:
         keys, values = k_cache[span], v_cache[span]  # (batch, kv_heads, span, head_dim)
     else:
         keys, values = kv_fp8.read(k_cache, k_scale, span, q.dtype), kv_fp8.read(v_cache, v_scale, span, q.dtype)
-    out = attention_with_sinks(q, keys, values, step.visible, sinks)
+    out = attention_with_sinks(q, keys, values, step.visible, sinks, scale)
     return out.transpose(1, 2).reshape(B, T, n_q * D)
 
 
@@ -151,15 +152,17 @@ def split_layout(max_context: int) -> tuple[int, int]:
     return splits, -(-chunk // BLOCK_N) * BLOCK_N
 
 
-def cached_attention(q, k_cache, v_cache, slots, step, k_scale=None, v_scale=None, sinks=None) -> torch.Tensor:
+def cached_attention(q, k_cache, v_cache, slots, step, k_scale=None, v_scale=None, scale=None,
+                     sinks=None) -> torch.Tensor:
     """As cached_attention_torch; the Triton decode kernels on CUDA for one query token per sequence
     (step.lengths: (batch,) positions each sequence sees, this step's included) over a model-dtype cache or (where
-    dispatch.use_triton_fp8_kv allows) an FP8 one."""
+    dispatch.use_triton_fp8_kv allows) an FP8 one. A window cache (raytp.model.kv_cache.WindowCache) passes the cells
+    each sequence holds as its lengths: the kernel reads them in ring order, which attention does not see."""
     B, n_q, T, D = q.shape
     n_kv = k_cache.shape[1]
     fp8 = k_scale is not None
     if T != 1 or not (use_triton_fp8_kv(q) if fp8 else use_triton(q)) or D & (D - 1) or n_q % n_kv:
-        return cached_attention_torch(q, k_cache, v_cache, slots, step, k_scale, v_scale, sinks)
+        return cached_attention_torch(q, k_cache, v_cache, slots, step, k_scale, v_scale, scale, sinks)
     group = n_q // n_kv
     splits, chunk = split_layout(k_cache.shape[2])
     q = q.reshape(B, n_q, D).contiguous()
@@ -174,7 +177,7 @@ def cached_attention(q, k_cache, v_cache, slots, step, k_scale=None, v_scale=Non
     _decode_split_kernel[(B, n_kv, splits)](
         q, k_cache, v_cache, k_scale, v_scale, slots, step.lengths, acc, ml, k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), k_scale.stride(0) if fp8 else 0, k_scale.stride(1) if fp8 else 0, n_q, splits, chunk,
-        D ** -0.5, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=D,
+        scale or D ** -0.5, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=D,
         BLOCK=FP8_BLOCK_N if fp8 else BLOCK_N, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FP8=fp8,
         **({"num_stages": FP8_STAGES} if fp8 else {}))
     out = torch.empty((B, n_q, D), dtype=q.dtype, device=q.device)

@@ -1,7 +1,8 @@
 """Model configuration, read from a Hugging Face `config.json`.
 
-Only decoder-only Llama-family models are supported: they share one forward (RMSNorm, RoPE, grouped-query
-attention, SwiGLU MLP) and differ in what `raytp.model.architecture` declares for each.
+`ModelConfig.from_dict` reads what every decoder's config.json says alike (widths, heads, RoPE, vocabulary,
+quantization) and hands it to the family that config.json's model_type names (`raytp.model.families`), which reads
+the rest and refuses what it does not run.
 """
 
 from __future__ import annotations
@@ -12,14 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from raytp.model.architecture import ARCHITECTURES, Architecture
+from raytp.model.config_fields import HIDDEN_ACTS, ROPE_TYPES, ExpertNames, MoeConfig, common_fields
 from raytp.model.errors import ConfigError, UnsupportedModelError
+from raytp.model.families import FAMILIES, Family
 
 if TYPE_CHECKING:  # the checkpoint methods import torch, which the CLI's argument checks do without
     from raytp.model.quant.base import QuantConfig
 
-__all__ = ["NO_QUANT", "QUANT_PRESETS", "ConfigError", "ModelConfig", "MoeConfig", "quant_preset",
-           "UnsupportedModelError", "quant_name"]
+__all__ = ["HIDDEN_ACTS", "NO_QUANT", "QUANT_PRESETS", "ROPE_TYPES", "ConfigError", "ExpertNames", "ModelConfig",
+           "MoeConfig", "quant_preset", "UnsupportedModelError", "quant_name"]
 
 
 # The quantizations a synthetic model takes (`synthetic:NAME@w4a16`, `--quant`), as llmcompressor's presets of the
@@ -55,34 +57,8 @@ def quant_name(quant: QuantConfig | None) -> str:
 
 
 @dataclass(frozen=True)
-class MoeConfig:
-    """The mixture of experts that replaces every layer's dense MLP (an architecture that declares `experts`)."""
-
-    num_experts: int
-    top_k: int  # experts each token is routed to (num_experts_per_tok)
-    expert_size: int  # one expert's SwiGLU inner width: the columns the ranks split, the same range of every expert
-    normalize: bool  # the top-k routing weights renormalized to sum to 1 (Mixtral always, Qwen3-MoE: norm_topk_prob)
-
-    @classmethod
-    def from_dict(cls, d: dict, arch: Architecture) -> MoeConfig:
-        names = arch.experts
-        sparse_step, dense_layers = d.get("decoder_sparse_step", 1), d.get("mlp_only_layers") or []
-        if sparse_step != 1 or dense_layers:  # Qwen3-MoE can interleave dense MLP layers; no published model does
-            raise UnsupportedModelError(f"decoder_sparse_step={sparse_step}, mlp_only_layers={dense_layers}: raytp "
-                                        f"runs {arch.model_type} models whose every layer is a mixture of experts "
-                                        f"(decoder_sparse_step 1, no mlp_only_layers)")
-        count_key = next((k for k in names.count_keys if k in d), names.count_keys[0])
-        moe = cls(d[count_key], d["num_experts_per_tok"], d[names.width_key],
-                  bool(d[names.normalize_key]) if names.normalize_key else True)
-        if not 0 < moe.top_k <= moe.num_experts:
-            raise UnsupportedModelError(f"num_experts_per_tok={moe.top_k} with {count_key}={moe.num_experts}: each "
-                                        f"token needs between 1 and {moe.num_experts} experts")
-        return moe
-
-
-@dataclass(frozen=True)
 class ModelConfig:
-    arch: str  # config.json's model_type, a key of ARCHITECTURES
+    arch: str  # config.json's model_type, a key of raytp.model.families.FAMILIES
     vocab_size: int
     hidden_size: int
     intermediate_size: int  # the dense MLP's SwiGLU inner width; 0 in a mixture of experts (see `moe`)
@@ -92,7 +68,7 @@ class ModelConfig:
     head_dim: int
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    # llama3-style frequency scaling, as in config.json ({"rope_type": "llama3", "factor": ...}) or None
+    # frequency scaling of one of ROPE_TYPES, as in config.json ({"rope_type": "llama3", "factor": ...}) or None
     rope_scaling: dict | None = None
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
@@ -101,8 +77,20 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
     quant: QuantConfig | None = None  # quantized Linear weights, or None: every weight in the model dtype
     moe: MoeConfig | None = None  # experts in place of every layer's dense MLP, or None
+    # Each layer's token mixer, a key of raytp.model.layout.MIXERS (config.json's layer_types); () all full attention
+    layer_types: tuple[str, ...] = ()
+    sliding_window: int | None = None  # positions a sliding_attention layer's query sees, itself included
+    local_rope_theta: float | None = None  # the RoPE base of sliding_attention layers, unscaled; None: as the others
+    qk_norm: bool = False  # per-head RMSNorm of q and k (q_norm, k_norm of head_dim) before RoPE (Qwen3, Gemma 3)
+    attention_scale: float | None = None  # attention scores' scale; None: head_dim ** -0.5
+    hidden_act: str = "silu"  # the MLP's gate activation, a key of raytp.model.mlp.ACTIVATIONS
+    norm_offset: float = 0.0  # every RMSNorm scales by (offset + weight): Gemma stores 1 + its weights' values as 0
+    embed_scale: float | None = None  # the embedding rows are multiplied by this (Gemma: sqrt(hidden_size))
 
     def __post_init__(self):
+        if self.layer_types and len(self.layer_types) != self.num_layers:
+            raise ConfigError(f"layer_types lists {len(self.layer_types)} layers where num_hidden_layers is "
+                              f"{self.num_layers}; give one type per layer")
         if self.moe is not None and self.quant is not None and self.quant.dynamic_activations:
             # here, not in from_dict: synthetic presets add quant. An expert's down_proj input is split over the
             # ranks, so its per-token activation scale would need an exchange per expert and layer
@@ -111,12 +99,21 @@ class ModelConfig:
                                         f"GPTQ, AWQ, fp8 weights); use one of those checkpoints")
 
     @property
-    def architecture(self) -> Architecture:
-        return ARCHITECTURES[self.arch]
+    def family(self) -> Family:
+        return FAMILIES[self.arch]
 
     @property
     def qkv_bias(self) -> bool:
-        return self.attention_bias or self.architecture.qkv_bias
+        return self.attention_bias
+
+    @property
+    def mixers(self) -> tuple[str, ...]:
+        """Each layer's token mixer (layer_types, or full attention everywhere)."""
+        return self.layer_types or ("full_attention",) * self.num_layers
+
+    def norm(self, weight):
+        """An RMSNorm's weight as the forward multiplies by it (a tensor read from the checkpoint)."""
+        return weight + self.norm_offset if self.norm_offset else weight
 
     @property
     def q_per_kv(self) -> int:
@@ -125,51 +122,12 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
         arch = d.get("model_type")
-        if arch not in ARCHITECTURES:
+        if arch not in FAMILIES:
             raise UnsupportedModelError(
                 f"unsupported architecture model_type={arch!r} (architectures={d.get('architectures')}); "
-                f"raytp runs {', '.join(sorted(ARCHITECTURES))}"
+                f"raytp runs {', '.join(sorted(FAMILIES))}"
             )
-        num_heads = d["num_attention_heads"]
-        num_kv_heads = d.get("num_key_value_heads") or num_heads
-        if num_heads % num_kv_heads:
-            raise UnsupportedModelError(
-                f"num_attention_heads={num_heads} is not a multiple of num_key_value_heads={num_kv_heads}"
-            )
-        # transformers >= 5 writes "rope_parameters" (rope_theta inside); older configs "rope_scaling"
-        rope = d.get("rope_parameters") or d.get("rope_scaling")
-        rope_theta = (rope or {}).get("rope_theta", d.get("rope_theta", 10000.0))
-        rope_scaling = rope
-        if rope_scaling is not None:
-            kind = rope_scaling.get("rope_type", rope_scaling.get("type"))
-            if kind not in ("llama3", "default", None):
-                raise UnsupportedModelError(
-                    f"unsupported rope_scaling type {kind!r}; raytp supports 'llama3' scaling or none"
-                )
-            rope_scaling = None if kind in ("default", None) else dict(rope_scaling)
-        moe = MoeConfig.from_dict(d, ARCHITECTURES[arch]) if ARCHITECTURES[arch].experts else None
-        eos = d.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
-        return cls(
-            arch=arch,
-            vocab_size=d["vocab_size"],
-            hidden_size=d["hidden_size"],
-            intermediate_size=0 if moe else d["intermediate_size"],
-            num_layers=d["num_hidden_layers"],
-            num_heads=num_heads,
-            num_kv_heads=num_kv_heads,
-            head_dim=d.get("head_dim") or d["hidden_size"] // num_heads,
-            rms_norm_eps=d.get("rms_norm_eps", 1e-5),
-            rope_theta=rope_theta,
-            rope_scaling=rope_scaling,
-            max_position_embeddings=d.get("max_position_embeddings", 4096),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            attention_bias=bool(d.get("attention_bias", False)),
-            bos_token_id=d.get("bos_token_id"),
-            eos_token_ids=eos_ids,
-            quant=_quant_config(d["quantization_config"]) if d.get("quantization_config") else None,
-            moe=moe,
-        )
+        return cls(**FAMILIES[arch].read(d, common_fields(d)))
 
     @classmethod
     def from_file(cls, path: str | Path) -> ModelConfig:
@@ -188,10 +146,4 @@ class ModelConfig:
         except UnsupportedModelError as e:
             raise UnsupportedModelError(f"{path}: {e}") from None
         except (KeyError, TypeError) as e:
-            raise ConfigError(f"{path} is not a Llama-family config.json: {e} is missing or malformed") from None
-
-
-def _quant_config(q: dict) -> QuantConfig:
-    from raytp.model.quant.registry import quant_config
-
-    return quant_config(q)
+            raise ConfigError(f"{path} is not a config.json raytp can read: {e} is missing or malformed") from None

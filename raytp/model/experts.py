@@ -21,7 +21,8 @@ GPUs). Quantized experts keep their checkpoint's format as read, each expert's s
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -30,7 +31,21 @@ from raytp.kernels.moe_gemv import grouped_experts, grouped_mm_experts, grouped_
 from raytp.kernels.packed_gemv import TILE_N
 from raytp.kernels.routed_packed_gemv import StackedMMA, prefill_pairs, routed_packed_experts
 from raytp.model.formats import DenseWeight, Weight, WeightReader, for_device, fuse, read_linear
-from raytp.model.layout import ExpertsLayout
+from raytp.model.slice import Slice
+
+@dataclass(frozen=True)
+class ExpertsLayout:
+    """A mixture-of-experts block's slices on one rank (`raytp.model.moe`)."""
+
+    router: Slice  # (experts, hidden), whole on every rank
+    experts: tuple[tuple[Slice, Slice, Slice], ...]  # per expert: gate rows, up rows, down input columns of the
+    # rank's expert columns
+
+    def slices(self) -> Iterator[Slice]:
+        yield self.router
+        for expert in self.experts:
+            yield from expert
+
 
 # Up to this many tokens a step is a decode step (a batch of sequences); more is a prefill, where each expert has
 # enough tokens for tensor-core tiles

@@ -1,12 +1,20 @@
-"""One rank's KV cache: the keys and values of its KV heads for every layer, batch slot and position.
+"""One attention layer's cache of keys and values for its rank's KV heads: a `raytp.model.state.LayerState`.
 
-    KVCache      in the model dtype (`--kv-dtype auto`)
-    FP8KVCache   float8 e4m3 with a float32 scale per row (`--kv-dtype fp8`, raytp.kernels.kv_fp8)
+    KVCache      every position up to max_context (full attention)
+    WindowCache  the last `window` positions in a ring, position p in cell p % window (sliding-window attention):
+                 its memory is the window, whatever the context
 
-`make_kv_cache` allocates the one `kv_dtype` names; `layer(i)` is what a decoder layer writes this step's keys and
-values into (RoPE applied on the way, `LayerCache.write`) and attends over (`LayerCache.attend`), through the
-kernels of `raytp.kernels.rope_cache` and `raytp.kernels.attention`. `kv_row_bytes` is the cost of one row, which
-the planner counts (`raytp.model.pieces`) and `tensors()` allocates: the two agree.
+Either stores in the model dtype (`--kv-dtype auto`) or as float8 e4m3 with a float32 scale per row (`--kv-dtype
+fp8`, raytp.kernels.kv_fp8). `attention` writes this step's keys and values (RoPE applied on the way, through
+`raytp.kernels.rope_cache`) and attends over what each query may see (`raytp.kernels.attention`). `kv_row_bytes` is
+the cost of one row, which the layer kinds declare to the planner (`raytp.model.attention`) and `tensors()`
+allocates: the two agree.
+
+A window cache in a decode step (one query per sequence) holds exactly the positions the query sees once this step's
+key is in: the decode attention reads min(length, window) cells, in ring order (attention does not depend on the
+order of its keys). A chunk of several positions per sequence (a prefill) would overwrite cells its own earlier
+queries still need, so it attends over the ring as it was plus the chunk's own keys, then stores the chunk's last
+`window` positions.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from raytp.kernels import kv_fp8
 from raytp.kernels.attention import cached_attention
@@ -27,78 +36,130 @@ def kv_row_bytes(head_dim: int, nbytes: int, kv_dtype: str) -> int:
 
 
 @dataclass(frozen=True)
-class LayerCache:
-    """One layer's cache: k and v (slots, local kv heads, positions, head_dim), and for FP8 their float32 scales
-    (slots, local kv heads, positions)."""
+class Rope:
+    """One step's RoPE angles for a layer: cos, sin (batch, seq, head_dim) in the model dtype."""
 
-    k: torch.Tensor
-    v: torch.Tensor
-    k_scale: torch.Tensor | None = None
-    v_scale: torch.Tensor | None = None
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+
+@dataclass(frozen=True)
+class QKNorm:
+    """Per-head RMSNorm of queries and keys before RoPE (q_norm, k_norm: (head_dim,)), applied by the RoPE kernel."""
+
+    q: torch.Tensor | None = None
+    k: torch.Tensor | None = None
+    eps: float = 0.0
+
+
+class KVCache:
+    """k and v (slots, local kv heads, positions, head_dim); with fp8 their float32 scales (slots, heads,
+    positions)."""
+
+    def __init__(self, kv_dtype: str, shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.device):
+        if kv_dtype not in ("auto", "fp8"):
+            raise ValueError(f"unknown kv_dtype {kv_dtype!r}; choose auto or fp8")
+        self.kv_dtype = kv_dtype
+        if kv_dtype == "fp8":
+            kv_fp8.check_supported()
+            self.k, self.v = kv_fp8.zeros(shape, device), kv_fp8.zeros(shape, device)
+            self.k_scale, self.v_scale = (torch.ones(shape[:-1], dtype=torch.float32, device=device) for _ in range(2))
+        else:
+            self.k, self.v = (torch.zeros(shape, dtype=dtype, device=device) for _ in range(2))
+            self.k_scale = self.v_scale = None
 
     @property
     def heads(self) -> int:
         return self.k.shape[1]
 
-    def write(self, qkv: torch.Tensor, n_q: int, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-              slots: torch.Tensor, q_norm: torch.Tensor | None = None, k_norm: torch.Tensor | None = None,
-              eps: float = 0.0) -> torch.Tensor:
-        """RoPE on the q and k heads of the fused projection qkv (batch, seq, (n_q + 2 heads) * head_dim), each
-        RMS-normalized first by q_norm or k_norm (head_dim,) if given, k and v stored at (slots, positions); returns
-        the rotated queries (batch, n_q, seq, head_dim)."""
-        return rope_and_cache(qkv, n_q, self.heads, cos, sin, positions, slots, self.k, self.v, self.k_scale,
-                              self.v_scale, q_norm, k_norm, eps)
-
-    def attend(self, q: torch.Tensor, slots: torch.Tensor, step) -> torch.Tensor:
-        """Causal attention of q over the cached positions `step` lets each query see -> (batch, seq, n_q *
-        head_dim)."""
-        return cached_attention(q, self.k, self.v, slots, step, self.k_scale, self.v_scale)
-
-
-class KVCache:
-    """Keys and values in the model dtype: (layers, batch slots, local kv heads, positions, head_dim) each."""
-
-    kv_dtype = "auto"
-
-    def __init__(self, shape: tuple[int, int, int, int, int], dtype: torch.dtype, device: torch.device):
-        self.k, self.v = (torch.zeros(shape, dtype=dtype, device=device) for _ in range(2))
-
-    def layer(self, i: int) -> LayerCache:
-        return LayerCache(self.k[i], self.v[i])
-
     def tensors(self) -> list[torch.Tensor]:
-        """Everything allocated: what the plan's kv_cache_bytes counts."""
-        return [self.k, self.v]
+        return [t for t in (self.k, self.v, self.k_scale, self.v_scale) if t is not None]
 
     def copy_slot(self, src: int, dst: int, length: int) -> None:
-        """Positions [0, length) of slot `src` into slot `dst` (FP8 scales too): a prompt prefilled once serves
-        several samples."""
-        for t in self.tensors():  # (layers, slots, kv heads, positions, ...)
-            t[:, dst, :, :length] = t[:, src, :, :length]
+        for t in self.tensors():  # (slots, kv heads, positions, ...)
+            t[dst, :, :length] = t[src, :, :length]
+
+    def write(self, qkv: torch.Tensor, n_q: int, rope: Rope, cells: torch.Tensor, slots: torch.Tensor,
+              norm: QKNorm) -> torch.Tensor:
+        """RoPE on the q and k heads of the fused projection qkv (batch, seq, (n_q + 2 heads) * head_dim), each
+        RMS-normalized first where `norm` has weights; k and v stored at (slots, cells); returns the rotated queries
+        (batch, n_q, seq, head_dim)."""
+        return rope_and_cache(qkv, n_q, self.heads, rope.cos, rope.sin, cells, slots, self.k, self.v, self.k_scale,
+                              self.v_scale, norm.q, norm.k, norm.eps)
+
+    def attention(self, qkv: torch.Tensor, n_q: int, rope: Rope, positions: torch.Tensor, slots: torch.Tensor,
+                  step, norm: QKNorm, scale: float | None) -> torch.Tensor:
+        """This step's keys and values stored, causal attention of its queries over the positions `step` lets each
+        see (`step.lengths`, `span`, `visible`) -> (batch, seq, n_q * head_dim)."""
+        q = self.write(qkv, n_q, rope, positions, slots, norm)
+        return cached_attention(q, self.k, self.v, slots, step, self.k_scale, self.v_scale, scale)
+
+    def read(self, slots: torch.Tensor, span: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values (batch, heads, span, head_dim) of `slots`' first `span` cells, in `dtype`."""
+        cells = (slots, slice(None), slice(None, span))
+        if self.k_scale is None:
+            return self.k[cells], self.v[cells]
+        return kv_fp8.read(self.k, self.k_scale, cells, dtype), kv_fp8.read(self.v, self.v_scale, cells, dtype)
 
 
-class FP8KVCache(KVCache):
-    """Keys and values as float8 e4m3 with a float32 scale per (layer, slot, head, position) row."""
+@dataclass(frozen=True)
+class WindowView:
+    """What every window cache of one window size needs of a step, computed once per step (`WindowCache.view`).
 
-    kv_dtype = "fp8"
+    decode (one query per sequence): `lengths` the cells each sequence reads, `span` the window, `visible`
+    (batch, 1, 1, window) which cells hold a position. chunk: `visible` (batch, 1, seq, window + seq) which of the
+    ring's cells (as they were before the chunk) and of the chunk's own positions each query sees."""
 
-    def __init__(self, shape: tuple[int, int, int, int, int], dtype: torch.dtype, device: torch.device):
-        kv_fp8.check_supported()
-        self.k, self.v = kv_fp8.zeros(shape, device), kv_fp8.zeros(shape, device)
-        self.k_scale, self.v_scale = (torch.ones(shape[:-1], dtype=torch.float32, device=device) for _ in range(2))
-
-    def layer(self, i: int) -> LayerCache:
-        return LayerCache(self.k[i], self.v[i], self.k_scale[i], self.v_scale[i])
-
-    def tensors(self) -> list[torch.Tensor]:
-        return [self.k, self.v, self.k_scale, self.v_scale]
+    lengths: torch.Tensor
+    span: int
+    visible: torch.Tensor
+    decode: bool
 
 
-CACHES = {c.kv_dtype: c for c in (KVCache, FP8KVCache)}
+class WindowCache(KVCache):
+    """A KV cache of the last `window` positions of each slot: position p in cell p % window."""
 
+    def __init__(self, kv_dtype: str, shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.device):
+        super().__init__(kv_dtype, shape, dtype, device)
+        self.window = shape[2]
 
-def make_kv_cache(kv_dtype: str, shape: tuple[int, int, int, int, int], dtype: torch.dtype,
-                  device: torch.device) -> KVCache:
-    if kv_dtype not in CACHES:
-        raise ValueError(f"unknown kv_dtype {kv_dtype!r}; choose {' or '.join(CACHES)}")
-    return CACHES[kv_dtype](shape, dtype, device)
+    def copy_slot(self, src: int, dst: int, length: int) -> None:
+        super().copy_slot(src, dst, min(length, self.window))  # the first `length` positions fill cells in order
+
+    @staticmethod
+    def view(window: int, positions: torch.Tensor) -> WindowView:
+        """positions (batch, seq), consecutive in each row: the step's view of a window of `window` positions
+        (a query at t sees positions t - window < p <= t, as transformers' sliding_window_overlay)."""
+        B, T = positions.shape
+        if T == 1:
+            lengths = torch.clamp(positions[:, -1] + 1, max=window)
+            visible = torch.arange(window, device=positions.device).view(1, window) < lengths.view(B, 1)
+            return WindowView(lengths, window, visible.view(B, 1, 1, window), decode=True)
+        # the position each ring cell holds before the chunk: the latest p < start with p % window == cell
+        start = positions[:, :1]  # (batch, 1)
+        cells = torch.arange(window, device=positions.device).view(1, window)
+        held = start - 1 - torch.remainder(start - 1 - cells, window)  # (batch, window); < 0: never written
+        keys = torch.cat((torch.where(cells < start, held, -window - 1), positions), dim=1)  # (batch, window + seq)
+        seen = positions.unsqueeze(-1) - keys.unsqueeze(1)  # (batch, seq, window + seq): how far back each key is
+        visible = (seen >= 0) & (seen < window)
+        return WindowView(positions[:, -1] + 1, window, visible.unsqueeze(1), decode=False)
+
+    def attention(self, qkv: torch.Tensor, n_q: int, rope: Rope, positions: torch.Tensor, slots: torch.Tensor,
+                  step: WindowView, norm: QKNorm, scale: float | None) -> torch.Tensor:
+        if step.decode:
+            q = self.write(qkv, n_q, rope, positions % self.window, slots, norm)
+            return cached_attention(q, self.k, self.v, slots, step, self.k_scale, self.v_scale, scale)
+        B, T, _ = qkv.shape
+        D = self.k.shape[-1]
+        chunk = KVCache(self.kv_dtype, (B, self.heads, T, D), qkv.dtype, qkv.device)  # this step's keys and values
+        local = torch.arange(T, device=qkv.device).expand(B, T)
+        q = chunk.write(qkv, n_q, rope, local, torch.arange(B, device=qkv.device), norm)
+        ring_k, ring_v = self.read(slots, self.window, q.dtype)
+        own_k, own_v = chunk.read(torch.arange(B, device=qkv.device), T, q.dtype)
+        out = F.scaled_dot_product_attention(q, torch.cat((ring_k, own_k), 2), torch.cat((ring_v, own_v), 2),
+                                             attn_mask=step.visible, scale=scale, enable_gqa=n_q != self.heads)
+        kept = min(T, self.window)  # the chunk's last positions, each to its own cell
+        cells = (slots.view(B, 1), slice(None), positions[:, T - kept:] % self.window)
+        for ring, own in zip(self.tensors(), chunk.tensors()):  # (batch, heads, seq, ...) -> (batch, seq, heads, ...)
+            ring[cells] = own[:, :, T - kept:].transpose(1, 2)
+        return out.transpose(1, 2).reshape(B, T, n_q * D)

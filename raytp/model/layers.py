@@ -22,8 +22,20 @@ import torch
 import torch.nn.functional as F
 
 from raytp.model.formats import DenseWeight, WeightReader, for_device, fuse, read_linear
-from raytp.model.layout import Slice
+from raytp.model.slice import Slice
 from raytp.parallel.comm import Communicator
+from raytp.parallel.plan import DTYPE_BYTES, Piece, PlanShape, Span
+
+VOCAB_ROWS = "vocab_rows"
+VOCAB_BLOCK = 64  # vocab rows move between ranks in blocks of this many (the last may be partial)
+
+
+def vocab_piece(config, shape: PlanShape) -> Piece:
+    """The embedding's and lm_head's rows (one table when tied), as declared to the planner: a decode step reads all
+    of lm_head but one embedding row per token, so the embedding is not counted as read."""
+    row = config.hidden_size * DTYPE_BYTES[shape.dtype]
+    return Piece((Span(VOCAB_ROWS, "vocab rows"),), config.vocab_size, shape.block(VOCAB_ROWS, VOCAB_BLOCK),
+                 (1 if config.tie_word_embeddings else 2) * row, row, unit="vocab block")
 
 
 class ColumnParallelLinear:

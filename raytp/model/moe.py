@@ -1,4 +1,5 @@
-"""One rank's share of a sparse mixture-of-experts block (Qwen3-MoE, Mixtral), in place of the dense MLP.
+"""A sparse mixture-of-experts block (Qwen3-MoE, Mixtral) in place of the dense MLP: a layer kind
+(`raytp.model.kinds`) and one rank's forward.
 
     router   replicated: every rank holds the whole (experts, hidden) matrix and computes the same logits from the
              same all-reduced input, so every rank selects the same experts with the same weights, with no
@@ -16,10 +17,16 @@ top k of those probabilities by torch.topk (so ties fall as they do there), reno
 says so (Mixtral always: the softmax of the top-k logits; Qwen3-MoE when `norm_topk_prob`). The weights stay in
 float32 up to the weighted sum (Qwen3-MoE's own code rounds them to the model dtype first, a difference below that
 dtype's rounding of the sum).
+
+Declared to the planner: expert columns (the same columns of every expert) in blocks of 16, or whole quantization
+groups. A rank holds them for all experts, but a batch-1 decode step reads only the top-k experts the token selects:
+the memory split counts all experts' bytes, the speed split and the roofline the expected reads, top_k of
+num_experts.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -27,10 +34,17 @@ import torch.nn.functional as F
 
 from raytp.kernels.moe_routing import top_k_routing
 from raytp.model.config import MoeConfig
-from raytp.model.experts import Experts, load_experts
+from raytp.model.experts import Experts, ExpertsLayout, load_experts
 from raytp.model.formats import WeightReader
-from raytp.model.layout import ExpertsLayout
+from raytp.model.kinds import LinearBytes
+from raytp.model.slice import linear, permuted, whole
 from raytp.parallel.comm import Communicator
+from raytp.parallel.plan import PREFILL_CHUNK, Piece, PlanShape, Span
+
+EXPERT_COLS = "expert_cols"
+# Expert columns move in small blocks: one column of every expert weighs num_experts MLP columns (64 columns of
+# Qwen3-30B-A3B's 128 experts are 4.8 GB in bf16), and 16 is still a whole tensor-core tile of the routed kernels.
+EXPERT_BLOCK = 16
 
 
 @dataclass(frozen=True)
@@ -74,3 +88,54 @@ class SparseMoeBlock:
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.router] + (self.experts.tensors() if self.experts is not None else [])
+
+
+@dataclass(frozen=True)
+class ExpertsKind:
+    name: str = "experts"
+
+    def layout(self, config, shard, prefix: str) -> ExpertsLayout:
+        """`prefix`: the block's module (`config.moe.names.module` of its layer); its router is the module's `gate`."""
+        c, names, H = config, config.moe.names, config.hidden_size
+        E, C, cols, m = c.moe.num_experts, c.moe.expert_size, shard.expert_cols, prefix
+
+        def expert(e: int):
+            p, down = f"{m}experts.{e}.", f"{m}experts.{e}.{names.down}"
+            order = permuted(c.quant, down)  # each expert's columns in its own down_proj's group order
+            return (linear(c.quant, p + names.gate, (C, H), cols, order=order, split=EXPERT_COLS),
+                    linear(c.quant, p + names.up, (C, H), cols, order=order, split=EXPERT_COLS),
+                    linear(c.quant, down, (H, C), range(H), cols, order, EXPERT_COLS))
+
+        return ExpertsLayout(router=whole(m + "gate.weight", (E, H)), experts=tuple(expert(e) for e in range(E)))
+
+    def pieces(self, config, shape: PlanShape) -> tuple[Piece, ...]:
+        """A column of every expert held (gate, up rows and a down column each), of the top-k read."""
+        b, E, k = LinearBytes.of(config, shape), config.moe.num_experts, config.moe.top_k
+        block, group, group_bytes = shape.block(EXPERT_COLS, EXPERT_BLOCK), 1, 0
+        if b.group is not None:  # each expert's down_proj scales, per started group; blocks of whole groups
+            block, group, group_bytes = math.lcm(block, b.group), b.group, config.hidden_size * b.group_entry
+        column = 2 * b.row + b.column
+        return (Piece((Span(EXPERT_COLS, "expert columns"),), config.moe.expert_size, block, E * column, k * column,
+                      group=group, group_bytes=E * group_bytes, group_read_bytes=k * group_bytes,
+                      unit="expert block"),)
+
+    def replicated_bytes(self, config, shape: PlanShape) -> int:
+        """Every expert's down_proj per-row scales; with act-order every expert's gate/up group index (int32)."""
+        b, E = LinearBytes.of(config, shape), config.moe.num_experts
+        if b.group is None:
+            return E * b.row_scales(config, shape)
+        return E * config.hidden_size * 4 if b.act_order else 0
+
+    def buffer_bytes(self, config, shape: PlanShape) -> int:
+        """One expert's gate/up at a time for at most every token of a prefill chunk, and the float32 sum."""
+        tokens = shape.max_batch * min(shape.max_context, PREFILL_CHUNK)
+        return tokens * (2 * config.moe.expert_size * LinearBytes.of(config, shape).nbytes + 4 * config.hidden_size)
+
+    def state(self, config, shard, **_) -> None:
+        return None
+
+    def load(self, config, layout: ExpertsLayout, comm, reader, state, act_quant_weight_only: bool) -> SparseMoeBlock:
+        return SparseMoeBlock.load(layout, config.moe, reader, comm, act_quant_weight_only)
+
+
+EXPERTS = ExpertsKind()

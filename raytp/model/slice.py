@@ -35,3 +35,16 @@ class Slice:
 
 def whole(name: str, shape: tuple[int, ...]) -> Slice:
     return Slice(name, shape, range(shape[0]))
+
+
+def linear(quant: QuantConfig | None, module: str, shape: tuple[int, int], rows: range, cols: range | None = None,
+           order: str | None = None, split: str | None = None) -> Slice:
+    """The weight of the Linear `module`, stored quantized where the config's `quant` quantizes it."""
+    return Slice(module + ".weight", shape, rows, cols, quant if quant is not None and quant.quantizes(module) else None,
+                 order, split)
+
+
+def permuted(quant: QuantConfig | None, down: str) -> str | None:
+    """The order of an MLP's (or an expert's) columns: sorting `down`'s group index with act-order, else as stored
+    (`Slice.order`; `raytp.model.layout` says why)."""
+    return down if quant is not None and quant.act_order and quant.quantizes(down) else None

@@ -14,8 +14,8 @@ and need the replicas excluded from the sum.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from itertools import accumulate
 from typing import Protocol
 
@@ -75,9 +75,12 @@ class Piece:
         """Weight bytes of n units starting on a block boundary."""
         return n * self.weight_bytes + -(-n // self.group) * self.group_bytes
 
+    @property
+    def group_reads_per_group(self) -> int:
+        return self.group_bytes if self.group_read_bytes is None else self.group_read_bytes
+
     def reads(self, n: int) -> int:
-        group_reads = self.group_bytes if self.group_read_bytes is None else self.group_read_bytes
-        return n * self.read_bytes + -(-n // self.group) * group_reads
+        return n * self.read_bytes + -(-n // self.group) * self.group_reads_per_group
 
     def total(self, n: int) -> int:
         return self.weights(n) + n * self.cache_bytes
@@ -90,6 +93,25 @@ class Piece:
         """Block counts per rank -> contiguous unit ranges; the last block of the dimension may be partial."""
         bounds = [min(self.size, self.block * b) for b in accumulate(blocks, initial=0)]
         return [range(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+def sum_pieces(shares: Iterable[Piece]) -> tuple[Piece, ...]:
+    """Shares of the same piece added into one, in order of first appearance: each layer declares what a unit costs
+    it (`raytp.model.kinds`), and a dimension split across all layers (the KV groups of every attention layer) costs
+    a unit the sum. The shares of one piece agree on everything but their bytes."""
+    total: dict[str, Piece] = {}
+    for p in shares:
+        if p.name not in total:
+            total[p.name] = p
+            continue
+        t = total[p.name]
+        assert (t.spans, t.size, t.block, t.group) == (p.spans, p.size, p.block, p.group), (t, p)
+        reads_all = t.group_read_bytes is None and p.group_read_bytes is None
+        group_reads = None if reads_all else t.group_reads_per_group + p.group_reads_per_group
+        total[p.name] = replace(t, weight_bytes=t.weight_bytes + p.weight_bytes, read_bytes=t.read_bytes + p.read_bytes,
+                                cache_bytes=t.cache_bytes + p.cache_bytes, group_bytes=t.group_bytes + p.group_bytes,
+                                group_read_bytes=group_reads)
+    return tuple(total.values())
 
 
 @dataclass(frozen=True)

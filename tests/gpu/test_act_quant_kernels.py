@@ -45,7 +45,7 @@ def test_graphed_decode_of_an_activation_quantized_model_matches_eager(quant):
     lm, comm = load(model, "hoststaged")
     comm.close()
     layer = lm.layers[0]
-    assert not layer.o_proj.row_amax and not isinstance(layer.o_proj.weight, ActQuantWeight)
+    assert not layer.attention.o_proj.row_amax and not isinstance(layer.attention.o_proj.weight, ActQuantWeight)
     assert generate(True, "hoststaged", model=model) == generate(False, "hoststaged", model=model)
 
 

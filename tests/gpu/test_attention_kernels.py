@@ -97,8 +97,8 @@ def test_rope_and_cache_kernel_with_qk_norms_on_random_rows_matches_torch(monkey
 
 
 def decode_step(ctx: int, lengths: list[int]) -> SimpleNamespace:
-    """The fields of the model's StepInputs the attention kernels read, for one query token per sequence that
-    sees `lengths` positions of a `ctx`-position cache."""
+    """The fields of a full-attention layer's view of a step (raytp.model.attention.FullView) the kernels read, for
+    one query token per sequence that sees `lengths` positions of a `ctx`-position cache."""
     positions = torch.tensor(lengths, device="cuda").view(len(lengths), 1) - 1
     return SimpleNamespace(span=ctx, lengths=positions[:, -1] + 1,
                            visible=(torch.arange(ctx, device="cuda").view(1, 1, ctx) <= positions.unsqueeze(-1)).unsqueeze(1))

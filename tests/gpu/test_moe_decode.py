@@ -37,7 +37,7 @@ def test_graphed_w4a16_moe_decode_matches_eager_steps(tmp_path):
     model = f"synthetic:{config}@w4a16"
     lm, comm = load(model, "nccl")
     comm.close()
-    assert isinstance(lm.layers[0].moe.experts, PackedExperts)  # the routed launch, not per-expert GEMVs
+    assert isinstance(lm.layers[0].mlp.experts, PackedExperts)  # the routed launch, not per-expert GEMVs
     assert generate(True, "nccl", model=model) == generate(False, "nccl", model=model)
 
 
@@ -62,12 +62,12 @@ def test_prefill_gives_the_per_expert_prefills_logits(tmp_path):
     lm, comm = load(f"synthetic:{config}", "nccl", dtype="bfloat16")
     tokens = torch.randint(0, 1000, (4, 40), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     positions, slots = torch.arange(40, device="cuda").expand(4, 40), torch.arange(4, device="cuda")
-    stacked = [layer.moe.experts for layer in lm.layers]
+    stacked = [layer.mlp.experts for layer in lm.layers]
     assert all(isinstance(e, StackedExperts) for e in stacked)
     assert stacked[0].grouped_mm == (torch.cuda.get_device_capability() >= dispatch.GROUPED_MM_CAPABILITY)
     got = lm.forward(tokens, positions, slots, every=True)
     for layer, e in zip(lm.layers, stacked):  # the torch reference on the same weights
-        layer.moe.experts = TorchExperts([DenseWeight(w) for w in e.gate_up], [DenseWeight(w) for w in e.down])
+        layer.mlp.experts = TorchExperts([DenseWeight(w) for w in e.gate_up], [DenseWeight(w) for w in e.down])
     want = lm.forward(tokens, positions, slots, every=True)
     comm.close()
     assert got.shape == (4, 40, 1000)

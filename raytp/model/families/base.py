@@ -1,0 +1,34 @@
+"""What a model family declares: how it reads its config.json and what it calls its tensors."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+
+@dataclass(frozen=True)
+class LayerNames:
+    """A layer's tensor names under `model.layers.<i>.`: its norms (None: the family has none there), its token
+    mixer and its feed-forward block (a mixture of experts names its module in `MoeConfig.names`)."""
+
+    attn_norm: str = "input_layernorm"  # before the mixer
+    mlp_norm: str = "post_attention_layernorm"  # before the feed-forward block
+    attn_out_norm: str | None = None  # on the mixer's output, before the residual add (Gemma's sandwich norms)
+    mlp_out_norm: str | None = None  # on the feed-forward block's output, before the residual add
+    attention: str = "self_attn."
+    mlp: str = "mlp."
+
+
+def plain(d: dict, fields: dict) -> dict:
+    """A config.json that says nothing beyond the common fields."""
+    return fields
+
+
+@dataclass(frozen=True)
+class Family:
+    model_type: str  # config.json's model_type
+    hf_class: str  # the transformers class that runs it: the reference the tests compare with
+    # (config.json, its common fields) -> raytp.model.config.ModelConfig's fields: the common ones, added to or changed
+    read: Callable[[dict, dict], dict] = plain
+    names: LayerNames = LayerNames()
