@@ -86,6 +86,8 @@ class ModelConfig:
     hidden_act: str = "silu"  # the MLP's gate activation, a key of raytp.model.mlp.ACTIVATIONS
     norm_offset: float = 0.0  # every RMSNorm scales by (offset + weight): Gemma stores 1 + its weights' values as 0
     embed_scale: float | None = None  # the embedding rows are multiplied by this (Gemma: sqrt(hidden_size))
+    attention_sinks: bool = False  # a learned logit per query head in its softmax's denominator (gpt-oss)
+    o_proj_bias: bool = False  # o_proj has a bias (gpt-oss), added by one rank
 
     def __post_init__(self):
         if self.layer_types and len(self.layer_types) != self.num_layers:

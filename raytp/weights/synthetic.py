@@ -3,6 +3,7 @@
     synthetic:llama-3.1-8b | synthetic:llama-3.1-70b | synthetic:llama-3.1-405b   the published HF configs
     synthetic:qwen3-8b | synthetic:qwen3-32b                                     (Qwen3: q/k norms, no bias)
     synthetic:qwen3-30b-a3b | synthetic:mixtral-8x7b                             mixtures of experts
+    synthetic:gpt-oss-20b | synthetic:gpt-oss-120b                               with MXFP4 experts, as published
     synthetic:tiny                                                               a small config for tests
     synthetic:PATH/config.json                                                   any supported config.json
     synthetic:NAME@w4a16 | @w8a16 | @fp8 | @fp8-blocks | @fp8-dynamic | @w8a8
@@ -52,6 +53,16 @@ _QWEN3 = {"model_type": "qwen3", "vocab_size": 151936, "num_key_value_heads": 8,
           "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "max_position_embeddings": 40960,
           "tie_word_embeddings": False, "attention_bias": False, "bos_token_id": 151643, "eos_token_id": 151645}
 
+_GPT_OSS = {"model_type": "gpt_oss", "vocab_size": 201088, "hidden_size": 2880, "intermediate_size": 2880,
+            "num_attention_heads": 64, "num_key_value_heads": 8, "head_dim": 64, "num_experts_per_tok": 4,
+            "sliding_window": 128, "attention_bias": True, "rms_norm_eps": 1e-5, "rope_theta": 150000,
+            "rope_scaling": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                             "truncate": False, "original_max_position_embeddings": 4096},
+            "max_position_embeddings": 131072, "swiglu_limit": 7.0, "tie_word_embeddings": False,
+            "eos_token_id": 200002, "pad_token_id": 199999,
+            "quantization_config": {"quant_method": "mxfp4", "modules_to_not_convert": [
+                "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}}
+
 # Shapes from meta-llama/Llama-3.1-{8B,70B,405B}/config.json and Qwen/Qwen3-{8B,32B}/config.json, and as noted.
 CONFIGS: dict[str, dict] = {
     "llama-3.1-8b": _LLAMA31 | {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
@@ -75,6 +86,10 @@ CONFIGS: dict[str, dict] = {
                      "num_local_experts": 8, "num_experts_per_tok": 2, "rms_norm_eps": 1e-5, "rope_theta": 1e6,
                      "max_position_embeddings": 32768, "sliding_window": None, "tie_word_embeddings": False,
                      "bos_token_id": 1, "eos_token_id": 2},
+    # openai/gpt-oss-20b/config.json and -120b's: sliding-window (128) and full layers in turn, 4 experts of width
+    # 2880 per token in MXFP4, YaRN RoPE
+    "gpt-oss-20b": _GPT_OSS | {"num_hidden_layers": 24, "num_local_experts": 32},
+    "gpt-oss-120b": _GPT_OSS | {"num_hidden_layers": 36, "num_local_experts": 128},
     # Small but awkward on purpose: 4 KV groups split 2/1/1 over 3 ranks (and zero-width ranks beyond 4), 1408 MLP
     # columns = 22 blocks, a vocab of 1000 ending in a partial block, and llama3 RoPE scaling. No EOS: runs go on.
     "tiny": {"model_type": "llama", "vocab_size": 1000, "hidden_size": 512, "intermediate_size": 1408,

@@ -48,6 +48,9 @@ class QuantConfig:
     dynamic_activations: bool = False
 
     quant_method: ClassVar[str]  # config.json's quantization_config.quant_method
+    # The decoder's Linear layers are stored this way (less `ignore`); False: only what the method names itself
+    # (MXFP4: gpt-oss's stacked experts)
+    linears: ClassVar[bool] = True
     supported: ClassVar[str]  # what the method reads, said in every refusal
 
     @classmethod

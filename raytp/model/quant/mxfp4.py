@@ -34,6 +34,7 @@ EXPERT_PROJECTIONS = ("gate_up_proj", "down_proj")  # the tensors of an experts 
 class MXFP4(QuantConfig):
     quant_method = "mxfp4"
     supported = "MXFP4 checkpoints (gpt-oss): experts in e2m1 with e8m0 scales per 32 values"
+    linears = False  # attention, routers and embeddings stay in the model dtype
 
     @classmethod
     def from_config(cls, q: dict) -> MXFP4:
