@@ -11,7 +11,8 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from raytp.model.config import ModelConfig, UnsupportedModelError
-from raytp.model.layout import EXPERT_COLS, model_layout, param_count
+from raytp.model.layout import model_layout, param_count
+from raytp.model.moe import EXPERT_COLS
 from raytp.model.pieces import plan_model, replicated_tensor_bytes
 from raytp.runtime.sampling import SamplingParams
 from raytp.weights.synthetic import SyntheticReader, synthetic_config

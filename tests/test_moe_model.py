@@ -8,7 +8,8 @@ import transformers
 
 from raytp.model.families import FAMILIES
 from raytp.model.config import ModelConfig, UnsupportedModelError
-from raytp.model.layout import EXPERT_COLS, model_layout, param_count
+from raytp.model.layout import model_layout, param_count
+from raytp.model.moe import EXPERT_COLS
 from raytp.model.pieces import plan_model, replicated_tensor_bytes
 from raytp.runtime.sampling import SamplingParams
 from raytp.weights.synthetic import SyntheticReader, config_dict, synthetic_config

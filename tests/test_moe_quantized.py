@@ -21,7 +21,7 @@ from raytp.kernels.packed_gemv import pack_int
 from raytp.kernels.routed_packed_gemv import StackedMMA
 from raytp.model import experts
 from raytp.model.formats import fused, pack
-from raytp.model.layout import EXPERT_COLS
+from raytp.model.moe import EXPERT_COLS
 from raytp.model.experts import PackedExperts, TorchExperts
 from raytp.model.pieces import quant_replicated_bytes
 from raytp.weights.tokenizer import Tokenizer

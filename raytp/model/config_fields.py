@@ -7,8 +7,12 @@ model_type (`raytp.model.families`), whose reading adds or overrides fields and 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from raytp.model.errors import UnsupportedModelError
+
+if TYPE_CHECKING:  # the checkpoint methods import torch, which the CLI's argument checks do without
+    from raytp.model.quant.base import QuantConfig
 
 # The MLP gate activations raytp runs (`raytp.model.mlp.ACTIVATIONS`): SwiGLU's and GeGLU's tanh GELU
 HIDDEN_ACTS = ("silu", "gelu_pytorch_tanh")

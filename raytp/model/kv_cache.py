@@ -106,10 +106,12 @@ class KVCache:
 class WindowView:
     """What every window cache of one window size needs of a step, computed once per step (`WindowCache.view`).
 
-    decode (one query per sequence): `lengths` the cells each sequence reads, `span` the window, `visible`
-    (batch, 1, 1, window) which cells hold a position. chunk: `visible` (batch, 1, seq, window + seq) which of the
-    ring's cells (as they were before the chunk) and of the chunk's own positions each query sees."""
+    decode (one query per sequence): `cells` where this step's positions go, `lengths` the cells each sequence reads,
+    `span` the window, `visible` (batch, 1, 1, window) which cells hold a position. chunk: `visible` (batch, 1, seq,
+    window + seq) which of the ring's cells (as they were before the chunk) and of the chunk's own positions each
+    query sees."""
 
+    cells: torch.Tensor
     lengths: torch.Tensor
     span: int
     visible: torch.Tensor
@@ -134,21 +136,22 @@ class WindowCache(KVCache):
         if T == 1:
             lengths = torch.clamp(positions[:, -1] + 1, max=window)
             visible = torch.arange(window, device=positions.device).view(1, window) < lengths.view(B, 1)
-            return WindowView(lengths, window, visible.view(B, 1, 1, window), decode=True)
+            return WindowView(positions % window, lengths, window, visible.view(B, 1, 1, window), decode=True)
         # the position each ring cell holds before the chunk: the latest p < start with p % window == cell
         start = positions[:, :1]  # (batch, 1)
-        cells = torch.arange(window, device=positions.device).view(1, window)
-        held = start - 1 - torch.remainder(start - 1 - cells, window)  # (batch, window); < 0: never written
-        keys = torch.cat((torch.where(cells < start, held, -window - 1), positions), dim=1)  # (batch, window + seq)
+        ring = torch.arange(window, device=positions.device).view(1, window)
+        held = start - 1 - torch.remainder(start - 1 - ring, window)  # (batch, window)
+        held = torch.where(ring < start, held, -window - 1)  # a cell not yet written: too far back to be seen
+        keys = torch.cat((held, positions), dim=1)  # (batch, window + seq): the position of every key
         seen = positions.unsqueeze(-1) - keys.unsqueeze(1)  # (batch, seq, window + seq): how far back each key is
         visible = (seen >= 0) & (seen < window)
-        return WindowView(positions[:, -1] + 1, window, visible.unsqueeze(1), decode=False)
+        return WindowView(positions % window, positions[:, -1] + 1, window, visible.unsqueeze(1), decode=False)
 
     def attention(self, qkv: torch.Tensor, n_q: int, rope: Rope, positions: torch.Tensor, slots: torch.Tensor,
                   step: WindowView, norm: QKNorm, scale: float | None, sinks: torch.Tensor | None = None
                   ) -> torch.Tensor:
         if step.decode:
-            q = self.write(qkv, n_q, rope, positions % self.window, slots, norm)
+            q = self.write(qkv, n_q, rope, step.cells, slots, norm)
             return cached_attention(q, self.k, self.v, slots, step, self.k_scale, self.v_scale, scale, sinks)
         B, T, _ = qkv.shape
         D = self.k.shape[-1]
@@ -160,7 +163,7 @@ class WindowCache(KVCache):
         out = attention_with_sinks(q, torch.cat((ring_k, own_k), 2), torch.cat((ring_v, own_v), 2), step.visible,
                                    sinks, scale)
         kept = min(T, self.window)  # the chunk's last positions, each to its own cell
-        cells = (slots.view(B, 1), slice(None), positions[:, T - kept:] % self.window)
+        cells = (slots.view(B, 1), slice(None), step.cells[:, T - kept:])
         for ring, own in zip(self.tensors(), chunk.tensors()):  # (batch, heads, seq, ...) -> (batch, seq, heads, ...)
             ring[cells] = own[:, :, T - kept:].transpose(1, 2)
         return out.transpose(1, 2).reshape(B, T, n_q * D)

@@ -27,13 +27,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from raytp.model.attention import FULL_ATTENTION, KV_HEADS, Q_HEADS, SLIDING_ATTENTION  # noqa: F401 (re-exported)
+from raytp.model.attention import FULL_ATTENTION, SLIDING_ATTENTION
 from raytp.model.config import ModelConfig
 from raytp.model.errors import UnsupportedModelError
 from raytp.model.kinds import LayerKind
 from raytp.model.layers import VOCAB_ROWS, vocab_piece
-from raytp.model.mlp import DENSE_MLP, MLP_COLS  # noqa: F401 (re-exported)
-from raytp.model.moe import EXPERT_COLS, EXPERTS  # noqa: F401 (re-exported)
+from raytp.model.mlp import DENSE_MLP
+from raytp.model.moe import EXPERTS
 from raytp.model.stacked_moe import STACKED_EXPERTS
 from raytp.model.slice import Slice, whole
 from raytp.parallel.plan import PlanShape, RankShard

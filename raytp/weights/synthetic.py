@@ -4,6 +4,7 @@
     synthetic:qwen3-8b | synthetic:qwen3-32b                                     (Qwen3: q/k norms, no bias)
     synthetic:qwen3-30b-a3b | synthetic:mixtral-8x7b                             mixtures of experts
     synthetic:gpt-oss-20b | synthetic:gpt-oss-120b                               with MXFP4 experts, as published
+    synthetic:gemma-3-27b                                           Gemma 3: five sliding-window layers per full one
     synthetic:tiny                                                               a small config for tests
     synthetic:PATH/config.json                                                   any supported config.json
     synthetic:NAME@w4a16 | @w8a16 | @fp8 | @fp8-blocks | @fp8-dynamic | @w8a8
@@ -13,7 +14,8 @@ Every weight is cut into fixed global blocks (one head of q/k/v/o, `BLOCK` rows 
 each block is drawn from its own generator, seeded from (tensor name, block index). A rank draws only the blocks
 that cover its slices, on its own device, so the concatenation over ranks is exactly a one-rank model's weights
 whatever the split. Values depend on the device type (CPU and CUDA generators differ): compare splits on one kind
-of device. Weights are N(0, 0.02^2), norms 1 + N(0, 0.02^2), so activations stay in range at any depth.
+of device. Weights are N(0, 0.02^2), norms 1 + N(0, 0.02^2) as the forward uses them (a family that stores norms as an offset
+from 1, Gemma, draws N(0, 0.02^2)), so activations stay in range at any depth.
 
 Quantized, a matrix is drawn directly as the tensors its checkpoint method stores for it (what
 `raytp.model.quant` reads; a preset's are compressed-tensors'), each in fixed tiles of TILE x TILE: random packed
@@ -90,6 +92,16 @@ CONFIGS: dict[str, dict] = {
     # 2880 per token in MXFP4, YaRN RoPE
     "gpt-oss-20b": _GPT_OSS | {"num_hidden_layers": 24, "num_local_experts": 32},
     "gpt-oss-120b": _GPT_OSS | {"num_hidden_layers": 36, "num_local_experts": 128},
+    # google/gemma-3-27b-it/config.json's text_config: 62 layers, every 6th full attention, the others a window of
+    # 1024; one scale per rope base; no soft-capping
+    "gemma-3-27b": {"model_type": "gemma3_text", "vocab_size": 262208, "hidden_size": 5376,
+                    "intermediate_size": 21504, "num_hidden_layers": 62, "num_attention_heads": 32,
+                    "num_key_value_heads": 16, "head_dim": 128, "query_pre_attn_scalar": 168, "sliding_window": 1024,
+                    "sliding_window_pattern": 6, "rope_theta": 1e6, "rope_local_base_freq": 10000.0,
+                    "rope_scaling": {"factor": 8.0, "rope_type": "linear"}, "rms_norm_eps": 1e-6,
+                    "max_position_embeddings": 131072, "hidden_activation": "gelu_pytorch_tanh",
+                    "final_logit_softcapping": None, "attn_logit_softcapping": None, "tie_word_embeddings": True,
+                    "bos_token_id": 2, "eos_token_id": [1, 106]},
     # Small but awkward on purpose: 4 KV groups split 2/1/1 over 3 ranks (and zero-width ranks beyond 4), 1408 MLP
     # columns = 22 blocks, a vocab of 1000 ending in a partial block, and llama3 RoPE scaling. No EOS: runs go on.
     "tiny": {"model_type": "llama", "vocab_size": 1000, "hidden_size": 512, "intermediate_size": 1408,
@@ -208,7 +220,7 @@ class SyntheticReader:
     """
 
     def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device):
-        self.head_dim, self.dtype = config.head_dim, dtype
+        self.head_dim, self.dtype, self.norm_mean = config.head_dim, dtype, 1.0 - config.norm_offset
         self.blocks = _Blocks(dtype, torch.device(device))
         # every stored tensor of a quantized matrix -> its values' dtype and the scale of its matrix's format
         self.stored = {name: (t.dtype, s.quant.format.synthetic_scale(SCALE))
@@ -232,7 +244,7 @@ class SyntheticReader:
             block = self.head_dim if ".self_attn." in s.name else BLOCK
             if len(s.shape) == 1:
                 if s.split is None:  # a tensor every rank holds whole: a norm
-                    return g.draw(name, 0, s.shape, mean=1.0)
+                    return g.draw(name, 0, s.shape, mean=self.norm_mean)
                 return g.rows(name, s.shape[0], block, s.rows, 1).view(-1)  # a q/k/v bias
             if s.cols is None:
                 return g.rows(name, s.shape[0], block, s.rows, s.shape[1])

@@ -8,6 +8,7 @@ norms, experts) and names its tensors (`Family.names`); the layer kinds it is bu
 from __future__ import annotations
 
 from raytp.model.families.base import Family, LayerNames
+from raytp.model.families.gemma3 import GEMMA3
 from raytp.model.families.gpt_oss import GPT_OSS
 from raytp.model.families.llama import LLAMA, MISTRAL
 from raytp.model.families.mixtral import MIXTRAL
@@ -24,5 +25,6 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     QWEN3,
     QWEN3_MOE,
     MIXTRAL,
+    GEMMA3,
     GPT_OSS,
 )}
