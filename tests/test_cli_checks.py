@@ -226,3 +226,18 @@ def test_pull_quant_prints_a_line_per_step_and_keeps_the_output_in_a_file(capfd,
     with pytest.raises(RuntimeError, match=ending):
         smollm2_quantized._run([sys.executable, "-c", "print('boom'); raise SystemExit(3)"], "a failing step", False)
     assert capfd.readouterr().err == ""
+
+
+@pytest.mark.parametrize("command", [["generate", "--prompt", "hi"], ["chat"], ["serve"], ["bench"]])
+def test_a_bad_speculate_is_refused_naming_it_on_every_command(capsys, command):
+    line = refused(capsys, *command, *SMALL, "--speculate", "ngram:9")
+    assert "speculate" in line and "'ngram:9'" in line and "[1, 8]" in line
+
+
+def test_speculate_reaches_the_cli_request_and_the_servers_default(smollm2_dir):
+    args = build_parser().parse_args(["generate", "--prompt", "hi", "--speculate", "ngram:3"])
+    assert sampling_params(args, SamplingDefaults()).speculate == "ngram:3"
+    body = {"model": "m", "prompt": "x"}
+    assert parse_completion(body, chat=False, model_id="m").sampling(None, "ngram").speculate == "ngram"
+    assert parse_completion(body | {"speculate": "off"}, chat=False, model_id="m").sampling(None, "ngram").speculate \
+        == "off"

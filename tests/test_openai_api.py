@@ -24,6 +24,7 @@ BODY_BOUNDS = [
     ("top_k", 5, 5.0), ("seed", 7, 7.5), ("stream", False, 0), ("logprobs", 20, 21), ("logprobs", 0, -1),
     ("logprobs", 1, True), ("echo", True, 1), ("suffix", "", "x"), ("presence_penalty", 0, 0.5),
     ("frequency_penalty", 0.0, -1.0), ("logit_bias", {}, {"5": 10}),
+    ("speculate", "ngram:8", "ngram:9"), ("speculate", "off", "ngram:0"), ("speculate", "ngram", 4),
 ]
 
 

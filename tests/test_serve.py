@@ -8,7 +8,6 @@ batch slot.
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import threading
 import time
@@ -125,18 +124,6 @@ def test_parse_completion_accepts_openai_shapes():
     assert parse_completion({"model": "m", "prompt": [[1, 2, 3]]}, chat=False, model_id="m").prompt == [1, 2, 3]
 
 
-def test_serve_refuses_a_taken_port_at_once():
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        run = subprocess.run(raytp_command("serve", "--devices", "cpu", "--port", str(port)), capture_output=True,
-                             text=True, timeout=60, env=RAYTP_ENV)
-    assert run.returncode == 2
-    lines = run.stderr.strip().splitlines()
-    assert len(lines) == 1 and str(port) in lines[0] and "--port" in lines[0], run.stderr
-
-
 # ---- one real server ---------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -224,6 +211,27 @@ def test_metrics_count_a_request_and_health_says_ok(server):
     assert httpx.get(f"{server}/metrics", timeout=10).status_code == 401  # behind the API key, as /v1 is
     health = httpx.get(f"{server}/health", timeout=10)  # not: load balancers probe it
     assert health.status_code == 200 and health.json()["status"] == "ok", health.text
+
+
+@pytest.mark.slow
+def test_a_speculating_request_answers_as_a_plain_one_and_metrics_count_its_drafts(client, server):
+    """The openai client's extra_body carries raytp's `speculate`; the server's default (--speculate) is off."""
+    question = "Repeat exactly: red, green, blue, cyan, magenta, yellow, black, white."
+    before = scrape(server)
+    fast = chat(client, question, 40, extra_body={"speculate": "ngram:4"})
+    between = scrape(server)
+    plain = chat(client, question, 40)
+    after = scrape(server)
+    assert fast.choices[0].message.content == plain.choices[0].message.content
+    assert fast.usage.completion_tokens == plain.usage.completion_tokens
+
+    def delta(name, a, b):
+        return b.get((name, ()), 0) - a.get((name, ()), 0)
+
+    drafted = delta("raytp_speculative_drafted_tokens_total", before, between)
+    accepted = delta("raytp_speculative_accepted_tokens_total", before, between)
+    assert 0 < accepted <= drafted
+    assert delta("raytp_speculative_drafted_tokens_total", between, after) == 0
 
 
 @pytest.mark.slow

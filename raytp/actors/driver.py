@@ -396,6 +396,7 @@ class Driver:
         eos = self.tokenizer.eos_token_ids if self.tokenizer is not None else self.config.eos_token_ids
         start = time.perf_counter()
         first = last_t = None  # the first token's arrival here; the leader's clock at the last token's step
+        drafted = accepted = 0  # of the request's verify steps (raytp.runtime.speculation)
         try:
             await self.ready.wait()  # inside the bound, so requests waiting out a rebuild count as admitted too
             if self.down:
@@ -423,6 +424,10 @@ class Driver:
                 if e.token_id is not None:
                     self._observe_token(start, first, last_t, e.t)
                     first, last_t = first or time.perf_counter(), e.t
+                if e.drafted:
+                    self.metrics.drafted.inc(e.drafted)
+                    self.metrics.accepted.inc(e.accepted)
+                    drafted, accepted = drafted + e.drafted, accepted + e.accepted
                 text = sample.take(e)
                 scored = e.logprob is not None
                 if text or sample.finish is None or scored:
@@ -448,6 +453,7 @@ class Driver:
             "finishes": [s.finish for s in samples],  # with n > 1: each sample's
             "generated_tokens": generated, "ttft_s": (first or start) - start, "elapsed_s": elapsed,
             "tokens_per_s": (generated - params.n) / decode_s if generated > params.n and decode_s > 0 else 0.0,
+            "drafted_tokens": drafted, "accepted_tokens": accepted,
         }
 
     def _observe_token(self, start: float, first: float | None, last_t: float | None, t: float | None) -> None:

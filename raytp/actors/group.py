@@ -67,6 +67,7 @@ class GroupSettings:
     split: str | None = None  # "memory" | "speed"; None: speed where every rank's bandwidth is known
     no_p2p: bool = False  # emulate a host without GPU peer-to-peer (NO_P2P_ENV in every rank)
     time_backends: bool = False  # time every all-reduce backend at start-up (raytp bench), whichever is used
+    speculate: str = "off"  # drafting of a request that names none (`--speculate`, raytp.runtime.speculation)
 
 
 def _copy_bandwidth(comm, device) -> float:

@@ -29,7 +29,8 @@ from raytp.parallel.plan import DTYPE_BYTES
 
 COLUMNS = [
     "devices", "ranks", "nodes", "comm", "backend", "split", "dtype", "quant", "prompt_len", "batch", "decode_tokens",
-    "status", "reason", "ms_per_token", "tokens_per_s", "ideal_tokens_per_s", "scaling_efficiency",
+    "status", "reason", "ms_per_token", "tokens_per_s", "speculate", "tokens_per_step", "acceptance",
+    "ideal_tokens_per_s", "scaling_efficiency",
     "roofline_tokens_per_s", "roofline_fraction", "read_bytes_per_step", "compute_ms", "allreduce_ms", "overhead_ms",
     "allreduces_per_step", "allreduce_us", "prefill_ms", "prefill_tokens_per_s", "hf_tokens_per_s", "hf_same_tokens",
     "build_s",
@@ -37,9 +38,12 @@ COLUMNS = [
 PLOTS = ("scaling.png", "breakdown.png", "allreduce.png", "prefill.png")
 
 NOTES = """\
-- **tokens/s**: batch x 1000 / ms per decode step. Each step decodes one token for every request of the batch, so
-  ms/token is the step time a single request sees. Steps are timed on the leader rank, only those in which the
-  whole batch decodes, after one warm-up run per batch size; the median of the repeats is kept.
+- **tokens/s**: the tokens of the steps timed over their seconds; a plain step decodes one token for every request
+  of the batch, so tokens/s is batch x 1000 / ms per step and ms/token the step time a single request sees. Steps
+  are timed on the leader rank, only those in which the whole batch decodes, after one warm-up run per batch size;
+  the median of the repeats is kept. With `--speculate` a verify step may emit several tokens per request:
+  **tokens_per_step** (a request's, in the timed steps) and **acceptance** (drafted tokens accepted over drafted)
+  are in results.csv.
 - **ideal**: the run with the fewest ranks of the same quantization, backend, batch and prompt length, scaled
   linearly in the rank count. **of ideal** = measured / ideal.
 - **roofline**: the bytes each rank must read per decode step (its weights bar the embedding table, as the planner
@@ -87,8 +91,10 @@ def build_rows(sweep: dict, peer: dict | None = None) -> list[dict]:
             d = next(x for x in run["decode"] if x["batch"] == o["batch"])
             row |= {
                 "ranks": len(run["devices"]), "nodes": run["nodes"], "backend": run["backend"], "dtype": run["dtype"],
-                "decode_tokens": run["decode_tokens"], "ms_per_token": d["ms_per_step"],
-                "tokens_per_s": d["tokens_per_s"], "roofline_tokens_per_s": 1000 * d["batch"] / d["roofline_ms"],
+                "decode_tokens": run["decode_tokens"], "ms_per_token": d["ms_per_token"],
+                "tokens_per_s": d["tokens_per_s"], "speculate": d.get("speculate"),
+                "tokens_per_step": d.get("tokens_per_step"), "acceptance": d.get("acceptance"),
+                "roofline_tokens_per_s": 1000 * d["batch"] / d["roofline_ms"],
                 "roofline_fraction": d["roofline_fraction"], "read_bytes_per_step": sum(d["read_bytes_per_step"]),
                 "compute_ms": d["compute_ms"],
                 "allreduce_ms": d["allreduce_ms"], "overhead_ms": d["overhead_ms"],

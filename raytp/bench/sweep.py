@@ -86,9 +86,10 @@ class _BenchGroup(WorkerGroup):
                                   for w in self.workers])
 
 
-def random_requests(batch: int, prompt_len: int, decode_tokens: int, vocab: int, tag: str) -> list[Request]:
+def random_requests(batch: int, prompt_len: int, decode_tokens: int, vocab: int, tag: str,
+                    speculate: str = "off") -> list[Request]:
     g = torch.Generator().manual_seed(0)  # the same prompts in every run, so runs can compare tokens
-    params = SamplingParams(temperature=0.0, max_tokens=decode_tokens)
+    params = SamplingParams(temperature=0.0, max_tokens=decode_tokens, speculate=speculate)
     return [Request(f"{tag}-{i}", torch.randint(vocab, (prompt_len,), generator=g).tolist(), params, [])
             for i in range(batch)]
 
@@ -105,14 +106,18 @@ def _events(group: WorkerGroup, deadline: float, timeout_s: float):
 
 
 def _run_batch(group: WorkerGroup, requests: list[Request], timeout_s: float = 600.0) -> dict:
-    """Submit `requests` together; return the timed decode window and each request's tokens."""
+    """Submit `requests` together; return the timed decode window (its steps, seconds and tokens), each request's
+    tokens, and the drafted and accepted tokens of all verify steps (raytp.runtime.speculation)."""
     ray.get([group.leader.submit.remote(Add(r)) for r in requests])
     tokens = {r.id: [] for r in requests}
-    first, finished, step_times = {}, {}, set()
+    first, finished, step_times, token_times = {}, {}, set(), []
+    drafted = accepted = 0
     for e in _events(group, time.monotonic() + timeout_s, timeout_s):
         rid, t = e.request_id, e.t
         if e.token_id is not None:
             tokens[rid].append(e.token_id)
+            token_times.append(t)
+        drafted, accepted = drafted + e.drafted, accepted + e.accepted
         first.setdefault(rid, t)
         step_times.add(t)
         if e.finish:
@@ -121,7 +126,8 @@ def _run_batch(group: WorkerGroup, requests: list[Request], timeout_s: float = 6
                 break
     start, end = max(first.values()), min(finished.values())
     steps = sum(1 for t in step_times if start < t <= end)
-    return {"steps": steps, "seconds": end - start, "tokens": [tokens[r.id] for r in requests]}
+    return {"steps": steps, "seconds": end - start, "window_tokens": sum(1 for t in token_times if start < t <= end),
+            "tokens": [tokens[r.id] for r in requests], "drafted": drafted, "accepted": accepted}
 
 
 def _prefill_seconds(group: WorkerGroup, request: Request, timeout_s: float = 600.0) -> float:
@@ -172,8 +178,6 @@ def run_bench(settings: GroupSettings, config: ModelConfig, *, batches: list[int
               bandwidth_bytes: int | None = None, profile_steps: int = 0, trace_dir: Path | None = None,
               name: str = "run") -> dict:
     """Build one group, measure, tear it down; returns the JSON-ready results (see the module docstring)."""
-    if decode_tokens < 4:
-        raise ValueError(f"--decode-tokens must be at least 4 to time whole-batch steps, got {decode_tokens}")
     if bandwidth_bytes is None:
         bandwidth_bytes = (4 << 30) if all(d.kind == "cuda" for d in settings.devices) else (256 << 20)
     step_sizes = {b: b * config.hidden_size for b in batches}  # elements of one decode all-reduce
@@ -184,20 +188,29 @@ def run_bench(settings: GroupSettings, config: ModelConfig, *, batches: list[int
         group.build()
         build_s = time.perf_counter() - started
         vocab = config.vocab_size
+        speculate = settings.speculate
         for batch in batches:  # warm-up: every batch size once (allocator, kernels, caches at this shape)
-            _run_batch(group, random_requests(batch, prompt_len, min(decode_tokens, 4), vocab, f"warm{batch}"))
+            _run_batch(group, random_requests(batch, prompt_len, min(decode_tokens, 4), vocab, f"warm{batch}",
+                                              speculate))
         n_allreduce = allreduces_per_step(config)
         slowest = {n: max(a[n] for a in group.allreduce) for n in measured}
         decode = []
         for batch in batches:
-            runs = [_run_batch(group, random_requests(batch, prompt_len, decode_tokens, vocab, f"b{batch}r{k}"))
-                    for k in range(repeats)]
-            ms = statistics.median(1000 * r["seconds"] / r["steps"] for r in runs if r["steps"])
+            runs = [_run_batch(group, random_requests(batch, prompt_len, decode_tokens, vocab, f"b{batch}r{k}",
+                                                      speculate)) for k in range(repeats)]
+            timed = [r for r in runs if r["steps"]]
+            ms = statistics.median(1000 * r["seconds"] / r["steps"] for r in timed)
+            tokens_per_s = statistics.median(r["window_tokens"] / r["seconds"] for r in timed)
+            drafted = sum(r["drafted"] for r in runs)
             reads = _read_bytes_per_step(group.plan, batch, prompt_len + decode_tokens / 2)
             roofline_ms = max(1000 * b / bw for b, bw in zip(reads, group.bandwidth))
             allreduce_ms = n_allreduce * slowest[step_sizes[batch]] / 1000
             decode.append({
-                "batch": batch, "ms_per_step": ms, "ms_per_token": ms, "tokens_per_s": 1000 * batch / ms,
+                "batch": batch, "ms_per_step": ms, "ms_per_token": 1000 * batch / tokens_per_s,
+                "tokens_per_s": tokens_per_s, "speculate": speculate,
+                # of a row, in the timed steps; above 1 only where verify steps accepted drafted tokens
+                "tokens_per_step": statistics.median(r["window_tokens"] / (r["steps"] * batch) for r in timed),
+                "acceptance": sum(r["accepted"] for r in runs) / drafted if drafted else None,
                 "steps_timed": [r["steps"] for r in runs],
                 "ms_per_step_runs": [1000 * r["seconds"] / r["steps"] if r["steps"] else None for r in runs],
                 "read_bytes_per_step": reads, "roofline_ms": roofline_ms, "roofline_fraction": roofline_ms / ms,
@@ -258,6 +271,7 @@ class Sweep:
     options: RuntimeOptions = RuntimeOptions()  # the same run-time switches in every configuration
     splits: tuple[str | None, ...] = (None,)  # "memory", "speed", or None: the group's default
     share_gpus: bool = False  # let more cuda ranks than GPUs share them (emulates slower devices), not skip
+    speculate: str = "off"  # the requests' drafting (raytp.runtime.speculation)
     profile_steps: int = 0  # decode steps each rank profiles per batch size (raytp.bench.profile); 0: none
     trace_dir: str | None = None  # where the profiled steps' chrome traces go; None: not kept
     no_p2p: bool = False  # emulate a host without GPU peer-to-peer (raytp.actors.group.NO_P2P_ENV)
@@ -328,7 +342,7 @@ def run_sweep(sweep: Sweep, *, on_row: Callable[[dict], None] | None = None,
             model=model, devices=devices, dtype=sweep.dtype, kv_dtype=sweep.kv_dtype, comm=comm,
             max_context=max(sweep.max_context, prompt_len + max(sweep.decode_tokens, profile_tokens) + 1),
             max_batch=max(sweep.max_batch, *sweep.batches), progress=False, options=sweep.options,
-            split=split, no_p2p=sweep.no_p2p, time_backends=True)
+            split=split, no_p2p=sweep.no_p2p, time_backends=True, speculate=sweep.speculate)
         try:
             _check_devices(devices, comm, sweep.share_gpus)
             res = run_bench(settings, config, batches=list(sweep.batches), prompt_len=prompt_len,

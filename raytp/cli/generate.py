@@ -54,12 +54,19 @@ def cmd_generate(args) -> None:
             print(json.dumps({"text": text, "token_ids": stats["token_ids"], "prompt_tokens": stats["prompt_tokens"],
                               "generated_tokens": stats["generated_tokens"], "tokens_per_s": stats["tokens_per_s"],
                               "ttft_s": stats["ttft_s"], "finish": stats["finish"], "backend": info["backend"],
+                              "drafted_tokens": stats["drafted_tokens"], "accepted_tokens": stats["accepted_tokens"],
                               "plan": info["plan"]}))
             return
         if is_synthetic(args.model):  # no tokenizer, so no text streamed: the ids are the answer
             print(",".join(map(str, stats["token_ids"])), end="")
         print(f"\n[{stats['generated_tokens']} tokens, {stats['tokens_per_s']:.1f} tokens/s, "
-              f"first token {stats['ttft_s'] * 1000:.0f} ms]", file=sys.stderr)
+              f"first token {stats['ttft_s'] * 1000:.0f} ms{drafting(stats)}]", file=sys.stderr)
+
+
+def drafting(stats: dict) -> str:
+    """", N of M drafted tokens accepted" where the answer drafted any, else ""."""
+    return f", {stats['accepted_tokens']} of {stats['drafted_tokens']} drafted tokens accepted" \
+        if stats["drafted_tokens"] else ""
 
 
 def cmd_chat(args) -> None:
@@ -104,5 +111,6 @@ def _chat_turn(driver, args, history: list[dict], line: str) -> list[dict]:
     except Exception as e:  # noqa: BLE001 - a failed turn keeps the session
         print(f"\nraytp: {user_message(e) or e}", file=sys.stderr)
         return history
-    print(f"\n[{stats['generated_tokens']} tokens, {stats['tokens_per_s']:.1f} tokens/s]", file=sys.stderr)
+    print(f"\n[{stats['generated_tokens']} tokens, {stats['tokens_per_s']:.1f} tokens/s{drafting(stats)}]",
+          file=sys.stderr)
     return asked + [{"role": "assistant", "content": answer}]

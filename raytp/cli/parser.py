@@ -125,6 +125,15 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
                    help=f"sample among the k likeliest tokens (default: {model}, else 0: off)")
     p.add_argument("--repetition-penalty", type=float, default=None, help=f"(default: {model}, else 1: off)")
     p.add_argument("--seed", type=int, default=0, help="fixes the random draws (default: 0)")
+    _speculate_arg(p, "")
+
+
+def _speculate_arg(p: argparse.ArgumentParser, whose: str) -> None:
+    p.add_argument("--speculate", default="off", metavar="ngram[:K]|off",
+                   help=f"{whose}draft up to K tokens (default 4, at most 8) by looking the text's last tokens up in "
+                        "the prompt and the answer so far, and check them all in one step: the same tokens, faster "
+                        "where answers copy their input (edits, code, summaries); it steps aside by itself at "
+                        "batches above 4 and while drafts keep failing (default: off)")
 
 
 def _add_pull(sub, **kw) -> None:
@@ -185,6 +194,7 @@ def _add_serve(sub, **kw) -> None:
                      help="read the API key from the first line of PATH instead")
     p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a free batch slot; "
                    "beyond them the API answers 429 (default: 64)")
+    _speculate_arg(p, "for requests that name no speculate: ")
 
 
 def _add_bench(sub, **kw) -> None:
@@ -212,6 +222,7 @@ def _bench_workload_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode-tokens", type=int, default=64, help="tokens generated per request (default: 64)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per configuration after one warm-up; the "
                    "median is kept (default: 3)")
+    _speculate_arg(p, "the requests' drafting: ")
     p.add_argument("--allreduce-sizes", default="4096,8192,131072,2097152",
                    help="all-reduce message sizes in elements, besides each batch's decode message "
                         "(default: 4096,8192,131072,2097152)")

@@ -37,4 +37,5 @@ def sampling_params(args, defaults):
 
     max_tokens = args.max_tokens if args.max_tokens is not None else min(DEFAULT_MAX_TOKENS, args.max_context // 2)
     return SamplingParams(temperature=flag("temperature"), top_p=flag("top_p"), top_k=flag("top_k"),
-                          max_tokens=max_tokens, repetition_penalty=flag("repetition_penalty"), seed=args.seed)
+                          max_tokens=max_tokens, repetition_penalty=flag("repetition_penalty"), seed=args.seed,
+                          speculate=args.speculate)

@@ -41,6 +41,12 @@ only copies the compiled matcher for each sample, so a large schema never stalls
 Waiting requests are admitted where they fit, in arrival order, a large one (many samples) passed over by at most
 max_batch later ones before the slots that free up are kept for it (raytp.runtime.admission).
 
+A request that asks for `speculate` (raytp.runtime.speculation) has its rows draft tokens from its own text; while
+any row of a small batch may draft, the loop reads each step before it queues the next, and a step in which some
+row has a draft is a verify step (`_verify`): every row's last token and draft in one forward, the target's token
+at each position drawn exactly on the host, the drafted ones accepted up to the first that differs, every accepted
+token passing `_accept` in order. It leaves the device batch stale: the next plain step reloads it.
+
 Log-probabilities of generated tokens (`logprobs`) come out of the step's own exchange (raytp.runtime.sampling),
 computed only while a row of the batch asks for them (a graph variant of its own), and ride on each TokenEvent.
 
@@ -64,9 +70,10 @@ from raytp.model.llama import ShardedLlama
 from raytp.parallel.comm import Communicator
 from raytp.parallel.plan import PREFILL_CHUNK
 from raytp.runtime.admission import AdmissionQueue
-from raytp.runtime.batch import DecodeBatch, Pending
+from raytp.runtime.batch import NO_HISTORY, DecodeBatch, Pending
 from raytp.runtime.constraints import Grammars, grammar_failure
 from raytp.runtime.sampling import Logprobs, SamplingParams, ShardedSampler, sample_seed
+from raytp.runtime.speculation import SPECULATE_MAX_BATCH, RowSpeculation, row_speculation
 
 # echo: prompt positions x vocabulary scored in one prefill chunk (85 positions of a 49152-token vocabulary). Each
 # position costs its lm_head columns and its scores over the whole vocabulary in float64 (summed, searched for the
@@ -99,6 +106,10 @@ class TokenEvent:
     # a prefill chunk's
     prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
     index: int = 0  # which of the request's n samples
+    # on a row's first event of a verify step (raytp.runtime.speculation): its drafted tokens, and how many of them
+    # were accepted and emitted (the step's events for the row are 1 + accepted)
+    drafted: int = 0
+    accepted: int = 0
 
 
 @dataclass
@@ -150,6 +161,7 @@ class _Sequence:
     index: int = 0  # which of the request's samples; sample 0 prefills for all
     matcher: object | None = None  # the grammar's state (llguidance), for a constrained request
     forks: list[_Sequence] = field(default_factory=list)  # sample 0: the others, waiting for its prefill
+    speculation: RowSpeculation | None = None  # its drafting, where its request asks for it
 
 
 class RankEngine:
@@ -236,14 +248,19 @@ class RankEngine:
             self._prefill_chunk(events)
             if self.stale:
                 self._drain(events)
-            if self.stale and self.decoding:
-                self.batch.load(self.decoding)
-                self.stale = False
             if self.decoding:
                 if self.comm.rank == 0 and self.news == self.news_handled and self._has_news():
                     self.batch.post(self.news + 1)
-                self._enqueue()
-            while len(self.in_flight) > (0 if self.batch.constrained else 1):  # step N+1 is queued: read step N
+                drafts = None if self.in_flight else self._drafts()
+                if drafts:
+                    self._verify(drafts, events)
+                else:
+                    if self.stale:
+                        self.batch.load(self.decoding)
+                        self.stale = False
+                    self._enqueue()
+            # step N+1 is queued: read step N; every step at once where the next needs its tokens
+            while len(self.in_flight) > (0 if self.batch.constrained or self._speculating() else 1):
                 self._read(self.in_flight.popleft(), events)
             if events:
                 emit(events)
@@ -261,6 +278,8 @@ class RankEngine:
                                r.params, seed=sample_seed(r.params.seed, i))), self.free_slots.pop(0),
                                list(r.prompt_ids), index=i) for i in range(r.params.n)]
                 samples[0].forks = samples[1:]
+                for sample in samples:
+                    sample.speculation = row_speculation(r.params.speculate, r.params.grammar is not None)
                 if r.params.grammar is not None:
                     for sample, matcher in zip(samples, self.grammars.matchers(r.id, len(samples))):
                         sample.matcher = matcher
@@ -323,6 +342,66 @@ class RankEngine:
             self.batch.allow(self._masks(self.decoding))
         step, _ = self.batch.step(list(self.decoding))
         self.in_flight.append(step)
+
+    def _speculating(self) -> bool:
+        """Whether the next step may verify drafts: then the host reads every step before it queues the next."""
+        return len(self.decoding) <= SPECULATE_MAX_BATCH and any(
+            s.speculation is not None and s.speculation.active(s.generated) for s in self.decoding)
+
+    def _drafts(self) -> list[list[int]] | None:
+        """Each decoding row's draft, where the batch speculates and some row has one (every rank alike)."""
+        if not self._speculating():
+            return None
+        drafts = []
+        for seq in self.decoding:
+            spec, room = seq.speculation, self.model.max_context - len(seq.tokens)
+            if seq.request.params.max_tokens is not None:  # the target's own token comes on top of the draft
+                room = min(room, seq.request.params.max_tokens - seq.generated - 1)
+            drafts.append([] if spec is None else spec.draft(seq.tokens, seq.generated, room))
+        return drafts if any(drafts) else None
+
+    def _verify(self, drafts: list[list[int]], events: list[TokenEvent]) -> None:
+        """One step over every row's last token and its draft (raytp.runtime.speculation): the target's token at
+        each position, the drafted ones taken up to the first that differs. Leaves the device batch stale."""
+        rows = list(self.decoding)
+        width = 1 + max(len(d) for d in drafts)
+        tokens, positions = [], []
+        for seq, draft in zip(rows, drafts):
+            run, start = [seq.tokens[-1]] + draft, len(seq.tokens) - 1
+            pad = width - len(run)  # copies of the last real position write that position's keys and values again
+            tokens.append(run + run[-1:] * pad)
+            positions.append(list(range(start, start + len(run))) + [start + len(run) - 1] * pad)
+        logits = self.model.forward(torch.tensor(tokens, device=self.device),
+                                    torch.tensor(positions, device=self.device),
+                                    torch.tensor([s.slot for s in rows], device=self.device), every=True)
+        picked, params, generated, histories, masks = [], [], [], [], {}
+        for b, (seq, draft) in enumerate(zip(rows, drafts)):
+            p = seq.request.params
+            if seq.matcher is not None:
+                masks[len(picked)] = self.grammars.allowed(seq.matcher)
+            for j in range(len(draft) + 1):
+                picked.append(b * width + j)
+                params.append(p)
+                generated.append(seq.generated + j)
+                histories.append(torch.tensor(seq.tokens + draft[:j]) if p.repetition_penalty != 1 else NO_HISTORY)
+        flat = logits.view(len(rows) * width, -1)[torch.tensor(picked, device=self.device)]
+        draw = self.sampler.draw_exact(flat, params, generated, histories,
+                                       any(p.logprobs is not None for p in params), masks, self.batch.word)
+        self.news = max(self.news, int(draw.word))
+        targets = draw.tokens.tolist()
+        row = 0
+        for seq, draft in zip(rows, drafts):
+            first, taken = len(events), 0
+            for j, target in enumerate(targets[row : row + len(draft) + 1]):
+                going = self._accept(seq, target, events, _row_logprobs(draw.logprobs, row + j, seq.request.params))
+                taken += 1
+                if not going or j == len(draft) or draft[j] != target:
+                    break
+            if draft:
+                events[first].drafted, events[first].accepted = len(draft), taken - 1
+                seq.speculation.record(taken - 1, seq.generated)
+            row += len(draft) + 1
+        self.stale = True
 
     def _drain(self, events: list[TokenEvent]) -> None:
         while self.in_flight:

@@ -32,6 +32,7 @@ import torch
 
 from raytp.parallel.comm import Communicator
 from raytp.runtime.errors import RequestError
+from raytp.runtime.speculation import OFF, drafted_tokens
 
 M32 = 0xFFFFFFFF
 FIRST_CANDIDATES = 64
@@ -61,6 +62,8 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # as `logprobs`, for every prompt token after the first (echo)
     n: int = 1  # samples of the prompt, prefilled once; sample i draws as a request with `sample_seed(seed, i)`
     grammar: str | None = None  # llguidance's grammar the answer must match (raytp.runtime.constraints), or None
+    # drafting (raytp.runtime.speculation): "off", "ngram" or "ngram:K"; the tokens are the same either way
+    speculate: str = OFF
 
     def __post_init__(self):
         if self.top_k == -1:
@@ -86,6 +89,7 @@ class SamplingParams:
         for param, ok, message in checks:
             if not ok:
                 raise RequestError(message, param=param)
+        drafted_tokens(self.speculate)  # a RequestError naming the value
 
     @property
     def greedy(self) -> bool:
@@ -319,15 +323,15 @@ class ShardedSampler:
 
     def draw_exact(self, logits: torch.Tensor, params: list[SamplingParams], positions: list[int],
                    histories: list[torch.Tensor], logprobs: bool = False,
-                   allowed: dict[int, torch.Tensor] | None = None) -> Draw:
-        """`draw`, exact for every row: for prefill and for rows `draw` left inexact (host syncs).
+                   allowed: dict[int, torch.Tensor] | None = None, word: torch.Tensor | None = None) -> Draw:
+        """`draw`, exact for every row: for prefill, verify steps and rows `draw` left inexact (host syncs).
 
         logits: (batch, vocab_local) float32; `positions` are the tokens each row has generated, `histories`
         its prompt and generated ids (read where a repetition penalty is on), `allowed` the grammar masks of
-        constrained rows. Identical on all ranks."""
+        constrained rows; `word` rides along as in `draw`. Identical on all ranks."""
         B, n = logits.shape
         rows = SamplingRows.build(params, positions, histories, self.vocab_start, n, logits.device, allowed)
-        tokens, exact, _, lp = self.draw(logits, rows, max(p.kind for p in params), logprobs=logprobs)
+        tokens, exact, word, lp = self.draw(logits, rows, max(p.kind for p in params), word, logprobs)
         want = FIRST_CANDIDATES
         while not bool(exact.all()):  # every rank sees the same flags: they come from gathered numbers
             want = max(4 * want, int(rows.top_k[~exact].max()))
@@ -337,7 +341,7 @@ class ShardedSampler:
             if logprobs:
                 lp = _where_rows(exact, lp, kept)
             exact = exact | sure
-        return Draw(tokens, exact, None, lp)
+        return Draw(tokens, exact, word, lp)
 
     def _filtered(self, scores: torch.Tensor, rows: SamplingRows,
                   want: int) -> tuple[torch.Tensor, torch.Tensor, Logprobs]:

@@ -10,6 +10,11 @@
     raytp_rank_step_seconds{rank,device} histogram: each rank's wall time per loop iteration while it has work
                                          (the ranks step in lockstep: the slowest rank sets everyone's pace)
     raytp_rebuilds_total                 groups rebuilt after a rank failed
+    raytp_speculative_drafted_tokens_total   tokens drafted and checked by verify steps (raytp.runtime.speculation)
+    raytp_speculative_accepted_tokens_total  of those, the ones accepted (and streamed)
+
+The acceptance rate is accepted / drafted; the tokens a request gets per decode step are generation /
+(generation - accepted), every step giving one token of its own plus the drafted ones it accepted.
 
 One registry per server, not prometheus-client's global one (Ray keeps its own metrics in the process).
 """
@@ -40,6 +45,9 @@ class ServingMetrics:
         self.rank_step = Histogram("raytp_rank_step_seconds", "a rank's wall time per loop iteration with work",
                                    ["rank", "device"], buckets=STEP_BUCKETS, registry=r)
         self.rebuilds = Counter("raytp_rebuilds", "groups rebuilt after a rank failed", registry=r)
+        self.drafted = Counter("raytp_speculative_drafted_tokens", "drafted tokens checked by verify steps",
+                               registry=r)
+        self.accepted = Counter("raytp_speculative_accepted_tokens", "drafted tokens accepted", registry=r)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -45,6 +45,7 @@ from raytp.runtime.sampling import (
     TOP_LOGPROBS_MAX,
     SamplingParams,
 )
+from raytp.runtime.speculation import OFF, SPECULATE_RULE, drafted_tokens
 from raytp.serving.auth import FailedAttempts, KeyGate, WebSessions
 from raytp.serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from raytp.serving.sockets import display_url, listen_socket
@@ -192,6 +193,8 @@ class _Body(BaseModel):
     stream: bool = False
     stream_options: StreamOptions = Field(default_factory=StreamOptions)
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever the model says (benchmarks, tests)
+    # raytp's extension: "off", "ngram" or "ngram:K" (raytp.runtime.speculation); None: the server's --speculate
+    speculate: str | None = Field(None, max_length=16)
     # Declared so that what raytp does not do with them is refused (`unsupported`), never silently ignored: a
     # client relying on one would take an unconstrained answer for a constrained one. JSON response formats are
     # followed (`grammar`).
@@ -214,6 +217,15 @@ class _Body(BaseModel):
     @classmethod
     def _one_stop(cls, stop):
         return [stop] if isinstance(stop, str) else stop
+
+    @field_validator("speculate")
+    @classmethod
+    def _known_drafting(cls, speculate):
+        try:
+            drafted_tokens(speculate)
+        except RequestError:
+            raise ValueError(SPECULATE_RULE) from None  # the 400 adds the value
+        return speculate
 
     def unsupported(self) -> tuple[str, str] | None:
         """(field, why) of the first field asking for what raytp does not do, or None."""
@@ -251,17 +263,18 @@ class _Body(BaseModel):
         """The same for the prompt's tokens (echo); None: none."""
         return None
 
-    def sampling(self, defaults=None) -> SamplingParams:
+    def sampling(self, defaults=None, speculate: str = OFF) -> SamplingParams:
         """The request's sampling. What it omits of temperature, top_p, top_k and repetition_penalty comes from
         `defaults` (the model's generation_config.json: raytp.weights.generation_defaults), else from SamplingParams
-        (greedy, every filter off)."""
+        (greedy, every filter off); drafting from `speculate` (the server's) where it names none."""
         named = {name: getattr(self, name) for name in ("temperature", "top_p", "top_k", "repetition_penalty")}
         chosen = {name: getattr(defaults, name) if value is None else value for name, value in named.items()
                   if value is not None or defaults is not None}
         return SamplingParams(**chosen,
                               seed=self.seed if self.seed is not None else secrets.randbits(31),
                               max_tokens=self.max_tokens, logprobs=self.top_n(), n=self.n,
-                              prompt_logprobs=self.prompt_top_n(), grammar=self.grammar())
+                              prompt_logprobs=self.prompt_top_n(), grammar=self.grammar(),
+                              speculate=self.speculate if self.speculate is not None else speculate)
 
     def grammar(self) -> str | None:
         """llguidance's grammar of what the answer must be, None for free text."""
@@ -519,7 +532,7 @@ async def run_completion(driver, req: ChatCompletionRequest | CompletionRequest)
         prompt_ids = req.prompt if isinstance(req.prompt, list) else await driver.encode(prompt=req.prompt)
     if why := driver.unavailable():  # a client retries a 503 on its own; it would only wait out a rebuild here
         raise UnavailableError(why)
-    params = req.sampling(driver.sampling_defaults)
+    params = req.sampling(driver.sampling_defaults, driver.settings.speculate)
     echo = not chat and req.echo
     scored: list[TokenLogprob] = [(t, None, None) for t in prompt_ids[:1]]  # the first prompt token has no logprob
     async with aclosing(driver.submit(prompt_ids, params, req.stop, req.ignore_eos)) as pieces:

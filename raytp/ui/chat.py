@@ -198,7 +198,8 @@ def build_ui(driver) -> gr.Blocks:
             params = SamplingParams(temperature=float(temperature), top_p=float(top_p), max_tokens=int(max_tokens),
                                     seed=int(seed) if seed is not None and seed >= 0 else secrets.randbits(31),
                                     top_k=driver.sampling_defaults.top_k,  # no slider: the model's own
-                                    repetition_penalty=driver.sampling_defaults.repetition_penalty)
+                                    repetition_penalty=driver.sampling_defaults.repetition_penalty,
+                                    speculate=driver.settings.speculate)
             async with aclosing(driver.submit(await driver.encode(messages=messages), params)) as items:
                 async for item in items:
                     if "finish" in item:

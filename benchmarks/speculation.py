@@ -1,0 +1,79 @@
+"""Prompt-lookup drafting (`speculate: ngram`) against plain decoding on the embedded SmolLM2, through the real path
+(a local Ray, the driver, the ranks): acceptance and tokens/s for the edit/summarize prompts and for free chat of
+benchmarks/prompts/speculation.json, greedy, every request run both ways in the same group.
+
+    python benchmarks/speculation.py [--devices cpu] [--k 4] [--max-tokens 128]
+
+CPU figures are for regressions, not claims: two cores shared by every rank.
+"""
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import ray
+
+from raytp.actors.driver import DriverActor
+from raytp.actors.group import GroupSettings
+from raytp.cli.generate import stream_answer
+from raytp.cli.session import ray_session
+from raytp.parallel.devices import parse_devices
+from raytp.runtime.sampling import SamplingParams
+from raytp.weights.smollm2 import pull_smollm2
+
+PROMPTS = Path(__file__).parent / "prompts" / "speculation.json"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--devices", default="cpu")
+    p.add_argument("--k", type=int, default=4)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--dtype", default="float32")
+    args = p.parse_args()
+    pull_smollm2()
+    with ray_session(None, args.devices):  # a local Ray of its own, as `raytp generate` starts
+        rows = measure(args)
+    report(args, rows)
+
+
+def measure(args) -> list[tuple]:
+    settings = GroupSettings(model="smollm2", devices=tuple(parse_devices(args.devices)), dtype=args.dtype,
+                             max_context=1024, max_batch=1, progress=False)
+    driver = DriverActor.remote(settings)
+    ray.get(driver.start.remote())
+    try:
+        rows = []
+        for kind, prompts in json.loads(PROMPTS.read_text()).items():
+            plain, fast, drafted, accepted, generated, same = [], [], 0, 0, 0, True
+            for prompt in prompts:
+                ids = ray.get(driver.encode.remote(messages=[{"role": "user", "content": prompt}]))
+                answers = {}
+                for spec in ("off", f"ngram:{args.k}"):
+                    params = SamplingParams(max_tokens=args.max_tokens, speculate=spec)
+                    answers[spec] = stream_answer(driver, False, params, ids)
+                (text_off, off), (text_on, on) = answers.values()
+                same &= text_off == text_on
+                plain.append(off["tokens_per_s"])
+                fast.append(on["tokens_per_s"])
+                drafted, accepted = drafted + on["drafted_tokens"], accepted + on["accepted_tokens"]
+                generated += on["generated_tokens"]
+            rows.append((kind, len(prompts), statistics.mean(plain), statistics.mean(fast),
+                         accepted / drafted if drafted else 0.0, generated / (generated - accepted), same))
+    finally:
+        ray.get(driver.shutdown.remote())
+    return rows
+
+
+def report(args, rows: list[tuple]) -> None:
+    print(f"SmolLM2-135M {args.dtype}, --devices {args.devices}, greedy, max_tokens {args.max_tokens}, ngram:{args.k}")
+    print("| prompts | n | plain tokens/s | ngram tokens/s | speed-up | acceptance | tokens/step | same text |")
+    print("|---|---|---|---|---|---|---|---|")
+    for kind, n, off, on, acceptance, per_step, same in rows:
+        print(f"| {kind} | {n} | {off:.1f} | {on:.1f} | {on / off:.2f}x | {acceptance:.0%} | {per_step:.2f} | "
+              f"{'yes' if same else 'NO'} |")
+
+
+if __name__ == "__main__":
+    main()
