@@ -108,3 +108,24 @@ def test_fp8_window_cache_is_planned_as_held_and_chunked_prefill_agrees(tiny_gem
         assert _tensor_bytes(model.cache_tensors()) == shard.kv_cache_bytes
     whole, chunked = (group.generate([prompt], SamplingParams(max_tokens=12), prefill_chunk=c)["r0"] for c in (512, 3))
     assert whole == chunked and len(whole) == 12
+
+
+def test_a_request_that_asks_to_speculate_decodes_plainly(tiny_gemma3, monkeypatch):
+    """Drafted positions overwrite the window cache's ring, which holds positions the next query still sees: a
+    sliding-window model must not draft (raytp.runtime.speculation.unsupported_reason). A drafter that always
+    proposes would give other tokens than transformers' if it did."""
+    from raytp.runtime.engine import Add, Request
+    from raytp.runtime.speculation import RowSpeculation, unsupported_reason
+    from tests.test_decode_loop import run_loop, tokens_of
+
+    path, reference = tiny_gemma3
+    prompt = torch.randint(0, 1000, (1, PROMPT), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        expected = reference.generate(prompt, max_new_tokens=16, do_sample=False, eos_token_id=None,
+                                      pad_token_id=0)[0, PROMPT:].tolist()
+    monkeypatch.setattr(RowSpeculation, "draft", lambda self, tokens, generated, room: [5, 6, 7, 8][:room])
+    group = LocalGroup(path, SPLITS[2])
+    seen, _ = run_loop(group, [Add(Request("r0", prompt[0].tolist(), SamplingParams(max_tokens=16,
+                                                                                    speculate="ngram:4")))])
+    assert tokens_of(seen, "r0") == expected and not any(e.drafted for e in seen)
+    assert "sliding-window" in unsupported_reason(group.config)

@@ -10,7 +10,8 @@ own length (read from device memory, so a graph replays it at any length), and s
 KV head from one read of its keys and values. The span is cut into a fixed number of splits (flash-decoding):
 one program per (sequence, KV head, split) keeps a running max, sum and weighted value sum; a second kernel
 merges the splits. The split layout depends only on the cache size, so a head's result never depends on how
-heads are spread over ranks.
+heads are spread over ranks. Attention sinks (gpt-oss: a learned logit per head in the softmax's denominator) enter
+only there, in the merge.
 
 An FP8 cache (k_scale and v_scale given, raytp.kernels.kv_fp8) is read by the torch version, which dequantizes the
 span it gathers, except where dispatch.use_triton_fp8_kv allows the decode kernel: it loads the e4m3 bytes, converts
@@ -38,19 +39,38 @@ MAX_SPLITS = 64
 MIN_SPLIT = 256  # positions: shorter splits would cost more to merge than they save
 
 
-def cached_attention_torch(q, k_cache, v_cache, slots, step, k_scale=None, v_scale=None, scale=None) -> torch.Tensor:
+def cached_attention_torch(q, k_cache, v_cache, slots, step, k_scale=None, v_scale=None, scale=None,
+                           sinks=None) -> torch.Tensor:
     """q (batch, n_q, seq, head_dim) over one layer's cache (slots, kv_heads, positions, head_dim), each row
     seeing the positions step.visible allows within step.span; an FP8 cache's scales are (slots, kv_heads,
-    positions); scores scaled by `scale` (None: head_dim ** -0.5). Returns (batch, seq, n_q * head_dim)."""
+    positions); scores scaled by `scale` (None: head_dim ** -0.5); `sinks` (n_q,): see `attention_with_sinks`.
+    Returns (batch, seq, n_q * head_dim)."""
     B, n_q, T, D = q.shape
     span = (slots, slice(None), slice(None, step.span))
     if k_scale is None:
         keys, values = k_cache[span], v_cache[span]  # (batch, kv_heads, span, head_dim)
     else:
         keys, values = kv_fp8.read(k_cache, k_scale, span, q.dtype), kv_fp8.read(v_cache, v_scale, span, q.dtype)
-    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=step.visible, scale=scale,
-                                         enable_gqa=n_q != keys.shape[1])
+    out = attention_with_sinks(q, keys, values, step.visible, sinks, scale)
     return out.transpose(1, 2).reshape(B, T, n_q * D)
+
+
+def attention_with_sinks(q, keys, values, visible, sinks=None, scale=None) -> torch.Tensor:
+    """Grouped-query SDPA of q (batch, n_q, seq, head_dim) over keys and values (batch, kv_heads, span, head_dim)
+    where `visible` (batch, 1, seq, span) allows -> (batch, n_q, seq, head_dim). `sinks` (n_q,) (gpt-oss): each
+    head's learned logit joins the softmax's denominator and adds nothing to its numerator, as transformers'
+    eager_attention_forward does (a logit appended to the scores, dropped after the softmax). Here it is one more
+    key of zeros whose value is zero, the sink as its additive mask, so that SDPA's fused kernels still run."""
+    n_q, n_kv = q.shape[1], keys.shape[1]
+    if sinks is None:
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, scale=scale, enable_gqa=n_q != n_kv)
+    B, _, T, _ = q.shape
+    zero = keys.new_zeros((B, n_kv, 1, keys.shape[-1]))
+    bias = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill(~visible, float("-inf"))
+    sink = sinks.to(q.dtype).view(1, n_q, 1, 1).expand(B, n_q, T, 1)
+    mask = torch.cat((bias.expand(B, n_q, T, -1), sink), dim=-1)  # (batch, n_q, seq, span + 1)
+    return F.scaled_dot_product_attention(q, torch.cat((keys, zero), 2), torch.cat((values, zero), 2),
+                                          attn_mask=mask, scale=scale, enable_gqa=n_q != n_kv)
 
 
 if triton is not None:
@@ -104,17 +124,24 @@ if triton is not None:
         tl.store(ml_ptr + row * 2 + 1, l, mask=live)
 
     @triton.jit
-    def _decode_merge_kernel(acc_ptr, ml_ptr, out_ptr, n_splits, D: tl.constexpr, SPLITS: tl.constexpr):
+    def _decode_merge_kernel(acc_ptr, ml_ptr, sinks_ptr, out_ptr, n_splits, n_q, D: tl.constexpr,
+                             SPLITS: tl.constexpr, SINKS: tl.constexpr):
         row = tl.program_id(0)  # batch * n_q + query head
         s = tl.arange(0, SPLITS)
         d = tl.arange(0, D)
         used = s < n_splits
         m = tl.load(ml_ptr + (row * n_splits + s) * 2, mask=used, other=float("-inf"))
         l = tl.load(ml_ptr + (row * n_splits + s) * 2 + 1, mask=used, other=0.0)
-        top = tl.max(m, 0)  # split 0 always holds position 0, so this is finite
+        top = tl.max(m, 0)  # the split holding the query's own position is never empty, so this is finite
+        if SINKS:  # the head's sink logit joins the denominator only
+            sink = tl.load(sinks_ptr + row % n_q).to(tl.float32)
+            top = tl.maximum(top, sink)
         w = tl.exp(m - top)
         acc = tl.load(acc_ptr + (row * n_splits + s)[:, None] * D + d[None, :], mask=used[:, None], other=0.0)
-        out = tl.sum(acc * w[:, None], 0) / tl.sum(l * w, 0)
+        denominator = tl.sum(l * w, 0)
+        if SINKS:
+            denominator += tl.exp(sink - top)
+        out = tl.sum(acc * w[:, None], 0) / denominator
         tl.store(out_ptr + row * D + d, out.to(out_ptr.dtype.element_ty))
 
 
@@ -125,7 +152,8 @@ def split_layout(max_context: int) -> tuple[int, int]:
     return splits, -(-chunk // BLOCK_N) * BLOCK_N
 
 
-def cached_attention(q, k_cache, v_cache, slots, step, k_scale=None, v_scale=None, scale=None) -> torch.Tensor:
+def cached_attention(q, k_cache, v_cache, slots, step, k_scale=None, v_scale=None, scale=None,
+                     sinks=None) -> torch.Tensor:
     """As cached_attention_torch; the Triton decode kernels on CUDA for one query token per sequence
     (step.lengths: (batch,) positions each sequence sees, this step's included) over a model-dtype cache or (where
     dispatch.use_triton_fp8_kv allows) an FP8 one. A window cache (raytp.model.kv_cache.WindowCache) passes the cells
@@ -134,7 +162,7 @@ def cached_attention(q, k_cache, v_cache, slots, step, k_scale=None, v_scale=Non
     n_kv = k_cache.shape[1]
     fp8 = k_scale is not None
     if T != 1 or not (use_triton_fp8_kv(q) if fp8 else use_triton(q)) or D & (D - 1) or n_q % n_kv:
-        return cached_attention_torch(q, k_cache, v_cache, slots, step, k_scale, v_scale, scale)
+        return cached_attention_torch(q, k_cache, v_cache, slots, step, k_scale, v_scale, scale, sinks)
     group = n_q // n_kv
     splits, chunk = split_layout(k_cache.shape[2])
     q = q.reshape(B, n_q, D).contiguous()
@@ -153,5 +181,6 @@ def cached_attention(q, k_cache, v_cache, slots, step, k_scale=None, v_scale=Non
         BLOCK=FP8_BLOCK_N if fp8 else BLOCK_N, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FP8=fp8,
         **({"num_stages": FP8_STAGES} if fp8 else {}))
     out = torch.empty((B, n_q, D), dtype=q.dtype, device=q.device)
-    _decode_merge_kernel[(B * n_q,)](acc, ml, out, splits, D=D, SPLITS=triton.next_power_of_2(splits))
+    _decode_merge_kernel[(B * n_q,)](acc, ml, sinks if sinks is not None else ml, out, splits, n_q, D=D,
+                                     SPLITS=triton.next_power_of_2(splits), SINKS=sinks is not None)
     return out.view(B, 1, n_q * D)

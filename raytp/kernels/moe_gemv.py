@@ -68,13 +68,13 @@ def grouped_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, n
     """`routed_experts_torch` with each expert's projections given as functions (expert, input) -> output, for
     experts in any weight format (`raytp.model.experts.TorchExperts`)."""
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-    for expert, tokens, w in _groups(ids, weights, num_experts):
+    for expert, tokens, w in expert_groups(ids, weights, num_experts):
         h = swiglu_torch(gate_up(expert, x[tokens]))  # (n, cols)
         out.index_add_(0, tokens, down(expert, h).float() * w[:, None])
     return out.to(x.dtype)
 
 
-def _groups(ids: torch.Tensor, weights: torch.Tensor, num_experts: int):
+def expert_groups(ids: torch.Tensor, weights: torch.Tensor, num_experts: int):
     """(expert, its tokens, their routing weights) for every expert that some token selected."""
     tokens, k = ids.shape
     if ids.is_cuda and torch.cuda.is_current_stream_capturing():

@@ -38,9 +38,12 @@ class AttentionLayout:
     qkv_bias: tuple[Slice, ...]  # empty unless the config has attention bias (Qwen2)
     qk_norm: tuple[Slice, ...]  # q_norm, k_norm (head_dim,) shared by every head; empty unless the config has them
     o_proj: Slice  # input columns of this rank's query heads
+    o_bias: Slice | None = None  # (hidden,) whole, where the config has one (gpt-oss)
+    sinks: Slice | None = None  # (num_heads,): this rank's query heads' sink logits, where the config has them
 
     def slices(self) -> Iterator[Slice]:
         yield from (*self.qkv, *self.qkv_bias, *self.qk_norm, self.o_proj)
+        yield from (s for s in (self.o_bias, self.sinks) if s is not None)
 
 
 @dataclass(frozen=True)
@@ -86,7 +89,8 @@ class Attention:
                  act_quant_weight_only: bool):
         self.kind, self.cache = kind.name, cache
         self.qkv = ColumnParallelLinear(layout.qkv, layout.qkv_bias).load(reader, act_quant_weight_only)
-        self.o_proj = RowParallelLinear(layout.o_proj, comm).load(reader, act_quant_weight_only)
+        self.o_proj = RowParallelLinear(layout.o_proj, comm, layout.o_bias).load(reader, act_quant_weight_only)
+        self.sinks = reader.read(layout.sinks) if layout.sinks is not None else None  # (local query heads,)
         self.n_q, self.scale = self.o_proj.width // config.head_dim, config.attention_scale
         n_kv = len(layout.qkv[1].rows) // config.head_dim
         dims = head_dims(config.head_dim, config.rotary_fraction)
@@ -104,12 +108,12 @@ class Attention:
         if self.order is not None:
             qkv = qkv[..., self.order]
         attended = self.cache.attention(qkv, self.n_q, step.rope[self.kind], positions, slots, step.views[self.kind],
-                                        self.norm, self.scale)  # (batch, seq, n_q * head_dim)
+                                        self.norm, self.scale, self.sinks)  # (batch, seq, n_q * head_dim)
         return self.o_proj(attended if gates is None else attended * torch.sigmoid(gates))
 
     def tensors(self) -> list[torch.Tensor]:
-        norms = [t for t in (self.norm.q, self.norm.k) if t is not None]
-        return norms + [t for x in (self.qkv, self.o_proj) for t in x.weight.tensors()]
+        own = [t for t in (self.norm.q, self.norm.k, self.sinks, self.o_proj.bias) if t is not None]
+        return own + [t for x in (self.qkv, self.o_proj) for t in x.weight.tensors()]
 
 
 @dataclass(frozen=True)
@@ -141,11 +145,13 @@ class AttentionKind:
             qkv_bias=tuple(Slice(f"{prefix}{n}.bias", (size,), rows, split=KV_HEADS) for n, size, rows in heads)
             if c.qkv_bias else (),
             qk_norm=tuple(whole(f"{prefix}{n}.weight", (D,)) for n in ("q_norm", "k_norm")) if c.qk_norm else (),
-            o_proj=linear(c.quant, prefix + "o_proj", (H, c.num_heads * D), range(H), q_rows, split=KV_HEADS))
+            o_proj=linear(c.quant, prefix + "o_proj", (H, c.num_heads * D), range(H), q_rows, split=KV_HEADS),
+            o_bias=whole(prefix + "o_proj.bias", (H,)) if c.o_proj_bias else None,
+            sinks=Slice(prefix + "sinks", (c.num_heads,), shard.q_heads, split=KV_HEADS) if c.attention_sinks else None)
 
     def pieces(self, config, shape: PlanShape) -> tuple[Piece, ...]:
-        """One KV group of one layer: q and o_proj slices of its q query heads, its k and v rows (+ q/k/v biases),
-        its cache rows."""
+        """One KV group of one layer: q and o_proj slices of its q query heads, its k and v rows (+ q/k/v biases,
+        its query heads' sinks), its cache rows."""
         c, b = config, LinearBytes.of(config, shape)
         d, q = c.head_dim, c.q_per_kv
         o_cols, o_scales, col_extra = q * d, 0, 0  # per-row scales of o_proj are replicated
@@ -155,7 +161,7 @@ class AttentionKind:
             else:
                 o_scales = -(-o_cols // b.group) * c.hidden_size * b.group_entry
         g = 2 if c.attention_gate else 1  # q_proj rows per query head
-        bias = (g * q + 2) * d * c.qkv_bias * b.nbytes
+        bias = ((g * q + 2) * d * c.qkv_bias + q * c.attention_sinks) * b.nbytes
         weights = (g * q + 2) * d * b.row + o_cols * (b.column + col_extra) + o_scales + bias
         cache = 2 * shape.max_batch * self.positions(c, shape.max_context) * kv_row_bytes(d, b.nbytes, shape.kv_dtype)
         return (Piece((Span(KV_HEADS, "KV heads"), Span(Q_HEADS, "query heads", q)), c.num_kv_heads, 1, weights,

@@ -93,6 +93,8 @@ class ModelConfig:
     shared_expert_size: int = 0  # a mixture of experts' always-on SwiGLU expert, its width; gated by a sigmoid
     text_prefix: str = "model."  # the decoder's tensors' prefix; a multimodal checkpoint's: "model.language_model."
     mtp_layers: int = 0  # multi-token-prediction layers stored under mtp.* (Qwen3.5), loaded and kept
+    attention_sinks: bool = False  # a learned logit per query head in its softmax's denominator (gpt-oss)
+    o_proj_bias: bool = False  # o_proj has a bias (gpt-oss), added by one rank
 
     def __post_init__(self):
         if self.layer_types and len(self.layer_types) != self.num_layers:

@@ -16,8 +16,9 @@ if TYPE_CHECKING:  # the checkpoint methods import torch, which the CLI's argume
 
 # The MLP gate activations raytp runs (`raytp.model.mlp.ACTIVATIONS`): SwiGLU's and GeGLU's tanh GELU
 HIDDEN_ACTS = ("silu", "gelu_pytorch_tanh")
-# RoPE frequency scalings raytp computes (`raytp.model.rope.rope_inv_freq`): llama3's and linear position scaling
-ROPE_TYPES = ("llama3", "linear")
+# RoPE frequency scalings raytp computes (`raytp.model.rope.rope_inv_freq`): llama3's, linear position scaling and
+# YaRN's (gpt-oss)
+ROPE_TYPES = ("llama3", "linear", "yarn")
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,10 @@ class MoeConfig:
     expert_size: int  # one expert's SwiGLU inner width: the columns the ranks split, the same range of every expert
     normalize: bool  # the top-k routing weights renormalized to sum to 1 (Mixtral always, Qwen3-MoE: norm_topk_prob)
     names: ExpertNames
+    kind: str = "experts"  # the layer kind, a key of raytp.model.layout.MIXTURES
+    # (alpha, limit) of experts computing (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g), g = min(gate,
+    # limit) (gpt-oss); None: silu(gate) * up
+    swiglu_clamp: tuple[float, float] | None = None
 
     @classmethod
     def from_dict(cls, d: dict, names: ExpertNames) -> MoeConfig:

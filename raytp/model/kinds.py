@@ -49,10 +49,16 @@ class LayerKind(Protocol):
     def load(self, config, layout, comm, reader, state, act_quant_weight_only: bool): ...
 
 
+def linear_quant(config):
+    """The checkpoint method the config's Linear layers are stored in, or None (the model dtype)."""
+    return config.quant if config.quant is not None and config.quant.linears else None
+
+
 @dataclass(frozen=True)
 class LinearBytes:
     """What the Linear layers of a config cost per row and column in the format they are held in (every decoder
-    Linear counts as quantized when the config is): the arithmetic the kinds' declarations share."""
+    Linear counts as quantized when the config's method quantizes Linear layers): the arithmetic the kinds'
+    declarations share."""
 
     row: int  # one output row of a column-parallel matrix (q/k/v, gate/up) of input width `hidden`
     column: int  # one input column's values of a row-parallel matrix (o_proj, down_proj) of `hidden` rows
@@ -63,7 +69,7 @@ class LinearBytes:
 
     @classmethod
     def of(cls, config, shape: PlanShape, hidden: int | None = None) -> LinearBytes:
-        q, nbytes = config.quant, DTYPE_BYTES[shape.dtype]
+        q, nbytes = linear_quant(config), DTYPE_BYTES[shape.dtype]
         fmt, h = weight_format(q), hidden or config.hidden_size
         grouped = q is not None and q.group_size is not None
         return cls(fmt.row_bytes(h, nbytes), fmt.column_bytes(h, nbytes), q.group_size if grouped else None,
@@ -71,4 +77,4 @@ class LinearBytes:
 
     def row_scales(self, config, shape: PlanShape) -> int:
         """One row-parallel matrix's per-row scales (or none): replicated, as every rank computes every row."""
-        return weight_format(config.quant).row_scale_bytes(config.hidden_size, DTYPE_BYTES[shape.dtype])
+        return weight_format(linear_quant(config)).row_scale_bytes(config.hidden_size, DTYPE_BYTES[shape.dtype])

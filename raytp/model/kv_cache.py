@@ -22,10 +22,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from raytp.kernels import kv_fp8
-from raytp.kernels.attention import cached_attention
+from raytp.kernels.attention import attention_with_sinks, cached_attention
 from raytp.kernels.rope_cache import rope_and_cache
 
 
@@ -88,11 +87,12 @@ class KVCache:
                               self.v_scale, norm.q, norm.k, norm.eps)
 
     def attention(self, qkv: torch.Tensor, n_q: int, rope: Rope, positions: torch.Tensor, slots: torch.Tensor,
-                  step, norm: QKNorm, scale: float | None) -> torch.Tensor:
+                  step, norm: QKNorm, scale: float | None, sinks: torch.Tensor | None = None) -> torch.Tensor:
         """This step's keys and values stored, causal attention of its queries over the positions `step` lets each
-        see (`step.lengths`, `span`, `visible`) -> (batch, seq, n_q * head_dim)."""
+        see (`step.lengths`, `span`, `visible`) -> (batch, seq, n_q * head_dim); `sinks` (n_q,): each head's logit
+        in its softmax's denominator (raytp.kernels.attention.attention_with_sinks), or None."""
         q = self.write(qkv, n_q, rope, positions, slots, norm)
-        return cached_attention(q, self.k, self.v, slots, step, self.k_scale, self.v_scale, scale)
+        return cached_attention(q, self.k, self.v, slots, step, self.k_scale, self.v_scale, scale, sinks)
 
     def read(self, slots: torch.Tensor, span: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values (batch, heads, span, head_dim) of `slots`' first `span` cells, in `dtype`."""
@@ -148,10 +148,11 @@ class WindowCache(KVCache):
         return WindowView(positions % window, positions[:, -1] + 1, window, visible.unsqueeze(1), decode=False)
 
     def attention(self, qkv: torch.Tensor, n_q: int, rope: Rope, positions: torch.Tensor, slots: torch.Tensor,
-                  step: WindowView, norm: QKNorm, scale: float | None) -> torch.Tensor:
+                  step: WindowView, norm: QKNorm, scale: float | None, sinks: torch.Tensor | None = None
+                  ) -> torch.Tensor:
         if step.decode:
             q = self.write(qkv, n_q, rope, step.cells, slots, norm)
-            return cached_attention(q, self.k, self.v, slots, step, self.k_scale, self.v_scale, scale)
+            return cached_attention(q, self.k, self.v, slots, step, self.k_scale, self.v_scale, scale, sinks)
         B, T, _ = qkv.shape
         D = self.k.shape[-1]
         chunk = KVCache(self.kv_dtype, (B, self.heads, T, D), qkv.dtype, qkv.device)  # this step's keys and values
@@ -159,8 +160,8 @@ class WindowCache(KVCache):
         q = chunk.write(qkv, n_q, rope, local, torch.arange(B, device=qkv.device), norm)
         ring_k, ring_v = self.read(slots, self.window, q.dtype)
         own_k, own_v = chunk.read(torch.arange(B, device=qkv.device), T, q.dtype)
-        out = F.scaled_dot_product_attention(q, torch.cat((ring_k, own_k), 2), torch.cat((ring_v, own_v), 2),
-                                             attn_mask=step.visible, scale=scale, enable_gqa=n_q != self.heads)
+        out = attention_with_sinks(q, torch.cat((ring_k, own_k), 2), torch.cat((ring_v, own_v), 2), step.visible,
+                                   sinks, scale)
         kept = min(T, self.window)  # the chunk's last positions, each to its own cell
         cells = (slots.view(B, 1), slice(None), step.cells[:, T - kept:])
         for ring, own in zip(self.tensors(), chunk.tensors()):  # (batch, heads, seq, ...) -> (batch, seq, heads, ...)

@@ -60,18 +60,20 @@ class ColumnParallelLinear:
 
 
 class RowParallelLinear:
-    """y = all_reduce(x @ W[:, cols].T): partial sums over this rank's input columns, summed over all ranks.
+    """y = all_reduce(x @ W[:, cols].T) + b: partial sums over this rank's input columns, summed over all ranks.
 
-    Every rank gets the same bits (the communicator sums in rank order). The models here have no row-parallel
-    bias, so there is none to add on one rank only.
+    Every rank gets the same bits (the communicator sums in rank order). A bias (gpt-oss's o_proj) is held whole by
+    every rank and added by one, the rank whose columns start the row, before the all-reduce.
     """
 
-    def __init__(self, part: Slice, comm: Communicator):
-        self.part, self.comm = part, comm
+    def __init__(self, part: Slice, comm: Communicator, bias: Slice | None = None):
+        self.part, self.comm, self.bias_part = part, comm, bias
         self.out_features, self.width = part.shape[0], len(part.cols)
 
     def load(self, reader: WeightReader, act_quant_weight_only: bool) -> RowParallelLinear:
         """`act_quant_weight_only`: the group runs activation-quantized weights weight-only (formats.for_device)."""
+        self.bias = reader.read(self.bias_part) if self.bias_part is not None else None  # (out,)
+        self.adds_bias = self.bias is not None and self.width > 0 and self.part.cols.start == 0
         self.weight = for_device(read_linear(reader, self.part), reader.dtype, act_quant_weight_only)
         # Whether the ranks exchange each token's amax, which all must agree on: a rank without columns keeps its
         # empty slice as read, though the others hold theirs repacked for the weight-only kernel.
@@ -84,6 +86,8 @@ class RowParallelLinear:
             partial = self.weight.apply(x) if amax is None else self.weight.apply(x, amax)
         else:  # no columns here: this rank's share of the sum is zero
             partial = x.new_zeros((*x.shape[:-1], self.out_features))
+        if self.adds_bias:
+            partial = partial + self.bias
         return self.comm.all_reduce(partial)
 
     def _row_amax(self, x: torch.Tensor) -> torch.Tensor | None:

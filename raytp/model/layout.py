@@ -35,11 +35,14 @@ from raytp.model.layers import VOCAB_ROWS, vocab_piece
 from raytp.model.linear_attention import LINEAR_ATTENTION
 from raytp.model.mlp import DENSE_MLP
 from raytp.model.moe import EXPERTS
+from raytp.model.stacked_moe import STACKED_EXPERTS
 from raytp.model.slice import Slice, linear, whole
 from raytp.parallel.plan import PlanShape, RankShard
 
 # config.json's layer_types -> the token mixer of such a layer
 MIXERS: dict[str, LayerKind] = {k.name: k for k in (FULL_ATTENTION, SLIDING_ATTENTION, LINEAR_ATTENTION)}
+# MoeConfig.kind -> the mixture of experts that is each layer's feed-forward block
+MIXTURES: dict[str, LayerKind] = {k.name: k for k in (EXPERTS, STACKED_EXPERTS)}
 
 
 def layer_count(config: ModelConfig) -> int:
@@ -53,7 +56,7 @@ def layer_kinds(config: ModelConfig, i: int) -> tuple[LayerKind, LayerKind]:
     mixer = config.mixers[i] if i < config.num_layers else FULL_ATTENTION.name
     if mixer not in MIXERS:
         raise UnsupportedModelError(f"layer_types[{i}] is {mixer!r}; raytp runs layers of {', '.join(MIXERS)}")
-    return MIXERS[mixer], EXPERTS if config.moe is not None else DENSE_MLP
+    return MIXERS[mixer], MIXTURES[config.moe.kind] if config.moe is not None else DENSE_MLP
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,8 @@ class Slice:
     columns when `cols` is given) counts positions in the stable sort of the group index of the Linear named `order`
     (its act-order weight_g_idx or g_idx), not stored indices. `split`: the piece whose range the sliced dimension
     follows (a KV_HEADS slice of q_proj holds the rows of the rank's KV groups' query heads), None for a tensor
-    every rank holds whole.
+    every rank holds whole. `stacked`: the tensor holds one matrix per expert along its first dimension (gpt-oss's
+    experts): every expert is read, and `rows` and `cols` count the dimensions after it.
     """
 
     name: str
@@ -29,6 +30,7 @@ class Slice:
     quant: QuantConfig | None = None
     order: str | None = None
     split: str | None = None
+    stacked: bool = False
 
 
 def whole(name: str, shape: tuple[int, ...]) -> Slice:

@@ -120,19 +120,22 @@ class RowSpeculation:
             self.paused_until = generated + PAUSE_TOKENS
 
 
-def rolls_back(config) -> bool:
-    """Whether a model's state can drop the positions after a rejected draft. A KV cache can (later steps overwrite
-    them, and no query reads past a sequence's length); the recurrent state of linear-attention layers has already
-    taken every drafted token in, so a model with them does not draft."""
-    return config.linear_attention is None
-
-
 def unsupported_reason(config) -> str | None:
-    """Why a model cannot speculate, in words for an error; None where it can."""
-    if rolls_back(config):
-        return None
-    return ("the model has linear-attention layers, whose recurrent state cannot drop a rejected draft's tokens: "
-            "speculate is off for it")
+    """Why a model's state cannot drop the positions after a rejected draft, in words for an error; None where it
+    can. A KV cache can: later steps overwrite them, and no query reads past a sequence's length. The recurrent state
+    of linear-attention layers has already taken every drafted token in, and a sliding window's cache, a ring of the
+    window's positions, has overwritten positions the next query still sees."""
+    kinds = set(config.mixers)
+    if "linear_attention" in kinds:
+        return "the model has linear-attention layers, whose recurrent state cannot drop a rejected draft's tokens"
+    if "sliding_attention" in kinds:
+        return "the model has sliding-window layers, whose window cache cannot keep the positions a draft overwrites"
+    return None
+
+
+def rolls_back(config) -> bool:
+    """Whether a model can drop the positions after a rejected draft (unsupported_reason)."""
+    return unsupported_reason(config) is None
 
 
 def row_speculation(spec: str, constrained: bool, config) -> RowSpeculation | None:

@@ -100,8 +100,9 @@ class SafetensorsReader:
     def read(self, s: Slice, *, stored: bool = False) -> torch.Tensor:
         sl = self.handles[self.files[s.name]].get_slice(s.name) if s.name in self.files else None
         check_slice(s, self.files, None if sl is None else tuple(sl.get_shape()))
-        rows = slice(s.rows.start, s.rows.stop)
-        t = sl[rows] if s.cols is None else sl[rows, s.cols.start:s.cols.stop]
+        index = (slice(None),) if s.stacked else ()  # every expert of a stacked tensor
+        index += (slice(s.rows.start, s.rows.stop),) + (() if s.cols is None else (slice(s.cols.start, s.cols.stop),))
+        t = sl[index]
         self.bar.update(t.numel() * t.element_size())
         if not stored and t.is_floating_point() and t.element_size() == 1:
             raise CheckpointError(f"tensor {s.name!r} in {self.files[s.name]} is stored in {t.dtype}, but "

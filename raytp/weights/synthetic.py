@@ -3,6 +3,7 @@
     synthetic:llama-3.1-8b | synthetic:llama-3.1-70b | synthetic:llama-3.1-405b   the published HF configs
     synthetic:qwen3-8b | synthetic:qwen3-32b                                     (Qwen3: q/k norms, no bias)
     synthetic:qwen3-30b-a3b | synthetic:mixtral-8x7b                             mixtures of experts
+    synthetic:gpt-oss-20b | synthetic:gpt-oss-120b                               with MXFP4 experts, as published
     synthetic:gemma-3-27b                                           Gemma 3: five sliding-window layers per full one
     synthetic:qwen3.5-27b | synthetic:qwen3.5-35b-a3b                Qwen3.5: Gated DeltaNet and full attention
     synthetic:tiny                                                               a small config for tests
@@ -21,7 +22,8 @@ Quantized, a matrix is drawn directly as the tensors its checkpoint method store
 `raytp.model.quant` reads; a preset's are compressed-tensors'), each in fixed tiles of TILE x TILE: random packed
 words (every value equally likely) with scales that give the weights the same 0.02 spread, FP8 values N(0, 1) with a
 per-row (or per-block) scale near 0.02, or (W8A8) unpacked int8 values, every one equally likely, with scales as for
-packed ones.
+packed ones; MXFP4 (gpt-oss's experts) random bytes with power-of-two scales within a factor of two of the one
+that gives that spread.
 """
 
 from __future__ import annotations
@@ -59,6 +61,15 @@ _QWEN3_5 = {"model_type": "qwen3_5_text", "vocab_size": 248320, "head_dim": 256,
             "full_attention_interval": 4, "rms_norm_eps": 1e-6, "max_position_embeddings": 262144,
             "rope_parameters": {"rope_type": "default", "rope_theta": 10000000, "partial_rotary_factor": 0.25},
             "tie_word_embeddings": False, "attention_bias": False, "mtp_num_hidden_layers": 1}
+_GPT_OSS = {"model_type": "gpt_oss", "vocab_size": 201088, "hidden_size": 2880, "intermediate_size": 2880,
+            "num_attention_heads": 64, "num_key_value_heads": 8, "head_dim": 64, "num_experts_per_tok": 4,
+            "sliding_window": 128, "attention_bias": True, "rms_norm_eps": 1e-5, "rope_theta": 150000,
+            "rope_scaling": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                             "truncate": False, "original_max_position_embeddings": 4096},
+            "max_position_embeddings": 131072, "swiglu_limit": 7.0, "tie_word_embeddings": False,
+            "eos_token_id": 200002, "pad_token_id": 199999,
+            "quantization_config": {"quant_method": "mxfp4", "modules_to_not_convert": [
+                "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}}
 
 # Shapes from meta-llama/Llama-3.1-{8B,70B,405B}/config.json and Qwen/Qwen3-{8B,32B}/config.json, and as noted.
 CONFIGS: dict[str, dict] = {
@@ -83,6 +94,10 @@ CONFIGS: dict[str, dict] = {
                      "num_local_experts": 8, "num_experts_per_tok": 2, "rms_norm_eps": 1e-5, "rope_theta": 1e6,
                      "max_position_embeddings": 32768, "sliding_window": None, "tie_word_embeddings": False,
                      "bos_token_id": 1, "eos_token_id": 2},
+    # openai/gpt-oss-20b/config.json and -120b's: sliding-window (128) and full layers in turn, 4 experts of width
+    # 2880 per token in MXFP4, YaRN RoPE
+    "gpt-oss-20b": _GPT_OSS | {"num_hidden_layers": 24, "num_local_experts": 32},
+    "gpt-oss-120b": _GPT_OSS | {"num_hidden_layers": 36, "num_local_experts": 128},
     # google/gemma-3-27b-it/config.json's text_config: 62 layers, every 6th full attention, the others a window of
     # 1024; one scale per rope base; no soft-capping
     "gemma-3-27b": {"model_type": "gemma3_text", "vocab_size": 262208, "hidden_size": 5376,
@@ -236,6 +251,11 @@ class SyntheticReader:
                 t = self._stored(f"{_seed_name(module + '.weight')}.{suffix}", s, *self.stored[s.name])
                 return t if stored else t.to(g.dtype)
             name = _seed_name(s.name)
+            if s.stacked:  # every expert's matrix (experts, out, in) or bias (experts, out), each a tensor of its own
+                matrix = len(s.shape) == 3
+                drawn = [g.tiles(f"{name}.{e}", s.shape[1:] if matrix else (s.shape[1], 1), s.rows, s.cols)
+                         for e in range(s.shape[0])]
+                return torch.stack(drawn if matrix else [d.view(-1) for d in drawn])
             block = self.head_dim if ".self_attn." in s.name else BLOCK
             if len(s.shape) == 1:
                 if s.split is None:  # a tensor every rank holds whole: a norm
@@ -248,8 +268,23 @@ class SyntheticReader:
             return g.rows(name, s.shape[1], block, s.cols, s.shape[0]).t().contiguous()
 
     def _stored(self, name: str, s: Slice, dtype: torch.dtype, scale: float) -> torch.Tensor:
-        """A block of one tensor a checkpoint stores for a quantized matrix, in its stored dtype."""
+        """A block of one tensor a checkpoint stores for a quantized matrix, in its stored dtype; a stacked tensor's
+        (experts, rows, cols, bytes...) expert by expert, each 2-D with its bytes in the columns."""
         g = self.blocks
+        if s.stacked:
+            inner = math.prod(s.shape[3:])  # bytes of one column of the slice (an MXFP4 group's 16)
+            cols = s.cols if s.cols is not None else range(s.shape[2])
+            expert = Slice(s.name, (s.shape[1], s.shape[2] * inner), s.rows, range(cols.start * inner,
+                                                                                   cols.stop * inner))
+            return torch.stack([self._stored(f"{name}.{e}", expert, dtype, scale).view(len(s.rows), len(cols),
+                                                                                      *s.shape[3:])
+                                for e in range(s.shape[0])])
+        if dtype == torch.uint8:  # bytes of packed values: every value equally likely
+            return g.tiles(name, s.shape, s.rows, s.cols, dtype=torch.int32).to(torch.uint8)
+        if dtype == torch.float8_e8m0fnu:  # powers of two around the scale, as their bytes
+            exponent = round(math.log2(scale)) + 127
+            drawn = g.tiles(name, s.shape, s.rows, s.cols, dtype=torch.int32)
+            return (exponent - 1 + torch.remainder(drawn, 3)).to(torch.uint8)
         if dtype in (torch.int32, torch.int8):  # every value (and zero point) equally likely
             return g.tiles(name, s.shape, s.rows, s.cols, dtype=dtype)
         if dtype == torch.float8_e4m3fn:

@@ -121,6 +121,24 @@ def test_decode_attention_kernel_matches_torch(dtype, n_q, n_kv, D, ctx, lengths
     torch.testing.assert_close(got, want, **tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n_q,n_kv,D", [(64, 8, 64), (9, 3, 64)])
+@pytest.mark.parametrize("ctx,lengths", [(300, [1, 2, 300]), (8192, [64, 4097, 8192])])
+def test_decode_attention_kernel_with_sinks_matches_torch(dtype, n_q, n_kv, D, ctx, lengths):
+    """gpt-oss's sinks (a logit per head in the denominator), some larger than every score of their head."""
+    B = len(lengths)
+    g = torch.Generator(device="cuda").manual_seed(ctx + n_q)
+    k, v = (torch.randn(B + 2, n_kv, ctx, D, device="cuda", generator=g).to(dtype) for _ in range(2))
+    q = torch.randn(B, n_q, 1, D, device="cuda", generator=g).to(dtype)
+    sinks = (torch.randn(n_q, device="cuda", generator=g) * 4).to(dtype)
+    slots = torch.arange(B, device="cuda").flip(0) + 1
+    step = decode_step(ctx, lengths)
+    got = attention.cached_attention(q, k, v, slots, step, sinks=sinks)
+    want = attention.cached_attention_torch(q, k, v, slots, step, sinks=sinks)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(got, want, **tol)
+
+
 def fp8_cache(B, n_kv, ctx, D):
     """An FP8 cache's values and scales, made as the model makes them (raytp.model.llama)."""
     return (kv_fp8.zeros((B, n_kv, ctx, D), torch.device("cuda")),

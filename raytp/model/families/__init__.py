@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from raytp.model.families.base import Family, LayerNames
 from raytp.model.families.gemma3 import GEMMA3
+from raytp.model.families.gpt_oss import GPT_OSS
 from raytp.model.families.llama import LLAMA, MISTRAL
 from raytp.model.families.mixtral import MIXTRAL
 from raytp.model.families.qwen2 import QWEN2
@@ -30,4 +31,5 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     QWEN3_5_TEXT,
     QWEN3_5_MOE,
     QWEN3_5_MOE_TEXT,
+    GPT_OSS,
 )}

@@ -11,6 +11,8 @@ it fuses with others (`fused`), whether it is repacked for its device (`repacked
                    group of columns
     act_quant.py   ActQuantFormat / ActQuantWeight: float8 e4m3 or int8 with per-channel float32 scales, applied to
                    activations quantized per token at run time (FP8_DYNAMIC, W8A8)
+    mxfp4.py       MXFP4Format / MXFP4Weight: one projection of every expert (gpt-oss) as e2m1 values with e8m0
+                   scales per 32 inputs, applied by the experts' kernels (raytp.kernels.mxfp4)
     fused.py       ConcatWeight (parts that cannot share a matrix), PackedWeight (repacked for the GPU decode GEMV),
                    `fuse` and `for_device`
 

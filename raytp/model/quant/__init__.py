@@ -8,6 +8,7 @@ object of `raytp.model.formats`:
     awq.py                 AutoAWQ (GEMM)
     autogptq.py            the tensors those two share (AutoGPTQ's qweight, scales, qzeros, g_idx)
     fp8_blocks.py          transformers' fine-grained FP8 (block scales)
+    mxfp4.py               gpt-oss's MXFP4 experts (e2m1 values, e8m0 scales per 32)
 
     registry.py            METHODS by quant_method, and `quant_config`, which parses a quantization_config
 

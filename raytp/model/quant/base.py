@@ -18,7 +18,9 @@ import torch
 class StoredTensor(NamedTuple):
     """One tensor a checkpoint stores for a quantized matrix: its global shape and what its values are, the dtype
     it is read in (`torch.int32`: packed words, zero points or group indices, every value equally likely to a
-    synthetic draw; `torch.int8` / `torch.float8_e4m3fn`: unpacked values; `torch.float32`: scales)."""
+    synthetic draw; `torch.int8` / `torch.float8_e4m3fn`: unpacked values; `torch.float32`: scales; `torch.uint8`:
+    bytes of packed values, every value equally likely; `torch.float8_e8m0fnu`: power-of-two scales, read as their
+    bytes)."""
 
     shape: tuple[int, ...]
     dtype: torch.dtype
@@ -46,6 +48,9 @@ class QuantConfig:
     dynamic_activations: bool = False
 
     quant_method: ClassVar[str]  # config.json's quantization_config.quant_method
+    # The decoder's Linear layers are stored this way (less `ignore`); False: only what the method names itself
+    # (MXFP4: gpt-oss's stacked experts)
+    linears: ClassVar[bool] = True
     supported: ClassVar[str]  # what the method reads, said in every refusal
 
     @classmethod

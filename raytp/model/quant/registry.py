@@ -8,8 +8,9 @@ from raytp.model.quant.base import QuantConfig
 from raytp.model.quant.compressed_tensors import CompressedTensors
 from raytp.model.quant.fp8_blocks import FP8Blocks
 from raytp.model.quant.gptq import GPTQ
+from raytp.model.quant.mxfp4 import MXFP4
 
-METHODS: dict[str, type[QuantConfig]] = {m.quant_method: m for m in (CompressedTensors, GPTQ, AWQ, FP8Blocks)}
+METHODS: dict[str, type[QuantConfig]] = {m.quant_method: m for m in (CompressedTensors, GPTQ, AWQ, FP8Blocks, MXFP4)}
 # What raytp reads, said in every refusal
 SUPPORTED_QUANTIZATION = "; ".join(m.supported for m in METHODS.values())
 
