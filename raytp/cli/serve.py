@@ -22,10 +22,18 @@ def cmd_serve(args) -> None:
     # until the server is up, SIGTERM interrupts start-up the way Ctrl-C does, so the cleanup below still runs
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     announce_defaults(args, "a request's own values override each")
-    with ray_session(args.address, args.devices), running_driver(args) as (driver, info):
+    from raytp.serving.relay import Relay
+
+    # the relay (this process) holds the clients' connections, so that they are told if the driver dies; it is
+    # closed after the driver, whose shutdown tells the open requests first
+    with ray_session(args.address, args.devices), Relay(args.host, args.port) as relay, \
+            running_driver(args) as (driver, info):
         import ray
 
-        url = ray.get(driver.serve.remote(args.host, args.port, args.api_key, args.max_queue))
+        from raytp.actors.driver import SHUTTING_DOWN
+
+        ray.get(driver.serve.remote(relay.upstream, args.api_key, args.max_queue))
+        url = relay.open()
         print(info["plan_table"], file=sys.stderr)
         print(f"raytp: serving {args.model}: web chat {url} , OpenAI API {url}v1 ; Ctrl-C stops", file=sys.stderr)
         print(url, flush=True)
@@ -34,3 +42,4 @@ def cmd_serve(args) -> None:
         while not stop.wait(1.0):
             print_driver_logs(driver)  # also the liveness check: a dead driver ends `serve` within seconds
         print("raytp: shutting down", file=sys.stderr)
+        relay.gone = SHUTTING_DOWN  # from now on the driver's server goes away on purpose
