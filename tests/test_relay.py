@@ -7,11 +7,13 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -53,7 +55,8 @@ UPSTREAM = textwrap.dedent("""
         answer = json.dumps({"client": scope["client"], "method": scope["method"], "path": scope["path"],
                              "query": scope["query_string"].decode(), "body": len(body),
                              "headers": {k.decode(): v.decode() for k, v in scope["headers"]}}).encode()
-        await send({"type": "http.response.start", "status": 201, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.start", "status": 201, "headers": [
+            (b"content-type", b"application/json"), (b"content-length", b"%d" % len(answer))]})
         await send({"type": "http.response.body", "body": answer})
 
     uvicorn.run(app, uds=sys.argv[1], log_level="warning", forwarded_allow_ips="*", lifespan="off")
@@ -110,6 +113,11 @@ def test_requests_pass_through_as_they_came_from_the_clients_address(relayed):
                                                                            len(body))
     assert seen["client"][0] == "127.0.0.1"  # the relay's word, not the forged header's
     assert seen["headers"]["authorization"] == "Bearer k" and seen["headers"]["host"] == "example.org"
+
+    with socket.create_connection((urlsplit(url).hostname, urlsplit(url).port)) as bare:  # a client of few headers
+        bare.sendall(b"GET /inspect HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+        reply = b"".join(iter(lambda: bare.recv(65536), b""))
+    assert json.loads(reply.partition(b"\r\n\r\n")[2])["headers"] == {"host": "h", "x-forwarded-for": "127.0.0.1"}
 
 
 def test_a_client_that_goes_away_closes_its_connection_to_the_upstream(relayed):

@@ -129,8 +129,10 @@ class Relay:
             body_read.set()
         path, query = scope.get("raw_path") or scope["path"].encode(), scope.get("query_string")
         url = httpx.URL(scheme="http", host="raytp", raw_path=path + b"?" + query if query else path)
-        request = self._client.build_request(scope["method"], url, headers=headers,
-                                             content=_body(receive, body_read) if with_body else None)
+        # a Request of its own, not the client's build_request, which would add httpx's default headers (an
+        # Accept-Encoding the client never sent would have the answer compressed)
+        request = httpx.Request(scope["method"], url, headers=headers,
+                                content=_body(receive, body_read) if with_body else None)
         try:
             response = await self._client.send(request, stream=True)
         except httpx.HTTPError:  # the driver's server is gone: nothing was answered yet
