@@ -136,8 +136,7 @@ class Relay:
         try:
             response = await self._client.send(request, stream=True)
         except httpx.HTTPError:  # the driver's server is gone: nothing was answered yet
-            await _send_json(send, 503, {"error": {"message": self.gone, "type": "server_error", "param": None,
-                                                   "code": "unavailable"}})
+            await _send_json(send, 503, self._gone_error())
             return
         try:
             await self._relay_response(scope, response, send)
@@ -161,9 +160,12 @@ class Relay:
         except httpx.HTTPError:
             if not events:
                 return  # cut: the client sees the connection end before the body does
-            error = {"error": {"message": self.gone, "type": "server_error", "param": None, "code": "unavailable"}}
-            pending = f"data: {json.dumps(error)}\n\ndata: [DONE]\n\n".encode()
+            pending = f"data: {json.dumps(self._gone_error())}\n\ndata: [DONE]\n\n".encode()
         await send({"type": "http.response.body", "body": pending, "more_body": False})
+
+    def _gone_error(self) -> dict:
+        """The API's error body (raytp.serving.openai_api.APIError's shape) saying why the request was not finished."""
+        return {"error": {"message": self.gone, "type": "server_error", "param": None, "code": "unavailable"}}
 
 
 async def _body(receive, body_read: asyncio.Event):
