@@ -16,8 +16,9 @@ A sitting file (benchmarks/sittings/*.yaml):
                                                  # files go to $RUN_OUT (OUT/SITTING/NAME/)
 
 Every run is checked before the first one starts (bench arguments by raytp's own parser), so a typo costs no
-device time. Bench runs share one local Ray (loopback only, token authentication with a token made for the
-sitting), started once. The environment is a GPU host's (NVLink multicast off: it can take a shared host's GPUs
+device time. Bench runs share one Ray head (`ray start --head`, loopback only, token authentication with a token
+made for the sitting), started once, joined with --address and ended with the sitting however it ends (its log:
+OUT/SITTING/ray-head.log). The environment is a GPU host's (NVLink multicast off: it can take a shared host's GPUs
 out of service) and, where Ray is not installed and the repository holds a `.whl` folder of wheels (a GPU host
 without a package registry), Ray from those wheels. The table printed last has one line per run: its status, its
 time, and for a bench run each configuration's ms/token, tokens/s, roofline fraction and prefill tokens/s; it is
@@ -34,6 +35,8 @@ import os
 import secrets
 import shlex
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tarfile
@@ -46,6 +49,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 SITE = Path(tempfile.gettempdir()) / "raytp_site"
+RAY_HEAD_START_S = 180  # a head not started by then is tried once more
 GPU_HOST_ENV = {"PYTHONUNBUFFERED": "1", "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
                 "NVSHMEM_DISABLE_NVLS": "1"}
 
@@ -66,8 +70,9 @@ def check_bench_args(args: list[str]) -> str | None:
     """None if `raytp bench ARGS` parses with raytp's own parser, else its complaint."""
     from raytp.cli import build_parser
 
-    if "--out" in args:
-        return "--out is set by the runner (OUT/NAME)"
+    for flag, what in (("--out", "OUT/NAME"), ("--address", "the sitting's Ray head")):
+        if flag in args:
+            return f"{flag} is set by the runner ({what})"
     complaint = io.StringIO()
     try:
         with contextlib.redirect_stderr(complaint):
@@ -135,26 +140,90 @@ def gpu_host_environment() -> dict[str, str]:
     return env
 
 
-def start_shared_ray(env: dict[str, str], workdir: Path):
-    """One local Ray for every bench run, on 127.0.0.1 with token authentication; the runs join it through
-    RAY_ADDRESS. Stopped when this process calls ray.shutdown() or exits."""
+class RayHeadError(RuntimeError):
+    """The sitting's Ray head did not start: the message ends with its log."""
+
+
+@dataclass(frozen=True)
+class RayHead:
+    """The sitting's Ray head: `ray start --head --block` in a session of its own, and what its runs need to join."""
+
+    process: subprocess.Popen
+    address: str  # 127.0.0.1:PORT, for --address
+    env: dict[str, str]  # token authentication and loopback, for the runs that join it
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch_ray_head(env: dict[str, str], log_path: Path) -> tuple[subprocess.Popen, str] | None:
+    """`ray start --head --block`, once it says it started; None if it gave up. Every port is a free one: another
+    Ray on the host may hold a default, and `--block` ends the whole head when one of its processes cannot bind."""
+    port = free_port()
+    ports = [f"--{name}={free_port()}" for name in ("ray-client-server-port", "dashboard-agent-listen-port",
+                                                     "dashboard-agent-grpc-port", "runtime-env-agent-port",
+                                                     "metrics-export-port")]
+    with open(log_path, "a") as log:
+        head = subprocess.Popen([sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
+                                 f"--port={port}", "--node-ip-address=127.0.0.1", "--include-dashboard=false", *ports,
+                                 "--disable-usage-stats"], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    deadline = time.monotonic() + RAY_HEAD_START_S
+    while "Ray runtime started." not in log_path.read_text(errors="replace"):
+        if head.poll() is not None or time.monotonic() > deadline:
+            stop_ray_head(head)  # and whatever the failed start left running
+            return None
+        time.sleep(0.5)
+    return head, f"127.0.0.1:{port}"
+
+
+def start_ray_head(env: dict[str, str], workdir: Path) -> RayHead:
+    """One Ray head for every bench run, on 127.0.0.1 with token authentication (a token made for the sitting); the
+    runs join it with --address. A separate `ray start`, not `ray.init(address="local")` in this process, which
+    timed out on a GPU host where `ray start --head` came up. Ray gives its raylet 30 s to register, which a loaded
+    host can miss: a start that gives up is tried once more."""
     token = workdir / "ray-auth-token"
     token.write_text(secrets.token_hex(32))
     token.chmod(0o600)
-    ray_env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    env.update(ray_env)
-    os.environ.update(ray_env)
-    import ray
+    ray_env = {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
+               "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # Ray's single-machine switch: every socket on 127.0.0.1
+    ray_env.pop("RAY_AUTH_TOKEN", None)
+    ray_env.pop("RAY_ADDRESS", None)  # the runs join this head, never one named by the caller's environment
+    log = workdir / "ray-head.log"
+    started = _launch_ray_head(ray_env, log) or _launch_ray_head(ray_env, log)
+    if started is None:
+        raise RayHeadError(f"the Ray head did not start, twice ({log}):\n{log.read_text(errors='replace')[-3000:]}")
+    head, address = started
+    return RayHead(head, address, ray_env)
 
-    ray.init(address="local", include_dashboard=False, logging_level="WARNING", log_to_driver=False)
-    env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
-    return ray
+
+def stop_ray_head(head: subprocess.Popen) -> None:
+    """End the head and every process of its session by signal (`ray stop` would end every Ray on the host, other
+    people's included); returns once none is left, or after 40 s."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(head.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):  # Ray's own shutdown can wait ~30 s on idle workers: not all
+        head.wait(timeout=10)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # what outlived the head, or the head itself still shutting down
+        try:
+            os.killpg(head.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        head.poll()  # reaps the head, which would otherwise stay in its session as a zombie
+        time.sleep(0.2)
 
 
-def run_one(run: Run, out: Path, env: dict[str, str]) -> tuple[str, float]:
-    """Run `run` into OUT/NAME.log (and OUT/NAME/ for bench); its status ("ok", "rc=N" or "timeout") and seconds."""
+def run_one(run: Run, out: Path, env: dict[str, str], head: RayHead | None) -> tuple[str, float]:
+    """Run `run` into OUT/NAME.log (and OUT/NAME/ for bench, on `head`); its status ("ok", "rc=N" or "timeout") and
+    seconds."""
     if run.bench is not None:
-        cmd = [sys.executable, "-m", "raytp", "bench", *run.bench, "--out", str(out / run.name)]
+        cmd = [sys.executable, "-m", "raytp", "bench", *run.bench, "--address", head.address, "--out",
+               str(out / run.name)]
+        env = head.env
     else:
         cmd = ["bash", "-c", run.script]
         (out / run.name).mkdir(exist_ok=True)
@@ -227,18 +296,26 @@ def main(argv: list[str] | None = None) -> int:
     stem = args.sitting.stem
     out = (args.out / stem).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    ray = start_shared_ray(env, out) if any(r.bench for r in runs) else None
     table = [f"# {stem}: {about}", ""]
+    head = None
     try:
+        if any(r.bench for r in runs):
+            try:
+                head = start_ray_head(env, out)
+            except RayHeadError as e:  # the scripts still run; each bench run says why it did not
+                print(f"benchmarks/run.py: {e}", file=sys.stderr)
         for run in runs:
+            if run.bench is not None and head is None:
+                table.append(f"{run.name}: not run: the Ray head did not start (ray-head.log)")
+                continue
             print(f"{run.name}: running (limit {run.limit} s)", flush=True)
-            status, seconds = run_one(run, out, env)
+            status, seconds = run_one(run, out, env, head)
             print(f"{run.name}: {status} in {seconds:.0f} s", flush=True)
             details = bench_lines(out / run.name) if run.bench else [last_line(out / f"{run.name}.log")]
             table += [f"{run.name}: {status} in {seconds:.0f} s"] + [f"    {d}" for d in details if d]
     finally:
-        if ray is not None:
-            ray.shutdown()
+        if head is not None:
+            stop_ray_head(head.process)
         (out / "ray-auth-token").unlink(missing_ok=True)
     report = "\n".join(table) + "\n"
     (out / f"{stem}.md").write_text(report)

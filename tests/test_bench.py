@@ -42,7 +42,7 @@ def test_bench_sweep_writes_csv_json_summary_and_plots(ray_head, smollm2_dir, tm
 
     out = tmp_path / "sweep"
     # nccl on cpu ranks cannot run: those configurations are skipped (at once, before any actor starts)
-    rc = main(["bench", "--model", str(smollm2_dir), "--devices-sweep", "cpu*1;cpu*2;cpu*3", "--comm",
+    rc = main(["bench", "--model", str(smollm2_dir), "--devices-sweep", "cpu*1;cpu*3", "--comm",
                "hoststaged,nccl", "--dtype", "float32", "--batch", "1,2", "--prompt-len", "8", "--decode-tokens", "4",
                "--repeats", "1", "--allreduce-sizes", "576", "--allreduce-iters", "5", "--hf-peer", "--out", str(out),
                "--address", ray_head.address])
@@ -51,9 +51,9 @@ def test_bench_sweep_writes_csv_json_summary_and_plots(ray_head, smollm2_dir, tm
         reader = csv.DictReader(f)
         assert reader.fieldnames == COLUMNS
         rows = list(reader)
-    assert len(rows) == 3 * 2 * 1 * 2  # device sets x backends x prompt lengths x batch sizes
+    assert len(rows) == 2 * 2 * 1 * 2  # device sets x backends x prompt lengths x batch sizes
     ok = [r for r in rows if r["status"] == "ok"]
-    assert [(r["devices"], r["batch"]) for r in ok] == [(f"cpu*{n}", b) for n in (1, 2, 3) for b in ("1", "2")]
+    assert [(r["devices"], r["batch"]) for r in ok] == [(f"cpu*{n}", b) for n in (1, 3) for b in ("1", "2")]
     assert all(r["status"] == "skipped" and r["reason"].startswith("ClusterError: --comm nccl needs")
                for r in rows if r["comm"] == "nccl")
     for r in ok:
@@ -70,10 +70,10 @@ def test_bench_sweep_writes_csv_json_summary_and_plots(ray_head, smollm2_dir, tm
     # the Hugging Face peer decodes the same weights greedily: the same tokens as raytp on one device
     assert all(float(r["hf_tokens_per_s"]) > 0 and r["hf_same_tokens"] == "True" for r in one)
     res = json.loads((out / "results.json").read_text())
-    assert len(res["rows"]) == len(rows) and len(res["runs"]) == 3
+    assert len(res["rows"]) == len(rows) and len(res["runs"]) == 2
     summary = (out / "summary.md").read_text()
     assert "overhead = the measured step - compute - all-reduce" in summary
-    assert "`cpu*2` quant none, --comm nccl, prompt 8: **skipped**" in summary
+    assert "`cpu*3` quant none, --comm nccl, prompt 8: **skipped**" in summary
     # the pieces SmolLM2 declares (3 KV groups of 3 query heads, MLP columns, vocab rows), every rank's range
     assert "| devices | quant | split | rank | device | query heads | KV heads | MLP columns | vocab rows |" in summary
     assert "| `cpu,cpu,cpu` | none | memory | 2 | `cpu` | 3 [6:9] | 1 [2:3] |" in summary
@@ -215,3 +215,48 @@ def test_rows_name_a_checkpoints_own_quantization_not_a_preset_it_does_not_match
     assert quant_name(None) == "none" and quant_name(quant_preset("w4a16")) == "w4a16"
     own = CompressedTensors("int", 4, 128, ignore=("lm_head",))  # llmcompressor's W4A16 as a checkpoint states it
     assert quant_name(own) == own.describe() == "w4a16 int, groups of 128, symmetric"
+
+
+# ---- --share-gpus, decided before any actor starts (in process: the cluster's resources stand in for Ray) --------
+
+@pytest.mark.parametrize("gpus, share_gpus, ran, reason", [
+    (0, True, ["cpu"], "ClusterError: needs 2 GPUs, the Ray cluster has 0"),  # nothing to share: no hint either
+    (0, False, ["cpu"], "ClusterError: needs 2 GPUs, the Ray cluster has 0 (--share-gpus lets ranks share them)"),
+    (1, True, ["cpu", "cuda*2"], None),
+    (1, False, ["cpu"], "ClusterError: needs 2 GPUs, the Ray cluster has 1 (--share-gpus lets ranks share them)"),
+])
+def test_share_gpus_runs_more_cuda_ranks_than_gpus_and_leaves_cpu_ranks_alone(monkeypatch, gpus, share_gpus, ran,
+                                                                               reason):
+    """A sweep over a cpu and a cuda*2 set: the cpu set always runs; the cuda set runs on fewer GPUs only with
+    --share-gpus, and on a cluster without GPUs is skipped (not failed) whatever the flag, at once."""
+    import ray
+
+    from raytp.bench import sweep
+    from raytp.parallel.devices import parse_devices
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0, "GPU": float(gpus)})
+    started = []
+    monkeypatch.setattr(sweep, "run_bench", lambda settings, *args, **kwargs: started.append(settings) or
+                        {"plan": {"split": "memory"}})
+    device_sets = tuple((spec, parse_devices(spec)) for spec in ("cpu", "cuda*2"))
+    result = sweep.run_sweep(sweep.Sweep(models=("synthetic:tiny",), device_sets=device_sets, comms=("hoststaged",),
+                                         batches=(1,), prompt_lens=(8,), share_gpus=share_gpus))
+    assert [o["devices"] for o in result["outcomes"] if o["status"] == "ok"] == ran
+    assert [tuple(s.devices) for s in started] == [tuple(parse_devices(s)) for s in ran]
+    skipped = [o for o in result["outcomes"] if o["status"] != "ok"]
+    assert [(o["devices"], o["status"], o["reason"]) for o in skipped] == ([] if reason is None else
+                                                                           [("cuda*2", "skipped", reason)])
+
+
+@pytest.mark.parametrize("ranks, gpus, share", [(3, 2, 0.5), (4, 1, 0.25), (2, 2, 1), (2, 0, 1)])
+def test_cuda_ranks_beyond_the_gpus_are_packed_onto_them(monkeypatch, ranks, gpus, share):
+    """What a shared GPU gives each rank: 1/k of it for k ranks per GPU; a whole one where every rank has its own,
+    or where the cluster has none (Ray then refuses the cuda ranks by name, raytp.actors.group._check_resources)."""
+    import ray
+
+    from raytp.actors.group import GroupSettings, WorkerGroup
+    from raytp.parallel.devices import parse_devices
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0, "GPU": float(gpus)})
+    group = WorkerGroup(GroupSettings(model="synthetic:tiny", devices=parse_devices(f"cuda*{ranks}")), config=None)
+    assert group._gpu_share() == share

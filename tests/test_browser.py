@@ -306,7 +306,7 @@ def test_stop_ends_an_answer(page):
 def test_a_message_sent_while_an_answer_streams_is_answered_next(page):
     page.click("#raytp-clear")
     set_number(page, "raytp-temperature", 0)
-    set_number(page, "raytp-max-tokens", 400)  # still streaming when the second message comes
+    set_number(page, "raytp-max-tokens", 120)  # still streaming when the second message comes
     ask(page, "Write a long essay about the history of Rome.")
     page.wait_for_function(f"[...document.querySelectorAll(\"{BOT}\")].pop()?.innerText.length > 20")
     box = page.locator("#raytp-input textarea, #raytp-input input").first

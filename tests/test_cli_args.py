@@ -2,10 +2,14 @@
 traceback, and without importing Ray (nor torch, where the check does not need it), which is what makes a mistake
 cost a second rather than a cluster's start-up. Also the token file a local Ray uses, and the start-up environment
 around it (no Ray here).
+
+The refusals run in process (`cli.main`, with `ray.init` failing the test if reached); one subprocess runs the real
+entry point over a refusal of each kind that needs no torch, for what only a fresh interpreter shows: the imports.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import stat
@@ -13,44 +17,77 @@ import subprocess
 import sys
 
 import pytest
+import ray
 
 from raytp import cli
 from raytp.cli import checks, common, serving_checks, session
 
 SMALL = ["--devices", "cpu@1GiB"]
 
-# Runs `python -m raytp ARGS` and then, however it ended, prints which heavy modules it had imported. What was
-# imported, not how long it took, is the property: timings on a loaded 2-core machine prove nothing.
-IMPORT_PROBE = """
-import runpy, sys
-try:
-    runpy.run_module("raytp", run_name="__main__", alter_sys=True)
-finally:
-    print("imported:" + ",".join(m for m in ("ray", "torch", "fastapi", "gradio") if m in sys.modules))
+
+@pytest.fixture(autouse=True)
+def ray_never_starts(monkeypatch):
+    """A refusal comes before Ray: a test whose command reaches `ray.init` fails."""
+    def init(*args, **kwargs):
+        pytest.fail(f"Ray was started (ray.init {args} {kwargs}) before the refusal")
+
+    monkeypatch.setattr(ray, "init", init)
+
+
+def refused(capsys, *argv: str) -> str:
+    """`raytp ARGV` in process: exit status 2, one `raytp: error:` line and nothing else (no traceback); the line."""
+    assert cli.main(list(argv)) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("raytp: error: "), err
+    return lines[0]
+
+
+# `python -m raytp ARGV` for each ARGV of a JSON list, in one interpreter, the way `python -m` runs it: each one's
+# exit status, its stderr, and the heavy modules imported by then (what was imported, not how long it took, is the
+# property: timings on a loaded 2-core machine prove nothing).
+ENTRY_POINT_PROBE = """
+import contextlib, io, json, runpy, sys
+results = []
+for argv in json.loads(sys.argv[1]):
+    sys.argv = ["raytp", *argv]
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            runpy.run_module("raytp", run_name="__main__", alter_sys=True)
+            code = None
+        except SystemExit as e:
+            code = e.code
+    results.append({"code": code, "stderr": err.getvalue(),
+                    "imported": [m for m in ("ray", "torch", "fastapi", "gradio") if m in sys.modules]})
+print(json.dumps(results))
 """
 
 
-def run_cli(*args: str) -> tuple[subprocess.CompletedProcess, set[str]]:
-    """`python -m raytp ARGS` and the heavy modules it imported."""
-    run = subprocess.run([sys.executable, "-c", IMPORT_PROBE, *args], capture_output=True, text=True, timeout=120)
-    probe = [line for line in run.stdout.splitlines() if line.startswith("imported:")]
-    assert probe, (run.stdout, run.stderr)
-    return run, set(filter(None, probe[-1].removeprefix("imported:").split(",")))
-
-
-def refused(*args: str, needs_torch: bool = False) -> str:
-    """Run `python -m raytp ARGS`; assert the refusal's shape, and that it came before Ray (and before torch unless
-    `needs_torch`: the sampling rules and the planner's model sizes live in modules that import it); return its one
-    line."""
-    run, imported = run_cli(*args)
-    lines = run.stderr.strip().splitlines()
-    assert run.returncode == 2, run.stderr
-    assert len(lines) == 1 and lines[0].startswith("raytp: error: "), run.stderr
-    assert "ray" not in imported, f"Ray was imported before the refusal: {run.stderr}"
-    assert not {"fastapi", "gradio"} & imported, f"the server was imported before the refusal: {imported}"
-    if not needs_torch:
-        assert "torch" not in imported, f"torch was imported before a refusal that does not need it: {run.stderr}"
-    return lines[0]
+def test_the_entry_point_refuses_in_one_line_importing_neither_ray_nor_torch():
+    """A refusal of each kind that needs no torch (the sampling rules and the planner's model sizes live in modules
+    that import it), through `python -m raytp`: exit status 2, one line, and neither Ray, torch nor the server
+    imported by then."""
+    cpu_ranks = common.CPU_RANKS_PER_CORE * (os.cpu_count() or 1) + 1
+    refusals = [["generate", "--prompt", "hi", *SMALL, "--max-tokens", "300", "--max-context", "256"],
+                ["bench", "--model", "synthetic:tiny", *SMALL, "--profile", "-1"],
+                ["bench", "--model", "synthetic:tiny", "--quant", "int4", *SMALL],
+                ["chat", "--devices", f"cpu*{cpu_ranks}"],
+                ["generate", "--prompt", "hi", "--devices", "cpu@999999GiB"],
+                ["generate", "--prompt", "hi", "--devices", "cpu*99999999999"],
+                ["generate", "--prompt", "hi", "--devices", "gpu*2"],
+                ["generate", "--prompt", "", *SMALL],
+                ["serve", *SMALL, "--max-batch", "0"],
+                ["serve", *SMALL, "--host", "192.0.2.77"],
+                ["serve", *SMALL, "--api-key-file", "/nonexistent/key"]]
+    run = subprocess.run([sys.executable, "-c", ENTRY_POINT_PROBE, json.dumps(refusals)], capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    for argv, result in zip(refusals, json.loads(run.stdout), strict=True):
+        lines = result["stderr"].strip().splitlines()
+        assert result["code"] == 2, (argv, result)
+        assert len(lines) == 1 and lines[0].startswith("raytp: error: "), (argv, result)
+        assert not result["imported"], f"raytp {' '.join(argv)} imported {result['imported']} before refusing"
 
 
 @pytest.mark.parametrize("flag, value, named", [
@@ -60,13 +97,13 @@ def refused(*args: str, needs_torch: bool = False) -> str:
     ("--repetition-penalty", "0", "0"),
     ("--max-tokens", "0", "0"),
 ])
-def test_bad_sampling_argument(flag, value, named):
-    line = refused("generate", "--prompt", "hi", *SMALL, flag, value, needs_torch=True)
+def test_bad_sampling_argument(capsys, flag, value, named):
+    line = refused(capsys, "generate", "--prompt", "hi", *SMALL, flag, value)
     assert f"got {named}" in line, line
 
 
-def test_max_tokens_beyond_the_context_is_refused_not_clamped():
-    line = refused("generate", "--prompt", "hi", *SMALL, "--max-tokens", "300", "--max-context", "256")
+def test_max_tokens_beyond_the_context_is_refused_not_clamped(capsys):
+    line = refused(capsys, "generate", "--prompt", "hi", *SMALL, "--max-tokens", "300", "--max-context", "256")
     assert "--max-tokens 300" in line and "--max-context 256" in line, line
 
 
@@ -74,9 +111,10 @@ def test_max_tokens_beyond_the_context_is_refused_not_clamped():
     (["--profile", "-1"], "got -1"),
     (["--profile-traces", "--out", "x"], "--profile-traces saves the traces of --profile"),
     (["--profile", "--profile-traces"], "give --profile and --out DIR"),
+    (["--decode-tokens", "3"], "--decode-tokens must be at least 4 to time whole-batch steps, got 3"),
 ])
-def test_bad_profile_arguments(args, named):
-    line = refused("bench", "--model", "synthetic:tiny", *SMALL, *args)
+def test_bad_bench_arguments(capsys, args, named):
+    line = refused(capsys, "bench", "--model", "synthetic:tiny", *SMALL, *args)
     assert named in line, line
 
 
@@ -85,8 +123,8 @@ def test_bad_profile_arguments(args, named):
     ("int4", "unknown quantization 'int4'"),
     (",", "no quantization"),
 ])
-def test_bench_refuses_a_quantization_it_does_not_know(quant, named):
-    line = refused("bench", "--model", "synthetic:tiny", "--quant", quant, *SMALL)
+def test_bench_refuses_a_quantization_it_does_not_know(capsys, quant, named):
+    line = refused(capsys, "bench", "--model", "synthetic:tiny", "--quant", quant, *SMALL)
     assert named in line and "of none, w4a16, w8a16, fp8" in line, line
 
 
@@ -107,36 +145,36 @@ def test_kv_dtype_on_every_command_that_builds_a_plan(command):
     assert parser.parse_args(command + ["--kv-dtype", "fp8"]).kv_dtype == "fp8"
 
 
-def test_bad_kv_dtype_is_refused_with_the_choices():
+def test_bad_kv_dtype_is_refused_with_the_choices(capsys):
     """argparse's refusal, as for --dtype: the usage, then one line naming the value and the choices."""
-    run = subprocess.run([sys.executable, "-m", "raytp", "generate", "--prompt", "hi", "--kv-dtype", "fp4"],
-                         capture_output=True, text=True, timeout=60)
-    last = run.stderr.strip().splitlines()[-1]
-    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    with pytest.raises(SystemExit) as refusal:
+        cli.main(["generate", "--prompt", "hi", "--kv-dtype", "fp4"])
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert refusal.value.code == 2 and "Traceback" not in err, err
     assert "--kv-dtype: invalid choice: 'fp4'" in last and "auto" in last and "fp8" in last, last
 
 
-def test_hf_peer_refuses_a_quantized_model():
-    line = refused("bench", "--model", "synthetic:tiny", "--quant", "none,w4a16", "--hf-peer", *SMALL,
-                   needs_torch=True)
+def test_hf_peer_refuses_a_quantized_model(capsys):
+    line = refused(capsys, "bench", "--model", "synthetic:tiny", "--quant", "none,w4a16", "--hf-peer", *SMALL)
     assert "--hf-peer runs transformers on dense weights" in line and "w4a16" in line, line
 
 
-def test_hf_peer_refuses_a_synthetic_mixture_of_experts():
-    line = refused("bench", "--model", "synthetic:qwen3-30b-a3b", "--hf-peer", *SMALL, needs_torch=True)
+def test_hf_peer_refuses_a_synthetic_mixture_of_experts(capsys):
+    line = refused(capsys, "bench", "--model", "synthetic:qwen3-30b-a3b", "--hf-peer", *SMALL)
     assert "synthetic: give a model directory" in line and "qwen3-30b-a3b" in line, line
 
 
-def test_more_cpu_ranks_than_this_machine_runs():
+def test_more_cpu_ranks_than_this_machine_runs(capsys):
     n = common.CPU_RANKS_PER_CORE * (os.cpu_count() or 1) + 1
-    line = refused("chat", "--devices", f"cpu*{n}")
+    line = refused(capsys, "chat", "--devices", f"cpu*{n}")
     assert f"{n} cpu ranks" in line and f"{os.cpu_count()} CPU cores" in line, line
 
 
-def test_cpu_caps_beyond_this_machines_memory():
+def test_cpu_caps_beyond_this_machines_memory(capsys):
     total_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     each = int(total_gib) + 1
-    line = refused("generate", "--prompt", "hi", "--devices", f"cpu@{each}GiB,cpu@1GiB")
+    line = refused(capsys, "generate", "--prompt", "hi", "--devices", f"cpu@{each}GiB,cpu@1GiB")
     assert f"{each + 1:.2f} GiB" in line and "of memory" in line, line
 
 
@@ -149,38 +187,53 @@ def test_a_joined_cluster_is_not_measured_against_this_machine(monkeypatch):
 
 
 @pytest.mark.parametrize("host", ["999.1.1.1", "no-such-host.invalid"])
-def test_host_that_is_not_an_address(host):
-    line = refused("serve", *SMALL, "--host", host)
+def test_host_that_is_not_an_address(capsys, host):
+    line = refused(capsys, "serve", *SMALL, "--host", host)
     assert repr(host) in line and "--host" in line and "another server" not in line, line
 
 
-def test_host_of_another_machine():
-    line = refused("serve", *SMALL, "--host", "192.0.2.77")  # TEST-NET-1: never this machine's
+def test_host_of_another_machine(capsys):
+    line = refused(capsys, "serve", *SMALL, "--host", "192.0.2.77")  # TEST-NET-1: never this machine's
     assert "'192.0.2.77' is not an address of this machine" in line, line
 
 
-def test_taken_port_keeps_its_message():
+def test_taken_port_keeps_its_message(capsys):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        line = refused("serve", *SMALL, "--port", str(port))
-    assert "another server" in line and str(port) in line, line
+        line = refused(capsys, "serve", *SMALL, "--port", str(port))
+    assert "another server" in line and str(port) in line and "--port" in line, line
+
+
+def test_a_device_kind_raytp_does_not_know(capsys):
+    line = refused(capsys, "generate", "--prompt", "hi", "--devices", "gpu*2")
+    assert "unknown kind 'gpu'" in line, line
+
+
+def test_an_address_where_no_cluster_listens(capsys):
+    """Refused in seconds by a connection attempt, not after Ray's minute of retries (after the lines that say what
+    the command is about to do)."""
+    assert cli.main(["generate", "--model", "synthetic:tiny", "--prompt-ids", "1", "--devices", "cpu", "--address",
+                     "127.0.0.1:1"]) == 2
+    err = capsys.readouterr().err
+    line = err.strip().splitlines()[-1]
+    assert "Traceback" not in err and line.startswith("raytp: error: "), err
+    assert "cannot reach the Ray cluster at --address '127.0.0.1:1'" in line and "ray start --head" in line, line
 
 
 @pytest.mark.parametrize("model", ["/nonexistent/model", "{tmp}"])
-def test_model_that_is_not_a_model_directory(tmp_path, model):
+def test_model_that_is_not_a_model_directory(capsys, tmp_path, model):
     model = model.format(tmp=tmp_path)  # an existing directory without config.json
-    line = refused("generate", "--prompt", "hi", *SMALL, "--temperature", "0", "--model", model,
-                   needs_torch=True)
+    line = refused(capsys, "generate", "--prompt", "hi", *SMALL, "--temperature", "0", "--model", model)
     assert model in line, line
 
 
-def test_api_key_file(tmp_path):
-    line = refused("serve", *SMALL, "--api-key-file", str(tmp_path / "missing"))
+def test_api_key_file(capsys, tmp_path):
+    line = refused(capsys, "serve", *SMALL, "--api-key-file", str(tmp_path / "missing"))
     assert "missing" in line and "--api-key-file" in line, line
     (tmp_path / "empty").write_text("\n")
-    assert "is empty" in refused("serve", *SMALL, "--api-key-file", str(tmp_path / "empty"))
+    assert "is empty" in refused(capsys, "serve", *SMALL, "--api-key-file", str(tmp_path / "empty"))
     (tmp_path / "key").write_text("sk-from-file\n")
     args = cli.build_parser().parse_args(["serve", "--api-key-file", str(tmp_path / "key")])
     assert serving_checks.api_key(args) == "sk-from-file"
@@ -223,39 +276,48 @@ def test_local_ray_environment_is_restored(tmp_path, monkeypatch):
 
 # ---- refused before Ray: each of these used to start Ray (or run out of memory) first ----------------------
 
-def test_a_device_count_past_any_group_is_refused_not_allocated():
-    line = refused("generate", "--prompt", "hi", "--devices", "cpu*99999999999")
+def test_a_device_count_past_any_group_is_refused_not_allocated(capsys):
+    line = refused(capsys, "generate", "--prompt", "hi", "--devices", "cpu*99999999999")
     assert "count must be in 1..1024, got 99999999999" in line, line
 
 
-def test_top_k_beyond_the_vocabulary():
+def test_top_k_beyond_the_vocabulary(capsys):
     vocab = 49152  # SmolLM2's, which the refusal reads from the model's config.json
-    line = refused("generate", "--prompt", "hi", *SMALL, "--top-k", str(10**12), needs_torch=True)
+    line = refused(capsys, "generate", "--prompt", "hi", *SMALL, "--top-k", str(10**12))
     assert "--top-k" in line and f"vocabulary size {vocab}" in line and str(10**12) in line, line
     assert cli.build_parser().parse_args(["generate", "--prompt", "hi", "--top-k", str(vocab)]).top_k == vocab
 
 
 @pytest.mark.parametrize("command", [["generate", "--prompt", "hi"], ["chat"], ["serve"]])
-def test_max_batch_zero(command):
-    line = refused(*command, *SMALL, "--max-batch", "0")
+def test_max_batch_zero(capsys, command):
+    line = refused(capsys, *command, *SMALL, "--max-batch", "0")
     assert "--max-batch must be >= 1, got 0" in line, line
 
 
-def test_empty_prompt():
-    line = refused("generate", "--prompt", "", *SMALL)
+def test_empty_prompt(capsys):
+    line = refused(capsys, "generate", "--prompt", "", *SMALL)
     assert "--prompt is empty" in line, line
 
 
-def test_devices_the_planner_knows_are_too_small():
+def test_devices_the_planner_knows_are_too_small(capsys):
     """`raytp plan` knows that 1 KiB holds no model: so does every command, before Ray. The planner's message
     (the need and the budget of each rank) is the refusal."""
-    run, imported = run_cli("generate", "--prompt", "hi", "--devices", "cpu@1KiB")
-    plan = subprocess.run([sys.executable, "-m", "raytp", "plan", "--devices", "cpu@1KiB", "--max-batch", "1"],
-                          capture_output=True, text=True, timeout=60)
-    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
-    assert run.stderr.startswith("raytp: error: does not fit") and "rank 0 cpu@1KiB" in run.stderr, run.stderr
-    assert "starting Ray" not in run.stderr and "ray" not in imported, run.stderr
-    assert run.stderr == plan.stderr, (run.stderr, plan.stderr)  # the same verdict as `raytp plan`
+    assert cli.main(["generate", "--prompt", "hi", "--devices", "cpu@1KiB"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("raytp: error: does not fit") and "rank 0 cpu@1KiB" in err, err
+    assert "starting Ray" not in err, err
+    assert cli.main(["plan", "--devices", "cpu@1KiB", "--max-batch", "1"]) == 2
+    assert capsys.readouterr().err == err  # the same verdict as `raytp plan`
+
+
+def test_capped_ranks_are_planned_before_joining_a_cluster(capsys):
+    """Ranks with @MEM caps have known budgets wherever they run: a model they cannot hold is refused before the
+    join (the address here answers nobody, so a join would fail differently)."""
+    assert cli.main(["generate", "--prompt", "hi", "--dtype", "float32", "--devices", "cpu@64MiB,cpu@32MiB",
+                     "--address", "127.0.0.1:1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("raytp: error: does not fit") and "rank 1 cpu@32MiB: needs" in err, err
+    assert "joining" not in err, err
 
 
 def test_token_auth_hint_when_joining_without_a_token(monkeypatch):

@@ -1,4 +1,4 @@
-"""Logprobs, echo and n through `raytp serve` (SmolLM2, float32) at 3 uneven CPU ranks, against references
+"""Logprobs, echo and n through `raytp serve` (SmolLM2, float32) at 2 uneven CPU ranks, against references
 nobody here wrote: lm-evaluation-harness as the client (its `local-completions` model, which scores multiple choice
 with `echo: true, logprobs: 1, max_tokens: 1`) must give the per-choice loglikelihoods and the accuracy of its own
 `hf` backend on the same weights; the logprobs of /v1/completions and /v1/chat/completions (the official openai
@@ -19,7 +19,10 @@ import transformers
 
 from raytp.runtime.sampling import sample_seed
 from raytp.weights.tokenizer import Tokenizer
-from tests.util import serve_process
+from tests.util import SERVED_API_KEY
+
+AUTH = {"Authorization": f"Bearer {SERVED_API_KEY}"}
+API = httpx.Client(headers=AUTH)  # the shared server is behind its key
 
 pytestmark = pytest.mark.slow
 
@@ -66,14 +69,9 @@ QUESTIONS = [
 
 
 @pytest.fixture(scope="module")
-def server(ray_head, tmp_path_factory, smollm2_dir):
-    """One server over 3 uneven ranks: every feature meets the sharded vocabulary (on one rank the same code runs
-    with a group of one; 2 CI cores cannot afford a second server for it)."""
-    log = tmp_path_factory.mktemp("serve") / "serve.log"
-    devices = "cpu@2GiB,cpu@1GiB,cpu@1GiB"
-    with serve_process(log, "--model", "smollm2", "--devices", devices, "--dtype", "float32",
-                       "--address", ray_head.address) as (_, url):
-        yield url
+def server(shared_server):
+    """The run's shared server (tests/conftest.py) over 2 uneven ranks: every feature meets the sharded vocabulary."""
+    return shared_server[1]
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +136,7 @@ def test_lm_eval_through_the_server_scores_as_its_hf_backend(server, task_manage
     """Loglikelihoods (answers the end token follows among them), greedy flags, generations and both metrics."""
     ours = evaluate(task_manager, "local-completions", {
         "model": "smollm2", "base_url": f"{server}/v1/completions", "tokenizer": str(smollm2_dir),
-        "tokenizer_backend": "huggingface", "max_retries": 1})
+        "tokenizer_backend": "huggingface", "max_retries": 1, "header": AUTH})
     (accuracy, scores), (want_accuracy, want) = ours["raytp_multiple_choice"], hf_scores["raytp_multiple_choice"]
     assert len(scores) == len(want) == len(QUESTIONS)
     for doc, (got, theirs) in enumerate(zip(scores, want)):
@@ -153,7 +151,7 @@ def test_lm_eval_through_the_server_scores_as_its_hf_backend(server, task_manage
 # ---- /v1/completions ----------------------------------------------------------------------------------------
 
 def completion(server: str, body: dict) -> dict:
-    response = httpx.post(f"{server}/v1/completions", json={"model": "smollm2", **body}, timeout=120)
+    response = API.post(f"{server}/v1/completions", json={"model": "smollm2", **body}, timeout=120)
     assert response.status_code == 200, response.text
     return response.json()["choices"][0]
 
@@ -193,7 +191,7 @@ def test_streamed_completion_logprobs_equal_the_whole_answer(server):
     body = {"prompt": "Once upon a time", "max_tokens": 8, "logprobs": 2, "temperature": 0}
     whole = completion(server, body)["logprobs"]
     chunks = []
-    with httpx.stream("POST", f"{server}/v1/completions", json={"model": "smollm2", "stream": True, **body},
+    with API.stream("POST", f"{server}/v1/completions", json={"model": "smollm2", "stream": True, **body},
                       timeout=120) as response:
         for line in response.iter_lines():
             if line.startswith("data: {"):
@@ -206,7 +204,7 @@ def test_streamed_completion_logprobs_equal_the_whole_answer(server):
 # ---- /v1/chat/completions -----------------------------------------------------------------------------------
 
 def test_chat_logprobs_are_transformers_log_softmax_streamed_and_not(server, model, tokenizer):
-    client = openai.OpenAI(base_url=f"{server}/v1", api_key="none", max_retries=0, timeout=120)
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key=SERVED_API_KEY, max_retries=0, timeout=120)
     messages = [{"role": "user", "content": "Name a fruit."}]
     kw = {"model": "smollm2", "messages": messages, "max_tokens": 8, "temperature": 0, "logprobs": True,
           "top_logprobs": 3}
@@ -240,7 +238,7 @@ def test_n_seeded_samples_equal_single_requests_with_their_seeds(server):
     in the whole answer and streamed (chat, by the openai client)."""
     body = {"prompt": "Once upon a time", "max_tokens": 10, "temperature": 0.9, "top_p": 0.95, "seed": 11,
             "logprobs": 2}
-    response = httpx.post(f"{server}/v1/completions", json={"model": "smollm2", "n": 3, **body}, timeout=120)
+    response = API.post(f"{server}/v1/completions", json={"model": "smollm2", "n": 3, **body}, timeout=120)
     assert response.status_code == 200, response.text
     many = response.json()["choices"]
     assert [c["index"] for c in many] == [0, 1, 2]
@@ -251,7 +249,7 @@ def test_n_seeded_samples_equal_single_requests_with_their_seeds(server):
         assert got["logprobs"]["tokens"] == want["logprobs"]["tokens"]
         assert got["logprobs"]["token_logprobs"] == pytest.approx(want["logprobs"]["token_logprobs"], abs=1e-4)
 
-    client = openai.OpenAI(base_url=f"{server}/v1", api_key="none", max_retries=0, timeout=120)
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key=SERVED_API_KEY, max_retries=0, timeout=120)
     kw = {"model": "smollm2", "messages": [{"role": "user", "content": "Tell me a story."}], "max_tokens": 8,
           "temperature": 1.0, "seed": 5}
     whole = client.chat.completions.create(n=3, **kw).choices
@@ -264,7 +262,7 @@ def test_n_seeded_samples_equal_single_requests_with_their_seeds(server):
 
 
 def test_n_beyond_the_batch_is_refused_naming_n(server):
-    response = httpx.post(f"{server}/v1/completions", json={"model": "smollm2", "prompt": "x", "n": 1000},
+    response = API.post(f"{server}/v1/completions", json={"model": "smollm2", "prompt": "x", "n": 1000},
                           timeout=60)
     assert response.status_code == 400 and response.json()["error"]["param"] == "n"
 
@@ -288,7 +286,7 @@ SCHEMAS = [
 def test_json_schema_output_parses_and_validates(server, schema):
     """Sampled at temperature 0.7 (free text would rarely be JSON), the answer follows the schema: the mask of each
     rank's vocabulary slice is applied before the sampler's exchange."""
-    client = openai.OpenAI(base_url=f"{server}/v1", api_key="none", max_retries=0, timeout=120)
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key=SERVED_API_KEY, max_retries=0, timeout=120)
     for seed in range(2):
         answer = client.chat.completions.create(
             model="smollm2", messages=[{"role": "user", "content": "Answer in JSON."}], max_tokens=120,
@@ -303,7 +301,7 @@ def test_json_object_streamed_and_with_logprobs(server):
     body = {"model": "smollm2", "messages": [{"role": "user", "content": "Give me a JSON object about a cat."}],
             "max_tokens": 200, "temperature": 0, "response_format": {"type": "json_object"},
             "logprobs": True}
-    client = openai.OpenAI(base_url=f"{server}/v1", api_key="none", max_retries=0, timeout=120)
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key=SERVED_API_KEY, max_retries=0, timeout=120)
     whole = client.chat.completions.create(**body).choices[0]
     streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(stream=True, **body)
                        if c.choices)
@@ -314,7 +312,7 @@ def test_json_object_streamed_and_with_logprobs(server):
 
 
 def test_a_schema_that_cannot_be_used_is_refused_naming_response_format(server):
-    response = httpx.post(f"{server}/v1/chat/completions", json={
+    response = API.post(f"{server}/v1/chat/completions", json={
         "model": "smollm2", "messages": [{"role": "user", "content": "hi"}],
         "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}},
         timeout=60)
@@ -339,7 +337,7 @@ TIME = {"type": "function", "function": {
 def test_forced_tool_calls_come_back_as_tool_calls(server, tool_choice):
     """With the official openai client, whole and streamed: the calls name offered tools and their arguments
     validate against the tools' parameter schemas (jsonschema)."""
-    client = openai.OpenAI(base_url=f"{server}/v1", api_key="none", max_retries=0, timeout=120)
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key=SERVED_API_KEY, max_retries=0, timeout=120)
     kw = {"model": "smollm2", "messages": [{"role": "user", "content": "What is the weather in Paris?"}],
           "tools": [WEATHER, TIME], "tool_choice": tool_choice, "max_tokens": 100, "temperature": 0.7, "seed": 1}
     schemas = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, TIME)}
@@ -371,7 +369,7 @@ FAILING_SCHEMA = {"type": "string", "pattern": "^(.{1,1000}){1,1000}$"}
 def sse_events(server: str, path: str, body: dict) -> list:
     """The `data:` events of a streamed request, decoded ("[DONE]" as it is); an error before the first token
     (an HTTP status other than 200) as one event of its own."""
-    with httpx.stream("POST", f"{server}{path}", json={"model": "smollm2", "stream": True, **body},
+    with API.stream("POST", f"{server}{path}", json={"model": "smollm2", "stream": True, **body},
                       timeout=120) as response:
         if response.status_code != 200:
             return [json.loads(response.read())]
@@ -387,7 +385,7 @@ def test_a_grammar_that_fails_while_decoding_is_an_error_whole_streamed_and_as_a
     tools = {"tool_choice": "required", "tools": [{"type": "function", "function": {
         "name": "say", "parameters": {"type": "object", "properties": {"text": FAILING_SCHEMA}, "required": ["text"]}}}]}
     for constraint in (formats, tools):
-        response = httpx.post(f"{server}/v1/chat/completions", json={"model": "smollm2", **chat, **constraint},
+        response = API.post(f"{server}/v1/chat/completions", json={"model": "smollm2", **chat, **constraint},
                               timeout=120)
         assert response.status_code == 400, response.text
         assert "failed while decoding" in response.json()["error"]["message"], response.text

@@ -6,6 +6,7 @@ The run's Ray head (tests/conftest.py: 16 CPU slots, so 12 ranks fit on a 2-core
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -43,22 +44,22 @@ def raytp_cli(*args, env_extra=None, timeout=300):
                           timeout=timeout)
 
 
-# Both backends on the uneven split; beyond it one backend per size (12 ranks on 2 CI cores cost gloo 2 minutes):
-# host-staged past the 8 ranks a peer group allows, gloo at 5 (tests/test_comm.py: the host-staged all-reduce alone at
-# 1 to 12 ranks).
-@pytest.mark.parametrize("devices, comm", [("cpu*1", "hoststaged"), ("cpu@3GiB,cpu@2GiB,cpu@1GiB", "hoststaged"),
-                                           ("cpu@3GiB,cpu@2GiB,cpu@1GiB", "gloo"), ("cpu*5", "gloo"),
-                                           ("cpu*12", "hoststaged")])
-def test_generate_matches_transformers(ray_head, expected_greedy, devices, comm):
+# Both backends on the uneven split, whose third rank holds no heads (tests/test_smollm2.py checks 1 to 5 ranks in
+# process); past the 8 ranks a peer group allows, 12 host-staged ranks, for 8 tokens: on 2 CI cores each of their
+# steps costs a second (tests/test_comm.py: the host-staged all-reduce alone at 1 to 12 ranks).
+@pytest.mark.parametrize("devices, comm, tokens", [("cpu@3GiB,cpu@2GiB,cpu@1GiB", "hoststaged", 32),
+                                                   ("cpu@3GiB,cpu@2GiB,cpu@1GiB", "gloo", 32),
+                                                   ("cpu*12", "hoststaged", 8)])
+def test_generate_matches_transformers(ray_head, expected_greedy, devices, comm, tokens):
     before = raytp_segments()
     # RAYTP_CHECK_IDENTICAL makes every rank compare its bits after every all-reduce; a mismatch fails the run
     r = raytp_cli("generate", "--model", "smollm2", "--devices", devices, "--comm", comm, "--prompt", PROMPT,
-                  "--temperature", "0", "--dtype", "float32", "--max-tokens", "32", "--json",
+                  "--temperature", "0", "--dtype", "float32", "--max-tokens", str(tokens), "--json",
                   "--address", ray_head.address, env_extra={"RAYTP_CHECK_IDENTICAL": "1"})
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout)
-    assert result["token_ids"] == expected_greedy
-    assert result["generated_tokens"] == len(expected_greedy)
+    assert result["token_ids"] == expected_greedy[:tokens]
+    assert result["generated_tokens"] == len(expected_greedy[:tokens])
     assert len(result["plan"]["ranks"]) == len(parse_devices(devices))
     assert raytp_segments() <= before
 
@@ -130,19 +131,9 @@ def test_ray_job_submit_runs_generate(ray_head, expected_greedy, smollm2_dir):
     assert json.loads(line)["token_ids"] == expected_greedy
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--address", "127.0.0.1:1"], "cannot reach the Ray cluster"),
-    (["--devices", "cpu*64"], r"asks for 64 cpu ranks, the Ray cluster has \d+ CPUs"),
-    (["--devices", "cpu@64MiB,cpu@32MiB"], r"needs .* has .*short"),
-    (["--devices", "gpu*2"], "unknown kind 'gpu'"),
-    (["--model", "/nonexistent/model"], "/nonexistent/model"),
-])
-def test_bad_input_is_one_clear_line(ray_head, args, message):
-    base = {"--devices": "cpu", "--address": ray_head.address, "--model": "smollm2"}
-    for flag, value in zip(args[::2], args[1::2]):
-        base[flag] = value
-    flat = [x for kv in base.items() for x in kv]
-    r = raytp_cli("generate", "--prompt", "hi", "--dtype", "float32", *flat, timeout=120)
-    assert r.returncode == 2, r.stderr
-    assert "Traceback" not in r.stderr
-    assert __import__("re").search(message, r.stderr), r.stderr
+def test_more_ranks_than_the_cluster_has_are_refused_in_one_line(ray_head):
+    """Refused once the cluster is known (what is refused before Ray is tested in process: tests/test_cli_args.py)."""
+    r = raytp_cli("generate", "--prompt", "hi", "--dtype", "float32", "--devices", "cpu*64", "--address",
+                  ray_head.address, "--model", "smollm2", timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert re.search(r"asks for 64 cpu ranks, the Ray cluster has \d+ CPUs", r.stderr), r.stderr

@@ -29,7 +29,7 @@ def check_args(args) -> None:
     if args.kv_dtype == "fp8" and args.command != "plan":  # `plan` only counts bytes; the ranks need float8
         _check_fp8_cache()
     if args.command == "bench":
-        _check_profile(args)
+        _check_bench(args)
     _check_device_specs(args)
     if hasattr(args, "temperature"):
         _check_sampling(args)
@@ -56,7 +56,9 @@ def _check_sizes(args) -> None:
         raise UserError(f"--max-batch must be >= {0 if args.command == 'bench' else 1}, got {args.max_batch}")
 
 
-def _check_profile(args) -> None:
+def _check_bench(args) -> None:
+    if args.decode_tokens < 4:
+        raise UserError(f"--decode-tokens must be at least 4 to time whole-batch steps, got {args.decode_tokens}")
     if args.profile < 0:
         raise UserError(f"--profile takes a number of steps (0: none), got {args.profile}")
     if args.profile_traces and not (args.profile and args.out):

@@ -26,6 +26,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from raytp.kernels.fp8_matmul import to_float32
+
 E4M3 = torch.float8_e4m3fn
 # weight dtype -> (Q: amax / Q is the scale, clamp bounds of the quantized values): compressed-tensors' calculate_range
 LEVELS = {E4M3: (448.0, -448.0, 448.0), torch.int8: (127.5, -128.0, 127.0)}
@@ -53,4 +55,4 @@ def act_quant_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     `scale` float32 (out, 1); `amax` (..., 1) the rows' magnitudes when x holds part of each row. -> (..., out) in
     x's dtype."""
     q, s = quantize_per_token(x, weight.dtype, amax)
-    return F.linear(q.float() * s, weight.float() * scale).to(x.dtype)
+    return F.linear(to_float32(q) * s, to_float32(weight) * scale).to(x.dtype)

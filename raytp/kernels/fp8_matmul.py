@@ -10,8 +10,21 @@ import torch
 import torch.nn.functional as F
 
 
+# Every float32 value of an e4m3 code, indexed by the code's byte
+_E4M3_VALUES = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+
+
+def to_float32(weight: torch.Tensor) -> torch.Tensor:
+    """An 8-bit weight (float8 e4m3 or int8) in float32, exactly. CPUs convert float8 one element at a time in
+    software; looking the 256 codes up in a table is several times faster there."""
+    if weight.dtype != torch.float8_e4m3fn or weight.device.type != "cpu":
+        return weight.float()
+    codes = weight.contiguous().view(torch.uint8).view(-1).int()
+    return torch.index_select(_E4M3_VALUES, 0, codes).view(weight.shape)
+
+
 def dequantize_fp8(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return (weight.float() * scale).to(dtype)
+    return (to_float32(weight) * scale).to(dtype)
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

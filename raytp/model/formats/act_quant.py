@@ -20,6 +20,7 @@ import torch
 
 from raytp.kernels import dispatch
 from raytp.kernels.act_quant_matmul import act_quant_linear
+from raytp.kernels.fp8_matmul import to_float32
 from raytp.model.formats.fp8 import FP8Format, FP8Weight
 from raytp.model.formats.int_packed import IntFormat, IntWeight, pack
 
@@ -43,7 +44,7 @@ class ActQuantWeight:
     bias: torch.Tensor | None = None
 
     def dequantize(self) -> torch.Tensor:
-        return self.weight.float() * self.scale
+        return to_float32(self.weight) * self.scale
 
     def apply(self, x: torch.Tensor, amax: torch.Tensor | None = None) -> torch.Tensor:
         y = act_quant_linear(x, self.weight, self.scale, amax)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from raytp.kernels.fp8_matmul import dequantize_fp8, fp8_linear
+from raytp.kernels.fp8_matmul import dequantize_fp8, fp8_linear, to_float32
 from raytp.kernels.packed_gemv import MMAPacked, fp8_packs, pack_fp8
 from raytp.model.quant.base import QuantConfig
 
@@ -32,7 +32,7 @@ class FP8Weight:
             return dequantize_fp8(self.weight, self.scale, dtype)
         (out, k), groups = self.weight.shape, self.scale.shape[1]
         if self.group_start == 0 and k == groups * self.group_size:  # whole groups: scale them as they lie
-            grouped = self.weight.float().view(out, groups, self.group_size) * self.scale[:, :, None]
+            grouped = to_float32(self.weight).view(out, groups, self.group_size) * self.scale[:, :, None]
             return grouped.view(out, k).to(dtype)
         group = (torch.arange(k, device=self.scale.device) + self.group_start) // self.group_size
         return dequantize_fp8(self.weight, self.scale[:, group], dtype)

@@ -6,6 +6,7 @@ object of `raytp.model.formats`:
     compressed_tensors.py  llmcompressor's W4A16, W8A16, FP8, FP8_DYNAMIC, W8A8
     gptq.py                GPTQModel / AutoGPTQ
     awq.py                 AutoAWQ (GEMM)
+    autogptq.py            the tensors those two share (AutoGPTQ's qweight, scales, qzeros, g_idx)
     fp8_blocks.py          transformers' fine-grained FP8 (block scales)
 
     registry.py            METHODS by quant_method, and `quant_config`, which parses a quantization_config

@@ -1,9 +1,8 @@
-"""AWQ checkpoints (AutoAWQ, quant_method "awq", version "gemm"): 4-bit integers with zero points, stored
-transposed and packed along the outputs.
+"""AWQ checkpoints (AutoAWQ, quant_method "awq", version "gemm"): 4-bit integers with zero points in AutoGPTQ's
+tensors (autogptq.py), stored transposed and packed along the outputs.
 
     qweight  (in, out / 8) int32, 8 outputs to a word in AWQ_ORDER
-    scales   (groups, out)
-    qzeros   (groups, out / 8) int32, packed like qweight
+    qzeros   packed like qweight
 
 `modules_to_not_convert` names modules left dense.
 """
@@ -16,16 +15,17 @@ import torch
 
 from raytp.kernels.dequant_matmul import unpack
 from raytp.model.errors import UnsupportedModelError
-from raytp.model.formats.base import WeightFormat, WeightReader
-from raytp.model.formats.int_packed import Blocks, IntFormat, IntWeight, pack, read_packed, stored_blocks
-from raytp.model.quant.base import QuantConfig, StoredTensor, modules_matching
+from raytp.model.formats.base import WeightReader
+from raytp.model.formats.int_packed import Blocks, pack
+from raytp.model.quant.autogptq import AutoGPTQLayout
+from raytp.model.quant.base import modules_matching
 from raytp.model.slice import Slice
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble s of an AWQ word holds output AWQ_ORDER[s] of its 8
 
 
 @dataclass(frozen=True)
-class AWQ(QuantConfig):
+class AWQ(AutoGPTQLayout):
     quant_method = "awq"
     supported = "AWQ checkpoints (AutoAWQ): 4 bits with zero points, version 'gemm'"
 
@@ -39,24 +39,11 @@ class AWQ(QuantConfig):
                                         f"zero_point={q.get('zero_point', True)} group_size={group_size!r}")
         return cls("int", 4, group_size, symmetric=False, ignore=modules_matching(q.get("modules_to_not_convert")))
 
-    @property
-    def format(self) -> WeightFormat:
-        return IntFormat(self)
-
     def describe(self) -> str:
         return self.describe_int() + ", AWQ layout"
 
-    def stored_tensors(self, name: str, shape: tuple[int, int]) -> dict[str, StoredTensor]:
-        (out, inp), base = shape, name.removesuffix("weight")
-        groups = -(-inp // self.group_size)
-        return {base + "qweight": StoredTensor((inp, -(-out // 8)), torch.int32),
-                base + "scales": StoredTensor((groups, out), torch.float32),
-                base + "qzeros": StoredTensor((groups, -(-out // 8)), torch.int32)}
-
-    def read(self, reader: WeightReader, s: Slice) -> IntWeight:
-        return read_packed(self, reader, s)
-
-    # Where the tensors lie (`raytp.model.formats.int_packed.PackedLayout`): transposed, packed along the outputs
+    def qweight_shape(self, out: int, inp: int) -> tuple[int, int]:
+        return inp, -(-out // 8)
 
     def packed_blocks(self, reader: WeightReader, module: str, out: int, inp: int) -> Blocks:
         """Blocks of qweight (inp, out / 8) as IntWeight's words along the inputs."""
@@ -65,8 +52,9 @@ class AWQ(QuantConfig):
         def read(rows: range, words: range | None) -> torch.Tensor:
             words = words if words is not None else range(-(-inp // 8))
             lo = rows.start // 8
-            raw = reader.read(Slice(name, (inp, -(-out // 8)), range(8 * words.start, min(8 * words.stop, inp)),
-                                    range(lo, -(-rows.stop // 8))), stored=True)
+            inputs = range(8 * words.start, min(8 * words.stop, inp))
+            raw = reader.read(Slice(name, self.qweight_shape(out, inp), inputs, range(lo, -(-rows.stop // 8))),
+                              stored=True)
             if not rows or not words:
                 return raw.new_empty((len(rows), len(words)))
             values = _unpack_outputs(raw)[:, rows.start - 8 * lo:rows.stop - 8 * lo]  # (inputs, rows)
@@ -74,17 +62,8 @@ class AWQ(QuantConfig):
 
         return read
 
-    def scale_blocks(self, reader: WeightReader, module: str, out: int, groups: int) -> Blocks:
-        return stored_blocks(reader, f"{module}.scales", (out, groups), transposed=True, stored=False)
-
-    def zero_points(self, reader: WeightReader, module: str, out: int, inp: int, words: range) -> torch.Tensor:
-        name = f"{module}.qzeros"
-        shape = self.stored_tensors(f"{module}.weight", (out, inp))[name].shape
-        raw = reader.read(Slice(name, shape, range(shape[0]), words), stored=True)  # (groups, row words)
-        return _unpack_outputs(raw).t()
-
-    def g_idx_name(self, module: str) -> str:
-        raise AssertionError("AWQ checkpoints have no act-order")
+    def unpack_zero_words(self, words: torch.Tensor) -> torch.Tensor:
+        return _unpack_outputs(words).t()
 
 
 def _unpack_outputs(words: torch.Tensor) -> torch.Tensor:
