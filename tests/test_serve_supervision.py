@@ -7,6 +7,7 @@ Ray's processes (gcs_server, raylet, agents, workers) are all descendants of the
 
 from __future__ import annotations
 
+import concurrent.futures
 import ipaddress
 import json
 import os
@@ -108,21 +109,36 @@ def test_nothing_listens_beyond_loopback_and_sigterm_exits_cleanly(tmp_path, com
     assert "Traceback" not in log_path.read_text(), log_path.read_text()[-3000:]
 
 
-def test_driver_logs_reach_the_terminal_and_a_dead_driver_ends_serve(tmp_path):
-    """Also: the driver killed with SIGKILL leaves nothing in /dev/shm: no raytp segment, and no file that serve's
-    processes mapped before the kill (the tokenizer processes' semaphores were such files)."""
+def test_driver_logs_reach_the_terminal_and_a_dead_driver_tells_its_clients_and_ends_serve(tmp_path):
+    """The driver killed with SIGKILL while a stream and a whole answer run: the stream gets one error event saying
+    the driver died and serve is exiting, then [DONE]; the whole answer a 503 saying the same; serve exits with one
+    line. Also: it leaves nothing in /dev/shm: no raytp segment, and no file that serve's processes mapped before the
+    kill (the tokenizer processes' semaphores were such files)."""
     before = raytp_segments()
-    with serving(tmp_path / "serve.log") as (proc, log_path, _):
+    with serving(tmp_path / "serve.log") as (proc, log_path, url), httpx.Client(timeout=120) as http, \
+            concurrent.futures.ThreadPoolExecutor(1) as pool:
         ray_process(proc, "ray::Worker").kill()  # the driver logs the rank's failure and rebuilds
         wait_for(lambda: "failed" in log_path.read_text() and "rank" in log_path.read_text(), 30,
                  f"the driver's report of the dead rank never reached the terminal:\n{log_path.read_text()}")
+        wait_for(lambda: "serving again" in log_path.read_text(), 120, f"no rebuild:\n{log_path.read_text()}")
 
         ours = shm_files_mapped_by(tree(proc))
-        ray_process(proc, "ray::Driver").kill()
-        start = time.monotonic()
+        whole = pool.submit(http.post, f"{url}/v1/completions", json={**LONG, "stream": False})
+        with long_stream(http, url) as response:
+            lines = response.iter_lines()
+            assert next(line for line in lines if line).startswith("data: {")  # decoding
+            wait_for(lambda: "raytp_requests_running 2.0" in http.get(f"{url}/metrics").text, 60,
+                     "the whole answer never started")
+            ray_process(proc, "ray::Driver").kill()
+            start = time.monotonic()
+            rest = [line for line in lines if line]
+        answer = whole.result(timeout=30)
         rc = proc.wait(timeout=30)
         elapsed = time.monotonic() - start
     text = log_path.read_text()
+    assert rest[-1] == "data: [DONE]", rest[-3:]
+    assert re.fullmatch(DRIVER_DIED, error_event(rest)["message"]), rest[-3:]
+    assert answer.status_code == 503 and re.fullmatch(DRIVER_DIED, answer.json()["error"]["message"]), answer.text
     assert "A worker died" not in text, text[-3000:]  # Ray's page of advice: raytp names the rank itself
     assert rc not in (0, None), text[-3000:]
     assert elapsed < 10, f"took {elapsed:.0f} s to notice"
@@ -132,13 +148,17 @@ def test_driver_logs_reach_the_terminal_and_a_dead_driver_ends_serve(tmp_path):
     assert not left, f"left behind in /dev/shm: {sorted(left)}"
 
 
+DRIVER_DIED = r"raytp serve's driver actor died \(killed, crashed or out of memory\): the request was not finished; " \
+              r"serve is exiting"
 INTERNALS = ("actor_id", "pid", "namespace", "ip:", "Traceback", "class_name", "\n")
 
 
+LONG = {"model": "smollm2", "prompt": "Count: 1, 2, 3,", "max_tokens": 1500, "temperature": 0, "ignore_eos": True,
+        "stream": True}
+
+
 def long_stream(http: httpx.Client, url: str):
-    body = {"model": "smollm2", "prompt": "Count: 1, 2, 3,", "max_tokens": 1500, "temperature": 0,
-            "ignore_eos": True, "stream": True}
-    return http.stream("POST", f"{url}/v1/completions", json=body)
+    return http.stream("POST", f"{url}/v1/completions", json=LONG)
 
 
 def error_event(lines) -> dict:

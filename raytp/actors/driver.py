@@ -499,19 +499,18 @@ class Driver:
 
     # ---- HTTP ----------------------------------------------------------------------------------------------
 
-    async def serve(self, host: str = "127.0.0.1", port: int = 7860, api_key: str | None = None,
-                    max_queue: int = MAX_QUEUE) -> str:
-        """Serve the OpenAI-compatible API (/v1) and the web chat (/) on one port; returns the URL once listening.
+    async def serve(self, path: str, api_key: str | None = None, max_queue: int = MAX_QUEUE) -> None:
+        """Serve the OpenAI-compatible API (/v1) and the web chat (/) on the Unix socket `path`, to which `raytp
+        serve` relays its clients (raytp.serving.relay); returns once listening.
 
         The HTTP server runs in this actor's own event loop, so its handlers call `submit` directly: tokens go
         from the leader's event batches to the HTTP responses without a Ray call per token."""
         from raytp.serving.openai_api import HTTPServer
 
         if self._http is not None:
-            raise RuntimeError(f"already serving at {self._http.url}")
+            raise RuntimeError("already serving")
         self.max_queue = max_queue
-        self._http = await HTTPServer.start(self, host, port, api_key)
-        return self._http.url
+        self._http = await HTTPServer.start(self, path, api_key)
 
 
 def rank_error_summary(e: BaseException) -> str:

@@ -48,7 +48,7 @@ from raytp.runtime.sampling import (
 from raytp.runtime.speculation import OFF, SPECULATE_RULE, drafted_tokens, unsupported_reason
 from raytp.serving.auth import FailedAttempts, KeyGate, WebSessions
 from raytp.serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from raytp.serving.sockets import display_url, listen_socket
+from raytp.serving.sockets import unix_socket
 from raytp.serving.tool_calls import CallParser, ForcedCalls, ToolSyntax, answer_calls
 
 log = logging.getLogger("raytp")
@@ -918,21 +918,23 @@ def _model_card(driver, model_id: str, created: int) -> dict:
 # ---- the server --------------------------------------------------------------------------------------------
 
 class HTTPServer:
-    """Uvicorn running the API and the web chat as a task of the current event loop."""
+    """Uvicorn running the API and the web chat as a task of the current event loop, on a Unix socket: `raytp serve`
+    relays its clients to it (raytp.serving.relay), and the client's address is the relay's X-Forwarded-For."""
 
-    def __init__(self, server, task: asyncio.Task, url: str):
-        self.server, self.task, self.url = server, task, url
+    def __init__(self, server, task: asyncio.Task):
+        self.server, self.task = server, task
 
     @classmethod
-    async def start(cls, driver, host: str, port: int, api_key: str | None = None) -> HTTPServer:
+    async def start(cls, driver, path: str, api_key: str | None = None) -> HTTPServer:
         import uvicorn
 
         try:
-            sock = listen_socket(host, port)
+            sock = unix_socket(path)
         except OSError as e:
-            raise RequestError(f"cannot listen on {host}:{port}: {e.strerror}; choose another --port") from None
+            raise RequestError(f"cannot listen on {path}: {e.strerror}") from None
         app = build_app(driver, api_key)
-        config = uvicorn.Config(app, host=host, port=port, loop="none", log_level="warning",
+        # the socket's directory lets only this user in, and the relay replaces any X-Forwarded-For a client sent
+        config = uvicorn.Config(app, uds=path, loop="none", log_level="warning", forwarded_allow_ips="*",
                                 timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
         server = uvicorn.Server(config)
 
@@ -940,7 +942,7 @@ class HTTPServer:
             try:
                 await server.serve(sockets=[sock])
             except SystemExit:  # uvicorn exits on startup failures; that must not end the actor's event loop
-                raise RuntimeError(f"the HTTP server on {host}:{port} failed to start (see the log)") from None
+                raise RuntimeError(f"the HTTP server on {path} failed to start (see the log)") from None
             finally:
                 sock.close()
 
@@ -948,13 +950,9 @@ class HTTPServer:
         while not server.started:
             if task.done():
                 task.result()  # raises why it stopped
-                raise RuntimeError(f"the HTTP server on {host}:{port} stopped during startup")
+                raise RuntimeError(f"the HTTP server on {path} stopped during startup")
             await asyncio.sleep(0.05)
-        return cls(server, task, display_url(host, port))
-
-    @property
-    def port(self) -> int:
-        return self.server.config.port
+        return cls(server, task)
 
     async def stop(self) -> None:
         self.server.should_exit = True

@@ -1,5 +1,6 @@
-"""The HTTP server's listening socket, bound before uvicorn starts; light enough for the CLI's argument checks,
-which must refuse a taken port before importing the server (FastAPI, torch)."""
+"""The HTTP servers' sockets, bound before uvicorn starts: `raytp serve`'s on --host:--port, light enough for the
+CLI's argument checks, which must refuse a taken port before importing the server (FastAPI, torch), and the driver's
+on a Unix socket, which only `serve`'s relay reaches."""
 
 from __future__ import annotations
 
@@ -13,6 +14,17 @@ def listen_socket(host: str, port: int) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does; a listening port still fails
         sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def unix_socket(path: str) -> socket.socket:
+    """A bound Unix socket at `path` (a file no other socket has): its directory decides who may connect."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
     except OSError:
         sock.close()
         raise
