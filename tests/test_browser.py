@@ -319,7 +319,7 @@ def test_a_message_sent_while_an_answer_streams_is_answered_next(page):
     assert users.nth(1).inner_text().startswith("What is the capital of France?")
     assert "queued" in users.nth(1).inner_text()
     before = answers.nth(0).inner_text()
-    page.wait_for_function(f"document.querySelector(\"{BOT}\").innerText.length > {len(before)}")
+    page.wait_for_function(f"document.querySelector(\"{BOT}\")?.innerText.length > {len(before)}")
     assert answers.nth(0).inner_text().startswith(before)
     # then the second gets its answer, below the first one's
     page.wait_for_function(f"[...document.querySelectorAll(\"{BOT}\")].filter(e => e.innerText.includes('tokens/s'))"
