@@ -36,7 +36,7 @@ USER = "#raytp-chat [data-testid='user']"
 class RefusingDriver:
     """Stands in for the Driver: every request fails the way `error` says."""
 
-    settings = types.SimpleNamespace(model="smollm2", max_context=64)
+    settings = types.SimpleNamespace(model="smollm2", max_context=64, speculate="off")
     sampling_defaults = SamplingDefaults()  # the model's generation_config.json: none, so greedy
 
     def __init__(self, error: Exception):
