@@ -103,10 +103,6 @@ class ModelConfig:
         return FAMILIES[self.arch]
 
     @property
-    def qkv_bias(self) -> bool:
-        return self.attention_bias
-
-    @property
     def mixers(self) -> tuple[str, ...]:
         """Each layer's token mixer (layer_types, or full attention everywhere)."""
         return self.layer_types or ("full_attention",) * self.num_layers
