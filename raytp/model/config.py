@@ -88,6 +88,8 @@ class ModelConfig:
     embed_scale: float | None = None  # the embedding rows are multiplied by this (Gemma: sqrt(hidden_size))
 
     def __post_init__(self):
+        if self.moe is None and self.intermediate_size <= 0:
+            raise ConfigError(f"intermediate_size is {self.intermediate_size or 'missing'}: a dense MLP needs its width")
         if self.layer_types and len(self.layer_types) != self.num_layers:
             raise ConfigError(f"layer_types lists {len(self.layer_types)} layers where num_hidden_layers is "
                               f"{self.num_layers}; give one type per layer")
