@@ -89,7 +89,8 @@ class ModelConfig:
 
     def __post_init__(self):
         if self.moe is None and self.intermediate_size <= 0:
-            raise ConfigError(f"intermediate_size is {self.intermediate_size or 'missing'}: a dense MLP needs its width")
+            raise ConfigError(f"intermediate_size is {self.intermediate_size or 'missing'}: a dense MLP needs its "
+                              f"width")
         if self.layer_types and len(self.layer_types) != self.num_layers:
             raise ConfigError(f"layer_types lists {len(self.layer_types)} layers where num_hidden_layers is "
                               f"{self.num_layers}; give one type per layer")

@@ -41,7 +41,8 @@ def quant_replicated_bytes(config: ModelConfig, dtype: str) -> int:
     each layer's kinds declare (per-row scales of row-parallel layers, act-order group indices, a group two ranks'
     head ranges share)."""
     shape = _shape(1, 1, dtype)
-    return sum(kind.replicated_bytes(config, shape) for i in range(config.num_layers) for kind in layer_kinds(config, i))
+    return sum(kind.replicated_bytes(config, shape)
+               for i in range(config.num_layers) for kind in layer_kinds(config, i))
 
 
 def replicated_overhead_bytes(config: ModelConfig, *, max_context: int, max_batch: int, dtype: str) -> int:
