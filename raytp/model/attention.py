@@ -143,7 +143,7 @@ class AttentionKind:
         return AttentionLayout(
             qkv=tuple(linear(c.quant, prefix + n, (size, H), rows, split=KV_HEADS) for n, size, rows in heads),
             qkv_bias=tuple(Slice(f"{prefix}{n}.bias", (size,), rows, split=KV_HEADS) for n, size, rows in heads)
-            if c.qkv_bias else (),
+            if c.attention_bias else (),
             qk_norm=tuple(whole(f"{prefix}{n}.weight", (D,)) for n in ("q_norm", "k_norm")) if c.qk_norm else (),
             o_proj=linear(c.quant, prefix + "o_proj", (H, c.num_heads * D), range(H), q_rows, split=KV_HEADS),
             o_bias=whole(prefix + "o_proj.bias", (H,)) if c.o_proj_bias else None,
@@ -161,7 +161,7 @@ class AttentionKind:
             else:
                 o_scales = -(-o_cols // b.group) * c.hidden_size * b.group_entry
         g = 2 if c.attention_gate else 1  # q_proj rows per query head
-        bias = ((g * q + 2) * d * c.qkv_bias + q * c.attention_sinks) * b.nbytes
+        bias = ((g * q + 2) * d * c.attention_bias + q * c.attention_sinks) * b.nbytes
         weights = (g * q + 2) * d * b.row + o_cols * (b.column + col_extra) + o_scales + bias
         cache = 2 * shape.max_batch * self.positions(c, shape.max_context) * kv_row_bytes(d, b.nbytes, shape.kv_dtype)
         return (Piece((Span(KV_HEADS, "KV heads"), Span(Q_HEADS, "query heads", q)), c.num_kv_heads, 1, weights,

@@ -97,6 +97,9 @@ class ModelConfig:
     o_proj_bias: bool = False  # o_proj has a bias (gpt-oss), added by one rank
 
     def __post_init__(self):
+        if self.moe is None and self.intermediate_size <= 0:
+            raise ConfigError(f"intermediate_size is {self.intermediate_size or 'missing'}: a dense MLP needs its "
+                              f"width")
         if self.layer_types and len(self.layer_types) != self.num_layers:
             raise ConfigError(f"layer_types lists {len(self.layer_types)} layers where num_hidden_layers is "
                               f"{self.num_layers}; give one type per layer")
@@ -110,10 +113,6 @@ class ModelConfig:
     @property
     def family(self) -> Family:
         return FAMILIES[self.arch]
-
-    @property
-    def qkv_bias(self) -> bool:
-        return self.attention_bias
 
     @property
     def mixers(self) -> tuple[str, ...]:

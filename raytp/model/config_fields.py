@@ -115,7 +115,7 @@ def common_fields(d: dict) -> dict:
         arch=d["model_type"],
         vocab_size=d["vocab_size"],
         hidden_size=d["hidden_size"],
-        intermediate_size=d["intermediate_size"],
+        intermediate_size=d.get("intermediate_size", 0),  # a mixture of experts may have none
         num_layers=d["num_hidden_layers"],
         num_heads=num_heads,
         num_kv_heads=num_kv_heads,

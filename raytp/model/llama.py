@@ -63,7 +63,6 @@ class DecoderLayer:
         self.mlp_norm, self.mlp_out_norm = norm(layout.mlp_norm), norm(layout.mlp_out_norm)
         self.attention = mixer.load(config, layout.attention, comm, reader, state, act_quant_weight_only)
         self.mlp = mlp.load(config, layout.mlp, comm, reader, None, act_quant_weight_only)
-        self.state = state
 
     def weights(self) -> list[torch.Tensor]:
         norms = (self.attn_norm, self.attn_out_norm, self.mlp_norm, self.mlp_out_norm)

@@ -40,8 +40,8 @@ def whole(name: str, shape: tuple[int, ...]) -> Slice:
 def linear(quant: QuantConfig | None, module: str, shape: tuple[int, int], rows: range, cols: range | None = None,
            order: str | None = None, split: str | None = None) -> Slice:
     """The weight of the Linear `module`, stored quantized where the config's `quant` quantizes it."""
-    return Slice(module + ".weight", shape, rows, cols, quant if quant is not None and quant.quantizes(module) else None,
-                 order, split)
+    stored = quant if quant is not None and quant.quantizes(module) else None
+    return Slice(module + ".weight", shape, rows, cols, stored, order, split)
 
 
 def permuted(quant: QuantConfig | None, down: str) -> str | None:
