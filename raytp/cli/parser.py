@@ -16,8 +16,9 @@ from raytp.weights.smollm2_quantized import SCHEMES as PULL_SCHEMES
 GENERATE_MAX_BATCH = 1  # one request; `plan` shows the split `generate` makes
 # raytp.weights.synthetic.CONFIGS, named here because that module imports torch, which `--help` and the argument
 # checks that need none do without (tests/test_cli_checks.py checks the two agree)
-SYNTHETIC_DENSE = ("llama-3.1-8b", "llama-3.1-70b", "llama-3.1-405b", "qwen3-8b", "qwen3-32b", "gemma-3-27b")
-SYNTHETIC_MOE = ("qwen3-30b-a3b", "mixtral-8x7b", "gpt-oss-20b", "gpt-oss-120b")  # mixtures of experts
+SYNTHETIC_DENSE = ("llama-3.1-8b", "llama-3.1-70b", "llama-3.1-405b", "qwen3-8b", "qwen3-32b", "gemma-3-27b",
+                   "qwen3.5-27b")
+SYNTHETIC_MOE = ("qwen3-30b-a3b", "mixtral-8x7b", "gpt-oss-20b", "gpt-oss-120b", "qwen3.5-35b-a3b")  # experts
 SYNTHETIC_TEST = "tiny"  # small and awkward on purpose, for tests
 
 EPILOG = f"""device SPEC: comma-separated KIND[:INDEX][@MEM][~RATE] or KIND*N[@MEM][~RATE], KIND cpu or cuda, e.g.
