@@ -129,10 +129,11 @@ def test_the_cache_after_a_rejected_draft_holds_what_plain_decoding_wrote(smollm
 
     def run(p):  # r0 in slot 0, r1 in slot 1
         seen, _ = run_loop(group, requests(prompts, [p, p]))
-        return seen, [(m.cache.k[:, :2].clone(), m.cache.v[:, :2].clone()) for m in group.models]
+        return seen, [(torch.stack([s.k[:2] for s in m.states]), torch.stack([s.v[:2] for s in m.states]))
+                      for m in group.models]
 
     for m in group.models:  # what a previous run left in the slots must not matter
-        for t in m.cache.tensors():
+        for t in m.cache_tensors():
             t.normal_()
     fast, fast_cache = run(params)
     assert any(a < d for d, a in drafted_steps(fast))
