@@ -16,7 +16,6 @@ from raytp.model.config import ModelConfig
 from raytp.model.layout import model_layout, param_count
 from raytp.model.mlp import MLP_COLS
 from raytp.model.moe import EXPERT_COLS
-from raytp.model.linear_attention import LINEAR_KEY_HEADS
 from raytp.model.pieces import plan_model
 from raytp.runtime.sampling import SamplingParams
 from raytp.weights.synthetic import synthetic_config

@@ -36,7 +36,6 @@ import torch
 import torch.nn.functional as F
 
 from raytp.kernels.moe_routing import top_k_routing
-from raytp.model.config import MoeConfig
 from raytp.model.experts import Experts, ExpertsLayout, load_experts
 from raytp.model.formats import Weight, WeightReader, read_linear
 from raytp.model.kinds import LinearBytes
