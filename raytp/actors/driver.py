@@ -38,6 +38,7 @@ from raytp.parallel.plan import PlanError
 from raytp.runtime.errors import BusyError, RequestError, UnavailableError, error_summary
 from raytp.runtime.requests import StopScanner, check_request, check_text
 from raytp.runtime.sampling import SamplingParams
+from raytp.serving.harmony import Harmony
 from raytp.serving.metrics import ServingMetrics
 from raytp.serving.tool_calls import template_syntax
 from raytp.weights.generation_defaults import SamplingDefaults
@@ -86,6 +87,8 @@ class Driver:
         # has no syntax raytp parses, and "auto" is refused
         self.tool_syntax = None if self.tokenizer is None else template_syntax(
             lambda messages: self.tokenizer.apply_chat_template(messages, add_generation_prompt=False))
+        # the chat format's reader where the template speaks harmony (gpt-oss): answers come as channels
+        self.harmony = None if self.tokenizer is None else Harmony.of(self.tokenizer)
         self._grammars: asyncio.Future[Grammars] | None = None  # checks constrained requests' grammars (`start`)
         self._grammar_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._compiling = 0  # grammars compiling in `_grammar_pool`, those past their time bound included
@@ -277,11 +280,11 @@ class Driver:
     # ---- requests ------------------------------------------------------------------------------------------
 
     async def encode(self, prompt: str | None = None, messages: list[dict] | None = None,
-                     tools: list[dict] | None = None) -> list[int]:
-        """The token ids of a text prompt, or of chat messages (and the tools offered) through the model's chat
-        template, where a message's text is text (no control token can be forged in it). Encoded in a child
-        process, after the text's length in characters is checked against the context: this event loop never
-        tokenizes."""
+                     tools: list[dict] | None = None, variables: dict | None = None) -> list[int]:
+        """The token ids of a text prompt, or of chat messages (and the tools offered, the template's own
+        `variables`) through the model's chat template, where a message's text is text (no control token can be
+        forged in it). Encoded in a child process, after the text's length in characters is checked against the
+        context: this event loop never tokenizes."""
         if (prompt is None) == (messages is None):
             raise RequestError("give exactly one of prompt or messages")
         param = "prompt" if messages is None else "messages"
@@ -293,7 +296,7 @@ class Driver:
         if prompt is not None:
             check_text(prompt, param)
         try:
-            return await self.tokenizer_pool.encode(prompt, messages, tools)
+            return await self.tokenizer_pool.encode(prompt, messages, tools, variables)
         except TextTooLong as e:
             raise RequestError(str(e), param=param, code="context_length_exceeded") from None
         except ValueError as e:  # a model without a chat template, or a template that refuses the messages

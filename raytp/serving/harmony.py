@@ -109,6 +109,7 @@ class HarmonyAnswer:
     def __init__(self, harmony: Harmony, functions: Collection[str]):
         self._kind = {i: text for text, i in harmony.ids.items()}
         self.functions = set(functions)
+        self.reasoning, self.content = "", ""  # all of each so far
         self.calls: list[dict] = []
         self._header: _Header | None = None  # the header being read; None while a body or nothing is
         self._field: str | None = None  # where the open message's body goes: reasoning, content, call or None
@@ -120,6 +121,23 @@ class HarmonyAnswer:
     def add(self, text: str, token_id: int | None) -> Delta:
         """What the token `token_id` adds; `text` is the text the stream gave with it (a control token has none,
         but characters completed late may ride along: they come before it)."""
+        return self._kept(self._read(text, token_id))
+
+    def end(self, finish: str) -> tuple[Delta, list[dict]]:
+        """(the text still to send, the calls) once the answer is over: `finish` "stop" ends the last message where
+        the stream ended (its <|return|> or <|call|> is the end token, which the stream leaves out), "length" cuts
+        it, and an unfinished call is dropped."""
+        if finish != "stop" and self._field == "call":
+            log.info("an answer cut at max_tokens drops its unfinished call of %r", self._recipient)
+            self._field = None
+        return self._kept(self._close()), self.calls
+
+    def _kept(self, delta: Delta) -> Delta:
+        self.reasoning += delta.reasoning
+        self.content += delta.content
+        return delta
+
+    def _read(self, text: str, token_id: int | None) -> Delta:
         delta = self._text(text) if text else Delta()
         control = self._kind.get(token_id)
         if control is None:
@@ -134,15 +152,6 @@ class HarmonyAnswer:
         elif control in (END, RETURN, CALL):
             delta = _joined(delta, self._close())
         return delta
-
-    def end(self, finish: str) -> tuple[Delta, list[dict]]:
-        """(the text still to send, the calls) once the answer is over: `finish` "stop" ends the last message where
-        the stream ended (its <|return|> or <|call|> is the end token, which the stream leaves out), "length" cuts
-        it, and an unfinished call is dropped."""
-        if finish != "stop" and self._field == "call":
-            log.info("an answer cut at max_tokens drops its unfinished call of %r", self._recipient)
-            self._field = None
-        return self._close(), self.calls
 
     def _text(self, text: str) -> Delta:
         if self._header is not None:
@@ -189,6 +198,7 @@ def read_answer(harmony: Harmony, pieces: Iterable[tuple[str, int | None]], fini
                 functions: Collection[str] = ()) -> tuple[str, str, list[dict]]:
     """(reasoning, content, calls) of a whole answer given as (text, token id) pieces."""
     answer = harmony.answer(functions)
-    deltas = [answer.add(text, token_id) for text, token_id in pieces]
-    rest, calls = answer.end(finish)
-    return "".join(d.reasoning for d in [*deltas, rest]), "".join(d.content for d in [*deltas, rest]), calls
+    for text, token_id in pieces:
+        answer.add(text, token_id)
+    answer.end(finish)
+    return answer.reasoning, answer.content, answer.calls
