@@ -46,22 +46,28 @@ def answer_ids(hf, answer: dict, tools=None) -> list[int]:
     return generated(hf, whole[len(prompt):])
 
 
+def scripted_driver(model_dir, answers: list[tuple[list[int], str]]) -> Driver:
+    """The Driver of `model_dir` (run in an event loop), its leader answering each request with the next of
+    `answers`: (ids, how the last ends: "stop" for an end token, "length" for max_tokens)."""
+    driver = Driver(GroupSettings(model=str(model_dir), devices=tuple(parse_devices("cpu")), max_context=4096))
+    pending = list(answers)
+
+    def script(rid):
+        ids, finish = pending.pop(0)
+        return [TokenEvent(rid, t, finish if i == len(ids) - 1 else None) for i, t in enumerate(ids)]
+
+    driver.group = types.SimpleNamespace(leader=FakeLeader(driver, script))
+    driver.ready.set()
+    return driver
+
+
 def serve(model_dir, answers: list[tuple[list[int], str]], ask):
-    """Runs `ask(client, model id)` against the API of a Driver whose leader answers each request with the next of `answers`
-    (ids, and how the last ends: "stop" for an end token, "length" for max_tokens); returns (what `ask` returned,
-    the prompt ids each request sent)."""
+    """Runs `ask(client, model id)` against the API of `scripted_driver(model_dir, answers)`; returns (what `ask`
+    returned, the prompt ids each request sent)."""
     async def run():
         from raytp.serving.openai_api import build_app
 
-        driver = Driver(GroupSettings(model=str(model_dir), devices=tuple(parse_devices("cpu")), max_context=4096))
-        pending = list(answers)
-
-        def script(rid):
-            ids, finish = pending.pop(0)
-            return [TokenEvent(rid, t, finish if i == len(ids) - 1 else None) for i, t in enumerate(ids)]
-
-        driver.group = types.SimpleNamespace(leader=FakeLeader(driver, script))
-        driver.ready.set()
+        driver = scripted_driver(model_dir, answers)
         transport = httpx.ASGITransport(app=build_app(driver))
         try:
             async with httpx.AsyncClient(transport=transport, base_url="http://raytp/v1") as http:
@@ -163,3 +169,27 @@ def test_reasoning_effort_needs_a_harmony_model():
     with pytest.raises(APIError) as e:
         parse_completion(body | {"reasoning_effort": "max"}, chat=True, model_id="m", harmony=True)
     assert e.value.param == "reasoning_effort"
+
+
+def test_the_web_chat_shows_the_final_answer(model_dir, hf):
+    """The web chat's turn over the same driver: the answer shown and kept in the history is the final channel; while
+    only reasoning has come, a note says the model thinks."""
+    from raytp.ui.chat import THINKING_NOTE, Conversation, build_ui
+
+    ids = answer_ids(hf, {"role": "assistant", "content": ANSWER, "thinking": THINKING})
+
+    async def run():
+        driver = scripted_driver(model_dir, [(ids, "stop")])
+        respond = next(f.fn for f in build_ui(driver).fns.values() if f.name == "respond")
+        chat = Conversation([{"role": "user", "content": QUESTION[0]["content"]}])
+        try:
+            shown = [chatbot async for chatbot, _ in respond(chat, "", 0.0, 1.0, 64, -1)]
+        finally:
+            driver.tokenizer_pool.close()
+        return chat, shown
+
+    chat, shown = asyncio.run(run())
+    assert chat.turns[-1]["content"] == ANSWER
+    answers = [chatbot[-1]["content"] for chatbot in shown if len(chatbot) == 2 and chatbot[-1]["content"]]
+    assert answers[0] == THINKING_NOTE and answers[-1].startswith(ANSWER + "\n\n*")  # then the stats line
+    assert not any(THINKING[:20] in a or "<|" in a or "analysis" in a for a in answers)
