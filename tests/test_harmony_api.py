@@ -21,6 +21,7 @@ from raytp.actors.driver import Driver
 from raytp.actors.group import GroupSettings
 from raytp.parallel.devices import parse_devices
 from raytp.runtime.engine import TokenEvent
+from raytp.runtime.sampling import SamplingParams
 from tests.harmony_model import write_harmony_tokenizer
 from tests.test_driver import FakeLeader
 from tests.test_gpt_oss import TINY
@@ -193,3 +194,23 @@ def test_the_web_chat_shows_the_final_answer(model_dir, hf):
     answers = [chatbot[-1]["content"] for chatbot in shown if len(chatbot) == 2 and chatbot[-1]["content"]]
     assert answers[0] == THINKING_NOTE and answers[-1].startswith(ANSWER + "\n\n*")  # then the stats line
     assert not any(THINKING[:20] in a or "<|" in a or "analysis" in a for a in answers)
+
+
+def test_return_and_call_end_generation_whatever_the_files_say(model_dir, hf, tmp_path):
+    """A directory whose files name only <|return|> as eos (a GGUF import's, with no generation_config.json): a
+    request still stops at <|call|> too."""
+    for f in model_dir.iterdir():
+        if f.name != "generation_config.json":
+            (tmp_path / f.name).symlink_to(f)
+
+    async def run():
+        driver = scripted_driver(tmp_path, [([hf.convert_tokens_to_ids("<|return|>")], "stop")])
+        try:
+            [_ async for _ in driver.submit(driver.tokenizer.encode("x"), SamplingParams(max_tokens=4))]
+        finally:
+            driver.tokenizer_pool.close()
+        return driver.tokenizer.eos_token_ids, driver.group.leader.commands[0].request.stop_ids
+
+    files_say, stops = asyncio.run(run())
+    ids = {hf.convert_tokens_to_ids(t) for t in ("<|return|>", "<|call|>")}
+    assert hf.convert_tokens_to_ids("<|call|>") not in files_say and ids <= set(stops)

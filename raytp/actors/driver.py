@@ -397,6 +397,8 @@ class Driver:
         self.streams[rid] = queue
         samples = [_SampleText(self.tokenizer, stop) for _ in range(params.n)]
         eos = self.tokenizer.eos_token_ids if self.tokenizer is not None else self.config.eos_token_ids
+        if self.harmony is not None:  # whatever the checkpoint's files list (a GGUF's eos is <|return|> alone)
+            eos = eos | self.harmony.end_ids
         start = time.perf_counter()
         first = last_t = None  # the first token's arrival here; the leader's clock at the last token's step
         drafted = accepted = 0  # of the request's verify steps (raytp.runtime.speculation)

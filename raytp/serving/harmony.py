@@ -79,6 +79,11 @@ class Harmony:
         pieces = [p for p in re.split(f"({'|'.join(map(re.escape, CONTROL))})", opening) if p]
         return cls(ids, tuple(("", ids[p]) if p in ids else (p, None) for p in pieces))
 
+    @property
+    def end_ids(self) -> set[int]:
+        """The tokens that end generation: <|return|> after a final answer, <|call|> after a tool call."""
+        return {self.ids[RETURN], self.ids[CALL]}
+
     def answer(self, functions: Collection[str] = ()) -> HarmonyAnswer:
         """A reader of one answer, for a request that offered the tools named `functions`."""
         return HarmonyAnswer(self, functions)
