@@ -214,3 +214,26 @@ def test_return_and_call_end_generation_whatever_the_files_say(model_dir, hf, tm
     files_say, stops = asyncio.run(run())
     ids = {hf.convert_tokens_to_ids(t) for t in ("<|return|>", "<|call|>")}
     assert hf.convert_tokens_to_ids("<|call|>") not in files_say and ids <= set(stops)
+
+
+def test_the_terminal_prints_the_final_answer(model_dir, hf):
+    """`raytp chat` and `raytp generate --chat` read the driver's items as the web chat does: the final channel is
+    printed (and kept in the chat's history), the reasoning kept aside (`--json`'s reasoning)."""
+    from raytp.cli.generate import AnswerText
+
+    ids = answer_ids(hf, {"role": "assistant", "content": ANSWER, "thinking": THINKING})
+
+    async def run():
+        driver = scripted_driver(model_dir, [(ids, "stop")])
+        try:
+            prompt = await driver.encode(messages=QUESTION)
+            return driver.chat_format(), [item async for item in driver.submit(prompt, SamplingParams(max_tokens=64))]
+        finally:
+            driver.tokenizer_pool.close()
+
+    harmony, items = asyncio.run(run())
+    shown = AnswerText(harmony)
+    printed = [shown.take(item) for item in items]
+    assert "".join(printed) == shown.text == ANSWER and shown.reasoning == THINKING
+    plain = AnswerText()  # a model that answers in plain text: its text as it comes
+    assert "".join(plain.take(item) for item in items) == "".join(item.get("text", "") for item in items)

@@ -267,6 +267,11 @@ class Driver:
         tail = self._log_tail.lines
         return [tail.popleft() for _ in range(len(tail))]  # popleft, not copy-and-clear: the group logs from a thread
 
+    def chat_format(self):
+        """The model's harmony (raytp.serving.harmony.Harmony) where its chat template speaks it, else None: the CLI
+        reads answers with it."""
+        return self.harmony
+
     def info(self) -> dict:
         g = self.group
         return {
