@@ -1,10 +1,10 @@
 """A gpt-oss model's chat completions through the OpenAI API, with the official openai client: the real Driver (its
 tokenizer pool, chat template, detokenizer, stop handling) and the real HTTP app, over a directory holding a tiny
-gpt-oss (random weights) and a tokenizer that speaks harmony (tests/harmony_model.py). A random model writes no harmony, so
-the leader rank is scripted (tests/test_driver.py's FakeLeader): it answers with the ids of what gpt-oss's template
-writes for an assistant's turn (rendered by transformers). The prompt the leader gets must be transformers'; the
-answer must come back as content, reasoning_content and tool_calls, streamed (reasoning deltas, then content, never
-markup) and whole."""
+gpt-oss (random weights) and a tokenizer that speaks harmony (tests/harmony_model.py). A random model writes no
+harmony, so the leader rank is scripted (tests/test_driver.py's FakeLeader): it answers with the ids of what gpt-oss's
+template writes for an assistant's turn (rendered by transformers). The prompt the leader gets must be transformers';
+the answer must come back as content, reasoning_content and tool_calls, streamed (reasoning deltas, then content,
+never markup) and whole. The web chat and the terminal over the same driver show the final answer."""
 
 from __future__ import annotations
 
@@ -237,3 +237,14 @@ def test_the_terminal_prints_the_final_answer(model_dir, hf):
     assert "".join(printed) == shown.text == ANSWER and shown.reasoning == THINKING
     plain = AnswerText()  # a model that answers in plain text: its text as it comes
     assert "".join(plain.take(item) for item in items) == "".join(item.get("text", "") for item in items)
+
+
+@pytest.mark.parametrize("field", ["reasoning_content", "reasoning"])
+def test_reasoning_sent_back_reaches_the_template(field):
+    """Under either name clients send it (vLLM's, older and newer), as the names templates read it by."""
+    from raytp.serving.openai_api import parse_completion
+
+    call = CALL | {"function": {"name": "get_weather", "arguments": json.dumps(ARGUMENTS)}}
+    body = {"model": "m", "messages": [*QUESTION, {"role": "assistant", field: THINKING, "tool_calls": [call]}]}
+    message = parse_completion(body, chat=True, model_id="m").messages[1].as_template_input()
+    assert message["thinking"] == message["reasoning_content"] == THINKING

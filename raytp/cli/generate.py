@@ -80,9 +80,10 @@ def cmd_generate(args) -> None:
                                       args.prompt_ids, harmony)
         if args.json:
             reasoning = {} if answer.reasoning is None else {"reasoning": answer.reasoning}
-            print(json.dumps({"text": answer.text, **reasoning, "token_ids": stats["token_ids"], "prompt_tokens": stats["prompt_tokens"],
-                              "generated_tokens": stats["generated_tokens"], "tokens_per_s": stats["tokens_per_s"],
-                              "ttft_s": stats["ttft_s"], "finish": stats["finish"], "backend": info["backend"],
+            print(json.dumps({"text": answer.text, **reasoning, "token_ids": stats["token_ids"],
+                              "prompt_tokens": stats["prompt_tokens"], "generated_tokens": stats["generated_tokens"],
+                              "tokens_per_s": stats["tokens_per_s"], "ttft_s": stats["ttft_s"],
+                              "finish": stats["finish"], "backend": info["backend"],
                               "drafted_tokens": stats["drafted_tokens"], "accepted_tokens": stats["accepted_tokens"],
                               "plan": info["plan"]}))
             return

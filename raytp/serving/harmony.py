@@ -5,7 +5,7 @@ header, `<|message|>`, a body, and an end:
 
     <|channel|>analysis<|message|>thinking...<|end|>
     <|start|>assistant<|channel|>final<|message|>the answer<|return|>
-    <|start|>assistant<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{"city": "Paris"}<|call|>
+    <|start|>assistant<|channel|>commentary to=functions.weather <|constrain|>json<|message|>{"city":"Paris"}<|call|>
 
 A header holds the author's role (written by the prompt for the first message), the channel after <|channel|>, a
 recipient `to=...` (before or after the channel) and a content type (`json` or `<|constrain|>json`). Bodies go:
@@ -91,6 +91,9 @@ class Harmony:
 
 @dataclasses.dataclass
 class _Header:
+    """A message's header as it is read: the text before <|channel|>, after it, and after <|constrain|> (the content
+    type, kept apart so that `json` is not taken for the channel)."""
+
     role: str = ""
     channel: str = ""
     constraint: str = ""
@@ -103,8 +106,10 @@ class _Header:
         words = (self.role + " " + self.channel).split()
         return next((w.removeprefix("to=") for w in words if w.startswith("to=")), None)
 
-    def first(self, text: str) -> str:
-        return next((w for w in text.split() if not w.startswith("to=")), "")
+
+def _first_word(text: str) -> str:
+    """The role or channel name in a part of a header, which may also hold the recipient."""
+    return next((w for w in text.split() if not w.startswith("to=")), "")
 
 
 class HarmonyAnswer:
@@ -170,12 +175,12 @@ class HarmonyAnswer:
     def _open(self, header: _Header) -> None:
         self._header, self._body = None, ""
         recipient = header.recipient()
-        if header.first(header.role) not in ("", "assistant"):
+        if _first_word(header.role) not in ("", "assistant"):
             self._field = None  # a message the model wrote as someone else (a tool's output): not its answer
         elif recipient is not None:
             self._field, self._recipient = "call", recipient
         else:
-            self._field = "reasoning" if header.first(header.channel) == "analysis" else "content"
+            self._field = "reasoning" if _first_word(header.channel) == "analysis" else "content"
 
     def _close(self) -> Delta:
         """Ends the open message, if any: a call's body becomes a call, or, malformed, content."""

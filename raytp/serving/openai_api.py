@@ -31,7 +31,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator,
+from pydantic import (AfterValidator, AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator,
                       model_validator)
 
 from raytp.runtime.constraints import json_schema_grammar
@@ -163,7 +163,8 @@ class Message(BaseModel):
     content: Text | list[TextPart] | None = None
     tool_calls: list[ToolCall] | None = None  # an assistant's calls
     tool_call_id: str | None = None  # a tool message's: the call it answers
-    reasoning_content: Text | None = None  # an assistant's reasoning, as its answer gave it
+    # an assistant's reasoning, as its answer gave it (vLLM's newer name for it is taken too)
+    reasoning_content: Text | None = Field(None, validation_alias=AliasChoices("reasoning_content", "reasoning"))
 
     def as_template_input(self) -> dict:
         text = "".join(p.text for p in self.content) if isinstance(self.content, list) else self.content or ""
