@@ -34,7 +34,7 @@ CALLS = 8  # calls per graph, each with its own routing
 SWEEP_GATE_UP = [moe_gemv.Launch(n, k, w) for n in (16, 32, 64) for k in (64, 128, 256) for w in (4, 8)]
 SWEEP_DOWN = [moe_gemv.Launch(n, k, w) for n in (32, 64, 128) for k in (64, 128) for w in (4, 8)]
 MXFP4_SHAPES = {"gpt-oss-20b": (32, 4, 2880, 2880), "gpt-oss-120b": (128, 4, 2880, 2880)}
-SWEEP_MXFP4 = [moe_gemv.Launch(n, k, w) for n in (16, 32, 64) for k in (128, 256, 512) for w in (2, 4, 8)]
+SWEEP_MXFP4 = [moe_gemv.Launch(n, k, w) for n in (32, 64) for k in (128, 256, 512) for w in (4, 8)]
 
 
 def graphed_us(fn, calls: int = CALLS) -> float:
