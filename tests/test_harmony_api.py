@@ -47,28 +47,30 @@ def answer_ids(hf, answer: dict, tools=None) -> list[int]:
     return generated(hf, whole[len(prompt):])
 
 
-def scripted_driver(model_dir, answers: list[tuple[list[int], str]]) -> Driver:
+def scripted_driver(model_dir, answers: list[tuple[list[int], str]], samples: int = 1) -> Driver:
     """The Driver of `model_dir` (run in an event loop), its leader answering each request with the next of
-    `answers`: (ids, how the last ends: "stop" for an end token, "length" for max_tokens)."""
+    `answers`: (ids, how the last ends: "stop" for an end token, "length" for max_tokens), for each of `samples`
+    choices, their tokens interleaved as the batch steps them."""
     driver = Driver(GroupSettings(model=str(model_dir), devices=tuple(parse_devices("cpu")), max_context=4096))
     pending = list(answers)
 
     def script(rid):
         ids, finish = pending.pop(0)
-        return [TokenEvent(rid, t, finish if i == len(ids) - 1 else None) for i, t in enumerate(ids)]
+        return [TokenEvent(rid, t, finish if i == len(ids) - 1 else None, index=k) for i, t in enumerate(ids)
+                for k in range(samples)]
 
     driver.group = types.SimpleNamespace(leader=FakeLeader(driver, script))
     driver.ready.set()
     return driver
 
 
-def serve(model_dir, answers: list[tuple[list[int], str]], ask):
-    """Runs `ask(client, model id)` against the API of `scripted_driver(model_dir, answers)`; returns (what `ask`
-    returned, the prompt ids each request sent)."""
+def serve(model_dir, answers: list[tuple[list[int], str]], ask, samples: int = 1):
+    """Runs `ask(client, model id)` against the API of `scripted_driver(model_dir, answers, samples)`; returns
+    (what `ask` returned, the prompt ids each request sent)."""
     async def run():
         from raytp.serving.openai_api import build_app
 
-        driver = scripted_driver(model_dir, answers)
+        driver = scripted_driver(model_dir, answers, samples)
         transport = httpx.ASGITransport(app=build_app(driver))
         try:
             async with httpx.AsyncClient(transport=transport, base_url="http://raytp/v1") as http:
@@ -139,6 +141,23 @@ def test_a_tool_call_whole_and_streamed(model_dir, hf):
     assert prompts[2] == hf.apply_chat_template(template_input, tools=tools, add_generation_prompt=True,
                                                 return_dict=False)
     assert answered.choices[0].message.content == "Sunny." and answered.choices[0].message.reasoning_content is None
+
+
+def test_each_choice_is_read_apart(model_dir, hf):
+    """n=2, the choices' tokens interleaved: each choice's reasoning and content, streamed and whole."""
+    ids = answer_ids(hf, {"role": "assistant", "content": ANSWER, "thinking": THINKING})
+
+    async def ask(client, model):
+        whole = await client.chat.completions.create(model=model, messages=QUESTION, n=2, seed=1)
+        stream = await client.chat.completions.create(model=model, messages=QUESTION, n=2, seed=1, stream=True)
+        return whole, [chunk async for chunk in stream]
+
+    (whole, chunks), _ = serve(model_dir, [(ids, "stop")] * 2, ask, samples=2)
+    assert [(c.message.reasoning_content, c.message.content) for c in whole.choices] == [(THINKING, ANSWER)] * 2
+    for index in (0, 1):
+        mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == index]
+        assert "".join(getattr(c.delta, "reasoning_content", None) or "" for c in mine) == THINKING
+        assert "".join(c.delta.content or "" for c in mine) == ANSWER and mine[-1].finish_reason == "stop"
 
 
 def test_an_answer_cut_by_max_tokens(model_dir, hf):
