@@ -29,7 +29,7 @@ def read(d: dict, fields: dict) -> dict:
     moe = dataclasses.replace(MoeConfig.from_dict(d, EXPERTS), kind="stacked_experts", swiglu_clamp=(
         d.get("swiglu_alpha", SWIGLU_ALPHA), d.get("swiglu_limit", SWIGLU_LIMIT)))
     return fields | dict(layer_types=tuple(layer_types), sliding_window=d["sliding_window"], intermediate_size=0,
-                         o_proj_bias=fields["attention_bias"], attention_sinks=True, moe=moe)
+                         attention_sinks=True, moe=moe)
 
 
 GPT_OSS = Family("gpt_oss", "GptOssForCausalLM", read)
