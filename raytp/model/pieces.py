@@ -83,3 +83,15 @@ class ModelPieces:
 def plan_model(config: ModelConfig, budgets: Sequence[tuple[str, int]], **kwargs) -> ShardPlan:
     """`plan_shards` of a model config (keyword arguments as there)."""
     return plan_shards(ModelPieces(config), budgets, **kwargs)
+
+
+def plan_with_draft(config: ModelConfig, draft: ModelConfig, budgets: Sequence[tuple[str, int]],
+                    **kwargs) -> tuple[ShardPlan, ShardPlan]:
+    """(target plan, draft plan) of a target and its draft model (speculative decoding) on the same ranks: the draft
+    is split first, by the same rule and cache shape, then the target over what each rank has left; so both are
+    split in proportion to the ranks (within a block), and each rank's budget holds both. The target plan's budgets
+    are those remainders."""
+    draft_plan = plan_model(draft, budgets, **kwargs)
+    left = [(name, cap - r.weight_bytes - r.kv_cache_bytes - r.overhead_bytes)
+            for (name, cap), r in zip(budgets, draft_plan.ranks)]
+    return plan_model(config, left, **kwargs), draft_plan
