@@ -234,6 +234,29 @@ def test_a_bad_speculate_is_refused_naming_it_on_every_command(capsys, command):
     assert "speculate" in line and "'ngram:9'" in line and "[1, 8]" in line
 
 
+def test_a_draft_model_is_named_loads_and_shares_the_models_vocabulary(capsys, smollm2_dir, tmp_path):
+    line = refused(capsys, "generate", "--prompt", "hi", *SMALL, "--speculate", "draft:3")
+    assert "--speculate draft:3: name the draft model, draft:PATH or draft:PATH:K" in line
+    line = refused(capsys, "serve", *SMALL, "--speculate", f"draft:{tmp_path}")
+    assert line.startswith(f"raytp: error: --speculate draft:{tmp_path}: ") and "config.json" in line
+    import transformers
+
+    other = transformers.LlamaConfig(vocab_size=1000, hidden_size=32, num_attention_heads=2, num_key_value_heads=1,
+                                     intermediate_size=64, num_hidden_layers=1)
+    transformers.LlamaForCausalLM(other).save_pretrained(tmp_path / "small", safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / "small" / name).symlink_to(smollm2_dir / name)
+    capsys.readouterr()
+    line = refused(capsys, "chat", *SMALL, "--speculate", f"draft:{tmp_path / 'small'}:2")
+    assert "the draft model's vocabulary has 1000 tokens, smollm2's 49152" in line
+
+
+def test_a_draft_model_reaches_the_group_and_its_k_every_request(smollm2_dir):
+    args = build_parser().parse_args(["serve", "--devices", "cpu@2GiB", "--speculate", "draft:smollm2:3"])
+    check_args(args)
+    assert (args.draft_model, args.speculate) == ("smollm2", "draft:3")
+
+
 def test_speculate_reaches_the_cli_request_and_the_servers_default(smollm2_dir):
     args = build_parser().parse_args(["generate", "--prompt", "hi", "--speculate", "ngram:3"])
     assert sampling_params(args, SamplingDefaults()).speculate == "ngram:3"

@@ -272,6 +272,7 @@ class Sweep:
     splits: tuple[str | None, ...] = (None,)  # "memory", "speed", or None: the group's default
     share_gpus: bool = False  # let more cuda ranks than GPUs share them (emulates slower devices), not skip
     speculate: str = "off"  # the requests' drafting (raytp.runtime.speculation)
+    draft_model: str | None = None  # the draft model `speculate: draft` drafts with, on every configuration's ranks
     profile_steps: int = 0  # decode steps each rank profiles per batch size (raytp.bench.profile); 0: none
     trace_dir: str | None = None  # where the profiled steps' chrome traces go; None: not kept
     no_p2p: bool = False  # emulate a host without GPU peer-to-peer (raytp.actors.group.NO_P2P_ENV)
@@ -342,7 +343,8 @@ def run_sweep(sweep: Sweep, *, on_row: Callable[[dict], None] | None = None,
             model=model, devices=devices, dtype=sweep.dtype, kv_dtype=sweep.kv_dtype, comm=comm,
             max_context=max(sweep.max_context, prompt_len + max(sweep.decode_tokens, profile_tokens) + 1),
             max_batch=max(sweep.max_batch, *sweep.batches), progress=False, options=sweep.options,
-            split=split, no_p2p=sweep.no_p2p, time_backends=True, speculate=sweep.speculate)
+            split=split, no_p2p=sweep.no_p2p, time_backends=True, speculate=sweep.speculate,
+            draft_model=sweep.draft_model)
         try:
             _check_devices(devices, comm, sweep.share_gpus)
             res = run_bench(settings, config, batches=list(sweep.batches), prompt_len=prompt_len,

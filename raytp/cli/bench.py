@@ -41,7 +41,7 @@ def _bench_command(args, specs: list[str]) -> str:
              str(args.repeats), "--allreduce-sizes", args.allreduce_sizes, "--allreduce-iters",
              str(args.allreduce_iters), *args.options.flags()]
     optional = {"--quant": args.quant, "--split": args.split, "--out": args.out,
-                "--speculate": args.speculate if args.speculate != "off" else None}
+                "--speculate": args.speculate_flag if args.speculate != "off" else None}
     parts += [x for flag, value in optional.items() if value for x in (flag, value)]
     switches = [flag for flag, on in (("--share-gpus", args.share_gpus), ("--no-p2p", args.no_p2p),
                                       ("--hf-peer", args.hf_peer), ("--profile-traces", args.profile_traces)) if on]
@@ -91,7 +91,7 @@ def cmd_bench(args) -> None:
                       max_context=args.max_context, max_batch=args.max_batch, allreduce_sizes=tuple(sizes),
                       allreduce_iters=args.allreduce_iters, options=args.options,
                       splits=tuple(dict.fromkeys(splits)), share_gpus=args.share_gpus, no_p2p=args.no_p2p,
-                      profile_steps=args.profile, speculate=args.speculate,
+                      profile_steps=args.profile, speculate=args.speculate, draft_model=args.draft_model,
                       trace_dir=str(Path(args.out) / "traces") if args.profile_traces else None)
         with tqdm(total=sweep.size, desc="raytp bench", unit="config", file=sys.stderr) as bar:
             def on_row(o):
