@@ -187,6 +187,21 @@ def test_plan_with_no_arguments_plans_this_machine_as_generate_would(capsys):
     assert plan["max_batch"] == 1 and not ray.is_initialized()
 
 
+def test_plan_shows_the_draft_model_split_beside_the_model(capsys, smollm2_dir):
+    """`raytp plan --speculate draft:PATH`: the draft's split over the same devices, and the model's over what each
+    device has left, together within each budget."""
+    devices = "cpu@900MiB,cpu@600MiB"
+    assert cli.main(["plan", "--devices", devices, "--speculate", "draft:smollm2", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    draft = plan["draft_plan"]
+    for rank, beside, cap in zip(plan["ranks"], draft["ranks"], (900 << 20, 600 << 20)):
+        held = sum(beside[k] for k in ("weight_bytes", "kv_cache_bytes", "overhead_bytes"))
+        assert beside["budget_bytes"] == cap and rank["budget_bytes"] == cap - held and rank["headroom_bytes"] >= 0
+        assert beside["weight_bytes"] > 0 and rank["weight_bytes"] > 0
+    assert cli.main(["plan", "--devices", devices, "--speculate", "draft:smollm2"]) == 0
+    assert "draft model smollm2:" in capsys.readouterr().out
+
+
 def test_the_help_lists_every_synthetic_model_and_quantization(capsys):
     from raytp.cli.parser import EPILOG, SYNTHETIC_DENSE, SYNTHETIC_MOE, SYNTHETIC_TEST
     from raytp.model.config import QUANT_PRESETS

@@ -155,6 +155,7 @@ def _add_plan(sub, **kw) -> None:
                        "else one cpu rank with its free memory."), **kw)
     _model_args(p, max_batch=GENERATE_MAX_BATCH)
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    _speculate_arg(p, "as generate and serve take it; with draft:PATH the draft model is planned beside the model: ")
 
 
 def _add_generate(sub, **kw) -> None:
