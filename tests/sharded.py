@@ -81,7 +81,8 @@ class LocalGroup:
     def generate(self, prompts: list[list[int]], params: SamplingParams, stop_ids=(),
                  prefill_chunk: int = PREFILL_CHUNK) -> dict[str, list[int]]:
         """Run the real engine loop on every rank; returns generated ids per request id."""
-        engines = [RankEngine(m, m.comm, prefill_chunk=prefill_chunk, draft=d) for m, d in zip(self.models, self.drafts)]
+        engines = [RankEngine(m, m.comm, prefill_chunk=prefill_chunk, draft=d)
+                   for m, d in zip(self.models, self.drafts)]
         for i, p in enumerate(prompts):
             engines[0].inbox.put(Add(Request(f"r{i}", p, params, list(stop_ids))))
         out = {f"r{i}": [] for i in range(len(prompts))}

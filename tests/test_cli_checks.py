@@ -270,6 +270,12 @@ def test_a_draft_model_reaches_the_group_and_its_k_every_request(smollm2_dir):
     args = build_parser().parse_args(["serve", "--devices", "cpu@2GiB", "--speculate", "draft:smollm2:3"])
     check_args(args)
     assert (args.draft_model, args.speculate) == ("smollm2", "draft:3")
+    from raytp.cli.bench import _bench_command
+
+    args = build_parser().parse_args(["bench", "--devices", "cpu@2GiB", "--speculate", "draft:smollm2:3"])
+    check_args(args)
+    assert (args.draft_model, args.speculate) == ("smollm2", "draft:3")
+    assert "--speculate draft:smollm2:3" in _bench_command(args, ["cpu@2GiB"])  # the command that reproduces it
 
 
 def test_speculate_reaches_the_cli_request_and_the_servers_default(smollm2_dir):

@@ -11,8 +11,8 @@ the tokens plain decoding gives, at every split, and each accepted token passes 
 it would have.
 
 Every rank drafts the same tokens (the n-gram drafter reads only the sequence, which every rank holds alike; the
-draft model runs split over the same ranks, in lock-step) and draws the same targets (from the sampler's gathered numbers), so the ranks decide acceptance in lock-step without a
-message of their own.
+draft model runs split over the same ranks, in lock-step) and draws the same targets (from the sampler's gathered
+numbers), so the ranks decide acceptance in lock-step without a message of their own.
 
 The KV cache: a verify step writes keys and values at all its positions; those past the first rejection lie
 beyond the sequence's length, and nothing reads them: a query sees only positions up to its own
@@ -60,8 +60,8 @@ START_GAIN = 1.0  # a new row's (and a row back from a pause's) accepted tokens 
 GAIN_DECAY = 0.5  # the weight of the past in that average: two failed drafts in a row pause a new row
 MIN_GAIN = 0.3  # below this a verify step costs more than its accepted tokens save, roughly, on CPUs
 PAUSE_TOKENS = 8  # tokens a row then decodes without drafting
-SPECULATE_RULE = (f'speculate must be "off", "ngram", "ngram:K", "draft" or "draft:K" with K in [1, {SPECULATE_MAX_K}] '
-                  '("draft" where the server was started with a draft model)')
+SPECULATE_RULE = (f'speculate must be "off", "ngram", "ngram:K", "draft" or "draft:K" with K in '
+                  f'[1, {SPECULATE_MAX_K}] ("draft" where the server was started with a draft model)')
 
 
 def drafting(spec: str) -> tuple[str, int]:
