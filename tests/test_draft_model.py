@@ -15,7 +15,8 @@ from raytp.model.pieces import plan_model, plan_with_draft
 from raytp.runtime.engine import Add, Request
 from raytp.runtime.errors import RequestError
 from raytp.runtime.sampling import SamplingParams
-from raytp.runtime.speculation import PAUSE_TOKENS, check_drafter, draft_model_option, drafting
+from raytp.runtime.speculation import (PAUSE_TOKENS, check_drafter, draft_model_option, drafting,
+                                       speculate_option)
 from tests.sharded import LocalGroup
 from tests.test_decode_loop import run_loop, tokens_of
 
@@ -94,6 +95,8 @@ def test_speculate_values_name_the_draft_model_on_the_command_line_and_only_its_
     assert draft_model_option("draft:/m/small:3") == ("/m/small", "draft:3")
     assert draft_model_option("draft:synthetic:llama-1b:2") == ("synthetic:llama-1b", "draft:2")
     assert draft_model_option("ngram:3") == (None, "ngram:3")
+    for value in ("draft:/m/small", "draft:synthetic:llama-1b:2", "ngram:3", "off"):
+        assert speculate_option(*draft_model_option(value)) == value
     for bad in ("draft", "draft:", "draft:3"):
         with pytest.raises(ValueError, match="name the draft model"):
             draft_model_option(bad)

@@ -61,6 +61,7 @@ from raytp.runtime.errors import error_summary
 from raytp.runtime.options import RuntimeOptions
 from raytp.parallel.plan import PlanError, ShardPlan
 from raytp.runtime.sampling import SamplingParams
+from raytp.runtime.speculation import speculate_option
 from raytp.weights.source import ModelSource
 
 log = logging.getLogger("raytp")
@@ -189,6 +190,7 @@ def run_bench(settings: GroupSettings, config: ModelConfig, *, batches: list[int
         build_s = time.perf_counter() - started
         vocab = config.vocab_size
         speculate = settings.speculate
+        drafting = speculate_option(settings.draft_model, speculate)  # as --speculate gives it, the draft model named
         for batch in batches:  # warm-up: every batch size once (allocator, kernels, caches at this shape)
             _run_batch(group, random_requests(batch, prompt_len, min(decode_tokens, 4), vocab, f"warm{batch}",
                                               speculate))
@@ -207,7 +209,7 @@ def run_bench(settings: GroupSettings, config: ModelConfig, *, batches: list[int
             allreduce_ms = n_allreduce * slowest[step_sizes[batch]] / 1000
             decode.append({
                 "batch": batch, "ms_per_step": ms, "ms_per_token": 1000 * batch / tokens_per_s,
-                "tokens_per_s": tokens_per_s, "speculate": speculate,
+                "tokens_per_s": tokens_per_s, "speculate": drafting,
                 # of a row, in the timed steps; above 1 only where verify steps accepted drafted tokens
                 "tokens_per_step": statistics.median(r["window_tokens"] / (r["steps"] * batch) for r in timed),
                 "acceptance": sum(r["accepted"] for r in runs) / drafted if drafted else None,

@@ -35,13 +35,15 @@ def _bench_command(args, specs: list[str]) -> str:
     """The command line that reproduces this sweep (for summary.md)."""
     import shlex
 
+    from raytp.runtime.speculation import speculate_option
+
     parts = ["raytp", "bench", "--model", args.model, "--devices-sweep" if len(specs) > 1 else "--devices",
              ";".join(specs), "--comm", args.comm, "--dtype", args.dtype, "--kv-dtype", args.kv_dtype, "--batch",
              args.batch, "--prompt-len", args.prompt_len, "--decode-tokens", str(args.decode_tokens), "--repeats",
              str(args.repeats), "--allreduce-sizes", args.allreduce_sizes, "--allreduce-iters",
              str(args.allreduce_iters), *args.options.flags()]
     optional = {"--quant": args.quant, "--split": args.split, "--out": args.out,
-                "--speculate": args.speculate_flag if args.speculate != "off" else None}
+                "--speculate": speculate_option(args.draft_model, args.speculate) if args.speculate != "off" else None}
     parts += [x for flag, value in optional.items() if value for x in (flag, value)]
     switches = [flag for flag, on in (("--share-gpus", args.share_gpus), ("--no-p2p", args.no_p2p),
                                       ("--hf-peer", args.hf_peer), ("--profile-traces", args.profile_traces)) if on]

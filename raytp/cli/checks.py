@@ -103,10 +103,9 @@ def _check_speculate(spec: str) -> None:
 
 def _split_speculate(args) -> None:
     """`--speculate draft:PATH[:K]` -> args.draft_model (PATH) and args.speculate ("draft[:K]", every request's);
-    any other value: args.draft_model None. args.speculate_flag keeps what was given."""
+    any other value: args.draft_model None."""
     from raytp.runtime.speculation import draft_model_option
 
-    args.speculate_flag = args.speculate
     try:
         args.draft_model, args.speculate = draft_model_option(args.speculate)
     except ValueError as e:
@@ -116,9 +115,9 @@ def _split_speculate(args) -> None:
 def _check_draft_model(args) -> None:
     """The draft model loads (as --model is checked), shares the model's vocabulary, and can drop a rejected
     draft's positions from its own state."""
-    from raytp.runtime.speculation import unsupported_reason
+    from raytp.runtime.speculation import speculate_option, unsupported_reason
 
-    flag = f"--speculate {args.speculate_flag}"
+    flag = f"--speculate {speculate_option(args.draft_model, args.speculate)}"
     try:
         _check_model(args.draft_model)
     except UserError as e:

@@ -96,6 +96,12 @@ def draft_model_option(value: str) -> tuple[str | None, str]:
     return path, f"{DRAFT}:{k}" if k else DRAFT
 
 
+def speculate_option(draft_model: str | None, speculate: str) -> str:
+    """The `--speculate` that gives (draft model, requests' `speculate`): `draft_model_option` undone."""
+    k = speculate.partition(":")[2]
+    return speculate if draft_model is None else f"{DRAFT}:{draft_model}" + (f":{k}" if k else "")
+
+
 class NgramDrafter:
     """Prompt lookup over one sequence, indexed as it grows: for each n-gram the position of the token that
     followed its latest occurrence, so a draft costs a few dictionary lookups, not a search of the text."""
