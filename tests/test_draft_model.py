@@ -157,10 +157,10 @@ def test_greedy_and_seeded_tokens_are_those_of_plain_decoding_in_a_mixed_batch(g
 @pytest.mark.parametrize("draft", ["draft", "stranger"])
 def test_the_draft_cache_after_rejected_drafts_holds_what_a_clean_draft_run_writes(models, draft):
     """With the draft, accepted runs and rejections; with the stranger, rejections, pauses (plain steps the draft
-    catches up with) and drafting again."""
+    catches up with, in prefill chunks of 4, as its prompt) and drafting again."""
     group = group_of(models, SPLITS["3-uneven"], draft=models[2] if draft == "stranger" else None)
     seeded = SamplingParams(temperature=0.8, seed=3, max_tokens=40, speculate="draft:4")
-    seen, engines = run_loop(group, requests([seeded]))
+    seen, engines = run_loop(group, requests([seeded]), prefill_chunk=512 if draft == "draft" else 4)
     steps = drafted_steps(seen)
     assert any(a < d for d, a in steps)
     if draft == "draft":

@@ -11,7 +11,8 @@ Its KV cache has a slot per target slot. A row's prompt is prefilled into it chu
 what the sequence took since the row last drafted (`_valid`: the positions whose tokens the draft cache holds are
 known, so only the tokens past them are run, with the sequence's last token): usually one or two tokens (the
 target's token after an accepted run; a drafted token the target rejected is simply overwritten, as in the
-target's cache), more after plain steps. Then one decode step per drafted token after the first.
+target's cache), more after plain steps (in prefill chunks). Then one decode step per drafted token
+after the first.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 
 from raytp.model.llama import ShardedLlama
 from raytp.parallel.comm import Communicator
+from raytp.parallel.plan import PREFILL_CHUNK
 from raytp.runtime.batch import NO_HISTORY
 from raytp.runtime.sampling import SamplingParams, ShardedSampler
 
@@ -38,8 +40,8 @@ class DraftRow:
 
 
 class ModelDrafter:
-    def __init__(self, model: ShardedLlama, comm: Communicator):
-        self.model = model
+    def __init__(self, model: ShardedLlama, comm: Communicator, chunk: int = PREFILL_CHUNK):
+        self.model, self.chunk = model, chunk  # `chunk`: the most positions a catch-up runs at once
         self.sampler = ShardedSampler(comm, model.vocab_start)
         self.device = model.device
         # slot -> (n, fed): the draft cache holds the sequence's first n tokens, then `fed`, tokens drafted after
@@ -63,8 +65,24 @@ class ModelDrafter:
             same += 1
         return min(n + same, len(tokens) - 1)
 
+    def _catch_up_long(self, rows: list[DraftRow]) -> None:
+        """Run the sequence tokens the draft cache lacks, a chunk at a time, for rows that lack more (plain steps
+        while the batch was wide): no forward runs more positions than a prefill chunk does."""
+        while True:
+            behind = [row for row in rows if len(row.tokens) - self._valid(row.slot, row.tokens) > self.chunk]
+            if not behind:
+                return
+            starts = [self._valid(row.slot, row.tokens) for row in behind]
+            tokens = [row.tokens[start : start + self.chunk] for row, start in zip(behind, starts)]
+            positions = [list(range(start, start + self.chunk)) for start in starts]
+            self.model.forward(torch.tensor(tokens, device=self.device), torch.tensor(positions, device=self.device),
+                               torch.tensor([row.slot for row in behind], device=self.device))
+            for row, start in zip(behind, starts):
+                self.cached[row.slot] = (start + self.chunk, [])
+
     def propose(self, rows: list[DraftRow]) -> list[list[int]]:
         """k drafted tokens per row, drawn as the target would draw them (every rank alike)."""
+        self._catch_up_long(rows)
         starts = [self._valid(row.slot, row.tokens) for row in rows]
         feeds = [(row.tokens[start:], start) for row, start in zip(rows, starts)]
         width = max(len(feed) for feed, _ in feeds)

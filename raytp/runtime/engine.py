@@ -172,7 +172,8 @@ class RankEngine:
                  prefill_chunk: int = PREFILL_CHUNK, grammars: Grammars | None = None,
                  draft: ShardedLlama | None = None):
         self.model, self.comm = model, comm
-        self.drafter = None if draft is None else ModelDrafter(draft, comm)  # `speculate: draft` rows' drafter
+        # `speculate: draft` rows' drafter
+        self.drafter = None if draft is None else ModelDrafter(draft, comm, prefill_chunk)
         self.sampler = ShardedSampler(comm, model.vocab_start)
         self.batch = DecodeBatch(model, self.sampler)
         self.device = model.device
