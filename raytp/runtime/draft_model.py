@@ -11,8 +11,8 @@ Its KV cache has a slot per target slot. A row's prompt is prefilled into it chu
 what the sequence took since the row last drafted (`_valid`: the positions whose tokens the draft cache holds are
 known, so only the tokens past them are run, with the sequence's last token): usually one or two tokens (the
 target's token after an accepted run; a drafted token the target rejected is simply overwritten, as in the
-target's cache), more after plain steps (in prefill chunks). Then one decode step per drafted token
-after the first.
+target's cache), more after plain steps (in prefill chunks). Then one decode step per drafted token after the
+first.
 """
 
 from __future__ import annotations
@@ -94,7 +94,8 @@ class ModelDrafter:
                                     torch.tensor(positions, device=self.device), slots)
         last = [(feed[-1], start + len(feed) - 1) for feed, start in feeds]  # each row's latest input
         drafts: list[list[int]] = [[] for _ in rows]
-        for j in range(max(row.k for row in rows)):
+        widest = max(row.k for row in rows)
+        for j in range(widest):
             histories = [torch.tensor(row.tokens + draft) if row.params.repetition_penalty != 1 else NO_HISTORY
                          for row, draft in zip(rows, drafts)]
             drawn = self.sampler.draw_exact(logits, [row.params for row in rows],
@@ -104,7 +105,7 @@ class ModelDrafter:
                     drafts[b].append(drawn[b])
                 if j + 1 < row.k:  # its next draft needs this token in the cache; a row done feeds its last again
                     last[b] = (drawn[b], len(row.tokens) + j)
-            if j + 1 == max(row.k for row in rows):
+            if j + 1 == widest:
                 break
             logits = self.model.forward(torch.tensor([[t] for t, _ in last], device=self.device),
                                         torch.tensor([[p] for _, p in last], device=self.device), slots)
