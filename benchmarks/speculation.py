@@ -56,8 +56,8 @@ def measure(args) -> list[tuple]:
                 for spec in ("off", drafting(args)):
                     params = SamplingParams(max_tokens=args.max_tokens, speculate=spec)
                     answers[spec] = stream_answer(driver, False, params, ids)
-                (text_off, off), (text_on, on) = answers.values()
-                same &= text_off == text_on
+                (answer_off, off), (answer_on, on) = answers.values()
+                same &= answer_off.text == answer_on.text
                 plain.append(off["tokens_per_s"])
                 fast.append(on["tokens_per_s"])
                 drafted, accepted = drafted + on["drafted_tokens"], accepted + on["accepted_tokens"]
