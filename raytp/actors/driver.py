@@ -38,6 +38,7 @@ from raytp.parallel.plan import PlanError
 from raytp.runtime.errors import BusyError, RequestError, UnavailableError, error_summary
 from raytp.runtime.requests import StopScanner, check_request, check_text
 from raytp.runtime.sampling import SamplingParams
+from raytp.runtime.speculation import check_drafter
 from raytp.serving.harmony import Harmony
 from raytp.serving.metrics import ServingMetrics
 from raytp.serving.tool_calls import template_syntax
@@ -278,7 +279,10 @@ class Driver:
             "model": self.settings.model, "backend": g.backend, "dtype": self.settings.dtype,
             "kv_dtype": self.settings.kv_dtype,
             "max_context": self.settings.max_context, "max_batch": self.settings.max_batch,
-            "plan": g.plan.to_dict(), "ranks": g.ranks, "plan_table": g.plan.format_table(),
+            "plan": g.plan.to_dict(), "ranks": g.ranks, "plan_table": g.plan.format_table() + (
+                "" if g.draft_plan is None else f"\ndraft model {self.settings.draft_model}:\n"
+                                                f"{g.draft_plan.format_table()}"),
+            "draft_plan": None if g.draft_plan is None else g.draft_plan.to_dict(),
             "history": list(self.history),
         }
 
@@ -392,6 +396,7 @@ class Driver:
         prompt_ids = list(prompt_ids)
         check_request(prompt_ids, params, stop, self.config.vocab_size, self.settings.max_context,
                       self.settings.max_batch)
+        check_drafter(params.speculate, self.settings.draft_model)
         if params.grammar is not None:
             await self._check_grammar(params.grammar, ignore_eos)
         if len(self.streams) >= self.settings.max_batch + self.max_queue:  # admitted: running or waiting for a slot

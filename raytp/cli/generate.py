@@ -85,7 +85,7 @@ def cmd_generate(args) -> None:
                               "tokens_per_s": stats["tokens_per_s"], "ttft_s": stats["ttft_s"],
                               "finish": stats["finish"], "backend": info["backend"],
                               "drafted_tokens": stats["drafted_tokens"], "accepted_tokens": stats["accepted_tokens"],
-                              "plan": info["plan"]}))
+                              "plan": info["plan"], "draft_plan": info["draft_plan"]}))
             return
         if is_synthetic(args.model):  # no tokenizer, so no text streamed: the ids are the answer
             print(",".join(map(str, stats["token_ids"])), end="")

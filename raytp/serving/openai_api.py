@@ -198,7 +198,8 @@ class _Body(BaseModel):
     stream: bool = False
     stream_options: StreamOptions = Field(default_factory=StreamOptions)
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever the model says (benchmarks, tests)
-    # raytp's extension: "off", "ngram" or "ngram:K" (raytp.runtime.speculation); None: the server's --speculate
+    # raytp's extension: "off", "ngram[:K]", or "draft[:K]" where the server has a draft model
+    # (raytp.runtime.speculation); None: the server's --speculate
     speculate: str | None = Field(None, max_length=16)
     # Declared so that what raytp does not do with them is refused (`unsupported`), never silently ignored: a
     # client relying on one would take an unconstrained answer for a constrained one. JSON response formats are
