@@ -26,10 +26,12 @@ from raytp.bench.profile import CLASSES, LABELS
 from raytp.model.config import NO_QUANT
 from raytp.parallel.devices import is_auto, parse_devices
 from raytp.parallel.plan import DTYPE_BYTES
+from raytp.runtime.speculation import ORACLE
 
 COLUMNS = [
     "devices", "ranks", "nodes", "comm", "backend", "split", "dtype", "quant", "prompt_len", "batch", "decode_tokens",
     "status", "reason", "ms_per_token", "tokens_per_s", "speculate", "tokens_per_step", "acceptance",
+    "position_acceptance",
     "ideal_tokens_per_s", "scaling_efficiency",
     "roofline_tokens_per_s", "roofline_fraction", "read_bytes_per_step", "compute_ms", "allreduce_ms", "overhead_ms",
     "allreduces_per_step", "allreduce_us", "prefill_ms", "prefill_tokens_per_s", "hf_tokens_per_s", "hf_same_tokens",
@@ -42,8 +44,12 @@ NOTES = """\
   of the batch, so tokens/s is batch x 1000 / ms per step and ms/token the step time a single request sees. Steps
   are timed on the leader rank, only those in which the whole batch decodes, after one warm-up run per batch size;
   the median of the repeats is kept. With `--speculate` a verify step may emit several tokens per request:
-  **tokens_per_step** (a request's, in the timed steps) and **acceptance** (drafted tokens accepted over drafted)
-  are in results.csv.
+  **tokens_per_step** (a request's, in the timed steps), **acceptance** (drafted tokens accepted over drafted) and
+  **position_acceptance** (a drafted token's chance of acceptance where every one before it in its draft was: the
+  accepted tokens over themselves and each draft's first wrong one) are in results.csv and the table.
+  `oracle:RATE` rows ran the benchmark drafter (raytp.runtime.oracle): it proposes the target's own tokens, taken
+  from the warm-up run of the same prompts, each right with probability RATE, so position_acceptance comes out near
+  RATE; such a row measures what speculation gains at that acceptance, not what any real drafter achieves.
 - **ideal**: the run with the fewest ranks of the same quantization, backend, batch and prompt length, scaled
   linearly in the rank count. **of ideal** = measured / ideal.
 - **roofline**: the bytes each rank must read per decode step (its weights bar the embedding table, as the planner
@@ -94,6 +100,7 @@ def build_rows(sweep: dict, peer: dict | None = None) -> list[dict]:
                 "decode_tokens": run["decode_tokens"], "ms_per_token": d["ms_per_token"],
                 "tokens_per_s": d["tokens_per_s"], "speculate": d.get("speculate"),
                 "tokens_per_step": d.get("tokens_per_step"), "acceptance": d.get("acceptance"),
+                "position_acceptance": d.get("position_acceptance"),
                 "roofline_tokens_per_s": 1000 * d["batch"] / d["roofline_ms"],
                 "roofline_fraction": d["roofline_fraction"], "read_bytes_per_step": sum(d["read_bytes_per_step"]),
                 "compute_ms": d["compute_ms"],
@@ -188,8 +195,15 @@ def summary_markdown(rows: list[dict], sweep: dict, meta: dict) -> str:
     head = ["devices", "ranks", "nodes", "quant", "backend", "split", "prompt", "batch", "ms/token", "tokens/s",
             "of ideal", "roofline tokens/s", "of roofline", "compute ms", "all-reduce ms", "overhead ms",
             "prefill tokens/s"]
+    drafting = any(r["speculate"] not in (None, "off") for r in ok)
+    if drafting:
+        head += ["drafting", "tokens/step", "acceptance", "per position"]
     if hf:
         head += ["HF tokens/s", "HF same tokens"]
+    if any(str(r["speculate"]).startswith(f"{ORACLE}:") for r in ok):
+        lines += [f"Drafting `{ORACLE}:RATE` is the benchmark drafter: the target's own tokens, each right with "
+                  "probability RATE (see the notes below); it measures speculation's gain at that acceptance, not a "
+                  "real drafter's.", ""]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in ok:
         cells = [f"`{r['devices']}`", str(r["ranks"]), str(r["nodes"]), r["quant"], r["backend"], r["split"] or "-",
@@ -198,6 +212,9 @@ def summary_markdown(rows: list[dict], sweep: dict, meta: dict) -> str:
                  _fmt(r["scaling_efficiency"], 0, pct=True), _fmt(r["roofline_tokens_per_s"]),
                  _fmt(r["roofline_fraction"], 1, pct=True), _fmt(r["compute_ms"], 2), _fmt(r["allreduce_ms"], 2),
                  _fmt(r["overhead_ms"], 2), _fmt(r["prefill_tokens_per_s"])]
+        if drafting:
+            cells += [f"`{r['speculate']}`", _fmt(r["tokens_per_step"], 2), _fmt(r["acceptance"], 0, pct=True),
+                      _fmt(r["position_acceptance"], 0, pct=True)]
         if hf:
             cells += [_fmt(r["hf_tokens_per_s"]), _fmt(r["hf_same_tokens"])]
         lines.append("| " + " | ".join(cells) + " |")

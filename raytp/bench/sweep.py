@@ -19,7 +19,9 @@ What is measured on each group:
     decode       after one warm-up run per batch size, `repeats` runs per batch size: that many requests of random
                  token ids (greedy, EOS ignored) run together; ms per step is timed on the leader between the step
                  in which the last request got its first token and the step in which the first one finished, so
-                 every timed step decodes the whole batch; the median run is kept
+                 every timed step decodes the whole batch; the median run is kept. Every run of a batch size has
+                 the same prompts: with the benchmark drafter (`--speculate oracle:RATE[:K]`,
+                 raytp.runtime.oracle) the warm-up decodes as many tokens as the timed runs, its tokens their script
     prefill      one request of the prompt length, from the moment the leader queues it to its first token, on the
                  leader's clock (median of `repeats`)
     roofline     the bytes each rank must read per decode step (its weights bar the embedding, as the planner counts
@@ -61,7 +63,7 @@ from raytp.runtime.errors import error_summary
 from raytp.runtime.options import RuntimeOptions
 from raytp.parallel.plan import PlanError, ShardPlan
 from raytp.runtime.sampling import SamplingParams
-from raytp.runtime.speculation import speculate_option
+from raytp.runtime.speculation import ORACLE, speculate_option
 from raytp.weights.source import ModelSource
 
 log = logging.getLogger("raytp")
@@ -108,17 +110,20 @@ def _events(group: WorkerGroup, deadline: float, timeout_s: float):
 
 def _run_batch(group: WorkerGroup, requests: list[Request], timeout_s: float = 600.0) -> dict:
     """Submit `requests` together; return the timed decode window (its steps, seconds and tokens), each request's
-    tokens, and the drafted and accepted tokens of all verify steps (raytp.runtime.speculation)."""
+    tokens, and the drafted and accepted tokens of all verify steps (raytp.runtime.speculation) with the number of
+    those steps that rejected one."""
     ray.get([group.leader.submit.remote(Add(r)) for r in requests])
     tokens = {r.id: [] for r in requests}
     first, finished, step_times, token_times = {}, {}, set(), []
-    drafted = accepted = 0
+    drafted = accepted = rejected = 0
     for e in _events(group, time.monotonic() + timeout_s, timeout_s):
         rid, t = e.request_id, e.t
         if e.token_id is not None:
             tokens[rid].append(e.token_id)
             token_times.append(t)
         drafted, accepted = drafted + e.drafted, accepted + e.accepted
+        rejected += e.accepted < e.drafted  # the verify step stopped at a wrong token (the bench ignores EOS, and
+        # drafts never run past max_tokens)
         first.setdefault(rid, t)
         step_times.add(t)
         if e.finish:
@@ -128,7 +133,8 @@ def _run_batch(group: WorkerGroup, requests: list[Request], timeout_s: float = 6
     start, end = max(first.values()), min(finished.values())
     steps = sum(1 for t in step_times if start < t <= end)
     return {"steps": steps, "seconds": end - start, "window_tokens": sum(1 for t in token_times if start < t <= end),
-            "tokens": [tokens[r.id] for r in requests], "drafted": drafted, "accepted": accepted}
+            "tokens": [tokens[r.id] for r in requests], "drafted": drafted, "accepted": accepted,
+            "rejected": rejected}
 
 
 def _prefill_seconds(group: WorkerGroup, request: Request, timeout_s: float = 600.0) -> float:
@@ -191,9 +197,10 @@ def run_bench(settings: GroupSettings, config: ModelConfig, *, batches: list[int
         vocab = config.vocab_size
         speculate = settings.speculate
         drafting = speculate_option(settings.draft_model, speculate)  # as --speculate gives it, the draft model named
+        # the oracle's script is the warm-up's tokens: it decodes all of them (raytp.runtime.oracle)
+        warm_tokens = decode_tokens if speculate.partition(":")[0] == ORACLE else min(decode_tokens, 4)
         for batch in batches:  # warm-up: every batch size once (allocator, kernels, caches at this shape)
-            _run_batch(group, random_requests(batch, prompt_len, min(decode_tokens, 4), vocab, f"warm{batch}",
-                                              speculate))
+            _run_batch(group, random_requests(batch, prompt_len, warm_tokens, vocab, f"warm{batch}", speculate))
         n_allreduce = allreduces_per_step(config)
         slowest = {n: max(a[n] for a in group.allreduce) for n in measured}
         decode = []
@@ -203,7 +210,7 @@ def run_bench(settings: GroupSettings, config: ModelConfig, *, batches: list[int
             timed = [r for r in runs if r["steps"]]
             ms = statistics.median(1000 * r["seconds"] / r["steps"] for r in timed)
             tokens_per_s = statistics.median(r["window_tokens"] / r["seconds"] for r in timed)
-            drafted = sum(r["drafted"] for r in runs)
+            drafted, accepted = sum(r["drafted"] for r in runs), sum(r["accepted"] for r in runs)
             reads = _read_bytes_per_step(group.plan, batch, prompt_len + decode_tokens / 2)
             roofline_ms = max(1000 * b / bw for b, bw in zip(reads, group.bandwidth))
             allreduce_ms = n_allreduce * slowest[step_sizes[batch]] / 1000
@@ -212,7 +219,11 @@ def run_bench(settings: GroupSettings, config: ModelConfig, *, batches: list[int
                 "tokens_per_s": tokens_per_s, "speculate": drafting,
                 # of a row, in the timed steps; above 1 only where verify steps accepted drafted tokens
                 "tokens_per_step": statistics.median(r["window_tokens"] / (r["steps"] * batch) for r in timed),
-                "acceptance": sum(r["accepted"] for r in runs) / drafted if drafted else None,
+                "acceptance": accepted / drafted if drafted else None,
+                # a drafted token's chance of acceptance where every one before it in its draft was accepted: the
+                # tokens checked are the accepted ones and the first wrong one of each draft (oracle: RATE)
+                "position_acceptance": (accepted / (accepted + sum(r["rejected"] for r in runs))
+                                        if drafted else None),
                 "steps_timed": [r["steps"] for r in runs],
                 "ms_per_step_runs": [1000 * r["seconds"] / r["steps"] if r["steps"] else None for r in runs],
                 "read_bytes_per_step": reads, "roofline_ms": roofline_ms, "roofline_fraction": roofline_ms / ms,

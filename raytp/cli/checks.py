@@ -103,13 +103,15 @@ def _check_speculate(spec: str) -> None:
 
 def _split_speculate(args) -> None:
     """`--speculate draft:PATH[:K]` -> args.draft_model (PATH) and args.speculate ("draft[:K]", every request's);
-    any other value: args.draft_model None."""
-    from raytp.runtime.speculation import draft_model_option
+    any other value: args.draft_model None. The benchmark drafter (oracle) is refused but by bench."""
+    from raytp.runtime.speculation import draft_model_option, refuse_benchmark_drafter
 
     try:
         args.draft_model, args.speculate = draft_model_option(args.speculate)
+        if args.command != "bench":
+            refuse_benchmark_drafter(args.speculate)
     except ValueError as e:
-        raise UserError(str(e)) from None
+        raise UserError(f"--{e}" if getattr(e, "param", None) else str(e)) from None
 
 
 def _check_draft_model(args) -> None:

@@ -129,15 +129,15 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     _speculate_arg(p, "")
 
 
-def _speculate_arg(p: argparse.ArgumentParser, whose: str) -> None:
-    p.add_argument("--speculate", default="off", metavar="ngram[:K]|draft:PATH[:K]|off",
+def _speculate_arg(p: argparse.ArgumentParser, whose: str, bench: str = "") -> None:
+    p.add_argument("--speculate", default="off", metavar=f"ngram[:K]|draft:PATH[:K]|{bench and 'oracle:RATE[:K]|'}off",
                    help=f"{whose}draft up to K tokens (default 4, at most 8) and check them all in one step: the "
                         "same tokens, faster. ngram looks the text's last tokens up in the prompt and the answer so "
                         "far (pays where answers copy their input: edits, code, summaries); draft:PATH decodes "
                         "them with a smaller model of the same tokenizer (a directory or any --model source, e.g. "
                         "SmolLM2-135M for SmolLM2-1.7B), split over the same devices, its memory counted in each "
-                        "one's budget. It steps aside by itself at batches above 4 and while drafts keep failing "
-                        "(default: off)")
+                        "one's budget. It steps aside by itself at batches above 4 and while drafts keep failing"
+                        f"{bench} (default: off)")
 
 
 def _add_pull(sub, **kw) -> None:
@@ -227,7 +227,9 @@ def _bench_workload_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode-tokens", type=int, default=64, help="tokens generated per request (default: 64)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per configuration after one warm-up; the "
                    "median is kept (default: 3)")
-    _speculate_arg(p, "the requests' drafting: ")
+    _speculate_arg(p, "the requests' drafting: ", ". oracle:RATE is a benchmark drafter, for bench alone: the "
+                   "model's own tokens (replayed from the warm-up run of the same prompts), each right with "
+                   "probability RATE, to measure the speed-up at that acceptance on any weights")
     p.add_argument("--allreduce-sizes", default="4096,8192,131072,2097152",
                    help="all-reduce message sizes in elements, besides each batch's decode message "
                         "(default: 4096,8192,131072,2097152)")

@@ -41,8 +41,8 @@ only copies the compiled matcher for each sample, so a large schema never stalls
 Waiting requests are admitted where they fit, in arrival order, a large one (many samples) passed over by at most
 max_batch later ones before the slots that free up are kept for it (raytp.runtime.admission).
 
-A request that asks for `speculate` (raytp.runtime.speculation) has its rows draft tokens from its own text, or
-from the rank's draft model (`draft`, raytp.runtime.draft_model: its cache prefilled beside the target's, all
+A request that asks for `speculate` (raytp.runtime.speculation) has its rows draft tokens from its own text, from
+the script of an earlier identical row (`oracle`, raytp bench's: raytp.runtime.oracle), or from the rank's draft model (`draft`, raytp.runtime.draft_model: its cache prefilled beside the target's, all
 drafting rows decoded together); while any row of a small batch may draft, the loop reads each step before it
 queues the next, and a step in which some row has a draft is a verify step (`_verify`): every row's last token and
 draft in one forward, the target's token at each position drawn exactly on the host, the drafted ones accepted up
@@ -76,7 +76,8 @@ from raytp.runtime.batch import NO_HISTORY, DecodeBatch, Pending
 from raytp.runtime.constraints import Grammars, grammar_failure
 from raytp.runtime.sampling import Logprobs, SamplingParams, ShardedSampler, sample_seed
 from raytp.runtime.draft_model import DraftRow, ModelDrafter
-from raytp.runtime.speculation import DRAFT, SPECULATE_MAX_BATCH, RowSpeculation, row_speculation
+from raytp.runtime.oracle import Scripts
+from raytp.runtime.speculation import DRAFT, ORACLE, SPECULATE_MAX_BATCH, RowSpeculation, row_speculation
 
 # echo: prompt positions x vocabulary scored in one prefill chunk (85 positions of a 49152-token vocabulary). Each
 # position costs its lm_head columns and its scores over the whole vocabulary in float64 (summed, searched for the
@@ -174,6 +175,7 @@ class RankEngine:
         self.model, self.comm = model, comm
         # `speculate: draft` rows' drafter
         self.drafter = None if draft is None else ModelDrafter(draft, comm, prefill_chunk)
+        self.scripts = Scripts()  # `speculate: oracle` rows' (raytp bench's): the tokens of earlier identical rows
         self.sampler = ShardedSampler(comm, model.vocab_start)
         self.batch = DecodeBatch(model, self.sampler)
         self.device = model.device
@@ -285,8 +287,12 @@ class RankEngine:
                                list(r.prompt_ids), index=i) for i in range(r.params.n)]
                 samples[0].forks = samples[1:]
                 for sample in samples:
-                    sample.speculation = row_speculation(r.params.speculate, r.params.grammar is not None,
-                                                         self.model.config, self.drafter is not None)
+                    spec = row_speculation(r.params.speculate, r.params.grammar is not None, self.model.config,
+                                           self.drafter is not None)
+                    if spec is not None and spec.kind == ORACLE:
+                        spec.drafter = self.scripts.drafter(r.prompt_ids, sample.request.params,
+                                                            self.model.config.vocab_size)
+                    sample.speculation = spec
                 if r.params.grammar is not None:
                     for sample, matcher in zip(samples, self.grammars.matchers(r.id, len(samples))):
                         sample.matcher = matcher
@@ -480,6 +486,8 @@ class RankEngine:
     def _finish(self, seq: _Sequence, reason: str, events: list[TokenEvent], token: int | None = None,
                 logprobs: tuple[float, list[tuple[int, float]]] | None = None, error: str | None = None) -> None:
         seq.finished = True
+        if reason in ("stop", "length") and seq.speculation is not None and seq.speculation.kind == ORACLE:
+            seq.speculation.drafter.record(seq.tokens)
         samples = self.active[seq.request.id]
         samples.remove(seq)
         if not samples:

@@ -29,6 +29,10 @@ Drafter (b), a draft model (`draft[:k]`, the server started with `--speculate dr
 the same vocabulary decodes k tokens ahead with the row's own sampling and noise (raytp.runtime.draft_model), so
 where it agrees with the target it proposes the target's very draws. It pays on free text too.
 
+A benchmark drafter (`oracle:RATE[:K]`, `raytp bench` alone, refused everywhere else): the target's own tokens from
+an earlier identical run, each right with probability RATE (raytp.runtime.oracle), to measure the speed-up at a
+chosen acceptance on random weights.
+
 Stepping aside, where drafting loses:
   - a decode batch of more than SPECULATE_MAX_BATCH rows takes plain steps: a wide batch is no longer bound by
     reading the weights, so k + 1 positions per row cost nearly k + 1 steps;
@@ -44,12 +48,14 @@ draft); it still takes part in verify steps, with one position.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from raytp.runtime.errors import RequestError
 
 OFF = "off"
 NGRAM = "ngram"
 DRAFT = "draft"  # the server's draft model
+ORACLE = "oracle"  # the benchmark drafter (raytp.runtime.oracle)
 SPECULATE_MAX_K = 8  # tokens drafted per step at most: a request may not widen every row's verify step further
 DEFAULT_K = 4  # `ngram` or `draft` without a k
 NGRAM_MAX, NGRAM_MIN = 3, 2  # suffix lengths the prompt lookup tries, longest first; one token matches too loosely
@@ -62,17 +68,42 @@ MIN_GAIN = 0.3  # below this a verify step costs more than its accepted tokens s
 PAUSE_TOKENS = 8  # tokens a row then decodes without drafting
 SPECULATE_RULE = (f'speculate must be "off", "ngram", "ngram:K", "draft" or "draft:K" with K in '
                   f'[1, {SPECULATE_MAX_K}] ("draft" where the server was started with a draft model)')
+ORACLE_RULE = (f"oracle takes oracle:RATE or oracle:RATE:K, the chance RATE in [0, 1] that a drafted token is the "
+               f"target's and K in [1, {SPECULATE_MAX_K}]")
 
 
 def drafting(spec: str) -> tuple[str, int]:
     """(drafter, k) of a `speculate` value: "off" (OFF, 0), "ngram" or "draft" (DEFAULT_K), "ngram:K" or "draft:K"
-    with K in [1, SPECULATE_MAX_K]; RequestError naming the value otherwise."""
+    with K in [1, SPECULATE_MAX_K], "oracle:RATE[:K]" (`oracle_rate`); RequestError naming the value otherwise."""
     kind, _, k = spec.partition(":") if isinstance(spec, str) else ("", "", "")
     if kind == OFF and not k:
         return OFF, 0
-    if kind in (NGRAM, DRAFT) and (not k or k.isdigit() and 1 <= int(k) <= SPECULATE_MAX_K):
+    if kind == ORACLE:
+        oracle_rate(spec)
+        k = k.partition(":")[2]
+    if kind in (NGRAM, DRAFT, ORACLE) and (not k or k.isdigit() and 1 <= int(k) <= SPECULATE_MAX_K):
         return kind, int(k) if k else DEFAULT_K
-    raise RequestError(f"{SPECULATE_RULE}, got {spec!r}", param="speculate")
+    raise RequestError(f"{ORACLE_RULE if kind == ORACLE else SPECULATE_RULE}, got {spec!r}", param="speculate")
+
+
+def oracle_rate(spec: str) -> float:
+    """RATE of an "oracle:RATE[:K]" value; RequestError naming the value where it is no number in [0, 1]."""
+    rate = spec.split(":")[1] if spec.count(":") in (1, 2) else ""
+    try:
+        if 0 <= float(rate) <= 1:  # NaN fails
+            return float(rate)
+    except ValueError:
+        pass
+    raise RequestError(f"{ORACLE_RULE}, got {spec!r}", param="speculate")
+
+
+def refuse_benchmark_drafter(spec: str) -> None:
+    """RequestError where `spec` asks for the oracle, which only `raytp bench` runs: it replays an earlier run's
+    tokens, so outside a benchmark it would only make a request slower."""
+    if isinstance(spec, str) and spec.partition(":")[0] == ORACLE:
+        raise RequestError(f"speculate {spec!r}: oracle is a benchmark drafter (it replays the tokens of an earlier "
+                           'identical run; raytp bench only); use "ngram", "ngram:K", "draft", "draft:K" or "off"',
+                           param="speculate")
 
 
 def drafted_tokens(spec: str) -> int:
@@ -126,14 +157,20 @@ class NgramDrafter:
         return []
 
 
+class Drafter(Protocol):
+    def propose(self, tokens: list[int], k: int) -> list[int]:
+        """At most k tokens to verify after `tokens` (the prompt and what the row generated)."""
+
+
 @dataclass(eq=False)
 class RowSpeculation:
-    """One decoding row's drafting: its drafter (NGRAM, its own lookup; DRAFT, the rank's draft model, which drafts
-    for all such rows of a step together), its k, and the step-aside state (see the module docstring)."""
+    """One decoding row's drafting: its drafter (NGRAM, its own lookup; ORACLE, its script, raytp.runtime.oracle;
+    DRAFT, the rank's draft model, which drafts for all such rows of a step together), its k, and the step-aside
+    state (see the module docstring)."""
 
     k: int
     kind: str = NGRAM
-    drafter: NgramDrafter = field(default_factory=NgramDrafter)
+    drafter: Drafter = field(default_factory=NgramDrafter)
     gain: float = START_GAIN
     paused_until: int = 0  # while paused, drafts nothing until the row has generated this many tokens
 
@@ -149,7 +186,7 @@ class RowSpeculation:
         return min(self.k, room)
 
     def draft(self, tokens: list[int], generated: int, room: int) -> list[int]:
-        """The n-gram drafter's at most min(k, room) tokens to verify after `tokens`; none while paused."""
+        """The row's own drafter's at most min(k, room) tokens to verify after `tokens`; none while paused."""
         return self.drafter.propose(tokens, self.wanted(generated, room))
 
     def record(self, accepted: int, generated: int) -> None:
@@ -187,7 +224,8 @@ def row_speculation(spec: str, constrained: bool, config, has_draft_model: bool)
 
 
 def check_drafter(spec: str, draft_model: str | None) -> None:
-    """RequestError where `spec` asks for the draft model and the server has none."""
+    """RequestError where `spec` asks for the draft model and the server has none, or for the benchmark drafter."""
+    refuse_benchmark_drafter(spec)
     if drafting(spec)[0] == DRAFT and draft_model is None:
         raise RequestError(f"speculate {spec!r} asks for the draft model, and this server was started without one "
                            '(serve --speculate draft:PATH); use "ngram", "ngram:K" or "off"', param="speculate")

@@ -45,7 +45,7 @@ from raytp.runtime.sampling import (
     TOP_LOGPROBS_MAX,
     SamplingParams,
 )
-from raytp.runtime.speculation import OFF, SPECULATE_RULE, drafted_tokens, unsupported_reason
+from raytp.runtime.speculation import OFF, SPECULATE_RULE, drafted_tokens, refuse_benchmark_drafter, unsupported_reason
 from raytp.serving.auth import FailedAttempts, KeyGate, WebSessions
 from raytp.serving.harmony import HarmonyAnswer
 from raytp.serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -228,9 +228,13 @@ class _Body(BaseModel):
     @classmethod
     def _known_drafting(cls, speculate):
         try:
+            refuse_benchmark_drafter(speculate)
+        except RequestError as e:
+            raise ValueError(str(e).removeprefix(f"speculate {speculate!r}: ")) from None  # the 400 adds the value
+        try:
             drafted_tokens(speculate)
         except RequestError:
-            raise ValueError(SPECULATE_RULE) from None  # the 400 adds the value
+            raise ValueError(SPECULATE_RULE) from None
         return speculate
 
     def unsupported(self) -> tuple[str, str] | None:
