@@ -130,9 +130,9 @@ def test_only_bench_takes_the_oracle(capsys):
     assert "benchmark drafter" in e.value.message and "oracle:0.7" in e.value.message
 
 
-def test_bench_labels_oracle_rows_and_reports_their_acceptance(ray_head, tiny_dir, tmp_path):
+def test_bench_labels_oracle_rows_and_reports_their_acceptance(ray_head, tmp_path):
     out = tmp_path / "bench"
-    rc = cli.main(["bench", "--model", str(tiny_dir), "--devices", "cpu*2", "--dtype", "float32", "--batch", "1",
+    rc = cli.main(["bench", "--model", "synthetic:tiny", "--devices", "cpu*2", "--dtype", "float32", "--batch", "1",
                    "--prompt-len", "8", "--decode-tokens", "40", "--repeats", "2", "--allreduce-sizes", "64",
                    "--allreduce-iters", "5", "--comm", "hoststaged", "--speculate", "oracle:1.0:4", "--out", str(out),
                    "--address", ray_head.address])
