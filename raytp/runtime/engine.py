@@ -42,12 +42,13 @@ Waiting requests are admitted where they fit, in arrival order, a large one (man
 max_batch later ones before the slots that free up are kept for it (raytp.runtime.admission).
 
 A request that asks for `speculate` (raytp.runtime.speculation) has its rows draft tokens from its own text, from
-the script of an earlier identical row (`oracle`, raytp bench's: raytp.runtime.oracle), or from the rank's draft model (`draft`, raytp.runtime.draft_model: its cache prefilled beside the target's, all
-drafting rows decoded together); while any row of a small batch may draft, the loop reads each step before it
-queues the next, and a step in which some row has a draft is a verify step (`_verify`): every row's last token and
-draft in one forward, the target's token at each position drawn exactly on the host, the drafted ones accepted up
-to the first that differs, every accepted token passing `_accept` in order. It leaves the device batch stale: the
-next plain step reloads it.
+the script of an earlier identical row (`oracle`, raytp bench's: raytp.runtime.oracle), or from the rank's draft
+model (`draft`, raytp.runtime.draft_model: its cache prefilled beside the target's, all drafting rows decoded
+together); while any row of a small batch may draft, the loop reads each step before it queues the next, and a
+step in which some row has a draft is a verify step (`_verify`): every row's last token and draft in one forward,
+the target's token at each position drawn exactly on the host, the drafted ones accepted up to the first that
+differs, every accepted token passing `_accept` in order. It leaves the device batch stale: the next plain step
+reloads it.
 
 Log-probabilities of generated tokens (`logprobs`) come out of the step's own exchange (raytp.runtime.sampling),
 computed only while a row of the batch asks for them (a graph variant of its own), and ride on each TokenEvent.
