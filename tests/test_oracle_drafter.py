@@ -141,6 +141,7 @@ def test_bench_labels_oracle_rows_and_reports_their_acceptance(ray_head, tmp_pat
     (d,) = results["runs"][0]["decode"]
     assert d["speculate"] == "oracle:1.0:4" and d["acceptance"] == d["position_acceptance"] == 1.0
     assert d["tokens_per_step"] > 3  # 4 drafted and the target's own, bar the run's ends
+    assert d["same_tokens_as_plain"] is True
     (row,) = results["rows"]
     assert row["speculate"] == "oracle:1.0:4" and row["position_acceptance"] == 1.0
     summary = (out / "summary.md").read_text()

@@ -21,7 +21,8 @@ What is measured on each group:
                  in which the last request got its first token and the step in which the first one finished, so
                  every timed step decodes the whole batch; the median run is kept. Every run of a batch size has
                  the same prompts: with the benchmark drafter (`--speculate oracle:RATE[:K]`,
-                 raytp.runtime.oracle) the warm-up decodes as many tokens as the timed runs, its tokens their script
+                 raytp.runtime.oracle) the warm-up decodes as many tokens as the timed runs, plainly (nothing is
+                 scripted yet), and its tokens are their script; `same_tokens_as_plain` says whether they kept to it
     prefill      one request of the prompt length, from the moment the leader queues it to its first token, on the
                  leader's clock (median of `repeats`)
     roofline     the bytes each rank must read per decode step (its weights bar the embedding, as the planner counts
@@ -198,9 +199,10 @@ def run_bench(settings: GroupSettings, config: ModelConfig, *, batches: list[int
         speculate = settings.speculate
         drafting = speculate_option(settings.draft_model, speculate)  # as --speculate gives it, the draft model named
         # the oracle's script is the warm-up's tokens: it decodes all of them (raytp.runtime.oracle)
-        warm_tokens = decode_tokens if speculate.partition(":")[0] == ORACLE else min(decode_tokens, 4)
-        for batch in batches:  # warm-up: every batch size once (allocator, kernels, caches at this shape)
-            _run_batch(group, random_requests(batch, prompt_len, warm_tokens, vocab, f"warm{batch}", speculate))
+        oracle = speculate.partition(":")[0] == ORACLE
+        warm = {batch: _run_batch(group, random_requests(batch, prompt_len, decode_tokens if oracle else
+                                                         min(decode_tokens, 4), vocab, f"warm{batch}", speculate))
+                for batch in batches}  # every batch size once (allocator, kernels, caches at this shape)
         n_allreduce = allreduces_per_step(config)
         slowest = {n: max(a[n] for a in group.allreduce) for n in measured}
         decode = []
@@ -230,6 +232,9 @@ def run_bench(settings: GroupSettings, config: ModelConfig, *, batches: list[int
                 "allreduce_elements": step_sizes[batch], "allreduce_us": slowest[step_sizes[batch]],
                 "compute_ms": roofline_ms, "allreduce_ms": allreduce_ms, "overhead_ms": ms - roofline_ms - allreduce_ms,
                 "greedy_tokens": runs[0]["tokens"][0],
+                # oracle: whether every timed run decoded the warm-up's (plain) tokens, its script; where one left
+                # it (a verify step broke a near tie otherwise than a plain step), that row drafted no further
+                "same_tokens_as_plain": all(r["tokens"] == warm[batch]["tokens"] for r in runs) if oracle else None,
             })
         prefill_s = statistics.median(
             _prefill_seconds(group, random_requests(1, prompt_len, 1, vocab, f"prefill{k}")[0])
