@@ -122,6 +122,8 @@ def test_only_bench_takes_the_oracle(capsys):
     for command in (["generate", "--prompt", "hi"], ["chat"], ["serve"], ["plan"]):
         line = refused(capsys, *command, *SMALL, "--speculate", "oracle:0.7")
         assert "'oracle:0.7'" in line and "benchmark drafter" in line, command
+    line = refused(capsys, "bench", *SMALL, "--speculate", "oracle:2")  # bench takes it, with a rate in [0, 1]
+    assert "'oracle:2'" in line and "RATE in [0, 1]" in line
     with pytest.raises(RequestError, match="benchmark drafter"):
         check_drafter("oracle:0.5:4", None)  # what the driver checks for generate, chat, serve and the web chat
     with pytest.raises(APIError) as e:

@@ -15,7 +15,9 @@ drawn in order from a generator seeded by its prompt and sampling: the same on e
 same tokens without a message; the same in every run of the prompt, so the timed runs repeat each other; and the
 same for a position drafted again after a rejection before it. A verify step checks its drafted tokens until the
 first wrong one, so each position's coin is checked once: a drafted token is accepted, given that every one before
-it in its draft was, with probability RATE (bench reports that as `position_acceptance`).
+it in its draft was, with probability RATE (bench reports that as `position_acceptance`). The step-aside rule
+applies as to any drafter (a row whose drafts keep failing pauses), so the speed-up measured is raytp's at that
+acceptance.
 
 A draft costs a dictionary lookup and a list slice per step. Where a row's tokens leave the script (a verify step's
 numerics differ from a plain step's in the last bit and break a near tie the other way), the rest of the script
