@@ -16,9 +16,11 @@ from raytp.model.config import ModelConfig
 from raytp.model.layout import model_layout, param_count
 from raytp.model.mlp import MLP_COLS
 from raytp.model.moe import EXPERT_COLS
-from raytp.model.pieces import plan_model
+from raytp.model.pieces import plan_model, quant_replicated_bytes, replicated_tensor_bytes
 from raytp.runtime.sampling import SamplingParams
 from raytp.weights.synthetic import synthetic_config
+from tests.llmcompressed import Checkpoint, add_smollm2_tokenizer
+from tests.quantized import reference_model
 from tests.sharded import GiB, LocalGroup
 from tests.test_synthetic import _logits
 
@@ -201,3 +203,66 @@ def test_a_request_that_asks_to_speculate_decodes_plainly_and_the_cli_and_api_re
     with pytest.raises(UserError, match=r"^--speculate ngram: the model has linear-attention layers"):
         _check_speculation_fits(argparse.Namespace(speculate="ngram"), config)
     _check_speculation_fits(argparse.Namespace(speculate="off"), config)
+
+
+def _float_qwen3_5_for_w4a16(out) -> None:
+    """A tiny Qwen3.5 with SmolLM2's tokenizer (its 49152 tokens calibrate GPTQ): widths in whole groups of 64, each
+    key head's out_proj columns three groups (three value heads of 64), 3 key heads that 2 and 5 ranks split
+    unevenly."""
+    torch.manual_seed(0)
+    config = transformers.Qwen3_5TextConfig(
+        vocab_size=49152, hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=32, linear_num_key_heads=3, linear_num_value_heads=9, linear_key_head_dim=32,
+        linear_value_head_dim=64, linear_conv_kernel_dim=4, intermediate_size=320, max_position_embeddings=512,
+        tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.25})
+    telling(transformers.Qwen3_5ForCausalLM(config)).save_pretrained(out, safe_serialization=True)
+    add_smollm2_tokenizer(out)
+
+
+# made by llmcompressor in the run's one llmcompressor invocation (tests/llmcompressed.py)
+LLMCOMPRESSED = {"qwen3.5": Checkpoint(_float_qwen3_5_for_w4a16, ("w4a16",))}
+
+
+@pytest.fixture(scope="module")
+def w4a16_qwen3_5(llmcompressed):
+    """The tiny Qwen3.5 quantized by llmcompressor's GPTQ (w4a16: 4-bit, groups of 64, act-order) - every Linear but
+    lm_head, the linear-attention projections included (its conv1d is no Linear: kept as it was) - with its
+    reference's last-position logits on two prompts and greedy tokens after the first: transformers'
+    Qwen3_5ForCausalLM holding compressed-tensors' own decompression."""
+    path = llmcompressed["qwen3.5"] / "w4a16"
+    reference = reference_model(path)
+    assert type(reference).__name__ == "Qwen3_5ForCausalLM"
+    tokens = torch.randint(0, 49152, (2, PROMPT), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        logits = reference(tokens).logits[:, -1]
+    return path, tokens, logits, greedy(reference, tokens[0].tolist(), GREEDY_TOKENS)
+
+
+@pytest.mark.parametrize("ranks", list(SPLITS))
+def test_w4a16_made_by_llmcompressor_matches_transformers(w4a16_qwen3_5, ranks):
+    path, tokens, logits, tokens_out = w4a16_qwen3_5
+    stored = load_file(path / "model.safetensors")
+    for linear in ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj"):
+        assert f"model.layers.0.linear_attn.{linear}.weight_g_idx" in stored
+    group = LocalGroup(path, SPLITS[ranks], blocks={MLP_COLS: 64})
+    assert group.config.quant.act_order and group.config.quant.group_size == 64
+    if ranks == 5:
+        assert any(not r.linear_key_heads for r in group.plan.ranks)
+    torch.testing.assert_close(group.logits(tokens), logits, rtol=1e-4, atol=1e-4)
+    out = group.generate([tokens[0].tolist()], SamplingParams(max_tokens=GREEDY_TOKENS), prefill_chunk=CHUNK)["r0"]
+    assert out == tokens_out
+
+
+@pytest.mark.parametrize("ranks", [1, 3, 5])
+def test_w4a16_planned_bytes_are_the_bytes_each_rank_holds(w4a16_qwen3_5, ranks):
+    """Each rank's share of the quantized linear-attention, attention and MLP weights plus what every rank keeps
+    whole are what it loads (act-order: out_proj's columns keep their groups, as o_proj's do); a rank without heads
+    holds less of the whole part, never more."""
+    path = w4a16_qwen3_5[0]
+    group = LocalGroup(path, SPLITS[ranks], blocks={MLP_COLS: 64})
+    whole = replicated_tensor_bytes(group.config, "float32") + quant_replicated_bytes(group.config, "float32")
+    for model, shard in zip(group.models, group.plan.ranks):
+        held = sum(t.numel() * t.element_size() for t in {id(t): t for t in model.weights()}.values())
+        planned = shard.weight_bytes + whole
+        assert held == planned if shard.linear_key_heads and shard.kv_heads else held <= planned, shard.rank
