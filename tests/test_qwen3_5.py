@@ -15,6 +15,7 @@ from raytp.kernels.gated_delta_rule import CHUNK
 from raytp.model.config import ModelConfig
 from raytp.model.layout import model_layout, param_count
 from raytp.model.mlp import MLP_COLS
+from raytp.parallel.devices import format_bytes
 from raytp.model.moe import EXPERT_COLS
 from raytp.model.pieces import plan_model, quant_replicated_bytes, replicated_tensor_bytes
 from raytp.runtime.sampling import SamplingParams
@@ -266,3 +267,30 @@ def test_w4a16_planned_bytes_are_the_bytes_each_rank_holds(w4a16_qwen3_5, ranks)
         held = sum(t.numel() * t.element_size() for t in {id(t): t for t in model.weights()}.values())
         planned = shard.weight_bytes + whole
         assert held == planned if shard.linear_key_heads and shard.kv_heads else held <= planned, shard.rank
+
+
+def test_raytp_plan_shows_linear_attention_heads_and_state_per_rank(capsys):
+    """The plan docs/models.md prints (a 5090 and two 3080s): each rank's linear-attention heads, summing to the
+    model's, and its conv and recurrent state beside the KV cache of the full-attention layers (and the MTP
+    layer), in the bytes the published shape gives: a key head keeps per sequence and linear layer 3 value heads'
+    128 x 128 float32 state and 3 taps of its 640 conv channels, a KV head 2 x 256 bf16 values per position."""
+    from raytp.cli import main
+
+    devices = "cuda:0@32GiB,cuda:1@20GiB,cuda:2@20GiB"
+    assert main(["plan", "--model", "synthetic:qwen3.5-27b@w4a16", "--devices", devices]) == 0
+    table = capsys.readouterr().out.splitlines()
+    header = table[1]
+    for title in ("linear key heads", "linear value heads", "KV heads", "conv + recurrent state", "KV cache"):
+        assert title in header
+    assert main(["plan", "--model", "synthetic:qwen3.5-27b@w4a16", "--devices", devices, "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    ranks = plan["ranks"]
+    assert sum(r["linear_key_heads"] for r in ranks) == 16 and sum(r["linear_value_heads"] for r in ranks) == 48
+    assert ranks[0]["linear_key_heads"] > ranks[1]["linear_key_heads"] > 0
+    per_key_head = 48 * (3 * 128 * 128 * 4 + (2 * 128 + 3 * 128) * 3 * 2)  # 48 linear-attention layers
+    per_kv_head = (16 + 1) * 2 * plan["max_context"] * 256 * 2  # 16 full-attention layers and the MTP layer
+    for r, row in zip(ranks, table[2:]):
+        assert r["state_bytes"] == {"conv + recurrent state": r["linear_key_heads"] * per_key_head,
+                                    "KV cache": r["kv_heads"] * per_kv_head}
+        for title, n in r["state_bytes"].items():  # the table's columns are aligned under their titles
+            assert row[header.index(title):].startswith(format_bytes(n) + " "), title

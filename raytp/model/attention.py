@@ -125,6 +125,11 @@ class AttentionKind:
         """Cache positions a sequence keeps."""
         return min(config.sliding_window, max_context) if self.windowed else max_context
 
+    @property
+    def state_name(self) -> str:
+        """What its state is called in plans."""
+        return "window cache" if self.windowed else "KV cache"
+
     def view(self, config, positions: torch.Tensor, span: int, max_context: int) -> FullView | WindowView:
         """What this kind's caches read of a step at positions (batch, seq); `span`: see FullView."""
         if self.windowed:
@@ -159,7 +164,7 @@ class AttentionKind:
         weights = (g * q + 2) * d * b.row + b.head_columns(q * d, c.hidden_size) + bias
         cache = 2 * shape.max_batch * self.positions(c, shape.max_context) * kv_row_bytes(d, b.nbytes, shape.kv_dtype)
         return (Piece((Span(KV_HEADS, "KV heads"), Span(Q_HEADS, "query heads", q)), c.num_kv_heads, 1, weights,
-                      weights, cache, unit="KV group"),)
+                      weights, ((self.state_name, cache),), unit="KV group"),)
 
     def replicated_bytes(self, config, shape: PlanShape) -> int:
         """o_proj's quantization data kept whole (`LinearBytes.head_columns_replicated`)."""

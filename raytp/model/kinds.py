@@ -6,7 +6,7 @@ feed-forward block (a dense MLP, a mixture of experts). Each kind lives in one f
 
     layout      which tensors and which of their rows and columns a rank holds, under the family's tensor prefix
     pieces      the dimensions it splits (`raytp.parallel.plan.Piece`): unit, block, the bytes a unit costs a rank in
-                the weight format the layer is held in, the per-sequence state a unit keeps (`cache_bytes`), what a
+                the weight format the layer is held in, the per-sequence state a unit keeps (`cache`, named), what a
                 decode step reads; a piece another kind also splits (the KV groups of full and sliding layers) is
                 added up by name (`raytp.parallel.plan.sum_pieces`)
     replicated_bytes   quantization data it keeps whole on every rank, whatever the split

@@ -193,8 +193,8 @@ class LinearAttentionKind:
         weights = rows * b.row + b.head_columns(r * V, config.hidden_size) + small
         state = d.state_bytes(1, b.nbytes)
         spans = (Span(LINEAR_KEY_HEADS, "linear key heads"), Span(LINEAR_VALUE_HEADS, "linear value heads", r))
-        return (Piece(spans, d.key_heads, 1, weights, weights + 2 * state, shape.max_batch * state,
-                      unit="linear key head"),)
+        return (Piece(spans, d.key_heads, 1, weights, weights + 2 * state,
+                      (("conv + recurrent state", shape.max_batch * state),), unit="linear key head"),)
 
     def replicated_bytes(self, config, shape: PlanShape) -> int:
         """out_proj's quantization data kept whole (`LinearBytes.head_columns_replicated`)."""
