@@ -151,8 +151,9 @@ def test_the_split_table_shows_each_layer_kinds_pieces_and_state_per_rank():
                       dtype="bfloat16")
     run = {"devices": [d for d, _ in budgets], "plan": plan.to_dict()}
     table = _pieces_table({"runs": [run]})
-    assert table[2] == ("| devices | quant | split | rank | device | linear value heads | linear key heads | expert "
-                        "columns | MLP columns | query heads | KV heads | vocab rows | conv + recurrent state | KV cache |")
+    assert table[2] == ("| devices | quant | split | rank | device | linear value heads | linear key heads | "
+                        "expert columns | MLP columns | query heads | KV heads | vocab rows | conv + recurrent state "
+                        "| KV cache |")
     for r, row in zip(plan.ranks, table[4:]):
         heads = f"{len(r.linear_key_heads)} [{r.linear_key_heads.start}:{r.linear_key_heads.stop}]"
         states = [format_bytes(r.state_bytes[s]) for s in ("conv + recurrent state", "KV cache")]

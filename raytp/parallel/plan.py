@@ -52,8 +52,8 @@ class Piece:
     `cache` (bytes for max_batch sequences by what keeps them, "KV cache", "window cache", a recurrent state: the
     names tables show), and a batch-1 decode step reads `read_bytes` of it. Quantized row-parallel weights add
     `group_bytes` (their scales and zero points) per started group of `group` units, of which a step reads
-    `group_read_bytes` (None: all; a mixture of experts reads only its selected experts' scales); `group` divides `block`, so every rank's range starts on a
-    group boundary and the count is exact. `spans` name the ranges a rank holds of it: the first is the piece's own
+    `group_read_bytes` (None: all; a mixture of experts reads only its selected experts' scales); `group` divides
+    `block`, so every rank's range starts on a group boundary and the count is exact. `spans` name the ranges a rank holds of it: the first is the piece's own
     range (`RankShard.<name>`), the others follow it (`per_unit` items per unit).
     """
 
