@@ -9,7 +9,7 @@ import torch
 
 from raytp.parallel.comm import InProcessGroup
 from raytp.parallel.comm.base import IdentityCheckingCommunicator
-from raytp.model.config import ModelConfig
+from raytp.weights.source import ModelSource
 from raytp.runtime.engine import Add, RankEngine, Request, Stop
 from raytp.weights.checkpoint import SafetensorsReader
 from raytp.model.llama import ShardedLlama
@@ -29,7 +29,7 @@ class LocalGroup:
     def __init__(self, model_dir: Path, weights: list[float], *, max_context=256, max_batch=4,
                  dtype=torch.float32, bandwidths: list[float] | None = None, kv_dtype: str = "auto",
                  blocks: dict[str, int] | None = None, act_quant_weight_only: bool | None = None):
-        self.config = ModelConfig.from_file(model_dir)
+        self.config = ModelSource.parse(str(model_dir)).config()
         budgets = [(f"cpu{r}", int(w * GiB)) for r, w in enumerate(weights)]
         self.plan = plan_model(self.config, budgets, max_context=max_context, max_batch=max_batch,
                                 dtype=str(dtype).removeprefix("torch."), bandwidths=bandwidths, kv_dtype=kv_dtype,

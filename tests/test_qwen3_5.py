@@ -294,3 +294,35 @@ def test_raytp_plan_shows_linear_attention_heads_and_state_per_rank(capsys):
                                     "KV cache": r["kv_heads"] * per_kv_head}
         for title, n in r["state_bytes"].items():  # the table's columns are aligned under their titles
             assert row[header.index(title):].startswith(format_bytes(n) + " "), title
+
+
+def test_mtp_layers_counted_but_not_stored_load_as_none(tiny, tmp_path):
+    """config.json counts an MTP layer whose tensors the checkpoint does not hold, as transformers re-saves a
+    published Qwen3.5 (a fine-tune, llmcompressor's output): the model loads without it, checks clean and gives
+    transformers' logits; with some of its tensors but not all, the check names a missing one."""
+    import shutil
+
+    from raytp.weights.source import ModelSource
+
+    path, reference = tiny("dense")
+    copy = shutil.copytree(path, tmp_path / "resaved")
+    for f in ("tokenizer.json", "tokenizer_config.json"):  # what check asks for; this test reads no text
+        (copy / f).write_text("{}")
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps(config | {"mtp_num_hidden_layers": 1}))
+    source = ModelSource.parse(str(copy))
+    assert ModelConfig.from_file(copy).mtp_layers == 1 and source.config().mtp_layers == 0
+    source.check()
+    group = LocalGroup(copy, SPLITS[2], blocks=BLOCKS["dense"])
+    assert not any(m.mtp for m in group.models)
+    tokens = torch.randint(0, 300, (1, 19), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = reference(tokens).logits[:, -1]
+    torch.testing.assert_close(group.logits(tokens), expected, rtol=1e-4, atol=1e-4)
+
+    H = config["hidden_size"]
+    save_file(load_file(copy / "model.safetensors") | {"mtp.fc.weight": torch.randn(H, 2 * H)},
+              copy / "model.safetensors")
+    assert ModelSource.parse(str(copy)).config().mtp_layers == 1
+    with pytest.raises(ValueError, match=r"mtp\.norm\.weight|mtp\.pre_fc_norm|mtp\.layers\.0\."):
+        ModelSource.parse(str(copy)).check()
