@@ -5,6 +5,7 @@ no linear-attention heads, no KV heads or no expert columns), prompts longer tha
 multimodal checkpoint layout (text_config, model.language_model.*) read as the text model; mtp.* kept."""
 
 import json
+from functools import partial
 
 import pytest
 import torch
@@ -15,9 +16,9 @@ from raytp.kernels.gated_delta_rule import CHUNK
 from raytp.model.config import ModelConfig
 from raytp.model.layout import model_layout, param_count
 from raytp.model.mlp import MLP_COLS
-from raytp.parallel.devices import format_bytes
 from raytp.model.moe import EXPERT_COLS
 from raytp.model.pieces import plan_model, quant_replicated_bytes, replicated_tensor_bytes
+from raytp.parallel.devices import format_bytes
 from raytp.runtime.sampling import SamplingParams
 from raytp.weights.synthetic import synthetic_config
 from tests.llmcompressed import Checkpoint, add_smollm2_tokenizer
@@ -206,50 +207,62 @@ def test_a_request_that_asks_to_speculate_decodes_plainly_and_the_cli_and_api_re
     _check_speculation_fits(argparse.Namespace(speculate="off"), config)
 
 
-def _float_qwen3_5_for_w4a16(out) -> None:
-    """A tiny Qwen3.5 with SmolLM2's tokenizer (its 49152 tokens calibrate GPTQ): widths in whole groups of 64, each
-    key head's out_proj columns three groups (three value heads of 64), 3 key heads that 2 and 5 ranks split
-    unevenly."""
+# Tiny Qwen3.5s for llmcompressor, with SmolLM2's tokenizer (its 49152 tokens calibrate GPTQ): widths in whole groups
+# of 64, each key head's out_proj columns three groups (three value heads of 64), 3 key heads that 2 and 5 ranks
+# split unevenly; the MoE's experts two groups wide, so 3 and 5 ranks leave some without expert columns
+W4A16_TEXT = dict(vocab_size=49152, hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=32, linear_num_key_heads=3, linear_num_value_heads=9, linear_key_head_dim=32,
+                  linear_value_head_dim=64, linear_conv_kernel_dim=4, max_position_embeddings=512,
+                  tie_word_embeddings=False,
+                  rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.25})
+W4A16 = {
+    "dense": lambda: transformers.Qwen3_5ForCausalLM(transformers.Qwen3_5TextConfig(**W4A16_TEXT,
+                                                                                    intermediate_size=320)),
+    "moe": lambda: transformers.Qwen3_5MoeForCausalLM(transformers.Qwen3_5MoeTextConfig(
+        **W4A16_TEXT, moe_intermediate_size=128, num_experts=4, num_experts_per_tok=2,
+        shared_expert_intermediate_size=64)),
+}
+W4A16_BLOCKS = {"dense": {MLP_COLS: 64}, "moe": {EXPERT_COLS: 64, MLP_COLS: 64}}
+
+
+def _float_qwen3_5_for_w4a16(kind: str, out) -> None:
     torch.manual_seed(0)
-    config = transformers.Qwen3_5TextConfig(
-        vocab_size=49152, hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=32, linear_num_key_heads=3, linear_num_value_heads=9, linear_key_head_dim=32,
-        linear_value_head_dim=64, linear_conv_kernel_dim=4, intermediate_size=320, max_position_embeddings=512,
-        tie_word_embeddings=False,
-        rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.25})
-    telling(transformers.Qwen3_5ForCausalLM(config)).save_pretrained(out, safe_serialization=True)
+    telling(W4A16[kind]()).save_pretrained(out, safe_serialization=True)
     add_smollm2_tokenizer(out)
 
 
 # made by llmcompressor in the run's one llmcompressor invocation (tests/llmcompressed.py)
-LLMCOMPRESSED = {"qwen3.5": Checkpoint(_float_qwen3_5_for_w4a16, ("w4a16",))}
+LLMCOMPRESSED = {f"qwen3.5-{kind}": Checkpoint(partial(_float_qwen3_5_for_w4a16, kind), ("w4a16",)) for kind in W4A16}
 
 
-@pytest.fixture(scope="module")
-def w4a16_qwen3_5(llmcompressed):
-    """The tiny Qwen3.5 quantized by llmcompressor's GPTQ (w4a16: 4-bit, groups of 64, act-order) - every Linear but
-    lm_head, the linear-attention projections included (its conv1d is no Linear: kept as it was) - with its
-    reference's last-position logits on two prompts and greedy tokens after the first: transformers'
-    Qwen3_5ForCausalLM holding compressed-tensors' own decompression."""
-    path = llmcompressed["qwen3.5"] / "w4a16"
+@pytest.fixture(scope="module", params=list(W4A16))
+def w4a16_qwen3_5(request, llmcompressed):
+    """(kind, its directory, two prompts, the reference's last-position logits on them and its greedy tokens after
+    the first): the tiny Qwen3.5 quantized by llmcompressor's GPTQ (w4a16: 4-bit, groups of 64, act-order) - every
+    Linear but lm_head, the linear-attention projections included (its conv1d is no Linear: kept as it was; the
+    MoE's router no Linear either) - and transformers' Qwen3_5ForCausalLM or Qwen3_5MoeForCausalLM holding
+    compressed-tensors' own decompression."""
+    kind = request.param
+    path = llmcompressed[f"qwen3.5-{kind}"] / "w4a16"
     reference = reference_model(path)
-    assert type(reference).__name__ == "Qwen3_5ForCausalLM"
+    assert type(reference).__name__ == {"dense": "Qwen3_5ForCausalLM", "moe": "Qwen3_5MoeForCausalLM"}[kind]
     tokens = torch.randint(0, 49152, (2, PROMPT), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         logits = reference(tokens).logits[:, -1]
-    return path, tokens, logits, greedy(reference, tokens[0].tolist(), GREEDY_TOKENS)
+    return kind, path, tokens, logits, greedy(reference, tokens[0].tolist(), GREEDY_TOKENS)
 
 
 @pytest.mark.parametrize("ranks", list(SPLITS))
 def test_w4a16_made_by_llmcompressor_matches_transformers(w4a16_qwen3_5, ranks):
-    path, tokens, logits, tokens_out = w4a16_qwen3_5
+    kind, path, tokens, logits, tokens_out = w4a16_qwen3_5
     stored = load_file(path / "model.safetensors")
     for linear in ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj"):
         assert f"model.layers.0.linear_attn.{linear}.weight_g_idx" in stored
-    group = LocalGroup(path, SPLITS[ranks], blocks={MLP_COLS: 64})
+    group = LocalGroup(path, SPLITS[ranks], blocks=W4A16_BLOCKS[kind])
     assert group.config.quant.act_order and group.config.quant.group_size == 64
     if ranks == 5:
         assert any(not r.linear_key_heads for r in group.plan.ranks)
+        assert kind == "dense" or any(not r.expert_cols for r in group.plan.ranks)
     torch.testing.assert_close(group.logits(tokens), logits, rtol=1e-4, atol=1e-4)
     out = group.generate([tokens[0].tolist()], SamplingParams(max_tokens=GREEDY_TOKENS), prefill_chunk=CHUNK)["r0"]
     assert out == tokens_out
@@ -257,11 +270,11 @@ def test_w4a16_made_by_llmcompressor_matches_transformers(w4a16_qwen3_5, ranks):
 
 @pytest.mark.parametrize("ranks", [1, 3, 5])
 def test_w4a16_planned_bytes_are_the_bytes_each_rank_holds(w4a16_qwen3_5, ranks):
-    """Each rank's share of the quantized linear-attention, attention and MLP weights plus what every rank keeps
-    whole are what it loads (act-order: out_proj's columns keep their groups, as o_proj's do); a rank without heads
-    holds less of the whole part, never more."""
-    path = w4a16_qwen3_5[0]
-    group = LocalGroup(path, SPLITS[ranks], blocks={MLP_COLS: 64})
+    """Each rank's share of the quantized linear-attention, attention, MLP and expert weights plus what every rank
+    keeps whole (the MoE's shared_expert_gate quantized too) are what it loads (act-order: out_proj's columns keep
+    their groups, as o_proj's do); a rank without heads holds less of the whole part, never more."""
+    kind, path = w4a16_qwen3_5[:2]
+    group = LocalGroup(path, SPLITS[ranks], blocks=W4A16_BLOCKS[kind])
     whole = replicated_tensor_bytes(group.config, "float32") + quant_replicated_bytes(group.config, "float32")
     for model, shard in zip(group.models, group.plan.ranks):
         held = sum(t.numel() * t.element_size() for t in {id(t): t for t in model.weights()}.values())
