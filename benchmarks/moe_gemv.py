@@ -1,6 +1,6 @@
 """The routed experts of one MoE layer at decode batch sizes: microseconds and GB/s of the selected experts' weights.
 
-    python benchmarks/moe_gemv.py [--tokens 1,8,16] [--sweep] [--int4 | --int4-only] [--out results.json]
+    python benchmarks/moe_gemv.py [--tokens 1,8,16] [--sweep] [--int4 | --int4-only | --mxfp4] [--out results.json]
 
 Shapes are one whole layer on one GPU, bf16: Qwen3-30B-A3B (128 experts, top 8, hidden 2048, expert width 768) and
 Mixtral-8x7B (8 experts, top 2, hidden 4096, width 14336). Each row is timed inside one CUDA graph of back-to-back
@@ -15,6 +15,8 @@ distinct experts a call selects, gate, up and down (x and the outputs are neglig
 
 With --int4 (--int4-only: without the bf16 rows) the same shapes in w4a16 (groups of 128, symmetric), GB/s of the
 selected experts' int4 bytes and scales, through raytp.kernels.routed_packed_gemv (the packed GEMV's routed launch).
+With --mxfp4 only gpt-oss's MXFP4 experts (20b: 32 experts, 120b: 128, top 4, hidden and width 2880, biases), GB/s
+of their bytes (half a byte a weight, a byte per 32), through raytp.kernels.mxfp4 (with --sweep, its tiles too).
 """
 
 import argparse
@@ -31,6 +33,8 @@ SHAPES = {"qwen3-30b-a3b": (128, 8, 2048, 768), "mixtral-8x7b": (8, 2, 4096, 143
 CALLS = 8  # calls per graph, each with its own routing
 SWEEP_GATE_UP = [moe_gemv.Launch(n, k, w) for n in (16, 32, 64) for k in (64, 128, 256) for w in (4, 8)]
 SWEEP_DOWN = [moe_gemv.Launch(n, k, w) for n in (32, 64, 128) for k in (64, 128) for w in (4, 8)]
+MXFP4_SHAPES = {"gpt-oss-20b": (32, 4, 2880, 2880), "gpt-oss-120b": (128, 4, 2880, 2880)}
+SWEEP_MXFP4 = [moe_gemv.Launch(n, k, w) for n in (32, 64) for k in (128, 256, 512) for w in (4, 8)]
 
 
 def graphed_us(fn, calls: int = CALLS) -> float:
@@ -87,13 +91,21 @@ def main():
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--int4", action="store_true", help="also the w4a16 experts")
     parser.add_argument("--int4-only", action="store_true", help="only the w4a16 experts")
+    parser.add_argument("--mxfp4", action="store_true", help="only gpt-oss's MXFP4 experts")
     parser.add_argument("--out")
     args = parser.parse_args()
+    tokens = [int(t) for t in args.tokens.split(",")]
+    if args.mxfp4:
+        rows = mxfp4_rows(tokens, args.sweep)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(rows, f, indent=1)
+        return
     rows = []
     for name, (E, k, H, C) in ({} if args.int4_only else SHAPES).items():
         gate_up = torch.randn(E, 2 * C, H, device="cuda", dtype=torch.bfloat16) * 0.02
         down = torch.randn(E, H, C, device="cuda", dtype=torch.bfloat16) * 0.02
-        for T in (int(t) for t in args.tokens.split(",")):
+        for T in tokens:
             x, ids, weights, distinct = routing(T, E, k, H)
             nbytes = distinct * 3 * C * H * 2
             timed = {f"triton {a} {b}": graphed_us(lambda i: moe_gemv.routed_experts(x[i], ids[i], weights[i],
@@ -113,7 +125,7 @@ def main():
             timed["torch"] = start.elapsed_time(end) * 1000 / CALLS
             rows += report(name, T, timed, nbytes, distinct, "triton", ["gemv", "torch"])
     if args.int4 or args.int4_only:
-        rows += int4_rows([int(t) for t in args.tokens.split(",")])
+        rows += int4_rows(tokens)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)
@@ -139,6 +151,27 @@ def int4_rows(tokens: list[int]) -> list[dict]:
             nbytes = distinct * 3 * C * H * (0.5 + 2 / 128)
             timed = {"int4 routed": graphed_us(lambda i: routed_packed_experts(x[i], ids[i], weights[i], *stacked))}
             rows += report(f"{name} w4a16", T, timed, nbytes, distinct, "int4 routed", [])
+    return rows
+
+
+def mxfp4_rows(tokens: list[int], sweep: bool) -> list[dict]:
+    from raytp.kernels import mxfp4
+
+    rows = []
+    for name, (E, k, H, C) in MXFP4_SHAPES.items():
+        def projection(out: int, inp: int):
+            return (torch.randint(0, 256, (E, out, inp // 2), device="cuda", dtype=torch.uint8),
+                    torch.randint(118, 122, (E, out, inp // 32), device="cuda", dtype=torch.uint8),
+                    torch.randn(E, out, device="cuda", dtype=torch.bfloat16))
+
+        gate_up, down = projection(2 * C, H), projection(H, C)
+        pairs = launches((mxfp4.GATE_UP_LAUNCH, mxfp4.DOWN_LAUNCH), (SWEEP_MXFP4, SWEEP_MXFP4), sweep)
+        for T in tokens:
+            x, ids, weights, distinct = routing(T, E, k, H)
+            nbytes = distinct * 3 * C * H * (0.5 + 1 / 32)
+            timed = {f"mxfp4 {a} {b}": graphed_us(lambda i: mxfp4.mxfp4_routed_experts(
+                x[i], ids[i], weights[i], gate_up, down, 1.702, 7.0, a, b)) for a, b in pairs}
+            rows += report(f"{name} mxfp4", T, timed, nbytes, distinct, "mxfp4", [])
     return rows
 
 

@@ -14,7 +14,7 @@ from raytp.runtime.engine import Add, RankEngine, Request, Stop
 from raytp.weights.checkpoint import SafetensorsReader
 from raytp.model.llama import ShardedLlama
 from raytp.parallel.plan import PREFILL_CHUNK
-from raytp.model.pieces import plan_model
+from raytp.model.pieces import plan_model, plan_with_draft
 from raytp.runtime.sampling import SamplingParams
 
 GiB = 1 << 30
@@ -24,24 +24,34 @@ class LocalGroup:
     """N ranks of `model_dir` split by `weights` (relative budgets), each in its own thread; with `bandwidths`
     (bytes/s per rank) the planner's speed split decides the shares within those budgets; `kv_dtype` as
     `--kv-dtype`; `blocks` the planner's block per piece name, where a tiny model needs finer ones;
-    `act_quant_weight_only` as ShardedLlama takes it (None: as a group of CPU ranks runs)."""
+    `act_quant_weight_only` as ShardedLlama takes it (None: as a group of CPU ranks runs); with `draft_dir` a draft
+    model planned beside it (`plan_with_draft`) and loaded on every rank, sharing its communicator (`drafts`)."""
 
     def __init__(self, model_dir: Path, weights: list[float], *, max_context=256, max_batch=4,
                  dtype=torch.float32, bandwidths: list[float] | None = None, kv_dtype: str = "auto",
-                 blocks: dict[str, int] | None = None, act_quant_weight_only: bool | None = None):
+                 blocks: dict[str, int] | None = None, act_quant_weight_only: bool | None = None,
+                 draft_dir: Path | None = None):
         self.config = ModelSource.parse(str(model_dir)).config()
         budgets = [(f"cpu{r}", int(w * GiB)) for r, w in enumerate(weights)]
-        self.plan = plan_model(self.config, budgets, max_context=max_context, max_batch=max_batch,
-                                dtype=str(dtype).removeprefix("torch."), bandwidths=bandwidths, kv_dtype=kv_dtype,
-                                blocks=blocks)
+        shape = dict(max_context=max_context, max_batch=max_batch, dtype=str(dtype).removeprefix("torch."),
+                     bandwidths=bandwidths, kv_dtype=kv_dtype, blocks=blocks)
+        draft = None if draft_dir is None else ModelSource.parse(str(draft_dir)).config()
+        if draft is None:
+            self.plan, self.draft_plan = plan_model(self.config, budgets, **shape), None
+        else:
+            self.plan, self.draft_plan = plan_with_draft(self.config, draft, budgets, **shape)
         group = InProcessGroup(len(weights))
-        self.models = []
-        with SafetensorsReader(model_dir, dtype, torch.device("cpu")) as reader:
-            for shard in self.plan.ranks:
-                comm = IdentityCheckingCommunicator(group.communicator(shard.rank))
-                self.models.append(ShardedLlama(self.config, shard, comm, reader, max_batch=max_batch,
-                                                max_context=max_context, kv_dtype=kv_dtype,
-                                                act_quant_weight_only=act_quant_weight_only))
+        comms = [IdentityCheckingCommunicator(group.communicator(r)) for r in range(len(weights))]
+
+        def load(directory, config, plan):
+            with SafetensorsReader(directory, dtype, torch.device("cpu")) as reader:
+                return [ShardedLlama(config, shard, comms[shard.rank], reader, max_batch=max_batch,
+                                     max_context=max_context, kv_dtype=kv_dtype,
+                                     act_quant_weight_only=act_quant_weight_only) for shard in plan.ranks]
+
+        self.models = load(model_dir, self.config, self.plan)
+        self.drafts = [None] * len(weights) if draft_dir is None else \
+            load(draft_dir, draft, self.draft_plan)
 
     def on_all_ranks(self, fn):
         """fn(rank, model) on every rank concurrently; returns the per-rank results."""
@@ -71,7 +81,8 @@ class LocalGroup:
     def generate(self, prompts: list[list[int]], params: SamplingParams, stop_ids=(),
                  prefill_chunk: int = PREFILL_CHUNK) -> dict[str, list[int]]:
         """Run the real engine loop on every rank; returns generated ids per request id."""
-        engines = [RankEngine(m, m.comm, prefill_chunk=prefill_chunk) for m in self.models]
+        engines = [RankEngine(m, m.comm, prefill_chunk=prefill_chunk, draft=d)
+                   for m, d in zip(self.models, self.drafts)]
         for i, p in enumerate(prompts):
             engines[0].inbox.put(Add(Request(f"r{i}", p, params, list(stop_ids))))
         out = {f"r{i}": [] for i in range(len(prompts))}

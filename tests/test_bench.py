@@ -35,6 +35,19 @@ def test_bench_smollm2_on_two_cpu_ranks(ray_head, smollm2_dir, tmp_path, capsys)
     assert "of roofline" in capsys.readouterr().out
 
 
+def test_bench_with_a_draft_model_reports_its_acceptance_and_tokens_per_step(ray_head, smollm2_dir, tmp_path):
+    """SmolLM2 drafting for itself: nearly every drafted token accepted, several tokens per step."""
+    out = tmp_path / "bench"
+    rc = main(["bench", "--model", str(smollm2_dir), "--devices", "cpu*2", "--dtype", "float32", "--batch", "1",
+               "--prompt-len", "8", "--decode-tokens", "12", "--repeats", "1", "--allreduce-sizes", "576",
+               "--allreduce-iters", "5", "--comm", "hoststaged", "--speculate", f"draft:{smollm2_dir}:4", "--out",
+               str(out), "--address", ray_head.address])
+    assert rc == 0
+    (d,) = json.loads((out / "results.json").read_text())["runs"][0]["decode"]
+    assert d["speculate"] == f"draft:{smollm2_dir}:4" and d["acceptance"] >= 0.9 and d["tokens_per_step"] > 2
+    assert f"--speculate draft:{smollm2_dir}:4" in (out / "summary.md").read_text()  # the command, reproducible
+
+
 def test_bench_sweep_writes_csv_json_summary_and_plots(ray_head, smollm2_dir, tmp_path):
     import csv
 

@@ -40,6 +40,7 @@ class RefusingDriver:
 
     settings = types.SimpleNamespace(model="smollm2", max_context=64, speculate="off")
     sampling_defaults = SamplingDefaults()  # the model's generation_config.json: none, so greedy
+    harmony = None  # answers are plain text
 
     def __init__(self, error: Exception):
         self.error = error

@@ -187,6 +187,21 @@ def test_plan_with_no_arguments_plans_this_machine_as_generate_would(capsys):
     assert plan["max_batch"] == 1 and not ray.is_initialized()
 
 
+def test_plan_shows_the_draft_model_split_beside_the_model(capsys, smollm2_dir):
+    """`raytp plan --speculate draft:PATH`: the draft's split over the same devices, and the model's over what each
+    device has left, together within each budget."""
+    devices = "cpu@900MiB,cpu@600MiB"
+    assert cli.main(["plan", "--devices", devices, "--speculate", "draft:smollm2", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    draft = plan["draft_plan"]
+    for rank, beside, cap in zip(plan["ranks"], draft["ranks"], (900 << 20, 600 << 20)):
+        held = sum(beside[k] for k in ("weight_bytes", "kv_cache_bytes", "overhead_bytes"))
+        assert beside["budget_bytes"] == cap and rank["budget_bytes"] == cap - held and rank["headroom_bytes"] >= 0
+        assert beside["weight_bytes"] > 0 and rank["weight_bytes"] > 0
+    assert cli.main(["plan", "--devices", devices, "--speculate", "draft:smollm2"]) == 0
+    assert "draft model smollm2:" in capsys.readouterr().out
+
+
 def test_the_help_lists_every_synthetic_model_and_quantization(capsys):
     from raytp.cli.parser import EPILOG, SYNTHETIC_DENSE, SYNTHETIC_MOE, SYNTHETIC_TEST
     from raytp.model.config import QUANT_PRESETS
@@ -232,6 +247,35 @@ def test_pull_quant_prints_a_line_per_step_and_keeps_the_output_in_a_file(capfd,
 def test_a_bad_speculate_is_refused_naming_it_on_every_command(capsys, command):
     line = refused(capsys, *command, *SMALL, "--speculate", "ngram:9")
     assert "speculate" in line and "'ngram:9'" in line and "[1, 8]" in line
+
+
+def test_a_draft_model_is_named_loads_and_shares_the_models_vocabulary(capsys, smollm2_dir, tmp_path):
+    line = refused(capsys, "generate", "--prompt", "hi", *SMALL, "--speculate", "draft:3")
+    assert "--speculate draft:3: name the draft model, draft:PATH or draft:PATH:K" in line
+    line = refused(capsys, "serve", *SMALL, "--speculate", f"draft:{tmp_path}")
+    assert line.startswith(f"raytp: error: --speculate draft:{tmp_path}: ") and "config.json" in line
+    import transformers
+
+    other = transformers.LlamaConfig(vocab_size=1000, hidden_size=32, num_attention_heads=2, num_key_value_heads=1,
+                                     intermediate_size=64, num_hidden_layers=1)
+    transformers.LlamaForCausalLM(other).save_pretrained(tmp_path / "small", safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / "small" / name).symlink_to(smollm2_dir / name)
+    capsys.readouterr()
+    line = refused(capsys, "chat", *SMALL, "--speculate", f"draft:{tmp_path / 'small'}:2")
+    assert "the draft model's vocabulary has 1000 tokens, smollm2's 49152" in line
+
+
+def test_a_draft_model_reaches_the_group_and_its_k_every_request(smollm2_dir):
+    args = build_parser().parse_args(["serve", "--devices", "cpu@2GiB", "--speculate", "draft:smollm2:3"])
+    check_args(args)
+    assert (args.draft_model, args.speculate) == ("smollm2", "draft:3")
+    from raytp.cli.bench import _bench_command
+
+    args = build_parser().parse_args(["bench", "--devices", "cpu@2GiB", "--speculate", "draft:smollm2:3"])
+    check_args(args)
+    assert (args.draft_model, args.speculate) == ("smollm2", "draft:3")
+    assert "--speculate draft:smollm2:3" in _bench_command(args, ["cpu@2GiB"])  # the command that reproduces it
 
 
 def test_speculate_reaches_the_cli_request_and_the_servers_default(smollm2_dir):

@@ -68,7 +68,8 @@ class CountingCommunicator(Communicator):
 def run_loop(group, first, on_event=None, prefill_chunk=512):
     """Run the real token loop on every rank with the commands `first` queued; `on_event(event, submit, events so far)`
     may submit more. Returns (events in order, each rank's engine); stops when every request added has finished."""
-    engines = [RankEngine(m, CountingCommunicator(m.comm), prefill_chunk=prefill_chunk) for m in group.models]
+    engines = [RankEngine(m, CountingCommunicator(m.comm), prefill_chunk=prefill_chunk, draft=d)
+               for m, d in zip(group.models, group.drafts)]
     seen, open_ids = [], set()
 
     def submit(cmd):

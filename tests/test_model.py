@@ -22,7 +22,9 @@ TINY = {
                                                           "original_max_position_embeddings": 32})),
     "mistral-8h-2kv": ("MistralForCausalLM", dict(model_type="mistral", hidden_size=64, num_attention_heads=8,
                                                    num_key_value_heads=2, intermediate_size=160,
-                                                   sliding_window=None)),
+                                                   sliding_window=8)),  # shorter than the prompts
+    "llama-bias-6h-3kv": ("LlamaForCausalLM", dict(model_type="llama", hidden_size=48, num_attention_heads=6,
+                                                 num_key_value_heads=3, intermediate_size=100, attention_bias=True)),
     "qwen2-bias-6h-2kv": ("Qwen2ForCausalLM", dict(model_type="qwen2", hidden_size=48, num_attention_heads=6,
                                                     num_key_value_heads=2, intermediate_size=100,
                                                     tie_word_embeddings=True)),

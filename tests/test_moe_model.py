@@ -24,7 +24,7 @@ TINY = {
                                                                   num_experts=5, num_experts_per_tok=3,
                                                                   norm_topk_prob=False, tie_word_embeddings=True),
     "mixtral": lambda: transformers.MixtralConfig(**ATTENTION, intermediate_size=40, num_local_experts=5,
-                                                  num_experts_per_tok=2),
+                                                  num_experts_per_tok=2, sliding_window=8),  # under the prompts
 }
 BLOCKS = {EXPERT_COLS: 8}
 SPLITS = {1: [1.0], 2: [2.0, 1.0], 3: [3.0, 2.0, 1.0], 5: [1.0, 4.0, 1.0, 2.0, 3.0]}

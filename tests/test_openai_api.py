@@ -25,6 +25,7 @@ BODY_BOUNDS = [
     ("logprobs", 1, True), ("echo", True, 1), ("suffix", "", "x"), ("presence_penalty", 0, 0.5),
     ("frequency_penalty", 0.0, -1.0), ("logit_bias", {}, {"5": 10}),
     ("speculate", "ngram:8", "ngram:9"), ("speculate", "off", "ngram:0"), ("speculate", "ngram", 4),
+    ("speculate", "draft:8", "draft:/m/small"),  # the server's draft model only, never one a request names
 ]
 
 

@@ -64,6 +64,19 @@ def test_generate_matches_transformers(ray_head, expected_greedy, devices, comm,
     assert raytp_segments() <= before
 
 
+def test_generate_with_a_draft_model_gives_the_plain_tokens(ray_head, expected_greedy, smollm2_dir):
+    """SmolLM2 drafting for itself, both split over two ranks: transformers' greedy tokens, nearly every drafted
+    token accepted, the draft's share planned on each rank."""
+    r = raytp_cli("generate", "--model", "smollm2", "--devices", "cpu*2", "--speculate", f"draft:{smollm2_dir}",
+                  "--prompt", PROMPT, "--temperature", "0", "--dtype", "float32", "--max-tokens", "24", "--json",
+                  "--address", ray_head.address)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    assert result["token_ids"] == expected_greedy[:24]
+    assert 0.9 * result["drafted_tokens"] <= result["accepted_tokens"] and result["drafted_tokens"] >= 16
+    assert [rank["weight_bytes"] > 0 for rank in result["draft_plan"]["ranks"]] == [True, True]
+
+
 @pytest.fixture(scope="module")
 def driver(connected, smollm2_dir):
     settings = GroupSettings(model="smollm2", devices=tuple(parse_devices("cpu@3GiB,cpu@2GiB,cpu@1GiB")),

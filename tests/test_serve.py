@@ -232,6 +232,9 @@ def test_a_speculating_request_answers_as_a_plain_one_and_metrics_count_its_draf
     accepted = delta("raytp_speculative_accepted_tokens_total", before, between)
     assert 0 < accepted <= drafted
     assert delta("raytp_speculative_drafted_tokens_total", between, after) == 0
+    with pytest.raises(openai.BadRequestError) as e:  # this server was started without a draft model
+        chat(client, question, 4, extra_body={"speculate": "draft:2"})
+    assert e.value.body["param"] == "speculate" and "'draft:2'" in e.value.body["message"]
 
 
 @pytest.mark.slow

@@ -38,6 +38,8 @@ from raytp.parallel.plan import PlanError
 from raytp.runtime.errors import BusyError, RequestError, UnavailableError, error_summary
 from raytp.runtime.requests import StopScanner, check_request, check_text
 from raytp.runtime.sampling import SamplingParams
+from raytp.runtime.speculation import check_drafter
+from raytp.serving.harmony import Harmony
 from raytp.serving.metrics import ServingMetrics
 from raytp.serving.tool_calls import template_syntax
 from raytp.weights.generation_defaults import SamplingDefaults
@@ -86,6 +88,8 @@ class Driver:
         # has no syntax raytp parses, and "auto" is refused
         self.tool_syntax = None if self.tokenizer is None else template_syntax(
             lambda messages: self.tokenizer.apply_chat_template(messages, add_generation_prompt=False))
+        # the chat format's reader where the template speaks harmony (gpt-oss): answers come as channels
+        self.harmony = None if self.tokenizer is None else Harmony.of(self.tokenizer)
         self._grammars: asyncio.Future[Grammars] | None = None  # checks constrained requests' grammars (`start`)
         self._grammar_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._compiling = 0  # grammars compiling in `_grammar_pool`, those past their time bound included
@@ -264,24 +268,32 @@ class Driver:
         tail = self._log_tail.lines
         return [tail.popleft() for _ in range(len(tail))]  # popleft, not copy-and-clear: the group logs from a thread
 
+    def chat_format(self):
+        """The model's harmony (raytp.serving.harmony.Harmony) where its chat template speaks it, else None: the CLI
+        reads answers with it."""
+        return self.harmony
+
     def info(self) -> dict:
         g = self.group
         return {
             "model": self.settings.model, "backend": g.backend, "dtype": self.settings.dtype,
             "kv_dtype": self.settings.kv_dtype,
             "max_context": self.settings.max_context, "max_batch": self.settings.max_batch,
-            "plan": g.plan.to_dict(), "ranks": g.ranks, "plan_table": g.plan.format_table(),
+            "plan": g.plan.to_dict(), "ranks": g.ranks, "plan_table": g.plan.format_table() + (
+                "" if g.draft_plan is None else f"\ndraft model {self.settings.draft_model}:\n"
+                                                f"{g.draft_plan.format_table()}"),
+            "draft_plan": None if g.draft_plan is None else g.draft_plan.to_dict(),
             "history": list(self.history),
         }
 
     # ---- requests ------------------------------------------------------------------------------------------
 
     async def encode(self, prompt: str | None = None, messages: list[dict] | None = None,
-                     tools: list[dict] | None = None) -> list[int]:
-        """The token ids of a text prompt, or of chat messages (and the tools offered) through the model's chat
-        template, where a message's text is text (no control token can be forged in it). Encoded in a child
-        process, after the text's length in characters is checked against the context: this event loop never
-        tokenizes."""
+                     tools: list[dict] | None = None, variables: dict | None = None) -> list[int]:
+        """The token ids of a text prompt, or of chat messages (and the tools offered, the template's own
+        `variables`) through the model's chat template, where a message's text is text (no control token can be
+        forged in it). Encoded in a child process, after the text's length in characters is checked against the
+        context: this event loop never tokenizes."""
         if (prompt is None) == (messages is None):
             raise RequestError("give exactly one of prompt or messages")
         param = "prompt" if messages is None else "messages"
@@ -293,7 +305,7 @@ class Driver:
         if prompt is not None:
             check_text(prompt, param)
         try:
-            return await self.tokenizer_pool.encode(prompt, messages, tools)
+            return await self.tokenizer_pool.encode(prompt, messages, tools, variables)
         except TextTooLong as e:
             raise RequestError(str(e), param=param, code="context_length_exceeded") from None
         except ValueError as e:  # a model without a chat template, or a template that refuses the messages
@@ -384,6 +396,7 @@ class Driver:
         prompt_ids = list(prompt_ids)
         check_request(prompt_ids, params, stop, self.config.vocab_size, self.settings.max_context,
                       self.settings.max_batch)
+        check_drafter(params.speculate, self.settings.draft_model)
         if params.grammar is not None:
             await self._check_grammar(params.grammar, ignore_eos)
         if len(self.streams) >= self.settings.max_batch + self.max_queue:  # admitted: running or waiting for a slot
@@ -394,6 +407,8 @@ class Driver:
         self.streams[rid] = queue
         samples = [_SampleText(self.tokenizer, stop) for _ in range(params.n)]
         eos = self.tokenizer.eos_token_ids if self.tokenizer is not None else self.config.eos_token_ids
+        if self.harmony is not None:  # whatever the checkpoint's files list (a GGUF's eos is <|return|> alone)
+            eos = eos | self.harmony.end_ids
         start = time.perf_counter()
         first = last_t = None  # the first token's arrival here; the leader's clock at the last token's step
         drafted = accepted = 0  # of the request's verify steps (raytp.runtime.speculation)

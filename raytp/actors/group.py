@@ -18,11 +18,12 @@ from raytp.parallel.comm.factory import CommPlan
 from raytp.parallel.comm.hierarchical import node_layout
 from raytp.model.config import ModelConfig
 from raytp.parallel.devices import DeviceSpec, format_bytes
-from raytp.model.pieces import plan_model
+from raytp.model.pieces import plan_model, plan_with_draft
 from raytp.parallel.plan import ShardPlan
 from raytp.runtime.bandwidth import CACHE_FILE, cached_bandwidths, copy_bandwidth, remember_bandwidths
 from raytp.runtime.engine import Stop
 from raytp.runtime.options import RuntimeOptions
+from raytp.weights.source import ModelSource
 
 log = logging.getLogger("raytp")
 
@@ -68,6 +69,8 @@ class GroupSettings:
     no_p2p: bool = False  # emulate a host without GPU peer-to-peer (NO_P2P_ENV in every rank)
     time_backends: bool = False  # time every all-reduce backend at start-up (raytp bench), whichever is used
     speculate: str = "off"  # drafting of a request that names none (`--speculate`, raytp.runtime.speculation)
+    # the draft model's source (`--speculate draft:PATH`), loaded beside the model on every rank; None: none
+    draft_model: str | None = None
 
 
 def _copy_bandwidth(comm, device) -> float:
@@ -108,6 +111,7 @@ class WorkerGroup:
         self.workers: list = []
         self.pg = None
         self.plan: ShardPlan | None = None
+        self.draft_plan: ShardPlan | None = None  # the draft model's, on the same ranks (settings.draft_model)
         self.ranks: list[dict] = []  # describe() of each rank
         self.backend = ""
         self.run_refs: list = []
@@ -139,14 +143,24 @@ class WorkerGroup:
             for i, d in enumerate(s.devices)
         ]
         self.ranks = ray.get([w.describe.remote() for w in self.workers])
-        self.plan = plan_model(self.config, self._budgets(), max_context=s.max_context, max_batch=s.max_batch,
-                                dtype=s.dtype, bandwidths=self._bandwidths(), split=s.split, kv_dtype=s.kv_dtype)
+        shape = dict(max_context=s.max_context, max_batch=s.max_batch, dtype=s.dtype, bandwidths=self._bandwidths(),
+                     split=s.split, kv_dtype=s.kv_dtype)
+        draft = None
+        if s.draft_model is None:
+            self.plan = plan_model(self.config, self._budgets(), **shape)
+        else:
+            draft_config = ModelSource.parse(s.draft_model).config()
+            self.plan, self.draft_plan = plan_with_draft(self.config, draft_config, self._budgets(), **shape)
+            draft = (s.draft_model, draft_config, self.draft_plan)
+            log.info("draft model %s on every rank: %s", s.draft_model, ", ".join(
+                f"rank {r.rank} {format_bytes(r.weight_bytes + r.kv_cache_bytes + r.overhead_bytes)}"
+                for r in self.draft_plan.ranks))
         if self.plan.step_seconds is not None:
             log.info("%s split: predicted decode step %.2f ms (weights / bandwidth), rank %d paces it",
                      self.plan.split, 1000 * self.plan.step_seconds, self.plan.pacing_rank)
         self._open_comm()
         log.info("loading weights%s", " and capturing CUDA graphs" if any(d.kind == "cuda" for d in s.devices) else "")
-        ray.get([w.load.remote(s.model, self.config, self.plan, s.progress) for w in self.workers])
+        ray.get([w.load.remote(s.model, self.config, self.plan, s.progress, draft) for w in self.workers])
         self.run_refs = [w.run.remote() for w in self.workers]
 
     def _rank_env(self, device: DeviceSpec) -> dict[str, str]:

@@ -117,32 +117,39 @@ class Worker:
 
     # ---- model -----------------------------------------------------------------------------------------
 
-    def load(self, model: str, config: ModelConfig, plan: ShardPlan, progress: bool = True) -> dict:
-        """Load this rank's shard, allocate its KV cache, enforce its budget; returns the bytes used."""
+    def load(self, model: str, config: ModelConfig, plan: ShardPlan, progress: bool = True,
+             draft: tuple[str, ModelConfig, ShardPlan] | None = None) -> dict:
+        """Load this rank's shard, allocate its KV cache, enforce its budget; returns the bytes used. With `draft`
+        (source, config, plan), the draft model's shard too (speculative decoding), within the same budget."""
         self._on_device()
-        shard = plan.ranks[self.rank]
-        dtype = getattr(torch, plan.dtype)
         if self.device.type == "cuda" and self.spec.mem_bytes is not None:
             # make an @MEM cap real, so mismatched cards can be emulated on identical ones
             total = torch.cuda.mem_get_info()[1]
             torch.cuda.set_per_process_memory_fraction(min(1.0, self.spec.mem_bytes / total))
-        with ModelSource.parse(model).reader(dtype, self.device, progress=progress,
-                                             desc=f"rank {self.rank} loading") as reader:
-            kinds = ["cuda" if r.device.startswith("cuda") else "cpu" for r in plan.ranks]  # every rank's, alike
-            lm = ShardedLlama(config, shard, self.comm, reader, max_batch=plan.max_batch,
-                              max_context=plan.max_context, kv_dtype=plan.kv_dtype,
-                              act_quant_weight_only=runs_weight_only(kinds, self.options.triton))
-        used = _tensor_bytes(lm.weights()) + _tensor_bytes(lm.cache_tensors())
-        if used > shard.budget_bytes:
+        lm = self._load_shard(model, config, plan, progress)
+        draft_lm = None if draft is None else self._load_shard(*draft, progress)
+        loaded = [m for m in (lm, draft_lm) if m is not None]
+        used = sum(_tensor_bytes(m.weights()) + _tensor_bytes(m.cache_tensors()) for m in loaded)
+        budget = (plan if draft is None else draft[2]).ranks[self.rank].budget_bytes  # the draft's: the whole
+        if used > budget:
             raise MemoryBudgetError(f"rank {self.rank} ({self.spec}) needs {format_bytes(used)} for weights and "
-                                    f"KV cache, its budget is {format_bytes(shard.budget_bytes)}")
+                                    f"KV cache{' of both models' if draft else ''}, its budget is "
+                                    f"{format_bytes(budget)}")
         source = ModelSource.parse(model)
         # constrained decoding needs the tokenizer's vocabulary, read here: llguidance holds the GIL while it reads
         # it (seconds for a large vocabulary), which would stall the token loop at the first constrained request
         grammars = None if source.tokenizer_dir is None else \
             Grammars.for_model(source.tokenizer_dir, config, lm.vocab_start, lm.lm_head.width)
-        self.engine = RankEngine(lm, lm.comm, grammars=grammars)
+        self.engine = RankEngine(lm, lm.comm, grammars=grammars, draft=draft_lm)
         return {"rank": self.rank, "used_bytes": used}
+
+    def _load_shard(self, model: str, config: ModelConfig, plan: ShardPlan, progress: bool) -> ShardedLlama:
+        with ModelSource.parse(model).reader(getattr(torch, plan.dtype), self.device, progress=progress,
+                                             desc=f"rank {self.rank} loading") as reader:
+            kinds = ["cuda" if r.device.startswith("cuda") else "cpu" for r in plan.ranks]  # every rank's, alike
+            return ShardedLlama(config, plan.ranks[self.rank], self.comm, reader, max_batch=plan.max_batch,
+                                max_context=plan.max_context, kv_dtype=plan.kv_dtype,
+                                act_quant_weight_only=runs_weight_only(kinds, self.options.triton))
 
     # ---- token loop -------------------------------------------------------------------------------------
 

@@ -61,6 +61,7 @@ from raytp.runtime.errors import error_summary
 from raytp.runtime.options import RuntimeOptions
 from raytp.parallel.plan import PlanError, ShardPlan
 from raytp.runtime.sampling import SamplingParams
+from raytp.runtime.speculation import speculate_option
 from raytp.weights.source import ModelSource
 
 log = logging.getLogger("raytp")
@@ -189,6 +190,7 @@ def run_bench(settings: GroupSettings, config: ModelConfig, *, batches: list[int
         build_s = time.perf_counter() - started
         vocab = config.vocab_size
         speculate = settings.speculate
+        drafting = speculate_option(settings.draft_model, speculate)  # as --speculate gives it, the draft model named
         for batch in batches:  # warm-up: every batch size once (allocator, kernels, caches at this shape)
             _run_batch(group, random_requests(batch, prompt_len, min(decode_tokens, 4), vocab, f"warm{batch}",
                                               speculate))
@@ -207,7 +209,7 @@ def run_bench(settings: GroupSettings, config: ModelConfig, *, batches: list[int
             allreduce_ms = n_allreduce * slowest[step_sizes[batch]] / 1000
             decode.append({
                 "batch": batch, "ms_per_step": ms, "ms_per_token": 1000 * batch / tokens_per_s,
-                "tokens_per_s": tokens_per_s, "speculate": speculate,
+                "tokens_per_s": tokens_per_s, "speculate": drafting,
                 # of a row, in the timed steps; above 1 only where verify steps accepted drafted tokens
                 "tokens_per_step": statistics.median(r["window_tokens"] / (r["steps"] * batch) for r in timed),
                 "acceptance": sum(r["accepted"] for r in runs) / drafted if drafted else None,
@@ -272,6 +274,7 @@ class Sweep:
     splits: tuple[str | None, ...] = (None,)  # "memory", "speed", or None: the group's default
     share_gpus: bool = False  # let more cuda ranks than GPUs share them (emulates slower devices), not skip
     speculate: str = "off"  # the requests' drafting (raytp.runtime.speculation)
+    draft_model: str | None = None  # the draft model `speculate: draft` drafts with, on every configuration's ranks
     profile_steps: int = 0  # decode steps each rank profiles per batch size (raytp.bench.profile); 0: none
     trace_dir: str | None = None  # where the profiled steps' chrome traces go; None: not kept
     no_p2p: bool = False  # emulate a host without GPU peer-to-peer (raytp.actors.group.NO_P2P_ENV)
@@ -342,7 +345,8 @@ def run_sweep(sweep: Sweep, *, on_row: Callable[[dict], None] | None = None,
             model=model, devices=devices, dtype=sweep.dtype, kv_dtype=sweep.kv_dtype, comm=comm,
             max_context=max(sweep.max_context, prompt_len + max(sweep.decode_tokens, profile_tokens) + 1),
             max_batch=max(sweep.max_batch, *sweep.batches), progress=False, options=sweep.options,
-            split=split, no_p2p=sweep.no_p2p, time_backends=True, speculate=sweep.speculate)
+            split=split, no_p2p=sweep.no_p2p, time_backends=True, speculate=sweep.speculate,
+            draft_model=sweep.draft_model)
         try:
             _check_devices(devices, comm, sweep.share_gpus)
             res = run_bench(settings, config, batches=list(sweep.batches), prompt_len=prompt_len,

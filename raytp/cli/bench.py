@@ -35,13 +35,15 @@ def _bench_command(args, specs: list[str]) -> str:
     """The command line that reproduces this sweep (for summary.md)."""
     import shlex
 
+    from raytp.runtime.speculation import speculate_option
+
     parts = ["raytp", "bench", "--model", args.model, "--devices-sweep" if len(specs) > 1 else "--devices",
              ";".join(specs), "--comm", args.comm, "--dtype", args.dtype, "--kv-dtype", args.kv_dtype, "--batch",
              args.batch, "--prompt-len", args.prompt_len, "--decode-tokens", str(args.decode_tokens), "--repeats",
              str(args.repeats), "--allreduce-sizes", args.allreduce_sizes, "--allreduce-iters",
              str(args.allreduce_iters), *args.options.flags()]
     optional = {"--quant": args.quant, "--split": args.split, "--out": args.out,
-                "--speculate": args.speculate if args.speculate != "off" else None}
+                "--speculate": speculate_option(args.draft_model, args.speculate) if args.speculate != "off" else None}
     parts += [x for flag, value in optional.items() if value for x in (flag, value)]
     switches = [flag for flag, on in (("--share-gpus", args.share_gpus), ("--no-p2p", args.no_p2p),
                                       ("--hf-peer", args.hf_peer), ("--profile-traces", args.profile_traces)) if on]
@@ -91,7 +93,7 @@ def cmd_bench(args) -> None:
                       max_context=args.max_context, max_batch=args.max_batch, allreduce_sizes=tuple(sizes),
                       allreduce_iters=args.allreduce_iters, options=args.options,
                       splits=tuple(dict.fromkeys(splits)), share_gpus=args.share_gpus, no_p2p=args.no_p2p,
-                      profile_steps=args.profile, speculate=args.speculate,
+                      profile_steps=args.profile, speculate=args.speculate, draft_model=args.draft_model,
                       trace_dir=str(Path(args.out) / "traces") if args.profile_traces else None)
         with tqdm(total=sweep.size, desc="raytp bench", unit="config", file=sys.stderr) as bar:
             def on_row(o):

@@ -21,6 +21,8 @@ def check_args(args) -> None:
     generate args.prompt_ids)."""
     if not hasattr(args, "devices"):  # `pull`
         return
+    if hasattr(args, "speculate"):
+        _split_speculate(args)
     if args.command == "serve":
         check_serve_args(args)
     _check_sizes(args)
@@ -36,6 +38,8 @@ def check_args(args) -> None:
     elif hasattr(args, "speculate"):
         _check_speculate(args.speculate)
     _check_models(args)
+    if getattr(args, "draft_model", None) is not None:
+        _check_draft_model(args)
     if args.command in ("generate", "chat", "serve"):
         config = _model_config(args.model)
         args.sampling_defaults = model_defaults(args.model)
@@ -95,6 +99,37 @@ def _check_speculate(spec: str) -> None:
         drafted_tokens(spec)
     except ValueError as e:
         raise UserError(f"--{e}") from None
+
+
+def _split_speculate(args) -> None:
+    """`--speculate draft:PATH[:K]` -> args.draft_model (PATH) and args.speculate ("draft[:K]", every request's);
+    any other value: args.draft_model None."""
+    from raytp.runtime.speculation import draft_model_option
+
+    try:
+        args.draft_model, args.speculate = draft_model_option(args.speculate)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def _check_draft_model(args) -> None:
+    """The draft model loads (as --model is checked), shares the model's vocabulary, and can drop a rejected
+    draft's positions from its own state."""
+    from raytp.runtime.speculation import speculate_option, unsupported_reason
+
+    flag = f"--speculate {speculate_option(args.draft_model, args.speculate)}"
+    try:
+        _check_model(args.draft_model)
+    except UserError as e:
+        raise UserError(f"{flag}: {e}") from None
+    draft = _model_config(args.draft_model)
+    for model in getattr(args, "models", [args.model]):
+        size = _model_config(model).vocab_size
+        if draft.vocab_size != size:
+            raise UserError(f"{flag}: the draft model's vocabulary has {draft.vocab_size} tokens, {model}'s {size}; "
+                            "a draft model must share the model's tokenizer")
+    if why := unsupported_reason(draft):
+        raise UserError(f"{flag}: {why.replace('the model', 'the draft model', 1)}; choose another draft model")
 
 
 def _check_speculation_fits(args, config) -> None:
@@ -185,7 +220,7 @@ def _check_plan_fits(args, config) -> None:
     ranks without one sharing this machine's free memory. The ranks plan again with what they measure."""
     import psutil
 
-    from raytp.model.pieces import plan_model
+    from raytp.model.pieces import plan_model, plan_with_draft
     from raytp.parallel.plan import PlanError
 
     if is_auto(args.devices):
@@ -201,9 +236,13 @@ def _check_plan_fits(args, config) -> None:
         else:
             return  # a GPU's free memory, or a joined cluster's: only the ranks can tell
     bandwidths = [d.bandwidth for d in devices] if all(d.bandwidth for d in devices) else None
+    shape = dict(max_context=args.max_context, max_batch=args.max_batch, dtype=args.dtype, bandwidths=bandwidths,
+                 split=args.split if bandwidths else "memory", kv_dtype=args.kv_dtype)
     try:
-        plan_model(config, budgets, max_context=args.max_context, max_batch=args.max_batch, dtype=args.dtype,
-                    bandwidths=bandwidths, split=args.split if bandwidths else "memory", kv_dtype=args.kv_dtype)
+        if args.draft_model is None:
+            plan_model(config, budgets, **shape)
+        else:
+            plan_with_draft(config, _model_config(args.draft_model), budgets, **shape)
     except PlanError as e:
         raise UserError(str(e)) from None
 

@@ -10,6 +10,30 @@ from raytp.cli.sampling import sampling_params
 from raytp.cli.session import ray_session, running_driver
 
 
+class AnswerText:
+    """What the terminal shows of an answer, item by item: its text, or of a harmony model's answer (gpt-oss, given
+    its `harmony`) only the final channel, as the web chat shows it; its reasoning is kept aside."""
+
+    def __init__(self, harmony=None):
+        self.channels = harmony.answer() if harmony is not None else None
+        self.text = ""
+
+    @property
+    def reasoning(self) -> str | None:
+        return self.channels.reasoning if self.channels is not None else None
+
+    def take(self, item: dict) -> str:
+        """The text `item` (one of the driver's submit items) adds to what is shown."""
+        if self.channels is None:
+            piece = item.get("text", "")
+        elif "finish" in item:
+            piece = self.channels.end(item["finish"])[0].content
+        else:
+            piece = self.channels.add(item["text"], item["token_id"]).content
+        self.text += piece
+        return piece
+
+
 class AnswerStopped(Exception):
     """Ctrl-C while an answer streamed: the request is cancelled; `text` is what had arrived."""
 
@@ -18,24 +42,25 @@ class AnswerStopped(Exception):
         self.text = text
 
 
-def stream_answer(driver, echo: bool, params, prompt_ids: list[int]) -> tuple[str, dict]:
+def stream_answer(driver, echo: bool, params, prompt_ids: list[int], harmony=None) -> tuple[AnswerText, dict]:
     """Run one request through the driver's `submit`, which checks it as it checks an API request; print its text
-    as it streams when `echo`. Returns (text, final stats); Ctrl-C cancels the request and raises AnswerStopped."""
+    (AnswerText: a `harmony` model's final channel) as it streams when `echo`. Returns (the answer, final stats);
+    Ctrl-C cancels the request and raises AnswerStopped."""
     import ray
 
-    pieces = []
+    answer = AnswerText(harmony)
     stream = driver.submit.remote(prompt_ids, params)
     try:
         for ref in stream:
             item = ray.get(ref)
+            piece = answer.take(item)
+            if echo and piece:
+                print(piece, end="", flush=True)
             if "finish" in item:
-                return "".join(pieces), item
-            pieces.append(item["text"])
-            if echo:
-                print(item["text"], end="", flush=True)
+                return answer, item
     except KeyboardInterrupt:
         ray.cancel(stream)  # the driver's stream ends and frees the request's cache slot
-        raise AnswerStopped("".join(pieces)) from None
+        raise AnswerStopped(answer.text) from None
     raise RuntimeError("the stream ended without a final item")
 
 
@@ -44,18 +69,23 @@ def announce_defaults(args, overrides: str = "flags override each") -> None:
 
 
 def cmd_generate(args) -> None:
+    import ray
+
     from raytp.weights.synthetic import is_synthetic
 
     announce_defaults(args)
     with ray_session(args.address, args.devices), running_driver(args) as (driver, info):
-        text, stats = stream_answer(driver, not args.json, sampling_params(args, args.sampling_defaults),
-                                    args.prompt_ids)
+        harmony = ray.get(driver.chat_format.remote()) if args.chat else None  # --chat: the template's answer
+        answer, stats = stream_answer(driver, not args.json, sampling_params(args, args.sampling_defaults),
+                                      args.prompt_ids, harmony)
         if args.json:
-            print(json.dumps({"text": text, "token_ids": stats["token_ids"], "prompt_tokens": stats["prompt_tokens"],
-                              "generated_tokens": stats["generated_tokens"], "tokens_per_s": stats["tokens_per_s"],
-                              "ttft_s": stats["ttft_s"], "finish": stats["finish"], "backend": info["backend"],
+            reasoning = {} if answer.reasoning is None else {"reasoning": answer.reasoning}
+            print(json.dumps({"text": answer.text, **reasoning, "token_ids": stats["token_ids"],
+                              "prompt_tokens": stats["prompt_tokens"], "generated_tokens": stats["generated_tokens"],
+                              "tokens_per_s": stats["tokens_per_s"], "ttft_s": stats["ttft_s"],
+                              "finish": stats["finish"], "backend": info["backend"],
                               "drafted_tokens": stats["drafted_tokens"], "accepted_tokens": stats["accepted_tokens"],
-                              "plan": info["plan"]}))
+                              "plan": info["plan"], "draft_plan": info["draft_plan"]}))
             return
         if is_synthetic(args.model):  # no tokenizer, so no text streamed: the ids are the answer
             print(",".join(map(str, stats["token_ids"])), end="")
@@ -70,8 +100,11 @@ def drafting(stats: dict) -> str:
 
 
 def cmd_chat(args) -> None:
+    import ray
+
     announce_defaults(args)
     with ray_session(args.address, args.devices), running_driver(args) as (driver, info):
+        harmony = ray.get(driver.chat_format.remote())
         print(info["plan_table"], file=sys.stderr)
         print("Type a message; Ctrl-C stops an answer, /reset clears the history, /exit (or Ctrl-C here) quits.",
               file=sys.stderr)
@@ -90,10 +123,10 @@ def cmd_chat(args) -> None:
                 print("(history cleared)")
                 continue
             if line:
-                history = _chat_turn(driver, args, history, line)
+                history = _chat_turn(driver, args, history, line, harmony)
 
 
-def _chat_turn(driver, args, history: list[dict], line: str) -> list[dict]:
+def _chat_turn(driver, args, history: list[dict], line: str, harmony) -> list[dict]:
     """The history after answering `line`: with the answer, or with the part that streamed before Ctrl-C; as it
     was when the turn failed (too long, a rank died), which keeps the session."""
     import ray
@@ -101,7 +134,8 @@ def _chat_turn(driver, args, history: list[dict], line: str) -> list[dict]:
     asked = history + [{"role": "user", "content": line}]
     try:
         prompt_ids = ray.get(driver.encode.remote(messages=asked))
-        answer, stats = stream_answer(driver, True, sampling_params(args, args.sampling_defaults), prompt_ids)
+        answer, stats = stream_answer(driver, True, sampling_params(args, args.sampling_defaults), prompt_ids,
+                                      harmony)
     except AnswerStopped as e:
         print("\n(answer stopped; the chat goes on)", file=sys.stderr)
         return asked + [{"role": "assistant", "content": e.text}]
@@ -113,4 +147,4 @@ def _chat_turn(driver, args, history: list[dict], line: str) -> list[dict]:
         return history
     print(f"\n[{stats['generated_tokens']} tokens, {stats['tokens_per_s']:.1f} tokens/s{drafting(stats)}]",
           file=sys.stderr)
-    return asked + [{"role": "assistant", "content": answer}]
+    return asked + [{"role": "assistant", "content": answer.text}]

@@ -130,11 +130,14 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def _speculate_arg(p: argparse.ArgumentParser, whose: str) -> None:
-    p.add_argument("--speculate", default="off", metavar="ngram[:K]|off",
-                   help=f"{whose}draft up to K tokens (default 4, at most 8) by looking the text's last tokens up in "
-                        "the prompt and the answer so far, and check them all in one step: the same tokens, faster "
-                        "where answers copy their input (edits, code, summaries); it steps aside by itself at "
-                        "batches above 4 and while drafts keep failing (default: off)")
+    p.add_argument("--speculate", default="off", metavar="ngram[:K]|draft:PATH[:K]|off",
+                   help=f"{whose}draft up to K tokens (default 4, at most 8) and check them all in one step: the "
+                        "same tokens, faster. ngram looks the text's last tokens up in the prompt and the answer so "
+                        "far (pays where answers copy their input: edits, code, summaries); draft:PATH decodes "
+                        "them with a smaller model of the same tokenizer (a directory or any --model source, e.g. "
+                        "SmolLM2-135M for SmolLM2-1.7B), split over the same devices, its memory counted in each "
+                        "one's budget. It steps aside by itself at batches above 4 and while drafts keep failing "
+                        "(default: off)")
 
 
 def _add_pull(sub, **kw) -> None:
@@ -152,6 +155,7 @@ def _add_plan(sub, **kw) -> None:
                        "else one cpu rank with its free memory."), **kw)
     _model_args(p, max_batch=GENERATE_MAX_BATCH)
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    _speculate_arg(p, "as generate and serve take it; with draft:PATH the draft model is planned beside the model: ")
 
 
 def _add_generate(sub, **kw) -> None:

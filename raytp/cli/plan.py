@@ -26,7 +26,7 @@ def _this_machine() -> list[DeviceSpec]:
 
 
 def cmd_plan(args) -> None:
-    from raytp.model.pieces import plan_model
+    from raytp.model.pieces import plan_model, plan_with_draft
     from raytp.weights.source import ModelSource
 
     devices = _this_machine() if is_auto(args.devices) else parse_devices(args.devices)
@@ -40,20 +40,28 @@ def cmd_plan(args) -> None:
                         "e.g. cuda:0@24GiB~0.94TB/s")
 
     config = ModelSource.parse(args.model).config()
+    draft = None if args.draft_model is None else ModelSource.parse(args.draft_model).config()
 
     def plan_for(split: str | None):
-        return plan_model(config, [(str(d), d.mem_bytes) for d in devices],
-                           max_context=args.max_context, max_batch=args.max_batch, dtype=args.dtype,
-                           bandwidths=bandwidths, split=split, kv_dtype=args.kv_dtype)
+        """(the model's plan, the draft model's or None)."""
+        budgets = [(str(d), d.mem_bytes) for d in devices]
+        shape = dict(max_context=args.max_context, max_batch=args.max_batch, dtype=args.dtype, bandwidths=bandwidths,
+                     split=split, kv_dtype=args.kv_dtype)
+        return (plan_model(config, budgets, **shape), None) if draft is None else \
+            plan_with_draft(config, draft, budgets, **shape)
 
-    plan = plan_for(args.split)
+    plan, draft_plan = plan_for(args.split)
     if args.json:
-        print(json.dumps(plan.to_dict(), indent=2))
+        extra = {} if draft_plan is None else {"draft_plan": draft_plan.to_dict()}
+        print(json.dumps(plan.to_dict() | extra, indent=2))
         return
     print(plan.format_table())
     print(plan.describe_pieces())
+    if draft_plan is not None:  # the budgets above are what each device has left beside it
+        print(f"draft model {args.draft_model}:")
+        print(draft_plan.format_table())
     if bandwidths is not None:  # both splits' predicted batch-1 decode step, side by side
         for split in ("memory", "speed"):
-            other = plan_for(split)
+            other, _ = plan_for(split)
             print(f"{split} split: predicted step {1000 * other.step_seconds:.2f} ms (weights / bandwidth), rank "
                   f"{other.pacing_rank} paces it" + (" <- this plan" if split == plan.split else ""))

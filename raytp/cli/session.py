@@ -166,7 +166,8 @@ def running_driver(args):
     settings = GroupSettings(model=args.model, devices=resolve_devices(args.devices), dtype=args.dtype,
                              kv_dtype=args.kv_dtype, comm=args.comm, max_context=args.max_context,
                              max_batch=args.max_batch, progress=False, options=args.options, split=args.split,
-                             heartbeat_s=args.rank_timeout, speculate=args.speculate)
+                             heartbeat_s=args.rank_timeout, speculate=args.speculate,
+                             draft_model=args.draft_model)
     # on this node: the HTTP server it runs must listen on this machine, and a lost node must not take it along
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     driver = DriverActor.options(scheduling_strategy=here).remote(settings)

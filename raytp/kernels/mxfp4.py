@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from raytp.kernels.dispatch import triton
-from raytp.kernels.moe_gemv import expert_groups
+from raytp.kernels.moe_gemv import Launch, expert_groups
 from raytp.kernels.moe_routing import combine_choices
 
 GROUP = 32  # values sharing one scale
@@ -72,7 +72,7 @@ def mxfp4_experts_torch(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tenso
 
 
 _TILE = 16  # tokens per program: the smallest M of a tensor-core tile
-GATE_UP_BLOCK, DOWN_BLOCK, BLOCK_K = 32, 64, 128  # output columns (rows) per program, inputs per step
+GATE_UP_LAUNCH, DOWN_LAUNCH = Launch(32, 128, 4), Launch(64, 128, 4)  # benchmarks/moe_gemv.py --mxfp4 --sweep
 
 if triton is not None:
     import triton.language as tl
@@ -175,7 +175,8 @@ if triton is not None:
 
 
 def mxfp4_routed_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: tuple, down: tuple,
-                         alpha: float, limit: float) -> torch.Tensor:
+                         alpha: float, limit: float, gate_up_launch: Launch = GATE_UP_LAUNCH,
+                         down_launch: Launch = DOWN_LAUNCH) -> torch.Tensor:
     """`mxfp4_experts_torch`'s result from the Triton kernels (CUDA tensors, or the interpreter's CPU ones)."""
     (gu_blocks, gu_scales, gu_bias), (d_blocks, d_scales, d_bias) = gate_up, down
     x, ids, weights = x.contiguous(), ids.contiguous(), weights.float().contiguous()
@@ -183,11 +184,12 @@ def mxfp4_routed_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tens
     h = torch.empty((T, k, C), dtype=x.dtype, device=x.device)  # every (token, choice) row is written once
     y = torch.empty((T, k, H), dtype=torch.float32, device=x.device)
     tiles, kp = triton.cdiv(T, _TILE), triton.next_power_of_2(k)
-    shape = dict(K=k, KP=kp, TILE=_TILE, BLOCK_K=BLOCK_K, PRECISION="ieee" if x.dtype == torch.float32 else "tf32")
-    _mxfp4_gate_up[(triton.cdiv(C, GATE_UP_BLOCK), E, tiles)](
+    shape = dict(K=k, KP=kp, TILE=_TILE, PRECISION="ieee" if x.dtype == torch.float32 else "tf32")
+    a, b = gate_up_launch, down_launch
+    _mxfp4_gate_up[(triton.cdiv(C, a.block_n), E, tiles)](
         x, ids, gu_blocks, gu_scales, gu_bias if gu_bias is not None else gu_scales, h, T, H, C, alpha, limit,
-        **shape, BLOCK_N=GATE_UP_BLOCK, HAS_BIAS=gu_bias is not None)
-    _mxfp4_down[(triton.cdiv(H, DOWN_BLOCK), E, tiles)](
+        **shape, BLOCK_N=a.block_n, BLOCK_K=a.block_k, HAS_BIAS=gu_bias is not None, num_warps=a.warps)
+    _mxfp4_down[(triton.cdiv(H, b.block_n), E, tiles)](
         h, ids, weights, d_blocks, d_scales, d_bias if d_bias is not None else d_scales, y, T, H, C,
-        **shape, BLOCK_N=DOWN_BLOCK, HAS_BIAS=d_bias is not None)
+        **shape, BLOCK_N=b.block_n, BLOCK_K=b.block_k, HAS_BIAS=d_bias is not None, num_warps=b.warps)
     return combine_choices(y, None, x.dtype)  # the choices in order, in float32

@@ -94,7 +94,7 @@ class ModelConfig:
     text_prefix: str = "model."  # the decoder's tensors' prefix; a multimodal checkpoint's: "model.language_model."
     mtp_layers: int = 0  # multi-token-prediction layers stored under mtp.* (Qwen3.5), loaded and kept
     attention_sinks: bool = False  # a learned logit per query head in its softmax's denominator (gpt-oss)
-    o_proj_bias: bool = False  # o_proj has a bias (gpt-oss), added by one rank
+    o_proj_bias: bool = False  # o_proj has a bias (config.json's attention_bias but for Qwen2), added by one rank
 
     def __post_init__(self):
         if self.moe is None and self.intermediate_size <= 0:

@@ -125,7 +125,8 @@ def common_fields(d: dict) -> dict:
         rope_scaling=rope_scaling(rope),
         max_position_embeddings=d.get("max_position_embeddings", 4096),
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-        attention_bias=bool(d.get("attention_bias", False)),
+        attention_bias=bool(d.get("attention_bias", False)),  # q, k, v and o_proj alike (Llama, Qwen3)
+        o_proj_bias=bool(d.get("attention_bias", False)),
         bos_token_id=d.get("bos_token_id"),
         eos_token_ids=tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,)),
         quant=_quant_config(d["quantization_config"]) if d.get("quantization_config") else None,

@@ -23,7 +23,8 @@ from raytp.model.config import ModelConfig
 from raytp.model.formats import weight_format
 from raytp.model.layers import vocab_piece
 from raytp.model.layout import Slice, layer_count, layer_kinds, model_layout, whole_model
-from raytp.parallel.plan import (DTYPE_BYTES, PREFILL_CHUNK, Piece, PlanShape, ShardPlan, plan_shards,
+from raytp.parallel.devices import format_bytes
+from raytp.parallel.plan import (DTYPE_BYTES, PREFILL_CHUNK, Piece, PlanError, PlanShape, ShardPlan, plan_shards,
                                  sum_pieces)
 
 
@@ -93,3 +94,21 @@ class ModelPieces:
 def plan_model(config: ModelConfig, budgets: Sequence[tuple[str, int]], **kwargs) -> ShardPlan:
     """`plan_shards` of a model config (keyword arguments as there)."""
     return plan_shards(ModelPieces(config), budgets, **kwargs)
+
+
+def plan_with_draft(config: ModelConfig, draft: ModelConfig, budgets: Sequence[tuple[str, int]],
+                    **kwargs) -> tuple[ShardPlan, ShardPlan]:
+    """(target plan, draft plan) of a target and its draft model (speculative decoding) on the same ranks: the draft
+    is split first, by the same rule and cache shape, then the target over what each rank has left; so both are
+    split in proportion to the ranks (within a block), and each rank's budget holds both. The target plan's budgets
+    are those remainders."""
+    try:
+        draft_plan = plan_model(draft, budgets, **kwargs)
+    except PlanError as e:
+        raise PlanError(f"the draft model {e}") from None
+    held = [r.weight_bytes + r.kv_cache_bytes + r.overhead_bytes for r in draft_plan.ranks]
+    try:
+        return plan_model(config, [(name, cap - h) for (name, cap), h in zip(budgets, held)], **kwargs), draft_plan
+    except PlanError as e:
+        raise PlanError(f"beside the draft model ({', '.join(format_bytes(h) for h in held)} of the devices' "
+                        f"budgets, in order), the model {e}") from None

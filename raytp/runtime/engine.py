@@ -41,11 +41,13 @@ only copies the compiled matcher for each sample, so a large schema never stalls
 Waiting requests are admitted where they fit, in arrival order, a large one (many samples) passed over by at most
 max_batch later ones before the slots that free up are kept for it (raytp.runtime.admission).
 
-A request that asks for `speculate` (raytp.runtime.speculation) has its rows draft tokens from its own text; while
-any row of a small batch may draft, the loop reads each step before it queues the next, and a step in which some
-row has a draft is a verify step (`_verify`): every row's last token and draft in one forward, the target's token
-at each position drawn exactly on the host, the drafted ones accepted up to the first that differs, every accepted
-token passing `_accept` in order. It leaves the device batch stale: the next plain step reloads it.
+A request that asks for `speculate` (raytp.runtime.speculation) has its rows draft tokens from its own text, or
+from the rank's draft model (`draft`, raytp.runtime.draft_model: its cache prefilled beside the target's, all
+drafting rows decoded together); while any row of a small batch may draft, the loop reads each step before it
+queues the next, and a step in which some row has a draft is a verify step (`_verify`): every row's last token and
+draft in one forward, the target's token at each position drawn exactly on the host, the drafted ones accepted up
+to the first that differs, every accepted token passing `_accept` in order. It leaves the device batch stale: the
+next plain step reloads it.
 
 Log-probabilities of generated tokens (`logprobs`) come out of the step's own exchange (raytp.runtime.sampling),
 computed only while a row of the batch asks for them (a graph variant of its own), and ride on each TokenEvent.
@@ -73,7 +75,8 @@ from raytp.runtime.admission import AdmissionQueue
 from raytp.runtime.batch import NO_HISTORY, DecodeBatch, Pending
 from raytp.runtime.constraints import Grammars, grammar_failure
 from raytp.runtime.sampling import Logprobs, SamplingParams, ShardedSampler, sample_seed
-from raytp.runtime.speculation import SPECULATE_MAX_BATCH, RowSpeculation, row_speculation
+from raytp.runtime.draft_model import DraftRow, ModelDrafter
+from raytp.runtime.speculation import DRAFT, SPECULATE_MAX_BATCH, RowSpeculation, row_speculation
 
 # echo: prompt positions x vocabulary scored in one prefill chunk (85 positions of a 49152-token vocabulary). Each
 # position costs its lm_head columns and its scores over the whole vocabulary in float64 (summed, searched for the
@@ -166,8 +169,11 @@ class _Sequence:
 
 class RankEngine:
     def __init__(self, model: ShardedLlama, comm: Communicator, heartbeat_s: float = 1.0,
-                 prefill_chunk: int = PREFILL_CHUNK, grammars: Grammars | None = None):
+                 prefill_chunk: int = PREFILL_CHUNK, grammars: Grammars | None = None,
+                 draft: ShardedLlama | None = None):
         self.model, self.comm = model, comm
+        # `speculate: draft` rows' drafter
+        self.drafter = None if draft is None else ModelDrafter(draft, comm, prefill_chunk)
         self.sampler = ShardedSampler(comm, model.vocab_start)
         self.batch = DecodeBatch(model, self.sampler)
         self.device = model.device
@@ -280,7 +286,7 @@ class RankEngine:
                 samples[0].forks = samples[1:]
                 for sample in samples:
                     sample.speculation = row_speculation(r.params.speculate, r.params.grammar is not None,
-                                                         self.model.config)
+                                                         self.model.config, self.drafter is not None)
                 if r.params.grammar is not None:
                     for sample, matcher in zip(samples, self.grammars.matchers(r.id, len(samples))):
                         sample.matcher = matcher
@@ -301,6 +307,9 @@ class RankEngine:
         positions = torch.arange(start, end, device=self.device).view(1, -1)
         slots = torch.tensor([seq.slot], device=self.device)
         logits = self.model.forward(tokens, positions, slots, span=end, every=echo)
+        drafting = seq.speculation is not None and seq.speculation.kind == DRAFT
+        if drafting:
+            self.drafter.prefill(tokens, positions, seq.slot, end)
         if echo:
             scored = min(end, len(prompt) - 1) - start  # positions whose next token is a prompt token
             if scored > 0:
@@ -316,6 +325,8 @@ class RankEngine:
         samples = [seq] + [s for s in seq.forks if not s.finished]
         for fork in samples[1:]:
             self.model.copy_slot(seq.slot, fork.slot, len(prompt))
+            if drafting:
+                self.drafter.copy_slot(seq.slot, fork.slot, len(prompt))
         seq.forks = []
         history = torch.tensor(prompt)
         draw = self.sampler.draw_exact(logits.expand(len(samples), -1), [s.request.params for s in samples],
@@ -353,12 +364,19 @@ class RankEngine:
         """Each decoding row's draft, where the batch speculates and some row has one (every rank alike)."""
         if not self._speculating():
             return None
-        drafts = []
-        for seq in self.decoding:
+        drafts, by_model = [], []
+        for b, seq in enumerate(self.decoding):
             spec, room = seq.speculation, self.model.max_context - len(seq.tokens)
             if seq.request.params.max_tokens is not None:  # the target's own token comes on top of the draft
                 room = min(room, seq.request.params.max_tokens - seq.generated - 1)
-            drafts.append([] if spec is None else spec.draft(seq.tokens, seq.generated, room))
+            if spec is not None and spec.kind == DRAFT:
+                k = spec.wanted(seq.generated, room)
+                if k:
+                    by_model.append((b, DraftRow(seq.slot, seq.tokens, seq.request.params, seq.generated, k)))
+            drafts.append([] if spec is None or spec.kind == DRAFT else spec.draft(seq.tokens, seq.generated, room))
+        if by_model:  # the draft model's rows, in one batch
+            for (b, _), draft in zip(by_model, self.drafter.propose([row for _, row in by_model])):
+                drafts[b] = draft
         return drafts if any(drafts) else None
 
     def _verify(self, drafts: list[list[int]], events: list[TokenEvent]) -> None:

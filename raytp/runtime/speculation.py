@@ -10,9 +10,9 @@ the tokens plain decoding gives, at every split, and each accepted token passes 
 (a grammar, the end tokens, max_tokens, the context; stop strings at the driver), so a request stops exactly where
 it would have.
 
-Every rank drafts the same tokens (the n-gram drafter reads only the sequence, which every rank holds alike) and
-draws the same targets (from the sampler's gathered numbers), so the ranks decide acceptance in lock-step without a
-message of their own.
+Every rank drafts the same tokens (the n-gram drafter reads only the sequence, which every rank holds alike; the
+draft model runs split over the same ranks, in lock-step) and draws the same targets (from the sampler's gathered
+numbers), so the ranks decide acceptance in lock-step without a message of their own.
 
 The KV cache: a verify step writes keys and values at all its positions; those past the first rejection lie
 beyond the sequence's length, and nothing reads them: a query sees only positions up to its own
@@ -24,6 +24,10 @@ Drafter (a), prompt lookup (`ngram[:k]`): the longest suffix of NGRAM_MAX down t
 earlier in the prompt or the text so far; the k tokens that followed its latest occurrence are the draft (where they
 run into the end of the text, the text is repeating itself with that period, and the draft goes on repeating it).
 It needs no weights and pays where the answer copies its input (edits, code, summaries, retrieval).
+
+Drafter (b), a draft model (`draft[:k]`, the server started with `--speculate draft:PATH[:k]`): a smaller model of
+the same vocabulary decodes k tokens ahead with the row's own sampling and noise (raytp.runtime.draft_model), so
+where it agrees with the target it proposes the target's very draws. It pays on free text too.
 
 Stepping aside, where drafting loses:
   - a decode batch of more than SPECULATE_MAX_BATCH rows takes plain steps: a wide batch is no longer bound by
@@ -45,8 +49,9 @@ from raytp.runtime.errors import RequestError
 
 OFF = "off"
 NGRAM = "ngram"
+DRAFT = "draft"  # the server's draft model
 SPECULATE_MAX_K = 8  # tokens drafted per step at most: a request may not widen every row's verify step further
-NGRAM_K = 4  # `ngram` without a k
+DEFAULT_K = 4  # `ngram` or `draft` without a k
 NGRAM_MAX, NGRAM_MIN = 3, 2  # suffix lengths the prompt lookup tries, longest first; one token matches too loosely
 # The step-aside rule (module docstring). Chosen by reasoning, not yet by measurement: the next GPU sitting times a
 # verify step against a plain one (benchmarks/sittings/speculation.yaml) and sets them from that.
@@ -55,18 +60,46 @@ START_GAIN = 1.0  # a new row's (and a row back from a pause's) accepted tokens 
 GAIN_DECAY = 0.5  # the weight of the past in that average: two failed drafts in a row pause a new row
 MIN_GAIN = 0.3  # below this a verify step costs more than its accepted tokens save, roughly, on CPUs
 PAUSE_TOKENS = 8  # tokens a row then decodes without drafting
-SPECULATE_RULE = f'speculate must be "off", "ngram" or "ngram:K" with K in [1, {SPECULATE_MAX_K}]'
+SPECULATE_RULE = (f'speculate must be "off", "ngram", "ngram:K", "draft" or "draft:K" with K in '
+                  f'[1, {SPECULATE_MAX_K}] ("draft" where the server was started with a draft model)')
+
+
+def drafting(spec: str) -> tuple[str, int]:
+    """(drafter, k) of a `speculate` value: "off" (OFF, 0), "ngram" or "draft" (DEFAULT_K), "ngram:K" or "draft:K"
+    with K in [1, SPECULATE_MAX_K]; RequestError naming the value otherwise."""
+    kind, _, k = spec.partition(":") if isinstance(spec, str) else ("", "", "")
+    if kind == OFF and not k:
+        return OFF, 0
+    if kind in (NGRAM, DRAFT) and (not k or k.isdigit() and 1 <= int(k) <= SPECULATE_MAX_K):
+        return kind, int(k) if k else DEFAULT_K
+    raise RequestError(f"{SPECULATE_RULE}, got {spec!r}", param="speculate")
 
 
 def drafted_tokens(spec: str) -> int:
-    """k of a `speculate` value: "off" (0), "ngram" (NGRAM_K) or "ngram:K" with K in [1, SPECULATE_MAX_K];
-    RequestError naming the value otherwise."""
-    kind, _, k = spec.partition(":") if isinstance(spec, str) else ("", "", "")
-    if kind == OFF and not k:
-        return 0
-    if kind == NGRAM and (not k or k.isdigit() and 1 <= int(k) <= SPECULATE_MAX_K):
-        return int(k) if k else NGRAM_K
-    raise RequestError(f"{SPECULATE_RULE}, got {spec!r}", param="speculate")
+    """k of a `speculate` value (`drafting`)."""
+    return drafting(spec)[1]
+
+
+def draft_model_option(value: str) -> tuple[str | None, str]:
+    """`--speculate` as the command line takes it -> (the draft model's source or None, every request's default
+    `speculate`): "draft:PATH" and "draft:PATH:K" name a model (a directory, or any --model source), the rest is a
+    request's value. ValueError naming the value where "draft" comes without a model."""
+    kind, _, rest = value.partition(":")
+    if kind != DRAFT:
+        return None, value
+    path, _, k = rest.rpartition(":")
+    if not (k.isdigit() and path):
+        path, k = rest, ""
+    if not path or path.isdigit():
+        raise ValueError(f"--speculate {value}: name the draft model, draft:PATH or draft:PATH:K (PATH a model "
+                         "directory of the same tokenizer)")
+    return path, f"{DRAFT}:{k}" if k else DRAFT
+
+
+def speculate_option(draft_model: str | None, speculate: str) -> str:
+    """The `--speculate` that gives (draft model, requests' `speculate`): `draft_model_option` undone."""
+    k = speculate.partition(":")[2]
+    return speculate if draft_model is None else f"{DRAFT}:{draft_model}" + (f":{k}" if k else "")
 
 
 class NgramDrafter:
@@ -95,9 +128,11 @@ class NgramDrafter:
 
 @dataclass(eq=False)
 class RowSpeculation:
-    """One decoding row's drafting: its drafter, its k, and the step-aside state (see the module docstring)."""
+    """One decoding row's drafting: its drafter (NGRAM, its own lookup; DRAFT, the rank's draft model, which drafts
+    for all such rows of a step together), its k, and the step-aside state (see the module docstring)."""
 
     k: int
+    kind: str = NGRAM
     drafter: NgramDrafter = field(default_factory=NgramDrafter)
     gain: float = START_GAIN
     paused_until: int = 0  # while paused, drafts nothing until the row has generated this many tokens
@@ -105,13 +140,17 @@ class RowSpeculation:
     def active(self, generated: int) -> bool:
         return generated >= self.paused_until
 
-    def draft(self, tokens: list[int], generated: int, room: int) -> list[int]:
-        """At most min(k, room) tokens to verify after `tokens`; none while paused."""
+    def wanted(self, generated: int, room: int) -> int:
+        """How many tokens to draft now: min(k, room), none while paused."""
         if not self.active(generated):
-            return []
+            return 0
         if self.paused_until:  # back from a pause: a fresh chance
             self.gain, self.paused_until = START_GAIN, 0
-        return self.drafter.propose(tokens, min(self.k, room))
+        return min(self.k, room)
+
+    def draft(self, tokens: list[int], generated: int, room: int) -> list[int]:
+        """The n-gram drafter's at most min(k, room) tokens to verify after `tokens`; none while paused."""
+        return self.drafter.propose(tokens, self.wanted(generated, room))
 
     def record(self, accepted: int, generated: int) -> None:
         """A verify step of this row's draft took `accepted` of its tokens; `generated` counts them."""
@@ -138,7 +177,17 @@ def rolls_back(config) -> bool:
     return unsupported_reason(config) is None
 
 
-def row_speculation(spec: str, constrained: bool, config) -> RowSpeculation | None:
-    """The drafting state of a row whose request asks `spec`; None where it drafts nothing."""
-    k = drafted_tokens(spec)
-    return RowSpeculation(k) if k and not constrained and rolls_back(config) else None
+def row_speculation(spec: str, constrained: bool, config, has_draft_model: bool) -> RowSpeculation | None:
+    """The drafting state of a row whose request asks `spec`; None where it drafts nothing (a request for the draft
+    model on ranks without one is refused at the front end, `check_drafter`)."""
+    kind, k = drafting(spec)
+    if not k or constrained or not rolls_back(config) or kind == DRAFT and not has_draft_model:
+        return None
+    return RowSpeculation(k, kind)
+
+
+def check_drafter(spec: str, draft_model: str | None) -> None:
+    """RequestError where `spec` asks for the draft model and the server has none."""
+    if drafting(spec)[0] == DRAFT and draft_model is None:
+        raise RequestError(f"speculate {spec!r} asks for the draft model, and this server was started without one "
+                           '(serve --speculate draft:PATH); use "ngram", "ngram:K" or "off"', param="speculate")

@@ -31,7 +31,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator,
+from pydantic import (AfterValidator, AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator,
                       model_validator)
 
 from raytp.runtime.constraints import json_schema_grammar
@@ -47,6 +47,7 @@ from raytp.runtime.sampling import (
 )
 from raytp.runtime.speculation import OFF, SPECULATE_RULE, drafted_tokens, unsupported_reason
 from raytp.serving.auth import FailedAttempts, KeyGate, WebSessions
+from raytp.serving.harmony import HarmonyAnswer
 from raytp.serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from raytp.serving.sockets import unix_socket
 from raytp.serving.tool_calls import CallParser, ForcedCalls, ToolSyntax, answer_calls
@@ -162,10 +163,14 @@ class Message(BaseModel):
     content: Text | list[TextPart] | None = None
     tool_calls: list[ToolCall] | None = None  # an assistant's calls
     tool_call_id: str | None = None  # a tool message's: the call it answers
+    # an assistant's reasoning, as its answer gave it (vLLM's newer name for it is taken too)
+    reasoning_content: Text | None = Field(None, validation_alias=AliasChoices("reasoning_content", "reasoning"))
 
     def as_template_input(self) -> dict:
         text = "".join(p.text for p in self.content) if isinstance(self.content, list) else self.content or ""
         message = {"role": "system" if self.role == "developer" else self.role, "content": text}
+        if self.reasoning_content:  # under the names templates read it by: gpt-oss's "thinking", Qwen3's own
+            message |= {"thinking": self.reasoning_content, "reasoning_content": self.reasoning_content}
         if self.tool_calls:  # only then: Llama 3.1's template tests whether the key is there at all
             # templates write the arguments with tojson, so they take them as an object, as transformers' do
             message["tool_calls"] = [{"id": c.id, "type": c.type, "function": {
@@ -193,7 +198,8 @@ class _Body(BaseModel):
     stream: bool = False
     stream_options: StreamOptions = Field(default_factory=StreamOptions)
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever the model says (benchmarks, tests)
-    # raytp's extension: "off", "ngram" or "ngram:K" (raytp.runtime.speculation); None: the server's --speculate
+    # raytp's extension: "off", "ngram[:K]", or "draft[:K]" where the server has a draft model
+    # (raytp.runtime.speculation); None: the server's --speculate
     speculate: str | None = Field(None, max_length=16)
     # Declared so that what raytp does not do with them is refused (`unsupported`), never silently ignored: a
     # client relying on one would take an unconstrained answer for a constrained one. JSON response formats are
@@ -334,6 +340,8 @@ class ChatCompletionRequest(_Body):
     # "required" or a named function: the answer is constrained to calls of them; "auto" (the default with tools):
     # the model may write calls in its own syntax (raytp.serving.tool_calls), "none": it is not told of the tools
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    # how long a reasoning model thinks: gpt-oss's template writes it into the system message (default medium)
+    reasoning_effort: Literal["low", "medium", "high"] | None = None
 
     @model_validator(mode="after")
     def _max_tokens(self):
@@ -387,10 +395,18 @@ class ChatCompletionRequest(_Body):
             return json_schema_grammar(calls[0], param="tools")
         return json_schema_grammar({"type": "array", "minItems": 1, "items": {"anyOf": calls}}, param="tools")
 
+    def template_variables(self) -> dict | None:
+        """The chat template's own options the request sets."""
+        return None if self.reasoning_effort is None else {"reasoning_effort": self.reasoning_effort}
+
     def template_tools(self) -> list[dict] | None:
         """The tools as the chat template takes them, when the answer may call them (not with "none": a model
         that is not told of tools writes no call)."""
         return None if self.choice() == "none" else [t.model_dump() for t in self.tools]
+
+    def function_names(self) -> list[str]:
+        """The functions the model is told of (none with tool_choice "none")."""
+        return [] if self.choice() == "none" else [t.function.name for t in self.tools]
 
     def call_parser(self, tool_syntax: ToolSyntax | None) -> CallParser | None:
         """What reads tool calls out of the answer: the forced call's JSON, the model's own syntax ("auto"), or
@@ -475,11 +491,12 @@ def _is_union_tag(part) -> bool:
     return isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool"))
 
 
-def parse_completion(body, chat: bool, model_id: str,
-                     tool_syntax: ToolSyntax | None = None) -> ChatCompletionRequest | CompletionRequest:
+def parse_completion(body, chat: bool, model_id: str, tool_syntax: ToolSyntax | None = None,
+                     harmony: bool = False) -> ChatCompletionRequest | CompletionRequest:
     """Validate a /v1/chat/completions or /v1/completions body; raise APIError naming the bad field.
     `tool_syntax`: how the served model writes tool calls (raytp.serving.tool_calls), None if raytp cannot read
-    them, which refuses tool_choice "auto"."""
+    them, which refuses tool_choice "auto" unless the model speaks `harmony` (raytp.serving.harmony reads its
+    calls, and its template takes reasoning_effort)."""
     try:
         req = (ChatCompletionRequest if chat else CompletionRequest).model_validate(body)
     except ValidationError as e:
@@ -490,10 +507,14 @@ def parse_completion(body, chat: bool, model_id: str,
     refused = req.unsupported()
     if refused is not None:
         raise APIError(400, refused[1], param=refused[0], code="unsupported")
-    if chat and req.choice() == "auto" and tool_syntax is None:
+    if chat and req.choice() == "auto" and tool_syntax is None and not harmony:
         raise APIError(400, 'tool_choice "auto" (the default with tools) needs a model whose chat template takes '
-                       "tools and writes calls as Qwen2/2.5/3's (<tool_call>) or Llama 3.1's (JSON) do; this "
-                       'model\'s does not: send tool_choice "required" or name a function', param="tool_choice",
+                       "tools and writes calls as Qwen2/2.5/3's (<tool_call>), Llama 3.1's (JSON) or gpt-oss's "
+                       '(harmony) do; this model\'s does not: send tool_choice "required" or name a function',
+                       param="tool_choice", code="unsupported")
+    if chat and req.reasoning_effort is not None and not harmony:
+        raise APIError(400, f"reasoning_effort {req.reasoning_effort!r} needs a model whose chat template takes it "
+                       "(gpt-oss's); this model's does not: leave reasoning_effort out", param="reasoning_effort",
                        code="unsupported")
     return req
 
@@ -512,6 +533,7 @@ class Piece:
     text: str
     logprobs: list[TokenLogprob] | None = None
     index: int = 0  # the choice (sample) it belongs to
+    token_id: int | None = None  # the token that completed it: a chat format's markup is control tokens, no text
 
 
 # (token id, its log-probability or None for a prompt's first token, its top alternatives [(id, logprob)] or None)
@@ -527,7 +549,7 @@ async def run_completion(driver, req: ChatCompletionRequest | CompletionRequest)
     consumer) closes the driver's stream, which cancels the request."""
     if chat := isinstance(req, ChatCompletionRequest):
         prompt_ids = await driver.encode(messages=[m.as_template_input() for m in req.messages],
-                                         tools=req.template_tools())
+                                         tools=req.template_tools(), variables=req.template_variables())
     else:
         prompt_ids = req.prompt if isinstance(req.prompt, list) else await driver.encode(prompt=req.prompt)
     if why := driver.unavailable():  # a client retries a 503 on its own; it would only wait out a rebuild here
@@ -552,9 +574,10 @@ async def run_completion(driver, req: ChatCompletionRequest | CompletionRequest)
                        "prompt_tokens": item["prompt_tokens"], "completion_tokens": item["generated_tokens"]}
                 return
             if "logprob" in item and not (chat and item["end_token"]):  # chat's logprobs are the message's tokens
-                yield Piece(item["text"], [(item["token_id"], item["logprob"], item["top_logprobs"])], item["index"])
-            elif item["text"]:
-                yield Piece(item["text"], index=item["index"])
+                yield Piece(item["text"], [(item["token_id"], item["logprob"], item["top_logprobs"])], item["index"],
+                            item["token_id"])
+            elif item["text"] or not item["end_token"]:  # a token of no text may be markup (raytp.serving.harmony)
+                yield Piece(item["text"], index=item["index"], token_id=item["token_id"])
 
 
 async def _until_disconnected(request: Request) -> None:
@@ -595,9 +618,11 @@ class _Answer:
     """The response objects of one request, in OpenAI's chat or text-completion shape. `strings(ids)` gives each
     token's own text, as logprobs show tokens."""
 
-    def __init__(self, chat: bool, model_id: str, strings, calls: CallParser | None = None):
+    def __init__(self, chat: bool, model_id: str, strings, calls: CallParser | None = None,
+                 channels: list[HarmonyAnswer] | None = None):
         self.chat, self.model, self.strings = chat, model_id, strings
         self.calls = calls  # reads tool calls out of the answer's text; None: the answer is text
+        self.channels = channels  # each choice's harmony reader, for a model that answers in channels
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.offsets: dict[int, int] = {}  # text completions: each choice's next text_offset, across a stream
@@ -630,6 +655,9 @@ class _Answer:
         choices = []
         for i, (text, finish) in enumerate(zip(texts, final["finish_reasons"])):
             choice = {"index": i, "logprobs": self.logprobs(scored[i], i), "finish_reason": finish}
+            if self.channels is not None:
+                choices.append(choice | self._channels_message(self.channels[i], finish))
+                continue
             content, calls = (text, []) if self.calls is None else answer_calls(self.calls, text, finish)
             if calls:
                 message = {"role": "assistant", "content": content, "tool_calls": calls}
@@ -640,12 +668,23 @@ class _Answer:
                 choices.append({"text": text, **choice})
         return self._envelope("chat.completion" if self.chat else "text_completion", choices, usage=_usage(final))
 
+    @staticmethod
+    def _channels_message(reader: HarmonyAnswer, finish: str) -> dict:
+        """A harmony answer's message: its final channel as content, its analysis as reasoning_content."""
+        _, calls = reader.end(finish)
+        message = {"role": "assistant", "content": reader.content or (None if calls else ""),
+                   "reasoning_content": reader.reasoning or None}
+        if calls:
+            return {"finish_reason": "tool_calls", "message": message | {"tool_calls": calls}}
+        return {"message": message}
+
     def chunk(self, text: str | None, finish_reason: str | None = None, role: bool = False,
               scored: list[TokenLogprob] | None = None, index: int = 0, tool_calls: list[dict] | None = None,
-              **extra) -> dict:
+              reasoning: str | None = None, **extra) -> dict:
         logprobs = self.logprobs(scored, index)
         if self.chat:
-            delta = ({"role": "assistant"} if role else {}) | ({"content": text} if text is not None else {})
+            delta = ({"role": "assistant"} if role else {}) | ({"reasoning_content": reasoning} if reasoning else {}) \
+                | ({"content": text} if text is not None else {})
             if tool_calls is not None:
                 delta["tool_calls"] = [{"index": k, **call} for k, call in enumerate(tool_calls)]
             choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
@@ -676,8 +715,13 @@ async def _complete(request: Request, driver, model_id: str, chat: bool) -> Resp
     except RecursionError:  # Python's parser recurses per level: [[[[... 200k deep would otherwise be a 500
         return APIError(400, "the request body nests arrays or objects too deeply (a request needs a few levels)"
                         ).response()
-    req = parse_completion(body, chat, model_id, driver.tool_syntax)
-    answer = _Answer(chat, model_id, driver.token_strings, req.call_parser(driver.tool_syntax) if chat else None)
+    req = parse_completion(body, chat, model_id, driver.tool_syntax, harmony=driver.harmony is not None)
+    # a harmony model's answer is read by channel, unless a grammar holds it to JSON (response_format, a forced call)
+    if chat and driver.harmony is not None and req.grammar() is None:
+        answer = _Answer(chat, model_id, driver.token_strings,
+                         channels=[driver.harmony.answer(req.function_names()) for _ in range(req.n)])
+    else:
+        answer = _Answer(chat, model_id, driver.token_strings, req.call_parser(driver.tool_syntax) if chat else None)
     pieces = run_completion(driver, req)
     try:
         # Wait for the first piece before answering 200: a full server or a bad request still gets its status.
@@ -699,6 +743,8 @@ async def _complete(request: Request, driver, model_id: str, chat: bool) -> Resp
         scored = [[] if asked else None for _ in range(req.n)]
         while isinstance(item, Piece):
             texts[item.index].append(item.text)
+            if answer.channels is not None:
+                answer.channels[item.index].add(item.text, item.token_id)
             if item.logprobs is not None:
                 scored[item.index] += item.logprobs
             item = await anext(pieces)
@@ -758,13 +804,25 @@ async def _stream_body(answer: _Answer, include_usage: bool, n: int, first, piec
             item = first
             held = [_HeldAnswer(answer.calls) for _ in range(n)] if answer.calls is not None else None
             while isinstance(item, Piece):
-                if held is None:
-                    yield _sse(answer.chunk(item.text, scored=item.logprobs, index=item.index, **extra))
+                if answer.channels is not None:
+                    delta = answer.channels[item.index].add(item.text, item.token_id)
+                    if delta or item.logprobs is not None:
+                        yield _sse(answer.chunk(delta.content or None, scored=item.logprobs, index=item.index,
+                                                reasoning=delta.reasoning, **extra))
+                elif held is None:
+                    if item.text or item.logprobs is not None:
+                        yield _sse(answer.chunk(item.text, scored=item.logprobs, index=item.index, **extra))
                 elif (out := held[item.index].add(item)) is not None:
                     yield _sse(answer.chunk(out[0], scored=out[1], index=item.index, **extra))
                 item = await anext(pieces)
             for index, finish in enumerate(item["finish_reasons"]):
-                if held is not None:
+                if answer.channels is not None:
+                    delta, calls = answer.channels[index].end(finish)
+                    if delta or calls:
+                        yield _sse(answer.chunk(delta.content or None, index=index, tool_calls=calls or None,
+                                                reasoning=delta.reasoning, **extra))
+                    finish = "tool_calls" if calls else finish
+                elif held is not None:
                     text, calls, scored = held[index].end(finish)
                     if text or calls or scored:
                         yield _sse(answer.chunk(text or None, scored=scored, index=index, tool_calls=calls or None,

@@ -120,6 +120,7 @@ def stats_line(final: dict) -> str:
 
 
 QUEUED_NOTE = "⏳ *queued: answered after the answer being written*"
+THINKING_NOTE = "💭 *thinking…*"  # a reasoning model's answer while only its reasoning (not shown) comes
 
 
 @dataclass
@@ -127,7 +128,8 @@ class Conversation:
     """One browser tab's chat. Every event of the tab gets this same object (Gradio keeps a State's value per
     session and passes it, not a copy), so a message sent while an answer streams joins `turns` at once, marked
     queued, and the turn being answered picks it up next."""
-    turns: list[dict] = field(default_factory=list)  # {"role", "content"} and, on user turns, "queued"/"failed"
+    # {"role", "content"}; on user turns "queued"/"failed", on answers "stats" and "thinking" (reasoning so far)
+    turns: list[dict] = field(default_factory=list)
     answering: bool = False  # an answer is being written: new messages wait for it
 
 
@@ -136,7 +138,7 @@ def _display(turns: list[dict]) -> list[dict]:
     turn that got no answer, why (the turn stays: Regenerate asks again)."""
     shown = []
     for t in turns:
-        content = t["content"]
+        content = t["content"] or (THINKING_NOTE if t.get("thinking") else "")
         if t.get("stats"):
             if content.count("```") % 2:  # an answer cut inside a code block: close it so the stats show
                 content += "\n```"
@@ -203,6 +205,8 @@ def build_ui(driver) -> gr.Blocks:
         messages = ([{"role": "system", "content": system}] if system.strip() else []) + \
             [{"role": t["role"], "content": t["content"]} for t in turns[:index + 1]]
         answer = {"role": "assistant", "content": "", "stats": ""}
+        # a harmony model (gpt-oss) answers in channels: only its final answer is shown, and kept in the history
+        channels = driver.harmony.answer() if driver.harmony is not None else None
         try:
             params = SamplingParams(temperature=float(temperature), top_p=float(top_p), max_tokens=int(max_tokens),
                                     seed=int(seed) if seed is not None and seed >= 0 else secrets.randbits(31),
@@ -213,6 +217,11 @@ def build_ui(driver) -> gr.Blocks:
                 async for item in items:
                     if "finish" in item:
                         answer["stats"] = stats_line(item)
+                        if channels is not None:
+                            answer["content"] += channels.end(item["finish"])[0].content
+                    elif channels is not None:
+                        answer["content"] += channels.add(item["text"], item["token_id"]).content
+                        answer["thinking"] = bool(channels.reasoning)
                     else:
                         answer["content"] += item["text"]
                     if len(turns) == index + 1 or turns[index + 1] is not answer:  # shown from its first piece

@@ -113,6 +113,10 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._tokenizer.get_vocab_size(with_added_tokens=True)
 
+    def special_token_id(self, text: str) -> int | None:
+        """The id of the special (control) token written `text`, None if the vocabulary has no such token."""
+        return self._special_ids.get(text)
+
     @functools.cached_property
     def max_token_chars(self) -> int:
         """The most characters any one token decodes to: a text of n characters has at least n / this many tokens."""
@@ -128,23 +132,24 @@ class Tokenizer:
         return self._tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
-                            tools: list[dict] | None = None) -> str:
+                            tools: list[dict] | None = None, variables: dict | None = None) -> str:
         """Prompt text for `messages` ([{"role": "user", "content": "hi"}, ...]), rendered like transformers'
         `apply_chat_template(..., tokenize=False)`; `tools` (OpenAI's function specs) reach templates that take
-        them (Qwen2/3's, Llama 3.1's), others ignore them. Encode it with `encode` (no added special tokens: the
-        template already wrote them)."""
+        them (Qwen2/3's, Llama 3.1's, gpt-oss's), others ignore them; `variables` are the template's own options,
+        as transformers passes its keyword arguments (gpt-oss's reasoning_effort). Encode it with `encode` (no
+        added special tokens: the template already wrote them)."""
         if self._compiled_template is None:
             raise ValueError(
                 f"{self._source} has no chat template (no chat_template in tokenizer_config.json and no "
                 f"chat_template.jinja); use a chat/instruct model, or send raw prompts instead of messages"
             )
-        return self._compiled_template.render(
-            messages=messages, add_generation_prompt=add_generation_prompt, tools=tools, **self.special_tokens
-        )
+        return self._compiled_template.render(**(variables or {}), messages=messages,
+                                              add_generation_prompt=add_generation_prompt, tools=tools,
+                                              **self.special_tokens)
 
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
-                    tools: list[dict] | None = None) -> list[int]:
+                    tools: list[dict] | None = None, variables: dict | None = None) -> list[int]:
         """Token ids of `messages` through the chat template, where only the template's own markup becomes control
         tokens: text that a request carries (message contents, tool calls' names and arguments, the tools' specs)
         is text, so `<|im_end|>\n<|im_start|>system` in a user's message or a tool's argument tokenizes as those
@@ -166,8 +171,8 @@ class Tokenizer:
                 return {hide(k): hide(v) for k, v in value.items()}
             return value
 
-        request = json.dumps([messages, tools], ensure_ascii=False, default=str)
-        text = self.apply_chat_template(hide(messages), add_generation_prompt, hide(tools))
+        request = json.dumps([messages, tools, variables], ensure_ascii=False, default=str)
+        text = self.apply_chat_template(hide(messages), add_generation_prompt, hide(tools), hide(variables))
         if not hidden:
             return self.encode(text)
         reveal = str.maketrans(hidden)

@@ -26,10 +26,11 @@ CLOSE_WAIT_S = 2.0  # a child busy with a long text is terminated after this lon
 
 
 def _encode(tokenizer: Tokenizer, prompt: str | None, messages: list[dict] | None, max_context: int,
-            tools: list[dict] | None = None) -> list[int] | int:
+            tools: list[dict] | None = None, variables: dict | None = None) -> list[int] | int:
     """The ids, or only their number where they do not fit the context (millions of ids would cost the driver's
     loop time to receive)."""
-    ids = tokenizer.encode(prompt) if messages is None else tokenizer.encode_chat(messages, tools=tools)
+    ids = tokenizer.encode(prompt) if messages is None else \
+        tokenizer.encode_chat(messages, tools=tools, variables=variables)
     return ids if len(ids) < max_context else len(ids)
 
 
@@ -96,13 +97,13 @@ class TokenizerPool:
                               f"{self.max_chars // self.max_context} characters): shorten it")
 
     async def encode(self, prompt: str | None = None, messages: list[dict] | None = None,
-                     tools: list[dict] | None = None) -> list[int]:
-        """The ids of `prompt`, or of `messages` (and the `tools` offered) through the chat template
-        (Tokenizer.encode_chat), computed in a child process; TextTooLong past the character bound or the context,
-        ValueError from the template."""
-        texts = [prompt] if messages is None else [m.get("content") or "" for m in messages]
+                     tools: list[dict] | None = None, variables: dict | None = None) -> list[int]:
+        """The ids of `prompt`, or of `messages` (and the `tools` offered, the template's `variables`) through the
+        chat template (Tokenizer.encode_chat), computed in a child process; TextTooLong past the character bound or
+        the context, ValueError from the template."""
+        texts = [prompt] if messages is None else [m.get(k) or "" for m in messages for k in ("content", "thinking")]
         self.check_length(sum(len(t) for t in texts if isinstance(t, str)))
-        job = (prompt, messages, self.max_context, tools)
+        job = (prompt, messages, self.max_context, tools, variables)
         try:
             status, ids = await self._run(job)
         except (EOFError, OSError):  # the child died (killed, out of memory): once more, on a fresh one

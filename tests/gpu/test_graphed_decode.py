@@ -39,11 +39,22 @@ def load(model: str, backend: str, kv_dtype: str = "auto", dtype: str = "float32
     return lm, opening.comm
 
 
+def load_draft(model: str, comm) -> ShardedLlama:
+    """`model` again on the same GPU and communicator, as a draft model (4 slots of 256 positions)."""
+    source = ModelSource.parse(model)
+    config = source.config()
+    plan = plan_model(config, [("cuda", 8 << 30)], max_context=256, max_batch=4, dtype="float32")
+    with source.reader(torch.float32, torch.device("cuda")) as reader:
+        return ShardedLlama(config, plan.ranks[0], comm, reader, max_batch=4, max_context=256)
+
+
 def generate(graphed: bool, backend: str, kv_dtype: str = "auto", model: str = "synthetic:tiny",
-             params: list[SamplingParams] = PARAMS, logprobs: dict | None = None) -> dict[str, list[int]]:
-    """The tokens of PROMPTS drawn with `params`; each token's (log-probability, top) go to `logprobs` if given."""
+             params: list[SamplingParams] = PARAMS, logprobs: dict | None = None,
+             draft: str | None = None) -> dict[str, list[int]]:
+    """The tokens of PROMPTS drawn with `params`; each token's (log-probability, top) go to `logprobs` if given;
+    `draft` the draft model of `speculate: draft` rows."""
     lm, comm = load(model, backend, kv_dtype)
-    engine = RankEngine(lm, comm)
+    engine = RankEngine(lm, comm, draft=None if draft is None else load_draft(draft, comm))
     if graphed:
         engine.use_cuda_graphs()
     out = {f"r{i}": [] for i in range(len(PROMPTS))}

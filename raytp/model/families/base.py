@@ -30,6 +30,15 @@ def plain(d: dict, fields: dict) -> dict:
     return fields
 
 
+def mistral_attention(d: dict, fields: dict) -> dict:
+    """Mistral's config.json: no attention biases whatever attention_bias says, and a sliding_window that every layer
+    keeps (Mistral-7B-v0.1's 4096), or none (null)."""
+    fields = fields | dict(attention_bias=False, o_proj_bias=False)
+    if not d.get("sliding_window") or fields["layer_types"]:
+        return fields
+    return fields | dict(layer_types=("sliding_attention",) * fields["num_layers"], sliding_window=d["sliding_window"])
+
+
 @dataclass(frozen=True)
 class Family:
     model_type: str  # config.json's model_type

@@ -5,7 +5,7 @@ learned sink logit in its softmax's denominator (`self_attn.sinks`); biases on q
 every layer a mixture of experts stored stacked in MXFP4 (`raytp.model.stacked_moe`): a router with a bias, each
 token's weights the softmax of its top-k logits, each expert a SwiGLU clamped at swiglu_limit with a sigmoid gain of
 alpha over interleaved gate/up rows. The chat format (harmony) is the checkpoint's chat_template.jinja, which the
-tokenizer renders as any other.
+tokenizer renders as any other; raytp.serving.harmony reads the answers.
 """
 
 import dataclasses
@@ -29,7 +29,7 @@ def read(d: dict, fields: dict) -> dict:
     moe = dataclasses.replace(MoeConfig.from_dict(d, EXPERTS), kind="stacked_experts", swiglu_clamp=(
         d.get("swiglu_alpha", SWIGLU_ALPHA), d.get("swiglu_limit", SWIGLU_LIMIT)))
     return fields | dict(layer_types=tuple(layer_types), sliding_window=d["sliding_window"], intermediate_size=0,
-                         o_proj_bias=fields["attention_bias"], attention_sinks=True, moe=moe)
+                         attention_sinks=True, moe=moe)
 
 
 GPT_OSS = Family("gpt_oss", "GptOssForCausalLM", read)
