@@ -9,7 +9,7 @@ import torch
 
 from raytp.parallel.comm import InProcessGroup
 from raytp.parallel.comm.base import IdentityCheckingCommunicator
-from raytp.model.config import ModelConfig
+from raytp.weights.source import ModelSource
 from raytp.runtime.engine import Add, RankEngine, Request, Stop
 from raytp.weights.checkpoint import SafetensorsReader
 from raytp.model.llama import ShardedLlama
@@ -31,15 +31,15 @@ class LocalGroup:
                  dtype=torch.float32, bandwidths: list[float] | None = None, kv_dtype: str = "auto",
                  blocks: dict[str, int] | None = None, act_quant_weight_only: bool | None = None,
                  draft_dir: Path | None = None):
-        self.config = ModelConfig.from_file(model_dir)
+        self.config = ModelSource.parse(str(model_dir)).config()
         budgets = [(f"cpu{r}", int(w * GiB)) for r, w in enumerate(weights)]
         shape = dict(max_context=max_context, max_batch=max_batch, dtype=str(dtype).removeprefix("torch."),
                      bandwidths=bandwidths, kv_dtype=kv_dtype, blocks=blocks)
-        if draft_dir is None:
+        draft = None if draft_dir is None else ModelSource.parse(str(draft_dir)).config()
+        if draft is None:
             self.plan, self.draft_plan = plan_model(self.config, budgets, **shape), None
         else:
-            self.plan, self.draft_plan = plan_with_draft(self.config, ModelConfig.from_file(draft_dir), budgets,
-                                                         **shape)
+            self.plan, self.draft_plan = plan_with_draft(self.config, draft, budgets, **shape)
         group = InProcessGroup(len(weights))
         comms = [IdentityCheckingCommunicator(group.communicator(r)) for r in range(len(weights))]
 
@@ -51,7 +51,7 @@ class LocalGroup:
 
         self.models = load(model_dir, self.config, self.plan)
         self.drafts = [None] * len(weights) if draft_dir is None else \
-            load(draft_dir, ModelConfig.from_file(draft_dir), self.draft_plan)
+            load(draft_dir, draft, self.draft_plan)
 
     def on_all_ranks(self, fn):
         """fn(rank, model) on every rank concurrently; returns the per-rank results."""

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from raytp.cli import main
+from raytp.weights.synthetic import synthetic_config
 
 
 def test_bench_smollm2_on_two_cpu_ranks(ray_head, smollm2_dir, tmp_path, capsys):
@@ -148,6 +149,32 @@ def test_bench_profile_on_two_cpu_ranks(ray_head, tmp_path):
     summary = (out / "summary.md").read_text()
     table = summary.split("## Decode step profile")[1].split("##")[0]
     assert [line.split(" | ")[5] for line in table.splitlines() if line.startswith("| `cpu*2` | none |")] == ["0", "1"]
+
+
+def test_the_split_table_shows_each_layer_kinds_pieces_and_state_per_rank():
+    """A Qwen3.5 run's plan: every rank's linear-attention key and value heads beside its KV heads and expert
+    columns, and the conv and recurrent state of its linear-attention layers apart from the KV cache; a results.json
+    from before plans named their states still renders."""
+    from raytp.bench.report import _pieces_table
+    from raytp.model.pieces import plan_model
+    from raytp.parallel.devices import format_bytes
+
+    budgets = [("cuda:0@32GiB", 32 << 30), ("cuda:1@20GiB", 20 << 30), ("cuda:2@20GiB", 20 << 30)]
+    plan = plan_model(synthetic_config("synthetic:qwen3.5-35b-a3b@w4a16"), budgets, max_context=4096, max_batch=8,
+                      dtype="bfloat16")
+    run = {"devices": [d for d, _ in budgets], "plan": plan.to_dict()}
+    table = _pieces_table({"runs": [run]})
+    assert table[2] == ("| devices | quant | split | rank | device | linear value heads | linear key heads | "
+                        "expert columns | MLP columns | query heads | KV heads | vocab rows | conv + recurrent state "
+                        "| KV cache |")
+    for r, row in zip(plan.ranks, table[4:]):
+        heads = f"{len(r.linear_key_heads)} [{r.linear_key_heads.start}:{r.linear_key_heads.stop}]"
+        states = [format_bytes(r.state_bytes[s]) for s in ("conv + recurrent state", "KV cache")]
+        assert row.endswith(" | ".join(states) + " |") and f"| {heads} |" in row
+    assert sum(len(r.linear_key_heads) for r in plan.ranks) == 16
+    for r in run["plan"]["ranks"]:
+        del r["state_bytes"]
+    assert _pieces_table({"runs": [run]})[2].endswith("| vocab rows |")
 
 
 def test_every_backends_latency_table_has_a_row_per_group_and_backend():

@@ -13,11 +13,13 @@ from pathlib import Path
 
 import pytest
 
+from raytp.parallel.devices import format_bytes
 from raytp.runtime.errors import BusyError, RequestError
 from raytp.runtime.sampling import SamplingParams
 from raytp.model.pieces import plan_model
 from raytp.weights.generation_defaults import SamplingDefaults
 from raytp.weights.source import ModelSource
+from raytp.weights.synthetic import synthetic_config
 from raytp.ui.chat import (QUEUED_NOTE, TABLE_HEADERS, Conversation, build_ui, cluster_table, live_rates,
                            memory_use, shard_widths)
 from tests.util import SERVED_API_KEY, SERVED_DEVICES as DEVICES
@@ -211,8 +213,10 @@ def test_cluster_panel_data(smollm2_dir):
     info = {"backend": "hoststaged", "plan": plan.to_dict(),
             "ranks": [{"device_name": "x86_64", "ip": "10.0.0.1"}, {"device_name": "x86_64", "ip": "10.0.0.1"}]}
     table = cluster_table(info)
-    # the model's pieces after the fixed columns: a Llama's query heads with their KV heads, MLP columns, vocab rows
-    assert list(table.columns) == [*TABLE_HEADERS, "query heads", "KV heads", "MLP columns", "vocab rows", "backend"]
+    # the model's pieces after the fixed columns: a Llama's query heads with their KV heads, MLP columns, vocab rows;
+    # then its state
+    assert list(table.columns) == [*TABLE_HEADERS, "query heads", "KV heads", "MLP columns", "vocab rows", "KV cache",
+                                   "backend"]
     assert list(table["device"]) == ["cpu@2GiB", "cpu@1GiB"]
     assert list(table["KV heads"]) == [f"{len(r.kv_heads)} [{r.kv_heads.start}:{r.kv_heads.stop}]"
                                        for r in plan.ranks]
@@ -221,6 +225,26 @@ def test_cluster_panel_data(smollm2_dir):
         assert abs(shares.sum() - 100) < 0.2, dimension  # each dimension is dealt out exactly once
     memory = memory_use(info).groupby("rank")["GiB"].sum()
     assert list(memory.round(2)) == [2.0, 1.0]  # the parts of each bar add up to the budget
+
+
+def test_cluster_panel_shows_each_layer_kinds_pieces_and_state():
+    """A Qwen3.5 on a 5090 and two 3080s: its linear-attention heads and KV heads per rank, and the conv and
+    recurrent state of its linear-attention layers apart from the KV cache of its full-attention ones, in the table
+    and in the memory bars."""
+    config = synthetic_config("synthetic:qwen3.5-27b@w4a16")
+    plan = plan_model(config, [("cuda:0@32GiB", 32 << 30), ("cuda:1@20GiB", 20 << 30), ("cuda:2@20GiB", 20 << 30)],
+                      max_context=4096, max_batch=2, dtype="bfloat16")
+    info = {"backend": "nccl", "plan": plan.to_dict(), "ranks": [{"device_name": "GPU", "ip": "10.0.0.1"}] * 3}
+    table = cluster_table(info)
+    assert list(table.columns)[len(TABLE_HEADERS):] == ["linear value heads", "linear key heads", "MLP columns",
+                                                        "query heads", "KV heads", "vocab rows",
+                                                        "conv + recurrent state", "KV cache", "backend"]
+    assert list(table["conv + recurrent state"]) == [format_bytes(r.state_bytes["conv + recurrent state"])
+                                                     for r in plan.ranks]
+    memory = memory_use(info)
+    state = memory[memory["part"] == "conv + recurrent state"]["GiB"]
+    assert list(state) == [round(r.state_bytes["conv + recurrent state"] / 2**30, 3) for r in plan.ranks]
+    assert list(memory.groupby("rank", sort=False)["GiB"].sum().round(2)) == [32.0, 20.0, 20.0]
 
 
 # ---- one real server and a browser ----------------------------------------------------------------------------
@@ -333,7 +357,8 @@ def test_a_message_sent_while_an_answer_streams_is_answered_next(page):
 def test_cluster_panel_lists_every_rank(page):
     """One table row per rank (Gradio draws rows as role=row divs of cells `cell-ROW-COLUMN`), and the charts."""
     def cell(row: int, header: str) -> str:
-        column = [*TABLE_HEADERS, "query heads", "KV heads", "MLP columns", "vocab rows", "backend"].index(header)
+        column = [*TABLE_HEADERS, "query heads", "KV heads", "MLP columns", "vocab rows", "KV cache",
+                  "backend"].index(header)
         return page.locator(f"#raytp-cluster-table [data-testid='cell-{row}-{column}']").first.inner_text().strip()
 
     page.locator("#raytp-cluster-table [data-testid='cell-0-0']").wait_for()

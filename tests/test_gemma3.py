@@ -83,6 +83,9 @@ def test_the_window_cache_holds_the_window_and_the_plan_counts_it(tiny_gemma3):
         # six sliding layers keep WINDOW positions, the full one max_context, of each local KV head and slot, K and V
         expected = 2 * 4 * len(shard.kv_heads) * (6 * WINDOW + 256) * D * 4
         assert _tensor_bytes(model.cache_tensors()) == shard.kv_cache_bytes == expected
+        # shown apart: the sliding layers' window cache, the full layer's KV cache
+        assert shard.state_bytes == {"window cache": 2 * 4 * len(shard.kv_heads) * 6 * WINDOW * D * 4,
+                                     "KV cache": 2 * 4 * len(shard.kv_heads) * 256 * D * 4}
     assert sum(r.kv_cache_bytes for r in group.plan.ranks) == 2 * 4 * c.num_kv_heads * (6 * WINDOW + 256) * D * 4
 
 

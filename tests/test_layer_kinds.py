@@ -77,8 +77,8 @@ class ToyKind:
 
     def pieces(self, config, shape: PlanShape):
         head = 2 * config.head_dim * config.hidden_size * DTYPE_BYTES[shape.dtype]
-        return (Piece((Span(TOY_HEADS, "toy heads"),), HEADS, 1, head, head, shape.max_batch * config.head_dim * 4,
-                      unit="toy head"),)
+        return (Piece((Span(TOY_HEADS, "toy heads"),), HEADS, 1, head, head,
+                      (("running sums", shape.max_batch * config.head_dim * 4),), unit="toy head"),)
 
     def replicated_bytes(self, config, shape):
         return 0
@@ -137,6 +137,12 @@ def test_the_planner_sums_a_kind_it_was_never_told_about(toy_config):
     kv = next(p for p in plan.pieces if p.name == "kv_heads")  # only the two attention layers' KV groups
     assert kv.cache_bytes == 2 * 2 * 2 * 32 * c.head_dim * nbytes
     assert sum(r.kv_cache_bytes for r in plan.ranks) == HEADS * toy.cache_bytes + c.num_kv_heads * kv.cache_bytes
+    # its state shown per rank under the name it declared, beside the KV cache
+    assert [r.state_bytes for r in plan.ranks] == [{"running sums": len(r.toy_heads) * toy.cache_bytes,
+                                                    "KV cache": len(r.kv_heads) * kv.cache_bytes} for r in plan.ranks]
+    header = plan.format_table().splitlines()[0]
+    assert header.index("weights") < header.index("running sums") < header.index("KV cache") < header.index("headroom")
+    assert plan.to_dict()["ranks"][2]["state_bytes"] == plan.ranks[2].state_bytes
 
 
 def test_memory_held_is_memory_planned_and_state_carries_across_steps_on_any_split(toy_config):

@@ -43,7 +43,7 @@ def piece_lists(draw):
                           for j in range(draw(st.integers(0, 2))))
         pieces.append(Piece((Span(f"p{i}", f"piece {i}"), *followers), size=draw(st.integers(1, 600)), block=block,
                             weight_bytes=weight, read_bytes=draw(st.integers(0, weight)),
-                            cache_bytes=draw(st.integers(0, 5_000)), group=group,
+                            cache=(("cache", draw(st.integers(0, 5_000))),), group=group,
                             group_bytes=draw(st.integers(0, 2_000)) if group > 1 else 0, unit=f"block {i}"))
     return Declared(tuple(pieces), replicated=draw(st.integers(0, 10**6)))
 
@@ -150,7 +150,7 @@ def test_a_new_kind_of_piece_is_planned_shown_and_reached_by_name():
 
 def test_indivisible_piece_too_big_for_either_device_is_named_in_the_error():
     coarse = Piece((Span("coarse", "coarse units"),), size=1, block=1, weight_bytes=600, read_bytes=600,
-                   cache_bytes=400, unit="coarse unit")
+                   cache=(("cache", 400),), unit="coarse unit")
     fine = Piece((Span("fine", "fine units"),), size=100, block=1, weight_bytes=1, read_bytes=1, unit="fine unit")
     with pytest.raises(PlanError, match="although the total would") as info:
         plan_shards(Declared((coarse, fine)), [("a", 700), ("b", 700)], max_context=1, max_batch=1)

@@ -38,6 +38,11 @@ from raytp.runtime.engine import TokenEvent
     ("packed_gemv_int4_bf16_s_8_2", "gemm"),
     ("void cutlass::device_kernel<cutlass3x_sm90_tensorop_gemm_e4m3_scaled_mm>", "gemm"),
     ("flash_fwd_splitkv_kernel", "attention"),
+    ("_mxfp4_gate_up", "gemm"),  # raytp.kernels.mxfp4
+    ("_mxfp4_down", "gemm"),
+    ("fused_recurrent_gated_delta_rule_fwd_kernel", "attention"),  # fla-core's, Qwen3.5's linear attention
+    ("chunk_gated_delta_rule_fwd_kernel_h_blockdim64", "attention"),
+    ("chunk_fwd_kernel_o", "attention"),
     ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3", "attention"),
     # CPU ops
     ("aten::linear", "gemm"),

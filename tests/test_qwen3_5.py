@@ -5,6 +5,7 @@ no linear-attention heads, no KV heads or no expert columns), prompts longer tha
 multimodal checkpoint layout (text_config, model.language_model.*) read as the text model; mtp.* kept."""
 
 import json
+from functools import partial
 
 import pytest
 import torch
@@ -16,9 +17,12 @@ from raytp.model.config import ModelConfig
 from raytp.model.layout import model_layout, param_count
 from raytp.model.mlp import MLP_COLS
 from raytp.model.moe import EXPERT_COLS
-from raytp.model.pieces import plan_model
+from raytp.model.pieces import plan_model, quant_replicated_bytes, replicated_tensor_bytes
+from raytp.parallel.devices import format_bytes
 from raytp.runtime.sampling import SamplingParams
 from raytp.weights.synthetic import synthetic_config
+from tests.llmcompressed import Checkpoint, add_smollm2_tokenizer
+from tests.quantized import reference_model
 from tests.sharded import GiB, LocalGroup
 from tests.test_synthetic import _logits
 
@@ -201,3 +205,137 @@ def test_a_request_that_asks_to_speculate_decodes_plainly_and_the_cli_and_api_re
     with pytest.raises(UserError, match=r"^--speculate ngram: the model has linear-attention layers"):
         _check_speculation_fits(argparse.Namespace(speculate="ngram"), config)
     _check_speculation_fits(argparse.Namespace(speculate="off"), config)
+
+
+# Tiny Qwen3.5s for llmcompressor, with SmolLM2's tokenizer (its 49152 tokens calibrate GPTQ): widths in whole groups
+# of 64, each key head's out_proj columns three groups (three value heads of 64), 3 key heads that 2 and 5 ranks
+# split unevenly; the MoE's experts two groups wide, so 3 and 5 ranks leave some without expert columns
+W4A16_TEXT = dict(vocab_size=49152, hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=32, linear_num_key_heads=3, linear_num_value_heads=9, linear_key_head_dim=32,
+                  linear_value_head_dim=64, linear_conv_kernel_dim=4, max_position_embeddings=512,
+                  tie_word_embeddings=False,
+                  rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.25})
+W4A16 = {
+    "dense": lambda: transformers.Qwen3_5ForCausalLM(transformers.Qwen3_5TextConfig(**W4A16_TEXT,
+                                                                                    intermediate_size=320)),
+    "moe": lambda: transformers.Qwen3_5MoeForCausalLM(transformers.Qwen3_5MoeTextConfig(
+        **W4A16_TEXT, moe_intermediate_size=128, num_experts=4, num_experts_per_tok=2,
+        shared_expert_intermediate_size=64)),
+}
+W4A16_BLOCKS = {"dense": {MLP_COLS: 64}, "moe": {EXPERT_COLS: 64, MLP_COLS: 64}}
+
+
+def _float_qwen3_5_for_w4a16(kind: str, out) -> None:
+    torch.manual_seed(0)
+    telling(W4A16[kind]()).save_pretrained(out, safe_serialization=True)
+    add_smollm2_tokenizer(out)
+
+
+# made by llmcompressor in the run's one llmcompressor invocation (tests/llmcompressed.py)
+LLMCOMPRESSED = {f"qwen3.5-{kind}": Checkpoint(partial(_float_qwen3_5_for_w4a16, kind), ("w4a16",)) for kind in W4A16}
+
+
+@pytest.fixture(scope="module", params=list(W4A16))
+def w4a16_qwen3_5(request, llmcompressed):
+    """(kind, its directory, two prompts, the reference's last-position logits on them and its greedy tokens after
+    the first): the tiny Qwen3.5 quantized by llmcompressor's GPTQ (w4a16: 4-bit, groups of 64, act-order) - every
+    Linear but lm_head, the linear-attention projections included (its conv1d is no Linear: kept as it was; the
+    MoE's router no Linear either) - and transformers' Qwen3_5ForCausalLM or Qwen3_5MoeForCausalLM holding
+    compressed-tensors' own decompression."""
+    kind = request.param
+    path = llmcompressed[f"qwen3.5-{kind}"] / "w4a16"
+    reference = reference_model(path)
+    assert type(reference).__name__ == {"dense": "Qwen3_5ForCausalLM", "moe": "Qwen3_5MoeForCausalLM"}[kind]
+    tokens = torch.randint(0, 49152, (2, PROMPT), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        logits = reference(tokens).logits[:, -1]
+    return kind, path, tokens, logits, greedy(reference, tokens[0].tolist(), GREEDY_TOKENS)
+
+
+@pytest.mark.parametrize("ranks", list(SPLITS))
+def test_w4a16_made_by_llmcompressor_matches_transformers(w4a16_qwen3_5, ranks):
+    kind, path, tokens, logits, tokens_out = w4a16_qwen3_5
+    stored = load_file(path / "model.safetensors")
+    for linear in ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj"):
+        assert f"model.layers.0.linear_attn.{linear}.weight_g_idx" in stored
+    group = LocalGroup(path, SPLITS[ranks], blocks=W4A16_BLOCKS[kind])
+    assert group.config.quant.act_order and group.config.quant.group_size == 64
+    if ranks == 5:
+        assert any(not r.linear_key_heads for r in group.plan.ranks)
+        assert kind == "dense" or any(not r.expert_cols for r in group.plan.ranks)
+    torch.testing.assert_close(group.logits(tokens), logits, rtol=1e-4, atol=1e-4)
+    out = group.generate([tokens[0].tolist()], SamplingParams(max_tokens=GREEDY_TOKENS), prefill_chunk=CHUNK)["r0"]
+    assert out == tokens_out
+
+
+@pytest.mark.parametrize("ranks", [1, 3, 5])
+def test_w4a16_planned_bytes_are_the_bytes_each_rank_holds(w4a16_qwen3_5, ranks):
+    """Each rank's share of the quantized linear-attention, attention, MLP and expert weights plus what every rank
+    keeps whole (the MoE's shared_expert_gate quantized too) are what it loads (act-order: out_proj's columns keep
+    their groups, as o_proj's do); a rank without heads holds less of the whole part, never more."""
+    kind, path = w4a16_qwen3_5[:2]
+    group = LocalGroup(path, SPLITS[ranks], blocks=W4A16_BLOCKS[kind])
+    whole = replicated_tensor_bytes(group.config, "float32") + quant_replicated_bytes(group.config, "float32")
+    for model, shard in zip(group.models, group.plan.ranks):
+        held = sum(t.numel() * t.element_size() for t in {id(t): t for t in model.weights()}.values())
+        planned = shard.weight_bytes + whole
+        assert held == planned if shard.linear_key_heads and shard.kv_heads else held <= planned, shard.rank
+
+
+def test_raytp_plan_shows_linear_attention_heads_and_state_per_rank(capsys):
+    """The plan docs/models.md prints (a 5090 and two 3080s): each rank's linear-attention heads, summing to the
+    model's, and its conv and recurrent state beside the KV cache of the full-attention layers (and the MTP
+    layer), in the bytes the published shape gives: a key head keeps per sequence and linear layer 3 value heads'
+    128 x 128 float32 state and 3 taps of its 640 conv channels, a KV head 2 x 256 bf16 values per position."""
+    from raytp.cli import main
+
+    devices = "cuda:0@32GiB,cuda:1@20GiB,cuda:2@20GiB"
+    assert main(["plan", "--model", "synthetic:qwen3.5-27b@w4a16", "--devices", devices]) == 0
+    table = capsys.readouterr().out.splitlines()
+    header = table[1]
+    for title in ("linear key heads", "linear value heads", "KV heads", "conv + recurrent state", "KV cache"):
+        assert title in header
+    assert main(["plan", "--model", "synthetic:qwen3.5-27b@w4a16", "--devices", devices, "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    ranks = plan["ranks"]
+    assert sum(r["linear_key_heads"] for r in ranks) == 16 and sum(r["linear_value_heads"] for r in ranks) == 48
+    assert ranks[0]["linear_key_heads"] > ranks[1]["linear_key_heads"] > 0
+    per_key_head = 48 * (3 * 128 * 128 * 4 + (2 * 128 + 3 * 128) * 3 * 2)  # 48 linear-attention layers
+    per_kv_head = (16 + 1) * 2 * plan["max_context"] * 256 * 2  # 16 full-attention layers and the MTP layer
+    for r, row in zip(ranks, table[2:]):
+        assert r["state_bytes"] == {"conv + recurrent state": r["linear_key_heads"] * per_key_head,
+                                    "KV cache": r["kv_heads"] * per_kv_head}
+        for title, n in r["state_bytes"].items():  # the table's columns are aligned under their titles
+            assert row[header.index(title):].startswith(format_bytes(n) + " "), title
+
+
+def test_mtp_layers_counted_but_not_stored_load_as_none(tiny, tmp_path):
+    """config.json counts an MTP layer whose tensors the checkpoint does not hold, as transformers re-saves a
+    published Qwen3.5 (a fine-tune, llmcompressor's output): the model loads without it, checks clean and gives
+    transformers' logits; with some of its tensors but not all, the check names a missing one."""
+    import shutil
+
+    from raytp.weights.source import ModelSource
+
+    path, reference = tiny("dense")
+    copy = shutil.copytree(path, tmp_path / "resaved")
+    for f in ("tokenizer.json", "tokenizer_config.json"):  # what check asks for; this test reads no text
+        (copy / f).write_text("{}")
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps(config | {"mtp_num_hidden_layers": 1}))
+    source = ModelSource.parse(str(copy))
+    assert ModelConfig.from_file(copy).mtp_layers == 1 and source.config().mtp_layers == 0
+    source.check()
+    group = LocalGroup(copy, SPLITS[2], blocks=BLOCKS["dense"])
+    assert not any(m.mtp for m in group.models)
+    tokens = torch.randint(0, 300, (1, 19), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = reference(tokens).logits[:, -1]
+    torch.testing.assert_close(group.logits(tokens), expected, rtol=1e-4, atol=1e-4)
+
+    H = config["hidden_size"]
+    save_file(load_file(copy / "model.safetensors") | {"mtp.fc.weight": torch.randn(H, 2 * H)},
+              copy / "model.safetensors")
+    assert ModelSource.parse(str(copy)).config().mtp_layers == 1
+    with pytest.raises(ValueError, match=r"mtp\.norm\.weight|mtp\.pre_fc_norm|mtp\.layers\.0\."):
+        ModelSource.parse(str(copy)).check()

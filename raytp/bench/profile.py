@@ -9,8 +9,10 @@ eager kernels), sampling and its host sync.
 Every event of the device (kernels, copies and memsets on a GPU rank; torch ops on the token loop's thread on a
 CPU rank) gets one class from its name (`PATTERNS`, first match wins):
 
-    gemm        weight GEMMs: cuBLAS/cuBLASLt/CUTLASS matmul kernels, aten::linear/mm/addmm, dequantizing GEMMs
-    attention   the attention kernels (raytp's Triton decode kernels, SDPA, flash/cuDNN/FMHA)
+    gemm        weight GEMMs: cuBLAS/cuBLASLt/CUTLASS matmul kernels, aten::linear/mm/addmm, dequantizing GEMMs,
+                the MXFP4 experts' kernels
+    attention   the token mixers: attention (raytp's Triton decode kernels, SDPA, flash/cuDNN/FMHA) and linear
+                attention (fla-core's gated delta rule kernels)
     allreduce   every collective: all-reduce (NCCL, torch symmetric memory, raytp's host-staged kernel and its
                 CPU path), the sampler's all-gather and the command broadcast
     small       everything else: norms, RoPE, SwiGLU, embedding gathers, sampling, elementwise ops, copies
@@ -47,9 +49,10 @@ LABELS = {"gemm": "weight GEMMs", "attention": "attention", "allreduce": "all-re
 PATTERNS = (
     ("allreduce", r"nccl|all_?reduce|all_?gather|c10d::|gloo|symm_mem|multimem|one_shot|two_shot|hoststaged"
                   r"|symmetric_memory|cross_device_reduce"),
-    ("attention", r"attention|attn|fmha|flash|sdpa|_decode_split_kernel|_decode_merge_kernel"),
+    ("attention", r"attention|attn|fmha|flash|sdpa|_decode_split_kernel|_decode_merge_kernel"
+                  r"|delta_rule|chunk_fwd_kernel|chunk_scaled_dot_kkt|solve_tril|recompute_w_u"),
     ("gemm", r"gemm|gemv|matmul|linear|nvjet|cutlass|xmma|splitkreduce|aten::(mm|addmm|bmm|baddbmm)$|scaled_mm"
-             r"|dequant|marlin|gptq|awq"),
+             r"|dequant|marlin|gptq|awq|mxfp4"),
 )
 _COMPILED = tuple((cls, re.compile(p, re.IGNORECASE)) for cls, p in PATTERNS)
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from raytp.bench.profile import CLASSES, LABELS
 from raytp.model.config import NO_QUANT
-from raytp.parallel.devices import is_auto, parse_devices
+from raytp.parallel.devices import format_bytes, is_auto, parse_devices
 from raytp.parallel.plan import DTYPE_BYTES
 from raytp.runtime.speculation import ORACLE
 
@@ -272,20 +272,23 @@ def _quant_table(ok: list[dict]) -> list[str]:
 
 
 def _pieces_table(sweep: dict) -> list[str]:
-    """Every rank's range of every piece the model declared (ShardPlan.to_dict), once per device set, quantization
-    and split."""
+    """Every rank's range of every piece the model declared (ShardPlan.to_dict) and the state each kind of layer
+    keeps there (KV cache, window cache, a recurrent state), once per device set, quantization and split."""
     plans = {(",".join(run["devices"]), run["plan"]["quant"], run["plan"]["split"]): run["plan"]
              for run in sweep["runs"]}
     first = next(iter(plans.values()))
     spans = [s for p in first["pieces"] for s in (*p["spans"][1:], p["spans"][0])]
     blocks = ", ".join(f"{p['spans'][0]['title']} in blocks of {p['block']}" for p in first["pieces"])
-    head = ["devices", "quant", "split", "rank", "device"] + [s["title"] for s in spans]
-    lines = [f"Split: {blocks}; a cell is the rank's count [start:stop).", "",
+    states = list(first["ranks"][0].get("state_bytes", {}))  # results from before plans named their states: none
+    head = ["devices", "quant", "split", "rank", "device"] + [s["title"] for s in spans] + states
+    lines = [f"Split: {blocks}; a cell is the rank's count [start:stop), then its state for the batch the group "
+             "was planned for.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for (devices, quant, split), plan in plans.items():
         for r in plan["ranks"]:
             cells = [f"`{devices}`", quant or "none", split, str(r["rank"]), f"`{r['device']}`"]
             cells += [f"{r[s['name']]} [{r[s['name'] + '_range'][0]}:{r[s['name'] + '_range'][1]}]" for s in spans]
+            cells += [format_bytes(r["state_bytes"][name]) for name in states]
             lines.append("| " + " | ".join(cells) + " |")
     return lines
 

@@ -125,6 +125,11 @@ class AttentionKind:
         """Cache positions a sequence keeps."""
         return min(config.sliding_window, max_context) if self.windowed else max_context
 
+    @property
+    def state_name(self) -> str:
+        """What its state is called in plans."""
+        return "window cache" if self.windowed else "KV cache"
+
     def view(self, config, positions: torch.Tensor, span: int, max_context: int) -> FullView | WindowView:
         """What this kind's caches read of a step at positions (batch, seq); `span`: see FullView."""
         if self.windowed:
@@ -154,28 +159,18 @@ class AttentionKind:
         its query heads' sinks), its cache rows."""
         c, b = config, LinearBytes.of(config, shape)
         d, q = c.head_dim, c.q_per_kv
-        o_cols, o_scales, col_extra = q * d, 0, 0  # per-row scales of o_proj are replicated
-        if b.group is not None:
-            if b.act_order:
-                col_extra = 4  # o_proj keeps each column's group (int32); its scales are replicated
-            else:
-                o_scales = -(-o_cols // b.group) * c.hidden_size * b.group_entry
         g = 2 if c.attention_gate else 1  # q_proj rows per query head
         bias = ((g * q + 2) * d * c.attention_bias + q * c.attention_sinks) * b.nbytes
-        weights = (g * q + 2) * d * b.row + o_cols * (b.column + col_extra) + o_scales + bias
+        weights = (g * q + 2) * d * b.row + b.head_columns(q * d, c.hidden_size) + bias
         cache = 2 * shape.max_batch * self.positions(c, shape.max_context) * kv_row_bytes(d, b.nbytes, shape.kv_dtype)
         return (Piece((Span(KV_HEADS, "KV heads"), Span(Q_HEADS, "query heads", q)), c.num_kv_heads, 1, weights,
-                      weights, cache, unit="KV group"),)
+                      weights, ((self.state_name, cache),), unit="KV group"),)
 
     def replicated_bytes(self, config, shape: PlanShape) -> int:
-        """o_proj's per-row scales; with act-order its column groups' scales (its columns stay in head order); else a
-        group that two ranks' head ranges share, where head boundaries are not group boundaries."""
-        c, b = config, LinearBytes.of(config, shape)
-        if b.group is None:
-            return b.row_scales(c, shape)
-        if b.act_order:
-            return c.hidden_size * 4 + c.hidden_size * -(-c.num_heads * c.head_dim // b.group) * b.group_entry
-        return c.hidden_size * b.group_entry if (c.q_per_kv * c.head_dim) % b.group else 0
+        """o_proj's quantization data kept whole (`LinearBytes.head_columns_replicated`)."""
+        c = config
+        return LinearBytes.of(c, shape).head_columns_replicated(c, shape, c.q_per_kv * c.head_dim,
+                                                                c.num_heads * c.head_dim)
 
     def buffer_bytes(self, config, shape: PlanShape) -> int:
         """q/k/v of a prefill chunk at full width; a window also gathers its ring's keys and values."""

@@ -6,7 +6,7 @@ feed-forward block (a dense MLP, a mixture of experts). Each kind lives in one f
 
     layout      which tensors and which of their rows and columns a rank holds, under the family's tensor prefix
     pieces      the dimensions it splits (`raytp.parallel.plan.Piece`): unit, block, the bytes a unit costs a rank in
-                the weight format the layer is held in, the per-sequence state a unit keeps (`cache_bytes`), what a
+                the weight format the layer is held in, the per-sequence state a unit keeps (`cache`, named), what a
                 decode step reads; a piece another kind also splits (the KV groups of full and sliding layers) is
                 added up by name (`raytp.parallel.plan.sum_pieces`)
     replicated_bytes   quantization data it keeps whole on every rank, whatever the split
@@ -74,6 +74,28 @@ class LinearBytes:
         grouped = q is not None and q.group_size is not None
         return cls(fmt.row_bytes(h, nbytes), fmt.column_bytes(h, nbytes), q.group_size if grouped else None,
                    fmt.group_entry_bytes(nbytes) if grouped else 0, grouped and q.act_order, nbytes)
+
+    def head_columns(self, cols: int, hidden: int) -> int:
+        """A head's `cols` input columns of a row-parallel matrix of `hidden` rows whose columns follow heads (o_proj,
+        out_proj): their values, and with act-order each column's group index (int32; the scales are then
+        replicated, `head_columns_replicated`), else the scales of the groups they start."""
+        if self.group is None:
+            return cols * self.column
+        if self.act_order:
+            return cols * (self.column + 4)
+        return cols * self.column + -(-cols // self.group) * hidden * self.group_entry
+
+    def head_columns_replicated(self, config, shape: PlanShape, cols: int, all_cols: int) -> int:
+        """What every rank keeps whole of such a matrix of `all_cols` columns, `cols` a head's, and of the
+        column-parallel matrices before it: per-row scales; with act-order the group index of those matrices' input
+        columns (int32) and the scales of all this matrix's column groups (its columns stay in head order); else a
+        group that two ranks' head ranges share, where head boundaries are not group boundaries."""
+        h = config.hidden_size
+        if self.group is None:
+            return self.row_scales(config, shape)
+        if self.act_order:
+            return h * 4 + h * -(-all_cols // self.group) * self.group_entry
+        return h * self.group_entry if cols % self.group else 0
 
     def row_scales(self, config, shape: PlanShape) -> int:
         """One row-parallel matrix's per-row scales (or none): replicated, as every rank computes every row."""

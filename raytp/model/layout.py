@@ -121,7 +121,7 @@ def whole_model(config: ModelConfig) -> RankShard:
     pieces = [p for i in range(config.num_layers) for kind in layer_kinds(config, i)
               for p in kind.pieces(config, shape)] + [vocab_piece(config, shape)]
     spans = {s.name: range(p.size * s.per_unit) for p in pieces for s in p.spans}
-    return RankShard(rank=0, device="whole", budget_bytes=0, spans=spans, weight_bytes=0, kv_cache_bytes=0,
+    return RankShard(rank=0, device="whole", budget_bytes=0, spans=spans, weight_bytes=0, state_bytes={},
                      overhead_bytes=0, read_bytes=0)
 
 

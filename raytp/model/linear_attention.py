@@ -188,27 +188,19 @@ class LinearAttentionKind:
     def pieces(self, config, shape: PlanShape) -> tuple[Piece, ...]:
         d, b = config.linear_attention, LinearBytes.of(config, shape)
         r, K, V = d.values_per_key, d.key_dim, d.value_dim
-        out_cols, out_scales = r * V, 0
-        if b.group is not None and not b.act_order:  # out_proj's scales of the groups of its columns
-            out_scales = -(-out_cols // b.group) * config.hidden_size * b.group_entry
         rows = 2 * K + 2 * r * V + 2 * r  # q, k, v, z, b, a
         small = (d.conv_channels(1) * d.conv_kernel + 2 * r) * b.nbytes  # conv taps, A_log, dt_bias
-        weights = rows * b.row + out_cols * b.column + out_scales + small
+        weights = rows * b.row + b.head_columns(r * V, config.hidden_size) + small
         state = d.state_bytes(1, b.nbytes)
         spans = (Span(LINEAR_KEY_HEADS, "linear key heads"), Span(LINEAR_VALUE_HEADS, "linear value heads", r))
-        return (Piece(spans, d.key_heads, 1, weights, weights + 2 * state, shape.max_batch * state,
-                      unit="linear key head"),)
+        return (Piece(spans, d.key_heads, 1, weights, weights + 2 * state,
+                      (("conv + recurrent state", shape.max_batch * state),), unit="linear key head"),)
 
     def replicated_bytes(self, config, shape: PlanShape) -> int:
-        """out_proj's per-row scales, or with act-order the scales of all its column groups (its columns stay in
-        head order)."""
-        b = LinearBytes.of(config, shape)
-        if b.group is None:
-            return b.row_scales(config, shape)
-        if b.act_order:
-            cols = config.linear_attention.value_heads * config.linear_attention.value_dim
-            return config.hidden_size * 4 + config.hidden_size * -(-cols // b.group) * b.group_entry
-        return 0
+        """out_proj's quantization data kept whole (`LinearBytes.head_columns_replicated`)."""
+        d = config.linear_attention
+        return LinearBytes.of(config, shape).head_columns_replicated(config, shape, d.values_per_key * d.value_dim,
+                                                                     d.value_heads * d.value_dim)
 
     def buffer_bytes(self, config, shape: PlanShape) -> int:
         """in_proj's output of a prefill chunk at full width, and the torch delta rule's float32 work: per value head

@@ -20,8 +20,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from raytp.model.config import ModelConfig
+from raytp.model.formats import weight_format
 from raytp.model.layers import vocab_piece
-from raytp.model.layout import layer_count, layer_kinds, model_layout, whole_model
+from raytp.model.layout import Slice, layer_count, layer_kinds, model_layout, whole_model
 from raytp.parallel.devices import format_bytes
 from raytp.parallel.plan import (DTYPE_BYTES, PREFILL_CHUNK, Piece, PlanError, PlanShape, ShardPlan, plan_shards,
                                  sum_pieces)
@@ -32,9 +33,18 @@ def _shape(max_context: int, max_batch: int, dtype: str) -> PlanShape:
 
 
 def replicated_tensor_bytes(config: ModelConfig, dtype: str) -> int:
-    """The tensors every rank holds whole, as the layout lists them (norms), in `dtype`."""
+    """The tensors every rank holds whole, as the layout lists them (norms, routers), in `dtype`."""
     layout = model_layout(config, whole_model(config))
-    return sum(math.prod(s.shape) for s in layout.slices() if s.split is None) * DTYPE_BYTES[dtype]
+    return sum(_whole_bytes(s, DTYPE_BYTES[dtype]) for s in layout.slices() if s.split is None)
+
+
+def _whole_bytes(s: Slice, nbytes: int) -> int:
+    """A tensor every rank holds whole; a quantized Linear (Qwen3.5's shared_expert_gate) as its format holds it,
+    with act-order its input columns' group index (int32)."""
+    if s.quant is None:
+        return math.prod(s.shape) * nbytes
+    rows, width = s.shape
+    return rows * weight_format(s.quant).row_bytes(width, nbytes) + (width * 4 if s.quant.act_order else 0)
 
 
 def quant_replicated_bytes(config: ModelConfig, dtype: str) -> int:

@@ -5,9 +5,9 @@
     a recurrent state (linear attention): a fixed-size state per sequence, whatever its length
 
 A layer kind (raytp.model.kinds) allocates its layer's state from the plan and declares the same bytes to the
-planner as `Piece.cache_bytes`, so that what `tensors()` holds is what the plan counted. A state that carries the
-past forward (a recurrence) starts a sequence from its own zero state at position 0: slots are reused without being
-cleared.
+planner as `Piece.cache`, under the name plans show it by, so that what `tensors()` holds is what the plan counted.
+A state that carries the past forward (a recurrence) starts a sequence from its own zero state at position 0: slots
+are reused without being cleared.
 """
 
 from __future__ import annotations

@@ -48,11 +48,12 @@ class Span:
 class Piece:
     """One dimension dealt out to ranks: `size` units (KV groups, MLP columns, vocab rows, ...) in blocks of `block`.
 
-    A unit costs a rank `weight_bytes` of weights (all layers, as held in memory), `cache_bytes` of cache, and a
-    batch-1 decode step reads `read_bytes` of it. Quantized row-parallel weights add `group_bytes` (their scales and
-    zero points) per started group of `group` units, of which a step reads `group_read_bytes` (None: all; a mixture
-    of experts reads only its selected experts' scales); `group` divides `block`, so every rank's range starts on a
-    group boundary and the count is exact. `spans` name the ranges a rank holds of it: the first is the piece's own
+    A unit costs a rank `weight_bytes` of weights (all layers, as held in memory), the per-sequence state of
+    `cache` (bytes for max_batch sequences by what keeps them, "KV cache", "window cache", a recurrent state: the
+    names tables show), and a batch-1 decode step reads `read_bytes` of it. Quantized row-parallel weights add
+    `group_bytes` (their scales and zero points) per started group of `group` units, of which a step reads
+    `group_read_bytes` (None: all; a mixture of experts reads only its selected experts' scales); `group` divides
+    `block`, so every rank's range starts on a group boundary and the count is exact. `spans` name the ranges a rank holds of it: the first is the piece's own
     range (`RankShard.<name>`), the others follow it (`per_unit` items per unit).
     """
 
@@ -61,7 +62,7 @@ class Piece:
     block: int
     weight_bytes: int
     read_bytes: int
-    cache_bytes: int = 0
+    cache: tuple[tuple[str, int], ...] = ()  # (what keeps it, bytes) per state a unit keeps
     group: int = 1
     group_bytes: int = 0
     group_read_bytes: int | None = None
@@ -70,6 +71,10 @@ class Piece:
     @property
     def name(self) -> str:
         return self.spans[0].name
+
+    @property
+    def cache_bytes(self) -> int:
+        return sum(n for _, n in self.cache)
 
     def weights(self, n: int) -> int:
         """Weight bytes of n units starting on a block boundary."""
@@ -109,9 +114,17 @@ def sum_pieces(shares: Iterable[Piece]) -> tuple[Piece, ...]:
         reads_all = t.group_read_bytes is None and p.group_read_bytes is None
         group_reads = None if reads_all else t.group_reads_per_group + p.group_reads_per_group
         total[p.name] = replace(t, weight_bytes=t.weight_bytes + p.weight_bytes, read_bytes=t.read_bytes + p.read_bytes,
-                                cache_bytes=t.cache_bytes + p.cache_bytes, group_bytes=t.group_bytes + p.group_bytes,
+                                cache=add_states(t.cache, p.cache), group_bytes=t.group_bytes + p.group_bytes,
                                 group_read_bytes=group_reads)
     return tuple(total.values())
+
+
+def add_states(*states: Iterable[tuple[str, int]]) -> tuple[tuple[str, int], ...]:
+    """(name, bytes) pairs added up by name, in order of first appearance."""
+    total: dict[str, int] = {}
+    for name, n in (pair for pairs in states for pair in pairs):
+        total[name] = total.get(name, 0) + n
+    return tuple(total.items())
 
 
 @dataclass(frozen=True)
@@ -152,7 +165,7 @@ class RankShard:
     budget_bytes: int  # memory this rank may use
     spans: Mapping[str, range]  # every piece's range (and the ranges that follow one), by name
     weight_bytes: int  # sharded weights only; the replicated norms count in overhead_bytes
-    kv_cache_bytes: int  # the cache of its units (K and V of its KV heads for max_batch x max_context tokens)
+    state_bytes: Mapping[str, int]  # its units' per-sequence state for max_batch sequences, by what keeps it
     overhead_bytes: int  # replicated on every rank: norms and working buffers
     read_bytes: int  # weight bytes one batch-1 decode step streams: all but the embedding table
     bandwidth: float | None = None  # device memory bandwidth, bytes/s, when known
@@ -163,6 +176,11 @@ class RankShard:
         if spans is None or name not in spans:
             raise AttributeError(f"RankShard has no attribute or span {name!r}")
         return spans[name]
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        """All its state: KV and window caches, recurrent states."""
+        return sum(self.state_bytes.values())
 
     @property
     def headroom_bytes(self) -> int:
@@ -193,6 +211,11 @@ class ShardPlan:
     def block(self, piece: str) -> int:
         return next(p.block for p in self.pieces if p.name == piece)
 
+    @property
+    def states(self) -> tuple[str, ...]:
+        """What keeps per-sequence state, in table order ("KV cache", "window cache", ...)."""
+        return tuple(name for name, _ in add_states(*(p.cache for p in self.pieces)))
+
     def describe_pieces(self) -> str:
         """One line naming what was split and in which blocks."""
         return "split: " + ", ".join(f"{p.size} {p.spans[0].title} in blocks of {p.block} ({p.unit})"
@@ -220,6 +243,7 @@ class ShardPlan:
                 | {s.name: len(r.spans[s.name]) for s in self.spans}
                 | {f"{s.name}_range": [r.spans[s.name].start, r.spans[s.name].stop] for s in self.spans}
                 | {"weight_bytes": r.weight_bytes, "kv_cache_bytes": r.kv_cache_bytes,
+                   "state_bytes": {name: r.state_bytes.get(name, 0) for name in self.states},
                    "overhead_bytes": r.overhead_bytes, "headroom_bytes": r.headroom_bytes,
                    "read_bytes": r.read_bytes, "bandwidth": r.bandwidth, "step_seconds": r.step_seconds}
             )
@@ -240,11 +264,13 @@ class ShardPlan:
 
         timed = self.step_seconds is not None  # the predicted step needs every rank's bandwidth
         spans = self.spans
-        header = (("rank", "device", "budget") + tuple(s.title for s in spans) + ("weights", "KV cache", "headroom")
+        states = self.states
+        header = (("rank", "device", "budget") + tuple(s.title for s in spans) + ("weights", *states, "headroom")
                   + (("step (weights / bandwidth)",) if timed else ()))
         rows = [header] + [
             (str(r.rank), r.device, format_bytes(r.budget_bytes)) + tuple(span(r.spans[s.name]) for s in spans)
-            + (format_bytes(r.weight_bytes), format_bytes(r.kv_cache_bytes), format_bytes(r.headroom_bytes))
+            + (format_bytes(r.weight_bytes), *(format_bytes(r.state_bytes.get(n, 0)) for n in states),
+               format_bytes(r.headroom_bytes))
             + ((step(r),) if timed else ())
             for r in self.ranks
         ]
@@ -399,9 +425,11 @@ def plan_shards(
     overhead = model.replicated_bytes(shape)
     room = [cap - overhead for cap in caps]
     sharded = sum(p.total(p.size) for p in pieces)
-    cache = sum(p.size * p.cache_bytes for p in pieces)
+    states = add_states(*([(name, p.size * n) for name, n in p.cache] for p in pieces))
+    cache = sum(n for _, n in states)
+    kept = ", ".join(f"{format_bytes(n)} of {name}" for name, n in states) or "no per-sequence state"
     stored = model.describe(shape) + (", fp8 KV cache" if kv_dtype == "fp8" else "")
-    summary = (f"the model needs {format_bytes(sharded - cache)} of weights and {format_bytes(cache)} of KV cache "
+    summary = (f"the model needs {format_bytes(sharded - cache)} of weights and {kept} "
                f"(max_context={max_context}, max_batch={max_batch}, {stored}), plus {format_bytes(overhead)} of norms "
                f"and working buffers on every device")
     if min(room) < 0 or sharded > sum(room):
@@ -430,7 +458,8 @@ def plan_shards(
                 spans={s.name: range(r[i].start * s.per_unit, r[i].stop * s.per_unit)
                        for p, r in zip(pieces, ranges) for s in p.spans},
                 weight_bytes=sum(p.weights(len(r[i])) for p, r in zip(pieces, ranges)),
-                kv_cache_bytes=sum(len(r[i]) * p.cache_bytes for p, r in zip(pieces, ranges)),
+                state_bytes=dict(add_states(*([(name, len(r[i]) * n) for name, n in p.cache]
+                                              for p, r in zip(pieces, ranges)))),
                 overhead_bytes=overhead,
                 read_bytes=sum(p.reads(len(r[i])) for p, r in zip(pieces, ranges)),
                 bandwidth=bandwidths[i] if bandwidths is not None else None,

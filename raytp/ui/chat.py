@@ -20,7 +20,7 @@ from raytp.runtime.errors import BusyError, RequestError
 from raytp.runtime.sampling import TEMPERATURE_MAX, SamplingParams
 from raytp.parallel.devices import format_bytes
 
-TABLE_HEADERS = ["rank", "device", "device name (node)", "memory budget", "used (weights + KV cache)"]
+TABLE_HEADERS = ["rank", "device", "device name (node)", "memory budget", "used (weights + state)"]
 
 
 def _dimensions(info: dict) -> dict[str, str]:
@@ -28,6 +28,12 @@ def _dimensions(info: dict) -> dict[str, str]:
     them: of each piece the ranges that follow it, then its own."""
     spans = [s for p in info["plan"]["pieces"] for s in (*p["spans"][1:], p["spans"][0])]
     return {s["name"]: s["title"] for s in spans}
+
+
+def _states(info: dict) -> list[str]:
+    """What keeps per-sequence state in this model ("KV cache", "window cache", "conv + recurrent state"), as its
+    layer kinds name it (ShardPlan.states)."""
+    return list(info["plan"]["ranks"][0]["state_bytes"])
 
 
 # ---- the Cluster panel -------------------------------------------------------------------------------------
@@ -42,7 +48,8 @@ def _label(rank: dict) -> str:
 
 
 def cluster_table(info: dict) -> pd.DataFrame:
-    """One row per rank: the device behind it, its memory, and the slice of every sharded dimension it holds."""
+    """One row per rank: the device behind it, its memory, the slice of every sharded dimension it holds and the
+    state its layers keep for the batch (each kind's apart)."""
     rows = []
     for shard, described in zip(info["plan"]["ranks"], info["ranks"]):
         rows.append([
@@ -50,9 +57,10 @@ def cluster_table(info: dict) -> pd.DataFrame:
             format_bytes(shard["budget_bytes"]),
             f"{format_bytes(shard['weight_bytes'] + shard['kv_cache_bytes'])} ({format_bytes(shard['weight_bytes'])}"
             f" + {format_bytes(shard['kv_cache_bytes'])})",
-            *(_span(shard, key) for key in _dimensions(info)), info["backend"],
+            *(_span(shard, key) for key in _dimensions(info)),
+            *(format_bytes(shard["state_bytes"][name]) for name in _states(info)), info["backend"],
         ])
-    return pd.DataFrame(rows, columns=[*TABLE_HEADERS, *_dimensions(info).values(), "backend"])
+    return pd.DataFrame(rows, columns=[*TABLE_HEADERS, *_dimensions(info).values(), *_states(info), "backend"])
 
 
 def shard_widths(info: dict) -> pd.DataFrame:
@@ -67,12 +75,13 @@ def shard_widths(info: dict) -> pd.DataFrame:
 
 
 def memory_use(info: dict) -> pd.DataFrame:
-    """Each rank's budget (GiB) as weights, KV cache, replicated buffers and headroom (listed top of the stack first:
-    the chart stacks the first part on top)."""
-    parts = {"headroom": "headroom_bytes", "buffers": "overhead_bytes", "KV cache": "kv_cache_bytes",
-             "weights": "weight_bytes"}
-    return pd.DataFrame([{"rank": _label(r), "GiB": round(max(r[key], 0) / 2**30, 3), "part": part}
-                         for r in info["plan"]["ranks"] for part, key in parts.items()])
+    """Each rank's budget (GiB) as weights, each kind of state, replicated buffers and headroom (listed top of the
+    stack first: the chart stacks the first part on top)."""
+    def parts(r: dict) -> dict[str, int]:
+        return ({"headroom": r["headroom_bytes"], "buffers": r["overhead_bytes"]}
+                | {name: r["state_bytes"][name] for name in reversed(_states(info))} | {"weights": r["weight_bytes"]})
+    return pd.DataFrame([{"rank": _label(r), "GiB": round(max(n, 0) / 2**30, 3), "part": part}
+                         for r in info["plan"]["ranks"] for part, n in parts(r).items()])
 
 
 def cluster_summary(info: dict) -> str:

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,6 +24,22 @@ from raytp.weights.smollm2 import resolve_model
 from raytp.weights.synthetic import SyntheticReader, is_synthetic, synthetic_config
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def _without_absent_mtp(config: ModelConfig, path: Path) -> ModelConfig:
+    """The config of a checkpoint whose config.json counts MTP layers (mtp_num_hidden_layers) it holds no tensor of,
+    with none: transformers drops mtp.* when it loads a model, so whatever it saves again (a fine-tune, a
+    quantization by llmcompressor) keeps the count without the layers. Some of their tensors but not all is a broken
+    checkpoint: `check` names the missing one."""
+    if not config.mtp_layers:
+        return config
+    try:
+        stored = tensor_files(path)
+    except CheckpointError:  # no tensors to look at: `check` says so
+        return config
+    mtp = {name for layer in model_layout(config, whole_model(config)).mtp for s in layer.slices()
+           for name in stored_shapes(s)}
+    return config if mtp & stored.keys() else dataclasses.replace(config, mtp_layers=0)
 
 
 @dataclass(frozen=True)
@@ -47,7 +64,9 @@ class ModelSource:
         return self.path
 
     def config(self) -> ModelConfig:
-        return synthetic_config(self.spec) if self.is_synthetic else ModelConfig.from_file(self.path)
+        if self.is_synthetic:
+            return synthetic_config(self.spec)
+        return _without_absent_mtp(ModelConfig.from_file(self.path), self.path)
 
     @contextmanager
     def reader(self, dtype: torch.dtype, device: torch.device, *, progress: bool = False,
