@@ -180,33 +180,6 @@ def test_synthetic_weights_give_the_one_rank_logits_at_any_split(tiny, weights):
     torch.testing.assert_close(_logits(model, weights, tokens), _logits(model, [1.0], tokens), rtol=1e-4, atol=1e-4)
 
 
-def test_a_request_that_asks_to_speculate_decodes_plainly_and_the_cli_and_api_refuse_it(tiny, monkeypatch):
-    """A rejected draft's tokens are already inside the recurrent state: a linear-attention model must not draft.
-    The engine decodes such a request plainly (the tokens of transformers, no verify step); the CLI and the API,
-    which can say so, refuse it naming speculate."""
-    import argparse
-
-    from raytp.cli.checks import _check_speculation_fits
-    from raytp.cli.common import UserError
-    from raytp.runtime.speculation import RowSpeculation, unsupported_reason
-
-    from raytp.runtime.engine import Add, Request
-    from tests.test_decode_loop import run_loop, tokens_of
-
-    path, reference = tiny("dense")
-    group = LocalGroup(path, SPLITS[2], blocks=BLOCKS["dense"])
-    prompt = [5, 6, 7, 8] * 8
-    monkeypatch.setattr(RowSpeculation, "draft", lambda self, tokens, generated, room: [5, 6, 7, 8][:room])
-    seen, _ = run_loop(group, [Add(Request("r0", prompt, SamplingParams(max_tokens=16, speculate="ngram:4")))])
-    assert tokens_of(seen, "r0") == greedy(reference, prompt, 16)
-    assert not any(e.drafted for e in seen)  # no verify step
-    config = ModelConfig.from_file(path)
-    assert "linear-attention" in unsupported_reason(config)
-    with pytest.raises(UserError, match=r"^--speculate ngram: the model has linear-attention layers"):
-        _check_speculation_fits(argparse.Namespace(speculate="ngram"), config)
-    _check_speculation_fits(argparse.Namespace(speculate="off"), config)
-
-
 # Tiny Qwen3.5s for llmcompressor, with SmolLM2's tokenizer (its 49152 tokens calibrate GPTQ): widths in whole groups
 # of 64, each key head's out_proj columns three groups (three value heads of 64), 3 key heads that 2 and 5 ranks
 # split unevenly; the MoE's experts two groups wide, so 3 and 5 ranks leave some without expert columns

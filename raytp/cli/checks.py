@@ -117,7 +117,7 @@ def _split_speculate(args) -> None:
 def _check_draft_model(args) -> None:
     """The draft model loads (as --model is checked), shares the model's vocabulary, and can drop a rejected
     draft's positions from its own state."""
-    from raytp.runtime.speculation import speculate_option, unsupported_reason
+    from raytp.runtime.speculation import draft_unsupported_reason, speculate_option
 
     flag = f"--speculate {speculate_option(args.draft_model, args.speculate)}"
     try:
@@ -130,7 +130,7 @@ def _check_draft_model(args) -> None:
         if draft.vocab_size != size:
             raise UserError(f"{flag}: the draft model's vocabulary has {draft.vocab_size} tokens, {model}'s {size}; "
                             "a draft model must share the model's tokenizer")
-    if why := unsupported_reason(draft):
+    if why := draft_unsupported_reason(draft):
         raise UserError(f"{flag}: {why.replace('the model', 'the draft model', 1)}; choose another draft model")
 
 

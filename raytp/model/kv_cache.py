@@ -94,6 +94,10 @@ class KVCache:
         q = self.write(qkv, n_q, rope, positions, slots, norm)
         return cached_attention(q, self.k, self.v, slots, step, self.k_scale, self.v_scale, scale, sinks)
 
+    def keep(self, kept: torch.Tensor) -> None:
+        """Nothing to undo after a verify step: positions past a sequence's length are never read, and the step
+        that reaches one writes it first."""
+
     def read(self, slots: torch.Tensor, span: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values (batch, heads, span, head_dim) of `slots`' first `span` cells, in `dtype`."""
         cells = (slots, slice(None), slice(None, span))

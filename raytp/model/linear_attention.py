@@ -15,6 +15,10 @@ Each sequence slot keeps, per layer, the last conv_kernel - 1 inputs of the conv
 recurrent state (value heads, key dim, value dim) in float32: `LinearAttentionState`, whose bytes the planner
 counts per key head (`state_bytes`). A forward whose first position is 0 starts its sequences from zero state, so a
 slot needs no reset when it passes to a new request. The math follows transformers' Qwen3_5GatedDeltaNet.
+
+A verify step (speculative decoding) runs its positions token by token from the slots' state and writes none of
+them: only once the ranks know how many positions each row keeps does the state take those in
+(`LinearAttentionState.keep`, through `ShardedLlama.keep_verified`), as plain decoding would have.
 """
 
 from __future__ import annotations
@@ -93,6 +97,7 @@ class LinearAttentionState:
                                 device=device)
         self.recurrent = torch.zeros((max_batch, key_heads * d.values_per_key, d.key_dim, d.value_dim),
                                      dtype=torch.float32, device=device)
+        self.held = None  # a verify step's inputs until `keep`
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.conv, self.recurrent]
@@ -110,6 +115,27 @@ class LinearAttentionState:
     def reset(self, slot: int) -> None:
         for t in self.tensors():
             t[slot].zero_()
+
+    def hold(self, slots: torch.Tensor, convolved: torch.Tensor, rule_inputs: tuple) -> None:
+        """A verify step's inputs (speculative decoding), left out of the state until `keep` knows how many of its
+        positions each row keeps: `convolved` (batch, channels, kernel - 1 + seq), the slots' kept conv inputs then
+        the step's; `rule_inputs` the delta rule's q, k, v, g, beta."""
+        self.held = slots, convolved, rule_inputs
+
+    def keep(self, kept: torch.Tensor) -> None:
+        """After a verify step, each row's state after its first kept[b] + 1 positions; the rest were a rejected
+        draft's. The recurrence runs again from the state before the step, token by token as decode steps run it,
+        with beta = 0 and g = 0 (no update, no decay) at the positions not kept, so that a kept position's
+        arithmetic is the one plain decoding does."""
+        if self.held is None:  # this rank holds no key head of the layer
+            return
+        (slots, convolved, (q, k, v, g, beta)), self.held = self.held, None
+        B, T = g.shape[:2]
+        used = (torch.arange(T, device=g.device).view(1, T) <= kept.view(B, 1)).unsqueeze(-1)  # (batch, seq, 1)
+        _, self.recurrent[slots] = recurrent_gated_delta_rule(q, k, v, g * used, beta * used, self.recurrent[slots])
+        width = self.conv.shape[-1]  # the last kernel - 1 inputs up to the kept position
+        columns = kept.view(B, 1, 1) + 1 + torch.arange(width, device=g.device).view(1, 1, width)
+        self.conv[slots] = convolved.gather(2, columns.expand(B, convolved.shape[1], width))
 
 
 class GatedDeltaNet:
@@ -129,7 +155,8 @@ class GatedDeltaNet:
 
     def __call__(self, h: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, step=None) -> torch.Tensor:
         """(batch, seq, hidden) normed input at positions (batch, seq) of slots (batch,) -> the layer's output
-        (batch, seq, hidden), summed over ranks. It reads nothing of the step the attention layers share."""
+        (batch, seq, hidden), summed over ranks. Of the step the attention layers share it reads only whether it
+        verifies a draft (`step.verify`): then its positions' state waits for `LinearAttentionState.keep`."""
         if not self.n_key:  # no heads here: out_proj adds zeros
             return self.out_proj(h[..., :0])
         d, (B, T, _) = self.dims, h.shape
@@ -137,26 +164,32 @@ class GatedDeltaNet:
         channels = self.conv_weight.shape[0]
         mixed, z, b, a = self.in_proj(h).split([channels, nv * V, nv, nv], dim=-1)
         kept = (positions[:, 0] != 0).view(B, 1, 1)  # a sequence starting at position 0 starts from zero state
-        mixed = self._convolve(mixed, slots, kept)  # (batch, seq, channels)
+        verify = step is not None and step.verify  # the state is written by `LinearAttentionState.keep`
+        mixed, convolved = self._convolve(mixed, slots, kept, write=not verify)  # (batch, seq, channels)
         q, k, v = mixed.split([nk * K, nk * K, nv * V], dim=-1)
         q, k, v = q.reshape(B, T, nk, K), k.reshape(B, T, nk, K), v.reshape(B, T, nv, V)
         beta = b.sigmoid()  # (batch, seq, value heads)
         g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)
         state = self.state.recurrent[slots] * kept.unsqueeze(-1)  # (batch, value heads, key dim, value dim)
-        rule = recurrent_gated_delta_rule if T == 1 else chunk_gated_delta_rule
+        rule = recurrent_gated_delta_rule if T == 1 or verify else chunk_gated_delta_rule
         out, state = rule(q, k, v, g, beta, state)  # out: (batch, seq, value heads, value dim)
-        self.state.recurrent[slots] = state
+        if verify:
+            self.state.hold(slots, convolved, (q, k, v, g, beta))
+        else:
+            self.state.recurrent[slots] = state
         return self.out_proj(self._gated_norm(out, z.reshape(B, T, nv, V)).reshape(B, T, nv * V))
 
-    def _convolve(self, x: torch.Tensor, slots: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-        """Causal depthwise convolution of x (batch, seq, channels) after each slot's kept inputs, then SiLU; the
-        slot keeps the last kernel - 1 inputs."""
+    def _convolve(self, x: torch.Tensor, slots: torch.Tensor, kept: torch.Tensor,
+                  write: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Causal depthwise convolution of x (batch, seq, channels) after each slot's kept inputs, then SiLU, and
+        the inputs it ran over (batch, channels, kernel - 1 + seq); with `write` the slot keeps the last kernel - 1."""
         channels, kernel = self.conv_weight.shape
         history = self.state.conv[slots] * kept  # (batch, channels, kernel - 1)
         full = torch.cat([history, x.transpose(1, 2).to(history.dtype)], dim=-1)  # (batch, channels, kernel-1+seq)
-        self.state.conv[slots] = full[..., full.shape[-1] - (kernel - 1):]
+        if write:
+            self.state.conv[slots] = full[..., full.shape[-1] - (kernel - 1):]
         out = F.conv1d(full, self.conv_weight.unsqueeze(1), groups=channels)  # (batch, channels, seq)
-        return F.silu(out).transpose(1, 2)
+        return F.silu(out).transpose(1, 2), full
 
     def _gated_norm(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         """RMSNorm of each head's output (float32 statistics, weight in the model dtype), times SiLU(gate)."""

@@ -48,6 +48,7 @@ class StepInputs:
 
     rope: Mapping[str, Rope]
     views: Mapping[str, Any]
+    verify: bool = False  # a verify step (speculative decoding): a state that cannot drop positions waits for them
 
 
 class DecoderLayer:
@@ -134,27 +135,36 @@ class ShardedLlama:
         for state in self.states:
             state.copy_slot(src, dst, length)
 
-    def step_inputs(self, positions: torch.Tensor, dtype: torch.dtype, span: int | None = None) -> StepInputs:
+    def step_inputs(self, positions: torch.Tensor, dtype: torch.dtype, span: int | None = None,
+                    verify: bool = False) -> StepInputs:
         """By default the span ends at the furthest position (one GPU sync); a CUDA graph passes max_context."""
         span = span or int(positions.max()) + 1
         return StepInputs(rope=self.rope.step(positions, dtype),
                           views={name: kind.view(self.config, positions, span, self.max_context)
-                                 for name, kind in self.mixers.items()})
+                                 for name, kind in self.mixers.items()}, verify=verify)
+
+    def keep_verified(self, kept: torch.Tensor) -> None:
+        """After a verify step (`forward(verify=True)`): each row keeps its first kept[b] + 1 positions. A KV cache
+        has nothing to do (no query reads past a sequence's length); a recurrent state takes those positions in."""
+        for state in self.states:
+            state.keep(kept)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-                last: torch.Tensor | None = None, span: int | None = None, every: bool = False) -> torch.Tensor:
+                last: torch.Tensor | None = None, span: int | None = None, every: bool = False,
+                verify: bool = False) -> torch.Tensor:
         """Run tokens (batch, seq) at positions (batch, seq) of cache slots (batch,).
 
         Returns this rank's logits slice (batch, vocab_local) at index `last` (batch,) of each row
         (default: the last column), in float32; with `every`, those of every position (batch, seq, vocab_local),
-        for the log-probabilities of a prompt.
+        for the log-probabilities of a prompt or a verify step; `verify`: a verify step, after which `keep_verified`
+        must say what each row keeps.
         """
         eps = self.config.rms_norm_eps
         x = self.embed(tokens)  # (batch, seq, hidden): the residual stream, the same on every rank
         if self.embed_scale is not None:
             x = x * self.embed_scale
-        step = self.step_inputs(positions, x.dtype, span)
+        step = self.step_inputs(positions, x.dtype, span, verify)
         h = rms_norm(x, self.layers[0].attn_norm, eps)  # the next sublayer's input
         following = [layer.attn_norm for layer in self.layers[1:]] + [self.final_norm]
         for layer, next_norm in zip(self.layers, following):

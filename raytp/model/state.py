@@ -24,3 +24,6 @@ class LayerState(Protocol):
     def copy_slot(self, src: int, dst: int, length: int) -> None:
         """Slot `src`'s state after `length` positions into slot `dst`: a prompt prefilled once serves several
         samples."""
+
+    def keep(self, kept: torch.Tensor) -> None:
+        """After a verify step (speculative decoding), what each row keeps: its first kept[b] + 1 positions."""

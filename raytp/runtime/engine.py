@@ -399,7 +399,8 @@ class RankEngine:
             positions.append(list(range(start, start + len(run))) + [start + len(run) - 1] * pad)
         logits = self.model.forward(torch.tensor(tokens, device=self.device),
                                     torch.tensor(positions, device=self.device),
-                                    torch.tensor([s.slot for s in rows], device=self.device), every=True)
+                                    torch.tensor([s.slot for s in rows], device=self.device), every=True,
+                                    verify=True)
         picked, params, generated, histories, masks = [], [], [], [], {}
         for b, (seq, draft) in enumerate(zip(rows, drafts)):
             p = seq.request.params
@@ -415,7 +416,7 @@ class RankEngine:
                                        any(p.logprobs is not None for p in params), masks, self.batch.word)
         self.news = max(self.news, int(draw.word))
         targets = draw.tokens.tolist()
-        row = 0
+        row, kept = 0, []
         for seq, draft in zip(rows, drafts):
             first, taken = len(events), 0
             for j, target in enumerate(targets[row : row + len(draft) + 1]):
@@ -427,6 +428,8 @@ class RankEngine:
                 events[first].drafted, events[first].accepted = len(draft), taken - 1
                 seq.speculation.record(taken - 1, seq.generated)
             row += len(draft) + 1
+            kept.append(taken - 1)  # the row's last token and its accepted draft: the positions its state keeps
+        self.model.keep_verified(torch.tensor(kept, device=self.device))
         self.stale = True
 
     def _drain(self, events: list[TokenEvent]) -> None:

@@ -18,7 +18,10 @@ The KV cache: a verify step writes keys and values at all its positions; those p
 beyond the sequence's length, and nothing reads them: a query sees only positions up to its own
 (`StepInputs.visible`, the decode kernel's `lengths`), and the step that reaches such a position writes it first.
 A row with a shorter draft than the step's widest is padded with copies of its last real position (same token,
-same position): those write the very keys and values of that position again.
+same position): those write the very keys and values of that position again. A recurrent state (linear attention)
+cannot leave positions unread: a verify step writes nothing to it, and once the ranks have decided what each row
+keeps, the state takes exactly those positions in (`ShardedLlama.keep_verified`). A sliding window's ring cannot
+either, and such models decode plainly (`unsupported_reason`).
 
 Drafter (a), prompt lookup (`ngram[:k]`): the longest suffix of NGRAM_MAX down to NGRAM_MIN tokens that occurred
 earlier in the prompt or the text so far; the k tokens that followed its latest occurrence are the draft (where they
@@ -198,15 +201,22 @@ class RowSpeculation:
 
 def unsupported_reason(config) -> str | None:
     """Why a model's state cannot drop the positions after a rejected draft, in words for an error; None where it
-    can. A KV cache can: later steps overwrite them, and no query reads past a sequence's length. The recurrent state
-    of linear-attention layers has already taken every drafted token in, and a sliding window's cache, a ring of the
-    window's positions, has overwritten positions the next query still sees."""
-    kinds = set(config.mixers)
-    if "linear_attention" in kinds:
-        return "the model has linear-attention layers, whose recurrent state cannot drop a rejected draft's tokens"
-    if "sliding_attention" in kinds:
+    can. A KV cache can: later steps overwrite them, and no query reads past a sequence's length; a recurrent state
+    (linear attention) takes a verify step's positions in only once the ranks know which are kept
+    (`ShardedLlama.keep_verified`). A sliding window's cache, a ring of the window's positions, has overwritten
+    positions the next query still sees."""
+    if "sliding_attention" in set(config.mixers):
         return "the model has sliding-window layers, whose window cache cannot keep the positions a draft overwrites"
     return None
+
+
+def draft_unsupported_reason(config) -> str | None:
+    """Why a model cannot be a draft model, in words for an error (with "the model" for it); None where it can. The
+    draft model's own cache drops a rejected draft by being overwritten where the sequence goes on
+    (raytp.runtime.draft_model), which a recurrent state cannot."""
+    if "linear_attention" in set(config.mixers):
+        return "the model has linear-attention layers, whose recurrent state cannot drop a rejected draft's tokens"
+    return unsupported_reason(config)
 
 
 def rolls_back(config) -> bool:
