@@ -45,11 +45,11 @@ A request that asks for `speculate` (raytp.runtime.speculation) has its rows dra
 the script of an earlier identical row (`oracle`, raytp bench's: raytp.runtime.oracle), or from the rank's draft
 model (`draft`, raytp.runtime.draft_model: its cache prefilled beside the target's, all drafting rows decoded
 together), or from the model's own MTP layer (`mtp`, raytp.runtime.mtp_drafter: fed the hidden states that the
-prefill and verify forwards of its rows return); while any row of a small batch may draft, the loop reads each step before it queues the next, and a
-step in which some row has a draft is a verify step (`_verify`): every row's last token and draft in one forward,
-the target's token at each position drawn exactly on the host, the drafted ones accepted up to the first that
-differs, every accepted token passing `_accept` in order. It leaves the device batch stale: the next plain step
-reloads it.
+prefill and verify forwards of its rows return); while any row of a small batch may draft, the loop reads each step
+before it queues the next, and a step in which some row has a draft (or an MTP row lacks the hidden state it drafts
+from) is a verify step (`_verify`): every row's last token and draft in one forward, the target's token at each
+position drawn exactly on the host, the drafted ones accepted up to the first that differs, every accepted token
+passing `_accept` in order. It leaves the device batch stale: the next plain step reloads it.
 
 Log-probabilities of generated tokens (`logprobs`) come out of the step's own exchange (raytp.runtime.sampling),
 computed only while a row of the batch asks for them (a graph variant of its own), and ride on each TokenEvent.
