@@ -5,6 +5,7 @@ equals one written from vLLM's Qwen3.5 MTP with transformers' own layer classes;
 decoding's at 1, 2 and 3 (uneven) ranks in a mixed batch; after rejections the model's cache and the MTP layer's hold
 what clean runs write; `mtp` on a model without MTP layers is refused naming the value and the fix."""
 
+import asyncio
 import copy
 import dataclasses
 import json
@@ -26,6 +27,7 @@ from tests.llmcompressed import add_smollm2_tokenizer
 from tests.sharded import LocalGroup
 from tests.test_cli_checks import SMALL, refused
 from tests.test_decode_loop import run_loop, tokens_of
+from tests.test_driver import fake_driver, items
 from tests.test_qwen3_5 import telling
 
 VOCAB, H = 300, 48
@@ -228,3 +230,14 @@ def test_an_mtp_layer_that_is_the_one_layer_model_itself_has_its_drafts_accepted
     assert tokens_of(fast, "r0") == tokens_of(plain, "r0")
     steps = drafted_steps(fast)
     assert sum(a for _, a in steps) >= 0.9 * sum(d for d, _ in steps) and len(steps) <= 6
+
+
+def test_a_request_for_mtp_on_a_model_without_mtp_layers_never_reaches_the_leader():
+    """The API's per-request field: the driver refuses it (a 400 naming `speculate`) before any rank sees it."""
+    async def run():
+        d = fake_driver(lambda rid: [])
+        with pytest.raises(RequestError, match=r"'mtp'.*no MTP layers") as e:
+            await items(d, [1, 2], SamplingParams(max_tokens=4, speculate="mtp"))
+        return d, e.value.param
+    d, param = asyncio.run(run())
+    assert param == "speculate" and d.group.leader.commands == [] and d.streams == {}
