@@ -201,28 +201,32 @@ def test_mtp_without_mtp_layers_is_refused_naming_the_value_and_the_fix(tiny, ca
                                           "mtp:3", *SMALL]))  # a model with MTP layers takes it
 
 
-def test_an_mtp_layer_that_is_the_one_layer_model_itself_has_its_drafts_accepted(tmp_path):
-    """A one-layer target whose embedding rows have an RMS of 1 (so the MTP layer's embedding norm, weight 0 under
-    (1+w), leaves them as they are), an MTP layer of that very layer, fc passing the embedding alone and mtp.norm the
-    final norm: it computes at position p what the target computes at p + 1 (the same keys, shifted one position),
-    so every drafted token but near-ties is the target's. What a wrong position, token or cache in drafting breaks."""
+def save_model_whose_mtp_layer_is_itself(path) -> None:
+    """A one-layer Qwen3.5 whose embedding rows have an RMS of 1 (so the MTP layer's embedding norm, weight 0 under
+    (1+w), leaves them as they are), its MTP layer that very layer, fc passing the embedding alone and mtp.norm the
+    final norm: the MTP layer computes at position p what the model computes at p + 1 (the same keys, shifted one
+    position), so every drafted token but near-ties is the model's."""
     torch.manual_seed(1)
-    model = transformers.Qwen3_5ForCausalLM(transformers.Qwen3_5TextConfig(
-        **CONFIG | dict(num_hidden_layers=1, layer_types=["full_attention"])))
-    model = telling(model)
+    model = telling(transformers.Qwen3_5ForCausalLM(transformers.Qwen3_5TextConfig(
+        **CONFIG | dict(num_hidden_layers=1, layer_types=["full_attention"]))))
     with torch.no_grad():
         e = model.model.embed_tokens.weight
         e.copy_(e / e.pow(2).mean(-1, keepdim=True).sqrt())
-    model.save_pretrained(tmp_path, safe_serialization=True)
-    tensors = load_file(tmp_path / "model.safetensors")
+    model.save_pretrained(path, safe_serialization=True)
+    tensors = load_file(path / "model.safetensors")
     mtp = {k.replace("model.layers.0.", "mtp.layers.0."): v.clone() for k, v in tensors.items()
            if k.startswith("model.layers.0.")}
     mtp |= {"mtp.fc.weight": torch.cat([torch.eye(H), torch.zeros(H, H)], dim=1), "mtp.norm.weight":
             tensors["model.norm.weight"].clone(), "mtp.pre_fc_norm_embedding.weight": torch.zeros(H),
             "mtp.pre_fc_norm_hidden.weight": torch.zeros(H)}
-    save_file(tensors | mtp, tmp_path / "model.safetensors")
-    config = json.loads((tmp_path / "config.json").read_text())
-    (tmp_path / "config.json").write_text(json.dumps(config | {"mtp_num_hidden_layers": 1}))
+    save_file(tensors | mtp, path / "model.safetensors")
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(config | {"mtp_num_hidden_layers": 1}))
+
+
+def test_an_mtp_layer_that_is_the_one_layer_model_itself_has_its_drafts_accepted(tmp_path):
+    """What a wrong token, position or cache entry in drafting breaks (save_model_whose_mtp_layer_is_itself)."""
+    save_model_whose_mtp_layer_is_itself(tmp_path)
     group = LocalGroup(tmp_path, [2.0, 1.0], max_context=96, max_batch=2)
     greedy = SamplingParams(max_tokens=20, speculate="mtp:4")
     fast = run_loop(group, [Add(Request("r0", PROMPTS[0], greedy, []))])[0]
