@@ -16,7 +16,9 @@ distinct experts a call selects, gate, up and down (x and the outputs are neglig
 With --int4 (--int4-only: without the bf16 rows) the same shapes in w4a16 (groups of 128, symmetric), GB/s of the
 selected experts' int4 bytes and scales, through raytp.kernels.routed_packed_gemv (the packed GEMV's routed launch).
 With --mxfp4 only gpt-oss's MXFP4 experts (20b: 32 experts, 120b: 128, top 4, hidden and width 2880, biases), GB/s
-of their bytes (half a byte a weight, a byte per 32), through raytp.kernels.mxfp4 (with --sweep, its tiles too).
+of their bytes (half a byte a weight, a byte per 32), through raytp.kernels.mxfp4's token tiles and its per-pair GEMVs,
+each with its default launch (with --sweep, each kernel's launches too); the line printed per shape gives the tiles'
+default and best, and the pairs' best.
 """
 
 import argparse
@@ -34,6 +36,10 @@ CALLS = 8  # calls per graph, each with its own routing
 SWEEP_GATE_UP = [moe_gemv.Launch(n, k, w) for n in (16, 32, 64) for k in (64, 128, 256) for w in (4, 8)]
 SWEEP_DOWN = [moe_gemv.Launch(n, k, w) for n in (32, 64, 128) for k in (64, 128) for w in (4, 8)]
 MXFP4_SHAPES = {"gpt-oss-20b": (32, 4, 2880, 2880), "gpt-oss-120b": (128, 4, 2880, 2880)}
+SWEEP_PAIRS_GATE_UP = [moe_gemv.Launch(n, k, w) for n in (8, 16, 32) for k in (128, 256, 512) for w in (2, 4)
+                       if n * k <= 8192]
+SWEEP_PAIRS_DOWN = [moe_gemv.Launch(n, k, w) for n in (16, 32, 64) for k in (128, 256, 512) for w in (2, 4)
+                    if n * k <= 16384]
 SWEEP_MXFP4 = [moe_gemv.Launch(n, k, w) for n in (32, 64) for k in (128, 256, 512) for w in (4, 8)]
 
 
@@ -165,13 +171,17 @@ def mxfp4_rows(tokens: list[int], sweep: bool) -> list[dict]:
                     torch.randn(E, out, device="cuda", dtype=torch.bfloat16))
 
         gate_up, down = projection(2 * C, H), projection(H, C)
-        pairs = launches((mxfp4.GATE_UP_LAUNCH, mxfp4.DOWN_LAUNCH), (SWEEP_MXFP4, SWEEP_MXFP4), sweep)
+        tiled = launches((mxfp4.GATE_UP_LAUNCH, mxfp4.DOWN_LAUNCH), (SWEEP_MXFP4, SWEEP_MXFP4), sweep)
+        paired = launches(mxfp4.PAIR_LAUNCHES, (SWEEP_PAIRS_GATE_UP, SWEEP_PAIRS_DOWN), sweep)
+        variants = [("tiles", 0, tiled), ("pairs", 1 << 30, paired)]
         for T in tokens:
             x, ids, weights, distinct = routing(T, E, k, H)
             nbytes = distinct * 3 * C * H * (0.5 + 1 / 32)
-            timed = {f"mxfp4 {a} {b}": graphed_us(lambda i: mxfp4.mxfp4_routed_experts(
-                x[i], ids[i], weights[i], gate_up, down, 1.702, 7.0, a, b)) for a, b in pairs}
-            rows += report(f"{name} mxfp4", T, timed, nbytes, distinct, "mxfp4", [])
+            timed = {f"mxfp4 {kind} {a} {b}": graphed_us(lambda i: mxfp4.mxfp4_routed_experts(
+                x[i], ids[i], weights[i], gate_up, down, 1.702, 7.0, (a, b), pairs_up_to))
+                for kind, pairs_up_to, launch in variants for a, b in launch}
+            best_pairs = min((v for v in timed if v.startswith("mxfp4 pairs")), key=timed.get)
+            rows += report(f"{name} mxfp4", T, timed, nbytes, distinct, "mxfp4 tiles", [best_pairs])
     return rows
 
 

@@ -154,9 +154,10 @@ for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 2e-3)):
         if not bias:
             down = down[:2] + (None,)
         want = mxfp4_experts_torch(x, ids, weights, gate_up, down, 1.702, 7.0)
-        got = mxfp4_routed_experts(x, ids, weights, gate_up, down, 1.702, 7.0)
-        # outputs reach ~200: float32 accumulation order costs ~1e-7 of that, not of each element
-        torch.testing.assert_close(got, want, rtol=tol, atol=tol * float(want.abs().max()))
+        for pairs_up_to in (0, tokens * top_k):  # token tiles, then one GEMV per (token, choice)
+            got = mxfp4_routed_experts(x, ids, weights, gate_up, down, 1.702, 7.0, pairs_up_to=pairs_up_to)
+            # outputs reach ~200: float32 accumulation order costs ~1e-7 of that, not of each element
+            torch.testing.assert_close(got, want, rtol=tol, atol=tol * float(want.abs().max()))
 print("equal")
 """
 

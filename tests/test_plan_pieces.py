@@ -155,3 +155,27 @@ def test_indivisible_piece_too_big_for_either_device_is_named_in_the_error():
     with pytest.raises(PlanError, match="although the total would") as info:
         plan_shards(Declared((coarse, fine)), [("a", 700), ("b", 700)], max_context=1, max_batch=1)
     assert "one coarse unit 1000 B (weights and cache), one fine unit 1 B." in str(info.value)
+
+
+@pytest.mark.parametrize("model", ["synthetic:llama-3.1-8b", "synthetic:gemma-3-27b", "synthetic:qwen3.5-27b"])
+def test_a_decode_step_reads_the_kv_cache_it_fills_the_window_up_to_its_window_and_recurrent_state_whole(model):
+    from raytp.model.pieces import decode_read_bytes, plan_model
+    from raytp.weights.synthetic import synthetic_config
+
+    config = synthetic_config(model)
+    plan = plan_model(config, [("cuda:0", 80 << 30), ("cuda:1", 40 << 30)], max_context=8192, max_batch=8,
+                      dtype="bfloat16")
+    window = config.sliding_window or 0
+
+    def state(name, rows):
+        return [rows / 8 * r.state_bytes.get(name, 0) for r in plan.ranks]
+
+    for batch, context in ((1, 0), (2, 1024), (8, 8192), (4, window / 2), (4, window + 1)):
+        fixed = [r.read_bytes for r in plan.ranks]
+        kv = [b * context / 8192 for b in state("KV cache", batch)]
+        win = [b * min(context, window) / max(window, 1) for b in state("window cache", batch)]
+        recurrent = state("conv + recurrent state", batch)
+        expected = [sum(parts) for parts in zip(fixed, kv, win, recurrent)]
+        assert decode_read_bytes(config, plan, batch, context) == pytest.approx(expected, abs=len(plan.ranks))
+    names = set().union(*(r.state_bytes for r in plan.ranks))
+    assert names <= {"KV cache", "window cache", "conv + recurrent state"}, names  # a new state is read as declared

@@ -26,7 +26,8 @@ What is measured on each group:
     prefill      one request of the prompt length, from the moment the leader queues it to its first token, on the
                  leader's clock (median of `repeats`)
     roofline     the bytes each rank must read per decode step (its weights bar the embedding, as the planner counts
-                 them in the group's quantization, plus its KV cache at the mean context) over its measured
+                 them in the group's quantization, plus the state a step reads at the mean context: KV caches up to
+                 it, window caches up to their window, recurrent states whole) over its measured
                  bandwidth; the slowest rank's time over the measured ms/step is the fraction of the memory
                  roofline reached
     breakdown    an estimate, not a profile: compute = the roofline time, all-reduce = the measured latency at the
@@ -58,11 +59,12 @@ from raytp.actors.group import ClusterError, GroupSettings, WorkerGroup, choose_
 from raytp.actors.worker import MemoryBudgetError
 from raytp.bench import microbench, profile
 from raytp.model.config import ModelConfig, quant_name
+from raytp.model.pieces import decode_read_bytes
 from raytp.parallel.devices import DeviceSpec
 from raytp.runtime.engine import Add, Request
 from raytp.runtime.errors import error_summary
 from raytp.runtime.options import RuntimeOptions
-from raytp.parallel.plan import PlanError, ShardPlan
+from raytp.parallel.plan import PlanError
 from raytp.runtime.sampling import SamplingParams
 from raytp.runtime.speculation import ORACLE, speculate_option
 from raytp.weights.source import ModelSource
@@ -168,14 +170,6 @@ def _profile_decode(group: WorkerGroup, batch: int, prompt_len: int, steps: int,
     return ranks
 
 
-def _read_bytes_per_step(plan: ShardPlan, batch: int, context: float) -> list[int]:
-    """Bytes each rank reads in one decode step: the weights the planner says a step streams (all but the embedding
-    table; quantized ones as stored: packed values, scales, zero points), plus the part of its KV cache (as stored,
-    --kv-dtype) that `batch` sequences of `context` tokens fill."""
-    used = batch * context / (plan.max_batch * plan.max_context)
-    return [r.read_bytes + int(r.kv_cache_bytes * used) for r in plan.ranks]
-
-
 def allreduces_per_step(config: ModelConfig) -> int:
     """All-reduces of one forward (raytp.model.llama): the embedding's, then o_proj's and down_proj's in every layer."""
     return 1 + 2 * config.num_layers
@@ -213,7 +207,7 @@ def run_bench(settings: GroupSettings, config: ModelConfig, *, batches: list[int
             ms = statistics.median(1000 * r["seconds"] / r["steps"] for r in timed)
             tokens_per_s = statistics.median(r["window_tokens"] / r["seconds"] for r in timed)
             drafted, accepted = sum(r["drafted"] for r in runs), sum(r["accepted"] for r in runs)
-            reads = _read_bytes_per_step(group.plan, batch, prompt_len + decode_tokens / 2)
+            reads = decode_read_bytes(config, group.plan, batch, prompt_len + decode_tokens / 2)
             roofline_ms = max(1000 * b / bw for b, bw in zip(reads, group.bandwidth))
             allreduce_ms = n_allreduce * slowest[step_sizes[batch]] / 1000
             decode.append({

@@ -13,10 +13,12 @@ added on one rank only (its outputs are partial sums).
 
     torch   (`mxfp4_experts_torch`: CPUs, and the reference): each selected expert's slice dequantized into the
             model dtype, then F.linear, one expert at a time after sorting the tokens on the host
-    Triton  (`mxfp4_routed_experts`: decode on GPUs, batch 1-16 and any longer prefill alike): two launches over a
-            grid of (column block, expert, tile of 16 tokens) as `raytp.kernels.moe_gemv`'s routed kernels; a
-            program whose expert no token of its tile selected returns at once, so only the selected experts' bytes
-            are read. The weights are decoded in registers from the bytes (half a byte per weight plus a byte per
+    Triton  (`mxfp4_routed_experts`: GPUs): up to PAIRS_UP_TO (token, choice) pairs, two launches over a grid of
+            (column block, pair), each program a GEMV of its pair's expert (no tile of mostly idle tokens, no
+            program without work), every group of 32 inputs dotted unscaled and then scaled once; above it two
+            launches over a grid of (column block, expert, tile of 16 tokens) as `raytp.kernels.moe_gemv`'s routed
+            kernels; a program whose expert no token of its tile selected returns at once, so only the selected
+            experts' bytes are read. The weights are decoded in registers from the bytes (half a byte per weight plus a byte per
             32), never written out; the even and odd input columns (low and high nibbles) are two dots against the
             even and odd columns of x. Each projection accumulates in float32; gate_up's bias and the SwiGLU in
             float32 then rounded once to the model dtype; down's output rounded to the model dtype, weighted, summed
@@ -73,6 +75,8 @@ def mxfp4_experts_torch(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tenso
 
 _TILE = 16  # tokens per program: the smallest M of a tensor-core tile
 GATE_UP_LAUNCH, DOWN_LAUNCH = Launch(32, 128, 4), Launch(64, 128, 4)  # benchmarks/moe_gemv.py --mxfp4 --sweep
+# The per-pair GEMVs have not yet been timed on a GPU: off (0 pairs) until the sweep above says where they win
+PAIR_LAUNCHES, PAIRS_UP_TO = (Launch(16, 256, 4), Launch(32, 256, 4)), 0
 
 if triton is not None:
     import triton.language as tl
@@ -174,22 +178,100 @@ if triton is not None:
         tl.store(y_ptr + pair[:, None] * H + rows[None, :], out * w[:, None], mask=live[:, None] & row_ok[None, :])
 
 
+    @triton.jit
+    def _fp4_unscaled(q):
+        """e2m1 codes q (int32) as float32 without their group's scale, by placing s, e and m in a float32's bits
+        (e = 0 is m / 2: 0.5 is 2 ** -1)."""
+        e, m = (q >> 1) & 3, q & 1
+        bits = tl.where(e == 0, m * (126 << 23), ((e + 126) << 23) | (m << 22))
+        return (bits | ((q >> 3) << 31)).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _mxfp4_gemv(blocks_ptr, scales_ptr, rows, row_ok, v_ptr, n_in, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+        """(ROWS,) float32: rows `rows` of one expert's matrix times the vector of n_in values at v_ptr. Each group
+        of 32 inputs (16 bytes) is dotted unscaled, then multiplied by its scale once."""
+        g, b = tl.arange(0, BLOCK_K // 32), tl.arange(0, 16)
+        acc = tl.zeros((ROWS,), tl.float32)
+        for k0 in range(0, n_in, BLOCK_K):
+            even = k0 + 32 * g[:, None] + 2 * b[None, :]  # (groups, 16): the even input of each byte
+            in_ok = even < n_in
+            v_even = tl.load(v_ptr + even, mask=in_ok, other=0.0).to(tl.float32)
+            v_odd = tl.load(v_ptr + even + 1, mask=in_ok, other=0.0).to(tl.float32)
+            q = tl.load(blocks_ptr + rows[:, None, None] * (n_in // 2) + (even // 2)[None, :, :],
+                        mask=row_ok[:, None, None] & in_ok[None, :, :], other=0).to(tl.int32)
+            part = tl.sum(_fp4_unscaled(q & 15) * v_even[None, :, :] + _fp4_unscaled(q >> 4) * v_odd[None, :, :],
+                          axis=2)  # (ROWS, groups)
+            s = tl.load(scales_ptr + rows[:, None] * (n_in // 32) + (k0 // 32 + g)[None, :],
+                        mask=row_ok[:, None] & (k0 + 32 * g < n_in)[None, :], other=0)
+            acc += tl.sum(part * (s.to(tl.int32) << 23).to(tl.float32, bitcast=True), axis=1)
+        return acc
+
+    @triton.jit
+    def _mxfp4_gate_up_pairs(x_ptr, ids_ptr, blocks_ptr, scales_ptr, bias_ptr, h_ptr, H, C, alpha, limit,
+                             K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr):
+        """h[pair, cols] = clamped_swiglu(gate_up[e] @ x[t] + bias[e]) of one (token t, choice) pair choosing e:
+        its gate rows 2c and up rows 2c + 1 read as one block of 2 BLOCK_N consecutive rows."""
+        pair = tl.program_id(1)
+        expert = tl.load(ids_ptr + pair).to(tl.int64)
+        rows = 2 * tl.program_id(0) * BLOCK_N + tl.arange(0, 2 * BLOCK_N)
+        row_ok = rows < 2 * C
+        acc = _mxfp4_gemv(blocks_ptr + expert * 2 * C * (H // 2), scales_ptr + expert * 2 * C * (H // 32), rows,
+                          row_ok, x_ptr + (pair // K) * H, H, 2 * BLOCK_N, BLOCK_K)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + expert * 2 * C + rows, mask=row_ok, other=0.0).to(tl.float32)
+        gate, up = tl.split(tl.reshape(acc, (BLOCK_N, 2)))
+        g = tl.minimum(gate, limit)
+        u = tl.minimum(tl.maximum(up, -limit), limit)
+        h = (u + 1.0) * (g / (1.0 + tl.exp(-alpha * g)))
+        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        tl.store(h_ptr + pair * C + cols, h.to(h_ptr.dtype.element_ty), mask=cols < C)
+
+    @triton.jit
+    def _mxfp4_down_pairs(h_ptr, ids_ptr, weights_ptr, blocks_ptr, scales_ptr, bias_ptr, y_ptr, H, C,
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr):
+        """y[pair, rows] = weight * (down[e] @ h[pair] + bias[e])[rows] in float32, of one (token, choice) pair."""
+        pair = tl.program_id(1)
+        expert = tl.load(ids_ptr + pair).to(tl.int64)
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < H
+        acc = _mxfp4_gemv(blocks_ptr + expert * H * (C // 2), scales_ptr + expert * H * (C // 32), rows, row_ok,
+                          h_ptr + pair * C, C, BLOCK_N, BLOCK_K)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + expert * H + rows, mask=row_ok, other=0.0).to(tl.float32)
+        out = acc.to(h_ptr.dtype.element_ty).to(tl.float32)  # down's output in the model dtype, then weighted
+        tl.store(y_ptr + pair * H + rows, out * tl.load(weights_ptr + pair), mask=row_ok)
+
+
 def mxfp4_routed_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: tuple, down: tuple,
-                         alpha: float, limit: float, gate_up_launch: Launch = GATE_UP_LAUNCH,
-                         down_launch: Launch = DOWN_LAUNCH) -> torch.Tensor:
-    """`mxfp4_experts_torch`'s result from the Triton kernels (CUDA tensors, or the interpreter's CPU ones)."""
+                         alpha: float, limit: float, launches: tuple[Launch, Launch] | None = None,
+                         pairs_up_to: int | None = None) -> torch.Tensor:
+    """`mxfp4_experts_torch`'s result from the Triton kernels (CUDA tensors, or the interpreter's CPU ones): up to
+    `pairs_up_to` (token, choice) pairs one GEMV per pair, above it the token tiles; `launches` (gate_up's, down's)
+    the tiles of whichever runs (benchmarks/moe_gemv.py --mxfp4 --sweep times both)."""
     (gu_blocks, gu_scales, gu_bias), (d_blocks, d_scales, d_bias) = gate_up, down
     x, ids, weights = x.contiguous(), ids.contiguous(), weights.float().contiguous()
     (T, H), k, (E, C) = x.shape, ids.shape[1], (d_blocks.shape[0], d_blocks.shape[2] * 2)
     h = torch.empty((T, k, C), dtype=x.dtype, device=x.device)  # every (token, choice) row is written once
     y = torch.empty((T, k, H), dtype=torch.float32, device=x.device)
+    gu_bias_arg = gu_bias if gu_bias is not None else gu_scales
+    d_bias_arg = d_bias if d_bias is not None else d_scales
+    biased = dict(HAS_BIAS=gu_bias is not None), dict(HAS_BIAS=d_bias is not None)
+    if T * k <= (PAIRS_UP_TO if pairs_up_to is None else pairs_up_to):
+        a, b = launches or PAIR_LAUNCHES
+        _mxfp4_gate_up_pairs[(triton.cdiv(C, a.block_n), T * k)](
+            x, ids, gu_blocks, gu_scales, gu_bias_arg, h, H, C, alpha, limit, K=k, BLOCK_N=a.block_n,
+            BLOCK_K=a.block_k, **biased[0], num_warps=a.warps)
+        _mxfp4_down_pairs[(triton.cdiv(H, b.block_n), T * k)](
+            h, ids, weights, d_blocks, d_scales, d_bias_arg, y, H, C, BLOCK_N=b.block_n, BLOCK_K=b.block_k,
+            **biased[1], num_warps=b.warps)
+        return combine_choices(y, None, x.dtype)
     tiles, kp = triton.cdiv(T, _TILE), triton.next_power_of_2(k)
     shape = dict(K=k, KP=kp, TILE=_TILE, PRECISION="ieee" if x.dtype == torch.float32 else "tf32")
-    a, b = gate_up_launch, down_launch
+    a, b = launches or (GATE_UP_LAUNCH, DOWN_LAUNCH)
     _mxfp4_gate_up[(triton.cdiv(C, a.block_n), E, tiles)](
-        x, ids, gu_blocks, gu_scales, gu_bias if gu_bias is not None else gu_scales, h, T, H, C, alpha, limit,
-        **shape, BLOCK_N=a.block_n, BLOCK_K=a.block_k, HAS_BIAS=gu_bias is not None, num_warps=a.warps)
+        x, ids, gu_blocks, gu_scales, gu_bias_arg, h, T, H, C, alpha, limit,
+        **shape, BLOCK_N=a.block_n, BLOCK_K=a.block_k, **biased[0], num_warps=a.warps)
     _mxfp4_down[(triton.cdiv(H, b.block_n), E, tiles)](
-        h, ids, weights, d_blocks, d_scales, d_bias if d_bias is not None else d_scales, y, T, H, C,
-        **shape, BLOCK_N=b.block_n, BLOCK_K=b.block_k, HAS_BIAS=d_bias is not None, num_warps=b.warps)
+        h, ids, weights, d_blocks, d_scales, d_bias_arg, y, T, H, C,
+        **shape, BLOCK_N=b.block_n, BLOCK_K=b.block_k, **biased[1], num_warps=b.warps)
     return combine_choices(y, None, x.dtype)  # the choices in order, in float32

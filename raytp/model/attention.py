@@ -116,6 +116,9 @@ class Attention:
         return own + [t for x in (self.qkv, self.o_proj) for t in x.weight.tensors()]
 
 
+KV_CACHE, WINDOW_CACHE = "KV cache", "window cache"  # the state names plans show
+
+
 @dataclass(frozen=True)
 class AttentionKind:
     name: str
@@ -128,7 +131,7 @@ class AttentionKind:
     @property
     def state_name(self) -> str:
         """What its state is called in plans."""
-        return "window cache" if self.windowed else "KV cache"
+        return WINDOW_CACHE if self.windowed else KV_CACHE
 
     def view(self, config, positions: torch.Tensor, span: int, max_context: int) -> FullView | WindowView:
         """What this kind's caches read of a step at positions (batch, seq); `span`: see FullView."""

@@ -19,6 +19,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from raytp.model.attention import KV_CACHE, WINDOW_CACHE
 from raytp.model.config import ModelConfig
 from raytp.model.formats import weight_format
 from raytp.model.layers import vocab_piece
@@ -112,3 +113,20 @@ def plan_with_draft(config: ModelConfig, draft: ModelConfig, budgets: Sequence[t
     except PlanError as e:
         raise PlanError(f"beside the draft model ({', '.join(format_bytes(h) for h in held)} of the devices' "
                         f"budgets, in order), the model {e}") from None
+
+
+def decode_read_bytes(config: ModelConfig, plan: ShardPlan, batch: int, context: float) -> list[int]:
+    """Bytes each rank reads in one decode step of `batch` sequences `context` tokens long: the weights the planner
+    says a step streams (all but the embedding table; quantized ones as stored), plus the part of each state those
+    sequences fill - a KV cache its positions up to the context, a window cache up to its window, a recurrent state
+    (linear attention) all of it, whatever the context."""
+    def filled(name: str) -> float:
+        if name == KV_CACHE:
+            return min(context, plan.max_context) / plan.max_context
+        if name == WINDOW_CACHE:
+            window = min(config.sliding_window, plan.max_context)
+            return min(context, window) / window
+        return 1.0
+
+    rows = batch / plan.max_batch
+    return [r.read_bytes + int(sum(n * rows * filled(name) for name, n in r.state_bytes.items())) for r in plan.ranks]
