@@ -14,10 +14,11 @@ import pytest
 import torch
 import transformers
 from safetensors.torch import load_file, save_file
-from transformers.models.qwen3_5 import modeling_qwen3_5 as hf
 
 from raytp.cli.checks import check_args
 from raytp.cli.parser import build_parser
+from raytp.model.mlp import MLP_COLS
+from raytp.model.moe import EXPERT_COLS
 from raytp.runtime import speculation
 from raytp.runtime.engine import Add, Request
 from raytp.runtime.errors import RequestError
@@ -39,17 +40,16 @@ SPLITS = {"1-rank": (1.0,), "2-ranks": (1.0, 1.0), "3-uneven": (3.0, 2.0, 1.0)}
 PROMPTS = [[5, 17, 200, 42, 9, 9, 250, 31, 7], [99, 3, 3, 3, 64, 0, 12, 201, 77, 18, 140, 2]]
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """(directory with mtp.*, directory without, transformers model, the MTP tensors)."""
-    torch.manual_seed(0)
-    model = telling(transformers.Qwen3_5ForCausalLM(transformers.Qwen3_5TextConfig(**CONFIG)))
-    plain, path = tmp_path_factory.mktemp("plain"), tmp_path_factory.mktemp("mtp")
-    for d in (plain, path):
-        model.save_pretrained(d, safe_serialization=True)
-        add_smollm2_tokenizer(d)  # the command line wants one
+MOE = dict(moe_intermediate_size=40, num_experts=5, num_experts_per_tok=2, shared_expert_intermediate_size=24)
+# the MoE model's expert and MLP widths in blocks that divide no rank count
+BLOCKS = {"dense": {MLP_COLS: 8}, "moe": {EXPERT_COLS: 8, MLP_COLS: 8}}
+
+
+def save_with_mtp_layer(model, path) -> dict[str, torch.Tensor]:
+    """`model` saved to `path` with an MTP layer added: its last decoder layer's weights, perturbed, and norms and
+    fc of its own. Returns the MTP tensors."""
+    model.save_pretrained(path, safe_serialization=True)
     tensors = load_file(path / "model.safetensors")
-    # an MTP layer: the last decoder layer's weights, perturbed, and norms and fc of its own
     mtp = {k.replace("model.layers.1.", "mtp.layers.0."): v + 0.02 * torch.randn_like(v) for k, v in tensors.items()
            if k.startswith("model.layers.1.")}
     mtp |= {"mtp.fc.weight": torch.randn(H, 2 * H) / (2 * H) ** 0.5, "mtp.norm.weight": 0.3 * torch.randn(H),
@@ -58,17 +58,42 @@ def tiny(tmp_path_factory):
     save_file(tensors | mtp, path / "model.safetensors")
     config = json.loads((path / "config.json").read_text())
     (path / "config.json").write_text(json.dumps(config | {"mtp_num_hidden_layers": 1}))
+    return mtp
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(directory with mtp.*, directory without, transformers model, the MTP tensors): dense."""
+    torch.manual_seed(0)
+    model = telling(transformers.Qwen3_5ForCausalLM(transformers.Qwen3_5TextConfig(**CONFIG)))
+    plain, path = tmp_path_factory.mktemp("plain"), tmp_path_factory.mktemp("mtp")
+    model.save_pretrained(plain, safe_serialization=True)
+    mtp = save_with_mtp_layer(model, path)
+    for d in (plain, path):
+        add_smollm2_tokenizer(d)  # the command line wants one
     return path, plain, model, mtp
+
+
+@pytest.fixture(scope="module")
+def tiny_moe(tmp_path_factory):
+    """(directory with mtp.*, transformers model, the MTP tensors): experts and a shared expert in every layer, the
+    MTP layer's too."""
+    torch.manual_seed(0)
+    config = {k: v for k, v in CONFIG.items() if k != "intermediate_size"} | MOE
+    model = telling(transformers.Qwen3_5MoeForCausalLM(transformers.Qwen3_5MoeTextConfig(**config)))
+    path = tmp_path_factory.mktemp("moe")
+    return path, model, save_with_mtp_layer(model, path)
 
 
 _groups: dict[tuple, LocalGroup] = {}
 
 
 def group_of(path, split) -> LocalGroup:
-    if split not in _groups:
+    if (path, split) not in _groups:
         _groups.clear()
-        _groups[split] = LocalGroup(path, list(split), max_context=96, max_batch=4)
-    return _groups[split]
+        blocks = BLOCKS["moe" if path.name.startswith("moe") else "dense"]
+        _groups[path, split] = LocalGroup(path, list(split), max_context=96, max_batch=4, blocks=blocks)
+    return _groups[path, split]
 
 
 def reference_mtp(model, mtp: dict, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,12 +103,18 @@ def reference_mtp(model, mtp: dict, tokens: torch.Tensor) -> tuple[torch.Tensor,
     Returns (logits (T-1, vocab), hidden states after mtp.norm (T-1, hidden))."""
     config = copy.deepcopy(model.config)
     config._attn_implementation = "sdpa"  # causal without a mask
-    layer = hf.Qwen3_5DecoderLayer(config, layer_idx=1).eval()
-    layer.load_state_dict({k.removeprefix("mtp.layers.0."): v for k, v in mtp.items()
-                           if k.startswith("mtp.layers.0.")})
+    layer = type(model.model.layers[1])(config, layer_idx=1).eval()  # the model's own full-attention layer class
+    state = {k.removeprefix("mtp.layers.0."): v for k, v in mtp.items() if k.startswith("mtp.layers.0.")}
+    experts = range(model.config.num_experts) if "mlp.experts.0.up_proj.weight" in state else ()
+    if experts:  # as saved, one tensor per expert; the layer holds them stacked, gate rows before up rows
+        state["mlp.experts.gate_up_proj"] = torch.stack([torch.cat(
+            [state.pop(f"mlp.experts.{e}.{w}_proj.weight") for w in ("gate", "up")]) for e in experts])
+        state["mlp.experts.down_proj"] = torch.stack([state.pop(f"mlp.experts.{e}.down_proj.weight")
+                                                     for e in experts])
+    layer.load_state_dict(state)
     norms = {}
     for name in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm"):
-        norms[name] = hf.Qwen3_5RMSNorm(H, eps=config.rms_norm_eps)
+        norms[name] = type(model.model.norm)(H, eps=config.rms_norm_eps)
         norms[name].load_state_dict({"weight": mtp[f"mtp.{name}.weight"]})
     fc = torch.nn.Linear(2 * H, H, bias=False)
     fc.load_state_dict({"weight": mtp["mtp.fc.weight"]})
@@ -97,8 +128,9 @@ def reference_mtp(model, mtp: dict, tokens: torch.Tensor) -> tuple[torch.Tensor,
         return model.lm_head(out), out
 
 
-def test_the_mtp_forward_is_vllms_qwen3_5_mtp(tiny):
-    path, _, model, mtp = tiny
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+def test_the_mtp_forward_is_vllms_qwen3_5_mtp(tiny, tiny_moe, kind):
+    path, model, mtp = (tiny[0], tiny[2], tiny[3]) if kind == "dense" else tiny_moe
     group = group_of(path, SPLITS["3-uneven"])
     tokens = torch.tensor(PROMPTS[1])
     logits, out = reference_mtp(model, mtp, tokens)
@@ -152,6 +184,17 @@ def test_greedy_and_seeded_tokens_are_those_of_plain_decoding_in_a_mixed_batch(t
     steps = drafted_steps(fast)
     assert any(a > 0 for _, a in steps) and any(a < d for d, a in steps)  # drafts accepted, and drafts rejected
     assert not drafted_steps(plain) and not drafted_steps(fast, "r1") and drafted_steps(fast, "late")
+
+
+def test_moe_greedy_and_seeded_tokens_are_those_of_plain_decoding(tiny_moe):
+    group = group_of(tiny_moe[0], SPLITS["3-uneven"])
+    params = [SamplingParams(max_tokens=12, speculate="mtp:3"),
+              SamplingParams(temperature=2.0, seed=7, max_tokens=12, speculate="mtp:2")]
+    first = lambda params: [Add(Request(f"r{i}", PROMPTS[i], p, [])) for i, p in enumerate(params)]  # noqa: E731
+    fast, plain = (run_loop(group, first(ps))[0] for ps in (params, [off(p) for p in params]))
+    for rid in ("r0", "r1"):
+        assert tokens_of(fast, rid) == tokens_of(plain, rid), rid
+    assert drafted_steps(fast) and not drafted_steps(plain)
 
 
 def test_after_rejected_drafts_both_caches_hold_what_clean_runs_write(tiny, monkeypatch):
