@@ -1,9 +1,10 @@
-"""Speculative decoding with the model's own MTP layer (`mtp[:k]`) on CPU ranks (threads, in-process collectives): a
-tiny Qwen3.5 saved by transformers, its mtp.* tensors added beside (transformers drops them), with only full-attention
-layers (a model whose linear-attention state cannot drop a rejected draft does not speculate yet). The MTP forward
-equals one written from vLLM's Qwen3.5 MTP with transformers' own layer classes; greedy and seeded tokens equal plain
-decoding's at 1, 2 and 3 (uneven) ranks in a mixed batch; after rejections the model's cache and the MTP layer's hold
-what clean runs write; `mtp` on a model without MTP layers is refused naming the value and the fix."""
+"""Speculative decoding with the model's own MTP layer (`mtp[:k]`) on CPU ranks (threads, in-process collectives): tiny
+Qwen3.5s, dense and MoE, saved by transformers, their mtp.* tensors added beside (transformers drops them), with only
+full-attention layers (a model whose linear-attention state cannot drop a rejected draft does not speculate yet). The
+MTP forward equals one written from vLLM's Qwen3.5 MTP with transformers' own layer classes; greedy and seeded tokens
+equal plain decoding's at 1, 2 and 3 (uneven) ranks in a mixed batch; after rejections the model's cache and the MTP
+layer's hold what clean runs write; an MTP layer that is the model itself has its drafts accepted; `mtp` on a model
+without MTP layers is refused naming the value and the fix, on the command line and per request."""
 
 import asyncio
 import copy
