@@ -80,12 +80,29 @@ for n_q, n_kv, lengths in ((4, 4, (1, 300, 777)), (6, 2, (513, 2, 1024))):
                                          step, sinks=s)
         want = attention.cached_attention_torch(q, k[slots.argsort()], v[slots.argsort()], slots, step, sinks=s)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+# a verify step's queries (speculative decoding): a sequence's last token and its draft, a shorter draft padded
+# with copies of its last position, each query seeing the positions up to its own
+attention.TRITON_VERIFY = True
+for n_q, n_kv, positions in ((4, 4, ((0, 1, 2), (299, 300, 300), (775, 776, 777))),
+                             (6, 2, ((508, 509, 510, 511, 512), (1, 1, 1, 1, 1), (1019, 1020, 1021, 1022, 1023)))):
+    batch, context, D = len(positions), 1024, 32
+    q, k, v, sinks = case(batch, n_q, n_kv, context, D, seed=n_q)
+    q = q[:, :, :len(positions[0])]
+    slots = torch.tensor([2, 0, 1])
+    positions = torch.tensor(positions)
+    step = SimpleNamespace(lengths=positions[:, -1] + 1, limits=positions + 1, span=context,
+                           visible=visible_rows(positions, context, None))
+    for s in (sinks, None):
+        got = attention.cached_attention(q, k[slots.argsort()].contiguous(), v[slots.argsort()].contiguous(), slots,
+                                         step, sinks=s)
+        want = attention.cached_attention_torch(q, k[slots.argsort()], v[slots.argsort()], slots, step, sinks=s)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 print("equal")
 """
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (its CPU interpreter)")
 @pytest.mark.triton_interpreter(INTERPRETED)
-def test_decode_kernels_with_sinks_equal_the_torch_version_in_the_interpreter(interpreted):
+def test_decode_and_verify_kernels_with_sinks_equal_the_torch_version_in_the_interpreter(interpreted):
     printed, error = interpreted
     assert not error and printed.strip() == "equal", error[-3000:]

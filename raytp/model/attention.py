@@ -51,6 +51,7 @@ class FullView:
     """What every full-attention layer reads of a step, computed once per step."""
 
     lengths: torch.Tensor  # (batch,) each sequence's length after this step: the Triton decode attention reads it
+    limits: torch.Tensor  # (batch, seq) the positions each query sees (its own + 1): the Triton verify attention's
     span: int  # cache positions the torch attention reads: the furthest position + 1, or max_context in a graph
     visible: torch.Tensor  # (batch, 1, seq, span) which of those positions each query may see
 
@@ -138,7 +139,8 @@ class AttentionKind:
         if self.windowed:
             return WindowCache.view(self.positions(config, max_context), positions)
         visible = torch.arange(span, device=positions.device).view(1, 1, span) <= positions.unsqueeze(-1)
-        return FullView(positions[:, -1] + 1, span, visible.unsqueeze(1))
+        limits = positions + 1
+        return FullView(limits[:, -1], limits, span, visible.unsqueeze(1))
 
     def layout(self, config, shard, prefix: str) -> AttentionLayout:
         c, D, H = config, config.head_dim, config.hidden_size

@@ -219,3 +219,26 @@ def test_fp8_cache_tokens_with_triton_kernels_equal_the_torch_path(monkeypatch):
     monkeypatch.setattr(attention, "use_triton_fp8_kv", lambda t: False)  # the torch code for the FP8 cache only
     monkeypatch.setattr(rope_cache, "use_triton_fp8_kv", lambda t: False)
     assert generate(True, "hoststaged", kv_dtype="fp8") == fused
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n_q,n_kv,D", [(32, 8, 128), (9, 3, 64)])
+@pytest.mark.parametrize("ctx,last,queries", [(300, [2, 150, 299], 3), (8192, [64, 4097, 8191], 5)])
+def test_verify_attention_kernel_matches_torch(monkeypatch, dtype, n_q, n_kv, D, ctx, last, queries):
+    """A verify step's queries (speculative decoding): each sequence's last token and its draft, the first row's
+    draft padded with copies of its last position; each query sees the positions up to its own."""
+    monkeypatch.setattr(attention, "TRITON_VERIFY", True)
+    B = len(last)
+    g = torch.Generator(device="cuda").manual_seed(ctx + n_q)
+    k, v = (torch.randn(B + 2, n_kv, ctx, D, device="cuda", generator=g).to(dtype) for _ in range(2))
+    q = torch.randn(B, n_q, queries, D, device="cuda", generator=g).to(dtype)
+    slots = torch.arange(B, device="cuda").flip(0) + 1
+    positions = torch.tensor(last, device="cuda").view(B, 1) - torch.arange(queries - 1, -1, -1, device="cuda")
+    positions[0] = positions[0].clamp(max=int(positions[0, 1]))  # a shorter draft, padded
+    step = SimpleNamespace(span=ctx, lengths=positions[:, -1] + 1, limits=positions + 1,
+                           visible=(torch.arange(ctx, device="cuda").view(1, 1, ctx) <= positions.unsqueeze(-1)
+                                    ).unsqueeze(1))
+    got = attention.cached_attention(q, k, v, slots, step)
+    want = attention.cached_attention_torch(q, k, v, slots, step)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(got, want, **tol)
