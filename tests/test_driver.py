@@ -37,7 +37,7 @@ def fake_driver(script) -> Driver:
     """A Driver on a synthetic model (no tokenizer) whose leader is `FakeLeader(script)`."""
     d = object.__new__(Driver)
     d.settings = types.SimpleNamespace(model="synthetic:test", max_context=16, max_batch=2, draft_model=None)
-    d.config = types.SimpleNamespace(vocab_size=100, eos_token_ids={2})
+    d.config = types.SimpleNamespace(vocab_size=100, eos_token_ids={2}, mtp_layers=0)
     d.tokenizer, d.harmony, d.streams, d.max_queue, d.ready, d.down = None, None, {}, 0, asyncio.Event(), None
     d.metrics, d._answering = ServingMetrics(), 0
     d.ready.set()

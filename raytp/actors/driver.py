@@ -396,7 +396,7 @@ class Driver:
         prompt_ids = list(prompt_ids)
         check_request(prompt_ids, params, stop, self.config.vocab_size, self.settings.max_context,
                       self.settings.max_batch)
-        check_drafter(params.speculate, self.settings.draft_model)
+        check_drafter(params.speculate, self.settings.draft_model, self.config.mtp_layers)
         if params.grammar is not None:
             await self._check_grammar(params.grammar, ignore_eos)
         if len(self.streams) >= self.settings.max_batch + self.max_queue:  # admitted: running or waiting for a slot

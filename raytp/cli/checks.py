@@ -40,6 +40,8 @@ def check_args(args) -> None:
     _check_models(args)
     if getattr(args, "draft_model", None) is not None:
         _check_draft_model(args)
+    if hasattr(args, "speculate"):
+        _check_mtp(args)
     if args.command in ("generate", "chat", "serve"):
         config = _model_config(args.model)
         args.sampling_defaults = model_defaults(args.model)
@@ -139,6 +141,15 @@ def _check_speculation_fits(args, config) -> None:
 
     if getattr(args, "speculate", OFF) != OFF and (why := unsupported_reason(config)):
         raise UserError(f"--speculate {args.speculate}: {why}; leave --speculate out")
+
+
+def _check_mtp(args) -> None:
+    """`--speculate mtp[:K]` needs MTP layers in every model it runs (their tensors stored, not only counted)."""
+    from raytp.runtime.speculation import no_mtp_reason
+
+    for model in getattr(args, "models", [args.model]):
+        if why := no_mtp_reason(args.speculate, _model_config(model).mtp_layers):
+            raise UserError(f"--speculate {args.speculate}: {why.replace('the model', model, 1)}")
 
 
 def _check_models(args) -> None:

@@ -130,14 +130,16 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def _speculate_arg(p: argparse.ArgumentParser, whose: str, bench: str = "") -> None:
-    p.add_argument("--speculate", default="off", metavar=f"ngram[:K]|draft:PATH[:K]|{bench and 'oracle:RATE[:K]|'}off",
+    oracle = bench and "oracle:RATE[:K]|"
+    p.add_argument("--speculate", default="off", metavar=f"ngram[:K]|draft:PATH[:K]|mtp[:K]|{oracle}off",
                    help=f"{whose}draft up to K tokens (default 4, at most 8) and check them all in one step: the "
                         "same tokens, faster. ngram looks the text's last tokens up in the prompt and the answer so "
                         "far (pays where answers copy their input: edits, code, summaries); draft:PATH decodes "
                         "them with a smaller model of the same tokenizer (a directory or any --model source, e.g. "
                         "SmolLM2-135M for SmolLM2-1.7B), split over the same devices, its memory counted in each "
-                        "one's budget. It steps aside by itself at batches above 4 and while drafts keep failing"
-                        f"{bench} (default: off)")
+                        "one's budget; mtp runs the model's own multi-token-prediction layer (Qwen3.5/3.6 "
+                        "checkpoints ship one). It steps aside by itself at batches above 4 and while drafts keep "
+                        f"failing{bench} (default: off)")
 
 
 def _add_pull(sub, **kw) -> None:

@@ -84,6 +84,19 @@ class MtpLayer:
     def tensors(self) -> list[torch.Tensor]:
         return [self.embed_norm, self.hidden_norm, self.norm] + self.fc.tensors() + self.layer.weights()
 
+    def __call__(self, embedded: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                 step: StepInputs, eps: float) -> torch.Tensor:
+        """The next position's hidden state (batch, seq, hidden), normed for the lm_head, from the embeddings of
+        tokens (batch, seq, hidden) and the hidden states, as the lm_head reads them, of the positions before them
+        (the decoder's, or this layer's own output when it drafts on). fc is whole: no collective; the attention
+        and MLP join theirs."""
+        x = self.fc.apply(torch.cat([rms_norm(embedded, self.embed_norm, eps), rms_norm(hidden, self.hidden_norm, eps)],
+                                    dim=-1))
+        layer = self.layer
+        out = layer.attention(rms_norm(x, layer.attn_norm, eps), positions, slots, step)
+        x, h = add_rms_norm(x, out, layer.mlp_norm, eps)
+        return add_rms_norm(x, layer.mlp(h), self.norm, eps)[1]
+
 
 class ShardedLlama:
     """One rank's layers and their states, read through `reader` in the slices `raytp.model.layout` gives `shard`;
@@ -149,21 +162,31 @@ class ShardedLlama:
         for state in self.states:
             state.keep(kept)
 
+    def _embedded(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens)  # (batch, seq, hidden): the residual stream, the same on every rank
+        return x if self.embed_scale is None else x * self.embed_scale
+
+    def _logits(self, h: torch.Tensor, last: torch.Tensor | None, every: bool) -> torch.Tensor:
+        if every:
+            B, T, H = h.shape
+            return self.lm_head(h.reshape(B * T, H)).view(B, T, self.lm_head.width)
+        rows = torch.arange(h.shape[0], device=h.device)
+        return self.lm_head(h[rows, last if last is not None else -1])  # (batch, hidden) -> (batch, vocab_local)
+
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
                 last: torch.Tensor | None = None, span: int | None = None, every: bool = False,
-                verify: bool = False) -> torch.Tensor:
+                verify: bool = False, hidden: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Run tokens (batch, seq) at positions (batch, seq) of cache slots (batch,).
 
         Returns this rank's logits slice (batch, vocab_local) at index `last` (batch,) of each row
         (default: the last column), in float32; with `every`, those of every position (batch, seq, vocab_local),
         for the log-probabilities of a prompt or a verify step; `verify`: a verify step, after which `keep_verified`
-        must say what each row keeps.
+        must say what each row keeps. With `hidden`, (logits, the last layer's hidden states after the final norm,
+        (batch, seq, hidden), whole on every rank): what an MTP layer reads (`mtp_forward`).
         """
         eps = self.config.rms_norm_eps
-        x = self.embed(tokens)  # (batch, seq, hidden): the residual stream, the same on every rank
-        if self.embed_scale is not None:
-            x = x * self.embed_scale
+        x = self._embedded(tokens)
         step = self.step_inputs(positions, x.dtype, span, verify)
         h = rms_norm(x, self.layers[0].attn_norm, eps)  # the next sublayer's input
         following = [layer.attn_norm for layer in self.layers[1:]] + [self.final_norm]
@@ -176,8 +199,19 @@ class ShardedLlama:
             if layer.mlp_out_norm is not None:
                 out = rms_norm(out, layer.mlp_out_norm, eps)
             x, h = add_rms_norm(x, out, next_norm, eps)
-        if every:
-            B, T, H = h.shape
-            return self.lm_head(h.reshape(B * T, H)).view(B, T, self.lm_head.width)
-        rows = torch.arange(h.shape[0], device=h.device)
-        return self.lm_head(h[rows, last if last is not None else -1])  # (batch, hidden) -> (batch, vocab_local)
+        logits = self._logits(h, last, every)
+        return (logits, h) if hidden else logits
+
+    @torch.inference_mode()
+    def mtp_forward(self, tokens: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
+                    slots: torch.Tensor, last: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first MTP layer over tokens (batch, seq), each paired with `hidden` (batch, seq, hidden): the hidden
+        state, as `forward(hidden=True)` gives it, of the position before the token's, where the token was drawn;
+        it runs at that position, `positions` (batch, seq), of cache slots (batch,) (vLLM's Qwen3.5 MTP does the
+        same). Its output at a position guesses the decoder's hidden state at the next one, whose logits guess the
+        token after the given one. Returns (this rank's logits slice at index `last` of each row, default the last,
+        the layer's hidden states (batch, seq, hidden), to feed it again)."""
+        x = self._embedded(tokens)
+        step = self.step_inputs(positions, x.dtype)
+        h = self.mtp[0](x, hidden, positions, slots, step, self.config.rms_norm_eps)
+        return self._logits(h, last, False), h

@@ -44,11 +44,12 @@ max_batch later ones before the slots that free up are kept for it (raytp.runtim
 A request that asks for `speculate` (raytp.runtime.speculation) has its rows draft tokens from its own text, from
 the script of an earlier identical row (`oracle`, raytp bench's: raytp.runtime.oracle), or from the rank's draft
 model (`draft`, raytp.runtime.draft_model: its cache prefilled beside the target's, all drafting rows decoded
-together); while any row of a small batch may draft, the loop reads each step before it queues the next, and a
-step in which some row has a draft is a verify step (`_verify`): every row's last token and draft in one forward,
-the target's token at each position drawn exactly on the host, the drafted ones accepted up to the first that
-differs, every accepted token passing `_accept` in order. It leaves the device batch stale: the next plain step
-reloads it.
+together), or from the model's own MTP layer (`mtp`, raytp.runtime.mtp_drafter: fed the hidden states that the
+prefill and verify forwards of its rows return); while any row of a small batch may draft, the loop reads each step
+before it queues the next, and a step in which some row has a draft (or an MTP row lacks the hidden state it drafts
+from) is a verify step (`_verify`): every row's last token and draft in one forward, the target's token at each
+position drawn exactly on the host, the drafted ones accepted up to the first that differs, every accepted token
+passing `_accept` in order. It leaves the device batch stale: the next plain step reloads it.
 
 Log-probabilities of generated tokens (`logprobs`) come out of the step's own exchange (raytp.runtime.sampling),
 computed only while a row of the batch asks for them (a graph variant of its own), and ride on each TokenEvent.
@@ -77,8 +78,9 @@ from raytp.runtime.batch import NO_HISTORY, DecodeBatch, Pending
 from raytp.runtime.constraints import Grammars, grammar_failure
 from raytp.runtime.sampling import Logprobs, SamplingParams, ShardedSampler, sample_seed
 from raytp.runtime.draft_model import DraftRow, ModelDrafter
+from raytp.runtime.mtp_drafter import MtpDrafter
 from raytp.runtime.oracle import Scripts
-from raytp.runtime.speculation import DRAFT, ORACLE, SPECULATE_MAX_BATCH, RowSpeculation, row_speculation
+from raytp.runtime.speculation import DRAFT, MTP, ORACLE, SPECULATE_MAX_BATCH, RowSpeculation, row_speculation
 
 # echo: prompt positions x vocabulary scored in one prefill chunk (85 positions of a 49152-token vocabulary). Each
 # position costs its lm_head columns and its scores over the whole vocabulary in float64 (summed, searched for the
@@ -176,6 +178,7 @@ class RankEngine:
         self.model, self.comm = model, comm
         # `speculate: draft` rows' drafter
         self.drafter = None if draft is None else ModelDrafter(draft, comm, prefill_chunk)
+        self.mtp = MtpDrafter(model, comm) if model.mtp else None  # `speculate: mtp` rows' drafter
         self.scripts = Scripts()  # `speculate: oracle` rows' (raytp bench's): the tokens of earlier identical rows
         self.sampler = ShardedSampler(comm, model.vocab_start)
         self.batch = DecodeBatch(model, self.sampler)
@@ -313,9 +316,13 @@ class RankEngine:
         tokens = torch.tensor([prompt[start:end]], device=self.device)
         positions = torch.arange(start, end, device=self.device).view(1, -1)
         slots = torch.tensor([seq.slot], device=self.device)
-        logits = self.model.forward(tokens, positions, slots, span=end, every=echo)
-        drafting = seq.speculation is not None and seq.speculation.kind == DRAFT
-        if drafting:
+        kind = seq.speculation.kind if seq.speculation is not None else None
+        if kind == MTP:
+            logits, hidden = self.model.forward(tokens, positions, slots, span=end, every=echo, hidden=True)
+            self.mtp.prefill(hidden, start, seq.slot, prompt)
+        else:
+            logits = self.model.forward(tokens, positions, slots, span=end, every=echo)
+        if kind == DRAFT:
             self.drafter.prefill(tokens, positions, seq.slot, end)
         if echo:
             scored = min(end, len(prompt) - 1) - start  # positions whose next token is a prompt token
@@ -332,8 +339,10 @@ class RankEngine:
         samples = [seq] + [s for s in seq.forks if not s.finished]
         for fork in samples[1:]:
             self.model.copy_slot(seq.slot, fork.slot, len(prompt))
-            if drafting:
+            if kind == DRAFT:
                 self.drafter.copy_slot(seq.slot, fork.slot, len(prompt))
+            if kind == MTP:
+                self.mtp.copy_slot(seq.slot, fork.slot)
         seq.forks = []
         history = torch.tensor(prompt)
         draw = self.sampler.draw_exact(logits.expand(len(samples), -1), [s.request.params for s in samples],
@@ -368,23 +377,28 @@ class RankEngine:
             s.speculation is not None and s.speculation.active(s.generated) for s in self.decoding)
 
     def _drafts(self) -> list[list[int]] | None:
-        """Each decoding row's draft, where the batch speculates and some row has one (every rank alike)."""
+        """Each decoding row's draft, where the batch speculates and some row has one, or an MTP row lacks the
+        hidden state it drafts from (then a verify step returns it; every rank alike)."""
         if not self._speculating():
             return None
-        drafts, by_model = [], []
+        drafts, batched, lacking = [], {DRAFT: [], MTP: []}, False
         for b, seq in enumerate(self.decoding):
             spec, room = seq.speculation, self.model.max_context - len(seq.tokens)
             if seq.request.params.max_tokens is not None:  # the target's own token comes on top of the draft
                 room = min(room, seq.request.params.max_tokens - seq.generated - 1)
-            if spec is not None and spec.kind == DRAFT:
+            if spec is not None and spec.kind in batched:
                 k = spec.wanted(seq.generated, room)
-                if k:
-                    by_model.append((b, DraftRow(seq.slot, seq.tokens, seq.request.params, seq.generated, k)))
-            drafts.append([] if spec is None or spec.kind == DRAFT else spec.draft(seq.tokens, seq.generated, room))
-        if by_model:  # the draft model's rows, in one batch
-            for (b, _), draft in zip(by_model, self.drafter.propose([row for _, row in by_model])):
-                drafts[b] = draft
-        return drafts if any(drafts) else None
+                if k and spec.kind == MTP and not self.mtp.ready(seq.slot, seq.tokens):
+                    lacking = True
+                elif k:
+                    batched[spec.kind].append((b, DraftRow(seq.slot, seq.tokens, seq.request.params, seq.generated,
+                                                           k)))
+            drafts.append([] if spec is None or spec.kind in batched else spec.draft(seq.tokens, seq.generated, room))
+        for kind, drafter in ((DRAFT, self.drafter), (MTP, self.mtp)):  # each model's rows, in one batch
+            if batched[kind]:
+                for (b, _), draft in zip(batched[kind], drafter.propose([row for _, row in batched[kind]])):
+                    drafts[b] = draft
+        return drafts if any(drafts) or lacking else None
 
     def _verify(self, drafts: list[list[int]], events: list[TokenEvent]) -> None:
         """One step over every row's last token and its draft (raytp.runtime.speculation): the target's token at
@@ -397,10 +411,13 @@ class RankEngine:
             pad = width - len(run)  # copies of the last real position write that position's keys and values again
             tokens.append(run + run[-1:] * pad)
             positions.append(list(range(start, start + len(run))) + [start + len(run) - 1] * pad)
+        mtp = [s.speculation is not None and s.speculation.kind == MTP for s in rows]
         logits = self.model.forward(torch.tensor(tokens, device=self.device),
                                     torch.tensor(positions, device=self.device),
                                     torch.tensor([s.slot for s in rows], device=self.device), every=True,
-                                    verify=True)
+                                    verify=True, hidden=any(mtp))
+        if any(mtp):
+            logits, hidden = logits
         picked, params, generated, histories, masks = [], [], [], [], {}
         for b, (seq, draft) in enumerate(zip(rows, drafts)):
             p = seq.request.params
@@ -417,13 +434,15 @@ class RankEngine:
         self.news = max(self.news, int(draw.word))
         targets = draw.tokens.tolist()
         row, kept = 0, []
-        for seq, draft in zip(rows, drafts):
-            first, taken = len(events), 0
+        for b, (seq, draft) in enumerate(zip(rows, drafts)):
+            first, taken, start = len(events), 0, len(seq.tokens) - 1
             for j, target in enumerate(targets[row : row + len(draft) + 1]):
                 going = self._accept(seq, target, events, _row_logprobs(draw.logprobs, row + j, seq.request.params))
                 taken += 1
                 if not going or j == len(draft) or draft[j] != target:
                     break
+            if mtp[b] and going:  # the positions whose inputs the sequence kept
+                self.mtp.record(seq.slot, start, hidden[b, :taken])
             if draft:
                 events[first].drafted, events[first].accepted = len(draft), taken - 1
                 seq.speculation.record(taken - 1, seq.generated)

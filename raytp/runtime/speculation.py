@@ -32,6 +32,11 @@ Drafter (b), a draft model (`draft[:k]`, the server started with `--speculate dr
 the same vocabulary decodes k tokens ahead with the row's own sampling and noise (raytp.runtime.draft_model), so
 where it agrees with the target it proposes the target's very draws. It pays on free text too.
 
+Drafter (c), the model's own multi-token-prediction layer (`mtp[:k]`, Qwen3.5/3.6's `mtp.*`): from the target's
+last hidden state and the token drawn there it guesses the next hidden state and so the token after, then feeds its
+own guess back for the next (raytp.runtime.mtp_drafter), with the row's own sampling and noise as (b). It needs no
+second model and runs split over the same ranks as the model's own layers.
+
 A benchmark drafter (`oracle:RATE[:K]`, `raytp bench` alone, refused everywhere else): the target's own tokens from
 an earlier identical run, each right with probability RATE (raytp.runtime.oracle), to measure the speed-up at a
 chosen acceptance on random weights.
@@ -58,9 +63,10 @@ from raytp.runtime.errors import RequestError
 OFF = "off"
 NGRAM = "ngram"
 DRAFT = "draft"  # the server's draft model
+MTP = "mtp"  # the model's own multi-token-prediction layer (raytp.runtime.mtp_drafter)
 ORACLE = "oracle"  # the benchmark drafter (raytp.runtime.oracle)
 SPECULATE_MAX_K = 8  # tokens drafted per step at most: a request may not widen every row's verify step further
-DEFAULT_K = 4  # `ngram` or `draft` without a k
+DEFAULT_K = 4  # `ngram`, `draft` or `mtp` without a k
 NGRAM_MAX, NGRAM_MIN = 3, 2  # suffix lengths the prompt lookup tries, longest first; one token matches too loosely
 # The step-aside rule (module docstring). Chosen by reasoning, not yet by measurement: the next GPU sitting times a
 # verify step against a plain one (benchmarks/sittings/speculation.yaml) and sets them from that.
@@ -69,22 +75,24 @@ START_GAIN = 1.0  # a new row's (and a row back from a pause's) accepted tokens 
 GAIN_DECAY = 0.5  # the weight of the past in that average: two failed drafts in a row pause a new row
 MIN_GAIN = 0.3  # below this a verify step costs more than its accepted tokens save, roughly, on CPUs
 PAUSE_TOKENS = 8  # tokens a row then decodes without drafting
-SPECULATE_RULE = (f'speculate must be "off", "ngram", "ngram:K", "draft" or "draft:K" with K in '
-                  f'[1, {SPECULATE_MAX_K}] ("draft" where the server was started with a draft model)')
+SPECULATE_RULE = (f'speculate must be "off", "ngram", "ngram:K", "draft", "draft:K", "mtp" or "mtp:K" with K in '
+                  f'[1, {SPECULATE_MAX_K}] ("draft" where the server was started with a draft model, "mtp" where '
+                  'the model has MTP layers)')
 ORACLE_RULE = (f"oracle takes oracle:RATE or oracle:RATE:K, the chance RATE in [0, 1] that a drafted token is the "
                f"target's and K in [1, {SPECULATE_MAX_K}]")
 
 
 def drafting(spec: str) -> tuple[str, int]:
-    """(drafter, k) of a `speculate` value: "off" (OFF, 0), "ngram" or "draft" (DEFAULT_K), "ngram:K" or "draft:K"
-    with K in [1, SPECULATE_MAX_K], "oracle:RATE[:K]" (`oracle_rate`); RequestError naming the value otherwise."""
+    """(drafter, k) of a `speculate` value: "off" (OFF, 0), "ngram", "draft" or "mtp" (DEFAULT_K), "ngram:K",
+    "draft:K" or "mtp:K" with K in [1, SPECULATE_MAX_K], "oracle:RATE[:K]" (`oracle_rate`); RequestError naming
+    the value otherwise."""
     kind, _, k = spec.partition(":") if isinstance(spec, str) else ("", "", "")
     if kind == OFF and not k:
         return OFF, 0
     if kind == ORACLE:
         oracle_rate(spec)
         k = k.partition(":")[2]
-    if kind in (NGRAM, DRAFT, ORACLE) and (not k or k.isdigit() and 1 <= int(k) <= SPECULATE_MAX_K):
+    if kind in (NGRAM, DRAFT, MTP, ORACLE) and (not k or k.isdigit() and 1 <= int(k) <= SPECULATE_MAX_K):
         return kind, int(k) if k else DEFAULT_K
     raise RequestError(f"{ORACLE_RULE if kind == ORACLE else SPECULATE_RULE}, got {spec!r}", param="speculate")
 
@@ -105,7 +113,7 @@ def refuse_benchmark_drafter(spec: str) -> None:
     tokens, so outside a benchmark it would only make a request slower."""
     if isinstance(spec, str) and spec.partition(":")[0] == ORACLE:
         raise RequestError(f"speculate {spec!r}: oracle is a benchmark drafter (it replays the tokens of an earlier "
-                           'identical run; raytp bench only); use "ngram", "ngram:K", "draft", "draft:K" or "off"',
+                           'identical run; raytp bench only); use "ngram[:K]", "draft[:K]", "mtp[:K]" or "off"',
                            param="speculate")
 
 
@@ -168,8 +176,8 @@ class Drafter(Protocol):
 @dataclass(eq=False)
 class RowSpeculation:
     """One decoding row's drafting: its drafter (NGRAM, its own lookup; ORACLE, its script, raytp.runtime.oracle;
-    DRAFT, the rank's draft model, which drafts for all such rows of a step together), its k, and the step-aside
-    state (see the module docstring)."""
+    DRAFT, the rank's draft model, and MTP, the model's MTP layer, each drafting for all its rows of a step
+    together), its k, and the step-aside state (see the module docstring)."""
 
     k: int
     kind: str = NGRAM
@@ -226,16 +234,30 @@ def rolls_back(config) -> bool:
 
 def row_speculation(spec: str, constrained: bool, config, has_draft_model: bool) -> RowSpeculation | None:
     """The drafting state of a row whose request asks `spec`; None where it drafts nothing (a request for the draft
-    model on ranks without one is refused at the front end, `check_drafter`)."""
+    model on ranks without one, or for MTP of a model without MTP layers, is refused at the front end,
+    `check_drafter`)."""
     kind, k = drafting(spec)
-    if not k or constrained or not rolls_back(config) or kind == DRAFT and not has_draft_model:
+    if not k or constrained or not rolls_back(config) or kind == DRAFT and not has_draft_model or \
+            kind == MTP and not config.mtp_layers:
         return None
     return RowSpeculation(k, kind)
 
 
-def check_drafter(spec: str, draft_model: str | None) -> None:
-    """RequestError where `spec` asks for the draft model and the server has none, or for the benchmark drafter."""
+def no_mtp_reason(spec: str, mtp_layers: int) -> str | None:
+    """Why `spec` cannot draft with the model's MTP layers, in words for an error; None where it does not ask for
+    them or the model has some."""
+    if drafting(spec)[0] != MTP or mtp_layers:
+        return None
+    return ('the model has no MTP layers (no mtp.* tensors, which Qwen3.5/3.6 checkpoints ship); use "ngram[:K]" '
+            'or "off"')
+
+
+def check_drafter(spec: str, draft_model: str | None, mtp_layers: int = 0) -> None:
+    """RequestError where `spec` asks for the draft model and the server has none, for MTP and the model has no
+    MTP layers (`mtp_layers`, the config's), or for the benchmark drafter."""
     refuse_benchmark_drafter(spec)
     if drafting(spec)[0] == DRAFT and draft_model is None:
         raise RequestError(f"speculate {spec!r} asks for the draft model, and this server was started without one "
                            '(serve --speculate draft:PATH); use "ngram", "ngram:K" or "off"', param="speculate")
+    if why := no_mtp_reason(spec, mtp_layers):
+        raise RequestError(f"speculate {spec!r}: {why}", param="speculate")
