@@ -1,8 +1,8 @@
 """Speculative decoding with the model's own MTP layer (`mtp[:k]`) on CPU ranks (threads, in-process collectives): tiny
-Qwen3.5s, dense and MoE, saved by transformers, their mtp.* tensors added beside (transformers drops them), with only
-full-attention layers (a model whose linear-attention state cannot drop a rejected draft does not speculate yet). The
-MTP forward equals one written from vLLM's Qwen3.5 MTP with transformers' own layer classes; greedy and seeded tokens
-equal plain decoding's at 1, 2 and 3 (uneven) ranks in a mixed batch; after rejections the model's cache and the MTP
+Qwen3.5s, dense and MoE, saved by transformers, their mtp.* tensors added beside (transformers drops them): the dense
+one of full-attention layers, the MoE one a linear-attention layer and a full-attention one, as Qwen3.5 mixes them
+(its verify steps' positions enter the recurrent state once kept). The MTP forward equals one written from vLLM's
+Qwen3.5 MTP with transformers' own layer classes; greedy and seeded tokens equal plain decoding's at 1, 2 and 3 (uneven) ranks in a mixed batch; after rejections the model's cache and the MTP
 layer's hold what clean runs write; an MTP layer that is the model itself has its drafts accepted; `mtp` on a model
 without MTP layers is refused naming the value and the fix, on the command line and per request."""
 
@@ -41,7 +41,9 @@ SPLITS = {"1-rank": (1.0,), "2-ranks": (1.0, 1.0), "3-uneven": (3.0, 2.0, 1.0)}
 PROMPTS = [[5, 17, 200, 42, 9, 9, 250, 31, 7], [99, 3, 3, 3, 64, 0, 12, 201, 77, 18, 140, 2]]
 
 
-MOE = dict(moe_intermediate_size=40, num_experts=5, num_experts_per_tok=2, shared_expert_intermediate_size=24)
+MOE = dict(moe_intermediate_size=40, num_experts=5, num_experts_per_tok=2, shared_expert_intermediate_size=24,
+           layer_types=["linear_attention", "full_attention"], linear_num_key_heads=3, linear_num_value_heads=9,
+           linear_key_head_dim=8, linear_value_head_dim=8, linear_conv_kernel_dim=4)
 # the MoE model's expert and MLP widths in blocks that divide no rank count
 BLOCKS = {"dense": {MLP_COLS: 8}, "moe": {EXPERT_COLS: 8, MLP_COLS: 8}}
 
