@@ -2,9 +2,10 @@
 Qwen3.5s, dense and MoE, saved by transformers, their mtp.* tensors added beside (transformers drops them): the dense
 one of full-attention layers, the MoE one a linear-attention layer and a full-attention one, as Qwen3.5 mixes them
 (its verify steps' positions enter the recurrent state once kept). The MTP forward equals one written from vLLM's
-Qwen3.5 MTP with transformers' own layer classes; greedy and seeded tokens equal plain decoding's at 1, 2 and 3 (uneven) ranks in a mixed batch; after rejections the model's cache and the MTP
-layer's hold what clean runs write; an MTP layer that is the model itself has its drafts accepted; `mtp` on a model
-without MTP layers is refused naming the value and the fix, on the command line and per request."""
+Qwen3.5 MTP with transformers' own layer classes; greedy and seeded tokens equal plain decoding's at 1, 2 and 3
+(uneven) ranks in a mixed batch; after rejections the model's cache and the MTP layer's hold what clean runs write;
+an MTP layer that is the model itself has its drafts accepted; `mtp` on a model without MTP layers is refused naming
+the value and the fix, on the command line and per request."""
 
 import asyncio
 import copy
