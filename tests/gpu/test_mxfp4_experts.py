@@ -1,4 +1,5 @@
-"""gpt-oss's MXFP4 experts on a GPU (GPU host only): the routed Triton kernels against the torch experts, 1-16 tokens
+"""gpt-oss's MXFP4 experts on a GPU (GPU host only): the routed Triton kernels (token tiles, and per-pair GEMVs)
+against the torch experts, 1-16 tokens
 and a prefill, gpt-oss-20b's and -120b's routing (32 and 128 experts, 4 per token) at their widths, eagerly and
 replayed from a CUDA graph."""
 
@@ -27,13 +28,14 @@ def inputs(tokens: int, experts: int, hidden: int, width: int, dtype: torch.dtyp
     return x, ids, weights, projection(2 * width, hidden), projection(hidden, width)
 
 
+@pytest.mark.parametrize("pairs_up_to", [0, 1 << 20], ids=["tiles", "pairs"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("experts,hidden,width", [(32, 2880, 2880), (128, 2880, 1440), (8, 96, 32)])
 @pytest.mark.parametrize("tokens", [1, 2, 8, 16, 40])
-def test_routed_kernels_match_torch(tokens, experts, hidden, width, dtype):
+def test_routed_kernels_match_torch(tokens, experts, hidden, width, dtype, pairs_up_to):
     args = inputs(tokens, experts, hidden, width, dtype, seed=tokens)
     want = mxfp4.mxfp4_experts_torch(*args, ALPHA, LIMIT)
-    got = mxfp4.mxfp4_routed_experts(*args, ALPHA, LIMIT)
+    got = mxfp4.mxfp4_routed_experts(*args, ALPHA, LIMIT, pairs_up_to=pairs_up_to)
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got, want, rtol=tol, atol=tol * float(want.abs().max()))
 
