@@ -1,6 +1,6 @@
 """gpt-oss's MXFP4 experts on a GPU (GPU host only): the routed Triton kernels (token tiles, and per-pair GEMVs)
-against the torch experts, 1-16 tokens and a prefill, gpt-oss-20b's and -120b's routing (32 and 128 experts, 4 per token) at their widths, eagerly and
-replayed from a CUDA graph."""
+against the torch experts, 1-16 tokens and a prefill, gpt-oss-20b's and -120b's routing (32 and 128 experts, 4 per
+token) at their widths, eagerly and replayed from a CUDA graph."""
 
 import pytest
 import torch
