@@ -73,7 +73,8 @@ def drafted_steps(seen):
 def test_speculate_values_are_checked_naming_the_value():
     assert [drafted_tokens(v) for v in ("off", "ngram", "ngram:1", f"ngram:{SPECULATE_MAX_K}")] == \
         [0, 4, 1, SPECULATE_MAX_K]
-    for bad in ("ngram:0", f"ngram:{SPECULATE_MAX_K + 1}", "ngram:-1", "ngram:x", "draft:x", "on", "", "off:2"):
+    for bad in ("ngram:0", f"ngram:{SPECULATE_MAX_K + 1}", "ngram:-1", "ngram:x", "draft:x", "on", "", "off:2",
+                "ngram:", "off:"):
         with pytest.raises(RequestError, match=repr(bad).replace("[", r"\[")) as e:
             SamplingParams(speculate=bad)
         assert e.value.param == "speculate"

@@ -86,13 +86,13 @@ def drafting(spec: str) -> tuple[str, int]:
     """(drafter, k) of a `speculate` value: "off" (OFF, 0), "ngram", "draft" or "mtp" (DEFAULT_K), "ngram:K",
     "draft:K" or "mtp:K" with K in [1, SPECULATE_MAX_K], "oracle:RATE[:K]" (`oracle_rate`); RequestError naming
     the value otherwise."""
-    kind, _, k = spec.partition(":") if isinstance(spec, str) else ("", "", "")
-    if kind == OFF and not k:
+    kind, colon, k = spec.partition(":") if isinstance(spec, str) else ("", "", "")
+    if kind == OFF and not colon:
         return OFF, 0
     if kind == ORACLE:
         oracle_rate(spec)
-        k = k.partition(":")[2]
-    if kind in (NGRAM, DRAFT, MTP, ORACLE) and (not k or k.isdigit() and 1 <= int(k) <= SPECULATE_MAX_K):
+        colon, k = k.partition(":")[1:]
+    if kind in (NGRAM, DRAFT, MTP, ORACLE) and (not colon or k.isdigit() and 1 <= int(k) <= SPECULATE_MAX_K):
         return kind, int(k) if k else DEFAULT_K
     raise RequestError(f"{ORACLE_RULE if kind == ORACLE else SPECULATE_RULE}, got {spec!r}", param="speculate")
 
