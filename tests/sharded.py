@@ -103,6 +103,21 @@ class LocalGroup:
         return out
 
 
+_shared: dict[str, LocalGroup] = {}
+
+
+def shared_group(model_dir: Path, weights: list[float], **options) -> LocalGroup:
+    """LocalGroup(model_dir, weights, **options), kept for the next test (of any module) that asks for the same one:
+    loading SmolLM2 costs seconds on 2 busy cores. One group at a time, so that a run holds one model in memory. For
+    tests that run requests on it (each request fills the cache slots it reads); a test that changes its weights builds
+    its own."""
+    key = repr((str(model_dir), list(weights), sorted(options.items())))
+    if key not in _shared:
+        _shared.clear()
+        _shared[key] = LocalGroup(model_dir, list(weights), **options)
+    return _shared[key]
+
+
 def assert_matches_reference(group: LocalGroup, reference, tokens: torch.Tensor, prompt_len: int,
                              greedy_tokens: int) -> None:
     """The group's last-position logits on `tokens` are the transformers `reference`'s within float32 tolerance, and

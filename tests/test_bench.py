@@ -1,4 +1,4 @@
-"""`raytp bench` end to end on two CPU ranks: results.json has every figure, and every figure is positive. Each run
+"""`raytp bench` end to end on CPU ranks: results.json has every figure, and every figure is positive. Each run
 joins the run's Ray head (tests/conftest.py)."""
 
 from __future__ import annotations
@@ -12,15 +12,25 @@ from raytp.cli import main
 from raytp.weights.synthetic import synthetic_config
 
 
-def test_bench_smollm2_on_two_cpu_ranks(ray_head, smollm2_dir, tmp_path, capsys):
-    out = tmp_path / "bench"
-    rc = main(["bench", "--model", str(smollm2_dir), "--devices", "cpu*2", "--dtype", "float32", "--batch", "1,2",
-               "--prompt-len", "8", "--decode-tokens", "6", "--repeats", "1", "--allreduce-sizes", "576,4096",
-               "--allreduce-iters", "5", "--comm", "hoststaged", "--out", str(out), "--address", ray_head.address])
+def test_bench_sweep_writes_csv_json_summary_and_plots(ray_head, smollm2_dir, tmp_path, capsys):
+    """SmolLM2 on 1 and 3 CPU ranks: every figure of each run in results.json, results.csv, the summary and the plots;
+    one device's tokens are the Hugging Face peer's."""
+    import csv
+
+    import matplotlib.image
+
+    from raytp.bench.report import COLUMNS, PLOTS
+
+    out = tmp_path / "sweep"
+    # nccl on cpu ranks cannot run: those configurations are skipped (at once, before any actor starts)
+    rc = main(["bench", "--model", str(smollm2_dir), "--devices-sweep", "cpu*1;cpu*3", "--comm",
+               "hoststaged,nccl", "--dtype", "float32", "--batch", "1,2", "--prompt-len", "8", "--decode-tokens", "6",
+               "--repeats", "1", "--allreduce-sizes", "576,4096", "--allreduce-iters", "5", "--hf-peer", "--out",
+               str(out), "--address", ray_head.address])
     assert rc == 0
-    res = json.loads((out / "results.json").read_text())["runs"][0]
-    assert res["backend"] == "hoststaged" and res["devices"] == ["cpu", "cpu"]
-    assert len(res["bandwidth_bytes_per_s"]) == 2 and min(res["bandwidth_bytes_per_s"]) > 0
+    res = json.loads((out / "results.json").read_text())["runs"][1]
+    assert res["backend"] == "hoststaged" and res["devices"] == ["cpu", "cpu", "cpu"]
+    assert len(res["bandwidth_bytes_per_s"]) == 3 and min(res["bandwidth_bytes_per_s"]) > 0
     assert set(res["allreduce_us"]["rank0"]) == {"576", "4096"}
     assert min(res["allreduce_us"]["slowest_rank"].values()) > 0
     assert [d["batch"] for d in res["decode"]] == [1, 2]
@@ -33,35 +43,6 @@ def test_bench_smollm2_on_two_cpu_ranks(ray_head, smollm2_dir, tmp_path, capsys)
     # the same first prompt, greedy: batching must not change its tokens
     assert res["decode"][0]["greedy_tokens"] == res["decode"][1]["greedy_tokens"]
     assert "of roofline" in capsys.readouterr().out
-
-
-def test_bench_with_a_draft_model_reports_its_acceptance_and_tokens_per_step(ray_head, smollm2_dir, tmp_path):
-    """SmolLM2 drafting for itself: nearly every drafted token accepted, several tokens per step."""
-    out = tmp_path / "bench"
-    rc = main(["bench", "--model", str(smollm2_dir), "--devices", "cpu*2", "--dtype", "float32", "--batch", "1",
-               "--prompt-len", "8", "--decode-tokens", "12", "--repeats", "1", "--allreduce-sizes", "576",
-               "--allreduce-iters", "5", "--comm", "hoststaged", "--speculate", f"draft:{smollm2_dir}:4", "--out",
-               str(out), "--address", ray_head.address])
-    assert rc == 0
-    (d,) = json.loads((out / "results.json").read_text())["runs"][0]["decode"]
-    assert d["speculate"] == f"draft:{smollm2_dir}:4" and d["acceptance"] >= 0.9 and d["tokens_per_step"] > 2
-    assert f"--speculate draft:{smollm2_dir}:4" in (out / "summary.md").read_text()  # the command, reproducible
-
-
-def test_bench_sweep_writes_csv_json_summary_and_plots(ray_head, smollm2_dir, tmp_path):
-    import csv
-
-    import matplotlib.image
-
-    from raytp.bench.report import COLUMNS, PLOTS
-
-    out = tmp_path / "sweep"
-    # nccl on cpu ranks cannot run: those configurations are skipped (at once, before any actor starts)
-    rc = main(["bench", "--model", str(smollm2_dir), "--devices-sweep", "cpu*1;cpu*3", "--comm",
-               "hoststaged,nccl", "--dtype", "float32", "--batch", "1,2", "--prompt-len", "8", "--decode-tokens", "4",
-               "--repeats", "1", "--allreduce-sizes", "576", "--allreduce-iters", "5", "--hf-peer", "--out", str(out),
-               "--address", ray_head.address])
-    assert rc == 0
     with open(out / "results.csv", newline="") as f:
         reader = csv.DictReader(f)
         assert reader.fieldnames == COLUMNS
@@ -98,6 +79,8 @@ def test_bench_sweep_writes_csv_json_summary_and_plots(ray_head, smollm2_dir, tm
 
 
 def test_sweep_cut_short_keeps_the_configurations_it_finished(ray_head, smollm2_dir, tmp_path, monkeypatch):
+    """Cut short in its second configuration, a sweep keeps the first; that one speculates with SmolLM2 drafting for
+    itself: nearly every drafted token accepted, several tokens per step, the command in the summary."""
     import csv
 
     import raytp.bench.sweep
@@ -113,42 +96,19 @@ def test_sweep_cut_short_keeps_the_configurations_it_finished(ray_head, smollm2_
     monkeypatch.setattr(raytp.bench.sweep, "run_bench", interrupted_after_one)
     out = tmp_path / "sweep"
     rc = main(["bench", "--model", str(smollm2_dir), "--devices-sweep", "cpu*1;cpu*2;cpu*3", "--comm", "hoststaged",
-               "--dtype", "float32", "--batch", "1", "--prompt-len", "8", "--decode-tokens", "4", "--repeats", "1",
-               "--allreduce-sizes", "576", "--allreduce-iters", "5", "--out", str(out), "--address", ray_head.address])
+               "--dtype", "float32", "--batch", "1", "--prompt-len", "8", "--decode-tokens", "12", "--repeats", "1",
+               "--allreduce-sizes", "576", "--allreduce-iters", "5", "--speculate", f"draft:{smollm2_dir}:4", "--out",
+               str(out), "--address", ray_head.address])
     assert rc == 130 and len(calls) == 2
     with open(out / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [(r["devices"], r["status"]) for r in rows] == [("cpu*1", "ok")]
     assert float(rows[0]["tokens_per_s"]) > 0
-    assert "(in progress or cut short: 2 more planned)" in (out / "summary.md").read_text()
-
-
-def test_bench_profile_on_two_cpu_ranks(ray_head, tmp_path):
-    """`--profile`: each rank's profiled steps split into the classes of raytp.bench.profile, adding up to the step;
-    the two ranks sum their partial results, so there is all-reduce time; the traces are saved."""
-    import gzip
-
-    from raytp.bench.profile import CLASSES, STEP_MARK
-
-    out = tmp_path / "profiled"
-    rc = main(["bench", "--model", "synthetic:tiny", "--devices", "cpu*2", "--dtype", "float32", "--batch", "1",
-               "--prompt-len", "8", "--decode-tokens", "4", "--repeats", "1", "--allreduce-sizes", "512",
-               "--allreduce-iters", "5", "--profile", "3", "--profile-traces", "--out", str(out),
-               "--address", ray_head.address])
-    assert rc == 0
-    decode = json.loads((out / "results.json").read_text())["runs"][0]["decode"][0]
-    assert len(decode["profile"]) == 2
-    for rank, p in enumerate(decode["profile"]):
-        assert len(p["steps"]) == 3 and p["decode"] == "eager"
-        for s in p["steps"]:
-            assert all(s[f"{c}_ms"] >= 0 for c in CLASSES), s
-            assert sum(s[f"{c}_ms"] for c in CLASSES) == pytest.approx(s["step_ms"], rel=1e-6)
-            assert s["gemm_ms"] > 0 and s["attention_ms"] > 0 and s["allreduce_ms"] > 0 and s["small_ms"] > 0, s
-        trace = gzip.decompress((out / "traces" / p["trace"]).read_bytes()).decode()
-        assert p["trace"].endswith(f"rank{rank}.json.gz") and STEP_MARK in trace
+    (d,) = json.loads((out / "results.json").read_text())["runs"][0]["decode"]
+    assert d["speculate"] == f"draft:{smollm2_dir}:4" and d["acceptance"] >= 0.9 and d["tokens_per_step"] > 2
     summary = (out / "summary.md").read_text()
-    table = summary.split("## Decode step profile")[1].split("##")[0]
-    assert [line.split(" | ")[5] for line in table.splitlines() if line.startswith("| `cpu*2` | none |")] == ["0", "1"]
+    assert "(in progress or cut short: 2 more planned)" in summary
+    assert f"--speculate draft:{smollm2_dir}:4" in summary  # the command, reproducible
 
 
 def test_the_split_table_shows_each_layer_kinds_pieces_and_state_per_rank():
@@ -190,13 +150,17 @@ def test_every_backends_latency_table_has_a_row_per_group_and_backend():
     assert _backends_table({"runs": runs[2:]}) == ["(no group of several GPUs on one node)"]
 
 
-def test_bench_sweeps_quantizations_side_by_side(ray_head, tmp_path, monkeypatch):
+def test_bench_sweeps_quantizations_side_by_side_and_profiles_each_rank(ray_head, tmp_path, monkeypatch):
     """`--quant none,w4a16` at 1 and 2 CPU ranks: a row per (device set, quantization), each plot and the summary
-    show both series, and the w4a16 rows' roofline reads less by exactly what the planner counts."""
+    show both series, and the w4a16 rows' roofline reads less by exactly what the planner counts. `--profile`: each
+    rank's profiled steps split into the classes of raytp.bench.profile, adding up to the step; two ranks sum their
+    partial results, so there is all-reduce time; the traces are saved."""
     import csv
+    import gzip
 
     import matplotlib.figure
 
+    from raytp.bench.profile import CLASSES, STEP_MARK
     from raytp.model.pieces import plan_model
     from raytp.weights.synthetic import synthetic_config
 
@@ -212,8 +176,8 @@ def test_bench_sweeps_quantizations_side_by_side(ray_head, tmp_path, monkeypatch
     out = tmp_path / "quant"
     rc = main(["bench", "--model", "synthetic:tiny", "--quant", "none,w4a16", "--devices-sweep", "cpu*1;cpu*2",
                "--comm", "hoststaged", "--dtype", "float32", "--batch", "1", "--prompt-len", "8", "--decode-tokens",
-               "4", "--repeats", "1", "--allreduce-sizes", "512", "--allreduce-iters", "5", "--out", str(out),
-               "--address", ray_head.address])
+               "4", "--repeats", "1", "--allreduce-sizes", "512", "--allreduce-iters", "5", "--profile", "3",
+               "--profile-traces", "--out", str(out), "--address", ray_head.address])
     assert rc == 0
     with open(out / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -222,6 +186,17 @@ def test_bench_sweeps_quantizations_side_by_side(ray_head, tmp_path, monkeypatch
     runs = json.loads((out / "results.json").read_text())["runs"]
     assert [(run["model"], run["quant"]) for run in runs] == [("synthetic:tiny", "none"),
                                                                ("synthetic:tiny@w4a16", "w4a16")] * 2
+    profiled = runs[2]["decode"][0]["profile"]  # cpu*2, none
+    assert len(profiled) == 2
+    for rank, p in enumerate(profiled):
+        assert len(p["steps"]) == 3 and p["decode"] == "eager"
+        for step in p["steps"]:
+            assert all(step[f"{c}_ms"] >= 0 for c in CLASSES), step
+            assert sum(step[f"{c}_ms"] for c in CLASSES) == pytest.approx(step["step_ms"], rel=1e-6)
+            assert step["gemm_ms"] > 0 and step["attention_ms"] > 0 and step["allreduce_ms"] > 0 and \
+                step["small_ms"] > 0, step
+        trace = gzip.decompress((out / "traces" / p["trace"]).read_bytes()).decode()
+        assert p["trace"].endswith(f"rank{rank}.json.gz") and STEP_MARK in trace
     for dense, quantized in (runs[0:2], runs[2:4]):
         reads = {}
         for run in (dense, quantized):  # the planner's own plan for the run's budgets, in its quantization
@@ -247,6 +222,8 @@ def test_bench_sweeps_quantizations_side_by_side(ray_head, tmp_path, monkeypatch
         for quant in ("none", "w4a16"):
             assert wanted.format(f"{quant}, hoststaged, memory split") in labels[name], (name, labels[name])
     assert {"cpu*2 none hoststaged p8 b1", "cpu*2 w4a16 hoststaged p8 b1"} <= set(labels["breakdown.png"])
+    table = summary.split("## Decode step profile")[1].split("##")[0]
+    assert [line.split(" | ")[5] for line in table.splitlines() if line.startswith("| `cpu*2` | none |")] == ["0", "1"]
 
 
 def test_rows_name_a_checkpoints_own_quantization_not_a_preset_it_does_not_match():

@@ -15,7 +15,7 @@ from raytp.parallel.comm import Communicator, InProcessGroup
 from raytp.runtime.engine import Add, Cancel, RankEngine, Request, Stop
 from raytp.runtime.sampling import SEED_MAX, SEED_MIN, FIRST_CANDIDATES, SamplingParams, ShardedSampler, sample_seed
 from raytp.weights.tokenizer import Tokenizer
-from tests.sharded import LocalGroup
+from tests.sharded import LocalGroup, shared_group
 from tests.test_sampling import reference_logprobs
 
 SPLIT = [3.0, 2.0, 1.0]
@@ -255,7 +255,7 @@ def test_grammar_rows_draw_what_llguidance_masked_transformers_logits_draw(smoll
 
     from raytp.runtime.constraints import Grammars, json_schema_grammar
 
-    group = LocalGroup(smollm2_dir, SPLIT)
+    group = shared_group(smollm2_dir, SPLIT)
     grammars = Grammars.for_model(smollm2_dir, group.config)
     schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99},
                                                "ok": {"type": "boolean"}}, "required": ["n", "ok"],
@@ -319,7 +319,7 @@ def test_a_grammar_that_fails_while_decoding_ends_its_row_in_an_error_not_a_stop
         def compile(self, grammar):
             return llguidance.LLMatcher(self.tokenizer, grammar, log_level=0)
 
-    group = LocalGroup(smollm2_dir, SPLIT)
+    group = shared_group(smollm2_dir, SPLIT)
     grammar = json_schema_grammar({"$ref": "#"})
     with pytest.raises(RequestError, match="cannot be used: NoExtensionBias"):
         Grammars.for_model(smollm2_dir, group.config).compile(grammar)
@@ -369,7 +369,7 @@ def test_a_grammar_compiles_once_per_request_beside_the_loop_which_never_waits_f
 
     from raytp.runtime.constraints import Grammars, json_schema_grammar
 
-    group = LocalGroup(smollm2_dir, SPLIT)
+    group = shared_group(smollm2_dir, SPLIT)
     tokenizer = Tokenizer.from_dir(smollm2_dir)
     eos = sorted(tokenizer.eos_token_ids)
     schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"],

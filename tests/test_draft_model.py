@@ -17,7 +17,7 @@ from raytp.runtime.errors import RequestError
 from raytp.runtime.sampling import SamplingParams
 from raytp.runtime.speculation import (PAUSE_TOKENS, check_drafter, draft_model_option, drafting,
                                        speculate_option)
-from tests.sharded import LocalGroup
+from tests.sharded import LocalGroup, shared_group
 from tests.test_decode_loop import run_loop, tokens_of
 
 MiB = 1 << 20
@@ -50,16 +50,9 @@ def models(tmp_path_factory):
     return dirs
 
 
-_groups: dict[tuple, LocalGroup] = {}
-
-
 def group_of(models, split, draft=None) -> LocalGroup:
-    key = (split, draft)
-    if key not in _groups:
-        _groups.clear()
-        _groups[key] = LocalGroup(models[0], list(split), max_context=128, max_batch=4,
-                                  draft_dir=models[1] if draft is None else draft)
-    return _groups[key]
+    return shared_group(models[0], list(split), max_context=128, max_batch=4,
+                        draft_dir=models[1] if draft is None else draft)
 
 
 @pytest.fixture(params=list(SPLITS))

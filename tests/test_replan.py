@@ -24,16 +24,23 @@ pytestmark = pytest.mark.slow
 PROMPT = "The capital of France is"
 
 
-@pytest.fixture
-def three_nodes():
+@pytest.fixture(scope="module")
+def cluster():
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
-    cluster.wait_for_nodes()
     ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)
-    yield cluster, nodes
+    yield cluster
     ray.shutdown()
     cluster.shutdown()
+
+
+@pytest.fixture
+def three_nodes(cluster):
+    """The head and two nodes beside it, one CPU slot each: a node that an earlier test removed is replaced."""
+    while len(cluster.worker_nodes) < 2:
+        cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    return cluster, list(cluster.worker_nodes)
 
 
 def _driver_on_head(settings: GroupSettings):

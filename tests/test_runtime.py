@@ -1,6 +1,6 @@
 """The Ray runtime end to end on CPU: real actors, real shared memory, the real CLI.
 
-The run's Ray head (tests/conftest.py: 16 CPU slots, so 12 ranks fit on a 2-core machine) serves every test.
+The run's Ray head (tests/conftest.py) serves every test.
 """
 
 import asyncio
@@ -18,6 +18,7 @@ import ray
 from raytp.actors.driver import DriverActor
 from raytp.actors.group import GroupSettings
 from raytp.parallel.devices import parse_devices
+from raytp.runtime.options import RuntimeOptions
 from raytp.runtime.sampling import SamplingParams
 from tests.util import raytp_segments, transformers_greedy
 
@@ -44,43 +45,32 @@ def raytp_cli(*args, env_extra=None, timeout=300):
                           timeout=timeout)
 
 
-# Both backends on the uneven split, whose third rank holds no heads (tests/test_smollm2.py checks 1 to 5 ranks in
-# process); past the 8 ranks a peer group allows, 12 host-staged ranks, for 8 tokens: on 2 CI cores each of their
-# steps costs a second (tests/test_comm.py: the host-staged all-reduce alone at 1 to 12 ranks).
-@pytest.mark.parametrize("devices, comm, tokens", [("cpu@3GiB,cpu@2GiB,cpu@1GiB", "hoststaged", 32),
-                                                   ("cpu@3GiB,cpu@2GiB,cpu@1GiB", "gloo", 32),
-                                                   ("cpu*12", "hoststaged", 8)])
-def test_generate_matches_transformers(ray_head, expected_greedy, devices, comm, tokens):
+# Gloo between Ray actor processes, through the CLI, on the uneven split whose third rank holds no heads; the
+# host-staged backend on the same split is the driver's below (test_the_driver_gives_transformers_greedy_tokens).
+# Splits of 1 to 12 ranks, past the 8 a peer group allows, are checked in process against transformers
+# (tests/test_smollm2.py), the host-staged all-reduce alone at 1 to 12 ranks in tests/test_comm.py.
+def test_generate_matches_transformers(ray_head, expected_greedy):
     before = raytp_segments()
+    devices = "cpu@3GiB,cpu@2GiB,cpu@1GiB"
     # RAYTP_CHECK_IDENTICAL makes every rank compare its bits after every all-reduce; a mismatch fails the run
-    r = raytp_cli("generate", "--model", "smollm2", "--devices", devices, "--comm", comm, "--prompt", PROMPT,
-                  "--temperature", "0", "--dtype", "float32", "--max-tokens", str(tokens), "--json",
+    r = raytp_cli("generate", "--model", "smollm2", "--devices", devices, "--comm", "gloo", "--prompt", PROMPT,
+                  "--temperature", "0", "--dtype", "float32", "--max-tokens", "32", "--json",
                   "--address", ray_head.address, env_extra={"RAYTP_CHECK_IDENTICAL": "1"})
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout)
-    assert result["token_ids"] == expected_greedy[:tokens]
-    assert result["generated_tokens"] == len(expected_greedy[:tokens])
-    assert len(result["plan"]["ranks"]) == len(parse_devices(devices))
+    assert result["token_ids"] == expected_greedy
+    assert result["generated_tokens"] == len(expected_greedy)
+    assert result["backend"] == "gloo" and len(result["plan"]["ranks"]) == len(parse_devices(devices))
     assert raytp_segments() <= before
-
-
-def test_generate_with_a_draft_model_gives_the_plain_tokens(ray_head, expected_greedy, smollm2_dir):
-    """SmolLM2 drafting for itself, both split over two ranks: transformers' greedy tokens, nearly every drafted
-    token accepted, the draft's share planned on each rank."""
-    r = raytp_cli("generate", "--model", "smollm2", "--devices", "cpu*2", "--speculate", f"draft:{smollm2_dir}",
-                  "--prompt", PROMPT, "--temperature", "0", "--dtype", "float32", "--max-tokens", "24", "--json",
-                  "--address", ray_head.address)
-    assert r.returncode == 0, r.stderr
-    result = json.loads(r.stdout)
-    assert result["token_ids"] == expected_greedy[:24]
-    assert 0.9 * result["drafted_tokens"] <= result["accepted_tokens"] and result["drafted_tokens"] >= 16
-    assert [rank["weight_bytes"] > 0 for rank in result["draft_plan"]["ranks"]] == [True, True]
 
 
 @pytest.fixture(scope="module")
 def driver(connected, smollm2_dir):
+    """The driver actor of SmolLM2 on the uneven split, its ranks in Ray actor processes on one node (so the
+    host-staged backend), every rank comparing its bits with every other's after every all-reduce."""
     settings = GroupSettings(model="smollm2", devices=tuple(parse_devices("cpu@3GiB,cpu@2GiB,cpu@1GiB")),
-                             dtype="float32", max_batch=4, max_context=512, timeout_s=10, progress=False)
+                             dtype="float32", max_batch=4, max_context=512, timeout_s=10, progress=False,
+                             options=RuntimeOptions(check_identical=True))
     d = DriverActor.remote(settings)
     ray.get(d.start.remote())
     yield d
@@ -95,6 +85,11 @@ def submit(driver, prompt, max_tokens):
 def collect(driver, prompt, max_tokens):
     *_, final = [ray.get(ref) for ref in submit(driver, prompt, max_tokens)]
     return final
+
+
+def test_the_driver_gives_transformers_greedy_tokens(driver, expected_greedy):
+    assert ray.get(driver.info.remote())["backend"] == "hoststaged"
+    assert collect(driver, PROMPT, 32)["token_ids"] == expected_greedy
 
 
 def test_four_concurrent_requests_return_what_each_returns_alone(driver):
@@ -132,16 +127,24 @@ def test_prompt_longer_than_the_context_is_refused(driver):
         collect(driver, "word " * 600, 4)
 
 
-def test_ray_job_submit_runs_generate(ray_head, expected_greedy, smollm2_dir):
+def test_ray_job_submit_runs_generate_with_a_draft_model(ray_head, expected_greedy, smollm2_dir):
+    """`raytp generate` as a Ray job, SmolLM2 drafting for itself, both split over two ranks: transformers' greedy
+    tokens, nearly every drafted token accepted, the draft's share planned on each rank; the host-staged group's
+    shared memory gone once the job ends."""
+    before = raytp_segments()
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     r = subprocess.run(
         ["ray", "job", "submit", "--address", ray_head.dashboard, "--working-dir", repo, "--",
-         "python", "-m", "raytp", "generate", "--model", "smollm2", "--devices", "cpu*2", "--prompt", PROMPT,
-         "--temperature", "0", "--dtype", "float32", "--max-tokens", "32", "--json"],
+         "python", "-m", "raytp", "generate", "--model", "smollm2", "--devices", "cpu*2", "--speculate",
+         f"draft:{smollm2_dir}", "--prompt", PROMPT, "--temperature", "0", "--dtype", "float32", "--max-tokens", "32",
+         "--json"],
         capture_output=True, text=True, timeout=300, env={**os.environ, "RAY_AUTH_MODE": "disabled"}, cwd=repo)
     assert r.returncode == 0, r.stdout + r.stderr
-    line = next(ln for ln in r.stdout.splitlines() if ln.startswith('{"text"'))
-    assert json.loads(line)["token_ids"] == expected_greedy
+    result = json.loads(next(ln for ln in r.stdout.splitlines() if ln.startswith('{"text"')))
+    assert result["token_ids"] == expected_greedy
+    assert 0.9 * result["drafted_tokens"] <= result["accepted_tokens"] and result["drafted_tokens"] >= 16
+    assert [rank["weight_bytes"] > 0 for rank in result["draft_plan"]["ranks"]] == [True, True]
+    assert result["backend"] == "hoststaged" and raytp_segments() <= before
 
 
 def test_more_ranks_than_the_cluster_has_are_refused_in_one_line(ray_head):
