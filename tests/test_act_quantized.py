@@ -9,7 +9,7 @@ moves by one quantization step, and the change propagates through the later laye
 difference is one token's row in layer 1, then every layer differs by about as much as activation quantization
 itself changes the output; greedy FP8_DYNAMIC tokens at 3:2:1 part from one rank's at the 5th token). No split can
 give one device's bits; what each split must give is one device's arithmetic: with the same inputs, every sharded
-layer computes what the reference's Linear computes. One rank is compared end to end: logits and 32 greedy tokens.
+layer computes what the reference's Linear computes. One rank is compared end to end: logits and 16 greedy tokens.
 """
 
 import dataclasses
@@ -38,7 +38,9 @@ from tests.sharded import GiB, LocalGroup
 from tests.test_quantized import SLICES, _ct_dense
 
 SCHEMES = ("fp8-dynamic", "w8a8")
-SPLITS = {2: [2.0, 1.0], 3: [3.0, 2.0, 1.0], 5: [5.0, 1.0, 3.0, 1.0, 2.0]}  # 5: two ranks without heads
+# 3: uneven, every rank with heads; 5: uneven and two ranks without heads (2:1 adds no case; one rank is the
+# end-to-end comparison)
+SPLITS = {3: [3.0, 2.0, 1.0], 5: [5.0, 1.0, 3.0, 1.0, 2.0]}
 PROMPT = "Gravity bends light; 42 photons, café, naïve."
 CPU = torch.device("cpu")
 
@@ -87,7 +89,8 @@ def test_logits_match_transformers_with_quantized_activations(quantized_smollm2,
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
-@pytest.mark.parametrize("ranks,repacked", [(1, True), (3, True), (5, True), (3, False)])
+# repacked at 5 ranks: uneven shares, ranks with and without heads; the CPU ranks' formats at 3
+@pytest.mark.parametrize("ranks,repacked", [(5, True), (3, False)])
 def test_weight_only_repacking_gives_the_unquantized_activations_logits(quantized_smollm2, references, monkeypatch,
                                                                          scheme, ranks, repacked):
     """A group with a GPU rank runs these checkpoints weight-only: a CUDA rank repacks its e4m3 or int8 slices for
@@ -105,7 +108,7 @@ def test_weight_only_repacking_gives_the_unquantized_activations_logits(quantize
     tokens = _tokens(model_dir)
     with torch.no_grad():
         expected, quantized = unquantized(tokens).logits[:, -1], reference(tokens).logits[:, -1]
-    group = LocalGroup(model_dir, [1.0] if ranks == 1 else SPLITS[ranks], act_quant_weight_only=True)
+    group = LocalGroup(model_dir, SPLITS[ranks], act_quant_weight_only=True)
     kind = "fp8" if scheme == "fp8-dynamic" else "int8"
     for model in group.models:
         for layer in model.layers:
@@ -180,16 +183,16 @@ def test_every_sharded_layer_computes_the_references_product(quantized_smollm2, 
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
-def test_greedy_32_tokens_match_transformers(quantized_smollm2, references, scheme):
+def test_greedy_16_tokens_match_transformers(quantized_smollm2, references, scheme):
     model_dir = quantized_smollm2[scheme]
     tokenizer = Tokenizer.from_dir(model_dir)
     prompt = tokenizer.encode("Once upon a time, there was a little")
     with torch.no_grad():
-        expected = references(scheme)[0].generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False,
+        expected = references(scheme)[0].generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False,
                                                   eos_token_id=sorted(tokenizer.eos_token_ids))[0, len(prompt):]
-    out = LocalGroup(model_dir, [1.0]).generate([prompt], SamplingParams(max_tokens=32),
+    out = LocalGroup(model_dir, [1.0]).generate([prompt], SamplingParams(max_tokens=16),
                                                 stop_ids=sorted(tokenizer.eos_token_ids))
-    assert len(expected) == 32 and out["r0"] == expected.tolist()
+    assert len(expected) == 16 and out["r0"] == expected.tolist()
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
