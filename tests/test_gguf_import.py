@@ -88,10 +88,13 @@ def test_second_pull_is_instant_and_offline(smollm2_dir, monkeypatch):
     assert {p.name: p.stat().st_mtime_ns for p in smollm2_dir.iterdir()} == mtimes
 
 
-def test_interrupted_conversion_leaves_no_directory(smollm2_gguf, tmp_path, monkeypatch):
+def test_interrupted_conversion_leaves_no_directory_and_the_next_pull_says_it_converts(smollm2_gguf, tmp_path,
+                                                                                        monkeypatch):
+    """An interrupted conversion leaves neither the target nor the temporary directory; the next run (the real entry
+    point) converts the GGUF (seconds of work), says so and where the result goes, and leaves only that."""
     monkeypatch.setenv("RAYTP_HOME", str(tmp_path))
     (tmp_path / "downloads").mkdir()
-    (tmp_path / "downloads" / smollm2_gguf.name).symlink_to(smollm2_gguf)  # no download needed
+    (tmp_path / "downloads" / smollm2_gguf.name).symlink_to(smollm2_gguf)  # downloaded already: only the conversion
     monkeypatch.setattr(models.subprocess, "run", _no_network)
 
     def interrupted(gguf_path, out_dir, progress=True):
@@ -104,9 +107,13 @@ def test_interrupted_conversion_leaves_no_directory(smollm2_gguf, tmp_path, monk
     assert os.listdir(tmp_path / "models") == []  # neither the target nor the temporary directory remains
 
     monkeypatch.undo()
-    monkeypatch.setenv("RAYTP_HOME", str(tmp_path))
-    monkeypatch.setattr(models.subprocess, "run", _no_network)
-    model_dir = pull_smollm2(progress=False)
+    run = subprocess.run([sys.executable, "-m", "raytp", "pull", "smollm2"], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "RAYTP_HOME": str(tmp_path)})
+    assert run.returncode == 0, run.stderr
+    model_dir = tmp_path / "models" / "smollm2-135m-instruct-f32"
+    assert run.stdout.strip() == str(model_dir)
+    assert f"raytp: converting {smollm2_gguf.name} (4-bit GGUF) into a float32 Hugging Face directory, once: " \
+           f"{model_dir}" in run.stderr, run.stderr
     assert os.listdir(tmp_path / "models") == [model_dir.name]
     assert json.loads((model_dir / "config.json").read_text())["hidden_size"] == 576
 
@@ -146,17 +153,3 @@ def test_resolve_model(smollm2_dir, tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ValueError, match=r"no \*\.safetensors"):
         resolve_model(str(tmp_path))
-
-
-def test_the_first_pull_says_it_converts(smollm2_gguf, tmp_path):
-    """The first run converts the GGUF (seconds of work): it says so, and where the result goes."""
-    home = tmp_path / "home"
-    (home / "downloads").mkdir(parents=True)
-    (home / "downloads" / smollm2_gguf.name).symlink_to(smollm2_gguf)  # downloaded already: only the conversion
-    run = subprocess.run([sys.executable, "-m", "raytp", "pull", "smollm2"], capture_output=True, text=True,
-                         timeout=300, env={**os.environ, "RAYTP_HOME": str(home)})
-    assert run.returncode == 0, run.stderr
-    model_dir = home / "models" / "smollm2-135m-instruct-f32"
-    assert run.stdout.strip() == str(model_dir)
-    assert f"raytp: converting {smollm2_gguf.name} (4-bit GGUF) into a float32 Hugging Face directory, once: " \
-           f"{model_dir}" in run.stderr, run.stderr

@@ -7,7 +7,6 @@ splits as on one rank."""
 
 import json
 import shutil
-import subprocess
 from functools import partial
 from pathlib import Path
 
@@ -24,12 +23,12 @@ from raytp.model.formats import fused, pack
 from raytp.model.moe import EXPERT_COLS
 from raytp.model.experts import PackedExperts, TorchExperts
 from raytp.model.pieces import quant_replicated_bytes
+from raytp.runtime.sampling import SamplingParams
 from raytp.weights.tokenizer import Tokenizer
 from tests.llmcompressed import Checkpoint, add_smollm2_tokenizer
 from tests.quantized import awq_checkpoint, gptq_checkpoint, reference_model
 from tests.sharded import LocalGroup, assert_matches_reference
 from tests.test_synthetic import _logits
-from tests.util import RAYTP_ENV, raytp_command
 
 VOCAB = 49152  # SmolLM2's tokenizer calibrates the quantization
 # Expert width 192: three groups of 64, so 1, 2, 3 and 5 ranks split them unevenly and 5 ranks leave two with none
@@ -183,25 +182,21 @@ def test_experts_stacked_for_the_routed_gemv_match_transformers(quantized_moe, m
     assert calls and all(sort and rows <= 4 for sort, rows in calls) and 3 in {rows for _, rows in calls}
 
 
-@pytest.mark.slow
-def test_raytp_generate_on_the_directory_over_mismatched_devices(ray_head, quantized_moe):
-    """What a user runs: `raytp generate --model DIR` over three unequal devices (Ray, one actor per rank, the
-    driver's tokenizer), greedy, gives transformers' tokens for the chat-free prompt."""
+def test_greedy_16_tokens_over_mismatched_devices_match_transformers(quantized_moe):
+    """The engine's decode loop on the directory over three unequal devices, greedy, gives transformers' tokens for
+    the chat-free prompt; the planner gives the largest device the most expert columns, in whole groups. (The same
+    loop under Ray actors, as `raytp generate` runs it, is tests/test_runtime.py's; nothing in it depends on the
+    model's layers.)"""
     path = quantized_moe("mixtral")
-    prompt = "Once upon a time"
     tokenizer = Tokenizer.from_dir(path)
-    ids = tokenizer.encode(prompt)
+    ids = tokenizer.encode("Once upon a time")
     with torch.no_grad():
         expected = reference_model(path).generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False,
                                                   eos_token_id=sorted(tokenizer.eos_token_ids))[0, len(ids):]
-    run = subprocess.run(raytp_command("generate", "--model", str(path), "--devices", "cpu@2GiB,cpu@1GiB,cpu@1GiB",
-                                       "--prompt", prompt, "--temperature", "0", "--dtype", "float32",
-                                       "--max-tokens", "16", "--json", "--address", ray_head.address),
-                         capture_output=True, text=True, timeout=600, env=RAYTP_ENV)
-    assert run.returncode == 0, run.stderr[-3000:]
-    result = json.loads(run.stdout)
-    assert result["token_ids"] == expected.tolist()
-    widths = [r["expert_cols"] for r in result["plan"]["ranks"]]
+    group = LocalGroup(path, [2.0, 1.0, 1.0])
+    out = group.generate([ids], SamplingParams(max_tokens=16), stop_ids=sorted(tokenizer.eos_token_ids))
+    assert out["r0"] == expected.tolist()
+    widths = [len(r.expert_cols) for r in group.plan.ranks]
     assert sum(widths) == 192 and all(w % 64 == 0 for w in widths) and widths[0] == max(widths), widths
 
 

@@ -39,7 +39,10 @@ TINY = {
 BLOCKS = {"dense": {MLP_COLS: 8}, "moe": {EXPERT_COLS: 8, MLP_COLS: 8}}
 SPLITS = {1: [1.0], 2: [2.0, 1.0], 3: [3.0, 2.0, 1.0], 5: [1.0, 4.0, 1.0, 2.0, 3.0]}
 PROMPT = CHUNK + 21  # over one chunk of the delta rule
-GREEDY_TOKENS = 32
+GREEDY_TOKENS = 16
+# the decode steps' states at uneven splits, with (5) and without (3) ranks that hold no heads; one and two ranks'
+# decoding is the same code as three's, their prefill is checked by the logits
+GREEDY_SPLITS = (3, 5)
 
 
 def telling(model: transformers.PreTrainedModel) -> transformers.PreTrainedModel:
@@ -86,9 +89,10 @@ def test_logits_and_greedy_tokens_match_transformers(tiny, kind, ranks):
     with torch.no_grad():
         expected = reference(tokens).logits[:, -1]
     torch.testing.assert_close(group.logits(tokens), expected, rtol=1e-4, atol=1e-4)
-    prompt = tokens[0].tolist()
-    out = group.generate([prompt], SamplingParams(max_tokens=GREEDY_TOKENS), prefill_chunk=CHUNK)["r0"]
-    assert out == greedy(reference, prompt, GREEDY_TOKENS)
+    if ranks in GREEDY_SPLITS:
+        prompt = tokens[0].tolist()
+        out = group.generate([prompt], SamplingParams(max_tokens=GREEDY_TOKENS), prefill_chunk=CHUNK)["r0"]
+        assert out == greedy(reference, prompt, GREEDY_TOKENS)
 
 
 def greedy(model: transformers.PreTrainedModel, prompt: list[int], n: int) -> list[int]:
@@ -237,8 +241,10 @@ def test_w4a16_made_by_llmcompressor_matches_transformers(w4a16_qwen3_5, ranks):
         assert any(not r.linear_key_heads for r in group.plan.ranks)
         assert kind == "dense" or any(not r.expert_cols for r in group.plan.ranks)
     torch.testing.assert_close(group.logits(tokens), logits, rtol=1e-4, atol=1e-4)
-    out = group.generate([tokens[0].tolist()], SamplingParams(max_tokens=GREEDY_TOKENS), prefill_chunk=CHUNK)["r0"]
-    assert out == tokens_out
+    if ranks in GREEDY_SPLITS:
+        out = group.generate([tokens[0].tolist()], SamplingParams(max_tokens=GREEDY_TOKENS),
+                             prefill_chunk=CHUNK)["r0"]
+        assert out == tokens_out
 
 
 @pytest.mark.parametrize("ranks", [1, 3, 5])
