@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import jsonschema
@@ -23,6 +24,16 @@ from tests.util import SERVED_API_KEY
 
 AUTH = {"Authorization": f"Bearer {SERVED_API_KEY}"}
 API = httpx.Client(headers=AUTH)  # the shared server is behind its key
+# Requests a test sends at once: the server batches them (half its 8 slots, so that a request lm-eval sends before
+# the server has freed the slot of the one it answered is never one too many). What a request gets does not depend
+# on its batch (tests/test_serve.py: test_eight_clients_batched_get_what_they_get_alone).
+CONCURRENT = 4
+
+
+def at_once(*calls):
+    """The results of these calls (no arguments), made concurrently."""
+    with ThreadPoolExecutor(CONCURRENT) as pool:
+        return [f.result() for f in [pool.submit(c) for c in calls]]
 
 pytestmark = pytest.mark.slow
 
@@ -136,7 +147,7 @@ def test_lm_eval_through_the_server_scores_as_its_hf_backend(server, task_manage
     """Loglikelihoods (answers the end token follows among them), greedy flags, generations and both metrics."""
     ours = evaluate(task_manager, "local-completions", {
         "model": "smollm2", "base_url": f"{server}/v1/completions", "tokenizer": str(smollm2_dir),
-        "tokenizer_backend": "huggingface", "max_retries": 1, "header": AUTH})
+        "tokenizer_backend": "huggingface", "max_retries": 1, "header": AUTH, "num_concurrent": CONCURRENT})
     (accuracy, scores), (want_accuracy, want) = ours["raytp_multiple_choice"], hf_scores["raytp_multiple_choice"]
     assert len(scores) == len(want) == len(QUESTIONS)
     for doc, (got, theirs) in enumerate(zip(scores, want)):
@@ -242,7 +253,7 @@ def test_n_seeded_samples_equal_single_requests_with_their_seeds(server):
     assert response.status_code == 200, response.text
     many = response.json()["choices"]
     assert [c["index"] for c in many] == [0, 1, 2]
-    singles = [completion(server, {**body, "seed": sample_seed(11, i)}) for i in range(3)]
+    singles = at_once(*(lambda i=i: completion(server, {**body, "seed": sample_seed(11, i)}) for i in range(3)))
     assert len({c["text"] for c in singles}) == 3  # really three different samples
     for got, want in zip(many, singles):
         assert got["text"] == want["text"]
@@ -252,12 +263,17 @@ def test_n_seeded_samples_equal_single_requests_with_their_seeds(server):
     client = openai.OpenAI(base_url=f"{server}/v1", api_key=SERVED_API_KEY, max_retries=0, timeout=120)
     kw = {"model": "smollm2", "messages": [{"role": "user", "content": "Tell me a story."}], "max_tokens": 8,
           "temperature": 1.0, "seed": 5}
-    whole = client.chat.completions.create(n=3, **kw).choices
-    streamed = ["", "", ""]
-    for chunk in client.chat.completions.create(n=3, stream=True, **kw):
-        for choice in chunk.choices:
-            streamed[choice.index] += choice.delta.content or ""
-    alone = [client.chat.completions.create(**{**kw, "seed": 5 + i}).choices[0].message.content for i in range(3)]
+
+    def stream() -> list[str]:
+        texts = ["", "", ""]
+        for chunk in client.chat.completions.create(n=3, stream=True, **kw):
+            for choice in chunk.choices:
+                texts[choice.index] += choice.delta.content or ""
+        return texts
+
+    whole, streamed, *alone = at_once(lambda: client.chat.completions.create(n=3, **kw).choices, stream,
+                                      *(lambda i=i: client.chat.completions.create(**{**kw, "seed": 5 + i})
+                                        .choices[0].message.content for i in range(3)))
     assert [c.message.content for c in whole] == streamed == alone
 
 
@@ -287,11 +303,11 @@ def test_json_schema_output_parses_and_validates(server, schema):
     """Sampled at temperature 0.7 (free text would rarely be JSON), the answer follows the schema: the mask of each
     rank's vocabulary slice is applied before the sampler's exchange."""
     client = openai.OpenAI(base_url=f"{server}/v1", api_key=SERVED_API_KEY, max_retries=0, timeout=120)
-    for seed in range(2):
-        answer = client.chat.completions.create(
-            model="smollm2", messages=[{"role": "user", "content": "Answer in JSON."}], max_tokens=120,
-            temperature=0.7, seed=seed, response_format={"type": "json_schema",
-                                                         "json_schema": {"name": "answer", "schema": schema}})
+    answers = at_once(*(lambda seed=seed: client.chat.completions.create(
+        model="smollm2", messages=[{"role": "user", "content": "Answer in JSON."}], max_tokens=120, temperature=0.7,
+        seed=seed, response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}})
+                        for seed in range(2)))
+    for answer in answers:
         choice = answer.choices[0]
         assert choice.finish_reason == "stop", choice.message.content  # the schema's end, then end-of-turn
         jsonschema.validate(json.loads(choice.message.content), schema)
@@ -302,9 +318,10 @@ def test_json_object_streamed_and_with_logprobs(server):
             "max_tokens": 200, "temperature": 0, "response_format": {"type": "json_object"},
             "logprobs": True}
     client = openai.OpenAI(base_url=f"{server}/v1", api_key=SERVED_API_KEY, max_retries=0, timeout=120)
-    whole = client.chat.completions.create(**body).choices[0]
-    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(stream=True, **body)
-                       if c.choices)
+    whole, streamed = at_once(lambda: client.chat.completions.create(**body).choices[0],
+                              lambda: "".join(c.choices[0].delta.content or ""
+                                              for c in client.chat.completions.create(stream=True, **body)
+                                              if c.choices))
     assert streamed == whole.message.content
     assert whole.finish_reason == "stop", whole.message.content
     assert isinstance(json.loads(whole.message.content), dict)
@@ -341,7 +358,17 @@ def test_forced_tool_calls_come_back_as_tool_calls(server, tool_choice):
     kw = {"model": "smollm2", "messages": [{"role": "user", "content": "What is the weather in Paris?"}],
           "tools": [WEATHER, TIME], "tool_choice": tool_choice, "max_tokens": 100, "temperature": 0.7, "seed": 1}
     schemas = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, TIME)}
-    choice = client.chat.completions.create(**kw).choices[0]
+
+    def stream() -> tuple[dict, list]:
+        calls, finishes = {}, []
+        for chunk in client.chat.completions.create(stream=True, **kw):
+            for c in chunk.choices:
+                for delta in c.delta.tool_calls or ():
+                    calls[delta.index] = (delta.function.name, delta.function.arguments)
+                finishes.append(c.finish_reason)
+        return calls, finishes
+
+    choice, (streamed, finishes) = at_once(lambda: client.chat.completions.create(**kw).choices[0], stream)
     assert choice.finish_reason == "tool_calls" and choice.message.content is None
     calls = choice.message.tool_calls
     assert calls and all(c.type == "function" and c.id.startswith("call_") for c in calls)
@@ -349,12 +376,6 @@ def test_forced_tool_calls_come_back_as_tool_calls(server, tool_choice):
         assert [c.function.name for c in calls] == ["get_weather"]
     for call in calls:
         jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
-    streamed, finishes = {}, []
-    for chunk in client.chat.completions.create(stream=True, **kw):
-        for c in chunk.choices:
-            for delta in c.delta.tool_calls or ():
-                streamed[delta.index] = (delta.function.name, delta.function.arguments)
-            finishes.append(c.finish_reason)
     assert [streamed[k] for k in sorted(streamed)] == [(c.function.name, c.function.arguments) for c in calls]
     assert finishes[-1] == "tool_calls"
 
