@@ -404,7 +404,8 @@ def test_a_grammar_that_fails_while_decoding_is_an_error_whole_streamed_and_as_a
     chat = {"messages": [{"role": "user", "content": "Say something."}], "max_tokens": 30, "temperature": 0}
     formats = {"response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": FAILING_SCHEMA}}}
     tools = {"tool_choice": "required", "tools": [{"type": "function", "function": {
-        "name": "say", "parameters": {"type": "object", "properties": {"text": FAILING_SCHEMA}, "required": ["text"]}}}]}
+        "name": "say",
+        "parameters": {"type": "object", "properties": {"text": FAILING_SCHEMA}, "required": ["text"]}}}]}
     for constraint in (formats, tools):
         response = API.post(f"{server}/v1/chat/completions", json={"model": "smollm2", **chat, **constraint},
                               timeout=120)
