@@ -20,9 +20,9 @@ added on one rank only (its outputs are partial sums).
             kernels; a program whose expert no token of its tile selected returns at once, so only the selected
             experts' bytes are read. The weights are decoded in registers from the bytes (half a byte per weight
             plus a byte per 32), never written out; the even and odd input columns (low and high nibbles) are two
-            dots against the even and odd columns of x. Each projection accumulates in float32; gate_up's bias and the SwiGLU in
-            float32 then rounded once to the model dtype; down's output rounded to the model dtype, weighted, summed
-            over the choices in float32 (`combine_choices`).
+            dots against the even and odd columns of x. Each projection accumulates in float32; gate_up's bias and
+            the SwiGLU in float32 then rounded once to the model dtype; down's output rounded to the model dtype,
+            weighted, summed over the choices in float32 (`combine_choices`).
 """
 
 from __future__ import annotations
