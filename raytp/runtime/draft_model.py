@@ -39,6 +39,16 @@ class DraftRow:
     k: int
 
 
+def draw_drafted(sampler: ShardedSampler, logits: torch.Tensor, rows: list[DraftRow], drafts: list[list[int]],
+                 j: int) -> list[int]:
+    """Each row's j-th drafted token from `logits` (rows, vocab_local): drawn with the row's own sampling and the
+    target's noise at that position, after the row's tokens and its draft so far (`drafts`)."""
+    histories = [torch.tensor(row.tokens + draft) if row.params.repetition_penalty != 1 else NO_HISTORY
+                 for row, draft in zip(rows, drafts)]
+    return sampler.draw_exact(logits, [row.params for row in rows], [row.generated + j for row in rows],
+                              histories).tokens.tolist()
+
+
 class ModelDrafter:
     def __init__(self, model: ShardedLlama, comm: Communicator, chunk: int = PREFILL_CHUNK):
         self.model, self.chunk = model, chunk  # `chunk`: the most positions a catch-up runs at once
@@ -96,10 +106,7 @@ class ModelDrafter:
         drafts: list[list[int]] = [[] for _ in rows]
         widest = max(row.k for row in rows)
         for j in range(widest):
-            histories = [torch.tensor(row.tokens + draft) if row.params.repetition_penalty != 1 else NO_HISTORY
-                         for row, draft in zip(rows, drafts)]
-            drawn = self.sampler.draw_exact(logits, [row.params for row in rows],
-                                            [row.generated + j for row in rows], histories).tokens.tolist()
+            drawn = draw_drafted(self.sampler, logits, rows, drafts, j)
             for b, row in enumerate(rows):
                 if j < row.k:
                     drafts[b].append(drawn[b])

@@ -34,8 +34,7 @@ import torch
 
 from raytp.model.llama import ShardedLlama
 from raytp.parallel.comm import Communicator
-from raytp.runtime.batch import NO_HISTORY
-from raytp.runtime.draft_model import DraftRow
+from raytp.runtime.draft_model import DraftRow, draw_drafted
 from raytp.runtime.sampling import ShardedSampler
 
 
@@ -111,10 +110,7 @@ class MtpDrafter:
         drafts: list[list[int]] = [[] for _ in rows]
         widest = max(row.k for row in rows)
         for j in range(widest):
-            histories = [torch.tensor(row.tokens + draft) if row.params.repetition_penalty != 1 else NO_HISTORY
-                         for row, draft in zip(rows, drafts)]
-            drawn = self.sampler.draw_exact(logits, [row.params for row in rows],
-                                            [row.generated + j for row in rows], histories).tokens.tolist()
+            drawn = draw_drafted(self.sampler, logits, rows, drafts, j)
             for b, row in enumerate(rows):
                 if j < row.k:
                     drafts[b].append(drawn[b])
